@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``otlabel.kernels``. Importing this package never imports Triton."""

@@ -1,0 +1,1 @@
+"""Backends: each supplies a :class:`~otlabel.backends.base.ScoreOperator` for the solver loop."""

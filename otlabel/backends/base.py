@@ -1,0 +1,54 @@
+"""The seam between the solver loop and the backends.
+
+The solver loop (``otlabel.solver``) only ever talks to a :class:`ScoreOperator`: an object that
+knows where the scores live (a dense tensor, a GPU kernel, a file on disk, features and prototypes)
+and can do the two things the loop needs. Everything about devices, tiling, kernels and memory
+lives behind it; the loop itself is a dozen lines of K-vector arithmetic.
+
+Convention (see DESIGN.md §2): scores ``S`` of shape ``(H, N, K)`` (H independent heads), higher is
+better, temperature ``eps``, sample weights ``c`` (N,), cluster weights ``r`` (K,). The plan is
+``log P[h, j, k] = S[h, j, k] / eps + a[h, j] + b[h, k]``. The solver's state is ``b`` (H, K): the
+sample potentials ``a`` are always the exact closed form ``a = log c - LSE_k(S / eps + b)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class ScoreOperator(ABC):
+    """Scores of one (possibly batched) problem, as the solver loop sees them.
+
+    Subclasses set ``n_heads``, ``n_samples``, ``n_clusters``, ``device`` and ``dtype`` (the dtype of
+    the potentials they take and return: float32, or float64 for the reference and for float64 input).
+    """
+
+    n_heads: int
+    n_samples: int
+    n_clusters: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @abstractmethod
+    def cluster_lse(self, b: torch.Tensor | None) -> torch.Tensor:
+        """One pass over the scores: the log-sum-exp over samples that the cluster step needs.
+
+        Returns ``(H, K)``: ``LSE_j( S[h, j, k] / eps + a[h, j] )`` where ``a = log c - LSE_k(S / eps + b)``
+        is the exact sample step for the given cluster potentials ``b`` (H, K). ``b = None`` is the cold
+        start, ``a = log c`` (the first half-step of classic Sinkhorn-Knopp from ``u = 1``).
+        A cluster no sample may reach (all its scores ``-inf``) gives ``-inf``.
+        """
+
+    @abstractmethod
+    def assign(self, b: torch.Tensor, want_codes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final read-out for cluster potentials ``b`` (H, K).
+
+        Returns ``labels`` (H, N) int64 ``= argmax_k S / eps + b`` and, when ``want_codes``, ``codes``
+        (H, N, K) float32 ``= softmax_k(S / eps + b)`` (each row sums to 1), else ``None``.
+        """
+
+    @abstractmethod
+    def transport_score(self, b: torch.Tensor) -> torch.Tensor:
+        """``<P, S>`` per head (H,) float64 for the plan defined by ``b``: ``sum_jk c_j codes_jk S_jk``."""
