@@ -39,9 +39,10 @@ def make_operator(problem: Problem, backend: str = "auto") -> ScoreOperator:
         from .triton import TritonDenseOperator
 
         return TritonDenseOperator(*args)
+    from ..sources import DenseSource
     from .torch_backend import make_torch_operator
 
-    return make_torch_operator(*args)
+    return make_torch_operator(DenseSource(problem.scores), problem.epsilon, problem.sample_weights)
 
 
 def _triton_usable(scores) -> bool:
