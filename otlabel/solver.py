@@ -179,7 +179,8 @@ def sinkhorn_assign(
         warnings.warn(
             f"sinkhorn_assign did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after "
             f"{max_iter} iterations (epsilon={problem.epsilon:g}). Raise max_iter, raise epsilon, or warm-start "
-            "with init=<previous result>.",
+            "with init=<previous result>. If the scores carry -inf masks, the masked problem may have no balanced "
+            "plan at all: check that every group of clusters can reach enough samples.",
             ConvergenceWarning,
             stacklevel=2,
         )

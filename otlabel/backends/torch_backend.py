@@ -98,7 +98,7 @@ class LogDomainOperator(ScoreOperator):
     def assign(self, b, want_codes):
         h, n, k = self.n_heads, self.n_samples, self.n_clusters
         labels = torch.empty((h, n), dtype=torch.int64, device=self.device)
-        codes = torch.empty((h, n, k), dtype=torch.float32, device=self.device) if want_codes else None
+        codes = torch.empty((h, n, k), dtype=self.dtype, device=self.device) if want_codes else None
         for rows in self.chunks():
             logits = self.shifted(rows, b)  # (H, T, K)
             labels[:, rows] = logits.argmax(dim=2)
@@ -144,13 +144,13 @@ class CachedKernelOperator(ScoreOperator):
             col = self._fused_matvecs(None, (log_w - top).exp())
             offset = top
         else:
-            v = torch.where(torch.isneginf(b), 0.0, (b - self.b0).exp())  # (H, K), within e^(+-threshold)
+            v = torch.where(self.reachable & torch.isfinite(b), (b - self.b0).exp(), 0.0)  # (H, K), in e^(+-threshold)
             col = self._fused_matvecs(v, self.c.expand(self.n_heads, -1))  # sum_j G_jk c_j / (G v)_j
             offset = 0.0
         if bool(((col <= 0) & self.reachable).any()):  # a column underflowed: the kernel cannot answer
             self.kernel = None  # rebuilt around the next b, which the exact pass below moves towards
             return self.exact.cluster_lse(b)
-        return col.log() + offset - self.b0
+        return torch.where(self.reachable, col.log() + offset - self.b0, NEG_INF)
 
     def assign(self, b, want_codes):
         return self.exact.assign(b, want_codes)
