@@ -142,3 +142,14 @@ def test_numpy_input_and_float64():
     b = sinkhorn_assign(s, 0.1, backend="reference", tol=1e-9, max_iter=10_000)
     assert a.cluster_potentials.dtype == torch.float64
     assert_close(a.codes, b.codes, atol=1e-7, what="float64 torch vs reference")
+
+
+@pytest.mark.parametrize("kwargs", [dict(over_relaxation=1.5), dict(epsilon_scaling=0.5), dict(epsilon_scaling=0.25)])
+def test_accelerations_reach_the_plain_solution(kwargs):
+    s = cosine_scores(500, 15, seed=17)
+    plain = sinkhorn_assign(s, 0.01, tol=1e-6, max_iter=20_000)
+    fast = sinkhorn_assign(s, 0.01, tol=1e-6, max_iter=20_000, **kwargs)
+    assert plain.converged and fast.converged and fast.epsilon == 0.01
+    assert fast.n_iter < plain.n_iter
+    assert len(fast.errors) == fast.n_iter
+    assert_close(fast.codes, plain.codes, atol=1e-4, what=f"codes with {kwargs}")
