@@ -20,6 +20,7 @@ class ScoreSource:
     n_clusters: int
     device: torch.device
     dtype: torch.dtype  # dtype of the chunks handed out (fp16/bf16/fp32/fp64)
+    random_access: bool = False  # True: chunks may be requested in any order and from several threads
 
     def chunk(self, rows: slice) -> torch.Tensor:
         """Scores of samples ``rows`` for every head and cluster: (H, T, K) on ``self.device``."""
@@ -35,6 +36,8 @@ class ScoreSource:
 
 class DenseSource(ScoreSource):
     """Scores already in memory on the compute device (any strides: slicing never copies)."""
+
+    random_access = True  # chunks may be read in any order, from several threads
 
     def __init__(self, scores: torch.Tensor):
         self.scores = scores  # (H, N, K)

@@ -29,7 +29,10 @@ from .base import ScoreOperator
 from .reference import sample_potentials
 
 NEG_INF = float("-inf")
-DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 24}  # CPU: 1 MB temporaries stay in cache
+# CPU chunks stay below torch's parallel grain size (32768 elements), so every op runs single-threaded and
+# the threads come from splitting the rows into ranges instead: many small OpenMP regions collapse when the
+# machine is loaded (measured 15x slower), a handful of long-running threads do not.
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 15, "other": 1 << 24}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,6 +47,9 @@ class LogDomainOperator(ScoreOperator):
     ``exp`` per entry. Entries more than ~87 nats below their row's maximum underflow to 0; they carry
     less than 1e-38 of mass, so that is exact to fp32, unless a whole cluster underflows (possible at tiny
     eps, far from convergence): then the pass is redone with a max-shifted log-sum-exp per cluster.
+
+    On the CPU, with a random-access source, the rows are split into one contiguous range per thread; the
+    per-range partial results are combined in range order, so results do not depend on timing.
     """
 
     def __init__(self, source: ScoreSource, epsilon: float, sample_weights: torch.Tensor, chunk_elements=None):
@@ -54,12 +60,24 @@ class LogDomainOperator(ScoreOperator):
         self.inv_eps = 1.0 / epsilon
         self.c = sample_weights.to(device=self.device, dtype=self.dtype)  # (N,)
         self.log_c = self.c.log()
-        default = DEFAULT_CHUNK_ELEMENTS["cpu" if self.device.type == "cpu" else "other"]
-        self.chunk_elements = chunk_elements or default
+        on_cpu = self.device.type == "cpu"
+        self.chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS["cpu" if on_cpu else "other"]
+        self.parallel = on_cpu and getattr(source, "random_access", False)
         self._reachable = None
 
-    def chunks(self):
-        return row_chunks(self.n_samples, self.n_heads * self.n_clusters, self.chunk_elements)
+    def chunks(self, lo: int = 0, hi: int | None = None):
+        """Chunks of rows in ``[lo, hi)``, in increasing order."""
+        hi = self.n_samples if hi is None else hi
+        for rows in row_chunks(hi - lo, self.n_heads * self.n_clusters, self.chunk_elements):
+            yield slice(lo + rows.start, lo + rows.stop)
+
+    def map_ranges(self, fn) -> list:
+        """``fn(lo, hi)`` over contiguous row ranges — one per CPU thread when parallel — results in order."""
+        if not self.parallel:
+            return [fn(0, self.n_samples)]
+        pool = worker_pool()
+        futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers, 1)]
+        return [f.result() for f in futures]
 
     def shifted(self, rows: slice, b: torch.Tensor) -> torch.Tensor:
         """``S / eps + b`` for a chunk of samples in the compute dtype, (H, T, K)."""
@@ -74,46 +92,69 @@ class LogDomainOperator(ScoreOperator):
     def cluster_lse(self, b):
         if b is None:
             return self._cluster_lse_exact(None)
-        sums = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
-        for rows in self.chunks():
-            e = self.shifted(rows, b)  # (H, T, K)
-            e = e.sub_(e.amax(dim=2, keepdim=True)).exp_()  # one exp per entry
-            w = self.c[rows] / e.sum(dim=2)  # (H, T): c_j / sum_k e_jk, i.e. exp(a_j + m_j)
-            sums += torch.bmm(w[:, None, :], e)[:, 0]  # fixed chunk order: deterministic
+        sums = sum_in_order(self.map_ranges(lambda lo, hi: self._column_sums(b, lo, hi)))
         if bool(((sums <= 0) & self.reachable()).any()):  # a whole cluster underflowed: redo exactly
             return self._cluster_lse_exact(b)
         return torch.where(torch.isneginf(b), NEG_INF, sums.log() - b)  # sums = e^b sum_j exp(S/eps + a)
 
+    def _column_sums(self, b, lo, hi):
+        """``sum_j e_jk c_j / sum_k' e_jk'`` over rows ``[lo, hi)``, with ``e = exp(S/eps + b - rowmax)``."""
+        sums = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
+        for rows in self.chunks(lo, hi):
+            e = self.shifted(rows, b)  # (H, T, K)
+            e = e.sub_(e.amax(dim=2, keepdim=True)).exp_()  # one exp per entry
+            w = self.c[rows] / e.sum(dim=2)  # (H, T): c_j / sum_k e_jk, i.e. exp(a_j + m_j)
+            sums += torch.bmm(w[:, None, :], e)[:, 0]
+        return sums
+
     def _cluster_lse_exact(self, b):
         """Two max-shifted log-sum-exps per chunk (two exps per entry); also the cold start ``a = log c``."""
-        partials = []
+        partials = sum(self.map_ranges(lambda lo, hi: self._lse_partials(b, lo, hi)), [])
+        return torch.logsumexp(torch.stack(partials), dim=0)  # fixed order: deterministic
+
+    def _lse_partials(self, b, lo, hi):
         zeros = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
-        for rows in self.chunks():
+        partials = []
+        for rows in self.chunks(lo, hi):
             x = self.shifted(rows, zeros)  # (H, T, K)
             log_c = self.log_c[rows]
             a = log_c.expand(self.n_heads, -1) if b is None else sample_potentials(x, b, log_c)  # (H, T)
             partials.append(torch.logsumexp(x.add_(a[:, :, None]), dim=1))  # (H, K)
-        return torch.logsumexp(torch.stack(partials), dim=0)  # fixed order: deterministic
+        return partials
 
     def assign(self, b, want_codes):
         h, n, k = self.n_heads, self.n_samples, self.n_clusters
         labels = torch.empty((h, n), dtype=torch.int64, device=self.device)
         codes = torch.empty((h, n, k), dtype=self.dtype, device=self.device) if want_codes else None
-        for rows in self.chunks():
-            logits = self.shifted(rows, b)  # (H, T, K)
-            labels[:, rows] = logits.argmax(dim=2)
-            if want_codes:
-                codes[:, rows] = torch.softmax(logits, dim=2)
+
+        def fill(lo, hi):
+            for rows in self.chunks(lo, hi):
+                logits = self.shifted(rows, b)  # (H, T, K)
+                labels[:, rows] = logits.argmax(dim=2)
+                if want_codes:
+                    codes[:, rows] = torch.softmax(logits, dim=2)
+
+        self.map_ranges(fill)
         return labels, codes
 
     def transport_score(self, b):
-        total = torch.zeros(self.n_heads, dtype=torch.float64, device=self.device)
-        for rows in self.chunks():
-            s = self.source.chunk(rows).double()  # (H, T, K)
-            logits = s * self.inv_eps + b.double()[:, None, :]
-            plan = torch.softmax(logits, dim=2) * self.c[rows].double()[None, :, None]
-            total += torch.where(torch.isfinite(s), plan * s, 0.0).sum(dim=(1, 2))
-        return total
+        def partial(lo, hi):
+            total = torch.zeros(self.n_heads, dtype=torch.float64, device=self.device)
+            for rows in self.chunks(lo, hi):
+                s = self.source.chunk(rows).double()  # (H, T, K)
+                logits = s * self.inv_eps + b.double()[:, None, :]
+                plan = torch.softmax(logits, dim=2) * self.c[rows].double()[None, :, None]
+                total += torch.where(torch.isfinite(s), plan * s, 0.0).sum(dim=(1, 2))
+            return total
+
+        return sum_in_order(self.map_ranges(partial))
+
+
+def sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0]
+    for part in parts[1:]:  # a fixed order: the same input gives bitwise the same result
+        total = total + part
+    return total
 
 
 class CachedKernelOperator(ScoreOperator):
@@ -167,23 +208,21 @@ class CachedKernelOperator(ScoreOperator):
         if self.kernel is None:
             self.kernel = torch.empty((self.n_heads, self.n_samples, self.n_clusters), dtype=self.dtype)
             self.row_shift = torch.empty((self.n_heads, self.n_samples), dtype=self.dtype)
-        for rows in self.exact.chunks():
-            x = self.exact.shifted(rows, b)  # (H, T, K)
-            m = x.amax(dim=2, keepdim=True)  # every row's largest entry becomes exp(0) = 1
-            torch.exp(x.sub_(m), out=self.kernel[:, rows])
-            self.row_shift[:, rows] = m[:, :, 0]
+
+        def fill(lo, hi):
+            for rows in self.exact.chunks(lo, hi):
+                x = self.exact.shifted(rows, b)  # (H, T, K)
+                m = x.amax(dim=2, keepdim=True)  # every row's largest entry becomes exp(0) = 1
+                torch.exp(x.sub_(m), out=self.kernel[:, rows])
+                self.row_shift[:, rows] = m[:, :, 0]
+
+        self.exact.map_ranges(fill)
         self.b0 = b.clone()
 
     def _fused_matvecs(self, v, weights):
         """``sum_j G[j, k] w_j / (G v)_j`` per head (``/ (G v)`` skipped when ``v`` is None), reading each
         tile of ``G`` once from memory: both products run on a cache-sized tile before the next."""
-        workers = worker_pool()
-        bounds = split_rows(self.n_samples, workers._max_workers, self.tile_rows)
-        futures = [workers.submit(self._matvec_range, v, weights, lo, hi) for lo, hi in bounds]
-        col = futures[0].result()
-        for f in futures[1:]:  # fixed order: deterministic
-            col += f.result()
-        return col
+        return sum_in_order(self.exact.map_ranges(lambda lo, hi: self._matvec_range(v, weights, lo, hi)))
 
     def _matvec_range(self, v, weights, lo, hi):
         col = torch.zeros(self.n_heads, self.n_clusters, dtype=self.dtype)
