@@ -189,6 +189,7 @@ def time_iteration(op_cls, n: int, k: int, dtype: torch.dtype, rows: list, copy_
     nk = n * k
     _release()
     budget = min(MEMORY_LIMIT, 0.9 * _free_bytes())
+    args.transposed = args.transposed_view and 2 * nk * item <= budget
     if nk * item > budget:
         print(f"skip N={n} K={k} {dtype}: scores alone need {nk * item / 1e9:.0f} GB")
         return
@@ -210,6 +211,13 @@ def time_iteration(op_cls, n: int, k: int, dtype: torch.dtype, rows: list, copy_
     b_h = b[None]
     record("otlabel", lambda: log_r - op.cluster_lse(b_h))
     op = None  # free before the next method allocates
+    if args.transposed:
+        # The same scores stored (K, N), read through a transposed view: no copy, other access pattern.
+        s_t = s.t().contiguous().t()  # (N, K) view, stride (1, N)
+        op = op_cls(s_t[None], EPS, c)
+        record("otlabel-KxN", lambda: log_r - op.cluster_lse(b_h))
+        op = s_t = None
+        _release()
     _release()
     if floor_bytes + 4 * nk * 4 <= budget:
         x = s.float() / EPS  # (N, K), once, outside the loop: a user would do the same
@@ -285,32 +293,41 @@ def time_swav_batch(op_cls, rows: list) -> None:
         print(f"  {method:>14}: {1e3 * med:8.1f} us")
 
 
+# (K, BLOCK_N, BLOCK_K, num_warps, programs per SM) tried by --sweep at N = 2**20; the first of each K is
+# what kernels/utils.py picks today.
+SWEEP = [
+    (3000, 4, 4096, 16, 4), (3000, 2, 4096, 16, 4), (3000, 2, 4096, 8, 4), (3000, 1, 4096, 16, 4),
+    (3000, 4, 4096, 16, 2), (3000, 4, 4096, 16, 8), (3000, 8, 1024, 8, 4), (3000, 16, 512, 8, 4),
+    (1000, 4, 1024, 8, 4), (1000, 8, 1024, 8, 4), (1000, 2, 1024, 8, 4), (1000, 4, 1024, 4, 4),
+    (16384, 8, 1024, 8, 4), (16384, 16, 1024, 8, 4), (16384, 4, 2048, 8, 4), (16384, 8, 512, 4, 4),
+]  # fmt: skip
+
+
 def tile_sweep(kernels, rows: list, copy_bw: float) -> None:
-    """A few (BLOCK_N, BLOCK_K, P) choices at N = 2**20, K = 3000: data for tuning kernels/utils.py."""
+    """Time cluster_lse for the SWEEP launch settings: data for tuning kernels/utils.py."""
     from otlabel.kernels.utils import dense_launch
 
-    n, k = 2**20, 3000
+    n = 2**20
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for dtype in (torch.float32, torch.bfloat16):
-        s = _scores(n, k, dtype)[None]
-        log_c = torch.full((n,), -math.log(n), device=DEVICE)
-        b = torch.zeros(1, k, device=DEVICE)
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for block_n, block_k, per_sm in [(1, 4096, 4), (2, 4096, 4), (4, 4096, 4), (4, 4096, 2), (8, 4096, 2),
-                                         (16, 1024, 4), (32, 512, 4)]:  # fmt: skip
-            launch = dense_launch(n, k, 1, s.device, block_n=block_n, block_k=block_k, n_programs=sms * per_sm)
-            ws = kernels.DenseWorkspace.for_scores(s, launch)
-            run = lambda s=s, b=b, log_c=log_c, ws=ws: kernels.dense_cluster_lse(s, b, log_c, 1 / EPS, workspace=ws)
-            med = _bench(run)[1]
-            frac = n * k * s.element_size() / (med * 1e-3) / copy_bw
-            print(
-                f"  sweep {dtype} BLOCK_N={block_n} BLOCK_K={block_k} P={sms * per_sm}: "
-                f"{med:.3f} ms ({100 * frac:.1f}%)"
-            )
-            rows.append(dict(scenario=f"sweep bn{block_n} bk{block_k} p{per_sm}", n=n, k=k,
-                             dtype=str(dtype).replace("torch.", ""), method="otlabel",
-                             median_ms=med, q25_ms=float("nan"), q75_ms=float("nan"), frac_copy=frac))  # fmt: skip
-        s = None
-        _release()
+        for k in sorted({cfg[0] for cfg in SWEEP}):
+            s = _scores(n, k, dtype)[None]  # (1, N, K)
+            log_c = torch.full((n,), -math.log(n), device=DEVICE)
+            b = torch.zeros(1, k, device=DEVICE)
+            for _, block_n, block_k, warps, per_sm in [cfg for cfg in SWEEP if cfg[0] == k]:
+                launch = dense_launch(n, k, 1, s.device, block_n=block_n, block_k=block_k, num_warps=warps,
+                                      n_programs=sms * per_sm)  # fmt: skip
+                ws = kernels.DenseWorkspace.for_scores(s, launch)
+                med = _bench(
+                    lambda ws=ws, s=s, b=b, c=log_c: kernels.dense_cluster_lse(s, b, c, 1 / EPS, workspace=ws)
+                )[1]
+                frac = n * k * s.element_size() / (med * 1e-3) / copy_bw
+                name = f"sweep {block_n}x{block_k} w{warps} p{per_sm}/SM"
+                print(f"  {name} {dtype} K={k}: {med:.3f} ms ({100 * frac:.1f}% of copy)")
+                rows.append(dict(scenario=name, n=n, k=k, dtype=str(dtype).replace("torch.", ""), method="otlabel",
+                                 median_ms=med, q25_ms=float("nan"), q75_ms=float("nan"), frac_copy=frac))  # fmt: skip
+            s = None
+            _release()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,7 +351,7 @@ def write_csv(path: Path, rows: list, device: str, versions: dict) -> None:
 
 def markdown_table(rows: list, device: str) -> str:
     """One line per (dtype, N, K): ms per iteration per method, otlabel's % of copy bandwidth, speed-up."""
-    methods = ["otlabel", "torch-log", "swav", "pot-log"]
+    methods = ["otlabel", "otlabel-KxN", "torch-log", "swav", "pot-log"]
     out = [f"Device: {device}. Per iteration, median ms (otlabel: % of measured copy bandwidth).", "",
            "| dtype | N | K | " + " | ".join(methods) + " | swav / otlabel |",
            "|---|---|---|" + "---|" * (len(methods) + 1)]  # fmt: skip
@@ -351,7 +368,7 @@ def markdown_table(rows: list, device: str) -> str:
             cells.append(
                 "-"
                 if r is None
-                else f"{r['median_ms']:.3f}" + (f" ({100 * r['frac_copy']:.0f}%)" if m == "otlabel" else "")
+                else f"{r['median_ms']:.3f}" + (f" ({100 * r['frac_copy']:.0f}%)" if m.startswith("otlabel") else "")
             )
         ratio = got["swav"]["median_ms"] / got["otlabel"]["median_ms"] if "swav" in got and "otlabel" in got else None
         out.append(
@@ -378,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="N = 2**16 only")
     parser.add_argument("--no-pot", action="store_true", help="skip POT even if installed")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile shapes (tuning data)")
+    parser.add_argument("--no-transposed", dest="transposed_view", action="store_false",
+                        help="skip the (K, N)-stored input read through a transposed view")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: test the script")
     args = parser.parse_args(argv)
     global DEVICE

@@ -333,8 +333,10 @@ def _potentials(b: torch.Tensor, h: int, k: int) -> torch.Tensor:
     return b.to(torch.float32).contiguous()  # no-op (no launch) when already fp32 and contiguous
 
 
-def _num_warps(launch: DenseLaunch) -> dict:
-    return {} if interpreting() else {"num_warps": launch.num_warps}
+def _options(num_warps: int, fp_fusion: bool) -> dict:
+    """Compile options. ``fp_fusion=False`` keeps ``S * inv_eps + b`` two roundings, as torch computes it,
+    so labels tie-break like ``torch.argmax``; the iteration kernels may fuse (an FMA is more accurate)."""
+    return {} if interpreting() else {"num_warps": num_warps, "enable_fp_fusion": fp_fusion}
 
 
 def dense_cluster_lse(
@@ -355,16 +357,17 @@ def dense_cluster_lse(
     ws = workspace or DenseWorkspace.for_scores(scores)
     cfg = ws.launch
     log_c = log_c.to(torch.float32).contiguous()
-    b = _potentials(b, h, k) if b is not None else log_c  # any fp32 pointer; unread when HAS_B is False
+    has_b = b is not None
+    b = _potentials(b, h, k) if has_b else log_c  # any fp32 pointer; never read when HAS_B is False
     _cluster_partials_kernel[(cfg.n_programs, h)](
         scores, b, log_c, ws.a, ws.pmax, ws.psum,
         n, k, cfg.n_programs, *scores.stride(), float(inv_eps) * LOG2E,
-        HAS_B=b is not log_c, ONE_CHUNK=cfg.one_chunk, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        **_num_warps(cfg),
+        HAS_B=has_b, ONE_CHUNK=cfg.one_chunk, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        **_options(cfg.num_warps, fp_fusion=True),
     )  # fmt: skip
     out = torch.empty((h, k), dtype=torch.float32, device=scores.device)
     _merge_partials_kernel[(triton.cdiv(k, _MERGE_BLOCK), h)](
-        ws.pmax, ws.psum, out, cfg.n_programs, k, BLOCK=_MERGE_BLOCK
+        ws.pmax, ws.psum, out, cfg.n_programs, k, BLOCK=_MERGE_BLOCK, **_options(4, fp_fusion=True)
     )
     return out
 
@@ -392,7 +395,7 @@ def dense_assign(
     _assign_kernel[(cfg.row_tiles(n), h)](
         scores, b, labels, codes if want_codes else labels,
         n, k, *scores.stride(), float(inv_eps),
-        WANT_CODES=want_codes, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_num_warps(cfg),
+        WANT_CODES=want_codes, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_options(cfg.num_warps, fp_fusion=False),
     )  # fmt: skip
     return labels, codes
 
@@ -415,7 +418,7 @@ def dense_transport_score(
     rows = torch.empty((h, n), dtype=torch.float32, device=scores.device)
     _row_transport_kernel[(cfg.row_tiles(n), h)](
         scores, b, rows, n, k, *scores.stride(), float(inv_eps),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_num_warps(cfg),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_options(cfg.num_warps, fp_fusion=False),
     )  # fmt: skip
     weights = log_c.to(torch.float64).exp()  # (N,); exp(-inf) = 0 drops zero-weight samples
     return (rows.to(torch.float64) * weights).sum(-1)

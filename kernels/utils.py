@@ -18,9 +18,15 @@ LN2 = 0.6931471805599453  # ln(2):   log(x) == log2(x) * LN2
 
 # A whole row of K clusters stays in registers (one read of S per iteration) while the padded row
 # fits this many lanes; beyond it the kernel streams K in chunks and reads each row tile twice.
-MAX_ONE_CHUNK_K = 8192
-# Elements of one (BLOCK_N, BLOCK_K) score tile held in registers at a time.
-TILE_ELEMENTS = 16384
+# 8192 lanes spill registers on sm_90 at any num_warps (see dense_launch).
+MAX_ONE_CHUNK_K = 4096
+# Rows per tile: at least this many, so the per-tile rescale of the K running sums (one exp2 per
+# cluster per tile) stays a small fraction of the one-or-two exp2 per score.
+MIN_BLOCK_N = 4
+# ...and at most this many: per-row state (argmax, max, sum) spills registers beyond it at small K.
+MAX_BLOCK_N = 64
+# Chunked (large-K) path: tile shape and warps.
+CHUNK_BLOCK_N, CHUNK_BLOCK_K, CHUNK_WARPS = 8, 1024, 8
 # Programs per SM for the persistent cluster-LSE grid: enough to hide latency, few enough that the
 # (H, P, K) partials stay small next to S.
 PROGRAMS_PER_SM = 4
@@ -76,24 +82,30 @@ def dense_launch(
     *,
     block_n: int | None = None,
     block_k: int | None = None,
+    num_warps: int | None = None,
     n_programs: int | None = None,
 ) -> DenseLaunch:
     """Tile sizes and grid for scores of shape (h, n, k) on ``device``; keyword overrides for tests.
 
-    Heuristic (to be tuned on a GPU, see benchmarks/gpu_dense.py): the whole padded row in one tile
-    when it fits ``MAX_ONE_CHUNK_K``, as many rows as fit ``TILE_ELEMENTS``; otherwise 1024-wide chunks
-    of 16 rows. P programs per head so that all heads together make ``PROGRAMS_PER_SM`` per SM.
+    One chunk (``K <= MAX_ONE_CHUNK_K``): the padded row, ``4096 / K_pad`` rows clamped to
+    [MIN_BLOCK_N, MAX_BLOCK_N], one warp per 512 tile elements clamped to [4, 16]. Chosen from the
+    register counts of sm_90 cubins compiled offline, none spilling (K = 1000: 4x1024 tile, 8 warps,
+    80 registers; K = 3000: 4x4096, 16 warps, 128). They still owe a timing sweep on a GPU
+    (``benchmarks/gpu_dense.py --sweep``).
     """
+    k_pad = next_power_of_2(k)
+    one_chunk = k_pad <= MAX_ONE_CHUNK_K if block_k is None else block_k >= k
     if block_k is None:
-        k_pad = next_power_of_2(k)
-        block_k = k_pad if k_pad <= MAX_ONE_CHUNK_K else 1024
+        block_k = k_pad if one_chunk else CHUNK_BLOCK_K
     if block_n is None:
-        block_n = max(1, min(TILE_ELEMENTS // block_k, 16, next_power_of_2(n)))
-    num_warps = 8 if block_n * block_k >= 8192 else 4
+        block_n = min(max(MIN_BLOCK_N, 4096 // block_k), MAX_BLOCK_N) if one_chunk else CHUNK_BLOCK_N
+        block_n = min(block_n, next_power_of_2(n))
+    if num_warps is None:
+        num_warps = min(16, max(4, block_n * block_k // 512)) if one_chunk else CHUNK_WARPS
     n_tiles = -(-n // block_n)
     if n_programs is None:
         by_device = -(-sm_count(device) * PROGRAMS_PER_SM // h)
         by_rows = -(-n // MIN_ROWS_PER_PROGRAM)
         n_programs = min(by_device, by_rows)
     n_programs = max(1, min(n_programs, n_tiles))
-    return DenseLaunch(block_n, block_k, block_k >= k, num_warps, n_programs)
+    return DenseLaunch(block_n, block_k, one_chunk, num_warps, n_programs)
