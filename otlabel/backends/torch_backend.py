@@ -1,0 +1,234 @@
+"""PyTorch backends: any device, fp32 arithmetic (float64 for float64 input).
+
+Two operators share one interface:
+
+* :class:`LogDomainOperator` — the general path, over any :class:`~otlabel.sources.ScoreSource`
+  (dense, streamed, computed from features). Every iteration recomputes ``exp(S / eps + b - m)`` chunk by
+  chunk, so extra memory is one chunk (``chunk_elements``), never O(N·K). On a GPU it is the fallback
+  when Triton is absent.
+* :class:`CachedKernelOperator` — the CPU workhorse. On a CPU an ``exp`` costs ~15× a read of the
+  matrix, so it exponentiates once, ``G[j, k] = exp(S[j, k] / eps + b0[k] - m[j])`` with the row
+  maximum ``m`` shifted out (every row of ``G`` has a 1; nothing overflows), and iterates with
+  matrix-vector products on ``G`` in the scaling form ``u = c / (G v)``, ``G^T u``. The absorbed
+  potentials ``b0`` are refreshed (one more ``exp`` pass) whenever ``|b - b0|`` exceeds
+  ``absorb_threshold`` nats, which keeps ``v = exp(b - b0)`` within ``e^±threshold``; a cluster whose
+  column of ``G`` underflowed entirely is answered by the exact log-domain pass instead. Both matvecs
+  run on a cache-sized tile of rows before moving on, so ``G`` is read from memory once per iteration,
+  and row ranges are split over the CPU threads. Memory: ``G`` costs ``4·H·N·K`` bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..sources import DenseSource, ScoreSource, row_chunks
+from .base import ScoreOperator
+from .reference import sample_potentials
+
+NEG_INF = float("-inf")
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 24}  # CPU: 1 MB temporaries stay in cache
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LogDomainOperator(ScoreOperator):
+    """Log-domain passes over a :class:`~otlabel.sources.ScoreSource`, chunk by chunk to bound memory.
+
+    Per chunk and iteration it computes ``e = exp(S / eps + b - m)`` once (``m`` the row maximum), takes
+    the sample step from the row sums of ``e`` and the cluster partials from ``e^T (c / rowsum)``: one
+    ``exp`` per entry. Entries more than ~87 nats below their row's maximum underflow to 0; they carry
+    less than 1e-38 of mass, so that is exact to fp32, unless a whole cluster underflows (possible at tiny
+    eps, far from convergence): then the pass is redone with a max-shifted log-sum-exp per cluster.
+    """
+
+    def __init__(self, source: ScoreSource, epsilon: float, sample_weights: torch.Tensor, chunk_elements=None):
+        self.source = source
+        self.n_heads, self.n_samples, self.n_clusters = source.n_heads, source.n_samples, source.n_clusters
+        self.device = source.device
+        self.dtype = compute_dtype(source.dtype)
+        self.inv_eps = 1.0 / epsilon
+        self.c = sample_weights.to(device=self.device, dtype=self.dtype)  # (N,)
+        self.log_c = self.c.log()
+        default = DEFAULT_CHUNK_ELEMENTS["cpu" if self.device.type == "cpu" else "other"]
+        self.chunk_elements = chunk_elements or default
+        self._reachable = None
+
+    def chunks(self):
+        return row_chunks(self.n_samples, self.n_heads * self.n_clusters, self.chunk_elements)
+
+    def shifted(self, rows: slice, b: torch.Tensor) -> torch.Tensor:
+        """``S / eps + b`` for a chunk of samples in the compute dtype, (H, T, K)."""
+        return torch.add(b[:, None, :], self.source.chunk(rows), alpha=self.inv_eps)
+
+    def reachable(self) -> torch.Tensor:
+        """(H, K) bool: clusters some sample may go to (one pass, computed once)."""
+        if self._reachable is None:
+            self._reachable = self.source.column_max() > NEG_INF
+        return self._reachable
+
+    def cluster_lse(self, b):
+        if b is None:
+            return self._cluster_lse_exact(None)
+        sums = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
+        for rows in self.chunks():
+            e = self.shifted(rows, b)  # (H, T, K)
+            e = e.sub_(e.amax(dim=2, keepdim=True)).exp_()  # one exp per entry
+            w = self.c[rows] / e.sum(dim=2)  # (H, T): c_j / sum_k e_jk, i.e. exp(a_j + m_j)
+            sums += torch.bmm(w[:, None, :], e)[:, 0]  # fixed chunk order: deterministic
+        if bool(((sums <= 0) & self.reachable()).any()):  # a whole cluster underflowed: redo exactly
+            return self._cluster_lse_exact(b)
+        return torch.where(torch.isneginf(b), NEG_INF, sums.log() - b)  # sums = e^b sum_j exp(S/eps + a)
+
+    def _cluster_lse_exact(self, b):
+        """Two max-shifted log-sum-exps per chunk (two exps per entry); also the cold start ``a = log c``."""
+        partials = []
+        zeros = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
+        for rows in self.chunks():
+            x = self.shifted(rows, zeros)  # (H, T, K)
+            log_c = self.log_c[rows]
+            a = log_c.expand(self.n_heads, -1) if b is None else sample_potentials(x, b, log_c)  # (H, T)
+            partials.append(torch.logsumexp(x.add_(a[:, :, None]), dim=1))  # (H, K)
+        return torch.logsumexp(torch.stack(partials), dim=0)  # fixed order: deterministic
+
+    def assign(self, b, want_codes):
+        h, n, k = self.n_heads, self.n_samples, self.n_clusters
+        labels = torch.empty((h, n), dtype=torch.int64, device=self.device)
+        codes = torch.empty((h, n, k), dtype=self.dtype, device=self.device) if want_codes else None
+        for rows in self.chunks():
+            logits = self.shifted(rows, b)  # (H, T, K)
+            labels[:, rows] = logits.argmax(dim=2)
+            if want_codes:
+                codes[:, rows] = torch.softmax(logits, dim=2)
+        return labels, codes
+
+    def transport_score(self, b):
+        total = torch.zeros(self.n_heads, dtype=torch.float64, device=self.device)
+        for rows in self.chunks():
+            s = self.source.chunk(rows).double()  # (H, T, K)
+            logits = s * self.inv_eps + b.double()[:, None, :]
+            plan = torch.softmax(logits, dim=2) * self.c[rows].double()[None, :, None]
+            total += torch.where(torch.isfinite(s), plan * s, 0.0).sum(dim=(1, 2))
+        return total
+
+
+class CachedKernelOperator(ScoreOperator):
+    """Exponentiate once, then iterate with fused, cache-tiled matrix-vector products (CPU path)."""
+
+    def __init__(self, source, epsilon, sample_weights, absorb_threshold: float = 15.0, tile_bytes: int = 1 << 21):
+        self.exact = LogDomainOperator(source, epsilon, sample_weights)
+        self.n_heads, self.n_samples, self.n_clusters = source.n_heads, source.n_samples, source.n_clusters
+        self.device, self.dtype = self.exact.device, self.exact.dtype
+        self.c = sample_weights.to(self.dtype)  # (N,)
+        self.absorb_threshold = absorb_threshold
+        self.tile_rows = max(8, tile_bytes // (self.n_clusters * torch.finfo(self.dtype).bits // 8))
+        col_max = source.column_max().to(self.dtype)  # (H, K)
+        self.reachable = col_max > NEG_INF  # clusters some sample may go to
+        self.exact._reachable = self.reachable
+        # Absorb b0 = -max_j S / eps first: the cold-start potentials are within log N of it, so one exp pass
+        # serves the cold start and usually every later iteration too.
+        self.b0 = torch.where(self.reachable, -col_max * self.exact.inv_eps, NEG_INF)
+        self.kernel = None  # (H, N, K): exp(S / eps + b0 - m), built on first use
+        self.row_shift = None  # (H, N): m, the row maxima of S / eps + b0
+
+    def cluster_lse(self, b):
+        if self.kernel is None or (b is not None and self._drifted(b)):
+            self._absorb(self.b0 if b is None else b)
+        if b is None:  # cold start, a = log c:  sum_j c_j exp(S / eps) = e^-b0 sum_j G_jk c_j e^m_j
+            log_w = self.c.log() + self.row_shift  # (H, N)
+            top = log_w.amax(dim=1, keepdim=True)  # factored out so the weights stay <= 1
+            col = self._fused_matvecs(None, (log_w - top).exp())
+            offset = top
+        else:
+            v = torch.where(self.reachable & torch.isfinite(b), (b - self.b0).exp(), 0.0)  # (H, K), in e^(+-threshold)
+            col = self._fused_matvecs(v, self.c.expand(self.n_heads, -1))  # sum_j G_jk c_j / (G v)_j
+            offset = 0.0
+        if bool(((col <= 0) & self.reachable).any()):  # a column underflowed: the kernel cannot answer
+            self.kernel = None  # rebuilt around the next b, which the exact pass below moves towards
+            return self.exact.cluster_lse(b)
+        return torch.where(self.reachable, col.log() + offset - self.b0, NEG_INF)
+
+    def assign(self, b, want_codes):
+        return self.exact.assign(b, want_codes)
+
+    def transport_score(self, b):
+        return self.exact.transport_score(b)
+
+    def _drifted(self, b) -> bool:
+        finite = torch.isfinite(b)
+        return bool(((b - self.b0).abs()[finite] > self.absorb_threshold).any())
+
+    def _absorb(self, b):
+        """(Re)build the kernel around the potentials ``b``: the one ``exp`` pass over the scores."""
+        if self.kernel is None:
+            self.kernel = torch.empty((self.n_heads, self.n_samples, self.n_clusters), dtype=self.dtype)
+            self.row_shift = torch.empty((self.n_heads, self.n_samples), dtype=self.dtype)
+        for rows in self.exact.chunks():
+            x = self.exact.shifted(rows, b)  # (H, T, K)
+            m = x.amax(dim=2, keepdim=True)  # every row's largest entry becomes exp(0) = 1
+            torch.exp(x.sub_(m), out=self.kernel[:, rows])
+            self.row_shift[:, rows] = m[:, :, 0]
+        self.b0 = b.clone()
+
+    def _fused_matvecs(self, v, weights):
+        """``sum_j G[j, k] w_j / (G v)_j`` per head (``/ (G v)`` skipped when ``v`` is None), reading each
+        tile of ``G`` once from memory: both products run on a cache-sized tile before the next."""
+        workers = worker_pool()
+        bounds = split_rows(self.n_samples, workers._max_workers, self.tile_rows)
+        futures = [workers.submit(self._matvec_range, v, weights, lo, hi) for lo, hi in bounds]
+        col = futures[0].result()
+        for f in futures[1:]:  # fixed order: deterministic
+            col += f.result()
+        return col
+
+    def _matvec_range(self, v, weights, lo, hi):
+        col = torch.zeros(self.n_heads, self.n_clusters, dtype=self.dtype)
+        for h in range(self.n_heads):
+            kernel, col_h = self.kernel[h], col[h]
+            for start in range(lo, hi, self.tile_rows):
+                stop = min(start + self.tile_rows, hi)
+                tile = kernel[start:stop]  # (T, K): stays in cache for both products
+                u = weights[h, start:stop] if v is None else weights[h, start:stop] / torch.mv(tile, v[h])  # (T,)
+                col_h.addmv_(tile.T, u)
+        return col
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def worker_pool() -> ThreadPoolExecutor:
+    """Threads for the row ranges (torch releases the GIL inside mv); one per intra-op thread."""
+    global _POOL
+    n = max(1, torch.get_num_threads())
+    if _POOL is None or _POOL._max_workers != n:
+        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="otlabel")
+    return _POOL
+
+
+def split_rows(n: int, parts: int, align: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges of ``range(n)``, boundaries on multiples of ``align`` where possible."""
+    per = -(-n // parts)
+    per = -(-per // align) * align
+    return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
+
+
+def available_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**33
+
+
+def make_torch_operator(source: ScoreSource, epsilon, sample_weights) -> ScoreOperator:
+    """The cached-kernel path on CPU when its kernel fits in half the free memory, else log-domain."""
+    if isinstance(source, torch.Tensor):
+        source = DenseSource(source)
+    itemsize = 8 if source.dtype == torch.float64 else 4
+    kernel_bytes = source.n_heads * source.n_samples * source.n_clusters * itemsize
+    if source.device.type == "cpu" and kernel_bytes <= available_memory_bytes() // 2:
+        return CachedKernelOperator(source, epsilon, sample_weights)
+    return LogDomainOperator(source, epsilon, sample_weights)

@@ -1,0 +1,162 @@
+"""Input checking: turns what a user passed into a validated :class:`Problem`, or says what is wrong.
+
+Every error names the problem and the fix. Checks that need a pass over the scores (NaN, +inf,
+infeasible masks) are done once here, so backends and kernels may assume clean input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WEIGHT_SUM_RTOL = 1e-4
+
+
+@dataclass
+class Problem:
+    """A validated balanced-assignment problem.
+
+    ``scores`` is always 3-d ``(H, N, K)`` (a view of the input: no copy); ``batched`` remembers whether
+    the caller passed a head dimension, so results come back in the caller's shape.
+    """
+
+    scores: torch.Tensor  # (H, N, K), floating point, finite or -inf
+    epsilon: float
+    sample_weights: torch.Tensor  # (N,) float64 on scores.device, sums to 1
+    cluster_weights: torch.Tensor  # (K,) float64 on scores.device, sums to 1
+    batched: bool
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.scores.shape)
+
+
+def as_tensor(x, name: str) -> torch.Tensor:
+    """Accept a torch tensor or a NumPy array (no copy for NumPy); reject anything else clearly."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    raise TypeError(f"{name} must be a torch.Tensor or a numpy.ndarray, got {type(x).__name__}.")
+
+
+def check_epsilon(epsilon) -> float:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        raise TypeError(f"epsilon must be a positive float, got {type(epsilon).__name__}.")
+    epsilon = float(epsilon)
+    if not math.isfinite(epsilon) or epsilon <= 0:
+        raise ValueError(
+            f"epsilon must be a finite number > 0, got {epsilon}. It is the entropic temperature: "
+            "0.05 is SwAV's default; smaller is closer to a hard assignment (and needs more iterations)."
+        )
+    return epsilon
+
+
+def check_scores(scores) -> tuple[torch.Tensor, bool]:
+    """Shape and dtype of the score matrix; returns the (H, N, K) view and whether it was batched."""
+    scores = as_tensor(scores, "scores")
+    if scores.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"scores must be a floating-point tensor (float16, bfloat16, float32 or float64), got {scores.dtype}. "
+            "Convert with scores.float()."
+        )
+    if scores.ndim not in (2, 3):
+        raise ValueError(
+            f"scores must have shape (N, K) or (H, N, K) — samples by clusters, optionally with a leading head "
+            f"dimension — got shape {tuple(scores.shape)}."
+        )
+    if scores.numel() == 0:
+        raise ValueError(
+            f"scores is empty (shape {tuple(scores.shape)}): "
+            "there must be at least one sample, one cluster and one head."
+        )
+    batched = scores.ndim == 3
+    return (scores if batched else scores.unsqueeze(0)), batched
+
+
+def check_score_values(scores: torch.Tensor, cluster_weights: torch.Tensor) -> None:
+    """NaN, +inf, and masks (-inf) that leave a sample or a weighted cluster with nowhere to go.
+
+    Two max-reductions do all the work (a max propagates NaN and +inf, and is -inf only where a whole
+    row or column is masked); the slow search for where the problem is runs only on failure.
+    """
+    row_max = scores.amax(dim=2)  # (H, N)
+    if not bool(torch.isfinite(row_max).all()):
+        if torch.isnan(row_max).any():
+            idx = _first_index(torch.isnan(scores))
+            raise ValueError(
+                f"scores contain NaN (first at index {idx} of the (H, N, K) scores). Fix the model output."
+            )
+        if torch.isposinf(row_max).any():
+            idx = _first_index(torch.isposinf(scores))
+            raise ValueError(
+                f"scores contain +inf (first at index {idx} of the (H, N, K) scores). Only -inf is allowed, and it "
+                "means 'this sample may not go to this cluster'."
+            )
+        h, j = _first_index(torch.isneginf(row_max))
+        raise ValueError(
+            f"infeasible mask: sample {j} (head {h}) has every score -inf, so it cannot go to any cluster. "
+            "Allow at least one cluster per sample, or drop the sample."
+        )
+    if bool((cluster_weights == 0).any()):  # a sample allowed only in zero-weight clusters has nowhere to go
+        stranded = torch.isneginf(scores[:, :, cluster_weights > 0].amax(dim=2))  # (H, N)
+        if bool(stranded.any()):
+            h, j = _first_index(stranded)
+            raise ValueError(
+                f"infeasible mask: sample {j} (head {h}) is allowed only in clusters of weight 0. "
+                "Allow it in a cluster with positive weight, or drop the sample."
+            )
+    col_max = scores.amax(dim=1)  # (H, K)
+    starved = torch.isneginf(col_max) & (cluster_weights > 0)
+    if bool(starved.any()):
+        h, k = _first_index(starved)
+        raise ValueError(
+            f"infeasible mask: cluster {k} (head {h}) has weight {float(cluster_weights[k]):.3g} > 0 but every "
+            "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
+        )
+
+
+def check_weights(weights, size: int, name: str, other: str, device: torch.device) -> torch.Tensor:
+    """A marginal: 1-d, non-negative, finite, summing to 1. ``None`` gives the uniform weights."""
+    if weights is None:
+        return torch.full((size,), 1.0 / size, dtype=torch.float64, device=device)
+    weights = as_tensor(weights, name)
+    if not weights.dtype.is_floating_point:
+        weights = weights.double()
+    if weights.shape != (size,):
+        raise ValueError(
+            f"{name} must have shape ({size},) to match the {other} of scores, got {tuple(weights.shape)}."
+        )
+    weights = weights.to(device=device, dtype=torch.float64)
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(f"{name} contain NaN or inf; they must be finite proportions.")
+    if bool((weights < 0).any()):
+        k = int(torch.nonzero(weights < 0)[0])
+        raise ValueError(f"{name} must be non-negative, but entry {k} is {float(weights[k]):.6g}.")
+    total = float(weights.sum())
+    if abs(total - 1.0) > WEIGHT_SUM_RTOL:
+        raise ValueError(
+            f"{name} must sum to 1, got a sum of {total:.6g}. Pass proportions, e.g. w / w.sum() for counts."
+        )
+    return weights
+
+
+def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Problem:
+    """Check everything once; the returned problem is safe for every backend."""
+    epsilon = check_epsilon(epsilon)
+    scores3, batched = check_scores(scores)
+    _, n, k = scores3.shape
+    device = scores3.device
+    r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K (last dimension)", device)
+    c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device)
+    check_score_values(scores3, r)
+    return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched)
+
+
+def _first_index(mask: torch.Tensor):
+    idx = tuple(int(i) for i in torch.nonzero(mask)[0])
+    return idx if len(idx) > 1 else idx[0]

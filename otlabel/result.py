@@ -1,0 +1,77 @@
+"""The result of a solve: potentials, convergence record, and read-outs computed on demand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends.base import ScoreOperator
+
+
+class ConvergenceWarning(UserWarning):
+    """Sinkhorn stopped at ``max_iter`` with the marginal error still above ``tol``."""
+
+
+@dataclass(eq=False)
+class SinkhornResult:
+    """What :func:`otlabel.sinkhorn_assign` returns.
+
+    Shapes are the caller's: ``(N, ...)`` for a 2-d input, ``(H, N, ...)`` for a batched one.
+
+    Attributes:
+        labels: (N,) int64 — ``argmax_k`` of the balanced plan (hard pseudo-labels).
+        cluster_potentials: (K,) — the cluster log-potentials ``b``; pass as ``init=`` to warm-start the
+            next call on similar scores. Zero-weight clusters hold ``-inf``.
+        n_iter: iterations run (one pass over the scores each).
+        converged: whether the cluster-marginal error went below ``tol``.
+        marginal_error: L1 error ``sum_k |sum_j P[j, k] - r_k|`` of the returned plan (worst head) when
+            converged; with a fixed iteration count (``tol=None``), the error measured during the last
+            iteration, before its update. The sample marginal is exact by construction.
+        errors: that error at every iteration (``inf`` for the cold-start iteration, which has no plan yet).
+        epsilon: the temperature used.
+
+    ``codes`` (N, K) — each row a softmax summing to 1; float32, or float64 for float64 input and the
+    reference backend — and ``objective`` cost one more pass over the scores and are computed on first
+    access, then kept (``codes`` holds ``4·N·K`` bytes in float32).
+    """
+
+    labels: torch.Tensor
+    cluster_potentials: torch.Tensor
+    n_iter: int
+    converged: bool
+    marginal_error: float
+    errors: list[float]
+    epsilon: float
+    _operator: ScoreOperator = field(repr=False)
+    _sample_weights: torch.Tensor = field(repr=False)
+    _batched: bool = field(repr=False)
+    _codes: torch.Tensor | None = field(default=None, repr=False)
+    _objective: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """Soft assignments ``softmax_k(S / eps + b)``, (N, K); rows sum to 1 (SwAV's ``q``)."""
+        if self._codes is None:
+            _, codes = self._operator.assign(self._potentials_3d(), want_codes=True)
+            self._codes = self._shape(codes)
+        return self._codes
+
+    @property
+    def plan(self) -> torch.Tensor:
+        """The transport plan ``P = codes * c[:, None]`` (N, K): rows sum to ``c``, columns to ``r``."""
+        return self.codes * self._sample_weights.to(self.codes.dtype)[:, None]
+
+    @property
+    def objective(self) -> torch.Tensor | float:
+        """``<P, S>``: the total score of the plan (float64; a tensor of H values for a batched input)."""
+        if self._objective is None:
+            self._objective = self._operator.transport_score(self._potentials_3d())
+        return self._objective if self._batched else float(self._objective[0])
+
+    def _potentials_3d(self) -> torch.Tensor:
+        b = self.cluster_potentials
+        return (b if self._batched else b.unsqueeze(0)).to(self._operator.dtype)
+
+    def _shape(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._batched else x[0]

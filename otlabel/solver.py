@@ -1,0 +1,251 @@
+"""The Sinkhorn loop, written once for every backend, and the public entry point ``sinkhorn_assign``.
+
+One iteration is one pass over the scores (``operator.cluster_lse``) plus O(K) arithmetic here:
+
+    lse   = LSE_j( S / eps + a(b) )          # the operator's pass; a(b) is the exact sample step
+    b_new = log r - lse                      # the cluster step
+    err   = sum_k r_k |exp(b - b_new) - 1|   # column-marginal L1 error of the plan at b, for free
+
+The loop never touches a backend's tensors beyond these K-vectors, so the dense, streaming, sharded and
+kernel paths all share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .backends import make_operator
+from .backends.base import ScoreOperator
+from .problem import validate
+from .result import ConvergenceWarning, SinkhornResult
+
+DEFAULT_MAX_ITER = 1000
+DEFAULT_TOL = 1e-4
+
+
+@dataclass
+class LoopOutput:
+    potentials: torch.Tensor  # (H, K)
+    n_iter: int
+    errors: list[float]
+    converged: bool
+
+
+def run_sinkhorn(
+    operator: ScoreOperator,
+    cluster_weights: torch.Tensor,
+    init: torch.Tensor | None,
+    max_iter: int,
+    tol: float | None,
+    over_relaxation: float = 1.0,
+) -> LoopOutput:
+    """Iterate cluster steps from ``init`` (H, K) (``None``: cold start) until ``err < tol`` or ``max_iter``.
+
+    With ``tol=None`` exactly ``max_iter`` iterations run and the device is never synchronised inside the
+    loop (errors are read once at the end), which keeps small GPU solves launch-bound rather than sync-bound.
+    """
+    r = cluster_weights.to(operator.dtype)  # (K,)
+    log_r = r.log()
+    empty = r == 0  # zero-weight clusters: b = -inf, they receive nothing
+    b = init
+    errors: list[torch.Tensor] = []
+    converged = False
+    for _ in range(max_iter):
+        lse = operator.cluster_lse(b)  # (H, K)
+        b_new = torch.where(empty, float("-inf"), log_r - lse)
+        err = marginal_error(b, b_new, r, empty)  # (H,) — inf on the cold start
+        errors.append(err)
+        if tol is not None:
+            worst = float(err.max())
+            check_finite(b_new, empty)
+            if worst < tol:
+                converged = True  # keep b: its error is the one just measured
+                break
+        b = b_new if (b is None or over_relaxation == 1.0) else relax(b, b_new, over_relaxation, empty)
+    check_finite(b, empty)
+    history = torch.stack(errors).amax(dim=1).tolist() if errors else []
+    return LoopOutput(potentials=b, n_iter=len(errors), errors=history, converged=converged)
+
+
+def epsilon_stages(problem, epsilon_scaling: float) -> list[float]:
+    """Temperatures from a start near the scores' spread down to ``problem.epsilon``, shrinking by a factor.
+
+    The spread is the standard deviation of the finite scores of (at most) the first 4096 samples: above it
+    the plan is nearly uniform and Sinkhorn converges in a few iterations.
+    """
+    head = problem.scores[:, :4096].double()
+    spread = float(head[torch.isfinite(head)].std()) if head.numel() > 1 else 0.0
+    stages = [problem.epsilon]
+    while stages[-1] / epsilon_scaling < spread and len(stages) < 64:
+        stages.append(stages[-1] / epsilon_scaling)
+    return stages[::-1]
+
+
+def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, over_relaxation, epsilon_scaling):
+    """Solve at decreasing temperatures, each stage warm-starting the next; the last is ``problem.epsilon``.
+
+    Potentials are rescaled between stages (``b * eps_old / eps_new``: the dual ``eps * b`` is what stays put).
+    Intermediate stages stop at a looser tolerance; all iterations count towards ``max_iter``.
+    """
+    stages = epsilon_stages(problem, epsilon_scaling)
+    b, errors, used = init, [], 0
+    for i, eps in enumerate(stages):
+        last = i == len(stages) - 1
+        operator = make_operator(dataclasses.replace(problem, epsilon=eps), backend)
+        stage_tol = tol if last or tol is None else max(tol, 1e-2)
+        out = run_sinkhorn(operator, problem.cluster_weights, b, max(1, max_iter - used), stage_tol, over_relaxation)
+        errors += out.errors
+        used += out.n_iter
+        if not last:
+            b = out.potentials * (eps / stages[i + 1])
+    return operator, LoopOutput(potentials=out.potentials, n_iter=used, errors=errors, converged=out.converged)
+
+
+def marginal_error(b, b_new, r, empty) -> torch.Tensor:
+    """``sum_k r_k |exp(b - b_new) - 1|`` per head: the plan at ``b`` has column sums ``r * exp(b - b_new)``."""
+    if b is None:
+        return torch.full(b_new.shape[:1], math.inf, dtype=b_new.dtype, device=b_new.device)
+    ratio = torch.where(empty, 1.0, torch.exp(b - b_new))
+    return (r * (ratio - 1).abs()).sum(dim=-1)
+
+
+def relax(b, b_new, omega: float, empty) -> torch.Tensor:
+    """Over-relaxed step ``b + omega (b_new - b)``; zero-weight clusters stay at ``-inf``."""
+    return torch.where(empty, float("-inf"), b + omega * (b_new - b))
+
+
+def check_finite(b, empty) -> None:
+    if b is not None and not bool(torch.isfinite(b[:, ~empty]).all()):
+        raise ValueError(
+            "Sinkhorn potentials became non-finite: the masked problem has no feasible balanced plan "
+            "(some group of clusters cannot reach enough samples). Relax the mask or the cluster weights."
+        )
+
+
+def check_init(init, problem, dtype) -> torch.Tensor | None:
+    """A warm start: a previous result or its ``cluster_potentials``, shaped (K,) or (H, K)."""
+    if init is None:
+        return None
+    if isinstance(init, SinkhornResult):
+        init = init.cluster_potentials
+    if not isinstance(init, torch.Tensor):
+        raise TypeError(f"init must be a SinkhornResult or a tensor of cluster potentials, got {type(init).__name__}.")
+    h, _, k = problem.shape
+    if init.shape not in ((k,), (h, k)):
+        raise ValueError(
+            f"init must have shape ({k},) or ({h}, {k}) — one potential per cluster — got {tuple(init.shape)}. "
+            "Pass the cluster_potentials of a previous call on a problem with the same clusters."
+        )
+    init = init.to(device=problem.scores.device, dtype=dtype).expand(h, k)
+    empty = problem.cluster_weights == 0
+    if torch.isnan(init).any() or torch.isposinf(init).any() or torch.isneginf(init[:, ~empty]).any():
+        raise ValueError("init contains NaN or infinite potentials for clusters with positive weight.")
+    return torch.where(empty, float("-inf"), init)
+
+
+def check_iterations(max_iter, tol, over_relaxation) -> None:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
+    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive number (or None for exactly max_iter iterations), got {tol!r}.")
+    if not (isinstance(over_relaxation, (int, float)) and 1.0 <= over_relaxation < 2.0):
+        raise ValueError(f"over_relaxation must be in [1, 2), got {over_relaxation!r}; 1 is plain Sinkhorn.")
+
+
+def sinkhorn_assign(
+    scores,
+    epsilon: float = 0.05,
+    *,
+    cluster_weights=None,
+    sample_weights=None,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float | None = DEFAULT_TOL,
+    init=None,
+    backend: str = "auto",
+    over_relaxation: float = 1.0,
+    epsilon_scaling: float | None = None,
+    warn: bool = True,
+) -> SinkhornResult:
+    r"""Balanced assignment of N samples to K clusters by entropic optimal transport.
+
+    Solves ``max_P <P, S> + eps H(P)`` over plans ``P >= 0`` with row sums ``c`` (sample weights) and column
+    sums ``r`` (cluster weights) by log-domain Sinkhorn-Knopp, and returns the hard labels
+    ``argmax_k P[j, k]`` and the soft codes ``P[j, :] / c_j``. Adding a per-sample or per-cluster
+    constant to ``scores`` changes nothing, so logits and log-probabilities give the same answer, and SeLa's
+    ``P^lambda`` scaling is ``epsilon = 1 / lambda``.
+
+    Args:
+        scores: ``(N, K)`` or batched ``(H, N, K)`` (H independent problems, e.g. SeLa's heads): torch tensor
+            (any device) or NumPy array of float16/bfloat16/float32/float64; higher is better. ``-inf`` marks
+            a forbidden pair.
+        epsilon: temperature ``> 0`` in the units of the scores. Smaller is harder and slower to converge.
+        cluster_weights: ``(K,)`` non-negative, summing to 1 (default uniform ``1/K``): each cluster's share.
+            Zero is allowed (the cluster gets nothing).
+        sample_weights: ``(N,)`` non-negative, summing to 1 (default uniform ``1/N``).
+        max_iter: most iterations (each is one pass over the scores).
+        tol: stop when the cluster-marginal L1 error is below this; ``None`` runs exactly ``max_iter``
+            iterations with no convergence check (SwAV's fixed 3: ``max_iter=3, tol=None``).
+        init: warm start — a previous ``SinkhornResult`` or its ``cluster_potentials``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (float64 specification).
+        over_relaxation: ``omega`` in ``b <- b + omega (b_new - b)``, ``1 <= omega < 2``; 1 is plain Sinkhorn.
+        epsilon_scaling: ``None`` (default) or a factor in (0, 1): solve first at a temperature near the
+            scores' spread, then shrink it by this factor per stage down to ``epsilon``, warm-starting each
+            stage. Pays at small ``epsilon``; each stage costs one extra ``exp`` pass on the CPU path.
+        warn: emit a :class:`ConvergenceWarning` when ``tol`` is not reached in ``max_iter`` iterations.
+
+    Returns:
+        :class:`SinkhornResult` with ``labels``, ``codes`` (lazy), ``cluster_potentials``, ``n_iter``,
+        ``converged``, ``marginal_error``, ``errors`` and ``objective`` (lazy), on the input's device.
+
+    Example:
+        >>> import torch
+        >>> from otlabel import sinkhorn_assign
+        >>> res = sinkhorn_assign(torch.randn(1000, 10), epsilon=0.05)
+        >>> torch.bincount(res.labels, minlength=10).tolist()  # doctest: +SKIP
+        [100, 100, 100, 100, 100, 100, 100, 100, 100, 100]
+    """
+    problem = validate(scores, epsilon, cluster_weights, sample_weights)
+    check_iterations(max_iter, tol, over_relaxation)
+    if epsilon_scaling is not None and not (isinstance(epsilon_scaling, float) and 0 < epsilon_scaling < 1):
+        raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
+    operator = make_operator(problem, backend)
+    init = check_init(init, problem, operator.dtype)
+    if epsilon_scaling is None:
+        out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, over_relaxation)
+    else:
+        del operator  # each stage builds its own (the CPU kernel depends on epsilon)
+        operator, out = run_with_epsilon_scaling(
+            problem, backend, init, max_iter, tol, over_relaxation, epsilon_scaling
+        )
+    if tol is not None and not out.converged and warn:
+        warnings.warn(
+            f"sinkhorn_assign did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after "
+            f"{max_iter} iterations (epsilon={problem.epsilon:g}). Raise max_iter, raise epsilon, or warm-start "
+            "with init=<previous result>. If the scores carry -inf masks, the masked problem may have no balanced "
+            "plan at all: check that every group of clusters can reach enough samples.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return package_result(problem, operator, out)
+
+
+def package_result(problem, operator: ScoreOperator, out: LoopOutput) -> SinkhornResult:
+    labels, _ = operator.assign(out.potentials, want_codes=False)
+    shape = (lambda x: x) if problem.batched else (lambda x: x[0])
+    return SinkhornResult(
+        labels=shape(labels),
+        cluster_potentials=shape(out.potentials),
+        n_iter=out.n_iter,
+        converged=out.converged,
+        marginal_error=out.errors[-1],
+        errors=out.errors,
+        epsilon=problem.epsilon,
+        _operator=operator,
+        _sample_weights=problem.sample_weights,
+        _batched=problem.batched,
+    )
