@@ -278,13 +278,13 @@ def kmeans_baseline(data: Data, seed: int) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text results table, one row per method."""
-    head = f"{'method':<34} {'K':>4} {'NMI':>6} {'ARI':>6} {'acc':>6} {'balance':>8} {'seconds':>8}"
+    head = f"{'method':<38} {'K':>4} {'NMI':>6} {'ARI':>6} {'acc':>6} {'balance':>8} {'seconds':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         num = {key: f"{r[key]:.3f}" if key in r else "  -  " for key in ("nmi", "ari", "acc")}
         mark = "*" if r.get("acc_mapping") == "majority" else " "
         lines.append(
-            f"{r['method']:<34} {r['k']:>4} {num['nmi']:>6} {num['ari']:>6} {num['acc']:>5}{mark} "
+            f"{r['method']:<38} {r['k']:>4} {num['nmi']:>6} {num['ari']:>6} {num['acc']:>5}{mark} "
             f"{r['balance']:>8.2f} {r['seconds']:>8.1f}"
         )
     lines.append(
