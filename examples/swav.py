@@ -57,7 +57,7 @@ class SwAVNet(nn.Module):
 
 def parse_args(argv=None):
     """SwAV's flags on top of the common ones."""
-    p = common.base_parser(__doc__.split("\n")[0], epochs=100, batch_size=256, lr=0.1)
+    p = common.base_parser(__doc__.split("\n")[0], epochs=100, batch_size=256, lr=0.05)
     p.add_argument("--views", type=int, default=2, help="large (full-size) augmented views per sample, >= 2")
     p.add_argument("--small-crops", type=int, default=0, help="extra small views (multi-crop): predict only")
     p.add_argument("--small-size", type=int, default=6, help="side in pixels of a small view")
