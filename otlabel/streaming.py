@@ -430,13 +430,14 @@ class single_threaded_torch:
         torch.set_num_threads(self.saved)
 
 
-def as_output(out, shape: tuple, dtype: np.dtype, name: str) -> torch.Tensor | None:
+def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool = True) -> torch.Tensor | None:
     """``labels_out``/``codes_out``: a path (a new ``.npy`` memmap is created), or a writable array/tensor of the
     right shape and dtype. Returned as a CPU torch tensor sharing its memory."""
     if out is None:
         return None
     if isinstance(out, (str, os.PathLike)):
-        out = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=dtype, shape=shape)
+        file_shape = shape if batched else shape[1:]  # the caller's shape: (N,) / (N, K) for 2-d scores
+        out = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=dtype, shape=file_shape)
     if isinstance(out, np.ndarray):
         if not out.flags.writeable:
             raise ValueError(f"{name} is read-only; pass a writable array or a path.")
@@ -527,8 +528,8 @@ def sinkhorn_assign_stream(
     try:
         r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", device)
         c = check_weights(sample_weights, n, "sample_weights", "number of samples N", device)
-        labels = as_output(labels_out, (h, n), np.int64, "labels_out")
-        codes = as_output(codes_out, (h, n, k), np.float32, "codes_out")
+        labels = as_output(labels_out, (h, n), np.int64, "labels_out", source.batched)
+        codes = as_output(codes_out, (h, n, k), np.float32, "codes_out", source.batched)
         operator = StreamingOperator(source, epsilon, c, r, labels, codes)
         shape_only = types.SimpleNamespace(shape=(h, n, k), scores=torch.empty(0, device=device), cluster_weights=r)
         b0 = check_init(init, shape_only, compute_dtype(source.dtype))
