@@ -100,9 +100,11 @@ class HostStream:
     On the CPU (or for an array already on the device) a chunk is a view: no copy. Otherwise the rows go through
     two pinned staging buffers: a worker thread copies chunk i+1 into pinned memory and launches its
     host-to-device copy on a side stream while the caller computes on chunk i; events order the reuse of each
-    buffer. Chunks are expected in increasing row order (the next chunk is prefetched, wrapping to row 0 for the
-    next pass); any other request is served too, just without the overlap. A returned chunk is valid until the
-    next call.
+    buffer. A source that is itself pinned (``tensor.pin_memory()``) skips the staging copy: the side stream
+    copies straight from it, which is what reaches the bus's bandwidth (a pageable source is bounded by the host
+    memcpy into the staging buffers). Chunks are expected in increasing row order (the next chunk is prefetched,
+    wrapping to row 0 for the next pass); any other request is served too, just without the overlap. A returned
+    chunk is valid until the next call.
     """
 
     def __init__(self, host: torch.Tensor, device: torch.device, rows_per_chunk: int):
@@ -113,7 +115,10 @@ class HostStream:
         self.staged = device.type == "cuda" and host.device.type == "cpu"
         if self.staged:
             shape = (host.shape[0], self.rows_per_chunk, host.shape[2])
-            self.pinned = [torch.empty(shape, dtype=host.dtype, pin_memory=True) for _ in range(2)]
+            # A pinned source whose row chunks are contiguous goes straight to the device: no staging copy.
+            self.direct = host.is_pinned() and host[:, :1].is_contiguous()
+            n_pinned = 0 if self.direct else 2
+            self.pinned = [torch.empty(shape, dtype=host.dtype, pin_memory=True) for _ in range(n_pinned)]
             self.buffers = [torch.empty(shape, dtype=host.dtype, device=device) for _ in range(2)]
             self.copy_stream = torch.cuda.Stream(device)
             self.copied: list = [None, None]  # per buffer: event, host-to-device copy finished
@@ -159,13 +164,17 @@ class HostStream:
     def _stage(self, rows: slice, slot: int, released) -> torch.cuda.Event:
         """Worker thread: host rows -> pinned buffer -> device buffer (on the side stream)."""
         t = rows.stop - rows.start
-        if self.copied[slot] is not None:
-            self.copied[slot].synchronize()  # the pinned buffer's previous copy has left it
-        self.pinned[slot][:, :t].copy_(self.host[:, rows])  # host memcpy (parallel over the intra-op threads)
-        with torch.cuda.stream(self.copy_stream):
+        if self.direct:
+            src = self.host[:, rows]  # already pinned: DMA straight from it
+        else:
+            if self.copied[slot] is not None:
+                self.copied[slot].synchronize()  # the pinned buffer's previous copy has left it
+            src = self.pinned[slot][:, :t]
+            src.copy_(self.host[:, rows])  # host memcpy (parallel over the intra-op threads)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
             if released is not None:
                 self.copy_stream.wait_event(released)  # the consumer of this buffer's previous chunk has run
-            self.buffers[slot][:, :t].copy_(self.pinned[slot][:, :t], non_blocking=True)
+            self.buffers[slot][:, :t].copy_(src, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         self.copied[slot] = done
