@@ -31,7 +31,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .backends import make_operator
+from .backends import make_operator, resolve_backend
 from .backends.base import ScoreOperator
 from .problem import Problem, as_tensor, check_epsilon, check_scores, check_weights
 from .result import ConvergenceWarning, SinkhornResult
@@ -165,10 +165,13 @@ def sinkhorn_assign_sharded(
             c_local = check_local_weights(sample_weights, n, device)
         check_rows(scores3, r, where=f" of rank {comm.rank}'s shard")
         local_max = scores3.amax(dim=1).double()  # (H, K)
+        draft = Problem(scores=scores3, epsilon=epsilon, sample_weights=None, cluster_weights=r, batched=batched)
+        resolve_backend(backend, draft)  # an unusable backend fails here, on its rank, before any collective
+        check_init(init, draft, torch.float64)
         meta = [h, n, k, DTYPE_CODES[scores3.dtype], float(batched), epsilon, -1.0 if tol is None else tol]
         meta += [max_iter, over_relaxation, float(c_local is not None)]
         meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None)]
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, RuntimeError) as err:
         failure = err
     metas = comm.all_gather(torch.tensor([0.0 if failure is None else 1.0] + (meta or [math.nan] * 12)), "checks")
     bad = [i for i in range(comm.world) if metas[i, 0] != 0]

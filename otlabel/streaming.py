@@ -507,6 +507,10 @@ def sinkhorn_assign_stream(
             Without it, ``result.codes`` is computed on first access into an (N, K) CPU tensor.
         callback: ``callback(iteration, marginal_error)`` after every iteration (e.g. a progress bar).
 
+    On the CPU each pass splits the rows over ``torch.get_num_threads()`` worker threads and, for the duration of
+    the pass, sets torch's intra-op threads to 1 (restored afterwards): other torch work running concurrently in
+    the same process would see one thread meanwhile.
+
     Returns:
         :class:`~otlabel.SinkhornResult`; ``labels`` (and ``codes``) are CPU tensors (views of the outputs when
         given), ``cluster_potentials`` on ``device``. ``codes``/``objective`` stream the data once more.

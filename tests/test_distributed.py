@@ -149,6 +149,10 @@ def test_local_errors_without_group():
         sinkhorn_assign_sharded(torch.randn(5, 3), EPS, sample_weights=torch.ones(4) / 4)
     with pytest.raises(ValueError, match="sum to 1 over all ranks"):
         sinkhorn_assign_sharded(torch.randn(5, 3), EPS, sample_weights=torch.ones(5))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sinkhorn_assign_sharded(torch.randn(5, 3), EPS, backend="nope")
+    with pytest.raises(ValueError, match=r"init must have shape \(3,\)"):
+        sinkhorn_assign_sharded(torch.randn(5, 3), EPS, init=torch.zeros(4))
     with pytest.raises(ValueError, match="sample 1 .* of rank 0's shard has every score -inf"):
         s = torch.randn(4, 3)
         s[1] = float("-inf")
