@@ -401,7 +401,7 @@ class progress_bar:
             unit="it",
             file=sys.stderr,
             dynamic_ncols=True,
-            bar_format="{desc}: {n_fmt} it [{elapsed}, {rate_fmt}] {postfix}",
+            bar_format="{desc}: {n_fmt} it [{elapsed}, {rate_fmt}{postfix}]",
         )
         self.bar.set_postfix_str("validating + cold start")
 
