@@ -6,9 +6,11 @@
 """
 
 from .baselines import sela_sinkhorn, swav_sinkhorn
+from .distributed import sinkhorn_assign_sharded
 from .exact import ExactResult, exact_assign, exact_plan
 from .result import ConvergenceWarning, SinkhornResult
 from .solver import sinkhorn_assign
+from .streaming import sinkhorn_assign_stream
 
 __version__ = "0.1.0"
 __all__ = [
@@ -19,5 +21,7 @@ __all__ = [
     "exact_plan",
     "sela_sinkhorn",
     "sinkhorn_assign",
+    "sinkhorn_assign_sharded",
+    "sinkhorn_assign_stream",
     "swav_sinkhorn",
 ]

@@ -43,11 +43,14 @@ def run_sinkhorn(
     max_iter: int,
     tol: float | None,
     over_relaxation: float = 1.0,
+    callback=None,
 ) -> LoopOutput:
     """Iterate cluster steps from ``init`` (H, K) (``None``: cold start) until ``err < tol`` or ``max_iter``.
 
     With ``tol=None`` exactly ``max_iter`` iterations run and the device is never synchronised inside the
     loop (errors are read once at the end), which keeps small GPU solves launch-bound rather than sync-bound.
+    ``callback(iteration, error)``, if given, is called after every iteration with the worst head's error
+    (a float, ``inf`` on the cold start; it synchronises the device): progress bars hook in here.
     """
     r = cluster_weights.to(operator.dtype)  # (K,)
     log_r = r.log()
@@ -60,6 +63,8 @@ def run_sinkhorn(
         b_new = torch.where(empty, float("-inf"), log_r - lse)
         err = marginal_error(b, b_new, r, empty)  # (H,) — inf on the cold start
         errors.append(err)
+        if callback is not None:
+            callback(len(errors), float(err.max()))
         if tol is not None:
             worst = float(err.max())
             check_finite(b_new, empty)

@@ -1,0 +1,577 @@
+"""Streaming: scores (or features and prototypes) that live on the host or on disk, solved chunk by chunk.
+
+The solver loop and the log-domain operator are the dense ones; only the :class:`~otlabel.sources.ScoreSource`
+changes. Each iteration reads the data once, ``rows_per_chunk`` samples at a time:
+
+    host / np.memmap ──(pinned staging, side stream)──▶ device chunk (H, T, K) ──▶ exp, row sums, K-partials
+                       chunk i+1 copied while chunk i is computed (CUDA); a plain view on the CPU
+
+* :class:`HostSource` — scores ``(N, K)`` or ``(H, N, K)``: a CPU torch tensor, a NumPy array or a ``np.memmap``
+  (a ``.npy`` path is opened with ``np.load(mmap_mode="r")``, so the file may be larger than RAM).
+* :class:`FeatureSource` — features ``Z`` ``(N, D)`` on the host (or the device) and prototypes ``C`` ``(K, D)`` or
+  ``(H, K, D)``: each chunk is ``Z[rows] @ C^T (+ bias)`` computed on the device, so the ``K x N`` matrix never
+  exists anywhere. Memory: ``(H·K + D)·T`` floats per chunk plus ``H·K·D`` for the prototypes — O((N + K)·D) for
+  the data and O(memory_budget) for the work, independent of N·K. (This is the torch path; a fused Triton kernel
+  for features on the GPU is a separate backend.)
+
+Solver state stays O(K); labels (and codes, when asked) are written chunk by chunk, to a ``.npy`` memmap when
+given a path. :func:`sinkhorn_assign_stream` is the entry point.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import types
+import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import numpy as np
+import torch
+
+from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, split_rows, worker_pool
+from .problem import FLOAT_DTYPES, _first_index, check_epsilon, check_weights
+from .result import ConvergenceWarning, SinkhornResult
+from .solver import DEFAULT_MAX_ITER, DEFAULT_TOL, check_init, check_iterations, run_sinkhorn
+from .sources import ScoreSource
+
+__all__ = ["FeatureSource", "HostSource", "StreamingOperator", "default_memory_budget", "sinkhorn_assign_stream"]
+
+MiB = 1 << 20
+DEFAULT_MEMORY_BUDGET = {"cpu": 256 * MiB, "cuda": 2048 * MiB}
+# Device bytes per score entry of a chunk: the chunk itself (fp32 once computed or converted), the shifted
+# logits, the argmax/softmax temporaries and, on CUDA, two staging buffers. A budget of B bytes gives chunks of
+# B / 16 entries (B / 16 / (H K) samples).
+BYTES_PER_ENTRY = 16
+CPU_CHUNK_BYTES = int(os.environ.get("OTLABEL_CPU_CHUNK_BYTES", 16 * MiB))  # per thread
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """256 MiB on the CPU; on CUDA 2 GiB or a quarter of the free device memory, whichever is smaller."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(DEFAULT_MEMORY_BUDGET["cuda"], free // 4)
+    return DEFAULT_MEMORY_BUDGET["cpu"]
+
+
+def rows_for_budget(memory_budget: int, row_entries: int, row_extra_bytes: int = 0) -> int:
+    """Samples per chunk so that a chunk's working set fits ``memory_budget`` bytes (at least one sample)."""
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
+    return max(1, memory_budget // (BYTES_PER_ENTRY * row_entries + row_extra_bytes))
+
+
+# ----------------------------------------------------------------------------------------------- host arrays
+
+
+def open_host_array(x, name: str) -> torch.Tensor:
+    """A path to a ``.npy`` (memory-mapped, read-only), a NumPy array/memmap or a torch tensor, as a torch tensor
+    sharing its memory (no copy). Errors say which input is wrong and why."""
+    if isinstance(x, (str, os.PathLike)):
+        path = os.fspath(x)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{name} file {path!r} does not exist.")
+        try:
+            x = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise ValueError(
+                f"{name} file {path!r} is not a readable .npy array ({err}). Save it with numpy.save."
+            ) from None
+    if isinstance(x, np.ndarray):
+        if x.dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(
+                f"{name} must be float16, float32 or float64, got dtype {x.dtype}. Convert with x.astype(np.float32)."
+            )
+        if not x.dtype.isnative:
+            raise TypeError(f"{name} has non-native byte order ({x.dtype.str}); convert with x.astype(np.float32).")
+        with warnings.catch_warnings():  # read-only memmap: torch warns the tensor is not writable; we never write
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(x)
+    if isinstance(x, torch.Tensor):
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}.")
+        return x
+    raise TypeError(f"{name} must be a .npy path, a numpy array or a torch tensor, got {type(x).__name__}.")
+
+
+class HostStream:
+    """Rows of a host array ``(H, N, F)`` handed to ``device`` in chunks of at most ``rows_per_chunk`` samples.
+
+    On the CPU (or for an array already on the device) a chunk is a view: no copy. Otherwise the rows go through
+    two pinned staging buffers: a worker thread copies chunk i+1 into pinned memory and launches its
+    host-to-device copy on a side stream while the caller computes on chunk i; events order the reuse of each
+    buffer. A source that is itself pinned (``tensor.pin_memory()``) skips the staging copy: the side stream
+    copies straight from it, which is what reaches the bus's bandwidth (a pageable source is bounded by the host
+    memcpy into the staging buffers). Chunks are expected in increasing row order (the next chunk is prefetched,
+    wrapping to row 0 for the next pass); any other request is served too, just without the overlap. A returned
+    chunk is valid until the next call.
+    """
+
+    def __init__(self, host: torch.Tensor, device: torch.device, rows_per_chunk: int):
+        self.host = host  # (H, N, F)
+        self.device = device
+        self.n_rows = host.shape[1]
+        self.rows_per_chunk = max(1, min(rows_per_chunk, self.n_rows))
+        self.staged = device.type == "cuda" and host.device.type == "cpu"
+        if self.staged:
+            shape = (host.shape[0], self.rows_per_chunk, host.shape[2])
+            # A pinned source whose row chunks are contiguous goes straight to the device: no staging copy.
+            self.direct = host.is_pinned() and host[:, :1].is_contiguous()
+            n_pinned = 0 if self.direct else 2
+            self.pinned = [torch.empty(shape, dtype=host.dtype, pin_memory=True) for _ in range(n_pinned)]
+            self.buffers = [torch.empty(shape, dtype=host.dtype, device=device) for _ in range(2)]
+            self.copy_stream = torch.cuda.Stream(device)
+            self.copied: list = [None, None]  # per buffer: event, host-to-device copy finished
+            self.released: list = [None, None]  # per buffer: event, the consumer's work on it was enqueued before
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otlabel-h2d")
+            self.pending = None  # (rows, slot, future) of the prefetched chunk
+            self.current = None  # slot handed out last
+            self.next_slot = 0
+            self.lock = threading.Lock()
+
+    def get(self, rows: slice) -> torch.Tensor:
+        if not self.staged:
+            return self.host[:, rows].to(self.device, non_blocking=True)
+        t = rows.stop - rows.start
+        if t > self.rows_per_chunk:  # larger than the staging buffers: a plain blocking copy
+            return self.host[:, rows].to(self.device)
+        main = torch.cuda.current_stream(self.device)
+        if self.current is not None:  # everything enqueued so far that reads this buffer precedes this event
+            ev = torch.cuda.Event()
+            ev.record(main)
+            self.released[self.current] = ev
+        if self.pending is None or self.pending[0] != rows:
+            self._drain()
+            self._submit(rows)
+        _, slot, future = self.pending
+        self.pending = None
+        main.wait_event(future.result())  # the copy of this chunk is done before anything later on `main` runs
+        self.current = slot
+        stop = rows.stop if rows.stop < self.n_rows else 0  # prefetch the next chunk (the next pass starts at 0)
+        self._submit(slice(stop, min(stop + self.rows_per_chunk, self.n_rows)))
+        return self.buffers[slot][:, :t]
+
+    def _submit(self, rows: slice) -> None:
+        slot = self.next_slot
+        self.next_slot ^= 1
+        self.pending = (rows, slot, self.worker.submit(self._stage, rows, slot, self.released[slot]))
+
+    def _drain(self) -> None:
+        if self.pending is not None:
+            self.pending[2].result()
+            self.pending = None
+
+    def _stage(self, rows: slice, slot: int, released) -> torch.cuda.Event:
+        """Worker thread: host rows -> pinned buffer -> device buffer (on the side stream)."""
+        t = rows.stop - rows.start
+        if self.direct:
+            src = self.host[:, rows]  # already pinned: DMA straight from it
+        else:
+            if self.copied[slot] is not None:
+                self.copied[slot].synchronize()  # the pinned buffer's previous copy has left it
+            src = self.pinned[slot][:, :t]
+            src.copy_(self.host[:, rows])  # host memcpy (parallel over the intra-op threads)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
+            if released is not None:
+                self.copy_stream.wait_event(released)  # the consumer of this buffer's previous chunk has run
+            self.buffers[slot][:, :t].copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        self.copied[slot] = done
+        return done
+
+    def close(self) -> None:
+        """Wait for a prefetch in flight (the stream stays usable: a later pass restarts it)."""
+        if self.staged:
+            self._drain()
+
+
+class HostSource(ScoreSource):
+    """Scores ``(N, K)`` or ``(H, N, K)`` on the host (tensor, array, memmap or ``.npy`` path), streamed to ``device``.
+
+    ``rows_per_chunk`` samples per chunk (see :func:`rows_for_budget`); chunks keep the stored dtype on the way
+    (fp16 on disk is copied as fp16) and are converted to fp32 by the operator's arithmetic.
+    """
+
+    def __init__(self, scores, device=None, rows_per_chunk: int | None = None, memory_budget: int | None = None):
+        host = open_host_array(scores, "scores")
+        if host.ndim not in (2, 3) or host.numel() == 0:
+            raise ValueError(
+                f"scores must have shape (N, K) or (H, N, K) — samples by clusters, optionally with a leading head "
+                f"dimension — and be non-empty, got shape {tuple(host.shape)}."
+            )
+        self.batched = host.ndim == 3
+        host = host if self.batched else host.unsqueeze(0)  # (H, N, K)
+        self.n_heads, self.n_samples, self.n_clusters = host.shape
+        self.device = torch.device(device) if device is not None else host.device
+        self.dtype = host.dtype
+        if rows_per_chunk is None:
+            budget = memory_budget or default_memory_budget(self.device)
+            rows_per_chunk = rows_for_budget(budget, self.n_heads * self.n_clusters)
+        self.stream = HostStream(host, self.device, rows_per_chunk)
+        self.rows_per_chunk = self.stream.rows_per_chunk
+        self.random_access = not self.stream.staged  # views: any order, any thread
+
+    def chunk(self, rows: slice) -> torch.Tensor:
+        return self.stream.get(rows)  # (H, T, K)
+
+    def column_max(self) -> torch.Tensor:
+        out = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
+        for rows in chunk_rows(self.n_samples, self.rows_per_chunk):
+            out = torch.maximum(out, self.chunk(rows).amax(dim=1).float())
+        return out
+
+
+class FeatureSource(ScoreSource):
+    """Scores computed on the fly: ``S[h, j, k] = <Z[j], C[h, k]> (+ bias[h, k])``, one chunk of samples at a time.
+
+    Args:
+        features: ``Z`` (N, D) — host tensor, NumPy array, memmap or ``.npy`` path (streamed like
+            :class:`HostSource`), or a tensor already on ``device``.
+        prototypes: ``C`` (K, D), or (H, K, D) for H heads sharing the features; moved to ``device`` as fp32.
+        bias: optional (K,) or (H, K), added to every sample's scores (a per-cluster constant: it changes the
+            potentials, not the plan — kept for completeness and for logits heads with a bias).
+        device: the compute device (default: where ``features`` are).
+
+    Memory on the device: ``H·K·D`` fp32 for the prototypes plus, per chunk of T samples, ``T·D`` for the
+    features (twice, when staged) and a few ``T·H·K`` fp32 temporaries: set T with ``rows_per_chunk`` or
+    ``memory_budget``. The matmul runs in fp32 (fp16/bf16 features are upcast per chunk).
+    """
+
+    def __init__(self, features, prototypes, bias=None, device=None, rows_per_chunk=None, memory_budget=None):
+        host = open_host_array(features, "features")
+        if host.ndim != 2 or host.numel() == 0:
+            raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(host.shape)}.")
+        self.device = torch.device(device) if device is not None else host.device
+        protos = open_host_array(prototypes, "prototypes")
+        if protos.ndim not in (2, 3) or protos.shape[-1] != host.shape[1] or protos.numel() == 0:
+            raise ValueError(
+                f"prototypes must have shape (K, D) or (H, K, D) with D = {host.shape[1]} (the features' dimension), "
+                f"got shape {tuple(protos.shape)}."
+            )
+        self.batched = protos.ndim == 3
+        protos = protos if self.batched else protos.unsqueeze(0)  # (H, K, D)
+        self.n_heads, self.n_clusters, dim = protos.shape
+        self.n_samples = host.shape[0]
+        self.dtype = torch.float32
+        self.proto_t = protos.to(self.device, torch.float32).transpose(1, 2).contiguous()  # (H, D, K)
+        if not bool(torch.isfinite(self.proto_t).all()):
+            raise ValueError("prototypes contain NaN or inf; they must be finite vectors.")
+        self.bias = None
+        if bias is not None:
+            bias = open_host_array(bias, "bias").to(self.device, torch.float32)
+            if bias.shape not in ((self.n_clusters,), (self.n_heads, self.n_clusters)):
+                raise ValueError(f"bias must have shape ({self.n_clusters},) or ({self.n_heads}, {self.n_clusters}).")
+            self.bias = bias.expand(self.n_heads, self.n_clusters)[:, None, :]  # (H, 1, K)
+        if rows_per_chunk is None:
+            budget = memory_budget or default_memory_budget(self.device)
+            rows_per_chunk = rows_for_budget(budget, self.n_heads * self.n_clusters, 3 * dim * host.element_size())
+        self.stream = HostStream(host[None], self.device, rows_per_chunk)  # (1, N, D)
+        self.rows_per_chunk = self.stream.rows_per_chunk
+        self.random_access = not self.stream.staged  # views and a matmul: any order, any thread
+
+    def chunk(self, rows: slice) -> torch.Tensor:
+        z = self.stream.get(rows)[0].float()  # (T, D)
+        s = torch.matmul(z, self.proto_t)  # (H, T, K)
+        return s if self.bias is None else s.add_(self.bias)
+
+    def shifted(self, rows: slice, b: torch.Tensor, inv_eps: float) -> torch.Tensor:
+        """``S / eps + b`` for a chunk, (H, T, K) fp32, in one fused matmul (``baddbmm``)."""
+        z = self.stream.get(rows)[0].float()  # (T, D)
+        shift = b.float()[:, None, :]  # (H, 1, K)
+        if self.bias is not None:
+            shift = shift + self.bias * inv_eps
+        h, t = self.n_heads, z.shape[0]
+        return torch.baddbmm(shift.expand(h, t, -1), z.expand(h, -1, -1), self.proto_t, alpha=inv_eps)
+
+    def column_max(self) -> torch.Tensor:
+        out = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
+        for rows in chunk_rows(self.n_samples, self.rows_per_chunk):
+            out = torch.maximum(out, self.chunk(rows).amax(dim=1))
+        return out
+
+
+def chunk_rows(n_rows: int, rows_per_chunk: int):
+    for start in range(0, n_rows, rows_per_chunk):
+        yield slice(start, min(start + rows_per_chunk, n_rows))
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def check_rows(scores: torch.Tensor, cluster_weights: torch.Tensor, offset: int = 0, where: str = "") -> None:
+    """The per-sample checks of :func:`otlabel.problem.check_score_values` on a chunk ``(H, T, K)`` whose first
+    sample is sample ``offset``: NaN, +inf, and samples with nowhere to go. (The per-cluster check needs every
+    sample: :func:`check_columns` on the accumulated column maxima.)"""
+    row_max = scores.amax(dim=2)  # (H, T): a max propagates NaN and +inf, and is -inf only for a masked row
+    if not bool(torch.isfinite(row_max).all()):
+        if torch.isnan(row_max).any():
+            h, j, k = _first_index(torch.isnan(scores))
+            raise ValueError(f"scores contain NaN (first at index {(h, j + offset, k)}{where}). Fix the model output.")
+        if torch.isposinf(row_max).any():
+            h, j, k = _first_index(torch.isposinf(scores))
+            raise ValueError(
+                f"scores contain +inf (first at index {(h, j + offset, k)}{where}). Only -inf is allowed, and it "
+                "means 'this sample may not go to this cluster'."
+            )
+        h, j = _first_index(torch.isneginf(row_max))
+        raise ValueError(
+            f"infeasible mask: sample {j + offset} (head {h}){where} has every score -inf, so it cannot go to any "
+            "cluster. Allow at least one cluster per sample, or drop the sample."
+        )
+    if bool((cluster_weights == 0).any()):
+        stranded = torch.isneginf(scores[:, :, cluster_weights > 0].amax(dim=2))  # (H, T)
+        if bool(stranded.any()):
+            h, j = _first_index(stranded)
+            raise ValueError(
+                f"infeasible mask: sample {j + offset} (head {h}){where} is allowed only in clusters of weight 0. "
+                "Allow it in a cluster with positive weight, or drop the sample."
+            )
+
+
+def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor) -> None:
+    """A cluster of positive weight that no sample may reach (its column maximum is -inf) is infeasible."""
+    starved = torch.isneginf(col_max) & (cluster_weights > 0)  # (H, K)
+    if bool(starved.any()):
+        h, k = _first_index(starved)
+        raise ValueError(
+            f"infeasible mask: cluster {k} (head {h}) has weight {float(cluster_weights[k]):.3g} > 0 but every "
+            "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
+        )
+
+
+# ----------------------------------------------------------------------------------------------- operator
+
+
+class StreamingOperator(LogDomainOperator):
+    """:class:`LogDomainOperator` over a streamed source, with input checking and chunk-by-chunk outputs.
+
+    * The cold-start pass also validates the scores (NaN, +inf, masks) and records which clusters are reachable:
+      checking costs no extra pass. With a warm start, :meth:`validate` runs one pass first.
+    * :meth:`assign` writes labels (and codes) chunk by chunk into host arrays (``labels_out``/``codes_out``,
+      e.g. ``.npy`` memmaps) instead of device tensors of N rows.
+    * On the CPU the rows are split into one contiguous range per thread (as in :class:`LogDomainOperator`), and
+      for the duration of each pass torch and MKL run one intra-op thread per range (:class:`single_threaded_torch`):
+      the features matmul would otherwise split every small product over OpenMP threads, which collapses on a
+      loaded machine. Per-range partials are combined in range order: deterministic.
+    """
+
+    def __init__(self, source, epsilon, sample_weights, cluster_weights, labels_out=None, codes_out=None):
+        elements = source.rows_per_chunk * source.n_heads * source.n_clusters  # chunks == the source's chunks
+        super().__init__(source, epsilon, sample_weights, chunk_elements=elements)
+        self.r = cluster_weights.to(self.device)
+        self.labels_out, self.codes_out = labels_out, codes_out
+        self.validated = False
+
+    def map_ranges(self, fn) -> list:
+        if not self.parallel:
+            return [fn(0, self.n_samples)]
+        pool = worker_pool()
+        with single_threaded_torch():
+            futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers, 1)]
+            wait(futures)  # every range finishes inside the context, even when one fails
+        return [f.result() for f in futures]  # the first range's error first: the first bad sample is reported
+
+    def shifted(self, rows, b):
+        if hasattr(self.source, "shifted"):  # features: S / eps + b fused into the matmul
+            return self.source.shifted(rows, b, self.inv_eps)
+        return super().shifted(rows, b)
+
+    def _checked_partials(self, lo, hi, with_lse):
+        """Rows ``[lo, hi)``: the row checks, the column maxima and (cold start, ``a = log c``) the partial
+        ``LSE_j(S / eps + log c_j)`` of every chunk."""
+        col_max = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
+        partials = []
+        for rows in self.chunks(lo, hi):
+            s = self.source.chunk(rows)  # (H, T, K)
+            check_rows(s, self.r, rows.start)
+            col_max = torch.maximum(col_max, s.amax(dim=1).float())
+            if with_lse:
+                x = s.to(self.dtype).mul(self.inv_eps).add_(self.log_c[rows][None, :, None])
+                partials.append(torch.logsumexp(x, dim=1))  # (H, K)
+        return col_max, partials
+
+    def validate(self) -> None:
+        """One pass of input checks (the cold start does them for free; a warm start needs this)."""
+        self._finish_validation(self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, False)))
+
+    def _finish_validation(self, parts) -> None:
+        col_max = parts[0][0]
+        for part, _ in parts[1:]:
+            col_max = torch.maximum(col_max, part)
+        check_columns(col_max, self.r)
+        self._reachable = col_max > NEG_INF
+        self.validated = True
+
+    def cluster_lse(self, b):
+        if b is not None or self.validated:
+            return super().cluster_lse(b)
+        parts = self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, True))  # cold start + checks
+        self._finish_validation(parts)
+        return torch.logsumexp(torch.stack(sum((p for _, p in parts), [])), dim=0)  # fixed order: deterministic
+
+    def assign(self, b, want_codes):
+        h, n, k = self.n_heads, self.n_samples, self.n_clusters
+        labels = self.labels_out if self.labels_out is not None else torch.empty((h, n), dtype=torch.int64)
+        codes = None
+        if want_codes:
+            codes = self.codes_out if self.codes_out is not None else torch.empty((h, n, k), dtype=torch.float32)
+
+        def write(lo, hi):  # disjoint rows per range: safe from several threads
+            for rows in self.chunks(lo, hi):
+                logits = self.shifted(rows, b)  # (H, T, K)
+                labels[:, rows] = logits.argmax(dim=2).cpu()
+                if want_codes:
+                    codes[:, rows] = torch.softmax(logits, dim=2).float().cpu()
+
+        self.map_ranges(write)
+        return labels, codes
+
+
+class single_threaded_torch:
+    """Context: torch (and MKL) use one intra-op thread; restored on exit. The chunk workers supply parallelism."""
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool = True) -> torch.Tensor | None:
+    """``labels_out``/``codes_out``: a path (a new ``.npy`` memmap is created), or a writable array/tensor of the
+    right shape and dtype. Returned as a CPU torch tensor sharing its memory."""
+    if out is None:
+        return None
+    if isinstance(out, (str, os.PathLike)):
+        file_shape = shape if batched else shape[1:]  # the caller's shape: (N,) / (N, K) for 2-d scores
+        out = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=dtype, shape=file_shape)
+    if isinstance(out, np.ndarray):
+        if not out.flags.writeable:
+            raise ValueError(f"{name} is read-only; pass a writable array or a path.")
+        out = torch.from_numpy(out)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a path, a numpy array or a torch tensor, got {type(out).__name__}.")
+    if out.numel() != int(np.prod(shape)) or out.dtype != torch.from_numpy(np.empty(0, dtype)).dtype:
+        raise ValueError(
+            f"{name} must have {shape} elements of dtype {np.dtype(dtype).name}, got {tuple(out.shape)} {out.dtype}."
+        )
+    if out.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU (it is written chunk by chunk from the host).")
+    return out.view(shape)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def sinkhorn_assign_stream(
+    scores=None,
+    epsilon: float = 0.05,
+    *,
+    features=None,
+    prototypes=None,
+    bias=None,
+    cluster_weights=None,
+    sample_weights=None,
+    max_iter: int = DEFAULT_MAX_ITER,
+    tol: float | None = DEFAULT_TOL,
+    init=None,
+    over_relaxation: float = 1.0,
+    device=None,
+    memory_budget: int | None = None,
+    labels_out=None,
+    codes_out=None,
+    callback=None,
+    warn: bool = True,
+) -> SinkhornResult:
+    r""":func:`otlabel.sinkhorn_assign` for data that does not fit on the device: streamed in chunks.
+
+    Give either ``scores`` (N, K) / (H, N, K), or ``features`` (N, D) with ``prototypes`` (K, D) / (H, K, D)
+    (scores ``Z C^T + bias``, never materialised). Each may be a CPU torch tensor, a NumPy array, a ``np.memmap``
+    or a path to a ``.npy`` (memory-mapped: the file may be larger than RAM). Every iteration streams the data
+    through ``device`` once, in chunks sized so the device working set stays within ``memory_budget`` bytes.
+    The problem, the solution and the result are exactly those of :func:`otlabel.sinkhorn_assign`
+    (``max <P, S> + eps H(P)``, rows of ``P`` summing to ``c``, columns to ``r``), up to fp32 rounding.
+
+    Args:
+        scores / features, prototypes, bias: the data (see above); ``scores`` and ``features`` are exclusive.
+        epsilon, cluster_weights, sample_weights, max_iter, tol, init, over_relaxation, warn:
+            as in :func:`otlabel.sinkhorn_assign`.
+        device: compute device, default ``"cuda"`` when available, else ``"cpu"``.
+        memory_budget: bytes of device memory for chunk temporaries (default 256 MiB on the CPU, up to 2 GiB on
+            CUDA). Memory use is O(budget + K·D + N) (labels and sample weights), never O(N·K).
+        labels_out: where labels go: a path (a new int64 ``.npy`` is written chunk by chunk) or a writable int64
+            array/tensor of N (H·N) elements. Default: a new CPU tensor.
+        codes_out: same for the soft codes (float32, N·K (H·N·K) elements), written in the same final pass.
+            Without it, ``result.codes`` is computed on first access into an (N, K) CPU tensor.
+        callback: ``callback(iteration, marginal_error)`` after every iteration (e.g. a progress bar).
+
+    On the CPU each pass splits the rows over ``torch.get_num_threads()`` worker threads and, for the duration of
+    the pass, sets torch's intra-op threads to 1 (restored afterwards): other torch work running concurrently in
+    the same process would see one thread meanwhile.
+
+    Returns:
+        :class:`~otlabel.SinkhornResult`; ``labels`` (and ``codes``) are CPU tensors (views of the outputs when
+        given), ``cluster_potentials`` on ``device``. ``codes``/``objective`` stream the data once more.
+    """
+    if (scores is None) == (features is None):
+        raise ValueError("give either scores, or features with prototypes (not both, not neither).")
+    if features is not None and prototypes is None:
+        raise ValueError("features need prototypes: pass prototypes=(K, D) array (the cluster centres).")
+    if scores is not None and (prototypes is not None or bias is not None):
+        raise ValueError("prototypes and bias go with features=, not with scores.")
+    epsilon = check_epsilon(epsilon)
+    check_iterations(max_iter, tol, over_relaxation)
+    if device is None:
+        first = scores if scores is not None else features
+        on_gpu = isinstance(first, torch.Tensor) and first.is_cuda
+        device = first.device if on_gpu else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if memory_budget is None:
+        memory_budget = default_memory_budget(device)
+    chunk_budget = memory_budget
+    if device.type == "cpu":  # one chunk in flight per thread; small chunks stay in cache, the budget caps them
+        chunk_budget = min(memory_budget // max(1, torch.get_num_threads()), CPU_CHUNK_BYTES)
+    if scores is not None:
+        source = HostSource(scores, device, memory_budget=chunk_budget)
+    else:
+        source = FeatureSource(features, prototypes, bias, device, memory_budget=chunk_budget)
+    h, n, k = source.n_heads, source.n_samples, source.n_clusters
+    try:
+        r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", device)
+        c = check_weights(sample_weights, n, "sample_weights", "number of samples N", device)
+        labels = as_output(labels_out, (h, n), np.int64, "labels_out", source.batched)
+        codes = as_output(codes_out, (h, n, k), np.float32, "codes_out", source.batched)
+        operator = StreamingOperator(source, epsilon, c, r, labels, codes)
+        shape_only = types.SimpleNamespace(shape=(h, n, k), scores=torch.empty(0, device=device), cluster_weights=r)
+        b0 = check_init(init, shape_only, compute_dtype(source.dtype))
+        if b0 is not None:
+            operator.validate()
+        out = run_sinkhorn(operator, r, b0, max_iter, tol, over_relaxation, callback=callback)
+        labels, codes = operator.assign(out.potentials, want_codes=codes is not None)
+    finally:
+        source.stream.close()  # a speculative prefetch may be in flight
+    if tol is not None and not out.converged and warn:
+        warnings.warn(
+            f"sinkhorn_assign_stream did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after "
+            f"{max_iter} iterations (epsilon={epsilon:g}). Raise max_iter, raise epsilon, or warm-start with "
+            "init=<previous result>.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    batched = source.batched
+    shape = (lambda x: x) if batched else (lambda x: x[0])
+    return SinkhornResult(
+        labels=shape(labels),
+        cluster_potentials=shape(out.potentials),
+        n_iter=out.n_iter,
+        converged=out.converged,
+        marginal_error=out.errors[-1],
+        errors=out.errors,
+        epsilon=epsilon,
+        _operator=operator,
+        _sample_weights=c.cpu(),
+        _batched=batched,
+        _codes=None if codes is None else shape(codes),
+    )

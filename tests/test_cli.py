@@ -1,0 +1,223 @@
+"""The ``otlabel`` command line, end to end in a subprocess: results, error paths and exit codes, and the
+atomic-write guarantee (a run killed mid-way leaves no output, or the previous one intact).
+
+Each subprocess pays a torch import, so argument-parsing error paths that need no solve run in-process through
+``otlabel.cli.main`` (the same code the console script calls).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_problem
+
+from otlabel import sinkhorn_assign
+from otlabel.cli import EXIT_INPUT, EXIT_NOT_CONVERGED, EXIT_OK, EXIT_OUTPUT, EXIT_SIGTERM, main
+
+N, K = 300, 6
+
+
+def run(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "otlabel", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def scores_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "scores.npy"
+    np.save(path, random_problem(N, K, seed=0).numpy())
+    return path
+
+
+def test_assign_end_to_end(scores_file, tmp_path):
+    weights = np.linspace(1, 2, K)
+    np.save(tmp_path / "r.npy", weights / weights.sum())
+    out, codes = tmp_path / "labels.npy", tmp_path / "codes.npy"
+    proc = run(
+        "assign",
+        scores_file,
+        "--epsilon",
+        0.1,
+        "--tol",
+        1e-6,
+        "--cluster-weights",
+        tmp_path / "r.npy",
+        "--memory-budget",
+        "20K",
+        "--out",
+        out,
+        "--codes-out",
+        codes,
+    )
+    assert proc.returncode == EXIT_OK, proc.stderr
+    ref = sinkhorn_assign(
+        torch.from_numpy(np.load(scores_file)), 0.1, tol=1e-6, cluster_weights=torch.from_numpy(weights / weights.sum())
+    )
+    labels = np.load(out)
+    assert labels.dtype == np.int64 and np.array_equal(labels, ref.labels.numpy())
+    c = np.load(codes)
+    assert c.shape == (N, K) and np.allclose(c.sum(1), 1, atol=1e-5) and np.array_equal(c.argmax(1), labels)
+    assert "iterations" in proc.stdout and "converged, marginal error" in proc.stdout
+    assert "smallest" in proc.stdout and "wall time" in proc.stdout
+    assert "sinkhorn" in proc.stderr  # the progress bar
+    assert not glob.glob(str(tmp_path / ".*.tmp")), "temporary files left behind"
+
+
+def test_features_mode_and_console_script(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    z = torch.nn.functional.normalize(torch.randn(N, 8, generator=g), dim=1)
+    p = torch.nn.functional.normalize(torch.randn(K, 8, generator=g), dim=1)
+    np.save(tmp_path / "z.npy", z.numpy())
+    np.save(tmp_path / "p.npy", p.numpy())
+    script = os.path.join(os.path.dirname(sys.executable), "otlabel")
+    proc = subprocess.run(
+        [
+            script,
+            "assign",
+            "--features",
+            tmp_path / "z.npy",
+            "--prototypes",
+            tmp_path / "p.npy",
+            "--tol",
+            "1e-6",
+            "--epsilon",
+            "0.05",
+            "--out",
+            tmp_path / "y.npy",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert proc.stdout == ""  # --quiet
+    ref = sinkhorn_assign(z @ p.T, 0.05, tol=1e-6)
+    assert np.array_equal(np.load(tmp_path / "y.npy"), ref.labels.numpy())
+
+
+def test_error_exit_code_in_subprocess(tmp_path):
+    proc = run("assign", tmp_path / "missing.npy", "--out", tmp_path / "y.npy")
+    assert proc.returncode == EXIT_INPUT and "scores file" in proc.stderr and "does not exist" in proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "y.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "make, extra, code, message",
+    [
+        (lambda p: np.save(p, np.zeros(5, np.float32)), [], EXIT_INPUT, r"shape \(N, K\)"),
+        (lambda p: np.save(p, np.zeros((5, 3), np.int32)), [], EXIT_INPUT, "got dtype int32"),
+        (lambda p: p.write_text("not an array"), [], EXIT_INPUT, "not a readable .npy"),
+        (lambda p: np.save(p, np.array([[0.0, np.nan], [1, 2]], np.float32)), [], EXIT_INPUT, "NaN"),
+        (
+            lambda p: np.save(p, np.zeros((5, 3), np.float32)),
+            ["--cluster-weights", "W"],
+            EXIT_INPUT,
+            r"--cluster-weights must have shape \(3,\)",
+        ),
+        (lambda p: np.save(p, np.zeros((5, 3), np.float32)), ["--over-relaxation", "2.5"], EXIT_INPUT, r"\[1, 2\)"),
+    ],
+)
+def test_input_errors(make, extra, code, message, tmp_path, capsys):
+    path = tmp_path / "s.npy"
+    make(path)
+    np.save(tmp_path / "w.npy", np.ones(4) / 4)
+    extra = [str(tmp_path / "w.npy") if e == "W" else e for e in extra]
+    assert main(["assign", str(path), "--out", str(tmp_path / "y.npy"), "-q", *extra]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("otlabel: error:") and re.search(message, err), err
+    assert not (tmp_path / "y.npy").exists() and not glob.glob(str(tmp_path / ".y.npy.*")), os.listdir(tmp_path)
+
+
+def test_usage_errors(scores_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["assign", str(scores_file)])  # --out is required
+    assert exc.value.code == 2
+    assert main(["assign", str(scores_file), "--features", str(scores_file), "--out", str(tmp_path / "y")]) == 2
+    assert main(["assign", "--features", str(scores_file), "--out", str(tmp_path / "y")]) == 2
+    assert main(["assign", str(scores_file), "--out", str(tmp_path)]) == EXIT_OUTPUT  # a directory
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["assign", str(scores_file), "--out", str(tmp_path / "no-such-dir" / "y.npy")]) == EXIT_OUTPUT
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_strict_and_not_converged(scores_file, tmp_path, capsys):
+    args = ["assign", str(scores_file), "--epsilon", "0.01", "--max-iter", "2", "--out", str(tmp_path / "y.npy")]
+    assert main(args) == EXIT_OK
+    assert "NOT converged" in capsys.readouterr().out
+    assert main([*args, "--strict", "-q"]) == EXIT_NOT_CONVERGED
+
+
+def test_help_reads_like_a_manual(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["assign", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for section in ("usage:", "input:", "the problem solved:", "output:", "exit status:", "examples:"):
+        assert section in text
+    assert "atomically" in text
+
+
+@pytest.mark.parametrize("sig, previous", [(signal.SIGKILL, True), (signal.SIGTERM, False)])
+def test_killed_run_leaves_no_partial_output(previous, sig, tmp_path):
+    """Kill a run mid-way: the output is absent, or the previous one intact; SIGTERM also removes the temp file."""
+    big = tmp_path / "big.npy"
+    np.save(big, random_problem(20000, 50, seed=2).numpy())
+    out = tmp_path / "labels.npy"
+    old = np.arange(7)
+    if previous:
+        np.save(out, old)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "otlabel",
+            "assign",
+            str(big),
+            "--tol",
+            "1e-30",
+            "--max-iter",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while not glob.glob(str(tmp_path / ".labels.npy.*.tmp")):  # the run has created its temporary output
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)  # mid-solve
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    if previous:
+        assert np.array_equal(np.load(out), old), "the previous output was modified"
+    else:
+        assert not out.exists(), "a killed run left an output file"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == EXIT_SIGTERM and "terminated; no output written" in stderr
+        assert not glob.glob(str(tmp_path / ".labels.npy.*.tmp")), "SIGTERM left the temporary file"
+
+
+def test_demo_runs(capsys):
+    pytest.importorskip("sklearn")
+    assert main(["demo"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "NMI vs digits" in out and "cluster sizes" in out

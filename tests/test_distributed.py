@@ -1,0 +1,159 @@
+"""Sharded == single process: Gloo process groups of 1-4 CPU processes (``torch.multiprocessing`` spawn, a
+``file://`` rendezvous in a temporary folder), uneven shards, non-uniform sample weights; each rank checks its
+slice of the single-process result, and the parent checks that every rank ran the same iterations.
+
+Spawning costs a torch import per process, so each world size is one spawn that runs every case in turn.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import assert_close, centred, random_problem, random_weights
+
+from otlabel import sinkhorn_assign
+from otlabel.distributed import sinkhorn_assign_sharded
+
+N, K, EPS = 203, 7, 0.1
+ITERS = 60  # fixed-iteration comparisons: the same arithmetic path length on both sides
+
+
+def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
+    """Deliberately uneven shards: rank r gets a share proportional to r + 1."""
+    cuts = np.round(np.cumsum([0] + [r + 1 for r in range(world)]) / sum(range(1, world + 1)) * n).astype(int)
+    return [(int(cuts[r]), int(cuts[r + 1])) for r in range(world)]
+
+
+def cases():
+    """(name, full scores, sample weights or None, cluster weights or None, kwargs) — built identically everywhere."""
+    return [
+        ("uniform-fp32", random_problem(N, K, seed=1), None, None, dict(tol=None, max_iter=ITERS)),
+        (
+            "weighted-fp64",
+            random_problem(N, K, seed=2, dtype=torch.float64),
+            random_weights(N, seed=3),
+            random_weights(K, seed=4),
+            dict(tol=None, max_iter=ITERS),
+        ),
+        ("heads-fp32", random_problem(N, K, h=2, seed=5), None, None, dict(tol=None, max_iter=ITERS)),
+        ("converge", random_problem(N, K, seed=6), random_weights(N, seed=7), None, dict(tol=1e-6, max_iter=2000)),
+    ]
+
+
+def check_slice(name, res, ref, lo, hi, batched):
+    """One rank's result against its slice of the single-process one."""
+    labels = ref.labels[..., lo:hi]
+    assert torch.equal(res.labels, labels), f"{name}: labels differ at {torch.nonzero(res.labels != labels)[:5]}"
+    atol = 1e-9 if ref.cluster_potentials.dtype == torch.float64 else 2e-4
+    if ref.n_iter != res.n_iter:  # converged runs may stop one iteration apart: potentials agree up to a constant
+        res_b, ref_b = centred(res.cluster_potentials), centred(ref.cluster_potentials)
+    else:
+        res_b, ref_b = res.cluster_potentials, ref.cluster_potentials
+    assert_close(res_b, ref_b, atol=atol, what=f"{name}: potentials ({res.n_iter} vs {ref.n_iter} iterations)")
+    assert_close(res.codes, ref.codes[..., lo:hi, :], atol=1e-5, what=f"{name}: codes")
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    group = dist.group.WORLD
+    lo, hi = shard_bounds(N, world)[rank]
+    record = {}
+    for name, scores, c, r, kw in cases():
+        ref = torch.load(os.path.join(out_dir, f"ref-{name}.pt"), weights_only=False)
+        local = scores[..., lo:hi, :]
+        res = sinkhorn_assign_sharded(
+            local, EPS, group=group, sample_weights=None if c is None else c[lo:hi], cluster_weights=r, timeout=30, **kw
+        )
+        check_slice(name, res, ref, lo, hi, scores.ndim == 3)
+        objective = res.objective  # a collective: every rank reads it
+        assert_close(objective, ref.objective, atol=1e-6, what=f"{name}: objective")
+        record[name] = (res.n_iter, res.converged, res.errors)
+    # K mismatch: every rank raises (no hang), and the group stays usable afterwards.
+    bad = torch.randn(3, K + (rank == world - 1))
+    with pytest.raises(ValueError, match="disagree on the number of clusters K"):
+        sinkhorn_assign_sharded(bad, EPS, group=group, timeout=30)
+    # One rank with NaN: every rank raises.
+    nan = torch.randn(3, K)
+    if rank == 0:
+        nan[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN" if rank == 0 else "rank\\(s\\) \\[0\\] rejected"):
+        sinkhorn_assign_sharded(nan, EPS, group=group, timeout=30)
+    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    # A rank that never calls: the others raise after the timeout instead of hanging. (Last: the group is
+    # then left with a pending collective.)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="gave up on the all-gather"):
+            sinkhorn_assign_sharded(random_problem(5, K), EPS, group=group, timeout=2)
+        with open(os.path.join(out_dir, "timeout-ok"), "w"):
+            pass
+    os._exit(0)  # no destroy_process_group: rank 0 has a collective pending that will never complete
+
+
+def reference_results(out_dir: str) -> None:
+    for name, scores, c, r, kw in cases():
+        ref = sinkhorn_assign(scores, EPS, sample_weights=c, cluster_weights=r, **kw)
+        _ = ref.codes, ref.objective  # computed now, saved with it
+        ref._operator = None
+        torch.save(ref, os.path.join(out_dir, f"ref-{name}.pt"))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sharded_matches_single_process(world, tmp_path):
+    reference_results(str(tmp_path))
+    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world, join=True)
+    records = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name in records[0]:
+        per_rank = [rec[name] for rec in records]
+        assert all(p == per_rank[0] for p in per_rank), f"{name}: ranks disagree on (n_iter, converged, errors)"
+    n_iter, converged, _ = records[0]["converge"]
+    assert converged and n_iter > 5
+    assert (tmp_path / "timeout-ok").exists(), "rank 0 did not time out cleanly"
+
+
+def test_world_size_one_and_no_group():
+    """group=None and a one-process group take the same path as a single-process solve (no collectives)."""
+    scores, c = random_problem(N, K, seed=1), random_weights(N, seed=3)
+    ref = sinkhorn_assign(scores, EPS, sample_weights=c, tol=None, max_iter=ITERS)
+    res = sinkhorn_assign_sharded(scores, EPS, sample_weights=c, tol=None, max_iter=ITERS)
+    assert torch.equal(res.labels, ref.labels)
+    assert_close(res.cluster_potentials, ref.cluster_potentials, atol=1e-6, what="potentials")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=0, world_size=1)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # world size 1: no "group=None" warning either
+                one = sinkhorn_assign_sharded(
+                    scores, EPS, group=dist.group.WORLD, sample_weights=c, tol=None, max_iter=ITERS
+                )
+        finally:
+            dist.destroy_process_group()
+    assert torch.equal(one.labels, ref.labels)
+    assert torch.equal(one.cluster_potentials, res.cluster_potentials)
+
+
+def test_local_errors_without_group():
+    with pytest.raises(ValueError, match="sample_weights must have shape"):
+        sinkhorn_assign_sharded(torch.randn(5, 3), EPS, sample_weights=torch.ones(4) / 4)
+    with pytest.raises(ValueError, match="sum to 1 over all ranks"):
+        sinkhorn_assign_sharded(torch.randn(5, 3), EPS, sample_weights=torch.ones(5))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sinkhorn_assign_sharded(torch.randn(5, 3), EPS, backend="nope")
+    with pytest.raises(ValueError, match=r"init must have shape \(3,\)"):
+        sinkhorn_assign_sharded(torch.randn(5, 3), EPS, init=torch.zeros(4))
+    with pytest.raises(ValueError, match="sample 1 .* of rank 0's shard has every score -inf"):
+        s = torch.randn(4, 3)
+        s[1] = float("-inf")
+        sinkhorn_assign_sharded(s, EPS)

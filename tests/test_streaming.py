@@ -1,0 +1,196 @@
+"""Streaming == dense: scores from torch tensors, NumPy arrays and memory-mapped ``.npy`` files, features with
+prototypes, chunk sizes that do not divide N; validation done chunk by chunk reports global indices.
+
+Dense comparisons use a fixed iteration count (``tol=None``) so both sides run the same number of steps; the
+paths differ only in fp32 rounding (the dense CPU path exponentiates once, the streamed one every pass).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close, centred, random_problem, random_weights
+
+from otlabel import sinkhorn_assign
+from otlabel.streaming import BYTES_PER_ENTRY, FeatureSource, HostSource, sinkhorn_assign_stream
+
+N, K, EPS, ITERS = 203, 11, 0.1, 40
+
+
+def budget_for(rows: int, k: int = K, h: int = 1) -> int:
+    """A memory budget that gives chunks of ``rows`` samples."""
+    return BYTES_PER_ENTRY * rows * k * h
+
+
+def assert_same_solution(res, ref, atol_b=1e-4, what=""):
+    where = torch.nonzero(res.labels != ref.labels)[:5]
+    assert torch.equal(res.labels, ref.labels), f"{what}: labels differ at {where}"
+    assert_close(res.cluster_potentials, ref.cluster_potentials.cpu(), atol=atol_b, what=f"{what} potentials")
+    assert res.n_iter == ref.n_iter
+
+
+@pytest.fixture(scope="module")
+def problem():
+    scores = random_problem(N, K, seed=0)
+    c, r = random_weights(N, seed=1), random_weights(K, seed=2)
+    ref = sinkhorn_assign(scores, EPS, sample_weights=c, cluster_weights=r, tol=None, max_iter=ITERS)
+    return scores, c, r, ref
+
+
+@pytest.mark.parametrize("kind", ["tensor", "array", "memmap", "path"])
+@pytest.mark.parametrize("rows", [37, 64, N])  # 37 and 64 do not divide 203; N is one chunk
+def test_scores_stream_matches_dense(problem, kind, rows, tmp_path):
+    scores, c, r, ref = problem
+    path = tmp_path / "s.npy"
+    np.save(path, scores.numpy())
+    data = {
+        "tensor": scores,
+        "array": scores.numpy(),
+        "memmap": np.load(path, mmap_mode="r"),
+        "path": str(path),
+    }[kind]
+    res = sinkhorn_assign_stream(
+        data, EPS, sample_weights=c, cluster_weights=r, tol=None, max_iter=ITERS, memory_budget=budget_for(rows)
+    )
+    assert_same_solution(res, ref, what=f"{kind}/{rows} rows")
+    assert_close(res.codes, ref.codes, atol=1e-5, what="codes")
+    assert_close(res.objective, ref.objective, atol=1e-6, what="objective")
+
+
+def test_chunking_really_happens():
+    src = HostSource(np.zeros((N, K), np.float32), "cpu", memory_budget=budget_for(37))
+    assert src.rows_per_chunk == 37
+
+
+def test_converged_stream_matches_dense():
+    scores = random_problem(500, 9, seed=3)
+    ref = sinkhorn_assign(scores, EPS, tol=1e-6)
+    res = sinkhorn_assign_stream(scores.numpy(), EPS, tol=1e-6, memory_budget=budget_for(70, 9))
+    assert res.converged and ref.converged and abs(res.n_iter - ref.n_iter) <= 2
+    assert torch.equal(res.labels, ref.labels)
+    assert_close(centred(res.cluster_potentials), centred(ref.cluster_potentials), atol=1e-4, what="potentials")
+
+
+def test_batched_heads_and_fp16_file(tmp_path):
+    scores = random_problem(N, K, h=3, seed=4).half()  # (H, N, K) fp16 on disk, fp32 arithmetic
+    np.save(tmp_path / "s.npy", scores.numpy())
+    ref = sinkhorn_assign(scores, EPS, tol=None, max_iter=ITERS)
+    res = sinkhorn_assign_stream(tmp_path / "s.npy", EPS, tol=None, max_iter=ITERS, memory_budget=budget_for(50, h=3))
+    assert res.labels.shape == (3, N)
+    assert_same_solution(res, ref, what="fp16 heads")
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+def test_features_match_dense_scores(heads, tmp_path):
+    g = torch.Generator().manual_seed(5)
+    z = torch.nn.functional.normalize(torch.randn(N, 8, generator=g), dim=1)  # (N, D)
+    shape = (K, 8) if heads is None else (heads, K, 8)
+    protos = torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1)
+    bias = 0.1 * torch.randn(K, generator=g)
+    scores = torch.matmul(z, protos.transpose(-1, -2)) + bias  # (N, K) or (H, N, K)
+    ref = sinkhorn_assign(scores, 0.05, tol=None, max_iter=ITERS)
+    np.save(tmp_path / "z.npy", z.numpy())
+    res = sinkhorn_assign_stream(
+        features=str(tmp_path / "z.npy"),
+        prototypes=protos.numpy(),
+        bias=bias,
+        epsilon=0.05,
+        tol=None,
+        max_iter=ITERS,
+        memory_budget=budget_for(29, h=heads or 1),
+    )
+    assert_same_solution(res, ref, atol_b=2e-4, what="features")
+    assert_close(res.codes, ref.codes, atol=1e-4, what="codes")
+
+
+def test_outputs_written_chunk_by_chunk(problem, tmp_path):
+    scores, c, r, ref = problem
+    res = sinkhorn_assign_stream(
+        scores,
+        EPS,
+        sample_weights=c,
+        cluster_weights=r,
+        tol=None,
+        max_iter=ITERS,
+        memory_budget=budget_for(50),
+        labels_out=tmp_path / "labels.npy",
+        codes_out=tmp_path / "codes.npy",
+    )
+    labels, codes = np.load(tmp_path / "labels.npy"), np.load(tmp_path / "codes.npy")
+    assert labels.dtype == np.int64 and labels.shape == (N,) and codes.shape == (N, K)
+    assert np.array_equal(labels, ref.labels.numpy())
+    assert_close(torch.from_numpy(codes), ref.codes, atol=1e-5, what="codes file")
+    assert np.array_equal(res.labels.numpy(), labels)
+    preallocated = np.full(N, -1, dtype=np.int64)
+    sinkhorn_assign_stream(scores, EPS, tol=None, max_iter=3, labels_out=preallocated)
+    assert (preallocated >= 0).all()
+
+
+def test_warm_start_validates_and_converges_fast(problem):
+    scores, _, _, _ = problem
+    first = sinkhorn_assign_stream(scores, EPS, tol=1e-6)
+    again = sinkhorn_assign_stream(scores, EPS, tol=1e-6, init=first)
+    assert again.n_iter <= 2 and torch.equal(again.labels, first.labels)
+    bad = scores.clone()
+    bad[150, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN \(first at index \(0, 150, 3\)"):
+        sinkhorn_assign_stream(bad, EPS, init=first, memory_budget=budget_for(37))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.__setitem__((150, 3), float("nan")), r"NaN \(first at index \(0, 150, 3\)"),
+        (lambda s: s.__setitem__((120, 0), float("inf")), r"\+inf \(first at index \(0, 120, 0\)"),
+        (lambda s: s.__setitem__(170, float("-inf")), r"sample 170 \(head 0\) has every score -inf"),
+        (lambda s: s[:, 4].fill_(float("-inf")), r"cluster 4 \(head 0\) has weight"),
+    ],
+)
+def test_validation_reports_global_indices(edit, message):
+    scores = random_problem(N, K, seed=6)
+    edit(scores)
+    with pytest.raises(ValueError, match=message):
+        sinkhorn_assign_stream(scores.numpy(), EPS, memory_budget=budget_for(37))
+
+
+def test_bad_arguments(tmp_path):
+    z, p = np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="either scores, or features"):
+        sinkhorn_assign_stream(np.zeros((5, 3), np.float32), features=z, prototypes=p)
+    with pytest.raises(ValueError, match="features need prototypes"):
+        sinkhorn_assign_stream(features=z)
+    with pytest.raises(ValueError, match=r"prototypes must have shape \(K, D\) .* D = 4"):
+        FeatureSource(z, np.zeros((3, 5), np.float32))
+    with pytest.raises(FileNotFoundError, match="scores file .* does not exist"):
+        sinkhorn_assign_stream(str(tmp_path / "missing.npy"))
+    np.save(tmp_path / "ints.npy", np.zeros((5, 3), np.int64))
+    with pytest.raises(TypeError, match="float16, float32 or float64, got dtype int64"):
+        sinkhorn_assign_stream(str(tmp_path / "ints.npy"))
+    with pytest.raises(ValueError, match=r"shape \(N, K\) or \(H, N, K\)"):
+        sinkhorn_assign_stream(np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match="cluster_weights must have shape"):
+        sinkhorn_assign_stream(np.zeros((5, 3), np.float32), cluster_weights=np.ones(4) / 4)
+    with pytest.raises(ValueError, match="labels_out must have"):
+        sinkhorn_assign_stream(np.zeros((5, 3), np.float32), labels_out=np.zeros(4, np.int64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pinned", [False, True])
+def test_cuda_staging_matches_cpu(problem, pinned):
+    """Host -> GPU through the pinned double buffers (several chunks, so the prefetch wraps between passes)."""
+    scores, c, r, ref = problem
+    host = scores.pin_memory() if pinned else scores
+    res = sinkhorn_assign_stream(
+        host,
+        EPS,
+        sample_weights=c,
+        cluster_weights=r,
+        tol=None,
+        max_iter=ITERS,
+        device="cuda",
+        memory_budget=budget_for(37),
+    )
+    assert res.cluster_potentials.is_cuda
+    assert_same_solution(res, ref, what="cuda staging")
+    assert_close(res.codes, ref.codes, atol=1e-5, what="codes")
