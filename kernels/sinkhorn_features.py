@@ -337,14 +337,19 @@ def _features_readout_kernel(
 # Launch heuristics and host launchers
 # ----------------------------------------------------------------------------------------------------
 
-# Tiles of the GPU launch, (BLOCK_N, BLOCK_K, num_warps, num_stages) per input itemsize: a row tile of 128
-# samples gives each prototype chunk read from L2 an arithmetic intensity of 128 FLOPs per byte (16-bit).
-# fp32 halves BLOCK_N to keep the Z tile (and its shared-memory copy) at 32 KB. Not yet timed on a GPU:
-# ``benchmarks/gpu_features.py --sweep`` measures the alternatives.
-GPU_TILES = {2: (128, 64, 8, 3), 4: (64, 64, 4, 3)}
-# Largest D kept whole in registers for a row tile; beyond it D is streamed in chunks of this size.
+# Tiles of the GPU launch, (BLOCK_N, BLOCK_K, num_warps, num_stages) per input itemsize, at D <= 128. Chosen from
+# sm_90 cubins compiled offline (Triton 3.9, contiguous inputs): bf16/fp16 128x64, 8 warps, 3 stages: 112
+# registers, 82 KB shared memory; fp32 64x64, 8 warps, 2 stages: 101 registers, 99 KB. No spills, two programs per
+# SM, wgmma with the Z tile in shared memory for both sweeps and the prototype chunks prefetched by cp.async.
+# (fp32 with 4 warps needs 245 registers; 3 stages need 131 KB, one program per SM.) A row tile of 128 samples
+# gives each prototype chunk read from L2 128 FLOPs per byte (16-bit). Not yet timed on a GPU:
+# ``benchmarks/gpu_features.py`` sweeps the alternatives.
+GPU_TILES = {2: (128, 64, 8, 3), 4: (64, 64, 8, 2)}
+# Largest D kept whole in shared memory for a row tile (and one stage fewer past 128, to fit: bf16 D = 256 needs
+# 131 KB, fp32 198 KB); beyond it D is streamed in chunks of STREAM_D and Z is re-read per prototype chunk.
 MAX_ONE_D = 256
-# Programs per SM of the persistent cluster-LSE grid: each program is register-heavy (one or two fit an SM).
+STREAM_D = 64
+# Programs per SM of the persistent cluster-LSE grid: what the register and shared-memory budgets above allow.
 PROGRAMS_PER_SM = 2
 
 
@@ -392,7 +397,9 @@ def features_launch(
     if block_k is None:
         block_k = 16 if small else min(gpu_k, max(16, next_power_of_2(k)))
     if block_d is None:
-        block_d = max(16, min(next_power_of_2(d), MAX_ONE_D))
+        block_d = max(16, next_power_of_2(d)) if d <= MAX_ONE_D else STREAM_D
+    if block_d > 128 and not small:
+        gpu_stages = 2
     n_tiles = -(-n // block_n)
     if n_programs is None:
         n_programs = -(-sm_count(device) * PROGRAMS_PER_SM // h)
