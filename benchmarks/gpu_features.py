@@ -16,6 +16,8 @@ copy bandwidth, tensor-core matmul rate (bf16, tf32) and exp2 rate (a Triton ker
 N in {2^18, 2^20}, K in {3000, 4096}, for
 
 * ``otlabel-features`` — ``TritonFeaturesOperator.cluster_lse`` (this scale variant);
+* ``otlabel-features-fp16`` — fp32 inputs with ``input_precision="fp16"`` (power-of-two scaled, rounded to fp16 in
+  the kernel: tf32's mantissa at the fp16 tensor-core rate);
 * ``otlabel-features-ieee`` — the same with exact fp32 products (fp32 rows, N = 2^18 only);
 * ``otlabel-dense`` — ``TritonDenseOperator.cluster_lse`` on ``S = Z @ C.T`` materialised in fp32 once,
   outside the timing (its peak memory includes S);
@@ -53,7 +55,8 @@ EPS = 0.05  # SwAV's epsilon; S in [-1, 1] (cosine similarities)
 D = 128
 FLASH_ITERS = 10
 QUANTILES = [0.25, 0.5, 0.75]
-TIME_BUDGET_S = 480  # the sweep stops here, so one call fits a 10-minute device slot
+MAIN_BUDGET_S = 420  # no new main scenario starts past this many seconds...
+TIME_BUDGET_S = 480  # ...nor a sweep configuration past this: one call fits a 10-minute device slot
 DEVICE = "cuda"  # "cpu" with --dry-run (Triton interpreter, tiny sizes, wall-clock timer)
 WHEEL = ".whl/flash_sinkhorn-0.4.1-py3-none-any.whl"
 # Datasheet rates of an H100 SXM, printed next to the measured ones: dense bf16 and tf32 tensor-core FLOP/s,
@@ -300,11 +303,18 @@ def time_iteration(ops, flash, n: int, k: int, dtype: torch.dtype, rows: list, r
         print(f"  {method:>22}: {med:9.3f} ms/iter  peak extra {peak / 2**20:9.1f} MB  ({100 * frac(med):5.1f}%)")
 
     print(f"N={n} K={k} D={D} {dname}")
-    for method, tf32 in (("otlabel-features", True), ("otlabel-features-ieee", False)):
-        if not tf32 and (dtype != torch.float32 or n > 2**18):
+    for method, precision in (("otlabel-features", "tf32"), ("otlabel-features-fp16", "fp16"),
+                              ("otlabel-features-ieee", "ieee")):  # fmt: skip
+        if precision != "tf32" and dtype != torch.float32 or precision == "ieee" and n > 2**18:
             continue
-        peak, op = peak_extra_bytes(lambda tf32=tf32: _first_iteration(features_op(z, c[None], None, EPS, w, tf32), b))
-        floor = floor_ms(n, k, D, dtype, rates, op._workspace.launch.n_programs)
+
+        def build(precision=precision):
+            return _first_iteration(features_op(z, c[None], None, EPS, w, input_precision=precision), b)
+
+        peak, op = peak_extra_bytes(build)
+        floor = floor_ms(
+            n, k, D, torch.float16 if precision == "fp16" else dtype, rates, op._workspace.launch.n_programs
+        )
         record(method, _bench(lambda op=op: log_r - op.cluster_lse(b)), peak, lambda med, f=floor: f / med)
         op = None
     _release()
@@ -371,6 +381,7 @@ SWEEP = {
         (128, 32, 4, 3, 2), (128, 64, 4, 3, 2), (128, 64, 8, 3, 1)],
     4: [(64, 64, 8, 2, 2), (64, 32, 8, 3, 2), (128, 32, 8, 2, 2), (64, 64, 4, 2, 2), (64, 64, 8, 3, 1),
         (128, 64, 8, 2, 1)],
+    "fp32>fp16": [(128, 32, 8, 3, 2), (128, 64, 16, 3, 1), (128, 64, 8, 3, 1), (64, 64, 8, 3, 1), (128, 32, 4, 3, 2)],
 }  # fmt: skip
 
 
@@ -381,27 +392,29 @@ def tile_sweep(rows: list, rates: dict) -> None:
 
     n, k = 2**20, 3000
     sms = sm_count(torch.device(DEVICE))
-    for dtype in (torch.bfloat16, torch.float32):
+    for mode in ("bf16", "fp32", "fp32>fp16"):
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
         z, c = unit_inputs(n, k, D, dtype)
-        c = c[None]
+        c, scales = kf.prepare_fp16(z, c[None]) if mode == "fp32>fp16" else (c[None], (1.0, 1.0))
         log_c = torch.full((n,), -math.log(n), device=DEVICE)
         b = torch.zeros(1, k, device=DEVICE)
-        for block_n, block_k, warps, stages, per_sm in SWEEP[z.element_size()]:
+        key = mode if mode == "fp32>fp16" else z.element_size()
+        for block_n, block_k, warps, stages, per_sm in SWEEP[key]:
             if time.monotonic() - _T0 > TIME_BUDGET_S:
                 print(f"  sweep stopped: past the {TIME_BUDGET_S} s budget")
                 return
-            launch = kf.features_launch(n, k, D, 1, z.element_size(), z.device, block_n=block_n, block_k=block_k,
+            launch = kf.features_launch(n, k, D, 1, c.element_size(), z.device, block_n=block_n, block_k=block_k,
                                         num_warps=warps, num_stages=stages, n_programs=sms * per_sm)  # fmt: skip
             ws = kf.FeaturesWorkspace.for_inputs(z, c, launch)
             try:
-                args = (z, c, None, b, log_c, 1 / EPS)
-                med = _bench(lambda ws=ws, args=args: kf.features_cluster_lse(*args, workspace=ws))[1]
+                args, kw = (z, c, None, b, log_c, 1 / EPS), dict(scales=scales, workspace=ws)
+                med = _bench(lambda args=args, kw=kw: kf.features_cluster_lse(*args, **kw))[1]
             except Exception as exc:  # out of shared memory or registers: a tuning datum too
-                print(f"  sweep {block_n}x{block_k} w{warps} s{stages} p{per_sm}/SM {dtype}: failed ({exc})"[:200])
+                print(f"  sweep {block_n}x{block_k} w{warps} s{stages} p{per_sm}/SM {mode}: failed ({exc})"[:200])
                 continue
-            frac = floor_ms(n, k, D, dtype, rates, launch.n_programs) / med
-            name = f"sweep {block_n}x{block_k} w{warps} s{stages} p{per_sm}/SM"
-            print(f"  {name} {dtype}: {med:.3f} ms ({100 * frac:.1f}% of floor)")
+            frac = floor_ms(n, k, D, c.dtype, rates, launch.n_programs) / med
+            name = f"sweep {mode} {block_n}x{block_k} w{warps} s{stages} p{per_sm}/SM"
+            print(f"  {name}: {med:.3f} ms ({100 * frac:.1f}% of floor)")
             rows.append(dict(scenario=name, n=n, k=k, dtype=str(dtype).replace("torch.", ""),
                              method="otlabel-features", median_ms=med, q25_ms=float("nan"), q75_ms=float("nan"),
                              frac_copy=frac))  # fmt: skip
@@ -416,13 +429,14 @@ def tile_sweep(rows: list, rates: dict) -> None:
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one program may use on sm_90 (227 KB)
 
 
-def compile_sm90(dtypes=("bf16", "fp32"), d: int = D) -> bool:
+def compile_sm90(dtypes=("bf16", "fp32", "fp32>fp16"), d: int = D) -> bool:
     """Compile the features kernels with their default GPU launch for sm_90 (an H100) without a GPU.
 
     Uses Triton's code generator and the ``ptxas``/``cuobjdump`` shipped in its wheel, with the specialisation the
     JIT applies to contiguous inputs (unit inner strides, 16-divisible pointers and sizes). Prints registers, spill
     bytes and shared memory per kernel; returns False if a kernel fails to compile, spills or overflows shared
-    memory. This catches what the interpreter cannot (layouts, register and shared-memory budgets).
+    memory. This catches what the interpreter cannot (layouts, register and shared-memory budgets). ``fp32>fp16``:
+    fp32 features with the fp16 prototypes of ``input_precision="fp16"``.
     """
     import re
     import subprocess
@@ -437,10 +451,14 @@ def compile_sm90(dtypes=("bf16", "fp32"), d: int = D) -> bool:
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     ok = True
     for dt in dtypes:
-        item = 2 if dt != "fp32" else 4
-        launch = kf.features_launch(2**20, 3000, d, 1, item, torch.device("cuda"), n_programs=264)
-        common = dict(ONE_D=launch.one_d(d), PRECISION="tf32", UPCAST=False, BLOCK_N=launch.block_n,
-                      BLOCK_K=launch.block_k, BLOCK_D=launch.block_d, stride_zd=1, stride_cd=1)  # fmt: skip
+        z_dt, c_dt = dt.split(">") if ">" in dt else (dt, dt)
+        item = 2 if c_dt != "fp32" else 4
+        launch = kf.features_launch(
+            2**20, 3000, d, 1, item, torch.device("cuda"), n_programs=264, z_fp32_to_fp16=z_dt != c_dt
+        )
+        common = dict(ONE_D=launch.one_d(d), PRECISION="tf32", UPCAST=False, Z_F16=z_dt != c_dt,
+                      BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, BLOCK_D=launch.block_d, stride_zd=1,
+                      stride_cd=1)  # fmt: skip
         kernels = {
             "partials": (kf._features_partials_kernel, dict(HAS_B=True, HAS_BIAS=True, **common)),
             "readout": (kf._features_readout_kernel, dict(HAS_BIAS=True, WANT_CODES=True, WANT_SCORE=False, **common)),
@@ -451,10 +469,10 @@ def compile_sm90(dtypes=("bf16", "fp32"), d: int = D) -> bool:
                 if arg in constexprs:
                     signature[arg] = "constexpr"
                 elif arg in ("Z", "C"):
-                    signature[arg] = f"*{dt}"
+                    signature[arg] = f"*{z_dt if arg == 'Z' else c_dt}"
                 elif arg == "LABELS":
                     signature[arg] = "*i64"
-                elif arg in ("scale2", "inv_eps"):
+                elif arg in ("scale2", "inv_eps", "z_scale", "dot_scale"):
                     signature[arg] = "fp32"
                 elif arg in ("N", "K", "D", "P") or arg.startswith("stride"):
                     signature[arg] = "i32"
@@ -503,7 +521,7 @@ def compile_sm90(dtypes=("bf16", "fp32"), d: int = D) -> bool:
 
 def markdown_table(rows: list, device: str) -> str:
     """One line per (dtype, N, K): ms per iteration and peak extra MB per method, and the speed-ups."""
-    methods = ["otlabel-features", "otlabel-features-ieee", "otlabel-dense", "flash-sinkhorn"]
+    methods = ["otlabel-features", "otlabel-features-fp16", "otlabel-features-ieee", "otlabel-dense", "flash-sinkhorn"]
     out = [f"Device: {device}. D = {D}, eps = {EPS}. Per warm iteration: median ms / peak extra device MB "
            "(features: % of the measured floor).", "",
            "| dtype | N | K | " + " | ".join(methods) + " | dense / features | flash / features |",
@@ -550,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TRITON_INTERPRET") == "1":
             sys.exit("--compile-sm90 compiles real kernels: unset TRITON_INTERPRET")
         _gpu_dense()._import_otlabel()
-        ok = compile_sm90() and compile_sm90(("bf16",), d=512)
+        ok = compile_sm90() & compile_sm90(("bf16",), d=512)
         return 0 if ok else 1
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -574,9 +592,12 @@ def main(argv: list[str] | None = None) -> int:
     clusters = (3000, 4096)
     if args.dry_run:
         sizes, clusters = [64], (40,)
-    for dtype in (torch.float32, torch.bfloat16):
-        for n in sizes:
-            for k in clusters:
+    for n in sorted(sizes, reverse=True):  # the headline size first: later ones are skipped past the budget
+        for k in clusters:
+            for dtype in (torch.bfloat16, torch.float32):
+                if time.monotonic() - _T0 > MAIN_BUDGET_S:
+                    print(f"skip N={n} K={k} {dtype}: past the {MAIN_BUDGET_S} s budget (run again with --quick)")
+                    continue
                 time_iteration((TritonFeaturesOperator, dense_op), flash, n, k, dtype, rows, rates, args)
     target_size(TritonFeaturesOperator, rows, rates)
     if args.sweep and not args.dry_run:

@@ -45,7 +45,10 @@ Cost per iteration (warm, H heads; flash-sinkhorn's alternating iteration does t
     vs the dense kernel on the same S materialised in fp32: N K 4 bytes = 12.6 GB, 3.8 ms at 3.35 TB/s.
 
 At D = 128 in bf16 the tensor cores and the exp units are equally loaded (2 D = 256 FLOPs per exp at
-989 / 3.9 = 254 FLOPs per exp), so both must overlap to reach the floor; tf32 is matmul-bound.
+989 / 3.9 = 254 FLOPs per exp), so both must overlap to reach the floor; tf32 is matmul-bound, and its floor is
+within 15% of the dense kernel's. Hence ``input_precision="fp16"`` for fp32 inputs (``prepare_fp16``): Z and C
+scaled by powers of two and rounded to fp16 — tf32's 10-bit mantissa, rounded to nearest where tf32 tensor cores
+truncate — multiplied at the fp16 rate: the bf16 floor (1.63 ms) with tf32-grade scores.
 
 Numerics as in ``sinkhorn_dense``: fp32 accumulation and arithmetic, base 2 with a log2(e) prescale,
 ``-inf`` guards on every running max, int64 offsets, every stride a runtime argument. A cluster whose
@@ -54,6 +57,7 @@ bias is ``-inf`` is unreachable (its LSE is ``-inf``); a zero-weight sample cont
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,15 +70,19 @@ from .utils import LOG2E, interpreting, next_power_of_2, sm_count
 _LOG2E = tl.constexpr(LOG2E)
 _MERGE_BLOCK = 1024  # clusters per program of the partial-merge kernel
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")  # tl.dot's options for fp32 inputs; ignored for fp16/bf16
+# For fp32 inputs: tl.dot's "tf32", "tf32x3" and "ieee", and "fp16": both operands scaled by powers of two and rounded
+# to fp16 (see ``prepare_fp16``). Ignored for fp16/bf16 inputs.
+INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee", "fp16")
 
 __all__ = [
+    "INPUT_PRECISIONS",
     "FeaturesLaunch",
     "FeaturesWorkspace",
     "features_assign",
     "features_cluster_lse",
     "features_launch",
     "features_transport_score",
+    "prepare_fp16",
 ]
 
 
@@ -92,6 +100,16 @@ def _load_rows(X, rows, row_mask, d0, D, stride_r, stride_d, BLOCK_D: tl.constex
 
 
 @triton.jit
+def _load_z(Z, rows, row_mask, d0, D, stride_zn, stride_zd, z_scale, BLOCK_D: tl.constexpr, Z_F16: tl.constexpr):
+    """A Z tile (BLOCK_N, BLOCK_D); with Z_F16 (fp32 features, "fp16" precision) scaled by the power of two
+    ``z_scale`` and rounded to fp16 for the fp16 tensor cores."""
+    z = _load_rows(Z, rows, row_mask, d0, D, stride_zn, stride_zd, BLOCK_D)
+    if Z_F16:
+        z = (z * z_scale).to(tl.float16)
+    return z
+
+
+@triton.jit
 def _dot_rows(
     z,
     Z,
@@ -105,6 +123,7 @@ def _dot_rows(
     stride_zd,
     stride_ck,
     stride_cd,
+    z_scale,
     TRANSPOSED: tl.constexpr,
     ONE_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -112,13 +131,15 @@ def _dot_rows(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    Z_F16: tl.constexpr,
 ):
     """fp32 ``Z[rows] C[cols]ᵀ`` (BLOCK_N, BLOCK_K), or its transpose (BLOCK_K, BLOCK_N) when TRANSPOSED.
 
     ONE_D: ``z`` is the whole (zero-padded) Z tile, already in registers; else D is streamed in chunks of
-    BLOCK_D and ``z`` is unused. C is the head's (K, D) prototype matrix. UPCAST (interpreter, bf16 only):
-    multiply in fp32, as Triton 3.9's interpreter gets ``tl.dot`` of bf16 operands wrong; bf16 products are
-    exact in fp32, so this is what the tensor cores compute up to the order of the fp32 sums.
+    BLOCK_D and ``z`` is unused. C is the head's (K, D) prototype matrix (fp16 and pre-scaled with Z_F16).
+    UPCAST (interpreter, bf16 only): multiply in fp32, as Triton 3.9's interpreter gets ``tl.dot`` of bf16
+    operands wrong; bf16 products are exact in fp32, so this is what the tensor cores compute up to the order of
+    the fp32 sums.
     """
     if ONE_D:
         c = _load_rows(C, cols, col_mask, 0, D, stride_ck, stride_cd, BLOCK_D)  # (BK, BD)
@@ -134,7 +155,7 @@ def _dot_rows(
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            zc = _load_rows(Z, rows, row_mask, d0, D, stride_zn, stride_zd, BLOCK_D)  # (BN, BD)
+            zc = _load_z(Z, rows, row_mask, d0, D, stride_zn, stride_zd, z_scale, BLOCK_D, Z_F16)  # (BN, BD)
             c = _load_rows(C, cols, col_mask, d0, D, stride_ck, stride_cd, BLOCK_D)  # (BK, BD)
             if UPCAST:
                 zc, c = zc.to(tl.float32), c.to(tl.float32)
@@ -176,12 +197,14 @@ def _features_partials_kernel(
     stride_ch,
     stride_ck,
     stride_cd,
-    scale2,  # inv_eps * log2(e)
+    scale2,  # inv_eps * log2(e) / (z_scale * c_scale)
+    z_scale,  # power of two applied to Z tiles before fp16 rounding (Z_F16 only)
     HAS_B: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ONE_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    Z_F16: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -195,7 +218,7 @@ def _features_partials_kernel(
     for t in range(pid, n_tiles, P):
         rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        z = _load_rows(Z, rows, row_mask, 0, D, stride_zn, stride_zd, BLOCK_D)  # (BN, BD); reused by both sweeps
+        z = _load_z(Z, rows, row_mask, 0, D, stride_zn, stride_zd, z_scale, BLOCK_D, Z_F16)  # (BN, BD), both sweeps
         logc2 = tl.load(LOGC + rows, mask=row_mask, other=float("-inf")) * _LOG2E  # (BN,)
         if HAS_B:
             # Sweep 1: a = log c - LSE_k(x + b), K streamed in chunks, online along the tile's rows.
@@ -207,7 +230,8 @@ def _features_partials_kernel(
                 v2 = _load_bias(BIAS2 + h * K, cols, col_mask, HAS_BIAS)
                 v2 += tl.load(B + h * K + cols, mask=col_mask, other=float("-inf")) * _LOG2E  # (BK,)
                 acc = _dot_rows(z, Z, c_head, rows, row_mask, cols, col_mask, D, stride_zn, stride_zd, stride_ck,
-                                stride_cd, False, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST)  # fmt: skip
+                                stride_cd, z_scale, False, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST,
+                                Z_F16)  # fmt: skip
                 rmax, rsum = _online_lse(rmax, rsum, acc * scale2 + v2[None, :], 1)  # (BN, BK) -> (BN,)
             a2 = _sample_step2(logc2, _lse2(rmax, rsum))
         else:
@@ -220,7 +244,8 @@ def _features_partials_kernel(
             cols = k0 + tl.arange(0, BLOCK_K)
             col_mask = cols < K
             acc_t = _dot_rows(z, Z, c_head, rows, row_mask, cols, col_mask, D, stride_zn, stride_zd, stride_ck,
-                              stride_cd, True, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST)  # fmt: skip
+                              stride_cd, z_scale, True, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST,
+                              Z_F16)  # fmt: skip
             y2 = acc_t * scale2 + a2_t  # (BK, BN)
             tmax = tl.max(y2, 1)
             tsum = tl.sum(tl.exp2(y2 - _finite_or_zero(tmax)[:, None]), 1)
@@ -247,14 +272,17 @@ def _features_partials_kernel(
 @triton.jit
 def _score_tile(
     z, Z, c_head, BIAS, B, rows, row_mask, k0, K, D, stride_zn, stride_zd, stride_ck, stride_cd, inv_eps,
-    HAS_BIAS: tl.constexpr, ONE_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    z_scale, dot_scale, HAS_BIAS: tl.constexpr, ONE_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Z_F16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """(s, x) for clusters k0:k0+BLOCK_K: s = Z Cᵀ + bias (BN, BK), x = s * inv_eps + b; -inf past K."""
     cols = k0 + tl.arange(0, BLOCK_K)
     col_mask = cols < K
     s = _dot_rows(z, Z, c_head, rows, row_mask, cols, col_mask, D, stride_zn, stride_zd, stride_ck, stride_cd,
-                  False, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST)  # fmt: skip
+                  z_scale, False, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST, Z_F16)  # fmt: skip
+    if Z_F16:
+        s = s * dot_scale  # undo the power-of-two input scales: exact
     s = s + _load_bias(BIAS, cols, col_mask, HAS_BIAS)[None, :]
     x = s * inv_eps + tl.load(B + cols, mask=col_mask, other=float("-inf"))[None, :]
     return s, x
@@ -278,12 +306,15 @@ def _features_readout_kernel(
     stride_ck,
     stride_cd,
     inv_eps,
+    z_scale,  # power of two applied to Z tiles before fp16 rounding (Z_F16 only)
+    dot_scale,  # 1 / (z_scale * c_scale) (Z_F16 only)
     HAS_BIAS: tl.constexpr,
     WANT_CODES: tl.constexpr,
     WANT_SCORE: tl.constexpr,
     ONE_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    Z_F16: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -295,7 +326,7 @@ def _features_readout_kernel(
     c_head = C + h * stride_ch
     bias_h = BIAS + h * K
     b_h = B + h * K
-    z = _load_rows(Z, rows, row_mask, 0, D, stride_zn, stride_zd, BLOCK_D)
+    z = _load_z(Z, rows, row_mask, 0, D, stride_zn, stride_zd, z_scale, BLOCK_D, Z_F16)
     # Sweep 1: argmax of x (lowest index on ties) and the base-2 running (max, sum) of its softmax.
     rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     rsum = tl.zeros((BLOCK_N,), tl.float32)
@@ -303,8 +334,8 @@ def _features_readout_kernel(
     label = tl.zeros((BLOCK_N,), tl.int64)
     for k0 in range(0, K, BLOCK_K):
         _, x = _score_tile(z, Z, c_head, bias_h, b_h, rows, row_mask, k0, K, D, stride_zn, stride_zd,
-                           stride_ck, stride_cd, inv_eps, HAS_BIAS, ONE_D, PRECISION, UPCAST,
-                           BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+                           stride_ck, stride_cd, inv_eps, z_scale, dot_scale, HAS_BIAS, ONE_D, PRECISION,
+                           UPCAST, Z_F16, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
         chunk_best = tl.max(x, 1)
         chunk_label = tl.argmax(x, 1, tie_break_left=True).to(tl.int64) + k0
         label = tl.where(chunk_best > best, chunk_label, label)  # strict: an earlier chunk wins ties
@@ -319,8 +350,8 @@ def _features_readout_kernel(
         acc = tl.zeros((BLOCK_N,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             s, x = _score_tile(z, Z, c_head, bias_h, b_h, rows, row_mask, k0, K, D, stride_zn, stride_zd,
-                               stride_ck, stride_cd, inv_eps, HAS_BIAS, ONE_D, PRECISION, UPCAST,
-                               BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+                               stride_ck, stride_cd, inv_eps, z_scale, dot_scale, HAS_BIAS, ONE_D, PRECISION,
+                               UPCAST, Z_F16, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
             weight = tl.exp2(x * _LOG2E - shift)  # (BN, BK)
             if WANT_CODES:
                 cols = k0 + tl.arange(0, BLOCK_K)
@@ -344,7 +375,9 @@ def _features_readout_kernel(
 # (fp32 with 4 warps needs 245 registers; 3 stages need 131 KB, one program per SM.) A row tile of 128 samples
 # gives each prototype chunk read from L2 128 FLOPs per byte (16-bit). Not yet timed on a GPU:
 # ``benchmarks/gpu_features.py`` sweeps the alternatives.
-GPU_TILES = {2: (128, 64, 8, 3), 4: (64, 64, 8, 2)}
+# fp32 features rounded to fp16 in the kernel ("fp16" precision): the fp32 Z tile costs registers while it is
+# converted; 128x64 needs 191-199 registers at 8 warps (one program per SM), 128x32 needs 128 (two).
+GPU_TILES = {2: (128, 64, 8, 3), 4: (64, 64, 8, 2), "fp32>fp16": (128, 32, 8, 3)}
 # Largest D kept whole in shared memory for a row tile (and one stage fewer past 128, to fit: bf16 D = 256 needs
 # 131 KB, fp32 198 KB); beyond it D is streamed in chunks of STREAM_D and Z is re-read per prototype chunk.
 MAX_ONE_D = 256
@@ -385,12 +418,15 @@ def features_launch(
     num_warps: int | None = None,
     num_stages: int | None = None,
     n_programs: int | None = None,
+    z_fp32_to_fp16: bool = False,
 ) -> FeaturesLaunch:
     """Tile sizes and grid for N samples, K clusters, D features, H heads; keyword overrides for tests and sweeps.
 
     Tiles are never below 16 (``tl.dot``); under the interpreter they are 16 (fast, and every mask is hit).
+    ``itemsize``: of the tensor-core operands (the prototypes'); ``z_fp32_to_fp16``: fp32 features rounded to fp16
+    in the kernel (``prepare_fp16``).
     """
-    gpu_n, gpu_k, gpu_warps, gpu_stages = GPU_TILES[4 if itemsize >= 4 else 2]
+    gpu_n, gpu_k, gpu_warps, gpu_stages = GPU_TILES["fp32>fp16" if z_fp32_to_fp16 else 4 if itemsize >= 4 else 2]
     small = interpreting()
     if block_n is None:
         block_n = 16 if small else min(gpu_n, max(16, next_power_of_2(n)))
@@ -421,7 +457,8 @@ class FeaturesWorkspace:
         cls, features: torch.Tensor, prototypes: torch.Tensor, launch: FeaturesLaunch | None = None
     ) -> FeaturesWorkspace:
         n, d, h, k = _check_inputs(features, prototypes)
-        launch = launch or features_launch(n, k, d, h, features.element_size(), features.device)
+        mixed = _fp16_mode(features, prototypes)
+        launch = launch or features_launch(n, k, d, h, prototypes.element_size(), features.device, z_fp32_to_fp16=mixed)
         p = launch.n_programs
         pmax = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
         psum = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
@@ -435,8 +472,11 @@ def _check_inputs(features: torch.Tensor, prototypes: torch.Tensor) -> tuple[int
         raise ValueError(f"prototypes must be (H, K, D), got shape {tuple(prototypes.shape)}")
     if features.dtype not in _INPUT_DTYPES:
         raise TypeError(f"features must be float32, float16 or bfloat16, got {features.dtype}")
-    if prototypes.dtype != features.dtype:
-        raise TypeError(f"prototypes ({prototypes.dtype}) must have the features' dtype ({features.dtype})")
+    if prototypes.dtype != features.dtype and not _fp16_mode(features, prototypes):
+        raise TypeError(
+            f"prototypes ({prototypes.dtype}) must have the features' dtype ({features.dtype}), or be the fp16 "
+            "prototypes of prepare_fp16 for fp32 features"
+        )
     n, d = features.shape
     h, k, d2 = prototypes.shape
     if d2 != d:
@@ -453,9 +493,35 @@ def _vector(x: torch.Tensor | None, h: int, k: int, name: str) -> torch.Tensor |
 
 
 def _precision(input_precision: str) -> str:
+    """The ``tl.dot`` option: "fp16" multiplies fp16 operands, for which tl.dot ignores it."""
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
-    return input_precision
+    return "tf32" if input_precision == "fp16" else input_precision
+
+
+def _fp16_mode(features: torch.Tensor, prototypes: torch.Tensor) -> bool:
+    """fp32 features with fp16 prototypes: the kernels round Z tiles to fp16 (``prepare_fp16``)."""
+    return features.dtype == torch.float32 and prototypes.dtype == torch.float16
+
+
+def _pow2_scale(x: torch.Tensor) -> float:
+    """A power of two s with max|x| * s in [128, 256): far from fp16's overflow (65504) and its subnormals (2^-14)."""
+    top = float(x.abs().max()) if x.numel() else 0.0
+    return 2.0 ** (7 - math.floor(math.log2(top))) if math.isfinite(top) and top > 0 else 1.0
+
+
+def prepare_fp16(features: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
+    """fp32 inputs, ``input_precision="fp16"``: ``(C16, (z_scale, c_scale))``, C16 = C * c_scale rounded to fp16.
+
+    Pass C16 as the prototypes and the scales to the launchers with the fp32 features: the kernels round each Z tile
+    to fp16 after scaling it by ``z_scale`` and divide the fp32 products by ``z_scale * c_scale`` (powers of two:
+    exact). fp16 keeps 10 mantissa bits like tf32 and rounds to nearest (tf32 tensor cores truncate the fp32
+    operand), and the scales keep every entry within 2^22 of the largest one out of fp16's subnormals, so scores are
+    as accurate as with tf32, at the fp16 tensor-core rate (twice tf32's on an H100) and half the shared memory.
+    Costs one pass over Z and C and a host synchronisation: do it once per problem, not per iteration.
+    """
+    z_scale, c_scale = _pow2_scale(features), _pow2_scale(prototypes)
+    return (prototypes.float() * c_scale).to(torch.float16).contiguous(), (z_scale, c_scale)
 
 
 def _upcast(features: torch.Tensor) -> bool:
@@ -476,6 +542,7 @@ def features_cluster_lse(
     inv_eps: float,
     *,
     input_precision: str = "tf32",
+    scales: tuple[float, float] = (1.0, 1.0),
     workspace: FeaturesWorkspace | None = None,
 ) -> torch.Tensor:
     """``L[h, k] = LSE_j(S[h, j, k] * inv_eps + a[h, j])``, ``a = log_c - LSE_k(S * inv_eps + b)``, ``S = Z Cᵀ + bias``.
@@ -483,7 +550,8 @@ def features_cluster_lse(
     features (N, D), prototypes (H, K, D): same dtype (fp32/fp16/bf16), any strides. ``bias2`` (H, K) fp32:
     the bias pre-scaled as ``bias * inv_eps * log2(e)`` (``None``: no bias). b (H, K) or None (cold start:
     ``a = log_c``); log_c (N,) fp32, -inf for a zero-weight sample. ``input_precision`` applies to fp32
-    inputs ("tf32" tensor cores, "ieee" exact fp32). Returns (H, K) fp32, -inf for an unreachable cluster.
+    inputs ("tf32" tensor cores, "ieee" exact fp32); for "fp16" pass fp32 features with the fp16 prototypes and
+    the ``scales`` of ``prepare_fp16``. Returns (H, K) fp32, -inf for an unreachable cluster.
     Two launches, no host synchronisation, bitwise deterministic for a given workspace.
     """
     n, d, h, k = _check_inputs(features, prototypes)
@@ -493,11 +561,14 @@ def features_cluster_lse(
     b = _vector(b, h, k, "b")
     bias2 = _vector(bias2, h, k, "bias2")
     dummy = log_c  # any fp32 pointer for an argument the kernel never reads
+    z_f16, (z_scale, c_scale) = _fp16_mode(features, prototypes), scales
     _features_partials_kernel[(cfg.n_programs, h)](
         features, prototypes, dummy if bias2 is None else bias2, dummy if b is None else b, log_c, ws.pmax, ws.psum,
-        n, k, d, cfg.n_programs, *features.stride(), *prototypes.stride(), float(inv_eps) * LOG2E,
+        n, k, d, cfg.n_programs, *features.stride(), *prototypes.stride(),
+        float(inv_eps) * LOG2E / (z_scale * c_scale), float(z_scale),
         HAS_B=b is not None, HAS_BIAS=bias2 is not None, ONE_D=cfg.one_d(d), PRECISION=_precision(input_precision),
-        UPCAST=_upcast(features), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, **_options(cfg),
+        UPCAST=_upcast(features), Z_F16=z_f16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+        **_options(cfg),
     )  # fmt: skip
     out = torch.empty((h, k), dtype=torch.float32, device=features.device)
     merge_options = {} if interpreting() else {"num_warps": 4}
@@ -507,9 +578,10 @@ def features_cluster_lse(
     return out
 
 
-def _readout(features, prototypes, bias, b, inv_eps, want_codes, want_score, input_precision, launch):
+def _readout(features, prototypes, bias, b, inv_eps, want_codes, want_score, input_precision, scales, launch):
     n, d, h, k = _check_inputs(features, prototypes)
-    cfg = launch or features_launch(n, k, d, h, features.element_size(), features.device)
+    mixed = _fp16_mode(features, prototypes)
+    cfg = launch or features_launch(n, k, d, h, prototypes.element_size(), features.device, z_fp32_to_fp16=mixed)
     b = _vector(b, h, k, "b")
     bias = _vector(bias, h, k, "bias")
     labels = torch.empty((h, n), dtype=torch.int64, device=features.device)
@@ -518,9 +590,10 @@ def _readout(features, prototypes, bias, b, inv_eps, want_codes, want_score, inp
     _features_readout_kernel[(cfg.row_tiles(n), h)](
         features, prototypes, b if bias is None else bias, b, labels, labels if codes is None else codes,
         b if rows is None else rows, n, k, d, *features.stride(), *prototypes.stride(), float(inv_eps),
+        float(scales[0]), 1.0 / (scales[0] * scales[1]),
         HAS_BIAS=bias is not None, WANT_CODES=want_codes, WANT_SCORE=want_score, ONE_D=cfg.one_d(d),
-        PRECISION=_precision(input_precision), UPCAST=_upcast(features), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_D=cfg.block_d, **_options(cfg),
+        PRECISION=_precision(input_precision), UPCAST=_upcast(features), Z_F16=_fp16_mode(features, prototypes),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, **_options(cfg),
     )  # fmt: skip
     return labels, codes, rows
 
@@ -534,12 +607,15 @@ def features_assign(
     want_codes: bool,
     *,
     input_precision: str = "tf32",
+    scales: tuple[float, float] = (1.0, 1.0),
     launch: FeaturesLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """labels (H, N) int64 ``= argmax_k(S * inv_eps + b)`` (lowest index on ties), ``S = Z Cᵀ + bias`` with
     bias (H, K) or None, and when asked codes (H, N, K) fp32 ``= softmax_k(S * inv_eps + b)``: the only K×N
     memory ever written, and only on request."""
-    labels, codes, _ = _readout(features, prototypes, bias, b, inv_eps, want_codes, False, input_precision, launch)
+    labels, codes, _ = _readout(
+        features, prototypes, bias, b, inv_eps, want_codes, False, input_precision, scales, launch
+    )
     return labels, codes
 
 
@@ -552,12 +628,13 @@ def features_transport_score(
     inv_eps: float,
     *,
     input_precision: str = "tf32",
+    scales: tuple[float, float] = (1.0, 1.0),
     launch: FeaturesLaunch | None = None,
 ) -> torch.Tensor:
     """``<P, S>`` per head (H,) float64: ``sum_jk exp(log_c[j]) codes[j, k] S[j, k]``, -inf pairs skipped.
 
     Each row's ``sum_k codes S`` is an fp32 kernel output; the weighted sum over rows is float64.
     """
-    _, _, rows = _readout(features, prototypes, bias, b, inv_eps, False, True, input_precision, launch)
+    _, _, rows = _readout(features, prototypes, bias, b, inv_eps, False, True, input_precision, scales, launch)
     weights = log_c.to(torch.float64).exp()  # (N,); exp(-inf) = 0 drops zero-weight samples
     return (rows.to(torch.float64) * weights).sum(-1)

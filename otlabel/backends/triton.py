@@ -104,6 +104,10 @@ class TritonFeaturesOperator(ScoreOperator):
     allow_tf32 : fp32 inputs only: True multiplies on tf32 tensor cores (10-bit mantissa products, fp32
         accumulation; scores good to about 1e-3 relative), False computes exact fp32 products (``"ieee"``,
         several times slower). fp16/bf16 inputs always use their native tensor cores with fp32 accumulation.
+    input_precision : overrides ``allow_tf32`` for fp32 inputs: ``"tf32"``, ``"ieee"``, ``"tf32x3"`` or ``"fp16"``
+        (Z and C scaled by powers of two and rounded to fp16 — tf32's 10-bit mantissa, rounded to nearest — on the
+        fp16 tensor cores, twice tf32's rate; see ``otlabel.kernels.sinkhorn_features.prepare_fp16``; costs one pass
+        over Z and a host sync here, and a fp16 copy of C).
     """
 
     dtype = torch.float32
@@ -117,6 +121,7 @@ class TritonFeaturesOperator(ScoreOperator):
         sample_weights: torch.Tensor,
         allow_tf32: bool = True,
         *,
+        input_precision: str | None = None,
         launch=None,
     ):
         if features.dim() != 2:
@@ -156,9 +161,16 @@ class TritonFeaturesOperator(ScoreOperator):
         from otlabel.kernels import sinkhorn_features  # lazy: imports triton
 
         self._kernels = sinkhorn_features
+        self.input_precision = input_precision or ("tf32" if allow_tf32 else "ieee")
+        if self.input_precision not in sinkhorn_features.INPUT_PRECISIONS:
+            raise ValueError(
+                f"input_precision must be one of {sinkhorn_features.INPUT_PRECISIONS}, got {self.input_precision!r}"
+            )
+        self.scales = (1.0, 1.0)  # powers of two applied to Z and C before fp16 rounding ("fp16" only)
+        if self.input_precision == "fp16" and features.dtype == torch.float32:
+            prototypes, self.scales = sinkhorn_features.prepare_fp16(features, prototypes)  # (H, K, D) fp16
         self.features, self.prototypes, self.bias = features, prototypes, bias
         self.inv_eps = 1.0 / float(epsilon)
-        self.input_precision = "tf32" if allow_tf32 else "ieee"
         # The partials kernel adds the bias in base-2 logit units: scaled once here, not per iteration.
         self._bias2 = None if bias is None else bias * (self.inv_eps * sinkhorn_features.LOG2E)  # (H, K)
         self.log_c = sample_weights.to(device=features.device, dtype=torch.float32).log().contiguous()  # (N,)
@@ -169,17 +181,17 @@ class TritonFeaturesOperator(ScoreOperator):
     def cluster_lse(self, b: torch.Tensor | None) -> torch.Tensor:
         return self._kernels.features_cluster_lse(
             self.features, self.prototypes, self._bias2, b, self.log_c, self.inv_eps,
-            input_precision=self.input_precision, workspace=self._workspace,
+            input_precision=self.input_precision, scales=self.scales, workspace=self._workspace,
         )  # fmt: skip
 
     def assign(self, b: torch.Tensor, want_codes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._kernels.features_assign(
             self.features, self.prototypes, self.bias, b, self.inv_eps, want_codes,
-            input_precision=self.input_precision, launch=self._workspace.launch,
+            input_precision=self.input_precision, scales=self.scales, launch=self._workspace.launch,
         )  # fmt: skip
 
     def transport_score(self, b: torch.Tensor) -> torch.Tensor:
         return self._kernels.features_transport_score(
             self.features, self.prototypes, self.bias, b, self.log_c, self.inv_eps,
-            input_precision=self.input_precision, launch=self._workspace.launch,
+            input_precision=self.input_precision, scales=self.scales, launch=self._workspace.launch,
         )  # fmt: skip
