@@ -1,4 +1,5 @@
-"""The ``triton`` backend: fused kernels over a dense score tensor on a CUDA device.
+"""The ``triton`` backend: fused kernels over a dense score tensor, or over features and prototypes whose
+product is never stored (``TritonFeaturesOperator``), on a CUDA device.
 
 Each Sinkhorn iteration is one pass over S (two kernel launches, no host synchronisation); the
 workspace is allocated once per operator, so a whole solve can be captured in a CUDA graph. On a
@@ -16,7 +17,7 @@ import torch
 
 from .base import ScoreOperator
 
-__all__ = ["TritonDenseOperator", "triton_available"]
+__all__ = ["TritonDenseOperator", "TritonFeaturesOperator", "triton_available"]
 
 _SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -84,3 +85,113 @@ class TritonDenseOperator(ScoreOperator):
         return self._kernels.dense_transport_score(
             self.scores, b, self.log_c, self.inv_eps, launch=self._workspace.launch
         )
+
+
+class TritonFeaturesOperator(ScoreOperator):
+    """Scores ``S[h, j, k] = <Z_j, C_{h,k}> + bias[h, k]`` computed tile by tile inside the kernels, never stored.
+
+    Features mode (issue 4): memory O((N + H K) D) for the inputs plus an (H, P, K) workspace, P a small
+    multiple of the SM count (about 12 MB at K = 3000 on an H100), whatever N is. Each warm iteration makes two
+    tensor-core sweeps over the prototypes per row tile (see ``otlabel.kernels.sinkhorn_features``).
+
+    Parameters
+    ----------
+    features : (N, D) float32, float16 or bfloat16 tensor Z, any strides. Never copied or upcast.
+    prototypes : (H, K, D) tensor C (or (K, D) for one head), the features' dtype and device, any strides.
+    bias : (H, K) or (K,) per-cluster bias (a linear head's), or None. Kept in fp32; ``-inf`` closes a cluster.
+    epsilon : temperature eps > 0; the kernels use ``x = S / eps``.
+    sample_weights : (N,) non-negative weights c; a zero weight makes that sample contribute nothing.
+    allow_tf32 : fp32 inputs only: True multiplies on tf32 tensor cores (10-bit mantissa products, fp32
+        accumulation; scores good to about 1e-3 relative), False computes exact fp32 products (``"ieee"``,
+        several times slower). fp16/bf16 inputs always use their native tensor cores with fp32 accumulation.
+    input_precision : overrides ``allow_tf32`` for fp32 inputs: ``"tf32"``, ``"ieee"``, ``"tf32x3"`` or ``"fp16"``
+        (Z and C scaled by powers of two and rounded to fp16 — tf32's 10-bit mantissa, rounded to nearest — on the
+        fp16 tensor cores, twice tf32's rate; see ``otlabel.kernels.sinkhorn_features.prepare_fp16``; costs one pass
+        over Z and a host sync here, and a fp16 copy of C).
+    """
+
+    dtype = torch.float32
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        prototypes: torch.Tensor,
+        bias: torch.Tensor | None,
+        epsilon: float,
+        sample_weights: torch.Tensor,
+        allow_tf32: bool = True,
+        *,
+        input_precision: str | None = None,
+        launch=None,
+    ):
+        if features.dim() != 2:
+            raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
+        if prototypes.dim() == 2:
+            prototypes = prototypes.unsqueeze(0)  # (K, D) -> (1, K, D): one head
+        if prototypes.dim() != 3:
+            raise ValueError(f"prototypes must be (H, K, D) or (K, D), got shape {tuple(prototypes.shape)}")
+        if features.dtype not in _SCORE_DTYPES:
+            raise TypeError(f"the triton backend takes float32, float16 or bfloat16 features, got {features.dtype}")
+        if prototypes.dtype != features.dtype:
+            raise TypeError(
+                f"prototypes ({prototypes.dtype}) and features ({features.dtype}) must share a dtype; "
+                "cast one of them (the kernels multiply them on tensor cores as they are)"
+            )
+        if prototypes.device != features.device:
+            raise ValueError(f"features are on {features.device} but prototypes on {prototypes.device}")
+        n, d = features.shape
+        h, k, d2 = prototypes.shape
+        if d2 != d:
+            raise ValueError(f"features have D = {d} but prototypes have D = {d2}: both must be (., D)")
+        if sample_weights.shape != (n,):
+            raise ValueError(f"sample_weights must be (N,) = ({n},), got {tuple(sample_weights.shape)}")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        if not triton_available(features):
+            raise RuntimeError(
+                "the triton backend needs CUDA tensors and Triton installed "
+                "(or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)"
+            )
+        if bias is not None:
+            if bias.dim() == 1:
+                bias = bias.unsqueeze(0).expand(h, -1)
+            if bias.shape != (h, k):
+                raise ValueError(f"bias must be (H, K) = ({h}, {k}) or (K,), got {tuple(bias.shape)}")
+            bias = bias.to(device=features.device, dtype=torch.float32).contiguous()  # (H, K)
+        from otlabel.kernels import sinkhorn_features  # lazy: imports triton
+
+        self._kernels = sinkhorn_features
+        self.input_precision = input_precision or ("tf32" if allow_tf32 else "ieee")
+        if self.input_precision not in sinkhorn_features.INPUT_PRECISIONS:
+            raise ValueError(
+                f"input_precision must be one of {sinkhorn_features.INPUT_PRECISIONS}, got {self.input_precision!r}"
+            )
+        self.scales = (1.0, 1.0)  # powers of two applied to Z and C before fp16 rounding ("fp16" only)
+        if self.input_precision == "fp16" and features.dtype == torch.float32:
+            prototypes, self.scales = sinkhorn_features.prepare_fp16(features, prototypes)  # (H, K, D) fp16
+        self.features, self.prototypes, self.bias = features, prototypes, bias
+        self.inv_eps = 1.0 / float(epsilon)
+        # The partials kernel adds the bias in base-2 logit units: scaled once here, not per iteration.
+        self._bias2 = None if bias is None else bias * (self.inv_eps * sinkhorn_features.LOG2E)  # (H, K)
+        self.log_c = sample_weights.to(device=features.device, dtype=torch.float32).log().contiguous()  # (N,)
+        self.n_heads, self.n_samples, self.n_clusters = h, n, k
+        self.device = features.device
+        self._workspace = sinkhorn_features.FeaturesWorkspace.for_inputs(features, prototypes, launch)
+
+    def cluster_lse(self, b: torch.Tensor | None) -> torch.Tensor:
+        return self._kernels.features_cluster_lse(
+            self.features, self.prototypes, self._bias2, b, self.log_c, self.inv_eps,
+            input_precision=self.input_precision, scales=self.scales, workspace=self._workspace,
+        )  # fmt: skip
+
+    def assign(self, b: torch.Tensor, want_codes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._kernels.features_assign(
+            self.features, self.prototypes, self.bias, b, self.inv_eps, want_codes,
+            input_precision=self.input_precision, scales=self.scales, launch=self._workspace.launch,
+        )  # fmt: skip
+
+    def transport_score(self, b: torch.Tensor) -> torch.Tensor:
+        return self._kernels.features_transport_score(
+            self.features, self.prototypes, self.bias, b, self.log_c, self.inv_eps,
+            input_precision=self.input_precision, scales=self.scales, launch=self._workspace.launch,
+        )  # fmt: skip

@@ -1,0 +1,640 @@
+"""Fused Triton kernels for log-domain Sinkhorn when the scores are a product ``S = Z Cᵀ + bias``.
+
+Features mode (DESIGN.md §3, issue 4): features Z (N, D), prototypes C (H, K, D), optional per-cluster
+bias (H, K). The K×N score matrix is never stored: every pass recomputes its tiles with ``tl.dot``
+(tensor cores; tf32 or exact fp32 for fp32 inputs, native bf16/fp16) and feeds them straight into the
+Sinkhorn reductions, FlashAttention style. Per head h, with ``x = S / eps``:
+
+    sample step   a[j] = log c[j] - LSE_k( x[j, k] + b[k] )
+    cluster LSE   L[k] = LSE_j( x[j, k] + a[j] )            (the solver then sets b = log r - L)
+
+``features_cluster_lse`` runs a persistent grid of P programs per head. A program walks its row tiles
+(``BLOCK_N`` samples); for each it holds the Z tile and makes two sweeps over the prototypes in chunks
+of ``BLOCK_K`` clusters:
+
+    sweep 1: S tile (BLOCK_N, BLOCK_K) = Z_t Cᵀ_chunk    -> online LSE along K (row reduction) -> a (BLOCK_N,)
+    sweep 2: Sᵀ tile (BLOCK_K, BLOCK_N) = C_chunk Z_tᵀ  -> LSE along the tile's samples -> merged into the
+             program's running (max, sum) for that chunk, kept in its row of the (H, P, K) partial buffers
+
+Sweep 2 computes the transposed tile so that both reductions run along the accumulator's second axis
+(within a thread and a few lane shuffles, never across warps through shared memory). A program owns its
+row of the partial buffers, read-modify-written once per chunk per row tile (a few % of the L2 traffic
+of the prototype reads); a barrier per row tile orders those global accesses between threads. A
+second small kernel (``sinkhorn_dense._merge_partials_kernel``) merges the P partials in program order:
+no atomics, bitwise reproducible. The cold start (``b = None``: ``a = log c``) skips sweep 1.
+
+    Z, C --[_features_partials_kernel, grid (P, H)]--> max, sum (H, P, K) --[merge, grid (K/1024, H)]--> L (H, K)
+
+Why two matmul sweeps: ``a`` needs a whole row of S before any of the row's terms can enter the cluster
+sums, and a row tile's K scores (128 x 3000 fp32 = 1.5 MB) fit neither registers nor shared memory. The
+other exact orders are worse: recomputing per cluster chunk with the rows inner re-reads Z from HBM
+K / BLOCK_K times; storing ``exp(x - rowmax)`` per tile for a later weighting is the K×N matrix again; and
+using last iteration's ``a`` in the same sweep is a different (Jacobi) iteration, not the one the solver
+loop and the other backends run. The cold start needs only sweep 2.
+
+Cost per iteration (warm, H heads; flash-sinkhorn's alternating iteration does the same two passes):
+
+    matmul  FLOPs = 2 sweeps x 2 N K D H          (N = 2^20, K = 3000, D = 128: 1.61e12)
+    exp2          = 2 N K H  (+ N K H / BLOCK_K + 2 K H N / BLOCK_N rescales)   (6.3e9)
+    HBM bytes     = N D itemsize (each Z tile read once, used by both sweeps) + 2 H P K 4 x 2 (partials)
+                    + prototypes from L2: 2 (N / BLOCK_N) K D itemsize of L2 traffic
+
+    floor = max(FLOPs / matmul rate, exps / exp rate, bytes / HBM bandwidth)
+    H100 SXM (989 TFLOP/s bf16 dense, 494 tf32, 3.9e12 exp2/s on the SFUs, 3.35 TB/s):
+        bf16: max(1.63 ms, 1.61 ms, 0.08 ms) = 1.63 ms     tf32: max(3.26 ms, 1.61 ms, 0.16 ms) = 3.26 ms
+    vs the dense kernel on the same S materialised in fp32: N K 4 bytes = 12.6 GB, 3.8 ms at 3.35 TB/s.
+
+At D = 128 in bf16 the tensor cores and the exp units are equally loaded (2 D = 256 FLOPs per exp at
+989 / 3.9 = 254 FLOPs per exp), so both must overlap to reach the floor; tf32 is matmul-bound, and its floor is
+within 15% of the dense kernel's. Hence ``input_precision="fp16"`` for fp32 inputs (``prepare_fp16``): Z and C
+scaled by powers of two and rounded to fp16 — tf32's 10-bit mantissa, rounded to nearest where tf32 tensor cores
+truncate — multiplied at the fp16 rate: the bf16 floor (1.63 ms) with tf32-grade scores.
+
+Numerics as in ``sinkhorn_dense``: fp32 accumulation and arithmetic, base 2 with a log2(e) prescale,
+``-inf`` guards on every running max, int64 offsets, every stride a runtime argument. A cluster whose
+bias is ``-inf`` is unreachable (its LSE is ``-inf``); a zero-weight sample contributes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .sinkhorn_dense import _finite_or_zero, _lse2, _merge_partials_kernel, _online_lse, _sample_step2
+from .utils import LOG2E, interpreting, next_power_of_2, sm_count
+
+_LOG2E = tl.constexpr(LOG2E)
+_MERGE_BLOCK = 1024  # clusters per program of the partial-merge kernel
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# For fp32 inputs: tl.dot's "tf32", "tf32x3" and "ieee", and "fp16": both operands scaled by powers of two and rounded
+# to fp16 (see ``prepare_fp16``). Ignored for fp16/bf16 inputs.
+INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee", "fp16")
+
+__all__ = [
+    "INPUT_PRECISIONS",
+    "FeaturesLaunch",
+    "FeaturesWorkspace",
+    "features_assign",
+    "features_cluster_lse",
+    "features_launch",
+    "features_transport_score",
+    "prepare_fp16",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device helpers: tiles of Z and C, and score tiles from them
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(X, rows, row_mask, d0, D, stride_r, stride_d, BLOCK_D: tl.constexpr):
+    """X[rows, d0:d0+BLOCK_D] in its own dtype (BLOCK_R, BLOCK_D); zeros past D and on masked rows."""
+    d = d0 + tl.arange(0, BLOCK_D)
+    ptrs = X + rows.to(tl.int64)[:, None] * stride_r + d.to(tl.int64)[None, :] * stride_d
+    return tl.load(ptrs, mask=row_mask[:, None] & (d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_z(Z, rows, row_mask, d0, D, stride_zn, stride_zd, z_scale, BLOCK_D: tl.constexpr, Z_F16: tl.constexpr):
+    """A Z tile (BLOCK_N, BLOCK_D); with Z_F16 (fp32 features, "fp16" precision) scaled by the power of two
+    ``z_scale`` and rounded to fp16 for the fp16 tensor cores."""
+    z = _load_rows(Z, rows, row_mask, d0, D, stride_zn, stride_zd, BLOCK_D)
+    if Z_F16:
+        z = (z * z_scale).to(tl.float16)
+    return z
+
+
+@triton.jit
+def _dot_rows(
+    z,
+    Z,
+    C,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    D,
+    stride_zn,
+    stride_zd,
+    stride_ck,
+    stride_cd,
+    z_scale,
+    TRANSPOSED: tl.constexpr,
+    ONE_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    Z_F16: tl.constexpr,
+):
+    """fp32 ``Z[rows] C[cols]ᵀ`` (BLOCK_N, BLOCK_K), or its transpose (BLOCK_K, BLOCK_N) when TRANSPOSED.
+
+    ONE_D: ``z`` is the whole (zero-padded) Z tile, already in registers; else D is streamed in chunks of
+    BLOCK_D and ``z`` is unused. C is the head's (K, D) prototype matrix (fp16 and pre-scaled with Z_F16).
+    UPCAST (interpreter, bf16 only): multiply in fp32, as Triton 3.9's interpreter gets ``tl.dot`` of bf16
+    operands wrong; bf16 products are exact in fp32, so this is what the tensor cores compute up to the order of
+    the fp32 sums.
+    """
+    if ONE_D:
+        c = _load_rows(C, cols, col_mask, 0, D, stride_ck, stride_cd, BLOCK_D)  # (BK, BD)
+        if UPCAST:
+            z, c = z.to(tl.float32), c.to(tl.float32)
+        if TRANSPOSED:
+            acc = tl.dot(c, tl.trans(z), input_precision=PRECISION, out_dtype=tl.float32)
+        else:
+            acc = tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
+    else:
+        if TRANSPOSED:
+            acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            zc = _load_z(Z, rows, row_mask, d0, D, stride_zn, stride_zd, z_scale, BLOCK_D, Z_F16)  # (BN, BD)
+            c = _load_rows(C, cols, col_mask, d0, D, stride_ck, stride_cd, BLOCK_D)  # (BK, BD)
+            if UPCAST:
+                zc, c = zc.to(tl.float32), c.to(tl.float32)
+            if TRANSPOSED:
+                acc = tl.dot(c, tl.trans(zc), acc, input_precision=PRECISION, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(zc, tl.trans(c), acc, input_precision=PRECISION, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _load_bias(BIAS, cols, col_mask, HAS_BIAS: tl.constexpr):
+    """bias[cols] as fp32 (BLOCK_K,), 0 without a bias; -inf past K (so padded clusters never count)."""
+    if HAS_BIAS:
+        return tl.load(BIAS + cols, mask=col_mask, other=float("-inf"))
+    return tl.where(col_mask, 0.0, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cluster LSE: two sweeps of tile matmuls per row tile, partials per program, fixed-order merge
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _features_partials_kernel(
+    Z,  # (N, D) features, fp32/fp16/bf16, any strides
+    C,  # (H, K, D) prototypes, same dtype, any strides
+    BIAS2,  # (H, K) fp32 bias * inv_eps * log2(e), contiguous (unused when not HAS_BIAS)
+    B,  # (H, K) fp32 cluster potentials, contiguous (unused when not HAS_B)
+    LOGC,  # (N,) fp32 log sample weights
+    PMAX,  # (H, P, K) fp32 out: per-program running max (base 2)
+    PSUM,  # (H, P, K) fp32 out: per-program sum of exp2(. - max)
+    N,
+    K,
+    D,
+    P,
+    stride_zn,
+    stride_zd,
+    stride_ch,
+    stride_ck,
+    stride_cd,
+    scale2,  # inv_eps * log2(e) / (z_scale * c_scale)
+    z_scale,  # power of two applied to Z tiles before fp16 rounding (Z_F16 only)
+    HAS_B: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ONE_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    Z_F16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tl.static_assert(BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    c_head = C + h * stride_ch
+    part_off = (h * P + pid) * K
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    for t in range(pid, n_tiles, P):
+        rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        z = _load_z(Z, rows, row_mask, 0, D, stride_zn, stride_zd, z_scale, BLOCK_D, Z_F16)  # (BN, BD), both sweeps
+        logc2 = tl.load(LOGC + rows, mask=row_mask, other=float("-inf")) * _LOG2E  # (BN,)
+        if HAS_B:
+            # Sweep 1: a = log c - LSE_k(x + b), K streamed in chunks, online along the tile's rows.
+            rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+            rsum = tl.zeros((BLOCK_N,), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                col_mask = cols < K
+                v2 = _load_bias(BIAS2 + h * K, cols, col_mask, HAS_BIAS)
+                v2 += tl.load(B + h * K + cols, mask=col_mask, other=float("-inf")) * _LOG2E  # (BK,)
+                acc = _dot_rows(z, Z, c_head, rows, row_mask, cols, col_mask, D, stride_zn, stride_zd, stride_ck,
+                                stride_cd, z_scale, False, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST,
+                                Z_F16)  # fmt: skip
+                rmax, rsum = _online_lse(rmax, rsum, acc * scale2 + v2[None, :], 1)  # (BN, BK) -> (BN,)
+            a2 = _sample_step2(logc2, _lse2(rmax, rsum))
+        else:
+            a2 = logc2  # cold start: a = log c
+        # Sweep 2: the tile's terms x + a, transposed (clusters x samples), reduced along the samples and
+        # merged into this program's partials for the chunk. The bias is constant along that axis: it is
+        # added to the (BK,) tile max only.
+        a2_t = a2[None, :]  # (1, BN)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_mask = cols < K
+            acc_t = _dot_rows(z, Z, c_head, rows, row_mask, cols, col_mask, D, stride_zn, stride_zd, stride_ck,
+                              stride_cd, z_scale, True, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST,
+                              Z_F16)  # fmt: skip
+            y2 = acc_t * scale2 + a2_t  # (BK, BN)
+            tmax = tl.max(y2, 1)
+            tsum = tl.sum(tl.exp2(y2 - _finite_or_zero(tmax)[:, None]), 1)
+            tmax += _load_bias(BIAS2 + h * K, cols, col_mask, HAS_BIAS)  # (BK,)
+            # On this program's first tile its partials are not written yet (a (BK,) test: the interpreter
+            # turns a scalar bool & a bool tensor into integers).
+            seen = col_mask & (tl.full((BLOCK_K,), t, tl.int32) != pid)
+            pm = tl.load(PMAX + part_off + cols, mask=seen, other=float("-inf"))
+            ps = tl.load(PSUM + part_off + cols, mask=seen, other=0.0)
+            m_new = tl.maximum(pm, tmax)
+            shift = _finite_or_zero(m_new)
+            ps = ps * tl.exp2(pm - shift) + tsum * tl.exp2(tmax - shift)
+            tl.store(PMAX + part_off + cols, m_new, mask=col_mask)
+            tl.store(PSUM + part_off + cols, ps, mask=col_mask)
+        # The next tile's sweep 2 reads these partials back, possibly from other threads of the program.
+        tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Read-out: labels, codes and the transport score, per row tile
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _score_tile(
+    z, Z, c_head, BIAS, B, rows, row_mask, k0, K, D, stride_zn, stride_zd, stride_ck, stride_cd, inv_eps,
+    z_scale, dot_scale, HAS_BIAS: tl.constexpr, ONE_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Z_F16: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(s, x) for clusters k0:k0+BLOCK_K: s = Z Cᵀ + bias (BN, BK), x = s * inv_eps + b; -inf past K."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    s = _dot_rows(z, Z, c_head, rows, row_mask, cols, col_mask, D, stride_zn, stride_zd, stride_ck, stride_cd,
+                  z_scale, False, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST, Z_F16)  # fmt: skip
+    if Z_F16:
+        s = s * dot_scale  # undo the power-of-two input scales: exact
+    s = s + _load_bias(BIAS, cols, col_mask, HAS_BIAS)[None, :]
+    x = s * inv_eps + tl.load(B + cols, mask=col_mask, other=float("-inf"))[None, :]
+    return s, x
+
+
+@triton.jit
+def _features_readout_kernel(
+    Z,  # (N, D) features
+    C,  # (H, K, D) prototypes
+    BIAS,  # (H, K) fp32 bias, contiguous (unused when not HAS_BIAS)
+    B,  # (H, K) fp32 potentials, contiguous
+    LABELS,  # (H, N) int64 out
+    CODES,  # (H, N, K) fp32 out, contiguous (unused when not WANT_CODES)
+    ROWSCORE,  # (H, N) fp32 out: sum_k codes[j, k] S[j, k] (unused when not WANT_SCORE)
+    N,
+    K,
+    D,
+    stride_zn,
+    stride_zd,
+    stride_ch,
+    stride_ck,
+    stride_cd,
+    inv_eps,
+    z_scale,  # power of two applied to Z tiles before fp16 rounding (Z_F16 only)
+    dot_scale,  # 1 / (z_scale * c_scale) (Z_F16 only)
+    HAS_BIAS: tl.constexpr,
+    WANT_CODES: tl.constexpr,
+    WANT_SCORE: tl.constexpr,
+    ONE_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    Z_F16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tl.static_assert(BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h = tl.program_id(1).to(tl.int64)
+    row_mask = rows < N
+    c_head = C + h * stride_ch
+    bias_h = BIAS + h * K
+    b_h = B + h * K
+    z = _load_z(Z, rows, row_mask, 0, D, stride_zn, stride_zd, z_scale, BLOCK_D, Z_F16)
+    # Sweep 1: argmax of x (lowest index on ties) and the base-2 running (max, sum) of its softmax.
+    rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    rsum = tl.zeros((BLOCK_N,), tl.float32)
+    best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    label = tl.zeros((BLOCK_N,), tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        _, x = _score_tile(z, Z, c_head, bias_h, b_h, rows, row_mask, k0, K, D, stride_zn, stride_zd,
+                           stride_ck, stride_cd, inv_eps, z_scale, dot_scale, HAS_BIAS, ONE_D, PRECISION,
+                           UPCAST, Z_F16, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+        chunk_best = tl.max(x, 1)
+        chunk_label = tl.argmax(x, 1, tie_break_left=True).to(tl.int64) + k0
+        label = tl.where(chunk_best > best, chunk_label, label)  # strict: an earlier chunk wins ties
+        best = tl.maximum(best, chunk_best)
+        rmax, rsum = _online_lse(rmax, rsum, x * _LOG2E, 1)
+    tl.store(LABELS + h * N + rows, label, mask=row_mask)
+    if WANT_CODES or WANT_SCORE:
+        # Sweep 2: the softmax itself, recomputed chunk by chunk; codes written exactly once.
+        shift = _finite_or_zero(rmax)[:, None]
+        inv_sum = 1.0 / tl.where(row_mask, rsum, 1.0)  # (BN,); rsum > 0 on every real row
+        out_rows = CODES + (h * N + rows.to(tl.int64))[:, None] * K
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            s, x = _score_tile(z, Z, c_head, bias_h, b_h, rows, row_mask, k0, K, D, stride_zn, stride_zd,
+                               stride_ck, stride_cd, inv_eps, z_scale, dot_scale, HAS_BIAS, ONE_D, PRECISION,
+                               UPCAST, Z_F16, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+            weight = tl.exp2(x * _LOG2E - shift)  # (BN, BK)
+            if WANT_CODES:
+                cols = k0 + tl.arange(0, BLOCK_K)
+                tl.store(
+                    out_rows + cols[None, :], weight * inv_sum[:, None], mask=row_mask[:, None] & (cols < K)[None, :]
+                )
+            if WANT_SCORE:
+                acc += tl.sum(weight * tl.where(s == float("-inf"), 0.0, s), 1)  # an unreachable pair: no mass
+        if WANT_SCORE:
+            tl.store(ROWSCORE + h * N + rows, acc * inv_sum, mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch heuristics and host launchers
+# ----------------------------------------------------------------------------------------------------
+
+# Tiles of the GPU launch, (BLOCK_N, BLOCK_K, num_warps, num_stages) per input itemsize, at D <= 128. Chosen from
+# sm_90 cubins compiled offline (Triton 3.9, contiguous inputs): bf16/fp16 128x64, 8 warps, 3 stages: 112
+# registers, 82 KB shared memory; fp32 64x64, 8 warps, 2 stages: 101 registers, 99 KB. No spills, two programs per
+# SM, wgmma with the Z tile in shared memory for both sweeps and the prototype chunks prefetched by cp.async.
+# (fp32 with 4 warps needs 245 registers; 3 stages need 131 KB, one program per SM.) A row tile of 128 samples
+# gives each prototype chunk read from L2 128 FLOPs per byte (16-bit). Not yet timed on a GPU:
+# ``benchmarks/gpu_features.py`` sweeps the alternatives.
+# fp32 features rounded to fp16 in the kernel ("fp16" precision): the fp32 Z tile costs registers while it is
+# converted; 128x64 needs 191-199 registers at 8 warps (one program per SM), 128x32 needs 128 (two).
+GPU_TILES = {2: (128, 64, 8, 3), 4: (64, 64, 8, 2), "fp32>fp16": (128, 32, 8, 3)}
+# Largest D kept whole in shared memory for a row tile (and one stage fewer past 128, to fit: bf16 D = 256 needs
+# 131 KB, fp32 198 KB); beyond it D is streamed in chunks of STREAM_D and Z is re-read per prototype chunk.
+MAX_ONE_D = 256
+STREAM_D = 64
+# Programs per SM of the persistent cluster-LSE grid: what the register and shared-memory budgets above allow.
+PROGRAMS_PER_SM = 2
+
+
+@dataclass(frozen=True)
+class FeaturesLaunch:
+    """How the features kernels tile Z (N, D) and C (H, K, D); ``n_programs``: P per head."""
+
+    block_n: int
+    block_k: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    n_programs: int
+
+    def one_d(self, d: int) -> bool:
+        return self.block_d >= d
+
+    def row_tiles(self, n: int) -> int:
+        return -(-n // self.block_n)
+
+
+def features_launch(
+    n: int,
+    k: int,
+    d: int,
+    h: int,
+    itemsize: int,
+    device: torch.device,
+    *,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    block_d: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    n_programs: int | None = None,
+    z_fp32_to_fp16: bool = False,
+) -> FeaturesLaunch:
+    """Tile sizes and grid for N samples, K clusters, D features, H heads; keyword overrides for tests and sweeps.
+
+    Tiles are never below 16 (``tl.dot``); under the interpreter they are 16 (fast, and every mask is hit).
+    ``itemsize``: of the tensor-core operands (the prototypes'); ``z_fp32_to_fp16``: fp32 features rounded to fp16
+    in the kernel (``prepare_fp16``).
+    """
+    gpu_n, gpu_k, gpu_warps, gpu_stages = GPU_TILES["fp32>fp16" if z_fp32_to_fp16 else 4 if itemsize >= 4 else 2]
+    small = interpreting()
+    if block_n is None:
+        block_n = 16 if small else min(gpu_n, max(16, next_power_of_2(n)))
+    if block_k is None:
+        block_k = 16 if small else min(gpu_k, max(16, next_power_of_2(k)))
+    if block_d is None:
+        block_d = max(16, next_power_of_2(d)) if d <= MAX_ONE_D else STREAM_D
+    if block_d > 128 and not small:
+        gpu_stages = 2
+    n_tiles = -(-n // block_n)
+    if n_programs is None:
+        n_programs = -(-sm_count(device) * PROGRAMS_PER_SM // h)
+    n_programs = max(1, min(n_programs, n_tiles))
+    return FeaturesLaunch(block_n, block_k, block_d, num_warps or gpu_warps, num_stages or gpu_stages, n_programs)
+
+
+@dataclass
+class FeaturesWorkspace:
+    """Buffers reused across ``features_cluster_lse`` calls: an iteration allocates nothing but its (H, K)
+    output, so a solve can be captured in a CUDA graph. Size ``2 H P K`` fp32, independent of N."""
+
+    launch: FeaturesLaunch
+    pmax: torch.Tensor  # (H, P, K) fp32
+    psum: torch.Tensor  # (H, P, K) fp32
+
+    @classmethod
+    def for_inputs(
+        cls, features: torch.Tensor, prototypes: torch.Tensor, launch: FeaturesLaunch | None = None
+    ) -> FeaturesWorkspace:
+        n, d, h, k = _check_inputs(features, prototypes)
+        mixed = _fp16_mode(features, prototypes)
+        launch = launch or features_launch(n, k, d, h, prototypes.element_size(), features.device, z_fp32_to_fp16=mixed)
+        p = launch.n_programs
+        pmax = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
+        psum = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
+        return cls(launch, pmax, psum)
+
+
+def _check_inputs(features: torch.Tensor, prototypes: torch.Tensor) -> tuple[int, int, int, int]:
+    if features.dim() != 2:
+        raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
+    if prototypes.dim() != 3:
+        raise ValueError(f"prototypes must be (H, K, D), got shape {tuple(prototypes.shape)}")
+    if features.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"features must be float32, float16 or bfloat16, got {features.dtype}")
+    if prototypes.dtype != features.dtype and not _fp16_mode(features, prototypes):
+        raise TypeError(
+            f"prototypes ({prototypes.dtype}) must have the features' dtype ({features.dtype}), or be the fp16 "
+            "prototypes of prepare_fp16 for fp32 features"
+        )
+    n, d = features.shape
+    h, k, d2 = prototypes.shape
+    if d2 != d:
+        raise ValueError(f"features have D = {d} but prototypes have D = {d2}")
+    return n, d, h, k
+
+
+def _vector(x: torch.Tensor | None, h: int, k: int, name: str) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if x.shape != (h, k):
+        raise ValueError(f"{name} must be (H, K) = ({h}, {k}), got {tuple(x.shape)}")
+    return x.to(torch.float32).contiguous()  # no-op (no launch) when already fp32 and contiguous
+
+
+def _precision(input_precision: str) -> str:
+    """The ``tl.dot`` option: "fp16" multiplies fp16 operands, for which tl.dot ignores it."""
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    return "tf32" if input_precision == "fp16" else input_precision
+
+
+def _fp16_mode(features: torch.Tensor, prototypes: torch.Tensor) -> bool:
+    """fp32 features with fp16 prototypes: the kernels round Z tiles to fp16 (``prepare_fp16``)."""
+    return features.dtype == torch.float32 and prototypes.dtype == torch.float16
+
+
+def _pow2_scale(x: torch.Tensor) -> float:
+    """A power of two s with max|x| * s in [128, 256): far from fp16's overflow (65504) and its subnormals (2^-14)."""
+    top = float(x.abs().max()) if x.numel() else 0.0
+    return 2.0 ** (7 - math.floor(math.log2(top))) if math.isfinite(top) and top > 0 else 1.0
+
+
+def prepare_fp16(features: torch.Tensor, prototypes: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
+    """fp32 inputs, ``input_precision="fp16"``: ``(C16, (z_scale, c_scale))``, C16 = C * c_scale rounded to fp16.
+
+    Pass C16 as the prototypes and the scales to the launchers with the fp32 features: the kernels round each Z tile
+    to fp16 after scaling it by ``z_scale`` and divide the fp32 products by ``z_scale * c_scale`` (powers of two:
+    exact). fp16 keeps 10 mantissa bits like tf32 and rounds to nearest (tf32 tensor cores truncate the fp32
+    operand), and the scales keep every entry within 2^22 of the largest one out of fp16's subnormals, so scores are
+    as accurate as with tf32, at the fp16 tensor-core rate (twice tf32's on an H100) and half the shared memory.
+    Costs one pass over Z and C and a host synchronisation: do it once per problem, not per iteration.
+    """
+    z_scale, c_scale = _pow2_scale(features), _pow2_scale(prototypes)
+    return (prototypes.float() * c_scale).to(torch.float16).contiguous(), (z_scale, c_scale)
+
+
+def _upcast(features: torch.Tensor) -> bool:
+    """bf16 under the interpreter: multiply in fp32 (see ``_dot_rows``)."""
+    return interpreting() and features.dtype == torch.bfloat16
+
+
+def _options(cfg: FeaturesLaunch) -> dict:
+    return {} if interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def features_cluster_lse(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    bias2: torch.Tensor | None,
+    b: torch.Tensor | None,
+    log_c: torch.Tensor,
+    inv_eps: float,
+    *,
+    input_precision: str = "tf32",
+    scales: tuple[float, float] = (1.0, 1.0),
+    workspace: FeaturesWorkspace | None = None,
+) -> torch.Tensor:
+    """``L[h, k] = LSE_j(S[h, j, k] * inv_eps + a[h, j])``, ``a = log_c - LSE_k(S * inv_eps + b)``, ``S = Z Cᵀ + bias``.
+
+    features (N, D), prototypes (H, K, D): same dtype (fp32/fp16/bf16), any strides. ``bias2`` (H, K) fp32:
+    the bias pre-scaled as ``bias * inv_eps * log2(e)`` (``None``: no bias). b (H, K) or None (cold start:
+    ``a = log_c``); log_c (N,) fp32, -inf for a zero-weight sample. ``input_precision`` applies to fp32
+    inputs ("tf32" tensor cores, "ieee" exact fp32); for "fp16" pass fp32 features with the fp16 prototypes and
+    the ``scales`` of ``prepare_fp16``. Returns (H, K) fp32, -inf for an unreachable cluster.
+    Two launches, no host synchronisation, bitwise deterministic for a given workspace.
+    """
+    n, d, h, k = _check_inputs(features, prototypes)
+    ws = workspace or FeaturesWorkspace.for_inputs(features, prototypes)
+    cfg = ws.launch
+    log_c = log_c.to(torch.float32).contiguous()
+    b = _vector(b, h, k, "b")
+    bias2 = _vector(bias2, h, k, "bias2")
+    dummy = log_c  # any fp32 pointer for an argument the kernel never reads
+    z_f16, (z_scale, c_scale) = _fp16_mode(features, prototypes), scales
+    _features_partials_kernel[(cfg.n_programs, h)](
+        features, prototypes, dummy if bias2 is None else bias2, dummy if b is None else b, log_c, ws.pmax, ws.psum,
+        n, k, d, cfg.n_programs, *features.stride(), *prototypes.stride(),
+        float(inv_eps) * LOG2E / (z_scale * c_scale), float(z_scale),
+        HAS_B=b is not None, HAS_BIAS=bias2 is not None, ONE_D=cfg.one_d(d), PRECISION=_precision(input_precision),
+        UPCAST=_upcast(features), Z_F16=z_f16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+        **_options(cfg),
+    )  # fmt: skip
+    out = torch.empty((h, k), dtype=torch.float32, device=features.device)
+    merge_options = {} if interpreting() else {"num_warps": 4}
+    _merge_partials_kernel[(triton.cdiv(k, _MERGE_BLOCK), h)](
+        ws.pmax, ws.psum, out, cfg.n_programs, k, BLOCK=_MERGE_BLOCK, **merge_options
+    )
+    return out
+
+
+def _readout(features, prototypes, bias, b, inv_eps, want_codes, want_score, input_precision, scales, launch):
+    n, d, h, k = _check_inputs(features, prototypes)
+    mixed = _fp16_mode(features, prototypes)
+    cfg = launch or features_launch(n, k, d, h, prototypes.element_size(), features.device, z_fp32_to_fp16=mixed)
+    b = _vector(b, h, k, "b")
+    bias = _vector(bias, h, k, "bias")
+    labels = torch.empty((h, n), dtype=torch.int64, device=features.device)
+    codes = torch.empty((h, n, k), dtype=torch.float32, device=features.device) if want_codes else None
+    rows = torch.empty((h, n), dtype=torch.float32, device=features.device) if want_score else None
+    _features_readout_kernel[(cfg.row_tiles(n), h)](
+        features, prototypes, b if bias is None else bias, b, labels, labels if codes is None else codes,
+        b if rows is None else rows, n, k, d, *features.stride(), *prototypes.stride(), float(inv_eps),
+        float(scales[0]), 1.0 / (scales[0] * scales[1]),
+        HAS_BIAS=bias is not None, WANT_CODES=want_codes, WANT_SCORE=want_score, ONE_D=cfg.one_d(d),
+        PRECISION=_precision(input_precision), UPCAST=_upcast(features), Z_F16=_fp16_mode(features, prototypes),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, **_options(cfg),
+    )  # fmt: skip
+    return labels, codes, rows
+
+
+def features_assign(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    bias: torch.Tensor | None,
+    b: torch.Tensor,
+    inv_eps: float,
+    want_codes: bool,
+    *,
+    input_precision: str = "tf32",
+    scales: tuple[float, float] = (1.0, 1.0),
+    launch: FeaturesLaunch | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """labels (H, N) int64 ``= argmax_k(S * inv_eps + b)`` (lowest index on ties), ``S = Z Cᵀ + bias`` with
+    bias (H, K) or None, and when asked codes (H, N, K) fp32 ``= softmax_k(S * inv_eps + b)``: the only K×N
+    memory ever written, and only on request."""
+    labels, codes, _ = _readout(
+        features, prototypes, bias, b, inv_eps, want_codes, False, input_precision, scales, launch
+    )
+    return labels, codes
+
+
+def features_transport_score(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    bias: torch.Tensor | None,
+    b: torch.Tensor,
+    log_c: torch.Tensor,
+    inv_eps: float,
+    *,
+    input_precision: str = "tf32",
+    scales: tuple[float, float] = (1.0, 1.0),
+    launch: FeaturesLaunch | None = None,
+) -> torch.Tensor:
+    """``<P, S>`` per head (H,) float64: ``sum_jk exp(log_c[j]) codes[j, k] S[j, k]``, -inf pairs skipped.
+
+    Each row's ``sum_k codes S`` is an fp32 kernel output; the weighted sum over rows is float64.
+    """
+    _, _, rows = _readout(features, prototypes, bias, b, inv_eps, False, True, input_precision, scales, launch)
+    weights = log_c.to(torch.float64).exp()  # (N,); exp(-inf) = 0 drops zero-weight samples
+    return (rows.to(torch.float64) * weights).sum(-1)
