@@ -34,8 +34,16 @@ import torch.distributed as dist
 from .backends import make_operator, resolve_backend
 from .backends.base import ScoreOperator
 from .problem import Problem, as_tensor, check_epsilon, check_scores, check_weights
-from .result import ConvergenceWarning, SinkhornResult
-from .solver import DEFAULT_MAX_ITER, DEFAULT_TOL, check_init, check_iterations, package_result, run_sinkhorn
+from .result import SinkhornResult
+from .solver import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    check_init,
+    check_iterations,
+    package_result,
+    run_sinkhorn,
+    warn_if_not_converged,
+)
 from .streaming import check_columns, check_rows
 
 __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
@@ -202,14 +210,8 @@ def sinkhorn_assign_sharded(
     check_columns(shared[:, : h * k].amax(dim=0).view(h, k).to(device), r)
     sharded = ShardedOperator(operator, comm)
     out = run_sinkhorn(sharded, r, init, max_iter, tol, over_relaxation, callback=callback)
-    if tol is not None and not out.converged and warn:
-        warnings.warn(
-            f"sinkhorn_assign_sharded did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after "
-            f"{max_iter} iterations (epsilon={epsilon:g}). Raise max_iter, raise epsilon, or warm-start with "
-            "init=<previous result>.",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+    if warn:
+        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, max_iter, epsilon)
     return package_result(problem, sharded, out)
 
 

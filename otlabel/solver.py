@@ -163,9 +163,12 @@ def check_iterations(max_iter, tol, over_relaxation) -> None:
 
 
 def sinkhorn_assign(
-    scores,
+    scores=None,
     epsilon: float = 0.05,
     *,
+    features=None,
+    prototypes=None,
+    bias=None,
     cluster_weights=None,
     sample_weights=None,
     max_iter: int = DEFAULT_MAX_ITER,
@@ -174,6 +177,7 @@ def sinkhorn_assign(
     backend: str = "auto",
     over_relaxation: float = 1.0,
     epsilon_scaling: float | None = None,
+    allow_tf32: bool = True,
     warn: bool = True,
 ) -> SinkhornResult:
     r"""Balanced assignment of N samples to K clusters by entropic optimal transport.
@@ -189,6 +193,11 @@ def sinkhorn_assign(
             (any device) or NumPy array of float16/bfloat16/float32/float64; higher is better. ``-inf`` marks
             a forbidden pair.
         epsilon: temperature ``> 0`` in the units of the scores. Smaller is harder and slower to converge.
+        features, prototypes, bias: instead of ``scores``, features ``Z`` (N, D) and prototypes ``C`` (K, D) (or
+            (H, K, D) for H heads), optionally a per-cluster ``bias`` (K,)/(H, K): the scores ``Z C^T + bias`` are
+            computed tile by tile and never stored (see :mod:`otlabel.features`). ``Z`` may also be a NumPy array,
+            a memmap or a ``.npy`` path (streamed from the host). ``allow_tf32`` (CUDA, fp32 inputs): multiply on
+            tf32 tensor cores (scores good to ~1e-3 relative) or, with ``False``, in exact fp32.
         cluster_weights: ``(K,)`` non-negative, summing to 1 (default uniform ``1/K``): each cluster's share.
             Zero is allowed (the cluster gets nothing).
         sample_weights: ``(N,)`` non-negative, summing to 1 (default uniform ``1/N``).
@@ -214,6 +223,17 @@ def sinkhorn_assign(
         >>> torch.bincount(res.labels, minlength=10).tolist()  # doctest: +SKIP
         [100, 100, 100, 100, 100, 100, 100, 100, 100, 100]
     """
+    if features is not None or prototypes is not None or bias is not None:
+        if scores is not None:
+            raise ValueError("give either scores, or features= with prototypes= — not both.")
+        from .features import assign_features
+
+        solve = dict(cluster_weights=cluster_weights, sample_weights=sample_weights, max_iter=max_iter, tol=tol,
+                     init=init, over_relaxation=over_relaxation, warn=warn)  # fmt: skip
+        return assign_features(features, prototypes, bias, epsilon, backend=backend, epsilon_scaling=epsilon_scaling,
+                               allow_tf32=allow_tf32, **solve)  # fmt: skip
+    if scores is None:
+        raise TypeError("sinkhorn_assign needs scores (N, K), or features= with prototypes=.")
     problem = validate(scores, epsilon, cluster_weights, sample_weights)
     check_iterations(max_iter, tol, over_relaxation)
     if epsilon_scaling is not None and not (isinstance(epsilon_scaling, float) and 0 < epsilon_scaling < 1):
@@ -227,16 +247,23 @@ def sinkhorn_assign(
         operator, out = run_with_epsilon_scaling(
             problem, backend, init, max_iter, tol, over_relaxation, epsilon_scaling
         )
-    if tol is not None and not out.converged and warn:
-        warnings.warn(
-            f"sinkhorn_assign did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after "
-            f"{max_iter} iterations (epsilon={problem.epsilon:g}). Raise max_iter, raise epsilon, or warm-start "
-            "with init=<previous result>. If the scores carry -inf masks, the masked problem may have no balanced "
-            "plan at all: check that every group of clusters can reach enough samples.",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+    if warn:
+        warn_if_not_converged("sinkhorn_assign", out, tol, max_iter, problem.epsilon)
     return package_result(problem, operator, out)
+
+
+def warn_if_not_converged(caller: str, out: LoopOutput, tol, max_iter: int, epsilon: float) -> None:
+    """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached."""
+    if tol is None or out.converged:
+        return
+    warnings.warn(
+        f"{caller} did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after {max_iter} iterations "
+        f"(epsilon={epsilon:g}). Raise max_iter, raise epsilon, or warm-start with init=<previous result>. If the "
+        "scores carry -inf masks, the masked problem may have no balanced plan at all: check that every group of "
+        "clusters can reach enough samples.",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
 
 
 def package_result(problem, operator: ScoreOperator, out: LoopOutput) -> SinkhornResult:

@@ -31,8 +31,8 @@ import torch
 
 from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, split_rows, worker_pool
 from .problem import FLOAT_DTYPES, _first_index, check_epsilon, check_weights
-from .result import ConvergenceWarning, SinkhornResult
-from .solver import DEFAULT_MAX_ITER, DEFAULT_TOL, check_init, check_iterations, run_sinkhorn
+from .result import SinkhornResult
+from .solver import DEFAULT_MAX_ITER, DEFAULT_TOL, check_init, check_iterations, run_sinkhorn, warn_if_not_converged
 from .sources import ScoreSource
 
 __all__ = ["FeatureSource", "HostSource", "StreamingOperator", "default_memory_budget", "sinkhorn_assign_stream"]
@@ -552,14 +552,8 @@ def sinkhorn_assign_stream(
         labels, codes = operator.assign(out.potentials, want_codes=codes is not None)
     finally:
         source.stream.close()  # a speculative prefetch may be in flight
-    if tol is not None and not out.converged and warn:
-        warnings.warn(
-            f"sinkhorn_assign_stream did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after "
-            f"{max_iter} iterations (epsilon={epsilon:g}). Raise max_iter, raise epsilon, or warm-start with "
-            "init=<previous result>.",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+    if warn:
+        warn_if_not_converged("sinkhorn_assign_stream", out, tol, max_iter, epsilon)
     batched = source.batched
     shape = (lambda x: x) if batched else (lambda x: x[0])
     return SinkhornResult(

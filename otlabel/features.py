@@ -1,0 +1,111 @@
+"""Features mode: ``S = Z C^T (+ bias)`` computed tile by tile, never stored (``sinkhorn_assign(features=...)``).
+
+SwAV/DINO scores are cosine similarities of features ``Z`` (N, D) and prototypes ``C`` (K, D); SeLa's heads are
+linear layers on stored activations. At N = 1.28M, K = 3,000 the score matrix is 15 GB in fp32 while its inputs
+are under 1 GB. Routes, chosen like the dense backends:
+
+* CUDA tensors with Triton (``backend="auto"`` or ``"triton"``):
+  :class:`~otlabel.backends.triton.TritonFeaturesOperator`, which recomputes tiles of ``Z C^T`` on tensor
+  cores at every pass; extra memory O(H·P·K + N).
+* otherwise (``"torch"``): the chunked feature source of :func:`otlabel.sinkhorn_assign_stream` — a fused
+  ``baddbmm`` per chunk of samples; extra memory bounded by ``memory_budget`` (default 256 MiB on the CPU).
+* ``"reference"``: materialises ``Z C^T`` in float64 and runs the reference backend (small problems, for checking).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from .backends import _triton_usable
+from .problem import as_tensor, check_epsilon, check_weights
+from .solver import check_init, check_iterations, package_result, run_sinkhorn, warn_if_not_converged
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_scaling, allow_tf32, **solve):
+    """Route a features-mode call (see the module docstring); ``solve`` holds the shared solver options."""
+    if prototypes is None:
+        raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
+    if epsilon_scaling is not None:
+        raise ValueError("epsilon_scaling is not available with features= yet; use over_relaxation= or init=.")
+    if backend == "reference":
+        from .solver import sinkhorn_assign
+
+        return sinkhorn_assign(dense_scores(features, prototypes, bias), epsilon, backend="reference", **solve)
+    z = features if isinstance(features, torch.Tensor) else None
+    use_kernel = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)
+    if backend == "triton" and not use_kernel:
+        raise RuntimeError(
+            "backend='triton' with features needs fp32/fp16/bf16 CUDA tensors and Triton (or TRITON_INTERPRET=1). "
+            "Use backend='torch' for the chunked CPU path."
+        )
+    if backend == "triton" or (backend == "auto" and use_kernel and z.is_cuda):
+        return solve_with_kernel(z, prototypes, bias, epsilon, allow_tf32=allow_tf32, **solve)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'triton'), got {backend!r}.")
+    from .streaming import sinkhorn_assign_stream
+
+    device = z.device if z is not None else None
+    return sinkhorn_assign_stream(
+        features=features, prototypes=prototypes, bias=bias, epsilon=epsilon, device=device, **solve
+    )
+
+
+def dense_scores(features, prototypes, bias) -> torch.Tensor:
+    """``Z C^T + bias`` in float64: (N, K), or (H, N, K) for (H, K, D) prototypes."""
+    z, c = as_tensor(features, "features").double(), as_tensor(prototypes, "prototypes").double()
+    scores = torch.matmul(z, c.transpose(-1, -2))  # (N, K) or (H, N, K)
+    if bias is not None:
+        b = as_tensor(bias, "bias").double()
+        scores = scores + (b[:, None, :] if b.ndim == 2 else b)
+    return scores
+
+
+def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torch.Tensor) -> None:
+    """What the kernel cannot check as it goes: finite inputs, and no weighted cluster closed by a -inf bias."""
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("features contain NaN or inf; they must be finite vectors. Fix the model output.")
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("prototypes contain NaN or inf; they must be finite vectors.")
+    if bias is None:
+        return
+    if bool(torch.isnan(bias).any() | torch.isposinf(bias).any()):
+        raise ValueError("bias contains NaN or +inf; only -inf is allowed (it closes a cluster).")
+    closed = torch.isneginf(bias) & (cluster_weights > 0)  # bias (K,) or (H, K)
+    if bool(closed.any()):
+        raise ValueError(
+            "infeasible: a cluster with positive weight has bias -inf, so no sample may go to it. "
+            "Give it weight 0 in cluster_weights, or a finite bias."
+        )
+
+
+def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weights, sample_weights, max_iter, tol,
+                      init, over_relaxation, warn):  # fmt: skip
+    from .backends.triton import TritonFeaturesOperator
+
+    epsilon = check_epsilon(epsilon)
+    check_iterations(max_iter, tol, over_relaxation)
+    if z.ndim != 2 or z.numel() == 0:
+        raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(z.shape)}.")
+    c = as_tensor(prototypes, "prototypes").to(device=z.device, dtype=z.dtype)
+    batched = c.ndim == 3
+    c3 = c if batched else c.unsqueeze(0)  # (H, K, D)
+    if c3.ndim != 3 or c3.shape[-1] != z.shape[1] or c3.numel() == 0:
+        raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {z.shape[1]}, got {tuple(c.shape)}.")
+    h, k, _ = c3.shape
+    n = z.shape[0]
+    r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", z.device)
+    w = check_weights(sample_weights, n, "sample_weights", "number of samples N", z.device)
+    bias_t = None if bias is None else as_tensor(bias, "bias").to(device=z.device, dtype=torch.float32)
+    check_features(z, c3, bias_t, r)
+    operator = TritonFeaturesOperator(z, c3, bias_t, epsilon, w, allow_tf32=allow_tf32)
+    problem = types.SimpleNamespace(
+        shape=(h, n, k), scores=z, cluster_weights=r, sample_weights=w, epsilon=epsilon, batched=batched
+    )
+    out = run_sinkhorn(operator, r, check_init(init, problem, operator.dtype), max_iter, tol, over_relaxation)
+    if warn:
+        warn_if_not_converged("sinkhorn_assign", out, tol, max_iter, epsilon)
+    return package_result(problem, operator, out)

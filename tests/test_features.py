@@ -1,0 +1,92 @@
+"""sinkhorn_assign(features=, prototypes=): equal to the dense solve on Z @ C.T, with bounded memory."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import assert_close
+
+from otlabel import sinkhorn_assign
+
+
+def normalised(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+@pytest.mark.parametrize("heads, with_bias", [(None, False), (None, True), (2, True)])
+def test_torch_features_equal_dense(heads, with_bias):
+    z = normalised(301, 24, 60)  # N not a multiple of any chunk
+    c = normalised(17 * (heads or 1), 24, 61)
+    c = c if heads is None else c.view(heads, 17, 24)
+    bias = 0.1 * torch.randn(c.shape[:-1]) if with_bias else None
+    dense = torch.matmul(z, c.transpose(-1, -2)) + (0 if bias is None else bias[..., None, :])
+    got = sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=0.05, tol=1e-6, backend="torch")
+    want = sinkhorn_assign(dense, 0.05, tol=1e-6)
+    ref = sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=0.05, tol=1e-9, backend="reference")
+    assert got.converged and got.labels.shape == want.labels.shape
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.labels, ref.labels)
+    assert_close(got.codes, want.codes, atol=1e-5, what="features vs dense codes")
+    assert_close(got.codes, ref.codes, atol=1e-4, what="features vs reference codes")
+
+
+def test_triton_features_through_sinkhorn_assign():
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU tensors
+    z, c = normalised(70, 16, 62), normalised(9, 16, 63)
+    got = sinkhorn_assign(features=z.to(device), prototypes=c.to(device), epsilon=0.05, tol=1e-5, backend="triton",
+                          allow_tf32=False)  # fmt: skip
+    want = sinkhorn_assign(z.double() @ c.double().T, 0.05, tol=1e-9, backend="reference")
+    assert got.converged and torch.equal(got.labels.cpu(), want.labels)
+    assert_close(got.codes.cpu(), want.codes, atol=1e-4, what="triton features codes")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(features=torch.full((5, 3), float("nan")), prototypes=torch.randn(2, 3)), ValueError, ["NaN"]),
+        (dict(features=torch.randn(5, 3), prototypes=torch.randn(2, 4)), ValueError, ["prototypes", "D = 3"]),
+        (dict(features=torch.randn(5, 3)), ValueError, ["prototypes"]),
+        (dict(scores=torch.randn(5, 2), features=torch.randn(5, 3), prototypes=torch.randn(2, 3)), ValueError,
+         ["either"]),
+        (dict(), TypeError, ["scores"]),
+    ],
+)  # fmt: skip
+def test_features_bad_input(kwargs, error, words):
+    with pytest.raises(error) as info:
+        sinkhorn_assign(epsilon=0.05, **kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+PEAK_SCRIPT = textwrap.dedent(
+    """
+    import resource, torch
+    from otlabel import sinkhorn_assign
+    n, k, d = {n}, {k}, 32
+    z = torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(k, d), dim=1)
+    sinkhorn_assign(features=z[:1000], prototypes=c, epsilon=0.05, max_iter=2, tol=None)  # warm up the code paths
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, peak so far
+    res = sinkhorn_assign(features=z, prototypes=c, epsilon=0.05, max_iter=5, tol=None)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert res.labels.shape == (n,)
+    print((after - before) * 1024)
+    """
+)
+
+
+def test_torch_features_peak_memory_far_below_the_score_matrix():
+    """Peak RSS growth of a features solve, measured in a fresh process, against N·K·4 bytes of scores."""
+    n, k = 100_000, 1000
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT.format(n=n, k=k)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    extra = int(out.stdout.strip().splitlines()[-1])
+    dense_bytes = n * k * 4
+    assert extra < dense_bytes / 10, (
+        f"peak grew by {extra / 2**20:.0f} MiB; the score matrix is {dense_bytes >> 20} MiB"
+    )
