@@ -275,14 +275,14 @@ class FeatureSource(ScoreSource):
         s = torch.matmul(z, self.proto_t)  # (H, T, K)
         return s if self.bias is None else s.add_(self.bias)
 
-    def shifted(self, rows: slice, b: torch.Tensor, inv_eps: float) -> torch.Tensor:
-        """``S / eps + b`` for a chunk, (H, T, K) fp32, in one fused matmul (``baddbmm``)."""
+    def shifted(self, rows: slice, b: torch.Tensor, inv_eps: float, out=None) -> torch.Tensor:
+        """``S / eps + b`` for a chunk, (H, T, K) fp32, in one fused matmul (``baddbmm``), into ``out`` if given."""
         z = self.stream.get(rows)[0].float()  # (T, D)
         shift = b.float()[:, None, :]  # (H, 1, K)
         if self.bias is not None:
             shift = shift + self.bias * inv_eps
         h, t = self.n_heads, z.shape[0]
-        return torch.baddbmm(shift.expand(h, t, -1), z.expand(h, -1, -1), self.proto_t, alpha=inv_eps)
+        return torch.baddbmm(shift.expand(h, t, -1), z.expand(h, -1, -1), self.proto_t, alpha=inv_eps, out=out)
 
     def column_max(self) -> torch.Tensor:
         out = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
@@ -372,23 +372,28 @@ class StreamingOperator(LogDomainOperator):
             wait(futures)  # every range finishes inside the context, even when one fails
         return [f.result() for f in futures]  # the first range's error first: the first bad sample is reported
 
-    def shifted(self, rows, b):
+    def shifted(self, rows, b, out=None):
         if hasattr(self.source, "shifted"):  # features: S / eps + b fused into the matmul
-            return self.source.shifted(rows, b, self.inv_eps)
-        return super().shifted(rows, b)
+            return self.source.shifted(rows, b, self.inv_eps, out=out)
+        return super().shifted(rows, b, out=out)
 
     def _checked_partials(self, lo, hi, with_lse):
-        """Rows ``[lo, hi)``: the row checks, the column maxima and (cold start, ``a = log c``) the partial
-        ``LSE_j(S / eps + log c_j)`` of every chunk."""
-        col_max = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
+        """Rows ``[lo, hi)``: the row checks, the column maxima (of ``S / eps``: only their ``-inf`` entries are
+        used) and (cold start, ``a = log c``) the partial ``LSE_j(S / eps + log c_j)`` of every chunk. Works in
+        place in one buffer per range, like the iterations."""
+        col_max = torch.full((self.n_heads, self.n_clusters), NEG_INF, dtype=self.dtype, device=self.device)
+        zeros = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
+        buffer = self.work_buffer(lo, hi)
         partials = []
         for rows in self.chunks(lo, hi):
-            s = self.source.chunk(rows)  # (H, T, K)
-            check_rows(s, self.r, rows.start)
-            col_max = torch.maximum(col_max, s.amax(dim=1).float())
+            x = self.shifted(rows, zeros, out=buffer(rows))  # S / eps, (H, T, K): NaN and inf where S has them
+            check_rows(x, self.r, rows.start)
+            col_max = torch.maximum(col_max, x.amax(dim=1))
             if with_lse:
-                x = s.to(self.dtype).mul(self.inv_eps).add_(self.log_c[rows][None, :, None])
-                partials.append(torch.logsumexp(x, dim=1))  # (H, K)
+                x.add_(self.log_c[rows][None, :, None])
+                top = x.amax(dim=1, keepdim=True)  # (H, 1, K)
+                top = torch.where(torch.isneginf(top), 0.0, top)  # a column with nothing allowed stays -inf below
+                partials.append(top[:, 0] + x.sub_(top).exp_().sum(dim=1).log())  # (H, K)
         return col_max, partials
 
     def validate(self) -> None:
@@ -418,11 +423,13 @@ class StreamingOperator(LogDomainOperator):
             codes = self.codes_out if self.codes_out is not None else torch.empty((h, n, k), dtype=torch.float32)
 
         def write(lo, hi):  # disjoint rows per range: safe from several threads
+            buffer = self.work_buffer(lo, hi)
             for rows in self.chunks(lo, hi):
-                logits = self.shifted(rows, b)  # (H, T, K)
+                logits = self.shifted(rows, b, out=buffer(rows))  # (H, T, K)
                 labels[:, rows] = logits.argmax(dim=2).cpu()
-                if want_codes:
-                    codes[:, rows] = torch.softmax(logits, dim=2).float().cpu()
+                if want_codes:  # softmax in place: no second chunk-sized temporary
+                    logits.sub_(logits.amax(dim=2, keepdim=True)).exp_()
+                    codes[:, rows] = logits.div_(logits.sum(dim=2, keepdim=True)).cpu()
 
         self.map_ranges(write)
         return labels, codes

@@ -79,9 +79,19 @@ class LogDomainOperator(ScoreOperator):
         futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers, 1)]
         return [f.result() for f in futures]
 
-    def shifted(self, rows: slice, b: torch.Tensor) -> torch.Tensor:
-        """``S / eps + b`` for a chunk of samples in the compute dtype, (H, T, K)."""
-        return torch.add(b[:, None, :], self.source.chunk(rows), alpha=self.inv_eps)
+    def shifted(self, rows: slice, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``S / eps + b`` for a chunk of samples in the compute dtype, (H, T, K), written into ``out`` if given."""
+        return torch.add(b[:, None, :], self.source.chunk(rows), alpha=self.inv_eps, out=out)
+
+    def work_buffer(self, lo: int, hi: int):
+        """A function ``rows -> (H, T, K)`` view into one buffer for a range's chunks: the hot pass allocates
+        once per range instead of once per chunk (no allocator churn: steadier memory, fewer page faults)."""
+        rows = next(iter(self.chunks(lo, hi)), slice(0, 0))
+        flat = torch.empty(self.n_heads * (rows.stop - rows.start) * self.n_clusters, dtype=self.dtype,
+                           device=self.device)  # fmt: skip
+        return lambda r: flat[: self.n_heads * (r.stop - r.start) * self.n_clusters].view(
+            self.n_heads, -1, self.n_clusters
+        )
 
     def reachable(self) -> torch.Tensor:
         """(H, K) bool: clusters some sample may go to (one pass, computed once)."""
@@ -100,8 +110,9 @@ class LogDomainOperator(ScoreOperator):
     def _column_sums(self, b, lo, hi):
         """``sum_j e_jk c_j / sum_k' e_jk'`` over rows ``[lo, hi)``, with ``e = exp(S/eps + b - rowmax)``."""
         sums = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
+        buffer = self.work_buffer(lo, hi)
         for rows in self.chunks(lo, hi):
-            e = self.shifted(rows, b)  # (H, T, K)
+            e = self.shifted(rows, b, out=buffer(rows))  # (H, T, K)
             e = e.sub_(e.amax(dim=2, keepdim=True)).exp_()  # one exp per entry
             w = self.c[rows] / e.sum(dim=2)  # (H, T): c_j / sum_k e_jk, i.e. exp(a_j + m_j)
             sums += torch.bmm(w[:, None, :], e)[:, 0]
