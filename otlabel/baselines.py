@@ -22,7 +22,7 @@ def swav_sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iter: int = 3) 
     ``1/N``. Equivalent to ``sinkhorn_assign(scores, epsilon, max_iter=n_iter, tol=None).codes`` where it
     does not overflow.
     """
-    q = torch.exp(scores.float() / epsilon).t()  # (K, N): the matrix every SSL repo materialises
+    q = torch.exp(scores / epsilon).t()  # (K, N) in the input's dtype, as the SSL repositories do
     n_clusters, n_samples = q.shape
     q /= torch.sum(q)
     for _ in range(n_iter):

@@ -31,8 +31,9 @@ class SinkhornResult:
         errors: that error at every iteration (``inf`` for the cold-start iteration, which has no plan yet).
         epsilon: the temperature used.
 
-    ``codes`` (N, K) float32 — each row a softmax summing to 1 — and ``objective`` cost one more pass over
-    the scores and are computed on first access, then kept (``codes`` holds ``4·N·K`` bytes).
+    ``codes`` (N, K) — each row a softmax summing to 1; float32, or float64 for float64 input and the
+    reference backend — and ``objective`` cost one more pass over the scores and are computed on first
+    access, then kept (``codes`` holds ``4·N·K`` bytes in float32).
     """
 
     labels: torch.Tensor
@@ -50,7 +51,7 @@ class SinkhornResult:
 
     @property
     def codes(self) -> torch.Tensor:
-        """Soft assignments ``softmax_k(S / eps + b)``, (N, K) float32; rows sum to 1 (SwAV's ``q``)."""
+        """Soft assignments ``softmax_k(S / eps + b)``, (N, K); rows sum to 1 (SwAV's ``q``)."""
         if self._codes is None:
             _, codes = self._operator.assign(self._potentials_3d(), want_codes=True)
             self._codes = self._shape(codes)

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..problem import Problem
 from .base import ScoreOperator
 
@@ -18,7 +20,8 @@ def resolve_backend(name: str, problem: Problem) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}.")
     if name == "auto":
-        return "triton" if problem.scores.is_cuda and _triton_usable(problem.scores) else "torch"
+        kernel_dtype = problem.scores.dtype != torch.float64  # float64 keeps full precision on the torch path
+        return "triton" if problem.scores.is_cuda and kernel_dtype and _triton_usable(problem.scores) else "torch"
     if name == "triton" and not _triton_usable(problem.scores):
         raise RuntimeError(
             "backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on the "
@@ -39,9 +42,10 @@ def make_operator(problem: Problem, backend: str = "auto") -> ScoreOperator:
         from .triton import TritonDenseOperator
 
         return TritonDenseOperator(*args)
+    from ..sources import DenseSource
     from .torch_backend import make_torch_operator
 
-    return make_torch_operator(*args)
+    return make_torch_operator(DenseSource(problem.scores), problem.epsilon, problem.sample_weights)
 
 
 def _triton_usable(scores) -> bool:

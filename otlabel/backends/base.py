@@ -46,7 +46,8 @@ class ScoreOperator(ABC):
         """Final read-out for cluster potentials ``b`` (H, K).
 
         Returns ``labels`` (H, N) int64 ``= argmax_k S / eps + b`` and, when ``want_codes``, ``codes``
-        (H, N, K) float32 ``= softmax_k(S / eps + b)`` (each row sums to 1), else ``None``.
+        (H, N, K) ``= softmax_k(S / eps + b)`` (each row sums to 1) in ``self.dtype`` (float32, or float64
+        for the reference and float64 input), else ``None``.
         """
 
     @abstractmethod

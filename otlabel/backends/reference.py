@@ -39,7 +39,7 @@ class ReferenceOperator(ScoreOperator):
     def assign(self, b, want_codes):
         logits = self.x + b.double()[:, None, :]  # (H, N, K)
         labels = logits.argmax(dim=2)
-        codes = torch.softmax(logits, dim=2).float() if want_codes else None
+        codes = torch.softmax(logits, dim=2) if want_codes else None  # float64: the spec keeps full precision
         return labels, codes
 
     def transport_score(self, b):

@@ -2,9 +2,10 @@
 
 Two operators share one interface:
 
-* :class:`LogDomainOperator` — the general path. Every iteration recomputes ``S / eps + b`` and two
-  log-sum-exps chunk by chunk, so extra memory is one chunk (``chunk_elements``), never O(N·K).
-  On a GPU this is the fallback when Triton is absent.
+* :class:`LogDomainOperator` — the general path, over any :class:`~otlabel.sources.ScoreSource`
+  (dense, streamed, computed from features). Every iteration recomputes ``exp(S / eps + b - m)`` chunk by
+  chunk, so extra memory is one chunk (``chunk_elements``), never O(N·K). On a GPU it is the fallback
+  when Triton is absent.
 * :class:`CachedKernelOperator` — the CPU workhorse. On a CPU an ``exp`` costs ~15× a read of the
   matrix, so it exponentiates once, ``G[j, k] = exp(S[j, k] / eps + b0[k] - m[j])`` with the row
   maximum ``m`` shifted out (every row of ``G`` has a 1; nothing overflows), and iterates with
@@ -23,85 +24,152 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..sources import DenseSource, ScoreSource, row_chunks
 from .base import ScoreOperator
 from .reference import sample_potentials
 
 NEG_INF = float("-inf")
-DEFAULT_CHUNK_ELEMENTS = 1 << 18  # 1 MB of fp32 per temporary: cache-resident, reused by the allocator
+# CPU chunks stay below torch's parallel grain size (32768 elements), so every op runs single-threaded and
+# the threads come from splitting the rows into ranges instead: many small OpenMP regions collapse when the
+# machine is loaded (measured 15x slower), a handful of long-running threads do not.
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 15, "other": 1 << 24}
 
 
-def compute_dtype(scores: torch.Tensor) -> torch.dtype:
-    return torch.float64 if scores.dtype == torch.float64 else torch.float32
-
-
-def row_chunks(n_rows: int, row_elements: int, chunk_elements: int):
-    """Yield ``slice`` objects covering ``range(n_rows)`` with at most ``chunk_elements`` per chunk."""
-    step = max(1, chunk_elements // max(1, row_elements))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class LogDomainOperator(ScoreOperator):
-    """Exact log-domain passes over dense scores, chunked over samples to bound memory."""
+    """Log-domain passes over a :class:`~otlabel.sources.ScoreSource`, chunk by chunk to bound memory.
 
-    def __init__(self, scores, epsilon, sample_weights, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
-        self.n_heads, self.n_samples, self.n_clusters = scores.shape
-        self.device = scores.device
-        self.dtype = compute_dtype(scores)
-        self.scores = scores  # (H, N, K), any float dtype, not copied
+    Per chunk and iteration it computes ``e = exp(S / eps + b - m)`` once (``m`` the row maximum), takes
+    the sample step from the row sums of ``e`` and the cluster partials from ``e^T (c / rowsum)``: one
+    ``exp`` per entry. Entries more than ~87 nats below their row's maximum underflow to 0; they carry
+    less than 1e-38 of mass, so that is exact to fp32, unless a whole cluster underflows (possible at tiny
+    eps, far from convergence): then the pass is redone with a max-shifted log-sum-exp per cluster.
+
+    On the CPU, with a random-access source, the rows are split into one contiguous range per thread; the
+    per-range partial results are combined in range order, so results do not depend on timing.
+    """
+
+    def __init__(self, source: ScoreSource, epsilon: float, sample_weights: torch.Tensor, chunk_elements=None):
+        self.source = source
+        self.n_heads, self.n_samples, self.n_clusters = source.n_heads, source.n_samples, source.n_clusters
+        self.device = source.device
+        self.dtype = compute_dtype(source.dtype)
         self.inv_eps = 1.0 / epsilon
-        self.log_c = sample_weights.to(self.dtype).log()  # (N,)
-        self.chunk_elements = chunk_elements
+        self.c = sample_weights.to(device=self.device, dtype=self.dtype)  # (N,)
+        self.log_c = self.c.log()
+        on_cpu = self.device.type == "cpu"
+        self.chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS["cpu" if on_cpu else "other"]
+        self.parallel = on_cpu and getattr(source, "random_access", False)
+        self._reachable = None
 
-    def chunks(self):
-        return row_chunks(self.n_samples, self.n_heads * self.n_clusters, self.chunk_elements)
+    def chunks(self, lo: int = 0, hi: int | None = None):
+        """Chunks of rows in ``[lo, hi)``, in increasing order."""
+        hi = self.n_samples if hi is None else hi
+        for rows in row_chunks(hi - lo, self.n_heads * self.n_clusters, self.chunk_elements):
+            yield slice(lo + rows.start, lo + rows.stop)
 
-    def scaled(self, rows: slice) -> torch.Tensor:
-        """``S / eps`` for a chunk of samples in the compute dtype, (H, T, K)."""
-        return self.scores[:, rows].to(self.dtype) * self.inv_eps
+    def map_ranges(self, fn) -> list:
+        """``fn(lo, hi)`` over contiguous row ranges — one per CPU thread when parallel — results in order."""
+        if not self.parallel:
+            return [fn(0, self.n_samples)]
+        pool = worker_pool()
+        futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers, 1)]
+        return [f.result() for f in futures]
+
+    def shifted(self, rows: slice, b: torch.Tensor) -> torch.Tensor:
+        """``S / eps + b`` for a chunk of samples in the compute dtype, (H, T, K)."""
+        return torch.add(b[:, None, :], self.source.chunk(rows), alpha=self.inv_eps)
+
+    def reachable(self) -> torch.Tensor:
+        """(H, K) bool: clusters some sample may go to (one pass, computed once)."""
+        if self._reachable is None:
+            self._reachable = self.source.column_max() > NEG_INF
+        return self._reachable
 
     def cluster_lse(self, b):
+        if b is None:
+            return self._cluster_lse_exact(None)
+        sums = sum_in_order(self.map_ranges(lambda lo, hi: self._column_sums(b, lo, hi)))
+        if bool(((sums <= 0) & self.reachable()).any()):  # a whole cluster underflowed: redo exactly
+            return self._cluster_lse_exact(b)
+        return torch.where(torch.isneginf(b), NEG_INF, sums.log() - b)  # sums = e^b sum_j exp(S/eps + a)
+
+    def _column_sums(self, b, lo, hi):
+        """``sum_j e_jk c_j / sum_k' e_jk'`` over rows ``[lo, hi)``, with ``e = exp(S/eps + b - rowmax)``."""
+        sums = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
+        for rows in self.chunks(lo, hi):
+            e = self.shifted(rows, b)  # (H, T, K)
+            e = e.sub_(e.amax(dim=2, keepdim=True)).exp_()  # one exp per entry
+            w = self.c[rows] / e.sum(dim=2)  # (H, T): c_j / sum_k e_jk, i.e. exp(a_j + m_j)
+            sums += torch.bmm(w[:, None, :], e)[:, 0]
+        return sums
+
+    def _cluster_lse_exact(self, b):
+        """Two max-shifted log-sum-exps per chunk (two exps per entry); also the cold start ``a = log c``."""
+        partials = sum(self.map_ranges(lambda lo, hi: self._lse_partials(b, lo, hi)), [])
+        return torch.logsumexp(torch.stack(partials), dim=0)  # fixed order: deterministic
+
+    def _lse_partials(self, b, lo, hi):
+        zeros = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
         partials = []
-        for rows in self.chunks():
-            x = self.scaled(rows)  # (H, T, K)
+        for rows in self.chunks(lo, hi):
+            x = self.shifted(rows, zeros)  # (H, T, K)
             log_c = self.log_c[rows]
             a = log_c.expand(self.n_heads, -1) if b is None else sample_potentials(x, b, log_c)  # (H, T)
             partials.append(torch.logsumexp(x.add_(a[:, :, None]), dim=1))  # (H, K)
-        return torch.logsumexp(torch.stack(partials), dim=0)  # fixed order: deterministic
+        return partials
 
     def assign(self, b, want_codes):
         h, n, k = self.n_heads, self.n_samples, self.n_clusters
         labels = torch.empty((h, n), dtype=torch.int64, device=self.device)
-        codes = torch.empty((h, n, k), dtype=torch.float32, device=self.device) if want_codes else None
-        for rows in self.chunks():
-            logits = self.scaled(rows).add_(b[:, None, :])  # (H, T, K)
-            labels[:, rows] = logits.argmax(dim=2)
-            if want_codes:
-                codes[:, rows] = torch.softmax(logits, dim=2)
+        codes = torch.empty((h, n, k), dtype=self.dtype, device=self.device) if want_codes else None
+
+        def fill(lo, hi):
+            for rows in self.chunks(lo, hi):
+                logits = self.shifted(rows, b)  # (H, T, K)
+                labels[:, rows] = logits.argmax(dim=2)
+                if want_codes:
+                    codes[:, rows] = torch.softmax(logits, dim=2)
+
+        self.map_ranges(fill)
         return labels, codes
 
     def transport_score(self, b):
-        total = torch.zeros(self.n_heads, dtype=torch.float64, device=self.device)
-        for rows in self.chunks():
-            s = self.scores[:, rows].double()  # (H, T, K)
-            logits = s * self.inv_eps + b.double()[:, None, :]
-            plan = torch.softmax(logits, dim=2) * self.log_c[rows].double().exp()[None, :, None]
-            total += torch.where(torch.isfinite(s), plan * s, 0.0).sum(dim=(1, 2))
-        return total
+        def partial(lo, hi):
+            total = torch.zeros(self.n_heads, dtype=torch.float64, device=self.device)
+            for rows in self.chunks(lo, hi):
+                s = self.source.chunk(rows).double()  # (H, T, K)
+                logits = s * self.inv_eps + b.double()[:, None, :]
+                plan = torch.softmax(logits, dim=2) * self.c[rows].double()[None, :, None]
+                total += torch.where(torch.isfinite(s), plan * s, 0.0).sum(dim=(1, 2))
+            return total
+
+        return sum_in_order(self.map_ranges(partial))
+
+
+def sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0]
+    for part in parts[1:]:  # a fixed order: the same input gives bitwise the same result
+        total = total + part
+    return total
 
 
 class CachedKernelOperator(ScoreOperator):
     """Exponentiate once, then iterate with fused, cache-tiled matrix-vector products (CPU path)."""
 
-    def __init__(self, scores, epsilon, sample_weights, absorb_threshold: float = 15.0, tile_bytes: int = 1 << 21):
-        self.exact = LogDomainOperator(scores, epsilon, sample_weights)
-        self.n_heads, self.n_samples, self.n_clusters = scores.shape
+    def __init__(self, source, epsilon, sample_weights, absorb_threshold: float = 15.0, tile_bytes: int = 1 << 21):
+        self.exact = LogDomainOperator(source, epsilon, sample_weights)
+        self.n_heads, self.n_samples, self.n_clusters = source.n_heads, source.n_samples, source.n_clusters
         self.device, self.dtype = self.exact.device, self.exact.dtype
         self.c = sample_weights.to(self.dtype)  # (N,)
         self.absorb_threshold = absorb_threshold
         self.tile_rows = max(8, tile_bytes // (self.n_clusters * torch.finfo(self.dtype).bits // 8))
-        col_max = scores.amax(dim=1).to(self.dtype)  # (H, K)
+        col_max = source.column_max().to(self.dtype)  # (H, K)
         self.reachable = col_max > NEG_INF  # clusters some sample may go to
+        self.exact._reachable = self.reachable
         # Absorb b0 = -max_j S / eps first: the cold-start potentials are within log N of it, so one exp pass
         # serves the cold start and usually every later iteration too.
         self.b0 = torch.where(self.reachable, -col_max * self.exact.inv_eps, NEG_INF)
@@ -117,13 +185,13 @@ class CachedKernelOperator(ScoreOperator):
             col = self._fused_matvecs(None, (log_w - top).exp())
             offset = top
         else:
-            v = torch.where(torch.isneginf(b), 0.0, (b - self.b0).exp())  # (H, K), within e^(+-threshold)
+            v = torch.where(self.reachable & torch.isfinite(b), (b - self.b0).exp(), 0.0)  # (H, K), in e^(+-threshold)
             col = self._fused_matvecs(v, self.c.expand(self.n_heads, -1))  # sum_j G_jk c_j / (G v)_j
             offset = 0.0
         if bool(((col <= 0) & self.reachable).any()):  # a column underflowed: the kernel cannot answer
             self.kernel = None  # rebuilt around the next b, which the exact pass below moves towards
             return self.exact.cluster_lse(b)
-        return col.log() + offset - self.b0
+        return torch.where(self.reachable, col.log() + offset - self.b0, NEG_INF)
 
     def assign(self, b, want_codes):
         return self.exact.assign(b, want_codes)
@@ -138,25 +206,23 @@ class CachedKernelOperator(ScoreOperator):
     def _absorb(self, b):
         """(Re)build the kernel around the potentials ``b``: the one ``exp`` pass over the scores."""
         if self.kernel is None:
-            self.kernel = torch.empty(self.exact.scores.shape, dtype=self.dtype)
+            self.kernel = torch.empty((self.n_heads, self.n_samples, self.n_clusters), dtype=self.dtype)
             self.row_shift = torch.empty((self.n_heads, self.n_samples), dtype=self.dtype)
-        for rows in self.exact.chunks():
-            x = torch.add(b[:, None, :], self.exact.scores[:, rows], alpha=self.exact.inv_eps)  # (H, T, K)
-            m = x.amax(dim=2, keepdim=True)  # every row's largest entry becomes exp(0) = 1
-            torch.exp(x.sub_(m), out=self.kernel[:, rows])
-            self.row_shift[:, rows] = m[:, :, 0]
+
+        def fill(lo, hi):
+            for rows in self.exact.chunks(lo, hi):
+                x = self.exact.shifted(rows, b)  # (H, T, K)
+                m = x.amax(dim=2, keepdim=True)  # every row's largest entry becomes exp(0) = 1
+                torch.exp(x.sub_(m), out=self.kernel[:, rows])
+                self.row_shift[:, rows] = m[:, :, 0]
+
+        self.exact.map_ranges(fill)
         self.b0 = b.clone()
 
     def _fused_matvecs(self, v, weights):
         """``sum_j G[j, k] w_j / (G v)_j`` per head (``/ (G v)`` skipped when ``v`` is None), reading each
         tile of ``G`` once from memory: both products run on a cache-sized tile before the next."""
-        workers = worker_pool()
-        bounds = split_rows(self.n_samples, workers._max_workers, self.tile_rows)
-        futures = [workers.submit(self._matvec_range, v, weights, lo, hi) for lo, hi in bounds]
-        col = futures[0].result()
-        for f in futures[1:]:  # fixed order: deterministic
-            col += f.result()
-        return col
+        return sum_in_order(self.exact.map_ranges(lambda lo, hi: self._matvec_range(v, weights, lo, hi)))
 
     def _matvec_range(self, v, weights, lo, hi):
         col = torch.zeros(self.n_heads, self.n_clusters, dtype=self.dtype)
@@ -196,9 +262,12 @@ def available_memory_bytes() -> int:
         return 2**33
 
 
-def make_torch_operator(scores, epsilon, sample_weights) -> ScoreOperator:
+def make_torch_operator(source: ScoreSource, epsilon, sample_weights) -> ScoreOperator:
     """The cached-kernel path on CPU when its kernel fits in half the free memory, else log-domain."""
-    kernel_bytes = scores.numel() * (8 if scores.dtype == torch.float64 else 4)
-    if scores.device.type == "cpu" and kernel_bytes <= available_memory_bytes() // 2:
-        return CachedKernelOperator(scores, epsilon, sample_weights)
-    return LogDomainOperator(scores, epsilon, sample_weights)
+    if isinstance(source, torch.Tensor):
+        source = DenseSource(source)
+    itemsize = 8 if source.dtype == torch.float64 else 4
+    kernel_bytes = source.n_heads * source.n_samples * source.n_clusters * itemsize
+    if source.device.type == "cpu" and kernel_bytes <= available_memory_bytes() // 2:
+        return CachedKernelOperator(source, epsilon, sample_weights)
+    return LogDomainOperator(source, epsilon, sample_weights)

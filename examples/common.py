@@ -1,0 +1,310 @@
+"""Shared pieces of the example trainers: flags, data, augmentations, the trunk, metrics and the results table.
+
+Everything here is plain PyTorch, NumPy, scikit-learn and SciPy; ``otlabel`` is used by the trainers themselves,
+only through its public API (``from otlabel import sinkhorn_assign``), exactly as a user's code would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------- flags and setup
+
+
+def base_parser(description: str, *, epochs: int, batch_size: int, lr: float) -> argparse.ArgumentParser:
+    """The flags every trainer shares; each trainer adds its own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument(
+        "--data-x",
+        type=Path,
+        help="a .npy array of samples (N, D), (N, H, W) or (N, C, H, W); default: scikit-learn's bundled digits",
+    )
+    p.add_argument("--data-y", type=Path, help="a .npy array (N,) of true labels, used only for evaluation")
+    p.add_argument("--k", type=int, default=None, help="number of clusters (default: number of true classes)")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--width", type=int, default=32, help="channels of the first conv layer of the trunk")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch; these small models run fastest "
+        "on one, and stay fast when other processes share the cores",
+    )
+    p.add_argument("--quick", action="store_true", help="one short epoch on a subset: for smoke tests")
+    p.add_argument("--out", type=Path, help="directory for <trainer>_results.json and <trainer>.pt")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bars")
+    return p
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Seed every generator and ask torch for deterministic kernels; return the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Data:
+    """Samples scaled to [0, 1], as images (N, C, H, W) when they have a square layout, else vectors (N, D)."""
+
+    x: torch.Tensor
+    y: np.ndarray | None
+    n_clusters: int
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.dim() == 4
+
+    @property
+    def flat(self) -> np.ndarray:
+        return self.x.reshape(len(self.x), -1).numpy()
+
+
+def _as_images(x: np.ndarray) -> np.ndarray:
+    """Give (N, D) data with a square D an image layout (N, 1, s, s); (N, H, W) becomes (N, 1, H, W)."""
+    if x.ndim == 2:
+        side = math.isqrt(x.shape[1])
+        return x.reshape(len(x), 1, side, side) if side * side == x.shape[1] and side >= 4 else x
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4:
+        return x
+    raise ValueError(f"--data-x must be (N, D), (N, H, W) or (N, C, H, W); got shape {x.shape}")
+
+
+def load_data(args: argparse.Namespace) -> Data:
+    """Load digits (default) or the user's arrays, scale to [0, 1]; ``--quick`` keeps a 400-sample subset."""
+    if args.data_x is None:
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+    else:
+        x = np.load(args.data_x)
+        y = np.load(args.data_y) if args.data_y is not None else None
+        if y is not None and len(y) != len(x):
+            raise ValueError(f"--data-x has {len(x)} samples but --data-y has {len(y)} labels")
+    x = x.astype(np.float32)
+    x = (x - x.min()) / max(float(x.max() - x.min()), 1e-12)
+    if args.quick:
+        keep = np.random.default_rng(args.seed).permutation(len(x))[:400]
+        x, y = x[keep], (y[keep] if y is not None else None)
+    if y is not None:
+        y = np.unique(np.asarray(y), return_inverse=True)[1]
+    k = args.k or (int(y.max()) + 1 if y is not None else 10)
+    return Data(torch.from_numpy(_as_images(x)).contiguous(), y, k)
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = True):
+    """Yield index tensors of a fresh random permutation of range(n)."""
+    perm = torch.randperm(n, generator=gen)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for i in range(0, stop, batch_size):
+        yield perm[i : i + batch_size]
+
+
+# ------------------------------------------------------------------------------------------------ augmentations
+
+
+class Augment:
+    """Random affine jitter (rotation, scale, shear, shift) plus gaussian noise, for small images in [0, 1].
+
+    ``out_size`` smaller than the input together with ``zoom`` > 1 gives SwAV's small multi-crop views: a random
+    sub-window, resampled to fewer pixels. Vectors (N, D) only get the noise.
+    """
+
+    def __init__(
+        self,
+        rotate: float = 12.0,
+        scale: tuple = (0.9, 1.1),
+        shear: float = 0.15,
+        shift: float = 1.0,
+        noise: float = 0.05,
+    ):
+        self.rotate, self.scale, self.shear, self.shift, self.noise = rotate, scale, shear, shift, noise
+
+    def __call__(
+        self, x: torch.Tensor, gen: torch.Generator, out_size: int | None = None, zoom: float = 1.0
+    ) -> torch.Tensor:
+        if x.dim() == 4:
+            x = self._affine(x, gen, out_size or x.shape[-1], zoom)
+        return x + self.noise * torch.randn(x.shape, generator=gen)
+
+    def _affine(self, x: torch.Tensor, gen: torch.Generator, out_size: int, zoom: float) -> torch.Tensor:
+        n, side = len(x), x.shape[-1]
+
+        def uniform(lo, hi):
+            return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+        angle = uniform(-self.rotate, self.rotate) * math.pi / 180
+        s = uniform(*self.scale) * zoom  # > 1 zooms in: the view covers a smaller window of the image
+        shear = uniform(-self.shear, self.shear)
+        max_shift = 2 * self.shift / side + (1 - 1 / zoom)  # in grid units; a zoomed window may sit anywhere
+        tx, ty = uniform(-max_shift, max_shift), uniform(-max_shift, max_shift)
+        cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+        theta = torch.stack([torch.stack([cos, -sin + shear, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (N, 2, 3)
+        grid = F.affine_grid(theta, [n, x.shape[1], out_size, out_size], align_corners=False)
+        return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+
+
+# -------------------------------------------------------------------------------------------------------- model
+
+
+class Standardize(nn.Module):
+    """Subtract the data set's mean and divide by its std (one scalar each: valid for any crop size)."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", x.mean())
+        self.register_buffer("std", x.std().clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """3x3 conv, batch norm, ReLU."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def make_trunk(data: Data, width: int = 32, dim: int = 128) -> nn.Module:
+    """A small convnet for images (any input size >= 4 px: multi-crop safe) or an MLP for vectors; output (N, dim)."""
+    if data.is_image:
+        body = nn.Sequential(
+            conv_block(data.x.shape[1], width),
+            conv_block(width, 2 * width),
+            nn.MaxPool2d(2),
+            conv_block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * width, dim, bias=False),
+        )
+    else:
+        d = data.x.shape[1]
+        body = nn.Sequential(
+            nn.Linear(d, 8 * width, bias=False),
+            nn.BatchNorm1d(8 * width),
+            nn.ReLU(inplace=True),
+            nn.Linear(8 * width, dim, bias=False),
+        )
+    return nn.Sequential(Standardize(data.x), body, nn.BatchNorm1d(dim), nn.ReLU(inplace=True))
+
+
+@torch.no_grad()
+def predict(fn, x: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    """Apply ``fn`` to un-augmented ``x`` in batches on ``device``; return the concatenated outputs on the CPU."""
+    return torch.cat([fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+
+
+def cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, total: int, warmup: int = 0) -> None:
+    """Linear warm-up then cosine decay to zero."""
+    lr = base_lr * (step + 1) / warmup if step < warmup else base_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+def matched_accuracy(y: np.ndarray, labels: np.ndarray) -> tuple[float, str]:
+    """Accuracy after mapping clusters to classes: Hungarian one-to-one when K <= classes, else majority vote."""
+    n_cls, k = int(y.max()) + 1, int(labels.max()) + 1
+    table = np.zeros((k, n_cls), dtype=np.int64)
+    np.add.at(table, (labels, y), 1)
+    if k <= n_cls:
+        rows, cols = linear_sum_assignment(-table)
+        return float(table[rows, cols].sum() / len(y)), "hungarian"
+    return float(table.max(axis=1).sum() / len(y)), "majority"
+
+
+def balance(labels: np.ndarray, k: int) -> float:
+    """Largest cluster size over the fair share N / K (1.0 is perfectly balanced)."""
+    return float(np.bincount(labels, minlength=k).max() / (len(labels) / k))
+
+
+def cluster_metrics(labels, y: np.ndarray | None, k: int) -> dict:
+    """NMI, ARI, matched accuracy (and how it was matched), balance and number of non-empty clusters."""
+    labels = np.asarray(labels, dtype=np.int64)
+    out = {"k": k, "balance": balance(labels, k), "used_clusters": int(len(np.unique(labels)))}
+    if y is not None:
+        acc, how = matched_accuracy(y, labels)
+        out.update(
+            nmi=float(normalized_mutual_info_score(y, labels)),
+            ari=float(adjusted_rand_score(y, labels)),
+            acc=acc,
+            acc_mapping=how,
+        )
+    return out
+
+
+def kmeans_baseline(data: Data, seed: int) -> dict:
+    """k-means (scikit-learn, n_init=10) on the raw pixels, K = number of true classes, same run, same data."""
+    k = int(data.y.max()) + 1 if data.y is not None else data.n_clusters
+    start = time.perf_counter()
+    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(data.flat)
+    return {
+        "method": "k-means on raw pixels",
+        **cluster_metrics(labels, data.y, k),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ reporting
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text results table, one row per method."""
+    head = f"{'method':<38} {'K':>4} {'NMI':>6} {'ARI':>6} {'acc':>6} {'balance':>8} {'seconds':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        num = {key: f"{r[key]:.3f}" if key in r else "  -  " for key in ("nmi", "ari", "acc")}
+        mark = "*" if r.get("acc_mapping") == "majority" else " "
+        lines.append(
+            f"{r['method']:<38} {r['k']:>4} {num['nmi']:>6} {num['ari']:>6} {num['acc']:>5}{mark} "
+            f"{r['balance']:>8.2f} {r['seconds']:>8.1f}"
+        )
+    lines.append(
+        "acc: Hungarian-matched accuracy (* = K > classes: each cluster mapped to its majority class). "
+        "balance: largest cluster / fair share N/K."
+    )
+    return "\n".join(lines)
+
+
+def finish(name: str, args: argparse.Namespace, rows: list[dict], state: dict) -> dict:
+    """Print the table; with ``--out`` write <name>_results.json and the checkpoint <name>.pt. Return the results."""
+    print(format_table(rows))
+    results = {
+        "trainer": name,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": rows,
+        "torch": torch.__version__,
+    }
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{name}_results.json").write_text(json.dumps(results, indent=2))
+        torch.save(state, args.out / f"{name}.pt")
+    return results

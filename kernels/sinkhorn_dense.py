@@ -1,0 +1,424 @@
+"""Fused Triton kernels for log-domain Sinkhorn on a dense score tensor S (H, N, K).
+
+Math (DESIGN.md §2), per head h, with ``x = S / eps``:
+
+    sample step   a[j] = log c[j] - LSE_k( x[j, k] + b[k] )
+    cluster LSE   L[k] = LSE_j( x[j, k] + a[j] )            (the solver then sets b = log r - L)
+
+``dense_cluster_lse`` does both in one pass over S. A persistent grid of P programs per head walks
+its own row tiles; for each tile it computes ``a`` (online LSE over K), then folds the tile into a
+running per-cluster (max, sum of exp). Each program writes its (K,) partials to an (H, P, K) buffer
+and a second small kernel merges them in program order: no atomics, bitwise reproducible.
+
+    S (H, N, K) --[_cluster_partials_kernel, grid (P, H)]--> max, sum (H, P, K)
+                --[_merge_partials_kernel, grid (K / BLOCK, H)]--> L (H, K)
+
+When the padded row fits one tile (``one_chunk``: K <= 4096) a row tile is loaded once and reused for
+both reductions: one read of S per iteration. For larger K the program first computes ``a`` for all
+its rows (streaming K in chunks), then streams S again chunk by chunk: two reads, no float atomics.
+
+All arithmetic is fp32 in base 2 (``exp2``/``log2`` with a log2(e) prescale); masked lanes load
+``-inf`` and every running max goes through ``_finite_or_zero`` before it is subtracted, so
+``-inf - -inf`` never produces a NaN. Offsets are int64 (N * K may exceed 2**31) and every stride is a
+runtime argument, so a transposed view of an (H, K, N) tensor works without a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import LN2, LOG2E, DenseLaunch, dense_launch, interpreting
+
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
+_MERGE_BLOCK = 1024  # clusters per program of the partial-merge kernel
+
+__all__ = [
+    "DenseWorkspace",
+    "dense_assign",
+    "dense_cluster_lse",
+    "dense_transport_score",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """A running max that is safe to subtract: -inf (nothing seen yet) becomes 0, so exp2(-inf - 0) = 0."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _load_tile(S, h_off, rows, row_mask, k0, K, stride_n, stride_k, BLOCK_K: tl.constexpr):
+    """Scores S[h, rows, k0:k0+BLOCK_K] as fp32 (BLOCK_N, BLOCK_K); out-of-range lanes are -inf."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    ptrs = S + h_off + rows.to(tl.int64)[:, None] * stride_n + cols.to(tl.int64)[None, :] * stride_k
+    mask = row_mask[:, None] & (cols < K)[None, :]
+    return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _load_vec(X, k0, K, BLOCK_K: tl.constexpr, other: tl.constexpr):
+    """X[k0:k0+BLOCK_K] as fp32 (BLOCK_K,) with ``other`` past K (X contiguous)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(X + cols, mask=cols < K, other=other).to(tl.float32)
+
+
+@triton.jit
+def _online_lse(m, s, x, AXIS: tl.constexpr):
+    """Fold x (base-2 logits) into a running (max m, sum s of exp2(x - m)) along AXIS.
+
+    One exp2 per element plus one per running entry; the new max is taken first so the tile's terms
+    are never rescaled twice.
+    """
+    m_new = tl.maximum(m, tl.max(x, AXIS))
+    shift = _finite_or_zero(m_new)
+    s = s * tl.exp2(m - shift) + tl.sum(tl.exp2(x - tl.expand_dims(shift, AXIS)), AXIS)
+    return m_new, s
+
+
+@triton.jit
+def _lse2(m, s):
+    """log2 of sum_i exp2(x_i) from its running (max, sum); -inf when nothing was summed."""
+    return tl.where(s > 0.0, _finite_or_zero(m) + tl.log2(tl.where(s > 0.0, s, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _sample_step2(logc2, lse2):
+    """a = log c - LSE_k(x + b) in base 2; a sample with no reachable cluster, or out of range, gets -inf."""
+    return tl.where(lse2 == float("-inf"), float("-inf"), logc2 - _finite_or_zero(lse2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cluster LSE: one pass over S per Sinkhorn iteration
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cluster_partials_kernel(
+    S,  # (H, N, K) scores, any float dtype, any strides
+    B,  # (H, K) fp32 cluster potentials, contiguous (unused when not HAS_B)
+    LOGC,  # (N,) fp32 log sample weights
+    A_WS,  # (H, N) fp32 workspace for the sample potentials (multi-chunk path only)
+    PMAX,  # (H, P, K) fp32 out: per-program running max (base 2)
+    PSUM,  # (H, P, K) fp32 out: per-program sum of exp2(. - max)
+    N,
+    K,
+    P,
+    stride_h,
+    stride_n,
+    stride_k,
+    scale2,  # inv_eps * log2(e)
+    HAS_B: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    h_off = h.to(tl.int64) * stride_h
+    part_off = (h.to(tl.int64) * P + pid) * K
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    if ONE_CHUNK:
+        tl.static_assert(BLOCK_N * BLOCK_K <= 65536, "one-chunk tile too large for registers")
+        cols = tl.arange(0, BLOCK_K)
+        if HAS_B:
+            b2 = _load_vec(B + h * K, 0, K, BLOCK_K, float("-inf")) * _LOG2E  # (BLOCK_K,)
+        pmax = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+        psum = tl.zeros((BLOCK_K,), tl.float32)
+        for t in range(pid, n_tiles, P):
+            rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_mask = rows < N
+            logc2 = tl.load(LOGC + rows, mask=row_mask, other=float("-inf")) * _LOG2E  # (BLOCK_N,)
+            x2 = _load_tile(S, h_off, rows, row_mask, 0, K, stride_n, stride_k, BLOCK_K) * scale2  # (BN, BK)
+            if HAS_B:
+                rmax = tl.max(x2 + b2[None, :], 1)
+                rsum = tl.sum(tl.exp2(x2 + b2[None, :] - _finite_or_zero(rmax)[:, None]), 1)
+                a2 = _sample_step2(logc2, _lse2(rmax, rsum))
+            else:
+                a2 = logc2  # cold start: a = log c
+            pmax, psum = _online_lse(pmax, psum, x2 + a2[:, None], 0)
+        tl.store(PMAX + part_off + cols, pmax, mask=cols < K)
+        tl.store(PSUM + part_off + cols, psum, mask=cols < K)
+    else:
+        if HAS_B:
+            # Phase 1: sample potentials of all this program's rows, K streamed in chunks.
+            for t in range(pid, n_tiles, P):
+                rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                row_mask = rows < N
+                rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+                rsum = tl.zeros((BLOCK_N,), tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    b2 = _load_vec(B + h * K, k0, K, BLOCK_K, float("-inf")) * _LOG2E
+                    x2 = _load_tile(S, h_off, rows, row_mask, k0, K, stride_n, stride_k, BLOCK_K) * scale2
+                    rmax, rsum = _online_lse(rmax, rsum, x2 + b2[None, :], 1)
+                logc2 = tl.load(LOGC + rows, mask=row_mask, other=float("-inf")) * _LOG2E
+                tl.store(A_WS + h * N + rows, _sample_step2(logc2, _lse2(rmax, rsum)), mask=row_mask)
+            # The same program reads these rows back below, possibly from other threads.
+            tl.debug_barrier()
+        # Phase 2: per chunk of clusters, fold all this program's rows into registers, store once.
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            pmax = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+            psum = tl.zeros((BLOCK_K,), tl.float32)
+            for t in range(pid, n_tiles, P):
+                rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                row_mask = rows < N
+                if HAS_B:
+                    a2 = tl.load(A_WS + h * N + rows, mask=row_mask, other=float("-inf"))
+                else:
+                    a2 = tl.load(LOGC + rows, mask=row_mask, other=float("-inf")) * _LOG2E
+                x2 = _load_tile(S, h_off, rows, row_mask, k0, K, stride_n, stride_k, BLOCK_K) * scale2
+                pmax, psum = _online_lse(pmax, psum, x2 + a2[:, None], 0)
+            tl.store(PMAX + part_off + cols, pmax, mask=cols < K)
+            tl.store(PSUM + part_off + cols, psum, mask=cols < K)
+
+
+@triton.jit
+def _merge_partials_kernel(PMAX, PSUM, OUT, P, K, BLOCK: tl.constexpr):
+    """OUT[h, k] = ln(2) * log2 sum_p PSUM[h, p, k] * exp2(PMAX[h, p, k]), p in increasing order."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    h = tl.program_id(1).to(tl.int64)
+    mask = cols < K
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    for p in range(0, P):
+        off = (h * P + p) * K + cols
+        pm = tl.load(PMAX + off, mask=mask, other=float("-inf"))
+        ps = tl.load(PSUM + off, mask=mask, other=0.0)
+        m_new = tl.maximum(m, pm)
+        shift = _finite_or_zero(m_new)
+        s = s * tl.exp2(m - shift) + ps * tl.exp2(pm - shift)
+        m = m_new
+    tl.store(OUT + h * K + cols, _lse2(m, s) * _LN2, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Read-out: labels, codes and the transport score, per row
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_stats(
+    S, B, h_off, rows, row_mask, K, stride_n, stride_k, inv_eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """Over all K in chunks: argmax of x = S * inv_eps + b (lowest index on ties), and the base-2
+    running (max, sum) of the softmax of x."""
+    rmax = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    rsum = tl.zeros((BLOCK_N,), tl.float32)
+    best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    label = tl.zeros((BLOCK_N,), tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        x = _load_tile(S, h_off, rows, row_mask, k0, K, stride_n, stride_k, BLOCK_K) * inv_eps
+        x = x + _load_vec(B, k0, K, BLOCK_K, float("-inf"))[None, :]
+        chunk_best = tl.max(x, 1)
+        chunk_label = tl.argmax(x, 1, tie_break_left=True).to(tl.int64) + k0
+        label = tl.where(chunk_best > best, chunk_label, label)  # strict: an earlier chunk wins ties
+        best = tl.maximum(best, chunk_best)
+        rmax, rsum = _online_lse(rmax, rsum, x * _LOG2E, 1)
+    return label, rmax, rsum
+
+
+@triton.jit
+def _assign_kernel(
+    S,  # (H, N, K) scores
+    B,  # (H, K) fp32 potentials, contiguous
+    LABELS,  # (H, N) int64 out, contiguous
+    CODES,  # (H, N, K) fp32 out, contiguous (unused when not WANT_CODES)
+    N,
+    K,
+    stride_h,
+    stride_n,
+    stride_k,
+    inv_eps,
+    WANT_CODES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h = tl.program_id(1).to(tl.int64)
+    h_off = h * stride_h
+    row_mask = rows < N
+    b_row = B + h * K
+    label, rmax, rsum = _row_stats(S, b_row, h_off, rows, row_mask, K, stride_n, stride_k, inv_eps, BLOCK_N, BLOCK_K)
+    tl.store(LABELS + h * N + rows, label, mask=row_mask)
+    if WANT_CODES:
+        # Second sweep over the row tile (from L1/L2 when K fits one chunk): codes written exactly once.
+        shift = _finite_or_zero(rmax)[:, None]
+        inv_sum = (1.0 / tl.where(row_mask, rsum, 1.0))[:, None]  # rsum > 0 on every real row
+        out_rows = CODES + (h * N + rows.to(tl.int64))[:, None] * K
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = _load_tile(S, h_off, rows, row_mask, k0, K, stride_n, stride_k, BLOCK_K) * inv_eps
+            x = x + _load_vec(b_row, k0, K, BLOCK_K, float("-inf"))[None, :]
+            codes = tl.exp2(x * _LOG2E - shift) * inv_sum
+            tl.store(out_rows + cols[None, :], codes, mask=row_mask[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def _row_transport_kernel(
+    S,  # (H, N, K) scores
+    B,  # (H, K) fp32 potentials, contiguous
+    OUT,  # (H, N) fp32 out: sum_k codes[j, k] * S[j, k]
+    N,
+    K,
+    stride_h,
+    stride_n,
+    stride_k,
+    inv_eps,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h = tl.program_id(1).to(tl.int64)
+    h_off = h * stride_h
+    row_mask = rows < N
+    b_row = B + h * K
+    _, rmax, rsum = _row_stats(S, b_row, h_off, rows, row_mask, K, stride_n, stride_k, inv_eps, BLOCK_N, BLOCK_K)
+    shift = _finite_or_zero(rmax)[:, None]
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        s = _load_tile(S, h_off, rows, row_mask, k0, K, stride_n, stride_k, BLOCK_K)
+        x = s * inv_eps + _load_vec(b_row, k0, K, BLOCK_K, float("-inf"))[None, :]
+        weight = tl.exp2(x * _LOG2E - shift)
+        acc += tl.sum(weight * tl.where(s == float("-inf"), 0.0, s), 1)  # a forbidden pair has no mass
+    tl.store(OUT + h * N + rows, acc / tl.where(row_mask, rsum, 1.0), mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DenseWorkspace:
+    """Buffers reused across ``dense_cluster_lse`` calls, so an iteration allocates nothing but its
+    (H, K) output and can be captured in a CUDA graph."""
+
+    launch: DenseLaunch
+    pmax: torch.Tensor  # (H, P, K) fp32
+    psum: torch.Tensor  # (H, P, K) fp32
+    a: torch.Tensor  # (H, N) fp32, or (0,) when K fits one chunk
+
+    @classmethod
+    def for_scores(cls, scores: torch.Tensor, launch: DenseLaunch | None = None) -> DenseWorkspace:
+        h, n, k = scores.shape
+        launch = launch or dense_launch(n, k, h, scores.device)
+        p = launch.n_programs
+        pmax = torch.empty((h, p, k), dtype=torch.float32, device=scores.device)
+        psum = torch.empty((h, p, k), dtype=torch.float32, device=scores.device)
+        a_shape = (0,) if launch.one_chunk else (h, n)
+        return cls(launch, pmax, psum, torch.empty(a_shape, dtype=torch.float32, device=scores.device))
+
+
+def _check_scores(scores: torch.Tensor) -> tuple[int, int, int]:
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be (H, N, K), got shape {tuple(scores.shape)}")
+    if scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"scores must be float32, float16 or bfloat16, got {scores.dtype}")
+    return scores.shape
+
+
+def _potentials(b: torch.Tensor, h: int, k: int) -> torch.Tensor:
+    if b.shape != (h, k):
+        raise ValueError(f"b must be (H, K) = ({h}, {k}), got {tuple(b.shape)}")
+    return b.to(torch.float32).contiguous()  # no-op (no launch) when already fp32 and contiguous
+
+
+def _options(num_warps: int, fp_fusion: bool) -> dict:
+    """Compile options. ``fp_fusion=False`` keeps ``S * inv_eps + b`` two roundings, as torch computes it,
+    so labels tie-break like ``torch.argmax``; the iteration kernels may fuse (an FMA is more accurate)."""
+    return {} if interpreting() else {"num_warps": num_warps, "enable_fp_fusion": fp_fusion}
+
+
+def dense_cluster_lse(
+    scores: torch.Tensor,
+    b: torch.Tensor | None,
+    log_c: torch.Tensor,
+    inv_eps: float,
+    *,
+    workspace: DenseWorkspace | None = None,
+) -> torch.Tensor:
+    """``L[h, k] = LSE_j( S[h, j, k] * inv_eps + a[h, j] )`` with ``a = log_c - LSE_k(S * inv_eps + b)``.
+
+    scores (H, N, K) fp32/fp16/bf16, any strides; b (H, K) or None (cold start: ``a = log_c``);
+    log_c (N,) fp32, -inf for a zero-weight sample. Returns (H, K) fp32, -inf for an unreachable
+    cluster. Two launches, no host synchronisation, bitwise deterministic for a given workspace.
+    """
+    h, n, k = _check_scores(scores)
+    ws = workspace or DenseWorkspace.for_scores(scores)
+    cfg = ws.launch
+    log_c = log_c.to(torch.float32).contiguous()
+    has_b = b is not None
+    b = _potentials(b, h, k) if has_b else log_c  # any fp32 pointer; never read when HAS_B is False
+    _cluster_partials_kernel[(cfg.n_programs, h)](
+        scores, b, log_c, ws.a, ws.pmax, ws.psum,
+        n, k, cfg.n_programs, *scores.stride(), float(inv_eps) * LOG2E,
+        HAS_B=has_b, ONE_CHUNK=cfg.one_chunk, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        **_options(cfg.num_warps, fp_fusion=True),
+    )  # fmt: skip
+    out = torch.empty((h, k), dtype=torch.float32, device=scores.device)
+    _merge_partials_kernel[(triton.cdiv(k, _MERGE_BLOCK), h)](
+        ws.pmax, ws.psum, out, cfg.n_programs, k, BLOCK=_MERGE_BLOCK, **_options(4, fp_fusion=True)
+    )
+    return out
+
+
+def _readout_launch(scores: torch.Tensor, launch: DenseLaunch | None) -> DenseLaunch:
+    h, n, k = scores.shape
+    return launch or dense_launch(n, k, h, scores.device)
+
+
+def dense_assign(
+    scores: torch.Tensor,
+    b: torch.Tensor,
+    inv_eps: float,
+    want_codes: bool,
+    *,
+    launch: DenseLaunch | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """labels (H, N) int64 ``= argmax_k(S * inv_eps + b)`` (lowest index on ties) and, when asked,
+    codes (H, N, K) fp32 ``= softmax_k(S * inv_eps + b)``; the codes are the only K x N memory written."""
+    h, n, k = _check_scores(scores)
+    b = _potentials(b, h, k)
+    cfg = _readout_launch(scores, launch)
+    labels = torch.empty((h, n), dtype=torch.int64, device=scores.device)
+    codes = torch.empty((h, n, k), dtype=torch.float32, device=scores.device) if want_codes else None
+    _assign_kernel[(cfg.row_tiles(n), h)](
+        scores, b, labels, codes if want_codes else labels,
+        n, k, *scores.stride(), float(inv_eps),
+        WANT_CODES=want_codes, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_options(cfg.num_warps, fp_fusion=False),
+    )  # fmt: skip
+    return labels, codes
+
+
+def dense_transport_score(
+    scores: torch.Tensor,
+    b: torch.Tensor,
+    log_c: torch.Tensor,
+    inv_eps: float,
+    *,
+    launch: DenseLaunch | None = None,
+) -> torch.Tensor:
+    """``<P, S>`` per head (H,) float64: ``sum_jk exp(log_c[j]) * codes[j, k] * S[j, k]``, -inf pairs skipped.
+
+    Each row's ``sum_k codes * S`` is an fp32 kernel output; the weighted sum over rows is float64.
+    """
+    h, n, k = _check_scores(scores)
+    b = _potentials(b, h, k)
+    cfg = _readout_launch(scores, launch)
+    rows = torch.empty((h, n), dtype=torch.float32, device=scores.device)
+    _row_transport_kernel[(cfg.row_tiles(n), h)](
+        scores, b, rows, n, k, *scores.stride(), float(inv_eps),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_options(cfg.num_warps, fp_fusion=False),
+    )  # fmt: skip
+    weights = log_c.to(torch.float64).exp()  # (N,); exp(-inf) = 0 drops zero-weight samples
+    return (rows.to(torch.float64) * weights).sum(-1)

@@ -1,0 +1,111 @@
+"""Launch heuristics for the dense kernels, in one place (tile sizes, warps, number of programs).
+
+Nothing here imports Triton: the numbers are plain Python so the backend can size its workspaces
+before the first launch, and tests can force small tiles to reach every masking edge under the
+interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2):   log(x) == log2(x) * LN2
+
+# A whole row of K clusters stays in registers (one read of S per iteration) while the padded row
+# fits this many lanes; beyond it the kernel streams K in chunks and reads each row tile twice.
+# 8192 lanes spill registers on sm_90 at any num_warps (see dense_launch).
+MAX_ONE_CHUNK_K = 4096
+# Rows per tile: at least this many, so the per-tile rescale of the K running sums (one exp2 per
+# cluster per tile) stays a small fraction of the one-or-two exp2 per score.
+MIN_BLOCK_N = 4
+# ...and at most this many: per-row state (argmax, max, sum) spills registers beyond it at small K.
+MAX_BLOCK_N = 64
+# Chunked (large-K) path: tile shape and warps.
+CHUNK_BLOCK_N, CHUNK_BLOCK_K, CHUNK_WARPS = 8, 1024, 8
+# Programs per SM for the persistent cluster-LSE grid: enough to hide latency, few enough that the
+# (H, P, K) partials stay small next to S.
+PROGRAMS_PER_SM = 4
+# A program should own at least this many rows, or its K partials cost more than its share of S.
+MIN_ROWS_PER_PROGRAM = 32
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; a small stand-in (2) for CPU tensors in the interpreter."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2
+
+
+@dataclass(frozen=True)
+class DenseLaunch:
+    """How the dense kernels tile an (H, N, K) score tensor.
+
+    ``one_chunk``: ``BLOCK_K >= K``, a row tile is loaded once and reused for both the sample step and
+    the cluster partials. ``n_programs`` (P): programs per head of the persistent cluster-LSE grid.
+    """
+
+    block_n: int
+    block_k: int
+    one_chunk: bool
+    num_warps: int
+    n_programs: int
+
+    def row_tiles(self, n: int) -> int:
+        return -(-n // self.block_n)
+
+
+def dense_launch(
+    n: int,
+    k: int,
+    h: int,
+    device: torch.device,
+    *,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    n_programs: int | None = None,
+) -> DenseLaunch:
+    """Tile sizes and grid for scores of shape (h, n, k) on ``device``; keyword overrides for tests.
+
+    One chunk (``K <= MAX_ONE_CHUNK_K``): the padded row, ``4096 / K_pad`` rows clamped to
+    [MIN_BLOCK_N, MAX_BLOCK_N], one warp per 512 tile elements clamped to [4, 16]. Chosen from the
+    register counts of sm_90 cubins compiled offline, none spilling (K = 1000: 4x1024 tile, 8 warps,
+    80 registers; K = 3000: 4x4096, 16 warps, 128). They still owe a timing sweep on a GPU
+    (``benchmarks/gpu_dense.py --sweep``).
+    """
+    k_pad = next_power_of_2(k)
+    one_chunk = k_pad <= MAX_ONE_CHUNK_K if block_k is None else block_k >= k
+    if block_k is None:
+        block_k = k_pad if one_chunk else CHUNK_BLOCK_K
+    if block_n is None:
+        block_n = min(max(MIN_BLOCK_N, 4096 // block_k), MAX_BLOCK_N) if one_chunk else CHUNK_BLOCK_N
+        block_n = min(block_n, next_power_of_2(n))
+    if num_warps is None:
+        num_warps = min(16, max(4, block_n * block_k // 512)) if one_chunk else CHUNK_WARPS
+    n_tiles = -(-n // block_n)
+    if n_programs is None:
+        by_device = -(-sm_count(device) * PROGRAMS_PER_SM // h)
+        by_rows = -(-n // MIN_ROWS_PER_PROGRAM)
+        n_programs = min(by_device, by_rows)
+    n_programs = max(1, min(n_programs, n_tiles))
+    return DenseLaunch(block_n, block_k, one_chunk, num_warps, n_programs)

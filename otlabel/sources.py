@@ -1,0 +1,58 @@
+"""Where the scores live: the chunked operators of ``otlabel.backends.torch_backend`` read them through this.
+
+A source hands out the scores of a contiguous range of samples, ``chunk(rows) -> (H, T, K)``, on the compute
+device. The dense source slices a tensor already there; other sources (streamed from the host or a file,
+computed from features and prototypes) produce each chunk on demand, so the full ``(H, N, K)`` matrix never
+has to exist on the device. Operators must consume chunks in increasing row order within one pass
+(streaming sources may prefetch the next chunk while the current one is used).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ScoreSource:
+    """Interface: ``n_heads``, ``n_samples``, ``n_clusters``, ``device``, ``dtype`` and :meth:`chunk`."""
+
+    n_heads: int
+    n_samples: int
+    n_clusters: int
+    device: torch.device
+    dtype: torch.dtype  # dtype of the chunks handed out (fp16/bf16/fp32/fp64)
+    random_access: bool = False  # True: chunks may be requested in any order and from several threads
+
+    def chunk(self, rows: slice) -> torch.Tensor:
+        """Scores of samples ``rows`` for every head and cluster: (H, T, K) on ``self.device``."""
+        raise NotImplementedError
+
+    def column_max(self) -> torch.Tensor:
+        """``max_j S[h, j, k]`` (H, K), one pass; ``-inf`` for a cluster no sample may reach."""
+        out = torch.full((self.n_heads, self.n_clusters), float("-inf"), device=self.device)
+        for rows in row_chunks(self.n_samples, self.n_heads * self.n_clusters, 1 << 22):
+            out = torch.maximum(out, self.chunk(rows).amax(dim=1).float())
+        return out
+
+
+class DenseSource(ScoreSource):
+    """Scores already in memory on the compute device (any strides: slicing never copies)."""
+
+    random_access = True  # chunks may be read in any order, from several threads
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores = scores  # (H, N, K)
+        self.n_heads, self.n_samples, self.n_clusters = scores.shape
+        self.device, self.dtype = scores.device, scores.dtype
+
+    def chunk(self, rows: slice) -> torch.Tensor:
+        return self.scores[:, rows]
+
+    def column_max(self) -> torch.Tensor:
+        return self.scores.amax(dim=1).float()
+
+
+def row_chunks(n_rows: int, row_elements: int, chunk_elements: int):
+    """Yield ``slice`` objects covering ``range(n_rows)`` with at most ``chunk_elements`` per chunk."""
+    step = max(1, chunk_elements // max(1, row_elements))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))

@@ -1,0 +1,47 @@
+"""The SwAV- and SeLa-style baselines against sinkhorn_assign: parity where they work, and where they break."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close, clustered_cosine_scores, cosine_scores, random_problem
+
+from otlabel import sela_sinkhorn, sinkhorn_assign, swav_sinkhorn
+
+
+@pytest.mark.parametrize("n_iter", [1, 3, 10])
+def test_swav_baseline_equals_fixed_iteration_sinkhorn(n_iter):
+    """Iteration for iteration: the cold start is SwAV's first row normalisation."""
+    s = cosine_scores(256, 30, seed=30)
+    ours = sinkhorn_assign(s, 0.05, max_iter=n_iter, tol=None)
+    assert ours.n_iter == n_iter
+    assert_close(ours.codes, swav_sinkhorn(s, 0.05, n_iter), atol=1e-5, what="codes vs SwAV baseline")
+
+
+@pytest.mark.parametrize(
+    "scores, eps",
+    [
+        (clustered_cosine_scores(256, 30, seed=31), 0.01),  # cosines near 1: e^(1 / 0.01) overflows float32
+        (random_problem(256, 30, seed=32) * 3, 0.05),  # fp32 logits of magnitude ~10: e^200
+        (cosine_scores(256, 30, seed=33).half(), 0.05),  # fp16 input: e^(1 / 0.05) is beyond fp16's 65504
+    ],
+)
+def test_swav_baseline_breaks_where_sinkhorn_assign_does_not(scores, eps):
+    with torch.no_grad(), np.errstate(all="ignore"):
+        q = swav_sinkhorn(scores, eps, 3)
+    assert not bool(torch.isfinite(q).all()), "the linear-domain baseline was expected to overflow here"
+    ours = sinkhorn_assign(scores, eps, max_iter=3, tol=None)
+    reference = sinkhorn_assign(scores.double(), eps, max_iter=3, tol=None, backend="reference")
+    assert torch.isfinite(ours.codes).all()
+    assert_close(ours.codes, reference.codes, atol=1e-4, what="codes where SwAV overflows")
+    converged = sinkhorn_assign(scores, eps, tol=1e-4, max_iter=10_000)
+    assert converged.converged
+    sizes = torch.bincount(converged.labels, minlength=30)
+    assert int(sizes.max()) <= 2 * 256 // 30 + 2
+
+
+def test_sela_baseline_equals_sinkhorn_assign_at_lambda():
+    logits = random_problem(200, 8, seed=34, dtype=torch.float64)
+    lam = 10.0
+    plan = sela_sinkhorn(logits, lam=lam, n_iter=5000, tol=1e-12)
+    ours = sinkhorn_assign(logits, 1 / lam, tol=1e-10, max_iter=50_000, backend="reference")
+    assert_close(torch.from_numpy(plan), ours.codes, atol=1e-6, what="SeLa P^lambda plan vs codes")

@@ -1,0 +1,75 @@
+"""Sinkhorn as eps -> 0 against the exact linear programs (POT network simplex, SciPy HiGHS and assignment)."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import cosine_scores, random_problem, random_weights
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from otlabel import exact_assign, exact_plan, sinkhorn_assign
+
+
+def test_exact_solvers_agree():
+    s = random_problem(40, 5, seed=20, dtype=torch.float64)
+    r = random_weights(5, 21)
+    pot, lp = exact_plan(s, cluster_weights=r), exact_plan(s, cluster_weights=r, method="linprog")
+    assert abs(pot.objective - lp.objective) < 1e-9
+    np.testing.assert_allclose(pot.plan.sum(0), r.numpy(), atol=1e-12)
+    # With N * r_k integral the LP has an integral optimum: the hard assignment reaches the same objective.
+    hard = exact_assign(s)
+    assert abs(hard.objective - exact_plan(s).objective) < 1e-9
+    assert np.bincount(hard.labels, minlength=5).tolist() == [8] * 5
+
+
+def test_objective_gap_shrinks_with_epsilon():
+    s = cosine_scores(120, 6, seed=22).double()
+    optimum = exact_plan(s).objective
+    gaps = []
+    for eps in (0.2, 0.1, 0.05, 0.02, 0.01, 0.003):
+        res = sinkhorn_assign(s, eps, tol=1e-7, max_iter=50_000)
+        assert res.converged
+        gaps.append(optimum - res.objective)
+    assert all(g >= -1e-9 for g in gaps), f"entropic objective cannot beat the LP: {gaps}"
+    assert all(a > b for a, b in zip(gaps[:-1], gaps[1:], strict=True)), f"gap should shrink with eps: {gaps}"
+    assert gaps[-1] / abs(optimum) < 1e-3, f"relative gap at eps=0.003 is {gaps[-1] / abs(optimum):.2e}"
+
+
+def test_fp32_small_epsilon_gap_matches_reference():
+    s = cosine_scores(200, 8, seed=23)
+    optimum = exact_plan(s).objective
+    res = sinkhorn_assign(s, 0.005, tol=1e-5, max_iter=50_000)
+    assert res.converged
+    assert 0 <= (optimum - res.objective) / abs(optimum) < 1e-3
+
+
+@st.composite
+def planted_permutation(draw):
+    """Scores whose unique optimum is a known permutation: a large bonus on the planted pairs."""
+    k = draw(st.integers(2, 9))
+    per = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(k), per))
+    s = rng.uniform(-1, 1, (k * per, k))
+    s[np.arange(k * per), labels] += 3.0  # any other assignment loses >= 1 per moved sample
+    return s, labels
+
+
+@settings(max_examples=25, deadline=None)
+@given(planted_permutation())
+def test_hard_labels_equal_exact_on_planted_optimum(problem):
+    s, labels = problem
+    res = sinkhorn_assign(torch.from_numpy(s), 0.1, tol=1e-4, max_iter=10_000)
+    assert res.converged
+    np.testing.assert_array_equal(res.labels.numpy(), labels)
+    np.testing.assert_array_equal(exact_assign(s).labels, labels)
+
+
+@pytest.mark.parametrize("method", ["pot", "linprog"])
+def test_exact_respects_mask(method):
+    s = random_problem(12, 3, seed=24, dtype=torch.float64)
+    s[:4, 0] = float("-inf")
+    res = exact_plan(s, method=method)
+    assert res.plan[:4, 0].max() == 0.0
+    assert np.isfinite(res.objective)

@@ -1,0 +1,142 @@
+"""Smoke tests of the example trainers (one short ``--quick`` epoch each) and of their shared helpers.
+
+The full training runs and their targets are documented in ``examples/README.md``; they are not part of the suite.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("tqdm")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import common  # noqa: E402
+import deepcluster  # noqa: E402
+import sela  # noqa: E402
+import swav  # noqa: E402
+
+QUICK = ["--quick", "--no-progress"]
+
+
+def run(trainer, tmp_path, *flags):
+    """Run a trainer's main() quickly, check the files it writes, return (results, checkpoint)."""
+    results = trainer.main([*QUICK, "--out", str(tmp_path), *flags])
+    name = results["trainer"]
+    assert json.loads((tmp_path / f"{name}_results.json").read_text())["rows"] == results["rows"]
+    ckpt = torch.load(tmp_path / f"{name}.pt", weights_only=False)
+    learned, kmeans = results["rows"]
+    assert kmeans["method"] == "k-means on raw pixels"
+    for row in results["rows"]:
+        for key in ("nmi", "ari", "acc", "balance"):
+            assert math.isfinite(row[key]), (row["method"], key, row[key])
+    assert all(math.isfinite(loss) for loss in learned["losses"]), learned["losses"]
+    return results, ckpt
+
+
+def assert_balanced(labels: torch.Tensor, k: int, slack: float = 1.2):
+    """Every cluster used, none above ``slack`` times its fair share."""
+    counts = torch.bincount(labels.flatten(), minlength=k)
+    assert counts.min() > 0 and counts.max() <= slack * len(labels.flatten()) / k, counts.tolist()
+
+
+def test_sela_quick(tmp_path):
+    results, ckpt = run(sela, tmp_path, "--heads", "2", "--k", "12")
+    assert ckpt["labels"].shape == (2, 400)  # (T, N): one label per head and sample
+    for head_labels in ckpt["labels"]:  # after 3 SGD steps the logits are nearly flat: the argmax of a soft plan
+        assert_balanced(head_labels, 12, slack=3.0)
+    assert ckpt["cluster_potentials"].shape == (2, 12)
+    assert len(results["rows"][0]["label_steps"]) == 2
+    assert results["rows"][0]["acc_mapping"] == "majority"  # K = 12 > 10 classes
+
+
+def test_sela_self_label_is_balanced():
+    args = sela.parse_args(["--quick"])
+    data = common.load_data(args)
+    torch.manual_seed(0)
+    model = sela.SeLaNet(common.make_trunk(data), 128, n_heads=3, k=10)
+    with torch.no_grad():
+        for head in model.heads:
+            head.weight.mul_(30)  # decisive heads, as after training: hard labels follow the balanced plan
+    res = sela.self_label(model, data.x, args, "cpu", init=None)
+    assert res.labels.shape == (3, 400) and res.cluster_potentials.shape == (3, 10)
+    torch.testing.assert_close(res.codes.mean(1), torch.full((3, 10), 0.1), atol=2e-3, rtol=0)
+    for head_labels in res.labels:
+        assert_balanced(head_labels, 10)
+
+
+def test_sela_is_deterministic(tmp_path):
+    first = sela.main([*QUICK, "--seed", "3"])["rows"][0]
+    second = sela.main([*QUICK, "--seed", "3"])["rows"][0]
+    assert first["losses"] == second["losses"] and first["nmi"] == second["nmi"]
+
+
+def test_swav_quick_multicrop_queue(tmp_path):
+    results, ckpt = run(
+        swav, tmp_path, "--small-crops", "2", "--queue-length", "64", "--queue-start", "0", "--batch-size", "100"
+    )
+    assert ckpt["model"]["prototypes.weight"].shape == (10, 32)
+    assert results["rows"][0]["last_sinkhorn_iters"] == 3
+
+
+def test_swav_codes_are_balanced_soft_assignments():
+    args = swav.parse_args(["--converged"])
+    assigner = swav.Assigner(args, n_views=2, proj_dim=8, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(2, 200, 8, generator=gen), dim=-1)  # (V, B, D)
+    prototypes = torch.nn.functional.normalize(torch.randn(5, 8, generator=gen), dim=-1)  # (K, D)
+    q = assigner.codes(z, z @ prototypes.T, prototypes, use_queue=False)
+    assert q.shape == (2, 200, 5)
+    torch.testing.assert_close(q.sum(-1), torch.ones(2, 200))
+    torch.testing.assert_close(q.mean(1), torch.full((2, 5), 0.2), atol=1e-3, rtol=0)  # equipartition
+
+
+def test_deepcluster_quick(tmp_path):
+    _, ckpt = run(deepcluster, tmp_path)
+    assert ckpt["labels"].shape == (400,)
+
+
+def test_deepcluster_balanced_quick(tmp_path):
+    results, ckpt = run(deepcluster, tmp_path, "--balanced")
+    assert_balanced(ckpt["labels"], 10)
+    assert results["rows"][0]["balance"] <= 1.2
+
+
+def test_user_arrays_vectors(tmp_path):
+    gen = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = gen.normal(size=(120, 5)) + 4 * y[:, None]  # (N, D), D not square: the MLP trunk and noise only
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    results = sela.main(
+        [*QUICK, "--data-x", str(tmp_path / "x.npy"), "--data-y", str(tmp_path / "y.npy"), "--batch-size", "32"]
+    )
+    assert results["rows"][0]["k"] == 3 and results["rows"][1]["k"] == 3
+
+
+def test_matched_accuracy_and_balance():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    assert common.matched_accuracy(y, np.array([2, 2, 0, 0, 1, 1])) == (1.0, "hungarian")
+    assert common.matched_accuracy(y, np.array([0, 1, 2, 2, 3, 3])) == (1.0, "majority")
+    assert common.balance(np.array([0, 0, 0, 1]), 2) == 1.5
+
+
+def test_augment_shapes_and_determinism():
+    x = torch.rand(16, 1, 8, 8)
+    aug = common.Augment()
+    a = aug(x, torch.Generator().manual_seed(1))
+    b = aug(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+    assert aug(x, torch.Generator().manual_seed(1), out_size=6, zoom=1.4).shape == (16, 1, 6, 6)
+
+
+def test_kmeans_reseeds_empty_clusters():
+    x = torch.cat([torch.zeros(20, 2), torch.ones(20, 2)])  # 2 distinct points, duplicates: empty clusters appear
+    x[::2] += 0.01 * torch.arange(20)[:, None]
+    labels = deepcluster.torch_kmeans(x, 4, 10, torch.Generator().manual_seed(0))
+    assert labels.shape == (40,) and len(torch.unique(labels)) == 4

@@ -1,0 +1,60 @@
+"""Invariances the math guarantees, checked on random problems drawn by hypothesis."""
+
+import numpy as np
+import torch
+from helpers import assert_close, centred
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from otlabel import sinkhorn_assign
+
+problems = st.tuples(st.integers(1, 12), st.integers(1, 6)).flatmap(
+    lambda nk: arrays(np.float64, nk, elements=st.floats(-3, 3, allow_nan=False, allow_subnormal=False))
+)
+SETTINGS = dict(max_examples=30, deadline=None)
+
+
+def solve(s, **kw):
+    # Shifts and permutations leave every iterate unchanged, so these checks hold whether or not a
+    # (possibly degenerate) drawn problem converges: no warning wanted.
+    return sinkhorn_assign(torch.as_tensor(s), 0.2, tol=1e-9, max_iter=2_000, backend="reference", warn=False, **kw)
+
+
+@settings(**SETTINGS)
+@given(problems, st.data())
+def test_per_sample_and_per_cluster_shifts_change_nothing(s, data):
+    n, k = s.shape
+    row = np.array(data.draw(st.lists(st.floats(-50, 50), min_size=n, max_size=n)))
+    col = np.array(data.draw(st.lists(st.floats(-50, 50), min_size=k, max_size=k)))
+    base, shifted = solve(s), solve(s + row[:, None] + col[None, :])
+    assert_close(shifted.codes, base.codes, atol=1e-6, what="codes after shifts")
+    # A per-cluster shift moves the potentials by -col / eps (up to a constant).
+    assert_close(
+        centred(shifted.cluster_potentials),
+        centred(base.cluster_potentials - torch.from_numpy(col) / 0.2),
+        atol=1e-5,
+        what="potentials after shifts",
+    )
+
+
+@settings(**SETTINGS)
+@given(problems, st.randoms(use_true_random=False))
+def test_permuting_samples_and_clusters_permutes_the_result(s, rnd):
+    n, k = s.shape
+    rows, cols = np.array(rnd.sample(range(n), n)), np.array(rnd.sample(range(k), k))
+    base, perm = solve(s), solve(s[rows][:, cols])
+    assert_close(perm.codes, base.codes[rows][:, cols], atol=1e-6, what="permuted codes")
+
+
+@settings(**SETTINGS)
+@given(problems)
+def test_converged_marginals_within_tol_and_labels_are_argmax(s):
+    n, k = s.shape
+    res = sinkhorn_assign(torch.as_tensor(s, dtype=torch.float32), 0.2, tol=1e-4, max_iter=20_000)
+    assert res.converged
+    col_error = (res.plan.double().sum(0) - 1.0 / k).abs().sum()
+    assert float(col_error) <= 1e-4 + 1e-6  # the float32 estimate of the error carries ~1e-6 of rounding
+    assert_close(res.codes.sum(1), torch.ones(n), atol=1e-5, what="code rows")
+    top = res.codes.max(1, keepdim=True).values
+    assert bool((res.codes.gather(1, res.labels[:, None]) >= top - 1e-6).all())

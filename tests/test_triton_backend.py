@@ -1,0 +1,47 @@
+"""sinkhorn_assign end to end through the Triton backend (its CPU interpreter here; real kernels on a GPU)."""
+
+import pytest
+import torch
+from helpers import assert_close, centred, clustered_cosine_scores, random_problem
+
+from otlabel import sinkhorn_assign
+from otlabel.backends import resolve_backend
+from otlabel.problem import validate
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(
+    "dtype, atol",
+    [(torch.float32, 1e-5), (torch.float16, 1e-4), (torch.bfloat16, 1e-4)],
+)
+def test_triton_solve_matches_torch_and_reference(dtype, atol):
+    s = clustered_cosine_scores(150, 7, seed=50).to(dtype)  # N, K not multiples of any tile
+    s[3, 2] = float("-inf")
+    r = torch.tensor([0.1, 0.2, 0.1, 0.2, 0.1, 0.2, 0.1], dtype=torch.float64)
+    kw = dict(cluster_weights=r, tol=1e-5, max_iter=2000)
+    tri = sinkhorn_assign(s.to(DEVICE), 0.05, backend="triton", **kw)
+    tor = sinkhorn_assign(s, 0.05, backend="torch", **kw)
+    ref = sinkhorn_assign(s.double(), 0.05, backend="reference", tol=1e-9, max_iter=20_000, cluster_weights=r)
+    assert tri.converged and tri.labels.device.type == DEVICE
+    assert torch.equal(tri.labels.cpu(), tor.labels)
+    assert torch.equal(tri.labels.cpu(), ref.labels)
+    assert_close(tri.codes.cpu(), ref.codes, atol=atol * 10, what="triton codes vs reference")
+    assert_close(centred(tri.cluster_potentials.cpu()), centred(ref.cluster_potentials), atol=1e-3, what="potentials")
+    assert abs(float(tri.objective) - float(ref.objective)) < 1e-4
+
+
+def test_triton_fixed_iterations_batched_heads():
+    s = random_problem(40, 5, h=3, seed=51)
+    tri = sinkhorn_assign(s.to(DEVICE), 0.1, backend="triton", max_iter=4, tol=None)
+    ref = sinkhorn_assign(s.double(), 0.1, backend="reference", max_iter=4, tol=None)
+    assert tri.n_iter == 4 and tri.codes.shape == (3, 40, 5)
+    assert_close(tri.codes.cpu(), ref.codes, atol=1e-5, what="batched fixed-iteration codes")
+
+
+def test_auto_keeps_cpu_tensors_on_torch_and_float64_off_triton():
+    assert resolve_backend("auto", validate(torch.randn(4, 3), 0.1)) == "torch"
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", validate(torch.randn(4, 3, device="cuda"), 0.1)) == "triton"
+        assert resolve_backend("auto", validate(torch.randn(4, 3, device="cuda").double(), 0.1)) == "torch"

@@ -1,0 +1,120 @@
+"""Bad input gets a specific exception whose message says what is wrong; extreme but valid input works."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_problem
+
+from otlabel import ConvergenceWarning, exact_plan, sinkhorn_assign
+
+S = random_problem(10, 4, seed=40)
+INF = float("inf")
+
+
+def with_value(index, value):
+    s = S.clone()
+    s[index] = value
+    return s
+
+
+def masked(rows=slice(None), cols=slice(None)):
+    s = S.clone()
+    s[rows, cols] = -INF
+    return s
+
+
+BAD_INPUTS = [
+    # (description, kwargs, exception, words the message must contain)
+    ("NaN score", dict(scores=with_value((2, 1), float("nan"))), ValueError, ["NaN", "(0, 2, 1)"]),
+    ("+inf score", dict(scores=with_value((3, 0), INF)), ValueError, ["+inf", "-inf is allowed"]),
+    ("1-d scores", dict(scores=torch.randn(10)), ValueError, ["(N, K)", "(10,)"]),
+    ("4-d scores", dict(scores=torch.randn(2, 2, 3, 4)), ValueError, ["(H, N, K)"]),
+    ("empty N", dict(scores=torch.randn(0, 4)), ValueError, ["empty"]),
+    ("empty K", dict(scores=torch.randn(5, 0)), ValueError, ["empty"]),
+    ("integer scores", dict(scores=torch.ones(5, 3, dtype=torch.int64)), TypeError, ["floating-point", ".float()"]),
+    ("a list", dict(scores=[[1.0, 2.0]]), TypeError, ["torch.Tensor", "list"]),
+    ("eps = 0", dict(epsilon=0.0), ValueError, ["epsilon", "> 0"]),
+    ("eps < 0", dict(epsilon=-0.1), ValueError, ["epsilon"]),
+    ("eps NaN", dict(epsilon=float("nan")), ValueError, ["epsilon", "finite"]),
+    ("eps inf", dict(epsilon=INF), ValueError, ["epsilon", "finite"]),
+    ("eps string", dict(epsilon="0.1"), TypeError, ["epsilon"]),
+    ("cluster weights shape", dict(cluster_weights=torch.ones(5) / 5), ValueError, ["cluster_weights", "(4,)"]),
+    ("sample weights shape", dict(sample_weights=torch.ones(4) / 4), ValueError, ["sample_weights", "(10,)"]),
+    ("negative weight", dict(cluster_weights=torch.tensor([0.5, 0.6, -0.2, 0.1])), ValueError, ["-0.2"]),
+    ("weights not summing", dict(cluster_weights=torch.ones(4)), ValueError, ["sum to 1", "w.sum()"]),
+    ("NaN weight", dict(sample_weights=torch.full((10,), float("nan"))), ValueError, ["NaN"]),
+    ("sample with no cluster", dict(scores=masked(rows=4)), ValueError, ["infeasible", "sample 4"]),
+    ("cluster with no sample", dict(scores=masked(cols=2)), ValueError, ["infeasible", "cluster 2"]),
+    (
+        "sample only in zero-weight clusters",
+        dict(scores=masked(rows=1, cols=slice(1, None)), cluster_weights=torch.tensor([0.0, 0.4, 0.3, 0.3])),
+        ValueError,
+        ["infeasible", "sample 1", "weight 0"],
+    ),
+    ("max_iter 0", dict(max_iter=0), ValueError, ["max_iter"]),
+    ("tol negative", dict(tol=-1.0), ValueError, ["tol"]),
+    ("over-relaxation 2", dict(over_relaxation=2.0), ValueError, ["over_relaxation"]),
+    ("unknown backend", dict(backend="cuda"), ValueError, ["backend", "'torch'"]),
+    ("init shape", dict(init=torch.zeros(7)), ValueError, ["init", "(4,)"]),
+    ("init NaN", dict(init=torch.full((4,), float("nan"))), ValueError, ["init", "NaN"]),
+]
+
+
+@pytest.mark.parametrize("what, kwargs, error, words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_specific_error(what, kwargs, error, words):
+    args = dict(scores=S, epsilon=0.1) | kwargs
+    with pytest.raises(error) as info:
+        sinkhorn_assign(args.pop("scores"), args.pop("epsilon"), **args)
+    for word in words:
+        assert word in str(info.value), f"{what}: message {str(info.value)!r} lacks {word!r}"
+
+
+def test_exact_solvers_validate_too():
+    with pytest.raises(ValueError, match="NaN"):
+        exact_plan(with_value((0, 0), float("nan")))
+
+
+def test_triton_backend_without_gpu_explains(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import otlabel.backends as backends
+
+    monkeypatch.setattr(backends, "_triton_usable", lambda scores: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        sinkhorn_assign(S, 0.1, backend="triton")
+
+
+def test_infeasible_by_counting_warns_and_stays_finite():
+    """Three of four samples may only go to cluster 0, whose share is half: no balanced plan exists.
+
+    No per-row or per-column check can see this (it is Hall's condition); the solver must not return NaN
+    but warn that it did not converge, with the marginal error stuck at the infeasible excess.
+    """
+    s = torch.zeros(4, 2)
+    s[:3, 1] = -INF
+    for backend in ("torch", "reference"):
+        with pytest.warns(ConvergenceWarning, match="masks"):
+            res = sinkhorn_assign(s, 0.1, max_iter=300, backend=backend)
+        assert not res.converged and abs(res.marginal_error - 0.5) < 1e-3
+        assert torch.isfinite(res.codes).all() and torch.isfinite(res.cluster_potentials).all()
+
+
+def test_non_convergence_warns():
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        res = sinkhorn_assign(S, 0.01, max_iter=2, tol=1e-9)
+    assert not res.converged and res.n_iter == 2
+
+
+@pytest.mark.parametrize(
+    "scores, eps",
+    [
+        (torch.randn(1, 5), 0.05),  # N = 1
+        (torch.randn(7, 1), 0.05),  # K = 1
+        (torch.randn(3, 50), 0.05),  # K > N
+        (torch.randn(40, 6) * 1e-3, 1e-3),  # tiny scores, tiny eps
+    ],
+)
+def test_extreme_but_valid(scores, eps):
+    res = sinkhorn_assign(scores, eps, tol=1e-4, max_iter=20_000)
+    assert res.converged and torch.isfinite(res.codes).all() and torch.isfinite(res.cluster_potentials).all()
+    n, k = scores.shape
+    assert np.allclose(res.plan.sum(0).numpy(), 1.0 / k, atol=2e-4)
