@@ -84,14 +84,12 @@ def has_epsilon_scaling() -> bool:
     return "epsilon_scaling" in inspect.signature(otlabel.sinkhorn_assign).parameters
 
 
-def otlabel_method(backend: str = "torch", *, omega: float = 1.0, warm: bool = False, eps_scaling=None):
+def otlabel_method(backend: str = "torch", *, omega: float = 1.0, warm: bool = False, eps_scaling: float | None = None):
     """``sinkhorn_assign`` with one set of accelerations.
 
     ``warm``: the timed call starts from the potentials of the previous problem (prototypes drifted), solved
-    beforehand, untimed, to the same tolerance. ``eps_scaling``: ``"library"`` passes the library's
-    ``epsilon_scaling=True``; ``"chained"`` anneals from the user side — solves at ``eps * 2^m, ..., eps`` (from
-    about 0.1 down), each warm-started from the last with the potentials rescaled by ``eps_old / eps_new``
-    (``eps * b`` is the dual variable that stays put), loose tolerance until the last.
+    beforehand, untimed. ``eps_scaling``: the library's ``epsilon_scaling`` factor (stages from the scores'
+    spread down to ``eps``, each warm-starting the next); unavailable in an otlabel without that option.
     """
 
     def run(problem: Problem, n_iter: int, tol: float | None) -> Outcome:
@@ -103,12 +101,10 @@ def otlabel_method(backend: str = "torch", *, omega: float = 1.0, warm: bool = F
             init = problem._cache.get(("warm", problem.epsilon, omega))
             if init is None:
                 raise Unavailable("the warm start's prepare(problem, tol) was not called before timing")
-        if eps_scaling == "library":
+        if eps_scaling is not None:
             if not has_epsilon_scaling():
                 raise Unavailable("sinkhorn_assign has no epsilon_scaling option in this otlabel version")
-            kwargs["epsilon_scaling"] = True
-        if eps_scaling == "chained" and tol is not None:
-            return chained_epsilon(problem, n_iter, tol, kwargs)
+            kwargs["epsilon_scaling"] = eps_scaling
         res = otlabel.sinkhorn_assign(problem.scores, problem.epsilon, max_iter=n_iter, tol=tol, init=init, **kwargs)
         return otlabel_outcome(res, problem)
 
@@ -128,30 +124,6 @@ def warm_preparation(omega: float = 1.0):
             problem._cache[key] = prev.cluster_potentials
 
     return prepare
-
-
-def chained_epsilon(problem: Problem, n_iter: int, tol: float, kwargs) -> Outcome:
-    schedule = [problem.epsilon]
-    while schedule[-1] * 2 <= max(0.1, problem.epsilon):
-        schedule.append(schedule[-1] * 2)
-    schedule.reverse()  # large to target
-    init, used, res = None, 0, None
-    for i, eps in enumerate(schedule):
-        last = i == len(schedule) - 1
-        res = otlabel.sinkhorn_assign(
-            problem.scores,
-            eps,
-            max_iter=max(1, n_iter - used),
-            tol=tol if last else max(tol, 1e-2),
-            init=init,
-            **kwargs,
-        )
-        used += res.n_iter
-        if not last:
-            init = res.cluster_potentials * (eps / schedule[i + 1])
-    out = otlabel_outcome(res, problem)
-    out.n_iter = used
-    return out
 
 
 def otlabel_outcome(res, problem: Problem) -> Outcome:
@@ -347,9 +319,8 @@ def acceleration_variants() -> dict[str, Method]:
         Method(
             "otlabel warm omega=1.6", otlabel_method(warm=True, omega=1.6), "otlabel", prepare=warm_preparation(1.6)
         ),
-        Method("otlabel eps-chain", otlabel_method(eps_scaling="chained"), "otlabel"),
-        Method("otlabel eps-chain omega=1.6", otlabel_method(eps_scaling="chained", omega=1.6), "otlabel"),
-        Method("otlabel eps-scaling", otlabel_method(eps_scaling="library"), "otlabel"),
+        Method("otlabel eps-scaling 0.5", otlabel_method(eps_scaling=0.5), "otlabel"),
+        Method("otlabel eps-scaling 0.5 omega=1.6", otlabel_method(eps_scaling=0.5, omega=1.6), "otlabel"),
     ]
     return {m.name: m for m in variants}
 

@@ -3,9 +3,9 @@ eps in {0.1, 0.05, 0.02, 0.01}, for otlabel with its accelerations on and off an
 
 otlabel variants (torch backend): plain; over-relaxation omega in {1.3, 1.6, 1.8}; warm start from the
 previous labelling step's potentials (same features, prototypes drifted by 5%; that solve is untimed);
-eps-annealing chained through warm starts from the user side (``eps-chain``); the library's own
-``epsilon_scaling`` option where this otlabel has it. Each call gets a time budget; a method that has not
-converged within it is a TIMEOUT row (its time is a lower bound), NaN/inf or stalling is FAILED.
+the library's ``epsilon_scaling=0.5`` where this otlabel has it; and combinations with omega = 1.6.
+Each call gets a time budget; a method that has not converged within it is a TIMEOUT row (its time is a
+lower bound); NaN/inf, or an error that stalls above the tolerance, is FAILED.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def test_stall_is_told_apart_from_slow_convergence():
 
 
 def test_epsilon_scaling_variant_runs_or_says_why(problem):
-    variant = methods.acceleration_variants()["otlabel eps-scaling"]
+    variant = methods.acceleration_variants()["otlabel eps-scaling 0.5"]
     row = harness.time_to_tolerance(variant, problem, 1e-3, harness.Context(budget_s=0.5), "test")
     if methods.has_epsilon_scaling():
         assert row.ok, row
