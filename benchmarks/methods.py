@@ -106,7 +106,7 @@ def otlabel_method(backend: str = "torch", *, omega: float = 1.0, warm: bool = F
                 raise Unavailable("sinkhorn_assign has no epsilon_scaling option in this otlabel version")
             kwargs["epsilon_scaling"] = eps_scaling
         res = otlabel.sinkhorn_assign(problem.scores, problem.epsilon, max_iter=n_iter, tol=tol, init=init, **kwargs)
-        return otlabel_outcome(res, problem)
+        return otlabel_outcome(res, problem, tol)
 
     return run
 
@@ -126,10 +126,12 @@ def warm_preparation(omega: float = 1.0):
     return prepare
 
 
-def otlabel_outcome(res, problem: Problem) -> Outcome:
+def otlabel_outcome(res, problem: Problem, tol: float | None = None) -> Outcome:
     # codes are computed lazily, after the timed call (one more pass, as for a user who reads them)
-    out = Outcome(lambda: res.codes, 1.0 / problem.n, res.n_iter, res.converged, result=res)
-    floor = stall_level(res.errors)
+    out = Outcome(
+        lambda: res.codes, 1.0 / problem.n, res.n_iter, res.converged if tol is not None else None, result=res
+    )
+    floor = stall_level(res.errors) if tol is not None else None
     if not res.converged and floor is not None:
         out.warnings.append(f"error stalls at {floor:.2g} (no progress over the last half of the iterations)")
     return out
