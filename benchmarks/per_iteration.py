@@ -69,20 +69,32 @@ def run(ctx: Context) -> list[Row]:
 def report(rows: list[Row], ctx: Context) -> str:
     per = [r for r in rows if r.metric == "s/iter"]
     methods = [m for m in dict.fromkeys(r.method for r in per) if any(r.ok for r in per if r.method == m)]
-    absent = sorted({r.method: r.status for r in per if r.method not in methods}.items())
+    absent = {}
+    for r in per:  # the reason a method never ran: prefer "not installed" over "above the size cap"
+        if r.method not in methods and (r.method not in absent or "cap" in absent[r.method]):
+            absent[r.method] = r.status
+    absent = sorted(absent.items())
     cells = {(r.n, r.k, r.method): r for r in per}
     lines = []
     for n, k in dict.fromkeys((r.n, r.k) for r in per):
         line = [f"{n:,}", f"{k:,}"]
         for m in methods:
             r = cells.get((n, k, m))
-            line.append("—" if r is None else fmt_time(r.median) if r.ok else short_status(r))
+            line.append("—" if r is None else time_cell(r) if r.ok else short_status(r))
         lines.append(line)
-    text = "Median seconds per iteration (one pass over the scores for otlabel); lower is better.\n\n"
+    text = (
+        "Median seconds per iteration (one pass over the scores for otlabel); lower is better. Below ~1 ms the "
+        "difference of two timed calls is at the mercy of the machine's load: read the small sizes loosely.\n\n"
+    )
     text += markdown_table(["N", "K", *methods], lines)
     if absent:
         text += "\n\nNot run here: " + "; ".join(f"{m} ({s.partition(': ')[2]})" for m, s in absent) + "."
     return text
+
+
+def time_cell(r: Row) -> str:
+    """A per-iteration time; a difference lost in timing noise (median ≤ 0: tiny sizes, busy machine) says so."""
+    return fmt_time(r.median) if r.median > 0 else "noise (≤ 0)"
 
 
 def short_status(r: Row) -> str:
