@@ -87,7 +87,7 @@ def report(rows: list[Row], ctx: Context) -> str:
     n, k = size(ctx)
     text = (
         f"N = {n:,}, K = {k:,}. Cell: median time to reach the L1 marginal error (iterations). Stopping rules "
-        "are each method's own at the same number (see `benchmarks/methods.py`; POT's L2 rule is the looser). "
+        "are each method's own, set so that it guarantees that L1 error (see `benchmarks/methods.py`). "
         f"Budget {ctx.budget_s:g} s per call.\n"
     )
     skipped = {}
