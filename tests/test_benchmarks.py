@@ -1,0 +1,165 @@
+"""Smoke tests that keep every benchmark scenario runnable (tiny sizes, < 1 minute in all).
+
+Nothing here asserts on a time: timings belong to ``python -m benchmarks``. What is asserted is that every
+scenario runs end to end, that every method shows up in its tables (failures as FAILED/TIMEOUT/SKIPPED rows, never
+dropped), that the methods share one signature and the uniform read-outs are right, and that the outputs (CSV,
+markdown sections, plots) are written where they should be.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import inspect
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `benchmarks` is not installed
+
+import otlabel  # noqa: E402
+from benchmarks import SCENARIOS, harness, methods  # noqa: E402
+from benchmarks.__main__ import main  # noqa: E402
+from benchmarks.problems import make_problem  # noqa: E402
+
+pytest.importorskip("pytest_benchmark")
+pytest.importorskip("ot")
+
+TINY = (300, 8)
+STATUS_WORDS = ("ok", "FAILED", "TIMEOUT", "SKIPPED")
+
+
+def tiny_context(tmp_path) -> harness.Context:
+    return harness.Context(quick=True, out=tmp_path, repeats=1, budget_s=0.1, max_iter=300, size=TINY)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem(*TINY, 0.1, warm=True)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_runs_and_reports(name, tmp_path, benchmark):
+    module = importlib.import_module(f"benchmarks.{name}")
+    ctx = tiny_context(tmp_path)
+    rows = benchmark.pedantic(module.run, args=(ctx,), rounds=1, iterations=1)
+    assert rows, f"{name} produced no rows"
+    for row in rows:
+        assert row.status.split(":")[0] in STATUS_WORDS, row
+        if row.ok and row.metric.startswith("s"):
+            assert math.isfinite(row.median), row
+    text = module.report(rows, ctx)
+    assert "|---" in text
+    for path in module.plot(rows, ctx):
+        assert path.exists() and path.stat().st_size > 0
+
+
+def test_every_method_is_a_row_even_when_it_fails(tmp_path):
+    """Tolerance at eps=0.01: the SwAV-style loop overflows in float32 — the row must say FAILED, not vanish."""
+    from benchmarks import tolerance
+
+    ctx = tiny_context(tmp_path)
+    rows = tolerance.run(ctx)
+    expected = set(ctx.selected(tolerance.methods()))
+    for eps in tolerance.epsilons(ctx):
+        for tol in tolerance.TOLERANCES:
+            got = {r.method for r in rows if r.eps == eps and r.metric == f"s to {tol:g}"}
+            assert got == expected, f"missing at eps={eps}, tol={tol}: {expected - got}"
+    swav = next(r for r in rows if r.method == "swav" and r.eps == 0.01)
+    assert swav.status.startswith("FAILED"), swav
+    assert "|" in tolerance.report(rows, ctx) and "**FAILED**" in tolerance.report(rows, ctx)
+
+
+def test_methods_share_one_signature(problem):
+    registry = {**methods.all_methods(), **methods.acceleration_variants(), **methods.published_rule_methods()}
+    for name, method in registry.items():
+        params = list(inspect.signature(method.run).parameters)
+        assert params == ["problem", "n_iter", "tol"], f"{name}: {params}"
+
+
+@pytest.mark.parametrize("name", list(methods.all_methods()))
+def test_each_method_returns_a_balanced_plan(problem, name):
+    method = methods.all_methods()[name]
+    if method.available(problem.device):
+        pytest.skip(method.available(problem.device))
+    method.prepare_inputs(problem)
+    out, _ = harness.call(method, problem, 200, None, harness.Context())
+    metrics = harness.evaluate(problem, out)
+    assert metrics["finite"], name
+    assert metrics["marginal_error"] < 1e-3, f"{name}: marginal error {metrics['marginal_error']:.3g} at eps=0.1"
+
+
+def test_swav_to_tolerance_is_the_library_baseline(problem):
+    """The stopping loop in methods.swav is otlabel.swav_sinkhorn plus a free check: same codes, same iterations."""
+    out = methods.swav(problem, 1000, 1e-4)
+    assert out.converged
+    ref = otlabel.swav_sinkhorn(problem.scores, problem.epsilon, out.n_iter)
+    torch.testing.assert_close(out.values, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_evaluate_reads_out_exact_and_converged_plans(problem):
+    exact = otlabel.exact_plan(problem.scores)
+    m = harness.evaluate(problem, methods.Outcome(exact.plan, 1.0, 0, None))
+    assert m["marginal_error"] < 1e-9
+    assert m["objective"] == pytest.approx(exact.objective, rel=1e-9)
+    res = otlabel.sinkhorn_assign(problem.scores, 0.1, tol=1e-5)
+    m = harness.evaluate(problem, methods.otlabel_outcome(res, problem))
+    assert m["marginal_error"] < 2e-5
+    assert m["objective"] <= exact.objective + 1e-9
+    counts = np.bincount(res.labels.numpy(), minlength=problem.k)
+    assert m["label_imbalance"] == pytest.approx(np.abs(counts / problem.n - 1 / problem.k).sum())
+
+
+def test_nan_and_exceptions_become_failed_rows(problem):
+    nan_plan = methods.Outcome(np.full((problem.n, problem.k), np.nan), 1.0, 3, None)
+    assert harness.judge(nan_plan, harness.evaluate(problem, nan_plan), None).startswith("FAILED")
+
+    def broken(problem, n_iter, tol):
+        raise RuntimeError("boom")
+
+    row = harness.time_to_tolerance(methods.Method("broken", broken, "test"), problem, 1e-3, harness.Context(), "test")
+    assert row.status == "FAILED: RuntimeError: boom"
+    rows = harness.per_iteration(methods.Method("broken", broken, "test"), problem, harness.Context(), "test")
+    assert all(r.status.startswith("FAILED") for r in rows)
+
+
+def test_stall_is_told_apart_from_slow_convergence():
+    assert methods.stall_level([math.inf] + [1e-5] * 400) == pytest.approx(1e-5)
+    assert methods.stall_level([math.inf] + list(np.geomspace(1, 1e-9, 400))) is None
+
+
+def test_epsilon_scaling_variant_runs_or_says_why(problem):
+    variant = methods.acceleration_variants()["otlabel eps-scaling 0.5"]
+    row = harness.time_to_tolerance(variant, problem, 1e-3, harness.Context(budget_s=0.5), "test")
+    if methods.has_epsilon_scaling():
+        assert row.ok, row
+    else:
+        assert row.status.startswith("SKIPPED") and "epsilon_scaling" in row.status
+
+
+def test_outputs_csv_and_markdown_sections(tmp_path):
+    assert main(["--quick", "--scenario", "quality", "--size", *map(str, TINY), "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--scenario", "memory", "--size", *map(str, TINY), "--out", str(tmp_path)]) == 0
+    assert (
+        main(["--quick", "--scenario", "quality", "--size", *map(str, TINY), "--out", str(tmp_path), "--no-plots"]) == 0
+    )
+    with (tmp_path / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["scenario"] for r in rows} == {"quality", "memory"}
+    assert all(r["torch"] == torch.__version__ and r["mode"] == "quick" for r in rows)
+    text = (tmp_path / "RESULTS_CPU.md").read_text()
+    assert text.count("<!-- scenario:quality -->") == 1 and text.count("<!-- scenario:memory -->") == 1
+    assert (tmp_path / "plots" / "memory.png").exists()
+
+
+def test_csv_with_an_old_header_is_moved_aside(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("date,method\n2020-01-01,x\n")
+    env = harness.environment(torch.device("cpu"))
+    harness.append_csv([harness.Row("s", 1, 1, 0.1, "m", "s/iter", 1.0)], path, env, "full")
+    assert path.read_text().startswith(",".join(harness.CSV_FIELDS))
+    assert len(list(tmp_path.glob("results.*.csv"))) == 1
