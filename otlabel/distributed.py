@@ -97,7 +97,7 @@ class ShardedOperator(ScoreOperator):
         self.device, self.dtype = local.device, local.dtype
 
     def cluster_lse(self, b):
-        lse = self.local.cluster_lse(b)  # (H, K)
+        lse = self.local.cluster_lse(b).double()  # (H, K); one dtype on every rank and every pass
         return torch.logsumexp(self.comm.all_gather(lse, "cluster log-sum-exps"), dim=0)  # rank order
 
     def assign(self, b, want_codes):

@@ -51,15 +51,20 @@ def run_sinkhorn(
     loop (errors are read once at the end), which keeps small GPU solves launch-bound rather than sync-bound.
     ``callback(iteration, error)``, if given, is called after every iteration with the worst head's error
     (a float, ``inf`` on the cold start; it synchronises the device): progress bars hook in here.
+
+    The loop's K-vectors are float64 whatever the operator computes in: a float32 ``b`` of magnitude 30 is
+    quantised to 2e-6, which alone would floor the measured error there. ``b`` is also re-centred after every
+    update (a constant added to every ``b_k`` changes nothing: the sample step absorbs it), which keeps the
+    float32 copy handed to the operator small and precise.
     """
-    r = cluster_weights.to(operator.dtype)  # (K,)
+    r = cluster_weights.to(torch.float64)  # (K,)
     log_r = r.log()
     empty = r == 0  # zero-weight clusters: b = -inf, they receive nothing
-    b = init
+    b = None if init is None else centred(init.to(torch.float64), empty)
     errors: list[torch.Tensor] = []
     converged = False
     for _ in range(max_iter):
-        lse = operator.cluster_lse(b)  # (H, K)
+        lse = operator.cluster_lse(None if b is None else b.to(operator.dtype)).to(torch.float64)  # (H, K)
         b_new = torch.where(empty, float("-inf"), log_r - lse)
         err = marginal_error(b, b_new, r, empty)  # (H,) — inf on the cold start
         errors.append(err)
@@ -72,6 +77,7 @@ def run_sinkhorn(
                 converged = True  # keep b: its error is the one just measured
                 break
         b = b_new if (b is None or over_relaxation == 1.0) else relax(b, b_new, over_relaxation, empty)
+        b = centred(b, empty)
     check_finite(b, empty)
     history = torch.stack(errors).amax(dim=1).tolist() if errors else []
     return LoopOutput(potentials=b, n_iter=len(errors), errors=history, converged=converged)
@@ -117,6 +123,12 @@ def marginal_error(b, b_new, r, empty) -> torch.Tensor:
         return torch.full(b_new.shape[:1], math.inf, dtype=b_new.dtype, device=b_new.device)
     ratio = torch.where(empty, 1.0, torch.exp(b - b_new))
     return (r * (ratio - 1).abs()).sum(dim=-1)
+
+
+def centred(b, empty) -> torch.Tensor:
+    """``b`` minus its mean over the clusters with weight (per head): the same plan, smaller numbers."""
+    mean = torch.where(empty, 0.0, b).sum(dim=-1, keepdim=True) / max(1, int((~empty).sum()))
+    return b - mean
 
 
 def relax(b, b_new, omega: float, empty) -> torch.Tensor:
@@ -239,7 +251,7 @@ def sinkhorn_assign(
     if epsilon_scaling is not None and not (isinstance(epsilon_scaling, float) and 0 < epsilon_scaling < 1):
         raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
     operator = make_operator(problem, backend)
-    init = check_init(init, problem, operator.dtype)
+    init = check_init(init, problem, torch.float64)
     if epsilon_scaling is None:
         out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, over_relaxation)
     else:

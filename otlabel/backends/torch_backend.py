@@ -105,11 +105,11 @@ class LogDomainOperator(ScoreOperator):
         sums = sum_in_order(self.map_ranges(lambda lo, hi: self._column_sums(b, lo, hi)))
         if bool(((sums <= 0) & self.reachable()).any()):  # a whole cluster underflowed: redo exactly
             return self._cluster_lse_exact(b)
-        return torch.where(torch.isneginf(b), NEG_INF, sums.log() - b)  # sums = e^b sum_j exp(S/eps + a)
+        return torch.where(torch.isneginf(b), NEG_INF, sums.log() - b.double())  # sums = e^b sum_j exp(S/eps + a)
 
     def _column_sums(self, b, lo, hi):
         """``sum_j e_jk c_j / sum_k' e_jk'`` over rows ``[lo, hi)``, with ``e = exp(S/eps + b - rowmax)``."""
-        sums = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
+        sums = torch.zeros((self.n_heads, self.n_clusters), dtype=torch.float64, device=self.device)  # N terms
         buffer = self.work_buffer(lo, hi)
         for rows in self.chunks(lo, hi):
             e = self.shifted(rows, b, out=buffer(rows))  # (H, T, K)
@@ -202,7 +202,7 @@ class CachedKernelOperator(ScoreOperator):
         if bool(((col <= 0) & self.reachable).any()):  # a column underflowed: the kernel cannot answer
             self.kernel = None  # rebuilt around the next b, which the exact pass below moves towards
             return self.exact.cluster_lse(b)
-        return torch.where(self.reachable, col.log() + offset - self.b0, NEG_INF)
+        return torch.where(self.reachable, col.log() + offset - self.b0.double(), NEG_INF)  # float64
 
     def assign(self, b, want_codes):
         return self.exact.assign(b, want_codes)
@@ -236,14 +236,14 @@ class CachedKernelOperator(ScoreOperator):
         return sum_in_order(self.exact.map_ranges(lambda lo, hi: self._matvec_range(v, weights, lo, hi)))
 
     def _matvec_range(self, v, weights, lo, hi):
-        col = torch.zeros(self.n_heads, self.n_clusters, dtype=self.dtype)
+        col = torch.zeros(self.n_heads, self.n_clusters, dtype=torch.float64)  # float64 across tiles: N terms
         for h in range(self.n_heads):
             kernel, col_h = self.kernel[h], col[h]
             for start in range(lo, hi, self.tile_rows):
                 stop = min(start + self.tile_rows, hi)
                 tile = kernel[start:stop]  # (T, K): stays in cache for both products
                 u = weights[h, start:stop] if v is None else weights[h, start:stop] / torch.mv(tile, v[h])  # (T,)
-                col_h.addmv_(tile.T, u)
+                col_h += torch.mv(tile.T, u)
         return col
 
 
