@@ -177,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument(
         "--over-relaxation",
         type=float,
-        default=1.0,
+        default=None,
         metavar="OMEGA",
-        help="step b += OMEGA (b_new - b), 1 <= OMEGA < 2; 1.3-1.6 often halves the iterations "
-        "(default: %(default)s, plain Sinkhorn)",
+        help="step b += OMEGA (b_new - b), 1 <= OMEGA < 2; 1 is plain Sinkhorn (default: 1.6, which needs about "
+        "40%% fewer iterations and falls back to plain steps should the error ever grow)",
     )
     solve.add_argument("--strict", action="store_true", help="exit with status 4 if --tol is not reached")
     run = p.add_argument_group("resources")
@@ -300,7 +300,7 @@ def cmd_assign(args) -> int:
         raise InputError("--features needs --prototypes P.npy, the (K, D) cluster centres")
     if args.scores is not None and args.prototypes is not None:
         raise InputError("--prototypes goes with --features, not with SCORES.npy")
-    if not 1.0 <= args.over_relaxation < 2.0:
+    if args.over_relaxation is not None and not 1.0 <= args.over_relaxation < 2.0:
         raise InputError(f"--over-relaxation must be in [1, 2), got {args.over_relaxation}")
     if args.threads:
         torch.set_num_threads(args.threads)

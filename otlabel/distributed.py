@@ -36,11 +36,13 @@ from .backends.base import ScoreOperator
 from .problem import Problem, as_tensor, check_epsilon, check_scores, check_weights
 from .result import SinkhornResult
 from .solver import (
+    ADAPTIVE,
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     check_init,
     check_iterations,
     package_result,
+    resolve_over_relaxation,
     run_sinkhorn,
     warn_if_not_converged,
 )
@@ -122,7 +124,7 @@ def sinkhorn_assign_sharded(
     tol: float | None = DEFAULT_TOL,
     init=None,
     backend: str = "auto",
-    over_relaxation: float = 1.0,
+    over_relaxation: float | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     callback=None,
     warn: bool = True,
@@ -164,6 +166,7 @@ def sinkhorn_assign_sharded(
     try:  # local checks: a failure is shared with the other ranks below, not raised before they hear of it
         epsilon = check_epsilon(epsilon)
         check_iterations(max_iter, tol, over_relaxation)
+        over_relaxation = resolve_over_relaxation(over_relaxation, tol)
         scores3, batched = check_scores(local_scores)
         h, n, k = scores3.shape
         device = scores3.device
@@ -177,7 +180,8 @@ def sinkhorn_assign_sharded(
         resolve_backend(backend, draft)  # an unusable backend fails here, on its rank, before any collective
         check_init(init, draft, torch.float64)
         meta = [h, n, k, DTYPE_CODES[scores3.dtype], float(batched), epsilon, -1.0 if tol is None else tol]
-        meta += [max_iter, over_relaxation, float(c_local is not None)]
+        omega_code = -1.0 if over_relaxation == ADAPTIVE else float(over_relaxation)  # collectives carry numbers
+        meta += [max_iter, omega_code, float(c_local is not None)]
         meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None)]
     except (ValueError, TypeError, RuntimeError) as err:
         failure = err

@@ -20,7 +20,14 @@ import torch
 
 from .backends import _triton_usable
 from .problem import as_tensor, check_epsilon, check_weights
-from .solver import check_init, check_iterations, package_result, run_sinkhorn, warn_if_not_converged
+from .solver import (
+    check_init,
+    check_iterations,
+    package_result,
+    resolve_over_relaxation,
+    run_sinkhorn,
+    warn_if_not_converged,
+)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -88,6 +95,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 
     epsilon = check_epsilon(epsilon)
     check_iterations(max_iter, tol, over_relaxation)
+    over_relaxation = resolve_over_relaxation(over_relaxation, tol)
     if z.ndim != 2 or z.numel() == 0:
         raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(z.shape)}.")
     c = as_tensor(prototypes, "prototypes").to(device=z.device, dtype=z.dtype)

@@ -26,6 +26,9 @@ from .result import ConvergenceWarning, SinkhornResult
 
 DEFAULT_MAX_ITER = 1000
 DEFAULT_TOL = 1e-4
+ADAPTIVE = "adaptive"  # over_relaxation from the contraction rate of the first plain steps
+RATE_SAMPLES = 3  # plain steps whose errors estimate the rate (after the cold start, which has no error)
+MAX_ADAPTIVE_OMEGA = 1.9
 
 
 @dataclass
@@ -57,6 +60,8 @@ def run_sinkhorn(
     update (a constant added to every ``b_k`` changes nothing: the sample step absorbs it), which keeps the
     float32 copy handed to the operator small and precise.
     """
+    adaptive = over_relaxation == ADAPTIVE
+    omega = 1.0 if adaptive else over_relaxation
     r = cluster_weights.to(torch.float64)  # (K,)
     log_r = r.log()
     empty = r == 0  # zero-weight clusters: b = -inf, they receive nothing
@@ -76,7 +81,11 @@ def run_sinkhorn(
             if worst < tol:
                 converged = True  # keep b: its error is the one just measured
                 break
-        b = b_new if (b is None or over_relaxation == 1.0) else relax(b, b_new, over_relaxation, empty)
+            if omega != 1.0 and len(errors) > 2 and worst > 1.01 * float(errors[-2].max()):
+                omega, adaptive = 1.0, False  # safeguard: over-relaxation is only locally convergent
+            elif adaptive and len(errors) == 1 + RATE_SAMPLES:
+                omega, adaptive = omega_for_rate([float(e.max()) for e in errors[1:]]), False
+        b = b_new if (b is None or omega == 1.0) else relax(b, b_new, omega, empty)
         b = centred(b, empty)
     check_finite(b, empty)
     history = torch.stack(errors).amax(dim=1).tolist() if errors else []
@@ -125,6 +134,19 @@ def marginal_error(b, b_new, r, empty) -> torch.Tensor:
     return (r * (ratio - 1).abs()).sum(dim=-1)
 
 
+def omega_for_rate(errors: list[float]) -> float:
+    """Over-relaxation for the contraction rate seen over plain steps: ``2 / (1 + sqrt(1 - kappa))``.
+
+    That is the optimal factor for a linear iteration contracting by ``kappa`` per step (successive
+    over-relaxation); fast-converging problems (small ``kappa``) get ~1, slow ones approach 2 (capped at 1.9).
+    """
+    first, last = errors[0], errors[-1]
+    if not (0 < last < first and math.isfinite(first)):
+        return 1.0
+    kappa = (last / first) ** (1.0 / (len(errors) - 1))
+    return min(MAX_ADAPTIVE_OMEGA, 2.0 / (1.0 + math.sqrt(1.0 - kappa)))
+
+
 def centred(b, empty) -> torch.Tensor:
     """``b`` minus its mean over the clusters with weight (per head): the same plan, smaller numbers."""
     mean = torch.where(empty, 0.0, b).sum(dim=-1, keepdim=True) / max(1, int((~empty).sum()))
@@ -165,12 +187,20 @@ def check_init(init, problem, dtype) -> torch.Tensor | None:
     return torch.where(empty, float("-inf"), init)
 
 
+def resolve_over_relaxation(over_relaxation, tol):
+    """``None`` (the default): adaptive when solving to a tolerance, 1 (classic Sinkhorn, SwAV's iterates) for
+    a fixed iteration count (there is no error to measure the rate from without synchronising)."""
+    if over_relaxation is None:
+        return 1.0 if tol is None else ADAPTIVE
+    return over_relaxation
+
+
 def check_iterations(max_iter, tol, over_relaxation) -> None:
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
     if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number (or None for exactly max_iter iterations), got {tol!r}.")
-    if not (isinstance(over_relaxation, (int, float)) and 1.0 <= over_relaxation < 2.0):
+    if over_relaxation is not None and not (isinstance(over_relaxation, (int, float)) and 1.0 <= over_relaxation < 2.0):
         raise ValueError(f"over_relaxation must be in [1, 2), got {over_relaxation!r}; 1 is plain Sinkhorn.")
 
 
@@ -187,7 +217,7 @@ def sinkhorn_assign(
     tol: float | None = DEFAULT_TOL,
     init=None,
     backend: str = "auto",
-    over_relaxation: float = 1.0,
+    over_relaxation: float | None = None,
     epsilon_scaling: float | None = None,
     allow_tf32: bool = True,
     warn: bool = True,
@@ -219,6 +249,9 @@ def sinkhorn_assign(
         init: warm start — a previous ``SinkhornResult`` or its ``cluster_potentials``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (float64 specification).
         over_relaxation: ``omega`` in ``b <- b + omega (b_new - b)``, ``1 <= omega < 2``; 1 is plain Sinkhorn.
+            Default ``None``: adaptive when solving to ``tol`` — three plain steps measure the contraction rate
+            ``kappa``, then ``omega = 2 / (1 + sqrt(1 - kappa))`` (capped at 1.9; should the error grow by more
+            than 1%, the solve falls back to plain steps) — and 1 with ``tol=None`` (classic iterates, e.g. SwAV's).
         epsilon_scaling: ``None`` (default) or a factor in (0, 1): solve first at a temperature near the
             scores' spread, then shrink it by this factor per stage down to ``epsilon``, warm-starting each
             stage. Pays at small ``epsilon``; each stage costs one extra ``exp`` pass on the CPU path.
@@ -248,6 +281,7 @@ def sinkhorn_assign(
         raise TypeError("sinkhorn_assign needs scores (N, K), or features= with prototypes=.")
     problem = validate(scores, epsilon, cluster_weights, sample_weights)
     check_iterations(max_iter, tol, over_relaxation)
+    over_relaxation = resolve_over_relaxation(over_relaxation, tol)
     if epsilon_scaling is not None and not (isinstance(epsilon_scaling, float) and 0 < epsilon_scaling < 1):
         raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
     operator = make_operator(problem, backend)

@@ -32,7 +32,15 @@ import torch
 from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, split_rows, worker_pool
 from .problem import FLOAT_DTYPES, _first_index, check_epsilon, check_weights
 from .result import SinkhornResult
-from .solver import DEFAULT_MAX_ITER, DEFAULT_TOL, check_init, check_iterations, run_sinkhorn, warn_if_not_converged
+from .solver import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_TOL,
+    check_init,
+    check_iterations,
+    resolve_over_relaxation,
+    run_sinkhorn,
+    warn_if_not_converged,
+)
 from .sources import ScoreSource
 
 __all__ = ["FeatureSource", "HostSource", "StreamingOperator", "default_memory_budget", "sinkhorn_assign_stream"]
@@ -484,7 +492,7 @@ def sinkhorn_assign_stream(
     max_iter: int = DEFAULT_MAX_ITER,
     tol: float | None = DEFAULT_TOL,
     init=None,
-    over_relaxation: float = 1.0,
+    over_relaxation: float | None = None,
     device=None,
     memory_budget: int | None = None,
     labels_out=None,
@@ -530,6 +538,7 @@ def sinkhorn_assign_stream(
         raise ValueError("prototypes and bias go with features=, not with scores.")
     epsilon = check_epsilon(epsilon)
     check_iterations(max_iter, tol, over_relaxation)
+    over_relaxation = resolve_over_relaxation(over_relaxation, tol)
     if device is None:
         first = scores if scores is not None else features
         on_gpu = isinstance(first, torch.Tensor) and first.is_cuda

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 from helpers import assert_close, centred
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -16,9 +16,16 @@ SETTINGS = dict(max_examples=30, deadline=None)
 
 
 def solve(s, **kw):
-    # Shifts and permutations leave every iterate unchanged, so these checks hold whether or not a
-    # (possibly degenerate) drawn problem converges: no warning wanted.
-    return sinkhorn_assign(torch.as_tensor(s), 0.2, tol=1e-9, max_iter=2_000, backend="reference", warn=False, **kw)
+    # Permutations leave every iterate unchanged (the cold start included), so a fixed number of iterations
+    # must agree to rounding whether or not a (possibly degenerate) drawn problem has converged by then.
+    return sinkhorn_assign(torch.as_tensor(s), 0.2, tol=None, max_iter=300, backend="reference", **kw)
+
+
+def solve_to_convergence(s):
+    """Shifts change the cold start (classic Sinkhorn from u = 1 is not shift-invariant), not the solution."""
+    res = sinkhorn_assign(torch.as_tensor(s), 0.2, tol=1e-10, max_iter=20_000, backend="reference", warn=False)
+    assume(res.converged)  # a rare degenerate draw that converges too slowly says nothing here
+    return res
 
 
 @settings(**SETTINGS)
@@ -27,7 +34,7 @@ def test_per_sample_and_per_cluster_shifts_change_nothing(s, data):
     n, k = s.shape
     row = np.array(data.draw(st.lists(st.floats(-50, 50), min_size=n, max_size=n)))
     col = np.array(data.draw(st.lists(st.floats(-50, 50), min_size=k, max_size=k)))
-    base, shifted = solve(s), solve(s + row[:, None] + col[None, :])
+    base, shifted = solve_to_convergence(s), solve_to_convergence(s + row[:, None] + col[None, :])
     assert_close(shifted.codes, base.codes, atol=1e-6, what="codes after shifts")
     # A per-cluster shift moves the potentials by -col / eps (up to a constant).
     assert_close(

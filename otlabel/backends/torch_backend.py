@@ -171,7 +171,7 @@ def sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
 class CachedKernelOperator(ScoreOperator):
     """Exponentiate once, then iterate with fused, cache-tiled matrix-vector products (CPU path)."""
 
-    def __init__(self, source, epsilon, sample_weights, absorb_threshold: float = 15.0, tile_bytes: int = 1 << 21):
+    def __init__(self, source, epsilon, sample_weights, absorb_threshold: float = 30.0, tile_bytes: int = 1 << 20):
         self.exact = LogDomainOperator(source, epsilon, sample_weights)
         self.n_heads, self.n_samples, self.n_clusters = source.n_heads, source.n_samples, source.n_clusters
         self.device, self.dtype = self.exact.device, self.exact.dtype
