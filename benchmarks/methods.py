@@ -85,7 +85,9 @@ def has_epsilon_scaling() -> bool:
     return "epsilon_scaling" in inspect.signature(otlabel.sinkhorn_assign).parameters
 
 
-def otlabel_method(backend: str = "torch", *, omega: float = 1.0, warm: bool = False, eps_scaling: float | None = None):
+def otlabel_method(
+    backend: str = "torch", *, omega: float | None = 1.0, warm: bool = False, eps_scaling: float | None = None
+):
     """``sinkhorn_assign`` with one set of accelerations.
 
     ``warm``: the timed call starts from the potentials of the previous problem (prototypes drifted), solved
@@ -316,7 +318,10 @@ OMEGAS = (1.3, 1.6, 1.8)
 
 def acceleration_variants() -> dict[str, Method]:
     """otlabel (torch backend) with each acceleration on its own, and the promising combinations."""
-    variants = [Method("otlabel", otlabel_method(), "otlabel")]
+    variants = [
+        Method("otlabel", otlabel_method(), "otlabel"),  # plain steps (omega = 1): the reference for speed-ups
+        Method("otlabel default", otlabel_method(omega=None), "otlabel"),  # the library default: adaptive omega
+    ]
     variants += [Method(f"otlabel omega={w}", otlabel_method(omega=w), "otlabel") for w in OMEGAS]
     variants += [
         Method("otlabel warm", otlabel_method(warm=True), "otlabel", prepare=warm_preparation()),
