@@ -69,7 +69,7 @@ def run_sinkhorn(
     errors: list[torch.Tensor] = []
     converged = False
     for _ in range(max_iter):
-        lse = operator.cluster_lse(None if b is None else b.to(operator.dtype)).to(torch.float64)  # (H, K)
+        lse = operator.cluster_lse(potentials_for(operator, b)).to(torch.float64)  # (H, K)
         b_new = torch.where(empty, float("-inf"), log_r - lse)
         err = marginal_error(b, b_new, r, empty)  # (H,) — inf on the cold start
         errors.append(err)
@@ -132,6 +132,13 @@ def marginal_error(b, b_new, r, empty) -> torch.Tensor:
         return torch.full(b_new.shape[:1], math.inf, dtype=b_new.dtype, device=b_new.device)
     ratio = torch.where(empty, 1.0, torch.exp(b - b_new))
     return (r * (ratio - 1).abs()).sum(dim=-1)
+
+
+def potentials_for(operator: ScoreOperator, b):
+    """``b`` as the operator takes it: float64 where it can use the precision, else its compute dtype."""
+    if b is None or getattr(operator, "takes_float64_potentials", False):
+        return b
+    return b.to(operator.dtype)
 
 
 def omega_for_rate(errors: list[float]) -> float:
