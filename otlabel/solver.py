@@ -148,9 +148,9 @@ def omega_for_rate(errors: list[float]) -> float:
     over-relaxation); fast-converging problems (small ``kappa``) get ~1, slow ones approach 2 (capped at 1.9).
     """
     first, last = errors[0], errors[-1]
-    if not (0 < last < first and math.isfinite(first)):
-        return 1.0
-    kappa = (last / first) ** (1.0 / (len(errors) - 1))
+    if not (0 < first < math.inf and 0 < last < 1.5 * first):
+        return 1.0  # no rate to read (or the error is clearly rising): plain steps
+    kappa = min((last / first) ** (1.0 / (len(errors) - 1)), 0.999)  # a flat error is a plateau: kappa -> 1
     return min(MAX_ADAPTIVE_OMEGA, 2.0 / (1.0 + math.sqrt(1.0 - kappa)))
 
 
