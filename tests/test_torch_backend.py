@@ -176,3 +176,13 @@ def test_over_relaxation_safeguard_falls_back_to_plain_steps():
     wild = sinkhorn_assign(s, 0.01, tol=1e-6, max_iter=5000, over_relaxation=1.99)
     assert wild.converged
     assert any(later > 1.01 * earlier for earlier, later in zip(wild.errors[1:], wild.errors[2:], strict=False))
+
+
+def test_omega_for_rate():
+    from otlabel.solver import MAX_ADAPTIVE_OMEGA, omega_for_rate
+
+    assert omega_for_rate([1e-1, 1e-4, 1e-7]) < 1.01  # fast contraction: plain steps are best
+    assert 1.16 < omega_for_rate([1e-1, 5e-2, 2.5e-2]) < 1.18  # kappa = 1/2: 2 / (1 + sqrt(1/2)) = 1.1716
+    assert omega_for_rate([0.0776, 0.0776, 0.07762]) == MAX_ADAPTIVE_OMEGA  # a plateau: slowest contraction
+    assert omega_for_rate([0.05, 0.08, 0.1]) == 1.0  # clearly rising: no rate to read
+    assert omega_for_rate([float("inf"), 0.1, 0.05]) == 1.0
