@@ -125,11 +125,7 @@ def plot(rows: list[Row], ctx: Context) -> list:
     n, k = size(ctx)
     ax.set_title(f"CPU, N={n:,}, K={k:,}, eps=0.05, float32")
     ax.invert_yaxis()
-    fig.tight_layout()
-    path = harness.plot_path(ctx, NAME)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return harness.save_plot(fig, ctx, NAME)
 
 
 if __name__ == "__main__":

@@ -500,6 +500,15 @@ def plot_path(ctx: Context, name: str) -> Path:
     return path
 
 
+def save_plot(fig, ctx: Context, name: str) -> list[Path]:
+    """Lay out, write ``plots/<name>.png`` and close ``fig``; returns the paths a scenario reports."""
+    fig.tight_layout()
+    path = plot_path(ctx, name)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return [path]
+
+
 def pyplot():
     import matplotlib
 

@@ -82,8 +82,4 @@ def plot(rows: list[Row], ctx: Context) -> list:
     ax.set_xlabel(f"peak memory during the call, MB (scores: {n * k * 4 / 2**20:.0f} MB)")
     ax.set_title(f"peak memory, N={n:,}, K={k:,}, {ctx.device.type}")
     ax.invert_yaxis()
-    fig.tight_layout()
-    path = harness.plot_path(ctx, NAME)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return harness.save_plot(fig, ctx, NAME)

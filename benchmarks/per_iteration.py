@@ -119,8 +119,4 @@ def plot(rows: list[Row], ctx: Context) -> list:
     axes[0][0].set_ylabel("seconds per iteration")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"per-iteration time, eps=0.05, float32, {ctx.device.type}")
-    fig.tight_layout()
-    path = harness.plot_path(ctx, NAME)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return harness.save_plot(fig, ctx, NAME)

@@ -144,8 +144,4 @@ def plot(rows: list[Row], ctx: Context) -> list:
     axes[2].legend(fontsize=7)
     n, k = size(ctx)
     fig.suptitle(f"what 3 iterations leave on the table — N={n:,}, K={k:,}")
-    fig.tight_layout()
-    path = harness.plot_path(ctx, NAME)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return harness.save_plot(fig, ctx, NAME)

@@ -190,8 +190,4 @@ def plot(rows: list[Row], ctx: Context) -> list:
     axes[0][-1].legend(fontsize=6, ncol=2)
     n, k = size(ctx)
     fig.suptitle(f"time to tolerance, N={n:,}, K={k:,} (failed/timed-out runs: see the table)")
-    fig.tight_layout()
-    path = harness.plot_path(ctx, NAME)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return harness.save_plot(fig, ctx, NAME)

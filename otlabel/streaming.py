@@ -41,7 +41,7 @@ from .solver import (
     run_sinkhorn,
     warn_if_not_converged,
 )
-from .sources import ScoreSource
+from .sources import ScoreSource, row_chunks
 
 __all__ = ["FeatureSource", "HostSource", "StreamingOperator", "default_memory_budget", "sinkhorn_assign_stream"]
 
@@ -225,7 +225,7 @@ class HostSource(ScoreSource):
 
     def column_max(self) -> torch.Tensor:
         out = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
-        for rows in chunk_rows(self.n_samples, self.rows_per_chunk):
+        for rows in row_chunks(self.n_samples, 1, self.rows_per_chunk):
             out = torch.maximum(out, self.chunk(rows).amax(dim=1).float())
         return out
 
@@ -294,14 +294,9 @@ class FeatureSource(ScoreSource):
 
     def column_max(self) -> torch.Tensor:
         out = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
-        for rows in chunk_rows(self.n_samples, self.rows_per_chunk):
+        for rows in row_chunks(self.n_samples, 1, self.rows_per_chunk):
             out = torch.maximum(out, self.chunk(rows).amax(dim=1))
         return out
-
-
-def chunk_rows(n_rows: int, rows_per_chunk: int):
-    for start in range(0, n_rows, rows_per_chunk):
-        yield slice(start, min(start + rows_per_chunk, n_rows))
 
 
 # ----------------------------------------------------------------------------------------------- validation
