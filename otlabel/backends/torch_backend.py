@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..sources import DenseSource, ScoreSource, row_chunks
+from . import cpu_kernels
 from .base import ScoreOperator
 from .reference import sample_potentials
 
@@ -202,8 +203,7 @@ class CachedKernelOperator(ScoreOperator):
             col = self._fused_matvecs(None, (log_w - top).exp())
             offset = top
         else:
-            v = torch.where(self.reachable & torch.isfinite(b), (b.double() - self.b0).exp(), 0.0).to(self.dtype)
-            col = self._fused_matvecs(v, self.c.expand(self.n_heads, -1))  # sum_j G_jk c_j / (G v)_j
+            col = self._fused_matvecs(self._scaling(b), self.c.expand(self.n_heads, -1))  # sum_j G_jk c_j / (G v)_j
             offset = 0.0
         if bool(((col <= 0) & self.reachable).any()):  # a column underflowed: the kernel cannot answer
             self.kernel = None  # rebuilt around the next b, which the exact pass below moves towards
@@ -211,10 +211,32 @@ class CachedKernelOperator(ScoreOperator):
         return torch.where(self.reachable, col.log() + offset - self.b0, NEG_INF)  # float64
 
     def assign(self, b, want_codes):
-        return self.exact.assign(b.to(self.dtype), want_codes)
+        if want_codes or not self._compiled_loops() or self.kernel is None or self._drifted(b):
+            return self.exact.assign(b.to(self.dtype), want_codes)
+        # argmax_k S/eps + b = argmax_k G[j, k] v[k]: a read of G instead of an exact log-domain pass. The row's
+        # own maximum has G = 1 and v >= e^-threshold, so an underflowed entry (G = 0) can never win.
+        labels = torch.empty((self.n_heads, self.n_samples), dtype=torch.int64)
+        v = self._scaling(b)
+
+        def fill(lo, hi):
+            for h in range(self.n_heads):
+                cpu_kernels.argmax_rows(self.kernel[h], v[h], lo, hi, labels[h])
+
+        self.exact.map_ranges(fill)
+        return labels, None
 
     def transport_score(self, b):
         return self.exact.transport_score(b.to(self.dtype))
+
+    def _scaling(self, b):
+        """``v = exp(b - b0)`` in float64, then rounded (0 for unreachable clusters): (H, K) in the kernel dtype."""
+        return torch.where(self.reachable & torch.isfinite(b), (b.double() - self.b0).exp(), 0.0).to(self.dtype)
+
+    def _compiled_loops(self) -> bool:
+        """The Numba loops apply: installed, float32 throughout, scores a dense float32 CPU tensor."""
+        source = self.exact.source
+        return (cpu_kernels.available() and self.dtype == torch.float32 and isinstance(source, DenseSource)
+                and source.scores.dtype == torch.float32)  # fmt: skip
 
     def _drifted(self, b) -> bool:
         finite = torch.isfinite(b)
@@ -234,7 +256,12 @@ class CachedKernelOperator(ScoreOperator):
                 torch.exp(x.sub_(m), out=self.kernel[:, rows])
                 self.row_shift[:, rows] = m[:, :, 0]
 
-        self.exact.map_ranges(fill)
+        def fill_compiled(lo, hi):  # the same, in one compiled pass per row: 5-10x faster than the chunked ops
+            for h in range(self.n_heads):
+                cpu_kernels.exp_kernel_rows(self.exact.source.scores[h], self.exact.inv_eps, b[h].contiguous(), lo, hi,
+                                            self.kernel[h], self.row_shift[h])  # fmt: skip
+
+        self.exact.map_ranges(fill_compiled if self._compiled_loops() else fill)
         self.b0 = b.double()
 
     def _fused_matvecs(self, v, weights):
@@ -243,6 +270,12 @@ class CachedKernelOperator(ScoreOperator):
         return sum_in_order(self.exact.map_ranges(lambda lo, hi: self._matvec_range(v, weights, lo, hi)))
 
     def _matvec_range(self, v, weights, lo, hi):
+        if cpu_kernels.available():  # one compiled pass per row: the tile's two BLAS calls, fused
+            return torch.stack([
+                cpu_kernels.fused_matvec_rows(self.kernel[h], None if v is None else v[h], weights[h].contiguous(),
+                                              lo, hi)
+                for h in range(self.n_heads)
+            ])  # fmt: skip
         col = torch.zeros(self.n_heads, self.n_clusters, dtype=torch.float64)  # float64 across tiles: N terms
         for h in range(self.n_heads):
             kernel, col_h = self.kernel[h], col[h]

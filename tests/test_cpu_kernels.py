@@ -1,0 +1,98 @@
+"""The compiled (Numba) CPU loops against PyTorch and float64, and end to end against the PyTorch fallback."""
+
+import math
+
+import pytest
+import torch
+from helpers import assert_close, cosine_scores, random_problem
+
+from otlabel import sinkhorn_assign
+from otlabel.backends import cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="numba is not installed")
+
+
+def test_exp_kernel_rows_is_the_shifted_exponential():
+    s = torch.randn(300, 37) * 3
+    s[13, 5] = -math.inf  # a forbidden pair: exactly 0 in the kernel
+    s[17, :] = -1e4  # a row far below its one allowed maximum: everything else underflows to exactly 0
+    s[17, 2] = 0.0
+    b0 = torch.randn(37)
+    kernel, shift = torch.full((300, 37), float("nan")), torch.full((300,), float("nan"))
+    cpu_kernels.exp_kernel_rows(s, 20.0, b0, 10, 290, kernel, shift)  # rows outside [10, 290) untouched
+    x = s.double() * 20 + b0.double()
+    want_shift = x.amax(dim=1)
+    want = torch.exp(x - want_shift[:, None])
+    rows = slice(10, 290)
+    assert torch.isnan(kernel[:10]).all() and torch.isnan(shift[290:]).all()
+    assert_close(shift[rows], want_shift[rows], atol=0, rtol=1e-6, what="row maxima")
+    # float32 x of magnitude ~100 carries 6e-6 of rounding; the polynomial itself adds ~1e-7
+    assert_close(kernel[rows], want[rows], atol=1e-30, rtol=2e-5, what="kernel entries")
+    assert kernel[13, 5] == 0.0 and kernel[17, 2] == 1.0 and (kernel[17, torch.arange(37) != 2] == 0).all()
+    assert float(kernel[rows].amax(dim=1).min()) == 1.0  # every row has its exp(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_matvec_rows_matches_float64(dtype):
+    g = torch.rand(1000, 53, dtype=dtype)
+    v = torch.rand(53, dtype=dtype)
+    w = torch.rand(1000, dtype=dtype)
+    got = cpu_kernels.fused_matvec_rows(g, v, w, 100, 901)
+    g64, w64 = g[100:901].double(), w[100:901].double()
+    want = g64.T @ (w64 / (g64 @ v.double()))
+    assert got.dtype == torch.float64
+    assert_close(got, want, atol=0, rtol=1e-6 if dtype == torch.float32 else 1e-13, what="fused matvecs")
+    assert_close(cpu_kernels.fused_matvec_rows(g, None, w, 0, 1000), g.double().T @ w.double(), atol=0,
+                 rtol=1e-6 if dtype == torch.float32 else 1e-13, what="cold-start matvec")  # fmt: skip
+
+
+def test_argmax_rows_takes_the_first_maximum():
+    g = torch.rand(500, 29)
+    v = torch.rand(29)
+    v[4] = 0.0  # an unreachable cluster never wins
+    g[0] = 1.0
+    v[:2] = 1.0  # row 0: clusters 0 and 1 tie at the top; the first wins, as in torch.argmax
+    labels = torch.full((500,), -1, dtype=torch.int64)
+    cpu_kernels.argmax_rows(g, v, 0, 500, labels)
+    assert torch.equal(labels, (g * v).argmax(dim=1))
+    assert labels[0] == 0 and not (labels == 4).any()
+
+
+@pytest.fixture
+def without_compiled_loops(monkeypatch):
+    def solve(*args, **kwargs):
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu_kernels, "available", lambda: False)
+            return sinkhorn_assign(*args, **kwargs)
+
+    return solve
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        random_problem(700, 13, seed=1),
+        cosine_scores(900, 30, seed=2),
+        torch.stack([random_problem(400, 9, seed=s) for s in (3, 4, 5)]),  # batched heads
+    ],
+    ids=["random", "cosine", "three-heads"],
+)
+def test_compiled_loops_agree_with_the_torch_fallback(scores, without_compiled_loops):
+    for eps in (0.1, 0.02):
+        fast = sinkhorn_assign(scores, eps, tol=1e-6, max_iter=5000, acceleration="none")
+        slow = without_compiled_loops(scores, eps, tol=1e-6, max_iter=5000, acceleration="none")
+        assert fast.converged and slow.converged
+        assert torch.equal(fast.labels, slow.labels)
+        assert_close(fast.cluster_potentials, slow.cluster_potentials, atol=1e-4, what="potentials")
+        assert_close(fast.codes, slow.codes, atol=1e-5, what="codes")
+
+
+def test_compiled_loops_respect_masks(without_compiled_loops):
+    s = random_problem(400, 10, seed=6)
+    s[torch.rand(400, 10, generator=torch.Generator().manual_seed(7)) < 0.3] = -math.inf
+    s[:, 0] = 0.5  # every sample keeps an allowed cluster
+    fast = sinkhorn_assign(s, 0.05, tol=1e-6, max_iter=5000)
+    slow = without_compiled_loops(s, 0.05, tol=1e-6, max_iter=5000)
+    assert torch.equal(fast.labels, slow.labels)
+    assert (fast.plan[torch.isinf(s)] == 0).all()
+    assert not bool(torch.isinf(s)[torch.arange(400), fast.labels].any())  # no label on a forbidden pair
