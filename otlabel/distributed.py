@@ -37,12 +37,13 @@ from .problem import Problem, as_tensor, check_epsilon, check_scores, check_weig
 from .result import SinkhornResult
 from .solver import (
     ADAPTIVE,
+    ANDERSON,
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     check_init,
     check_iterations,
     package_result,
-    resolve_over_relaxation,
+    resolve_acceleration,
     run_sinkhorn,
     warn_if_not_converged,
 )
@@ -124,6 +125,7 @@ def sinkhorn_assign_sharded(
     tol: float | None = DEFAULT_TOL,
     init=None,
     backend: str = "auto",
+    acceleration: str = "auto",
     over_relaxation: float | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     callback=None,
@@ -146,7 +148,7 @@ def sinkhorn_assign_sharded(
             Default: ``1 / N`` for every sample, ``N`` the total over ranks.
         cluster_weights: ``(K,)``, the same on every rank (checked).
         timeout: seconds any collective may wait for the other ranks before raising ``RuntimeError``.
-        epsilon, max_iter, tol, init, backend, over_relaxation, callback, warn: as in
+        epsilon, max_iter, tol, init, backend, acceleration, over_relaxation, callback, warn: as in
             :func:`otlabel.sinkhorn_assign`; they must agree across ranks (checked).
 
     Returns:
@@ -166,7 +168,7 @@ def sinkhorn_assign_sharded(
     try:  # local checks: a failure is shared with the other ranks below, not raised before they hear of it
         epsilon = check_epsilon(epsilon)
         check_iterations(max_iter, tol, over_relaxation)
-        over_relaxation = resolve_over_relaxation(over_relaxation, tol)
+        acceleration = resolve_acceleration(acceleration, over_relaxation, tol)
         scores3, batched = check_scores(local_scores)
         h, n, k = scores3.shape
         device = scores3.device
@@ -180,7 +182,7 @@ def sinkhorn_assign_sharded(
         resolve_backend(backend, draft)  # an unusable backend fails here, on its rank, before any collective
         check_init(init, draft, torch.float64)
         meta = [h, n, k, DTYPE_CODES[scores3.dtype], float(batched), epsilon, -1.0 if tol is None else tol]
-        omega_code = -1.0 if over_relaxation == ADAPTIVE else float(over_relaxation)  # collectives carry numbers
+        omega_code = ACCELERATION_CODES.get(acceleration, acceleration)  # collectives carry numbers
         meta += [max_iter, omega_code, float(c_local is not None)]
         meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None)]
     except (ValueError, TypeError, RuntimeError) as err:
@@ -213,7 +215,7 @@ def sinkhorn_assign_sharded(
         )
     check_columns(shared[:, : h * k].amax(dim=0).view(h, k).to(device), r)
     sharded = ShardedOperator(operator, comm)
-    out = run_sinkhorn(sharded, r, init, max_iter, tol, over_relaxation, callback=callback)
+    out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=callback)
     if warn:
         warn_if_not_converged("sinkhorn_assign_sharded", out, tol, max_iter, epsilon)
     return package_result(problem, sharded, out)
@@ -230,6 +232,8 @@ def check_local_weights(weights, n: int, device) -> torch.Tensor:
     return w
 
 
+ACCELERATION_CODES = {ADAPTIVE: -1.0, ANDERSON: -2.0}  # a fixed omega travels as itself
+
 AGREEMENT = [  # (column of the metadata, what it is, whether ranks must agree)
     (0, "number of heads H", True),
     (1, "number of samples", False),
@@ -239,7 +243,7 @@ AGREEMENT = [  # (column of the metadata, what it is, whether ranks must agree)
     (5, "epsilon", True),
     (6, "tol", True),
     (7, "max_iter", True),
-    (8, "over_relaxation", True),
+    (8, "acceleration (over_relaxation)", True),
     (9, "whether sample_weights are given", True),
     (11, "whether init is given", True),
 ]

@@ -24,7 +24,7 @@ from .solver import (
     check_init,
     check_iterations,
     package_result,
-    resolve_over_relaxation,
+    resolve_acceleration,
     run_sinkhorn,
     warn_if_not_converged,
 )
@@ -37,7 +37,10 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     if epsilon_scaling is not None:
-        raise ValueError("epsilon_scaling is not available with features= yet; use over_relaxation= or init=.")
+        raise ValueError(
+            "epsilon_scaling is not available with features= yet; the default acceleration (Anderson mixing) and "
+            "init=<previous result> are what speed up small epsilon there."
+        )
     if backend == "reference":
         from .solver import sinkhorn_assign
 
@@ -90,12 +93,12 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
 
 
 def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weights, sample_weights, max_iter, tol,
-                      init, over_relaxation, warn):  # fmt: skip
+                      init, acceleration, over_relaxation, warn):  # fmt: skip
     from .backends.triton import TritonFeaturesOperator
 
     epsilon = check_epsilon(epsilon)
     check_iterations(max_iter, tol, over_relaxation)
-    over_relaxation = resolve_over_relaxation(over_relaxation, tol)
+    acceleration = resolve_acceleration(acceleration, over_relaxation, tol)
     if z.ndim != 2 or z.numel() == 0:
         raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(z.shape)}.")
     c = as_tensor(prototypes, "prototypes").to(device=z.device, dtype=z.dtype)
@@ -113,7 +116,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
     problem = types.SimpleNamespace(
         shape=(h, n, k), scores=z, cluster_weights=r, sample_weights=w, epsilon=epsilon, batched=batched
     )
-    out = run_sinkhorn(operator, r, check_init(init, problem, operator.dtype), max_iter, tol, over_relaxation)
+    out = run_sinkhorn(operator, r, check_init(init, problem, operator.dtype), max_iter, tol, acceleration)
     if warn:
         warn_if_not_converged("sinkhorn_assign", out, tol, max_iter, epsilon)
     return package_result(problem, operator, out)

@@ -27,8 +27,14 @@ from .result import ConvergenceWarning, SinkhornResult
 DEFAULT_MAX_ITER = 1000
 DEFAULT_TOL = 1e-4
 ADAPTIVE = "adaptive"  # over_relaxation from the contraction rate of the first plain steps
+ANDERSON = "anderson"  # Anderson mixing of the last few iterates (the default when solving to a tolerance)
+ACCELERATIONS = ("auto", "anderson", "over-relaxation", "none")
 RATE_SAMPLES = 3  # plain steps whose errors estimate the rate (after the cold start, which has no error)
 MAX_ADAPTIVE_OMEGA = 1.9
+ANDERSON_MEMORY = 5  # iterate differences kept: 3-10 measured alike at 100k x 1000; 5 was best at 1e-6
+ANDERSON_RESTART = 1.5  # restart the mixing when the error exceeds this multiple of the best error so far
+ANDERSON_MAX_EXTRAPOLATION = 10.0  # nats: the most a mixed step may move any b_k beyond the plain step
+ANDERSON_PATIENCE = 200  # iterations without a 1% fall of the error, after which plain steps take over
 
 
 @dataclass
@@ -45,10 +51,14 @@ def run_sinkhorn(
     init: torch.Tensor | None,
     max_iter: int,
     tol: float | None,
-    over_relaxation: float = 1.0,
+    acceleration: float | str = 1.0,
     callback=None,
 ) -> LoopOutput:
     """Iterate cluster steps from ``init`` (H, K) (``None``: cold start) until ``err < tol`` or ``max_iter``.
+
+    ``acceleration`` (from :func:`resolve_acceleration`): a fixed over-relaxation ``omega`` (1.0 is plain
+    Sinkhorn), ``ADAPTIVE`` (omega from the first steps' contraction rate) or ``ANDERSON`` (mixing, see
+    :class:`AndersonMixer`).
 
     With ``tol=None`` exactly ``max_iter`` iterations run and the device is never synchronised inside the
     loop (errors are read once at the end), which keeps small GPU solves launch-bound rather than sync-bound.
@@ -60,8 +70,9 @@ def run_sinkhorn(
     update (a constant added to every ``b_k`` changes nothing: the sample step absorbs it), which keeps the
     float32 copy handed to the operator small and precise.
     """
-    adaptive = over_relaxation == ADAPTIVE
-    omega = 1.0 if adaptive else over_relaxation
+    adaptive = acceleration == ADAPTIVE
+    mixer = AndersonMixer(ANDERSON_MEMORY) if acceleration == ANDERSON else None
+    omega = 1.0 if isinstance(acceleration, str) else acceleration
     r = cluster_weights.to(torch.float64)  # (K,)
     log_r = r.log()
     empty = r == 0  # zero-weight clusters: b = -inf, they receive nothing
@@ -85,6 +96,8 @@ def run_sinkhorn(
                 omega, adaptive = 1.0, False  # safeguard: over-relaxation is only locally convergent
             elif adaptive and len(errors) == 1 + RATE_SAMPLES:
                 omega, adaptive = omega_for_rate([float(e.max()) for e in errors[1:]]), False
+        if mixer is not None and b is not None:
+            b_new = mixer.step(b, b_new, float(err.max()), empty)
         b = b_new if (b is None or omega == 1.0) else relax(b, b_new, omega, empty)
         b = centred(b, empty)
     check_finite(b, empty)
@@ -106,7 +119,7 @@ def epsilon_stages(problem, epsilon_scaling: float) -> list[float]:
     return stages[::-1]
 
 
-def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, over_relaxation, epsilon_scaling):
+def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling):
     """Solve at decreasing temperatures, each stage warm-starting the next; the last is ``problem.epsilon``.
 
     Potentials are rescaled between stages (``b * eps_old / eps_new``: the dual ``eps * b`` is what stays put).
@@ -118,7 +131,7 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, over_relaxat
         last = i == len(stages) - 1
         operator = make_operator(dataclasses.replace(problem, epsilon=eps), backend)
         stage_tol = tol if last or tol is None else max(tol, 1e-2)
-        out = run_sinkhorn(operator, problem.cluster_weights, b, max(1, max_iter - used), stage_tol, over_relaxation)
+        out = run_sinkhorn(operator, problem.cluster_weights, b, max(1, max_iter - used), stage_tol, acceleration)
         errors += out.errors
         used += out.n_iter
         if not last:
@@ -139,6 +152,82 @@ def potentials_for(operator: ScoreOperator, b):
     if b is None or getattr(operator, "takes_float64_potentials", False):
         return b
     return b.to(operator.dtype)
+
+
+class AndersonMixer:
+    """Anderson acceleration (type II) of the cluster step, safeguarded.
+
+    Sinkhorn is a fixed-point iteration ``b -> F(b)``; Anderson mixing proposes, instead of ``F(b)``, the
+    combination of the last ``memory + 1`` iterates whose residuals ``F(b) - b`` cancel best in the least-squares
+    sense. It costs O(H·K·memory²) per iteration, no extra pass over the scores. At small eps, where plain
+    Sinkhorn crawls through a long sublinear phase, it cut the iterations to 1e-3 by 8x at N = 100,000,
+    K = 1,000, eps = 0.01 (837 -> 95; over-relaxation managed 441). It is not globally convergent on its own, so
+    whenever the measured error rises above ``ANDERSON_RESTART`` times the best so far the history is dropped
+    and the next step is a plain Sinkhorn step (which always makes progress from any point).
+    """
+
+    def __init__(self, memory: int):
+        self.memory = memory
+        self.iterates: list[torch.Tensor] = []  # b, (H, K), -inf of empty clusters replaced by 0
+        self.residuals: list[torch.Tensor] = []  # F(b) - b
+        self.best = math.inf
+        self.step_from_best = None  # F(b) for the b with the best error: where a restart resumes
+        self.reach = ANDERSON_MAX_EXTRAPOLATION  # trust region: the most a step may move b beyond F(b), nats
+        self.progress_mark, self.stalled = math.inf, 0  # iterations since the error last fell by 1%
+        self.active = True
+
+    def step(self, b, b_new, error: float, empty) -> torch.Tensor:
+        """The next iterate, given the current ``b``, the plain step ``b_new = F(b)`` and ``b``'s error."""
+        self.stalled = 0 if error < 0.99 * self.progress_mark else self.stalled + 1
+        self.progress_mark = min(self.progress_mark, error) if self.stalled else error
+        if self.stalled and self.stalled % ANDERSON_PATIENCE == 0:
+            # A plateau where plain steps drift steadily along a direction the error hardly sees: the mixing may
+            # wander back and forth along it instead (seen at eps = 0.005 on tightly clustered cosines), or may
+            # be what gets through it (seen on other problems). So take turns: plain steps for a spell, then
+            # mixing afresh, until the error falls by 1% again.
+            self.active = not self.active
+            self.iterates, self.residuals, self.best = [], [], error
+        if self.stalled == 0:
+            self.active = True
+        if not self.active:
+            return b_new
+        if error > ANDERSON_RESTART * self.best:  # the mixing went astray: resume plain steps from the best point
+            self.iterates, self.residuals = [], []
+            self.reach /= 4  # and trust it less (a fixed region can cycle: the same leap from the same point)
+            return self.step_from_best
+        if error <= self.best:
+            self.best, self.step_from_best = error, b_new
+            self.reach = min(ANDERSON_MAX_EXTRAPOLATION, 1.5 * self.reach)
+        x = torch.where(empty, 0.0, b)
+        self.iterates.append(x)
+        self.residuals.append(torch.where(empty, 0.0, b_new) - x)
+        if len(self.iterates) > self.memory + 1:
+            self.iterates.pop(0)
+            self.residuals.pop(0)
+        if len(self.iterates) < 2:
+            return b_new
+        d_x, d_g = differences(self.iterates), differences(self.residuals)  # (H, K, m)
+        gram = d_g.transpose(1, 2) @ d_g  # (H, m, m)
+        ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] + 1e-300  # keeps it invertible
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        gamma = torch.linalg.solve(gram + ridge * eye, d_g.transpose(1, 2) @ self.residuals[-1][..., None])
+        plain = x + self.residuals[-1]
+        extrapolation = -((d_x + d_g) @ gamma)[..., 0]  # how far the mixing moves beyond the plain step
+        if not bool(torch.isfinite(extrapolation).all()):  # a degenerate history: plain step, start again
+            self.iterates, self.residuals = [], []
+            return b_new
+        # Early on the residual barely changes from one step to the next, the least-squares weights blow up and
+        # the proposal lands 1e5 nats away. Capping the move beyond the plain step (direction kept) removed those
+        # excursions; useful moves seen at 100k x 1000 were under ~7 nats. The cap shrinks 4x at every restart
+        # and grows back 1.5x with every new best error.
+        reach = extrapolation.abs().amax(dim=-1, keepdim=True)  # (H, 1)
+        extrapolation = extrapolation * (self.reach / reach).clamp(max=1.0)
+        return torch.where(empty, float("-inf"), plain + extrapolation)
+
+
+def differences(history: list[torch.Tensor]) -> torch.Tensor:
+    """Successive differences of (H, K) tensors, stacked on a last axis: (H, K, len - 1)."""
+    return torch.stack([q - p for p, q in zip(history[:-1], history[1:], strict=True)], dim=-1)
 
 
 def omega_for_rate(errors: list[float]) -> float:
@@ -194,12 +283,25 @@ def check_init(init, problem, dtype) -> torch.Tensor | None:
     return torch.where(empty, float("-inf"), init)
 
 
-def resolve_over_relaxation(over_relaxation, tol):
-    """``None`` (the default): adaptive when solving to a tolerance, 1 (classic Sinkhorn, SwAV's iterates) for
-    a fixed iteration count (there is no error to measure the rate from without synchronising)."""
-    if over_relaxation is None:
-        return 1.0 if tol is None else ADAPTIVE
-    return over_relaxation
+def resolve_acceleration(acceleration, over_relaxation, tol) -> float | str:
+    """What :func:`run_sinkhorn` does between passes: a fixed ``omega`` (1.0 = plain), ``ADAPTIVE`` or ``ANDERSON``.
+
+    ``acceleration="auto"`` (the default) is Anderson mixing when solving to a tolerance and plain steps (the
+    classic iterates, SwAV's) with ``tol=None``, where no error is read inside the loop. An explicit
+    ``over_relaxation`` is a fixed ``omega``.
+    """
+    if acceleration not in ACCELERATIONS:
+        raise ValueError(f"acceleration must be one of {', '.join(map(repr, ACCELERATIONS))}; got {acceleration!r}.")
+    if over_relaxation is not None:
+        if acceleration not in ("auto", "over-relaxation"):
+            raise ValueError(
+                f"over_relaxation={over_relaxation!r} is a fixed over-relaxation: it cannot be combined with "
+                f"acceleration={acceleration!r}. Pass one or the other."
+            )
+        return float(over_relaxation)
+    if acceleration == "none" or (acceleration == "auto" and tol is None):
+        return 1.0
+    return ADAPTIVE if acceleration == "over-relaxation" else ANDERSON
 
 
 def check_iterations(max_iter, tol, over_relaxation) -> None:
@@ -224,6 +326,7 @@ def sinkhorn_assign(
     tol: float | None = DEFAULT_TOL,
     init=None,
     backend: str = "auto",
+    acceleration: str = "auto",
     over_relaxation: float | None = None,
     epsilon_scaling: float | None = None,
     allow_tf32: bool = True,
@@ -255,10 +358,14 @@ def sinkhorn_assign(
             iterations with no convergence check (SwAV's fixed 3: ``max_iter=3, tol=None``).
         init: warm start — a previous ``SinkhornResult`` or its ``cluster_potentials``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (float64 specification).
-        over_relaxation: ``omega`` in ``b <- b + omega (b_new - b)``, ``1 <= omega < 2``; 1 is plain Sinkhorn.
-            Default ``None``: adaptive when solving to ``tol`` — three plain steps measure the contraction rate
-            ``kappa``, then ``omega = 2 / (1 + sqrt(1 - kappa))`` (capped at 1.9; should the error grow by more
-            than 1%, the solve falls back to plain steps) — and 1 with ``tol=None`` (classic iterates, e.g. SwAV's).
+        acceleration: what happens between passes. ``"auto"`` (default): ``"anderson"`` when solving to ``tol``,
+            plain steps with ``tol=None`` (the classic iterates, e.g. SwAV's). ``"anderson"``: Anderson mixing of
+            the last 5 iterates, safeguarded (restarted with a plain step whenever the error rises 1.5x above
+            its best) — 2-9x fewer iterations than plain Sinkhorn, most at small ``epsilon``. ``"over-relaxation"``:
+            three plain steps measure the contraction rate ``kappa``, then ``b <- b + omega (b_new - b)`` with
+            ``omega = 2 / (1 + sqrt(1 - kappa))`` (capped at 1.9; back to plain steps should the error grow by
+            more than 1%). ``"none"``: plain Sinkhorn-Knopp.
+        over_relaxation: a fixed ``omega`` in ``[1, 2)`` instead (1 is plain Sinkhorn).
         epsilon_scaling: ``None`` (default) or a factor in (0, 1): solve first at a temperature near the
             scores' spread, then shrink it by this factor per stage down to ``epsilon``, warm-starting each
             stage. Pays at small ``epsilon``; each stage costs one extra ``exp`` pass on the CPU path.
@@ -281,25 +388,23 @@ def sinkhorn_assign(
         from .features import assign_features
 
         solve = dict(cluster_weights=cluster_weights, sample_weights=sample_weights, max_iter=max_iter, tol=tol,
-                     init=init, over_relaxation=over_relaxation, warn=warn)  # fmt: skip
+                     init=init, acceleration=acceleration, over_relaxation=over_relaxation, warn=warn)  # fmt: skip
         return assign_features(features, prototypes, bias, epsilon, backend=backend, epsilon_scaling=epsilon_scaling,
                                allow_tf32=allow_tf32, **solve)  # fmt: skip
     if scores is None:
         raise TypeError("sinkhorn_assign needs scores (N, K), or features= with prototypes=.")
     problem = validate(scores, epsilon, cluster_weights, sample_weights)
     check_iterations(max_iter, tol, over_relaxation)
-    over_relaxation = resolve_over_relaxation(over_relaxation, tol)
+    acceleration = resolve_acceleration(acceleration, over_relaxation, tol)
     if epsilon_scaling is not None and not (isinstance(epsilon_scaling, float) and 0 < epsilon_scaling < 1):
         raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
     operator = make_operator(problem, backend)
     init = check_init(init, problem, torch.float64)
     if epsilon_scaling is None:
-        out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, over_relaxation)
+        out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, acceleration)
     else:
         del operator  # each stage builds its own (the CPU kernel depends on epsilon)
-        operator, out = run_with_epsilon_scaling(
-            problem, backend, init, max_iter, tol, over_relaxation, epsilon_scaling
-        )
+        operator, out = run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling)
     if warn:
         warn_if_not_converged("sinkhorn_assign", out, tol, max_iter, problem.epsilon)
     return package_result(problem, operator, out)

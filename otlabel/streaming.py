@@ -37,7 +37,7 @@ from .solver import (
     DEFAULT_TOL,
     check_init,
     check_iterations,
-    resolve_over_relaxation,
+    resolve_acceleration,
     run_sinkhorn,
     warn_if_not_converged,
 )
@@ -487,6 +487,7 @@ def sinkhorn_assign_stream(
     max_iter: int = DEFAULT_MAX_ITER,
     tol: float | None = DEFAULT_TOL,
     init=None,
+    acceleration: str = "auto",
     over_relaxation: float | None = None,
     device=None,
     memory_budget: int | None = None,
@@ -506,7 +507,7 @@ def sinkhorn_assign_stream(
 
     Args:
         scores / features, prototypes, bias: the data (see above); ``scores`` and ``features`` are exclusive.
-        epsilon, cluster_weights, sample_weights, max_iter, tol, init, over_relaxation, warn:
+        epsilon, cluster_weights, sample_weights, max_iter, tol, init, acceleration, over_relaxation, warn:
             as in :func:`otlabel.sinkhorn_assign`.
         device: compute device, default ``"cuda"`` when available, else ``"cpu"``.
         memory_budget: bytes of device memory for chunk temporaries (default 256 MiB on the CPU, up to 2 GiB on
@@ -533,7 +534,7 @@ def sinkhorn_assign_stream(
         raise ValueError("prototypes and bias go with features=, not with scores.")
     epsilon = check_epsilon(epsilon)
     check_iterations(max_iter, tol, over_relaxation)
-    over_relaxation = resolve_over_relaxation(over_relaxation, tol)
+    acceleration = resolve_acceleration(acceleration, over_relaxation, tol)
     if device is None:
         first = scores if scores is not None else features
         on_gpu = isinstance(first, torch.Tensor) and first.is_cuda
@@ -559,7 +560,7 @@ def sinkhorn_assign_stream(
         b0 = check_init(init, shape_only, compute_dtype(source.dtype))
         if b0 is not None:
             operator.validate()
-        out = run_sinkhorn(operator, r, b0, max_iter, tol, over_relaxation, callback=callback)
+        out = run_sinkhorn(operator, r, b0, max_iter, tol, acceleration, callback=callback)
         labels, codes = operator.assign(out.potentials, want_codes=codes is not None)
     finally:
         source.stream.close()  # a speculative prefetch may be in flight

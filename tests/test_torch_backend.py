@@ -75,8 +75,10 @@ def test_fixed_iterations_match_reference_tightly(operator):
 def test_tiny_epsilon_cosine_scores_stay_exact():
     """eps = 1e-3 on cosine scores: S / eps spans 2000 nats; the CPU path must absorb and rescue, not overflow."""
     s = cosine_scores(300, 12, seed=9)
-    got = sinkhorn_assign(s, 1e-3, backend="torch", tol=1e-4, max_iter=20_000)
-    want = sinkhorn_assign(s, 1e-3, backend="reference", tol=1e-4, max_iter=20_000)
+    # tol 1e-6: Anderson's paths differ with the rounding, and at eps = 1e-3 two plans that both meet 1e-4 may
+    # differ by 4e-3 in the codes; at 1e-6 both sit on the solution (measured 6e-5 apart)
+    got = sinkhorn_assign(s, 1e-3, backend="torch", tol=1e-6, max_iter=20_000)
+    want = sinkhorn_assign(s, 1e-3, backend="reference", tol=1e-6, max_iter=20_000)
     assert got.converged and want.converged
     assert torch.isfinite(got.cluster_potentials).all()
     assert torch.equal(got.labels, want.labels)
@@ -146,11 +148,17 @@ def test_numpy_input_and_float64():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(over_relaxation=1.5), dict(), dict(over_relaxation=1.0, epsilon_scaling=0.5), dict(epsilon_scaling=0.25)],
+    [
+        dict(over_relaxation=1.5),
+        dict(),  # the default: Anderson mixing with a tolerance
+        dict(acceleration="over-relaxation"),
+        dict(over_relaxation=1.0, epsilon_scaling=0.5),
+        dict(epsilon_scaling=0.25),
+    ],
 )
-def test_accelerations_reach_the_plain_solution(kwargs):  # dict(): the default, over-relaxed with a tolerance
+def test_accelerations_reach_the_plain_solution(kwargs):
     s = cosine_scores(500, 15, seed=17)
-    plain = sinkhorn_assign(s, 0.01, tol=1e-6, max_iter=20_000, over_relaxation=1.0)
+    plain = sinkhorn_assign(s, 0.01, tol=1e-6, max_iter=20_000, acceleration="none")
     fast = sinkhorn_assign(s, 0.01, tol=1e-6, max_iter=20_000, **kwargs)
     assert plain.converged and fast.converged and fast.epsilon == 0.01
     assert fast.n_iter < plain.n_iter
@@ -159,16 +167,55 @@ def test_accelerations_reach_the_plain_solution(kwargs):  # dict(): the default,
 
 
 @pytest.mark.parametrize("eps", [0.5, 0.05, 0.01])
-def test_default_over_relaxation_adapts_and_never_loses_to_plain(eps):
+def test_adaptive_over_relaxation_never_loses_to_plain(eps):
     s = cosine_scores(400, 12, seed=18)
     fixed = sinkhorn_assign(s, eps, max_iter=5, tol=None)
-    classic = sinkhorn_assign(s, eps, max_iter=5, tol=None, over_relaxation=1.0)
+    classic = sinkhorn_assign(s, eps, max_iter=5, tol=None, acceleration="none")
     assert torch.equal(fixed.cluster_potentials, classic.cluster_potentials)  # tol=None: classic iterates
-    adaptive = sinkhorn_assign(s, eps, tol=1e-6, max_iter=5000)
-    plain = sinkhorn_assign(s, eps, tol=1e-6, max_iter=5000, over_relaxation=1.0)
+    adaptive = sinkhorn_assign(s, eps, tol=1e-6, max_iter=5000, acceleration="over-relaxation")
+    plain = sinkhorn_assign(s, eps, tol=1e-6, max_iter=5000, acceleration="none")
     assert adaptive.converged and adaptive.n_iter <= plain.n_iter
     if eps <= 0.05:  # slow problems: the measured rate asks for a real over-relaxation, and it pays
         assert adaptive.n_iter < 0.85 * plain.n_iter
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.05, 0.01, 0.003])
+def test_default_anderson_beats_plain_and_reaches_its_solution(eps):
+    s = cosine_scores(2000, 40, seed=19)
+    mixed = sinkhorn_assign(s, eps, tol=1e-6, max_iter=20_000)
+    plain = sinkhorn_assign(s, eps, tol=1e-6, max_iter=20_000, acceleration="none")
+    assert mixed.converged and plain.converged
+    assert mixed.n_iter <= plain.n_iter
+    if eps <= 0.05:  # the slow regime, where mixing pays most
+        assert mixed.n_iter < 0.5 * plain.n_iter, (mixed.n_iter, plain.n_iter)
+    assert_close(mixed.codes, plain.codes, atol=2e-4, what=f"Anderson vs plain codes at eps={eps}")
+
+
+def test_anderson_restarts_and_caps_wild_proposals():
+    """A flat start (the residual hardly changes) makes the least-squares weights explode: the mixer must cap
+    the move and, when the error still rises, resume plain steps from the best point seen."""
+    from otlabel.solver import ANDERSON_MAX_EXTRAPOLATION, AndersonMixer
+
+    mixer = AndersonMixer(memory=3)
+    empty = torch.zeros(1, 4, dtype=torch.bool)
+    b0 = torch.zeros(1, 4, dtype=torch.float64)
+    step = torch.tensor([[1.0, -1.0, 0.5, -0.5]], dtype=torch.float64)
+    first = mixer.step(b0, b0 + step, 0.2, empty)
+    assert torch.equal(first, b0 + step)  # one iterate: nothing to mix yet
+    nudged = step * (1 + 1e-9)  # residual almost unchanged: unregularised weights ~1e9
+    second = mixer.step(first, first + nudged, 0.19, empty)  # the best point so far: first, error 0.19
+    beyond = (second - (first + nudged)).abs().max()
+    assert torch.isfinite(second).all() and beyond <= ANDERSON_MAX_EXTRAPOLATION + 1e-9
+    resumed = mixer.step(second, second + step, 0.9, empty)  # error rose 4.7x: restart from the best point
+    assert torch.equal(resumed, first + nudged) and mixer.iterates == []
+
+
+def test_acceleration_argument_is_checked():
+    s = cosine_scores(50, 4, seed=20)
+    with pytest.raises(ValueError, match="acceleration must be one of"):
+        sinkhorn_assign(s, 0.1, acceleration="nesterov")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        sinkhorn_assign(s, 0.1, acceleration="anderson", over_relaxation=1.5)
 
 
 def test_over_relaxation_safeguard_falls_back_to_plain_steps():
