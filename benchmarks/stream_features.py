@@ -10,7 +10,7 @@
 The data (clustered: features drawn around K random unit centres, prototypes near the centres, everything
 L2-normalised) is generated once into ``--data-dir`` (default: a folder in the temp dir) and reused.
 
-    python benchmarks/stream_features.py                       # (a), plain Sinkhorn and over-relaxation 1.5
+    python benchmarks/stream_features.py                       # (a), plain Sinkhorn and the default (Anderson)
     python benchmarks/stream_features.py --n 100000 --quick    # a smaller run
     python benchmarks/stream_features.py --gpu-only            # (c)
 
@@ -95,6 +95,11 @@ def append_csv(row: dict) -> None:
         numpy=np.__version__,
     )
     row = {**base, **row}
+    if os.path.exists(CSV_PATH):
+        with open(CSV_PATH, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != list(row):  # columns changed since that file was started: keep it aside, start afresh
+            os.replace(CSV_PATH, CSV_PATH + ".old")
     new = not os.path.exists(CSV_PATH)
     with open(CSV_PATH, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
@@ -109,10 +114,10 @@ def bench_cpu(opts) -> None:
     print(f"features {feats} ({os.path.getsize(feats) / 1e6:.0f} MB), prototypes {protos}")
     print(f"scores would be N x K x 4 = {opts.n * opts.k * 4 / 1e9:.1f} GB; streamed instead\n")
     table = []
-    for omega in opts.over_relaxation:
+    for acceleration in opts.acceleration:
         load0 = os.getloadavg()[0]
         cmd = ["assign", "--features", feats, "--prototypes", protos, "--epsilon", str(opts.epsilon)]
-        cmd += ["--tol", str(opts.tol), "--over-relaxation", str(omega), "--device", "cpu", "--out", labels]
+        cmd += ["--tol", str(opts.tol), "--acceleration", acceleration, "--device", "cpu", "--out", labels]
         res = run_cli(cmd)
         load1 = os.getloadavg()[0]
         print(res["summary"])
@@ -123,7 +128,7 @@ def bench_cpu(opts) -> None:
             d=opts.d,
             epsilon=opts.epsilon,
             tol=opts.tol,
-            over_relaxation=omega,
+            acceleration=acceleration,
             threads=torch.get_num_threads(),
             load_before=round(load0, 2),
             load_after=round(load1, 2),
@@ -133,11 +138,11 @@ def bench_cpu(opts) -> None:
         )
         append_csv(row)
         table.append(row)
-    print("| N | K | D | omega | iterations | converged | wall (s) | s/iter | peak RSS (MB) | load (1 min) |")
+    print("| N | K | D | acceleration | iterations | converged | wall (s) | s/iter | peak RSS (MB) | load (1 min) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         print(
-            f"| {r['n']:,} | {r['k']:,} | {r['d']} | {r['over_relaxation']} | {r['iterations']} | {r['converged']} | "
+            f"| {r['n']:,} | {r['k']:,} | {r['d']} | {r['acceleration']} | {r['iterations']} | {r['converged']} | "
             f"{r['wall_s']:.1f} | {r['wall_s'] / r['iterations']:.2f} | {r['peak_rss_mb']:.0f} | "
             f"{r['load_before']}-{r['load_after']} |"
         )
@@ -207,7 +212,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--epsilon", type=float, default=0.05)
     p.add_argument("--tol", type=float, default=1e-3)
-    p.add_argument("--over-relaxation", type=float, nargs="+", default=[1.0, 1.5])
+    p.add_argument("--acceleration", nargs="+", default=["none", "auto"], help="otlabel assign --acceleration values")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "otlabel-bench-stream"))
     p.add_argument("--quick", action="store_true", help="one run, plain Sinkhorn only")
     p.add_argument("--gpu-only", action="store_true", help="only the GPU throughput mode (c)")
@@ -216,7 +221,7 @@ def main() -> None:
     p.add_argument("--gpu-budgets", type=int, nargs="+", default=[256, 1024], help="MiB")
     opts = p.parse_args()
     if opts.quick:
-        opts.over_relaxation = opts.over_relaxation[:1]
+        opts.acceleration = opts.acceleration[:1]
     if not opts.gpu_only:
         bench_cpu(opts)
     if torch.cuda.is_available():
