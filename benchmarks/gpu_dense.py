@@ -2,7 +2,7 @@
 
 Run on a CUDA machine in one call (about 5 minutes on an H100)::
 
-    python benchmarks/gpu_dense.py            # all sizes, rows appended to benchmarks/results.csv
+    python benchmarks/gpu_dense.py            # all sizes, rows appended to benchmarks/results_gpu.csv
     python benchmarks/gpu_dense.py --quick    # N = 2**16 only
     python benchmarks/gpu_dense.py --sweep    # also try a few tile shapes at N = 2**20, K = 3000
     TRITON_INTERPRET=1 python benchmarks/gpu_dense.py --dry-run --csv /tmp/r.csv   # CPU, tiny: checks the script
@@ -336,8 +336,13 @@ def tile_sweep(kernels, rows: list, copy_bw: float) -> None:
 
 
 def write_csv(path: Path, rows: list, device: str, versions: dict) -> None:
+    """Append GPU rows to their own CSV (``results_gpu.csv``: its columns differ from the suite's results.csv)."""
     fields = ["date", "device", "torch", "triton", "pot", "cuda", "scenario", "n", "k", "dtype", "method",
               "median_ms", "q25_ms", "q75_ms", "frac_copy"]  # fmt: skip
+    if path.exists():  # never mix headers: a file started by other columns is moved aside
+        with path.open() as f:
+            if f.readline().strip().split(",") != fields:
+                path.rename(path.with_suffix(f".{datetime.date.today().isoformat()}.csv"))
     new = not path.exists()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with path.open("a", newline="") as f:
@@ -391,7 +396,7 @@ def markdown_table(rows: list, device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results.csv")
+    parser.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results_gpu.csv")
     parser.add_argument("--quick", action="store_true", help="N = 2**16 only")
     parser.add_argument("--no-pot", action="store_true", help="skip POT even if installed")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile shapes (tuning data)")

@@ -4,7 +4,7 @@ Run on a CUDA machine in one call (about 6-8 minutes on an H100, most of it comp
 wheel carried in ``.whl/``)::
 
     pip install --no-deps .whl/flash_sinkhorn-0.4.1-py3-none-any.whl   # if not installed
-    python benchmarks/gpu_features.py              # rows appended to benchmarks/results.csv
+    python benchmarks/gpu_features.py              # rows appended to benchmarks/results_gpu.csv
     python benchmarks/gpu_features.py --quick      # N = 2**18 only
     python benchmarks/gpu_features.py --no-sweep   # skip the tile sweep at the end
     TRITON_INTERPRET=1 python benchmarks/gpu_features.py --dry-run --csv /tmp/r.csv   # CPU, tiny: checks the script
@@ -555,7 +555,7 @@ def markdown_table(rows: list, device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results.csv")
+    parser.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results_gpu.csv")
     parser.add_argument("--quick", action="store_true", help="N = 2**18 only")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the tile sweep")
     parser.add_argument("--no-flash", action="store_true", help="skip flash-sinkhorn even if installed")

@@ -214,7 +214,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--acceleration", nargs="+", default=["none", "auto"], help="otlabel assign --acceleration values")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "otlabel-bench-stream"))
-    p.add_argument("--quick", action="store_true", help="one run, plain Sinkhorn only")
+    p.add_argument("--quick", action="store_true", help="one run: the first --acceleration only")
     p.add_argument("--gpu-only", action="store_true", help="only the GPU throughput mode (c)")
     p.add_argument("--gpu-n", type=int, default=2_000_000)
     p.add_argument("--gpu-iters", type=int, default=10)

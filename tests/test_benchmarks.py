@@ -163,3 +163,22 @@ def test_csv_with_an_old_header_is_moved_aside(tmp_path):
     harness.append_csv([harness.Row("s", 1, 1, 0.1, "m", "s/iter", 1.0)], path, env, "full")
     assert path.read_text().startswith(",".join(harness.CSV_FIELDS))
     assert len(list(tmp_path.glob("results.*.csv"))) == 1
+
+
+@pytest.mark.parametrize("script", ["gpu_dense.py", "gpu_features.py"])
+def test_gpu_scripts_dry_run_on_the_interpreter(script, tmp_path):
+    """The GPU scripts must be ready for a lent GPU: their dry run (tiny sizes, Triton interpreter) goes end to end
+    and writes rows under their own header (never into the suite's results.csv)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.csv"
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / script), "--dry-run", "--csv", str(out)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600, cwd=root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and "frac_copy" in rows[0] and all(r["median_ms"] for r in rows)
