@@ -36,6 +36,8 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
     """Route a features-mode call (see the module docstring); ``solve`` holds the shared solver options."""
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
+    check_iterations(solve["max_iter"], solve["tol"], solve["over_relaxation"])  # before any pass over the data
+    resolve_acceleration(solve["acceleration"], solve["over_relaxation"], solve["tol"])
     if epsilon_scaling is not None:
         raise ValueError(
             "epsilon_scaling is not available with features= yet; the default acceleration (Anderson mixing) and "

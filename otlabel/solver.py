@@ -35,6 +35,7 @@ ANDERSON_MEMORY = 5  # iterate differences kept: 3-10 measured alike at 100k x 1
 ANDERSON_RESTART = 1.5  # restart the mixing when the error exceeds this multiple of the best error so far
 ANDERSON_MAX_EXTRAPOLATION = 10.0  # nats: the most a mixed step may move any b_k beyond the plain step
 ANDERSON_PATIENCE = 200  # iterations without a 1% fall of the error, after which plain steps take over
+ANDERSON_MIN_REACH = 1e-3  # nats: restarts shrink the trust region no further
 
 
 @dataclass
@@ -58,7 +59,8 @@ def run_sinkhorn(
 
     ``acceleration`` (from :func:`resolve_acceleration`): a fixed over-relaxation ``omega`` (1.0 is plain
     Sinkhorn), ``ADAPTIVE`` (omega from the first steps' contraction rate) or ``ANDERSON`` (mixing, see
-    :class:`AndersonMixer`).
+    :class:`AndersonMixer`). Anderson mixing reads the error every iteration to guard itself, so with it even
+    ``tol=None`` synchronises the device once per iteration (the default, ``"auto"``, mixes only with a ``tol``).
 
     With ``tol=None`` exactly ``max_iter`` iterations run and the device is never synchronised inside the
     loop (errors are read once at the end), which keeps small GPU solves launch-bound rather than sync-bound.
@@ -174,7 +176,7 @@ class AndersonMixer:
         self.step_from_best = None  # F(b) for the b with the best error: where a restart resumes
         self.reach = ANDERSON_MAX_EXTRAPOLATION  # trust region: the most a step may move b beyond F(b), nats
         self.progress_mark, self.stalled = math.inf, 0  # iterations since the error last fell by 1%
-        self.active = True
+        self.active, self.restarted = True, False
 
     def step(self, b, b_new, error: float, empty) -> torch.Tensor:
         """The next iterate, given the current ``b``, the plain step ``b_new = F(b)`` and ``b``'s error."""
@@ -187,13 +189,15 @@ class AndersonMixer:
             # mixing afresh, until the error falls by 1% again.
             self.active = not self.active
             self.iterates, self.residuals, self.best = [], [], error
+            self.reach = ANDERSON_MAX_EXTRAPOLATION
         if self.stalled == 0:
             self.active = True
         if not self.active:
             return b_new
-        if error > ANDERSON_RESTART * self.best:  # the mixing went astray: resume plain steps from the best point
-            self.iterates, self.residuals = [], []
-            self.reach /= 4  # and trust it less (a fixed region can cycle: the same leap from the same point)
+        restarted, self.restarted = self.restarted, False
+        if error > ANDERSON_RESTART * self.best and not restarted:  # astray: resume plain steps from the best point
+            self.iterates, self.residuals, self.restarted = [], [], True  # (once: then from wherever that led)
+            self.reach = max(self.reach / 4, ANDERSON_MIN_REACH)  # trust it less (a fixed region can cycle)
             return self.step_from_best
         if error <= self.best:
             self.best, self.step_from_best = error, b_new
@@ -393,11 +397,11 @@ def sinkhorn_assign(
                                allow_tf32=allow_tf32, **solve)  # fmt: skip
     if scores is None:
         raise TypeError("sinkhorn_assign needs scores (N, K), or features= with prototypes=.")
-    problem = validate(scores, epsilon, cluster_weights, sample_weights)
-    check_iterations(max_iter, tol, over_relaxation)
+    check_iterations(max_iter, tol, over_relaxation)  # the cheap argument checks first: validate reads all scores
     acceleration = resolve_acceleration(acceleration, over_relaxation, tol)
     if epsilon_scaling is not None and not (isinstance(epsilon_scaling, float) and 0 < epsilon_scaling < 1):
         raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
+    problem = validate(scores, epsilon, cluster_weights, sample_weights)
     operator = make_operator(problem, backend)
     init = check_init(init, problem, torch.float64)
     if epsilon_scaling is None:

@@ -110,3 +110,24 @@ def test_otlabel_numba_0_forces_the_torch_path():
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OTLABEL_NUMBA": "0"},
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def test_zero_weight_cluster_holding_every_rows_maximum(without_compiled_loops):
+    """A zero-weight cluster holding the largest kernel entry of every row: after the cold start its potential is
+    -inf, and the kernel built around the cold start must be rebuilt without it, or ``G v`` is 0 on every row."""
+    s = random_problem(200, 6, seed=8)
+    s[:, 0] = 1.0  # the same for every sample: after the column shift, 0 nats in every row, while the weighted
+    # clusters sit (at eps = 0.005, 200 nats per unit of score) more than 87 nats below their best sample in most rows
+    weights = torch.tensor([0.0, 0.2, 0.2, 0.2, 0.2, 0.2])
+    got = sinkhorn_assign(s, 0.005, cluster_weights=weights, tol=1e-5, max_iter=20_000)
+    want = sinkhorn_assign(s.double(), 0.005, cluster_weights=weights, tol=1e-5, max_iter=20_000, backend="reference")
+    assert got.converged and not (got.labels == 0).any()
+    assert torch.equal(got.labels, want.labels)
+    assert_close(got.codes, want.codes, atol=2e-3, what="codes, zero-weight cluster")  # eps 0.005: touchy codes
+
+
+def test_scores_that_require_grad():
+    s = random_problem(300, 7, seed=9).requires_grad_()
+    with torch.no_grad():
+        res = sinkhorn_assign(s, 0.05)
+    assert res.converged and torch.bincount(res.labels, minlength=7).min() > 30

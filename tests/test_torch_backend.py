@@ -233,3 +233,23 @@ def test_omega_for_rate():
     assert omega_for_rate([0.0776, 0.0776, 0.07762]) == MAX_ADAPTIVE_OMEGA  # a plateau: slowest contraction
     assert omega_for_rate([0.05, 0.08, 0.1]) == 1.0  # clearly rising: no rate to read
     assert omega_for_rate([float("inf"), 0.1, 0.05]) == 1.0
+
+
+def test_argument_errors_come_before_reading_the_scores():
+    bad = torch.full((50, 4), float("nan"))  # would fail validation, which reads every score
+    with pytest.raises(ValueError, match="acceleration must be one of"):
+        sinkhorn_assign(bad, 0.1, acceleration="fast")
+    with pytest.raises(ValueError, match="max_iter"):
+        sinkhorn_assign(bad, 0.1, max_iter=0)
+
+
+def test_streaming_takes_the_acceleration_argument():
+    from otlabel import sinkhorn_assign_stream
+
+    s = cosine_scores(600, 12, seed=21)
+    mixed = sinkhorn_assign_stream(s, 0.02, tol=1e-6, max_iter=5000)
+    plain = sinkhorn_assign_stream(s, 0.02, tol=1e-6, max_iter=5000, acceleration="none")
+    assert mixed.converged and plain.converged and mixed.n_iter < plain.n_iter
+    assert torch.equal(mixed.labels, plain.labels)
+    with pytest.raises(ValueError, match="acceleration must be one of"):
+        sinkhorn_assign_stream(s, 0.02, acceleration="fast")

@@ -11,7 +11,8 @@ four at a time).
 Numba is a dependency of otlabel, but the library works without it (this module reports
 ``available() is False`` and the operator keeps its PyTorch path); ``OTLABEL_NUMBA=0`` forces the fallback.
 The loop runs without the GIL, so the caller's own thread pool splits rows across cores exactly as for the
-PyTorch path: same threads, same fixed order of partial sums, bitwise reproducible for a given machine.
+PyTorch path: same threads, same fixed order of partial sums, bitwise reproducible for a given machine and
+thread count.
 """
 
 from __future__ import annotations
@@ -41,9 +42,20 @@ def available() -> bool:
     return numba is not None
 
 
+def _jit(fn):
+    """Numba-compile ``fn`` (on first call), cached on disk where Numba finds a writable place for it."""
+    # error_model="numpy": a division by zero gives inf/NaN as in IEEE (and as in torch), which the operator
+    # detects and answers exactly; Numba's default ("python") would raise ZeroDivisionError from the thread.
+    options = dict(nogil=True, fastmath=_FASTMATH, error_model="numpy")
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError:  # no writable cache location (read-only install, no usable HOME): compile per process
+        return numba.njit(**options)(fn)
+
+
 if numba is not None:
 
-    @numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
+    @_jit
     def _fused_rows(kernel, v, weights, divide, lo, hi, out):  # pragma: no cover - compiled
         """``out[k] += sum_{lo <= j < hi} kernel[j, k] * weights[j] / (kernel[j] . v)`` (no division when
         ``divide`` is False), in fp32 partials of ``TILE_ROWS`` rows added into the float64 ``out``.
@@ -99,7 +111,7 @@ _C0, _C1, _C2, _C3, _C4, _C5 = (np.float32(c) for c in _EXP_COEFFS)
 
 if numba is not None:
 
-    @numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
+    @_jit
     def _exp_kernel_rows(scores, inv_eps, b0, lo, hi, kernel, row_shift):  # pragma: no cover - compiled
         """Rows ``[lo, hi)``: ``x = scores * inv_eps + b0``, ``row_shift[j] = max_k x``, ``kernel = exp(x - max)``."""
         n_clusters = scores.shape[1]
@@ -121,7 +133,7 @@ if numba is not None:
                 exponent_bits[k] = (np.int32(n) + np.int32(127)) << 23
                 out[k] = p * two_to_n[k] if x >= _EXP_FLOOR else np.float32(0.0)
 
-    @numba.njit(nogil=True, fastmath=_FASTMATH, cache=True)
+    @_jit
     def _argmax_rows(kernel, v, lo, hi, labels):  # pragma: no cover - compiled
         """``labels[j] = argmax_k kernel[j, k] * v[k]`` (first maximum) for rows ``[lo, hi)``."""
         for j in range(lo, hi):
@@ -137,23 +149,28 @@ if numba is not None:
 def exp_kernel_rows(scores, inv_eps: float, b0, lo: int, hi: int, kernel, row_shift) -> None:
     """Fill rows ``[lo, hi)`` of the float32 ``kernel`` (N, K) with ``exp(scores * inv_eps + b0 - m)`` and
     ``row_shift`` (N,) with the row maxima ``m``; ``-inf`` scores give exact zeros. Needs :func:`available`."""
-    _exp_kernel_rows(scores.numpy(), np.float32(inv_eps), b0.numpy(), lo, hi, kernel.numpy(), row_shift.numpy())
+    _exp_kernel_rows(_array(scores), np.float32(inv_eps), _array(b0), lo, hi, _array(kernel), _array(row_shift))
 
 
 def argmax_rows(kernel, v, lo: int, hi: int, labels) -> None:
     """``labels[lo:hi] = argmax_k kernel[j, k] * v[k]`` (int64 tensor, written in place)."""
-    _argmax_rows(kernel.numpy(), v.numpy(), lo, hi, labels.numpy())
+    _argmax_rows(_array(kernel), _array(v), lo, hi, _array(labels))
 
 
 def fused_matvec_rows(kernel: torch.Tensor, v: torch.Tensor | None, weights: torch.Tensor, lo: int, hi: int):
     """Float64 ``(K,)``: ``sum_j kernel[j] * weights[j] / (kernel[j] . v)`` over rows ``[lo, hi)`` of a
     C-contiguous (N, K) CPU kernel; ``v is None`` drops the division. Needs :func:`available`."""
     out = np.zeros(kernel.shape[1], dtype=np.float64)
-    g = kernel.numpy()
-    w = weights.numpy()
-    vec = g[0, :0] if v is None else v.numpy()  # an empty array of the right dtype when unused
+    g = _array(kernel)
+    w = _array(weights)
+    vec = g[0, :0] if v is None else _array(v)  # an empty array of the right dtype when unused
     _fused_rows(g, vec, w, v is not None, lo, hi, out)
     return torch.from_numpy(out)
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """The CPU tensor's memory as a NumPy array (no copy; ``detach``: scores may require grad)."""
+    return t.detach().numpy()
 
 
 def warm_up() -> None:

@@ -205,7 +205,7 @@ class CachedKernelOperator(ScoreOperator):
         else:
             col = self._fused_matvecs(self._scaling(b), self.c.expand(self.n_heads, -1))  # sum_j G_jk c_j / (G v)_j
             offset = 0.0
-        if bool(((col <= 0) & self.reachable).any()):  # a column underflowed: the kernel cannot answer
+        if bool((~(col > 0) & self.reachable).any()):  # a column underflowed (or a row did: NaN): ask the exact pass
             self.kernel = None  # rebuilt around the next b, which the exact pass below moves towards
             return self.exact.cluster_lse(None if b is None else b.to(self.dtype))
         return torch.where(self.reachable, col.log() + offset - self.b0, NEG_INF)  # float64
@@ -214,7 +214,9 @@ class CachedKernelOperator(ScoreOperator):
         if want_codes or not self._compiled_loops() or self.kernel is None or self._drifted(b):
             return self.exact.assign(b.to(self.dtype), want_codes)
         # argmax_k S/eps + b = argmax_k G[j, k] v[k]: a read of G instead of an exact log-domain pass. The row's
-        # own maximum has G = 1 and v >= e^-threshold, so an underflowed entry (G = 0) can never win.
+        # own maximum has G = 1 and, not drifted, v >= e^-threshold there (zero-weight clusters, b = -inf, count
+        # as drifted until the kernel is built without them), so an underflowed entry (G = 0) can never win.
+        # Near-ties (below ~1e-5 relative) may resolve differently from the exact logits or other backends.
         labels = torch.empty((self.n_heads, self.n_samples), dtype=torch.int64)
         v = self._scaling(b)
 
@@ -233,14 +235,19 @@ class CachedKernelOperator(ScoreOperator):
         return torch.where(self.reachable & torch.isfinite(b), (b.double() - self.b0).exp(), 0.0).to(self.dtype)
 
     def _compiled_loops(self) -> bool:
-        """The Numba loops apply: installed, float32 throughout, scores a dense float32 CPU tensor."""
+        """The Numba exp pass and argmax apply: installed, float32 throughout, scores a dense float32 CPU tensor.
+        (The fused matvecs take any float32 or float64 kernel: see ``_matvec_range``.)"""
         source = self.exact.source
         return (cpu_kernels.available() and self.dtype == torch.float32 and isinstance(source, DenseSource)
                 and source.scores.dtype == torch.float32)  # fmt: skip
 
     def _drifted(self, b) -> bool:
+        """``b`` moved more than ``absorb_threshold`` from the kernel's ``b0``, or closed a cluster (``-inf``: a
+        zero-weight cluster after the cold start) that the kernel still holds: a row whose only large entries sit
+        in such columns would otherwise see ``G v = 0``."""
         finite = torch.isfinite(b)
-        return bool(((b - self.b0).abs()[finite] > self.absorb_threshold).any())
+        closed = torch.isneginf(b) & torch.isfinite(self.b0)
+        return bool(((b - self.b0).abs()[finite] > self.absorb_threshold).any()) or bool(closed.any())
 
     def _absorb(self, b):
         """(Re)build the kernel around the potentials ``b``: the one ``exp`` pass over the scores."""
