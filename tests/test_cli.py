@@ -223,3 +223,15 @@ def test_demo_runs(capsys):
     assert main(["demo"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "NMI vs digits" in out and "cluster sizes" in out
+
+
+def test_acceleration_flags(scores_file, tmp_path, capsys):
+    out = tmp_path / "y.npy"
+    plain = ["assign", str(scores_file), "--tol", "1e-6", "--out", str(out), "--acceleration", "none"]
+    assert main(plain) == EXIT_OK
+    assert "converged" in capsys.readouterr().out
+    labels_plain = np.load(out)
+    assert main([*plain[:-1], "anderson"]) == EXIT_OK
+    assert np.array_equal(np.load(out), labels_plain)  # the same solution, reached in fewer passes
+    assert main([*plain[:-1], "anderson", "--over-relaxation", "1.5"]) == 2
+    assert "cannot go with --acceleration anderson" in capsys.readouterr().err
