@@ -260,6 +260,14 @@ def iteration_cap(method: Method, problem: Problem, ctx: Context, hard_cap: int)
     return int(min(hard_cap, max(10, ctx.budget_s / max(_PROBES[key], 1e-9))))
 
 
+def unavailable(method: Method, problem: Problem, *rows: Row) -> bool:
+    """Mark ``rows`` SKIPPED (with the reason) when ``method`` cannot run here; True if so."""
+    reason = method.available(problem.device)
+    for row in rows if reason else ():
+        row.status = f"SKIPPED: {reason}"
+    return bool(reason)
+
+
 def time_to_tolerance(
     method: Method, problem: Problem, tol: float, ctx: Context, scenario: str, hard_cap: int | None = None
 ) -> Row:
@@ -269,9 +277,7 @@ def time_to_tolerance(
     rerun with a cap scaled up to it, so only a method that really needs longer than the budget is a TIMEOUT."""
     row = Row(scenario, problem.n, problem.k, problem.epsilon, method.name, f"s to {tol:g}")
     hard_cap = hard_cap or ctx.max_iter
-    reason = method.available(problem.device)
-    if reason:
-        row.status = f"SKIPPED: {reason}"
+    if unavailable(method, problem, row):
         return row
     try:
         method.prepare_inputs(problem)
@@ -328,10 +334,7 @@ def per_iteration(
     setup, so the difference is not lost in the noise of the setup on a busy machine."""
     base = dict(scenario=scenario, n=problem.n, k=problem.k, eps=problem.epsilon, method=method.name)
     rows = [Row(**base, metric="s/iter"), Row(**base, metric="s/call")]
-    reason = method.available(problem.device)
-    if reason:
-        for r in rows:
-            r.status = f"SKIPPED: {reason}"
+    if unavailable(method, problem, *rows):
         return rows
     repeats = repeats or ctx.repeats
     try:

@@ -73,9 +73,7 @@ def run(ctx: Context) -> list[Row]:
 
 def measure(label, method, problem, n_iter, tol, optimum, ctx) -> Row:
     row = Row(NAME, problem.n, problem.k, problem.epsilon, label, "objective gap")
-    reason = method.available(problem.device)
-    if reason:
-        row.status = f"SKIPPED: {reason}"
+    if harness.unavailable(method, problem, row):
         return row
     try:
         method.prepare_inputs(problem)

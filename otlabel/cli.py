@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     solve.add_argument(
         "--acceleration",
-        choices=["auto", "anderson", "over-relaxation", "none"],
+        choices=["auto", "anderson", "over-relaxation", "none"],  # solver.ACCELERATIONS; literal: no torch import
         default="auto",
         help="what happens between passes: 'anderson' mixes the last iterates (2-9x fewer passes than plain "
         "Sinkhorn, restarted whenever the error rises), 'over-relaxation' picks OMEGA from the first steps' "

@@ -41,9 +41,8 @@ from .solver import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     check_init,
-    check_iterations,
+    check_solver_options,
     package_result,
-    resolve_acceleration,
     run_sinkhorn,
     warn_if_not_converged,
 )
@@ -167,8 +166,7 @@ def sinkhorn_assign_sharded(
     failure, meta, problem, local_max = None, None, None, None
     try:  # local checks: a failure is shared with the other ranks below, not raised before they hear of it
         epsilon = check_epsilon(epsilon)
-        check_iterations(max_iter, tol, over_relaxation)
-        acceleration = resolve_acceleration(acceleration, over_relaxation, tol)
+        acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
         scores3, batched = check_scores(local_scores)
         h, n, k = scores3.shape
         device = scores3.device

@@ -22,9 +22,8 @@ from .backends import _triton_usable
 from .problem import as_tensor, check_epsilon, check_weights
 from .solver import (
     check_init,
-    check_iterations,
+    check_solver_options,
     package_result,
-    resolve_acceleration,
     run_sinkhorn,
     warn_if_not_converged,
 )
@@ -36,8 +35,7 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
     """Route a features-mode call (see the module docstring); ``solve`` holds the shared solver options."""
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
-    check_iterations(solve["max_iter"], solve["tol"], solve["over_relaxation"])  # before any pass over the data
-    resolve_acceleration(solve["acceleration"], solve["over_relaxation"], solve["tol"])
+    check_solver_options(solve["max_iter"], solve["tol"], solve["acceleration"], solve["over_relaxation"])  # early
     if epsilon_scaling is not None:
         raise ValueError(
             "epsilon_scaling is not available with features= yet; the default acceleration (Anderson mixing) and "
@@ -99,8 +97,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
     from .backends.triton import TritonFeaturesOperator
 
     epsilon = check_epsilon(epsilon)
-    check_iterations(max_iter, tol, over_relaxation)
-    acceleration = resolve_acceleration(acceleration, over_relaxation, tol)
+    acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
     if z.ndim != 2 or z.numel() == 0:
         raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(z.shape)}.")
     c = as_tensor(prototypes, "prototypes").to(device=z.device, dtype=z.dtype)

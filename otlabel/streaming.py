@@ -36,8 +36,7 @@ from .solver import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     check_init,
-    check_iterations,
-    resolve_acceleration,
+    check_solver_options,
     run_sinkhorn,
     warn_if_not_converged,
 )
@@ -533,8 +532,7 @@ def sinkhorn_assign_stream(
     if scores is not None and (prototypes is not None or bias is not None):
         raise ValueError("prototypes and bias go with features=, not with scores.")
     epsilon = check_epsilon(epsilon)
-    check_iterations(max_iter, tol, over_relaxation)
-    acceleration = resolve_acceleration(acceleration, over_relaxation, tol)
+    acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
     if device is None:
         first = scores if scores is not None else features
         on_gpu = isinstance(first, torch.Tensor) and first.is_cuda

@@ -18,7 +18,6 @@ thread count.
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -171,17 +170,3 @@ def fused_matvec_rows(kernel: torch.Tensor, v: torch.Tensor | None, weights: tor
 def _array(t: torch.Tensor) -> np.ndarray:
     """The CPU tensor's memory as a NumPy array (no copy; ``detach``: scores may require grad)."""
     return t.detach().numpy()
-
-
-def warm_up() -> None:
-    """Compile (or load from Numba's on-disk cache) the float32 and float64 loops now."""
-    if numba is None:
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Numba's cache-location notices are not the user's concern
-        for dtype in (torch.float32, torch.float64):
-            g = torch.ones(2, 3, dtype=dtype)
-            fused_matvec_rows(g, torch.ones(3, dtype=dtype), torch.ones(2, dtype=dtype), 0, 2)
-            argmax_rows(g, torch.ones(3, dtype=dtype), 0, 2, torch.empty(2, dtype=torch.int64))
-        g, shift = torch.empty(2, 3), torch.empty(2)
-        exp_kernel_rows(torch.zeros(2, 3), 1.0, torch.zeros(3), 0, 2, g, shift)
