@@ -10,7 +10,8 @@ One code path for any world size — with ``group=None`` or a group of one proce
                  ▼
               lse[k] = LSE_r lse_r[k]   (max, then sum of exp, in rank order: identical bits on every rank)
               b_new = log r - lse;  err = sum_k r_k |exp(b - b_new) - 1|;  stop if err < tol
-                 │  (decided on all-gathered quantities only: same iterations and `converged` everywhere)
+                 │  (decided on all-gathered quantities only: same iterations and `converged` everywhere;
+                 │   a mixed or over-relaxed step is broadcast from rank 0, whose solve every rank then uses)
                  ▼
               next pass ...   finally each rank labels its own samples: argmax_k S[j, k] / eps + b[k]
 
@@ -74,16 +75,28 @@ class Collectives:
         send = t.detach().to(self.device).reshape(-1)
         out = torch.empty(self.world * send.numel(), dtype=send.dtype, device=self.device)  # rank-major
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10
+        self._wait(lambda: gather(out, send, group=self.group, async_op=True), f"all-gather of the {what}")
+        return out.view(self.world, *t.shape).to(t.device)
+
+    def from_first_rank(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """Rank 0's ``t`` on every rank (a broadcast), on ``t``'s device."""
+        if not self.active:
+            return t
+        buf = t.detach().to(self.device).contiguous().clone()
+        root = dist.get_global_rank(self.group, 0)  # broadcast names its source by global rank
+        self._wait(lambda: dist.broadcast(buf, src=root, group=self.group, async_op=True), f"broadcast of the {what}")
+        return buf.to(t.device)
+
+    def _wait(self, start, what: str) -> None:
+        """Start a collective and wait for it at most ``timeout`` seconds; a rank that never joins is an error."""
         try:
-            work = gather(out, send, group=self.group, async_op=True)
-            work.wait(timeout=timedelta(seconds=self.timeout))
+            start().wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as err:
             raise RuntimeError(
-                f"sinkhorn_assign_sharded: rank {self.rank} gave up on the all-gather of the {what} after waiting "
+                f"sinkhorn_assign_sharded: rank {self.rank} gave up on the {what} after waiting "
                 f"up to {self.timeout:g} s: another rank failed, exited, or did not call with the same arguments "
                 f"({type(err).__name__}: {err}). Raise timeout= if one iteration of the slowest rank takes longer."
             ) from err
-        return out.view(self.world, *t.shape).to(t.device)
 
 
 class ShardedOperator(ScoreOperator):
@@ -101,6 +114,12 @@ class ShardedOperator(ScoreOperator):
     def cluster_lse(self, b):
         lse = self.local.cluster_lse(b).double()  # (H, K); one dtype on every rank and every pass
         return torch.logsumexp(self.comm.all_gather(lse, "cluster log-sum-exps"), dim=0)  # rank order
+
+    def agree(self, b):
+        # Mixed or over-relaxed iterates come out of small linear solves that may round differently on
+        # different hardware; drifting apart would split the ranks' error trajectories (and iteration counts,
+        # which ends in a timeout). Everyone continues from rank 0's iterate: H*K floats per iteration.
+        return self.comm.from_first_rank(b, "mixed cluster potentials")
 
     def assign(self, b, want_codes):
         return self.local.assign(b, want_codes)

@@ -101,8 +101,11 @@ def run_sinkhorn(
                 omega, adaptive = omega_for_rate([float(e.max()) for e in errors[1:]]), False
         if mixer is not None and b is not None:
             b_new = mixer.step(b, b_new, worst, empty)
-        b = b_new if (b is None or omega == 1.0) else relax(b, b_new, omega, empty)
+        mixed = b is not None and (mixer is not None or omega != 1.0)
+        b = relax(b, b_new, omega, empty) if mixed and omega != 1.0 else b_new
         b = centred(b, empty)
+        if mixed:
+            b = operator.agree(b)  # sharded: every rank takes rank 0's (its solves may round differently)
     check_finite(b, empty)
     history = torch.stack(errors).amax(dim=1).tolist() if errors else []
     return LoopOutput(potentials=b, n_iter=len(errors), errors=history, converged=converged)

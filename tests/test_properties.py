@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from helpers import assert_close, centred
+from helpers import assert_close
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -36,13 +36,15 @@ def test_per_sample_and_per_cluster_shifts_change_nothing(s, data):
     col = np.array(data.draw(st.lists(st.floats(-50, 50), min_size=k, max_size=k)))
     base, shifted = solve_to_convergence(s), solve_to_convergence(s + row[:, None] + col[None, :])
     assert_close(shifted.codes, base.codes, atol=1e-6, what="codes after shifts")
-    # A per-cluster shift moves the potentials by -col / eps (up to a constant).
-    assert_close(
-        centred(shifted.cluster_potentials),
-        centred(base.cluster_potentials - torch.from_numpy(col) / 0.2),
-        atol=1e-5,
-        what="potentials after shifts",
+    # A per-cluster shift moves the potentials by -col / eps (up to a constant). Compare them through the plan
+    # they induce, not entry by entry: a cluster fed by one sample whose other scores are e^-28 smaller leaves
+    # a direction the marginals barely feel, so converged potentials may differ there by 1e-4 (a drawn case).
+    # Warm-started from the mapped potentials, the unshifted problem must already be converged after one step.
+    mapped = shifted.cluster_potentials + torch.from_numpy(col) / 0.2
+    restart = sinkhorn_assign(
+        torch.as_tensor(s), 0.2, init=mapped, tol=1e-8, max_iter=1, backend="reference", warn=False
     )
+    assert restart.converged, f"mapped potentials leave marginal error {restart.marginal_error:.3g} > 1e-8"
 
 
 @settings(**SETTINGS)

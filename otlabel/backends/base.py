@@ -54,3 +54,11 @@ class ScoreOperator(ABC):
     @abstractmethod
     def transport_score(self, b: torch.Tensor) -> torch.Tensor:
         """``<P, S>`` per head (H,) float64 for the plan defined by ``b``: ``sum_jk c_j codes_jk S_jk``."""
+
+    def agree(self, b: torch.Tensor) -> torch.Tensor:
+        """The iterate every process continues from: ``b`` itself, except across ranks (``ShardedOperator``).
+
+        The loop calls it after a step that did more than the plain Sinkhorn arithmetic (Anderson mixing,
+        over-relaxation), whose small linear solves need not round identically on different hardware.
+        """
+        return b
