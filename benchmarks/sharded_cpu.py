@@ -12,7 +12,10 @@ kernel build, cold start) and the median of the later iterations (from the ``cal
 On this shared 2-core machine the interesting number is the ratio of the 2-process time to the 1-process,
 1-thread time (ideal 0.5) and to the 1-process, 2-thread time (same cores, threads vs processes).
 
-    python benchmarks/sharded_cpu.py [--n 200000] [--k 1000] [--iters 50]
+    python benchmarks/sharded_cpu.py [--n 200000] [--k 1000] [--iters 50] [--features]
+
+``--features`` gives each rank its features (N_r, D) and the prototypes instead (features mode: the scores are
+recomputed by a chunked matmul every pass).
 
 Rows are appended to ``benchmarks/out/sharded_cpu.csv``.
 """
@@ -37,8 +40,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSV_PATH = os.path.join(HERE, "out", "sharded_cpu.csv")
 
 
-def shard(n: int, k: int, d: int, lo: int, hi: int) -> torch.Tensor:
-    """Rows [lo, hi) of one fixed clustered cosine problem, generated in blocks so any sharding agrees."""
+def shard(n: int, k: int, d: int, lo: int, hi: int, features: bool = False):
+    """Rows [lo, hi) of one fixed clustered cosine problem, generated in blocks so any sharding agrees: the scores
+    (hi - lo, K), or with ``features`` the features (hi - lo, D) and the prototypes (K, D)."""
     g = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
     block, out = 10_000, []
@@ -47,8 +51,8 @@ def shard(n: int, k: int, d: int, lo: int, hi: int) -> torch.Tensor:
         m = min(block, n - start)
         z = centres[torch.randint(k, (m,), generator=gb)] + 0.1 * torch.randn(m, d, generator=gb)
         z = torch.nn.functional.normalize(z, dim=1)[max(lo - start, 0) : min(hi - start, m)]
-        out.append(z @ centres.T)
-    return torch.cat(out)  # (hi - lo, K)
+        out.append(z if features else z @ centres.T)
+    return (torch.cat(out), centres) if features else torch.cat(out)
 
 
 def _rank(rank, world, threads, opts, init_file, out_file):
@@ -62,14 +66,15 @@ def _rank(rank, world, threads, opts, init_file, out_file):
         )
         group = dist.group.WORLD
     lo, hi = rank * opts.n // world, (rank + 1) * opts.n // world
-    local = shard(opts.n, opts.k, opts.d, lo, hi)
+    local = shard(opts.n, opts.k, opts.d, lo, hi, features=opts.features)
+    data = dict(features=local[0], prototypes=local[1]) if opts.features else dict(local_scores=local)
     stamps = []
     if group is not None:
         dist.barrier()
     t0 = time.perf_counter()
     sinkhorn_assign_sharded(
-        local,
-        opts.epsilon,
+        **data,
+        epsilon=opts.epsilon,
         group=group,
         tol=None,
         max_iter=opts.iters,
@@ -123,6 +128,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--epsilon", type=float, default=0.05)
     p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--features", action="store_true", help="each rank passes features and prototypes, not scores")
     opts = p.parse_args()
     cores = os.cpu_count()
     configs = [(1, 1), (1, min(2, cores)), (2, 1)]
@@ -134,7 +140,8 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     base = rows[0]["per_iteration_s"]
-    print(f"\nN={opts.n:,} K={opts.k:,} eps={opts.epsilon}, {opts.iters} iterations (exp-once CPU kernel per rank)")
+    local = f"features (D={opts.d}), chunked matmul" if opts.features else "scores, exp-once CPU kernel"
+    print(f"\nN={opts.n:,} K={opts.k:,} eps={opts.epsilon}, {opts.iters} iterations ({local} per rank)")
     print(
         "| processes x threads | total (s) | first iteration (s) | later iterations (ms, median) | speed-up vs 1x1 "
         "| all-gather of K floats (ms) | load (1 min) |"
@@ -158,6 +165,7 @@ def main() -> None:
             k=opts.k,
             epsilon=opts.epsilon,
             iters=opts.iters,
+            input="features" if opts.features else "scores",
         )
         w = csv.DictWriter(f, fieldnames=list(meta) + list(rows[0]))
         if new:

@@ -15,6 +15,9 @@ One code path for any world size — with ``group=None`` or a group of one proce
                  ▼
               next pass ...   finally each rank labels its own samples: argmax_k S[j, k] / eps + b[k]
 
+Features mode shards the same way: each rank passes its own features ``Z_r`` (N_r, D) and the common prototypes
+(checked by a fingerprint); the local pass is the features kernel on CUDA tensors, or a chunked stream otherwise.
+
 Sample weights are global: by default ``1 / N`` with ``N = sum_r N_r`` (uneven shards are fine); explicit
 weights are each rank's slice of one vector that sums to 1 over all ranks. Before iterating, two small
 all-gathers check that the ranks agree (K, heads, dtype, epsilon, tol, max_iter, cluster weights, warm start) and
@@ -26,14 +29,16 @@ Gloo (CPU tensors) and NCCL (CUDA tensors) both work; NCCL collectives run on th
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .backends import make_operator, resolve_backend
+from .backends import _triton_usable, make_operator, resolve_backend
 from .backends.base import ScoreOperator
+from .features import KERNEL_DTYPES, check_bias, dense_scores, kernel_inputs
 from .problem import Problem, as_tensor, check_epsilon, check_scores, check_weights
 from .result import SinkhornResult
 from .solver import (
@@ -47,7 +52,7 @@ from .solver import (
     run_sinkhorn,
     warn_if_not_converged,
 )
-from .streaming import check_columns, check_rows
+from .streaming import FeatureSource, StreamingOperator, check_columns, check_finite_rows, check_rows, chunk_bytes
 
 __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
 
@@ -133,9 +138,12 @@ class ShardedOperator(ScoreOperator):
 
 
 def sinkhorn_assign_sharded(
-    local_scores,
+    local_scores=None,
     epsilon: float = 0.05,
     *,
+    features=None,
+    prototypes=None,
+    bias=None,
     group=None,
     cluster_weights=None,
     sample_weights=None,
@@ -145,6 +153,8 @@ def sinkhorn_assign_sharded(
     backend: str = "auto",
     acceleration: str = "auto",
     over_relaxation: float | None = None,
+    allow_tf32: bool = True,
+    memory_budget: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     callback=None,
     warn: bool = True,
@@ -159,6 +169,12 @@ def sinkhorn_assign_sharded(
     Args:
         local_scores: this rank's ``(N_r, K)`` or ``(H, N_r, K)`` scores (torch tensor on any device, or a NumPy
             array): CPU tensors with Gloo, CUDA tensors with NCCL.
+        features, prototypes, bias: instead of ``local_scores``, this rank's features ``Z_r`` (N_r, D) and the
+            prototypes ``C`` (K, D) or (H, K, D) (the same on every rank: checked) with an optional per-cluster
+            ``bias``; the scores ``Z_r C^T + bias`` are never stored (features mode, :mod:`otlabel.features`).
+            CUDA tensors run the features kernel; anything else (a CPU tensor, a NumPy array or memmap, a ``.npy``
+            path) is streamed in chunks through this rank's device (the CPU with Gloo, the current CUDA device with
+            NCCL) within ``memory_budget`` bytes, as in :func:`otlabel.sinkhorn_assign_stream`.
         group: the ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD`` under
             ``torchrun``). ``None`` (or a group of one process) solves this rank's samples alone, with no
             collectives.
@@ -166,7 +182,7 @@ def sinkhorn_assign_sharded(
             Default: ``1 / N`` for every sample, ``N`` the total over ranks.
         cluster_weights: ``(K,)``, the same on every rank (checked).
         timeout: seconds any collective may wait for the other ranks before raising ``RuntimeError``.
-        epsilon, max_iter, tol, init, backend, acceleration, over_relaxation, callback, warn: as in
+        epsilon, max_iter, tol, init, backend, acceleration, over_relaxation, allow_tf32, callback, warn: as in
             :func:`otlabel.sinkhorn_assign`; they must agree across ranks (checked).
 
     Returns:
@@ -182,29 +198,32 @@ def sinkhorn_assign_sharded(
             stacklevel=2,
         )
     comm = Collectives(group, timeout)
-    failure, meta, problem, local_max = None, None, None, None
+    failure, meta, shard, c_local = None, None, None, None
     try:  # local checks: a failure is shared with the other ranks below, not raised before they hear of it
         epsilon = check_epsilon(epsilon)
         acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
-        scores3, batched = check_scores(local_scores)
-        h, n, k = scores3.shape
-        device = scores3.device
-        r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K (last dimension)", device)
-        c_local = None
-        if sample_weights is not None:
-            c_local = check_local_weights(sample_weights, n, device)
-        check_rows(scores3, r, where=f" of rank {comm.rank}'s shard")
-        local_max = scores3.amax(dim=1).double()  # (H, K)
-        draft = Problem(scores=scores3, epsilon=epsilon, sample_weights=None, cluster_weights=r, batched=batched)
-        resolve_backend(backend, draft)  # an unusable backend fails here, on its rank, before any collective
-        check_init(init, draft, torch.float64)
-        meta = [h, n, k, DTYPE_CODES[scores3.dtype], float(batched), epsilon, -1.0 if tol is None else tol]
+        shard = open_shard(local_scores, features, prototypes, bias, cluster_weights, backend, comm,
+                           allow_tf32=allow_tf32, memory_budget=memory_budget)  # fmt: skip
+        c_local = None if sample_weights is None else check_local_weights(sample_weights, shard.n, shard.device)
+        check_init(init, shard.problem(epsilon, None), torch.float64)
+        meta = [shard.h, shard.n, shard.k, shard.dtype_code, float(shard.batched), epsilon]
+        meta += [-1.0 if tol is None else tol]
         omega_code = ACCELERATION_CODES.get(acceleration, acceleration)  # collectives carry numbers
         meta += [max_iter, omega_code, float(c_local is not None)]
-        meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None)]
-    except (ValueError, TypeError, RuntimeError) as err:
+        meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None), float(shard.mode)]
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
         failure = err
-    metas = comm.all_gather(torch.tensor([0.0 if failure is None else 1.0] + (meta or [math.nan] * 12)), "checks")
+    try:
+        return solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, init, acceleration,
+                            callback, warn)  # fmt: skip
+    finally:
+        if shard is not None:
+            shard.close()
+
+
+def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, init, acceleration, callback, warn):
+    """The collective part: agree on the problem (or fail together), then iterate on the global problem."""
+    metas = comm.all_gather(torch.tensor([0.0 if failure is None else 1.0] + (meta or [math.nan] * 13)), "checks")
     bad = [i for i in range(comm.world) if metas[i, 0] != 0]
     if bad:
         if failure is not None:
@@ -213,29 +232,150 @@ def sinkhorn_assign_sharded(
     check_agreement(metas[:, 1:])
     n_total = int(metas[:, 2].sum())
     if c_local is None:
-        c_local = torch.full((n,), 1.0 / n_total, dtype=torch.float64, device=device)
+        c_local = torch.full((shard.n,), 1.0 / n_total, dtype=torch.float64, device=shard.device)
     elif abs(float(metas[:, 11].sum()) - 1.0) > 1e-4:
         raise ValueError(
             f"sample_weights must sum to 1 over all ranks, got a sum of {float(metas[:, 11].sum()):.6g}. Pass each "
             "rank its slice of one global weight vector (w / w.sum() for counts)."
         )
-    problem = Problem(scores=scores3, epsilon=epsilon, sample_weights=c_local, cluster_weights=r, batched=batched)
-    operator = make_operator(problem, backend)
+    problem = shard.problem(epsilon, c_local)
+    operator = shard.operator(epsilon, c_local)
     init = check_init(init, problem, operator.dtype)
-    shared = torch.cat([local_max.flatten(), r.double().cpu()])
+    h, k, r = shard.h, shard.k, shard.r
+    agreed = [r.double().cpu(), shard.fingerprint()]
     if init is not None:
-        shared = torch.cat([shared, init.double().flatten().cpu()])
-    shared = comm.all_gather(shared.cpu(), "column maxima and cluster weights")  # (W, H K + K [+ H K])
+        agreed.append(init.double().flatten().cpu())
+    shared = comm.all_gather(torch.cat([shard.column_max().flatten(), *agreed]), "column maxima and cluster weights")
     if not bool((shared[:, h * k :] == shared[:1, h * k :]).all()):
         raise ValueError(
-            "cluster_weights (or init) differ between ranks: every rank must pass the same (K,) cluster weights."
+            "cluster_weights, init, prototypes or bias differ between ranks: every rank must pass the same (K,) "
+            "cluster weights, warm start, prototypes and bias."
         )
-    check_columns(shared[:, : h * k].amax(dim=0).view(h, k).to(device), r)
+    check_columns(shared[:, : h * k].amax(dim=0).view(h, k).to(shard.device), r)
     sharded = ShardedOperator(operator, comm)
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=callback)
     if warn:
         warn_if_not_converged("sinkhorn_assign_sharded", out, tol, max_iter, epsilon)
     return package_result(problem, sharded, out)
+
+
+class DenseShard:
+    """This rank's score matrix: checked rows, column maxima for the global mask check, the usual backends."""
+
+    mode = 0
+
+    def __init__(self, local_scores, cluster_weights, backend: str, rank: int):
+        self.scores, self.batched = check_scores(local_scores)
+        self.h, self.n, self.k = self.scores.shape
+        self.device, self.dtype_code, self.backend = self.scores.device, DTYPE_CODES[self.scores.dtype], backend
+        self.r = check_weights(cluster_weights, self.k, "cluster_weights", "number of clusters K (last dimension)",
+                               self.device)  # fmt: skip
+        check_rows(self.scores, self.r, where=f" of rank {rank}'s shard")
+        resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective
+
+    def problem(self, epsilon, sample_weights) -> Problem:
+        return Problem(self.scores, epsilon, sample_weights, self.r, self.batched)
+
+    def operator(self, epsilon, sample_weights) -> ScoreOperator:
+        return make_operator(self.problem(epsilon, sample_weights), self.backend)
+
+    def column_max(self) -> torch.Tensor:
+        return self.scores.amax(dim=1).double().cpu()  # (H, K)
+
+    def fingerprint(self) -> torch.Tensor:
+        return torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)
+
+    def close(self) -> None:
+        pass
+
+
+class FeatureShard:
+    """This rank's features and the shared prototypes: the features kernel on CUDA tensors, else streamed chunks.
+
+    Features are finite (checked up front) and a ``-inf`` bias may only close a zero-weight cluster, so every
+    sample has somewhere to go and every weighted cluster is reachable: no mask check needs the other ranks.
+    """
+
+    mode = 1
+
+    def __init__(self, features, prototypes, bias, cluster_weights, backend, device, allow_tf32, memory_budget):
+        z = features if isinstance(features, torch.Tensor) else None
+        use_kernel = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)
+        if backend == "triton" and not use_kernel:
+            raise RuntimeError("backend='triton' with features needs fp32/fp16/bf16 CUDA tensors and Triton.")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'triton'), got {backend!r}.")
+        self.kernel = backend == "triton" or (backend == "auto" and use_kernel and z.is_cuda)
+        self.allow_tf32, self.source = allow_tf32, None
+        if self.kernel:
+            self.z = z
+            self.c3, self.bias, self.r, self.batched = kernel_inputs(z, prototypes, bias, cluster_weights)
+            self.prototypes = self.c3
+        else:
+            device = device if z is None else z.device  # host data streams through this rank's device
+            self.source = FeatureSource(features, prototypes, bias, device,
+                                        memory_budget=chunk_bytes(memory_budget, device))  # fmt: skip
+            self.z = self.source.stream.host[0]  # (N, D) on the host (or the device), streamed
+            check_finite_rows(self.z, "features")
+            self.batched, self.prototypes = self.source.batched, self.source.proto_t.transpose(1, 2)  # (H, K, D)
+            self.r = check_weights(cluster_weights, self.source.n_clusters, "cluster_weights", "number of clusters K",
+                                   self.source.device)  # fmt: skip
+            self.bias = None if self.source.bias is None else self.source.bias[:, 0]  # (H, K)
+            check_bias(self.bias, self.r)
+        self.h, self.k = self.c3.shape[:2] if self.kernel else (self.source.n_heads, self.source.n_clusters)
+        self.n, self.device = self.z.shape[0], self.r.device
+        self.dtype_code = DTYPE_CODES[self.z.dtype]
+
+    def problem(self, epsilon, sample_weights):
+        scores = self.z if self.kernel else torch.empty(0, device=self.device)  # where results live
+        return types.SimpleNamespace(shape=(self.h, self.n, self.k), scores=scores, cluster_weights=self.r,
+                                     sample_weights=sample_weights, epsilon=epsilon, batched=self.batched)  # fmt: skip
+
+    def operator(self, epsilon, sample_weights) -> ScoreOperator:
+        if self.kernel:
+            from .backends.triton import TritonFeaturesOperator
+
+            return TritonFeaturesOperator(
+                self.z, self.c3, self.bias, epsilon, sample_weights, allow_tf32=self.allow_tf32
+            )
+        return StreamingOperator(self.source, epsilon, sample_weights, self.r)
+
+    def column_max(self) -> torch.Tensor:
+        return torch.zeros(self.h * self.k, dtype=torch.float64)  # every weighted cluster is reachable (above)
+
+    def fingerprint(self) -> torch.Tensor:
+        """A few sums that differ when two ranks hold different prototypes or bias (a full compare would move
+        H·K·D floats)."""
+        parts = [self.prototypes.double().flatten()]
+        if self.bias is not None:
+            bias = self.bias.double().flatten()
+            parts.append(torch.where(torch.isneginf(bias), -1e300, bias))  # -inf would make every sum -inf
+        x = torch.cat(parts)
+        ramp = torch.linspace(1.0, 2.0, x.numel(), dtype=torch.float64, device=x.device)
+        return torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum(), x.new_tensor(float(x.numel()))]).cpu()
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.stream.close()
+
+
+FINGERPRINT_SIZE = 4
+
+
+def open_shard(local_scores, features, prototypes, bias, cluster_weights, backend, comm, *, allow_tf32, memory_budget):
+    """This rank's input as a :class:`DenseShard` or :class:`FeatureShard` (features with ``backend="reference"``
+    materialise ``Z C^T`` in float64: small problems, for checking)."""
+    if (local_scores is None) == (features is None):
+        raise ValueError("give either local_scores, or features= with prototypes= (not both, not neither).")
+    if features is None:
+        if prototypes is not None or bias is not None:
+            raise ValueError("prototypes= and bias= go with features=, not with local_scores.")
+        return DenseShard(local_scores, cluster_weights, backend, comm.rank)
+    if prototypes is None:
+        raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
+    if backend == "reference":
+        return DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.rank)
+    return FeatureShard(features, prototypes, bias, cluster_weights, backend, comm.device, allow_tf32, memory_budget)
 
 
 def check_local_weights(weights, n: int, device) -> torch.Tensor:
@@ -263,6 +403,7 @@ AGREEMENT = [  # (column of the metadata, what it is, whether ranks must agree)
     (8, "acceleration (over_relaxation)", True),
     (9, "whether sample_weights are given", True),
     (11, "whether init is given", True),
+    (12, "input (scores, or features with prototypes)", True),
 ]
 
 

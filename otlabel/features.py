@@ -80,6 +80,11 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
         raise ValueError("features contain NaN or inf; they must be finite vectors. Fix the model output.")
     if not bool(torch.isfinite(c).all()):
         raise ValueError("prototypes contain NaN or inf; they must be finite vectors.")
+    check_bias(bias, cluster_weights)
+
+
+def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor) -> None:
+    """A per-cluster bias may be -inf (closing that cluster) only where the cluster has weight 0."""
     if bias is None:
         return
     if bool(torch.isnan(bias).any() | torch.isposinf(bias).any()):
@@ -98,19 +103,9 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 
     epsilon = check_epsilon(epsilon)
     acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
-    if z.ndim != 2 or z.numel() == 0:
-        raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(z.shape)}.")
-    c = as_tensor(prototypes, "prototypes").to(device=z.device, dtype=z.dtype)
-    batched = c.ndim == 3
-    c3 = c if batched else c.unsqueeze(0)  # (H, K, D)
-    if c3.ndim != 3 or c3.shape[-1] != z.shape[1] or c3.numel() == 0:
-        raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {z.shape[1]}, got {tuple(c.shape)}.")
-    h, k, _ = c3.shape
-    n = z.shape[0]
-    r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", z.device)
+    c3, bias_t, r, batched = kernel_inputs(z, prototypes, bias, cluster_weights)
+    (h, k, _), n = c3.shape, z.shape[0]
     w = check_weights(sample_weights, n, "sample_weights", "number of samples N", z.device)
-    bias_t = None if bias is None else as_tensor(bias, "bias").to(device=z.device, dtype=torch.float32)
-    check_features(z, c3, bias_t, r)
     operator = TritonFeaturesOperator(z, c3, bias_t, epsilon, w, allow_tf32=allow_tf32)
     problem = types.SimpleNamespace(
         shape=(h, n, k), scores=z, cluster_weights=r, sample_weights=w, epsilon=epsilon, batched=batched
@@ -119,3 +114,19 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
     if warn:
         warn_if_not_converged("sinkhorn_assign", out, tol, max_iter, epsilon)
     return package_result(problem, operator, out)
+
+
+def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights):
+    """Checked inputs of the features kernel: prototypes (H, K, D) on ``z``'s device and dtype, the bias (fp32 or
+    None), the cluster weights (K,) and whether the prototypes carried a head dimension."""
+    if z.ndim != 2 or z.numel() == 0:
+        raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(z.shape)}.")
+    c = as_tensor(prototypes, "prototypes").to(device=z.device, dtype=z.dtype)
+    batched = c.ndim == 3
+    c3 = c if batched else c.unsqueeze(0)  # (H, K, D)
+    if c3.ndim != 3 or c3.shape[-1] != z.shape[1] or c3.numel() == 0:
+        raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {z.shape[1]}, got {tuple(c.shape)}.")
+    r = check_weights(cluster_weights, c3.shape[1], "cluster_weights", "number of clusters K", z.device)
+    bias_t = None if bias is None else as_tensor(bias, "bias").to(device=z.device, dtype=torch.float32)
+    check_features(z, c3, bias_t, r)
+    return c3, bias_t, r, batched

@@ -61,6 +61,24 @@ def default_memory_budget(device: torch.device) -> int:
     return DEFAULT_MEMORY_BUDGET["cpu"]
 
 
+def chunk_bytes(memory_budget: int | None, device: torch.device) -> int:
+    """Bytes per chunk for a device working set of ``memory_budget`` (``None``: :func:`default_memory_budget`)."""
+    if memory_budget is None:
+        memory_budget = default_memory_budget(device)
+    if device.type == "cpu":  # one chunk in flight per thread; small chunks stay in cache, the budget caps them
+        return min(memory_budget // max(1, torch.get_num_threads()), CPU_CHUNK_BYTES)
+    return memory_budget
+
+
+def check_finite_rows(host: torch.Tensor, name: str, rows_per_check: int = 1 << 16) -> None:
+    """Every entry finite, checked a block of rows at a time (a memmap is read once, never held whole)."""
+    for lo in range(0, host.shape[0], rows_per_check):
+        block = host[lo : lo + rows_per_check]
+        if not bool(torch.isfinite(block).all()):
+            row = lo + int(torch.nonzero(~torch.isfinite(block).reshape(block.shape[0], -1).all(dim=1))[0])
+            raise ValueError(f"{name} contain NaN or inf (first in row {row}); they must be finite vectors.")
+
+
 def rows_for_budget(memory_budget: int, row_entries: int, row_extra_bytes: int = 0) -> int:
     """Samples per chunk so that a chunk's working set fits ``memory_budget`` bytes (at least one sample)."""
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
@@ -538,11 +556,7 @@ def sinkhorn_assign_stream(
         on_gpu = isinstance(first, torch.Tensor) and first.is_cuda
         device = first.device if on_gpu else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
-    if memory_budget is None:
-        memory_budget = default_memory_budget(device)
-    chunk_budget = memory_budget
-    if device.type == "cpu":  # one chunk in flight per thread; small chunks stay in cache, the budget caps them
-        chunk_budget = min(memory_budget // max(1, torch.get_num_threads()), CPU_CHUNK_BYTES)
+    chunk_budget = chunk_bytes(memory_budget, device)
     if scores is not None:
         source = HostSource(scores, device, memory_budget=chunk_budget)
     else:

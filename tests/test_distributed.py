@@ -47,6 +47,24 @@ def cases():
     ]
 
 
+D = 12
+
+
+def feature_cases():
+    """(name, features (N, D), prototypes, bias or None, sample weights or None, kwargs) for features mode."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(K, D, generator=g), dim=1)
+    heads = torch.nn.functional.normalize(torch.randn(2, K, D, generator=g), dim=1)
+    bias = 0.1 * torch.randn(K, generator=g)
+    return [
+        ("features", z, c, bias, None, dict(tol=None, max_iter=ITERS)),
+        ("features-heads-weighted", z, heads, None, random_weights(N, seed=12), dict(tol=None, max_iter=ITERS)),
+        ("features-converge", z, c, None, None, dict(tol=1e-6, max_iter=2000)),
+        ("features-short", z, c, bias, None, dict(tol=None, max_iter=4)),  # for the (interpreted, slow) kernel
+    ]
+
+
 def check_slice(name, res, ref, lo, hi, batched):
     """One rank's result against its slice of the single-process one."""
     labels = ref.labels[..., lo:hi]
@@ -79,6 +97,40 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         assert_close(objective, ref.objective, atol=1e-6, what=f"{name}: objective")
         record[name] = (res.n_iter, res.converged, res.errors)
     record["perturbed-mixing"] = perturbed_mixing_on_rank_one(rank, group, lo, hi)
+    for name, z, c, bias, w, kw in feature_cases():
+        ref = torch.load(os.path.join(out_dir, f"ref-{name}.pt"), weights_only=False)
+        weights = None if w is None else w[lo:hi]
+        res = sinkhorn_assign_sharded(
+            features=z[lo:hi], prototypes=c, bias=bias, epsilon=EPS, group=group, sample_weights=weights, **kw
+        )
+        check_slice(name, res, ref, lo, hi, c.ndim == 3)
+        record[name] = (res.n_iter, res.converged, res.errors)
+    # Features from this rank's .npy on disk (memory-mapped, streamed), and through the Triton kernel (interpreted).
+    name, z, c, bias, _, kw = feature_cases()[0]
+    ref = torch.load(os.path.join(out_dir, f"ref-{name}.pt"), weights_only=False)
+    path = os.path.join(out_dir, f"features-rank{rank}.npy")
+    np.save(path, z[lo:hi].numpy())
+    on_disk = sinkhorn_assign_sharded(features=path, prototypes=c, bias=bias, epsilon=EPS, group=group, **kw)
+    check_slice("features from .npy", on_disk, ref, lo, hi, False)
+    name, z, c, bias, _, kw = feature_cases()[3]
+    ref = torch.load(os.path.join(out_dir, f"ref-{name}.pt"), weights_only=False)
+    kernel = sinkhorn_assign_sharded(
+        features=z[lo:hi], prototypes=c, bias=bias, epsilon=EPS, group=group, backend="triton", **kw
+    )
+    check_slice("features through the kernel", kernel, ref, lo, hi, False)
+    # Different prototypes on one rank, scores on one rank and features on the others, NaN features: all raise.
+    nudged = c + (1e-3 if rank == world - 1 else 0.0)
+    with pytest.raises(ValueError, match="prototypes or bias differ between ranks"):
+        sinkhorn_assign_sharded(features=z[lo:hi], prototypes=nudged, epsilon=EPS, group=group, timeout=30)
+    mixed = dict(local_scores=z[lo:hi] @ c.T) if rank == 0 else dict(features=z[lo:hi], prototypes=c)
+    with pytest.raises(ValueError, match="disagree on the input"):
+        sinkhorn_assign_sharded(**mixed, epsilon=EPS, group=group, timeout=30)
+    bad = z[lo:hi].clone()
+    if rank == world - 1:
+        bad[2, 3] = float("nan")
+    expected = "features contain NaN or inf \\(first in row 2\\)" if rank == world - 1 else "rejected their input"
+    with pytest.raises(ValueError, match=expected):
+        sinkhorn_assign_sharded(features=bad, prototypes=c, epsilon=EPS, group=group, timeout=30)
     # K mismatch: every rank raises (no hang), and the group stays usable afterwards.
     bad = torch.randn(3, K + (rank == world - 1))
     with pytest.raises(ValueError, match="disagree on the number of clusters K"):
@@ -134,6 +186,11 @@ def reference_results(out_dir: str) -> None:
         _ = ref.codes, ref.objective  # computed now, saved with it
         ref._operator = None
         torch.save(ref, os.path.join(out_dir, f"ref-{name}.pt"))
+    for name, z, c, bias, w, kw in feature_cases():
+        ref = sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=EPS, sample_weights=w, **kw)
+        _ = ref.codes, ref.objective
+        ref._operator = None
+        torch.save(ref, os.path.join(out_dir, f"ref-{name}.pt"))
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -185,3 +242,27 @@ def test_local_errors_without_group():
         s = torch.randn(4, 3)
         s[1] = float("-inf")
         sinkhorn_assign_sharded(s, EPS)
+
+
+def test_features_without_group_and_their_errors():
+    name, z, c, bias, _, kw = feature_cases()[0]
+    ref = sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=EPS, **kw)
+    res = sinkhorn_assign_sharded(features=z.numpy(), prototypes=c, bias=bias, epsilon=EPS, **kw)
+    assert torch.equal(res.labels, ref.labels)
+    assert_close(res.cluster_potentials, ref.cluster_potentials, atol=1e-6, what="potentials")
+    with pytest.raises(ValueError, match="needs prototypes"):
+        sinkhorn_assign_sharded(features=z, epsilon=EPS)
+    with pytest.raises(ValueError, match="not both"):
+        sinkhorn_assign_sharded(z @ c.T, features=z, prototypes=c)
+    with pytest.raises(ValueError, match="go with features"):
+        sinkhorn_assign_sharded(z @ c.T, prototypes=c)
+    with pytest.raises(ValueError, match="positive weight has bias -inf"):
+        closed = bias.clone()
+        closed[0] = float("-inf")
+        sinkhorn_assign_sharded(features=z, prototypes=c, bias=closed)
+    closed_ok = sinkhorn_assign_sharded(
+        features=z, prototypes=c, bias=closed, cluster_weights=torch.tensor([0.0] + [1 / (K - 1)] * (K - 1))
+    )
+    assert not bool((closed_ok.labels == 0).any())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sinkhorn_assign_sharded(features="/nonexistent/features.npy", prototypes=c)
