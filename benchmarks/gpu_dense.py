@@ -314,15 +314,23 @@ def tile_sweep(kernels, rows: list, copy_bw: float) -> None:
             s = _scores(n, k, dtype)[None]  # (1, N, K)
             log_c = torch.full((n,), -math.log(n), device=DEVICE)
             b = torch.zeros(1, k, device=DEVICE)
-            for _, block_n, block_k, warps, per_sm in [cfg for cfg in SWEEP if cfg[0] == k]:
-                launch = dense_launch(n, k, 1, s.device, block_n=block_n, block_k=block_k, num_warps=warps,
-                                      n_programs=sms * per_sm)  # fmt: skip
+            launches = {
+                f"sweep {block_n}x{block_k} w{warps} p{per_sm}/SM": dense_launch(
+                    n, k, 1, s.device, block_n=block_n, block_k=block_k, num_warps=warps, n_programs=sms * per_sm
+                )
+                for _, block_n, block_k, warps, per_sm in [cfg for cfg in SWEEP if cfg[0] == k]
+            }
+            # The default launch with and without 16-byte loads along K (K = 1000, 3000 are multiples of 8 but
+            # not 16, so only otlabel's VEC hint gives them vector loads): keep the hint only if it pays.
+            for vector_loads in (True, False):
+                name = f"default launch, vector loads {'on' if vector_loads else 'off'}"
+                launches[name] = dense_launch(n, k, 1, s.device, vector_loads=vector_loads)
+            for name, launch in launches.items():
                 ws = kernels.DenseWorkspace.for_scores(s, launch)
                 med = _bench(
                     lambda ws=ws, s=s, b=b, c=log_c: kernels.dense_cluster_lse(s, b, c, 1 / EPS, workspace=ws)
                 )[1]
                 frac = n * k * s.element_size() / (med * 1e-3) / copy_bw
-                name = f"sweep {block_n}x{block_k} w{warps} p{per_sm}/SM"
                 print(f"  {name} {dtype} K={k}: {med:.3f} ms ({100 * frac:.1f}% of copy)")
                 rows.append(dict(scenario=name, n=n, k=k, dtype=str(dtype).replace("torch.", ""), method="otlabel",
                                  median_ms=med, q25_ms=float("nan"), q75_ms=float("nan"), frac_copy=frac))  # fmt: skip

@@ -57,6 +57,18 @@ def _finite_or_zero(m):
 
 
 @triton.jit
+def _multiples_of(VEC: tl.constexpr, K, stride_n, stride_h):
+    """The host checked that K and the row and head strides are multiples of VEC (elements per 16-byte load);
+    rounding them down to multiples (a no-op) lets the compiler prove it and emit vector loads and stores.
+    K = 1000 or 3000 is not a multiple of 16, so Triton's own argument specialisation never says so."""
+    if VEC > 1:
+        K = (K // VEC) * VEC
+        stride_n = (stride_n // VEC) * VEC
+        stride_h = (stride_h // VEC) * VEC
+    return K, stride_n, stride_h
+
+
+@triton.jit
 def _load_tile(S, h_off, rows, row_mask, k0, K, stride_n, stride_k, BLOCK_K: tl.constexpr):
     """Scores S[h, rows, k0:k0+BLOCK_K] as fp32 (BLOCK_N, BLOCK_K); out-of-range lanes are -inf."""
     cols = k0 + tl.arange(0, BLOCK_K)
@@ -121,7 +133,9 @@ def _cluster_partials_kernel(
     ONE_CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    K, stride_n, stride_h = _multiples_of(VEC, K, stride_n, stride_h)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     h_off = h.to(tl.int64) * stride_h
@@ -242,7 +256,9 @@ def _assign_kernel(
     WANT_CODES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    K, stride_n, stride_h = _multiples_of(VEC, K, stride_n, stride_h)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     h = tl.program_id(1).to(tl.int64)
     h_off = h * stride_h
@@ -276,7 +292,9 @@ def _row_transport_kernel(
     inv_eps,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr,
 ):
+    K, stride_n, stride_h = _multiples_of(VEC, K, stride_n, stride_h)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     h = tl.program_id(1).to(tl.int64)
     h_off = h * stride_h
@@ -333,6 +351,21 @@ def _potentials(b: torch.Tensor, h: int, k: int) -> torch.Tensor:
     return b.to(torch.float32).contiguous()  # no-op (no launch) when already fp32 and contiguous
 
 
+def vector_width(scores: torch.Tensor, launch: DenseLaunch) -> int:
+    """Elements per 16-byte access along K (8 for 16-bit scores, 4 for fp32) that divide K and the row and head
+    strides; 1 when rows are not contiguous (a transposed view), nothing larger divides them, or the launch says
+    so (``vector_loads=False``: for A/B timing; sm_90 cubins show 16-byte loads with it, 2-byte ones without)."""
+    h, n, k = scores.shape
+    stride_h, stride_n, stride_k = scores.stride()
+    if stride_k != 1 or not launch.vector_loads:
+        return 1
+    vec = 16 // scores.element_size()
+    # A stride that is never multiplied by a nonzero index (one head, one row) may be rounded freely.
+    while vec > 1 and (k % vec or (n > 1 and stride_n % vec) or (h > 1 and stride_h % vec)):
+        vec //= 2
+    return vec
+
+
 def _options(num_warps: int, fp_fusion: bool) -> dict:
     """Compile options. ``fp_fusion=False`` keeps ``S * inv_eps + b`` two roundings, as torch computes it,
     so labels tie-break like ``torch.argmax``; the iteration kernels may fuse (an FMA is more accurate)."""
@@ -362,7 +395,7 @@ def dense_cluster_lse(
     _cluster_partials_kernel[(cfg.n_programs, h)](
         scores, b, log_c, ws.a, ws.pmax, ws.psum,
         n, k, cfg.n_programs, *scores.stride(), float(inv_eps) * LOG2E,
-        HAS_B=has_b, ONE_CHUNK=cfg.one_chunk, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_B=has_b, ONE_CHUNK=cfg.one_chunk, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, VEC=vector_width(scores, cfg),
         **_options(cfg.num_warps, fp_fusion=True),
     )  # fmt: skip
     out = torch.empty((h, k), dtype=torch.float32, device=scores.device)
@@ -395,7 +428,8 @@ def dense_assign(
     _assign_kernel[(cfg.row_tiles(n), h)](
         scores, b, labels, codes if want_codes else labels,
         n, k, *scores.stride(), float(inv_eps),
-        WANT_CODES=want_codes, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_options(cfg.num_warps, fp_fusion=False),
+        WANT_CODES=want_codes, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, VEC=vector_width(scores, cfg),
+        **_options(cfg.num_warps, fp_fusion=False),
     )  # fmt: skip
     return labels, codes
 
@@ -418,7 +452,8 @@ def dense_transport_score(
     rows = torch.empty((h, n), dtype=torch.float32, device=scores.device)
     _row_transport_kernel[(cfg.row_tiles(n), h)](
         scores, b, rows, n, k, *scores.stride(), float(inv_eps),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_options(cfg.num_warps, fp_fusion=False),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, VEC=vector_width(scores, cfg),
+        **_options(cfg.num_warps, fp_fusion=False),
     )  # fmt: skip
     weights = log_c.to(torch.float64).exp()  # (N,); exp(-inf) = 0 drops zero-weight samples
     return (rows.to(torch.float64) * weights).sum(-1)

@@ -382,6 +382,11 @@ GPU_TILES = {2: (128, 64, 8, 3), 4: (64, 64, 8, 2), "fp32>fp16": (128, 32, 8, 3)
 # 131 KB, fp32 198 KB); beyond it D is streamed in chunks of STREAM_D and Z is re-read per prototype chunk.
 MAX_ONE_D = 256
 STREAM_D = 64
+# Exact fp32 products ("ieee" on CUDA cores, "tf32x3" as three tf32 dots) hold more per D element: with D = 128 whole
+# they need 255 registers and spill 0.6-4.4 KB (sm_90 cubins, Triton 3.9); chunks of 32 along D spill nothing
+# (114-162 registers), at the price of re-reading the Z tile per prototype chunk (from L2).
+EXACT_STREAM_D = 32
+EXACT_PRECISIONS = ("ieee", "tf32x3")
 # Programs per SM of the persistent cluster-LSE grid: what the register and shared-memory budgets above allow.
 PROGRAMS_PER_SM = 2
 
@@ -419,12 +424,13 @@ def features_launch(
     num_stages: int | None = None,
     n_programs: int | None = None,
     z_fp32_to_fp16: bool = False,
+    precision: str = "tf32",
 ) -> FeaturesLaunch:
     """Tile sizes and grid for N samples, K clusters, D features, H heads; keyword overrides for tests and sweeps.
 
     Tiles are never below 16 (``tl.dot``); under the interpreter they are 16 (fast, and every mask is hit).
     ``itemsize``: of the tensor-core operands (the prototypes'); ``z_fp32_to_fp16``: fp32 features rounded to fp16
-    in the kernel (``prepare_fp16``).
+    in the kernel (``prepare_fp16``); ``precision``: the ``input_precision`` of fp32 inputs (exact ones stream D).
     """
     gpu_n, gpu_k, gpu_warps, gpu_stages = GPU_TILES["fp32>fp16" if z_fp32_to_fp16 else 4 if itemsize >= 4 else 2]
     small = interpreting()
@@ -432,6 +438,9 @@ def features_launch(
         block_n = 16 if small else min(gpu_n, max(16, next_power_of_2(n)))
     if block_k is None:
         block_k = 16 if small else min(gpu_k, max(16, next_power_of_2(k)))
+    exact_fp32 = itemsize >= 4 and precision in EXACT_PRECISIONS and not small
+    if block_d is None and exact_fp32 and d > EXACT_STREAM_D:
+        block_d = EXACT_STREAM_D
     if block_d is None:
         block_d = max(16, next_power_of_2(d)) if d <= MAX_ONE_D else STREAM_D
     if block_d > 128 and not small:
@@ -454,15 +463,26 @@ class FeaturesWorkspace:
 
     @classmethod
     def for_inputs(
-        cls, features: torch.Tensor, prototypes: torch.Tensor, launch: FeaturesLaunch | None = None
+        cls,
+        features: torch.Tensor,
+        prototypes: torch.Tensor,
+        launch: FeaturesLaunch | None = None,
+        precision: str = "tf32",
     ) -> FeaturesWorkspace:
         n, d, h, k = _check_inputs(features, prototypes)
-        mixed = _fp16_mode(features, prototypes)
-        launch = launch or features_launch(n, k, d, h, prototypes.element_size(), features.device, z_fp32_to_fp16=mixed)
+        launch = launch or _default_launch(features, prototypes, precision)
         p = launch.n_programs
         pmax = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
         psum = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
         return cls(launch, pmax, psum)
+
+
+def _default_launch(features: torch.Tensor, prototypes: torch.Tensor, precision: str) -> FeaturesLaunch:
+    n, d, h, k = _check_inputs(features, prototypes)
+    mixed = _fp16_mode(features, prototypes)
+    return features_launch(
+        n, k, d, h, prototypes.element_size(), features.device, z_fp32_to_fp16=mixed, precision=precision
+    )
 
 
 def _check_inputs(features: torch.Tensor, prototypes: torch.Tensor) -> tuple[int, int, int, int]:
@@ -530,7 +550,10 @@ def _upcast(features: torch.Tensor) -> bool:
 
 
 def _options(cfg: FeaturesLaunch) -> dict:
-    return {} if interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    # fp fusion (FMA) stated, not inherited: Triton's default for it is changing between releases.
+    if interpreting():
+        return {}
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
 
 
 def features_cluster_lse(
@@ -555,7 +578,7 @@ def features_cluster_lse(
     Two launches, no host synchronisation, bitwise deterministic for a given workspace.
     """
     n, d, h, k = _check_inputs(features, prototypes)
-    ws = workspace or FeaturesWorkspace.for_inputs(features, prototypes)
+    ws = workspace or FeaturesWorkspace.for_inputs(features, prototypes, precision=input_precision)
     cfg = ws.launch
     log_c = log_c.to(torch.float32).contiguous()
     b = _vector(b, h, k, "b")
@@ -571,7 +594,7 @@ def features_cluster_lse(
         **_options(cfg),
     )  # fmt: skip
     out = torch.empty((h, k), dtype=torch.float32, device=features.device)
-    merge_options = {} if interpreting() else {"num_warps": 4}
+    merge_options = {} if interpreting() else {"num_warps": 4, "enable_fp_fusion": True}
     _merge_partials_kernel[(triton.cdiv(k, _MERGE_BLOCK), h)](
         ws.pmax, ws.psum, out, cfg.n_programs, k, BLOCK=_MERGE_BLOCK, **merge_options
     )
@@ -580,8 +603,7 @@ def features_cluster_lse(
 
 def _readout(features, prototypes, bias, b, inv_eps, want_codes, want_score, input_precision, scales, launch):
     n, d, h, k = _check_inputs(features, prototypes)
-    mixed = _fp16_mode(features, prototypes)
-    cfg = launch or features_launch(n, k, d, h, prototypes.element_size(), features.device, z_fp32_to_fp16=mixed)
+    cfg = launch or _default_launch(features, prototypes, input_precision)
     b = _vector(b, h, k, "b")
     bias = _vector(bias, h, k, "bias")
     labels = torch.empty((h, n), dtype=torch.int64, device=features.device)

@@ -69,6 +69,7 @@ class DenseLaunch:
     one_chunk: bool
     num_warps: int
     n_programs: int
+    vector_loads: bool = True  # 16-byte loads along K where K and the strides allow (``vector_width``)
 
     def row_tiles(self, n: int) -> int:
         return -(-n // self.block_n)
@@ -84,6 +85,7 @@ def dense_launch(
     block_k: int | None = None,
     num_warps: int | None = None,
     n_programs: int | None = None,
+    vector_loads: bool = True,
 ) -> DenseLaunch:
     """Tile sizes and grid for scores of shape (h, n, k) on ``device``; keyword overrides for tests.
 
@@ -108,4 +110,4 @@ def dense_launch(
         by_rows = -(-n // MIN_ROWS_PER_PROGRAM)
         n_programs = min(by_device, by_rows)
     n_programs = max(1, min(n_programs, n_tiles))
-    return DenseLaunch(block_n, block_k, one_chunk, num_warps, n_programs)
+    return DenseLaunch(block_n, block_k, one_chunk, num_warps, n_programs, vector_loads)

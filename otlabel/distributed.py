@@ -174,7 +174,8 @@ def sinkhorn_assign_sharded(
             ``bias``; the scores ``Z_r C^T + bias`` are never stored (features mode, :mod:`otlabel.features`).
             CUDA tensors run the features kernel; anything else (a CPU tensor, a NumPy array or memmap, a ``.npy``
             path) is streamed in chunks through this rank's device (the CPU with Gloo, the current CUDA device with
-            NCCL) within ``memory_budget`` bytes, as in :func:`otlabel.sinkhorn_assign_stream`.
+            NCCL) within ``memory_budget`` bytes, as in :func:`otlabel.sinkhorn_assign_stream`. Streamed features
+            are checked for NaN/inf before the first collective: one extra read of this rank's features.
         group: the ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD`` under
             ``torchrun``). ``None`` (or a group of one process) solves this rank's samples alone, with no
             collectives.

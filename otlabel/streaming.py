@@ -200,15 +200,21 @@ class HostStream:
             if released is not None:
                 self.copy_stream.wait_event(released)  # the consumer of this buffer's previous chunk has run
             self.buffers[slot][:, :t].copy_(src, non_blocking=True)
+            self.buffers[slot].record_stream(self.copy_stream)  # freed buffers wait for this copy, too
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         self.copied[slot] = done
         return done
 
     def close(self) -> None:
-        """Wait for a prefetch in flight (the stream stays usable: a later pass restarts it)."""
+        """Wait for a prefetch in flight (the stream stays usable: a later pass restarts it).
+
+        The prefetch's copy may still be running on the side stream when its launch returns: the device's current
+        stream is made to wait for it, so nothing enqueued later (a free, a reuse of the memory) can overtake it.
+        """
         if self.staged:
             self._drain()
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
 
 
 class HostSource(ScoreSource):

@@ -25,6 +25,7 @@ from otlabel.kernels.sinkhorn_dense import (  # noqa: E402  (after the importors
     dense_assign,
     dense_cluster_lse,
     dense_transport_score,
+    vector_width,
 )
 from otlabel.kernels.utils import dense_launch  # noqa: E402
 
@@ -398,3 +399,40 @@ def test_gpu_default_launch_and_cuda_graph(dtype):
     assert_close(out, expected, 1e-4, 1e-5, f"cluster_lse gpu graph {dtype}")
     labels, _ = op.assign(b, want_codes=False)
     assert_labels(labels, ref_logits(s, b, 20.0), f"labels gpu {dtype}")
+
+
+def test_vector_width_only_where_k_and_strides_allow():
+    """16-byte accesses along K need K and the row and head strides to be multiples of the width."""
+    launch = dense_launch(8, 3000, 1, "cpu")
+
+    def width(shape, dtype=torch.bfloat16, view=lambda s: s):
+        return vector_width(view(torch.zeros(shape, dtype=dtype)), launch)
+
+    assert width((1, 8, 3000)) == 8  # bf16: 8 x 2 bytes
+    assert width((1, 8, 1000), torch.float32) == 4  # fp32: 4 x 4 bytes
+    assert width((1, 8, 1002)) == 2  # K = 2 mod 4
+    assert width((1, 8, 45)) == 1
+    assert width((1, 3000, 8), view=lambda s: s.transpose(1, 2)) == 1  # K is the strided axis
+    assert width((1, 8, 3004), view=lambda s: s[:, :, :3000]) == 4  # rows 3004 apart: 4 divides both
+    assert width((3, 5, 8), view=lambda s: s[:, :, :8]) == 8  # head stride 40: a multiple of 8
+    assert width((3, 1, 12), view=lambda s: s[:, :, :8]) == 4  # one row, head stride 12
+    assert width((1, 1, 8), view=lambda s: s) == 8
+    off = dense_launch(8, 3000, 1, "cpu", vector_loads=False)
+    assert vector_width(torch.zeros(1, 8, 3000, dtype=torch.bfloat16), off) == 1
+
+
+@pytest.mark.parametrize("k", [8, 24, 40])
+def test_vector_loads_on_and_off_agree(k):
+    """The VEC hint only tells the compiler what is true: both launches give the same bits."""
+    s = _scores(2, 21, k, torch.bfloat16)
+    log_c = torch.full((21,), -math.log(21), device=DEVICE)
+    b = _potentials(2, k)
+    out = []
+    for vector_loads in (True, False):
+        launch = dense_launch(21, k, 2, s.device, vector_loads=vector_loads)
+        assert vector_width(s, launch) == (8 if vector_loads else 1)
+        lse = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=DenseWorkspace.for_scores(s, launch))
+        labels, codes = dense_assign(s, b, INV_EPS, True, launch=launch)
+        out.append((lse, labels, codes, dense_transport_score(s, b, log_c, INV_EPS, launch=launch)))
+    for on, off in zip(*out, strict=True):
+        assert torch.equal(on, off)

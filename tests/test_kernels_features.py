@@ -418,7 +418,7 @@ def test_gpu_default_launch_and_cuda_graph(dtype, precision, k, d):
     tol = TOLERANCES[dtype, precision]
     z, c, bias = _inputs(h, n, k, d, dtype, seed=21)
     w = torch.full((n,), 1.0 / n, device="cuda")
-    op = TritonFeaturesOperator(z, c, bias, 1 / INV_EPS, w, allow_tf32=precision != "ieee")
+    op = TritonFeaturesOperator(z, c, bias, 1 / INV_EPS, w, input_precision=precision)  # "fp16" too
     b = _potentials(h, k)
     s = _scores64(z, c, bias)
     expected = ref_cluster_lse(s, b, w.log(), INV_EPS)
@@ -435,3 +435,19 @@ def test_gpu_default_launch_and_cuda_graph(dtype, precision, k, d):
     agree = (labels.cpu() == logits.argmax(-1)).double().mean().item()
     assert agree > (0.999 if precision == "ieee" or dtype != torch.float32 else 0.99), f"labels agree {agree}"
     assert_close(codes, torch.softmax(logits, -1), *tol["codes"], f"codes gpu {dtype} {precision}")
+
+
+def test_exact_fp32_launch_streams_d(monkeypatch):
+    """GPU launch heuristic: exact fp32 products ("ieee", "tf32x3") take D in chunks of 32 (whole D = 128 spills
+    registers on sm_90); tf32, fp16 and bf16 keep D whole; a D of 32 or less stays whole."""
+    from otlabel.kernels import sinkhorn_features as kf
+
+    monkeypatch.setattr(kf, "interpreting", lambda: False)  # the GPU heuristic, not the interpreter's tiles
+    launch = lambda d, item, precision: kf.features_launch(  # noqa: E731
+        4096, 3000, d, 1, item, "cpu", n_programs=8, precision=precision
+    )
+    assert launch(128, 4, "ieee").block_d == 32 and not launch(128, 4, "ieee").one_d(128)
+    assert launch(128, 4, "tf32x3").block_d == 32
+    assert launch(128, 4, "tf32").block_d == 128
+    assert launch(128, 2, "ieee").block_d == 128  # bf16/fp16: native tensor cores whatever the flag
+    assert launch(24, 4, "ieee").block_d == 32 and launch(24, 4, "ieee").one_d(24)

@@ -9,6 +9,7 @@ how CI checks them). Triton is imported lazily: ``import otlabel`` never needs i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -35,6 +36,19 @@ def triton_available(tensor: torch.Tensor) -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True
     return tensor.is_cuda
+
+
+def on_own_device(method):
+    """Run an operator method with its tensors' CUDA device current: Triton launches on the current device, which
+    need not be the one the tensors live on (``cuda:1`` data while ``cuda:0`` is current)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        context = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with context:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class TritonDenseOperator(ScoreOperator):
@@ -75,12 +89,15 @@ class TritonDenseOperator(ScoreOperator):
         self.device = scores.device
         self._workspace = sinkhorn_dense.DenseWorkspace.for_scores(scores)
 
+    @on_own_device
     def cluster_lse(self, b: torch.Tensor | None) -> torch.Tensor:
         return self._kernels.dense_cluster_lse(self.scores, b, self.log_c, self.inv_eps, workspace=self._workspace)
 
+    @on_own_device
     def assign(self, b: torch.Tensor, want_codes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._kernels.dense_assign(self.scores, b, self.inv_eps, want_codes, launch=self._workspace.launch)
 
+    @on_own_device
     def transport_score(self, b: torch.Tensor) -> torch.Tensor:
         return self._kernels.dense_transport_score(
             self.scores, b, self.log_c, self.inv_eps, launch=self._workspace.launch
@@ -176,20 +193,25 @@ class TritonFeaturesOperator(ScoreOperator):
         self.log_c = sample_weights.to(device=features.device, dtype=torch.float32).log().contiguous()  # (N,)
         self.n_heads, self.n_samples, self.n_clusters = h, n, k
         self.device = features.device
-        self._workspace = sinkhorn_features.FeaturesWorkspace.for_inputs(features, prototypes, launch)
+        self._workspace = sinkhorn_features.FeaturesWorkspace.for_inputs(
+            features, prototypes, launch, precision=self.input_precision
+        )
 
+    @on_own_device
     def cluster_lse(self, b: torch.Tensor | None) -> torch.Tensor:
         return self._kernels.features_cluster_lse(
             self.features, self.prototypes, self._bias2, b, self.log_c, self.inv_eps,
             input_precision=self.input_precision, scales=self.scales, workspace=self._workspace,
         )  # fmt: skip
 
+    @on_own_device
     def assign(self, b: torch.Tensor, want_codes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._kernels.features_assign(
             self.features, self.prototypes, self.bias, b, self.inv_eps, want_codes,
             input_precision=self.input_precision, scales=self.scales, launch=self._workspace.launch,
         )  # fmt: skip
 
+    @on_own_device
     def transport_score(self, b: torch.Tensor) -> torch.Tensor:
         return self._kernels.features_transport_score(
             self.features, self.prototypes, self.bias, b, self.log_c, self.inv_eps,
