@@ -423,98 +423,6 @@ def tile_sweep(rows: list, rates: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# offline compilation (no GPU needed)
-# --------------------------------------------------------------------------------------------------
-
-SM90_SHARED_LIMIT = 232448  # bytes of shared memory one program may use on sm_90 (227 KB)
-
-
-def compile_sm90(dtypes=("bf16", "fp32", "fp32>fp16"), d: int = D) -> bool:
-    """Compile the features kernels with their default GPU launch for sm_90 (an H100) without a GPU.
-
-    Uses Triton's code generator and the ``ptxas``/``cuobjdump`` shipped in its wheel, with the specialisation the
-    JIT applies to contiguous inputs (unit inner strides, 16-divisible pointers and sizes). Prints registers, spill
-    bytes and shared memory per kernel; returns False if a kernel fails to compile, spills or overflows shared
-    memory. This catches what the interpreter cannot (layouts, register and shared-memory budgets). ``fp32>fp16``:
-    fp32 features with the fp16 prototypes of ``input_precision="fp16"``.
-    """
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from otlabel.kernels import sinkhorn_features as kf
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    target = GPUTarget("cuda", 90, 32)
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    ok = True
-    for dt in dtypes:
-        z_dt, c_dt = dt.split(">") if ">" in dt else (dt, dt)
-        item = 2 if c_dt != "fp32" else 4
-        launch = kf.features_launch(
-            2**20, 3000, d, 1, item, torch.device("cuda"), n_programs=264, z_fp32_to_fp16=z_dt != c_dt
-        )
-        common = dict(ONE_D=launch.one_d(d), PRECISION="tf32", UPCAST=False, Z_F16=z_dt != c_dt,
-                      BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, BLOCK_D=launch.block_d, stride_zd=1,
-                      stride_cd=1)  # fmt: skip
-        kernels = {
-            "partials": (kf._features_partials_kernel, dict(HAS_B=True, HAS_BIAS=True, **common)),
-            "readout": (kf._features_readout_kernel, dict(HAS_BIAS=True, WANT_CODES=True, WANT_SCORE=False, **common)),
-        }
-        for name, (fn, constexprs) in kernels.items():
-            signature = {}
-            for arg in fn.arg_names:
-                if arg in constexprs:
-                    signature[arg] = "constexpr"
-                elif arg in ("Z", "C"):
-                    signature[arg] = f"*{z_dt if arg == 'Z' else c_dt}"
-                elif arg == "LABELS":
-                    signature[arg] = "*i64"
-                elif arg in ("scale2", "inv_eps", "z_scale", "dot_scale"):
-                    signature[arg] = "fp32"
-                elif arg in ("N", "K", "D", "P") or arg.startswith("stride"):
-                    signature[arg] = "i32"
-                else:
-                    signature[arg] = "*fp32"
-            aligned = [a for a, t in signature.items() if t.startswith("*")] + [
-                "N",
-                "D",
-                "stride_zn",
-                "stride_ch",
-                "stride_ck",
-            ]
-            attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-            what = (f"{name} {dt} D={d} {launch.block_n}x{launch.block_k}x{launch.block_d} "
-                    f"w{launch.num_warps} s{launch.num_stages}")  # fmt: skip
-            try:
-                src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-                kernel = triton.compile(
-                    src, target=target, options={"num_warps": launch.num_warps, "num_stages": launch.num_stages}
-                )
-            except Exception as exc:  # a compile error is the finding
-                print(f"sm_90 {what}: FAILED to compile: {exc}"[:500])
-                ok = False
-                continue
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(kernel.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
-            regs = int(re.search(r"REG:(\d+)", usage).group(1))
-            spill = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
-            shared = kernel.metadata.shared
-            per_sm = min(65536 // (regs * 32 * launch.num_warps), SM90_SHARED_LIMIT // max(shared, 1))
-            good = spill == 0 and shared <= SM90_SHARED_LIMIT
-            ok &= good
-            print(f"sm_90 {what}: {regs} registers, {spill} B spilled, {shared / 1024:.0f} KB shared, "
-                  f"{per_sm} program(s)/SM, {len(re.findall(r'wgmma.mma_async', kernel.asm['ptx']))} wgmma, "
-                  f"{len(re.findall(r'cp.async.cg', kernel.asm['ptx']))} cp.async "
-                  f"{'ok' if good else 'BAD'}")  # fmt: skip
-    return ok
-
-
-# --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
 
@@ -560,16 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the tile sweep")
     parser.add_argument("--no-flash", action="store_true", help="skip flash-sinkhorn even if installed")
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: test the script")
-    parser.add_argument("--compile-sm90", action="store_true",
-                        help="no GPU needed: compile for sm_90, print registers and shared memory")  # fmt: skip
     args = parser.parse_args(argv)
     global DEVICE
-    if args.compile_sm90:
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            sys.exit("--compile-sm90 compiles real kernels: unset TRITON_INTERPRET")
-        _gpu_dense()._import_otlabel()
-        ok = compile_sm90() & compile_sm90(("bf16",), d=512)
-        return 0 if ok else 1
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1")
