@@ -28,6 +28,7 @@ Gloo (CPU tensors) and NCCL (CUDA tensors) both work; NCCL collectives run on th
 
 from __future__ import annotations
 
+import hashlib
 import math
 import types
 import warnings
@@ -52,7 +53,15 @@ from .solver import (
     run_sinkhorn,
     warn_if_not_converged,
 )
-from .streaming import FeatureSource, StreamingOperator, check_columns, check_finite_rows, check_rows, chunk_bytes
+from .streaming import (
+    FeatureSource,
+    StreamingOperator,
+    check_columns,
+    check_finite_rows,
+    check_rows,
+    chunk_bytes,
+    open_host_array,
+)
 
 __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
 
@@ -224,7 +233,8 @@ def sinkhorn_assign_sharded(
 
 def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, init, acceleration, callback, warn):
     """The collective part: agree on the problem (or fail together), then iterate on the global problem."""
-    metas = comm.all_gather(torch.tensor([0.0 if failure is None else 1.0] + (meta or [math.nan] * 13)), "checks")
+    payload = meta if failure is None else [math.nan] * 13  # a fixed length on every rank, whatever failed
+    metas = comm.all_gather(torch.tensor([0.0 if failure is None else 1.0] + payload), "checks")
     bad = [i for i in range(comm.world) if metas[i, 0] != 0]
     if bad:
         if failure is not None:
@@ -239,14 +249,25 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
             f"sample_weights must sum to 1 over all ranks, got a sum of {float(metas[:, 11].sum()):.6g}. Pass each "
             "rank its slice of one global weight vector (w / w.sum() for counts)."
         )
-    problem = shard.problem(epsilon, c_local)
-    operator = shard.operator(epsilon, c_local)
-    init = check_init(init, problem, operator.dtype)
     h, k, r = shard.h, shard.k, shard.r
-    agreed = [r.double().cpu(), shard.fingerprint()]
-    if init is not None:
-        agreed.append(init.double().flatten().cpu())
-    shared = comm.all_gather(torch.cat([shard.column_max().flatten(), *agreed]), "column maxima and cluster weights")
+    size = 1 + h * k + k + FINGERPRINT_SIZE + (h * k if init is not None else 0)  # the same on every rank
+    try:  # building the operator may still fail on one rank (e.g. out of memory): tell the others, do not leave them
+        problem = shard.problem(epsilon, c_local)
+        operator = shard.operator(epsilon, c_local)
+        init = check_init(init, problem, operator.dtype)
+        agreed = [r.double().cpu(), shard.fingerprint()] + ([] if init is None else [init.double().flatten().cpu()])
+        local = torch.cat([torch.zeros(1, dtype=torch.float64), shard.column_max().flatten(), *agreed])
+        failure = None
+    except (ValueError, TypeError, RuntimeError) as err:
+        failure, local = err, torch.full((size,), math.nan, dtype=torch.float64)
+        local[0] = 1.0
+    shared = comm.all_gather(local, "column maxima and cluster weights")
+    bad = [i for i in range(comm.world) if shared[i, 0] != 0]
+    if bad:
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"sinkhorn_assign_sharded: rank(s) {bad} failed to set up (see the error on those ranks).")
+    shared = shared[:, 1:]
     if not bool((shared[:, h * k :] == shared[:1, h * k :]).all()):
         raise ValueError(
             "cluster_weights, init, prototypes or bias differ between ranks: every rank must pass the same (K,) "
@@ -284,7 +305,9 @@ class DenseShard:
         return self.scores.amax(dim=1).double().cpu()  # (H, K)
 
     def fingerprint(self) -> torch.Tensor:
-        return torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)
+        return self.inputs_fingerprint
+
+    inputs_fingerprint = torch.zeros(4, dtype=torch.float64)  # scores: nothing beyond them to agree on
 
     def close(self) -> None:
         pass
@@ -311,19 +334,19 @@ class FeatureShard:
         if self.kernel:
             self.z = z
             self.c3, self.bias, self.r, self.batched = kernel_inputs(z, prototypes, bias, cluster_weights)
-            self.prototypes = self.c3
         else:
-            device = device if z is None else z.device  # host data streams through this rank's device
+            device = z.device if z is not None and z.is_cuda else device  # host data: through this rank's device
             self.source = FeatureSource(features, prototypes, bias, device,
                                         memory_budget=chunk_bytes(memory_budget, device))  # fmt: skip
             self.z = self.source.stream.host[0]  # (N, D) on the host (or the device), streamed
             check_finite_rows(self.z, "features")
-            self.batched, self.prototypes = self.source.batched, self.source.proto_t.transpose(1, 2)  # (H, K, D)
+            self.batched = self.source.batched
             self.r = check_weights(cluster_weights, self.source.n_clusters, "cluster_weights", "number of clusters K",
                                    self.source.device)  # fmt: skip
             self.bias = None if self.source.bias is None else self.source.bias[:, 0]  # (H, K)
             check_bias(self.bias, self.r)
         self.h, self.k = self.c3.shape[:2] if self.kernel else (self.source.n_heads, self.source.n_clusters)
+        self.inputs_fingerprint = inputs_fingerprint(prototypes, bias, self.h, self.k)
         self.n, self.device = self.z.shape[0], self.r.device
         self.dtype_code = DTYPE_CODES[self.z.dtype]
 
@@ -345,15 +368,7 @@ class FeatureShard:
         return torch.zeros(self.h * self.k, dtype=torch.float64)  # every weighted cluster is reachable (above)
 
     def fingerprint(self) -> torch.Tensor:
-        """A few sums that differ when two ranks hold different prototypes or bias (a full compare would move
-        H·K·D floats)."""
-        parts = [self.prototypes.double().flatten()]
-        if self.bias is not None:
-            bias = self.bias.double().flatten()
-            parts.append(torch.where(torch.isneginf(bias), -1e300, bias))  # -inf would make every sum -inf
-        x = torch.cat(parts)
-        ramp = torch.linspace(1.0, 2.0, x.numel(), dtype=torch.float64, device=x.device)
-        return torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum(), x.new_tensor(float(x.numel()))]).cpu()
+        return self.inputs_fingerprint
 
     def close(self) -> None:
         if self.source is not None:
@@ -361,6 +376,21 @@ class FeatureShard:
 
 
 FINGERPRINT_SIZE = 4
+
+
+def inputs_fingerprint(prototypes, bias, h: int, k: int) -> torch.Tensor:
+    """A digest of the prototypes and bias as the caller passed them (float64 bytes, bias expanded to (H, K)):
+    equal on two ranks exactly when their inputs are, whatever their thread counts, devices or backends. Four
+    48-bit pieces of a SHA-256, so they travel exactly in a float64 collective (a full compare would move H·K·D)."""
+    digest = hashlib.sha256()
+    c = open_host_array(prototypes, "prototypes").detach()
+    digest.update(c.to("cpu", torch.float64).reshape(h, k, -1).contiguous().numpy().tobytes())
+    if bias is not None:
+        b = open_host_array(bias, "bias").detach().to("cpu", torch.float64)
+        digest.update(b.expand(h, k).contiguous().numpy().tobytes())
+    raw = digest.digest()
+    return torch.tensor([float(int.from_bytes(raw[6 * i : 6 * i + 6], "little")) for i in range(FINGERPRINT_SIZE)],
+                        dtype=torch.float64)  # fmt: skip
 
 
 def open_shard(local_scores, features, prototypes, bias, cluster_weights, backend, comm, *, allow_tf32, memory_budget):
@@ -375,7 +405,9 @@ def open_shard(local_scores, features, prototypes, bias, cluster_weights, backen
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     if backend == "reference":
-        return DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.rank)
+        shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.rank)
+        shard.inputs_fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)
+        return shard
     return FeatureShard(features, prototypes, bias, cluster_weights, backend, comm.device, allow_tf32, memory_budget)
 
 

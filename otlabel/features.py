@@ -128,5 +128,10 @@ def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights):
         raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {z.shape[1]}, got {tuple(c.shape)}.")
     r = check_weights(cluster_weights, c3.shape[1], "cluster_weights", "number of clusters K", z.device)
     bias_t = None if bias is None else as_tensor(bias, "bias").to(device=z.device, dtype=torch.float32)
+    h, k = c3.shape[:2]
+    if bias_t is not None:
+        if bias_t.shape not in ((k,), (h, k)):
+            raise ValueError(f"bias must have shape ({k},) or ({h}, {k}), got {tuple(bias_t.shape)}.")
+        bias_t = bias_t.expand(h, k).contiguous()
     check_features(z, c3, bias_t, r)
     return c3, bias_t, r, batched

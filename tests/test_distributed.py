@@ -118,6 +118,29 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         features=z[lo:hi], prototypes=c, bias=bias, epsilon=EPS, group=group, backend="triton", **kw
     )
     check_slice("features through the kernel", kernel, ref, lo, hi, False)
+    # Equal prototypes must agree whatever each rank's thread count (a float sum would not: it splits by threads).
+    big = torch.nn.functional.normalize(torch.randn(1000, D, generator=torch.Generator().manual_seed(5)), dim=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(rank + 1)
+    try:
+        sinkhorn_assign_sharded(features=z[lo:hi], prototypes=big, epsilon=EPS, group=group, tol=None, max_iter=2)
+    finally:
+        torch.set_num_threads(threads)
+    # A rank that fails while building its operator (after the input checks): every rank raises, none waits.
+    from otlabel import distributed
+
+    build = distributed.FeatureShard.operator
+
+    def out_of_memory(self, *args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    distributed.FeatureShard.operator = out_of_memory if rank == 0 else build
+    try:
+        expected = "out of memory" if rank == 0 else "rank\\(s\\) \\[0\\] failed to set up"
+        with pytest.raises(RuntimeError, match=expected):
+            sinkhorn_assign_sharded(features=z[lo:hi], prototypes=c, epsilon=EPS, group=group, timeout=30)
+    finally:
+        distributed.FeatureShard.operator = build
     # Different prototypes on one rank, scores on one rank and features on the others, NaN features: all raise.
     nudged = c + (1e-3 if rank == world - 1 else 0.0)
     with pytest.raises(ValueError, match="prototypes or bias differ between ranks"):
@@ -266,3 +289,7 @@ def test_features_without_group_and_their_errors():
     assert not bool((closed_ok.labels == 0).any())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sinkhorn_assign_sharded(features="/nonexistent/features.npy", prototypes=c)
+    heads = torch.stack([c, c])
+    for run in (sinkhorn_assign, sinkhorn_assign_sharded):  # the kernel path checks the bias shape up front too
+        with pytest.raises(ValueError, match="bias must have shape"):
+            run(features=z, prototypes=heads, bias=bias[None], backend="triton", max_iter=2, tol=None)
