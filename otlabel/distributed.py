@@ -37,9 +37,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .backends import _triton_usable, make_operator, resolve_backend
+from .backends import make_operator, resolve_backend
 from .backends.base import ScoreOperator
-from .features import KERNEL_DTYPES, check_bias, dense_scores, kernel_inputs
+from .features import check_bias, dense_scores, kernel_inputs, uses_kernel
 from .problem import Problem, as_tensor, check_epsilon, check_scores, check_weights
 from .result import SinkhornResult
 from .solver import (
@@ -66,6 +66,8 @@ from .streaming import (
 __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds per collective: one iteration of the slowest rank must fit
+FINGERPRINT_SIZE = 4  # 48-bit pieces of a SHA-256 of the prototypes and bias (features mode)
+META_SIZE = 13  # numbers each rank sends in the first all-gather (see AGREEMENT)
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
@@ -233,7 +235,7 @@ def sinkhorn_assign_sharded(
 
 def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, init, acceleration, callback, warn):
     """The collective part: agree on the problem (or fail together), then iterate on the global problem."""
-    payload = meta if failure is None else [math.nan] * 13  # a fixed length on every rank, whatever failed
+    payload = meta if failure is None else [math.nan] * META_SIZE  # a fixed length on every rank, whatever failed
     metas = comm.all_gather(torch.tensor([0.0 if failure is None else 1.0] + payload), "checks")
     bad = [i for i in range(comm.world) if metas[i, 0] != 0]
     if bad:
@@ -255,7 +257,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
         problem = shard.problem(epsilon, c_local)
         operator = shard.operator(epsilon, c_local)
         init = check_init(init, problem, operator.dtype)
-        agreed = [r.double().cpu(), shard.fingerprint()] + ([] if init is None else [init.double().flatten().cpu()])
+        agreed = [r.double().cpu(), shard.fingerprint] + ([] if init is None else [init.double().flatten().cpu()])
         local = torch.cat([torch.zeros(1, dtype=torch.float64), shard.column_max().flatten(), *agreed])
         failure = None
     except (ValueError, TypeError, RuntimeError) as err:
@@ -288,6 +290,7 @@ class DenseShard:
 
     def __init__(self, local_scores, cluster_weights, backend: str, rank: int):
         self.scores, self.batched = check_scores(local_scores)
+        self.fingerprint = torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)  # scores: nothing more to agree on
         self.h, self.n, self.k = self.scores.shape
         self.device, self.dtype_code, self.backend = self.scores.device, DTYPE_CODES[self.scores.dtype], backend
         self.r = check_weights(cluster_weights, self.k, "cluster_weights", "number of clusters K (last dimension)",
@@ -304,11 +307,6 @@ class DenseShard:
     def column_max(self) -> torch.Tensor:
         return self.scores.amax(dim=1).double().cpu()  # (H, K)
 
-    def fingerprint(self) -> torch.Tensor:
-        return self.inputs_fingerprint
-
-    inputs_fingerprint = torch.zeros(4, dtype=torch.float64)  # scores: nothing beyond them to agree on
-
     def close(self) -> None:
         pass
 
@@ -324,12 +322,7 @@ class FeatureShard:
 
     def __init__(self, features, prototypes, bias, cluster_weights, backend, device, allow_tf32, memory_budget):
         z = features if isinstance(features, torch.Tensor) else None
-        use_kernel = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)
-        if backend == "triton" and not use_kernel:
-            raise RuntimeError("backend='triton' with features needs fp32/fp16/bf16 CUDA tensors and Triton.")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'triton'), got {backend!r}.")
-        self.kernel = backend == "triton" or (backend == "auto" and use_kernel and z.is_cuda)
+        self.kernel = uses_kernel(features, backend)
         self.allow_tf32, self.source = allow_tf32, None
         if self.kernel:
             self.z = z
@@ -346,7 +339,7 @@ class FeatureShard:
             self.bias = None if self.source.bias is None else self.source.bias[:, 0]  # (H, K)
             check_bias(self.bias, self.r)
         self.h, self.k = self.c3.shape[:2] if self.kernel else (self.source.n_heads, self.source.n_clusters)
-        self.inputs_fingerprint = inputs_fingerprint(prototypes, bias, self.h, self.k)
+        self.fingerprint = inputs_fingerprint(prototypes, bias, self.h, self.k)
         self.n, self.device = self.z.shape[0], self.r.device
         self.dtype_code = DTYPE_CODES[self.z.dtype]
 
@@ -367,15 +360,9 @@ class FeatureShard:
     def column_max(self) -> torch.Tensor:
         return torch.zeros(self.h * self.k, dtype=torch.float64)  # every weighted cluster is reachable (above)
 
-    def fingerprint(self) -> torch.Tensor:
-        return self.inputs_fingerprint
-
     def close(self) -> None:
         if self.source is not None:
             self.source.stream.close()
-
-
-FINGERPRINT_SIZE = 4
 
 
 def inputs_fingerprint(prototypes, bias, h: int, k: int) -> torch.Tensor:
@@ -406,7 +393,7 @@ def open_shard(local_scores, features, prototypes, bias, cluster_weights, backen
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     if backend == "reference":
         shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.rank)
-        shard.inputs_fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)
+        shard.fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)
         return shard
     return FeatureShard(features, prototypes, bias, cluster_weights, backend, comm.device, allow_tf32, memory_budget)
 

@@ -46,22 +46,29 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
 
         return sinkhorn_assign(dense_scores(features, prototypes, bias), epsilon, backend="reference", **solve)
     z = features if isinstance(features, torch.Tensor) else None
-    use_kernel = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)
-    if backend == "triton" and not use_kernel:
-        raise RuntimeError(
-            "backend='triton' with features needs fp32/fp16/bf16 CUDA tensors and Triton (or TRITON_INTERPRET=1). "
-            "Use backend='torch' for the chunked CPU path."
-        )
-    if backend == "triton" or (backend == "auto" and use_kernel and z.is_cuda):
+    if uses_kernel(features, backend):
         return solve_with_kernel(z, prototypes, bias, epsilon, allow_tf32=allow_tf32, **solve)
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'triton'), got {backend!r}.")
     from .streaming import sinkhorn_assign_stream
 
     device = z.device if z is not None else None
     return sinkhorn_assign_stream(
         features=features, prototypes=prototypes, bias=bias, epsilon=epsilon, device=device, **solve
     )
+
+
+def uses_kernel(features, backend: str) -> bool:
+    """Whether features go to the Triton features kernel (else the chunked stream); ``backend`` is "auto", "torch"
+    or "triton" ("reference" is handled by the caller). Raises for an unknown or unusable backend."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'triton'), got {backend!r}.")
+    z = features if isinstance(features, torch.Tensor) else None
+    usable = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)
+    if backend == "triton" and not usable:
+        raise RuntimeError(
+            "backend='triton' with features needs fp32/fp16/bf16 CUDA tensors and Triton (or TRITON_INTERPRET=1). "
+            "Use backend='torch' for the chunked CPU path."
+        )
+    return backend == "triton" or (backend == "auto" and usable and z.is_cuda)
 
 
 def dense_scores(features, prototypes, bias) -> torch.Tensor:
