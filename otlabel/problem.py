@@ -7,6 +7,7 @@ infeasible masks) are done once here, so backends and kernels may assume clean i
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,16 +37,30 @@ class Problem:
 
 
 def as_tensor(x, name: str) -> torch.Tensor:
-    """Accept a torch tensor or a NumPy array (no copy for NumPy); reject anything else clearly."""
+    """Accept a torch tensor, a NumPy array (no copy) or a (nested) list of numbers; reject anything else clearly.
+
+    Tensors are detached: an assignment is a target, not something to differentiate through, and a graph
+    recorded over hundreds of iterations would hold every intermediate in memory.
+    """
     if isinstance(x, torch.Tensor):
-        return x
+        return x.detach()
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x)
-    raise TypeError(f"{name} must be a torch.Tensor or a numpy.ndarray, got {type(x).__name__}.")
+    if isinstance(x, (list, tuple)):
+        try:
+            array = np.asarray(x)
+        except ValueError:
+            array = None  # ragged nesting
+        if array is not None and (array.dtype.kind in "iuf"):
+            return torch.from_numpy(array)
+        raise TypeError(f"{name} given as a list must be a rectangular list of numbers; convert it with np.asarray.")
+    raise TypeError(f"{name} must be a torch.Tensor, a numpy.ndarray or a list of numbers, got {type(x).__name__}.")
 
 
 def check_epsilon(epsilon) -> float:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+    if isinstance(epsilon, torch.Tensor) and epsilon.numel() == 1 and epsilon.dtype.is_floating_point:
+        epsilon = epsilon.item()  # a 0-d tensor, e.g. a scheduled temperature
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):  # numbers.Real: NumPy scalars too
         raise TypeError(f"epsilon must be a positive float, got {type(epsilon).__name__}.")
     epsilon = float(epsilon)
     if not math.isfinite(epsilon) or epsilon <= 0:

@@ -284,7 +284,7 @@ def check_init(init, problem, dtype) -> torch.Tensor | None:
             f"init must have shape ({k},) or ({h}, {k}) — one potential per cluster — got {tuple(init.shape)}. "
             "Pass the cluster_potentials of a previous call on a problem with the same clusters."
         )
-    init = init.to(device=problem.scores.device, dtype=dtype).expand(h, k)
+    init = init.detach().to(device=problem.scores.device, dtype=dtype).expand(h, k)
     empty = problem.cluster_weights == 0
     if torch.isnan(init).any() or torch.isposinf(init).any() or torch.isneginf(init[:, ~empty]).any():
         raise ValueError("init contains NaN or infinite potentials for clusters with positive weight.")
@@ -354,7 +354,7 @@ def sinkhorn_assign(
     Args:
         scores: ``(N, K)`` or batched ``(H, N, K)`` (H independent problems, e.g. SeLa's heads): torch tensor
             (any device) or NumPy array of float16/bfloat16/float32/float64; higher is better. ``-inf`` marks
-            a forbidden pair.
+            a forbidden pair. Detached: the result carries no autograd graph (pseudo-labels are targets).
         epsilon: temperature ``> 0`` in the units of the scores. Smaller is harder and slower to converge.
         features, prototypes, bias: instead of ``scores``, features ``Z`` (N, D) and prototypes ``C`` (K, D) (or
             (H, K, D) for H heads), optionally a per-cluster ``bias`` (K,)/(H, K): the scores ``Z C^T + bias`` are

@@ -115,7 +115,7 @@ def open_host_array(x, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}.")
-        return x
+        return x.detach()  # a target, not differentiated through (see problem.as_tensor)
     raise TypeError(f"{name} must be a .npy path, a numpy array or a torch tensor, got {type(x).__name__}.")
 
 

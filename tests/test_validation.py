@@ -1,5 +1,7 @@
 """Bad input gets a specific exception whose message says what is wrong; extreme but valid input works."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,10 @@ BAD_INPUTS = [
     ("empty N", dict(scores=torch.randn(0, 4)), ValueError, ["empty"]),
     ("empty K", dict(scores=torch.randn(5, 0)), ValueError, ["empty"]),
     ("integer scores", dict(scores=torch.ones(5, 3, dtype=torch.int64)), TypeError, ["floating-point", ".float()"]),
-    ("a list", dict(scores=[[1.0, 2.0]]), TypeError, ["torch.Tensor", "list"]),
+    ("a ragged list", dict(scores=[[1.0, 2.0], [3.0]]), TypeError, ["rectangular", "np.asarray"]),
+    ("a list of strings", dict(scores=[["a", "b"]]), TypeError, ["list of numbers"]),
+    ("a dict", dict(scores={"a": 1.0}), TypeError, ["torch.Tensor", "dict"]),
+    ("eps vector", dict(epsilon=torch.tensor([0.1, 0.2])), TypeError, ["epsilon"]),
     ("eps = 0", dict(epsilon=0.0), ValueError, ["epsilon", "> 0"]),
     ("eps < 0", dict(epsilon=-0.1), ValueError, ["epsilon"]),
     ("eps NaN", dict(epsilon=float("nan")), ValueError, ["epsilon", "finite"]),
@@ -118,3 +123,28 @@ def test_extreme_but_valid(scores, eps):
     assert res.converged and torch.isfinite(res.codes).all() and torch.isfinite(res.cluster_potentials).all()
     n, k = scores.shape
     assert np.allclose(res.plan.sum(0).numpy(), 1.0 / k, atol=2e-4)
+
+
+def test_scores_that_require_grad_give_a_result_without_a_graph():
+    """A pseudo-label is a target: no autograd graph over the iterations (it would hold every intermediate), no
+    'converting a tensor that requires grad' warning, and the same answer as on the detached scores."""
+    s = S.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = sinkhorn_assign(s, 0.1, init=torch.zeros(4, requires_grad=True))
+        codes = res.codes
+    assert not codes.requires_grad and not res.cluster_potentials.requires_grad and not res.plan.requires_grad
+    plain = sinkhorn_assign(S, 0.1, init=torch.zeros(4))
+    assert torch.equal(res.labels, plain.labels) and torch.equal(codes, plain.codes)
+
+
+def test_lists_and_scalar_types_are_accepted():
+    """Lists of numbers for scores and weights, NumPy scalars and 0-d tensors for epsilon: the same as floats."""
+    weights = [0.1, 0.2, 0.3, 0.4]
+    want = sinkhorn_assign(S.double(), 0.1, cluster_weights=torch.tensor(weights, dtype=torch.float64))
+    uniform = (np.ones(10) / 10).tolist()
+    for eps in (np.float32(0.1), np.float64(0.1), torch.tensor(0.1, dtype=torch.float64), 0.1):
+        got = sinkhorn_assign(S.double().tolist(), eps, cluster_weights=weights, sample_weights=uniform)
+        assert torch.equal(got.labels, want.labels)
+        atol = 1e-6 if isinstance(eps, np.float32) else 0.0  # float32(0.1) is not 0.1
+        assert torch.allclose(got.cluster_potentials, want.cluster_potentials, rtol=0, atol=atol)
