@@ -240,7 +240,14 @@ def time_iteration(op_cls, n: int, k: int, dtype: torch.dtype, rows: list, copy_
 
 
 def time_swav_batch(op_cls, rows: list) -> None:
-    """Whole call, N = 4096, K = 3000, 3 iterations, labels + codes; eager and CUDA graph, inputs rotated."""
+    """Whole call, N = 4096, K = 3000, 3 iterations, labels + codes; eager and CUDA graph, inputs rotated.
+
+    "sinkhorn_assign" is what a user runs (input validation, the loop, labels, codes): the issue-3 latency target
+    is judged on it. "otlabel" is the operator loop alone (no validation) and "+graph" its CUDA-graph replay: they
+    show what the validation costs and what a captured solve could reach.
+    """
+    import otlabel
+
     n, k, iters, copies = (64, 30, 3, 2) if _dry() else (4096, 3000, 3, 4)
     inputs = [_scores(n, k, torch.float32, seed=i) for i in range(copies)]
     c = torch.full((n,), 1.0 / n, device=DEVICE)
@@ -278,7 +285,12 @@ def time_swav_batch(op_cls, rows: list) -> None:
         op = op_cls(s[None], EPS, c)  # workspace allocated once, outside the graph
         return lambda: otlabel_call(s, op)
 
+    def user_call(s):
+        res = otlabel.sinkhorn_assign(s, EPS, max_iter=iters, tol=None, backend="triton")
+        return res.labels, res.codes
+
     candidates = {
+        "sinkhorn_assign": rotate([lambda s=s: user_call(s) for s in inputs]),
         "otlabel": rotate([lambda s=s: otlabel_call(s) for s in inputs]),
         "swav": rotate([lambda s=s: swav_call(s, EPS, iters) for s in inputs]),
     }
@@ -399,6 +411,11 @@ def markdown_table(rows: list, device: str) -> str:
             "|---|---|",
         ]
         out += [f"| {r['method']} | {1e3 * r['median_ms']:.1f} |" for r in batch]
+        us = {r["method"]: r["median_ms"] for r in batch}
+        if "sinkhorn_assign" in us and "swav" in us:
+            ratio = us["sinkhorn_assign"] / us["swav"]
+            verdict = "met" if ratio <= 0.5 else "NOT met"
+            out.append(f"| sinkhorn_assign / swav (eager), target <= 0.5 | {ratio:.2f} ({verdict}) |")
     return "\n".join(out)
 
 

@@ -93,13 +93,26 @@ def check_scores(scores) -> tuple[torch.Tensor, bool]:
     return (scores if batched else scores.unsqueeze(0)), batched
 
 
-def check_score_values(scores: torch.Tensor, cluster_weights: torch.Tensor) -> None:
+def check_score_values(scores: torch.Tensor, cluster_weights: torch.Tensor, may_have_zeros: bool = True) -> None:
     """NaN, +inf, and masks (-inf) that leave a sample or a weighted cluster with nowhere to go.
 
     Two max-reductions do all the work (a max propagates NaN and +inf, and is -inf only where a whole
-    row or column is masked); the slow search for where the problem is runs only on failure.
+    row or column is masked) and their verdicts come back to the host together: one device synchronisation
+    (two with ``may_have_zeros``, for user-given weights that may have zero entries). The slow search for
+    where the problem is runs only on failure.
     """
     row_max = scores.amax(dim=2)  # (H, N)
+    col_max = scores.amax(dim=1)  # (H, K)
+    positive = cluster_weights > 0
+    verdicts = [~torch.isfinite(row_max).all(), (torch.isneginf(col_max) & positive).any()]
+    if may_have_zeros and bool((~positive).any()):  # a sample allowed only in zero-weight clusters is stranded
+        verdicts.append(torch.isneginf(scores[:, :, positive].amax(dim=2)).any())
+    if any(torch.stack(verdicts).tolist()):
+        raise_for_bad_values(scores, cluster_weights, row_max, col_max)
+
+
+def raise_for_bad_values(scores, cluster_weights, row_max, col_max) -> None:
+    """Find the first bad entry or mask and raise the error that names it (the failure path: may be slow)."""
     if not bool(torch.isfinite(row_max).all()):
         if torch.isnan(row_max).any():
             idx = _first_index(torch.isnan(scores))
@@ -117,7 +130,7 @@ def check_score_values(scores: torch.Tensor, cluster_weights: torch.Tensor) -> N
             f"infeasible mask: sample {j} (head {h}) has every score -inf, so it cannot go to any cluster. "
             "Allow at least one cluster per sample, or drop the sample."
         )
-    if bool((cluster_weights == 0).any()):  # a sample allowed only in zero-weight clusters has nowhere to go
+    if bool((cluster_weights == 0).any()):
         stranded = torch.isneginf(scores[:, :, cluster_weights > 0].amax(dim=2))  # (H, N)
         if bool(stranded.any()):
             h, j = _first_index(stranded)
@@ -125,7 +138,6 @@ def check_score_values(scores: torch.Tensor, cluster_weights: torch.Tensor) -> N
                 f"infeasible mask: sample {j} (head {h}) is allowed only in clusters of weight 0. "
                 "Allow it in a cluster with positive weight, or drop the sample."
             )
-    col_max = scores.amax(dim=1)  # (H, K)
     starved = torch.isneginf(col_max) & (cluster_weights > 0)
     if bool(starved.any()):
         h, k = _first_index(starved)
@@ -146,18 +158,18 @@ def check_weights(weights, size: int, name: str, other: str, device: torch.devic
         raise ValueError(
             f"{name} must have shape ({size},) to match the {other} of scores, got {tuple(weights.shape)}."
         )
-    weights = weights.to(device=device, dtype=torch.float64)
-    if not bool(torch.isfinite(weights).all()):
+    host = weights.to(device="cpu", dtype=torch.float64)  # checked on the host: one transfer, not one sync per check
+    if not bool(torch.isfinite(host).all()):
         raise ValueError(f"{name} contain NaN or inf; they must be finite proportions.")
-    if bool((weights < 0).any()):
-        k = int(torch.nonzero(weights < 0)[0])
-        raise ValueError(f"{name} must be non-negative, but entry {k} is {float(weights[k]):.6g}.")
-    total = float(weights.sum())
+    if bool((host < 0).any()):
+        k = int(torch.nonzero(host < 0)[0])
+        raise ValueError(f"{name} must be non-negative, but entry {k} is {float(host[k]):.6g}.")
+    total = float(host.sum())
     if abs(total - 1.0) > WEIGHT_SUM_RTOL:
         raise ValueError(
             f"{name} must sum to 1, got a sum of {total:.6g}. Pass proportions, e.g. w / w.sum() for counts."
         )
-    return weights
+    return weights.to(device=device, dtype=torch.float64)
 
 
 def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Problem:
@@ -168,7 +180,7 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Prob
     device = scores3.device
     r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K (last dimension)", device)
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device)
-    check_score_values(scores3, r)
+    check_score_values(scores3, r, may_have_zeros=cluster_weights is not None)
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched)
 
 

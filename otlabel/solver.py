@@ -87,11 +87,10 @@ def run_sinkhorn(
         err = marginal_error(b, b_new, r, empty)  # (H,) — inf on the cold start
         errors.append(err)
         reads_error = tol is not None or callback is not None or mixer is not None
-        worst = float(err.max()) if reads_error else None  # the one device sync of an iteration, if any
+        worst = read_error(err, b_new, empty) if reads_error else None  # the one device sync of an iteration
         if callback is not None:
             callback(len(errors), worst)
         if tol is not None:
-            check_finite(b_new, empty)
             if worst < tol:
                 converged = True  # keep b: its error is the one just measured
                 break
@@ -106,9 +105,24 @@ def run_sinkhorn(
         b = centred(b, empty)
         if mixed:
             b = operator.agree(b)  # sharded: every rank takes rank 0's (its solves may round differently)
-    check_finite(b, empty)
-    history = torch.stack(errors).amax(dim=1).tolist() if errors else []
+    history = read_history(errors, b, empty)
     return LoopOutput(potentials=b, n_iter=len(errors), errors=history, converged=converged)
+
+
+def read_error(err, b_new, empty) -> float:
+    """The worst head's error, read together with a finiteness check of ``b_new``: one device sync."""
+    worst, finite = torch.stack([err.max(), potentials_finite(b_new, empty).double()]).tolist()
+    if not finite:
+        raise_non_finite()
+    return worst
+
+
+def read_history(errors: list[torch.Tensor], b, empty) -> list[float]:
+    """Every iteration's worst error, read at the end with a finiteness check of ``b``: one device sync."""
+    values = torch.cat([torch.stack(errors).amax(dim=1), potentials_finite(b, empty).double()[None]]).tolist()
+    if not values[-1]:
+        raise_non_finite()
+    return values[:-1]
 
 
 def epsilon_stages(problem, epsilon_scaling: float) -> list[float]:
@@ -218,10 +232,12 @@ class AndersonMixer:
         gram = d_g.transpose(1, 2) @ d_g  # (H, m, m)
         ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] + 1e-300  # keeps it invertible
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        gamma = torch.linalg.solve(gram + ridge * eye, d_g.transpose(1, 2) @ self.residuals[-1][..., None])
+        # solve_ex: linalg.solve would read its error flag back from the device (a sync); the check below reads it
+        # together with the finiteness of the result instead.
+        gamma, info = torch.linalg.solve_ex(gram + ridge * eye, d_g.transpose(1, 2) @ self.residuals[-1][..., None])
         plain = x + self.residuals[-1]
         extrapolation = -((d_x + d_g) @ gamma)[..., 0]  # how far the mixing moves beyond the plain step
-        if not bool(torch.isfinite(extrapolation).all()):  # a degenerate history: plain step, start again
+        if not bool(torch.isfinite(extrapolation).all() & (info == 0).all()):  # degenerate: plain step, start again
             self.iterates, self.residuals = [], []
             return b_new
         # Early on the residual barely changes from one step to the next, the least-squares weights blow up and
@@ -252,8 +268,10 @@ def omega_for_rate(errors: list[float]) -> float:
 
 
 def centred(b, empty) -> torch.Tensor:
-    """``b`` minus its mean over the clusters with weight (per head): the same plan, smaller numbers."""
-    mean = torch.where(empty, 0.0, b).sum(dim=-1, keepdim=True) / max(1, int((~empty).sum()))
+    """``b`` minus its mean over the clusters with weight (per head): the same plan, smaller numbers.
+
+    The count stays a tensor: reading it as an int would synchronise the device every iteration."""
+    mean = torch.where(empty, 0.0, b).sum(dim=-1, keepdim=True) / (~empty).sum().clamp(min=1)
     return b - mean
 
 
@@ -262,12 +280,16 @@ def relax(b, b_new, omega: float, empty) -> torch.Tensor:
     return torch.where(empty, float("-inf"), b + omega * (b_new - b))
 
 
-def check_finite(b, empty) -> None:
-    if b is not None and not bool(torch.isfinite(b[:, ~empty]).all()):
-        raise ValueError(
-            "Sinkhorn potentials became non-finite: the masked problem has no feasible balanced plan "
-            "(some group of clusters cannot reach enough samples). Relax the mask or the cluster weights."
-        )
+def potentials_finite(b, empty) -> torch.Tensor:
+    """0-d bool tensor (no sync): every potential of a cluster with weight is finite."""
+    return torch.isfinite(torch.where(empty, 0.0, b)).all()
+
+
+def raise_non_finite() -> None:
+    raise ValueError(
+        "Sinkhorn potentials became non-finite: the masked problem has no feasible balanced plan "
+        "(some group of clusters cannot reach enough samples). Relax the mask or the cluster weights."
+    )
 
 
 def check_init(init, problem, dtype) -> torch.Tensor | None:
@@ -286,7 +308,7 @@ def check_init(init, problem, dtype) -> torch.Tensor | None:
         )
     init = init.detach().to(device=problem.scores.device, dtype=dtype).expand(h, k)
     empty = problem.cluster_weights == 0
-    if torch.isnan(init).any() or torch.isposinf(init).any() or torch.isneginf(init[:, ~empty]).any():
+    if not bool(potentials_finite(init, empty)):  # zero-weight clusters get -inf whatever they held
         raise ValueError("init contains NaN or infinite potentials for clusters with positive weight.")
     return torch.where(empty, float("-inf"), init)
 

@@ -1,0 +1,105 @@
+"""How often a solve reads device values back to the host.
+
+On a GPU every such read (``bool(t)``, ``t.item()``, ``t.tolist()``, ``int(t)``, ``float(t)``) waits for the whole
+queue to drain; a small solve (a SwAV batch, 3 iterations) is then bound by those waits instead of by its kernels.
+The budget: one read to validate the inputs (two with a warm start), none inside a fixed-iteration loop, one at
+the end (the error history and a finiteness check together), and one per iteration when solving to a tolerance.
+
+On the CPU the reads are counted by wrapping the tensor methods that convert to Python values and keeping the
+calls made from otlabel's own code; on a GPU, ``torch.cuda.set_sync_debug_mode`` counts the real synchronisations.
+"""
+
+import collections
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import random_problem
+
+from otlabel import sinkhorn_assign
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN_CODE = (str(ROOT / "otlabel"), str(ROOT / "kernels"))
+READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """A Counter of 'method file:line' for each tensor-to-Python conversion made by otlabel's code."""
+    counts = collections.Counter()
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(OWN_CODE):
+                counts[f"{name} {Path(caller).name}:{sys._getframe(1).f_lineno}"] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    return counts
+
+
+S = random_problem(48, 20, seed=7)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fixed_iteration_solve_reads_back_twice_whatever_the_iteration_count(host_reads, backend):
+    seen = {}
+    for max_iter in (3, 12):
+        host_reads.clear()
+        res = sinkhorn_assign(S, 0.05, max_iter=max_iter, tol=None, backend=backend)
+        assert res.n_iter == max_iter
+        seen[max_iter] = sum(host_reads.values())
+        assert seen[max_iter] == 2, dict(host_reads)  # validation, and the history at the end
+    host_reads.clear()
+    sinkhorn_assign(S, 0.05, max_iter=5, tol=None, init=res, backend=backend)
+    assert sum(host_reads.values()) == 3, dict(host_reads)  # + checking the warm start
+
+
+def test_solving_to_a_tolerance_reads_once_per_iteration(host_reads):
+    res = sinkhorn_assign(S, 0.05, max_iter=15, tol=1e-12, acceleration="none", warn=False, backend="triton")
+    assert res.n_iter == 15 and not res.converged
+    assert sum(host_reads.values()) == res.n_iter + 2, dict(host_reads)
+
+
+OLD_CENTRED = """
+def centred(b, empty):
+    mean = torch.where(empty, 0.0, b).sum(dim=-1, keepdim=True) / max(1, int((~empty).sum()))
+    return b - mean
+"""
+
+
+def test_counting_sees_a_read_in_the_loop(host_reads, monkeypatch):
+    """The counter itself: the centring step as it was (an int() of a tensor per iteration) is seen."""
+    import otlabel.solver as solver
+
+    namespace = {"torch": torch}
+    exec(compile(OLD_CENTRED, solver.__file__, "exec"), namespace)  # compiled as if it lived in solver.py
+    monkeypatch.setattr(solver, "centred", namespace["centred"])
+    sinkhorn_assign(S, 0.05, max_iter=6, tol=None, backend="reference")
+    assert sum(host_reads.values()) == 2 + 6, dict(host_reads)
+
+
+@pytest.mark.gpu
+def test_fixed_iteration_solve_synchronises_the_gpu_a_fixed_number_of_times():
+    s = S.cuda()
+    sinkhorn_assign(s, 0.05, max_iter=3, tol=None, backend="triton")  # compile the kernels first
+    torch.cuda.synchronize()
+    counts = {}
+    for max_iter in (3, 12):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sinkhorn_assign(s, 0.05, max_iter=max_iter, tol=None, backend="triton")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[max_iter] = sum("synchroniz" in str(w.message) for w in caught)
+    assert counts[3] == counts[12] <= 2, counts
