@@ -82,12 +82,20 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
 
 
 def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torch.Tensor) -> None:
-    """What the kernel cannot check as it goes: finite inputs, and no weighted cluster closed by a -inf bias."""
-    if not bool(torch.isfinite(z).all()):
+    """What the kernel cannot check as it goes: finite inputs, and no weighted cluster closed by a -inf bias.
+
+    The verdicts come back to the host together (one device synchronisation); the bias's own messages are
+    produced by :func:`check_bias` on failure only."""
+    verdicts = [torch.isfinite(z).all(), torch.isfinite(c).all()]
+    if bias is not None:
+        verdicts += [~(torch.isnan(bias) | torch.isposinf(bias) | (torch.isneginf(bias) & (cluster_weights > 0))).any()]
+    features_ok, prototypes_ok, *bias_ok = torch.stack(verdicts).tolist()
+    if not features_ok:
         raise ValueError("features contain NaN or inf; they must be finite vectors. Fix the model output.")
-    if not bool(torch.isfinite(c).all()):
+    if not prototypes_ok:
         raise ValueError("prototypes contain NaN or inf; they must be finite vectors.")
-    check_bias(bias, cluster_weights)
+    if not all(bias_ok):
+        check_bias(bias, cluster_weights)
 
 
 def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor) -> None:

@@ -63,6 +63,14 @@ def test_fixed_iteration_solve_reads_back_twice_whatever_the_iteration_count(hos
     assert sum(host_reads.values()) == 3, dict(host_reads)  # + checking the warm start
 
 
+def test_features_mode_reads_back_twice_whatever_the_iteration_count(host_reads):
+    z, c, bias = torch.randn(40, 8), torch.randn(12, 8), 0.1 * torch.randn(12)
+    for max_iter in (3, 12):
+        host_reads.clear()
+        sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=0.5, max_iter=max_iter, tol=None, backend="triton")
+        assert sum(host_reads.values()) == 2, dict(host_reads)  # the input checks together, the history
+
+
 def test_solving_to_a_tolerance_reads_once_per_iteration(host_reads):
     res = sinkhorn_assign(S, 0.05, max_iter=15, tol=1e-12, acceleration="none", warn=False, backend="triton")
     assert res.n_iter == 15 and not res.converged
