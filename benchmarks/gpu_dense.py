@@ -1,10 +1,12 @@
 """GPU benchmark of the dense Triton backend: one Sinkhorn iteration, and a SwAV batch end to end.
 
-Run on a CUDA machine in one call (about 5 minutes on an H100)::
+Run on a CUDA machine in one call (about 5 minutes on an H100; no new size or sweep setting starts after
+``TIME_BUDGET_S``, so a call fits a lent GPU's 10-minute slot, and every row reaches the CSV as it is measured)::
 
     python benchmarks/gpu_dense.py            # all sizes, rows appended to benchmarks/results_gpu.csv
     python benchmarks/gpu_dense.py --quick    # N = 2**16 only
     python benchmarks/gpu_dense.py --sweep    # also try a few tile shapes at N = 2**20, K = 3000
+    python benchmarks/gpu_dense.py --sweep-only --csv $OUT/sweep.csv   # the tile shapes alone
     TRITON_INTERPRET=1 python benchmarks/gpu_dense.py --dry-run --csv /tmp/r.csv   # CPU, tiny: checks the script
 
 Order: (1) correctness of the kernels vs a float64 reference (abort if wrong); (2) the device's copy
@@ -12,9 +14,12 @@ bandwidth (one large device-to-device copy, bytes read + written); (3) time per 
 bf16, N in {2^16, 2^18, 2^20}, K in {1000, 3000, 65536}, for the triton backend, a plain torch
 log-domain iteration, the SwAV-style linear-domain iteration and POT ``sinkhorn_log`` (torch, if
 installed); (4) SwAV-batch latency (N = 4096, K = 3000, 3 iterations, whole call) with and without a
-CUDA graph. Medians and quartiles come from ``triton.testing.do_bench`` (it flushes L2 before each
-run; the SwAV batch also rotates over several input copies). The floor of one iteration is one read
-of S, ``N * K * itemsize`` bytes; "% copy" is the achieved rate over the measured copy bandwidth.
+CUDA graph. Per-iteration medians and quartiles come from ``triton.testing.do_bench`` (it flushes L2 before
+each run). The SwAV batch is timed by the wall clock around each synchronised call instead, rotating over
+several input copies: ``do_bench`` clears L2 on the stream before its start event, and a call that never waits
+for the GPU would enqueue its launches during that clearing and hide its host time. The floor of one
+iteration is one read of S, ``N * K * itemsize`` bytes; "% copy" is the achieved rate over the measured copy
+bandwidth.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ EPS = 0.05  # SwAV's epsilon; S in [-1, 1] like cosine similarities
 MEMORY_LIMIT = 70e9  # bytes we allow one scenario to hold on the device
 QUANTILES = [0.25, 0.5, 0.75]
 ITERS_POT = 10
+TIME_BUDGET_S = 480  # no new size, batch or sweep setting starts past this: one call fits a 10-minute slot
+_T0 = time.monotonic()
 DEVICE = "cuda"  # "cpu" with --dry-run (Triton interpreter, tiny sizes, wall-clock timer, no CUDA graphs)
 
 
@@ -94,6 +101,29 @@ def _bench(fn) -> list[float]:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=QUANTILES)
+
+
+def _wall_clock(fn, reps: int = 200) -> list[float]:
+    """[q25, median, q75] in ms of whole calls, each from a synchronised start to a synchronised end."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(3 if _dry() else reps):
+        if not _dry():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if not _dry():
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return torch.tensor(times).quantile(torch.tensor(QUANTILES)).tolist()
+
+
+def _past_budget(what: str) -> bool:
+    if time.monotonic() - _T0 <= TIME_BUDGET_S:
+        return False
+    print(f"skip {what}: past the {TIME_BUDGET_S} s budget of one call")
+    return True
 
 
 def _scores(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -299,7 +329,7 @@ def time_swav_batch(op_cls, rows: list) -> None:
         candidates["swav+graph"] = rotate(graphs(lambda s: lambda: swav_call(s, EPS, iters)))
     print(f"SwAV batch: N={n} K={k}, {iters} iterations, whole call (labels + codes)")
     for method, fn in candidates.items():
-        q25, med, q75 = _bench(fn)
+        q25, med, q75 = _wall_clock(fn)
         rows.append(dict(scenario="swav-batch", n=n, k=k, dtype="float32", method=method,
                          median_ms=med, q25_ms=q25, q75_ms=q75, frac_copy=float("nan")))  # fmt: skip
         print(f"  {method:>14}: {1e3 * med:8.1f} us")
@@ -325,6 +355,9 @@ def tile_sweep(kernels, rows: list, copy_bw: float) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for dtype in (torch.float32, torch.bfloat16):
         for k in sorted({cfg[0] for cfg in SWEEP}):
+            _release()
+            if n * k * s_item(dtype) > 0.9 * _free_bytes() or _past_budget(f"the sweep at K={k} {dtype}"):
+                continue
             s = _scores(n, k, dtype)[None]  # (1, N, K)
             log_c = torch.full((n,), -math.log(n), device=DEVICE)
             b = torch.zeros(1, k, device=DEVICE)
@@ -340,6 +373,8 @@ def tile_sweep(kernels, rows: list, copy_bw: float) -> None:
                 name = f"default launch, vector loads {'on' if vector_loads else 'off'}"
                 launches[name] = dense_launch(n, k, 1, s.device, vector_loads=vector_loads)
             for name, launch in launches.items():
+                if _past_budget(f"sweep {name} K={k} {dtype}"):
+                    break
                 ws = kernels.DenseWorkspace.for_scores(s, launch)
                 med = _bench(
                     lambda ws=ws, s=s, b=b, c=log_c: kernels.dense_cluster_lse(s, b, c, 1 / EPS, workspace=ws)
@@ -355,6 +390,22 @@ def tile_sweep(kernels, rows: list, copy_bw: float) -> None:
 # --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
+
+
+def s_item(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+class CsvRows(list):
+    """The result rows, each appended to the CSV as soon as it is measured: a run cut short keeps what it got."""
+
+    def __init__(self, path: Path, device: str, versions: dict):
+        super().__init__()
+        self.path, self.device, self.versions = path, device, versions
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        write_csv(self.path, [row], self.device, self.versions)
 
 
 def write_csv(path: Path, rows: list, device: str, versions: dict) -> None:
@@ -418,6 +469,12 @@ def markdown_table(rows: list, device: str) -> str:
             ratio = us["sinkhorn_assign"] / us["swav"]
             verdict = "met" if ratio <= 0.5 else "NOT met"
             out.append(f"| sinkhorn_assign / swav (eager), target <= 0.5 | {ratio:.2f} ({verdict}) |")
+    sweep = [r for r in rows if r["scenario"].startswith(("sweep", "default launch"))]
+    if sweep:
+        out += ["", "Launch settings at N = 2^20 (one cluster_lse pass), median ms (% of copy bandwidth):", "",
+                "| setting | dtype | K | ms |", "|---|---|---|---|"]  # fmt: skip
+        out += [f"| {r['scenario']} | {r['dtype']} | {r['k']} | {r['median_ms']:.3f} ({100 * r['frac_copy']:.0f}%) |"
+                for r in sweep]  # fmt: skip
     return "\n".join(out)
 
 
@@ -427,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="N = 2**16 only")
     parser.add_argument("--no-pot", action="store_true", help="skip POT even if installed")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile shapes (tuning data)")
+    parser.add_argument("--sweep-only", action="store_true", help="only the tile shapes (after the correctness check)")
     parser.add_argument("--no-transposed", dest="transposed_view", action="store_false",
                         help="skip the (K, N)-stored input read through a transposed view")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: test the script")
@@ -444,20 +502,24 @@ def main(argv: list[str] | None = None) -> int:
     versions = _versions()
     print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     check_correctness(op_cls, kernels)
-    rows: list[dict] = []
+    rows = CsvRows(args.csv, device, versions)
     copy_bw = copy_bandwidth(rows)
     sizes = [2**16] if args.quick else [2**16, 2**18, 2**20]
     clusters = (1000, 3000, 65536)
     if args.dry_run:
         sizes, clusters = [64], (300,)
+    if args.sweep_only:
+        sizes = []
     for dtype in (torch.float32, torch.bfloat16):
         for n in sizes:
             for k in clusters:
-                time_iteration(op_cls, n, k, dtype, rows, copy_bw, args)
-    time_swav_batch(op_cls, rows)
-    if args.sweep and not args.dry_run:
+                if not _past_budget(f"N={n} K={k} {dtype}"):
+                    time_iteration(op_cls, n, k, dtype, rows, copy_bw, args)
+    if not args.sweep_only:
+        time_swav_batch(op_cls, rows)
+    if (args.sweep or args.sweep_only) and not args.dry_run:
         tile_sweep(kernels, rows, copy_bw)
-    write_csv(args.csv, rows, device, versions)
+    print(f"total {time.monotonic() - _T0:.0f} s; rows appended to {args.csv}")
     print()
     print(markdown_table(rows, device))
     return 0

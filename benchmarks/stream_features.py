@@ -14,7 +14,7 @@ L2-normalised) is generated once into ``--data-dir`` (default: a folder in the t
     python benchmarks/stream_features.py --n 100000 --quick    # a smaller run
     python benchmarks/stream_features.py --gpu-only            # (c)
 
-Rows are appended to ``benchmarks/out/stream_features.csv`` with the machine, versions and date.
+Rows are appended to ``benchmarks/out/stream_features.csv`` (or ``--csv PATH``) with the machine, versions and date.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def run_cli(args: list[str]) -> dict:
 
 
 def append_csv(row: dict) -> None:
-    os.makedirs(os.path.dirname(CSV_PATH), exist_ok=True)
+    os.makedirs(os.path.dirname(CSV_PATH) or ".", exist_ok=True)
     base = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         machine=f"{platform.node()} {platform.processor() or platform.machine()} {os.cpu_count()} cpus",
@@ -219,7 +219,10 @@ def main() -> None:
     p.add_argument("--gpu-n", type=int, default=2_000_000)
     p.add_argument("--gpu-iters", type=int, default=10)
     p.add_argument("--gpu-budgets", type=int, nargs="+", default=[256, 1024], help="MiB")
+    p.add_argument("--csv", default=CSV_PATH, help="where rows are appended")
     opts = p.parse_args()
+    global CSV_PATH
+    CSV_PATH = opts.csv
     if opts.quick:
         opts.acceleration = opts.acceleration[:1]
     if not opts.gpu_only:

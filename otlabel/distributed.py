@@ -71,18 +71,26 @@ META_SIZE = 13  # numbers each rank sends in the first all-gather (see AGREEMENT
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
+def collective_device(backend: str | None, data) -> torch.device:
+    """Where the collectives' buffers live: the CPU for Gloo; for NCCL the rank's own GPU — that of its data when
+    the data is a CUDA tensor (a rank need not have called ``torch.cuda.set_device``), else the current one."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    if getattr(data, "is_cuda", False):
+        return data.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class Collectives:
     """The few collectives the solver needs, each with a timeout; a no-op for ``group=None`` or one process."""
 
-    def __init__(self, group, timeout: float):
+    def __init__(self, group, timeout: float, data=None):
         self.group = group
         self.active = group is not None and dist.get_world_size(group) > 1
         self.world = dist.get_world_size(group) if self.active else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         self.timeout = timeout
-        self.device = torch.device("cpu")
-        if self.active and dist.get_backend(group) == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = collective_device(dist.get_backend(group) if self.active else None, data)
 
     def all_gather(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """Every rank's ``t`` stacked in rank order, ``(W, *t.shape)``, on ``t``'s device."""
@@ -209,7 +217,7 @@ def sinkhorn_assign_sharded(
             UserWarning,
             stacklevel=2,
         )
-    comm = Collectives(group, timeout)
+    comm = Collectives(group, timeout, data=local_scores if local_scores is not None else features)
     failure, meta, shard, c_local = None, None, None, None
     try:  # local checks: a failure is shared with the other ranks below, not raised before they hear of it
         epsilon = check_epsilon(epsilon)

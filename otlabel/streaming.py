@@ -141,7 +141,7 @@ class HostStream:
         if self.staged:
             shape = (host.shape[0], self.rows_per_chunk, host.shape[2])
             # A pinned source whose row chunks are contiguous goes straight to the device: no staging copy.
-            self.direct = host.is_pinned() and host[:, :1].is_contiguous()
+            self.direct = host.is_pinned() and host[:, :2].is_contiguous()  # rows one after another
             n_pinned = 0 if self.direct else 2
             self.pinned = [torch.empty(shape, dtype=host.dtype, pin_memory=True) for _ in range(n_pinned)]
             self.buffers = [torch.empty(shape, dtype=host.dtype, device=device) for _ in range(2)]
@@ -156,7 +156,8 @@ class HostStream:
 
     def get(self, rows: slice) -> torch.Tensor:
         if not self.staged:
-            return self.host[:, rows].to(self.device, non_blocking=True)
+            # non_blocking only towards a GPU: a non-blocking copy to the CPU may be read before it has landed
+            return self.host[:, rows].to(self.device, non_blocking=self.device.type == "cuda")
         t = rows.stop - rows.start
         if t > self.rows_per_chunk:  # larger than the staging buffers: a plain blocking copy
             return self.host[:, rows].to(self.device)

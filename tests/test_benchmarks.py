@@ -182,6 +182,30 @@ def test_gpu_scripts_dry_run_on_the_interpreter(script, tmp_path):
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert rows and "frac_copy" in rows[0] and all(r["median_ms"] for r in rows)
+    assert done.stdout.rstrip().endswith("|"), "the markdown table must be printed last"
+
+
+def test_gpu_tolerance_dry_run_compares_the_default_with_plain_steps(tmp_path):
+    """benchmarks/gpu_tolerance.py end to end on the interpreter: every method solved to the tolerance, timed,
+    one CSV row each as it was measured, and the table (with the plain / default ratio) printed last."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "tol.csv"
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_tolerance.py"), "--dry-run", "--csv", str(out)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600, cwd=root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["default (anderson)", "plain steps", "default, warm start"]
+    assert all(r["converged"] == "True" and float(r["median_s"]) > 0 for r in rows)
+    iterations = {r["method"]: int(r["iterations"]) for r in rows}
+    assert iterations["default, warm start"] < iterations["plain steps"]
+    last = done.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("| 48 | 10 | float32 | 0.05 |") and last.count("x |") == 1
 
 
 def test_kernels_compile_for_sm90_without_spilling_iteration_kernels():

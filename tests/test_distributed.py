@@ -293,3 +293,16 @@ def test_features_without_group_and_their_errors():
     for run in (sinkhorn_assign, sinkhorn_assign_sharded):  # the kernel path checks the bias shape up front too
         with pytest.raises(ValueError, match="bias must have shape"):
             run(features=z, prototypes=heads, bias=bias[None], backend="triton", max_iter=2, tol=None)
+
+
+def test_nccl_collectives_use_the_data_gpu_not_the_current_one():
+    """A rank that never called torch.cuda.set_device must still communicate on its own GPU (that of its data);
+    Gloo always uses the CPU. (NCCL itself cannot run here; the choice of device is what this checks.)"""
+    from types import SimpleNamespace
+
+    from otlabel.distributed import collective_device
+
+    on_gpu_1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    assert collective_device("nccl", on_gpu_1) == torch.device("cuda", 1)
+    assert collective_device("gloo", on_gpu_1) == torch.device("cpu")
+    assert collective_device(None, torch.zeros(1)) == torch.device("cpu")

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One stage of the GPU measurements, sized to one call of a lent GPU (at most 600 s, a bare machine each time):
+# set-up, then the stage. Every log and CSV goes under $OUT, the only folder that comes back.
+#
+#   bash benchmarks/device_run.sh tests      # the GPU-only tests (pytest -m gpu), ~2 min, mostly compiling
+#   bash benchmarks/device_run.sh dense      # gpu_dense.py: per iteration, copy bandwidth, SwAV batch
+#   bash benchmarks/device_run.sh features   # gpu_features.py: vs dense and flash-sinkhorn, the memory target
+#   bash benchmarks/device_run.sh tolerance  # gpu_tolerance.py: Anderson vs plain steps, time to 1e-3
+#   bash benchmarks/device_run.sh stream     # stream_features.py --gpu-only: vs pinned H2D bandwidth
+#   bash benchmarks/device_run.sh sweep-dense      # tile sweep of the dense kernels (tuning data)
+#   bash benchmarks/device_run.sh sweep-features   # tile sweep of the features kernels (tuning data)
+#
+# Carry .whl/ (POT and flash-sinkhorn wheels, see benchmarks/RESULTS.md): the device image has neither and no
+# network. Stages run under `timeout 570` so that a slow one still returns its log and the rows written so far.
+set -euo pipefail
+stage=${1:?"usage: bash benchmarks/device_run.sh tests|dense|features|tolerance|stream|sweep-dense|sweep-features"}
+OUT=${OUT:-/tmp/otlabel-device-out}
+mkdir -p "$OUT"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$OUT/install-wheels.log" 2>&1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install-otlabel.log" 2>&1 || true
+if ! python3 -c "import otlabel.kernels.sinkhorn_dense" 2>/dev/null; then
+    # The editable install did not take (read-only site-packages, no setuptools...): run from the checkout, with
+    # the top-level kernels/ visible as otlabel.kernels, as the installed package maps it.
+    ln -sfn ../kernels otlabel/kernels
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import otlabel.kernels.sinkhorn_dense, torch, triton
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'
+print('torch', torch.__version__, 'triton', triton.__version__, gpu)" | tee "$OUT/versions.txt"
+
+run() {  # run NAME COMMAND...: the command's output to the screen and to $OUT/NAME.log
+    local name=$1
+    shift
+    timeout 570 "$@" 2>&1 | tee "$OUT/$name.log"
+}
+
+case $stage in
+    tests) run tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/ ;;
+    dense) run dense python3 benchmarks/gpu_dense.py --csv "$OUT/gpu_dense.csv" ;;
+    features) run features python3 benchmarks/gpu_features.py --no-sweep --csv "$OUT/gpu_features.csv" ;;
+    tolerance) run tolerance python3 benchmarks/gpu_tolerance.py --csv "$OUT/gpu_tolerance.csv" ;;
+    stream) run stream python3 benchmarks/stream_features.py --gpu-only --csv "$OUT/stream_features.csv" ;;
+    sweep-dense) run sweep-dense python3 benchmarks/gpu_dense.py --sweep-only --csv "$OUT/gpu_dense_sweep.csv" ;;
+    sweep-features) run sweep-features python3 benchmarks/gpu_features.py --quick --csv "$OUT/gpu_features_sweep.csv" ;;
+    *)
+        echo "unknown stage '$stage'" >&2
+        exit 2
+        ;;
+esac

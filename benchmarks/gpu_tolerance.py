@@ -1,0 +1,144 @@
+"""GPU time to tolerance: otlabel's default acceleration (Anderson mixing) against plain Sinkhorn steps.
+
+On the CPU the default needs 3-10x fewer iterations to a marginal error of 1e-3 and is as many times faster
+(``benchmarks/RESULTS_CPU.md``). On a GPU a mixing step is ~30 small launches and a synchronisation, which a
+large problem (milliseconds per pass) does not notice and a small one (tens of microseconds per pass) may:
+this script measures both, with the triton backend, as a user calls it::
+
+    python benchmarks/gpu_tolerance.py --csv $OUT/gpu_tolerance.csv          # a few minutes on an H100
+    TRITON_INTERPRET=1 python benchmarks/gpu_tolerance.py --dry-run --csv /tmp/t.csv   # CPU, tiny: the script
+
+Per (N, K, dtype, eps): the wall time of ``sinkhorn_assign(..., tol=1e-3)`` from a synchronised start to a
+synchronised end (labels computed; codes not read), median of ``REPEATS`` calls after one warm-up, for
+``acceleration="auto"`` (the default), ``"none"`` (plain steps) and the default warm-started from the solution
+of the same features against prototypes that drifted by 5% (one labelling step earlier). Scores are cosine
+similarities of noisy clusters (``benchmarks/problems.py``). Rows go to the CSV as they are measured; the
+markdown table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.problems import make_scores  # noqa: E402
+
+TOL = 1e-3
+REPEATS = 5
+MAX_ITER = 5000
+TIME_BUDGET_S = 420  # no new case starts past this: one call fits a 10-minute device slot
+CASES = [  # (N, K, dtype, eps)
+    (4096, 3000, torch.float32, 0.05), (4096, 3000, torch.float32, 0.01),
+    (2**20, 3000, torch.float32, 0.05), (2**20, 3000, torch.float32, 0.01),
+    (2**20, 3000, torch.bfloat16, 0.05), (2**20, 3000, torch.bfloat16, 0.01),
+]  # fmt: skip
+DRY_CASES = [(48, 10, torch.float32, 0.05)]
+FIELDS = ["date", "device", "torch", "n", "k", "dtype", "eps", "method", "median_s", "iterations", "converged"]
+
+
+def solve_time(solve, device: str) -> tuple[float, object]:
+    """Median wall time of ``solve()`` over REPEATS synchronised calls (after a warm-up), and its last result."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    res = solve()  # compiles the kernels for this shape
+    times = []
+    for _ in range(1 if device == "cpu" else REPEATS):
+        sync()
+        t0 = time.perf_counter()
+        res = solve()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), res
+
+
+def measure(n: int, k: int, dtype: torch.dtype, eps: float, device: str) -> list[dict]:
+    import otlabel
+
+    scores = make_scores(n, k, device=device).to(dtype)
+    previous = make_scores(n, k, drift=0.05, device=device).to(dtype)
+    call = dict(tol=TOL, max_iter=MAX_ITER, backend="triton", warn=False)
+    warm = otlabel.sinkhorn_assign(previous, eps, **call)  # the last labelling step's solution
+    methods = {
+        "default (anderson)": lambda: otlabel.sinkhorn_assign(scores, eps, **call),
+        "plain steps": lambda: otlabel.sinkhorn_assign(scores, eps, acceleration="none", **call),
+        "default, warm start": lambda: otlabel.sinkhorn_assign(scores, eps, init=warm, **call),
+    }
+    rows = []
+    for method, solve in methods.items():
+        seconds, res = solve_time(solve, device)
+        rows.append(dict(n=n, k=k, dtype=str(dtype).replace("torch.", ""), eps=eps, method=method, median_s=seconds,
+                         iterations=res.n_iter, converged=res.converged))  # fmt: skip
+        print(f"  {method:>20}: {1e3 * seconds:9.2f} ms, {res.n_iter} iterations, converged {res.converged}")
+    return rows
+
+
+def append_csv(path: Path, row: dict, device: str) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        writer.writerow(dict(row, date=date, device=device, torch=torch.__version__))
+
+
+def markdown_table(rows: list[dict], device: str) -> str:
+    out = [f"Device: {device}. Time to marginal error {TOL:g} (whole `sinkhorn_assign` call), median.", "",
+           "| N | K | dtype | eps | default | plain steps | plain / default | warm default |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    keys = sorted({(r["n"], r["k"], r["dtype"], r["eps"]) for r in rows}, key=lambda t: (t[0], t[2], -t[3]))
+    for key in keys:
+        got = {r["method"]: r for r in rows if (r["n"], r["k"], r["dtype"], r["eps"]) == key}
+        cells = {m: f"{1e3 * r['median_s']:.1f} ms ({r['iterations']} it)" for m, r in got.items()}
+        d, p = got.get("default (anderson)"), got.get("plain steps")
+        ratio = f"{p['median_s'] / d['median_s']:.2f}x" if d and p else "-"
+        n, k, dtype, eps = key
+        default, plain, warm = (cells.get(m, "-") for m in ("default (anderson)", "plain steps", "default, warm start"))
+        out.append(f"| {n} | {k} | {dtype} | {eps:g} | {default} | {plain} | {ratio} | {warm} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    t0 = time.monotonic()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results_gpu_tolerance.csv")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: test the script")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1")
+        device, name, cases = "cpu", "cpu (dry run, interpreter)", DRY_CASES
+    elif not torch.cuda.is_available():
+        print("no CUDA device: this benchmark times GPU solves and needs one; nothing measured, nothing written.")
+        return 0
+    else:
+        device, name, cases = "cuda", torch.cuda.get_device_name(), CASES
+    print(f"{name}; torch {torch.__version__}")
+    rows = []
+    for n, k, dtype, eps in cases:
+        if time.monotonic() - t0 > TIME_BUDGET_S:
+            print(f"skip N={n} K={k} {dtype} eps={eps}: past the {TIME_BUDGET_S} s budget")
+            continue
+        print(f"N={n} K={k} {dtype} eps={eps}")
+        for row in measure(n, k, dtype, eps, device):
+            rows.append(row)
+            append_csv(args.csv, row, name)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(f"total {time.monotonic() - t0:.0f} s; rows appended to {args.csv}\n")
+    print(markdown_table(rows, name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
