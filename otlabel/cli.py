@@ -17,7 +17,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import textwrap
 import time
 import warnings
@@ -82,8 +81,7 @@ class InputError(Exception):
     """Bad usage or input: exit status 2."""
 
 
-class OutputError(Exception):
-    """An output cannot be written: exit status 3."""
+from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs  # noqa: E402  (OutputError: exit status 3)
 
 
 class Terminated(BaseException):
@@ -229,60 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ------------------------------------------------------------------------------------------------ atomic output
-
-
-class AtomicNpy:
-    """A ``.npy`` memmap written in a temporary file beside ``path``; :meth:`commit` fsyncs and renames it."""
-
-    def __init__(self, path: str, dtype, shape: tuple):
-        self.path = os.path.abspath(path)
-        folder = os.path.dirname(self.path)
-        if os.path.isdir(self.path):
-            raise OutputError(f"cannot write {path!r}: it is a directory")
-        if not os.path.isdir(folder):
-            raise OutputError(f"cannot write {path!r}: directory {folder!r} does not exist")
-        try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=folder)
-            os.close(fd)
-        except OSError as err:
-            raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets the usual permissions
-        try:
-            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
-        except OSError as err:
-            self.discard()
-            raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from None
-
-    def commit(self) -> None:
-        try:
-            self.array.flush()
-            del self.array
-            with open(self.tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(self.tmp, self.path)
-        except OSError as err:
-            self.discard()
-            raise OutputError(f"cannot write {self.path!r}: {err.strerror or err}") from None
-        try:  # make the rename itself durable
-            dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
-
-    def discard(self) -> None:
-        self.__dict__.pop("array", None)
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
-
-
 # ------------------------------------------------------------------------------------------------ assign
 
 
@@ -339,6 +283,9 @@ def cmd_assign(args) -> int:
         if weights.shape != (k,):
             raise InputError(f"--cluster-weights must have shape ({k},), one share per cluster, got {weights.shape}")
     label_shape = (h, n) if shape_source.batched else (n,)
+    inputs = {"SCORES.npy": args.scores, "--features": args.features, "--prototypes": args.prototypes,
+              "--cluster-weights": args.cluster_weights}  # fmt: skip
+    refuse_overwriting_inputs({"--out": args.out, "--codes-out": args.codes_out}, inputs, error=InputError)
     outputs = []
     try:
         labels_file = AtomicNpy(args.out, np.int64, label_shape)

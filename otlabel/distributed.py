@@ -217,6 +217,10 @@ def sinkhorn_assign_sharded(
             UserWarning,
             stacklevel=2,
         )
+    if group is not None and not isinstance(group, getattr(dist, "ProcessGroup", ())):
+        raise TypeError(f"group must be a torch.distributed process group (dist.group.WORLD) or None, got {group!r}.")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     comm = Collectives(group, timeout, data=local_scores if local_scores is not None else features)
     failure, meta, shard, c_local = None, None, None, None
     try:  # local checks: a failure is shared with the other ranks below, not raised before they hear of it

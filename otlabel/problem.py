@@ -15,6 +15,9 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 WEIGHT_SUM_RTOL = 1e-4
+# The largest |S| / eps the solver resolves. Its float64 potentials are of that size, and the marginal error is
+# read from their differences: at 1e10 those carry ~2e-6 of rounding, beyond it a solve could stop on noise.
+MAX_SCORE_SPAN = 1e10
 
 
 @dataclass
@@ -45,6 +48,8 @@ def as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, np.ndarray):
+        if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]): torch cannot share it, so copy
+            x = np.ascontiguousarray(x)
         return torch.from_numpy(x)
     if isinstance(x, (list, tuple)):
         try:
@@ -93,8 +98,11 @@ def check_scores(scores) -> tuple[torch.Tensor, bool]:
     return (scores if batched else scores.unsqueeze(0)), batched
 
 
-def check_score_values(scores: torch.Tensor, cluster_weights: torch.Tensor, may_have_zeros: bool = True) -> None:
-    """NaN, +inf, and masks (-inf) that leave a sample or a weighted cluster with nowhere to go.
+def check_score_values(
+    scores: torch.Tensor, cluster_weights: torch.Tensor, may_have_zeros: bool = True, epsilon: float | None = None
+) -> None:
+    """NaN, +inf, masks (-inf) that leave a sample or a weighted cluster with nowhere to go, and (given
+    ``epsilon``) scores too large for it.
 
     Two max-reductions do all the work (a max propagates NaN and +inf, and is -inf only where a whole
     row or column is masked) and their verdicts come back to the host together: one device synchronisation
@@ -105,13 +113,24 @@ def check_score_values(scores: torch.Tensor, cluster_weights: torch.Tensor, may_
     col_max = scores.amax(dim=1)  # (H, K)
     positive = cluster_weights > 0
     verdicts = [~torch.isfinite(row_max).all(), (torch.isneginf(col_max) & positive).any()]
+    if epsilon is not None:
+        verdicts.append(score_span(row_max, col_max) > MAX_SCORE_SPAN * epsilon)
     if may_have_zeros and bool((~positive).any()):  # a sample allowed only in zero-weight clusters is stranded
         verdicts.append(torch.isneginf(scores[:, :, positive].amax(dim=2)).any())
     if any(torch.stack(verdicts).tolist()):
-        raise_for_bad_values(scores, cluster_weights, row_max, col_max)
+        raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon)
 
 
-def raise_for_bad_values(scores, cluster_weights, row_max, col_max) -> None:
+def score_span(row_max: torch.Tensor, col_max: torch.Tensor) -> torch.Tensor:
+    """0-d: the largest finite |row maximum| or |column maximum| of the scores, the size of the potentials."""
+    return torch.stack([_finite_abs_max(row_max), _finite_abs_max(col_max)]).amax()
+
+
+def _finite_abs_max(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x.abs(), 0).amax().double()
+
+
+def raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon=None) -> None:
     """Find the first bad entry or mask and raise the error that names it (the failure path: may be slow)."""
     if not bool(torch.isfinite(row_max).all()):
         if torch.isnan(row_max).any():
@@ -145,6 +164,13 @@ def raise_for_bad_values(scores, cluster_weights, row_max, col_max) -> None:
             f"infeasible mask: cluster {k} (head {h}) has weight {float(cluster_weights[k]):.3g} > 0 but every "
             "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
         )
+    span = float(score_span(row_max, col_max))
+    if epsilon is not None and span > MAX_SCORE_SPAN * epsilon:
+        raise ValueError(
+            f"scores / epsilon reach {span / epsilon:.3g} (|scores| up to {span:.3g}, epsilon {epsilon:.3g}): beyond "
+            f"{MAX_SCORE_SPAN:.0e} the solver's float64 potentials cannot resolve the marginals. Raise epsilon (it is "
+            "in the units of the scores: 0.05 for cosine similarities) or rescale the scores."
+        )
 
 
 def check_weights(weights, size: int, name: str, other: str, device: torch.device) -> torch.Tensor:
@@ -154,6 +180,8 @@ def check_weights(weights, size: int, name: str, other: str, device: torch.devic
     weights = as_tensor(weights, name)
     if not weights.dtype.is_floating_point:
         weights = weights.double()
+    # fp16 weights such as 1/7 cannot sum to 1 within 1e-4; allow the rounding of the dtype they came in
+    sum_rtol = max(WEIGHT_SUM_RTOL, 8 * torch.finfo(weights.dtype).eps)
     if weights.shape != (size,):
         raise ValueError(
             f"{name} must have shape ({size},) to match the {other} of scores, got {tuple(weights.shape)}."
@@ -165,11 +193,13 @@ def check_weights(weights, size: int, name: str, other: str, device: torch.devic
         k = int(torch.nonzero(host < 0)[0])
         raise ValueError(f"{name} must be non-negative, but entry {k} is {float(host[k]):.6g}.")
     total = float(host.sum())
-    if abs(total - 1.0) > WEIGHT_SUM_RTOL:
+    if abs(total - 1.0) > sum_rtol:
         raise ValueError(
             f"{name} must sum to 1, got a sum of {total:.6g}. Pass proportions, e.g. w / w.sum() for counts."
         )
-    return weights.to(device=device, dtype=torch.float64)
+    # Exactly 1 in float64: both marginals must carry the same mass, or no plan meets them and the solver would
+    # chase the difference (a sum of 0.9999 against 1.0001 stalled at error 2e-4).
+    return (host / total).to(device=device)
 
 
 def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Problem:
@@ -180,7 +210,7 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Prob
     device = scores3.device
     r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K (last dimension)", device)
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device)
-    check_score_values(scores3, r, may_have_zeros=cluster_weights is not None)
+    check_score_values(scores3, r, may_have_zeros=cluster_weights is not None, epsilon=epsilon)
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched)
 
 

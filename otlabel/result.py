@@ -49,6 +49,15 @@ class SinkhornResult:
     _codes: torch.Tensor | None = field(default=None, repr=False)
     _objective: torch.Tensor | None = field(default=None, repr=False)
 
+    def __repr__(self) -> str:
+        # A summary: the full labels, potentials and error history would run to megabytes for a real solve.
+        labels = f"labels={tuple(self.labels.shape)} {str(self.labels.dtype).removeprefix('torch.')}"
+        state = "converged" if self.converged else "not converged"
+        return (
+            f"SinkhornResult({labels} on {self.labels.device}, {state} after {self.n_iter} iterations, "
+            f"marginal_error={self.marginal_error:.3g}, epsilon={self.epsilon:g})"
+        )
+
     @property
     def codes(self) -> torch.Tensor:
         """Soft assignments ``softmax_k(S / eps + b)``, (N, K); rows sum to 1 (SwAV's ``q``)."""

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .backends import make_operator
@@ -143,15 +145,20 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration
     """Solve at decreasing temperatures, each stage warm-starting the next; the last is ``problem.epsilon``.
 
     Potentials are rescaled between stages (``b * eps_old / eps_new``: the dual ``eps * b`` is what stays put).
-    Intermediate stages stop at a looser tolerance; all iterations count towards ``max_iter``.
+    Intermediate stages stop at a looser tolerance; all iterations count towards ``max_iter``, and the last stage
+    (the requested ``epsilon``) always keeps at least one: intermediate stages that find none left are skipped.
     """
     stages = epsilon_stages(problem, epsilon_scaling)
     b, errors, used = init, [], 0
     for i, eps in enumerate(stages):
         last = i == len(stages) - 1
+        budget = max_iter - used - (0 if last else 1)
+        if budget < 1:
+            b = None if b is None else b * (eps / stages[i + 1])
+            continue
         operator = make_operator(dataclasses.replace(problem, epsilon=eps), backend)
         stage_tol = tol if last or tol is None else max(tol, 1e-2)
-        out = run_sinkhorn(operator, problem.cluster_weights, b, max(1, max_iter - used), stage_tol, acceleration)
+        out = run_sinkhorn(operator, problem.cluster_weights, b, budget, stage_tol, acceleration)
         errors += out.errors
         used += out.n_iter
         if not last:
@@ -337,13 +344,18 @@ def resolve_acceleration(acceleration, over_relaxation, tol) -> float | str:
 def check_solver_options(max_iter, tol, acceleration, over_relaxation) -> float | str:
     """Every entry point's loop options, checked before any pass over the data; returns the resolved
     acceleration for :func:`run_sinkhorn` (see :func:`resolve_acceleration`)."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+    if not is_number(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+    if tol is not None and not (is_number(tol) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number (or None for exactly max_iter iterations), got {tol!r}.")
-    if over_relaxation is not None and not (isinstance(over_relaxation, (int, float)) and 1.0 <= over_relaxation < 2.0):
+    if over_relaxation is not None and not (is_number(over_relaxation) and 1.0 <= over_relaxation < 2.0):
         raise ValueError(f"over_relaxation must be in [1, 2), got {over_relaxation!r}; 1 is plain Sinkhorn.")
-    return resolve_acceleration(acceleration, over_relaxation, tol)
+    return resolve_acceleration(acceleration, float(over_relaxation) if over_relaxation else None, tol)
+
+
+def is_number(x, kind=numbers.Real) -> bool:
+    """A Python or NumPy number of that kind (``numbers.Real`` or ``numbers.Integral``), not a bool."""
+    return isinstance(x, kind) and not isinstance(x, (bool, np.bool_))
 
 
 def sinkhorn_assign(
@@ -427,7 +439,7 @@ def sinkhorn_assign(
     if scores is None:
         raise TypeError("sinkhorn_assign needs scores (N, K), or features= with prototypes=.")
     acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)  # before validate reads S
-    if epsilon_scaling is not None and not (isinstance(epsilon_scaling, float) and 0 < epsilon_scaling < 1):
+    if epsilon_scaling is not None and not (is_number(epsilon_scaling) and 0 < epsilon_scaling < 1):
         raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
     problem = validate(scores, epsilon, cluster_weights, sample_weights)
     operator = make_operator(problem, backend)

@@ -20,6 +20,7 @@ given a path. :func:`sinkhorn_assign_stream` is the entry point.
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 import types
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, split_rows, worker_pool
+from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs
 from .problem import FLOAT_DTYPES, _first_index, check_epsilon, check_weights
 from .result import SinkhornResult
 from .solver import (
@@ -65,8 +67,10 @@ def chunk_bytes(memory_budget: int | None, device: torch.device) -> int:
     """Bytes per chunk for a device working set of ``memory_budget`` (``None``: :func:`default_memory_budget`)."""
     if memory_budget is None:
         memory_budget = default_memory_budget(device)
+    check_memory_budget(memory_budget)
+    memory_budget = int(memory_budget)
     if device.type == "cpu":  # one chunk in flight per thread; small chunks stay in cache, the budget caps them
-        return min(memory_budget // max(1, torch.get_num_threads()), CPU_CHUNK_BYTES)
+        return max(1, min(memory_budget // max(1, torch.get_num_threads()), CPU_CHUNK_BYTES))
     return memory_budget
 
 
@@ -79,11 +83,31 @@ def check_finite_rows(host: torch.Tensor, name: str, rows_per_check: int = 1 << 
             raise ValueError(f"{name} contain NaN or inf (first in row {row}); they must be finite vectors.")
 
 
+def check_device(device) -> torch.device:
+    """Where the streamed chunks are computed: the CPU or a CUDA device that exists."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use device='cpu'.")
+    return device
+
+
+def check_memory_budget(memory_budget) -> None:
+    is_integer = isinstance(memory_budget, numbers.Integral) and not isinstance(memory_budget, (bool, np.bool_))
+    if not is_integer or memory_budget <= 0:
+        raise ValueError(
+            f"memory_budget must be a positive number of bytes (an integer, e.g. 1 << 30), got {memory_budget!r}."
+        )
+
+
 def rows_for_budget(memory_budget: int, row_entries: int, row_extra_bytes: int = 0) -> int:
     """Samples per chunk so that a chunk's working set fits ``memory_budget`` bytes (at least one sample)."""
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
-    return max(1, memory_budget // (BYTES_PER_ENTRY * row_entries + row_extra_bytes))
+    check_memory_budget(memory_budget)
+    return max(1, int(memory_budget) // (BYTES_PER_ENTRY * row_entries + row_extra_bytes))
 
 
 # ----------------------------------------------------------------------------------------------- host arrays
@@ -238,7 +262,7 @@ class HostSource(ScoreSource):
         self.device = torch.device(device) if device is not None else host.device
         self.dtype = host.dtype
         if rows_per_chunk is None:
-            budget = memory_budget or default_memory_budget(self.device)
+            budget = default_memory_budget(self.device) if memory_budget is None else memory_budget
             rows_per_chunk = rows_for_budget(budget, self.n_heads * self.n_clusters)
         self.stream = HostStream(host, self.device, rows_per_chunk)
         self.rows_per_chunk = self.stream.rows_per_chunk
@@ -296,7 +320,7 @@ class FeatureSource(ScoreSource):
                 raise ValueError(f"bias must have shape ({self.n_clusters},) or ({self.n_heads}, {self.n_clusters}).")
             self.bias = bias.expand(self.n_heads, self.n_clusters)[:, None, :]  # (H, 1, K)
         if rows_per_chunk is None:
-            budget = memory_budget or default_memory_budget(self.device)
+            budget = default_memory_budget(self.device) if memory_budget is None else memory_budget
             rows_per_chunk = rows_for_budget(budget, self.n_heads * self.n_clusters, 3 * dim * host.element_size())
         self.stream = HostStream(host[None], self.device, rows_per_chunk)  # (1, N, D)
         self.rows_per_chunk = self.stream.rows_per_chunk
@@ -473,14 +497,20 @@ class single_threaded_torch:
         torch.set_num_threads(self.saved)
 
 
-def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool = True) -> torch.Tensor | None:
-    """``labels_out``/``codes_out``: a path (a new ``.npy`` memmap is created), or a writable array/tensor of the
-    right shape and dtype. Returned as a CPU torch tensor sharing its memory."""
+def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool = True, files: list | None = None):
+    """``labels_out``/``codes_out``: a path, or a writable array/tensor of the right shape and dtype. Returned as a
+    CPU torch tensor sharing its memory. A path gets an :class:`~otlabel.outputs.AtomicNpy` (appended to ``files``):
+    a temporary ``.npy`` that the caller commits (renames into place) on success or discards on failure."""
     if out is None:
         return None
     if isinstance(out, (str, os.PathLike)):
         file_shape = shape if batched else shape[1:]  # the caller's shape: (N,) / (N, K) for 2-d scores
-        out = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=dtype, shape=file_shape)
+        try:
+            atomic = AtomicNpy(os.fspath(out), dtype, file_shape)
+        except OutputError as err:
+            raise ValueError(f"{name}: {err}") from None
+        files.append(atomic)
+        out = atomic.array
     if isinstance(out, np.ndarray):
         if not out.flags.writeable:
             raise ValueError(f"{name} is read-only; pass a writable array or a path.")
@@ -562,25 +592,34 @@ def sinkhorn_assign_stream(
         first = scores if scores is not None else features
         on_gpu = isinstance(first, torch.Tensor) and first.is_cuda
         device = first.device if on_gpu else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    device = check_device(device)
     chunk_budget = chunk_bytes(memory_budget, device)
     if scores is not None:
         source = HostSource(scores, device, memory_budget=chunk_budget)
     else:
         source = FeatureSource(features, prototypes, bias, device, memory_budget=chunk_budget)
     h, n, k = source.n_heads, source.n_samples, source.n_clusters
+    inputs = {"scores": scores, "features": features, "prototypes": prototypes, "bias": bias}
+    refuse_overwriting_inputs({"labels_out": labels_out, "codes_out": codes_out}, inputs)
+    files = []  # output files given as paths: renamed into place only once everything has been written
     try:
         r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", device)
         c = check_weights(sample_weights, n, "sample_weights", "number of samples N", device)
-        labels = as_output(labels_out, (h, n), np.int64, "labels_out", source.batched)
-        codes = as_output(codes_out, (h, n, k), np.float32, "codes_out", source.batched)
-        operator = StreamingOperator(source, epsilon, c, r, labels, codes)
         shape_only = types.SimpleNamespace(shape=(h, n, k), scores=torch.empty(0, device=device), cluster_weights=r)
         b0 = check_init(init, shape_only, compute_dtype(source.dtype))
+        labels = as_output(labels_out, (h, n), np.int64, "labels_out", source.batched, files)
+        codes = as_output(codes_out, (h, n, k), np.float32, "codes_out", source.batched, files)
+        operator = StreamingOperator(source, epsilon, c, r, labels, codes)
         if b0 is not None:
             operator.validate()
         out = run_sinkhorn(operator, r, b0, max_iter, tol, acceleration, callback=callback)
         labels, codes = operator.assign(out.potentials, want_codes=codes is not None)
+        for f in files[::-1]:  # labels last: when the labels file exists, so does the codes file
+            f.commit()
+    except BaseException:
+        for f in files:
+            f.discard()
+        raise
     finally:
         source.stream.close()  # a speculative prefetch may be in flight
     if warn:

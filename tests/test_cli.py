@@ -151,6 +151,26 @@ def test_usage_errors(scores_file, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_outputs_may_not_be_inputs(tmp_path, capsys):
+    """--out or --codes-out naming an input file (or each other) is refused before anything is written: it used to
+    exit 0 with the scores replaced by labels."""
+    s = random_problem(30, 4, seed=5).numpy()
+    np.save(tmp_path / "s.npy", s)
+    np.save(tmp_path / "w.npy", np.ones(4) / 4)
+    cases = [
+        (["--out", "s.npy"], "same file as SCORES.npy"),
+        (["--out", "w.npy", "--cluster-weights", "w.npy"], "same file as --cluster-weights"),
+        (["--out", "y.npy", "--codes-out", "y.npy"], "same file as --out"),
+        (["--out", "./sub/../s.npy"], "same file as SCORES.npy"),
+    ]
+    (tmp_path / "sub").mkdir()
+    for extra, message in cases:
+        args = [str(tmp_path / a) if a.endswith(".npy") else a for a in extra]
+        assert main(["assign", str(tmp_path / "s.npy"), "-q", *args]) == EXIT_INPUT, extra
+        assert message in capsys.readouterr().err, extra
+    assert np.array_equal(np.load(tmp_path / "s.npy"), s) and not (tmp_path / "y.npy").exists()
+
+
 def test_strict_and_not_converged(scores_file, tmp_path, capsys):
     args = ["assign", str(scores_file), "--epsilon", "0.01", "--max-iter", "2", "--out", str(tmp_path / "y.npy")]
     assert main(args) == EXIT_OK

@@ -306,3 +306,13 @@ def test_nccl_collectives_use_the_data_gpu_not_the_current_one():
     assert collective_device("nccl", on_gpu_1) == torch.device("cuda", 1)
     assert collective_device("gloo", on_gpu_1) == torch.device("cpu")
     assert collective_device(None, torch.zeros(1)) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(group="world"), TypeError, "process group"),
+    (dict(timeout=-1), ValueError, "timeout must be a positive number"),
+    (dict(timeout="x"), ValueError, "timeout must be a positive number"),
+])  # fmt: skip
+def test_group_and_timeout_are_checked(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        sinkhorn_assign_sharded(torch.randn(20, 3), 0.1, **kwargs)

@@ -194,3 +194,51 @@ def test_cuda_staging_matches_cpu(problem, pinned):
     assert res.cluster_potentials.is_cuda
     assert_same_solution(res, ref, what="cuda staging")
     assert_close(res.codes, ref.codes, atol=1e-5, what="codes")
+
+
+def test_outputs_never_overwrite_inputs_nor_stay_half_written(tmp_path):
+    """An output path that is an input file is refused before anything is written (it used to crash the memory-
+    mapped read and leave the scores overwritten by labels); a solve that fails leaves no output file behind."""
+    s = random_problem(40, 5, seed=3).numpy()
+    scores_path = tmp_path / "scores.npy"
+    np.save(scores_path, s)
+    z_path, c_path = tmp_path / "z.npy", tmp_path / "c.npy"
+    np.save(z_path, np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32))
+    np.save(c_path, np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match="same file as scores"):
+        sinkhorn_assign_stream(scores_path, 0.1, labels_out=scores_path)
+    with pytest.raises(ValueError, match="same file as scores"):  # by its memmap, too
+        sinkhorn_assign_stream(np.load(scores_path, mmap_mode="r"), 0.1, codes_out=str(scores_path))
+    with pytest.raises(ValueError, match="same file as features"):
+        sinkhorn_assign_stream(features=z_path, prototypes=c_path, epsilon=0.5, codes_out=z_path)
+    with pytest.raises(ValueError, match="same file as labels_out"):
+        sinkhorn_assign_stream(scores_path, 0.1, labels_out=tmp_path / "o.npy", codes_out=tmp_path / "o.npy")
+    assert np.array_equal(np.load(scores_path), s) and not (tmp_path / "o.npy").exists()
+
+    bad = s.copy()
+    bad[7, 2] = np.nan
+    np.save(scores_path, bad)
+    for kwargs in (dict(), dict(init=torch.zeros(3))):  # NaN found while streaming; a bad warm start
+        with pytest.raises(ValueError):
+            sinkhorn_assign_stream(scores_path, 0.1, labels_out=tmp_path / "l.npy", codes_out=tmp_path / "q.npy",
+                                   **kwargs)  # fmt: skip
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npy", "scores.npy", "z.npy"], kwargs
+
+
+@pytest.mark.parametrize("budget", [0, -5, "256M", 2.5, True])
+def test_memory_budget_must_be_a_positive_integer(budget):
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
+        sinkhorn_assign_stream(random_problem(20, 3, seed=1).numpy(), 0.1, memory_budget=budget)
+
+
+@pytest.mark.parametrize("budget", [1, np.int64(1 << 20)])
+def test_memory_budget_takes_any_positive_integer(budget):
+    s = random_problem(20, 3, seed=1).numpy()
+    assert torch.equal(sinkhorn_assign_stream(s, 0.1, memory_budget=budget).labels, sinkhorn_assign(s, 0.1).labels)
+
+
+@pytest.mark.parametrize("device, words", [("bogus", "'cpu', 'cuda' or 'cuda:N'"), ("meta", "'cpu', 'cuda'")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")]))  # fmt: skip
+def test_stream_device_is_checked(device, words):
+    with pytest.raises(ValueError, match=words):
+        sinkhorn_assign_stream(random_problem(20, 3, seed=1).numpy(), 0.1, device=device)

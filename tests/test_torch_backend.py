@@ -166,6 +166,16 @@ def test_accelerations_reach_the_plain_solution(kwargs):
     assert_close(fast.codes, plain.codes, atol=1e-4, what=f"codes with {kwargs}")
 
 
+@pytest.mark.parametrize("max_iter", [1, 3, 7])
+def test_epsilon_scaling_keeps_to_max_iter(max_iter):
+    """Every stage used to run at least once, so max_iter=3 ran 9 iterations; the last stage (the requested eps)
+    keeps at least one iteration and the total never exceeds max_iter."""
+    s = cosine_scores(200, 8, seed=23)
+    res = sinkhorn_assign(s, 0.01, max_iter=max_iter, tol=None, epsilon_scaling=0.5)
+    assert res.n_iter == max_iter == len(res.errors) and res.epsilon == 0.01
+    assert torch.isfinite(res.cluster_potentials).all()
+
+
 @pytest.mark.parametrize("eps", [0.5, 0.05, 0.01])
 def test_adaptive_over_relaxation_never_loses_to_plain(eps):
     s = cosine_scores(400, 12, seed=18)

@@ -43,6 +43,8 @@ BAD_INPUTS = [
     ("eps NaN", dict(epsilon=float("nan")), ValueError, ["epsilon", "finite"]),
     ("eps inf", dict(epsilon=INF), ValueError, ["epsilon", "finite"]),
     ("eps string", dict(epsilon="0.1"), TypeError, ["epsilon"]),
+    ("eps tiny for the scores", dict(epsilon=1e-17), ValueError, ["scores / epsilon", "Raise epsilon"]),
+    ("scores huge for eps", dict(scores=S * 1e37), ValueError, ["scores / epsilon", "rescale"]),
     ("cluster weights shape", dict(cluster_weights=torch.ones(5) / 5), ValueError, ["cluster_weights", "(4,)"]),
     ("sample weights shape", dict(sample_weights=torch.ones(4) / 4), ValueError, ["sample_weights", "(10,)"]),
     ("negative weight", dict(cluster_weights=torch.tensor([0.5, 0.6, -0.2, 0.1])), ValueError, ["-0.2"]),
@@ -142,9 +144,31 @@ def test_lists_and_scalar_types_are_accepted():
     """Lists of numbers for scores and weights, NumPy scalars and 0-d tensors for epsilon: the same as floats."""
     weights = [0.1, 0.2, 0.3, 0.4]
     want = sinkhorn_assign(S.double(), 0.1, cluster_weights=torch.tensor(weights, dtype=torch.float64))
+    flipped = sinkhorn_assign(S.numpy()[::-1], 0.1)  # a reversed NumPy view (negative strides)
+    assert torch.equal(flipped.labels, sinkhorn_assign(S.flip(0), 0.1).labels)
     uniform = (np.ones(10) / 10).tolist()
     for eps in (np.float32(0.1), np.float64(0.1), torch.tensor(0.1, dtype=torch.float64), 0.1):
         got = sinkhorn_assign(S.double().tolist(), eps, cluster_weights=weights, sample_weights=uniform)
         assert torch.equal(got.labels, want.labels)
         atol = 1e-6 if isinstance(eps, np.float32) else 0.0  # float32(0.1) is not 0.1
         assert torch.allclose(got.cluster_potentials, want.cluster_potentials, rtol=0, atol=atol)
+
+
+def test_weights_within_the_sum_tolerance_are_renormalised():
+    """Cluster weights summing to 1 - 9e-5 against sample weights summing to 1 + 9e-5 pass the check; unless both are
+    rescaled to sum to exactly 1 no plan meets them, and the solver stalled at error 2e-4 with a warning."""
+    r = torch.full((4,), (1 - 9e-5) / 4, dtype=torch.float64)
+    c = torch.full((10,), (1 + 9e-5) / 10, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = sinkhorn_assign(S, 0.1, cluster_weights=r, sample_weights=c, tol=1e-6, max_iter=5000)
+    assert res.converged and torch.allclose(res.plan.sum(0).double(), torch.full((4,), 0.25, dtype=torch.float64),
+                                            atol=2e-6)  # fmt: skip
+    sevenths = torch.full((7,), 1 / 7, dtype=torch.float16)  # sums to 1.0004 in fp16 arithmetic's rounding
+    assert sinkhorn_assign(torch.randn(21, 7), 0.1, cluster_weights=sevenths).converged
+
+
+def test_result_repr_is_a_short_summary():
+    res = sinkhorn_assign(S, 0.1, tol=1e-9, max_iter=300, warn=False)
+    text = repr(res)
+    assert len(text) < 200 and "labels=(10,) int64" in text and f"after {res.n_iter} iterations" in text

@@ -1,0 +1,93 @@
+"""Output files that are never half-written: a ``.npy`` memmap filled in a temporary file and renamed into place
+only when complete, and a check that no output is one of the inputs (writing labels over the scores being read
+would destroy them, and crash the memory-mapped read).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+
+class OutputError(Exception):
+    """An output cannot be written (the command line's exit status 3)."""
+
+
+def refuse_overwriting_inputs(outputs: dict, inputs: dict, error=ValueError) -> None:
+    """Raise ``error`` when an output (name -> path, array or None) is the file of an input or of another output.
+
+    Paths are compared after resolving links; a memory-mapped NumPy input counts by its file.
+    """
+    seen = {}
+    for named in (inputs, outputs):  # inputs first: an output that clashes is named as the culprit
+        for name, x in named.items():
+            path = _file_of(x)
+            if path is None:
+                continue
+            if path in seen:
+                raise error(
+                    f"{name} {x if isinstance(x, (str, os.PathLike)) else path!r} is the same file as {seen[path]}: "
+                    "writing it would destroy that. Choose another path."
+                )
+            seen[path] = name
+
+
+def _file_of(x) -> str | None:
+    if isinstance(x, (str, os.PathLike)):
+        return os.path.realpath(os.fspath(x))
+    if isinstance(x, np.memmap) and x.filename:
+        return os.path.realpath(x.filename)
+    return None
+
+
+class AtomicNpy:
+    """A ``.npy`` memmap written in a temporary file beside ``path``; :meth:`commit` fsyncs and renames it."""
+
+    def __init__(self, path: str, dtype, shape: tuple):
+        self.path = os.path.abspath(path)
+        folder = os.path.dirname(self.path)
+        if os.path.isdir(self.path):
+            raise OutputError(f"cannot write {path!r}: it is a directory")
+        if not os.path.isdir(folder):
+            raise OutputError(f"cannot write {path!r}: directory {folder!r} does not exist")
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+        except OSError as err:
+            raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets the usual permissions
+        try:
+            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
+        except OSError as err:
+            self.discard()
+            raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from None
+
+    def commit(self) -> None:
+        try:
+            self.array.flush()
+            del self.array
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.path)
+        except OSError as err:
+            self.discard()
+            raise OutputError(f"cannot write {self.path!r}: {err.strerror or err}") from None
+        try:  # make the rename itself durable
+            dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+
+    def discard(self) -> None:
+        self.__dict__.pop("array", None)
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
