@@ -72,11 +72,22 @@ def uses_kernel(features, backend: str) -> bool:
 
 
 def dense_scores(features, prototypes, bias) -> torch.Tensor:
-    """``Z C^T + bias`` in float64: (N, K), or (H, N, K) for (H, K, D) prototypes."""
-    z, c = as_tensor(features, "features").double(), as_tensor(prototypes, "prototypes").double()
+    """``Z C^T + bias`` in float64: (N, K), or (H, N, K) for (H, K, D) prototypes (the reference backend's input).
+
+    The same inputs as the other paths (tensors, arrays, ``.npy`` paths) and the same shape checks."""
+    from .streaming import open_host_array
+
+    z, c = open_host_array(features, "features").double(), open_host_array(prototypes, "prototypes").double()
+    if z.ndim != 2 or z.numel() == 0:
+        raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(z.shape)}.")
+    if c.ndim not in (2, 3) or c.shape[-1] != z.shape[1] or c.numel() == 0:
+        raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {z.shape[1]}, got {tuple(c.shape)}.")
     scores = torch.matmul(z, c.transpose(-1, -2))  # (N, K) or (H, N, K)
     if bias is not None:
-        b = as_tensor(bias, "bias").double()
+        b = open_host_array(bias, "bias").double()
+        h, k = (c.shape[0] if c.ndim == 3 else 1), c.shape[-2]
+        if b.shape not in ((k,), (h, k)):
+            raise ValueError(f"bias must have shape ({k},) or ({h}, {k}), got {tuple(b.shape)}.")
         scores = scores + (b[:, None, :] if b.ndim == 2 else b)
     return scores
 

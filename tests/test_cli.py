@@ -255,3 +255,9 @@ def test_acceleration_flags(scores_file, tmp_path, capsys):
     assert np.array_equal(np.load(out), labels_plain)  # the same solution, reached in fewer passes
     assert main([*plain[:-1], "anderson", "--over-relaxation", "1.5"]) == 2
     assert "cannot go with --acceleration anderson" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["meta", "bogus"])
+def test_unusable_device_is_an_input_error(scores_file, tmp_path, capsys, device):
+    assert main(["assign", str(scores_file), "--out", str(tmp_path / "y.npy"), "--device", device, "-q"]) == EXIT_INPUT
+    assert "device" in capsys.readouterr().err and not (tmp_path / "y.npy").exists()

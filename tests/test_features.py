@@ -52,11 +52,17 @@ def test_triton_features_through_sinkhorn_assign():
         (dict(scores=torch.randn(5, 2), features=torch.randn(5, 3), prototypes=torch.randn(2, 3)), ValueError,
          ["either"]),
         (dict(), TypeError, ["scores"]),
+        (dict(features=torch.randn(5, 3), prototypes=torch.randn(2, 3), bias=torch.randn(3)), ValueError,
+         ["bias", "(2,)"]),
+        (dict(features=torch.randn(5, 3), prototypes=torch.randn(2, 3), bias=torch.randn(5, 2)), ValueError,
+         ["bias", "(1, 2)"]),
     ],
 )  # fmt: skip
-def test_features_bad_input(kwargs, error, words):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_features_bad_input(kwargs, error, words, backend):
+    """The same checks on every path (the reference path used to broadcast a (N, K) bias into (N, N) labels)."""
     with pytest.raises(error) as info:
-        sinkhorn_assign(epsilon=0.05, **kwargs)
+        sinkhorn_assign(epsilon=0.05, backend=backend, **kwargs)
     for word in words:
         assert word in str(info.value)
 
