@@ -227,7 +227,7 @@ def sinkhorn_assign_sharded(
         epsilon = check_epsilon(epsilon)
         acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
         shard = open_shard(local_scores, features, prototypes, bias, cluster_weights, backend, comm,
-                           allow_tf32=allow_tf32, memory_budget=memory_budget)  # fmt: skip
+                           allow_tf32=allow_tf32, memory_budget=memory_budget, epsilon=epsilon)  # fmt: skip
         c_local = None if sample_weights is None else check_local_weights(sample_weights, shard.n, shard.device)
         check_init(init, shard.problem(epsilon, None), torch.float64)
         meta = [shard.h, shard.n, shard.k, shard.dtype_code, float(shard.batched), epsilon]
@@ -263,6 +263,8 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
             f"sample_weights must sum to 1 over all ranks, got a sum of {float(metas[:, 11].sum()):.6g}. Pass each "
             "rank its slice of one global weight vector (w / w.sum() for counts)."
         )
+    else:  # exactly 1 over all ranks, as the cluster weights are (see problem.check_weights)
+        c_local = c_local / float(metas[:, 11].sum())
     h, k, r = shard.h, shard.k, shard.r
     size = 1 + h * k + k + FINGERPRINT_SIZE + (h * k if init is not None else 0)  # the same on every rank
     try:  # building the operator may still fail on one rank (e.g. out of memory): tell the others, do not leave them
@@ -300,14 +302,14 @@ class DenseShard:
 
     mode = 0
 
-    def __init__(self, local_scores, cluster_weights, backend: str, rank: int):
+    def __init__(self, local_scores, cluster_weights, backend: str, rank: int, epsilon: float | None = None):
         self.scores, self.batched = check_scores(local_scores)
         self.fingerprint = torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)  # scores: nothing more to agree on
         self.h, self.n, self.k = self.scores.shape
         self.device, self.dtype_code, self.backend = self.scores.device, DTYPE_CODES[self.scores.dtype], backend
         self.r = check_weights(cluster_weights, self.k, "cluster_weights", "number of clusters K (last dimension)",
                                self.device)  # fmt: skip
-        check_rows(self.scores, self.r, where=f" of rank {rank}'s shard")
+        check_rows(self.scores, self.r, where=f" of rank {rank}'s shard", inv_eps=epsilon and 1.0 / epsilon)
         resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective
 
     def problem(self, epsilon, sample_weights) -> Problem:
@@ -392,7 +394,8 @@ def inputs_fingerprint(prototypes, bias, h: int, k: int) -> torch.Tensor:
                         dtype=torch.float64)  # fmt: skip
 
 
-def open_shard(local_scores, features, prototypes, bias, cluster_weights, backend, comm, *, allow_tf32, memory_budget):
+def open_shard(local_scores, features, prototypes, bias, cluster_weights, backend, comm, *, allow_tf32, memory_budget,
+               epsilon=None):  # fmt: skip
     """This rank's input as a :class:`DenseShard` or :class:`FeatureShard` (features with ``backend="reference"``
     materialise ``Z C^T`` in float64: small problems, for checking)."""
     if (local_scores is None) == (features is None):
@@ -400,11 +403,11 @@ def open_shard(local_scores, features, prototypes, bias, cluster_weights, backen
     if features is None:
         if prototypes is not None or bias is not None:
             raise ValueError("prototypes= and bias= go with features=, not with local_scores.")
-        return DenseShard(local_scores, cluster_weights, backend, comm.rank)
+        return DenseShard(local_scores, cluster_weights, backend, comm.rank, epsilon)
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     if backend == "reference":
-        shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.rank)
+        shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.rank, epsilon)
         shard.fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)
         return shard
     return FeatureShard(features, prototypes, bias, cluster_weights, backend, comm.device, allow_tf32, memory_budget)

@@ -20,6 +20,7 @@ given a path. :func:`sinkhorn_assign_stream` is the entry point.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import threading
@@ -32,7 +33,7 @@ import torch
 
 from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, split_rows, worker_pool
 from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs
-from .problem import FLOAT_DTYPES, _first_index, check_epsilon, check_weights
+from .problem import FLOAT_DTYPES, MAX_SCORE_SPAN, _first_index, check_epsilon, check_weights
 from .result import SinkhornResult
 from .solver import (
     DEFAULT_MAX_ITER,
@@ -350,20 +351,32 @@ class FeatureSource(ScoreSource):
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def check_rows(scores: torch.Tensor, cluster_weights: torch.Tensor, offset: int = 0, where: str = "") -> None:
+def check_rows(
+    scores: torch.Tensor, cluster_weights: torch.Tensor, offset: int = 0, where: str = "", inv_eps: float | None = None
+) -> None:
     """The per-sample checks of :func:`otlabel.problem.check_score_values` on a chunk ``(H, T, K)`` whose first
-    sample is sample ``offset``: NaN, +inf, and samples with nowhere to go. (The per-cluster check needs every
-    sample: :func:`check_columns` on the accumulated column maxima.)"""
+    sample is sample ``offset``: NaN, +inf, samples with nowhere to go, and (given ``inv_eps``: 1 when the chunk
+    is ``S / eps`` already) ``|S| / eps`` beyond :data:`~otlabel.problem.MAX_SCORE_SPAN`. (The per-cluster check
+    needs every sample: :func:`check_columns` on the accumulated column maxima.)"""
+    span_limit = math.inf if not inv_eps else MAX_SCORE_SPAN / inv_eps  # in the chunk's units
     row_max = scores.amax(dim=2)  # (H, T): a max propagates NaN and +inf, and is -inf only for a masked row
-    if not bool(torch.isfinite(row_max).all()):
+    if not bool((row_max.abs() <= span_limit).all()):  # one read: NaN, +inf, masked rows, and too large for eps
         if torch.isnan(row_max).any():
             h, j, k = _first_index(torch.isnan(scores))
             raise ValueError(f"scores contain NaN (first at index {(h, j + offset, k)}{where}). Fix the model output.")
         if torch.isposinf(row_max).any():
             h, j, k = _first_index(torch.isposinf(scores))
             raise ValueError(
-                f"scores contain +inf (first at index {(h, j + offset, k)}{where}). Only -inf is allowed, and it "
-                "means 'this sample may not go to this cluster'."
+                f"scores contain +inf, or scores / epsilon overflow (first at index {(h, j + offset, k)}{where}). "
+                "Only -inf is allowed, and it means 'this sample may not go to this cluster'."
+            )
+        finite = torch.isfinite(row_max)
+        if bool((row_max.abs() > span_limit)[finite].any()):
+            raise ValueError(
+                f"scores / epsilon reach {float(row_max[finite].abs().amax()) * inv_eps:.3g}{where}: beyond "
+                f"{MAX_SCORE_SPAN:.0e} "
+                "the solver's float64 potentials cannot resolve the marginals. Raise epsilon (it is in the units of "
+                "the scores: 0.05 for cosine similarities) or rescale the scores."
             )
         h, j = _first_index(torch.isneginf(row_max))
         raise ValueError(
@@ -438,7 +451,7 @@ class StreamingOperator(LogDomainOperator):
         partials = []
         for rows in self.chunks(lo, hi):
             x = self.shifted(rows, zeros, out=buffer(rows))  # S / eps, (H, T, K): NaN and inf where S has them
-            check_rows(x, self.r, rows.start)
+            check_rows(x, self.r, rows.start, inv_eps=1.0)  # x is S / eps already
             col_max = torch.maximum(col_max, x.amax(dim=1))
             if with_lse:
                 x.add_(self.log_c[rows][None, :, None])

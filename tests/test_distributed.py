@@ -316,3 +316,13 @@ def test_nccl_collectives_use_the_data_gpu_not_the_current_one():
 def test_group_and_timeout_are_checked(kwargs, error, words):
     with pytest.raises(error, match=words):
         sinkhorn_assign_sharded(torch.randn(20, 3), 0.1, **kwargs)
+
+
+def test_shard_checks_the_score_range_and_renormalises_sample_weights():
+    with pytest.raises(ValueError, match="scores / epsilon reach"):
+        sinkhorn_assign_sharded(torch.randn(20, 3) * 1e12, 0.05)
+    s = random_problem(20, 4, seed=9)
+    w = torch.full((20,), (1 + 9e-5) / 20, dtype=torch.float64)  # within the tolerance, not exactly 1
+    r = torch.full((4,), (1 - 9e-5) / 4, dtype=torch.float64)
+    res = sinkhorn_assign_sharded(s, 0.1, sample_weights=w, cluster_weights=r, tol=1e-6, max_iter=5000)
+    assert res.converged
