@@ -36,10 +36,24 @@ def _prepare(scores, cluster_weights, sample_weights):
     return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy()
 
 
-def _result(plan: np.ndarray, s: np.ndarray) -> ExactResult:
+def _unit_cost(s: np.ndarray) -> np.ndarray:
+    """The cost ``-S`` rescaled to [0, 1] (the optimal plan does not change under a positive affine map of all
+    scores), with forbidden pairs at 1e6, a cost no feasible optimum pays. Rescaling first keeps that penalty
+    finite for scores of any size (1e300 scores made it inf, and the solvers returned an empty plan)."""
+    allowed = np.isfinite(s)
+    finite = s[allowed]
+    spread = finite.max() - finite.min()
+    unit = (finite.max() - s) / spread if spread > 0 else np.zeros_like(s)
+    return np.where(allowed, unit, 1e6)
+
+
+def _result(plan: np.ndarray, s: np.ndarray, c: np.ndarray | None = None, r: np.ndarray | None = None) -> ExactResult:
     allowed = np.isfinite(s)
     if (plan[~allowed] > 1e-12).any():
         raise ValueError("the masked problem has no feasible plan: relax the mask or the cluster weights.")
+    for sums, want in ((plan.sum(axis=1), c), (plan.sum(axis=0), r)):
+        if want is not None and not np.allclose(sums, want, rtol=1e-6, atol=1e-9):
+            raise ValueError("the exact solver returned a plan that misses the marginals; see its warnings above.")
     objective = float((plan[allowed] * s[allowed]).sum())
     return ExactResult(plan=plan, labels=plan.argmax(axis=1), objective=objective)
 
@@ -54,15 +68,12 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
     if method == "pot":
         import ot
 
-        finite = s[allowed]
-        forbid = (finite.max() - finite.min() + 1.0) * 1e6  # a cost no feasible optimum pays
-        cost = np.where(allowed, -s, forbid)
-        plan = ot.emd(c, r, np.ascontiguousarray(cost), numItermax=10_000_000)
+        plan = ot.emd(c, r, np.ascontiguousarray(_unit_cost(s)), numItermax=10_000_000)
     elif method == "linprog":
         plan = _linprog_plan(s, c, r, allowed)
     else:
         raise ValueError(f"method must be 'pot' or 'linprog', got {method!r}.")
-    return _result(np.asarray(plan, dtype=np.float64), s)
+    return _result(np.asarray(plan, dtype=np.float64), s, c, r)
 
 
 def _linprog_plan(s, c, r, allowed) -> np.ndarray:
@@ -75,7 +86,7 @@ def _linprog_plan(s, c, r, allowed) -> np.ndarray:
     cols = coo_matrix((np.ones(n * k), (np.tile(np.arange(k), n), idx.ravel())), shape=(k, n * k))
     bounds = np.where(allowed.ravel()[:, None], [0.0, None], [0.0, 0.0])
     res = linprog(
-        np.where(allowed, -s, 0.0).ravel(),
+        np.where(allowed, _unit_cost(s), 0.0).ravel(),
         A_eq=vstack([rows, cols]).tocsr(),
         b_eq=np.concatenate([c, r]),
         bounds=[tuple(b) for b in bounds],
@@ -106,9 +117,7 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     n, k = s.shape
     slot_cluster = np.repeat(np.arange(k), cluster_sizes(n, r))  # (N,)
     slot_scores = s[:, slot_cluster]  # (N, N)
-    finite = slot_scores[np.isfinite(slot_scores)]
-    forbid = (finite.max() - finite.min() + 1.0) * 1e6
-    rows, slots = linear_sum_assignment(np.where(np.isfinite(slot_scores), -slot_scores, forbid))
+    rows, slots = linear_sum_assignment(_unit_cost(slot_scores))
     labels = np.empty(n, dtype=np.int64)
     labels[rows] = slot_cluster[slots]
     plan = np.zeros((n, k))

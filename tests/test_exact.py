@@ -73,3 +73,14 @@ def test_exact_respects_mask(method):
     res = exact_plan(s, method=method)
     assert res.plan[:4, 0].max() == 0.0
     assert np.isfinite(res.objective)
+
+
+@pytest.mark.parametrize("method", ["pot", "linprog"])
+def test_exact_plan_of_huge_masked_scores(method):
+    """1e300 scores with a mask: the forbidden-pair penalty used to overflow to inf and POT returned an empty plan
+    (objective 0, only a warning). The plan does not change when every score is scaled by the same factor."""
+    s = random_problem(12, 3, seed=31, dtype=torch.float64)
+    s[0, 0] = -float("inf")
+    small, huge = exact_plan(s, method=method), exact_plan(s * 1e300, method=method)
+    assert np.allclose(huge.plan.sum(axis=0), 1 / 3) and np.allclose(huge.plan, small.plan, atol=1e-12)
+    assert huge.plan[0, 0] == 0 and np.isclose(huge.objective, small.objective * 1e300, rtol=1e-9)
