@@ -305,8 +305,9 @@ def check_init(init, problem, dtype) -> torch.Tensor | None:
         return None
     if isinstance(init, SinkhornResult):
         init = init.cluster_potentials
-    if not isinstance(init, torch.Tensor):
-        raise TypeError(f"init must be a SinkhornResult or a tensor of cluster potentials, got {type(init).__name__}.")
+    if not isinstance(init, torch.Tensor) or not init.dtype.is_floating_point:
+        what = type(init).__name__ if not isinstance(init, torch.Tensor) else f"a {init.dtype} tensor"
+        raise TypeError(f"init must be a SinkhornResult or a real floating-point tensor of potentials, got {what}.")
     h, _, k = problem.shape
     if init.shape not in ((k,), (h, k)):
         raise ValueError(

@@ -64,6 +64,7 @@ BAD_INPUTS = [
     ("unknown backend", dict(backend="cuda"), ValueError, ["backend", "'torch'"]),
     ("init shape", dict(init=torch.zeros(7)), ValueError, ["init", "(4,)"]),
     ("init NaN", dict(init=torch.full((4,), float("nan"))), ValueError, ["init", "NaN"]),
+    ("init complex", dict(init=torch.zeros(4, dtype=torch.complex64)), TypeError, ["init", "complex64"]),
 ]
 
 
