@@ -248,7 +248,8 @@ def sinkhorn_assign_sharded(
 def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, init, acceleration, callback, warn):
     """The collective part: agree on the problem (or fail together), then iterate on the global problem."""
     payload = meta if failure is None else [math.nan] * META_SIZE  # a fixed length on every rank, whatever failed
-    metas = comm.all_gather(torch.tensor([0.0 if failure is None else 1.0] + payload), "checks")
+    # float64: the sample-weight sums rescale the weights, and counts beyond 2^24 must stay exact
+    metas = comm.all_gather(torch.tensor([0.0 if failure is None else 1.0] + payload, dtype=torch.float64), "checks")
     bad = [i for i in range(comm.world) if metas[i, 0] != 0]
     if bad:
         if failure is not None:

@@ -15,9 +15,10 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 WEIGHT_SUM_RTOL = 1e-4
-# The largest |S| / eps the solver resolves. Its float64 potentials are of that size, and the marginal error is
-# read from their differences: at 1e10 those carry ~2e-6 of rounding, beyond it a solve could stop on noise.
-MAX_SCORE_SPAN = 1e10
+# The largest |S| / eps the solver resolves. S / eps + b is formed and the float64 potentials b are of that size;
+# the marginal error is read from their differences, which at 1e11 carry ~2e-5 of rounding: beyond, a solve could
+# stop on noise (at 1e17 it reported convergence with the marginals off by 0.5).
+MAX_SCORE_SPAN = 1e11
 
 
 @dataclass
@@ -106,24 +107,25 @@ def check_score_values(
 
     Two max-reductions do all the work (a max propagates NaN and +inf, and is -inf only where a whole
     row or column is masked) and their verdicts come back to the host together: one device synchronisation
-    (two with ``may_have_zeros``, for user-given weights that may have zero entries). The slow search for
-    where the problem is runs only on failure.
+    (two with ``may_have_zeros`` when some weight is 0; :func:`validate` knows from its host copy of the weights).
+    The slow search for where the problem is runs only on failure.
     """
     row_max = scores.amax(dim=2)  # (H, N)
     col_max = scores.amax(dim=1)  # (H, K)
     positive = cluster_weights > 0
     verdicts = [~torch.isfinite(row_max).all(), (torch.isneginf(col_max) & positive).any()]
     if epsilon is not None:
-        verdicts.append(score_span(row_max, col_max) > MAX_SCORE_SPAN * epsilon)
+        verdicts.append(score_span(row_max, col_max, positive) > MAX_SCORE_SPAN * epsilon)
     if may_have_zeros and bool((~positive).any()):  # a sample allowed only in zero-weight clusters is stranded
         verdicts.append(torch.isneginf(scores[:, :, positive].amax(dim=2)).any())
     if any(torch.stack(verdicts).tolist()):
         raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon)
 
 
-def score_span(row_max: torch.Tensor, col_max: torch.Tensor) -> torch.Tensor:
-    """0-d: the largest finite |row maximum| or |column maximum| of the scores, the size of the potentials."""
-    return torch.stack([_finite_abs_max(row_max), _finite_abs_max(col_max)]).amax()
+def score_span(row_max: torch.Tensor, col_max: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """0-d: the largest finite |row maximum| or |column maximum| (of clusters with weight) of the scores, the size
+    of ``S / eps`` and of the potentials, times ``eps``. Zero-weight clusters take no part in the solve."""
+    return torch.stack([_finite_abs_max(row_max), _finite_abs_max(torch.where(positive, col_max, 0.0))]).amax()
 
 
 def _finite_abs_max(x: torch.Tensor) -> torch.Tensor:
@@ -164,12 +166,13 @@ def raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon=None
             f"infeasible mask: cluster {k} (head {h}) has weight {float(cluster_weights[k]):.3g} > 0 but every "
             "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
         )
-    span = float(score_span(row_max, col_max))
+    span = float(score_span(row_max, col_max, cluster_weights > 0))
     if epsilon is not None and span > MAX_SCORE_SPAN * epsilon:
         raise ValueError(
             f"scores / epsilon reach {span / epsilon:.3g} (|scores| up to {span:.3g}, epsilon {epsilon:.3g}): beyond "
-            f"{MAX_SCORE_SPAN:.0e} the solver's float64 potentials cannot resolve the marginals. Raise epsilon (it is "
-            "in the units of the scores: 0.05 for cosine similarities) or rescale the scores."
+            f"{MAX_SCORE_SPAN:.0e} float64 arithmetic cannot resolve the marginals. Subtract a constant (scores - "
+            "scores.max(): shifts change nothing), rescale the scores, or raise epsilon (it is in the units of the "
+            "scores: 0.05 for cosine similarities)."
         )
 
 
@@ -177,21 +180,26 @@ def check_weights(weights, size: int, name: str, other: str, device: torch.devic
     """A marginal: 1-d, non-negative, finite, summing to 1. ``None`` gives the uniform weights."""
     if weights is None:
         return torch.full((size,), 1.0 / size, dtype=torch.float64, device=device)
+    return checked_host_weights(weights, size, name, other).to(device=device)
+
+
+def checked_host_weights(weights, size: int, name: str, other: str) -> torch.Tensor:
+    """:func:`check_weights` for given weights, returned as a float64 CPU tensor rescaled to sum to exactly 1."""
     weights = as_tensor(weights, name)
     if not weights.dtype.is_floating_point:
         weights = weights.double()
-    # fp16 weights such as 1/7 cannot sum to 1 within 1e-4; allow the rounding of the dtype they came in
-    sum_rtol = max(WEIGHT_SUM_RTOL, 8 * torch.finfo(weights.dtype).eps)
+    # fp16 weights such as 1/7 cannot sum to 1 within 1e-4: allow one unit of rounding of the dtype they came in
+    sum_rtol = max(WEIGHT_SUM_RTOL, torch.finfo(weights.dtype).eps)
     if weights.shape != (size,):
         raise ValueError(
             f"{name} must have shape ({size},) to match the {other} of scores, got {tuple(weights.shape)}."
         )
-    host = weights.to(device="cpu", dtype=torch.float64)  # checked on the host: one transfer, not one sync per check
-    if not bool(torch.isfinite(host).all()):
+    host = weights.to(device="cpu", dtype=torch.float64).numpy()  # checked on the host: one transfer, no more syncs
+    if not np.isfinite(host).all():
         raise ValueError(f"{name} contain NaN or inf; they must be finite proportions.")
-    if bool((host < 0).any()):
-        k = int(torch.nonzero(host < 0)[0])
-        raise ValueError(f"{name} must be non-negative, but entry {k} is {float(host[k]):.6g}.")
+    if (host < 0).any():
+        k = int(np.flatnonzero(host < 0)[0])
+        raise ValueError(f"{name} must be non-negative, but entry {k} is {host[k]:.6g}.")
     total = float(host.sum())
     if abs(total - 1.0) > sum_rtol:
         raise ValueError(
@@ -199,7 +207,7 @@ def check_weights(weights, size: int, name: str, other: str, device: torch.devic
         )
     # Exactly 1 in float64: both marginals must carry the same mass, or no plan meets them and the solver would
     # chase the difference (a sum of 0.9999 against 1.0001 stalled at error 2e-4).
-    return (host / total).to(device=device)
+    return torch.from_numpy(host / total)
 
 
 def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Problem:
@@ -208,9 +216,13 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Prob
     scores3, batched = check_scores(scores)
     _, n, k = scores3.shape
     device = scores3.device
-    r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K (last dimension)", device)
+    if cluster_weights is None:
+        r, has_zeros = check_weights(None, k, "cluster_weights", "", device), False
+    else:  # checked on the host (one transfer), where whether some weight is 0 costs no device synchronisation
+        r_host = checked_host_weights(cluster_weights, k, "cluster_weights", "number of clusters K (last dimension)")
+        r, has_zeros = r_host.to(device), bool((r_host.numpy() == 0).any())
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device)
-    check_score_values(scores3, r, may_have_zeros=cluster_weights is not None, epsilon=epsilon)
+    check_score_values(scores3, r, may_have_zeros=has_zeros, epsilon=epsilon)
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched)
 
 

@@ -82,6 +82,7 @@ def run_sinkhorn(
     empty = r == 0  # zero-weight clusters: b = -inf, they receive nothing
     b = None if init is None else centred(init.to(torch.float64), empty)
     errors: list[torch.Tensor] = []
+    worst_history: list[float] = []  # the errors already read back (with a tol, a callback or mixing)
     converged = False
     for _ in range(max_iter):
         lse = operator.cluster_lse(potentials_for(operator, b)).to(torch.float64)  # (H, K)
@@ -90,16 +91,19 @@ def run_sinkhorn(
         errors.append(err)
         reads_error = tol is not None or callback is not None or mixer is not None
         worst = read_error(err, b_new, empty) if reads_error else None  # the one device sync of an iteration
+        if reads_error:
+            previous_worst = worst_history[-1] if worst_history else math.inf
+            worst_history.append(worst)
         if callback is not None:
             callback(len(errors), worst)
         if tol is not None:
             if worst < tol:
                 converged = True  # keep b: its error is the one just measured
                 break
-            if omega != 1.0 and len(errors) > 2 and worst > 1.01 * float(errors[-2].max()):
+            if omega != 1.0 and len(errors) > 2 and worst > 1.01 * previous_worst:
                 omega, adaptive = 1.0, False  # safeguard: over-relaxation is only locally convergent
             elif adaptive and len(errors) == 1 + RATE_SAMPLES:
-                omega, adaptive = omega_for_rate([float(e.max()) for e in errors[1:]]), False
+                omega, adaptive = omega_for_rate(worst_history[1:]), False
         if mixer is not None and b is not None:
             b_new = mixer.step(b, b_new, worst, empty)
         mixed = b is not None and (mixer is not None or omega != 1.0)

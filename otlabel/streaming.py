@@ -360,7 +360,7 @@ def check_rows(
     needs every sample: :func:`check_columns` on the accumulated column maxima.)"""
     span_limit = math.inf if not inv_eps else MAX_SCORE_SPAN / inv_eps  # in the chunk's units
     row_max = scores.amax(dim=2)  # (H, T): a max propagates NaN and +inf, and is -inf only for a masked row
-    if not bool((row_max.abs() <= span_limit).all()):  # one read: NaN, +inf, masked rows, and too large for eps
+    if not bool((torch.isfinite(row_max) & (row_max.abs() <= span_limit)).all()):  # NaN, inf, masked rows, span
         if torch.isnan(row_max).any():
             h, j, k = _first_index(torch.isnan(scores))
             raise ValueError(f"scores contain NaN (first at index {(h, j + offset, k)}{where}). Fix the model output.")
@@ -374,9 +374,9 @@ def check_rows(
         if bool((row_max.abs() > span_limit)[finite].any()):
             raise ValueError(
                 f"scores / epsilon reach {float(row_max[finite].abs().amax()) * inv_eps:.3g}{where}: beyond "
-                f"{MAX_SCORE_SPAN:.0e} "
-                "the solver's float64 potentials cannot resolve the marginals. Raise epsilon (it is in the units of "
-                "the scores: 0.05 for cosine similarities) or rescale the scores."
+                f"{MAX_SCORE_SPAN:.0e} float64 arithmetic cannot resolve the marginals. Subtract a constant (shifts "
+                "change nothing), rescale the scores, or raise epsilon (it is in the units of the scores: 0.05 for "
+                "cosine similarities)."
             )
         h, j = _first_index(torch.isneginf(row_max))
         raise ValueError(
@@ -582,6 +582,8 @@ def sinkhorn_assign_stream(
         labels_out: where labels go: a path (a new int64 ``.npy`` is written chunk by chunk) or a writable int64
             array/tensor of N (H·N) elements. Default: a new CPU tensor.
         codes_out: same for the soft codes (float32, N·K (H·N·K) elements), written in the same final pass.
+            Output paths are written to a temporary file renamed into place once complete, and may not be an input
+            file (given as a path or a NumPy memmap; a torch tensor made from a memmap cannot be recognised).
             Without it, ``result.codes`` is computed on first access into an (N, K) CPU tensor.
         callback: ``callback(iteration, marginal_error)`` after every iteration (e.g. a progress bar).
 
@@ -612,10 +614,10 @@ def sinkhorn_assign_stream(
     else:
         source = FeatureSource(features, prototypes, bias, device, memory_budget=chunk_budget)
     h, n, k = source.n_heads, source.n_samples, source.n_clusters
-    inputs = {"scores": scores, "features": features, "prototypes": prototypes, "bias": bias}
-    refuse_overwriting_inputs({"labels_out": labels_out, "codes_out": codes_out}, inputs)
     files = []  # output files given as paths: renamed into place only once everything has been written
     try:
+        inputs = {"scores": scores, "features": features, "prototypes": prototypes, "bias": bias}
+        refuse_overwriting_inputs({"labels_out": labels_out, "codes_out": codes_out}, inputs)
         r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", device)
         c = check_weights(sample_weights, n, "sample_weights", "number of samples N", device)
         shape_only = types.SimpleNamespace(shape=(h, n, k), scores=torch.empty(0, device=device), cluster_weights=r)

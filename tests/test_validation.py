@@ -43,7 +43,7 @@ BAD_INPUTS = [
     ("eps NaN", dict(epsilon=float("nan")), ValueError, ["epsilon", "finite"]),
     ("eps inf", dict(epsilon=INF), ValueError, ["epsilon", "finite"]),
     ("eps string", dict(epsilon="0.1"), TypeError, ["epsilon"]),
-    ("eps tiny for the scores", dict(epsilon=1e-17), ValueError, ["scores / epsilon", "Raise epsilon"]),
+    ("eps tiny for the scores", dict(epsilon=1e-17), ValueError, ["scores / epsilon", "raise epsilon"]),
     ("scores huge for eps", dict(scores=S * 1e37), ValueError, ["scores / epsilon", "rescale"]),
     ("cluster weights shape", dict(cluster_weights=torch.ones(5) / 5), ValueError, ["cluster_weights", "(4,)"]),
     ("sample weights shape", dict(sample_weights=torch.ones(4) / 4), ValueError, ["sample_weights", "(10,)"]),
@@ -173,3 +173,17 @@ def test_result_repr_is_a_short_summary():
     res = sinkhorn_assign(S, 0.1, tol=1e-9, max_iter=300, warn=False)
     text = repr(res)
     assert len(text) < 200 and "labels=(10,) int64" in text and f"after {res.n_iter} iterations" in text
+
+
+def test_score_range_check_lets_large_but_solvable_scores_through():
+    """Offsets of 1e9 (|S| / eps = 2e10) and a zero-weight cluster parked at float32's lowest value solve as before;
+    the check is about what float64 arithmetic can resolve, not about how large the numbers look."""
+    s = S.double()
+    plain = sinkhorn_assign(s, 0.05, tol=1e-6, max_iter=5000)
+    shifted = sinkhorn_assign(s + 1e9, 0.05, tol=1e-6, max_iter=5000)
+    assert shifted.converged and torch.equal(shifted.labels, plain.labels)
+    assert torch.allclose(shifted.codes, plain.codes, atol=1e-5)
+    parked = torch.cat([S, torch.full((10, 1), torch.finfo(torch.float32).min)], dim=1)  # (10, 5)
+    weights = torch.tensor([0.25, 0.25, 0.25, 0.25, 0.0])
+    res = sinkhorn_assign(parked, 0.05, cluster_weights=weights)
+    assert res.converged and not (res.labels == 4).any()
