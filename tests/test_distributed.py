@@ -326,3 +326,42 @@ def test_shard_checks_the_score_range_and_renormalises_sample_weights():
     r = torch.full((4,), (1 - 9e-5) / 4, dtype=torch.float64)
     res = sinkhorn_assign_sharded(s, 0.1, sample_weights=w, cluster_weights=r, tol=1e-6, max_iter=5000)
     assert res.converged
+
+
+TORCHRUN_SCRIPT = """
+import os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from helpers import random_problem
+from otlabel import sinkhorn_assign, sinkhorn_assign_sharded
+
+dist.init_process_group("gloo")  # torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+rank, world = dist.get_rank(), dist.get_world_size()
+scores = random_problem(101, 5, seed=21)
+lo, hi = [(0, 40), (40, 101)][rank]
+res = sinkhorn_assign_sharded(scores[lo:hi], 0.1, group=dist.group.WORLD, tol=1e-6, max_iter=2000)
+whole = sinkhorn_assign(scores, 0.1, tol=1e-6, max_iter=2000)
+ok = res.converged and torch.equal(res.labels, whole.labels[lo:hi]) and world == 2
+with open(os.path.join({out!r}, f"rank{{rank}}"), "w") as f:
+    f.write(f"{{ok}} {{res.n_iter}}")
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun(tmp_path):
+    """What the README promises: launched by torchrun (its env:// rendezvous), two Gloo ranks give the labels of the
+    single-process solve, after the same number of iterations."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "job.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [(tmp_path / f"rank{r}").read_text().split() for r in range(2)]
+    assert [ok for ok, _ in results] == ["True", "True"] and results[0][1] == results[1][1], results
