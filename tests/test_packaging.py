@@ -1,0 +1,27 @@
+"""The wheel ships every module: the package's own, the Triton kernels (top-level ``kernels/`` installed as
+``otlabel.kernels``) and the PEP 561 marker. A module missing from it would pass every test run from the checkout."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("setuptools") is None, reason="building the wheel needs setuptools")
+def test_wheel_contains_every_module(tmp_path):
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
+    done = subprocess.run([*build, str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("otlabel-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"otlabel/{p.relative_to(ROOT / 'otlabel').as_posix()}" for p in (ROOT / "otlabel").rglob("*.py")}
+    expected |= {f"otlabel/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
+    expected.add("otlabel/py.typed")
+    assert expected <= names, sorted(expected - names)
