@@ -464,7 +464,7 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, max_iter: int, epsi
     if tol is None or out.converged:
         return
     warnings.warn(
-        f"{caller} did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after {max_iter} iterations "
+        f"{caller} did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after {out.n_iter} iterations "
         f"(epsilon={epsilon:g}). Raise max_iter, raise epsilon, or warm-start with init=<previous result>. If the "
         "scores carry -inf masks, the masked problem may have no balanced plan at all: check that every group of "
         "clusters can reach enough samples.",

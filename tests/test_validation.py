@@ -107,9 +107,11 @@ def test_infeasible_by_counting_warns_and_stays_finite():
 
 
 def test_non_convergence_warns():
-    with pytest.warns(ConvergenceWarning, match="did not converge"):
+    with pytest.warns(ConvergenceWarning, match="did not converge.*after 2 iterations"):
         res = sinkhorn_assign(S, 0.01, max_iter=2, tol=1e-9)
     assert not res.converged and res.n_iter == 2
+    with pytest.warns(ConvergenceWarning, match="after 3 iterations"):  # the stages of epsilon_scaling count
+        sinkhorn_assign(S, 0.01, max_iter=3, tol=1e-9, epsilon_scaling=0.5)
 
 
 @pytest.mark.parametrize(
