@@ -292,7 +292,8 @@ class FeatureSource(ScoreSource):
 
     Memory on the device: ``H·K·D`` fp32 for the prototypes plus, per chunk of T samples, ``T·D`` for the
     features (twice, when staged) and a few ``T·H·K`` fp32 temporaries: set T with ``rows_per_chunk`` or
-    ``memory_budget``. The matmul runs in fp32 (fp16/bf16 features are upcast per chunk).
+    ``memory_budget``. The matmul runs in fp32 (fp16/bf16 features are upcast per chunk), or in float64 for
+    float64 features.
     """
 
     def __init__(self, features, prototypes, bias=None, device=None, rows_per_chunk=None, memory_budget=None):
@@ -310,13 +311,14 @@ class FeatureSource(ScoreSource):
         protos = protos if self.batched else protos.unsqueeze(0)  # (H, K, D)
         self.n_heads, self.n_clusters, dim = protos.shape
         self.n_samples = host.shape[0]
-        self.dtype = torch.float32
-        self.proto_t = protos.to(self.device, torch.float32).transpose(1, 2).contiguous()  # (H, D, K)
+        # float64 features are multiplied in float64 (as float64 scores are solved in float64); the rest in fp32
+        self.dtype = torch.float64 if host.dtype == torch.float64 else torch.float32
+        self.proto_t = protos.to(self.device, self.dtype).transpose(1, 2).contiguous()  # (H, D, K)
         if not bool(torch.isfinite(self.proto_t).all()):
             raise ValueError("prototypes contain NaN or inf; they must be finite vectors.")
         self.bias = None
         if bias is not None:
-            bias = open_host_array(bias, "bias").to(self.device, torch.float32)
+            bias = open_host_array(bias, "bias").to(self.device, self.dtype)
             if bias.shape not in ((self.n_clusters,), (self.n_heads, self.n_clusters)):
                 raise ValueError(f"bias must have shape ({self.n_clusters},) or ({self.n_heads}, {self.n_clusters}).")
             self.bias = bias.expand(self.n_heads, self.n_clusters)[:, None, :]  # (H, 1, K)
@@ -328,14 +330,14 @@ class FeatureSource(ScoreSource):
         self.random_access = not self.stream.staged  # views and a matmul: any order, any thread
 
     def chunk(self, rows: slice) -> torch.Tensor:
-        z = self.stream.get(rows)[0].float()  # (T, D)
+        z = self.stream.get(rows)[0].to(self.dtype)  # (T, D)
         s = torch.matmul(z, self.proto_t)  # (H, T, K)
         return s if self.bias is None else s.add_(self.bias)
 
     def shifted(self, rows: slice, b: torch.Tensor, inv_eps: float, out=None) -> torch.Tensor:
         """``S / eps + b`` for a chunk, (H, T, K) fp32, in one fused matmul (``baddbmm``), into ``out`` if given."""
-        z = self.stream.get(rows)[0].float()  # (T, D)
-        shift = b.float()[:, None, :]  # (H, 1, K)
+        z = self.stream.get(rows)[0].to(self.dtype)  # (T, D)
+        shift = b.to(self.dtype)[:, None, :]  # (H, 1, K)
         if self.bias is not None:
             shift = shift + self.bias * inv_eps
         h, t = self.n_heads, z.shape[0]

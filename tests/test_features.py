@@ -102,3 +102,18 @@ def test_torch_features_peak_memory_far_below_the_score_matrix():
     assert extra < dense_bytes / 10, (
         f"peak grew by {extra / 2**20:.0f} MiB; the score matrix is {dense_bytes >> 20} MiB"
     )
+
+
+def test_float64_features_are_solved_in_float64():
+    """float64 features used to be multiplied in fp32: potentials good to ~1e-6 only, and inputs beyond fp32's range
+    (scaled by 1e25 with eps scaled by 1e50: the same problem) gave a wrong 'converged' answer."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.nn.functional.normalize(torch.randn(60, 4, generator=g, dtype=torch.float64), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    ref = sinkhorn_assign(z @ c.T, 0.1, tol=1e-10, max_iter=5000, backend="reference")
+    for scale in (1.0, 1e25):
+        res = sinkhorn_assign(features=z * scale, prototypes=c * scale, epsilon=0.1 * scale**2, tol=1e-10,
+                              max_iter=5000)  # fmt: skip
+        assert res.converged and torch.equal(res.labels, ref.labels)
+        gap = res.cluster_potentials - ref.cluster_potentials
+        assert (gap - gap.mean()).abs().max() < 1e-11, scale
