@@ -335,13 +335,14 @@ class FeatureShard:
 
     mode = 1
 
-    def __init__(self, features, prototypes, bias, cluster_weights, backend, device, allow_tf32, memory_budget):
+    def __init__(self, features, prototypes, bias, cluster_weights, backend, device, allow_tf32, memory_budget,
+                 epsilon=None):  # fmt: skip
         z = features if isinstance(features, torch.Tensor) else None
         self.kernel = uses_kernel(features, backend)
         self.allow_tf32, self.source = allow_tf32, None
         if self.kernel:
             self.z = z
-            self.c3, self.bias, self.r, self.batched = kernel_inputs(z, prototypes, bias, cluster_weights)
+            self.c3, self.bias, self.r, self.batched = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
         else:
             device = z.device if z is not None and z.is_cuda else device  # host data: through this rank's device
             self.source = FeatureSource(features, prototypes, bias, device,
@@ -411,7 +412,8 @@ def open_shard(local_scores, features, prototypes, bias, cluster_weights, backen
         shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.rank, epsilon)
         shard.fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)
         return shard
-    return FeatureShard(features, prototypes, bias, cluster_weights, backend, comm.device, allow_tf32, memory_budget)
+    return FeatureShard(features, prototypes, bias, cluster_weights, backend, comm.device, allow_tf32, memory_budget,
+                        epsilon)  # fmt: skip
 
 
 def check_local_weights(weights, n: int, device) -> torch.Tensor:

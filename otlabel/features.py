@@ -14,12 +14,13 @@ are under 1 GB. Routes, chosen like the dense backends:
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
 
 from .backends import _triton_usable
-from .problem import as_tensor, check_epsilon, check_weights
+from .problem import MAX_SCORE_SPAN, as_tensor, check_epsilon, check_weights
 from .solver import (
     check_init,
     check_solver_options,
@@ -92,21 +93,39 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
     return scores
 
 
-def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torch.Tensor) -> None:
-    """What the kernel cannot check as it goes: finite inputs, and no weighted cluster closed by a -inf bias.
+def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torch.Tensor, epsilon=None) -> None:
+    """What the kernel cannot check as it goes: finite inputs, no weighted cluster closed by a -inf bias, and (given
+    ``epsilon``) scores within the range the solver resolves — judged by the bound ``|S| <= max |z| max |c| +
+    max |bias|``, since the scores themselves are never formed.
 
     The verdicts come back to the host together (one device synchronisation); the bias's own messages are
     produced by :func:`check_bias` on failure only."""
     verdicts = [torch.isfinite(z).all(), torch.isfinite(c).all()]
+    bound = score_bound(z, c, bias)
+    verdicts.append(bound <= (math.inf if epsilon is None else MAX_SCORE_SPAN * epsilon))
     if bias is not None:
         verdicts += [~(torch.isnan(bias) | torch.isposinf(bias) | (torch.isneginf(bias) & (cluster_weights > 0))).any()]
-    features_ok, prototypes_ok, *bias_ok = torch.stack(verdicts).tolist()
+    features_ok, prototypes_ok, span_ok, *bias_ok = torch.stack(verdicts).tolist()
     if not features_ok:
         raise ValueError("features contain NaN or inf; they must be finite vectors. Fix the model output.")
     if not prototypes_ok:
         raise ValueError("prototypes contain NaN or inf; they must be finite vectors.")
     if not all(bias_ok):
         check_bias(bias, cluster_weights)
+    if not span_ok:
+        raise ValueError(
+            f"scores / epsilon may reach {float(bound) / epsilon:.3g} (|features| x |prototypes| + |bias| up to "
+            f"{float(bound):.3g}, epsilon {epsilon:.3g}): beyond {MAX_SCORE_SPAN:.0e} float64 arithmetic cannot "
+            "resolve the marginals. Normalise the features and prototypes, or raise epsilon."
+        )
+
+
+def score_bound(z: torch.Tensor, c: torch.Tensor, bias) -> torch.Tensor:
+    """0-d float64: ``max_j |z_j| max_k |c_k| + max |bias|`` (Cauchy-Schwarz), a bound on every |score|."""
+    z_norm = torch.linalg.vector_norm(z, dim=-1, dtype=torch.float32).amax().double()
+    c_norm = torch.linalg.vector_norm(c, dim=-1, dtype=torch.float32).amax().double()
+    finite_bias = 0.0 if bias is None else torch.where(torch.isfinite(bias), bias.abs(), 0).amax().double()
+    return z_norm * c_norm + finite_bias
 
 
 def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor) -> None:
@@ -129,7 +148,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 
     epsilon = check_epsilon(epsilon)
     acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
-    c3, bias_t, r, batched = kernel_inputs(z, prototypes, bias, cluster_weights)
+    c3, bias_t, r, batched = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
     (h, k, _), n = c3.shape, z.shape[0]
     w = check_weights(sample_weights, n, "sample_weights", "number of samples N", z.device)
     operator = TritonFeaturesOperator(z, c3, bias_t, epsilon, w, allow_tf32=allow_tf32)
@@ -142,7 +161,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
     return package_result(problem, operator, out)
 
 
-def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights):
+def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=None):
     """Checked inputs of the features kernel: prototypes (H, K, D) on ``z``'s device and dtype, the bias (fp32 or
     None), the cluster weights (K,) and whether the prototypes carried a head dimension."""
     if z.ndim != 2 or z.numel() == 0:
@@ -159,5 +178,5 @@ def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights):
         if bias_t.shape not in ((k,), (h, k)):
             raise ValueError(f"bias must have shape ({k},) or ({h}, {k}), got {tuple(bias_t.shape)}.")
         bias_t = bias_t.expand(h, k).contiguous()
-    check_features(z, c3, bias_t, r)
+    check_features(z, c3, bias_t, r, epsilon)
     return c3, bias_t, r, batched

@@ -117,3 +117,11 @@ def test_float64_features_are_solved_in_float64():
         assert res.converged and torch.equal(res.labels, ref.labels)
         gap = res.cluster_potentials - ref.cluster_potentials
         assert (gap - gap.mean()).abs().max() < 1e-11, scale
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_tiny_epsilon_for_the_features_is_an_error_on_every_path(backend):
+    """The kernel path judges by |z| |c| + |bias| (it never forms the scores), the others by the scores."""
+    z, c = torch.randn(40, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="scores / epsilon"):
+        sinkhorn_assign(features=z, prototypes=c, epsilon=1e-12, backend=backend)
