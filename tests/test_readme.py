@@ -49,13 +49,17 @@ def test_streaming_and_sharding_fragment_runs(tmp_path, monkeypatch, one_process
     rng = np.random.default_rng(0)
     z = rng.standard_normal((2_000, 16)).astype(np.float32)
     z /= np.linalg.norm(z, axis=1, keepdims=True)
-    c = torch.nn.functional.normalize(torch.randn(12, 16), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(12, 16, generator=torch.Generator().manual_seed(0)), dim=1)
     np.save("scores.npy", z @ c.numpy().T)
     np.save("emb.npy", z)
     namespace = dict(torch=torch, C=c, local_logits=torch.from_numpy(z) @ c.T, local_z=z)
     exec(compile(python_blocks()[2], "README.md python block 3", "exec"), namespace)
-    labels = np.load("labels.npy")  # from the first call; the last call solves the same problem from features
-    assert labels.shape == (2_000,) and np.array_equal(labels, namespace["res"].labels.numpy())
+    labels = np.load("labels.npy")  # from the first call (tol 1e-3); the last solves the same problem to 1e-4
+    res = namespace["res"]
+    assert labels.shape == (2_000,) and res.converged
+    agree = (labels == res.labels.numpy()).mean()
+    assert agree > 0.98, agree  # the tolerances differ: a few near-ties may flip
+    assert np.bincount(labels, minlength=12).min() > 0.8 * 2_000 / 12  # balanced
 
 
 def test_checking_fragment_runs():
