@@ -40,7 +40,16 @@ import torch.distributed as dist
 from .backends import make_operator, resolve_backend
 from .backends.base import ScoreOperator
 from .features import check_bias, dense_scores, kernel_inputs, uses_kernel
-from .problem import Problem, as_tensor, check_epsilon, check_scores, check_weights
+from .problem import (
+    Problem,
+    as_tensor,
+    check_epsilon,
+    check_scores,
+    check_weights,
+    compute_dtype_of,
+    max_score_span,
+    span_error,
+)
 from .result import SinkhornResult
 from .solver import (
     ADAPTIVE,
@@ -310,7 +319,8 @@ class DenseShard:
         self.device, self.dtype_code, self.backend = self.scores.device, DTYPE_CODES[self.scores.dtype], backend
         self.r = check_weights(cluster_weights, self.k, "cluster_weights", "number of clusters K (last dimension)",
                                self.device)  # fmt: skip
-        check_rows(self.scores, self.r, where=f" of rank {rank}'s shard", inv_eps=epsilon and 1.0 / epsilon)
+        check_rows(self.scores, self.r, where=f" of rank {rank}'s shard", inv_eps=epsilon and 1.0 / epsilon,
+                   compute_dtype=compute_dtype_of(self.scores))  # fmt: skip
         resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective
 
     def problem(self, epsilon, sample_weights) -> Problem:
@@ -348,16 +358,28 @@ class FeatureShard:
             self.source = FeatureSource(features, prototypes, bias, device,
                                         memory_budget=chunk_bytes(memory_budget, device))  # fmt: skip
             self.z = self.source.stream.host[0]  # (N, D) on the host (or the device), streamed
-            check_finite_rows(self.z, "features")
+            largest_z = check_finite_rows(self.z, "features")
             self.batched = self.source.batched
             self.r = check_weights(cluster_weights, self.source.n_clusters, "cluster_weights", "number of clusters K",
                                    self.source.device)  # fmt: skip
             self.bias = None if self.source.bias is None else self.source.bias[:, 0]  # (H, K)
             check_bias(self.bias, self.r)
+            if epsilon is not None:  # before any collective: the streamed pass would find it only after agreeing
+                self.check_range(largest_z, epsilon)
         self.h, self.k = self.c3.shape[:2] if self.kernel else (self.source.n_heads, self.source.n_clusters)
         self.fingerprint = inputs_fingerprint(prototypes, bias, self.h, self.k)
         self.n, self.device = self.z.shape[0], self.r.device
         self.dtype_code = DTYPE_CODES[self.z.dtype]
+
+    def check_range(self, largest_z: float, epsilon: float) -> None:
+        """``|S| / eps`` within what the compute precision resolves, by the bound ``|z| |c| + |bias|``."""
+        largest_c = float(torch.linalg.vector_norm(self.source.proto_t, dim=1, dtype=torch.float64).amax())
+        bound = largest_z * largest_c
+        if self.bias is not None:
+            bound += float(torch.where(torch.isfinite(self.bias), self.bias.abs(), 0).amax())
+        if bound > max_score_span(self.source.dtype) * epsilon:
+            detail = f" (bounded by |features| x |prototypes| + |bias| = {bound:.3g}, epsilon {epsilon:.3g})"
+            raise span_error(bound / epsilon, self.source.dtype, detail)
 
     def problem(self, epsilon, sample_weights):
         scores = self.z if self.kernel else torch.empty(0, device=self.device)  # where results live

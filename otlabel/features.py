@@ -20,7 +20,7 @@ import types
 import torch
 
 from .backends import _triton_usable
-from .problem import MAX_SCORE_SPAN, as_tensor, check_epsilon, check_weights
+from .problem import MAX_SCORE_SPAN_FP32, as_tensor, check_epsilon, check_weights, span_error
 from .solver import (
     check_init,
     check_solver_options,
@@ -102,7 +102,7 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
     produced by :func:`check_bias` on failure only."""
     verdicts = [torch.isfinite(z).all(), torch.isfinite(c).all()]
     bound = score_bound(z, c, bias)
-    verdicts.append(bound <= (math.inf if epsilon is None else MAX_SCORE_SPAN * epsilon))
+    verdicts.append(bound <= (math.inf if epsilon is None else MAX_SCORE_SPAN_FP32 * epsilon))  # fp32 kernels
     if bias is not None:
         verdicts += [~(torch.isnan(bias) | torch.isposinf(bias) | (torch.isneginf(bias) & (cluster_weights > 0))).any()]
     features_ok, prototypes_ok, span_ok, *bias_ok = torch.stack(verdicts).tolist()
@@ -113,17 +113,14 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
     if not all(bias_ok):
         check_bias(bias, cluster_weights)
     if not span_ok:
-        raise ValueError(
-            f"scores / epsilon may reach {float(bound) / epsilon:.3g} (|features| x |prototypes| + |bias| up to "
-            f"{float(bound):.3g}, epsilon {epsilon:.3g}): beyond {MAX_SCORE_SPAN:.0e} float64 arithmetic cannot "
-            "resolve the marginals. Normalise the features and prototypes, or raise epsilon."
-        )
+        detail = f" (bounded by |features| x |prototypes| + |bias| = {float(bound):.3g}, epsilon {epsilon:.3g})"
+        raise span_error(float(bound) / epsilon, torch.float32, detail)
 
 
 def score_bound(z: torch.Tensor, c: torch.Tensor, bias) -> torch.Tensor:
     """0-d float64: ``max_j |z_j| max_k |c_k| + max |bias|`` (Cauchy-Schwarz), a bound on every |score|."""
-    z_norm = torch.linalg.vector_norm(z, dim=-1, dtype=torch.float32).amax().double()
-    c_norm = torch.linalg.vector_norm(c, dim=-1, dtype=torch.float32).amax().double()
+    z_norm = torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64).amax()  # float64: no overflow of |z|^2
+    c_norm = torch.linalg.vector_norm(c, dim=-1, dtype=torch.float64).amax()
     finite_bias = 0.0 if bias is None else torch.where(torch.isfinite(bias), bias.abs(), 0).amax().double()
     return z_norm * c_norm + finite_bias
 

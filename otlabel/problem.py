@@ -15,10 +15,28 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 WEIGHT_SUM_RTOL = 1e-4
-# The largest |S| / eps the solver resolves. S / eps + b is formed and the float64 potentials b are of that size;
-# the marginal error is read from their differences, which at 1e11 carry ~2e-5 of rounding: beyond, a solve could
-# stop on noise (at 1e17 it reported convergence with the marginals off by 0.5).
+# The largest |S| / eps solved faithfully, by the precision S / eps + b is formed in (the potentials b are of that
+# size, and cancel against S / eps). float64: the marginal error read from the potentials' differences carries
+# ~2e-5 of rounding at 1e11 (at 1e17 a solve reported convergence with the marginals off by 0.5). float32 (the
+# compute precision of fp32/fp16/bf16 scores): the plan is off by about 1e-9 x |S| / eps, 1e-4 (the default tol)
+# at 1e5; at 2e7 a solve reported convergence with its codes' marginals off by 2e-2.
 MAX_SCORE_SPAN = 1e11
+MAX_SCORE_SPAN_FP32 = 1e5
+
+
+def max_score_span(compute_dtype: torch.dtype) -> float:
+    return MAX_SCORE_SPAN if compute_dtype == torch.float64 else MAX_SCORE_SPAN_FP32
+
+
+def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "") -> ValueError:
+    """The error for scores too large for their temperature, with the fixes that keep the same plan."""
+    limit, arithmetic = max_score_span(compute_dtype), "float64" if compute_dtype == torch.float64 else "float32"
+    return ValueError(
+        f"scores / epsilon reach {span_over_eps:.3g}{detail}: beyond {limit:.0e} {arithmetic} arithmetic cannot "
+        "resolve the balanced plan. Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True): per-sample "
+        "shifts change nothing), pass float64 scores (allowed up to 1e11), or raise epsilon (it is in the units of "
+        "the scores: 0.05 for cosine similarities)."
+    )
 
 
 @dataclass
@@ -115,11 +133,16 @@ def check_score_values(
     positive = cluster_weights > 0
     verdicts = [~torch.isfinite(row_max).all(), (torch.isneginf(col_max) & positive).any()]
     if epsilon is not None:
-        verdicts.append(score_span(row_max, col_max, positive) > MAX_SCORE_SPAN * epsilon)
+        verdicts.append(score_span(row_max, col_max, positive) > max_score_span(compute_dtype_of(scores)) * epsilon)
     if may_have_zeros and bool((~positive).any()):  # a sample allowed only in zero-weight clusters is stranded
         verdicts.append(torch.isneginf(scores[:, :, positive].amax(dim=2)).any())
     if any(torch.stack(verdicts).tolist()):
         raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon)
+
+
+def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
+    """The precision the solver's passes form ``S / eps + b`` in: float64 for float64 scores, else float32."""
+    return torch.float64 if scores.dtype == torch.float64 else torch.float32
 
 
 def score_span(row_max: torch.Tensor, col_max: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -167,13 +190,9 @@ def raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon=None
             "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
         )
     span = float(score_span(row_max, col_max, cluster_weights > 0))
-    if epsilon is not None and span > MAX_SCORE_SPAN * epsilon:
-        raise ValueError(
-            f"scores / epsilon reach {span / epsilon:.3g} (|scores| up to {span:.3g}, epsilon {epsilon:.3g}): beyond "
-            f"{MAX_SCORE_SPAN:.0e} float64 arithmetic cannot resolve the marginals. Subtract a constant (scores - "
-            "scores.max(): shifts change nothing), rescale the scores, or raise epsilon (it is in the units of the "
-            "scores: 0.05 for cosine similarities)."
-        )
+    compute_dtype = compute_dtype_of(scores)
+    if epsilon is not None and span > max_score_span(compute_dtype) * epsilon:
+        raise span_error(span / epsilon, compute_dtype, f" (|scores| up to {span:.3g}, epsilon {epsilon:.3g})")
 
 
 def check_weights(weights, size: int, name: str, other: str, device: torch.device) -> torch.Tensor:
@@ -188,8 +207,10 @@ def checked_host_weights(weights, size: int, name: str, other: str) -> torch.Ten
     weights = as_tensor(weights, name)
     if not weights.dtype.is_floating_point:
         weights = weights.double()
-    # fp16 weights such as 1/7 cannot sum to 1 within 1e-4: allow one unit of rounding of the dtype they came in
-    sum_rtol = max(WEIGHT_SUM_RTOL, torch.finfo(weights.dtype).eps)
+    # fp16 weights such as 1/7 cannot sum to 1 within 1e-4: allow one unit of rounding of the dtype they came in,
+    # plus the coarser absolute rounding of subnormal entries (uniform fp16 weights for K = 100,000 sum to 1.0014)
+    info = torch.finfo(weights.dtype)
+    sum_rtol = max(WEIGHT_SUM_RTOL, info.eps) + size * info.tiny * info.eps
     if weights.shape != (size,):
         raise ValueError(
             f"{name} must have shape ({size},) to match the {other} of scores, got {tuple(weights.shape)}."

@@ -33,7 +33,7 @@ import torch
 
 from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, split_rows, worker_pool
 from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs
-from .problem import FLOAT_DTYPES, MAX_SCORE_SPAN, _first_index, check_epsilon, check_weights
+from .problem import FLOAT_DTYPES, _first_index, check_epsilon, check_weights, max_score_span, span_error
 from .result import SinkhornResult
 from .solver import (
     DEFAULT_MAX_ITER,
@@ -75,13 +75,17 @@ def chunk_bytes(memory_budget: int | None, device: torch.device) -> int:
     return memory_budget
 
 
-def check_finite_rows(host: torch.Tensor, name: str, rows_per_check: int = 1 << 16) -> None:
-    """Every entry finite, checked a block of rows at a time (a memmap is read once, never held whole)."""
+def check_finite_rows(host: torch.Tensor, name: str, rows_per_check: int = 1 << 16) -> float:
+    """Every entry finite, checked a block of rows at a time (a memmap is read once, never held whole); returns the
+    largest row norm (float64), read in the same pass."""
+    largest = 0.0
     for lo in range(0, host.shape[0], rows_per_check):
         block = host[lo : lo + rows_per_check]
         if not bool(torch.isfinite(block).all()):
             row = lo + int(torch.nonzero(~torch.isfinite(block).reshape(block.shape[0], -1).all(dim=1))[0])
             raise ValueError(f"{name} contain NaN or inf (first in row {row}); they must be finite vectors.")
+        largest = max(largest, float(torch.linalg.vector_norm(block, dim=-1, dtype=torch.float64).amax()))
+    return largest
 
 
 def check_device(device) -> torch.device:
@@ -354,13 +358,19 @@ class FeatureSource(ScoreSource):
 
 
 def check_rows(
-    scores: torch.Tensor, cluster_weights: torch.Tensor, offset: int = 0, where: str = "", inv_eps: float | None = None
+    scores: torch.Tensor,
+    cluster_weights: torch.Tensor,
+    offset: int = 0,
+    where: str = "",
+    inv_eps: float | None = None,
+    compute_dtype: torch.dtype = torch.float64,
 ) -> None:
     """The per-sample checks of :func:`otlabel.problem.check_score_values` on a chunk ``(H, T, K)`` whose first
     sample is sample ``offset``: NaN, +inf, samples with nowhere to go, and (given ``inv_eps``: 1 when the chunk
-    is ``S / eps`` already) ``|S| / eps`` beyond :data:`~otlabel.problem.MAX_SCORE_SPAN`. (The per-cluster check
+    is ``S / eps`` already) ``|S| / eps`` beyond what ``compute_dtype`` resolves
+    (:func:`~otlabel.problem.max_score_span`). (The per-cluster check
     needs every sample: :func:`check_columns` on the accumulated column maxima.)"""
-    span_limit = math.inf if not inv_eps else MAX_SCORE_SPAN / inv_eps  # in the chunk's units
+    span_limit = math.inf if not inv_eps else max_score_span(compute_dtype) / inv_eps  # in the chunk's units
     row_max = scores.amax(dim=2)  # (H, T): a max propagates NaN and +inf, and is -inf only for a masked row
     if not bool((torch.isfinite(row_max) & (row_max.abs() <= span_limit)).all()):  # NaN, inf, masked rows, span
         if torch.isnan(row_max).any():
@@ -374,12 +384,7 @@ def check_rows(
             )
         finite = torch.isfinite(row_max)
         if bool((row_max.abs() > span_limit)[finite].any()):
-            raise ValueError(
-                f"scores / epsilon reach {float(row_max[finite].abs().amax()) * inv_eps:.3g}{where}: beyond "
-                f"{MAX_SCORE_SPAN:.0e} float64 arithmetic cannot resolve the marginals. Subtract a constant (shifts "
-                "change nothing), rescale the scores, or raise epsilon (it is in the units of the scores: 0.05 for "
-                "cosine similarities)."
-            )
+            raise span_error(float(row_max[finite].abs().amax()) * inv_eps, compute_dtype, where)
         h, j = _first_index(torch.isneginf(row_max))
         raise ValueError(
             f"infeasible mask: sample {j + offset} (head {h}){where} has every score -inf, so it cannot go to any "
@@ -453,7 +458,7 @@ class StreamingOperator(LogDomainOperator):
         partials = []
         for rows in self.chunks(lo, hi):
             x = self.shifted(rows, zeros, out=buffer(rows))  # S / eps, (H, T, K): NaN and inf where S has them
-            check_rows(x, self.r, rows.start, inv_eps=1.0)  # x is S / eps already
+            check_rows(x, self.r, rows.start, inv_eps=1.0, compute_dtype=self.dtype)  # x is S / eps already
             col_max = torch.maximum(col_max, x.amax(dim=1))
             if with_lse:
                 x.add_(self.log_c[rows][None, :, None])

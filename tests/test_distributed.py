@@ -365,3 +365,16 @@ def test_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = [(tmp_path / f"rank{r}").read_text().split() for r in range(2)]
     assert [ok for ok, _ in results] == ["True", "True"] and results[0][1] == results[1][1], results
+
+
+def test_streamed_feature_shard_checks_the_range_before_any_collective():
+    """A rank whose streamed features are far too large for eps must fail while opening its shard (its failure
+    then reaches the other ranks in the first all-gather), not in the first pass, after the ranks agreed: there
+    the others waited for it until the timeout."""
+    from otlabel.distributed import FeatureShard
+
+    z, c = torch.randn(30, 4) * 1e6, torch.randn(5, 4)
+    with pytest.raises(ValueError, match="scores / epsilon reach"):
+        FeatureShard(z.numpy(), c, None, None, "torch", torch.device("cpu"), True, None, epsilon=0.05)
+    with pytest.raises(ValueError, match="scores / epsilon reach"):
+        sinkhorn_assign_sharded(features=z.numpy(), prototypes=c, epsilon=0.05, backend="torch")
