@@ -132,12 +132,18 @@ def check_score_values(
     col_max = scores.amax(dim=1)  # (H, K)
     positive = cluster_weights > 0
     verdicts = [~torch.isfinite(row_max).all(), (torch.isneginf(col_max) & positive).any()]
+    weighted_row_max = row_max  # over the clusters with weight: the only ones the solve involves
+    if may_have_zeros and bool((~positive).any()):
+        weighted_row_max = scores[:, :, positive].amax(dim=2)
+        verdicts.append(torch.isneginf(weighted_row_max).any())  # a sample allowed only in zero-weight clusters
     if epsilon is not None:
-        verdicts.append(score_span(row_max, col_max, positive) > max_score_span(compute_dtype_of(scores)) * epsilon)
-    if may_have_zeros and bool((~positive).any()):  # a sample allowed only in zero-weight clusters is stranded
-        verdicts.append(torch.isneginf(scores[:, :, positive].amax(dim=2)).any())
+        limit = max_score_span(compute_dtype_of(scores)) * epsilon
+        verdicts.append(score_span(weighted_row_max, col_max, positive) > limit)
+        # zero-weight clusters take no part, but S / eps must not overflow to +inf there (+inf - inf is NaN; a
+        # very negative score overflowing to -inf is harmless: it acts as a mask)
+        verdicts.append(largest_finite(col_max) > overflow_span(scores) * epsilon)
     if any(torch.stack(verdicts).tolist()):
-        raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon)
+        raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon, weighted_row_max)
 
 
 def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
@@ -148,14 +154,25 @@ def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
 def score_span(row_max: torch.Tensor, col_max: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """0-d: the largest finite |row maximum| or |column maximum| (of clusters with weight) of the scores, the size
     of ``S / eps`` and of the potentials, times ``eps``. Zero-weight clusters take no part in the solve."""
-    return torch.stack([_finite_abs_max(row_max), _finite_abs_max(torch.where(positive, col_max, 0.0))]).amax()
+    cols = torch.where(positive, col_max, 0.0)
+    return torch.stack([_finite_abs_max(row_max), _finite_abs_max(cols)]).amax()
+
+
+def largest_finite(x: torch.Tensor) -> torch.Tensor:
+    """0-d float64: the largest finite entry (-inf when there is none)."""
+    return torch.where(torch.isfinite(x), x, float("-inf")).amax().double()
+
+
+def overflow_span(scores: torch.Tensor) -> float:
+    """A bound on ``|S| / eps`` that keeps ``S / eps + b`` finite in the compute precision, with room to spare."""
+    return torch.finfo(compute_dtype_of(scores)).max * 1e-3
 
 
 def _finite_abs_max(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x.abs(), 0).amax().double()
 
 
-def raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon=None) -> None:
+def raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon=None, weighted_row_max=None) -> None:
     """Find the first bad entry or mask and raise the error that names it (the failure path: may be slow)."""
     if not bool(torch.isfinite(row_max).all()):
         if torch.isnan(row_max).any():
@@ -189,10 +206,18 @@ def raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon=None
             f"infeasible mask: cluster {k} (head {h}) has weight {float(cluster_weights[k]):.3g} > 0 but every "
             "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
         )
-    span = float(score_span(row_max, col_max, cluster_weights > 0))
+    rows = row_max if weighted_row_max is None else weighted_row_max
+    span = float(score_span(rows, col_max, cluster_weights > 0))
     compute_dtype = compute_dtype_of(scores)
     if epsilon is not None and span > max_score_span(compute_dtype) * epsilon:
         raise span_error(span / epsilon, compute_dtype, f" (|scores| up to {span:.3g}, epsilon {epsilon:.3g})")
+    top = float(largest_finite(col_max))
+    if epsilon is not None and top > overflow_span(scores) * epsilon:
+        raise ValueError(
+            f"scores / epsilon reach {top / epsilon:.3g} in a cluster of weight 0, where S / eps overflows "
+            f"{'float64' if compute_dtype == torch.float64 else 'float32'}. That cluster receives nothing whatever its "
+            "scores: give it -inf, or any moderate value."
+        )
 
 
 def check_weights(weights, size: int, name: str, other: str, device: torch.device) -> torch.Tensor:

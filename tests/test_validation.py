@@ -189,6 +189,14 @@ def test_score_range_check_lets_large_but_solvable_scores_through():
     weights = torch.tensor([0.25, 0.25, 0.25, 0.25, 0.0])
     res = sinkhorn_assign(parked, 0.05, cluster_weights=weights)
     assert res.converged and not (res.labels == 4).any()
+    parked_high = torch.cat([S.double(), torch.full((10, 1), 1e10, dtype=torch.float64)], dim=1)  # above every row
+    res = sinkhorn_assign(parked_high, 0.05, cluster_weights=weights)
+    assert res.converged and not (res.labels == 4).any()
+    with pytest.raises(ValueError, match="scores / epsilon"):  # with weight, the same column is too large
+        sinkhorn_assign(parked_high, 0.05)
+    overflowing = torch.cat([S, torch.full((10, 1), 1e37)], dim=1)  # S / eps would be inf there: inf - inf = NaN
+    with pytest.raises(ValueError, match="cluster of weight 0, where S / eps overflows float32"):
+        sinkhorn_assign(overflowing, 0.05, cluster_weights=weights)
 
 
 def test_float32_scores_with_a_large_offset_are_refused_with_a_fix_that_works():
