@@ -103,18 +103,18 @@ def _bench(fn) -> list[float]:
     return triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=QUANTILES)
 
 
-def _wall_clock(fn, reps: int = 200) -> list[float]:
-    """[q25, median, q75] in ms of whole calls, each from a synchronised start to a synchronised end."""
-    for _ in range(5):
+def wall_clock(fn, reps: int = 200, warmup: int = 5) -> list[float]:
+    """[q25, median, q75] in ms of whole calls, each from a synchronised start to a synchronised end (the device is
+    synchronised when CUDA is in use; a CPU run, e.g. a dry run, times the calls as they are)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    for _ in range(warmup):
         fn()
     times = []
-    for _ in range(3 if _dry() else reps):
-        if not _dry():
-            torch.cuda.synchronize()
+    for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
-        if not _dry():
-            torch.cuda.synchronize()
+        sync()
         times.append(1e3 * (time.perf_counter() - t0))
     return torch.tensor(times).quantile(torch.tensor(QUANTILES)).tolist()
 
@@ -329,7 +329,7 @@ def time_swav_batch(op_cls, rows: list) -> None:
         candidates["swav+graph"] = rotate(graphs(lambda s: lambda: swav_call(s, EPS, iters)))
     print(f"SwAV batch: N={n} K={k}, {iters} iterations, whole call (labels + codes)")
     for method, fn in candidates.items():
-        q25, med, q75 = _wall_clock(fn)
+        q25, med, q75 = wall_clock(fn, reps=3 if _dry() else 200)
         rows.append(dict(scenario="swav-batch", n=n, k=k, dtype="float32", method=method,
                          median_ms=med, q25_ms=q25, q75_ms=q75, frac_copy=float("nan")))  # fmt: skip
         print(f"  {method:>14}: {1e3 * med:8.1f} us")

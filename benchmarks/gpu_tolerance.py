@@ -22,7 +22,6 @@ import argparse
 import csv
 import datetime
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gpu_dense import wall_clock  # noqa: E402
 from benchmarks.problems import make_scores  # noqa: E402
 
 TOL = 1e-3
@@ -45,20 +45,6 @@ CASES = [  # (N, K, dtype, eps)
 ]  # fmt: skip
 DRY_CASES = [(48, 10, torch.float32, 0.05)]
 FIELDS = ["date", "device", "torch", "n", "k", "dtype", "eps", "method", "median_s", "iterations", "converged"]
-
-
-def solve_time(solve, device: str) -> tuple[float, object]:
-    """Median wall time of ``solve()`` over REPEATS synchronised calls (after a warm-up), and its last result."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    res = solve()  # compiles the kernels for this shape
-    times = []
-    for _ in range(1 if device == "cpu" else REPEATS):
-        sync()
-        t0 = time.perf_counter()
-        res = solve()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), res
 
 
 def measure(n: int, k: int, dtype: torch.dtype, eps: float, device: str) -> list[dict]:
@@ -75,7 +61,8 @@ def measure(n: int, k: int, dtype: torch.dtype, eps: float, device: str) -> list
     }
     rows = []
     for method, solve in methods.items():
-        seconds, res = solve_time(solve, device)
+        res = solve()  # compiles the kernels for this shape; every timed call runs the same iterations
+        seconds = 1e-3 * wall_clock(solve, reps=1 if device == "cpu" else REPEATS, warmup=0)[1]
         rows.append(dict(n=n, k=k, dtype=str(dtype).replace("torch.", ""), eps=eps, method=method, median_s=seconds,
                          iterations=res.n_iter, converged=res.converged))  # fmt: skip
         print(f"  {method:>20}: {1e3 * seconds:9.2f} ms, {res.n_iter} iterations, converged {res.converged}")

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from .backends import make_operator, resolve_backend
 from .backends.base import ScoreOperator
-from .features import check_bias, dense_scores, kernel_inputs, uses_kernel
+from .features import bound_error, check_bias, dense_scores, kernel_inputs, score_bound, uses_kernel
 from .problem import (
     Problem,
     as_tensor,
@@ -48,7 +48,6 @@ from .problem import (
     check_weights,
     compute_dtype_of,
     max_score_span,
-    span_error,
 )
 from .result import SinkhornResult
 from .solver import (
@@ -58,6 +57,7 @@ from .solver import (
     DEFAULT_TOL,
     check_init,
     check_solver_options,
+    is_number,
     package_result,
     run_sinkhorn,
     warn_if_not_converged,
@@ -228,7 +228,7 @@ def sinkhorn_assign_sharded(
         )
     if group is not None and not isinstance(group, getattr(dist, "ProcessGroup", ())):
         raise TypeError(f"group must be a torch.distributed process group (dist.group.WORLD) or None, got {group!r}.")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+    if not is_number(timeout) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     comm = Collectives(group, timeout, data=local_scores if local_scores is not None else features)
     failure, meta, shard, c_local = None, None, None, None
@@ -303,7 +303,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     sharded = ShardedOperator(operator, comm)
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=callback)
     if warn:
-        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, max_iter, epsilon)
+        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon)
     return package_result(problem, sharded, out)
 
 
@@ -373,13 +373,9 @@ class FeatureShard:
 
     def check_range(self, largest_z: float, epsilon: float) -> None:
         """``|S| / eps`` within what the compute precision resolves, by the bound ``|z| |c| + |bias|``."""
-        largest_c = float(torch.linalg.vector_norm(self.source.proto_t, dim=1, dtype=torch.float64).amax())
-        bound = largest_z * largest_c
-        if self.bias is not None:
-            bound += float(torch.where(torch.isfinite(self.bias), self.bias.abs(), 0).amax())
+        bound = float(score_bound(largest_z, self.source.proto_t.transpose(1, 2), self.bias))  # proto_t: (H, D, K)
         if bound > max_score_span(self.source.dtype) * epsilon:
-            detail = f" (bounded by |features| x |prototypes| + |bias| = {bound:.3g}, epsilon {epsilon:.3g})"
-            raise span_error(bound / epsilon, self.source.dtype, detail)
+            raise bound_error(bound, epsilon, self.source.dtype)
 
     def problem(self, epsilon, sample_weights):
         scores = self.z if self.kernel else torch.empty(0, device=self.device)  # where results live

@@ -101,7 +101,7 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
     The verdicts come back to the host together (one device synchronisation); the bias's own messages are
     produced by :func:`check_bias` on failure only."""
     verdicts = [torch.isfinite(z).all(), torch.isfinite(c).all()]
-    bound = score_bound(z, c, bias)
+    bound = score_bound(torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64).amax(), c, bias)
     verdicts.append(bound <= (math.inf if epsilon is None else MAX_SCORE_SPAN_FP32 * epsilon))  # fp32 kernels
     if bias is not None:
         verdicts += [~(torch.isnan(bias) | torch.isposinf(bias) | (torch.isneginf(bias) & (cluster_weights > 0))).any()]
@@ -113,16 +113,20 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
     if not all(bias_ok):
         check_bias(bias, cluster_weights)
     if not span_ok:
-        detail = f" (bounded by |features| x |prototypes| + |bias| = {float(bound):.3g}, epsilon {epsilon:.3g})"
-        raise span_error(float(bound) / epsilon, torch.float32, detail)
+        raise bound_error(float(bound), epsilon, torch.float32)
 
 
-def score_bound(z: torch.Tensor, c: torch.Tensor, bias) -> torch.Tensor:
-    """0-d float64: ``max_j |z_j| max_k |c_k| + max |bias|`` (Cauchy-Schwarz), a bound on every |score|."""
-    z_norm = torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64).amax()  # float64: no overflow of |z|^2
+def score_bound(largest_z, c: torch.Tensor, bias) -> torch.Tensor:
+    """0-d float64: ``max_j |z_j| max_k |c_k| + max |bias|`` (Cauchy-Schwarz), a bound on every |score|, from the
+    largest feature norm ``largest_z`` and the prototypes ``c`` (..., K, D). Norms in float64: no overflow."""
     c_norm = torch.linalg.vector_norm(c, dim=-1, dtype=torch.float64).amax()
     finite_bias = 0.0 if bias is None else torch.where(torch.isfinite(bias), bias.abs(), 0).amax().double()
-    return z_norm * c_norm + finite_bias
+    return largest_z * c_norm + finite_bias
+
+
+def bound_error(bound: float, epsilon: float, compute_dtype: torch.dtype) -> ValueError:
+    detail = f" (bounded by |features| x |prototypes| + |bias| = {bound:.3g}, epsilon {epsilon:.3g})"
+    return span_error(bound / epsilon, compute_dtype, detail)
 
 
 def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor) -> None:
@@ -154,7 +158,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
     )
     out = run_sinkhorn(operator, r, check_init(init, problem, operator.dtype), max_iter, tol, acceleration)
     if warn:
-        warn_if_not_converged("sinkhorn_assign", out, tol, max_iter, epsilon)
+        warn_if_not_converged("sinkhorn_assign", out, tol, epsilon)
     return package_result(problem, operator, out)
 
 

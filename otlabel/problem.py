@@ -28,9 +28,13 @@ def max_score_span(compute_dtype: torch.dtype) -> float:
     return MAX_SCORE_SPAN if compute_dtype == torch.float64 else MAX_SCORE_SPAN_FP32
 
 
+def arithmetic_name(compute_dtype: torch.dtype) -> str:
+    return "float64" if compute_dtype == torch.float64 else "float32"
+
+
 def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "") -> ValueError:
     """The error for scores too large for their temperature, with the fixes that keep the same plan."""
-    limit, arithmetic = max_score_span(compute_dtype), "float64" if compute_dtype == torch.float64 else "float32"
+    limit, arithmetic = max_score_span(compute_dtype), arithmetic_name(compute_dtype)
     return ValueError(
         f"scores / epsilon reach {span_over_eps:.3g}{detail}: beyond {limit:.0e} {arithmetic} arithmetic cannot "
         "resolve the balanced plan. Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True): per-sample "
@@ -118,14 +122,18 @@ def check_scores(scores) -> tuple[torch.Tensor, bool]:
 
 
 def check_score_values(
-    scores: torch.Tensor, cluster_weights: torch.Tensor, may_have_zeros: bool = True, epsilon: float | None = None
+    scores: torch.Tensor,
+    cluster_weights: torch.Tensor,
+    has_zero_weights: bool | None = None,
+    epsilon: float | None = None,
 ) -> None:
     """NaN, +inf, masks (-inf) that leave a sample or a weighted cluster with nowhere to go, and (given
     ``epsilon``) scores too large for it.
 
     Two max-reductions do all the work (a max propagates NaN and +inf, and is -inf only where a whole
     row or column is masked) and their verdicts come back to the host together: one device synchronisation
-    (two with ``may_have_zeros`` when some weight is 0; :func:`validate` knows from its host copy of the weights).
+    (two when some weight is 0; ``has_zero_weights=None`` reads that from the device, :func:`validate` knows it from
+    its host copy of the weights).
     The slow search for where the problem is runs only on failure.
     """
     row_max = scores.amax(dim=2)  # (H, N)
@@ -133,7 +141,9 @@ def check_score_values(
     positive = cluster_weights > 0
     verdicts = [~torch.isfinite(row_max).all(), (torch.isneginf(col_max) & positive).any()]
     weighted_row_max = row_max  # over the clusters with weight: the only ones the solve involves
-    if may_have_zeros and bool((~positive).any()):
+    if has_zero_weights is None:
+        has_zero_weights = bool((~positive).any())
+    if has_zero_weights:
         weighted_row_max = scores[:, :, positive].amax(dim=2)
         verdicts.append(torch.isneginf(weighted_row_max).any())  # a sample allowed only in zero-weight clusters
     if epsilon is not None:
@@ -143,7 +153,7 @@ def check_score_values(
         # very negative score overflowing to -inf is harmless: it acts as a mask)
         verdicts.append(largest_finite(col_max) > overflow_span(scores) * epsilon)
     if any(torch.stack(verdicts).tolist()):
-        raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon, weighted_row_max)
+        raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon)
 
 
 def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
@@ -172,8 +182,9 @@ def _finite_abs_max(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x.abs(), 0).amax().double()
 
 
-def raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon=None, weighted_row_max=None) -> None:
-    """Find the first bad entry or mask and raise the error that names it (the failure path: may be slow)."""
+def raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon=None) -> None:
+    """Find the first bad entry or mask and raise the error that names it (the failure path: may be slow).
+    ``weighted_row_max`` is the row maxima over the clusters with weight (``row_max`` itself when all have one)."""
     if not bool(torch.isfinite(row_max).all()):
         if torch.isnan(row_max).any():
             idx = _first_index(torch.isnan(scores))
@@ -191,14 +202,13 @@ def raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon=None
             f"infeasible mask: sample {j} (head {h}) has every score -inf, so it cannot go to any cluster. "
             "Allow at least one cluster per sample, or drop the sample."
         )
-    if bool((cluster_weights == 0).any()):
-        stranded = torch.isneginf(scores[:, :, cluster_weights > 0].amax(dim=2))  # (H, N)
-        if bool(stranded.any()):
-            h, j = _first_index(stranded)
-            raise ValueError(
-                f"infeasible mask: sample {j} (head {h}) is allowed only in clusters of weight 0. "
-                "Allow it in a cluster with positive weight, or drop the sample."
-            )
+    stranded = torch.isneginf(weighted_row_max)  # (H, N): allowed only in clusters of weight 0
+    if bool(stranded.any()):
+        h, j = _first_index(stranded)
+        raise ValueError(
+            f"infeasible mask: sample {j} (head {h}) is allowed only in clusters of weight 0. "
+            "Allow it in a cluster with positive weight, or drop the sample."
+        )
     starved = torch.isneginf(col_max) & (cluster_weights > 0)
     if bool(starved.any()):
         h, k = _first_index(starved)
@@ -206,8 +216,7 @@ def raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon=None
             f"infeasible mask: cluster {k} (head {h}) has weight {float(cluster_weights[k]):.3g} > 0 but every "
             "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
         )
-    rows = row_max if weighted_row_max is None else weighted_row_max
-    span = float(score_span(rows, col_max, cluster_weights > 0))
+    span = float(score_span(weighted_row_max, col_max, cluster_weights > 0))
     compute_dtype = compute_dtype_of(scores)
     if epsilon is not None and span > max_score_span(compute_dtype) * epsilon:
         raise span_error(span / epsilon, compute_dtype, f" (|scores| up to {span:.3g}, epsilon {epsilon:.3g})")
@@ -215,8 +224,8 @@ def raise_for_bad_values(scores, cluster_weights, row_max, col_max, epsilon=None
     if epsilon is not None and top > overflow_span(scores) * epsilon:
         raise ValueError(
             f"scores / epsilon reach {top / epsilon:.3g} in a cluster of weight 0, where S / eps overflows "
-            f"{'float64' if compute_dtype == torch.float64 else 'float32'}. That cluster receives nothing whatever its "
-            "scores: give it -inf, or any moderate value."
+            f"{arithmetic_name(compute_dtype)}. That cluster receives nothing whatever its scores: give it -inf, or "
+            "any moderate value."
         )
 
 
@@ -268,7 +277,7 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Prob
         r_host = checked_host_weights(cluster_weights, k, "cluster_weights", "number of clusters K (last dimension)")
         r, has_zeros = r_host.to(device), bool((r_host.numpy() == 0).any())
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device)
-    check_score_values(scores3, r, may_have_zeros=has_zeros, epsilon=epsilon)
+    check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon)
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched)
 
 

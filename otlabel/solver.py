@@ -90,9 +90,8 @@ def run_sinkhorn(
         err = marginal_error(b, b_new, r, empty)  # (H,) — inf on the cold start
         errors.append(err)
         reads_error = tol is not None or callback is not None or mixer is not None
-        worst = read_error(err, b_new, empty) if reads_error else None  # the one device sync of an iteration
+        worst = read_back(err.max()[None], b_new, empty)[0] if reads_error else None  # the iteration's one sync
         if reads_error:
-            previous_worst = worst_history[-1] if worst_history else math.inf
             worst_history.append(worst)
         if callback is not None:
             callback(len(errors), worst)
@@ -100,7 +99,7 @@ def run_sinkhorn(
             if worst < tol:
                 converged = True  # keep b: its error is the one just measured
                 break
-            if omega != 1.0 and len(errors) > 2 and worst > 1.01 * previous_worst:
+            if omega != 1.0 and len(errors) > 2 and worst > 1.01 * worst_history[-2]:
                 omega, adaptive = 1.0, False  # safeguard: over-relaxation is only locally convergent
             elif adaptive and len(errors) == 1 + RATE_SAMPLES:
                 omega, adaptive = omega_for_rate(worst_history[1:]), False
@@ -111,24 +110,19 @@ def run_sinkhorn(
         b = centred(b, empty)
         if mixed:
             b = operator.agree(b)  # sharded: every rank takes rank 0's (its solves may round differently)
-    history = read_history(errors, b, empty)
+    history = read_back(torch.stack(errors).amax(dim=1), b, empty)  # every iteration's worst error
     return LoopOutput(potentials=b, n_iter=len(errors), errors=history, converged=converged)
 
 
-def read_error(err, b_new, empty) -> float:
-    """The worst head's error, read together with a finiteness check of ``b_new``: one device sync."""
-    worst, finite = torch.stack([err.max(), potentials_finite(b_new, empty).double()]).tolist()
+def read_back(values: torch.Tensor, b, empty) -> list[float]:
+    """``values`` (1-d) as floats, read together with a check that ``b`` is finite: one device sync."""
+    *floats, finite = torch.cat([values, potentials_finite(b, empty).double()[None]]).tolist()
     if not finite:
-        raise_non_finite()
-    return worst
-
-
-def read_history(errors: list[torch.Tensor], b, empty) -> list[float]:
-    """Every iteration's worst error, read at the end with a finiteness check of ``b``: one device sync."""
-    values = torch.cat([torch.stack(errors).amax(dim=1), potentials_finite(b, empty).double()[None]]).tolist()
-    if not values[-1]:
-        raise_non_finite()
-    return values[:-1]
+        raise ValueError(
+            "Sinkhorn potentials became non-finite: the masked problem has no feasible balanced plan "
+            "(some group of clusters cannot reach enough samples). Relax the mask or the cluster weights."
+        )
+    return floats
 
 
 def epsilon_stages(problem, epsilon_scaling: float) -> list[float]:
@@ -296,13 +290,6 @@ def potentials_finite(b, empty) -> torch.Tensor:
     return torch.isfinite(torch.where(empty, 0.0, b)).all()
 
 
-def raise_non_finite() -> None:
-    raise ValueError(
-        "Sinkhorn potentials became non-finite: the masked problem has no feasible balanced plan "
-        "(some group of clusters cannot reach enough samples). Relax the mask or the cluster weights."
-    )
-
-
 def check_init(init, problem, dtype) -> torch.Tensor | None:
     """A warm start: a previous result or its ``cluster_potentials``, shaped (K,) or (H, K)."""
     if init is None:
@@ -455,11 +442,11 @@ def sinkhorn_assign(
         del operator  # each stage builds its own (the CPU kernel depends on epsilon)
         operator, out = run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling)
     if warn:
-        warn_if_not_converged("sinkhorn_assign", out, tol, max_iter, problem.epsilon)
+        warn_if_not_converged("sinkhorn_assign", out, tol, problem.epsilon)
     return package_result(problem, operator, out)
 
 
-def warn_if_not_converged(caller: str, out: LoopOutput, tol, max_iter: int, epsilon: float) -> None:
+def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> None:
     """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached."""
     if tol is None or out.converged:
         return

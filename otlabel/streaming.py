@@ -40,6 +40,7 @@ from .solver import (
     DEFAULT_TOL,
     check_init,
     check_solver_options,
+    is_number,
     run_sinkhorn,
     warn_if_not_converged,
 )
@@ -102,8 +103,7 @@ def check_device(device) -> torch.device:
 
 
 def check_memory_budget(memory_budget) -> None:
-    is_integer = isinstance(memory_budget, numbers.Integral) and not isinstance(memory_budget, (bool, np.bool_))
-    if not is_integer or memory_budget <= 0:
+    if not is_number(memory_budget, numbers.Integral) or memory_budget <= 0:
         raise ValueError(
             f"memory_budget must be a positive number of bytes (an integer, e.g. 1 << 30), got {memory_budget!r}."
         )
@@ -645,7 +645,7 @@ def sinkhorn_assign_stream(
     finally:
         source.stream.close()  # a speculative prefetch may be in flight
     if warn:
-        warn_if_not_converged("sinkhorn_assign_stream", out, tol, max_iter, epsilon)
+        warn_if_not_converged("sinkhorn_assign_stream", out, tol, epsilon)
     batched = source.batched
     shape = (lambda x: x) if batched else (lambda x: x[0])
     return SinkhornResult(
