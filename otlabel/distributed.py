@@ -48,6 +48,7 @@ from .problem import (
     check_weights,
     compute_dtype_of,
     max_score_span,
+    weight_sum_tolerance,
 )
 from .result import SinkhornResult
 from .solver import (
@@ -76,7 +77,7 @@ __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds per collective: one iteration of the slowest rank must fit
 FINGERPRINT_SIZE = 4  # 48-bit pieces of a SHA-256 of the prototypes and bias (features mode)
-META_SIZE = 13  # numbers each rank sends in the first all-gather (see AGREEMENT)
+META_SIZE = 15  # numbers each rank sends in the first all-gather (see AGREEMENT)
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
@@ -237,13 +238,16 @@ def sinkhorn_assign_sharded(
         acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
         shard = open_shard(local_scores, features, prototypes, bias, cluster_weights, backend, comm,
                            allow_tf32=allow_tf32, memory_budget=memory_budget, epsilon=epsilon)  # fmt: skip
-        c_local = None if sample_weights is None else check_local_weights(sample_weights, shard.n, shard.device)
+        c_local, sum_tolerance = None, (0.0, 0.0)
+        if sample_weights is not None:
+            c_local, sum_tolerance = check_local_weights(sample_weights, shard.n, shard.device)
         check_init(init, shard.problem(epsilon, None), torch.float64)
         meta = [shard.h, shard.n, shard.k, shard.dtype_code, float(shard.batched), epsilon]
         meta += [-1.0 if tol is None else tol]
         omega_code = ACCELERATION_CODES.get(acceleration, acceleration)  # collectives carry numbers
         meta += [max_iter, omega_code, float(c_local is not None)]
         meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None), float(shard.mode)]
+        meta += list(sum_tolerance)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
         failure = err
     try:
@@ -268,7 +272,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     n_total = int(metas[:, 2].sum())
     if c_local is None:
         c_local = torch.full((shard.n,), 1.0 / n_total, dtype=torch.float64, device=shard.device)
-    elif abs(float(metas[:, 11].sum()) - 1.0) > 1e-4:
+    elif abs(float(metas[:, 11].sum()) - 1.0) > float(metas[:, 14].max() + metas[:, 15].sum()):  # problem.py's rule
         raise ValueError(
             f"sample_weights must sum to 1 over all ranks, got a sum of {float(metas[:, 11].sum()):.6g}. Pass each "
             "rank its slice of one global weight vector (w / w.sum() for counts)."
@@ -299,7 +303,8 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
             "cluster_weights, init, prototypes or bias differ between ranks: every rank must pass the same (K,) "
             "cluster weights, warm start, prototypes and bias."
         )
-    check_columns(shared[:, : h * k].amax(dim=0).view(h, k).to(shard.device), r)
+    col_max = shared[:, : h * k].amax(dim=0).view(h, k).to(shard.device)  # of S (features shards send 0)
+    check_columns(col_max, r, max_score_span(operator.dtype) * epsilon, operator.dtype, units_per_score=epsilon)
     sharded = ShardedOperator(operator, comm)
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=callback)
     if warn:
@@ -434,15 +439,17 @@ def open_shard(local_scores, features, prototypes, bias, cluster_weights, backen
                         epsilon)  # fmt: skip
 
 
-def check_local_weights(weights, n: int, device) -> torch.Tensor:
-    """This rank's slice of the global sample weights: (N_r,), finite, non-negative (the sum is checked globally)."""
+def check_local_weights(weights, n: int, device) -> tuple[torch.Tensor, tuple[float, float]]:
+    """This rank's slice of the global sample weights: (N_r,), finite, non-negative, as float64 — with this rank's
+    parts of the tolerance on their global sum (:func:`~otlabel.problem.weight_sum_tolerance`), checked globally."""
     w = as_tensor(weights, "sample_weights")
     if w.shape != (n,):
         raise ValueError(f"sample_weights must have shape ({n},), this rank's number of samples, got {tuple(w.shape)}.")
+    dtype = w.dtype
     w = w.to(device=device, dtype=torch.float64)
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError("sample_weights must be finite and non-negative.")
-    return w
+    return w, weight_sum_tolerance(dtype, n)
 
 
 ACCELERATION_CODES = {ADAPTIVE: -1.0, ANDERSON: -2.0}  # a fixed omega travels as itself

@@ -37,9 +37,10 @@ def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "
     limit, arithmetic = max_score_span(compute_dtype), arithmetic_name(compute_dtype)
     return ValueError(
         f"scores / epsilon reach {span_over_eps:.3g}{detail}: beyond {limit:.0e} {arithmetic} arithmetic cannot "
-        "resolve the balanced plan. Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True): per-sample "
-        "shifts change nothing), pass float64 scores (allowed up to 1e11), or raise epsilon (it is in the units of "
-        "the scores: 0.05 for cosine similarities)."
+        "resolve the balanced plan. Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True)) or, for a "
+        "cluster far below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or "
+        "pass float64 scores (allowed up to 1e11), or raise epsilon (it is in the units of the scores: 0.05 for "
+        "cosine similarities)."
     )
 
 
@@ -236,15 +237,23 @@ def check_weights(weights, size: int, name: str, other: str, device: torch.devic
     return checked_host_weights(weights, size, name, other).to(device=device)
 
 
+def weight_sum_tolerance(dtype: torch.dtype, size: int) -> tuple[float, float]:
+    """How far from 1 the sum of ``size`` weights of that dtype may be, as (relative part, subnormal part).
+
+    fp16 weights such as 1/7 cannot sum to 1 within 1e-4: one unit of rounding of the dtype they came in is
+    allowed, plus the coarser absolute rounding of subnormal entries (uniform fp16 weights for K = 100,000 sum to
+    1.0014). Two parts, so that shards can combine theirs: the largest relative part plus the subnormal parts' sum.
+    """
+    info = torch.finfo(dtype if dtype.is_floating_point else torch.float64)
+    return max(WEIGHT_SUM_RTOL, info.eps), size * info.tiny * info.eps
+
+
 def checked_host_weights(weights, size: int, name: str, other: str) -> torch.Tensor:
     """:func:`check_weights` for given weights, returned as a float64 CPU tensor rescaled to sum to exactly 1."""
     weights = as_tensor(weights, name)
     if not weights.dtype.is_floating_point:
         weights = weights.double()
-    # fp16 weights such as 1/7 cannot sum to 1 within 1e-4: allow one unit of rounding of the dtype they came in,
-    # plus the coarser absolute rounding of subnormal entries (uniform fp16 weights for K = 100,000 sum to 1.0014)
-    info = torch.finfo(weights.dtype)
-    sum_rtol = max(WEIGHT_SUM_RTOL, info.eps) + size * info.tiny * info.eps
+    sum_rtol = sum(weight_sum_tolerance(weights.dtype, size))
     if weights.shape != (size,):
         raise ValueError(
             f"{name} must have shape ({size},) to match the {other} of scores, got {tuple(weights.shape)}."

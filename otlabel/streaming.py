@@ -368,47 +368,63 @@ def check_rows(
     """The per-sample checks of :func:`otlabel.problem.check_score_values` on a chunk ``(H, T, K)`` whose first
     sample is sample ``offset``: NaN, +inf, samples with nowhere to go, and (given ``inv_eps``: 1 when the chunk
     is ``S / eps`` already) ``|S| / eps`` beyond what ``compute_dtype`` resolves
-    (:func:`~otlabel.problem.max_score_span`). (The per-cluster check
-    needs every sample: :func:`check_columns` on the accumulated column maxima.)"""
+    (:func:`~otlabel.problem.max_score_span`), over the clusters with weight: the others take no part in the solve.
+    (The per-cluster checks need every sample: :func:`check_columns` on the accumulated column maxima.)"""
     span_limit = math.inf if not inv_eps else max_score_span(compute_dtype) / inv_eps  # in the chunk's units
     row_max = scores.amax(dim=2)  # (H, T): a max propagates NaN and +inf, and is -inf only for a masked row
-    if not bool((torch.isfinite(row_max) & (row_max.abs() <= span_limit)).all()):  # NaN, inf, masked rows, span
-        if torch.isnan(row_max).any():
-            h, j, k = _first_index(torch.isnan(scores))
-            raise ValueError(f"scores contain NaN (first at index {(h, j + offset, k)}{where}). Fix the model output.")
-        if torch.isposinf(row_max).any():
-            h, j, k = _first_index(torch.isposinf(scores))
-            raise ValueError(
-                f"scores contain +inf, or scores / epsilon overflow (first at index {(h, j + offset, k)}{where}). "
-                "Only -inf is allowed, and it means 'this sample may not go to this cluster'."
-            )
-        finite = torch.isfinite(row_max)
-        if bool((row_max.abs() > span_limit)[finite].any()):
-            raise span_error(float(row_max[finite].abs().amax()) * inv_eps, compute_dtype, where)
+    has_zero_weights = bool((cluster_weights == 0).any())
+    weighted_row_max = scores[:, :, cluster_weights > 0].amax(dim=2) if has_zero_weights else row_max
+    if not bool((torch.isfinite(weighted_row_max) & (weighted_row_max.abs() <= span_limit)).all()
+                and torch.isfinite(row_max).all()):  # fmt: skip
+        raise_for_bad_rows(scores, row_max, weighted_row_max, span_limit, offset, where, inv_eps, compute_dtype)
+
+
+def raise_for_bad_rows(scores, row_max, weighted_row_max, span_limit, offset, where, inv_eps, compute_dtype) -> None:
+    """The failure path of :func:`check_rows`: the error that names the first bad sample."""
+    if torch.isnan(row_max).any():
+        h, j, k = _first_index(torch.isnan(scores))
+        raise ValueError(f"scores contain NaN (first at index {(h, j + offset, k)}{where}). Fix the model output.")
+    if torch.isposinf(row_max).any():
+        h, j, k = _first_index(torch.isposinf(scores))
+        raise ValueError(
+            f"scores contain +inf, or scores / epsilon overflow (first at index {(h, j + offset, k)}{where}). "
+            "Only -inf is allowed, and it means 'this sample may not go to this cluster'."
+        )
+    if torch.isneginf(row_max).any():
         h, j = _first_index(torch.isneginf(row_max))
         raise ValueError(
             f"infeasible mask: sample {j + offset} (head {h}){where} has every score -inf, so it cannot go to any "
             "cluster. Allow at least one cluster per sample, or drop the sample."
         )
-    if bool((cluster_weights == 0).any()):
-        stranded = torch.isneginf(scores[:, :, cluster_weights > 0].amax(dim=2))  # (H, T)
-        if bool(stranded.any()):
-            h, j = _first_index(stranded)
-            raise ValueError(
-                f"infeasible mask: sample {j + offset} (head {h}){where} is allowed only in clusters of weight 0. "
-                "Allow it in a cluster with positive weight, or drop the sample."
-            )
+    if torch.isneginf(weighted_row_max).any():
+        h, j = _first_index(torch.isneginf(weighted_row_max))
+        raise ValueError(
+            f"infeasible mask: sample {j + offset} (head {h}){where} is allowed only in clusters of weight 0. "
+            "Allow it in a cluster with positive weight, or drop the sample."
+        )
+    raise span_error(float(weighted_row_max.abs().amax()) * inv_eps, compute_dtype, where)
 
 
-def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor) -> None:
-    """A cluster of positive weight that no sample may reach (its column maximum is -inf) is infeasible."""
-    starved = torch.isneginf(col_max) & (cluster_weights > 0)  # (H, K)
+def check_columns(
+    col_max: torch.Tensor, cluster_weights: torch.Tensor, span_limit: float = math.inf,
+    compute_dtype: torch.dtype = torch.float64, units_per_score: float = 1.0,
+) -> None:  # fmt: skip
+    """The per-cluster checks on the column maxima (H, K) of all the samples: a cluster of positive weight that no
+    sample may reach (its column maximum is -inf) is infeasible; one whose best score is beyond ``span_limit`` (in
+    the units of ``col_max``, ``units_per_score`` of them per unit of S / eps) would need a potential that
+    ``compute_dtype`` cannot resolve."""
+    positive = cluster_weights > 0
+    starved = torch.isneginf(col_max) & positive  # (H, K)
     if bool(starved.any()):
         h, k = _first_index(starved)
         raise ValueError(
             f"infeasible mask: cluster {k} (head {h}) has weight {float(cluster_weights[k]):.3g} > 0 but every "
             "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
         )
+    far = positive & torch.isfinite(col_max) & (col_max.abs() > span_limit)
+    if bool(far.any()):
+        h, k = _first_index(far)
+        raise span_error(float(col_max[h, k].abs()) / units_per_score, compute_dtype, f" (cluster {k}, head {h})")
 
 
 # ----------------------------------------------------------------------------------------------- operator
@@ -475,7 +491,7 @@ class StreamingOperator(LogDomainOperator):
         col_max = parts[0][0]
         for part, _ in parts[1:]:
             col_max = torch.maximum(col_max, part)
-        check_columns(col_max, self.r)
+        check_columns(col_max, self.r, max_score_span(self.dtype), self.dtype)  # col_max is of S / eps
         self._reachable = col_max > NEG_INF
         self.validated = True
 

@@ -328,6 +328,19 @@ def test_shard_checks_the_score_range_and_renormalises_sample_weights():
     assert res.converged
 
 
+def test_shard_sample_weight_sum_tolerates_the_rounding_of_their_dtype():
+    """fp16 sevenths sum to 1 - 2.4e-4: sinkhorn_assign accepts them, so the sharded entry point must too."""
+    s = random_problem(7, 3, seed=4)
+    w = torch.full((7,), 1 / 7, dtype=torch.float16)
+    assert abs(float(w.double().sum()) - 1) > 1e-4
+    ref = sinkhorn_assign(s, 0.1, sample_weights=w, tol=1e-6)
+    res = sinkhorn_assign_sharded(s, 0.1, sample_weights=w, tol=1e-6)
+    assert torch.equal(res.labels, ref.labels)
+    torch.testing.assert_close(res.cluster_potentials, ref.cluster_potentials, rtol=0, atol=1e-5)  # fp32
+    with pytest.raises(ValueError, match="sum to 1 over all ranks"):  # still refused beyond fp16's rounding
+        sinkhorn_assign_sharded(s, 0.1, sample_weights=w * 1.01)
+
+
 TORCHRUN_SCRIPT = """
 import os, sys
 import torch, torch.distributed as dist

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import random_problem
 
-from otlabel import ConvergenceWarning, exact_plan, sinkhorn_assign
+from otlabel import ConvergenceWarning, exact_plan, sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
 
 S = random_problem(10, 4, seed=40)
 INF = float("inf")
@@ -210,3 +210,25 @@ def test_float32_scores_with_a_large_offset_are_refused_with_a_fix_that_works():
     exact = sinkhorn_assign(s.double(), 0.05, tol=1e-6, max_iter=5000, backend="reference")
     assert fixed.converged and torch.equal(fixed.labels, exact.labels)
     assert torch.allclose(fixed.plan.sum(0).double(), torch.full((10,), 0.1, dtype=torch.float64), atol=1e-5)
+
+
+ENTRY_POINTS = {  # the three ways in, which must judge the same scores alike
+    "in memory": lambda s, **kw: sinkhorn_assign(s, 0.05, **kw),
+    "streamed": lambda s, **kw: sinkhorn_assign_stream(s.numpy(), 0.05, **kw),
+    "sharded": lambda s, **kw: sinkhorn_assign_sharded(s, 0.05, **kw),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_checks_the_span_over_the_clusters_with_weight(entry):
+    """A zero-weight cluster far above every sample takes no part: accepted. A weighted cluster far below every
+    sample's best needs a potential float32 cannot resolve: refused, with the per-cluster shift that fixes it."""
+    solve = ENTRY_POINTS[entry]
+    parked_high = torch.cat([S, torch.full((10, 1), 1e4)], dim=1)
+    res = solve(parked_high, cluster_weights=torch.tensor([0.25, 0.25, 0.25, 0.25, 0.0]))
+    assert res.converged and not bool((res.labels == 4).any())
+    sunk = torch.cat([S, torch.full((10, 1), -1e4)], dim=1)
+    with pytest.raises(ValueError, match=r"reach 2e\+05.*float32 arithmetic.*amax\(-2, keepdim=True\)"):
+        solve(sunk)
+    res = solve(sunk - sunk.amax(-2, keepdim=True))
+    assert res.converged
