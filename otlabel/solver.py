@@ -90,7 +90,11 @@ def run_sinkhorn(
         err = marginal_error(b, b_new, r, empty)  # (H,) — inf on the cold start
         errors.append(err)
         reads_error = tol is not None or callback is not None or mixer is not None
-        worst = read_back(err.max()[None], b_new, empty)[0] if reads_error else None  # the iteration's one sync
+        if reads_error:  # the iteration's one sync (with the mixer's verdict on its last proposal)
+            values = err.max()[None] if mixer is None else torch.cat([err.max()[None], mixer.last_step_sound(err)])
+            worst, *sound = read_back(values, b_new, empty)
+            if mixer is not None:
+                mixer.review_last_step(sound[0] != 0)
         if reads_error:
             worst_history.append(worst)
         if callback is not None:
@@ -200,6 +204,20 @@ class AndersonMixer:
         self.reach = ANDERSON_MAX_EXTRAPOLATION  # trust region: the most a step may move b beyond F(b), nats
         self.progress_mark, self.stalled = math.inf, 0  # iterations since the error last fell by 1%
         self.active, self.restarted = True, False
+        self.sound = None  # 0-d bool tensor: whether the last proposal was finite and its solve succeeded
+
+    def last_step_sound(self, like: torch.Tensor) -> torch.Tensor:
+        """(1,) float64 on ``like``'s device: 1 when the last mixed step was sound (or there was none). The loop
+        reads it together with the error, so the safeguard costs no device synchronisation of its own."""
+        if self.sound is None:
+            return torch.ones(1, dtype=torch.float64, device=like.device)
+        return self.sound.double()[None]
+
+    def review_last_step(self, sound: bool) -> None:
+        """A degenerate solve (its plain step was taken instead): start the history again."""
+        if not sound:
+            self.iterates, self.residuals = [], []
+        self.sound = None
 
     def step(self, b, b_new, error: float, empty) -> torch.Tensor:
         """The next iterate, given the current ``b``, the plain step ``b_new = F(b)`` and ``b``'s error."""
@@ -237,21 +255,19 @@ class AndersonMixer:
         gram = d_g.transpose(1, 2) @ d_g  # (H, m, m)
         ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] + 1e-300  # keeps it invertible
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        # solve_ex: linalg.solve would read its error flag back from the device (a sync); the check below reads it
-        # together with the finiteness of the result instead.
+        # solve_ex: linalg.solve would read its error flag back from the device (a sync). A degenerate solve is
+        # answered on the device (the plain step instead), and the loop reads the verdict with the next error.
         gamma, info = torch.linalg.solve_ex(gram + ridge * eye, d_g.transpose(1, 2) @ self.residuals[-1][..., None])
         plain = x + self.residuals[-1]
         extrapolation = -((d_x + d_g) @ gamma)[..., 0]  # how far the mixing moves beyond the plain step
-        if not bool(torch.isfinite(extrapolation).all() & (info == 0).all()):  # degenerate: plain step, start again
-            self.iterates, self.residuals = [], []
-            return b_new
+        self.sound = torch.isfinite(extrapolation).all() & (info == 0).all()
         # Early on the residual barely changes from one step to the next, the least-squares weights blow up and
         # the proposal lands 1e5 nats away. Capping the move beyond the plain step (direction kept) removed those
         # excursions; useful moves seen at 100k x 1000 were under ~7 nats. The cap shrinks 4x at every restart
         # and grows back 1.5x with every new best error.
         reach = extrapolation.abs().amax(dim=-1, keepdim=True)  # (H, 1)
         extrapolation = extrapolation * (self.reach / reach).clamp(max=1.0)
-        return torch.where(empty, float("-inf"), plain + extrapolation)
+        return torch.where(self.sound, torch.where(empty, float("-inf"), plain + extrapolation), b_new)
 
 
 def differences(history: list[torch.Tensor]) -> torch.Tensor:

@@ -220,6 +220,24 @@ def test_anderson_restarts_and_caps_wild_proposals():
     assert torch.equal(resumed, first + nudged) and mixer.iterates == []
 
 
+def test_anderson_answers_a_degenerate_solve_with_the_plain_step_on_the_device():
+    """A least-squares solve that yields non-finite weights (here: residuals of 1e200, whose Gram matrix overflows)
+    is answered by the plain step without a host read; the loop reads the verdict with the next error, and the
+    mixer then starts its history again."""
+    from otlabel.solver import AndersonMixer
+
+    mixer = AndersonMixer(memory=3)
+    empty = torch.zeros(1, 3, dtype=torch.bool)
+    b0 = torch.zeros(1, 3, dtype=torch.float64)
+    mixer.step(b0, b0 + 1e200, 0.5, empty)
+    plain = b0 + torch.tensor([[1e200, -1e200, 3e200]], dtype=torch.float64)
+    proposal = mixer.step(b0 + 1e200, plain, 0.4, empty)
+    assert torch.equal(proposal, plain) and len(mixer.iterates) == 2
+    assert mixer.last_step_sound(proposal).tolist() == [0.0]
+    mixer.review_last_step(False)
+    assert mixer.iterates == [] and mixer.last_step_sound(proposal).tolist() == [1.0]
+
+
 def test_acceleration_argument_is_checked():
     s = cosine_scores(50, 4, seed=20)
     with pytest.raises(ValueError, match="acceleration must be one of"):
