@@ -65,3 +65,14 @@ def assert_close(actual, expected, atol, rtol=0.0, what="values"):
             f"{float(actual[idx])!r} vs {float(expected[idx])!r} "
             f"(max diff {float(diff.max()):.3g}, atol {atol}, rtol {rtol})"
         )
+
+
+def offset_scores(kind: str, span: float, eps: float, n: int = 1000, k: int = 40) -> torch.Tensor:
+    """Uniform scores plus a common, per-sample or per-cluster offset that brings |S| / eps to ``span``:
+    offsets change nothing in the plan, only the arithmetic."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(n, k, generator=g) * 2 - 1
+    offset = span * eps - 1
+    shifts = {"common": torch.ones(1, 1), "per sample": torch.rand(n, 1, generator=g) * 0.5 + 0.5,
+              "per cluster": torch.rand(1, k, generator=g) * 0.5 + 0.5}  # fmt: skip
+    return base + offset * shifts[kind]

@@ -5,9 +5,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import random_problem
+from helpers import offset_scores, random_problem
 
 from otlabel import ConvergenceWarning, exact_plan, sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
+from otlabel.problem import MAX_SCORE_SPAN_FP32
 
 S = random_problem(10, 4, seed=40)
 INF = float("inf")
@@ -232,3 +233,19 @@ def test_every_entry_point_checks_the_span_over_the_clusters_with_weight(entry):
         solve(sunk)
     res = solve(sunk - sunk.amax(-2, keepdim=True))
     assert res.converged
+
+
+@pytest.mark.parametrize("kind", ["common", "per sample", "per cluster"])
+@pytest.mark.parametrize("entry", ["in memory", "streamed"])
+def test_float32_offsets_within_the_limit_give_codes_within_tol_and_beyond_it_are_refused(kind, entry):
+    """float32 forms S / eps + b with a rounding of ~6e-8 x |S| / eps per entry. At |S| / eps = 8e4 (allowed before
+    2026-11-22) the in-memory solve reported convergence with its codes' marginals 2.6x tol away, and the streamed
+    one stalled. Up to the limit the codes' marginal error stays within 20% of the default tol of the reported one;
+    beyond it the input is refused."""
+    solve = ENTRY_POINTS[entry]
+    scores = offset_scores(kind, 0.95 * MAX_SCORE_SPAN_FP32, 0.05)
+    res = solve(scores)
+    codes_error = float((res.codes.double().mean(0) - 1 / scores.shape[1]).abs().sum())
+    assert res.converged and abs(codes_error - res.marginal_error) < 2e-5, (res.marginal_error, codes_error)
+    with pytest.raises(ValueError, match="scores / epsilon reach"):
+        solve(offset_scores(kind, 1.05 * MAX_SCORE_SPAN_FP32, 0.05))
