@@ -112,6 +112,7 @@ def main(argv=None) -> dict:
     model = SeLaNet(common.make_trunk(data, args.width), 128, args.heads, data.n_clusters).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     labels = random_equipartition(args.heads, len(data.x), data.n_clusters, gen)
+    args.batch_size = min(args.batch_size, len(data.x))  # a data set smaller than one batch: one batch per epoch
     steps_per_epoch = len(data.x) // args.batch_size
     total = epochs * steps_per_epoch
     n_label = 2 if args.quick else args.label_steps

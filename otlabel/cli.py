@@ -236,8 +236,10 @@ def load_small(path: str, name: str) -> np.ndarray:
         raise InputError(f"{name} file {path!r} does not exist")
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise InputError(f"{name} file {path!r} is not a readable .npy array ({err})") from None
+    except (ValueError, OSError, EOFError) as err:
+        from .streaming import unreadable_npy
+
+        raise InputError(unreadable_npy(name, path, err)) from None
 
 
 def cmd_assign(args) -> int:

@@ -42,6 +42,17 @@ def _file_of(x) -> str | None:
     return None
 
 
+def reserve_space(path: str) -> None:
+    """Allocate the disk blocks of a (sparse) file now: a full disk is then an ``OSError`` here, not a SIGBUS that
+    kills the process when a memory-mapped write later finds no block to fault in."""
+    if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the memmap stays sparse
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+
 class AtomicNpy:
     """A ``.npy`` memmap written in a temporary file beside ``path``; :meth:`commit` fsyncs and renames it."""
 
@@ -50,6 +61,8 @@ class AtomicNpy:
         folder = os.path.dirname(self.path)
         if os.path.isdir(self.path):
             raise OutputError(f"cannot write {path!r}: it is a directory")
+        if os.path.exists(self.path) and not os.path.isfile(self.path):  # renaming over /dev/null would replace it
+            raise OutputError(f"cannot write {path!r}: it is not a regular file (a device, pipe or socket)")
         if not os.path.isdir(folder):
             raise OutputError(f"cannot write {path!r}: directory {folder!r} does not exist")
         try:
@@ -62,6 +75,7 @@ class AtomicNpy:
         os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets the usual permissions
         try:
             self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
+            reserve_space(self.tmp)
         except OSError as err:
             self.discard()
             raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from None

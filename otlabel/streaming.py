@@ -118,6 +118,18 @@ def rows_for_budget(memory_budget: int, row_entries: int, row_extra_bytes: int =
 # ----------------------------------------------------------------------------------------------- host arrays
 
 
+def unreadable_npy(name: str, path: str, err: Exception) -> str:
+    """The message for a file ``np.load`` cannot read as an array (NumPy's own advice for a non-``.npy`` file,
+    to "load it unsafely" as a pickle, is wrong there and risky: it is left out)."""
+    if isinstance(err, EOFError) or os.path.getsize(path) == 0:
+        detail = "it is empty"
+    elif "pickle" in str(err):
+        detail = "it is not in NumPy's .npy format"
+    else:
+        detail = str(err)
+    return f"{name} file {path!r} is not a readable .npy array ({detail}). Save arrays with numpy.save."
+
+
 def open_host_array(x, name: str) -> torch.Tensor:
     """A path to a ``.npy`` (memory-mapped, read-only), a NumPy array/memmap or a torch tensor, as a torch tensor
     sharing its memory (no copy). Errors say which input is wrong and why."""
@@ -127,17 +139,18 @@ def open_host_array(x, name: str) -> torch.Tensor:
             raise FileNotFoundError(f"{name} file {path!r} does not exist.")
         try:
             x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise ValueError(
-                f"{name} file {path!r} is not a readable .npy array ({err}). Save it with numpy.save."
-            ) from None
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(unreadable_npy(name, path, err)) from None
     if isinstance(x, np.ndarray):
-        if x.dtype not in (np.float16, np.float32, np.float64):
+        if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
             raise TypeError(
                 f"{name} must be float16, float32 or float64, got dtype {x.dtype}. Convert with x.astype(np.float32)."
             )
         if not x.dtype.isnative:
-            raise TypeError(f"{name} has non-native byte order ({x.dtype.str}); convert with x.astype(np.float32).")
+            raise TypeError(
+                f"{name} is {x.dtype.name} in non-native byte order ({x.dtype.str}); convert with "
+                f"x.astype(np.{x.dtype.name}) (or save it so: np.save(path, x.astype(np.{x.dtype.name})))."
+            )
         with warnings.catch_warnings():  # read-only memmap: torch warns the tensor is not writable; we never write
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(x)

@@ -117,7 +117,9 @@ def test_error_exit_code_in_subprocess(tmp_path):
     [
         (lambda p: np.save(p, np.zeros(5, np.float32)), [], EXIT_INPUT, r"shape \(N, K\)"),
         (lambda p: np.save(p, np.zeros((5, 3), np.int32)), [], EXIT_INPUT, "got dtype int32"),
-        (lambda p: p.write_text("not an array"), [], EXIT_INPUT, "not a readable .npy"),
+        (lambda p: p.write_text("not an array"), [], EXIT_INPUT, r"not a readable \.npy array \(it is not in NumPy's"),
+        (lambda p: p.write_bytes(b""), [], EXIT_INPUT, r"not a readable \.npy array \(it is empty\)"),
+        (lambda p: np.save(p, np.zeros((5, 3), ">f4")), [], EXIT_INPUT, r"float32 in non-native byte order"),
         (lambda p: np.save(p, np.array([[0.0, np.nan], [1, 2]], np.float32)), [], EXIT_INPUT, "NaN"),
         (
             lambda p: np.save(p, np.zeros((5, 3), np.float32)),
@@ -149,6 +151,28 @@ def test_usage_errors(scores_file, tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     assert main(["assign", str(scores_file), "--out", str(tmp_path / "no-such-dir" / "y.npy")]) == EXIT_OUTPUT
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_outputs_must_be_regular_files(scores_file, tmp_path, capsys):
+    """Renaming the finished output over a device or a pipe would replace it (as root, --out /dev/null did)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert main(["assign", str(scores_file), "-q", "--out", str(fifo)]) == EXIT_OUTPUT
+    assert "not a regular file" in capsys.readouterr().err
+    assert fifo.is_fifo()
+
+
+def test_a_full_disk_is_an_output_error_not_a_crash(scores_file, tmp_path, capsys, monkeypatch):
+    """Outputs are memory-mapped: without their blocks reserved up front, a full disk killed the process with
+    SIGBUS mid-run (exit 135, temporary files left). Now the reservation fails first, cleanly."""
+
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
+    assert main(["assign", str(scores_file), "-q", "--out", str(tmp_path / "y.npy")]) == EXIT_OUTPUT
+    assert "No space left on device" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
 
 
 def test_outputs_may_not_be_inputs(tmp_path, capsys):
