@@ -57,6 +57,7 @@ bias is ``-inf`` is unreachable (its LSE is ``-inf``); a zero-weight sample cont
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -471,6 +472,8 @@ class FeaturesWorkspace:
     ) -> FeaturesWorkspace:
         n, d, h, k = _check_inputs(features, prototypes)
         launch = launch or _default_launch(features, prototypes, precision)
+        # A program with no row tile would leave its partials unwritten (garbage in the merge): at most one per tile.
+        launch = dataclasses.replace(launch, n_programs=max(1, min(launch.n_programs, -(-n // launch.block_n))))
         p = launch.n_programs
         pmax = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
         psum = torch.empty((h, p, k), dtype=torch.float32, device=features.device)

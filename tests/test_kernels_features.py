@@ -8,6 +8,7 @@ table only bite on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -202,6 +203,22 @@ def test_cluster_lse_deterministic():
     ws = _ws(z, c, n_programs=2)
     runs = [features_cluster_lse(z, c, _bias2(bias), b, log_c, INV_EPS, workspace=ws) for _ in range(2)]
     assert torch.equal(runs[0], runs[1]), f"runs differ by {(runs[0] - runs[1]).abs().max()}"
+
+
+def test_a_hand_built_launch_with_more_programs_than_row_tiles_is_clamped():
+    """A program with no row tile never writes its partials: over a workspace of garbage, a FeaturesLaunch of 3
+    programs for 2 row tiles gave a log-sum-exp off by 11.9. The workspace clamps P to the tiles."""
+    z, c, bias = _inputs(1, 20, 9, 16, torch.float32, seed=4)
+    b, log_c = _potentials(1, 9), _log_c(20)
+    tiled = features_launch(20, 9, 16, 1, 4, z.device, n_programs=1)
+    wide = dataclasses.replace(tiled, block_n=16, n_programs=3)  # 2 row tiles of 16
+    ws = FeaturesWorkspace.for_inputs(z, c, wide)
+    assert ws.launch.n_programs == 2
+    ws.pmax.fill_(123.0)  # garbage, as uninitialised GPU memory may hold
+    ws.psum.fill_(7.0)
+    got = features_cluster_lse(z, c, _bias2(bias), b, log_c, INV_EPS, input_precision="ieee", workspace=ws)
+    want = ref_cluster_lse(_scores64(z, c, bias), b, log_c, INV_EPS)
+    assert (got.cpu().double() - want).abs().max() < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------
