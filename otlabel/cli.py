@@ -245,9 +245,14 @@ def load_small(path: str, name: str) -> np.ndarray:
 def cmd_assign(args) -> int:
     import torch
 
+    from .problem import checked_host_weights
     from .streaming import FeatureSource, HostSource, open_host_array, sinkhorn_assign_stream
 
-    if (args.scores is None) == (args.features is None):
+    if args.scores is None and args.features is None:
+        if args.prototypes is not None:
+            raise InputError("--prototypes goes with --features F.npy, the (N, D) features to label")
+        raise InputError("no input: give SCORES.npy, or --features F.npy with --prototypes P.npy")
+    if args.scores is not None and args.features is not None:
         raise InputError("give either SCORES.npy, or --features with --prototypes (not both)")
     if args.features is not None and args.prototypes is None:
         raise InputError("--features needs --prototypes P.npy, the (K, D) cluster centres")
@@ -264,8 +269,8 @@ def cmd_assign(args) -> int:
         device = device or torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    except RuntimeError as err:
-        raise InputError(f"--device {args.device!r}: {err}") from None
+    except RuntimeError:
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
 
     t_start = time.perf_counter()
     # Shapes first (the inputs are memory-mapped, nothing is read): fail before any output file exists.
@@ -284,6 +289,10 @@ def cmd_assign(args) -> int:
         weights = load_small(args.cluster_weights, "cluster weights")
         if weights.shape != (k,):
             raise InputError(f"--cluster-weights must have shape ({k},), one share per cluster, got {weights.shape}")
+        try:  # the library's checks, in the command line's words
+            weights = checked_host_weights(weights, k, "--cluster-weights", "number of clusters K")
+        except (ValueError, TypeError) as err:
+            raise InputError(str(err)) from None
     label_shape = (h, n) if shape_source.batched else (n,)
     inputs = {"SCORES.npy": args.scores, "--features": args.features, "--prototypes": args.prototypes,
               "--cluster-weights": args.cluster_weights}  # fmt: skip

@@ -32,7 +32,7 @@ def _prepare(scores, cluster_weights, sample_weights):
     _, n, k = s3.shape
     r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device)
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device)
-    check_score_values(s3, r)
+    check_score_values(s3, r, batched=False)
     return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy()
 
 

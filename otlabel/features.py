@@ -144,7 +144,7 @@ def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor) -> None
 
 
 def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weights, sample_weights, max_iter, tol,
-                      init, acceleration, over_relaxation, warn):  # fmt: skip
+                      init, acceleration, over_relaxation, warn, callback=None):  # fmt: skip
     from .backends.triton import TritonFeaturesOperator
 
     epsilon = check_epsilon(epsilon)
@@ -156,7 +156,8 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
     problem = types.SimpleNamespace(
         shape=(h, n, k), scores=z, cluster_weights=r, sample_weights=w, epsilon=epsilon, batched=batched
     )
-    out = run_sinkhorn(operator, r, check_init(init, problem, operator.dtype), max_iter, tol, acceleration)
+    out = run_sinkhorn(operator, r, check_init(init, problem, operator.dtype), max_iter, tol, acceleration,
+                       callback=callback)  # fmt: skip
     if warn:
         warn_if_not_converged("sinkhorn_assign", out, tol, epsilon)
     return package_result(problem, operator, out)

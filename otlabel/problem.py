@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,11 @@ def as_tensor(x, name: str) -> torch.Tensor:
         if array is not None and (array.dtype.kind in "iuf"):
             return torch.from_numpy(array)
         raise TypeError(f"{name} given as a list must be a rectangular list of numbers; convert it with np.asarray.")
+    if isinstance(x, (str, os.PathLike)):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, a numpy.ndarray or a list of numbers, got the path {os.fspath(x)!r}. "
+            "For a .npy on disk, sinkhorn_assign_stream(path) reads it in chunks (or np.load(path, mmap_mode='r'))."
+        )
     raise TypeError(f"{name} must be a torch.Tensor, a numpy.ndarray or a list of numbers, got {type(x).__name__}.")
 
 
@@ -130,6 +136,7 @@ def check_score_values(
     cluster_weights: torch.Tensor,
     has_zero_weights: bool | None = None,
     epsilon: float | None = None,
+    batched: bool = True,
 ) -> None:
     """NaN, +inf, masks (-inf) that leave a sample or a weighted cluster with nowhere to go, and (given
     ``epsilon``) scores too large for it.
@@ -137,7 +144,7 @@ def check_score_values(
     Two max-reductions do all the work (a max propagates NaN and +inf, and is -inf only where a whole
     row or column is masked) and their verdicts come back to the host together: one device synchronisation
     (two when some weight is 0; ``has_zero_weights=None`` reads that from the device, :func:`validate` knows it from
-    its host copy of the weights).
+    its host copy of the weights). ``batched=False``: the caller passed (N, K) scores, and indices are given so.
     The slow search for where the problem is runs only on failure.
     """
     row_max = scores.amax(dim=2)  # (H, N)
@@ -157,7 +164,7 @@ def check_score_values(
         # very negative score overflowing to -inf is harmless: it acts as a mask)
         verdicts.append(largest_finite(col_max) > overflow_span(scores) * epsilon)
     if any(torch.stack(verdicts).tolist()):
-        raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon)
+        raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon, batched)
 
 
 def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
@@ -186,19 +193,25 @@ def _finite_abs_max(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x.abs(), 0).amax().double()
 
 
-def raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon=None) -> None:
+def index_in_input(idx: tuple, batched: bool) -> str:
+    """An (h, j, k) index of the 3-d view, in the layout the caller passed: (j, k) of (N, K) scores."""
+    return f"{idx} of the (H, N, K) scores" if batched else f"{idx[1:]} of the (N, K) scores"
+
+
+def raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon=None,
+                         batched=True) -> None:  # fmt: skip
     """Find the first bad entry or mask and raise the error that names it (the failure path: may be slow).
     ``weighted_row_max`` is the row maxima over the clusters with weight (``row_max`` itself when all have one)."""
     if not bool(torch.isfinite(row_max).all()):
         if torch.isnan(row_max).any():
             idx = _first_index(torch.isnan(scores))
             raise ValueError(
-                f"scores contain NaN (first at index {idx} of the (H, N, K) scores). Fix the model output."
+                f"scores contain NaN (first at index {index_in_input(idx, batched)}). Fix the model output."
             )
         if torch.isposinf(row_max).any():
             idx = _first_index(torch.isposinf(scores))
             raise ValueError(
-                f"scores contain +inf (first at index {idx} of the (H, N, K) scores). Only -inf is allowed, and it "
+                f"scores contain +inf (first at index {index_in_input(idx, batched)}). Only -inf is allowed, and it "
                 "means 'this sample may not go to this cluster'."
             )
         h, j = _first_index(torch.isneginf(row_max))
@@ -289,7 +302,7 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Prob
         r_host = checked_host_weights(cluster_weights, k, "cluster_weights", "number of clusters K (last dimension)")
         r, has_zeros = r_host.to(device), bool((r_host.numpy() == 0).any())
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device)
-    check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon)
+    check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched)
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched)
 
 

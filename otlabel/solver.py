@@ -143,12 +143,13 @@ def epsilon_stages(problem, epsilon_scaling: float) -> list[float]:
     return stages[::-1]
 
 
-def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling):
+def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling, callback=None):
     """Solve at decreasing temperatures, each stage warm-starting the next; the last is ``problem.epsilon``.
 
     Potentials are rescaled between stages (``b * eps_old / eps_new``: the dual ``eps * b`` is what stays put).
     Intermediate stages stop at a looser tolerance; all iterations count towards ``max_iter``, and the last stage
     (the requested ``epsilon``) always keeps at least one: intermediate stages that find none left are skipped.
+    ``callback`` sees the iterations counted across stages, and each stage's own error.
     """
     stages = epsilon_stages(problem, epsilon_scaling)
     b, errors, used = init, [], 0
@@ -160,7 +161,8 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration
             continue
         operator = make_operator(dataclasses.replace(problem, epsilon=eps), backend)
         stage_tol = tol if last or tol is None else max(tol, 1e-2)
-        out = run_sinkhorn(operator, problem.cluster_weights, b, budget, stage_tol, acceleration)
+        counted = None if callback is None else (lambda it, err, done=used: callback(done + it, err))
+        out = run_sinkhorn(operator, problem.cluster_weights, b, budget, stage_tol, acceleration, callback=counted)
         errors += out.errors
         used += out.n_iter
         if not last:
@@ -383,6 +385,7 @@ def sinkhorn_assign(
     over_relaxation: float | None = None,
     epsilon_scaling: float | None = None,
     allow_tf32: bool = True,
+    callback=None,
     warn: bool = True,
 ) -> SinkhornResult:
     r"""Balanced assignment of N samples to K clusters by entropic optimal transport.
@@ -422,6 +425,9 @@ def sinkhorn_assign(
         epsilon_scaling: ``None`` (default) or a factor in (0, 1): solve first at a temperature near the
             scores' spread, then shrink it by this factor per stage down to ``epsilon``, warm-starting each
             stage. Pays at small ``epsilon``; each stage costs one extra ``exp`` pass on the CPU path.
+        callback: ``callback(iteration, marginal_error)`` after every iteration (the worst head's error; ``inf``
+            for the cold start), e.g. to drive a progress bar or log convergence. It reads the error back from
+            the device every iteration, which a ``tol=None`` solve otherwise never does.
         warn: emit a :class:`ConvergenceWarning` when ``tol`` is not reached in ``max_iter`` iterations.
 
     Returns:
@@ -437,11 +443,15 @@ def sinkhorn_assign(
     """
     if features is not None or prototypes is not None or bias is not None:
         if scores is not None:
+            if features is None and prototypes is None:  # bias= alone, with dense scores
+                raise ValueError("bias= is for features mode (S = Z C^T + bias); with scores, add it to them: "
+                                 "scores + bias.")  # fmt: skip
             raise ValueError("give either scores, or features= with prototypes= — not both.")
         from .features import assign_features
 
         solve = dict(cluster_weights=cluster_weights, sample_weights=sample_weights, max_iter=max_iter, tol=tol,
-                     init=init, acceleration=acceleration, over_relaxation=over_relaxation, warn=warn)  # fmt: skip
+                     init=init, acceleration=acceleration, over_relaxation=over_relaxation, callback=callback,
+                     warn=warn)  # fmt: skip
         return assign_features(features, prototypes, bias, epsilon, backend=backend, epsilon_scaling=epsilon_scaling,
                                allow_tf32=allow_tf32, **solve)  # fmt: skip
     if scores is None:
@@ -453,10 +463,11 @@ def sinkhorn_assign(
     operator = make_operator(problem, backend)
     init = check_init(init, problem, torch.float64)
     if epsilon_scaling is None:
-        out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, acceleration)
+        out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, acceleration, callback=callback)
     else:
         del operator  # each stage builds its own (the CPU kernel depends on epsilon)
-        operator, out = run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling)
+        operator, out = run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling,
+                                                 callback)  # fmt: skip
     if warn:
         warn_if_not_converged("sinkhorn_assign", out, tol, problem.epsilon)
     return package_result(problem, operator, out)

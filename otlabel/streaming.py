@@ -337,7 +337,10 @@ class FeatureSource(ScoreSource):
         if bias is not None:
             bias = open_host_array(bias, "bias").to(self.device, self.dtype)
             if bias.shape not in ((self.n_clusters,), (self.n_heads, self.n_clusters)):
-                raise ValueError(f"bias must have shape ({self.n_clusters},) or ({self.n_heads}, {self.n_clusters}).")
+                raise ValueError(f"bias must have shape ({self.n_clusters},) or ({self.n_heads}, {self.n_clusters}), "
+                                 f"got {tuple(bias.shape)}.")  # fmt: skip
+            if bool((torch.isnan(bias) | torch.isposinf(bias)).any()):  # -inf closes a cluster: checked later
+                raise ValueError("bias contains NaN or +inf; it must be finite (or -inf for a closed cluster).")
             self.bias = bias.expand(self.n_heads, self.n_clusters)[:, None, :]  # (H, 1, K)
         if rows_per_chunk is None:
             budget = default_memory_budget(self.device) if memory_budget is None else memory_budget
@@ -377,6 +380,8 @@ def check_rows(
     where: str = "",
     inv_eps: float | None = None,
     compute_dtype: torch.dtype = torch.float64,
+    batched: bool = True,
+    from_features: bool = False,
 ) -> None:
     """The per-sample checks of :func:`otlabel.problem.check_score_values` on a chunk ``(H, T, K)`` whose first
     sample is sample ``offset``: NaN, +inf, samples with nowhere to go, and (given ``inv_eps``: 1 when the chunk
@@ -389,18 +394,27 @@ def check_rows(
     weighted_row_max = scores[:, :, cluster_weights > 0].amax(dim=2) if has_zero_weights else row_max
     if not bool((torch.isfinite(weighted_row_max) & (weighted_row_max.abs() <= span_limit)).all()
                 and torch.isfinite(row_max).all()):  # fmt: skip
-        raise_for_bad_rows(scores, row_max, weighted_row_max, span_limit, offset, where, inv_eps, compute_dtype)
+        raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
+                           from_features)  # fmt: skip
 
 
-def raise_for_bad_rows(scores, row_max, weighted_row_max, span_limit, offset, where, inv_eps, compute_dtype) -> None:
-    """The failure path of :func:`check_rows`: the error that names the first bad sample."""
+def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
+                       from_features=False) -> None:  # fmt: skip
+    """The failure path of :func:`check_rows`: the error that names the first bad sample (``batched=False``:
+    indices of (N, K) scores, as the caller passed them; ``from_features``: the scores are Z C^T + bias, whose
+    prototypes and bias were checked, so a NaN comes from a row of the features)."""
     if torch.isnan(row_max).any():
         h, j, k = _first_index(torch.isnan(scores))
-        raise ValueError(f"scores contain NaN (first at index {(h, j + offset, k)}{where}). Fix the model output.")
+        if from_features:
+            raise ValueError(f"features row {j + offset}{where} contains NaN or inf (its scores are NaN). Fix the "
+                             "features.")  # fmt: skip
+        index = (h, j + offset, k) if batched else (j + offset, k)
+        raise ValueError(f"scores contain NaN (first at index {index}{where}). Fix the model output.")
     if torch.isposinf(row_max).any():
         h, j, k = _first_index(torch.isposinf(scores))
+        index = (h, j + offset, k) if batched else (j + offset, k)
         raise ValueError(
-            f"scores contain +inf, or scores / epsilon overflow (first at index {(h, j + offset, k)}{where}). "
+            f"scores contain +inf, or scores / epsilon overflow (first at index {index}{where}). "
             "Only -inf is allowed, and it means 'this sample may not go to this cluster'."
         )
     if torch.isneginf(row_max).any():
@@ -487,7 +501,8 @@ class StreamingOperator(LogDomainOperator):
         partials = []
         for rows in self.chunks(lo, hi):
             x = self.shifted(rows, zeros, out=buffer(rows))  # S / eps, (H, T, K): NaN and inf where S has them
-            check_rows(x, self.r, rows.start, inv_eps=1.0, compute_dtype=self.dtype)  # x is S / eps already
+            check_rows(x, self.r, rows.start, inv_eps=1.0, compute_dtype=self.dtype, batched=self.source.batched,
+                       from_features=hasattr(self.source, "shifted"))  # x is S / eps already  # fmt: skip
             col_max = torch.maximum(col_max, x.amax(dim=1))
             if with_lse:
                 x.add_(self.log_c[rows][None, :, None])

@@ -147,6 +147,18 @@ def test_usage_errors(scores_file, tmp_path, capsys):
     assert exc.value.code == 2
     assert main(["assign", str(scores_file), "--features", str(scores_file), "--out", str(tmp_path / "y")]) == 2
     assert main(["assign", "--features", str(scores_file), "--out", str(tmp_path / "y")]) == 2
+    capsys.readouterr()
+    for args, message in [
+        (["--prototypes", str(scores_file)], "--prototypes goes with --features"),
+        ([], "no input: give SCORES.npy"),
+        ([str(scores_file), "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ]:
+        assert main(["assign", *args, "--out", str(tmp_path / "y.npy")]) == EXIT_INPUT, args
+        assert message in capsys.readouterr().err, args
+    np.save(tmp_path / "counts.npy", np.full(K, 5.0))
+    assert main(["assign", str(scores_file), "--cluster-weights", str(tmp_path / "counts.npy"), "--out",
+                 str(tmp_path / "y.npy")]) == EXIT_INPUT  # fmt: skip
+    assert "--cluster-weights must sum to 1" in capsys.readouterr().err
     assert main(["assign", str(scores_file), "--out", str(tmp_path)]) == EXIT_OUTPUT  # a directory
     assert "is a directory" in capsys.readouterr().err
     assert main(["assign", str(scores_file), "--out", str(tmp_path / "no-such-dir" / "y.npy")]) == EXIT_OUTPUT

@@ -281,3 +281,18 @@ def test_streaming_takes_the_acceleration_argument():
     assert torch.equal(mixed.labels, plain.labels)
     with pytest.raises(ValueError, match="acceleration must be one of"):
         sinkhorn_assign_stream(s, 0.02, acceleration="fast")
+
+
+def test_callback_sees_every_iteration_of_every_entry_route():
+    """sinkhorn_assign takes the progress hook the streamed and sharded entry points take: every iteration, the
+    worst head's error (inf at the cold start), counted across epsilon-scaling stages."""
+    s = cosine_scores(200, 6, seed=21)
+    for kwargs in (dict(), dict(epsilon_scaling=0.5), dict(tol=None, max_iter=7)):
+        seen = []
+        res = sinkhorn_assign(s, 0.02, callback=lambda i, e, seen=seen: seen.append((i, e)), **kwargs)
+        assert [i for i, _ in seen] == list(range(1, res.n_iter + 1)), kwargs
+        assert seen[0][1] == float("inf") and seen[-1][1] == pytest.approx(res.marginal_error, rel=1e-6), kwargs
+    z, c = torch.randn(100, 8), torch.randn(5, 8)
+    seen = []
+    res = sinkhorn_assign(features=z, prototypes=c, epsilon=0.5, callback=lambda i, e: seen.append(i))
+    assert seen == list(range(1, res.n_iter + 1))

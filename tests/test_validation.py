@@ -28,7 +28,8 @@ def masked(rows=slice(None), cols=slice(None)):
 
 BAD_INPUTS = [
     # (description, kwargs, exception, words the message must contain)
-    ("NaN score", dict(scores=with_value((2, 1), float("nan"))), ValueError, ["NaN", "(0, 2, 1)"]),
+    ("NaN score", dict(scores=with_value((2, 1), float("nan"))), ValueError, ["NaN", "(2, 1) of the (N, K)"]),
+    ("NaN score, heads", dict(scores=with_value((2, 1), float("nan"))[None]), ValueError, ["(0, 2, 1) of the (H, N"]),
     ("+inf score", dict(scores=with_value((3, 0), INF)), ValueError, ["+inf", "-inf is allowed"]),
     ("1-d scores", dict(scores=torch.randn(10)), ValueError, ["(N, K)", "(10,)"]),
     ("4-d scores", dict(scores=torch.randn(2, 2, 3, 4)), ValueError, ["(H, N, K)"]),
