@@ -55,6 +55,12 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float) ->
     return p
 
 
+def progress_off(args: argparse.Namespace) -> bool | None:
+    """tqdm's ``disable``: off with --no-progress; ``None`` lets tqdm turn it off when stderr is not a terminal
+    (``make run > log``: a bar's carriage-return updates would fill the log)."""
+    return True if args.no_progress else None
+
+
 def setup(args: argparse.Namespace) -> torch.device:
     """Seed every generator and ask torch for deterministic kernels; return the device."""
     random.seed(args.seed)
@@ -62,7 +68,10 @@ def setup(args: argparse.Namespace) -> torch.device:
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.set_num_threads(args.threads)
-    return torch.device(args.device)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: CUDA is not available here; use --device cpu")
+    return device
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -115,7 +124,9 @@ def load_data(args: argparse.Namespace) -> Data:
         x, y = x[keep], (y[keep] if y is not None else None)
     if y is not None:
         y = np.unique(np.asarray(y), return_inverse=True)[1]
-    k = args.k or (int(y.max()) + 1 if y is not None else 10)
+    if y is None and not args.k:
+        raise SystemExit("error: --data-x without --data-y: give --k, the number of clusters (no classes to count)")
+    k = args.k or int(y.max()) + 1
     return Data(torch.from_numpy(_as_images(x)).contiguous(), y, k)
 
 
@@ -262,8 +273,9 @@ def cluster_metrics(labels, y: np.ndarray | None, k: int) -> dict:
 
 
 def kmeans_baseline(data: Data, seed: int) -> dict:
-    """k-means (scikit-learn, n_init=10) on the raw pixels, K = number of true classes, same run, same data."""
-    k = int(data.y.max()) + 1 if data.y is not None else data.n_clusters
+    """k-means (scikit-learn, n_init=10) on the raw inputs, same run, same data, same K as the trainer's (``--k``,
+    by default the number of true classes)."""
+    k = data.n_clusters
     start = time.perf_counter()
     labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(data.flat)
     return {

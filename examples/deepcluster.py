@@ -107,9 +107,8 @@ def train_epoch(trunk, head, opts, data, labels, aug, gen, args, desc: str) -> f
     device = next(trunk.parameters()).device
     order = uniform_over_labels(labels, gen)
     losses = []
-    for i in tqdm(
-        range(0, len(order) - args.batch_size + 1, args.batch_size), desc=desc, leave=False, disable=args.no_progress
-    ):
+    starts = range(0, len(order) - args.batch_size + 1, args.batch_size)
+    for i in tqdm(starts, desc=desc, leave=False, disable=common.progress_off(args)):
         idx = order[i : i + args.batch_size]
         loss = F.cross_entropy(head(trunk(aug(data.x[idx], gen).to(device))), labels[idx].to(device))
         for opt in opts:

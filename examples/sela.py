@@ -83,7 +83,7 @@ def train_epoch(model, opt, data, labels, aug, gen, args, step, total, state):
     """One epoch of cross-entropy on augmented samples; self-labelling at the scheduled steps. Returns mean loss."""
     losses = []
     idx_iter = common.batches(len(data.x), args.batch_size, gen)
-    for idx in tqdm(list(idx_iter), desc=state["desc"], leave=False, disable=args.no_progress):
+    for idx in tqdm(list(idx_iter), desc=state["desc"], leave=False, disable=common.progress_off(args)):
         if step[0] in state["label_at"]:
             res = self_label(model, data.x, args, state["device"], state["potentials"])
             labels[:], state["potentials"] = res.labels, res.cluster_potentials

@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
     for epoch in range(epochs):
         epoch_losses = []
         idx_list = list(common.batches(len(data.x), batch_size, gen))
-        for idx in tqdm(idx_list, desc=f"swav epoch {epoch + 1}/{epochs}", leave=False, disable=args.no_progress):
+        desc = f"swav epoch {epoch + 1}/{epochs}"
+        for idx in tqdm(idx_list, desc=desc, leave=False, disable=common.progress_off(args)):
             common.cosine_lr(opt, args.lr, step, total, warmup=total // 20)
             use_queue = epoch >= args.queue_start
             epoch_losses.append(train_step(model, opt, assigner, data.x[idx], aug, gen, args, step, use_queue))

@@ -348,21 +348,30 @@ def cmd_assign(args) -> int:
 
 
 class progress_bar:
-    """tqdm bar on stderr: iteration, marginal error, rate. ``None`` when quiet or tqdm is missing."""
+    """Progress on stderr: a tqdm bar (iteration, marginal error, rate) on a terminal; in a log file or a pipe,
+    plain lines instead, after the first iteration and then every ``LOG_EVERY_S`` seconds (a bar's carriage-return
+    updates would fill the log). ``None`` when quiet, or on a terminal without tqdm."""
+
+    LOG_EVERY_S = 10.0
 
     def __new__(cls, args):
         if args.quiet:
             return None
-        try:
-            import tqdm  # noqa: F401
-        except ImportError:
-            return None
+        if sys.stderr.isatty():
+            try:
+                import tqdm  # noqa: F401
+            except ImportError:
+                return None
         return super().__new__(cls)
 
     def __init__(self, args):
+        self.tol = args.tol
+        self.bar, self.start = None, time.perf_counter()
+        self.last_line = self.start
+        if not sys.stderr.isatty():
+            return
         from tqdm import tqdm
 
-        self.tol = args.tol
         self.bar = tqdm(
             total=args.max_iter,
             desc="sinkhorn",
@@ -374,12 +383,20 @@ class progress_bar:
         self.bar.set_postfix_str("validating + cold start")
 
     def callback(self, iteration: int, error: float) -> None:
-        self.bar.update(1)
         text = "error n/a (cold start)" if math.isinf(error) else f"marginal error {error:.2e} (tol {self.tol:g})"
-        self.bar.set_postfix_str(text)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text)
+            return
+        now = time.perf_counter()
+        if iteration == 1 or now - self.last_line >= self.LOG_EVERY_S:  # the first: the log shows it started
+            rate = iteration / (now - self.start)
+            print(f"sinkhorn: iteration {iteration}, {text}, {rate:.3g} it/s", file=sys.stderr, flush=True)
+            self.last_line = now
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def print_summary(args, what, device, result, counts, weights, n, t_solve, t_write, t_total) -> None:

@@ -69,7 +69,7 @@ def test_assign_end_to_end(scores_file, tmp_path):
     assert c.shape == (N, K) and np.allclose(c.sum(1), 1, atol=1e-5) and np.array_equal(c.argmax(1), labels)
     assert "iterations" in proc.stdout and "converged, marginal error" in proc.stdout
     assert "smallest" in proc.stdout and "wall time" in proc.stdout
-    assert "sinkhorn" in proc.stderr  # the progress bar
+    assert "sinkhorn: iteration 1, error n/a (cold start)" in proc.stderr  # progress, as lines: stderr is a pipe
     assert not glob.glob(str(tmp_path / ".*.tmp")), "temporary files left behind"
 
 
@@ -297,3 +297,14 @@ def test_acceleration_flags(scores_file, tmp_path, capsys):
 def test_unusable_device_is_an_input_error(scores_file, tmp_path, capsys, device):
     assert main(["assign", str(scores_file), "--out", str(tmp_path / "y.npy"), "--device", device, "-q"]) == EXIT_INPUT
     assert "device" in capsys.readouterr().err and not (tmp_path / "y.npy").exists()
+
+
+def test_progress_in_a_log_is_lines_not_a_bar(scores_file, tmp_path, capsys, monkeypatch):
+    """stderr that is not a terminal (a log file, CI) gets a plain line now and then, not a carriage-return bar."""
+    from otlabel import cli
+
+    monkeypatch.setattr(cli.progress_bar, "LOG_EVERY_S", 0.0)  # a line every iteration
+    assert main(["assign", str(scores_file), "--out", str(tmp_path / "y.npy"), "--max-iter", "3", "--tol", "1e-9"]) in (
+        EXIT_OK, EXIT_NOT_CONVERGED)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "\r" not in err and re.search(r"sinkhorn: iteration 3, marginal error .* it/s", err), err
