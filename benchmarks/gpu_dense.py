@@ -73,6 +73,19 @@ def _import_otlabel():
     return TritonDenseOperator, sinkhorn_dense
 
 
+def choose_device(dry_run: bool, what: str) -> tuple[str, str] | None:
+    """``(device, its name)`` for a GPU script: the CPU under the Triton interpreter with ``--dry-run`` (which
+    needs ``TRITON_INTERPRET=1``), else the GPU; ``None``, after saying so, when there is none to measure."""
+    if dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1")
+        return "cpu", "cpu (dry run, interpreter)"
+    if not torch.cuda.is_available():
+        print(f"no CUDA device: this benchmark times {what} and needs one; nothing measured, nothing written.")
+        return None
+    return "cuda", torch.cuda.get_device_name()
+
+
 def _versions() -> dict:
     import triton
 
@@ -490,15 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: test the script")
     args = parser.parse_args(argv)
     global DEVICE
-    if args.dry_run:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            sys.exit("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1")
-        DEVICE = "cpu"
-    elif not torch.cuda.is_available():
-        print("no CUDA device: this benchmark times GPU kernels and needs one; nothing measured, nothing written.")
+    chosen = choose_device(args.dry_run, "GPU kernels")
+    if chosen is None:
         return 0
+    DEVICE, device = chosen
     op_cls, kernels = _import_otlabel()
-    device = "cpu (dry run, interpreter)" if args.dry_run else torch.cuda.get_device_name()
     versions = _versions()
     print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     check_correctness(op_cls, kernels)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -470,18 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: test the script")
     args = parser.parse_args(argv)
     global DEVICE
-    if args.dry_run:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            sys.exit("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1")
-        DEVICE = "cpu"
-    elif not torch.cuda.is_available():
-        print("no CUDA device: this benchmark times GPU kernels and needs one; nothing measured, nothing written.")
-        return 0
     dense_bench = _gpu_dense()
+    chosen = dense_bench.choose_device(args.dry_run, "GPU kernels")
+    if chosen is None:
+        return 0
+    DEVICE, device = chosen
     dense_op, _ = dense_bench._import_otlabel()
     from otlabel.backends.triton import TritonFeaturesOperator
 
-    device = "cpu (dry run, interpreter)" if args.dry_run else torch.cuda.get_device_name()
     versions = dense_bench._versions()
     print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     flash = None if args.no_flash else flash_module()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_dense import wall_clock  # noqa: E402
+from benchmarks.gpu_dense import choose_device, wall_clock  # noqa: E402
 from benchmarks.problems import make_scores  # noqa: E402
 
 TOL = 1e-3
@@ -101,15 +100,11 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results_gpu_tolerance.csv")
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: test the script")
     args = ap.parse_args(argv)
-    if args.dry_run:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            sys.exit("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1")
-        device, name, cases = "cpu", "cpu (dry run, interpreter)", DRY_CASES
-    elif not torch.cuda.is_available():
-        print("no CUDA device: this benchmark times GPU solves and needs one; nothing measured, nothing written.")
+    chosen = choose_device(args.dry_run, "GPU solves")
+    if chosen is None:
         return 0
-    else:
-        device, name, cases = "cuda", torch.cuda.get_device_name(), CASES
+    device, name = chosen
+    cases = DRY_CASES if args.dry_run else CASES
     print(f"{name}; torch {torch.__version__}")
     rows = []
     for n, k, dtype, eps in cases:

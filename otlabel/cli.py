@@ -287,9 +287,7 @@ def cmd_assign(args) -> int:
     weights = None
     if args.cluster_weights is not None:
         weights = load_small(args.cluster_weights, "cluster weights")
-        if weights.shape != (k,):
-            raise InputError(f"--cluster-weights must have shape ({k},), one share per cluster, got {weights.shape}")
-        try:  # the library's checks, in the command line's words
+        try:  # the library's checks (shape, values, sum), in the command line's words
             weights = checked_host_weights(weights, k, "--cluster-weights", "number of clusters K")
         except (ValueError, TypeError) as err:
             raise InputError(str(err)) from None

@@ -304,7 +304,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
             "cluster weights, warm start, prototypes and bias."
         )
     col_max = shared[:, : h * k].amax(dim=0).view(h, k).to(shard.device)  # of S (features shards send 0)
-    check_columns(col_max, r, max_score_span(operator.dtype) * epsilon, operator.dtype, units_per_score=epsilon)
+    check_columns(col_max / epsilon, r, operator.dtype)
     sharded = ShardedOperator(operator, comm)
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=callback)
     if warn:

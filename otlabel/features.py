@@ -129,12 +129,15 @@ def bound_error(bound: float, epsilon: float, compute_dtype: torch.dtype) -> Val
     return span_error(bound / epsilon, compute_dtype, detail)
 
 
-def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor) -> None:
-    """A per-cluster bias may be -inf (closing that cluster) only where the cluster has weight 0."""
+def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor | None = None) -> None:
+    """A per-cluster bias may be -inf (closing that cluster) only where the cluster has weight 0 (checked when
+    ``cluster_weights`` are given); NaN and +inf never."""
     if bias is None:
         return
     if bool(torch.isnan(bias).any() | torch.isposinf(bias).any()):
         raise ValueError("bias contains NaN or +inf; only -inf is allowed (it closes a cluster).")
+    if cluster_weights is None:
+        return
     closed = torch.isneginf(bias) & (cluster_weights > 0)  # bias (K,) or (H, K)
     if bool(closed.any()):
         raise ValueError(

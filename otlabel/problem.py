@@ -215,24 +215,12 @@ def raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, sc
                 "means 'this sample may not go to this cluster'."
             )
         h, j = _first_index(torch.isneginf(row_max))
-        raise ValueError(
-            f"infeasible mask: sample {j} (head {h}) has every score -inf, so it cannot go to any cluster. "
-            "Allow at least one cluster per sample, or drop the sample."
-        )
+        raise masked_sample_error(j, h)
     stranded = torch.isneginf(weighted_row_max)  # (H, N): allowed only in clusters of weight 0
     if bool(stranded.any()):
         h, j = _first_index(stranded)
-        raise ValueError(
-            f"infeasible mask: sample {j} (head {h}) is allowed only in clusters of weight 0. "
-            "Allow it in a cluster with positive weight, or drop the sample."
-        )
-    starved = torch.isneginf(col_max) & (cluster_weights > 0)
-    if bool(starved.any()):
-        h, k = _first_index(starved)
-        raise ValueError(
-            f"infeasible mask: cluster {k} (head {h}) has weight {float(cluster_weights[k]):.3g} > 0 but every "
-            "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
-        )
+        raise stranded_sample_error(j, h)
+    raise_for_starved_clusters(col_max, cluster_weights)
     span = float(score_span(weighted_row_max, col_max, cluster_weights > 0))
     compute_dtype = compute_dtype_of(scores)
     if epsilon is not None and span > max_score_span(compute_dtype) * epsilon:
@@ -243,6 +231,31 @@ def raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, sc
             f"scores / epsilon reach {top / epsilon:.3g} in a cluster of weight 0, where S / eps overflows "
             f"{arithmetic_name(compute_dtype)}. That cluster receives nothing whatever its scores: give it -inf, or "
             "any moderate value."
+        )
+
+
+def masked_sample_error(j: int, h: int, where: str = "") -> ValueError:
+    return ValueError(
+        f"infeasible mask: sample {j} (head {h}){where} has every score -inf, so it cannot go to any cluster. "
+        "Allow at least one cluster per sample, or drop the sample."
+    )
+
+
+def stranded_sample_error(j: int, h: int, where: str = "") -> ValueError:
+    return ValueError(
+        f"infeasible mask: sample {j} (head {h}){where} is allowed only in clusters of weight 0. "
+        "Allow it in a cluster with positive weight, or drop the sample."
+    )
+
+
+def raise_for_starved_clusters(col_max: torch.Tensor, cluster_weights: torch.Tensor) -> None:
+    """A cluster of positive weight that no sample may reach (its column maximum, (H, K), is -inf) is infeasible."""
+    starved = torch.isneginf(col_max) & (cluster_weights > 0)
+    if bool(starved.any()):
+        h, k = _first_index(starved)
+        raise ValueError(
+            f"infeasible mask: cluster {k} (head {h}) has weight {float(cluster_weights[k]):.3g} > 0 but every "
+            "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
         )
 
 

@@ -84,19 +84,18 @@ def run_sinkhorn(
     errors: list[torch.Tensor] = []
     worst_history: list[float] = []  # the errors already read back (with a tol, a callback or mixing)
     converged = False
+    reads_error = tol is not None or callback is not None or mixer is not None
     for _ in range(max_iter):
         lse = operator.cluster_lse(potentials_for(operator, b)).to(torch.float64)  # (H, K)
         b_new = torch.where(empty, float("-inf"), log_r - lse)
         err = marginal_error(b, b_new, r, empty)  # (H,) — inf on the cold start
         errors.append(err)
-        reads_error = tol is not None or callback is not None or mixer is not None
         if reads_error:  # the iteration's one sync (with the mixer's verdict on its last proposal)
             values = err.max()[None] if mixer is None else torch.cat([err.max()[None], mixer.last_step_sound(err)])
             worst, *sound = read_back(values, b_new, empty)
+            worst_history.append(worst)
             if mixer is not None:
                 mixer.review_last_step(sound[0] != 0)
-        if reads_error:
-            worst_history.append(worst)
         if callback is not None:
             callback(len(errors), worst)
         if tol is not None:

@@ -32,8 +32,19 @@ import numpy as np
 import torch
 
 from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, split_rows, worker_pool
+from .features import check_bias
 from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs
-from .problem import FLOAT_DTYPES, _first_index, check_epsilon, check_weights, max_score_span, span_error
+from .problem import (
+    FLOAT_DTYPES,
+    _first_index,
+    check_epsilon,
+    check_weights,
+    masked_sample_error,
+    max_score_span,
+    raise_for_starved_clusters,
+    span_error,
+    stranded_sample_error,
+)
 from .result import SinkhornResult
 from .solver import (
     DEFAULT_MAX_ITER,
@@ -339,8 +350,7 @@ class FeatureSource(ScoreSource):
             if bias.shape not in ((self.n_clusters,), (self.n_heads, self.n_clusters)):
                 raise ValueError(f"bias must have shape ({self.n_clusters},) or ({self.n_heads}, {self.n_clusters}), "
                                  f"got {tuple(bias.shape)}.")  # fmt: skip
-            if bool((torch.isnan(bias) | torch.isposinf(bias)).any()):  # -inf closes a cluster: checked later
-                raise ValueError("bias contains NaN or +inf; it must be finite (or -inf for a closed cluster).")
+            check_bias(bias)  # a -inf bias on a weighted cluster: the column check of the first pass finds it
             self.bias = bias.expand(self.n_heads, self.n_clusters)[:, None, :]  # (H, 1, K)
         if rows_per_chunk is None:
             budget = default_memory_budget(self.device) if memory_budget is None else memory_budget
@@ -419,39 +429,22 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
         )
     if torch.isneginf(row_max).any():
         h, j = _first_index(torch.isneginf(row_max))
-        raise ValueError(
-            f"infeasible mask: sample {j + offset} (head {h}){where} has every score -inf, so it cannot go to any "
-            "cluster. Allow at least one cluster per sample, or drop the sample."
-        )
+        raise masked_sample_error(j + offset, h, where)
     if torch.isneginf(weighted_row_max).any():
         h, j = _first_index(torch.isneginf(weighted_row_max))
-        raise ValueError(
-            f"infeasible mask: sample {j + offset} (head {h}){where} is allowed only in clusters of weight 0. "
-            "Allow it in a cluster with positive weight, or drop the sample."
-        )
+        raise stranded_sample_error(j + offset, h, where)
     raise span_error(float(weighted_row_max.abs().amax()) * inv_eps, compute_dtype, where)
 
 
-def check_columns(
-    col_max: torch.Tensor, cluster_weights: torch.Tensor, span_limit: float = math.inf,
-    compute_dtype: torch.dtype = torch.float64, units_per_score: float = 1.0,
-) -> None:  # fmt: skip
-    """The per-cluster checks on the column maxima (H, K) of all the samples: a cluster of positive weight that no
-    sample may reach (its column maximum is -inf) is infeasible; one whose best score is beyond ``span_limit`` (in
-    the units of ``col_max``, ``units_per_score`` of them per unit of S / eps) would need a potential that
-    ``compute_dtype`` cannot resolve."""
-    positive = cluster_weights > 0
-    starved = torch.isneginf(col_max) & positive  # (H, K)
-    if bool(starved.any()):
-        h, k = _first_index(starved)
-        raise ValueError(
-            f"infeasible mask: cluster {k} (head {h}) has weight {float(cluster_weights[k]):.3g} > 0 but every "
-            "sample's score for it is -inf, so its share cannot be filled. Allow some sample, or give it weight 0."
-        )
-    far = positive & torch.isfinite(col_max) & (col_max.abs() > span_limit)
+def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor, compute_dtype: torch.dtype) -> None:
+    """The per-cluster checks on the column maxima of ``S / eps`` (H, K) over all the samples: a cluster of positive
+    weight that no sample may reach (its maximum is -inf) is infeasible; one whose best ``|S| / eps`` is beyond
+    :func:`~otlabel.problem.max_score_span` needs a potential that ``compute_dtype`` cannot resolve."""
+    raise_for_starved_clusters(col_max, cluster_weights)
+    far = (cluster_weights > 0) & torch.isfinite(col_max) & (col_max.abs() > max_score_span(compute_dtype))
     if bool(far.any()):
         h, k = _first_index(far)
-        raise span_error(float(col_max[h, k].abs()) / units_per_score, compute_dtype, f" (cluster {k}, head {h})")
+        raise span_error(float(col_max[h, k].abs()), compute_dtype, f" (cluster {k}, head {h})")
 
 
 # ----------------------------------------------------------------------------------------------- operator
@@ -519,7 +512,7 @@ class StreamingOperator(LogDomainOperator):
         col_max = parts[0][0]
         for part, _ in parts[1:]:
             col_max = torch.maximum(col_max, part)
-        check_columns(col_max, self.r, max_score_span(self.dtype), self.dtype)  # col_max is of S / eps
+        check_columns(col_max, self.r, self.dtype)  # col_max is of S / eps
         self._reachable = col_max > NEG_INF
         self.validated = True
 
