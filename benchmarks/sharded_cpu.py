@@ -67,7 +67,7 @@ def _rank(rank, world, threads, opts, init_file, out_file):
         group = dist.group.WORLD
     lo, hi = rank * opts.n // world, (rank + 1) * opts.n // world
     local = shard(opts.n, opts.k, opts.d, lo, hi, features=opts.features)
-    data = dict(features=local[0], prototypes=local[1]) if opts.features else dict(local_scores=local)
+    data = dict(features=local[0], prototypes=local[1]) if opts.features else dict(scores=local)
     stamps = []
     if group is not None:
         dist.barrier()

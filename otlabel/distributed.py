@@ -59,6 +59,7 @@ from .solver import (
     check_init,
     check_solver_options,
     is_number,
+    no_epsilon_scaling,
     package_result,
     run_sinkhorn,
     warn_if_not_converged,
@@ -167,7 +168,7 @@ class ShardedOperator(ScoreOperator):
 
 
 def sinkhorn_assign_sharded(
-    local_scores=None,
+    scores=None,
     epsilon: float = 0.05,
     *,
     features=None,
@@ -182,11 +183,13 @@ def sinkhorn_assign_sharded(
     backend: str = "auto",
     acceleration: str = "auto",
     over_relaxation: float | None = None,
+    epsilon_scaling: float | None = None,
     allow_tf32: bool = True,
     memory_budget: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     callback=None,
     warn: bool = True,
+    local_scores=None,
 ) -> SinkhornResult:
     r""":func:`otlabel.sinkhorn_assign` over samples sharded across the ranks of a process group.
 
@@ -196,9 +199,9 @@ def sinkhorn_assign_sharded(
     labels for tie-free scores). Per iteration the ranks exchange ``W·H·K`` floats; nothing of size N moves.
 
     Args:
-        local_scores: this rank's ``(N_r, K)`` or ``(H, N_r, K)`` scores (torch tensor on any device, or a NumPy
+        scores: this rank's ``(N_r, K)`` or ``(H, N_r, K)`` scores (torch tensor on any device, or a NumPy
             array): CPU tensors with Gloo, CUDA tensors with NCCL.
-        features, prototypes, bias: instead of ``local_scores``, this rank's features ``Z_r`` (N_r, D) and the
+        features, prototypes, bias: instead of ``scores``, this rank's features ``Z_r`` (N_r, D) and the
             prototypes ``C`` (K, D) or (H, K, D) (the same on every rank: checked) with an optional per-cluster
             ``bias``; the scores ``Z_r C^T + bias`` are never stored (features mode, :mod:`otlabel.features`).
             CUDA tensors run the features kernel; anything else (a CPU tensor, a NumPy array or memmap, a ``.npy``
@@ -213,7 +216,9 @@ def sinkhorn_assign_sharded(
         cluster_weights: ``(K,)``, the same on every rank (checked).
         timeout: seconds any collective may wait for the other ranks before raising ``RuntimeError``.
         epsilon, max_iter, tol, init, backend, acceleration, over_relaxation, allow_tf32, callback, warn: as in
-            :func:`otlabel.sinkhorn_assign`; they must agree across ranks (checked).
+            :func:`otlabel.sinkhorn_assign`; they must agree across ranks (checked). ``epsilon_scaling`` must be
+            ``None``: on top of the default Anderson mixing it did not pay in memory.
+        local_scores: the former name of ``scores`` (deprecated; it warns).
 
     Returns:
         :class:`~otlabel.SinkhornResult` with this rank's ``labels`` (N_r,) and ``codes``, and the global
@@ -231,12 +236,19 @@ def sinkhorn_assign_sharded(
         raise TypeError(f"group must be a torch.distributed process group (dist.group.WORLD) or None, got {group!r}.")
     if not is_number(timeout) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    comm = Collectives(group, timeout, data=local_scores if local_scores is not None else features)
+    if local_scores is not None:
+        if scores is not None:
+            raise ValueError("give scores= only: local_scores= is its former name.")
+        warnings.warn("sinkhorn_assign_sharded(local_scores=...) is now scores=... (as in sinkhorn_assign); the old "
+                      "name will be removed.", DeprecationWarning, stacklevel=2)  # fmt: skip
+        scores = local_scores
+    comm = Collectives(group, timeout, data=scores if scores is not None else features)
     failure, meta, shard, c_local = None, None, None, None
     try:  # local checks: a failure is shared with the other ranks below, not raised before they hear of it
         epsilon = check_epsilon(epsilon)
         acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
-        shard = open_shard(local_scores, features, prototypes, bias, cluster_weights, backend, comm,
+        no_epsilon_scaling(epsilon_scaling, "in a sharded solve")
+        shard = open_shard(scores, features, prototypes, bias, cluster_weights, backend, comm,
                            allow_tf32=allow_tf32, memory_budget=memory_budget, epsilon=epsilon)  # fmt: skip
         c_local, sum_tolerance = None, (0.0, 0.0)
         if sample_weights is not None:
@@ -317,8 +329,8 @@ class DenseShard:
 
     mode = 0
 
-    def __init__(self, local_scores, cluster_weights, backend: str, rank: int, epsilon: float | None = None):
-        self.scores, self.batched = check_scores(local_scores)
+    def __init__(self, scores, cluster_weights, backend: str, rank: int, epsilon: float | None = None):
+        self.scores, self.batched = check_scores(scores)
         self.fingerprint = torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)  # scores: nothing more to agree on
         self.h, self.n, self.k = self.scores.shape
         self.device, self.dtype_code, self.backend = self.scores.device, DTYPE_CODES[self.scores.dtype], backend
@@ -419,16 +431,16 @@ def inputs_fingerprint(prototypes, bias, h: int, k: int) -> torch.Tensor:
                         dtype=torch.float64)  # fmt: skip
 
 
-def open_shard(local_scores, features, prototypes, bias, cluster_weights, backend, comm, *, allow_tf32, memory_budget,
+def open_shard(scores, features, prototypes, bias, cluster_weights, backend, comm, *, allow_tf32, memory_budget,
                epsilon=None):  # fmt: skip
     """This rank's input as a :class:`DenseShard` or :class:`FeatureShard` (features with ``backend="reference"``
     materialise ``Z C^T`` in float64: small problems, for checking)."""
-    if (local_scores is None) == (features is None):
-        raise ValueError("give either local_scores, or features= with prototypes= (not both, not neither).")
+    if (scores is None) == (features is None):
+        raise ValueError("give either scores, or features= with prototypes= (not both, not neither).")
     if features is None:
         if prototypes is not None or bias is not None:
-            raise ValueError("prototypes= and bias= go with features=, not with local_scores.")
-        return DenseShard(local_scores, cluster_weights, backend, comm.rank, epsilon)
+            raise ValueError("prototypes= and bias= go with features=, not with scores.")
+        return DenseShard(scores, cluster_weights, backend, comm.rank, epsilon)
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     if backend == "reference":

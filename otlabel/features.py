@@ -24,6 +24,7 @@ from .problem import MAX_SCORE_SPAN_FP32, as_tensor, check_epsilon, check_weight
 from .solver import (
     check_init,
     check_solver_options,
+    no_epsilon_scaling,
     package_result,
     run_sinkhorn,
     warn_if_not_converged,
@@ -37,11 +38,7 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     check_solver_options(solve["max_iter"], solve["tol"], solve["acceleration"], solve["over_relaxation"])  # early
-    if epsilon_scaling is not None:
-        raise ValueError(
-            "epsilon_scaling is not available with features= yet; the default acceleration (Anderson mixing) and "
-            "init=<previous result> are what speed up small epsilon there."
-        )
+    no_epsilon_scaling(epsilon_scaling, "with features=")
     if backend == "reference":
         from .solver import sinkhorn_assign
 

@@ -169,6 +169,19 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration
     return operator, LoopOutput(potentials=out.potentials, n_iter=used, errors=errors, converged=out.converged)
 
 
+def no_epsilon_scaling(epsilon_scaling, where: str) -> None:
+    """Refuse ``epsilon_scaling`` on the entry points without it (features, streamed, sharded), saying what helps.
+
+    Each stage would need its own operator (and, streamed, its own checking pass), and on top of the default
+    Anderson mixing it did not pay in-memory: 4.9x over plain steps against Anderson alone's 7.7x (100,000 x 1,000,
+    eps 0.01, to 1e-3; benchmarks/RESULTS_CPU.md)."""
+    if epsilon_scaling is not None:
+        raise ValueError(
+            f"epsilon_scaling is not available {where}; the default acceleration (Anderson mixing) and "
+            "init=<previous result> are what speed up small epsilon there. Leave epsilon_scaling=None."
+        )
+
+
 def marginal_error(b, b_new, r, empty) -> torch.Tensor:
     """``sum_k r_k |exp(b - b_new) - 1|`` per head: the plan at ``b`` has column sums ``r * exp(b - b_new)``."""
     if b is None:
@@ -403,8 +416,9 @@ def sinkhorn_assign(
         features, prototypes, bias: instead of ``scores``, features ``Z`` (N, D) and prototypes ``C`` (K, D) (or
             (H, K, D) for H heads), optionally a per-cluster ``bias`` (K,)/(H, K): the scores ``Z C^T + bias`` are
             computed tile by tile and never stored (see :mod:`otlabel.features`). ``Z`` may also be a NumPy array,
-            a memmap or a ``.npy`` path (streamed from the host). ``allow_tf32`` (CUDA, fp32 inputs): multiply on
-            tf32 tensor cores (scores good to ~1e-3 relative) or, with ``False``, in exact fp32.
+            a memmap or a ``.npy`` path (streamed from the host). ``allow_tf32`` (fp32 CUDA tensors, the features
+            kernel): multiply on tf32 tensor cores (scores good to ~1e-3 relative) or, with ``False``, in exact fp32.
+            Streamed features are multiplied by PyTorch, as torch's own TF32 setting says (``torch.backends.cuda``).
         cluster_weights: ``(K,)`` non-negative, summing to 1 (default uniform ``1/K``): each cluster's share.
             Zero is allowed (the cluster gets nothing).
         sample_weights: ``(N,)`` non-negative, summing to 1 (default uniform ``1/N``).

@@ -145,7 +145,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     nudged = c + (1e-3 if rank == world - 1 else 0.0)
     with pytest.raises(ValueError, match="prototypes or bias differ between ranks"):
         sinkhorn_assign_sharded(features=z[lo:hi], prototypes=nudged, epsilon=EPS, group=group, timeout=30)
-    mixed = dict(local_scores=z[lo:hi] @ c.T) if rank == 0 else dict(features=z[lo:hi], prototypes=c)
+    mixed = dict(scores=z[lo:hi] @ c.T) if rank == 0 else dict(features=z[lo:hi], prototypes=c)
     with pytest.raises(ValueError, match="disagree on the input"):
         sinkhorn_assign_sharded(**mixed, epsilon=EPS, group=group, timeout=30)
     bad = z[lo:hi].clone()

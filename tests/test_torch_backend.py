@@ -296,3 +296,66 @@ def test_callback_sees_every_iteration_of_every_entry_route():
     seen = []
     res = sinkhorn_assign(features=z, prototypes=c, epsilon=0.5, callback=lambda i, e: seen.append(i))
     assert seen == list(range(1, res.n_iter + 1))
+
+
+def test_cached_kernel_is_not_rebuilt_for_a_cluster_with_no_sample_here(monkeypatch):
+    """A sharded rank may hold no sample of a cluster that others reach: the loop hands it finite potentials for a
+    column that is all zeros here. That column never counts as drift: one exp pass, the cold start's."""
+    s = random_problem(200, 5, h=1, seed=3)
+    s[:, :, 0] = float("-inf")  # cluster 0: nothing on this "rank"
+    operator = CachedKernelOperator(DenseSource(s), 0.1, uniform(200))
+    passes = []
+    absorb = operator._absorb
+    monkeypatch.setattr(operator, "_absorb", lambda b: (passes.append(b), absorb(b))[1])
+    lse = operator.cluster_lse(None)
+    log_r = torch.full((1, 5), 0.2, dtype=torch.float64).log()
+    for _ in range(10):
+        b = log_r - torch.where(torch.isfinite(lse), lse, -3.0)  # finite for cluster 0, as a global b would be
+        lse = operator.cluster_lse(b)
+    assert len(passes) == 1, f"{len(passes)} exp passes over 11 iterations"
+    assert torch.isneginf(lse[0, 0]) and torch.isfinite(lse[0, 1:]).all()
+
+
+def test_one_set_of_options_serves_every_entry_point():
+    """The same keyword arguments go to sinkhorn_assign, sinkhorn_assign_stream and sinkhorn_assign_sharded (one
+    process, no group): no TypeError for an option one of them lacks, and the same answer from all three."""
+    from otlabel import sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+    s = cosine_scores(300, 7, seed=4)
+    r = random_weights(7, seed=5)
+    options = dict(cluster_weights=r, tol=1e-6, max_iter=2000, init=None, backend="torch", acceleration="auto",
+                   over_relaxation=None, epsilon_scaling=None, callback=None, warn=True)  # fmt: skip
+    results = [f(s, 0.05, **options) for f in (sinkhorn_assign, sinkhorn_assign_stream, sinkhorn_assign_sharded)]
+    for res in results:
+        assert res.converged
+        assert torch.equal(res.labels, results[0].labels)
+        assert_close(centred(res.cluster_potentials), centred(results[0].cluster_potentials), atol=1e-4)
+
+
+def test_entry_points_say_what_they_do_not_offer():
+    from otlabel import sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+    s = cosine_scores(50, 4, seed=4)
+    with pytest.raises(ValueError, match="epsilon_scaling is not available when streaming"):
+        sinkhorn_assign_stream(s, 0.05, epsilon_scaling=0.5)
+    with pytest.raises(ValueError, match="epsilon_scaling is not available in a sharded solve"):
+        sinkhorn_assign_sharded(s, 0.05, epsilon_scaling=0.5)
+    with pytest.raises(ValueError, match="epsilon_scaling is not available with features="):
+        sinkhorn_assign(features=s, prototypes=torch.eye(4), epsilon=0.05, epsilon_scaling=0.5)
+    with pytest.raises(ValueError, match="pass CUDA tensors to sinkhorn_assign"):
+        sinkhorn_assign_stream(s, 0.05, backend="triton")
+    with pytest.raises(ValueError, match="small enough to load"):
+        sinkhorn_assign_stream(s, 0.05, backend="reference")
+    with pytest.raises(ValueError, match="'auto' or 'torch' when streaming"):
+        sinkhorn_assign_stream(s, 0.05, backend="numpy")
+
+
+def test_sharded_scores_keep_their_former_name_for_now():
+    from otlabel import sinkhorn_assign_sharded
+
+    s = cosine_scores(50, 4, seed=4)
+    with pytest.warns(DeprecationWarning, match="now scores="):
+        old = sinkhorn_assign_sharded(local_scores=s, epsilon=0.05)
+    assert torch.equal(old.labels, sinkhorn_assign_sharded(s, 0.05).labels)
+    with pytest.raises(ValueError, match="give scores= only"):
+        sinkhorn_assign_sharded(s, 0.05, local_scores=s)

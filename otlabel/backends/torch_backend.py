@@ -244,8 +244,9 @@ class CachedKernelOperator(ScoreOperator):
     def _drifted(self, b) -> bool:
         """``b`` moved more than ``absorb_threshold`` from the kernel's ``b0``, or closed a cluster (``-inf``: a
         zero-weight cluster after the cold start) that the kernel still holds: a row whose only large entries sit
-        in such columns would otherwise see ``G v = 0``."""
-        finite = torch.isfinite(b)
+        in such columns would otherwise see ``G v = 0``. Clusters no sample here may go to have an all-zero column
+        whatever ``b`` is (a sharded rank can hold none of a cluster's samples): they never count as drifted."""
+        finite = torch.isfinite(b) & self.reachable
         closed = torch.isneginf(b) & torch.isfinite(self.b0)
         return bool(((b - self.b0).abs()[finite] > self.absorb_threshold).any()) or bool(closed.any())
 
