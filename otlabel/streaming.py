@@ -574,9 +574,15 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool = Tru
         out = torch.from_numpy(out)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a path, a numpy array or a torch tensor, got {type(out).__name__}.")
-    if out.numel() != int(np.prod(shape)) or out.dtype != torch.from_numpy(np.empty(0, dtype)).dtype:
+    wanted = shape if batched else shape[1:]  # the caller's layout: (N,) / (N, K) for 2-d scores
+    if out.numel() != math.prod(wanted):
+        raise ValueError(f"{name} must have shape {wanted} ({math.prod(wanted):,} elements), got shape "
+                         f"{tuple(out.shape)}.")  # fmt: skip
+    dtype = np.dtype(dtype)
+    if out.dtype != torch.from_numpy(np.empty(0, dtype)).dtype:
         raise ValueError(
-            f"{name} must have {shape} elements of dtype {np.dtype(dtype).name}, got {tuple(out.shape)} {out.dtype}."
+            f"{name} must be {dtype.name}, got {str(out.dtype).removeprefix('torch.')}: allocate it as "
+            f"np.empty({wanted}, np.{dtype.name})."
         )
     if out.device.type != "cpu":
         raise ValueError(f"{name} must be on the CPU (it is written chunk by chunk from the host).")

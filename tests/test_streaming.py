@@ -177,6 +177,22 @@ def test_bad_arguments(tmp_path):
         sinkhorn_assign_stream(np.zeros((5, 3), np.float32), labels_out=np.zeros(4, np.int64))
 
 
+def test_output_errors_speak_in_the_callers_layout():
+    """A wrong output is described in the shape the caller passed: (N,) / (N, K) for 2-d scores (it said "(1, 500)
+    elements"), and a wrong dtype is named as the problem (the same sentence covered both)."""
+    s2, s3 = np.zeros((500, 10), np.float32), np.zeros((3, 500, 10), np.float32)
+    for scores, out, want in ((s2, np.zeros(499, np.int64), r"\(500,\) \(500 elements\), got shape \(499,\)"),
+                              (s3, np.zeros(500, np.int64), r"\(3, 500\) \(1,500 elements\), got shape \(500,\)")):
+        with pytest.raises(ValueError, match=f"labels_out must have shape {want}"):
+            sinkhorn_assign_stream(scores, labels_out=out)
+    with pytest.raises(ValueError, match=r"codes_out must have shape \(500, 10\) \(5,000 elements\)"):
+        sinkhorn_assign_stream(s2, codes_out=np.zeros((10, 499), np.float32))
+    with pytest.raises(ValueError, match=r"labels_out must be int64, got int32: allocate it as np.empty\(\(500,\), "):
+        sinkhorn_assign_stream(s2, labels_out=np.zeros(500, np.int32))
+    with pytest.raises(ValueError, match=r"codes_out must be float32, got float64"):
+        sinkhorn_assign_stream(s2, codes_out=np.zeros((500, 10)))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pinned", [False, True])
 def test_cuda_staging_matches_cpu(problem, pinned):
