@@ -48,8 +48,9 @@ the problem solved:
 
 output:
   --out receives an int64 .npy of N labels ((H, N) for H heads); --codes-out a float32 .npy of the
-  (N, K) soft assignments (rows sum to 1; 4*N*K bytes). Both appear only when the run completes:
-  they are written to a temporary file in the same directory, fsynced, then renamed into place.
+  (N, K) soft assignments ((H, N, K) for H heads; rows sum to 1; 4*H*N*K bytes). Both appear only
+  when the run completes: they are written to a temporary file in the same directory, fsynced, then
+  renamed into place.
   A progress bar (iteration, marginal error, rate) goes to stderr; a summary to stdout.
 
 exit status:
@@ -208,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out = p.add_argument_group("output")
     out.add_argument("--out", "-o", required=True, metavar="LABELS.npy", help="int64 labels, written atomically")
-    out.add_argument("--codes-out", metavar="CODES.npy", help="float32 (N, K) soft assignments, written atomically")
+    out.add_argument(
+        "--codes-out",
+        metavar="CODES.npy",
+        help="float32 (N, K) soft assignments, (H, N, K) for H heads; written atomically",
+    )
     out.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     p.set_defaults(func=cmd_assign)
 

@@ -222,6 +222,10 @@ def test_help_reads_like_a_manual(capsys):
     for section in ("usage:", "input:", "the problem solved:", "output:", "exit status:", "examples:"):
         assert section in text
     assert "atomically" in text
+    words = " ".join(text.split())  # the option help wraps
+    # --codes-out writes (H, N, K) for batched scores: both the option and the output section say so
+    assert "--codes-out CODES.npy float32 (N, K) soft assignments, (H, N, K) for H heads" in words
+    assert "(N, K) soft assignments ((H, N, K) for H heads;" in words
 
 
 @pytest.mark.parametrize("sig, previous", [(signal.SIGKILL, True), (signal.SIGTERM, False)])
