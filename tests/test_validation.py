@@ -179,6 +179,29 @@ def test_result_repr_is_a_short_summary():
     assert len(text) < 200 and "labels=(10,) int64" in text and f"after {res.n_iter} iterations" in text
 
 
+def test_result_help_shows_the_public_fields_only():
+    """help(SinkhornResult) listed the solver's private state (_operator, _sample_weights, _batched, ...) in its
+    signature, and did not say that a batched solve shares one iteration count between its heads."""
+    import dataclasses
+    import inspect
+    import pydoc
+
+    from otlabel import SinkhornResult
+
+    params = list(inspect.signature(SinkhornResult).parameters)
+    assert params == ["labels", "cluster_potentials", "n_iter", "converged", "marginal_error", "errors", "epsilon",
+                      "internal"]  # fmt: skip
+    assert [f.name for f in dataclasses.fields(SinkhornResult)] == params[:-1]
+    page = " ".join(pydoc.render_doc(SinkhornResult, renderer=pydoc.plaintext).split())
+    assert "_operator" not in page and "_sample_weights" not in page and "_batched" not in page
+    assert "shared by all heads" in " ".join(SinkhornResult.__doc__.split())
+    res = sinkhorn_assign(torch.stack([S, 3 * S]), 0.1)  # batched: the internal state still drives the read-outs
+    assert res.codes.shape == (2, 10, 4) and res.objective.shape == (2,)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SinkhornResult(res.labels, res.cluster_potentials, 1, True, 0.0, [0.0], 0.1, _operator=None,
+                       _sample_weights=None, _batched=False, _oops=1)  # fmt: skip
+
+
 def test_score_range_check_lets_large_but_solvable_scores_through():
     """Offsets of 1e9 (|S| / eps = 2e10) and a zero-weight cluster parked at float32's lowest value solve as before;
     the check is about what float64 arithmetic can resolve, not about how large the numbers look."""
