@@ -278,6 +278,28 @@ def test_killed_run_leaves_no_partial_output(previous, sig, tmp_path):
         assert not glob.glob(str(tmp_path / ".labels.npy.*.tmp")), "SIGTERM left the temporary file"
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="watches the child's mapped libraries (Linux)")
+def test_interrupt_while_torch_loads_is_quiet(scores_file, tmp_path):
+    """Ctrl-C while the command imports torch (its first second or more) printed a 30-line KeyboardInterrupt
+    traceback: it gets the one line and status 130 of an interrupt at any later point."""
+    out = tmp_path / "y.npy"
+    proc = subprocess.Popen([sys.executable, "-m", "otlabel", "assign", str(scores_file), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while "libtorch" not in open(f"/proc/{proc.pid}/maps").read():  # torch's import has begun
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "otlabel: interrupted; no output written" in stderr
+    assert not out.exists()
+
+
 def test_demo_runs(capsys):
     pytest.importorskip("sklearn")
     assert main(["demo"]) == EXIT_OK
