@@ -251,7 +251,7 @@ def cmd_assign(args) -> int:
     import torch
 
     from .problem import checked_host_weights
-    from .streaming import FeatureSource, HostSource, open_host_array, sinkhorn_assign_stream
+    from .streaming import FeatureSource, HostSource, SmallChunksWarning, open_host_array, sinkhorn_assign_stream
 
     if args.scores is None and args.features is None:
         if args.prototypes is not None:
@@ -313,6 +313,8 @@ def cmd_assign(args) -> int:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # non-convergence is reported by the summary (and --strict)
+                warnings.simplefilter("always", SmallChunksWarning)  # a tiny --memory-budget: said before the solve
+                warnings.showwarning = lambda message, *_: say(bar, f"otlabel: warning: --memory-budget: {message}")
                 t_solve = time.perf_counter()
                 result = sinkhorn_assign_stream(
                     args.scores,
@@ -348,6 +350,14 @@ def cmd_assign(args) -> int:
     if args.strict and not result.converged:
         return EXIT_NOT_CONVERGED
     return EXIT_OK
+
+
+def say(bar, line: str) -> None:
+    """A line on stderr, above the progress bar if there is one."""
+    if bar is not None and bar.bar is not None:
+        bar.bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 class progress_bar:

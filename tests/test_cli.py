@@ -300,6 +300,18 @@ def test_interrupt_while_torch_loads_is_quiet(scores_file, tmp_path):
     assert not out.exists()
 
 
+def test_tiny_memory_budget_is_warned_about(scores_file, tmp_path, capsys):
+    """--memory-budget 1 ran 70x slower than the default without a word: a warning line on stderr, even with -q."""
+    out = str(tmp_path / "y.npy")
+    for quiet in ([], ["-q"]):
+        assert main(["assign", str(scores_file), "--memory-budget", "1", "--out", out, *quiet]) == 0
+        err = capsys.readouterr().err
+        assert "otlabel: warning: --memory-budget: a memory budget of 1 byte cuts the 300 samples into 300" in err
+        assert "Give a budget of 1 MiB or more" in err
+    assert main(["assign", str(scores_file), "--memory-budget", "1M", "--out", str(tmp_path / "y.npy")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_demo_runs(capsys):
     pytest.importorskip("sklearn")
     assert main(["demo"]) == EXIT_OK
