@@ -250,7 +250,7 @@ def load_small(path: str, name: str) -> np.ndarray:
 def cmd_assign(args) -> int:
     import torch
 
-    from .problem import checked_host_weights
+    from .problem import checked_host_weights, transposed_hint
     from .streaming import FeatureSource, HostSource, SmallChunksWarning, open_host_array, sinkhorn_assign_stream
 
     if args.scores is None and args.features is None:
@@ -295,7 +295,11 @@ def cmd_assign(args) -> int:
         try:  # the library's checks (shape, values, sum), in the command line's words
             weights = checked_host_weights(weights, k, "--cluster-weights", "number of clusters K")
         except (ValueError, TypeError) as err:
-            raise InputError(str(err)) from None
+            hint = ""
+            if args.scores is not None and np.ndim(weights) == 1:  # K wrong: SCORES.npy saved as (K, N)?
+                fix = "save them as (N, K): np.save(path, np.swapaxes(scores, -1, -2))"
+                hint = transposed_hint(len(weights), k, (n, k), fix)
+            raise InputError(f"{err}{hint}") from None
     label_shape = (h, n) if shape_source.batched else (n,)
     inputs = {"SCORES.npy": args.scores, "--features": args.features, "--prototypes": args.prototypes,
               "--cluster-weights": args.cluster_weights}  # fmt: skip

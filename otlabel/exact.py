@@ -56,8 +56,8 @@ def _prepare(scores, cluster_weights, sample_weights):
     if batched:
         raise ValueError("the exact solvers take one (N, K) problem; loop over heads yourself.")
     _, n, k = s3.shape
-    r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device)
-    c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device)
+    r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device, (n, k))
+    c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device, (n, k))
     check_score_values(s3, r, batched=False)
     return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy()
 

@@ -127,6 +127,12 @@ def test_error_exit_code_in_subprocess(tmp_path):
             EXIT_INPUT,
             r"--cluster-weights must have shape \(3,\)",
         ),
+        (  # the 4 weights are for 4 clusters: SCORES.npy was saved as (K, N)
+            lambda p: np.save(p, np.zeros((4, 3), np.float32)),
+            ["--cluster-weights", "W"],
+            EXIT_INPUT,
+            r"got \(4,\)\. 4 is the scores' number of samples N: are the scores transposed\?.*np\.swapaxes",
+        ),
         (lambda p: np.save(p, np.zeros((5, 3), np.float32)), ["--over-relaxation", "2.5"], EXIT_INPUT, r"\[1, 2\)"),
     ],
 )

@@ -49,6 +49,12 @@ BAD_INPUTS = [
     ("scores huge for eps", dict(scores=S * 1e37), ValueError, ["scores / epsilon", "float32", "amax(-1"]),
     ("cluster weights shape", dict(cluster_weights=torch.ones(5) / 5), ValueError, ["cluster_weights", "(4,)"]),
     ("sample weights shape", dict(sample_weights=torch.ones(4) / 4), ValueError, ["sample_weights", "(10,)"]),
+    # (K, N) scores: weights sized for the caller's real K (or N) meet the other axis; the error says so
+    ("transposed, cluster weights", dict(scores=S.T, cluster_weights=torch.ones(4) / 4), ValueError,
+     ["got (4,). 4 is the scores' number of samples N: are the scores transposed?", "N = 4 samples by K = 10",
+      "pass scores.T"]),
+    ("transposed, heads, sample weights", dict(scores=S.T[None], sample_weights=torch.ones(10) / 10), ValueError,
+     ["10 is the scores' number of clusters K: are the scores transposed?", "scores.transpose(-1, -2)"]),
     ("negative weight", dict(cluster_weights=torch.tensor([0.5, 0.6, -0.2, 0.1])), ValueError, ["-0.2"]),
     ("weights not summing", dict(cluster_weights=torch.ones(4)), ValueError, ["sum to 1", "w.sum()"]),
     ("NaN weight", dict(sample_weights=torch.full((10,), float("nan"))), ValueError, ["NaN"]),
@@ -82,6 +88,19 @@ def test_bad_input_raises_specific_error(what, kwargs, error, words):
 def test_exact_solvers_validate_too():
     with pytest.raises(ValueError, match="NaN"):
         exact_plan(with_value((0, 0), float("nan")))
+    with pytest.raises(ValueError, match="are the scores transposed"):
+        exact_plan(S.T, cluster_weights=torch.ones(4) / 4)
+
+
+def test_no_transposition_hint_without_cause():
+    """N < K is a legitimate problem (SwAV's small batches): no warning; and a wrong length that is not the other
+    dimension gets no hint."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sinkhorn_assign(S.T, 0.1).labels.shape == (4,)
+    with pytest.raises(ValueError) as info:
+        sinkhorn_assign(S, 0.1, cluster_weights=torch.ones(7) / 7)
+    assert "transposed" not in str(info.value)
 
 
 def test_triton_backend_without_gpu_explains(monkeypatch):
