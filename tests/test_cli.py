@@ -323,6 +323,11 @@ def test_demo_runs(capsys):
     assert main(["demo"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "NMI vs digits" in out and "cluster sizes" in out
+    # it printed the balanced labels' lower NMI without a word: the balance gained, and why NMI can drop
+    assert re.search(r"largest/fair  balanced \(otlabel\):  1\.0\d\n +nearest prototype: +1\.\d\d", out), out
+    assert "why lower     the digits' classes are near equal (174-183 images), but these prototypes" in out
+    assert main(["demo", "--clusters", "1798"]) == EXIT_INPUT  # more clusters than images
+    assert "--clusters must be at most 1,797" in capsys.readouterr().err
 
 
 def test_acceleration_flags(scores_file, tmp_path, capsys):
