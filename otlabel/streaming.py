@@ -137,11 +137,12 @@ class SmallChunksWarning(UserWarning):
     """``memory_budget`` so small that a streamed pass is mostly per-chunk overhead (the solve is still right)."""
 
 
-# Chunks of fewer scores than this make a pass overhead-bound: every chunk costs a fixed ~30 us (the CPU's Python
-# and op dispatch; kernel launches on CUDA) besides its work. Streaming 20,000 x 50 scores on 2 CPU threads: 1-sample
-# chunks (50 scores) took 664 ms per iteration, 64 samples (3,200) 11 ms, 256 (12,800) 5.8 ms, the default 5.1 ms;
-# at K = 1,000, 16 samples (16,000 scores) 62 ms against 42 ms. A warning needs both few scores per chunk and many
-# chunks per pass: a small problem cut into a few small chunks loses milliseconds (the tests do that on purpose).
+# Chunks of fewer scores than this make a pass overhead-bound: every chunk costs a fixed ~30 us on the CPU (Python
+# and op dispatch; on CUDA, kernel launches: not measured) besides its work. Streaming 20,000 x 50 scores on 2 CPU
+# threads: 1-sample chunks (50 scores) took 664 ms per iteration, 64 samples (3,200) 11 ms, 256 (12,800) 5.8 ms, the
+# default 5.1 ms; at K = 1,000, 16 samples (16,000 scores) 62 ms against 42 ms. A warning needs both few scores per
+# chunk and many chunks per pass: a small problem cut into a few small chunks loses milliseconds (the tests do that
+# on purpose).
 MIN_CHUNK_ENTRIES, MANY_CHUNKS = 4096, 64
 GOOD_CHUNK_ENTRIES = 16384  # within ~1.5x of the default's time per iteration in the measurements above
 
