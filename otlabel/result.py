@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,17 +54,28 @@ class SinkhornResult:
     marginal_error: float
     errors: list[float]
     epsilon: float
+    # The solver's state for the lazy read-outs: the operator over the scores, the sample weights, whether the
+    # caller's input had a head dimension, codes already written (streamed outputs) and the objective once computed.
+    # Fields (so that dataclasses.replace copies them), with no class-level defaults and given through **internal,
+    # so that help() shows the public fields only.
+    _operator: ScoreOperator = field(repr=False)
+    _sample_weights: torch.Tensor = field(repr=False)
+    _batched: bool = field(repr=False)
+    _codes: torch.Tensor | None = field(repr=False)
+    _objective: torch.Tensor | None = field(repr=False)
 
     def __init__(self, labels, cluster_potentials, n_iter, converged, marginal_error, errors, epsilon, **internal):
         self.labels, self.cluster_potentials, self.n_iter = labels, cluster_potentials, n_iter
         self.converged, self.marginal_error, self.errors, self.epsilon = converged, marginal_error, errors, epsilon
-        # the solver's state for the lazy read-outs: the operator over the scores, the sample weights, whether the
-        # caller's input had a head dimension, and codes already written (streamed outputs)
-        self._operator: ScoreOperator = internal.pop("_operator")
-        self._sample_weights: torch.Tensor = internal.pop("_sample_weights")
-        self._batched: bool = internal.pop("_batched")
-        self._codes: torch.Tensor | None = internal.pop("_codes", None)
-        self._objective: torch.Tensor | None = internal.pop("_objective", None)
+        missing = {"_operator", "_sample_weights", "_batched"} - internal.keys()
+        if missing:
+            raise TypeError(f"SinkhornResult is made by otlabel's solvers: the solver's state {sorted(missing)} is "
+                            "missing.")  # fmt: skip
+        self._operator = internal.pop("_operator")
+        self._sample_weights = internal.pop("_sample_weights")
+        self._batched = internal.pop("_batched")
+        self._codes = internal.pop("_codes", None)
+        self._objective = internal.pop("_objective", None)
         if internal:
             raise TypeError(f"SinkhornResult got unexpected keyword arguments {sorted(internal)}.")
 
