@@ -35,8 +35,8 @@ class SinkhornResult:
     reaches ``tol``. ``n_iter``, ``converged``, ``marginal_error`` and ``errors`` are therefore shared by all
     heads: the iteration count of the slowest head and, at every iteration, the largest error of any head (a
     head that alone would have stopped earlier keeps iterating with the others; when the solve converged, every
-    head's error is below ``tol``).
-    ``labels``, ``cluster_potentials``, ``codes`` and ``objective`` are per head.
+    head's error is below ``tol``). ``labels``, ``cluster_potentials``, ``codes`` and ``objective`` are per head.
+    The heads share ``cluster_weights`` and ``sample_weights`` ((K,) and (N,); per-head weights are not taken).
 
     ``codes`` (N, K) — each row a softmax summing to 1; float32, or float64 for float64 input and the
     reference backend — and ``objective`` cost one more pass over the scores and are computed on first
