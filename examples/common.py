@@ -79,7 +79,8 @@ def setup(args: argparse.Namespace) -> torch.device:
 
 @dataclass
 class Data:
-    """Samples scaled to [0, 1], as images (N, C, H, W) when they have a square layout, else vectors (N, D)."""
+    """Samples as images (N, C, H, W) scaled to [0, 1] when they have a square layout, else vectors (N, D)
+    standardised per feature (see :func:`scale`)."""
 
     x: torch.Tensor
     y: np.ndarray | None
@@ -106,8 +107,19 @@ def _as_images(x: np.ndarray) -> np.ndarray:
     raise ValueError(f"--data-x must be (N, D), (N, H, W) or (N, C, H, W); got shape {x.shape}")
 
 
+def scale(x: np.ndarray) -> np.ndarray:
+    """Images (4-d) to [0, 1] by their global minimum and maximum: pixels share one scale, and the augmentations
+    pad with 0. Vectors (N, D) standardised per feature (zero mean, unit variance per column), as is usual for
+    tabular data: its columns come in their own units (wine: proline ~1,000 next to hue ~1), and one global range
+    would squeeze the small-unit columns to nearly constant values. Constant columns become 0."""
+    if x.ndim == 4:
+        return (x - x.min()) / max(float(x.max() - x.min()), 1e-12)
+    std = x.std(axis=0)
+    return (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
 def load_data(args: argparse.Namespace) -> Data:
-    """Load digits (default) or the user's arrays, scale to [0, 1]; ``--quick`` keeps a 400-sample subset."""
+    """Load digits (default) or the user's arrays and :func:`scale` them; ``--quick`` keeps a 400-sample subset."""
     if args.data_x is None:
         from sklearn.datasets import load_digits
 
@@ -117,8 +129,7 @@ def load_data(args: argparse.Namespace) -> Data:
         y = np.load(args.data_y) if args.data_y is not None else None
         if y is not None and len(y) != len(x):
             raise ValueError(f"--data-x has {len(x)} samples but --data-y has {len(y)} labels")
-    x = x.astype(np.float32)
-    x = (x - x.min()) / max(float(x.max() - x.min()), 1e-12)
+    x = scale(_as_images(x.astype(np.float32))).astype(np.float32)
     if args.quick:
         keep = np.random.default_rng(args.seed).permutation(len(x))[:400]
         x, y = x[keep], (y[keep] if y is not None else None)
@@ -127,7 +138,7 @@ def load_data(args: argparse.Namespace) -> Data:
     if y is None and not args.k:
         raise SystemExit("error: --data-x without --data-y: give --k, the number of clusters (no classes to count)")
     k = args.k or int(y.max()) + 1
-    return Data(torch.from_numpy(_as_images(x)).contiguous(), y, k)
+    return Data(torch.from_numpy(x).contiguous(), y, k)
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = True):
@@ -273,13 +284,13 @@ def cluster_metrics(labels, y: np.ndarray | None, k: int) -> dict:
 
 
 def kmeans_baseline(data: Data, seed: int) -> dict:
-    """k-means (scikit-learn, n_init=10) on the raw inputs, same run, same data, same K as the trainer's (``--k``,
-    by default the number of true classes)."""
+    """k-means (scikit-learn, n_init=10) on the inputs as the trainers see them (pixels in [0, 1], or standardised
+    features), same run, same data, same K as the trainer's (``--k``, by default the number of true classes)."""
     k = data.n_clusters
     start = time.perf_counter()
     labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(data.flat)
     return {
-        "method": "k-means on raw pixels",
+        "method": "k-means on raw pixels" if data.is_image else "k-means on standardised features",
         **cluster_metrics(labels, data.y, k),
         "seconds": time.perf_counter() - start,
     }

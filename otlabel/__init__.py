@@ -3,14 +3,15 @@
 >>> from otlabel import sinkhorn_assign
 >>> res = sinkhorn_assign(logits, epsilon=0.05)   # logits: (N, K), higher is better  # doctest: +SKIP
 >>> res.labels, res.codes                                                             # doctest: +SKIP
+
+The public names are imported on first use (PEP 562): ``import otlabel`` alone does not import torch, so the
+``otlabel`` command answers ``--help`` at once and an interrupt while torch loads exits quietly.
 """
 
-from .baselines import sela_sinkhorn, swav_sinkhorn
-from .distributed import sinkhorn_assign_sharded
-from .exact import ExactResult, exact_assign, exact_plan
-from .result import ConvergenceWarning, SinkhornResult
-from .solver import sinkhorn_assign
-from .streaming import sinkhorn_assign_stream
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 __all__ = [
@@ -25,3 +26,35 @@ __all__ = [
     "sinkhorn_assign_stream",
     "swav_sinkhorn",
 ]
+_HOME = {  # public name -> the module that defines it
+    "ConvergenceWarning": ".result",
+    "ExactResult": ".exact",
+    "SinkhornResult": ".result",
+    "exact_assign": ".exact",
+    "exact_plan": ".exact",
+    "sela_sinkhorn": ".baselines",
+    "sinkhorn_assign": ".solver",
+    "sinkhorn_assign_sharded": ".distributed",
+    "sinkhorn_assign_stream": ".streaming",
+    "swav_sinkhorn": ".baselines",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
+    from .baselines import sela_sinkhorn, swav_sinkhorn
+    from .distributed import sinkhorn_assign_sharded
+    from .exact import ExactResult, exact_assign, exact_plan
+    from .result import ConvergenceWarning, SinkhornResult
+    from .solver import sinkhorn_assign
+    from .streaming import sinkhorn_assign_stream
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'otlabel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name], __name__), name)
+    globals()[name] = value  # later look-ups are plain module attributes
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

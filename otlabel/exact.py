@@ -6,7 +6,10 @@
   samples (rounded by largest remainder), solved as a linear assignment of samples to cluster slots
   (``scipy.optimize.linear_sum_assignment``). O(N^3): keep N in the low thousands.
 
-Both take the same ``(N, K)`` scores as :func:`otlabel.sinkhorn_assign` (``-inf`` = forbidden pair).
+Both take the same ``(N, K)`` scores as :func:`otlabel.sinkhorn_assign` (``-inf`` = forbidden pair) and return an
+:class:`ExactResult` in the input's kind: torch tensors (on the scores' device) for a torch tensor, NumPy arrays for
+a NumPy array or a list — so that ``exact_assign(s).labels == sinkhorn_assign(s).labels`` compares like with like.
+The solvers themselves run on the CPU in float64.
 """
 
 from __future__ import annotations
@@ -14,24 +17,47 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .problem import check_score_values, check_scores, check_weights
 
 
-@dataclass
+@dataclass(repr=False)
 class ExactResult:
-    plan: np.ndarray  # (N, K) float64, rows sum to c, columns to r
-    labels: np.ndarray  # (N,) int64, argmax of each row of the plan
-    objective: float  # <P, S>
+    """What :func:`exact_plan` and :func:`exact_assign` return.
+
+    Attributes:
+        plan: (N, K) float64 — the optimal plan; rows sum to ``c``, columns to ``r`` (``exact_assign``: ``1/N`` in
+            each sample's cluster, 0 elsewhere).
+        labels: (N,) int64 — the argmax of each row of the plan.
+        objective: ``<P, S>`` (a float).
+
+    ``plan`` and ``labels`` are torch tensors on the scores' device when the scores were a torch tensor (as
+    :func:`otlabel.sinkhorn_assign` returns), NumPy arrays when they were a NumPy array or a list.
+    """
+
+    plan: np.ndarray | torch.Tensor
+    labels: np.ndarray | torch.Tensor
+    objective: float
+
+    def __repr__(self) -> str:
+        # A summary: the plan is N x K numbers
+        def describe(x):
+            kind = "tensor" if isinstance(x, torch.Tensor) else "ndarray"
+            return f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} {kind}"
+
+        plan, labels = describe(self.plan), describe(self.labels)
+        return f"ExactResult(objective={self.objective:.6g}, plan={plan}, labels={labels})"
 
 
 def _prepare(scores, cluster_weights, sample_weights):
+    """The scores, sample and cluster weights as float64 NumPy arrays, checked."""
     s3, batched = check_scores(scores)
     if batched:
         raise ValueError("the exact solvers take one (N, K) problem; loop over heads yourself.")
     _, n, k = s3.shape
-    r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device)
-    c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device)
+    r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device, (n, k))
+    c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device, (n, k))
     check_score_values(s3, r, batched=False)
     return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy()
 
@@ -58,10 +84,19 @@ def _result(plan: np.ndarray, s: np.ndarray, c: np.ndarray | None = None, r: np.
     return ExactResult(plan=plan, labels=plan.argmax(axis=1), objective=objective)
 
 
+def _like(result: ExactResult, scores) -> ExactResult:
+    """The result in the kind of the input: torch tensors on its device for a tensor, else NumPy arrays."""
+    if isinstance(scores, torch.Tensor):
+        result.plan = torch.from_numpy(result.plan).to(scores.device)
+        result.labels = torch.from_numpy(result.labels).to(scores.device)
+    return result
+
+
 def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = "pot") -> ExactResult:
     """Optimal plan of ``max_P <P, S>`` with rows summing to ``c`` and columns to ``r`` (no entropy).
 
     ``method="pot"`` uses ``ot.emd`` (needs ``pip install pot``); ``method="linprog"`` uses SciPy's HiGHS.
+    Returns an :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
     s, c, r = _prepare(scores, cluster_weights, sample_weights)
     allowed = np.isfinite(s)
@@ -73,7 +108,7 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
         plan = _linprog_plan(s, c, r, allowed)
     else:
         raise ValueError(f"method must be 'pot' or 'linprog', got {method!r}.")
-    return _result(np.asarray(plan, dtype=np.float64), s, c, r)
+    return _like(_result(np.asarray(plan, dtype=np.float64), s, c, r), scores)
 
 
 def _linprog_plan(s, c, r, allowed) -> np.ndarray:
@@ -109,7 +144,8 @@ def cluster_sizes(n_samples: int, cluster_weights: np.ndarray) -> np.ndarray:
 def exact_assign(scores, cluster_weights=None) -> ExactResult:
     """Best hard assignment with exactly ``cluster_sizes(N, r)[k]`` samples in cluster ``k``.
 
-    Builds one column per cluster slot (N columns in all) and solves the N×N linear assignment.
+    Builds one column per cluster slot (N columns in all) and solves the N×N linear assignment. Returns an
+    :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
     s, _, r = _prepare(scores, cluster_weights, None)
     from scipy.optimize import linear_sum_assignment
@@ -122,4 +158,4 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     labels[rows] = slot_cluster[slots]
     plan = np.zeros((n, k))
     plan[np.arange(n), labels] = 1.0 / n
-    return _result(plan, s)
+    return _like(_result(plan, s), scores)

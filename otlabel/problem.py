@@ -259,11 +259,26 @@ def raise_for_starved_clusters(col_max: torch.Tensor, cluster_weights: torch.Ten
         )
 
 
-def check_weights(weights, size: int, name: str, other: str, device: torch.device) -> torch.Tensor:
+def check_weights(weights, size: int, name: str, other: str, device: torch.device, scores_shape=None) -> torch.Tensor:
     """A marginal: 1-d, non-negative, finite, summing to 1. ``None`` gives the uniform weights."""
     if weights is None:
         return torch.full((size,), 1.0 / size, dtype=torch.float64, device=device)
-    return checked_host_weights(weights, size, name, other).to(device=device)
+    return checked_host_weights(weights, size, name, other, scores_shape).to(device=device)
+
+
+def transposed_hint(length: int, size: int, scores_shape: tuple[int, int] | None,
+                    fix: str = "pass scores.T (or scores.transpose(-1, -2) for (H, N, K))") -> str:  # fmt: skip
+    """For weights of the wrong length: when that length is the scores' other dimension, the likely cause —
+    scores passed as (K, N), clusters by samples (``prototypes @ features.T``). A solve with N < K is legitimate
+    (SwAV's small batches), so this is said only inside an error that has already been raised."""
+    if scores_shape is None or length == size or length not in scores_shape:
+        return ""
+    n, k = scores_shape
+    return (
+        f" {length} is the scores' {'number of samples N' if length == n else 'number of clusters K'}: are the "
+        f"scores transposed? They must be samples by clusters, (N, K), and these are read as N = {n} samples by "
+        f"K = {k} clusters; {fix}."
+    )
 
 
 def weight_sum_tolerance(dtype: torch.dtype, size: int) -> tuple[float, float]:
@@ -277,15 +292,17 @@ def weight_sum_tolerance(dtype: torch.dtype, size: int) -> tuple[float, float]:
     return max(WEIGHT_SUM_RTOL, info.eps), size * info.tiny * info.eps
 
 
-def checked_host_weights(weights, size: int, name: str, other: str) -> torch.Tensor:
-    """:func:`check_weights` for given weights, returned as a float64 CPU tensor rescaled to sum to exactly 1."""
+def checked_host_weights(weights, size: int, name: str, other: str, scores_shape=None) -> torch.Tensor:
+    """:func:`check_weights` for given weights, returned as a float64 CPU tensor rescaled to sum to exactly 1.
+    ``scores_shape``: the scores' (N, K), for a hint when the length given is the other dimension's."""
     weights = as_tensor(weights, name)
     if not weights.dtype.is_floating_point:
         weights = weights.double()
     sum_rtol = sum(weight_sum_tolerance(weights.dtype, size))
     if weights.shape != (size,):
+        hint = transposed_hint(weights.shape[0], size, scores_shape) if weights.ndim == 1 else ""
         raise ValueError(
-            f"{name} must have shape ({size},) to match the {other} of scores, got {tuple(weights.shape)}."
+            f"{name} must have shape ({size},) to match the {other} of scores, got {tuple(weights.shape)}.{hint}"
         )
     host = weights.to(device="cpu", dtype=torch.float64).numpy()  # checked on the host: one transfer, no more syncs
     if not np.isfinite(host).all():
@@ -312,9 +329,11 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Prob
     if cluster_weights is None:
         r, has_zeros = check_weights(None, k, "cluster_weights", "", device), False
     else:  # checked on the host (one transfer), where whether some weight is 0 costs no device synchronisation
-        r_host = checked_host_weights(cluster_weights, k, "cluster_weights", "number of clusters K (last dimension)")
+        r_host = checked_host_weights(cluster_weights, k, "cluster_weights", "number of clusters K (last dimension)",
+                                      (n, k))  # fmt: skip
         r, has_zeros = r_host.to(device), bool((r_host.numpy() == 0).any())
-    c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device)
+    c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device,
+                      (n, k))  # fmt: skip
     check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched)
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched)
 

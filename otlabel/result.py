@@ -13,9 +13,9 @@ class ConvergenceWarning(UserWarning):
     """Sinkhorn stopped at ``max_iter`` with the marginal error still above ``tol``."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, init=False)
 class SinkhornResult:
-    """What :func:`otlabel.sinkhorn_assign` returns.
+    """What :func:`otlabel.sinkhorn_assign` (and the streamed and sharded entry points) return.
 
     Shapes are the caller's: ``(N, ...)`` for a 2-d input, ``(H, N, ...)`` for a batched one.
 
@@ -25,15 +25,26 @@ class SinkhornResult:
             next call on similar scores. Zero-weight clusters hold ``-inf``.
         n_iter: iterations run (one pass over the scores each).
         converged: whether the cluster-marginal error went below ``tol``.
-        marginal_error: L1 error ``sum_k |sum_j P[j, k] - r_k|`` of the returned plan (worst head) when
-            converged; with a fixed iteration count (``tol=None``), the error measured during the last
-            iteration, before its update. The sample marginal is exact by construction.
+        marginal_error: L1 error ``sum_k |sum_j P[j, k] - r_k|`` of the returned plan when converged; with a
+            fixed iteration count (``tol=None``), the error measured during the last iteration, before its
+            update. The sample marginal is exact by construction.
         errors: that error at every iteration (``inf`` for the cold-start iteration, which has no plan yet).
         epsilon: the temperature used.
 
+    Batched input ``(H, N, K)``: the H heads are iterated together, in the same passes, until the worst head
+    reaches ``tol``. ``n_iter``, ``converged``, ``marginal_error`` and ``errors`` are therefore shared by all
+    heads: the iteration count of the slowest head and, at every iteration, the largest error of any head (a
+    head that alone would have stopped earlier keeps iterating with the others; when the solve converged, every
+    head's error is below ``tol``). ``labels``, ``cluster_potentials``, ``codes`` and ``objective`` are per head.
+    The heads share ``cluster_weights`` and ``sample_weights`` ((K,) and (N,); per-head weights are not taken).
+
     ``codes`` (N, K) — each row a softmax summing to 1; float32, or float64 for float64 input and the
     reference backend — and ``objective`` cost one more pass over the scores and are computed on first
-    access, then kept (``codes`` holds ``4·N·K`` bytes in float32).
+    access, then kept (``codes`` holds ``4·N·K`` bytes in float32). ``plan`` is ``codes`` times the sample
+    weights.
+
+    Results are made by the solvers, not by hand: the constructor's ``internal`` keywords carry the solver's
+    state that ``codes``, ``plan`` and ``objective`` are computed from.
     """
 
     labels: torch.Tensor
@@ -43,11 +54,30 @@ class SinkhornResult:
     marginal_error: float
     errors: list[float]
     epsilon: float
+    # The solver's state for the lazy read-outs: the operator over the scores, the sample weights, whether the
+    # caller's input had a head dimension, codes already written (streamed outputs) and the objective once computed.
+    # Fields (so that dataclasses.replace copies them), with no class-level defaults and given through **internal,
+    # so that help() shows the public fields only.
     _operator: ScoreOperator = field(repr=False)
     _sample_weights: torch.Tensor = field(repr=False)
     _batched: bool = field(repr=False)
-    _codes: torch.Tensor | None = field(default=None, repr=False)
-    _objective: torch.Tensor | None = field(default=None, repr=False)
+    _codes: torch.Tensor | None = field(repr=False)
+    _objective: torch.Tensor | None = field(repr=False)
+
+    def __init__(self, labels, cluster_potentials, n_iter, converged, marginal_error, errors, epsilon, **internal):
+        self.labels, self.cluster_potentials, self.n_iter = labels, cluster_potentials, n_iter
+        self.converged, self.marginal_error, self.errors, self.epsilon = converged, marginal_error, errors, epsilon
+        missing = {"_operator", "_sample_weights", "_batched"} - internal.keys()
+        if missing:
+            raise TypeError(f"SinkhornResult is made by otlabel's solvers: the solver's state {sorted(missing)} is "
+                            "missing.")  # fmt: skip
+        self._operator = internal.pop("_operator")
+        self._sample_weights = internal.pop("_sample_weights")
+        self._batched = internal.pop("_batched")
+        self._codes = internal.pop("_codes", None)
+        self._objective = internal.pop("_objective", None)
+        if internal:
+            raise TypeError(f"SinkhornResult got unexpected keyword arguments {sorted(internal)}.")
 
     def __repr__(self) -> str:
         # A summary: the full labels, potentials and error history would run to megabytes for a real solve.

@@ -127,6 +127,12 @@ def test_error_exit_code_in_subprocess(tmp_path):
             EXIT_INPUT,
             r"--cluster-weights must have shape \(3,\)",
         ),
+        (  # the 4 weights are for 4 clusters: SCORES.npy was saved as (K, N)
+            lambda p: np.save(p, np.zeros((4, 3), np.float32)),
+            ["--cluster-weights", "W"],
+            EXIT_INPUT,
+            r"got \(4,\)\. 4 is the scores' number of samples N: are the scores transposed\?.*np\.swapaxes",
+        ),
         (lambda p: np.save(p, np.zeros((5, 3), np.float32)), ["--over-relaxation", "2.5"], EXIT_INPUT, r"\[1, 2\)"),
     ],
 )
@@ -222,6 +228,10 @@ def test_help_reads_like_a_manual(capsys):
     for section in ("usage:", "input:", "the problem solved:", "output:", "exit status:", "examples:"):
         assert section in text
     assert "atomically" in text
+    words = " ".join(text.split())  # the option help wraps
+    # --codes-out writes (H, N, K) for batched scores: both the option and the output section say so
+    assert "--codes-out CODES.npy float32 (N, K) soft assignments, (H, N, K) for H heads" in words
+    assert "(N, K) soft assignments ((H, N, K) for H heads;" in words
 
 
 @pytest.mark.parametrize("sig, previous", [(signal.SIGKILL, True), (signal.SIGTERM, False)])
@@ -274,11 +284,50 @@ def test_killed_run_leaves_no_partial_output(previous, sig, tmp_path):
         assert not glob.glob(str(tmp_path / ".labels.npy.*.tmp")), "SIGTERM left the temporary file"
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="watches the child's mapped libraries (Linux)")
+def test_interrupt_while_torch_loads_is_quiet(scores_file, tmp_path):
+    """Ctrl-C while the command imports torch (its first second or more) printed a 30-line KeyboardInterrupt
+    traceback: it gets the one line and status 130 of an interrupt at any later point."""
+    out = tmp_path / "y.npy"
+    proc = subprocess.Popen([sys.executable, "-m", "otlabel", "assign", str(scores_file), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while "libtorch" not in open(f"/proc/{proc.pid}/maps").read():  # torch's import has begun
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "otlabel: interrupted; no output written" in stderr
+    assert not out.exists()
+
+
+def test_tiny_memory_budget_is_warned_about(scores_file, tmp_path, capsys):
+    """--memory-budget 1 ran 70x slower than the default without a word: a warning line on stderr, even with -q."""
+    out = str(tmp_path / "y.npy")
+    for quiet in ([], ["-q"]):
+        assert main(["assign", str(scores_file), "--memory-budget", "1", "--out", out, *quiet]) == 0
+        err = capsys.readouterr().err
+        assert "otlabel: warning: --memory-budget: a memory budget of 1 byte cuts the 300 samples into 300" in err
+        assert "Give a budget of 1 MiB or more" in err
+    assert main(["assign", str(scores_file), "--memory-budget", "1M", "--out", str(tmp_path / "y.npy")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_demo_runs(capsys):
     pytest.importorskip("sklearn")
     assert main(["demo"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "NMI vs digits" in out and "cluster sizes" in out
+    # it printed the balanced labels' lower NMI without a word: the balance gained, and why NMI can drop
+    assert re.search(r"largest/fair  balanced \(otlabel\):  1\.0\d\n +nearest prototype: +1\.\d\d", out), out
+    assert "why lower     the digits' classes are near equal (174-183 images), but these prototypes" in out
+    assert main(["demo", "--clusters", "1798"]) == EXIT_INPUT  # more clusters than images
+    assert "--clusters must be at most 1,797" in capsys.readouterr().err
 
 
 def test_acceleration_flags(scores_file, tmp_path, capsys):

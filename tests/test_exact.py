@@ -84,3 +84,23 @@ def test_exact_plan_of_huge_masked_scores(method):
     small, huge = exact_plan(s, method=method), exact_plan(s * 1e300, method=method)
     assert np.allclose(huge.plan.sum(axis=0), 1 / 3) and np.allclose(huge.plan, small.plan, atol=1e-12)
     assert huge.plan[0, 0] == 0 and np.isclose(huge.objective, small.objective * 1e300, rtol=1e-9)
+
+
+def test_results_come_in_the_inputs_kind_with_a_short_repr():
+    """exact_assign(...).labels was always a NumPy array (sinkhorn_assign returns tensors: comparing the two gave a
+    bool tensor whose .mean() fails), and the repr printed the whole plan."""
+    s = random_problem(60, 4, seed=30, dtype=torch.float64)
+    hard, lp = exact_assign(s), exact_plan(s)
+    for res in (hard, lp):
+        assert isinstance(res.labels, torch.Tensor) and res.labels.dtype == torch.int64 and res.labels.shape == (60,)
+        assert isinstance(res.plan, torch.Tensor) and res.plan.dtype == torch.float64 and res.plan.shape == (60, 4)
+    agree = (hard.labels == sinkhorn_assign(s, 0.001, tol=1e-6, max_iter=20_000).labels).double().mean()
+    assert agree > 0.9
+    for scores in (s.numpy(), s.tolist()):
+        res = exact_assign(scores)
+        assert isinstance(res.labels, np.ndarray) and isinstance(res.plan, np.ndarray)
+        np.testing.assert_array_equal(res.labels, hard.labels.numpy())
+        assert res.objective == hard.objective
+    text = repr(exact_plan(random_problem(500, 10, seed=31)))
+    assert len(text) < 150 and "plan=(500, 10) float64 tensor" in text and "labels=(500,) int64 tensor" in text
+    assert "labels=(60,) int64 ndarray" in repr(exact_assign(s.numpy()))

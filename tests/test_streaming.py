@@ -7,6 +7,8 @@ paths differ only in fp32 rounding (the dense CPU path exponentiates once, the s
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -177,6 +179,22 @@ def test_bad_arguments(tmp_path):
         sinkhorn_assign_stream(np.zeros((5, 3), np.float32), labels_out=np.zeros(4, np.int64))
 
 
+def test_output_errors_speak_in_the_callers_layout():
+    """A wrong output is described in the shape the caller passed: (N,) / (N, K) for 2-d scores (it said "(1, 500)
+    elements"), and a wrong dtype is named as the problem (the same sentence covered both)."""
+    s2, s3 = np.zeros((500, 10), np.float32), np.zeros((3, 500, 10), np.float32)
+    for scores, out, want in ((s2, np.zeros(499, np.int64), r"\(500,\) \(500 elements\), got shape \(499,\)"),
+                              (s3, np.zeros(500, np.int64), r"\(3, 500\) \(1,500 elements\), got shape \(500,\)")):
+        with pytest.raises(ValueError, match=f"labels_out must have shape {want}"):
+            sinkhorn_assign_stream(scores, labels_out=out)
+    with pytest.raises(ValueError, match=r"codes_out must have shape \(500, 10\) \(5,000 elements\)"):
+        sinkhorn_assign_stream(s2, codes_out=np.zeros((10, 499), np.float32))
+    with pytest.raises(ValueError, match=r"labels_out must be int64, got int32: allocate it as np.empty\(\(500,\), "):
+        sinkhorn_assign_stream(s2, labels_out=np.zeros(500, np.int32))
+    with pytest.raises(ValueError, match=r"codes_out must be float32, got float64"):
+        sinkhorn_assign_stream(s2, codes_out=np.zeros((500, 10)))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pinned", [False, True])
 def test_cuda_staging_matches_cpu(problem, pinned):
@@ -237,6 +255,33 @@ def test_memory_budget_must_be_a_positive_integer(budget):
 def test_memory_budget_takes_any_positive_integer(budget):
     s = random_problem(20, 3, seed=1).numpy()
     assert torch.equal(sinkhorn_assign_stream(s, 0.1, memory_budget=budget).labels, sinkhorn_assign(s, 0.1).labels)
+
+
+def test_a_tiny_memory_budget_is_warned_about():
+    """memory_budget=1 made every chunk one sample: a pass of 20,000 x 50 scores took 0.66 s instead of 5 ms, with
+    no word. Many chunks of few scores now get a SmallChunksWarning naming a budget that is enough; a small problem
+    in a few small chunks (as the tests here do on purpose) and the default budget get none."""
+    from otlabel.streaming import SmallChunksWarning
+
+    s = random_problem(2000, 3, seed=1).numpy()
+    with pytest.warns(SmallChunksWarning, match=r"of 1 byte cuts the 2,000 samples into 2,000 chunks of 1 \(3 scores "
+                                                r"each\).*Give a budget of 1 MiB or more, or none at all"):  # fmt: skip
+        res = sinkhorn_assign_stream(s, 0.1, memory_budget=1)
+    assert torch.equal(res.labels, sinkhorn_assign(s, 0.1).labels)  # slow, not wrong
+    z = np.random.default_rng(2).standard_normal((3000, 16)).astype(np.float32)
+    with pytest.warns(SmallChunksWarning, match=r"chunks of 1 \(4 scores each\)"):
+        sinkhorn_assign_stream(features=z, prototypes=z[:4], bias=np.zeros(4), tol=None, max_iter=1,
+                               memory_budget=budget_for(1, 8))  # fmt: skip
+    with pytest.warns(SmallChunksWarning, match=r"chunks of 1 \(8 scores each\)"):  # 2 heads of 4
+        sinkhorn_assign_stream(features=z, prototypes=np.stack([z[:4], z[4:8]]), tol=None, max_iter=1,
+                               memory_budget=500)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallChunksWarning)
+        sinkhorn_assign_stream(s, 0.1)  # the default
+        sinkhorn_assign_stream(s, 0.1, memory_budget=1 << 20)  # the budget the warning asks for
+        sinkhorn_assign_stream(s[:60], 0.1, memory_budget=1)  # 60 one-sample chunks: milliseconds
+        enough = BYTES_PER_ENTRY * 5 * 820 * torch.get_num_threads()  # chunks of 4,100 scores
+        sinkhorn_assign_stream(random_problem(20000, 5, seed=3).numpy(), tol=None, max_iter=1, memory_budget=enough)
 
 
 @pytest.mark.parametrize("device, words", [("bogus", "'cpu', 'cuda' or 'cuda:N'"), ("meta", "'cpu', 'cuda'")]

@@ -49,6 +49,12 @@ BAD_INPUTS = [
     ("scores huge for eps", dict(scores=S * 1e37), ValueError, ["scores / epsilon", "float32", "amax(-1"]),
     ("cluster weights shape", dict(cluster_weights=torch.ones(5) / 5), ValueError, ["cluster_weights", "(4,)"]),
     ("sample weights shape", dict(sample_weights=torch.ones(4) / 4), ValueError, ["sample_weights", "(10,)"]),
+    # (K, N) scores: weights sized for the caller's real K (or N) meet the other axis; the error says so
+    ("transposed, cluster weights", dict(scores=S.T, cluster_weights=torch.ones(4) / 4), ValueError,
+     ["got (4,). 4 is the scores' number of samples N: are the scores transposed?", "N = 4 samples by K = 10",
+      "pass scores.T"]),
+    ("transposed, heads, sample weights", dict(scores=S.T[None], sample_weights=torch.ones(10) / 10), ValueError,
+     ["10 is the scores' number of clusters K: are the scores transposed?", "scores.transpose(-1, -2)"]),
     ("negative weight", dict(cluster_weights=torch.tensor([0.5, 0.6, -0.2, 0.1])), ValueError, ["-0.2"]),
     ("weights not summing", dict(cluster_weights=torch.ones(4)), ValueError, ["sum to 1", "w.sum()"]),
     ("NaN weight", dict(sample_weights=torch.full((10,), float("nan"))), ValueError, ["NaN"]),
@@ -82,6 +88,19 @@ def test_bad_input_raises_specific_error(what, kwargs, error, words):
 def test_exact_solvers_validate_too():
     with pytest.raises(ValueError, match="NaN"):
         exact_plan(with_value((0, 0), float("nan")))
+    with pytest.raises(ValueError, match="are the scores transposed"):
+        exact_plan(S.T, cluster_weights=torch.ones(4) / 4)
+
+
+def test_no_transposition_hint_without_cause():
+    """N < K is a legitimate problem (SwAV's small batches): no warning; and a wrong length that is not the other
+    dimension gets no hint."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sinkhorn_assign(S.T, 0.1).labels.shape == (4,)
+    with pytest.raises(ValueError) as info:
+        sinkhorn_assign(S, 0.1, cluster_weights=torch.ones(7) / 7)
+    assert "transposed" not in str(info.value)
 
 
 def test_triton_backend_without_gpu_explains(monkeypatch):
@@ -177,6 +196,34 @@ def test_result_repr_is_a_short_summary():
     res = sinkhorn_assign(S, 0.1, tol=1e-9, max_iter=300, warn=False)
     text = repr(res)
     assert len(text) < 200 and "labels=(10,) int64" in text and f"after {res.n_iter} iterations" in text
+
+
+def test_result_help_shows_the_public_fields_only():
+    """help(SinkhornResult) listed the solver's private state (_operator, _sample_weights, _batched, ...) in its
+    signature, and did not say that a batched solve shares one iteration count between its heads."""
+    import dataclasses
+    import inspect
+    import pydoc
+
+    from otlabel import SinkhornResult
+
+    params = list(inspect.signature(SinkhornResult).parameters)
+    assert params == ["labels", "cluster_potentials", "n_iter", "converged", "marginal_error", "errors", "epsilon",
+                      "internal"]  # fmt: skip
+    assert [f.name for f in dataclasses.fields(SinkhornResult)][:7] == params[:-1]
+    page = pydoc.render_doc(SinkhornResult, renderer=pydoc.plaintext)
+    page = page.split("Data and other attributes")[0]  # past it, pydoc dumps the dataclass machinery's dunders
+    assert "_operator" not in page and "_sample_weights" not in page and "_batched" not in page
+    assert "shared by all heads" in " ".join(SinkhornResult.__doc__.split())
+    res = sinkhorn_assign(torch.stack([S, 3 * S]), 0.1)  # batched: the internal state still drives the read-outs
+    assert res.codes.shape == (2, 10, 4) and res.objective.shape == (2,)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SinkhornResult(res.labels, res.cluster_potentials, 1, True, 0.0, [0.0], 0.1, _operator=None,
+                       _sample_weights=None, _batched=False, _oops=1)  # fmt: skip
+    with pytest.raises(TypeError, match="made by otlabel's solvers"):
+        SinkhornResult(res.labels, res.cluster_potentials, 1, True, 0.0, [0.0], 0.1)
+    copy = dataclasses.replace(res, labels=res.labels.flip(-1))  # copies the solver's state too, as it did
+    assert torch.equal(copy.codes, res.codes) and torch.equal(copy.labels, res.labels.flip(-1))
 
 
 def test_score_range_check_lets_large_but_solvable_scores_through():
