@@ -25,26 +25,57 @@ from torch import nn
 # ----------------------------------------------------------------------------------------------- flags and setup
 
 
+def number_type(kind, low: float, inclusive: bool = False):
+    """An argparse ``type``: a ``kind`` (int or float) above ``low`` (at or above it with ``inclusive``), so that
+    ``--heads 0`` or ``--lam 0`` is a usage error naming the flag rather than a traceback from deep in training."""
+    bound = f">= {low}" if inclusive else f"> {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not (value >= low if inclusive else value > low) or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = number_type(int, 0)
+count = number_type(int, 0, inclusive=True)  # zero allowed: "none of these"
+positive_float = number_type(float, 0.0)
+non_negative_float = number_type(float, 0.0, inclusive=True)
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show ("(default: None)" says nothing)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def base_parser(description: str, *, epochs: int, batch_size: int, lr: float) -> argparse.ArgumentParser:
     """The flags every trainer shares; each trainer adds its own."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelp)
     p.add_argument(
         "--data-x",
         type=Path,
         help="a .npy array of samples (N, D), (N, H, W) or (N, C, H, W); default: scikit-learn's bundled digits",
     )
     p.add_argument("--data-y", type=Path, help="a .npy array (N,) of true labels, used only for evaluation")
-    p.add_argument("--k", type=int, default=None, help="number of clusters (default: number of true classes)")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--width", type=int, default=32, help="channels of the first conv layer of the trunk")
+    p.add_argument("--k", type=positive_int, help="number of clusters; default: the number of true classes")
+    p.add_argument("--epochs", type=positive_int, default=epochs)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--lr", type=positive_float, default=lr)
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
+    p.add_argument("--width", type=positive_int, default=32, help="channels of the first conv layer of the trunk")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="CPU threads for torch; these small models run fastest "
         "on one, and stay fast when other processes share the cores",

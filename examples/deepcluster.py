@@ -35,10 +35,10 @@ from otlabel import sinkhorn_assign
 def parse_args(argv=None):
     """DeepCluster's flags on top of the common ones."""
     p = common.base_parser(__doc__.split("\n")[0], epochs=60, batch_size=128, lr=0.05)
-    p.add_argument("--pca-dim", type=int, default=32, help="PCA-whitening dimension before k-means")
-    p.add_argument("--kmeans-iters", type=int, default=20)
+    p.add_argument("--pca-dim", type=common.positive_int, default=32, help="PCA-whitening dimension before k-means")
+    p.add_argument("--kmeans-iters", type=common.positive_int, default=20)
     p.add_argument("--balanced", action="store_true", help="balanced assignment by otlabel instead of k-means'")
-    p.add_argument("--ot-epsilon", type=float, default=0.05, help="Sinkhorn epsilon of --balanced")
+    p.add_argument("--ot-epsilon", type=common.positive_float, default=0.05, help="Sinkhorn epsilon of --balanced")
     return p.parse_args(argv)
 
 

@@ -161,3 +161,32 @@ def test_kmeans_reseeds_empty_clusters():
     x[::2] += 0.01 * torch.arange(20)[:, None]
     labels = deepcluster.torch_kmeans(x, 4, 10, torch.Generator().manual_seed(0))
     assert labels.shape == (40,) and len(torch.unique(labels)) == 4
+
+
+@pytest.mark.parametrize(
+    "trainer, flag, value, says",
+    [
+        (sela, "--heads", "0", "must be > 0"),
+        (sela, "--lam", "0", "must be > 0"),
+        (sela, "--epochs", "0", "must be > 0"),
+        (sela, "--k", "0", "must be > 0"),
+        (sela, "--lr", "nan", "must be > 0"),
+        (swav, "--queue-length", "-1", "must be >= 0"),
+        (swav, "--epsilon", "x", "expected a number"),
+        (deepcluster, "--pca-dim", "0", "must be > 0"),
+    ],
+)
+def test_flags_out_of_range_are_usage_errors(trainer, flag, value, says, capsys):
+    """A flag outside its range stops at argument parsing, naming the flag (it was a traceback from training)."""
+    with pytest.raises(SystemExit) as stop:
+        trainer.main([*QUICK, flag, value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and says in err, err
+
+
+def test_help_shows_no_empty_defaults(capsys):
+    with pytest.raises(SystemExit):
+        sela.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: 25.0)" in out
