@@ -29,12 +29,13 @@ def number_type(kind, low: float, inclusive: bool = False):
     """An argparse ``type``: a ``kind`` (int or float) above ``low`` (at or above it with ``inclusive``), so that
     ``--heads 0`` or ``--lam 0`` is a usage error naming the flag rather than a traceback from deep in training."""
     bound = f">= {low}" if inclusive else f"> {low}"
+    what = "an integer" if kind is int else "a number"
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not (value >= low if inclusive else value > low) or (kind is float and not math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value

@@ -53,8 +53,12 @@ def parse_args(argv=None):
     p = common.base_parser(__doc__.split("\n")[0], epochs=100, batch_size=128, lr=0.1)
     p.add_argument("--heads", type=common.positive_int, default=3, help="number of clustering heads T")
     p.add_argument("--lam", type=common.positive_float, default=25.0, help="λ of P^λ: the Sinkhorn epsilon is 1/λ")
-    p.add_argument("--label-steps", type=common.positive_int, default=50, help="self-labelling steps spread over training")
-    p.add_argument("--sinkhorn-tol", type=common.positive_float, default=1e-3, help="cluster-marginal L1 tolerance of each step")
+    p.add_argument(
+        "--label-steps", type=common.positive_int, default=50, help="self-labelling steps spread over training"
+    )
+    p.add_argument(
+        "--sinkhorn-tol", type=common.positive_float, default=1e-3, help="cluster-marginal L1 tolerance of each step"
+    )
     p.add_argument("--sinkhorn-max-iter", type=common.positive_int, default=1000)
     return p.parse_args(argv)
 

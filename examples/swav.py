@@ -58,7 +58,9 @@ class SwAVNet(nn.Module):
 def parse_args(argv=None):
     """SwAV's flags on top of the common ones."""
     p = common.base_parser(__doc__.split("\n")[0], epochs=100, batch_size=256, lr=0.05)
-    p.add_argument("--views", type=common.positive_int, default=2, help="large (full-size) augmented views per sample, >= 2")
+    p.add_argument(
+        "--views", type=common.positive_int, default=2, help="large (full-size) augmented views per sample, >= 2"
+    )
     p.add_argument("--small-crops", type=common.count, default=0, help="extra small views (multi-crop): predict only")
     p.add_argument("--small-size", type=common.positive_int, default=6, help="side in pixels of a small view")
     p.add_argument("--proj-dim", type=common.positive_int, default=32)
@@ -66,8 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--sinkhorn-iters", type=common.positive_int, default=3, help="fixed Sinkhorn iterations (tol=None)")
     p.add_argument("--converged", action="store_true", help="iterate Sinkhorn to tol=1e-4 instead, warm-started")
     p.add_argument("--temperature", type=common.positive_float, default=0.1)
-    p.add_argument("--freeze-prototypes", type=common.count, default=100, help="steps during which prototypes do not move")
-    p.add_argument("--queue-length", type=common.count, default=0, help="past embeddings added to the assignment (0: off)")
+    p.add_argument(
+        "--freeze-prototypes", type=common.count, default=100, help="steps during which prototypes do not move"
+    )
+    p.add_argument(
+        "--queue-length", type=common.count, default=0, help="past embeddings added to the assignment (0: off)"
+    )
     p.add_argument("--queue-start", type=common.count, default=10, help="epoch from which the queue is used")
     args = p.parse_args(argv)
     if args.views < 2:
