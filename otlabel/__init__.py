@@ -18,6 +18,7 @@ __all__ = [
     "ConvergenceWarning",
     "ExactResult",
     "SinkhornResult",
+    "SmallChunksWarning",
     "exact_assign",
     "exact_plan",
     "sela_sinkhorn",
@@ -30,6 +31,7 @@ _HOME = {  # public name -> the module that defines it
     "ConvergenceWarning": ".result",
     "ExactResult": ".exact",
     "SinkhornResult": ".result",
+    "SmallChunksWarning": ".streaming",
     "exact_assign": ".exact",
     "exact_plan": ".exact",
     "sela_sinkhorn": ".baselines",
@@ -45,7 +47,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     from .exact import ExactResult, exact_assign, exact_plan
     from .result import ConvergenceWarning, SinkhornResult
     from .solver import sinkhorn_assign
-    from .streaming import sinkhorn_assign_stream
+    from .streaming import SmallChunksWarning, sinkhorn_assign_stream
 
 
 def __getattr__(name: str):

@@ -92,6 +92,14 @@ def test_exact_solvers_validate_too():
         exact_plan(S.T, cluster_weights=torch.ones(4) / 4)
 
 
+def test_streamed_and_sharded_scores_get_the_transposition_hint():
+    from otlabel import sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+    for solve in (sinkhorn_assign_stream, sinkhorn_assign_sharded):
+        with pytest.raises(ValueError, match="are the scores transposed"):
+            solve(S.T, 0.1, cluster_weights=torch.ones(4) / 4)
+
+
 def test_no_transposition_hint_without_cause():
     """N < K is a legitimate problem (SwAV's small batches): no warning; and a wrong length that is not the other
     dimension gets no hint."""
