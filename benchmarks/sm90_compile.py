@@ -25,6 +25,8 @@ fails CI even though the interpreter accepts it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -134,26 +136,33 @@ def compile_case(fn, args: dict, constants: dict, options: dict) -> dict:
 
 
 def dense_cases() -> dict:
-    """A ``Case`` per kernel and launch; the partials kernels run every iteration (no spill allowed)."""
+    """A ``Case`` per kernel and launch; the partials kernels run every iteration (no spill allowed). Scores (N, K)
+    contiguous, and (``KxN``) the transposed view of a (K, N) tensor, whose launch ``dense_launch`` picks apart."""
     cases = {}
-    for dtype, item in (("fp32", 4), ("bf16", 2)):
-        for k in (1000, 3000, 65536):
-            n = 2**20 if k <= 3000 else 2**16
-            launch = kd.dense_launch(n, k, 1, "cpu", n_programs=PROGRAMS_ON_H100 * 4)
-            vec = 16 // item if k % (16 // item) == 0 else 1  # contiguous (N, K): what vector_width gives
-            base = dict(S=Pointer(dtype), N=n, K=k, stride_h=n * k, stride_n=k, stride_k=1)
-            tiles = dict(BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, VEC=vec)
-            fused = dict(num_warps=launch.num_warps, enable_fp_fusion=True)
-            exact = dict(fused, enable_fp_fusion=False)
-            for warm in (True, False):
-                args = dict(base, B=Pointer("fp32"), LOGC=Pointer("fp32"), A_WS=Pointer("fp32"), PMAX=Pointer("fp32"),
-                            PSUM=Pointer("fp32"), P=launch.n_programs, scale2=1.5)  # fmt: skip
-                constants = dict(tiles, HAS_B=warm, ONE_CHUNK=launch.one_chunk)
-                cases[f"dense_partials {dtype} K={k} {'warm' if warm else 'cold'}"] = Case(
-                    kd._cluster_partials_kernel, args, constants, fused, max_spill=0)
-            args = dict(base, B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"), inv_eps=20.0)
-            cases[f"dense_assign {dtype} K={k} codes"] = Case(
-                kd._assign_kernel, args, dict(tiles, WANT_CODES=True), exact)
+    for dtype, layout, k in itertools.product(("fp32", "bf16"), ("", " KxN"), (1000, 3000, 65536)):
+        n = 2**20 if k <= 3000 else 2**16
+        s = _meta(dtype, 1, k, n).transpose(1, 2) if layout else _meta(dtype, 1, n, k)  # (1, N, K)
+        launch = kd.default_launch(s)  # the host helpers the launchers use, on these shapes and strides
+        launch = dataclasses.replace(launch, n_programs=PROGRAMS_ON_H100 * 4)
+        stride_h, stride_n, stride_k = s.stride()
+        base = dict(S=Pointer(dtype), N=n, K=k, stride_h=stride_h, stride_n=stride_n, stride_k=stride_k)
+        tiles = dict(BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, VEC=kd.vector_width(s, launch))
+        fused = dict(num_warps=launch.num_warps, enable_fp_fusion=True)
+        exact = dict(fused, enable_fp_fusion=False)
+        # Transposed at K in (2048, 4096]: 4 rows of 4096 at 16 warps sit at the 128-register cap and spill up to
+        # 32 B under Triton 3.9 (none under 3.6 at K = 3000, 8 B at 4096); the alternatives read S twice or spill more
+        # (see TRANSPOSED_ONE_CHUNK in kernels/utils.py). A few bytes, allowed; anything more fails the check.
+        max_spill = 32 if layout and launch.one_chunk and launch.block_k == 4096 else 0
+        for warm in (True, False):
+            args = dict(base, B=Pointer("fp32"), LOGC=Pointer("fp32"), A_WS=Pointer("fp32"), PMAX=Pointer("fp32"),
+                        PSUM=Pointer("fp32"), P=launch.n_programs, scale2=1.5)  # fmt: skip
+            constants = dict(tiles, HAS_B=warm, ONE_CHUNK=launch.one_chunk)
+            cases[f"dense_partials {dtype}{layout} K={k} {'warm' if warm else 'cold'}"] = Case(
+                kd._cluster_partials_kernel, args, constants, fused, max_spill=max_spill)
+        args = dict(base, B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"), inv_eps=20.0)
+        cases[f"dense_assign {dtype}{layout} K={k} codes"] = Case(
+            kd._assign_kernel, args, dict(tiles, WANT_CODES=True), exact)
+        if not layout:  # the transposed read-outs load S like the assign kernel: that one case covers them
             args = dict(base, B=Pointer("fp32"), OUT=Pointer("fp32"), inv_eps=20.0)
             cases[f"dense_transport {dtype} K={k}"] = Case(kd._row_transport_kernel, args, tiles, exact)
     return cases
