@@ -60,6 +60,7 @@ def _load_gpu_dense():
 _load_gpu_dense()._import_otlabel()
 from otlabel.kernels import sinkhorn_dense as kd  # noqa: E402
 from otlabel.kernels import sinkhorn_features as kf  # noqa: E402
+from otlabel.kernels.utils import programs_per_sm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100: sm_90, warp size 32 (``--arch`` changes it)
 REGISTERS_PER_SM, PROGRAMS_ON_H100 = 65536, 132
@@ -143,7 +144,8 @@ def dense_cases() -> dict:
         n = 2**20 if k <= 3000 else 2**16
         s = _meta(dtype, 1, k, n).transpose(1, 2) if layout else _meta(dtype, 1, n, k)  # (1, N, K)
         launch = kd.default_launch(s)  # the host helpers the launchers use, on these shapes and strides
-        launch = dataclasses.replace(launch, n_programs=PROGRAMS_ON_H100 * 4)
+        per_sm = programs_per_sm(launch.block_n, launch.block_k, launch.num_warps, launch.one_chunk)
+        launch = dataclasses.replace(launch, n_programs=PROGRAMS_ON_H100 * per_sm)
         stride_h, stride_n, stride_k = s.stride()
         base = dict(S=Pointer(dtype), N=n, K=k, stride_h=stride_h, stride_n=stride_n, stride_k=stride_k)
         tiles = dict(BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, VEC=kd.vector_width(s, launch))

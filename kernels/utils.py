@@ -43,7 +43,12 @@ SECTOR_BYTES = 32
 TRANSPOSED_ONE_CHUNK = 8192
 TRANSPOSED_CHUNK_N, TRANSPOSED_CHUNK_K = 32, 256
 # Programs per SM for the persistent cluster-LSE grid: enough to hide latency, few enough that the
-# (H, P, K) partials stay small next to S.
+# (H, P, K) partials stay small next to S. A grid larger than what fits runs in waves: the work per program is
+# equal, so that costs little, but the partials and their merge grow with P. What fits is set by the registers of
+# the compiled partials kernel, known only after compiling; sm_90 cubins (Triton 3.6 and 3.9, fp32/bf16/fp16, warm,
+# both layouts) give: tiles of 32 elements per thread (K in (2048, 4096], 4x4096 at 16 warps) 116-128 registers, one
+# program per SM; other 16-warp tiles 64-95, one or two; 8-warp tiles 48-128, two to five. Hence ``programs_per_sm``:
+# 1, 2 and PROGRAMS_PER_SM (up to 2x over, or one under at small K where five fit).
 PROGRAMS_PER_SM = 4
 # A program should own at least this many rows, or its K partials cost more than its share of S.
 MIN_ROWS_PER_PROGRAM = 32
@@ -90,6 +95,15 @@ class DenseLaunch:
         return -(-n // self.block_n)
 
 
+def programs_per_sm(block_n: int, block_k: int, num_warps: int, one_chunk: bool) -> int:
+    """Programs of the cluster-LSE kernel that fit one SM at once, from the register counts above PROGRAMS_PER_SM."""
+    if one_chunk and block_n * block_k >= 32 * 32 * num_warps:  # 32 tile elements per thread: 116-128 registers
+        return 1
+    if num_warps >= 16:  # two programs of 512 threads need <= 64 registers each: none measured below 64
+        return 2
+    return PROGRAMS_PER_SM
+
+
 def dense_launch(
     n: int,
     k: int,
@@ -129,7 +143,8 @@ def dense_launch(
         num_warps = min(16, max(4, block_n * block_k // 512)) if one_chunk else CHUNK_WARPS
     n_tiles = -(-n // block_n)
     if n_programs is None:
-        by_device = -(-sm_count(device) * PROGRAMS_PER_SM // h)
+        per_sm = programs_per_sm(block_n, block_k, num_warps, one_chunk)
+        by_device = -(-sm_count(device) * per_sm // h)
         by_rows = -(-n // MIN_ROWS_PER_PROGRAM)
         n_programs = min(by_device, by_rows)
     n_programs = max(1, min(n_programs, n_tiles))

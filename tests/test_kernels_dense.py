@@ -259,6 +259,21 @@ def test_launch_follows_the_layout():
     assert default_launch(s) == dense_launch(64, 1000, 1, "cpu", transposed=True, itemsize=4)
 
 
+def test_programs_per_sm_follow_the_tile():
+    """Persistent grid: P = SMs x programs that fit (sm_count is 2 on a CPU): one for 4x4096 tiles (116-128
+    registers at 16 warps), two for other 16-warp tiles, PROGRAMS_PER_SM for 8 warps."""
+    from otlabel.kernels.utils import PROGRAMS_PER_SM, programs_per_sm
+
+    n = 2**20
+    assert dense_launch(n, 3000, 1, "cpu").n_programs == 2
+    assert dense_launch(n, 1500, 1, "cpu").n_programs == 4  # 4x2048 at 16 warps
+    assert dense_launch(n, 1000, 1, "cpu").n_programs == 2 * PROGRAMS_PER_SM
+    assert dense_launch(n, 1000, 1, "cpu", transposed=True).n_programs == 4  # 8x1024 at 16 warps
+    assert dense_launch(n, 65536, 1, "cpu").n_programs == 2 * PROGRAMS_PER_SM
+    assert dense_launch(n, 3000, 3, "cpu").n_programs == 1  # three heads share the two SMs
+    assert programs_per_sm(4, 4096, 16, one_chunk=False) == 2  # chunked tiles hold no whole row
+
+
 @pytest.mark.parametrize("block_k", [None, 8], ids=["one-chunk", "multichunk"])
 def test_cluster_lse_deterministic(block_k):
     """Fixed-order two-stage reduction, no atomics: two runs are bitwise equal."""
