@@ -432,11 +432,12 @@ PROGRAMS_PER_SM = 2
 # device's limit. Each step roughly halves a large term of the bound, cheapest first: one pipeline stage fewer (down
 # to 2), BLOCK_K down to SHRINK_K (shorter prototype chunks, same traffic), BLOCK_N down to SHRINK_N (each prototype
 # chunk read from L2 for fewer samples), D streamed in chunks of STREAM_D (Z re-read from L2 per prototype chunk),
-# then BLOCK_N and BLOCK_K down to 16. At 99 KB the 16-bit and fp32>fp16 tiles at D = 128 keep their shape with 2
-# stages, bf16 D = 256 and fp32 D = 128 run 64x32 tiles, fp32 and fp32>fp16 D = 256 stream D through 64x32 tiles;
-# at 163 KB (A100) fp32 and fp32>fp16 D = 256 run 64x32 tiles; at 227 KB (H100) nothing changes. Predicted, not
-# timed: smaller tiles cost L2 traffic and shorter tensor-core instructions, not DRAM traffic; a launch that fails
-# costs more. ``benchmarks/sm90_compile.py --arch 86`` compiles these choices and checks that they fit.
+# then BLOCK_N and BLOCK_K down to 16. At 99 KB: 16-bit D = 128 and D = 512 keep their tiles with 2 stages, bf16,
+# fp32>fp16 D = 256 and fp32 D = 128 run 64x32 tiles, fp32 D = 256 streams D through 64x32 tiles; at 163 KB (A100)
+# only fp32 D = 256 changes (64x32); at 227 KB (H100) nothing does. The bound is loose on sm_80/86/89, so some of
+# these shrink further than those GPUs need (bf16 D = 128 would fit 3 stages there). Predicted, not timed: smaller
+# tiles cost L2 traffic and shorter tensor-core instructions, not DRAM traffic; a launch that fails costs more.
+# ``benchmarks/sm90_compile.py --arch 86`` compiles these choices and checks that they fit.
 SHRINK_K, SHRINK_N = 32, 64
 
 
@@ -462,20 +463,25 @@ def shared_memory_bound(launch: FeaturesLaunch, d: int, itemsize: int, *, z_fp32
     """Bytes of shared memory a program of ``launch`` asks for, an upper bound; ``itemsize`` as in ``features_launch``.
 
     The terms of Triton's sm_90 layout: ``num_stages`` buffers of each (BLOCK_K, BLOCK_D) prototype chunk (filled by
-    cp.async), the (BLOCK_N, BLOCK_D) Z tile in its own dtype (kept for both sweeps; one buffer per stage when D is
-    streamed; Triton 3.6 stages fp32 features in fp32 before rounding them to fp16), an fp32 (BLOCK_N, BLOCK_K)
-    buffer where the read-out kernel converts the layout of its score tile, and 1 KB of reduction scratch. It is
-    within 1 KB of the read-out's shared memory for the default sm_90 launches of 16-bit and fp32 inputs, and bounds
-    both kernels, compiled for sm_86 and sm_90 with Triton 3.6 and 3.9, over 432 tile shapes (BLOCK_N 32-128,
+    cp.async); the (BLOCK_N, BLOCK_D) Z tile kept for both sweeps in the dtype the dot reads, next to an fp32
+    (BLOCK_N, BLOCK_K) buffer where the read-out kernel converts the layout of its score tile -- or, for fp32
+    features rounded to fp16 in the kernel, the tile staged in fp32 (Triton 3.6's partials kernel at BLOCK_K = 64),
+    whichever is larger; one Z buffer per stage, in Z's own dtype, when D is streamed; 1 KB of reduction scratch.
+    It is within 1 KB of the read-out's shared memory for the default sm_90 launches of 16-bit and fp32 inputs, and
+    bounds both kernels, compiled for sm_86 and sm_90 with Triton 3.6 and 3.9, over 432 tile shapes (BLOCK_N 32-128,
     BLOCK_K 32-64, 2-3 stages, D = 128 and 256 whole, 512 streamed; bf16, fp32, fp32>fp16); ``sm90_compile.py
     --check`` keeps checking it. The mma code of sm_80/86/89 mostly needs less (it reads Z from registers): there
     the bound is loose, not wrong.
     """
-    z_itemsize = 4 if z_fp32_to_fp16 or itemsize >= 4 else 2
+    z_itemsize = 4 if z_fp32_to_fp16 or itemsize >= 4 else 2  # Z as stored
     c_bytes = launch.num_stages * launch.block_k * launch.block_d * itemsize
-    z_bytes = launch.block_n * launch.block_d * z_itemsize * (1 if launch.block_d >= d else launch.num_stages)
     scratch = launch.block_n * launch.block_k * 4
-    return c_bytes + z_bytes + scratch + 1024
+    z_tile = launch.block_n * launch.block_d
+    if launch.block_d >= d:
+        z_bytes = max(z_tile * z_itemsize, z_tile * (2 if z_fp32_to_fp16 else z_itemsize) + scratch)
+    else:
+        z_bytes = launch.num_stages * z_tile * z_itemsize + scratch
+    return c_bytes + z_bytes + 1024
 
 
 @functools.cache
