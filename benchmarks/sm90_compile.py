@@ -4,12 +4,19 @@ The Triton interpreter (how CI runs the kernels) checks their arithmetic but not
 GPU, nor how they use it. This script specialises each kernel the way Triton's JIT would for the default launches
 (``dense_launch``, ``features_launch``) at benchmark sizes, compiles it to a cubin with the ``ptxas`` that ships in
 the Triton wheel, and prints per kernel: registers, spilled bytes, shared memory, programs per SM (the tighter of
-the register and shared-memory limits), and counts of tensor-core (wgmma), async-copy and 16-byte load
+the register and shared-memory limits), and counts of tensor-core (wgmma, mma.sync), async-copy and 16-byte load
 instructions in the PTX. Nothing is timed: these are the compiler's numbers, not the GPU's.
 
     python benchmarks/sm90_compile.py            # every case, a table
     python benchmarks/sm90_compile.py --check    # exit 1 if a kernel fails to compile or an iteration kernel spills
     python benchmarks/sm90_compile.py --only dense_partials
+    python benchmarks/sm90_compile.py --arch 86  # an A10 / RTX 30xx (99 KB of shared memory per program): the
+                                                 # launches ``features_launch`` chooses for that limit, checked to fit
+
+With ``--arch`` other than 90 the check is about launching at all: compile, atomics, shared memory within the
+device's limit and within the heuristic's bound. Spills are shown but not failed: the tiles' register budgets are
+tuned for sm_90 (under Triton 3.6, sm_86 caps the streamed fp32 D = 136/200 partials kernel at 128 registers and
+spills 8 bytes).
 
 ``tests/test_benchmarks.py`` runs ``--check`` on a few cases, so a kernel change that would not compile for the GPU
 fails CI even though the interpreter accepts it.
@@ -18,12 +25,15 @@ fails CI even though the interpreter accepts it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not interpreted ones: before triton is imported
 
@@ -32,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import importlib.util  # noqa: E402
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -49,10 +60,15 @@ def _load_gpu_dense():
 _load_gpu_dense()._import_otlabel()
 from otlabel.kernels import sinkhorn_dense as kd  # noqa: E402
 from otlabel.kernels import sinkhorn_features as kf  # noqa: E402
+from otlabel.kernels.utils import programs_per_sm  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)  # H100: sm_90, warp size 32
-REGISTERS_PER_SM, SHARED_PER_SM, PROGRAMS_ON_H100 = 65536, 233472, 132
-SHARED_PER_PROGRAM = 232448  # the most shared memory one program may use on sm_90 (227 KB): more fails at launch
+TARGET = GPUTarget("cuda", 90, 32)  # H100: sm_90, warp size 32 (``--arch`` changes it)
+REGISTERS_PER_SM, PROGRAMS_ON_H100 = 65536, 132
+# The most shared memory one program may use (the driver's opt-in limit, what Triton checks at launch: more fails
+# with OutOfResources), per compute capability: A100 163 KB, A10/A40/RTX 30xx and L4/L40/RTX 40xx 99 KB, H100 227 KB.
+SHARED_PER_PROGRAM_BY_ARCH = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_PER_PROGRAM = SHARED_PER_PROGRAM_BY_ARCH[90]
+SHARED_RESERVED = 1024  # per resident program, by the driver: an SM has SHARED_PER_PROGRAM + 1 KB
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 PTX_COUNTS = {  # instruction -> column name
     r"wgmma\.mma_async": "wgmma",
@@ -61,6 +77,17 @@ PTX_COUNTS = {  # instruction -> column name
     r"ld\.global(\.[a-z]+)*\.v4": "ld.v4",
     r"atom\.": "atomics",
 }
+
+
+class Case(NamedTuple):
+    """One kernel to compile and what ``--check`` requires of it."""
+
+    fn: object
+    args: dict
+    constants: dict
+    options: dict
+    max_spill: int | None = None  # bytes of spilled registers allowed: 0 for a kernel that runs every iteration
+    max_shared: int | None = None  # the launch heuristic's bound on its shared memory (``shared_memory_bound``)
 
 
 class Pointer:
@@ -103,36 +130,60 @@ def compile_case(fn, args: dict, constants: dict, options: dict) -> dict:
     warps = options.get("num_warps", 4)
     per_sm = REGISTERS_PER_SM // max(1, registers * 32 * warps)
     if shared:
-        per_sm = min(per_sm, SHARED_PER_SM // shared)
+        per_sm = min(per_sm, (SHARED_PER_PROGRAM + SHARED_RESERVED) // (shared + SHARED_RESERVED))
     ptx = kernel.asm["ptx"]
     counts = {name: len(re.findall(pattern, ptx)) for pattern, name in PTX_COUNTS.items()}
     return dict(registers=registers, spilled=spilled, shared_kb=shared / 1024, per_sm=per_sm, warps=warps, **counts)
 
 
 def dense_cases() -> dict:
-    """(kernel, args, constexprs, options, hot) per case; ``hot``: runs every iteration (must not spill)."""
+    """A ``Case`` per kernel and launch; the partials kernels run every iteration (no spill allowed). Scores (N, K)
+    contiguous, and (``KxN``) the transposed view of a (K, N) tensor, whose launch ``dense_launch`` picks apart."""
     cases = {}
-    for dtype, item in (("fp32", 4), ("bf16", 2)):
-        for k in (1000, 3000, 65536):
-            n = 2**20 if k <= 3000 else 2**16
-            launch = kd.dense_launch(n, k, 1, "cpu", n_programs=PROGRAMS_ON_H100 * 4)
-            vec = 16 // item if k % (16 // item) == 0 else 1  # contiguous (N, K): what vector_width gives
-            base = dict(S=Pointer(dtype), N=n, K=k, stride_h=n * k, stride_n=k, stride_k=1)
-            tiles = dict(BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, VEC=vec)
-            fused = dict(num_warps=launch.num_warps, enable_fp_fusion=True)
-            exact = dict(fused, enable_fp_fusion=False)
-            for warm in (True, False):
-                args = dict(base, B=Pointer("fp32"), LOGC=Pointer("fp32"), A_WS=Pointer("fp32"), PMAX=Pointer("fp32"),
-                            PSUM=Pointer("fp32"), P=launch.n_programs, scale2=1.5)  # fmt: skip
-                constants = dict(tiles, HAS_B=warm, ONE_CHUNK=launch.one_chunk)
-                cases[f"dense_partials {dtype} K={k} {'warm' if warm else 'cold'}"] = (
-                    kd._cluster_partials_kernel, args, constants, fused, True)
-            args = dict(base, B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"), inv_eps=20.0)
-            cases[f"dense_assign {dtype} K={k} codes"] = (
-                kd._assign_kernel, args, dict(tiles, WANT_CODES=True), exact, False)
+    for dtype, layout, k in itertools.product(("fp32", "bf16"), ("", " KxN"), (1000, 3000, 65536)):
+        n = 2**20 if k <= 3000 else 2**16
+        s = _meta(dtype, 1, k, n).transpose(1, 2) if layout else _meta(dtype, 1, n, k)  # (1, N, K)
+        launch = kd.default_launch(s)  # the host helpers the launchers use, on these shapes and strides
+        per_sm = programs_per_sm(launch.block_n, launch.block_k, launch.num_warps, launch.one_chunk)
+        launch = dataclasses.replace(launch, n_programs=PROGRAMS_ON_H100 * per_sm)
+        stride_h, stride_n, stride_k = s.stride()
+        base = dict(S=Pointer(dtype), N=n, K=k, stride_h=stride_h, stride_n=stride_n, stride_k=stride_k)
+        tiles = dict(BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, VEC=kd.vector_width(s, launch))
+        fused = dict(num_warps=launch.num_warps, enable_fp_fusion=True)
+        exact = dict(fused, enable_fp_fusion=False)
+        # Transposed at K in (2048, 4096]: 4 rows of 4096 at 16 warps sit at the 128-register cap and spill up to
+        # 32 B under Triton 3.9 (none under 3.6 at K = 3000, 8 B at 4096); the alternatives read S twice or spill more
+        # (see TRANSPOSED_ONE_CHUNK in kernels/utils.py). A few bytes, allowed; anything more fails the check.
+        max_spill = 32 if layout and launch.one_chunk and launch.block_k == 4096 else 0
+        for warm in (True, False):
+            args = dict(base, B=Pointer("fp32"), LOGC=Pointer("fp32"), A_WS=Pointer("fp32"), PMAX=Pointer("fp32"),
+                        PSUM=Pointer("fp32"), P=launch.n_programs, scale2=1.5)  # fmt: skip
+            constants = dict(tiles, HAS_B=warm, ONE_CHUNK=launch.one_chunk)
+            cases[f"dense_partials {dtype}{layout} K={k} {'warm' if warm else 'cold'}"] = Case(
+                kd._cluster_partials_kernel, args, constants, fused, max_spill=max_spill)
+        args = dict(base, B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"), inv_eps=20.0)
+        cases[f"dense_assign {dtype}{layout} K={k} codes"] = Case(
+            kd._assign_kernel, args, dict(tiles, WANT_CODES=True), exact)
+        if not layout:  # the transposed read-outs load S like the assign kernel: that one case covers them
             args = dict(base, B=Pointer("fp32"), OUT=Pointer("fp32"), inv_eps=20.0)
-            cases[f"dense_transport {dtype} K={k}"] = (kd._row_transport_kernel, args, tiles, exact, False)
+            cases[f"dense_transport {dtype} K={k}"] = Case(kd._row_transport_kernel, args, tiles, exact)
     return cases
+
+
+# D values beyond the powers of two, and the precisions that run them: multiples of 8 (not 16), whose rows are
+# 16-byte aligned only through the kernels' VEC_D hint (fp32 at D = 136 and 200 spilled 208-672 B without it), and
+# D = 201, whose fp32 rows cannot be aligned: streamed in chunks of 32 instead of a spilling 256-wide tile.
+ODD_D = {
+    136: [("fp32", "fp32", "tf32")],
+    200: [("bf16", "bf16", "tf32"), ("fp32", "fp32", "tf32"), ("fp32", "fp16", "tf32")],
+    201: [("fp32", "fp32", "tf32")],
+}
+
+
+def _meta(dtype: str, *shape: int) -> torch.Tensor:
+    """A contiguous tensor without storage (data_ptr 0: aligned, like the caching allocator's) for the host helpers."""
+    return torch.empty(shape, dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype],
+                       device="meta")  # fmt: skip
 
 
 def features_cases() -> dict:
@@ -142,61 +193,77 @@ def features_cases() -> dict:
         ("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32x3"), ("fp32", "fp16", "tf32"),
     ]  # fmt: skip
     n, k = 2**20, 3000
-    for z_dtype, c_dtype, precision in combos:
-        for d in (128, 256, 512):
-            if (d == 256 and precision in ("ieee", "tf32x3")) or (d == 512 and z_dtype != "bf16"):
-                continue
-            item = 4 if c_dtype == "fp32" else 2
-            mixed = z_dtype != c_dtype
-            launch = kf.features_launch(n, k, d, 1, item, "cpu", n_programs=PROGRAMS_ON_H100 * 2,
-                                        z_fp32_to_fp16=mixed, precision=precision)  # fmt: skip
-            base = dict(Z=Pointer(z_dtype), C=Pointer(c_dtype), N=n, K=k, D=d, stride_zn=d, stride_zd=1,
-                        stride_ch=k * d, stride_ck=d, stride_cd=1)  # fmt: skip
-            common = dict(ONE_D=launch.one_d(d), PRECISION=precision, UPCAST=False, Z_F16=mixed,
-                          BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, BLOCK_D=launch.block_d)  # fmt: skip
-            options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages, enable_fp_fusion=True)
-            name = f"{z_dtype}{'>' + c_dtype if mixed else ''} {precision} D={d}"
-            for warm in (True, False):
-                args = dict(base, BIAS2=Pointer("fp32"), B=Pointer("fp32"), LOGC=Pointer("fp32"), PMAX=Pointer("fp32"),
-                            PSUM=Pointer("fp32"), P=launch.n_programs, scale2=1.5, z_scale=1.0)  # fmt: skip
-                constants = dict(common, HAS_B=warm, HAS_BIAS=True)
-                cases[f"features_partials {name} {'warm' if warm else 'cold'}"] = (
-                    kf._features_partials_kernel, args, constants, options, warm)  # the cold start runs once
-            args = dict(base, BIAS=Pointer("fp32"), B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"),
-                        ROWSCORE=Pointer("fp32"), inv_eps=20.0, z_scale=1.0, dot_scale=1.0)  # fmt: skip
-            constants = dict(common, HAS_BIAS=True, WANT_CODES=True, WANT_SCORE=False)
-            cases[f"features_readout {name} codes"] = (kf._features_readout_kernel, args, constants, options, False)
+    shapes = [(d, combo) for combo in combos for d in (128, 256, 512)
+              if not ((d == 256 and combo[2] in ("ieee", "tf32x3")) or (d == 512 and combo[0] != "bf16"))]
+    shapes += [(d, combo) for d, combos_d in ODD_D.items() for combo in combos_d]  # fmt: skip
+    for d, (z_dtype, c_dtype, precision) in shapes:
+        item = 4 if c_dtype == "fp32" else 2
+        mixed = z_dtype != c_dtype
+        z, c = _meta(z_dtype, n, d), _meta(c_dtype, 1, k, d)  # the launchers' host helpers, on these shapes
+        aligned = kf.d_vector_width(z, c) * z.element_size() >= 16
+        launch = kf.features_launch(
+            n, k, d, 1, item, "cpu", n_programs=PROGRAMS_ON_H100 * 2, z_fp32_to_fp16=mixed, precision=precision,
+            z_rows_aligned=aligned, max_shared=SHARED_PER_PROGRAM,
+        )  # fmt: skip
+        base = dict(Z=Pointer(z_dtype), C=Pointer(c_dtype), N=n, K=k, D=d, stride_zn=d, stride_zd=1,
+                    stride_ch=k * d, stride_ck=d, stride_cd=1)  # fmt: skip
+        common = dict(ONE_D=launch.one_d(d), PRECISION=precision, UPCAST=False, Z_F16=mixed, BLOCK_N=launch.block_n,
+                      BLOCK_K=launch.block_k, BLOCK_D=launch.block_d, VEC_D=kf._vec_d(z, c))  # fmt: skip
+        options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages, enable_fp_fusion=True)
+        bound = kf.shared_memory_bound(launch, d, item, z_fp32_to_fp16=mixed)
+        name = f"{z_dtype}{'>' + c_dtype if mixed else ''} {precision} D={d}"
+        for warm in (True, False):
+            args = dict(base, BIAS2=Pointer("fp32"), B=Pointer("fp32"), LOGC=Pointer("fp32"), PMAX=Pointer("fp32"),
+                        PSUM=Pointer("fp32"), P=launch.n_programs, scale2=1.5, z_scale=1.0)  # fmt: skip
+            constants = dict(common, HAS_B=warm, HAS_BIAS=True)
+            cases[f"features_partials {name} {'warm' if warm else 'cold'}"] = Case(  # the cold start runs once
+                kf._features_partials_kernel, args, constants, options, 0 if warm else None, bound)
+        args = dict(base, BIAS=Pointer("fp32"), B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"),
+                    ROWSCORE=Pointer("fp32"), inv_eps=20.0, z_scale=1.0, dot_scale=1.0)  # fmt: skip
+        constants = dict(common, HAS_BIAS=True, WANT_CODES=True, WANT_SCORE=False)
+        readout = Case(kf._features_readout_kernel, args, constants, options, max_shared=bound)
+        cases[f"features_readout {name} codes"] = readout
     return cases
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--check", action="store_true", help="exit 1 on a compile failure, atomics, too much shared memory or a "
-        "spilling hot kernel"
+        "--check", action="store_true", help="exit 1 on a compile failure, atomics, too much shared memory (for the "
+        "device, or than the launch heuristic counts on) or a spilling hot kernel"
     )  # fmt: skip
     parser.add_argument("--only", default="", help="only the cases whose name contains this text")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_PER_PROGRAM_BY_ARCH),
+                        help="compute capability to compile for (default 90, an H100)")  # fmt: skip
     opts = parser.parse_args(argv)
+    global TARGET, SHARED_PER_PROGRAM  # the launches and the checks follow the chosen device
+    TARGET, SHARED_PER_PROGRAM = GPUTarget("cuda", opts.arch, 32), SHARED_PER_PROGRAM_BY_ARCH[opts.arch]
     cases = {name: case for name, case in {**dense_cases(), **features_cases()}.items() if opts.only in name}
-    print(f"Triton {triton.__version__}, target sm_90; {len(cases)} kernels\n")
-    print("| kernel | registers | spilled (B) | shared (KB) | programs/SM | warps | wgmma | cp.async | ld.v4 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"Triton {triton.__version__}, target sm_{opts.arch} (shared memory per program at most "
+          f"{SHARED_PER_PROGRAM / 1024:.0f} KB); {len(cases)} kernels\n")  # fmt: skip
+    print("| kernel | registers | spilled (B) | shared (KB) | programs/SM | warps | wgmma | mma.sync | cp.async | "
+          "ld.v4 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     problems = []
-    for name, (fn, args, constants, options, hot) in cases.items():
+    for name, case in cases.items():
         try:
-            r = compile_case(fn, args, constants, options)
+            r = compile_case(case.fn, case.args, case.constants, case.options)
         except Exception as err:  # noqa: BLE001 — a compile failure is the finding; report it and go on
             problems.append(f"{name}: does not compile: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
-            print(f"| {name} | COMPILE FAILED | | | | | | | |", flush=True)
+            print(f"| {name} | COMPILE FAILED | | | | | | | | |", flush=True)
             continue
         print(f"| {name} | {r['registers']} | {r['spilled']} | {r['shared_kb']:.1f} | {r['per_sm']} | {r['warps']} | "
-              f"{r['wgmma']} | {r['cp.async']} | {r['ld.v4']} |", flush=True)  # fmt: skip
+              f"{r['wgmma']} | {r['mma.sync']} | {r['cp.async']} | {r['ld.v4']} |", flush=True)  # fmt: skip
         if r["atomics"]:
             problems.append(f"{name}: uses atomics (the design promises fixed-order reductions)")
         if r["shared_kb"] * 1024 > SHARED_PER_PROGRAM:
-            problems.append(f"{name}: needs {r['shared_kb']:.0f} KB of shared memory, more than sm_90 allows")
-        if hot and r["spilled"]:
+            problems.append(f"{name}: needs {r['shared_kb']:.0f} KB of shared memory, more than sm_{opts.arch} allows")
+        if case.max_spill is not None and r["spilled"] > case.max_spill and opts.arch == 90:
             problems.append(f"{name}: runs every iteration and spills {r['spilled']} bytes of registers")
+        if case.max_shared is not None and r["shared_kb"] * 1024 > case.max_shared:
+            bound = case.max_shared / 1024
+            problems.append(f"{name}: needs {r['shared_kb']:.1f} KB of shared memory, more than the {bound:.1f} KB "
+                            "features_launch counts on (shared_memory_bound)")  # fmt: skip
     for problem in problems:
         print("PROBLEM:", problem)
     return 1 if opts.check and problems else 0

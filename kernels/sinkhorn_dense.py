@@ -39,9 +39,11 @@ _MERGE_BLOCK = 1024  # clusters per program of the partial-merge kernel
 
 __all__ = [
     "DenseWorkspace",
+    "default_launch",
     "dense_assign",
     "dense_cluster_lse",
     "dense_transport_score",
+    "is_transposed",
 ]
 
 
@@ -329,7 +331,7 @@ class DenseWorkspace:
     @classmethod
     def for_scores(cls, scores: torch.Tensor, launch: DenseLaunch | None = None) -> DenseWorkspace:
         h, n, k = scores.shape
-        launch = launch or dense_launch(n, k, h, scores.device)
+        launch = launch or default_launch(scores)
         p = launch.n_programs
         pmax = torch.empty((h, p, k), dtype=torch.float32, device=scores.device)
         psum = torch.empty((h, p, k), dtype=torch.float32, device=scores.device)
@@ -349,6 +351,18 @@ def _potentials(b: torch.Tensor, h: int, k: int) -> torch.Tensor:
     if b.shape != (h, k):
         raise ValueError(f"b must be (H, K) = ({h}, {k}), got {tuple(b.shape)}")
     return b.to(torch.float32).contiguous()  # no-op (no launch) when already fp32 and contiguous
+
+
+def is_transposed(scores: torch.Tensor) -> bool:
+    """S (H, N, K) contiguous along N rather than K: a transposed view of an (H, K, N) tensor, read without a copy."""
+    h, n, k = scores.shape
+    return n > 1 and k > 1 and scores.stride(1) == 1 and scores.stride(2) != 1
+
+
+def default_launch(scores: torch.Tensor) -> DenseLaunch:
+    """``dense_launch`` for these scores: their shape, device, layout and element size."""
+    h, n, k = scores.shape
+    return dense_launch(n, k, h, scores.device, transposed=is_transposed(scores), itemsize=scores.element_size())
 
 
 def vector_width(scores: torch.Tensor, launch: DenseLaunch) -> int:
@@ -406,8 +420,7 @@ def dense_cluster_lse(
 
 
 def _readout_launch(scores: torch.Tensor, launch: DenseLaunch | None) -> DenseLaunch:
-    h, n, k = scores.shape
-    return launch or dense_launch(n, k, h, scores.device)
+    return launch or default_launch(scores)
 
 
 def dense_assign(

@@ -58,6 +58,7 @@ bias is ``-inf`` is unreachable (its LSE is ``-inf``); a zero-weight sample cont
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -79,11 +80,14 @@ __all__ = [
     "INPUT_PRECISIONS",
     "FeaturesLaunch",
     "FeaturesWorkspace",
+    "d_vector_width",
     "features_assign",
     "features_cluster_lse",
     "features_launch",
     "features_transport_score",
+    "max_shared_memory",
     "prepare_fp16",
+    "shared_memory_bound",
 ]
 
 
@@ -168,6 +172,21 @@ def _dot_rows(
 
 
 @triton.jit
+def _aligned_d(VEC_D: tl.constexpr, D, stride_zn, stride_ch, stride_ck):
+    """The host checked that D and the row strides of Z and C are multiples of VEC_D (and that both tensors are
+    contiguous along D): rounding them down to multiples (a no-op) lets the compiler prove that each row of a tile
+    starts on a 16-byte boundary, so the tile loads become 16-byte cp.async copies into shared memory. Triton's own
+    argument specialisation only knows multiples of 16 elements: D = 200 or 136 (multiples of 8, not of 16) loaded
+    fp32 tiles with 4-byte loads through registers, which spilled (see ``d_vector_width``)."""
+    if VEC_D > 1:
+        D = (D // VEC_D) * VEC_D
+        stride_zn = (stride_zn // VEC_D) * VEC_D
+        stride_ch = (stride_ch // VEC_D) * VEC_D
+        stride_ck = (stride_ck // VEC_D) * VEC_D
+    return D, stride_zn, stride_ch, stride_ck
+
+
+@triton.jit
 def _load_bias(BIAS, cols, col_mask, HAS_BIAS: tl.constexpr):
     """bias[cols] as fp32 (BLOCK_K,), 0 without a bias; -inf past K (so padded clusters never count)."""
     if HAS_BIAS:
@@ -209,8 +228,10 @@ def _features_partials_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    VEC_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
+    D, stride_zn, stride_ch, stride_ck = _aligned_d(VEC_D, D, stride_zn, stride_ch, stride_ck)
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     c_head = C + h * stride_ch
@@ -319,8 +340,10 @@ def _features_readout_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    VEC_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
+    D, stride_zn, stride_ch, stride_ck = _aligned_d(VEC_D, D, stride_zn, stride_ch, stride_ck)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     h = tl.program_id(1).to(tl.int64)
     row_mask = rows < N
@@ -388,8 +411,34 @@ STREAM_D = 64
 # (114-162 registers), at the price of re-reading the Z tile per prototype chunk (from L2).
 EXACT_STREAM_D = 32
 EXACT_PRECISIONS = ("ieee", "tf32x3")
-# Programs per SM of the persistent cluster-LSE grid: what the register and shared-memory budgets above allow.
+# fp32 features whose rows do not start on 16-byte boundaries (D not a multiple of 4, or a view with such a row
+# stride; see ``d_vector_width``) cannot be copied into shared memory by cp.async: the tile is loaded 4 bytes at a
+# time through registers. Kept whole past D = 128 (a 256-wide tile) that needs 255 registers and spills in the
+# iteration kernel (D = 201: 208 B with Triton 3.9, 672 B with 3.6); chunks of EXACT_STREAM_D spill nothing (128-138
+# registers, sm_90 cubins, both versions). Aligned rows (D = 136, 200: multiples of 4) keep D whole: with the
+# kernels' alignment hint (``VEC_D``) they compile like D = 256 (171-210 registers, no spill, cp.async).
+UNALIGNED_FP32_MAX_ONE_D = 128
+# Programs per SM of the persistent cluster-LSE grid. The default tiles at D <= 128 fit two (registers and shared
+# memory, sm_90 cubins with Triton 3.9); one fits at D in (128, 256] (129-193 KB of shared memory), with exact fp32
+# products (tf32x3: 163-174 registers) and, under Triton 3.6, fp32 features rounded to fp16 (142 registers at
+# D = 128). There the grid runs in two waves: equal work per program, so little lost, but (H, P, K) partials and a
+# merge twice the size they need. Not derived per launch: registers are known only after compiling (and differ
+# between Triton versions), and ``shared_memory_bound`` is exact on sm_90 only -- on sm_80/86/89 it over-states the
+# shared memory and would under-fill the GPU, the costlier mistake.
 PROGRAMS_PER_SM = 2
+# Shared memory: an H100 lets a program use 227 KB, and every default tile fits (at most 208 KB: fp32, D = 256). GPUs
+# of compute capability 8.6/8.9 (A10, A40, L4, L40, RTX 30xx/40xx) allow 99 KB, an A100 163 KB: there Triton would
+# refuse the launch (OutOfResources), so ``features_launch`` shrinks the tiles until ``shared_memory_bound`` fits the
+# device's limit. Each step roughly halves a large term of the bound, cheapest first: one pipeline stage fewer (down
+# to 2), BLOCK_K down to SHRINK_K (shorter prototype chunks, same traffic), BLOCK_N down to SHRINK_N (each prototype
+# chunk read from L2 for fewer samples), D streamed in chunks of STREAM_D (Z re-read from L2 per prototype chunk),
+# then BLOCK_N and BLOCK_K down to 16. At 99 KB: 16-bit D = 128 and D = 512 keep their tiles with 2 stages, bf16,
+# fp32>fp16 D = 256 and fp32 D = 128 run 64x32 tiles, fp32 D = 256 streams D through 64x32 tiles; at 163 KB (A100)
+# only fp32 D = 256 changes (64x32); at 227 KB (H100) nothing does. The bound is loose on sm_80/86/89, so some of
+# these shrink further than those GPUs need (bf16 D = 128 would fit 3 stages there). Predicted, not timed: smaller
+# tiles cost L2 traffic and shorter tensor-core instructions, not DRAM traffic; a launch that fails costs more.
+# ``benchmarks/sm90_compile.py --arch 86`` compiles these choices and checks that they fit.
+SHRINK_K, SHRINK_N = 32, 64
 
 
 @dataclass(frozen=True)
@@ -410,6 +459,46 @@ class FeaturesLaunch:
         return -(-n // self.block_n)
 
 
+def shared_memory_bound(launch: FeaturesLaunch, d: int, itemsize: int, *, z_fp32_to_fp16: bool = False) -> int:
+    """Bytes of shared memory a program of ``launch`` asks for, an upper bound; ``itemsize`` as in ``features_launch``.
+
+    The terms of Triton's sm_90 layout: ``num_stages`` buffers of each (BLOCK_K, BLOCK_D) prototype chunk (filled by
+    cp.async); the (BLOCK_N, BLOCK_D) Z tile kept for both sweeps in the dtype the dot reads, next to an fp32
+    (BLOCK_N, BLOCK_K) buffer where the read-out kernel converts the layout of its score tile -- or, for fp32
+    features rounded to fp16 in the kernel, the tile staged in fp32 (Triton 3.6's partials kernel at BLOCK_K = 64),
+    whichever is larger; one Z buffer per stage, in Z's own dtype, when D is streamed; 1 KB of reduction scratch.
+    It is within 1 KB of the read-out's shared memory for the default sm_90 launches of 16-bit and fp32 inputs, and
+    bounds both kernels, compiled for sm_86 and sm_90 with Triton 3.6 and 3.9, over 432 tile shapes (BLOCK_N 32-128,
+    BLOCK_K 32-64, 2-3 stages, D = 128 and 256 whole, 512 streamed; bf16, fp32, fp32>fp16); ``sm90_compile.py
+    --check`` keeps checking it. The mma code of sm_80/86/89 mostly needs less (it reads Z from registers): there
+    the bound is loose, not wrong.
+    """
+    z_itemsize = 4 if z_fp32_to_fp16 or itemsize >= 4 else 2  # Z as stored
+    c_bytes = launch.num_stages * launch.block_k * launch.block_d * itemsize
+    scratch = launch.block_n * launch.block_k * 4
+    z_tile = launch.block_n * launch.block_d
+    if launch.block_d >= d:
+        z_bytes = max(z_tile * z_itemsize, z_tile * (2 if z_fp32_to_fp16 else z_itemsize) + scratch)
+    else:
+        z_bytes = launch.num_stages * z_tile * z_itemsize + scratch
+    return c_bytes + z_bytes + 1024
+
+
+@functools.cache
+def _cuda_max_shared(index: int) -> int:
+    from triton.runtime.driver import driver
+
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def max_shared_memory(device: torch.device) -> int | None:
+    """Shared memory one program may use on ``device`` (bytes; the number Triton checks at launch); None on a CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _cuda_max_shared(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def features_launch(
     n: int,
     k: int,
@@ -426,15 +515,21 @@ def features_launch(
     n_programs: int | None = None,
     z_fp32_to_fp16: bool = False,
     precision: str = "tf32",
+    z_rows_aligned: bool = True,
+    max_shared: int | None = None,
 ) -> FeaturesLaunch:
     """Tile sizes and grid for N samples, K clusters, D features, H heads; keyword overrides for tests and sweeps.
 
     Tiles are never below 16 (``tl.dot``); under the interpreter they are 16 (fast, and every mask is hit).
     ``itemsize``: of the tensor-core operands (the prototypes'); ``z_fp32_to_fp16``: fp32 features rounded to fp16
-    in the kernel (``prepare_fp16``); ``precision``: the ``input_precision`` of fp32 inputs (exact ones stream D).
+    in the kernel (``prepare_fp16``); ``precision``: the ``input_precision`` of fp32 inputs (exact ones stream D);
+    ``z_rows_aligned``: every row of Z starts on a 16-byte boundary (``d_vector_width``; unaligned fp32 rows stream
+    D past 128); ``max_shared``: bytes of shared memory one program may use (``max_shared_memory``; None: the
+    device's, no limit on a CPU): tiles not given explicitly shrink until ``shared_memory_bound`` fits.
     """
     gpu_n, gpu_k, gpu_warps, gpu_stages = GPU_TILES["fp32>fp16" if z_fp32_to_fp16 else 4 if itemsize >= 4 else 2]
     small = interpreting()
+    fixed = dict(n=block_n is not None, k=block_k is not None, d=block_d is not None, stages=num_stages is not None)
     if block_n is None:
         block_n = 16 if small else min(gpu_n, max(16, next_power_of_2(n)))
     if block_k is None:
@@ -442,15 +537,42 @@ def features_launch(
     exact_fp32 = itemsize >= 4 and precision in EXACT_PRECISIONS and not small
     if block_d is None and exact_fp32 and d > EXACT_STREAM_D:
         block_d = EXACT_STREAM_D
+    unaligned_fp32 = itemsize >= 4 and not z_rows_aligned and not small
+    if block_d is None and unaligned_fp32 and d > UNALIGNED_FP32_MAX_ONE_D:
+        block_d = EXACT_STREAM_D
     if block_d is None:
         block_d = max(16, next_power_of_2(d)) if d <= MAX_ONE_D else STREAM_D
     if block_d > 128 and not small:
         gpu_stages = 2
-    n_tiles = -(-n // block_n)
+    launch = FeaturesLaunch(block_n, block_k, block_d, num_warps or gpu_warps, num_stages or gpu_stages, 1)
+    if max_shared is None:
+        max_shared = max_shared_memory(device)
+    bound = functools.partial(shared_memory_bound, d=d, itemsize=itemsize, z_fp32_to_fp16=z_fp32_to_fp16)
+    while max_shared is not None and bound(launch) > max_shared:
+        smaller = _shrink(launch, d, fixed)
+        if smaller is None:
+            break  # nothing left to shrink (explicit tiles): Triton reports the shortfall at launch
+        launch = smaller
     if n_programs is None:
         n_programs = -(-sm_count(device) * PROGRAMS_PER_SM // h)
-    n_programs = max(1, min(n_programs, n_tiles))
-    return FeaturesLaunch(block_n, block_k, block_d, num_warps or gpu_warps, num_stages or gpu_stages, n_programs)
+    n_programs = max(1, min(n_programs, launch.row_tiles(n)))
+    return dataclasses.replace(launch, n_programs=n_programs)
+
+
+def _shrink(launch: FeaturesLaunch, d: int, fixed: dict) -> FeaturesLaunch | None:
+    """One step down the ladder described above SHRINK_N, skipping the sizes the caller fixed; None at the bottom."""
+    steps = (  # (which size, whether it can shrink, the smaller launch's change)
+        ("stages", launch.num_stages > 2, dict(num_stages=launch.num_stages - 1)),
+        ("k", launch.block_k > SHRINK_K, dict(block_k=launch.block_k // 2)),
+        ("n", launch.block_n > SHRINK_N, dict(block_n=launch.block_n // 2)),
+        ("d", launch.one_d(d) and launch.block_d > STREAM_D, dict(block_d=STREAM_D)),
+        ("n", launch.block_n > 16, dict(block_n=launch.block_n // 2)),
+        ("k", launch.block_k > 16, dict(block_k=launch.block_k // 2)),
+    )
+    for size, possible, change in steps:
+        if possible and not fixed[size]:
+            return dataclasses.replace(launch, **change)
+    return None
 
 
 @dataclass
@@ -483,9 +605,11 @@ class FeaturesWorkspace:
 def _default_launch(features: torch.Tensor, prototypes: torch.Tensor, precision: str) -> FeaturesLaunch:
     n, d, h, k = _check_inputs(features, prototypes)
     mixed = _fp16_mode(features, prototypes)
+    aligned = d_vector_width(features, prototypes) * features.element_size() >= 16
     return features_launch(
-        n, k, d, h, prototypes.element_size(), features.device, z_fp32_to_fp16=mixed, precision=precision
-    )
+        n, k, d, h, prototypes.element_size(), features.device, z_fp32_to_fp16=mixed, precision=precision,
+        z_rows_aligned=aligned,
+    )  # fmt: skip
 
 
 def _check_inputs(features: torch.Tensor, prototypes: torch.Tensor) -> tuple[int, int, int, int]:
@@ -547,6 +671,36 @@ def prepare_fp16(features: torch.Tensor, prototypes: torch.Tensor) -> tuple[torc
     return (prototypes.float() * c_scale).to(torch.float16).contiguous(), (z_scale, c_scale)
 
 
+def d_vector_width(features: torch.Tensor, prototypes: torch.Tensor) -> int:
+    """Elements per 16-byte access along D (4 for fp32, 8 for 16-bit; the smaller itemsize decides when Z is fp32
+    and C fp16) that divide D and the row strides of Z (N, D) and C (H, K, D); 1 when either tensor is not
+    contiguous along D, does not start on a 16-byte boundary, or nothing larger divides them. A stride never
+    multiplied by a nonzero index (one row, one cluster, one head) may be rounded freely."""
+    n, d = features.shape
+    h, k, _ = prototypes.shape
+    if features.stride(1) != 1 or prototypes.stride(2) != 1:
+        return 1
+    if features.data_ptr() % 16 or prototypes.data_ptr() % 16:
+        return 1
+    vec = 16 // min(features.element_size(), prototypes.element_size())
+    strides = [features.stride(0)] * (n > 1) + [prototypes.stride(1)] * (k > 1) + [prototypes.stride(0)] * (h > 1)
+    while vec > 1 and (d % vec or any(stride % vec for stride in strides)):
+        vec //= 2
+    return vec
+
+
+def _vec_d(features: torch.Tensor, prototypes: torch.Tensor) -> int:
+    """The kernels' VEC_D: ``d_vector_width``, or 1 where Triton's own argument specialisation (multiples of 16
+    elements) already proves the alignment. The rounding in ``_aligned_d`` would then only perturb the register
+    allocation (Triton 3.6, fp32 D = 256 read-out: 180 -> 206 registers): those launches compile as they always did."""
+    n, d = features.shape
+    h, k, _ = prototypes.shape
+    strides = [features.stride(0)] * (n > 1) + [prototypes.stride(1)] * (k > 1) + [prototypes.stride(0)] * (h > 1)
+    if d % 16 == 0 and all(stride % 16 == 0 for stride in strides):
+        return 1
+    return d_vector_width(features, prototypes)
+
+
 def _upcast(features: torch.Tensor) -> bool:
     """bf16 under the interpreter: multiply in fp32 (see ``_dot_rows``)."""
     return interpreting() and features.dtype == torch.bfloat16
@@ -594,7 +748,7 @@ def features_cluster_lse(
         float(inv_eps) * LOG2E / (z_scale * c_scale), float(z_scale),
         HAS_B=b is not None, HAS_BIAS=bias2 is not None, ONE_D=cfg.one_d(d), PRECISION=_precision(input_precision),
         UPCAST=_upcast(features), Z_F16=z_f16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-        **_options(cfg),
+        VEC_D=_vec_d(features, prototypes), **_options(cfg),
     )  # fmt: skip
     out = torch.empty((h, k), dtype=torch.float32, device=features.device)
     merge_options = {} if interpreting() else {"num_warps": 4, "enable_fp_fusion": True}
@@ -618,7 +772,8 @@ def _readout(features, prototypes, bias, b, inv_eps, want_codes, want_score, inp
         float(scales[0]), 1.0 / (scales[0] * scales[1]),
         HAS_BIAS=bias is not None, WANT_CODES=want_codes, WANT_SCORE=want_score, ONE_D=cfg.one_d(d),
         PRECISION=_precision(input_precision), UPCAST=_upcast(features), Z_F16=_fp16_mode(features, prototypes),
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, **_options(cfg),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+        VEC_D=_vec_d(features, prototypes), **_options(cfg),
     )  # fmt: skip
     return labels, codes, rows
 

@@ -27,8 +27,28 @@ MIN_BLOCK_N = 4
 MAX_BLOCK_N = 64
 # Chunked (large-K) path: tile shape and warps.
 CHUNK_BLOCK_N, CHUNK_BLOCK_K, CHUNK_WARPS = 8, 1024, 8
+# Scores stored (H, K, N), read through a transposed view (stride_n = 1): a tile's column is BLOCK_N contiguous
+# elements, so rows per tile set how much of each 32-byte DRAM sector a load uses (the (N, K) layout's rows of K
+# elements are always whole). The one-chunk tile above gives 4 rows at K > 512: 16 bytes per column in fp32, 8 in bf16,
+# a half or a quarter of each sector. Transposed, a one-chunk tile takes rows up to a whole sector (SECTOR_BYTES /
+# itemsize) while it stays within TRANSPOSED_ONE_CHUNK elements at 16 warps (16 per thread, as in the (N, K) layout):
+# 8x1024 (fp32 and 16-bit) and 16x512 (16-bit), 64-127 registers in the partials and read-out kernels, no spill (sm_90
+# cubins, Triton 3.6 and 3.9). At K > 2048 the 4xK_pad tile is already at the register limit (8x2048 spills 48 B, 8x4096
+# 544 B): it keeps 4 rows; neighbouring row tiles go to neighbouring programs, which read the rest of each sector at
+# about the same time, so DRAM traffic should stay near one read of S while L2-to-SM traffic is 2x (fp32) or 4x (16-bit)
+# -- predicted, not measured. The chunked path (two reads of S anyway) is free in its shape: TRANSPOSED_CHUNK gives
+# 128-byte (fp32) or 64-byte (16-bit) columns instead of 32 or 16 bytes, at about the same registers (64-128, no spill;
+# the 8x1024 tile spilled 8 B in bf16 under Triton 3.6).
+SECTOR_BYTES = 32
+TRANSPOSED_ONE_CHUNK = 8192
+TRANSPOSED_CHUNK_N, TRANSPOSED_CHUNK_K = 32, 256
 # Programs per SM for the persistent cluster-LSE grid: enough to hide latency, few enough that the
-# (H, P, K) partials stay small next to S.
+# (H, P, K) partials stay small next to S. A grid larger than what fits runs in waves: the work per program is
+# equal, so that costs little, but the partials and their merge grow with P. What fits is set by the registers of
+# the compiled partials kernel, known only after compiling; sm_90 cubins (Triton 3.6 and 3.9, fp32/bf16/fp16, warm,
+# both layouts) give: tiles of 32 elements per thread (K in (2048, 4096], 4x4096 at 16 warps) 116-128 registers, one
+# program per SM; other 16-warp tiles 64-95, one or two; 8-warp tiles 48-128, two to five. Hence ``programs_per_sm``:
+# 1, 2 and PROGRAMS_PER_SM (up to 2x over, or one under at small K where five fit).
 PROGRAMS_PER_SM = 4
 # A program should own at least this many rows, or its K partials cost more than its share of S.
 MIN_ROWS_PER_PROGRAM = 32
@@ -75,6 +95,15 @@ class DenseLaunch:
         return -(-n // self.block_n)
 
 
+def programs_per_sm(block_n: int, block_k: int, num_warps: int, one_chunk: bool) -> int:
+    """Programs of the cluster-LSE kernel that fit one SM at once, from the register counts above PROGRAMS_PER_SM."""
+    if one_chunk and block_n * block_k >= 32 * 32 * num_warps:  # 32 tile elements per thread: 116-128 registers
+        return 1
+    if num_warps >= 16:  # two programs of 512 threads need <= 64 registers each: none measured below 64
+        return 2
+    return PROGRAMS_PER_SM
+
+
 def dense_launch(
     n: int,
     k: int,
@@ -86,6 +115,8 @@ def dense_launch(
     num_warps: int | None = None,
     n_programs: int | None = None,
     vector_loads: bool = True,
+    transposed: bool = False,
+    itemsize: int = 4,
 ) -> DenseLaunch:
     """Tile sizes and grid for scores of shape (h, n, k) on ``device``; keyword overrides for tests.
 
@@ -93,20 +124,27 @@ def dense_launch(
     [MIN_BLOCK_N, MAX_BLOCK_N], one warp per 512 tile elements clamped to [4, 16]. Chosen from the
     register counts of sm_90 cubins compiled offline, none spilling (K = 1000: 4x1024 tile, 8 warps,
     80 registers; K = 3000: 4x4096, 16 warps, 128). They still owe a timing sweep on a GPU
-    (``benchmarks/gpu_dense.py --sweep``).
+    (``benchmarks/gpu_dense.py --sweep``). ``transposed``: S contiguous along N (a view of an (H, K, N) tensor),
+    ``itemsize`` its element size: more rows per tile where that fills DRAM sectors (see SECTOR_BYTES).
     """
     k_pad = next_power_of_2(k)
     one_chunk = k_pad <= MAX_ONE_CHUNK_K if block_k is None else block_k >= k
     if block_k is None:
-        block_k = k_pad if one_chunk else CHUNK_BLOCK_K
+        block_k = k_pad if one_chunk else TRANSPOSED_CHUNK_K if transposed else CHUNK_BLOCK_K
     if block_n is None:
-        block_n = min(max(MIN_BLOCK_N, 4096 // block_k), MAX_BLOCK_N) if one_chunk else CHUNK_BLOCK_N
+        if one_chunk:
+            block_n = min(max(MIN_BLOCK_N, 4096 // block_k), MAX_BLOCK_N)
+            if transposed:
+                block_n = max(block_n, min(SECTOR_BYTES // itemsize, TRANSPOSED_ONE_CHUNK // block_k))
+        else:
+            block_n = TRANSPOSED_CHUNK_N if transposed else CHUNK_BLOCK_N
         block_n = min(block_n, next_power_of_2(n))
     if num_warps is None:
         num_warps = min(16, max(4, block_n * block_k // 512)) if one_chunk else CHUNK_WARPS
     n_tiles = -(-n // block_n)
     if n_programs is None:
-        by_device = -(-sm_count(device) * PROGRAMS_PER_SM // h)
+        per_sm = programs_per_sm(block_n, block_k, num_warps, one_chunk)
+        by_device = -(-sm_count(device) * per_sm // h)
         by_rows = -(-n // MIN_ROWS_PER_PROGRAM)
         n_programs = min(by_device, by_rows)
     n_programs = max(1, min(n_programs, n_tiles))

@@ -22,9 +22,11 @@ pytest.importorskip("triton")
 
 from otlabel.kernels.sinkhorn_dense import (  # noqa: E402  (after the importorskip)
     DenseWorkspace,
+    default_launch,
     dense_assign,
     dense_cluster_lse,
     dense_transport_score,
+    is_transposed,
     vector_width,
 )
 from otlabel.kernels.utils import dense_launch  # noqa: E402
@@ -207,6 +209,69 @@ def test_cluster_lse_transposed_view(dtype, block_k):
     out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
     assert_close(out, ref_cluster_lse(s, b, log_c, INV_EPS), atol, rtol, f"cluster_lse transposed {dtype}")
     assert torch.equal(out, dense_cluster_lse(s.contiguous(), b, log_c, INV_EPS, workspace=_ws(s, 4, block_k)))
+
+
+# Transposed views at sizes where the default launch picks tiles for that layout (see SECTOR_BYTES in utils.py).
+TRANSPOSED_DEFAULTS = [
+    pytest.param(torch.float32, 2, 21, 600, (8, 1024), id="fp32-K600-one-chunk-8-rows"),  # 4 rows when (N, K)
+    pytest.param(torch.bfloat16, 1, 37, 300, (16, 512), id="bf16-K300-one-chunk-16-rows"),  # 8 rows when (N, K)
+    pytest.param(torch.float32, 1, 40, 4100, (32, 256), id="fp32-K4100-chunked-32x256"),  # 8x1024 when (N, K)
+]
+
+
+@pytest.mark.parametrize("dtype, h, n, k, tile", TRANSPOSED_DEFAULTS)
+def test_transposed_view_default_launch(dtype, h, n, k, tile):
+    """A transposed view read with the launch chosen for its layout: the float64 reference for the cluster LSE,
+    labels, codes and transport score, and bitwise the contiguous copy's labels."""
+    tol = TOLERANCES[dtype]
+    s = _scores(h, n, k, dtype, seed=4, transposed=True)
+    launch = default_launch(s)
+    assert is_transposed(s) and (launch.block_n, launch.block_k) == tile, launch
+    b, log_c = _potentials(h, k), _log_c(n)
+    out = dense_cluster_lse(s, b, log_c, INV_EPS)
+    assert_close(out, ref_cluster_lse(s, b, log_c, INV_EPS), *tol["lse"], f"cluster_lse transposed {dtype} K={k}")
+    labels, codes = dense_assign(s, b, INV_EPS, True)
+    assert_labels(labels, ref_logits(s, b, INV_EPS), f"labels transposed {dtype} K={k}")
+    assert_close(codes, torch.softmax(ref_logits(s, b, INV_EPS), -1), *tol["codes"], f"codes transposed {dtype}")
+    assert torch.equal(labels, dense_assign(s.contiguous(), b, INV_EPS, False)[0])
+    score = dense_transport_score(s, b, log_c, INV_EPS)
+    assert_close(score, ref_transport_score(s, b, log_c, INV_EPS), *tol["score"], f"score transposed {dtype}")
+
+
+def test_launch_follows_the_layout():
+    """Tile choice per layout, no kernel run: (K, N)-major scores get rows enough for whole 32-byte sectors where
+    registers allow, and 32x256 chunks; (N, K)-major scores keep their tiles."""
+
+    def tile(k, transposed, itemsize=4):
+        launch = dense_launch(2**20, k, 1, "cpu", transposed=transposed, itemsize=itemsize)
+        return launch.block_n, launch.block_k, launch.num_warps, launch.one_chunk
+
+    assert tile(1000, False) == (4, 1024, 8, True) and tile(1000, True) == (8, 1024, 16, True)
+    assert tile(1000, True, 2) == (8, 1024, 16, True)  # 16-bit: 16 rows would be 16384 elements
+    assert tile(500, True, 4) == (8, 512, 8, True) == tile(500, False)  # fp32: 8 rows are a sector already
+    assert tile(500, True, 2) == (16, 512, 16, True)
+    assert tile(3000, True) == tile(3000, False) == (4, 4096, 16, True)  # at the register limit either way
+    assert tile(100, True) == tile(100, False) == (32, 128, 8, True)
+    assert tile(65536, False) == (8, 1024, 8, False) and tile(65536, True) == (32, 256, 8, False)
+    assert dense_launch(3, 1000, 1, "cpu", transposed=True).block_n == 4  # never more rows than N
+    s = torch.zeros(1, 1000, 64).transpose(1, 2)  # (1, 64, 1000) view of a (1, 1000, 64) tensor
+    assert is_transposed(s) and not is_transposed(s.contiguous()) and not is_transposed(torch.zeros(1, 1, 5).mT)
+    assert default_launch(s) == dense_launch(64, 1000, 1, "cpu", transposed=True, itemsize=4)
+
+
+def test_programs_per_sm_follow_the_tile():
+    """Persistent grid: P = SMs x programs that fit (sm_count is 2 on a CPU): one for 4x4096 tiles (116-128
+    registers at 16 warps), two for other 16-warp tiles, PROGRAMS_PER_SM for 8 warps."""
+    from otlabel.kernels.utils import PROGRAMS_PER_SM, programs_per_sm
+
+    n = 2**20
+    assert dense_launch(n, 3000, 1, "cpu").n_programs == 2
+    assert dense_launch(n, 1500, 1, "cpu").n_programs == 4  # 4x2048 at 16 warps
+    assert dense_launch(n, 1000, 1, "cpu").n_programs == 2 * PROGRAMS_PER_SM
+    assert dense_launch(n, 1000, 1, "cpu", transposed=True).n_programs == 4  # 8x1024 at 16 warps
+    assert dense_launch(n, 65536, 1, "cpu").n_programs == 2 * PROGRAMS_PER_SM
+    assert dense_launch(n, 3000, 3, "cpu").n_programs == 1  # three heads share the two SMs
+    assert programs_per_sm(4, 4096, 16, one_chunk=False) == 2  # chunked tiles hold no whole row
 
 
 @pytest.mark.parametrize("block_k", [None, 8], ids=["one-chunk", "multichunk"])

@@ -453,3 +453,110 @@ def test_exact_fp32_launch_streams_d(monkeypatch):
     assert launch(128, 4, "tf32").block_d == 128
     assert launch(128, 2, "ieee").block_d == 128  # bf16/fp16: native tensor cores whatever the flag
     assert launch(24, 4, "ieee").block_d == 32 and launch(24, 4, "ieee").one_d(24)
+
+
+def test_d_vector_width_and_the_alignment_hint():
+    """Elements per 16-byte access along D: what D, the row strides and the data pointers allow. The kernels' hint
+    (``_vec_d``) is 1 where D and the strides are multiples of 16, which Triton's specialisation already proves."""
+    from otlabel.kernels import sinkhorn_features as kf
+
+    def z_c(d, z_dtype=torch.float32, c_dtype=None):
+        return torch.zeros(5, d, dtype=z_dtype), torch.zeros(2, 7, d, dtype=c_dtype or z_dtype)
+
+    assert kf.d_vector_width(*z_c(200)) == 4 and kf._vec_d(*z_c(200)) == 4  # fp32, D = 200: rows of 800 B
+    assert kf.d_vector_width(*z_c(136, torch.bfloat16)) == 8 and kf._vec_d(*z_c(136, torch.bfloat16)) == 8
+    assert kf.d_vector_width(*z_c(200, torch.float32, torch.float16)) == 8  # fp32 Z, fp16 C: the fp16 rows decide
+    assert kf.d_vector_width(*z_c(201)) == 1 and kf.d_vector_width(*z_c(130)) == 2
+    assert kf.d_vector_width(*z_c(128)) == 4 and kf._vec_d(*z_c(128)) == 1  # already multiples of 16: no hint
+    z, c = z_c(128)
+    padded = torch.zeros(5, 136)[:, :128]  # rows 136 apart: aligned, but not a multiple of 16
+    assert kf.d_vector_width(padded, c) == 4 and kf._vec_d(padded, c) == 4
+    shifted = torch.zeros(5 * 200 + 1)[1:].view(5, 200)  # starts 4 bytes past an aligned address
+    assert kf.d_vector_width(shifted, z_c(200)[1]) == 1
+    assert kf.d_vector_width(torch.zeros(200, 5).t(), z_c(200)[1]) == 1  # not contiguous along D
+    one_row = torch.zeros(1, 200)
+    assert kf.d_vector_width(one_row, torch.zeros(1, 1, 200)) == 4  # strides never used may be anything
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_alignment_hint_changes_no_result(dtype, monkeypatch):
+    """VEC_D only tells the compiler what the host checked: with and without it, bitwise the same results (D = 40:
+    a multiple of 8, not of 16; Z a view with padded rows, so its row stride needs the hint too)."""
+    from otlabel.kernels import sinkhorn_features as kf
+
+    h, n, k, d = 2, 37, 21, 40
+    z, c, bias = _inputs(h, n, k, d, dtype, seed=6)
+    z_padded = torch.zeros(n, d + 8, dtype=dtype, device=DEVICE)
+    z_padded[:, :d] = z
+    z_view = z_padded[:, :d]
+    b, log_c = _potentials(h, k), _log_c(n)
+    assert kf._vec_d(z_view, c) > 1
+
+    def run():
+        ws = _ws(z_view, c, n_programs=2)
+        lse = features_cluster_lse(z_view, c, _bias2(bias), b, log_c, INV_EPS, input_precision="ieee", workspace=ws)
+        labels, codes = features_assign(z_view, c, bias, b, INV_EPS, True, input_precision="ieee")
+        return lse, labels, codes
+
+    hinted = run()
+    monkeypatch.setattr(kf, "_vec_d", lambda features, prototypes: 1)
+    plain = run()
+    for got, want, what in zip(hinted, plain, ("lse", "labels", "codes"), strict=True):
+        assert torch.equal(got, want), f"{what} with the alignment hint differ by {(got - want).abs().max()}"
+    assert_close(hinted[0], ref_cluster_lse(_scores64(z, c, bias), b, log_c, INV_EPS), 3e-5, 3e-6, "hinted lse")
+
+
+def test_unaligned_fp32_rows_stream_d_past_128(monkeypatch):
+    """GPU launch heuristic: fp32 rows that cannot start on 16-byte boundaries (D = 201) would load a 256-wide tile
+    through registers and spill; they stream D in chunks of 32. Aligned rows (D = 200), 16-bit inputs and D <= 128
+    keep D whole; the default launch reads the alignment off the tensors."""
+    from otlabel.kernels import sinkhorn_features as kf
+
+    monkeypatch.setattr(kf, "interpreting", lambda: False)
+    launch = lambda d, item, aligned: kf.features_launch(  # noqa: E731
+        4096, 3000, d, 1, item, "cpu", n_programs=8, z_rows_aligned=aligned
+    )
+    assert launch(201, 4, False).block_d == 32 and not launch(201, 4, False).one_d(201)
+    assert launch(200, 4, True).block_d == 256
+    assert launch(201, 2, False).block_d == 256  # bf16: no spill with the whole tile (166-208 registers)
+    assert launch(100, 4, False).block_d == 128  # D <= 128: 173-186 registers whole, no spill
+    for d, block_d in ((200, 256), (201, 32), (136, 256)):
+        z, c = torch.zeros(64, d), torch.zeros(1, 30, d)
+        assert kf._default_launch(z, c, "tf32").block_d == block_d, d
+
+
+LIMITS = {"H100": 232448, "A100": 166912, "L4/A10": 101376, "64 KB": 65536, "48 KB": 49152}
+
+
+@pytest.mark.parametrize("limit", list(LIMITS.values()), ids=list(LIMITS))
+def test_launch_fits_the_shared_memory_of_the_device(limit, monkeypatch):
+    """GPU launch heuristic under a given shared-memory limit (what a device reports; no GPU needed): every default
+    launch fits by ``shared_memory_bound``, with tiles of at least 16, and on an H100 nothing changes."""
+    from otlabel.kernels import sinkhorn_features as kf
+
+    monkeypatch.setattr(kf, "interpreting", lambda: False)
+    kinds = [(4, False, "tf32"), (4, False, "ieee"), (2, False, "tf32"), (2, True, "tf32")]  # fp32, 16-bit, fp32>fp16
+    for (item, mixed, precision), d in ((kind, d) for kind in kinds for d in (3, 64, 128, 136, 200, 256, 300, 512)):
+        kw = dict(z_fp32_to_fp16=mixed, precision=precision, n_programs=8)
+        free = kf.features_launch(2**20, 3000, d, 1, item, "cpu", **kw)  # a CPU device: no limit
+        fit = kf.features_launch(2**20, 3000, d, 1, item, "cpu", max_shared=limit, **kw)
+        what = f"itemsize {item} mixed {mixed} {precision} D={d}"
+        assert kf.shared_memory_bound(fit, d, item, z_fp32_to_fp16=mixed) <= limit, what
+        assert min(fit.block_n, fit.block_k, fit.block_d) >= 16 and fit.num_stages >= 2, what
+        if limit == LIMITS["H100"]:
+            assert fit == free, f"{what}: the H100 launch changed to {fit}"
+    # Sizes the caller fixes are kept (a sweep asks for exactly what it times); the others shrink around them.
+    fixed = kf.features_launch(2**20, 3000, 256, 1, 4, "cpu", block_n=64, block_k=64, max_shared=LIMITS["L4/A10"])
+    assert (fixed.block_n, fixed.block_k) == (64, 64) and fixed.block_d == kf.STREAM_D
+
+
+def test_the_shared_memory_limit_comes_from_the_device():
+    """On a CPU tensor (the interpreter) there is no limit; on CUDA it is what Triton checks at launch."""
+    from otlabel.kernels import sinkhorn_features as kf
+
+    assert kf.max_shared_memory("cpu") is None
+    if torch.cuda.is_available():
+        from triton.runtime.driver import driver
+
+        props = driver.active.utils.get_device_properties(torch.cuda.current_device())
+        assert kf.max_shared_memory(torch.device("cuda")) == props["max_shared_mem"]
