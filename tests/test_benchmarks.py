@@ -225,3 +225,17 @@ def test_kernels_compile_for_sm90_without_spilling_iteration_kernels():
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert done.stdout.count("| dense_") >= 24 and done.stdout.count("| features_") >= 30, done.stdout[-2000:]
+
+
+def test_acceleration_sweep_counts_against_plain_steps():
+    """The sweep behind the README's "never more iterations than plain Sinkhorn": both families build, solve and
+    land in the summary table, one row per family and method."""
+    from benchmarks import acceleration_sweep as sweep
+
+    rows = []
+    for desc, scores, weights in [sweep.cosine_problem(2), sweep.tiny_problem(1000)]:
+        assert scores.shape == (desc["n"], desc["k"])
+        rows += [sweep.solve(scores, weights, desc, m, "torch", max_iter=3000) for m in ("auto", "none")]
+    assert all(r["converged"] for r in rows), rows
+    table = sweep.summary(rows)
+    assert "| cosine | auto | 1 |" in table and "| tiny | auto | 1 |" in table and "| all | auto | 2 | 0 |" in table
