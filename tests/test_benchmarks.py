@@ -241,3 +241,17 @@ def test_features_launches_fit_a_99_kb_gpu():
     done = _sm90_compile("--check", "--arch", "86", "--only", "D=256")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert done.stdout.count("| features_") == 12 and "target sm_86" in done.stdout, done.stdout[-2000:]
+
+
+def test_acceleration_sweep_counts_against_plain_steps():
+    """The sweep behind the README's "never more iterations than plain Sinkhorn": both families build, solve and
+    land in the summary table, one row per family and method."""
+    from benchmarks import acceleration_sweep as sweep
+
+    rows = []
+    for desc, scores, weights in [sweep.cosine_problem(2), sweep.tiny_problem(1000)]:
+        assert scores.shape == (desc["n"], desc["k"])
+        rows += [sweep.solve(scores, weights, desc, m, "torch", max_iter=3000) for m in ("auto", "none")]
+    assert all(r["converged"] for r in rows), rows
+    table = sweep.summary(rows)
+    assert "| cosine | auto | 1 |" in table and "| tiny | auto | 1 |" in table and "| all | auto | 2 | 0 |" in table
