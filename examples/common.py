@@ -25,18 +25,20 @@ from torch import nn
 # ----------------------------------------------------------------------------------------------- flags and setup
 
 
-def number_type(kind, low: float, inclusive: bool = False):
-    """An argparse ``type``: a ``kind`` (int or float) above ``low`` (at or above it with ``inclusive``), so that
-    ``--heads 0`` or ``--lam 0`` is a usage error naming the flag rather than a traceback from deep in training."""
-    bound = f">= {low}" if inclusive else f"> {low}"
+def number_type(kind, low: float, inclusive: bool = False, high: float = math.inf):
+    """An argparse ``type``: a ``kind`` (int or float) above ``low`` (at or above it with ``inclusive``) and at most
+    ``high``, so that ``--heads 0`` or ``--lam 0`` is a usage error naming the flag rather than a traceback from deep
+    in training. Floats must also be finite."""
     what = "an integer" if kind is int else "a number"
+    bound = ("a finite number " if kind is float else "") + (f">= {low}" if inclusive else f"> {low}")
+    bound += f" and <= {high}" if high < math.inf else ""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (value >= low if inclusive else value > low) or (kind is float and not math.isfinite(value)):
+        if not (value >= low if inclusive else value > low) or not value <= high or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
@@ -48,6 +50,8 @@ positive_int = number_type(int, 0)
 count = number_type(int, 0, inclusive=True)  # zero allowed: "none of these"
 positive_float = number_type(float, 0.0)
 non_negative_float = number_type(float, 0.0, inclusive=True)
+seed_type = number_type(int, 0, inclusive=True, high=2**32 - 1)  # NumPy's seeds
+batch_type = number_type(int, 1)  # batch norm needs two samples or more
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -68,12 +72,12 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float) ->
     p.add_argument("--data-y", type=Path, help="a .npy array (N,) of true labels, used only for evaluation")
     p.add_argument("--k", type=positive_int, help="number of clusters; default: the number of true classes")
     p.add_argument("--epochs", type=positive_int, default=epochs)
-    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--batch-size", type=batch_type, default=batch_size)
     p.add_argument("--lr", type=positive_float, default=lr)
     p.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
     p.add_argument("--width", type=positive_int, default=32, help="channels of the first conv layer of the trunk")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_type, default=0)
     p.add_argument(
         "--threads",
         type=positive_int,
@@ -170,6 +174,8 @@ def load_data(args: argparse.Namespace) -> Data:
     if y is None and not args.k:
         raise SystemExit("error: --data-x without --data-y: give --k, the number of clusters (no classes to count)")
     k = args.k or int(y.max()) + 1
+    if k > len(x):
+        raise SystemExit(f"error: --k {k} is more clusters than the {len(x)} samples; give --k {len(x)} or fewer")
     return Data(torch.from_numpy(x).contiguous(), y, k)
 
 

@@ -50,7 +50,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     from .streaming import SmallChunksWarning, sinkhorn_assign_stream
 
 
+SUBMODULES = ("backends", "baselines", "cli", "distributed", "exact", "features", "kernels", "outputs", "problem",
+              "result", "solver", "sources", "streaming")  # fmt: skip
+
+
 def __getattr__(name: str):
+    if name in SUBMODULES:  # otlabel.streaming without importing it first, as with an eager package
+        return importlib.import_module(f".{name}", __name__)
     if name not in _HOME:
         raise AttributeError(f"module 'otlabel' has no attribute {name!r}")
     value = getattr(importlib.import_module(_HOME[name], __name__), name)
@@ -59,4 +65,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted({"__version__", *__all__, *SUBMODULES})

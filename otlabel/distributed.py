@@ -72,6 +72,7 @@ from .streaming import (
     check_rows,
     chunk_bytes,
     open_host_array,
+    warn_if_chunks_too_small,
 )
 
 __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
@@ -374,6 +375,8 @@ class FeatureShard:
             device = z.device if z is not None and z.is_cuda else device  # host data: through this rank's device
             self.source = FeatureSource(features, prototypes, bias, device,
                                         memory_budget=chunk_bytes(memory_budget, device))  # fmt: skip
+            # the caller's frame: this __init__, open_shard, sinkhorn_assign_sharded, then the caller
+            warn_if_chunks_too_small(self.source, memory_budget, self.source.device, stacklevel=5)
             self.z = self.source.stream.host[0]  # (N, D) on the host (or the device), streamed
             largest_z = check_finite_rows(self.z, "features")
             self.batched = self.source.batched

@@ -8,7 +8,8 @@
 
 Both take the same ``(N, K)`` scores as :func:`otlabel.sinkhorn_assign` (``-inf`` = forbidden pair) and return an
 :class:`ExactResult` in the input's kind: torch tensors (on the scores' device) for a torch tensor, NumPy arrays for
-a NumPy array or a list — so that ``exact_assign(s).labels == sinkhorn_assign(s).labels`` compares like with like.
+a NumPy array or a list — so that, for a tensor ``s``, ``exact_assign(s).labels == sinkhorn_assign(s).labels``
+compares tensor with tensor (``sinkhorn_assign`` always returns tensors).
 The solvers themselves run on the CPU in float64.
 """
 

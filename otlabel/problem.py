@@ -26,6 +26,7 @@ WEIGHT_SUM_RTOL = 1e-4
 # 8e4 the torch path reported convergence with its codes off by 2.6x tol.
 MAX_SCORE_SPAN = 1e11
 MAX_SCORE_SPAN_FP32 = 3e3
+TRANSPOSE_FIX = "pass scores.swapaxes(-1, -2) (a view, for torch tensors and NumPy arrays alike)"
 
 
 def max_score_span(compute_dtype: torch.dtype) -> float:
@@ -259,15 +260,16 @@ def raise_for_starved_clusters(col_max: torch.Tensor, cluster_weights: torch.Ten
         )
 
 
-def check_weights(weights, size: int, name: str, other: str, device: torch.device, scores_shape=None) -> torch.Tensor:
+def check_weights(weights, size: int, name: str, other: str, device: torch.device, scores_shape=None,
+                  transpose_fix: str = TRANSPOSE_FIX) -> torch.Tensor:  # fmt: skip
     """A marginal: 1-d, non-negative, finite, summing to 1. ``None`` gives the uniform weights."""
     if weights is None:
         return torch.full((size,), 1.0 / size, dtype=torch.float64, device=device)
-    return checked_host_weights(weights, size, name, other, scores_shape).to(device=device)
+    return checked_host_weights(weights, size, name, other, scores_shape, transpose_fix).to(device=device)
 
 
 def transposed_hint(length: int, size: int, scores_shape: tuple[int, int] | None,
-                    fix: str = "pass scores.T (or scores.transpose(-1, -2) for (H, N, K))") -> str:  # fmt: skip
+                    fix: str = TRANSPOSE_FIX) -> str:  # fmt: skip
     """For weights of the wrong length: when that length is the scores' other dimension, the likely cause —
     scores passed as (K, N), clusters by samples (``prototypes @ features.T``). A solve with N < K is legitimate
     (SwAV's small batches), so this is said only inside an error that has already been raised."""
@@ -292,7 +294,8 @@ def weight_sum_tolerance(dtype: torch.dtype, size: int) -> tuple[float, float]:
     return max(WEIGHT_SUM_RTOL, info.eps), size * info.tiny * info.eps
 
 
-def checked_host_weights(weights, size: int, name: str, other: str, scores_shape=None) -> torch.Tensor:
+def checked_host_weights(weights, size: int, name: str, other: str, scores_shape=None,
+                         transpose_fix: str = TRANSPOSE_FIX) -> torch.Tensor:  # fmt: skip
     """:func:`check_weights` for given weights, returned as a float64 CPU tensor rescaled to sum to exactly 1.
     ``scores_shape``: the scores' (N, K), for a hint when the length given is the other dimension's."""
     weights = as_tensor(weights, name)
@@ -300,7 +303,7 @@ def checked_host_weights(weights, size: int, name: str, other: str, scores_shape
         weights = weights.double()
     sum_rtol = sum(weight_sum_tolerance(weights.dtype, size))
     if weights.shape != (size,):
-        hint = transposed_hint(weights.shape[0], size, scores_shape) if weights.ndim == 1 else ""
+        hint = transposed_hint(weights.shape[0], size, scores_shape, transpose_fix) if weights.ndim == 1 else ""
         raise ValueError(
             f"{name} must have shape ({size},) to match the {other} of scores, got {tuple(weights.shape)}.{hint}"
         )

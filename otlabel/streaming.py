@@ -36,6 +36,7 @@ from .features import check_bias
 from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs
 from .problem import (
     FLOAT_DTYPES,
+    TRANSPOSE_FIX,
     _first_index,
     check_epsilon,
     check_weights,
@@ -744,8 +745,11 @@ def sinkhorn_assign_stream(
         inputs = {"scores": scores, "features": features, "prototypes": prototypes, "bias": bias}
         refuse_overwriting_inputs({"labels_out": labels_out, "codes_out": codes_out}, inputs)
         as_read = (n, k) if scores is not None else None  # a wrong length that is the other one: transposed?
-        r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", device, as_read)
-        c = check_weights(sample_weights, n, "sample_weights", "number of samples N", device, as_read)
+        fix = TRANSPOSE_FIX
+        if isinstance(scores, (str, os.PathLike)):
+            fix = 'pass np.load(path, mmap_mode="r").swapaxes(-1, -2) instead of the path (a view: nothing is copied)'
+        r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", device, as_read, fix)
+        c = check_weights(sample_weights, n, "sample_weights", "number of samples N", device, as_read, fix)
         shape_only = types.SimpleNamespace(shape=(h, n, k), scores=torch.empty(0, device=device), cluster_weights=r)
         # In the compute dtype, which is what the operator adds to the scores: a float64 warm start measured 3-15x
         # worse first errors (1.6e-5 against 1.1e-6 at eps 4e-4), its rounding showing up as marginal error.

@@ -167,13 +167,16 @@ def test_kmeans_reseeds_empty_clusters():
     "trainer, flag, value, says",
     [
         (sela, "--heads", "0", "must be > 0"),
-        (sela, "--lam", "0", "must be > 0"),
+        (sela, "--lam", "0", "must be a finite number > 0"),
         (sela, "--epochs", "0", "must be > 0"),
         (sela, "--k", "0", "must be > 0"),
-        (sela, "--lr", "nan", "must be > 0"),
+        (sela, "--lr", "nan", "must be a finite number > 0"),
         (swav, "--queue-length", "-1", "must be >= 0"),
         (swav, "--epsilon", "x", "expected a number"),
         (deepcluster, "--pca-dim", "0", "must be > 0"),
+        (sela, "--lr", "inf", "must be a finite number > 0"),
+        (sela, "--seed", "-1", "must be >= 0 and <= 4294967295"),
+        (sela, "--batch-size", "1", "must be > 1"),
     ],
 )
 def test_flags_out_of_range_are_usage_errors(trainer, flag, value, says, capsys):
@@ -190,3 +193,9 @@ def test_help_shows_no_empty_defaults(capsys):
         sela.main(["--help"])
     out = capsys.readouterr().out
     assert "(default: None)" not in out and "(default: 25.0)" in out
+
+
+def test_more_clusters_than_samples_stops_before_training():
+    """--k 2000 on 1,797 digits trained a whole run, then failed in the k-means baseline."""
+    with pytest.raises(SystemExit, match="--k 2000 is more clusters than the 1797 samples"):
+        sela.main(["--no-progress", "--k", "2000"])

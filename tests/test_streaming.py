@@ -284,6 +284,16 @@ def test_a_tiny_memory_budget_is_warned_about():
         sinkhorn_assign_stream(random_problem(20000, 5, seed=3).numpy(), tol=None, max_iter=1, memory_budget=enough)
 
 
+def test_a_tiny_memory_budget_is_warned_about_in_a_sharded_solve_too():
+    """Streamed features on a rank run the same chunks: the same warning, pointing at the caller's line."""
+    from otlabel import SmallChunksWarning, sinkhorn_assign_sharded
+
+    z = np.random.default_rng(2).standard_normal((3000, 16)).astype(np.float32)
+    with pytest.warns(SmallChunksWarning, match=r"chunks of 1 \(4 scores each\)") as seen:
+        sinkhorn_assign_sharded(features=z, prototypes=z[:4], epsilon=0.5, tol=None, max_iter=1, memory_budget=1)
+    assert seen[0].filename == __file__
+
+
 @pytest.mark.parametrize("device, words", [("bogus", "'cpu', 'cuda' or 'cuda:N'"), ("meta", "'cpu', 'cuda'")]
                          + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")]))  # fmt: skip
 def test_stream_device_is_checked(device, words):

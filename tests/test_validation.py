@@ -52,9 +52,9 @@ BAD_INPUTS = [
     # (K, N) scores: weights sized for the caller's real K (or N) meet the other axis; the error says so
     ("transposed, cluster weights", dict(scores=S.T, cluster_weights=torch.ones(4) / 4), ValueError,
      ["got (4,). 4 is the scores' number of samples N: are the scores transposed?", "N = 4 samples by K = 10",
-      "pass scores.T"]),
+      "pass scores.swapaxes(-1, -2)"]),
     ("transposed, heads, sample weights", dict(scores=S.T[None], sample_weights=torch.ones(10) / 10), ValueError,
-     ["10 is the scores' number of clusters K: are the scores transposed?", "scores.transpose(-1, -2)"]),
+     ["10 is the scores' number of clusters K: are the scores transposed?", "scores.swapaxes(-1, -2)"]),
     ("negative weight", dict(cluster_weights=torch.tensor([0.5, 0.6, -0.2, 0.1])), ValueError, ["-0.2"]),
     ("weights not summing", dict(cluster_weights=torch.ones(4)), ValueError, ["sum to 1", "w.sum()"]),
     ("NaN weight", dict(sample_weights=torch.full((10,), float("nan"))), ValueError, ["NaN"]),
