@@ -41,6 +41,7 @@ CSV, ``frac_copy`` holds the achieved fraction of that floor for features rows, 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import sys
@@ -70,8 +71,10 @@ _T0 = time.monotonic()
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _gpu_dense():
-    """The dense benchmark module: its importer (works on a bare checkout), versions and CSV writer."""
+    """The dense benchmark module (loaded once): its importer (works on a bare checkout), versions, CSV writer and
+    time budget."""
     spec = importlib.util.spec_from_file_location("gpu_dense", ROOT / "benchmarks" / "gpu_dense.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -399,8 +402,7 @@ def tile_sweep(rows: list, rates: dict) -> None:
         b = torch.zeros(1, k, device=DEVICE)
         key = mode if mode == "fp32>fp16" else z.element_size()
         for block_n, block_k, warps, stages, per_sm in SWEEP[key]:
-            if time.monotonic() - _T0 > TIME_BUDGET_S:
-                print(f"  sweep stopped: past the {TIME_BUDGET_S} s budget")
+            if _gpu_dense().past_budget("the rest of the sweep", TIME_BUDGET_S, _T0):
                 return
             launch = kf.features_launch(n, k, D, 1, c.element_size(), z.device, block_n=block_n, block_k=block_k,
                                         num_warps=warps, num_stages=stages, n_programs=sms * per_sm)  # fmt: skip
@@ -491,8 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in sorted(sizes, reverse=True):  # the headline size first: later ones are skipped past the budget
         for k in clusters:
             for dtype in (torch.bfloat16, torch.float32):
-                if time.monotonic() - _T0 > MAIN_BUDGET_S:
-                    print(f"skip N={n} K={k} {dtype}: past the {MAIN_BUDGET_S} s budget (run again with --quick)")
+                if dense_bench.past_budget(f"N={n} K={k} {dtype} (run again with --quick)", MAIN_BUDGET_S, _T0):
                     continue
                 time_iteration((TritonFeaturesOperator, dense_op), flash, n, k, dtype, rows, rates, args)
     if args.sweep and not args.dry_run:

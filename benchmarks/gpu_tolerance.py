@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_dense import choose_device, wall_clock  # noqa: E402
+from benchmarks.gpu_dense import choose_device, past_budget, wall_clock  # noqa: E402
 from benchmarks.problems import make_scores  # noqa: E402
 
 TOL = 1e-3
@@ -108,8 +108,7 @@ def main(argv=None) -> int:
     print(f"{name}; torch {torch.__version__}")
     rows = []
     for n, k, dtype, eps in cases:
-        if time.monotonic() - t0 > TIME_BUDGET_S:
-            print(f"skip N={n} K={k} {dtype} eps={eps}: past the {TIME_BUDGET_S} s budget")
+        if past_budget(f"N={n} K={k} {dtype} eps={eps}", TIME_BUDGET_S, t0):
             continue
         print(f"N={n} K={k} {dtype} eps={eps}")
         for row in measure(n, k, dtype, eps, device):

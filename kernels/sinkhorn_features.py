@@ -595,7 +595,7 @@ class FeaturesWorkspace:
         n, d, h, k = _check_inputs(features, prototypes)
         launch = launch or _default_launch(features, prototypes, precision)
         # A program with no row tile would leave its partials unwritten (garbage in the merge): at most one per tile.
-        launch = dataclasses.replace(launch, n_programs=max(1, min(launch.n_programs, -(-n // launch.block_n))))
+        launch = dataclasses.replace(launch, n_programs=max(1, min(launch.n_programs, launch.row_tiles(n))))
         p = launch.n_programs
         pmax = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
         psum = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
@@ -676,14 +676,13 @@ def d_vector_width(features: torch.Tensor, prototypes: torch.Tensor) -> int:
     and C fp16) that divide D and the row strides of Z (N, D) and C (H, K, D); 1 when either tensor is not
     contiguous along D, does not start on a 16-byte boundary, or nothing larger divides them. A stride never
     multiplied by a nonzero index (one row, one cluster, one head) may be rounded freely."""
-    n, d = features.shape
-    h, k, _ = prototypes.shape
+    d = features.shape[1]
     if features.stride(1) != 1 or prototypes.stride(2) != 1:
         return 1
     if features.data_ptr() % 16 or prototypes.data_ptr() % 16:
         return 1
     vec = 16 // min(features.element_size(), prototypes.element_size())
-    strides = [features.stride(0)] * (n > 1) + [prototypes.stride(1)] * (k > 1) + [prototypes.stride(0)] * (h > 1)
+    strides = _row_strides(features, prototypes)
     while vec > 1 and (d % vec or any(stride % vec for stride in strides)):
         vec //= 2
     return vec
@@ -693,12 +692,16 @@ def _vec_d(features: torch.Tensor, prototypes: torch.Tensor) -> int:
     """The kernels' VEC_D: ``d_vector_width``, or 1 where Triton's own argument specialisation (multiples of 16
     elements) already proves the alignment. The rounding in ``_aligned_d`` would then only perturb the register
     allocation (Triton 3.6, fp32 D = 256 read-out: 180 -> 206 registers): those launches compile as they always did."""
-    n, d = features.shape
-    h, k, _ = prototypes.shape
-    strides = [features.stride(0)] * (n > 1) + [prototypes.stride(1)] * (k > 1) + [prototypes.stride(0)] * (h > 1)
-    if d % 16 == 0 and all(stride % 16 == 0 for stride in strides):
+    if features.shape[1] % 16 == 0 and all(stride % 16 == 0 for stride in _row_strides(features, prototypes)):
         return 1
     return d_vector_width(features, prototypes)
+
+
+def _row_strides(features: torch.Tensor, prototypes: torch.Tensor) -> list[int]:
+    """The strides that the kernels multiply by a nonzero index: Z's rows, C's clusters and heads (where more than
+    one of them exists; the others may be anything)."""
+    n, h, k = features.shape[0], prototypes.shape[0], prototypes.shape[1]
+    return [features.stride(0)] * (n > 1) + [prototypes.stride(1)] * (k > 1) + [prototypes.stride(0)] * (h > 1)
 
 
 def _upcast(features: torch.Tensor) -> bool:

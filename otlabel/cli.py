@@ -23,6 +23,8 @@ import warnings
 
 import numpy as np
 
+from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs  # OutputError: exit status 3
+
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_OUTPUT, EXIT_NOT_CONVERGED = 0, 1, 2, 3, 4
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
@@ -82,9 +84,6 @@ the balance constraint, and the balanced labels are often the less accurate (8 o
 
 class InputError(Exception):
     """Bad usage or input: exit status 2."""
-
-
-from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs  # noqa: E402  (OutputError: exit status 3)
 
 
 class Terminated(BaseException):

@@ -69,6 +69,20 @@ def uses_kernel(features, backend: str) -> bool:
     return backend == "triton" or (backend == "auto" and usable and z.is_cuda)
 
 
+def check_feature_shapes(features_shape: tuple, prototypes_shape: tuple, bias_shape: tuple | None = None) -> None:
+    """Features (N, D), non-empty; prototypes (K, D) or (H, K, D) of the same D; a bias (K,) or (H, K). Every
+    features route (kernel, streamed, reference) checks its inputs here, so they all say the same."""
+    if len(features_shape) != 2 or 0 in features_shape:
+        raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(features_shape)}.")
+    d = features_shape[1]
+    if len(prototypes_shape) not in (2, 3) or prototypes_shape[-1] != d or 0 in prototypes_shape:
+        raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {d} (the features' dimension), "
+                         f"got shape {tuple(prototypes_shape)}.")  # fmt: skip
+    h, k = (prototypes_shape[0] if len(prototypes_shape) == 3 else 1), prototypes_shape[-2]
+    if bias_shape is not None and tuple(bias_shape) not in ((k,), (h, k)):
+        raise ValueError(f"bias must have shape ({k},) or ({h}, {k}), got {tuple(bias_shape)}.")
+
+
 def dense_scores(features, prototypes, bias) -> torch.Tensor:
     """``Z C^T + bias`` in float64: (N, K), or (H, N, K) for (H, K, D) prototypes (the reference backend's input).
 
@@ -76,16 +90,10 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
     from .streaming import open_host_array
 
     z, c = open_host_array(features, "features").double(), open_host_array(prototypes, "prototypes").double()
-    if z.ndim != 2 or z.numel() == 0:
-        raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(z.shape)}.")
-    if c.ndim not in (2, 3) or c.shape[-1] != z.shape[1] or c.numel() == 0:
-        raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {z.shape[1]}, got {tuple(c.shape)}.")
+    b = None if bias is None else open_host_array(bias, "bias").double()
+    check_feature_shapes(z.shape, c.shape, None if b is None else b.shape)
     scores = torch.matmul(z, c.transpose(-1, -2))  # (N, K) or (H, N, K)
-    if bias is not None:
-        b = open_host_array(bias, "bias").double()
-        h, k = (c.shape[0] if c.ndim == 3 else 1), c.shape[-2]
-        if b.shape not in ((k,), (h, k)):
-            raise ValueError(f"bias must have shape ({k},) or ({h}, {k}), got {tuple(b.shape)}.")
+    if b is not None:
         scores = scores + (b[:, None, :] if b.ndim == 2 else b)
     return scores
 
@@ -166,19 +174,14 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=None):
     """Checked inputs of the features kernel: prototypes (H, K, D) on ``z``'s device and dtype, the bias (fp32 or
     None), the cluster weights (K,) and whether the prototypes carried a head dimension."""
-    if z.ndim != 2 or z.numel() == 0:
-        raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(z.shape)}.")
     c = as_tensor(prototypes, "prototypes").to(device=z.device, dtype=z.dtype)
+    bias_t = None if bias is None else as_tensor(bias, "bias").to(device=z.device, dtype=torch.float32)
+    check_feature_shapes(z.shape, c.shape, None if bias_t is None else bias_t.shape)
     batched = c.ndim == 3
     c3 = c if batched else c.unsqueeze(0)  # (H, K, D)
-    if c3.ndim != 3 or c3.shape[-1] != z.shape[1] or c3.numel() == 0:
-        raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {z.shape[1]}, got {tuple(c.shape)}.")
     r = check_weights(cluster_weights, c3.shape[1], "cluster_weights", "number of clusters K", z.device)
-    bias_t = None if bias is None else as_tensor(bias, "bias").to(device=z.device, dtype=torch.float32)
     h, k = c3.shape[:2]
     if bias_t is not None:
-        if bias_t.shape not in ((k,), (h, k)):
-            raise ValueError(f"bias must have shape ({k},) or ({h}, {k}), got {tuple(bias_t.shape)}.")
         bias_t = bias_t.expand(h, k).contiguous()
     check_features(z, c3, bias_t, r, epsilon)
     return c3, bias_t, r, batched

@@ -168,9 +168,13 @@ def check_score_values(
         raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon, batched)
 
 
-def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision the solver's passes form ``S / eps + b`` in: float64 for float64 scores, else float32."""
-    return torch.float64 if scores.dtype == torch.float64 else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
+    return compute_dtype(scores.dtype)
 
 
 def score_span(row_max: torch.Tensor, col_max: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -223,14 +227,14 @@ def raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, sc
         raise stranded_sample_error(j, h)
     raise_for_starved_clusters(col_max, cluster_weights)
     span = float(score_span(weighted_row_max, col_max, cluster_weights > 0))
-    compute_dtype = compute_dtype_of(scores)
-    if epsilon is not None and span > max_score_span(compute_dtype) * epsilon:
-        raise span_error(span / epsilon, compute_dtype, f" (|scores| up to {span:.3g}, epsilon {epsilon:.3g})")
+    dtype = compute_dtype_of(scores)
+    if epsilon is not None and span > max_score_span(dtype) * epsilon:
+        raise span_error(span / epsilon, dtype, f" (|scores| up to {span:.3g}, epsilon {epsilon:.3g})")
     top = float(largest_finite(col_max))
     if epsilon is not None and top > overflow_span(scores) * epsilon:
         raise ValueError(
             f"scores / epsilon reach {top / epsilon:.3g} in a cluster of weight 0, where S / eps overflows "
-            f"{arithmetic_name(compute_dtype)}. That cluster receives nothing whatever its scores: give it -inf, or "
+            f"{arithmetic_name(dtype)}. That cluster receives nothing whatever its scores: give it -inf, or "
             "any moderate value."
         )
 

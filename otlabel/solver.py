@@ -333,8 +333,8 @@ class AndersonMixer:
         shift = torch.where(weighted, residual, math.inf).amin(dim=-1, keepdim=True)  # exp <= 1, and 1 somewhere
         m = self.cluster_weights * torch.exp(shift - residual)  # (H, K): the column sums up to a factor
         m = m / m.sum(dim=-1, keepdim=True)
-        centred = residual - (m * residual).sum(dim=-1, keepdim=True)  # constants add nothing to the inner product
-        forward = (m * extrapolation * centred).sum(dim=-1, keepdim=True) >= 0  # (H, 1)
+        deviation = residual - (m * residual).sum(dim=-1, keepdim=True)  # constants add nothing to the product
+        forward = (m * extrapolation * deviation).sum(dim=-1, keepdim=True) >= 0  # (H, 1)
         return torch.where(forward, extrapolation, 0.0)
 
 

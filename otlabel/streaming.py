@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, split_rows, worker_pool
-from .features import check_bias
+from .features import check_bias, check_feature_shapes
 from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs
 from .problem import (
     FLOAT_DTYPES,
@@ -40,6 +40,7 @@ from .problem import (
     _first_index,
     check_epsilon,
     check_weights,
+    index_in_input,
     masked_sample_error,
     max_score_span,
     raise_for_starved_clusters,
@@ -373,30 +374,22 @@ class FeatureSource(ScoreSource):
 
     def __init__(self, features, prototypes, bias=None, device=None, rows_per_chunk=None, memory_budget=None):
         host = open_host_array(features, "features")
-        if host.ndim != 2 or host.numel() == 0:
-            raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(host.shape)}.")
-        self.device = torch.device(device) if device is not None else host.device
         protos = open_host_array(prototypes, "prototypes")
-        if protos.ndim not in (2, 3) or protos.shape[-1] != host.shape[1] or protos.numel() == 0:
-            raise ValueError(
-                f"prototypes must have shape (K, D) or (H, K, D) with D = {host.shape[1]} (the features' dimension), "
-                f"got shape {tuple(protos.shape)}."
-            )
+        bias = None if bias is None else open_host_array(bias, "bias")
+        check_feature_shapes(host.shape, protos.shape, None if bias is None else bias.shape)
+        self.device = torch.device(device) if device is not None else host.device
         self.batched = protos.ndim == 3
         protos = protos if self.batched else protos.unsqueeze(0)  # (H, K, D)
         self.n_heads, self.n_clusters, dim = protos.shape
         self.n_samples = host.shape[0]
         # float64 features are multiplied in float64 (as float64 scores are solved in float64); the rest in fp32
-        self.dtype = torch.float64 if host.dtype == torch.float64 else torch.float32
+        self.dtype = compute_dtype(host.dtype)
         self.proto_t = protos.to(self.device, self.dtype).transpose(1, 2).contiguous()  # (H, D, K)
         if not bool(torch.isfinite(self.proto_t).all()):
             raise ValueError("prototypes contain NaN or inf; they must be finite vectors.")
         self.bias = None
         if bias is not None:
-            bias = open_host_array(bias, "bias").to(self.device, self.dtype)
-            if bias.shape not in ((self.n_clusters,), (self.n_heads, self.n_clusters)):
-                raise ValueError(f"bias must have shape ({self.n_clusters},) or ({self.n_heads}, {self.n_clusters}), "
-                                 f"got {tuple(bias.shape)}.")  # fmt: skip
+            bias = bias.to(self.device, self.dtype)
             check_bias(bias)  # a -inf bias on a weighted cluster: the column check of the first pass finds it
             self.bias = bias.expand(self.n_heads, self.n_clusters)[:, None, :]  # (H, 1, K)
         self.row_extra_bytes = 3 * dim * host.element_size()  # a features row, staged twice and upcast
@@ -466,11 +459,11 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
         if from_features:
             raise ValueError(f"features row {j + offset}{where} contains NaN or inf (its scores are NaN). Fix the "
                              "features.")  # fmt: skip
-        index = (h, j + offset, k) if batched else (j + offset, k)
+        index = index_in_input((h, j + offset, k), batched)
         raise ValueError(f"scores contain NaN (first at index {index}{where}). Fix the model output.")
     if torch.isposinf(row_max).any():
         h, j, k = _first_index(torch.isposinf(scores))
-        index = (h, j + offset, k) if batched else (j + offset, k)
+        index = index_in_input((h, j + offset, k), batched)
         raise ValueError(
             f"scores contain +inf, or scores / epsilon overflow (first at index {index}{where}). "
             "Only -inf is allowed, and it means 'this sample may not go to this cluster'."
@@ -625,10 +618,10 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool = Tru
     a temporary ``.npy`` that the caller commits (renames into place) on success or discards on failure."""
     if out is None:
         return None
+    wanted = shape if batched else shape[1:]  # the caller's layout: (N,) / (N, K) for 2-d scores
     if isinstance(out, (str, os.PathLike)):
-        file_shape = shape if batched else shape[1:]  # the caller's shape: (N,) / (N, K) for 2-d scores
         try:
-            atomic = AtomicNpy(os.fspath(out), dtype, file_shape)
+            atomic = AtomicNpy(os.fspath(out), dtype, wanted)
         except OutputError as err:
             raise ValueError(f"{name}: {err}") from None
         files.append(atomic)
@@ -639,7 +632,6 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool = Tru
         out = torch.from_numpy(out)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a path, a numpy array or a torch tensor, got {type(out).__name__}.")
-    wanted = shape if batched else shape[1:]  # the caller's layout: (N,) / (N, K) for 2-d scores
     if out.numel() != math.prod(wanted):
         raise ValueError(f"{name} must have shape {wanted} ({math.prod(wanted):,} elements), got shape "
                          f"{tuple(out.shape)}.")  # fmt: skip

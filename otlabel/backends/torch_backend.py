@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..problem import compute_dtype
 from ..sources import DenseSource, ScoreSource, row_chunks
 from . import cpu_kernels
 from .base import ScoreOperator
@@ -34,10 +35,6 @@ NEG_INF = float("-inf")
 # the threads come from splitting the rows into ranges instead: many small OpenMP regions collapse when the
 # machine is loaded (measured 15x slower), a handful of long-running threads do not.
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 15, "other": 1 << 24}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class LogDomainOperator(ScoreOperator):
