@@ -28,10 +28,10 @@ OUT=${OUT:-/tmp/otlabel-device-out}
 mkdir -p "$OUT"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$OUT/install-wheels.log" 2>&1
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >>"$OUT/setup.log" 2>&1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install-otlabel.log" 2>&1 || true
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1 || true
 if ! python3 -c "import otlabel.kernels.sinkhorn_dense" 2>/dev/null; then
     # The editable install did not take (read-only site-packages, no setuptools...): run from the checkout, with
     # the top-level kernels/ visible as otlabel.kernels, as the installed package maps it.

@@ -330,7 +330,9 @@ def time_swav_batch(op_cls, rows: list) -> None:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 fn()
-            out.append(g.replay)
+            # A graph holds no reference to the tensors it reads and writes: keep fn (its operator and workspace)
+            # alive with the replay, or the replay writes into freed memory.
+            out.append(lambda g=g, fn=fn: g.replay())
         return out
 
     def make_otlabel(s):

@@ -17,10 +17,28 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_interpreter = pytest.mark.skip(reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (no GPU)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not INTERPRETED:
+            item.add_marker(skip_interpreter)
+
+
+if HAS_CUDA and os.environ.get("OTLABEL_GPU_MEMLOG"):
+    # On a GPU machine, one line per test: free device memory and what this process's allocator holds, to find a
+    # test that keeps memory from the others (pytest-xdist runs several processes on one GPU).
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(item, nextitem):
+        free, total = torch.cuda.mem_get_info()
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(os.environ["OTLABEL_GPU_MEMLOG"], "a") as log:
+            log.write(
+                f"{worker} {item.nodeid} free_MiB={free >> 20} reserved_MiB={torch.cuda.memory_reserved() >> 20}\n"
+            )

@@ -52,7 +52,7 @@ def centred(b: torch.Tensor) -> torch.Tensor:
 
 
 def assert_close(actual, expected, atol, rtol=0.0, what="values"):
-    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    actual, expected = torch.as_tensor(actual).double().cpu(), torch.as_tensor(expected).double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     same_inf = torch.isinf(actual) & (actual == expected)  # -inf == -inf is agreement, not a NaN difference
     diff = torch.where(same_inf, 0.0, actual - expected).abs()

@@ -216,6 +216,7 @@ def reference_results(out_dir: str) -> None:
         torch.save(ref, os.path.join(out_dir, f"ref-{name}.pt"))
 
 
+@pytest.mark.interpreter  # some cases run backend="triton" on CPU tensors
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_sharded_matches_single_process(world, tmp_path):
     reference_results(str(tmp_path))
@@ -267,6 +268,7 @@ def test_local_errors_without_group():
         sinkhorn_assign_sharded(s, EPS)
 
 
+@pytest.mark.interpreter  # its last check runs backend="triton" on CPU tensors
 def test_features_without_group_and_their_errors():
     name, z, c, bias, _, kw = feature_cases()[0]
     ref = sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=EPS, **kw)

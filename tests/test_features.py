@@ -119,7 +119,7 @@ def test_float64_features_are_solved_in_float64():
         assert (gap - gap.mean()).abs().max() < 1e-11, scale
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch", "reference"])
 def test_tiny_epsilon_for_the_features_is_an_error_on_every_path(backend):
     """The kernel path judges by |z| |c| + |bias| (it never forms the scores), the others by the scores."""
     z, c = torch.randn(40, 4), torch.randn(5, 4)
