@@ -3,11 +3,12 @@
 # machine each time). Every log and CSV goes under $OUT, the only folder that comes back.
 #
 #   bash benchmarks/device_run.sh tests      # the GPU-only tests (pytest -m gpu)
-#   bash benchmarks/device_run.sh suite      # the whole test suite on the GPU machine (kernel tests run compiled)
+#   bash benchmarks/device_run.sh suite      # the test suite on the GPU machine (kernel tests run compiled)
 #   bash benchmarks/device_run.sh dense      # gpu_dense.py: per iteration, copy bandwidth, SwAV batch
 #   bash benchmarks/device_run.sh features   # gpu_features.py: vs dense and flash-sinkhorn, the memory target
 #   bash benchmarks/device_run.sh tolerance  # gpu_tolerance.py: Anderson vs plain steps, time to 1e-3
 #   bash benchmarks/device_run.sh stream     # stream_features.py --gpu-only: vs pinned H2D bandwidth
+#   bash benchmarks/device_run.sh profile    # gpu_profile.py: where a SwAV-batch call's time goes
 #   bash benchmarks/device_run.sh sweep-dense      # tile sweep of the dense kernels (tuning data)
 #   bash benchmarks/device_run.sh sweep-features   # tile sweep of the features kernels (tuning data)
 #   DEADLINE_S=580 bash benchmarks/device_run.sh suite dense   # several stages share one call
@@ -19,10 +20,12 @@
 # network.
 set -euo pipefail
 [ $# -gt 0 ] || {
-    echo "usage: bash benchmarks/device_run.sh STAGE... (tests suite dense features tolerance stream sweep-dense sweep-features)" >&2
+    echo "usage: bash benchmarks/device_run.sh STAGE... (tests suite dense features tolerance stream profile sweep-dense sweep-features)" >&2
     exit 2
 }
 DEADLINE_S=${DEADLINE_S:-580}
+# POT imports JAX when it finds it (the device image has it), and JAX then takes 75% of the GPU's memory.
+export POT_BACKEND_DISABLE_JAX=1 POT_BACKEND_DISABLE_TENSORFLOW=1 POT_BACKEND_DISABLE_CUPY=1
 START=$SECONDS
 OUT=${OUT:-/tmp/otlabel-device-out}
 mkdir -p "$OUT"
@@ -57,16 +60,19 @@ run() {  # run NAME COMMAND...: under the time left, output to the screen and to
 
 # xdist spreads the compiling over the machine's cores (pytest-xdist is in the device image; plain runs elsewhere).
 parallel=()
-if python3 -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
+if python3 -c "import xdist" 2>/dev/null; then parallel=(-n 12); fi
 
 for stage in "$@"; do
     case $stage in
         tests) run tests python3 -m pytest -q -m gpu -p no:cacheprovider "${parallel[@]}" -rfE tests/ ;;
-        suite) run suite python3 -m pytest -q -p no:cacheprovider "${parallel[@]}" -rfE --durations=15 --timeout=180 tests/ ;;
+        # The benchmark scripts' own tests run on the CPU in CI (dry runs under the interpreter): skipped here.
+        suite) run suite python3 -m pytest -q -p no:cacheprovider "${parallel[@]}" -rfE --durations=15 --timeout=180 \
+            --ignore=tests/test_benchmarks.py tests/ ;;
         dense) run dense python3 benchmarks/gpu_dense.py --csv "$OUT/gpu_dense.csv" ;;
         features) run features python3 benchmarks/gpu_features.py --no-sweep --csv "$OUT/gpu_features.csv" ;;
         tolerance) run tolerance python3 benchmarks/gpu_tolerance.py --csv "$OUT/gpu_tolerance.csv" ;;
         stream) run stream python3 benchmarks/stream_features.py --gpu-only --csv "$OUT/stream_features.csv" ;;
+        profile) run profile python3 benchmarks/gpu_profile.py ;;
         sweep-dense) run sweep-dense python3 benchmarks/gpu_dense.py --sweep-only --csv "$OUT/gpu_dense_sweep.csv" ;;
         sweep-features) run sweep-features python3 benchmarks/gpu_features.py --quick --csv "$OUT/gpu_features_sweep.csv" ;;
         *)

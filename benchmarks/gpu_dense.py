@@ -97,9 +97,9 @@ def _versions() -> dict:
     import triton
 
     try:
-        import ot
+        from otlabel.exact import import_pot
 
-        pot = ot.__version__
+        pot = import_pot().__version__
     except ImportError:
         pot = "-"
     return {"torch": torch.__version__, "triton": triton.__version__, "pot": pot, "cuda": torch.version.cuda}
@@ -283,8 +283,9 @@ def time_iteration(op_cls, n: int, k: int, dtype: torch.dtype, rows: list, copy_
         q = None
         _release()
     if not args.no_pot and importlib.util.find_spec("ot") is not None and floor_bytes + 5 * nk * 4 <= budget:
-        import ot
+        from otlabel.exact import import_pot
 
+        ot = import_pot()
         m = -s.float()  # POT minimises <P, M>: cost = -score
         record("pot-log", lambda: ot.bregman.sinkhorn_log(c, torch.exp(log_r), m, EPS, numItermax=ITERS_POT,
                                                           stopThr=0.0, warn=False), per=ITERS_POT)  # fmt: skip

@@ -77,9 +77,9 @@ def cpu_name() -> str:
 
 def environment(device: torch.device) -> dict:
     try:
-        import ot
+        from otlabel.exact import import_pot
 
-        pot = ot.__version__
+        pot = import_pot().__version__
     except ImportError:
         pot = "absent"
     if device.type == "cuda":

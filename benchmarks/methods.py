@@ -208,7 +208,9 @@ def pot_method(solver: str, backend: str):
     """POT's ``sinkhorn`` (``solver="knopp"``) or ``sinkhorn_log`` on NumPy float64 or torch float32 input."""
 
     def run(problem: Problem, n_iter: int, tol: float | None) -> Outcome:
-        import ot
+        from otlabel.exact import import_pot
+
+        ot = import_pot()
 
         if backend == "numpy":
             cost = problem.cost64()

@@ -15,12 +15,32 @@ The solvers themselves run on the CPU in float64.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .problem import check_score_values, check_scores, check_weights
+
+# POT imports every array library it finds as a backend. JAX, imported that way, takes 75% of the GPU's memory
+# for itself at once (seen on an H100: a pytest worker that imported POT left the others out of memory). otlabel
+# hands POT NumPy arrays only, so it turns those backends off, unless the program imported the library itself.
+POT_OPTIONAL_BACKENDS = {"jax": "POT_BACKEND_DISABLE_JAX", "tensorflow": "POT_BACKEND_DISABLE_TENSORFLOW",
+                         "cupy": "POT_BACKEND_DISABLE_CUPY"}  # fmt: skip
+
+
+def import_pot():
+    """``import ot`` without the JAX, TensorFlow and CuPy backends the program has not imported already (set
+    ``POT_BACKEND_DISABLE_JAX=0`` etc. to keep one). Raises ImportError without POT."""
+    if "ot" not in sys.modules:
+        for module, switch in POT_OPTIONAL_BACKENDS.items():
+            if module not in sys.modules:
+                os.environ.setdefault(switch, "1")
+    import ot
+
+    return ot
 
 
 @dataclass(repr=False)
@@ -102,8 +122,7 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
     s, c, r = _prepare(scores, cluster_weights, sample_weights)
     allowed = np.isfinite(s)
     if method == "pot":
-        import ot
-
+        ot = import_pot()
         plan = ot.emd(c, r, np.ascontiguousarray(_unit_cost(s)), numItermax=10_000_000)
     elif method == "linprog":
         plan = _linprog_plan(s, c, r, allowed)

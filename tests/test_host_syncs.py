@@ -129,6 +129,7 @@ def test_fixed_iteration_solve_synchronises_the_gpu_a_fixed_number_of_times():
     s = S.cuda()
     sinkhorn_assign(s, 0.05, max_iter=3, tol=None, backend="triton")  # compile the kernels first
     torch.cuda.synchronize()
+    gpu_syncs(s, max_iter=3, tol=None)  # the first counted call also sees torch's one-time set-up of the counting
     syncs = {max_iter: gpu_syncs(s, max_iter=max_iter, tol=None) for max_iter in (3, 12)}
     assert len(syncs[3]) == len(syncs[12]) <= 2, syncs
 
@@ -140,5 +141,6 @@ def test_tolerance_solve_synchronises_the_gpu_once_per_iteration(acceleration):
     kwargs = dict(tol=1e-12, warn=False, acceleration=acceleration)
     sinkhorn_assign(s, 0.05, max_iter=3, backend="triton", **kwargs)  # compile the kernels first
     torch.cuda.synchronize()
+    gpu_syncs(s, max_iter=3, **kwargs)  # the first counted call also sees torch's one-time set-up of the counting
     syncs = {max_iter: gpu_syncs(s, max_iter=max_iter, **kwargs) for max_iter in (3, 12)}
     assert len(syncs[12]) - len(syncs[3]) == 9, syncs

@@ -208,7 +208,9 @@ def test_cluster_lse_transposed_view(dtype, block_k):
     b, log_c = _potentials(2, 40), _log_c(21)
     out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
     assert_close(out, ref_cluster_lse(s, b, log_c, INV_EPS), atol, rtol, f"cluster_lse transposed {dtype}")
-    assert torch.equal(out, dense_cluster_lse(s.contiguous(), b, log_c, INV_EPS, workspace=_ws(s, 4, block_k)))
+    # The same sums in another order (compiled code vectorises the contiguous copy): equal to float32 rounding.
+    contiguous = dense_cluster_lse(s.contiguous(), b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
+    assert_close(out, contiguous, 1e-5, 1e-6, f"cluster_lse transposed vs contiguous {dtype}")
 
 
 # Transposed views at sizes where the default launch picks tiles for that layout (see SECTOR_BYTES in utils.py).
