@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/device_run.sh tests      # the GPU-only tests (pytest -m gpu)
 #   bash benchmarks/device_run.sh suite      # the test suite on the GPU machine (kernel tests run compiled)
+#   bash benchmarks/device_run.sh kernels    # the kernel and Triton-backend tests only, compiled
 #   bash benchmarks/device_run.sh dense      # gpu_dense.py: per iteration, copy bandwidth, SwAV batch
 #   bash benchmarks/device_run.sh features   # gpu_features.py: vs dense and flash-sinkhorn, the memory target
 #   bash benchmarks/device_run.sh tolerance  # gpu_tolerance.py: Anderson vs plain steps, time to 1e-3
@@ -20,7 +21,7 @@
 # network.
 set -euo pipefail
 [ $# -gt 0 ] || {
-    echo "usage: bash benchmarks/device_run.sh STAGE... (tests suite dense features tolerance stream profile sweep-dense sweep-features)" >&2
+    echo "usage: bash benchmarks/device_run.sh STAGE... (tests suite kernels dense features tolerance stream profile sweep-dense sweep-features)" >&2
     exit 2
 }
 DEADLINE_S=${DEADLINE_S:-580}
@@ -68,6 +69,8 @@ for stage in "$@"; do
         # The benchmark scripts' own tests run on the CPU in CI (dry runs under the interpreter): skipped here.
         suite) run suite python3 -m pytest -q -p no:cacheprovider "${parallel[@]}" -rfE --durations=15 --timeout=180 \
             --ignore=tests/test_benchmarks.py tests/ ;;
+        kernels) run kernels python3 -m pytest -q -p no:cacheprovider "${parallel[@]}" -rfE \
+            tests/test_kernels_dense.py tests/test_kernels_features.py tests/test_triton_backend.py tests/test_host_syncs.py ;;
         dense) run dense python3 benchmarks/gpu_dense.py --csv "$OUT/gpu_dense.csv" ;;
         features) run features python3 benchmarks/gpu_features.py --no-sweep --csv "$OUT/gpu_features.csv" ;;
         tolerance) run tolerance python3 benchmarks/gpu_tolerance.py --csv "$OUT/gpu_tolerance.csv" ;;

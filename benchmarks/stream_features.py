@@ -206,6 +206,7 @@ def bench_gpu(opts) -> None:
 
 
 def main() -> None:
+    global CSV_PATH
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--k", type=int, default=1000)
@@ -221,7 +222,6 @@ def main() -> None:
     p.add_argument("--gpu-budgets", type=int, nargs="+", default=[256, 1024], help="MiB")
     p.add_argument("--csv", default=CSV_PATH, help="where rows are appended")
     opts = p.parse_args()
-    global CSV_PATH
     CSV_PATH = opts.csv
     if opts.quick:
         opts.acceleration = opts.acceleration[:1]

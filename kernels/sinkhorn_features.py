@@ -20,7 +20,7 @@ Sweep 2 computes the transposed tile so that both reductions run along the accum
 (within a thread and a few lane shuffles, never across warps through shared memory). A program owns its
 row of the partial buffers, read-modify-written once per chunk per row tile (a few % of the L2 traffic
 of the prototype reads); a barrier per row tile orders those global accesses between threads. A
-second small kernel (``sinkhorn_dense._merge_partials_kernel``) merges the P partials in program order:
+second small kernel (``sinkhorn_dense.merge_partials``) merges the P partials in a fixed order:
 no atomics, bitwise reproducible. The cold start (``b = None``: ``a = log c``) skips sweep 1.
 
     Z, C --[_features_partials_kernel, grid (P, H)]--> max, sum (H, P, K) --[merge, grid (K/1024, H)]--> L (H, K)
@@ -66,11 +66,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .sinkhorn_dense import _finite_or_zero, _lse2, _merge_partials_kernel, _online_lse, _sample_step2
+from .sinkhorn_dense import _finite_or_zero, _lse2, _online_lse, _sample_step2, merge_partials
 from .utils import LOG2E, interpreting, next_power_of_2, sm_count
 
 _LOG2E = tl.constexpr(LOG2E)
-_MERGE_BLOCK = 1024  # clusters per program of the partial-merge kernel
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # For fp32 inputs: tl.dot's "tf32", "tf32x3" and "ieee", and "fp16": both operands scaled by powers of two and rounded
 # to fp16 (see ``prepare_fp16``). Ignored for fp16/bf16 inputs.
@@ -753,12 +752,7 @@ def features_cluster_lse(
         UPCAST=_upcast(features), Z_F16=z_f16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
         VEC_D=_vec_d(features, prototypes), **_options(cfg),
     )  # fmt: skip
-    out = torch.empty((h, k), dtype=torch.float32, device=features.device)
-    merge_options = {} if interpreting() else {"num_warps": 4, "enable_fp_fusion": True}
-    _merge_partials_kernel[(triton.cdiv(k, _MERGE_BLOCK), h)](
-        ws.pmax, ws.psum, out, cfg.n_programs, k, BLOCK=_MERGE_BLOCK, **merge_options
-    )
-    return out
+    return merge_partials(ws.pmax, ws.psum)
 
 
 def _readout(features, prototypes, bias, b, inv_eps, want_codes, want_score, input_precision, scales, launch):

@@ -255,3 +255,11 @@ def test_acceleration_sweep_counts_against_plain_steps():
     assert all(r["converged"] for r in rows), rows
     table = sweep.summary(rows)
     assert "| cosine | auto | 1 |" in table and "| tiny | auto | 1 |" in table and "| all | auto | 2 | 0 |" in table
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_compiles(script):
+    """Scripts that only run on a GPU machine are not imported here otherwise: at least they must compile (a
+    ``global`` declared after its name's first use once stopped stream_features.py on the lent H100)."""
+    source = Path(__file__).parents[1] / "benchmarks" / script
+    compile(source.read_text(), str(source), "exec")

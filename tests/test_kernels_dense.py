@@ -490,7 +490,8 @@ def test_vector_width_only_where_k_and_strides_allow():
 
 @pytest.mark.parametrize("k", [8, 24, 40])
 def test_vector_loads_on_and_off_agree(k):
-    """The VEC hint only tells the compiler what is true: both launches give the same bits."""
+    """The VEC hint only tells the compiler what is true: both launches give the same labels, and the same sums up
+    to float32 rounding (compiled, the vector layout may reduce in another order; the interpreter gives equal bits)."""
     s = _scores(2, 21, k, torch.bfloat16)
     log_c = torch.full((21,), -math.log(21), device=DEVICE)
     b = _potentials(2, k)
@@ -501,5 +502,8 @@ def test_vector_loads_on_and_off_agree(k):
         lse = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=DenseWorkspace.for_scores(s, launch))
         labels, codes = dense_assign(s, b, INV_EPS, True, launch=launch)
         out.append((lse, labels, codes, dense_transport_score(s, b, log_c, INV_EPS, launch=launch)))
-    for on, off in zip(*out, strict=True):
-        assert torch.equal(on, off)
+    (lse_on, labels_on, codes_on, score_on), (lse_off, labels_off, codes_off, score_off) = out
+    assert torch.equal(labels_on, labels_off)
+    assert_close(lse_on, lse_off, 1e-5, 1e-6, "cluster LSE, vector loads on vs off")
+    assert_close(codes_on, codes_off, 1e-7, 1e-5, "codes, vector loads on vs off")
+    assert_close(score_on, score_off, 1e-6, 1e-6, "transport score, vector loads on vs off")
