@@ -25,16 +25,21 @@ MAX_ONE_CHUNK_K = 4096
 MIN_BLOCK_N = 4
 # ...and at most this many: per-row state (argmax, max, sum) spills registers beyond it at small K.
 MAX_BLOCK_N = 64
-# Chunked (large-K) path: tile shape and warps.
-CHUNK_BLOCK_N, CHUNK_BLOCK_K, CHUNK_WARPS = 8, 1024, 8
+# Chunked (large-K) path: tile shape and warps. Measured on an H100 (2026-11-23, N = 2^20, K = 16384, one pass):
+# 4x2048 reads bf16 scores at 49% of copy bandwidth where 8x1024 reached 21% (fp32: 51% both).
+CHUNK_BLOCK_N, CHUNK_BLOCK_K, CHUNK_WARPS = 4, 2048, 8
+# One-chunk tiles get one warp per this many elements (32 per thread), clamped to [4, 16] warps. Measured on an
+# H100 (2026-11-23, N = 2^20, K = 1000, 4x1024 tiles): 4 warps read fp32 at 94% of copy bandwidth and bf16 at 56%,
+# 8 warps at 79% and 13%; at K = 3000 the 4x4096 tile at 16 warps (also 32 per thread) beat every other shape tried.
+ONE_CHUNK_ELEMENTS_PER_WARP = 1024
 # Scores stored (H, K, N), read through a transposed view (stride_n = 1): a tile's column is BLOCK_N contiguous
 # elements, so rows per tile set how much of each 32-byte DRAM sector a load uses (the (N, K) layout's rows of K
 # elements are always whole). The one-chunk tile above gives 4 rows at K > 512: 16 bytes per column in fp32, 8 in bf16,
 # a half or a quarter of each sector. Transposed, a one-chunk tile takes rows up to a whole sector (SECTOR_BYTES /
-# itemsize) while it stays within TRANSPOSED_ONE_CHUNK elements at 16 warps (16 per thread, as in the (N, K) layout):
-# 8x1024 (fp32 and 16-bit) and 16x512 (16-bit), 64-127 registers in the partials and read-out kernels, no spill (sm_90
-# cubins, Triton 3.6 and 3.9). At K > 2048 the 4xK_pad tile is already at the register limit (8x2048 spills 48 B, 8x4096
-# 544 B): it keeps 4 rows; neighbouring row tiles go to neighbouring programs, which read the rest of each sector at
+# itemsize) while it stays within TRANSPOSED_ONE_CHUNK elements: 8x1024 (fp32 and 16-bit) and 16x512 (16-bit), at
+# 32 elements per thread as in the (N, K) layout (sm_90 cubins checked by benchmarks/sm90_compile.py --check).
+# At K > 2048 the 4xK_pad tile is already at the register limit (8x2048 spills 48 B, 8x4096 544 B): it keeps 4 rows;
+# neighbouring row tiles go to neighbouring programs, which read the rest of each sector at
 # about the same time, so DRAM traffic should stay near one read of S while L2-to-SM traffic is 2x (fp32) or 4x (16-bit)
 # -- predicted, not measured. The chunked path (two reads of S anyway) is free in its shape: TRANSPOSED_CHUNK gives
 # 128-byte (fp32) or 64-byte (16-bit) columns instead of 32 or 16 bytes, at about the same registers (64-128, no spill;
@@ -50,6 +55,7 @@ TRANSPOSED_CHUNK_N, TRANSPOSED_CHUNK_K = 32, 256
 # program per SM; other 16-warp tiles 64-95, one or two; 8-warp tiles 48-128, two to five. Hence ``programs_per_sm``:
 # 1, 2 and PROGRAMS_PER_SM (up to 2x over, or one under at small K where five fit).
 PROGRAMS_PER_SM = 4
+REGISTERS_PER_SM = 65536  # sm_80 to sm_90
 # A program should own at least this many rows, or its K partials cost more than its share of S.
 MIN_ROWS_PER_PROGRAM = 32
 
@@ -98,7 +104,7 @@ class DenseLaunch:
 def programs_per_sm(block_n: int, block_k: int, num_warps: int, one_chunk: bool) -> int:
     """Programs of the cluster-LSE kernel that fit one SM at once, from the register counts above PROGRAMS_PER_SM."""
     if one_chunk and block_n * block_k >= 32 * 32 * num_warps:  # 32 tile elements per thread: 116-128 registers
-        return 1
+        return max(1, REGISTERS_PER_SM // (32 * num_warps * 128))  # 1 at 16 warps, 4 at 4 warps
     if num_warps >= 16:  # two programs of 512 threads need <= 64 registers each: none measured below 64
         return 2
     return PROGRAMS_PER_SM
@@ -121,11 +127,11 @@ def dense_launch(
     """Tile sizes and grid for scores of shape (h, n, k) on ``device``; keyword overrides for tests.
 
     One chunk (``K <= MAX_ONE_CHUNK_K``): the padded row, ``4096 / K_pad`` rows clamped to
-    [MIN_BLOCK_N, MAX_BLOCK_N], one warp per 512 tile elements clamped to [4, 16]. Chosen from the
-    register counts of sm_90 cubins compiled offline, none spilling (K = 1000: 4x1024 tile, 8 warps,
-    80 registers; K = 3000: 4x4096, 16 warps, 128). They still owe a timing sweep on a GPU
-    (``benchmarks/gpu_dense.py --sweep``). ``transposed``: S contiguous along N (a view of an (H, K, N) tensor),
-    ``itemsize`` its element size: more rows per tile where that fills DRAM sectors (see SECTOR_BYTES).
+    [MIN_BLOCK_N, MAX_BLOCK_N], one warp per ONE_CHUNK_ELEMENTS_PER_WARP tile elements clamped to [4, 16]
+    (K = 1000: 4x1024 tile, 4 warps; K = 3000: 4x4096, 16 warps), from the H100 sweep of
+    ``benchmarks/gpu_dense.py --sweep`` (2026-11-23) within register counts of sm_90 cubins compiled offline.
+    ``transposed``: S contiguous along N (a view of an (H, K, N) tensor), ``itemsize`` its element size: more rows
+    per tile where that fills DRAM sectors (see SECTOR_BYTES).
     """
     k_pad = next_power_of_2(k)
     one_chunk = k_pad <= MAX_ONE_CHUNK_K if block_k is None else block_k >= k
@@ -140,7 +146,7 @@ def dense_launch(
             block_n = TRANSPOSED_CHUNK_N if transposed else CHUNK_BLOCK_N
         block_n = min(block_n, next_power_of_2(n))
     if num_warps is None:
-        num_warps = min(16, max(4, block_n * block_k // 512)) if one_chunk else CHUNK_WARPS
+        num_warps = min(16, max(4, block_n * block_k // ONE_CHUNK_ELEMENTS_PER_WARP)) if one_chunk else CHUNK_WARPS
     n_tiles = -(-n // block_n)
     if n_programs is None:
         per_sm = programs_per_sm(block_n, block_k, num_warps, one_chunk)

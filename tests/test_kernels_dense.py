@@ -248,13 +248,13 @@ def test_launch_follows_the_layout():
         launch = dense_launch(2**20, k, 1, "cpu", transposed=transposed, itemsize=itemsize)
         return launch.block_n, launch.block_k, launch.num_warps, launch.one_chunk
 
-    assert tile(1000, False) == (4, 1024, 8, True) and tile(1000, True) == (8, 1024, 16, True)
-    assert tile(1000, True, 2) == (8, 1024, 16, True)  # 16-bit: 16 rows would be 16384 elements
-    assert tile(500, True, 4) == (8, 512, 8, True) == tile(500, False)  # fp32: 8 rows are a sector already
-    assert tile(500, True, 2) == (16, 512, 16, True)
+    assert tile(1000, False) == (4, 1024, 4, True) and tile(1000, True) == (8, 1024, 8, True)
+    assert tile(1000, True, 2) == (8, 1024, 8, True)  # 16-bit: 16 rows would be 16384 elements
+    assert tile(500, True, 4) == (8, 512, 4, True) == tile(500, False)  # fp32: 8 rows are a sector already
+    assert tile(500, True, 2) == (16, 512, 8, True)
     assert tile(3000, True) == tile(3000, False) == (4, 4096, 16, True)  # at the register limit either way
-    assert tile(100, True) == tile(100, False) == (32, 128, 8, True)
-    assert tile(65536, False) == (8, 1024, 8, False) and tile(65536, True) == (32, 256, 8, False)
+    assert tile(100, True) == tile(100, False) == (32, 128, 4, True)
+    assert tile(65536, False) == (4, 2048, 8, False) and tile(65536, True) == (32, 256, 8, False)
     assert dense_launch(3, 1000, 1, "cpu", transposed=True).block_n == 4  # never more rows than N
     s = torch.zeros(1, 1000, 64).transpose(1, 2)  # (1, 64, 1000) view of a (1, 1000, 64) tensor
     assert is_transposed(s) and not is_transposed(s.contiguous()) and not is_transposed(torch.zeros(1, 1, 5).mT)
@@ -262,15 +262,15 @@ def test_launch_follows_the_layout():
 
 
 def test_programs_per_sm_follow_the_tile():
-    """Persistent grid: P = SMs x programs that fit (sm_count is 2 on a CPU): one for 4x4096 tiles (116-128
-    registers at 16 warps), two for other 16-warp tiles, PROGRAMS_PER_SM for 8 warps."""
+    """Persistent grid: P = SMs x programs that fit (sm_count is 2 on a CPU): tiles of 32 elements per thread
+    (116-128 registers) fit one program of 16 warps, two of 8, four of 4; chunked 8-warp tiles PROGRAMS_PER_SM."""
     from otlabel.kernels.utils import PROGRAMS_PER_SM, programs_per_sm
 
     n = 2**20
     assert dense_launch(n, 3000, 1, "cpu").n_programs == 2
-    assert dense_launch(n, 1500, 1, "cpu").n_programs == 4  # 4x2048 at 16 warps
-    assert dense_launch(n, 1000, 1, "cpu").n_programs == 2 * PROGRAMS_PER_SM
-    assert dense_launch(n, 1000, 1, "cpu", transposed=True).n_programs == 4  # 8x1024 at 16 warps
+    assert dense_launch(n, 1500, 1, "cpu").n_programs == 4  # 4x2048 at 8 warps
+    assert dense_launch(n, 1000, 1, "cpu").n_programs == 8  # 4x1024 at 4 warps
+    assert dense_launch(n, 1000, 1, "cpu", transposed=True).n_programs == 4  # 8x1024 at 8 warps
     assert dense_launch(n, 65536, 1, "cpu").n_programs == 2 * PROGRAMS_PER_SM
     assert dense_launch(n, 3000, 3, "cpu").n_programs == 1  # three heads share the two SMs
     assert programs_per_sm(4, 4096, 16, one_chunk=False) == 2  # chunked tiles hold no whole row
