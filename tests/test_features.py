@@ -72,6 +72,11 @@ PEAK_SCRIPT = textwrap.dedent(
     import torch
     from otlabel import sinkhorn_assign
 
+    # The peak grows by about 7 MiB per CPU thread (2, 14 and 112 MiB at 1, 2 and 16 threads; not traced to its
+    # source, likely per-thread matmul and allocator buffers): two threads on every machine, or a 16-core machine
+    # fails the bound (seen on the lent H100's host).
+    torch.set_num_threads(2)
+
     def kib(field):  # from /proc/self/status: VmRSS now, VmHWM the peak since the last reset
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith(field))
