@@ -393,3 +393,48 @@ def test_streamed_feature_shard_checks_the_range_before_any_collective():
         FeatureShard(z.numpy(), c, None, None, "torch", torch.device("cpu"), True, None, epsilon=0.05)
     with pytest.raises(ValueError, match="scores / epsilon reach"):
         sinkhorn_assign_sharded(features=z.numpy(), prototypes=c, epsilon=0.05, backend="torch")
+
+
+GPU_N, GPU_K, GPU_D = 4099, 50, 32  # N not a multiple of any tile
+
+
+def gpu_problem():
+    """Scores and features built on the CPU (the same bits in every process), as CUDA tensors."""
+    g = torch.Generator().manual_seed(21)
+    z = torch.nn.functional.normalize(torch.randn(GPU_N, GPU_D, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(GPU_K, GPU_D, generator=g), dim=1)
+    return (z @ c.T).cuda(), z.cuda(), c.cuda()
+
+
+def _gpu_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    lo, hi = shard_bounds(GPU_N, world)[rank]
+    scores, z, c = gpu_problem()
+    ref = torch.load(os.path.join(out_dir, "ref-gpu.pt"), weights_only=False)
+    call = dict(epsilon=EPS, group=dist.group.WORLD, tol=None, max_iter=ITERS, timeout=60)
+    dense = sinkhorn_assign_sharded(scores[lo:hi], **call)
+    features = sinkhorn_assign_sharded(features=z[lo:hi], prototypes=c, **call)
+    for name, res in (("dense", dense), ("features", features)):
+        assert res.labels.is_cuda, name
+        labels, potentials = ref[name][0][lo:hi], ref[name][1]
+        differ = torch.nonzero(res.labels.cpu() != labels)[:5]
+        assert torch.equal(res.labels.cpu(), labels), f"{name}: labels differ at {differ}"
+        assert_close(res.cluster_potentials, potentials, atol=2e-4, what=f"{name}: potentials")
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_sharded_cuda_shards_match_the_single_gpu_solve(tmp_path):
+    """Two ranks on the one GPU lent (NCCL refuses two ranks on one device; Gloo carries the K-vectors through the
+    host): CUDA scores and CUDA features run the Triton kernels on each shard and give the single-process labels."""
+    scores, z, c = gpu_problem()
+    call = dict(tol=None, max_iter=ITERS)
+    solved = {
+        "dense": sinkhorn_assign(scores, EPS, **call),
+        "features": sinkhorn_assign(features=z, prototypes=c, epsilon=EPS, **call),
+    }
+    ref = {name: (res.labels.cpu(), res.cluster_potentials.cpu()) for name, res in solved.items()}
+    torch.save(ref, tmp_path / "ref-gpu.pt")
+    mp.spawn(_gpu_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
