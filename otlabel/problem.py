@@ -54,7 +54,8 @@ class Problem:
     """A validated balanced-assignment problem.
 
     ``scores`` is always 3-d ``(H, N, K)`` (a view of the input: no copy); ``batched`` remembers whether
-    the caller passed a head dimension, so results come back in the caller's shape.
+    the caller passed a head dimension, so results come back in the caller's shape. ``has_zero_weights``: whether
+    some cluster weight is 0, known on the host (``None``: not known), so that the solver need not ask the device.
     """
 
     scores: torch.Tensor  # (H, N, K), floating point, finite or -inf
@@ -62,6 +63,7 @@ class Problem:
     sample_weights: torch.Tensor  # (N,) float64 on scores.device, sums to 1
     cluster_weights: torch.Tensor  # (K,) float64 on scores.device, sums to 1
     batched: bool
+    has_zero_weights: bool | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -379,7 +381,8 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Prob
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device,
                       (n, k))  # fmt: skip
     check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched)
-    return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched)
+    return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched,
+                   has_zero_weights=has_zeros)  # fmt: skip
 
 
 def _first_index(mask: torch.Tensor):
