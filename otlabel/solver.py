@@ -119,7 +119,8 @@ def run_sinkhorn(
     converged = False
     reads_error = tol is not None or callback is not None or mixer is not None
     for _ in range(max_iter):
-        lse = operator.cluster_lse(potentials_for(operator, b)).to(torch.float64)  # (H, K)
+        lse = operator.cluster_lse(potentials_for(operator, b))  # (H, K)
+        # float32 or float64: the subtraction from the float64 log r promotes it exactly (no copy of its own)
         b_new = masked(clusters.log_r - lse, empty, float("-inf"))
         err = marginal_error(b, b_new, clusters.r, empty)  # (H,) — inf on the cold start
         errors.append(err)
