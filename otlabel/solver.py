@@ -44,7 +44,7 @@ ANDERSON_FLAT = 1e-3  # residual differences below this fraction of the residual
 @dataclass
 class ClusterMarginal:
     """The cluster weights ``r`` as the loop uses them, prepared once per solve rather than once per iteration: on a
-    GPU each torch operation costs ~10-25 us of host time, more than a SwAV batch's whole iteration on the device.
+    GPU each torch operation costs ~10-25 us of host time, and a small solve (a SwAV batch) is bound by them.
 
     ``empty`` marks the zero-weight clusters (``b = -inf`` there: they receive nothing and take no part in the
     error or the centring); it is ``None`` when the caller knows on the host that there are none, and then no
