@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LN2, LOG2E, DenseLaunch, dense_launch, interpreting
+from .utils import LN2, LOG2E, DenseLaunch, as_float32, dense_launch, interpreting
 
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
@@ -367,7 +367,7 @@ def _check_scores(scores: torch.Tensor) -> tuple[int, int, int]:
 def _potentials(b: torch.Tensor, h: int, k: int) -> torch.Tensor:
     if b.shape != (h, k):
         raise ValueError(f"b must be (H, K) = ({h}, {k}), got {tuple(b.shape)}")
-    return b.to(torch.float32).contiguous()  # no-op (no launch) when already fp32 and contiguous
+    return as_float32(b)
 
 
 def is_transposed(scores: torch.Tensor) -> bool:
@@ -420,7 +420,7 @@ def dense_cluster_lse(
     h, n, k = _check_scores(scores)
     ws = workspace or DenseWorkspace.for_scores(scores)
     cfg = ws.launch
-    log_c = log_c.to(torch.float32).contiguous()
+    log_c = as_float32(log_c)
     has_b = b is not None
     b = _potentials(b, h, k) if has_b else log_c  # any fp32 pointer; never read when HAS_B is False
     _cluster_partials_kernel[(cfg.n_programs, h)](

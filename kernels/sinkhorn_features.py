@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from .sinkhorn_dense import _finite_or_zero, _lse2, _online_lse, _sample_step2, merge_partials
-from .utils import LOG2E, interpreting, next_power_of_2, sm_count
+from .utils import LOG2E, as_float32, interpreting, next_power_of_2, sm_count
 
 _LOG2E = tl.constexpr(LOG2E)
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -635,7 +635,7 @@ def _vector(x: torch.Tensor | None, h: int, k: int, name: str) -> torch.Tensor |
         return None
     if x.shape != (h, k):
         raise ValueError(f"{name} must be (H, K) = ({h}, {k}), got {tuple(x.shape)}")
-    return x.to(torch.float32).contiguous()  # no-op (no launch) when already fp32 and contiguous
+    return as_float32(x)
 
 
 def _precision(input_precision: str) -> str:
@@ -739,7 +739,7 @@ def features_cluster_lse(
     n, d, h, k = _check_inputs(features, prototypes)
     ws = workspace or FeaturesWorkspace.for_inputs(features, prototypes, precision=input_precision)
     cfg = ws.launch
-    log_c = log_c.to(torch.float32).contiguous()
+    log_c = as_float32(log_c)
     b = _vector(b, h, k, "b")
     bias2 = _vector(bias2, h, k, "bias2")
     dummy = log_c  # any fp32 pointer for an argument the kernel never reads

@@ -65,6 +65,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a contiguous fp32 tensor for a kernel argument: ``x`` itself, without a call into torch, when it
+    already is one (even a no-op ``.to()`` costs a few us of host time, and a small solve makes several per
+    iteration; see benchmarks/op_count.py)."""
+    if x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    return x.to(torch.float32).contiguous()
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -165,7 +165,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
         shape=(h, n, k), scores=z, cluster_weights=r, sample_weights=w, epsilon=epsilon, batched=batched
     )
     out = run_sinkhorn(operator, r, check_init(init, problem, operator.dtype), max_iter, tol, acceleration,
-                       callback=callback)  # fmt: skip
+                       callback=callback, has_zero_weights=False if cluster_weights is None else None)  # fmt: skip
     if warn:
         warn_if_not_converged("sinkhorn_assign", out, tol, epsilon)
     return package_result(problem, operator, out)

@@ -54,7 +54,8 @@ class Problem:
     """A validated balanced-assignment problem.
 
     ``scores`` is always 3-d ``(H, N, K)`` (a view of the input: no copy); ``batched`` remembers whether
-    the caller passed a head dimension, so results come back in the caller's shape.
+    the caller passed a head dimension, so results come back in the caller's shape. ``has_zero_weights``: whether
+    some cluster weight is 0, known on the host (``None``: not known), so that the solver need not ask the device.
     """
 
     scores: torch.Tensor  # (H, N, K), floating point, finite or -inf
@@ -62,6 +63,7 @@ class Problem:
     sample_weights: torch.Tensor  # (N,) float64 on scores.device, sums to 1
     cluster_weights: torch.Tensor  # (K,) float64 on scores.device, sums to 1
     batched: bool
+    has_zero_weights: bool | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -142,30 +144,67 @@ def check_score_values(
     """NaN, +inf, masks (-inf) that leave a sample or a weighted cluster with nowhere to go, and (given
     ``epsilon``) scores too large for it.
 
-    Two max-reductions do all the work (a max propagates NaN and +inf, and is -inf only where a whole
-    row or column is masked) and their verdicts come back to the host together: one device synchronisation
-    (two when some weight is 0; ``has_zero_weights=None`` reads that from the device, :func:`validate` knows it from
-    its host copy of the weights). ``batched=False``: the caller passed (N, K) scores, and indices are given so.
-    The slow search for where the problem is runs only on failure.
+    Two max-reductions over the scores do all the work (a max propagates NaN and +inf, and is -inf only where a whole
+    row or column is masked); the extremes of their results come back to the host together and are judged there
+    (see :func:`score_extremes`): one device synchronisation (two when some weight is 0; ``has_zero_weights=None``
+    reads that from the device, :func:`validate` knows it from its host copy of the weights). Few operations, too:
+    on a GPU each costs ~10-25 us of host time, as much as the reductions themselves at a SwAV batch's size.
+    ``batched=False``: the caller passed (N, K) scores, and indices are given so. The slow search for where the
+    problem is runs only on failure, and says what it found.
     """
     row_max = scores.amax(dim=2)  # (H, N)
     col_max = scores.amax(dim=1)  # (H, K)
-    positive = cluster_weights > 0
-    verdicts = [~torch.isfinite(row_max).all(), (torch.isneginf(col_max) & positive).any()]
-    weighted_row_max = row_max  # over the clusters with weight: the only ones the solve involves
     if has_zero_weights is None:
-        has_zero_weights = bool((~positive).any())
+        has_zero_weights = bool((cluster_weights == 0).any())
+    weighted_row_max, weighted_col_max = row_max, col_max  # over the clusters with weight: the ones the solve involves
     if has_zero_weights:
+        positive = cluster_weights > 0
         weighted_row_max = scores[:, :, positive].amax(dim=2)
-        verdicts.append(torch.isneginf(weighted_row_max).any())  # a sample allowed only in zero-weight clusters
-    if epsilon is not None:
-        limit = max_score_span(compute_dtype_of(scores)) * epsilon
-        verdicts.append(score_span(weighted_row_max, col_max, positive) > limit)
-        # zero-weight clusters take no part, but S / eps must not overflow to +inf there (+inf - inf is NaN; a
-        # very negative score overflowing to -inf is harmless: it acts as a mask)
-        verdicts.append(largest_finite(col_max) > overflow_span(scores) * epsilon)
-    if any(torch.stack(verdicts).tolist()):
+        weighted_col_max = torch.where(positive, col_max, 0.0)
+    extremes = score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zero_weights)
+    if not extremes.acceptable(max_score_span(compute_dtype_of(scores)), overflow_span(scores), epsilon):
         raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon, batched)
+
+
+@dataclass
+class ScoreExtremes:
+    """The extremes of the scores' row and column maxima, on the host: what :func:`check_score_values` judges.
+
+    ``rows``: (min, max) of the row maxima (NaN if any score is NaN); ``weighted_rows`` and ``weighted_cols``:
+    (min, max) of the row maxima over the clusters with weight and of those clusters' column maxima (zero-weight
+    clusters counted as 0); ``top``: the largest column maximum of any cluster.
+    """
+
+    rows: tuple[float, float]
+    weighted_rows: tuple[float, float]
+    weighted_cols: tuple[float, float]
+    top: float
+
+    def acceptable(self, max_span: float, overflow: float, epsilon: float | None) -> bool:
+        """Whether :func:`raise_for_bad_values` finds nothing to say: the same verdicts, from the extremes.
+
+        Once every row maximum is finite (no NaN, no +inf, no sample masked everywhere), a -inf minimum is a
+        masked row or column, and the largest |maximum| is the largest finite one: the span of
+        :func:`score_span`, and ``top`` is :func:`largest_finite` of the column maxima."""
+        if not all(math.isfinite(x) for x in self.rows):
+            return False
+        if self.weighted_rows[0] == -math.inf or self.weighted_cols[0] == -math.inf:
+            return False  # a sample allowed only in zero-weight clusters, a weighted cluster no sample may reach
+        if epsilon is None:
+            return True
+        span = max(-self.weighted_rows[0], self.weighted_rows[1], -self.weighted_cols[0], self.weighted_cols[1])
+        return not (span > max_span * epsilon or self.top > overflow * epsilon)
+
+
+def score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zero_weights: bool) -> ScoreExtremes:
+    """:class:`ScoreExtremes` of the row and column maxima, read back in one transfer. Without zero weights the
+    weighted maxima are the maxima themselves, and their extremes are not computed twice."""
+    parts = [*torch.aminmax(row_max), *torch.aminmax(weighted_col_max)]
+    if has_zero_weights:
+        parts += [*torch.aminmax(weighted_row_max), col_max.amax()]
+    rows_lo, rows_hi, cols_lo, cols_hi, *rest = torch.stack(parts).tolist()
+    weighted_rows_lo, weighted_rows_hi, top = rest if has_zero_weights else (rows_lo, rows_hi, cols_hi)
+    return ScoreExtremes((rows_lo, rows_hi), (weighted_rows_lo, weighted_rows_hi), (cols_lo, cols_hi), top)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -342,7 +381,8 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Prob
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device,
                       (n, k))  # fmt: skip
     check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched)
-    return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched)
+    return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched,
+                   has_zero_weights=has_zeros)  # fmt: skip
 
 
 def _first_index(mask: torch.Tensor):

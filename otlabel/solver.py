@@ -42,6 +42,35 @@ ANDERSON_FLAT = 1e-3  # residual differences below this fraction of the residual
 
 
 @dataclass
+class ClusterMarginal:
+    """The cluster weights ``r`` as the loop uses them, prepared once per solve rather than once per iteration: on a
+    GPU each torch operation costs ~10-25 us of host time, and a small solve (a SwAV batch) is bound by them.
+
+    ``empty`` marks the zero-weight clusters (``b = -inf`` there: they receive nothing and take no part in the
+    error or the centring); it is ``None`` when the caller knows on the host that there are none, and then no
+    step masks anything.
+    """
+
+    r: torch.Tensor  # (K,) float64
+    log_r: torch.Tensor  # (K,) float64; -inf where r is 0
+    empty: torch.Tensor | None  # (K,) bool, or None: no cluster has weight 0
+    count: torch.Tensor  # 0-d int64 on the device: the clusters with weight (at least 1), whose mean centres b
+
+    @classmethod
+    def of(cls, cluster_weights: torch.Tensor, has_zero_weights: bool | None = None) -> ClusterMarginal:
+        """``has_zero_weights``: what the caller knows of ``r`` on the host; ``None`` (not known) masks, as when some
+        weight is 0 (asking the device would synchronise it)."""
+        r = cluster_weights.to(torch.float64)
+        if has_zero_weights is False:
+            # The count stays a tensor, as it is with zero weights: a division by a Python number is a multiplication
+            # by its reciprocal on a GPU, which would round the mean differently.
+            count = torch.full((), r.shape[-1], dtype=torch.int64, device=r.device)
+            return cls(r, r.log(), None, count)
+        empty = r == 0
+        return cls(r, r.log(), empty, (~empty).sum().clamp(min=1))
+
+
+@dataclass
 class LoopOutput:
     potentials: torch.Tensor  # (H, K)
     n_iter: int
@@ -57,6 +86,7 @@ def run_sinkhorn(
     tol: float | None,
     acceleration: float | str = 1.0,
     callback=None,
+    has_zero_weights: bool | None = None,
 ) -> LoopOutput:
     """Iterate cluster steps from ``init`` (H, K) (``None``: cold start) until ``err < tol`` or ``max_iter``.
 
@@ -74,22 +104,25 @@ def run_sinkhorn(
     quantised to 2e-6, which alone would floor the measured error there. ``b`` is also re-centred after every
     update (a constant added to every ``b_k`` changes nothing: the sample step absorbs it), which keeps the
     float32 copy handed to the operator small and precise.
+
+    ``has_zero_weights``: whether some cluster weight is 0, when the caller knows it on the host (``False`` spares
+    every iteration its masking operations); ``None`` when it does not.
     """
     adaptive = acceleration == ADAPTIVE
     omega = 1.0 if isinstance(acceleration, str) else acceleration
-    r = cluster_weights.to(torch.float64)  # (K,)
-    mixer = AndersonMixer(ANDERSON_MEMORY, r) if acceleration == ANDERSON else None
-    log_r = r.log()
-    empty = r == 0  # zero-weight clusters: b = -inf, they receive nothing
-    b = None if init is None else centred(init.to(torch.float64), empty)
+    clusters = ClusterMarginal.of(cluster_weights, has_zero_weights)
+    empty = clusters.empty  # zero-weight clusters (None: there are none): b = -inf, they receive nothing
+    mixer = AndersonMixer(ANDERSON_MEMORY, clusters.r) if acceleration == ANDERSON else None
+    b = None if init is None else centred(init.to(torch.float64), clusters)
     errors: list[torch.Tensor] = []
     worst_history: list[float] = []  # the errors already read back (with a tol, a callback or mixing)
     converged = False
     reads_error = tol is not None or callback is not None or mixer is not None
     for _ in range(max_iter):
-        lse = operator.cluster_lse(potentials_for(operator, b)).to(torch.float64)  # (H, K)
-        b_new = torch.where(empty, float("-inf"), log_r - lse)
-        err = marginal_error(b, b_new, r, empty)  # (H,) — inf on the cold start
+        lse = operator.cluster_lse(potentials_for(operator, b))  # (H, K)
+        # float32 or float64: the subtraction from the float64 log r promotes it exactly (no copy of its own)
+        b_new = masked(clusters.log_r - lse, empty, float("-inf"))
+        err = marginal_error(b, b_new, clusters.r, empty)  # (H,) — inf on the cold start
         errors.append(err)
         if reads_error:  # the iteration's one sync (with the mixer's verdict on its last proposal)
             values = err.max()[None] if mixer is None else torch.cat([err.max()[None], mixer.last_step_sound(err)])
@@ -111,7 +144,7 @@ def run_sinkhorn(
             b_new = mixer.step(b, b_new, worst, empty)
         mixed = b is not None and (mixer is not None or omega != 1.0)
         b = relax(b, b_new, omega, empty) if mixed and omega != 1.0 else b_new
-        b = centred(b, empty)
+        b = centred(b, clusters)
         if mixed:
             b = operator.agree(b)  # sharded: every rank takes rank 0's (its solves may round differently)
     history = read_back(torch.stack(errors).amax(dim=1), b, empty)  # every iteration's worst error
@@ -162,7 +195,8 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration
         operator = make_operator(dataclasses.replace(problem, epsilon=eps), backend)
         stage_tol = tol if last or tol is None else max(tol, 1e-2)
         counted = None if callback is None else (lambda it, err, done=used: callback(done + it, err))
-        out = run_sinkhorn(operator, problem.cluster_weights, b, budget, stage_tol, acceleration, callback=counted)
+        out = run_sinkhorn(operator, problem.cluster_weights, b, budget, stage_tol, acceleration, callback=counted,
+                           has_zero_weights=problem.has_zero_weights)  # fmt: skip
         errors += out.errors
         used += out.n_iter
         if not last:
@@ -187,7 +221,7 @@ def marginal_error(b, b_new, r, empty) -> torch.Tensor:
     """``sum_k r_k |exp(b - b_new) - 1|`` per head: the plan at ``b`` has column sums ``r * exp(b - b_new)``."""
     if b is None:
         return torch.full(b_new.shape[:1], math.inf, dtype=b_new.dtype, device=b_new.device)
-    ratio = torch.where(empty, 1.0, torch.exp(b - b_new))
+    ratio = masked(torch.exp(b - b_new), empty, 1.0)
     return (r * (ratio - 1).abs()).sum(dim=-1)
 
 
@@ -269,9 +303,9 @@ class AndersonMixer:
         if error <= self.best:
             self.best, self.step_from_best = error, b_new
             self.reach = min(ANDERSON_MAX_EXTRAPOLATION, 1.5 * self.reach)
-        x = torch.where(empty, 0.0, b)
+        x = masked(b, empty, 0.0)
         self.iterates.append(x)
-        self.residuals.append(torch.where(empty, 0.0, b_new) - x)
+        self.residuals.append(masked(b_new, empty, 0.0) - x)
         if len(self.iterates) > self.memory + 1:
             self.iterates.pop(0)
             self.residuals.pop(0)
@@ -295,7 +329,7 @@ class AndersonMixer:
         reach = extrapolation.abs().amax(dim=-1, keepdim=True)  # (H, 1)
         extrapolation = extrapolation * (self.reach / reach).clamp(max=1.0)
         extrapolation = self.forward_only(extrapolation, self.residuals[-1])
-        return torch.where(self.sound, torch.where(empty, float("-inf"), plain + extrapolation), b_new)
+        return torch.where(self.sound, masked(plain + extrapolation, empty, float("-inf")), b_new)
 
     def across_plateaus(self, extrapolation: torch.Tensor, d_g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``extrapolation`` (H, K), or where the residual has not changed over the whole history (``d_g``, (H, K, m),
@@ -356,22 +390,28 @@ def omega_for_rate(errors: list[float]) -> float:
     return min(MAX_ADAPTIVE_OMEGA, 2.0 / (1.0 + math.sqrt(1.0 - kappa)))
 
 
-def centred(b, empty) -> torch.Tensor:
+def masked(x: torch.Tensor, empty: torch.Tensor | None, fill: float) -> torch.Tensor:
+    """``x`` (..., K) with the zero-weight clusters' entries set to ``fill``; ``x`` itself when there are none
+    (``empty`` is ``None``)."""
+    return x if empty is None else torch.where(empty, fill, x)
+
+
+def centred(b, clusters: ClusterMarginal) -> torch.Tensor:
     """``b`` minus its mean over the clusters with weight (per head): the same plan, smaller numbers.
 
     The count stays a tensor: reading it as an int would synchronise the device every iteration."""
-    mean = torch.where(empty, 0.0, b).sum(dim=-1, keepdim=True) / (~empty).sum().clamp(min=1)
+    mean = masked(b, clusters.empty, 0.0).sum(dim=-1, keepdim=True) / clusters.count
     return b - mean
 
 
 def relax(b, b_new, omega: float, empty) -> torch.Tensor:
     """Over-relaxed step ``b + omega (b_new - b)``; zero-weight clusters stay at ``-inf``."""
-    return torch.where(empty, float("-inf"), b + omega * (b_new - b))
+    return masked(b + omega * (b_new - b), empty, float("-inf"))
 
 
 def potentials_finite(b, empty) -> torch.Tensor:
     """0-d bool tensor (no sync): every potential of a cluster with weight is finite."""
-    return torch.isfinite(torch.where(empty, 0.0, b)).all()
+    return torch.isfinite(masked(b, empty, 0.0)).all()
 
 
 def check_init(init, problem, dtype) -> torch.Tensor | None:
@@ -530,7 +570,8 @@ def sinkhorn_assign(
     operator = make_operator(problem, backend)
     init = check_init(init, problem, torch.float64)
     if epsilon_scaling is None:
-        out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, acceleration, callback=callback)
+        out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, acceleration, callback=callback,
+                           has_zero_weights=problem.has_zero_weights)  # fmt: skip
     else:
         del operator  # each stage builds its own (the CPU kernel depends on epsilon)
         operator, out = run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling,

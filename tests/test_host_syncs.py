@@ -95,8 +95,8 @@ def test_given_weights_are_checked_on_the_host(host_reads):
 
 
 OLD_CENTRED = """
-def centred(b, empty):
-    mean = torch.where(empty, 0.0, b).sum(dim=-1, keepdim=True) / max(1, int((~empty).sum()))
+def centred(b, clusters):
+    mean = b.sum(dim=-1, keepdim=True) / max(1, int(clusters.count))
     return b - mean
 """
 
