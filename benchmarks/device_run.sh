@@ -9,7 +9,7 @@
 #   bash benchmarks/device_run.sh features   # gpu_features.py: vs dense and flash-sinkhorn, the memory target
 #   bash benchmarks/device_run.sh tolerance  # gpu_tolerance.py: Anderson vs plain steps, time to 1e-3
 #   bash benchmarks/device_run.sh stream     # stream_features.py --gpu-only: vs pinned H2D bandwidth
-#   bash benchmarks/device_run.sh profile    # gpu_profile.py: where a SwAV-batch call's time goes
+#   bash benchmarks/device_run.sh profile    # gpu_profile.py + op_count.py: where a SwAV-batch call's time goes
 #   bash benchmarks/device_run.sh sweep-dense      # tile sweep of the dense kernels (tuning data)
 #   bash benchmarks/device_run.sh sweep-features   # tile sweep of the features kernels (tuning data)
 #   DEADLINE_S=580 bash benchmarks/device_run.sh suite dense   # several stages share one call
@@ -75,7 +75,7 @@ for stage in "$@"; do
         features) run features python3 benchmarks/gpu_features.py --no-sweep --csv "$OUT/gpu_features.csv" ;;
         tolerance) run tolerance python3 benchmarks/gpu_tolerance.py --csv "$OUT/gpu_tolerance.csv" ;;
         stream) run stream python3 benchmarks/stream_features.py --gpu-only --csv "$OUT/stream_features.csv" ;;
-        profile) run profile python3 benchmarks/gpu_profile.py ;;
+        profile) run profile bash -c "python3 benchmarks/gpu_profile.py && python3 benchmarks/op_count.py --n 4096 --k 3000" ;;
         sweep-dense) run sweep-dense python3 benchmarks/gpu_dense.py --sweep-only --csv "$OUT/gpu_dense_sweep.csv" ;;
         sweep-features) run sweep-features python3 benchmarks/gpu_features.py --quick --csv "$OUT/gpu_features_sweep.csv" ;;
         *)
