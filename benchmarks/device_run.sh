@@ -75,7 +75,8 @@ for stage in "$@"; do
         features) run features python3 benchmarks/gpu_features.py --no-sweep --csv "$OUT/gpu_features.csv" ;;
         tolerance) run tolerance python3 benchmarks/gpu_tolerance.py --csv "$OUT/gpu_tolerance.csv" ;;
         stream) run stream python3 benchmarks/stream_features.py --gpu-only --csv "$OUT/stream_features.csv" ;;
-        profile) run profile bash -c "python3 benchmarks/gpu_profile.py && python3 benchmarks/op_count.py --n 4096 --k 3000" ;;
+        profile) run profile bash -c "python3 benchmarks/gpu_profile.py && python3 benchmarks/gpu_profile.py --cuda-graph \
+            && python3 benchmarks/op_count.py --n 4096 --k 3000" ;;
         sweep-dense) run sweep-dense python3 benchmarks/gpu_dense.py --sweep-only --csv "$OUT/gpu_dense_sweep.csv" ;;
         sweep-features) run sweep-features python3 benchmarks/gpu_features.py --quick --csv "$OUT/gpu_features_sweep.csv" ;;
         *)

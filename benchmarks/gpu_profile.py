@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=3000)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--rows", type=int, default=25, help="lines of each profiler table")
+    ap.add_argument("--cuda-graph", action="store_true", help="profile sinkhorn_assign(..., cuda_graph=True)")
     args = ap.parse_args(argv)
     if choose_device(False, "a GPU solve") is None:
         return 0
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     s = torch.empty(args.n, args.k, device="cuda").uniform_(-1, 1)  # (N, K)
 
     def call():
-        res = otlabel.sinkhorn_assign(s, EPS, max_iter=args.iters, tol=None, backend="triton")
+        res = otlabel.sinkhorn_assign(
+            s, EPS, max_iter=args.iters, tol=None, backend="triton", cuda_graph=args.cuda_graph
+        )
         return res.labels, res.codes
 
     for _ in range(5):
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     times.sort()
-    print(f"sinkhorn_assign N={args.n} K={args.k} {args.iters} iterations: median {1e6 * times[25]:.0f} us")
+    mode = ", cuda_graph=True" if args.cuda_graph else ""
+    print(f"sinkhorn_assign N={args.n} K={args.k} {args.iters} iterations{mode}: median {1e6 * times[25]:.0f} us")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             call()

@@ -114,22 +114,26 @@ def run_sinkhorn(
     empty = clusters.empty  # zero-weight clusters (None: there are none): b = -inf, they receive nothing
     mixer = AndersonMixer(ANDERSON_MEMORY, clusters.r) if acceleration == ANDERSON else None
     b = None if init is None else centred(init.to(torch.float64), clusters)
+    reads_error = tol is not None or callback is not None or mixer is not None
+    if not reads_error:
+        b, errors = steps_without_reading(operator, clusters, b, max_iter, omega)
+        history = read_back(errors.amax(dim=1), b, empty)  # every iteration's worst error
+        return LoopOutput(potentials=b, n_iter=max_iter, errors=history, converged=False)
     errors: list[torch.Tensor] = []
     worst_history: list[float] = []  # the errors already read back (with a tol, a callback or mixing)
     converged = False
-    reads_error = tol is not None or callback is not None or mixer is not None
     for _ in range(max_iter):
         lse = operator.cluster_lse(potentials_for(operator, b))  # (H, K)
         # float32 or float64: the subtraction from the float64 log r promotes it exactly (no copy of its own)
         b_new = masked(clusters.log_r - lse, empty, float("-inf"))
         err = marginal_error(b, b_new, clusters.r, empty)  # (H,) — inf on the cold start
         errors.append(err)
-        if reads_error:  # the iteration's one sync (with the mixer's verdict on its last proposal)
-            values = err.max()[None] if mixer is None else torch.cat([err.max()[None], mixer.last_step_sound(err)])
-            worst, *sound = read_back(values, b_new, empty)
-            worst_history.append(worst)
-            if mixer is not None:
-                mixer.review_last_step(sound[0] != 0)
+        # the iteration's one sync (with the mixer's verdict on its last proposal)
+        values = err.max()[None] if mixer is None else torch.cat([err.max()[None], mixer.last_step_sound(err)])
+        worst, *sound = read_back(values, b_new, empty)
+        worst_history.append(worst)
+        if mixer is not None:
+            mixer.review_last_step(sound[0] != 0)
         if callback is not None:
             callback(len(errors), worst)
         if tol is not None:
@@ -149,6 +153,27 @@ def run_sinkhorn(
             b = operator.agree(b)  # sharded: every rank takes rank 0's (its solves may round differently)
     history = read_back(torch.stack(errors).amax(dim=1), b, empty)  # every iteration's worst error
     return LoopOutput(potentials=b, n_iter=len(errors), errors=history, converged=converged)
+
+
+def steps_without_reading(operator: ScoreOperator, clusters: ClusterMarginal, b, max_iter: int, omega: float):
+    """``max_iter`` cluster steps (over-relaxed by a fixed ``omega``) that read nothing back: ``(b, errors)`` with
+    ``b`` the (H, K) float64 potentials and ``errors`` (max_iter, H) each iteration's marginal error, on the device.
+
+    The whole fixed-iteration solve: nothing here waits for the device, so a CUDA graph can capture it
+    (:mod:`otlabel.graphs`). :func:`run_sinkhorn` takes this path when nothing asks for the error on the way.
+    """
+    empty = clusters.empty
+    errors = []
+    for _ in range(max_iter):
+        lse = operator.cluster_lse(potentials_for(operator, b))  # (H, K)
+        b_new = masked(clusters.log_r - lse, empty, float("-inf"))
+        errors.append(marginal_error(b, b_new, clusters.r, empty))
+        mixed = b is not None and omega != 1.0
+        b = relax(b, b_new, omega, empty) if mixed else b_new
+        b = centred(b, clusters)
+        if mixed:
+            b = operator.agree(b)  # sharded: every rank takes rank 0's (its solves may round differently)
+    return b, torch.stack(errors)
 
 
 def read_back(values: torch.Tensor, b, empty) -> list[float]:
@@ -493,6 +518,7 @@ def sinkhorn_assign(
     allow_tf32: bool = True,
     callback=None,
     warn: bool = True,
+    cuda_graph: bool = False,
 ) -> SinkhornResult:
     r"""Balanced assignment of N samples to K clusters by entropic optimal transport.
 
@@ -536,6 +562,11 @@ def sinkhorn_assign(
             for the cold start), e.g. to drive a progress bar or log convergence. It reads the error back from
             the device every iteration, which a ``tol=None`` solve otherwise never does.
         warn: emit a :class:`ConvergenceWarning` when ``tol`` is not reached in ``max_iter`` iterations.
+        cuda_graph: for small fixed-iteration solves on a GPU (a SwAV batch: ``max_iter=3, tol=None``), whose time
+            goes to launching kernels: capture the solve in a CUDA graph on the first call of each shape and replay
+            it after (see :mod:`otlabel.graphs`; same results, bitwise). CUDA scores, the triton backend,
+            ``tol=None``, plain or fixed over-relaxed steps, no ``init``, ``callback`` or ``epsilon_scaling``;
+            codes are computed with the labels. Each cached shape keeps a copy of the scores and the codes.
 
     Returns:
         :class:`SinkhornResult` with ``labels``, ``codes`` (lazy), ``cluster_potentials``, ``n_iter``,
@@ -549,6 +580,8 @@ def sinkhorn_assign(
         [100, 100, 100, 100, 100, 100, 100, 100, 100, 100]
     """
     if features is not None or prototypes is not None or bias is not None:
+        if cuda_graph:
+            raise ValueError("cuda_graph=True takes dense scores: features mode is not captured.")
         if scores is not None:
             if features is None and prototypes is None:  # bias= alone, with dense scores
                 raise ValueError("bias= is for features mode (S = Z C^T + bias); with scores, add it to them: "
@@ -567,6 +600,8 @@ def sinkhorn_assign(
     if epsilon_scaling is not None and not (is_number(epsilon_scaling) and 0 < epsilon_scaling < 1):
         raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
     problem = validate(scores, epsilon, cluster_weights, sample_weights)
+    if cuda_graph:
+        return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration)
     operator = make_operator(problem, backend)
     init = check_init(init, problem, torch.float64)
     if epsilon_scaling is None:
@@ -579,6 +614,32 @@ def sinkhorn_assign(
     if warn:
         warn_if_not_converged("sinkhorn_assign", out, tol, problem.epsilon)
     return package_result(problem, operator, out)
+
+
+def assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration):
+    """``sinkhorn_assign(..., cuda_graph=True)`` after the input checks: the solve replayed from its capture."""
+    from . import graphs
+
+    graphs.check_capturable(problem, backend, tol, init, callback, epsilon_scaling, acceleration)
+    out, labels, codes = graphs.solve_captured(problem, max_iter, acceleration)
+    # The lazy read-outs (objective, plan) need an operator over the caller's scores: built only if one is read.
+    result = package_result(problem, DeferredOperator(lambda: make_operator(problem, backend)), out, labels=labels)
+    result._codes = result._shape(codes)
+    return result
+
+
+class DeferredOperator:
+    """An operator built on first use: a captured solve's result needs one only for ``objective`` and ``plan``."""
+
+    def __init__(self, build):
+        self._build, self._operator = build, None
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # never for its own state (copy and pickle look these up before __init__ ran)
+            raise AttributeError(name)
+        if self._operator is None:
+            self._operator = self._build()
+        return getattr(self._operator, name)
 
 
 def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> None:
@@ -595,8 +656,10 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> 
     )
 
 
-def package_result(problem, operator: ScoreOperator, out: LoopOutput) -> SinkhornResult:
-    labels, _ = operator.assign(out.potentials, want_codes=False)
+def package_result(problem, operator: ScoreOperator, out: LoopOutput, labels=None) -> SinkhornResult:
+    """The result of a solve; ``labels`` (H, N) when already computed (a captured solve writes them)."""
+    if labels is None:
+        labels, _ = operator.assign(out.potentials, want_codes=False)
     shape = (lambda x: x) if problem.batched else (lambda x: x[0])
     return SinkhornResult(
         labels=shape(labels),

@@ -1,0 +1,126 @@
+"""``sinkhorn_assign(..., cuda_graph=True)``: a fixed-iteration solve captured once per shape and replayed.
+
+Without a GPU the capture is replaced by an eager recorder that runs the same body and copies its outputs into the
+first run's tensors, as a replay rewrites a graph's buffers: everything but CUDA graph capture itself is checked
+here (the buffers a call fills, the copies it returns, the cache, the refusals). The ``gpu`` test captures for real.
+"""
+
+import pytest
+import torch
+from helpers import random_problem
+
+from otlabel import graphs, sinkhorn_assign
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 0.1
+
+
+def record_eagerly(body, device):
+    """A stand-in for CUDA graph capture: replaying re-runs ``body`` into the first run's output tensors."""
+    outputs = body()
+
+    def replay():
+        for kept, new in zip(outputs, body(), strict=True):
+            if kept is not None:
+                kept.copy_(new)
+
+    return replay, outputs, None
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """The real CUDA graph on a GPU, the eager stand-in elsewhere; an empty cache before and after."""
+    graphs.clear_cache()
+    if DEVICE == "cpu":
+        monkeypatch.setattr(graphs, "recorder_for", lambda device: record_eagerly)
+    yield
+    graphs.clear_cache()
+
+
+def scores(seed, n=37, k=11, h=None):
+    s = random_problem(n, k, seed=seed) if h is None else random_problem(n, k, h=h, seed=seed)
+    return s.to(DEVICE)
+
+
+def assert_same(captured, eager):
+    for name in ("labels", "cluster_potentials", "codes"):
+        a, b = getattr(captured, name), getattr(eager, name)
+        assert torch.equal(a, b), f"{name} differ: max {(a.double() - b.double()).abs().max()}"
+    assert captured.errors == eager.errors and captured.n_iter == eager.n_iter and not captured.converged
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(over_relaxation=1.5),
+    dict(cluster_weights=torch.tensor([0.0] + [0.1] * 10, dtype=torch.float64)),  # a zero weight: masked steps
+], ids=["plain", "over-relaxed", "zero-weight"])  # fmt: skip
+def test_replays_equal_the_eager_solve_call_after_call(recorder, kwargs):
+    """Each call gets its own scores' answer, bitwise the uncaptured one; a result is not changed by later calls."""
+    call = dict(max_iter=4, tol=None, backend="triton", **kwargs)
+    first = None
+    for seed in (1, 2, 3):
+        s = scores(seed)
+        weights = torch.rand(37, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        weights = weights / weights.sum()
+        res = sinkhorn_assign(s, EPS, sample_weights=weights, cuda_graph=True, **call)
+        assert_same(res, sinkhorn_assign(s, EPS, sample_weights=weights, **call))
+        if first is None:
+            first, first_labels, first_codes = res, res.labels.clone(), res.codes.clone()
+    assert torch.equal(first.labels, first_labels) and torch.equal(first.codes, first_codes)
+    assert len(graphs._CACHE) == 1  # one shape, one capture
+
+
+def test_batched_heads_and_the_lazy_objective(recorder):
+    s = scores(4, h=3)
+    call = dict(max_iter=3, tol=None, backend="triton")
+    res, eager = sinkhorn_assign(s, EPS, cuda_graph=True, **call), sinkhorn_assign(s, EPS, **call)
+    assert res.labels.shape == (3, 37) and res.codes.shape == (3, 37, 11)
+    assert_same(res, eager)
+    assert torch.equal(res.objective, eager.objective)  # built on first use, over the caller's scores
+
+
+def test_the_cache_keeps_the_most_recent_shapes(recorder, monkeypatch):
+    monkeypatch.setattr(graphs, "MAX_CACHED", 2)
+    call = dict(max_iter=2, tol=None, backend="triton", cuda_graph=True)
+    for n in (20, 21, 22, 21):
+        sinkhorn_assign(scores(n, n=n), EPS, **call)
+    assert [key[0][1] for key in graphs._CACHE] == [22, 21]  # N of each cached (H, N, K), least recent first
+    graphs.clear_cache()
+    assert not graphs._CACHE
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(tol=1e-3), "fixed number of iterations"),
+    (dict(tol=None, callback=lambda it, err: None), "callback"),
+    (dict(tol=None, epsilon_scaling=0.5), "epsilon_scaling"),
+    (dict(tol=None, acceleration="anderson"), "Anderson"),
+    (dict(tol=None, acceleration="over-relaxation"), "adaptive"),
+    (dict(tol=None, backend="torch"), "triton backend"),
+    (dict(tol=None, backend="reference"), "triton backend"),
+])  # fmt: skip
+def test_what_a_capture_cannot_do_is_refused(recorder, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        sinkhorn_assign(scores(6), EPS, max_iter=3, cuda_graph=True, **{"backend": "triton", **kwargs})
+
+
+def test_a_warm_start_and_features_mode_are_refused(recorder):
+    s = scores(7)
+    res = sinkhorn_assign(s, EPS, max_iter=3, tol=None, backend="triton")
+    with pytest.raises(ValueError, match="init= is not captured"):
+        sinkhorn_assign(s, EPS, max_iter=3, tol=None, backend="triton", init=res, cuda_graph=True)
+    with pytest.raises(ValueError, match="features mode is not captured"):
+        sinkhorn_assign(features=torch.randn(9, 4), prototypes=torch.randn(3, 4), cuda_graph=True)
+
+
+def test_cpu_scores_are_refused_without_the_stand_in():
+    with pytest.raises(ValueError, match="needs CUDA scores"):
+        graphs.recorder_for(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_real_cuda_graph_replays_bitwise(recorder):
+    """The capture itself, on a GPU: a SwAV-sized batch, three calls, each equal to the eager solve."""
+    call = dict(max_iter=3, tol=None, backend="triton")
+    for seed in (1, 2, 3):
+        s = torch.randn(4096, 300, generator=torch.Generator().manual_seed(seed)).cuda()
+        assert_same(sinkhorn_assign(s, 0.05, cuda_graph=True, **call), sinkhorn_assign(s, 0.05, **call))
