@@ -15,6 +15,7 @@ first (:func:`clear_cache` drops them all).
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ from .problem import Problem
 MAX_CACHED = 4  # captured shapes kept per process
 
 _CACHE: collections.OrderedDict = collections.OrderedDict()
+# One call at a time fills, replays and reads a capture: two threads solving the same shape would otherwise
+# overwrite each other's scores in the one set of buffers.
+_LOCK = threading.Lock()
 
 
 @dataclass
@@ -138,16 +142,18 @@ def solve_captured(problem: Problem, max_iter: int, omega: float):
     """
     from .solver import LoopOutput, read_back
 
-    entry = captured(problem, max_iter, omega)
-    entry.scores.copy_(problem.scores)
-    entry.sample_weights.copy_(problem.sample_weights)
-    entry.cluster_weights.copy_(problem.cluster_weights)
-    entry.replay()
-    history = read_back(entry.errors.amax(dim=1), entry.potentials, entry.empty)  # the one synchronisation
-    out = LoopOutput(potentials=entry.potentials.clone(), n_iter=max_iter, errors=history, converged=False)
-    return out, entry.labels.clone(), entry.codes.clone()
+    with _LOCK:
+        entry = captured(problem, max_iter, omega)
+        entry.scores.copy_(problem.scores)
+        entry.sample_weights.copy_(problem.sample_weights)
+        entry.cluster_weights.copy_(problem.cluster_weights)
+        entry.replay()
+        history = read_back(entry.errors.amax(dim=1), entry.potentials, entry.empty)  # the one synchronisation
+        out = LoopOutput(potentials=entry.potentials.clone(), n_iter=max_iter, errors=history, converged=False)
+        return out, entry.labels.clone(), entry.codes.clone()
 
 
 def clear_cache() -> None:
     """Drop every captured solve (and the GPU memory its buffers hold)."""
-    _CACHE.clear()
+    with _LOCK:
+        _CACHE.clear()
