@@ -32,8 +32,10 @@ POT_OPTIONAL_BACKENDS = {"jax": "POT_BACKEND_DISABLE_JAX", "tensorflow": "POT_BA
 
 
 def import_pot():
-    """``import ot`` without the JAX, TensorFlow and CuPy backends the program has not imported already (set
-    ``POT_BACKEND_DISABLE_JAX=0`` etc. to keep one). Raises ImportError without POT."""
+    """``import ot`` without the JAX, TensorFlow and CuPy backends the program has not imported already. To keep
+    one, import that library first, or set its switch (``POT_BACKEND_DISABLE_JAX`` etc.) to an empty string: POT
+    treats any non-empty value, "0" included, as "disable". The switches are set in ``os.environ``, so processes
+    started afterwards inherit them. Raises ImportError without POT."""
     if "ot" not in sys.modules:
         for module, switch in POT_OPTIONAL_BACKENDS.items():
             if module not in sys.modules:

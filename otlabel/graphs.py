@@ -32,20 +32,65 @@ _CACHE: collections.OrderedDict = collections.OrderedDict()
 _LOCK = threading.Lock()
 
 
+class SolveBody:
+    """What a capture records and every replay re-runs: the solve over the buffers a call fills.
+
+    The cache entry owns it. A CUDA graph keeps addresses, not Python objects: were the operator (its log c and
+    workspace, allocated before the capture) freed, every replay would write into memory reused by others.
+    """
+
+    def __init__(self, problem: Problem, max_iter: int, omega: float):
+        self.scores = same_layout_empty(problem.scores)  # the launch, the vector width and Triton's alignment
+        self.sample_weights = torch.empty_like(problem.sample_weights)  # specialisation all follow the layout
+        self.cluster_weights = torch.empty_like(problem.cluster_weights)
+        self.fill(problem)
+        self.operator = make_operator(
+            Problem(self.scores, problem.epsilon, self.sample_weights, self.cluster_weights, problem.batched), "triton"
+        )
+        self.has_zero_weights, self.max_iter, self.omega = problem.has_zero_weights, max_iter, omega
+
+    def fill(self, problem: Problem) -> None:
+        """Copy a call's scores and weights into the buffers the capture reads."""
+        self.scores.copy_(problem.scores)
+        self.sample_weights.copy_(problem.sample_weights)
+        self.cluster_weights.copy_(problem.cluster_weights)
+
+    def run(self) -> tuple:
+        """``(b, errors, labels, codes, empty)``: the fixed-iteration solve, then labels and codes."""
+        from .solver import ClusterMarginal, steps_without_reading
+
+        # The operator took log c from the first call's weights: refresh it from the buffer, as a new one would.
+        self.operator.log_c.copy_(self.sample_weights.to(torch.float32).log())
+        clusters = ClusterMarginal.of(self.cluster_weights, self.has_zero_weights)
+        b, errors = steps_without_reading(self.operator, clusters, None, self.max_iter, self.omega)
+        labels, codes = self.operator.assign(b, want_codes=True)
+        return b, errors, labels, codes, clusters.empty
+
+
+def same_layout_empty(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor with ``x``'s shape, strides (gaps included) and 16-byte alignment: the kernels launched
+    on it are the ones launched on ``x``, so the captured solve computes the same bits. (Scores whose elements
+    overlap, an ``expand``-ed tensor, get a contiguous buffer: same plan, last bits may differ.)"""
+    if any(stride == 0 and size > 1 for size, stride in zip(x.shape, x.stride(), strict=True)):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    lead = (x.data_ptr() % 16) // x.element_size()
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True) if size > 0)
+    storage = torch.empty(lead + span, dtype=x.dtype, device=x.device)
+    return storage.as_strided(x.shape, x.stride(), lead)
+
+
 @dataclass
 class CapturedSolve:
-    """One captured solve: the buffers a call fills, the replay, and the buffers the replay writes."""
+    """One captured solve: its body (which owns every buffer the graph touches), the replay, and its outputs."""
 
-    scores: torch.Tensor  # (H, N, K): each call copies its scores here
-    sample_weights: torch.Tensor  # (N,) float64
-    cluster_weights: torch.Tensor  # (K,) float64
+    body: SolveBody
     replay: Callable[[], None]
     potentials: torch.Tensor  # (H, K) float64
     errors: torch.Tensor  # (max_iter, H): each iteration's marginal error
     labels: torch.Tensor  # (H, N) int64
     codes: torch.Tensor  # (H, N, K) float32
     empty: torch.Tensor | None  # (K,) zero-weight clusters, None when the weights have none
-    keep_alive: object  # the graph (its private memory pool holds the output buffers)
+    graph: object  # the CUDA graph (its private memory pool holds the outputs)
 
 
 def check_capturable(problem: Problem, backend: str, tol, init, callback, epsilon_scaling, acceleration) -> None:
@@ -53,6 +98,8 @@ def check_capturable(problem: Problem, backend: str, tol, init, callback, epsilo
     from .backends import resolve_backend
     from .solver import ADAPTIVE, ANDERSON
 
+    recorder_for(problem.scores.device)  # CUDA scores first: the clearest reason on a CPU
+    dtype = problem.scores.dtype
     refusals = [
         (tol is not None, f"runs a fixed number of iterations: pass tol=None and max_iter=... (got tol={tol!r})"),
         (init is not None, "starts cold: init= is not captured"),
@@ -60,6 +107,8 @@ def check_capturable(problem: Problem, backend: str, tol, init, callback, epsilo
         (epsilon_scaling is not None, "runs one epsilon: epsilon_scaling= is not supported"),
         (acceleration in (ANDERSON, ADAPTIVE), "replays plain or fixed over-relaxed steps: Anderson mixing and "
                                                 "adaptive over-relaxation read the error each iteration"),
+        (dtype == torch.float64, "runs the triton backend, which takes float32, float16 or bfloat16 scores (got "
+                                 "float64: convert them, or drop cuda_graph)"),
         (resolve_backend(backend, problem) != "triton", f"runs the triton backend (backend={backend!r} resolves "
                                                          f"to {resolve_backend(backend, problem)!r} here)"),
     ]  # fmt: skip
@@ -81,7 +130,8 @@ def recorder_for(device: torch.device):
 def record_cuda_graph(body: Callable[[], tuple], device: torch.device):
     """``(replay, outputs, graph)``: ``body`` run once on a side stream (compiling the kernels and warming the
     allocator, as capture requires), then captured; ``outputs`` are the captured run's tensors, which every replay
-    rewrites in place."""
+    rewrites in place. ``thread_local``: another thread's CUDA calls (a data loader pinning memory) do not break
+    the capture."""
     with torch.cuda.device(device):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -89,38 +139,24 @@ def record_cuda_graph(body: Callable[[], tuple], device: torch.device):
             body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = body()
     return graph.replay, outputs, graph
 
 
 def capture(problem: Problem, max_iter: int, omega: float) -> CapturedSolve:
-    """Build the buffers and the operator over them, and record the solve."""
-    from .solver import ClusterMarginal, steps_without_reading
-
-    scores = problem.scores.clone()  # (H, N, K), the caller's layout kept (the launch depends on it)
-    sample_weights = problem.sample_weights.clone()
-    cluster_weights = problem.cluster_weights.clone()
-    operator = make_operator(
-        Problem(scores, problem.epsilon, sample_weights, cluster_weights, problem.batched), "triton"
-    )
-
-    def body():
-        # The operator took log c from the first call's weights: refresh it from the buffer on every replay, as
-        # a new operator would compute it.
-        operator.log_c.copy_(sample_weights.to(torch.float32).log())
-        clusters = ClusterMarginal.of(cluster_weights, problem.has_zero_weights)
-        b, errors = steps_without_reading(operator, clusters, None, max_iter, omega)
-        labels, codes = operator.assign(b, want_codes=True)
-        return b, errors, labels, codes, clusters.empty
-
-    replay, (b, errors, labels, codes, empty), keep_alive = recorder_for(scores.device)(body, scores.device)
-    return CapturedSolve(scores, sample_weights, cluster_weights, replay, b, errors, labels, codes, empty, keep_alive)
+    """Build the body over fresh buffers and record it."""
+    body = SolveBody(problem, max_iter, omega)
+    replay, outputs, graph = recorder_for(problem.scores.device)(body.run, problem.scores.device)
+    return CapturedSolve(body, replay, *outputs, graph)
 
 
 def cache_key(problem: Problem, max_iter: int, omega: float) -> tuple:
+    """Everything that changes the recorded launches: shape, layout and alignment, dtype, device, epsilon (a
+    kernel argument), the iterations, the step and whether zero-weight clusters are masked."""
     s = problem.scores
-    return (tuple(s.shape), s.stride(), s.dtype, s.device, problem.epsilon, max_iter, omega, problem.has_zero_weights)
+    layout = (tuple(s.shape), s.stride(), s.data_ptr() % 16, s.dtype, s.device)
+    return (*layout, problem.epsilon, max_iter, omega, problem.has_zero_weights)
 
 
 def captured(problem: Problem, max_iter: int, omega: float) -> CapturedSolve:
@@ -138,19 +174,18 @@ def captured(problem: Problem, max_iter: int, omega: float) -> CapturedSolve:
 def solve_captured(problem: Problem, max_iter: int, omega: float):
     """``(LoopOutput, labels (H, N), codes (H, N, K))`` of a fixed-iteration solve, by replaying its capture.
 
-    The outputs are copies: the next call's replay rewrites the captured buffers.
+    The outputs are copies, taken before the one synchronisation (so it covers them): the next call's replay
+    rewrites the captured buffers.
     """
     from .solver import LoopOutput, read_back
 
     with _LOCK:
         entry = captured(problem, max_iter, omega)
-        entry.scores.copy_(problem.scores)
-        entry.sample_weights.copy_(problem.sample_weights)
-        entry.cluster_weights.copy_(problem.cluster_weights)
+        entry.body.fill(problem)
         entry.replay()
+        potentials, labels, codes = entry.potentials.clone(), entry.labels.clone(), entry.codes.clone()
         history = read_back(entry.errors.amax(dim=1), entry.potentials, entry.empty)  # the one synchronisation
-        out = LoopOutput(potentials=entry.potentials.clone(), n_iter=max_iter, errors=history, converged=False)
-        return out, entry.labels.clone(), entry.codes.clone()
+    return LoopOutput(potentials=potentials, n_iter=max_iter, errors=history, converged=False), labels, codes
 
 
 def clear_cache() -> None:

@@ -5,6 +5,8 @@ first run's tensors, as a replay rewrites a graph's buffers: everything but CUDA
 here (the buffers a call fills, the copies it returns, the cache, the refusals). The ``gpu`` test captures for real.
 """
 
+import weakref
+
 import pytest
 import torch
 from helpers import random_problem
@@ -16,11 +18,17 @@ EPS = 0.1
 
 
 def record_eagerly(body, device):
-    """A stand-in for CUDA graph capture: replaying re-runs ``body`` into the first run's output tensors."""
+    """A stand-in for CUDA graph capture: replaying re-runs ``body`` into the first run's output tensors.
+
+    Like a CUDA graph it keeps no strong reference to ``body`` (a bound method): were the cache entry not to own
+    the body and the buffers it writes, the replay would find it gone (on a GPU: write into freed memory)."""
     outputs = body()
+    weak_body = weakref.WeakMethod(body)
 
     def replay():
-        for kept, new in zip(outputs, body(), strict=True):
+        alive = weak_body()
+        assert alive is not None, "the captured body (operator, buffers) was freed while its capture is cached"
+        for kept, new in zip(outputs, alive(), strict=True):
             if kept is not None:
                 kept.copy_(new)
 
@@ -70,6 +78,59 @@ def test_replays_equal_the_eager_solve_call_after_call(recorder, kwargs):
     assert len(graphs._CACHE) == 1  # one shape, one capture
 
 
+def test_every_option_in_the_key_and_every_buffer_refreshed(recorder, monkeypatch):
+    """One shape, calls that differ in epsilon, steps, cluster weights (with and without zero weights) and
+    dtype: each equals its eager solve, and an earlier result keeps its values."""
+    s = scores(8)
+    uniform = torch.full((11,), 1 / 11, dtype=torch.float64)
+    skewed = torch.linspace(1, 3, 11, dtype=torch.float64)
+    closed = torch.cat([torch.zeros(2, dtype=torch.float64), torch.ones(9, dtype=torch.float64)])
+    calls = [
+        dict(epsilon=EPS),
+        dict(epsilon=0.3),
+        dict(epsilon=EPS, over_relaxation=1.4),
+        dict(epsilon=EPS, cluster_weights=skewed / skewed.sum()),
+        dict(epsilon=EPS, cluster_weights=closed / closed.sum()),
+        dict(epsilon=EPS, cluster_weights=uniform),
+        dict(epsilon=EPS, dtype=torch.bfloat16),
+    ]
+    monkeypatch.setattr(graphs, "MAX_CACHED", 8)
+    results = []
+    for options in calls:
+        options = dict(options)
+        x = s.to(options.pop("dtype", s.dtype))
+        call = dict(max_iter=3, tol=None, backend="triton", **options)
+        res = sinkhorn_assign(x, cuda_graph=True, **call)
+        assert_same(res, sinkhorn_assign(x, **call))
+        results.append((res, res.cluster_potentials.clone(), res.labels.clone()))
+    for res, potentials, labels in results:
+        assert torch.equal(res.cluster_potentials, potentials) and torch.equal(res.labels, labels)
+    # eps 0.1, eps 0.3, omega 1.4, zero-weight masking, bf16 (weights without a zero share the first capture)
+    assert len(graphs._CACHE) == 5
+
+
+@pytest.mark.parametrize("layout", ["transposed view", "every other column", "offset by one row", "gapped transposed"])
+def test_any_layout_gives_the_eager_bits(recorder, layout):
+    """The captured buffer copies the caller's strides and alignment, so the kernels launched are the same ones."""
+    base = scores(9, n=40, k=24)
+    x = {
+        "transposed view": base.T.contiguous().T,
+        "every other column": scores(9, n=40, k=48)[:, ::2],
+        "offset by one row": scores(9, n=41, k=11)[1:],
+        "gapped transposed": scores(9, n=1000, k=256)[:, ::2].T,  # (128, 1000), strides (2, 256)
+    }[layout]
+    call = dict(max_iter=3, tol=None, backend="triton")
+    assert_same(sinkhorn_assign(x, EPS, cuda_graph=True, **call), sinkhorn_assign(x, EPS, **call))
+
+
+def test_one_shape_in_two_layouts_gets_two_captures(recorder):
+    x = scores(12, n=40, k=40)
+    call = dict(max_iter=3, tol=None, backend="triton")
+    for view in (x, x.T.contiguous().T):  # the same (N, K), stored (N, K) then (K, N)
+        assert_same(sinkhorn_assign(view, EPS, cuda_graph=True, **call), sinkhorn_assign(view, EPS, **call))
+    assert len(graphs._CACHE) == 2
+
+
 def test_batched_heads_and_the_lazy_objective(recorder):
     s = scores(4, h=3)
     call = dict(max_iter=3, tol=None, backend="triton")
@@ -113,8 +174,15 @@ def test_a_warm_start_and_features_mode_are_refused(recorder):
 
 
 def test_cpu_scores_are_refused_without_the_stand_in():
+    if DEVICE == "cuda":
+        pytest.skip("the refusal is for CPU scores")
     with pytest.raises(ValueError, match="needs CUDA scores"):
-        graphs.recorder_for(torch.device("cpu"))
+        sinkhorn_assign(scores(10), EPS, max_iter=3, tol=None, cuda_graph=True)
+
+
+def test_float64_scores_are_refused_with_the_reason(recorder):
+    with pytest.raises(ValueError, match="got float64"):
+        sinkhorn_assign(scores(11).double(), EPS, max_iter=3, tol=None, cuda_graph=True)
 
 
 @pytest.mark.gpu
