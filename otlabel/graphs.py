@@ -2,10 +2,12 @@
 
 A small solve on a GPU is bound by the host, not the device: a SwAV batch (N = 4,096, K = 3,000, 3 iterations,
 labels and codes) launched ~50 kernels and took 1.64 ms through ``sinkhorn_assign`` on an H100 (2026-11-23), while
-its kernels need ~0.2 ms. Here the whole fixed-iteration loop and the labels-and-codes pass are captured once per
-problem shape; a call then checks its input as usual, copies its scores and weights into the captured buffers,
-replays the graph and reads the error history back (one synchronisation). Results are bitwise those of the same
-call without ``cuda_graph``.
+its kernels need ~0.2 ms. Here the checks of the score values, the whole fixed-iteration loop and the
+labels-and-codes pass are captured once per problem shape; a call then checks shapes, dtypes and weights on the
+host, copies its scores and weights into the captured buffers, replays the graph and reads the error history, the
+finiteness of the potentials and the extremes of the scores back together (one synchronisation). Results, and the
+errors bad scores raise, are bitwise those of the same call without ``cuda_graph``. (With a zero cluster weight the
+score values are checked before the replay, as without the graph: one synchronisation more.)
 
 Each cached shape holds a copy of the scores and a codes buffer (2 x 4·H·N·K bytes for fp32 scores: 98 MB at
 4,096 x 3,000) besides the graph; at most :data:`MAX_CACHED` shapes are kept, the least recently used dropped
@@ -22,7 +24,15 @@ from dataclasses import dataclass
 import torch
 
 from .backends import make_operator
-from .problem import Problem
+from .problem import (
+    Problem,
+    check_score_values,
+    compute_dtype_of,
+    extremes_from_values,
+    extremes_on_device,
+    max_score_span,
+    overflow_span,
+)
 
 MAX_CACHED = 4  # captured shapes kept per process
 
@@ -56,15 +66,17 @@ class SolveBody:
         self.cluster_weights.copy_(problem.cluster_weights)
 
     def run(self) -> tuple:
-        """``(b, errors, labels, codes, empty)``: the fixed-iteration solve, then labels and codes."""
+        """``(b, errors, labels, codes, empty, extremes)``: the checks of the score values (unless some cluster weight
+        is 0: then the caller checked them), the fixed-iteration solve, then labels and codes."""
         from .solver import ClusterMarginal, steps_without_reading
 
+        extremes = None if self.has_zero_weights else extremes_on_device(self.scores)  # (4,)
         # The operator took log c from the first call's weights: refresh it from the buffer, as a new one would.
         self.operator.log_c.copy_(self.sample_weights.to(torch.float32).log())
         clusters = ClusterMarginal.of(self.cluster_weights, self.has_zero_weights)
         b, errors = steps_without_reading(self.operator, clusters, None, self.max_iter, self.omega)
         labels, codes = self.operator.assign(b, want_codes=True)
-        return b, errors, labels, codes, clusters.empty
+        return b, errors, labels, codes, clusters.empty, extremes
 
 
 def same_layout_empty(x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +102,7 @@ class CapturedSolve:
     labels: torch.Tensor  # (H, N) int64
     codes: torch.Tensor  # (H, N, K) float32
     empty: torch.Tensor | None  # (K,) zero-weight clusters, None when the weights have none
+    extremes: torch.Tensor | None  # (4,) what the input checks judge (None: the caller checked the scores)
     graph: object  # the CUDA graph (its private memory pool holds the outputs)
 
 
@@ -175,17 +188,37 @@ def solve_captured(problem: Problem, max_iter: int, omega: float):
     """``(LoopOutput, labels (H, N), codes (H, N, K))`` of a fixed-iteration solve, by replaying its capture.
 
     The outputs are copies, taken before the one synchronisation (so it covers them): the next call's replay
-    rewrites the captured buffers.
+    rewrites the captured buffers. That one read brings back the error history, whether the potentials are
+    finite and the extremes of the scores: bad scores (NaN, +inf, a sample with nowhere to go, a span too large
+    for epsilon) raise the error the uncaptured call would have raised, and nothing computed from them is returned.
     """
-    from .solver import LoopOutput, read_back
+    from .solver import LoopOutput, potentials_finite, raise_infeasible
 
     with _LOCK:
         entry = captured(problem, max_iter, omega)
         entry.body.fill(problem)
         entry.replay()
         potentials, labels, codes = entry.potentials.clone(), entry.labels.clone(), entry.codes.clone()
-        history = read_back(entry.errors.amax(dim=1), entry.potentials, entry.empty)  # the one synchronisation
-    return LoopOutput(potentials=potentials, n_iter=max_iter, errors=history, converged=False), labels, codes
+        parts = [entry.errors.amax(dim=1), potentials_finite(entry.potentials, entry.empty).double()[None]]
+        if entry.extremes is not None:
+            parts.append(entry.extremes.double())
+        history = torch.cat(parts).tolist()  # the one synchronisation
+    finite, extremes = history[max_iter], history[max_iter + 1 :]
+    if extremes and not scores_acceptable(problem, extremes):
+        check_score_values(problem.scores, problem.cluster_weights, False, problem.epsilon, problem.batched)
+        raise RuntimeError("otlabel: internal error: the captured input checks and the uncaptured ones disagree.")
+    if not finite:
+        raise_infeasible()
+    out = LoopOutput(potentials=potentials, n_iter=max_iter, errors=history[:max_iter], converged=False)
+    return out, labels, codes
+
+
+def scores_acceptable(problem: Problem, values: list[float]) -> bool:
+    """The verdict of :func:`otlabel.problem.check_score_values` from the extremes the capture computed."""
+    s = problem.scores
+    return extremes_from_values(values).acceptable(
+        max_score_span(compute_dtype_of(s)), overflow_span(s), problem.epsilon
+    )
 
 
 def clear_cache() -> None:

@@ -202,8 +202,20 @@ def score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zer
     parts = [*torch.aminmax(row_max), *torch.aminmax(weighted_col_max)]
     if has_zero_weights:
         parts += [*torch.aminmax(weighted_row_max), col_max.amax()]
-    rows_lo, rows_hi, cols_lo, cols_hi, *rest = torch.stack(parts).tolist()
-    weighted_rows_lo, weighted_rows_hi, top = rest if has_zero_weights else (rows_lo, rows_hi, cols_hi)
+    return extremes_from_values(torch.stack(parts).tolist())
+
+
+def extremes_on_device(scores: torch.Tensor) -> torch.Tensor:
+    """(4,) the extremes :func:`check_score_values` judges when no cluster weight is 0, left on the device: a
+    captured solve (:mod:`otlabel.graphs`) computes them in its graph and reads them with its results."""
+    return torch.stack([*torch.aminmax(scores.amax(dim=2)), *torch.aminmax(scores.amax(dim=1))])
+
+
+def extremes_from_values(values: list[float]) -> ScoreExtremes:
+    """:class:`ScoreExtremes` from the 4 values of :func:`extremes_on_device` (no zero weights: the weighted
+    maxima are the maxima) or the 7 of :func:`score_extremes` with zero weights."""
+    rows_lo, rows_hi, cols_lo, cols_hi, *rest = values
+    weighted_rows_lo, weighted_rows_hi, top = rest if rest else (rows_lo, rows_hi, cols_hi)
     return ScoreExtremes((rows_lo, rows_hi), (weighted_rows_lo, weighted_rows_hi), (cols_lo, cols_hi), top)
 
 
@@ -366,8 +378,9 @@ def checked_host_weights(weights, size: int, name: str, other: str, scores_shape
     return torch.from_numpy(host / total)
 
 
-def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Problem:
-    """Check everything once; the returned problem is safe for every backend."""
+def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_values: bool = True) -> Problem:
+    """Check everything once; the returned problem is safe for every backend. ``check_values=False`` leaves out the
+    pass over the score values (NaN, +inf, masks, span): a captured solve makes it in its graph, then judges it."""
     epsilon = check_epsilon(epsilon)
     scores3, batched = check_scores(scores)
     _, n, k = scores3.shape
@@ -380,7 +393,8 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None) -> Prob
         r, has_zeros = r_host.to(device), bool((r_host.numpy() == 0).any())
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device,
                       (n, k))  # fmt: skip
-    check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched)
+    if check_values:
+        check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched)
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched,
                    has_zero_weights=has_zeros)  # fmt: skip
 

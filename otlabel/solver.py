@@ -23,7 +23,7 @@ import torch
 
 from .backends import make_operator
 from .backends.base import ScoreOperator
-from .problem import validate
+from .problem import check_score_values, validate
 from .result import ConvergenceWarning, SinkhornResult
 
 DEFAULT_MAX_ITER = 1000
@@ -180,11 +180,15 @@ def read_back(values: torch.Tensor, b, empty) -> list[float]:
     """``values`` (1-d) as floats, read together with a check that ``b`` is finite: one device sync."""
     *floats, finite = torch.cat([values, potentials_finite(b, empty).double()[None]]).tolist()
     if not finite:
-        raise ValueError(
-            "Sinkhorn potentials became non-finite: the masked problem has no feasible balanced plan "
-            "(some group of clusters cannot reach enough samples). Relax the mask or the cluster weights."
-        )
+        raise_infeasible()
     return floats
+
+
+def raise_infeasible():
+    raise ValueError(
+        "Sinkhorn potentials became non-finite: the masked problem has no feasible balanced plan "
+        "(some group of clusters cannot reach enough samples). Relax the mask or the cluster weights."
+    )
 
 
 def epsilon_stages(problem, epsilon_scaling: float) -> list[float]:
@@ -599,7 +603,7 @@ def sinkhorn_assign(
     acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)  # before validate reads S
     if epsilon_scaling is not None and not (is_number(epsilon_scaling) and 0 < epsilon_scaling < 1):
         raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
-    problem = validate(scores, epsilon, cluster_weights, sample_weights)
+    problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph)
     if cuda_graph:
         return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration)
     operator = make_operator(problem, backend)
@@ -621,6 +625,8 @@ def assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_s
     from . import graphs
 
     graphs.check_capturable(problem, backend, tol, init, callback, epsilon_scaling, acceleration)
+    if problem.has_zero_weights:  # the capture checks the score values itself only when no weight is 0
+        check_score_values(problem.scores, problem.cluster_weights, True, problem.epsilon, problem.batched)
     out, labels, codes = graphs.solve_captured(problem, max_iter, acceleration)
     # The lazy read-outs (objective, plan) need an operator over the caller's scores: built only if one is read.
     result = package_result(problem, DeferredOperator(lambda: make_operator(problem, backend)), out, labels=labels)

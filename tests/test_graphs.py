@@ -192,3 +192,41 @@ def test_real_cuda_graph_replays_bitwise(recorder):
     for seed in (1, 2, 3):
         s = torch.randn(4096, 300, generator=torch.Generator().manual_seed(seed)).cuda()
         assert_same(sinkhorn_assign(s, 0.05, cuda_graph=True, **call), sinkhorn_assign(s, 0.05, **call))
+
+
+def bad(kind):
+    """Scores the input checks reject, and the cluster weights that go with them."""
+    s = scores(13).clone()
+    weights = None
+    if kind == "NaN":
+        s[3, 4] = float("nan")
+    elif kind == "+inf":
+        s[5, 1] = float("inf")
+    elif kind == "masked sample":
+        s[7, :] = float("-inf")
+    elif kind == "unreachable cluster":
+        s[:, 2] = float("-inf")
+    elif kind == "span":
+        s[0, 0] = 1e6
+    elif kind == "only zero-weight clusters":
+        s[4, 1:] = float("-inf")
+        weights = torch.tensor([0.0] + [0.1] * 10, dtype=torch.float64)
+    return s, weights
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computing on NaN and inf, as a GPU would
+@pytest.mark.parametrize(
+    "kind", ["NaN", "+inf", "masked sample", "unreachable cluster", "span", "only zero-weight clusters"]
+)
+def test_bad_scores_raise_what_the_uncaptured_call_raises(recorder, kind):
+    """The capture checks the score values inside the graph and judges them with its results: the same error, and
+    a good call after a bad one on the same capture still gets its own answer."""
+    s, weights = bad(kind)
+    call = dict(max_iter=3, tol=None, backend="triton", cluster_weights=weights)
+    with pytest.raises(ValueError) as eager:
+        sinkhorn_assign(s, EPS, **call)
+    with pytest.raises(ValueError) as captured:
+        sinkhorn_assign(s, EPS, cuda_graph=True, **call)
+    assert str(captured.value) == str(eager.value)
+    good = scores(14)
+    assert_same(sinkhorn_assign(good, EPS, cuda_graph=True, **call), sinkhorn_assign(good, EPS, **call))
