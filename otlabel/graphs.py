@@ -7,7 +7,8 @@ labels-and-codes pass are captured once per problem shape; a call then checks sh
 host, copies its scores and weights into the captured buffers, replays the graph and reads the error history, the
 finiteness of the potentials and the extremes of the scores back together (one synchronisation). Results, and the
 errors bad scores raise, are bitwise those of the same call without ``cuda_graph``. (With a zero cluster weight the
-score values are checked before the replay, as without the graph: one synchronisation more.)
+score values are checked before the replay, as without the graph: one synchronisation more.) Options a capture
+cannot replay are refused first, before the scores are read.
 
 Each cached shape holds a copy of the scores and a codes buffer (2 x 4·H·N·K bytes for fp32 scores: 98 MB at
 4,096 x 3,000) besides the graph; at most :data:`MAX_CACHED` shapes are kept, the least recently used dropped
@@ -172,16 +173,17 @@ def cache_key(problem: Problem, max_iter: int, omega: float) -> tuple:
     return (*layout, problem.epsilon, max_iter, omega, problem.has_zero_weights)
 
 
-def captured(problem: Problem, max_iter: int, omega: float) -> CapturedSolve:
-    """The cached capture for this problem's shape and options, recorded on first use."""
+def captured(problem: Problem, max_iter: int, omega: float) -> tuple[CapturedSolve, tuple, bool]:
+    """``(entry, key, new)``: the cached capture for this problem's shape and options, recorded on first use."""
     key = cache_key(problem, max_iter, omega)
     entry = _CACHE.pop(key, None)
-    if entry is None:
+    new = entry is None
+    if new:
         entry = capture(problem, max_iter, omega)
     _CACHE[key] = entry  # most recently used last
     while len(_CACHE) > MAX_CACHED:
         _CACHE.popitem(last=False)
-    return entry
+    return entry, key, new
 
 
 def solve_captured(problem: Problem, max_iter: int, omega: float):
@@ -195,7 +197,7 @@ def solve_captured(problem: Problem, max_iter: int, omega: float):
     from .solver import LoopOutput, potentials_finite, raise_infeasible
 
     with _LOCK:
-        entry = captured(problem, max_iter, omega)
+        entry, key, new = captured(problem, max_iter, omega)
         entry.body.fill(problem)
         entry.replay()
         potentials, labels, codes = entry.potentials.clone(), entry.labels.clone(), entry.codes.clone()
@@ -205,6 +207,9 @@ def solve_captured(problem: Problem, max_iter: int, omega: float):
         history = torch.cat(parts).tolist()  # the one synchronisation
     finite, extremes = history[max_iter], history[max_iter + 1 :]
     if extremes and not scores_acceptable(problem, extremes):
+        if new:  # a capture recorded for bad scores is not kept: it would hold memory, maybe in a good one's place
+            with _LOCK:
+                _CACHE.pop(key, None)
         check_score_values(problem.scores, problem.cluster_weights, False, problem.epsilon, problem.batched)
         raise RuntimeError("otlabel: internal error: the captured input checks and the uncaptured ones disagree.")
     if not finite:

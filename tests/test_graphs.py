@@ -211,12 +211,16 @@ def bad(kind):
     elif kind == "only zero-weight clusters":
         s[4, 1:] = float("-inf")
         weights = torch.tensor([0.0] + [0.1] * 10, dtype=torch.float64)
+    elif kind == "batched bf16 NaN":
+        s = scores(13, h=2).to(torch.bfloat16)
+        s[1, 6, 3] = float("nan")
     return s, weights
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computing on NaN and inf, as a GPU would
 @pytest.mark.parametrize(
-    "kind", ["NaN", "+inf", "masked sample", "unreachable cluster", "span", "only zero-weight clusters"]
+    "kind",
+    ["NaN", "+inf", "masked sample", "unreachable cluster", "span", "only zero-weight clusters", "batched bf16 NaN"],
 )
 def test_bad_scores_raise_what_the_uncaptured_call_raises(recorder, kind):
     """The capture checks the score values inside the graph and judges them with its results: the same error, and
@@ -228,5 +232,16 @@ def test_bad_scores_raise_what_the_uncaptured_call_raises(recorder, kind):
     with pytest.raises(ValueError) as captured:
         sinkhorn_assign(s, EPS, cuda_graph=True, **call)
     assert str(captured.value) == str(eager.value)
+    assert not graphs._CACHE or weights is not None  # a capture recorded for bad scores is dropped
     good = scores(14)
     assert_same(sinkhorn_assign(good, EPS, cuda_graph=True, **call), sinkhorn_assign(good, EPS, **call))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_options_are_refused_before_the_scores_are_read(recorder):
+    """The order of errors with cuda_graph=True: what cannot be captured first, then the score values."""
+    s, _ = bad("NaN")
+    with pytest.raises(ValueError, match="fixed number of iterations"):
+        sinkhorn_assign(s, EPS, max_iter=3, tol=1e-3, backend="triton", cuda_graph=True)
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        sinkhorn_assign(s, EPS, max_iter=3, tol=None, backend="triton", cuda_graph=True)

@@ -144,3 +144,25 @@ def test_tolerance_solve_synchronises_the_gpu_once_per_iteration(acceleration):
     gpu_syncs(s, max_iter=3, **kwargs)  # the first counted call also sees torch's one-time set-up of the counting
     syncs = {max_iter: gpu_syncs(s, max_iter=max_iter, **kwargs) for max_iter in (3, 12)}
     assert len(syncs[12]) - len(syncs[3]) == 9, syncs
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("zero_weight", [False, True], ids=["uniform", "a zero cluster weight"])
+def test_a_captured_solve_reads_back_once(host_reads, monkeypatch, zero_weight):
+    """cuda_graph=True: one read per call (the history, the finiteness and the score checks together), two with a
+    zero cluster weight (the scores are then checked before the replay). Nothing is read inside the captured body:
+    a read there would break CUDA graph capture. The capture is stood in for by an eager recorder (test_graphs)."""
+    from test_graphs import record_eagerly
+
+    from otlabel import graphs
+
+    monkeypatch.setattr(graphs, "recorder_for", lambda device: record_eagerly)
+    graphs.clear_cache()
+    weights = torch.tensor([0.0] + [1 / 19] * 19, dtype=torch.float64) if zero_weight else None
+    try:
+        for _ in range(3):  # the first call records, the others replay
+            host_reads.clear()
+            sinkhorn_assign(S, 0.05, max_iter=3, tol=None, backend="triton", cluster_weights=weights, cuda_graph=True)
+            assert sum(host_reads.values()) == (2 if zero_weight else 1), dict(host_reads)
+    finally:
+        graphs.clear_cache()
