@@ -51,9 +51,10 @@ TRANSPOSED_CHUNK_N, TRANSPOSED_CHUNK_K = 32, 256
 # (H, P, K) partials stay small next to S. A grid larger than what fits runs in waves: the work per program is
 # equal, so that costs little, but the partials and their merge grow with P. What fits is set by the registers of
 # the compiled partials kernel, known only after compiling; sm_90 cubins (Triton 3.6 and 3.9, fp32/bf16/fp16, warm,
-# both layouts) give: tiles of 32 elements per thread (K in (2048, 4096], 4x4096 at 16 warps) 116-128 registers, one
-# program per SM; other 16-warp tiles 64-95, one or two; 8-warp tiles 48-128, two to five. Hence ``programs_per_sm``:
-# 1, 2 and PROGRAMS_PER_SM (up to 2x over, or one under at small K where five fit).
+# both layouts) give: tiles of 32 elements per thread 116-128 registers, so one program of 16 warps per SM (4x4096 at
+# K in (2048, 4096]), two of 8, four of 4; other 16-warp tiles 64-95, one or two; other 8-warp tiles 48-128, two to
+# five. Hence ``programs_per_sm``: the register file over 128 per thread for the first, 2 and PROGRAMS_PER_SM for
+# the others (up to 2x over, or one under at small K where five fit).
 PROGRAMS_PER_SM = 4
 REGISTERS_PER_SM = 65536  # sm_80 to sm_90
 # A program should own at least this many rows, or its K partials cost more than its share of S.

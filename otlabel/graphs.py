@@ -18,6 +18,7 @@ first (:func:`clear_cache` drops them all).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,15 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import make_operator
-from .problem import (
-    Problem,
-    check_score_values,
-    compute_dtype_of,
-    extremes_from_values,
-    extremes_on_device,
-    max_score_span,
-    overflow_span,
-)
+from .problem import Problem, check_score_values, extremes_from_values, extremes_on_device
 
 MAX_CACHED = 4  # captured shapes kept per process
 
@@ -46,37 +39,38 @@ _LOCK = threading.Lock()
 class SolveBody:
     """What a capture records and every replay re-runs: the solve over the buffers a call fills.
 
-    The cache entry owns it. A CUDA graph keeps addresses, not Python objects: were the operator (its log c and
-    workspace, allocated before the capture) freed, every replay would write into memory reused by others.
+    The cache entry owns it, and with it the input buffers: a CUDA graph keeps addresses, not Python objects. All
+    else the solve touches (the operator's log c and workspace, the outputs) is allocated inside the body, so the
+    capture puts it in the graph's own memory pool, kept with the graph, and every replay recomputes it from the
+    buffers, as the uncaptured call computes it from its inputs.
     """
 
     def __init__(self, problem: Problem, max_iter: int, omega: float):
-        self.scores = same_layout_empty(problem.scores)  # the launch, the vector width and Triton's alignment
-        self.sample_weights = torch.empty_like(problem.sample_weights)  # specialisation all follow the layout
-        self.cluster_weights = torch.empty_like(problem.cluster_weights)
+        scores = same_layout_empty(problem.scores)  # the launch, the vector width and Triton's alignment
+        sample_weights = torch.empty_like(problem.sample_weights)  # specialisation all follow the layout
+        cluster_weights = torch.empty_like(problem.cluster_weights)
+        self.buffers = dataclasses.replace(problem, scores=scores, sample_weights=sample_weights,
+                                           cluster_weights=cluster_weights)  # fmt: skip
         self.fill(problem)
-        self.operator = make_operator(
-            Problem(self.scores, problem.epsilon, self.sample_weights, self.cluster_weights, problem.batched), "triton"
-        )
-        self.has_zero_weights, self.max_iter, self.omega = problem.has_zero_weights, max_iter, omega
+        self.max_iter, self.omega = max_iter, omega
 
     def fill(self, problem: Problem) -> None:
         """Copy a call's scores and weights into the buffers the capture reads."""
-        self.scores.copy_(problem.scores)
-        self.sample_weights.copy_(problem.sample_weights)
-        self.cluster_weights.copy_(problem.cluster_weights)
+        self.buffers.scores.copy_(problem.scores)
+        self.buffers.sample_weights.copy_(problem.sample_weights)
+        self.buffers.cluster_weights.copy_(problem.cluster_weights)
 
     def run(self) -> tuple:
         """``(b, errors, labels, codes, empty, extremes)``: the checks of the score values (unless some cluster weight
         is 0: then the caller checked them), the fixed-iteration solve, then labels and codes."""
         from .solver import ClusterMarginal, steps_without_reading
 
-        extremes = None if self.has_zero_weights else extremes_on_device(self.scores)  # (4,)
-        # The operator took log c from the first call's weights: refresh it from the buffer, as a new one would.
-        self.operator.log_c.copy_(self.sample_weights.to(torch.float32).log())
-        clusters = ClusterMarginal.of(self.cluster_weights, self.has_zero_weights)
-        b, errors = steps_without_reading(self.operator, clusters, None, self.max_iter, self.omega)
-        labels, codes = self.operator.assign(b, want_codes=True)
+        problem = self.buffers
+        extremes = None if problem.has_zero_weights else extremes_on_device(problem.scores)  # (4,)
+        operator = make_operator(problem, "triton")
+        clusters = ClusterMarginal.of(problem.cluster_weights, problem.has_zero_weights)
+        b, errors = steps_without_reading(operator, clusters, None, self.max_iter, self.omega)
+        labels, codes = operator.assign(b, want_codes=True)
         return b, errors, labels, codes, clusters.empty, extremes
 
 
@@ -113,7 +107,7 @@ def check_capturable(problem: Problem, backend: str, tol, init, callback, epsilo
     from .solver import ADAPTIVE, ANDERSON
 
     recorder_for(problem.scores.device)  # CUDA scores first: the clearest reason on a CPU
-    dtype = problem.scores.dtype
+    dtype, resolved = problem.scores.dtype, resolve_backend(backend, problem)
     refusals = [
         (tol is not None, f"runs a fixed number of iterations: pass tol=None and max_iter=... (got tol={tol!r})"),
         (init is not None, "starts cold: init= is not captured"),
@@ -123,8 +117,7 @@ def check_capturable(problem: Problem, backend: str, tol, init, callback, epsilo
                                                 "adaptive over-relaxation read the error each iteration"),
         (dtype == torch.float64, "runs the triton backend, which takes float32, float16 or bfloat16 scores (got "
                                  "float64: convert them, or drop cuda_graph)"),
-        (resolve_backend(backend, problem) != "triton", f"runs the triton backend (backend={backend!r} resolves "
-                                                         f"to {resolve_backend(backend, problem)!r} here)"),
+        (resolved != "triton", f"runs the triton backend (backend={backend!r} resolves to {resolved!r} here)"),
     ]  # fmt: skip
     for refused, why in refusals:
         if refused:
@@ -206,7 +199,7 @@ def solve_captured(problem: Problem, max_iter: int, omega: float):
             parts.append(entry.extremes.double())
         history = torch.cat(parts).tolist()  # the one synchronisation
     finite, extremes = history[max_iter], history[max_iter + 1 :]
-    if extremes and not scores_acceptable(problem, extremes):
+    if extremes and not extremes_from_values(extremes).acceptable_for(problem.scores, problem.epsilon):
         if new:  # a capture recorded for bad scores is not kept: it would hold memory, maybe in a good one's place
             with _LOCK:
                 _CACHE.pop(key, None)
@@ -216,14 +209,6 @@ def solve_captured(problem: Problem, max_iter: int, omega: float):
         raise_infeasible()
     out = LoopOutput(potentials=potentials, n_iter=max_iter, errors=history[:max_iter], converged=False)
     return out, labels, codes
-
-
-def scores_acceptable(problem: Problem, values: list[float]) -> bool:
-    """The verdict of :func:`otlabel.problem.check_score_values` from the extremes the capture computed."""
-    s = problem.scores
-    return extremes_from_values(values).acceptable(
-        max_score_span(compute_dtype_of(s)), overflow_span(s), problem.epsilon
-    )
 
 
 def clear_cache() -> None:

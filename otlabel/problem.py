@@ -162,7 +162,7 @@ def check_score_values(
         weighted_row_max = scores[:, :, positive].amax(dim=2)
         weighted_col_max = torch.where(positive, col_max, 0.0)
     extremes = score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zero_weights)
-    if not extremes.acceptable(max_score_span(compute_dtype_of(scores)), overflow_span(scores), epsilon):
+    if not extremes.acceptable_for(scores, epsilon):
         raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon, batched)
 
 
@@ -194,6 +194,10 @@ class ScoreExtremes:
             return True
         span = max(-self.weighted_rows[0], self.weighted_rows[1], -self.weighted_cols[0], self.weighted_cols[1])
         return not (span > max_span * epsilon or self.top > overflow * epsilon)
+
+    def acceptable_for(self, scores: torch.Tensor, epsilon: float | None) -> bool:
+        """:meth:`acceptable` with the limits of these scores' dtype."""
+        return self.acceptable(max_score_span(compute_dtype_of(scores)), overflow_span(scores), epsilon)
 
 
 def score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zero_weights: bool) -> ScoreExtremes:

@@ -123,10 +123,7 @@ def run_sinkhorn(
     worst_history: list[float] = []  # the errors already read back (with a tol, a callback or mixing)
     converged = False
     for _ in range(max_iter):
-        lse = operator.cluster_lse(potentials_for(operator, b))  # (H, K)
-        # float32 or float64: the subtraction from the float64 log r promotes it exactly (no copy of its own)
-        b_new = masked(clusters.log_r - lse, empty, float("-inf"))
-        err = marginal_error(b, b_new, clusters.r, empty)  # (H,) — inf on the cold start
+        b_new, err = cluster_step(operator, clusters, b)
         errors.append(err)
         # the iteration's one sync (with the mixer's verdict on its last proposal)
         values = err.max()[None] if mixer is None else torch.cat([err.max()[None], mixer.last_step_sound(err)])
@@ -146,11 +143,9 @@ def run_sinkhorn(
                 omega, adaptive = omega_for_rate(worst_history[1:]), False
         if mixer is not None and b is not None:
             b_new = mixer.step(b, b_new, worst, empty)
-        mixed = b is not None and (mixer is not None or omega != 1.0)
-        b = relax(b, b_new, omega, empty) if mixed and omega != 1.0 else b_new
-        b = centred(b, clusters)
-        if mixed:
-            b = operator.agree(b)  # sharded: every rank takes rank 0's (its solves may round differently)
+        b = next_iterate(
+            operator, clusters, b, b_new, omega, mixed=b is not None and (mixer is not None or omega != 1.0)
+        )
     history = read_back(torch.stack(errors).amax(dim=1), b, empty)  # every iteration's worst error
     return LoopOutput(potentials=b, n_iter=len(errors), errors=history, converged=converged)
 
@@ -162,18 +157,29 @@ def steps_without_reading(operator: ScoreOperator, clusters: ClusterMarginal, b,
     The whole fixed-iteration solve: nothing here waits for the device, so a CUDA graph can capture it
     (:mod:`otlabel.graphs`). :func:`run_sinkhorn` takes this path when nothing asks for the error on the way.
     """
-    empty = clusters.empty
     errors = []
     for _ in range(max_iter):
-        lse = operator.cluster_lse(potentials_for(operator, b))  # (H, K)
-        b_new = masked(clusters.log_r - lse, empty, float("-inf"))
-        errors.append(marginal_error(b, b_new, clusters.r, empty))
-        mixed = b is not None and omega != 1.0
-        b = relax(b, b_new, omega, empty) if mixed else b_new
-        b = centred(b, clusters)
-        if mixed:
-            b = operator.agree(b)  # sharded: every rank takes rank 0's (its solves may round differently)
+        b_new, err = cluster_step(operator, clusters, b)
+        errors.append(err)
+        b = next_iterate(operator, clusters, b, b_new, omega, mixed=b is not None and omega != 1.0)
     return b, torch.stack(errors)
+
+
+def cluster_step(operator: ScoreOperator, clusters: ClusterMarginal, b):
+    """One pass over the scores: the plain Sinkhorn step ``b_new = log r - LSE`` (H, K) and the marginal error (H,)
+    of the plan at ``b`` (inf on the cold start, ``b`` None)."""
+    lse = operator.cluster_lse(potentials_for(operator, b))  # (H, K)
+    # float32 or float64: the subtraction from the float64 log r promotes it exactly (no copy of its own)
+    b_new = masked(clusters.log_r - lse, clusters.empty, float("-inf"))
+    return b_new, marginal_error(b, b_new, clusters.r, clusters.empty)
+
+
+def next_iterate(operator: ScoreOperator, clusters: ClusterMarginal, b, b_new, omega: float, mixed: bool):
+    """The next ``b``: ``b_new`` (over-relaxed from ``b`` when ``mixed`` and ``omega != 1``), centred; a mixed step is
+    then taken from rank 0 on every rank (sharded solves may round differently)."""
+    b = relax(b, b_new, omega, clusters.empty) if mixed and omega != 1.0 else b_new
+    b = centred(b, clusters)
+    return operator.agree(b) if mixed else b
 
 
 def read_back(values: torch.Tensor, b, empty) -> list[float]:
@@ -629,9 +635,7 @@ def assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_s
         check_score_values(problem.scores, problem.cluster_weights, True, problem.epsilon, problem.batched)
     out, labels, codes = graphs.solve_captured(problem, max_iter, acceleration)
     # The lazy read-outs (objective, plan) need an operator over the caller's scores: built only if one is read.
-    result = package_result(problem, DeferredOperator(lambda: make_operator(problem, backend)), out, labels=labels)
-    result._codes = result._shape(codes)
-    return result
+    return package_result(problem, DeferredOperator(lambda: make_operator(problem, backend)), out, labels, codes)
 
 
 class DeferredOperator:
@@ -662,8 +666,9 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> 
     )
 
 
-def package_result(problem, operator: ScoreOperator, out: LoopOutput, labels=None) -> SinkhornResult:
-    """The result of a solve; ``labels`` (H, N) when already computed (a captured solve writes them)."""
+def package_result(problem, operator: ScoreOperator, out: LoopOutput, labels=None, codes=None) -> SinkhornResult:
+    """The result of a solve; ``labels`` (H, N) and ``codes`` (H, N, K) when already computed (a captured solve writes
+    both)."""
     if labels is None:
         labels, _ = operator.assign(out.potentials, want_codes=False)
     shape = (lambda x: x) if problem.batched else (lambda x: x[0])
@@ -678,4 +683,5 @@ def package_result(problem, operator: ScoreOperator, out: LoopOutput, labels=Non
         _operator=operator,
         _sample_weights=problem.sample_weights,
         _batched=problem.batched,
+        _codes=None if codes is None else shape(codes),
     )

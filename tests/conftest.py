@@ -17,7 +17,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # POT (imported by some tests) would import JAX, which takes 75% of a GPU's memory: see otlabel.exact.import_pot.
-for _switch in ("POT_BACKEND_DISABLE_JAX", "POT_BACKEND_DISABLE_TENSORFLOW", "POT_BACKEND_DISABLE_CUPY"):
+from otlabel.exact import POT_OPTIONAL_BACKENDS  # noqa: E402 (after TRITON_INTERPRET; imports no Triton)
+
+for _switch in POT_OPTIONAL_BACKENDS.values():
     os.environ.setdefault(_switch, "1")
 
 HAS_CUDA = torch.cuda.is_available()
