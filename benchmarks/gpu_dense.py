@@ -361,27 +361,48 @@ def time_swav_batch(op_cls, rows: list) -> None:
         print(f"  {method:>14}: {1e3 * med:8.1f} us")
 
 
-# (K, BLOCK_N, BLOCK_K, num_warps, programs per SM) tried by --sweep at N = 2**20; the first of each K is
-# what kernels/utils.py picks today. At K = 3000 the default 4-row tile needs 116-122 registers (sm_90 compile),
-# so one program fits per SM; one-row tiles on 16 or 8 warps need 54-60 or 97-99 and fit two.
+# (K, BLOCK_N, BLOCK_K, num_warps, programs per SM) tried by --sweep at N = 2**20, each with the warm pass summing
+# column masses (the default since 2026-11-24) and, where marked "+lse", also log-domain column sums (the only way
+# before). The first of each K is what kernels/utils.py picks today. sm_90 registers (Triton 3.9, fp32/bf16):
+# 4x4096 w16 85-90 with masses (116-122 log-domain): one program per SM either way; 1x4096 w8 64-69 (97-99): four
+# per SM (two); 2x4096 w16 57-60 (78-82): two (one); 1x4096 w4 121-124 (203-210). Masses drop the per-tile rescale of
+# the running column max (one exp2 per cluster per tile), which is what made one-row tiles lose on 2026-11-23.
 SWEEP = [
-    (3000, 4, 4096, 16, 4), (3000, 2, 4096, 16, 4), (3000, 2, 4096, 8, 4), (3000, 1, 4096, 16, 4),
-    (3000, 1, 4096, 8, 4),
-    (3000, 4, 4096, 16, 2), (3000, 4, 4096, 16, 8), (3000, 8, 1024, 8, 4), (3000, 16, 512, 8, 4),
-    # K = 3000 pads its one-chunk row to 4096 lanes (27% idle). Chunked tiles small enough that their second read
-    # comes from L2 (4 x 3000 x 4 B = 48 KB per program) might beat it: untried on a GPU so far.
-    (3000, 4, 1024, 4, 4), (3000, 2, 1024, 4, 4), (3000, 4, 512, 4, 4), (3000, 4, 2048, 8, 4),
-    (1000, 4, 1024, 4, 4), (1000, 4, 1024, 8, 4), (1000, 8, 1024, 8, 4), (1000, 2, 1024, 8, 4),
-    (1000, 8, 1024, 4, 4), (1000, 4, 1024, 4, 8),
-    (16384, 4, 2048, 8, 4), (16384, 8, 1024, 8, 4), (16384, 16, 1024, 8, 4), (16384, 8, 512, 4, 4),
-    (16384, 4, 2048, 4, 4), (16384, 2, 4096, 8, 4),
+    (3000, 4, 4096, 16, 4, "+lse"), (3000, 1, 4096, 8, 4, "+lse"), (3000, 2, 4096, 16, 2, ""),
+    (3000, 1, 4096, 4, 4, ""), (3000, 2, 4096, 8, 4, ""), (3000, 1, 4096, 16, 4, ""),
+    (1000, 4, 1024, 4, 4, "+lse"), (1000, 4, 1024, 4, 8, ""), (1000, 2, 1024, 2, 8, ""), (1000, 2, 1024, 4, 4, ""),
+    (1000, 1, 1024, 4, 8, ""),
+    (16384, 4, 2048, 8, 4, "+lse"), (16384, 8, 1024, 8, 4, ""), (16384, 2, 4096, 8, 4, ""),
+    # K in (4096, 8192] reads S twice today (chunked); one 8192-lane row per tile fits registers with masses
+    # (1x8192 w16: 64 registers, none spilled; log-domain cold passes 100): one read instead of two.
+    (6000, 4, 2048, 8, 4, "+lse"), (6000, 1, 8192, 16, 2, ""), (6000, 1, 8192, 8, 2, ""),
 ]  # fmt: skip
+
+
+def sweep_launches(n: int, k: int, device, sms: int) -> dict:
+    """name -> launch for the SWEEP settings at this K, the default launch with and without 16-byte loads, and
+    the default with half the clusters 200 nats below the rest (their masses underflow: the merge's exact
+    fallback recomputes them, the worst case of the column-mass path)."""
+    from otlabel.kernels.utils import dense_launch
+
+    launches = {}
+    for _, block_n, block_k, warps, per_sm, extra in [cfg for cfg in SWEEP if cfg[0] == k]:
+        for column_mass in (True, False) if extra == "+lse" else (True,):
+            name = f"sweep {block_n}x{block_k} w{warps} p{per_sm}/SM {'mass' if column_mass else 'lse'}"
+            launches[name] = dense_launch(n, k, 1, device, block_n=block_n, block_k=block_k, num_warps=warps,
+                                          n_programs=sms * per_sm, column_mass=column_mass)  # fmt: skip
+    # K = 1000, 3000 are multiples of 8 but not 16, so only otlabel's VEC hint gives them vector loads: keep it only
+    # if it pays.
+    for vector_loads in (True, False):
+        launches[f"default launch, vector loads {'on' if vector_loads else 'off'}"] = dense_launch(
+            n, k, 1, device, vector_loads=vector_loads
+        )
+    launches["default launch, half the clusters light"] = dense_launch(n, k, 1, device)
+    return launches
 
 
 def tile_sweep(kernels, rows: list, copy_bw: float) -> None:
     """Time cluster_lse for the SWEEP launch settings: data for tuning kernels/utils.py."""
-    from otlabel.kernels.utils import dense_launch
-
     n = 2**20
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for dtype in (torch.float32, torch.bfloat16):
@@ -392,23 +413,15 @@ def tile_sweep(kernels, rows: list, copy_bw: float) -> None:
             s = _scores(n, k, dtype)[None]  # (1, N, K)
             log_c = torch.full((n,), -math.log(n), device=DEVICE)
             b = torch.zeros(1, k, device=DEVICE)
-            launches = {
-                f"sweep {block_n}x{block_k} w{warps} p{per_sm}/SM": dense_launch(
-                    n, k, 1, s.device, block_n=block_n, block_k=block_k, num_warps=warps, n_programs=sms * per_sm
-                )
-                for _, block_n, block_k, warps, per_sm in [cfg for cfg in SWEEP if cfg[0] == k]
-            }
-            # The default launch with and without 16-byte loads along K (K = 1000, 3000 are multiples of 8 but
-            # not 16, so only otlabel's VEC hint gives them vector loads): keep the hint only if it pays.
-            for vector_loads in (True, False):
-                name = f"default launch, vector loads {'on' if vector_loads else 'off'}"
-                launches[name] = dense_launch(n, k, 1, s.device, vector_loads=vector_loads)
-            for name, launch in launches.items():
+            light = b.clone()
+            light[:, ::2] = -200.0
+            for name, launch in sweep_launches(n, k, s.device, sms).items():
                 if past_budget(f"sweep {name} K={k} {dtype}"):
                     break
                 ws = kernels.DenseWorkspace.for_scores(s, launch)
+                bb = light if "light" in name else b
                 med = _bench(
-                    lambda ws=ws, s=s, b=b, c=log_c: kernels.dense_cluster_lse(s, b, c, 1 / EPS, workspace=ws)
+                    lambda ws=ws, s=s, b=bb, c=log_c: kernels.dense_cluster_lse(s, b, c, 1 / EPS, workspace=ws)
                 )[1]
                 frac = n * k * s.element_size() / (med * 1e-3) / copy_bw
                 print(f"  {name} {dtype} K={k}: {med:.3f} ms ({100 * frac:.1f}% of copy)")

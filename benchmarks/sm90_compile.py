@@ -133,7 +133,29 @@ def compile_case(fn, args: dict, constants: dict, options: dict) -> dict:
         per_sm = min(per_sm, (SHARED_PER_PROGRAM + SHARED_RESERVED) // (shared + SHARED_RESERVED))
     ptx = kernel.asm["ptx"]
     counts = {name: len(re.findall(pattern, ptx)) for pattern, name in PTX_COUNTS.items()}
+    counts.update(sass_counts(kernel.asm["cubin"]))
     return dict(registers=registers, spilled=spilled, shared_kb=shared / 1024, per_sm=per_sm, warps=warps, **counts)
+
+
+SASS_COUNTS = {  # opcode (start of the mnemonic) -> column name
+    "MUFU.EX2": "ex2",
+    "BAR": "bar",
+    "SHFL": "shfl",
+}
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """Static SASS instruction counts of a cubin (``cuobjdump -sass``): the whole kernel, every branch once, so a
+    proxy for the work of its loop body, not a cycle count: exp2 on the special-function units, block barriers
+    (a cross-warp reduction through shared memory has one or two), warp shuffles, and all instructions."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True).stdout
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    counts = {name: sum(op.startswith(prefix) for op in opcodes) for prefix, name in SASS_COUNTS.items()}
+    counts["sass"] = len(opcodes)
+    return counts
 
 
 def dense_cases() -> dict:
@@ -155,12 +177,19 @@ def dense_cases() -> dict:
         # 32 B under Triton 3.9 (none under 3.6 at K = 3000, 8 B at 4096); the alternatives read S twice or spill more
         # (see TRANSPOSED_ONE_CHUNK in kernels/utils.py). A few bytes, allowed; anything more fails the check.
         max_spill = 32 if layout and launch.one_chunk and launch.block_k == 4096 else 0
-        for warm in (True, False):
+        for warm, column_mass in ((True, True), (True, False), (False, False)):
             args = dict(base, B=Pointer("fp32"), LOGC=Pointer("fp32"), A_WS=Pointer("fp32"), PMAX=Pointer("fp32"),
                         PSUM=Pointer("fp32"), P=launch.n_programs, scale2=1.5)  # fmt: skip
-            constants = dict(tiles, HAS_B=warm, ONE_CHUNK=launch.one_chunk)
-            cases[f"dense_partials {dtype}{layout} K={k} {'warm' if warm else 'cold'}"] = Case(
+            constants = dict(tiles, HAS_B=warm, COLUMN_MASS=column_mass, ONE_CHUNK=launch.one_chunk)
+            variant = ("warm mass" if column_mass else "warm lse") if warm else "cold"
+            cases[f"dense_partials {dtype}{layout} K={k} {variant}"] = Case(
                 kd._cluster_partials_kernel, args, constants, fused, max_spill=max_spill)
+        if not layout and dtype == "fp32":  # the merge reads fp32 partials; only its fallback reads S
+            args = dict(base, PSUM=Pointer("fp32"), B=Pointer("fp32"), OUT=Pointer("fp32"), A_WS=Pointer("fp32"),
+                        P=launch.n_programs, scale2=1.5, mass_floor=1e-24)  # fmt: skip
+            constants = dict(BLOCK_P=kd.MERGE_BLOCK_P, BLOCK=kd.MERGE_BLOCK_K, EXACT_ROWS=kd.EXACT_FALLBACK_ROWS)
+            merge = dict(fused, num_warps=4)
+            cases[f"dense_merge_masses K={k}"] = Case(kd._merge_masses_kernel, args, constants, merge)
         args = dict(base, B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"), inv_eps=20.0)
         cases[f"dense_assign {dtype}{layout} K={k} codes"] = Case(
             kd._assign_kernel, args, dict(tiles, WANT_CODES=True), exact)
@@ -242,18 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Triton {triton.__version__}, target sm_{opts.arch} (shared memory per program at most "
           f"{SHARED_PER_PROGRAM / 1024:.0f} KB); {len(cases)} kernels\n")  # fmt: skip
     print("| kernel | registers | spilled (B) | shared (KB) | programs/SM | warps | wgmma | mma.sync | cp.async | "
-          "ld.v4 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "ld.v4 | SASS: MUFU.EX2 | BAR | SHFL | all |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     problems = []
     for name, case in cases.items():
         try:
             r = compile_case(case.fn, case.args, case.constants, case.options)
         except Exception as err:  # noqa: BLE001 — a compile failure is the finding; report it and go on
             problems.append(f"{name}: does not compile: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
-            print(f"| {name} | COMPILE FAILED | | | | | | | | |", flush=True)
+            print(f"| {name} | COMPILE FAILED | | | | | | | | | | | | |", flush=True)
             continue
         print(f"| {name} | {r['registers']} | {r['spilled']} | {r['shared_kb']:.1f} | {r['per_sm']} | {r['warps']} | "
-              f"{r['wgmma']} | {r['mma.sync']} | {r['cp.async']} | {r['ld.v4']} |", flush=True)  # fmt: skip
+              f"{r['wgmma']} | {r['mma.sync']} | {r['cp.async']} | {r['ld.v4']} | {r['ex2']} | {r['bar']} | "
+              f"{r['shfl']} | {r['sass']} |", flush=True)  # fmt: skip
         if r["atomics"]:
             problems.append(f"{name}: uses atomics (the design promises fixed-order reductions)")
         if r["shared_kb"] * 1024 > SHARED_PER_PROGRAM:

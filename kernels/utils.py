@@ -106,6 +106,9 @@ class DenseLaunch:
     num_warps: int
     n_programs: int
     vector_loads: bool = True  # 16-byte loads along K where K and the strides allow (``vector_width``)
+    # Warm passes sum the plan's column masses (linear: the row's exp2 reused, no running max to rescale) instead
+    # of log-domain column sums; see ``_merge_masses_kernel`` for the exact fallback that keeps it safe.
+    column_mass: bool = True
 
     def row_tiles(self, n: int) -> int:
         return -(-n // self.block_n)
@@ -131,6 +134,7 @@ def dense_launch(
     num_warps: int | None = None,
     n_programs: int | None = None,
     vector_loads: bool = True,
+    column_mass: bool = True,
     transposed: bool = False,
     itemsize: int = 4,
 ) -> DenseLaunch:
@@ -164,4 +168,4 @@ def dense_launch(
         by_rows = -(-n // MIN_ROWS_PER_PROGRAM)
         n_programs = min(by_device, by_rows)
     n_programs = max(1, min(n_programs, n_tiles))
-    return DenseLaunch(block_n, block_k, one_chunk, num_warps, n_programs, vector_loads)
+    return DenseLaunch(block_n, block_k, one_chunk, num_warps, n_programs, vector_loads, column_mass)

@@ -91,9 +91,14 @@ def _potentials(h, k, *, seed=1, zero_weight=()):
     return b.to(DEVICE)
 
 
-def _ws(scores, block_n, block_k):
+def _ws(scores, block_n, block_k, column_mass=True):
     h, n, k = scores.shape
-    return DenseWorkspace.for_scores(scores, dense_launch(n, k, h, scores.device, block_n=block_n, block_k=block_k))
+    launch = dense_launch(n, k, h, scores.device, block_n=block_n, block_k=block_k, column_mass=column_mass)
+    return DenseWorkspace.for_scores(scores, launch)
+
+
+# A warm pass sums columns either as the plan's masses (the default) or as log-sum-exps; both against the reference.
+COLUMN_SUMS = pytest.mark.parametrize("column_mass", [True, False], ids=["mass", "lse"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,13 +166,15 @@ def assert_labels(labels, logits, what):
 
 
 @pytest.mark.parametrize("dtype, h, n, k, block_n, block_k", _cases())
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])  # cold: b=None, a = log c, no row LSE
-def test_cluster_lse_matches_reference(dtype, h, n, k, block_n, block_k, warm):
+@pytest.mark.parametrize(
+    "warm, column_mass", [(False, True), (True, True), (True, False)], ids=["cold", "warm-mass", "warm-lse"]
+)  # cold: b=None, a = log c, no row LSE (always log-domain column sums)
+def test_cluster_lse_matches_reference(dtype, h, n, k, block_n, block_k, warm, column_mass):
     atol, rtol = TOLERANCES[dtype]["lse"]
     s = _scores(h, n, k, dtype)
     b = _potentials(h, k) if warm else None
     log_c = _log_c(n)
-    out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, block_n, block_k))
+    out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, block_n, block_k, column_mass))
     assert out.dtype == torch.float32 and out.shape == (h, k)
     assert_close(out, ref_cluster_lse(s, b, log_c, INV_EPS), atol, rtol, f"cluster_lse {dtype} {(h, n, k)}")
 
@@ -175,9 +182,11 @@ def test_cluster_lse_matches_reference(dtype, h, n, k, block_n, block_k, warm):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_k", [None, 8], ids=["one-chunk", "multichunk"])
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
-def test_cluster_lse_masks(dtype, block_k, warm):
+@COLUMN_SUMS
+def test_cluster_lse_masks(dtype, block_k, warm, column_mass):
     """-inf pairs, a cluster nobody may join (-> -inf), zero-weight samples (log c = -inf) contribute
-    nothing, a zero-weight cluster (b = -inf) is left out of every row's LSE."""
+    nothing, a zero-weight cluster (b = -inf) is left out of every row's LSE; summing masses, its own entry
+    is -inf (it holds no mass; the solver never reads it), log-domain sums give its LSE."""
     atol, rtol = TOLERANCES[dtype]["lse"]
     h, n, k = 2, 23, 13
     s = _scores(h, n, k, dtype, seed=3)
@@ -188,14 +197,16 @@ def test_cluster_lse_masks(dtype, block_k, warm):
     s = s.masked_fill(forbid, float("-inf"))
     log_c = _log_c(n, zero_weight=(2, 17))
     b = _potentials(h, k, zero_weight=(7,)) if warm else None
-    out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
+    out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k, column_mass))
     expected = ref_cluster_lse(s, b, log_c, INV_EPS)
+    if warm and column_mass:
+        expected[:, 7] = float("-inf")
     assert (out[:, 5] == float("-inf")).all(), f"fully masked cluster must give -inf, got {out[:, 5].tolist()}"
     assert_close(out, expected, atol, rtol, f"cluster_lse masked {dtype}")
     # A zero-weight sample contributes nothing: changing its scores changes nothing, bit for bit.
     s2 = s.clone()
     s2[:, 2] = torch.where(s2[:, 2] == float("-inf"), s2[:, 2], s2[:, 2] + 3)
-    out2 = dense_cluster_lse(s2, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
+    out2 = dense_cluster_lse(s2, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k, column_mass))
     assert torch.equal(out, out2), f"zero-weight sample changed the result: {(out - out2).abs().max()}"
 
 
@@ -281,12 +292,50 @@ def test_programs_per_sm_follow_the_tile():
 
 
 @pytest.mark.parametrize("block_k", [None, 8], ids=["one-chunk", "multichunk"])
-def test_cluster_lse_deterministic(block_k):
+@COLUMN_SUMS
+def test_cluster_lse_deterministic(block_k, column_mass):
     """Fixed-order two-stage reduction, no atomics: two runs are bitwise equal."""
     s = _scores(2, 21, 20, torch.float32, seed=9)
     b, log_c = _potentials(2, 20), _log_c(21)
-    runs = [dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k)) for _ in range(2)]
+    runs = [dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k, column_mass)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1]), f"runs differ by {(runs[0] - runs[1]).abs().max()}"
+
+
+def _light_columns_problem(dtype):
+    """Potentials that leave clusters 1 and 4 next to no mass: b 80 and 250 nats below the rest (plan masses
+    ~1e-35 and ~1e-109, both under the N * 2**-100 floor, so their plan entries underflow fp32), cluster 6 is 40
+    nats down (~1e-18: summed as a mass, no fallback). Their LSEs are ordinary numbers the log domain gets exactly."""
+    h, n, k = 2, 37, 9
+    s = _scores(h, n, k, dtype, seed=11)
+    b = _potentials(h, k, seed=12)
+    b[:, 1] -= 80.0
+    b[:, 4] -= 250.0
+    b[:, 6] -= 40.0
+    return s, b, _log_c(n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_k", [None, 4], ids=["one-chunk", "multichunk"])
+def test_column_mass_falls_back_to_exact_for_light_clusters(dtype, block_k):
+    """The mass sums flush plan entries below 2**-126 to 0; the merge recomputes such light columns from the scores
+    (the first steps of a sharp problem), so the result equals the reference everywhere."""
+    atol, rtol = TOLERANCES[dtype]["lse"]
+    s, b, log_c = _light_columns_problem(dtype)
+    out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
+    assert_close(out, ref_cluster_lse(s, b, log_c, INV_EPS), atol, rtol, f"light clusters {dtype}")
+
+
+def test_column_mass_fallback_is_what_keeps_light_clusters(monkeypatch):
+    """Without the fallback (a floor of 0) the light clusters' masses underflow: -inf or far off. So the test above
+    reaches the fallback, and the floor is what decides it."""
+    from otlabel.kernels import sinkhorn_dense
+
+    s, b, log_c = _light_columns_problem(torch.float32)
+    monkeypatch.setattr(sinkhorn_dense, "MASS_FLOOR_PER_SAMPLE", 0.0)
+    out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, None))
+    expected = ref_cluster_lse(s, b, log_c, INV_EPS)
+    assert (out[:, 4] == float("-inf")).all(), f"cluster 4 should underflow without the fallback: {out[:, 4]}"
+    assert_close(out[:, [0, 2, 3, 5, 6, 7, 8]], expected[:, [0, 2, 3, 5, 6, 7, 8]], 2e-5, 2e-6, "heavy clusters")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,11 +458,34 @@ def test_triton_available_without_interpreter(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_benchmark_script_imports():
+def _gpu_dense_module():
     spec = importlib.util.spec_from_file_location("gpu_dense", ROOT / "benchmarks" / "gpu_dense.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # defines, runs nothing
-    assert callable(module.main)
+    return module
+
+
+def test_benchmark_script_imports():
+    assert callable(_gpu_dense_module().main)
+
+
+def test_tile_sweep_launches_are_what_they_say():
+    """The GPU sweep (run only on a lent GPU) builds the launches its names claim: every SWEEP row with column masses,
+    the "+lse" rows also without, one-chunk exactly where the tile holds the row: the names in the CSV are the only
+    record of what was timed."""
+    gpu_dense = _gpu_dense_module()
+    for k in sorted({cfg[0] for cfg in gpu_dense.SWEEP}):
+        launches = gpu_dense.sweep_launches(2**20, k, "cpu", sms=132)
+        rows = [cfg for cfg in gpu_dense.SWEEP if cfg[0] == k]
+        assert len(launches) == len(rows) + sum(cfg[5] == "+lse" for cfg in rows) + 3
+        for name, launch in launches.items():
+            if not name.startswith("sweep"):
+                assert launch.column_mass
+                continue
+            tile, warps, per_sm, sums = name.split()[1:]
+            assert tile == f"{launch.block_n}x{launch.block_k}" and warps == f"w{launch.num_warps}"
+            assert launch.n_programs == 132 * int(per_sm[1:-3]) and launch.column_mass == (sums == "mass")
+            assert launch.one_chunk == (launch.block_k >= k)
 
 
 def test_benchmark_script_without_cuda(tmp_path):

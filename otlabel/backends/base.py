@@ -38,7 +38,8 @@ class ScoreOperator(ABC):
         Returns ``(H, K)``: ``LSE_j( S[h, j, k] / eps + a[h, j] )`` where ``a = log c - LSE_k(S / eps + b)``
         is the exact sample step for the given cluster potentials ``b`` (H, K). ``b = None`` is the cold
         start, ``a = log c`` (the first half-step of classic Sinkhorn-Knopp from ``u = 1``).
-        A cluster no sample may reach (all its scores ``-inf``) gives ``-inf``. The result may be float32 or
+        A cluster no sample may reach (all its scores ``-inf``) gives ``-inf``; so may a cluster whose ``b`` is
+        ``-inf`` (weight 0: the loop sets its potential to ``-inf`` without reading it). The result may be float32 or
         float64 (operators that accumulate in float64 return it); the loop keeps its state in float64.
         """
 
