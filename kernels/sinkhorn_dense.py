@@ -25,7 +25,8 @@ registers (sm_90 compile). P below 2**-126 underflows, so a cluster holding next
 is recomputed in log domain by the merge (``_merge_masses_kernel``). Plain Sinkhorn steps with uniform sample
 weights never get there (each cluster step restores every mass to r; a sample step divides a sample's entries by
 its mass, at most 1, and multiplies them by c = 1/N: a cluster keeps at least r / N); a far-off warm start, an
-extrapolated step or very uneven sample weights can. The cold pass (``b = None``: P is not bounded) keeps the log-domain sums.
+extrapolated step or very uneven sample weights can. The cold pass (``b = None``: P is not bounded) keeps the
+log-domain sums.
 
 All arithmetic is fp32 in base 2 (``exp2``/``log2`` with a log2(e) prescale); masked lanes load
 ``-inf`` and every running max goes through ``_finite_or_zero`` before it is subtracted, so

@@ -56,3 +56,22 @@ def test_triton_solve_at_the_float32_score_limit_converges_with_faithful_codes(k
     res = sinkhorn_assign(s.to(DEVICE), 0.05, backend="triton", max_iter=300)
     codes_error = float((res.codes.double().mean(0) - 1 / 32).abs().sum())
     assert res.converged and abs(codes_error - res.marginal_error) < 2e-5, (res.marginal_error, codes_error)
+
+
+@pytest.mark.parametrize("mode", ["dense", "features"])
+def test_triton_result_pickles_and_reads_out_after_loading(mode):
+    """A result keeps its operator for the lazy read-outs (codes, objective); the triton operators hold their kernels'
+    module, which pickle refuses: they store its name instead. A loaded result reads out what the original does."""
+    import pickle
+
+    if mode == "dense":
+        inputs = dict(scores=random_problem(30, 6, seed=52).to(DEVICE))
+    else:
+        g = torch.Generator().manual_seed(53)
+        inputs = dict(features=torch.randn(30, 16, generator=g).to(DEVICE), prototypes=torch.randn(6, 16, generator=g))
+        inputs["prototypes"] = inputs["prototypes"].to(DEVICE)
+    result = sinkhorn_assign(**inputs, epsilon=0.2, backend="triton", max_iter=5, tol=None)
+    loaded = pickle.loads(pickle.dumps(result))
+    assert torch.equal(loaded.labels, result.labels)
+    assert torch.equal(loaded.codes, result.codes)  # computed after loading, through the re-imported kernels
+    assert float(loaded.objective) == float(result.objective)

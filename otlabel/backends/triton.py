@@ -51,7 +51,21 @@ def on_own_device(method):
     return wrapper
 
 
-class TritonDenseOperator(ScoreOperator):
+class _PicklableKernels:
+    """An operator keeps its kernels' module in ``self._kernels`` (imported once, for the hot path). A module cannot
+    be pickled, so a pickled operator (inside a pickled ``SinkhornResult``, whose codes and objective are read out
+    lazily) stores the module's name and imports it again when loaded."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_kernels"] = state["_kernels"].__name__
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _kernels=importlib.import_module(state["_kernels"]))
+
+
+class TritonDenseOperator(_PicklableKernels, ScoreOperator):
     """Scores S (H, N, K) held on the device, read by Triton kernels.
 
     Parameters
@@ -104,7 +118,7 @@ class TritonDenseOperator(ScoreOperator):
         )
 
 
-class TritonFeaturesOperator(ScoreOperator):
+class TritonFeaturesOperator(_PicklableKernels, ScoreOperator):
     """Scores ``S[h, j, k] = <Z_j, C_{h,k}> + bias[h, k]`` computed tile by tile inside the kernels, never stored.
 
     Features mode (issue 4): memory O((N + H K) D) for the inputs plus an (H, P, K) workspace, P a small
