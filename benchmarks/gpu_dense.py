@@ -361,21 +361,22 @@ def time_swav_batch(op_cls, rows: list) -> None:
         print(f"  {method:>14}: {1e3 * med:8.1f} us")
 
 
-# (K, BLOCK_N, BLOCK_K, num_warps, programs per SM) tried by --sweep at N = 2**20, each with the warm pass summing
-# column masses (the default since 2026-11-24) and, where marked "+lse", also log-domain column sums (the only way
-# before). The first of each K is what kernels/utils.py picks today. sm_90 registers (Triton 3.9, fp32/bf16):
-# 4x4096 w16 85-90 with masses (116-122 log-domain): one program per SM either way; 1x4096 w8 64-69 (97-99): four
-# per SM (two); 2x4096 w16 57-60 (78-82): two (one); 1x4096 w4 121-124 (203-210). Masses drop the per-tile rescale of
-# the running column max (one exp2 per cluster per tile), which is what made one-row tiles lose on 2026-11-23.
+# (K, BLOCK_N, BLOCK_K, num_warps, programs per SM, extra) tried by --sweep at N = 2**20, each with the warm pass
+# summing column masses (the default since 2026-11-24) and, where marked "+lse", also log-domain column sums (the only
+# way before). The first of each K is what kernels/utils.py picks today (one-row tiles, ``row_tile``, unmeasured); the
+# second what it picked when last measured (2026-11-23). sm_90 (Triton 3.9), instructions of the loop body per real
+# score, fp32 (bf16 within 10%), with masses / log-domain: K = 3000 1x4096 w4 14.3 / 26.2 (121 registers, four
+# programs per SM), 4x4096 w16 26.6 / 32.1 (85 / 116, one), 1x4096 w8 18.8 / 30.3 (64 / 97, four / two); K = 1000
+# 1x1024 w1 10.2 / 19.1 (117, sixteen), 4x1024 w4 18.8 / 22.8 (79 / 115, six / four), 2x1024 w2 13.8 / 19.2.
 SWEEP = [
-    (3000, 4, 4096, 16, 4, "+lse"), (3000, 1, 4096, 8, 4, "+lse"), (3000, 2, 4096, 16, 2, ""),
-    (3000, 1, 4096, 4, 4, ""), (3000, 2, 4096, 8, 4, ""), (3000, 1, 4096, 16, 4, ""),
-    (1000, 4, 1024, 4, 4, "+lse"), (1000, 4, 1024, 4, 8, ""), (1000, 2, 1024, 2, 8, ""), (1000, 2, 1024, 4, 4, ""),
-    (1000, 1, 1024, 4, 8, ""),
+    (3000, 1, 4096, 4, 4, "+lse"), (3000, 4, 4096, 16, 4, "+lse"), (3000, 1, 4096, 8, 4, ""),
+    (3000, 2, 4096, 16, 2, ""), (3000, 2, 4096, 8, 4, ""),
+    (1000, 1, 1024, 1, 16, "+lse"), (1000, 4, 1024, 4, 4, "+lse"), (1000, 2, 1024, 2, 8, ""),
+    (1000, 1, 1024, 2, 8, ""), (1000, 4, 1024, 4, 8, ""),
     (16384, 4, 2048, 8, 4, "+lse"), (16384, 8, 1024, 8, 4, ""), (16384, 2, 4096, 8, 4, ""),
-    # K in (4096, 8192] reads S twice today (chunked); one 8192-lane row per tile fits registers with masses
-    # (1x8192 w16: 64 registers, none spilled; log-domain cold passes 100): one read instead of two.
-    (6000, 4, 2048, 8, 4, "+lse"), (6000, 1, 8192, 16, 2, ""), (6000, 1, 8192, 8, 2, ""),
+    # K in (4096, 8192]: the one-row tile reads S once (1x8192 w8: 120 registers, no spill); the chunked path of
+    # 2026-11-23 reads it twice.
+    (6000, 1, 8192, 8, 2, "+lse"), (6000, 4, 2048, 8, 4, "+lse"), (6000, 1, 8192, 16, 2, ""),
 ]  # fmt: skip
 
 

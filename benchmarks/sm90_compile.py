@@ -162,34 +162,35 @@ def dense_cases() -> dict:
     """A ``Case`` per kernel and launch; the partials kernels run every iteration (no spill allowed). Scores (N, K)
     contiguous, and (``KxN``) the transposed view of a (K, N) tensor, whose launch ``dense_launch`` picks apart."""
     cases = {}
-    for dtype, layout, k in itertools.product(("fp32", "bf16"), ("", " KxN"), (1000, 3000, 65536)):
+    for dtype, layout, k in itertools.product(("fp32", "bf16"), ("", " KxN"), (1000, 3000, 6000, 65536)):
         n = 2**20 if k <= 3000 else 2**16
         s = _meta(dtype, 1, k, n).transpose(1, 2) if layout else _meta(dtype, 1, n, k)  # (1, N, K)
-        launch = kd.default_launch(s)  # the host helpers the launchers use, on these shapes and strides
-        per_sm = programs_per_sm(launch.block_n, launch.block_k, launch.num_warps, launch.one_chunk)
-        launch = dataclasses.replace(launch, n_programs=PROGRAMS_ON_H100 * per_sm)
+        # The host helpers the launchers use, on these shapes and strides: the iteration's launch (one-row tiles
+        # where they apply), the log-domain one (``column_mass=False``) and the read-outs'.
+        launch = _on_h100(kd.default_launch(s))
         stride_h, stride_n, stride_k = s.stride()
         base = dict(S=Pointer(dtype), N=n, K=k, stride_h=stride_h, stride_n=stride_n, stride_k=stride_k)
-        tiles = dict(BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, VEC=kd.vector_width(s, launch))
-        fused = dict(num_warps=launch.num_warps, enable_fp_fusion=True)
-        exact = dict(fused, enable_fp_fusion=False)
-        # Transposed at K in (2048, 4096]: 4 rows of 4096 at 16 warps sit at the 128-register cap and spill up to
-        # 32 B under Triton 3.9 (none under 3.6 at K = 3000, 8 B at 4096); the alternatives read S twice or spill more
-        # (see TRANSPOSED_ONE_CHUNK in kernels/utils.py). A few bytes, allowed; anything more fails the check.
-        max_spill = 32 if layout and launch.one_chunk and launch.block_k == 4096 else 0
-        for warm, column_mass in ((True, True), (True, False), (False, False)):
+        variants = {"warm mass": (True, True, launch), "cold": (False, False, launch),
+                    "warm lse": (True, False, _on_h100(dataclasses.replace(kd.default_launch(s, readout=True),
+                                                                           column_mass=False)))}  # fmt: skip
+        for variant, (warm, column_mass, cfg) in variants.items():
+            # Transposed at K in (2048, 4096]: 4 rows of 4096 at 16 warps sit at the 128-register cap and spill up to
+            # 32 B under Triton 3.9 (none under 3.6 at K = 3000, 8 B at 4096); the alternatives read S twice or spill
+            # more (see TRANSPOSED_ONE_CHUNK in kernels/utils.py). A few bytes, allowed; anything more fails the check.
+            max_spill = 32 if layout and cfg.one_chunk and cfg.block_k == 4096 else 0
             args = dict(base, B=Pointer("fp32"), LOGC=Pointer("fp32"), A_WS=Pointer("fp32"), PMAX=Pointer("fp32"),
-                        PSUM=Pointer("fp32"), P=launch.n_programs, scale2=1.5)  # fmt: skip
-            constants = dict(tiles, HAS_B=warm, COLUMN_MASS=column_mass, ONE_CHUNK=launch.one_chunk)
-            variant = ("warm mass" if column_mass else "warm lse") if warm else "cold"
-            cases[f"dense_partials {dtype}{layout} K={k} {variant}"] = Case(
-                kd._cluster_partials_kernel, args, constants, fused, max_spill=max_spill)
+                        PSUM=Pointer("fp32"), P=cfg.n_programs, scale2=1.5)  # fmt: skip
+            constants = dict(_tiles(s, cfg), HAS_B=warm, COLUMN_MASS=column_mass, ONE_CHUNK=cfg.one_chunk)
+            cases[f"dense_partials {dtype}{layout} K={k} {variant} {cfg.block_n}x{cfg.block_k}"] = Case(
+                kd._cluster_partials_kernel, args, constants, _fused(cfg), max_spill=max_spill)
         if not layout and dtype == "fp32":  # the merge reads fp32 partials; only its fallback reads S
             args = dict(base, PSUM=Pointer("fp32"), B=Pointer("fp32"), OUT=Pointer("fp32"), A_WS=Pointer("fp32"),
                         P=launch.n_programs, scale2=1.5, mass_floor=1e-24)  # fmt: skip
             constants = dict(BLOCK_P=kd.MERGE_BLOCK_P, BLOCK=kd.MERGE_BLOCK_K, EXACT_ROWS=kd.EXACT_FALLBACK_ROWS)
-            merge = dict(fused, num_warps=4)
+            merge = dict(enable_fp_fusion=True, num_warps=4)
             cases[f"dense_merge_masses K={k}"] = Case(kd._merge_masses_kernel, args, constants, merge)
+        readout = kd.default_launch(s, readout=True)
+        tiles, exact = _tiles(s, readout), dict(_fused(readout), enable_fp_fusion=False)
         args = dict(base, B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"), inv_eps=20.0)
         cases[f"dense_assign {dtype}{layout} K={k} codes"] = Case(
             kd._assign_kernel, args, dict(tiles, WANT_CODES=True), exact)
@@ -197,6 +198,20 @@ def dense_cases() -> dict:
             args = dict(base, B=Pointer("fp32"), OUT=Pointer("fp32"), inv_eps=20.0)
             cases[f"dense_transport {dtype} K={k}"] = Case(kd._row_transport_kernel, args, tiles, exact)
     return cases
+
+
+def _on_h100(launch):
+    """The launch with the grid it would get on an H100 (the helpers above ran on a meta tensor: two stand-in SMs)."""
+    per_sm = programs_per_sm(launch.block_n, launch.block_k, launch.num_warps, launch.one_chunk)
+    return dataclasses.replace(launch, n_programs=PROGRAMS_ON_H100 * per_sm)
+
+
+def _tiles(s, launch) -> dict:
+    return dict(BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, VEC=kd.vector_width(s, launch))
+
+
+def _fused(launch) -> dict:
+    return dict(num_warps=launch.num_warps, enable_fp_fusion=True)
 
 
 # D values beyond the powers of two, and the precisions that run them: multiples of 8 (not 16), whose rows are

@@ -25,8 +25,9 @@ registers (sm_90 compile). P below 2**-126 underflows, so a cluster holding next
 is recomputed in log domain by the merge (``_merge_masses_kernel``). Plain Sinkhorn steps with uniform sample
 weights never get there (each cluster step restores every mass to r; a sample step divides a sample's entries by
 its mass, at most 1, and multiplies them by c = 1/N: a cluster keeps at least r / N); a far-off warm start, an
-extrapolated step or very uneven sample weights can. The cold pass (``b = None``: P is not bounded) keeps the
-log-domain sums.
+extrapolated step or very uneven sample weights can; a cluster whose own weight r is under the floor is recomputed
+on every pass (slow, still exact). The bound assumes sample weights c <= 1 (the solver's marginals sum to 1; a shard's
+sum to less). The cold pass (``b = None``: P is not bounded) keeps the log-domain sums.
 
 All arithmetic is fp32 in base 2 (``exp2``/``log2`` with a log2(e) prescale); masked lanes load
 ``-inf`` and every running max goes through ``_finite_or_zero`` before it is subtracted, so
@@ -148,7 +149,7 @@ def _cluster_partials_kernel(
     S,  # (H, N, K) scores, any float dtype, any strides
     B,  # (H, K) fp32 cluster potentials, contiguous (unused when not HAS_B)
     LOGC,  # (N,) fp32 log sample weights
-    A_WS,  # (H, N) fp32 workspace for the sample potentials (multi-chunk path only)
+    A_WS,  # (H, N) fp32 workspace for the sample potentials (multi-chunk path, and column masses' fallback)
     PMAX,  # (H, P, K) fp32 out: per-program running max (base 2)
     PSUM,  # (H, P, K) fp32 out: per-program sum of exp2(. - max)
     N,
@@ -197,7 +198,8 @@ def _cluster_partials_kernel(
             else:
                 a2 = logc2  # cold start: a = log c
                 pmax, psum = _online_lse(pmax, psum, x2 + a2[:, None], 0)
-        tl.store(PMAX + part_off + cols, pmax, mask=cols < K)
+        if not (HAS_B and COLUMN_MASS):  # column masses need no max
+            tl.store(PMAX + part_off + cols, pmax, mask=cols < K)
         tl.store(PSUM + part_off + cols, psum, mask=cols < K)
     else:
         if HAS_B:
@@ -235,7 +237,8 @@ def _cluster_partials_kernel(
                     psum += tl.sum(tl.exp2(x2 + b2[None, :] + a2[:, None]), 0)
                 else:
                     pmax, psum = _online_lse(pmax, psum, x2 + a2[:, None], 0)
-            tl.store(PMAX + part_off + cols, pmax, mask=cols < K)
+            if not (HAS_B and COLUMN_MASS):
+                tl.store(PMAX + part_off + cols, pmax, mask=cols < K)
             tl.store(PSUM + part_off + cols, psum, mask=cols < K)
 
 
@@ -442,8 +445,21 @@ class DenseWorkspace:
         p = launch.n_programs
         pmax = torch.empty((h, p, k), dtype=torch.float32, device=scores.device)
         psum = torch.empty((h, p, k), dtype=torch.float32, device=scores.device)
-        a_shape = (h, n) if launch.column_mass or not launch.one_chunk else (0,)
-        return cls(launch, pmax, psum, torch.empty(a_shape, dtype=torch.float32, device=scores.device))
+        a = torch.empty(cls._a_shape(launch, h, n), dtype=torch.float32, device=scores.device)
+        return cls(launch, pmax, psum, a)
+
+    @staticmethod
+    def _a_shape(launch: DenseLaunch, h: int, n: int) -> tuple[int, ...]:
+        return (h, n) if launch.column_mass or not launch.one_chunk else (0,)
+
+    def check_fits(self, h: int, n: int, k: int) -> None:
+        """A workspace is sized for one (H, N, K): the kernels write its buffers without bounds of their own."""
+        p = self.launch.n_programs
+        if self.psum.shape != (h, p, k) or self.a.shape != self._a_shape(self.launch, h, n):
+            raise ValueError(
+                f"this DenseWorkspace was made for other scores (partials {tuple(self.psum.shape)}, sample potentials "
+                f"{tuple(self.a.shape)}); scores (H, N, K) = ({h}, {n}, {k}) need DenseWorkspace.for_scores(scores)"
+            )
 
 
 def _check_scores(scores: torch.Tensor) -> tuple[int, int, int]:
@@ -466,10 +482,13 @@ def is_transposed(scores: torch.Tensor) -> bool:
     return n > 1 and k > 1 and scores.stride(1) == 1 and scores.stride(2) != 1
 
 
-def default_launch(scores: torch.Tensor) -> DenseLaunch:
-    """``dense_launch`` for these scores: their shape, device, layout and element size."""
+def default_launch(scores: torch.Tensor, *, readout: bool = False) -> DenseLaunch:
+    """``dense_launch`` for these scores: their shape, device, layout and element size; ``readout``: the tiles of the
+    labels, codes and transport-score kernels (never one-row tiles: their grid has a program per tile)."""
     h, n, k = scores.shape
-    return dense_launch(n, k, h, scores.device, transposed=is_transposed(scores), itemsize=scores.element_size())
+    return dense_launch(
+        n, k, h, scores.device, transposed=is_transposed(scores), itemsize=scores.element_size(), row_tiles=not readout
+    )
 
 
 def vector_width(scores: torch.Tensor, launch: DenseLaunch) -> int:
@@ -511,6 +530,7 @@ def dense_cluster_lse(
     """
     h, n, k = _check_scores(scores)
     ws = workspace or DenseWorkspace.for_scores(scores)
+    ws.check_fits(h, n, k)
     cfg = ws.launch
     log_c = as_float32(log_c)
     has_b = b is not None
@@ -535,7 +555,7 @@ def dense_cluster_lse(
 
 
 def _readout_launch(scores: torch.Tensor, launch: DenseLaunch | None) -> DenseLaunch:
-    return launch or default_launch(scores)
+    return launch or default_launch(scores, readout=True)
 
 
 def dense_assign(

@@ -59,6 +59,18 @@ PROGRAMS_PER_SM = 4
 REGISTERS_PER_SM = 65536  # sm_80 to sm_90
 # A program should own at least this many rows, or its K partials cost more than its share of S.
 MIN_ROWS_PER_PROGRAM = 32
+# One-row tiles for passes that sum column masses (row-major scores, K_pad <= MAX_ROW_TILE_K): a row is held by
+# K_pad / 32 threads (32 elements each; rows of K_pad < 1024 are packed ROW_TILE_ELEMENTS to a warp), so its two
+# reductions take fewer shuffles and barriers, and the column sums need no cross-thread reduction at all. The
+# log-domain column sums could not afford one-row tiles (one exp2 per cluster per tile for the rescale: the 1x4096
+# tiles of the 2026-11-23 sweep lost, 57% against 60%); column masses have no rescale. sm_90 compile (Triton 3.9),
+# instructions of the loop body per real score, fp32: K = 3000 1x4096 w4 14.3 against 32.1 for the measured 4x4096
+# w16 log-domain tile (26.6 with masses), K = 1000 1x1024 w1 10.2 against 22.8; 117-124 registers, no spill, up to
+# 8192 lanes (1x8192 w8: one read of S per iteration where the chunked path reads it twice). Predicted, not yet
+# measured on a GPU (benchmarks/RESULTS.md). Small N keeps the multi-row tiles (below): one-row tiles would leave
+# too few rows per program to fill the GPU.
+ROW_TILE_ELEMENTS = 1024
+MAX_ROW_TILE_K = 8192
 
 
 def interpreting() -> bool:
@@ -123,6 +135,20 @@ def programs_per_sm(block_n: int, block_k: int, num_warps: int, one_chunk: bool)
     return PROGRAMS_PER_SM
 
 
+def row_tile(n: int, k: int, h: int, device: torch.device) -> tuple[int, int, int] | None:
+    """(BLOCK_N, BLOCK_K, num_warps) of the one-row tile for column-mass passes over (h, n, k) row-major scores, or
+    None where K is too large for one or N too small to give every program MIN_ROWS_PER_PROGRAM rows of it."""
+    k_pad = next_power_of_2(k)
+    if k_pad > MAX_ROW_TILE_K:
+        return None
+    block_n = min(max(1, ROW_TILE_ELEMENTS // k_pad), MAX_BLOCK_N)
+    warps = max(1, block_n * k_pad // ONE_CHUNK_ELEMENTS_PER_WARP)
+    programs = -(-sm_count(device) * programs_per_sm(block_n, k_pad, warps, True) // h)
+    if n < programs * MIN_ROWS_PER_PROGRAM:
+        return None
+    return block_n, k_pad, warps
+
+
 def dense_launch(
     n: int,
     k: int,
@@ -137,6 +163,7 @@ def dense_launch(
     column_mass: bool = True,
     transposed: bool = False,
     itemsize: int = 4,
+    row_tiles: bool = True,
 ) -> DenseLaunch:
     """Tile sizes and grid for scores of shape (h, n, k) on ``device``; keyword overrides for tests.
 
@@ -145,9 +172,13 @@ def dense_launch(
     (K = 1000: 4x1024 tile, 4 warps; K = 3000: 4x4096, 16 warps), from the H100 sweep of
     ``benchmarks/gpu_dense.py --sweep`` (2026-11-23) within register counts of sm_90 cubins compiled offline.
     ``transposed``: S contiguous along N (a view of an (H, K, N) tensor), ``itemsize`` its element size: more rows
-    per tile where that fills DRAM sectors (see SECTOR_BYTES).
+    per tile where that fills DRAM sectors (see SECTOR_BYTES). With ``column_mass`` on row-major scores and
+    ``row_tiles``, the one-row tiles of ``row_tile`` where they apply (``row_tiles=False``: the tiles above, which the
+    read-out kernels keep: a grid of one program per one-row tile would be N programs).
     """
     k_pad = next_power_of_2(k)
+    if row_tiles and column_mass and not transposed and block_n is None and block_k is None and num_warps is None:
+        block_n, block_k, num_warps = row_tile(n, k, h, device) or (None, None, None)
     one_chunk = k_pad <= MAX_ONE_CHUNK_K if block_k is None else block_k >= k
     if block_k is None:
         block_k = k_pad if one_chunk else TRANSPOSED_CHUNK_K if transposed else CHUNK_BLOCK_K

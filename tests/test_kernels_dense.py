@@ -257,10 +257,11 @@ def test_transposed_view_default_launch(dtype, h, n, k, tile):
 
 def test_launch_follows_the_layout():
     """Tile choice per layout, no kernel run: (K, N)-major scores get rows enough for whole 32-byte sectors where
-    registers allow, and 32x256 chunks; (N, K)-major scores keep their tiles."""
+    registers allow, and 32x256 chunks; (N, K)-major scores keep their tiles. These are the multi-row tiles of
+    log-domain passes and read-outs (one-row tiles for column masses: the test below)."""
 
     def tile(k, transposed, itemsize=4):
-        launch = dense_launch(2**20, k, 1, "cpu", transposed=transposed, itemsize=itemsize)
+        launch = dense_launch(2**20, k, 1, "cpu", transposed=transposed, itemsize=itemsize, row_tiles=False)
         return launch.block_n, launch.block_k, launch.num_warps, launch.one_chunk
 
     assert tile(1000, False) == (4, 1024, 4, True) and tile(1000, True) == (8, 1024, 8, True)
@@ -276,18 +277,48 @@ def test_launch_follows_the_layout():
     assert default_launch(s) == dense_launch(64, 1000, 1, "cpu", transposed=True, itemsize=4)
 
 
+def test_row_tiles_for_column_masses():
+    """Column-mass passes over row-major scores take one row per tile (32 elements per thread; rows shorter than 1024
+    packed to a warp), up to 8192 clusters in one read, where N gives every program MIN_ROWS_PER_PROGRAM rows; else,
+    and for transposed scores, log-domain sums and read-outs, the multi-row tiles."""
+    from otlabel.kernels.utils import MIN_ROWS_PER_PROGRAM, row_tile
+
+    def tile(n, k, h=1, **kw):
+        launch = dense_launch(n, k, h, "cpu", **kw)
+        return launch.block_n, launch.block_k, launch.num_warps, launch.one_chunk, launch.n_programs
+
+    n = 2**20
+    assert tile(n, 1000) == (1, 1024, 1, True, 2 * 16)  # 2 stand-in SMs x 16 one-warp programs
+    assert tile(n, 3000) == (1, 4096, 4, True, 2 * 4)
+    assert tile(n, 6000) == (1, 8192, 8, True, 2 * 2)  # one read of S; log-domain sums stream it twice
+    assert tile(n, 6000, column_mass=False)[:4] == (4, 2048, 8, False)
+    assert tile(n, 500)[:3] == (2, 512, 1) and tile(n, 100)[:3] == (8, 128, 1) and tile(n, 1)[:3] == (64, 1, 1)
+    assert tile(n, 16384)[:4] == (4, 2048, 8, False)  # past MAX_ROW_TILE_K: chunked
+    assert tile(n, 1000, transposed=True)[:3] == (8, 1024, 8)
+    assert tile(n, 1000, column_mass=False)[:3] == tile(n, 1000, row_tiles=False)[:3] == (4, 1024, 4)
+    assert tile(n, 1000, block_n=2)[:2] == (2, 1024)  # an override keeps the heuristic's other choices
+    # Small N: 32 programs of one row tile each would own under MIN_ROWS_PER_PROGRAM rows: the multi-row tile.
+    smallest = 2 * 16 * MIN_ROWS_PER_PROGRAM
+    assert tile(smallest, 1000)[:3] == (1, 1024, 1) and tile(smallest - 1, 1000)[:3] == (4, 1024, 4)
+    per_head = -(-2 * 16 // 3) * MIN_ROWS_PER_PROGRAM  # three heads share the SMs: 11 programs each
+    assert row_tile(per_head, 1000, 3, "cpu") == (1, 1024, 1) and row_tile(per_head - 1, 1000, 3, "cpu") is None
+    s = torch.zeros(1, 2048, 1000)
+    assert default_launch(s).block_n == 1 and default_launch(s, readout=True).block_n == 4
+
+
 def test_programs_per_sm_follow_the_tile():
     """Persistent grid: P = SMs x programs that fit (sm_count is 2 on a CPU): tiles of 32 elements per thread
     (116-128 registers) fit one program of 16 warps, two of 8, four of 4; chunked 8-warp tiles PROGRAMS_PER_SM."""
     from otlabel.kernels.utils import PROGRAMS_PER_SM, programs_per_sm
 
     n = 2**20
-    assert dense_launch(n, 3000, 1, "cpu").n_programs == 2
-    assert dense_launch(n, 1500, 1, "cpu").n_programs == 4  # 4x2048 at 8 warps
-    assert dense_launch(n, 1000, 1, "cpu").n_programs == 8  # 4x1024 at 4 warps
+    assert dense_launch(n, 3000, 1, "cpu", row_tiles=False).n_programs == 2
+    assert dense_launch(n, 1500, 1, "cpu", row_tiles=False).n_programs == 4  # 4x2048 at 8 warps
+    assert dense_launch(n, 1000, 1, "cpu", row_tiles=False).n_programs == 8  # 4x1024 at 4 warps
     assert dense_launch(n, 1000, 1, "cpu", transposed=True).n_programs == 4  # 8x1024 at 8 warps
     assert dense_launch(n, 65536, 1, "cpu").n_programs == 2 * PROGRAMS_PER_SM
-    assert dense_launch(n, 3000, 3, "cpu").n_programs == 1  # three heads share the two SMs
+    assert dense_launch(n, 3000, 3, "cpu", row_tiles=False).n_programs == 1  # three heads share the two SMs
+    assert dense_launch(n, 3000, 3, "cpu").n_programs == 3  # 1x4096 at 4 warps: four per SM, 8 / 3 heads
     assert programs_per_sm(4, 4096, 16, one_chunk=False) == 2  # chunked tiles hold no whole row
 
 
@@ -301,41 +332,116 @@ def test_cluster_lse_deterministic(block_k, column_mass):
     assert torch.equal(runs[0], runs[1]), f"runs differ by {(runs[0] - runs[1]).abs().max()}"
 
 
-def _light_columns_problem(dtype):
-    """Potentials that leave clusters 1 and 4 next to no mass: b 80 and 250 nats below the rest (plan masses
-    ~1e-35 and ~1e-109, both under the N * 2**-100 floor, so their plan entries underflow fp32), cluster 6 is 40
-    nats down (~1e-18: summed as a mass, no fallback). Their LSEs are ordinary numbers the log domain gets exactly."""
-    h, n, k = 2, 37, 9
-    s = _scores(h, n, k, dtype, seed=11)
+def _light_columns_problem(dtype, *, transposed=False):
+    """Three heads, K = 70 (two merge blocks of 64), potentials that leave some clusters next to no mass: in head 0
+    clusters 1 and 4, b 80 and 250 nats below the rest (plan masses ~1e-35 and ~1e-109, both under the N * 2**-100
+    floor: both recomputed, though only cluster 4's entries underflow fp32), cluster 6 40 nats down (~1e-18: summed as
+    a mass); in head 1 cluster 66 (the second block), in head 2 cluster 3; 250 nats each. Their LSEs are ordinary
+    numbers the log domain gets exactly."""
+    h, n, k = 3, 37, 70
+    s = _scores(h, n, k, dtype, seed=11, transposed=transposed)
     b = _potentials(h, k, seed=12)
-    b[:, 1] -= 80.0
-    b[:, 4] -= 250.0
-    b[:, 6] -= 40.0
+    b[0, 1] -= 80.0
+    b[0, 4] -= 250.0
+    b[0, 6] -= 40.0
+    b[1, 66] -= 250.0
+    b[2, 3] -= 250.0
     return s, b, _log_c(n)
 
 
+UNDERFLOWING = [(0, 4), (1, 66), (2, 3)]  # (head, cluster) whose every plan entry is 0 in fp32
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("block_k", [None, 4], ids=["one-chunk", "multichunk"])
-def test_column_mass_falls_back_to_exact_for_light_clusters(dtype, block_k):
+@pytest.mark.parametrize("block_k", [None, 16], ids=["one-chunk", "multichunk"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["NxK", "KxN"])
+def test_column_mass_falls_back_to_exact_for_light_clusters(dtype, block_k, transposed):
     """The mass sums flush plan entries below 2**-126 to 0; the merge recomputes such light columns from the scores
     (the first steps of a sharp problem), so the result equals the reference everywhere."""
     atol, rtol = TOLERANCES[dtype]["lse"]
-    s, b, log_c = _light_columns_problem(dtype)
+    s, b, log_c = _light_columns_problem(dtype, transposed=transposed)
     out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
     assert_close(out, ref_cluster_lse(s, b, log_c, INV_EPS), atol, rtol, f"light clusters {dtype}")
 
 
-def test_column_mass_fallback_is_what_keeps_light_clusters(monkeypatch):
-    """Without the fallback (a floor of 0) the light clusters' masses underflow: -inf or far off. So the test above
-    reaches the fallback, and the floor is what decides it."""
+@pytest.mark.parametrize(
+    "dtype, h, n, k, tile",
+    [
+        pytest.param(torch.float32, 1, 1030, 1000, (1, 1024), id="K1000-fp32"),  # slow here: 1030 tiles, one dtype
+        *(
+            pytest.param(dtype, *shape, id=f"{name}-{str(dtype)[6:]}")
+            for dtype in (torch.float32, torch.bfloat16)
+            for name, shape in [
+                ("H2-K200", (2, 520, 200, (4, 256))),
+                ("K37", (1, 1100, 37, (16, 64))),
+                ("K6000", (1, 130, 6000, (1, 8192))),
+            ]  # fmt: skip
+        ),
+    ],
+)
+def test_default_row_tiles_match_reference(dtype, h, n, k, tile):
+    """The default launch of a large enough N: one-row tiles (rows shorter than 1024 packed to a warp), K = 6000 in
+    one read; cold and warm passes, light clusters through the fallback, and the read-out's own multi-row tiles."""
+    atol, rtol = TOLERANCES[dtype]["lse"]
+    s = _scores(h, n, k, dtype, seed=13)
+    ws = DenseWorkspace.for_scores(s)
+    assert (ws.launch.block_n, ws.launch.block_k) == tile and ws.launch.one_chunk and ws.launch.column_mass
+    log_c = _log_c(n)
+    b = _potentials(h, k, seed=14)
+    b[:, 3] -= 250.0  # a light cluster: its mass underflows, the merge recomputes it
+    for potentials in (None, b):
+        out = dense_cluster_lse(s, potentials, log_c, INV_EPS, workspace=ws)
+        expected = ref_cluster_lse(s, potentials, log_c, INV_EPS)
+        assert_close(out, expected, atol, rtol, f"row tiles {tile} {'warm' if potentials is not None else 'cold'}")
+    labels, codes = dense_assign(s, b, INV_EPS, want_codes=True)
+    logits = ref_logits(s, b, INV_EPS)
+    assert_labels(labels, logits, "row-tile read-out labels")
+    assert_close(codes, torch.softmax(logits, -1), *TOLERANCES[dtype]["codes"], "row-tile read-out codes")
+
+
+@pytest.mark.parametrize("block_k", [None, 16], ids=["one-chunk", "multichunk"])
+def test_column_mass_fallback_is_what_keeps_light_clusters(monkeypatch, block_k):
+    """Without the fallback (a floor of 0) the light clusters' masses underflow to -inf, and every other cluster is
+    unchanged: so the test above reaches the fallback, and the floor is what decides it."""
     from otlabel.kernels import sinkhorn_dense
 
     s, b, log_c = _light_columns_problem(torch.float32)
     monkeypatch.setattr(sinkhorn_dense, "MASS_FLOOR_PER_SAMPLE", 0.0)
-    out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, None))
+    out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
     expected = ref_cluster_lse(s, b, log_c, INV_EPS)
-    assert (out[:, 4] == float("-inf")).all(), f"cluster 4 should underflow without the fallback: {out[:, 4]}"
-    assert_close(out[:, [0, 2, 3, 5, 6, 7, 8]], expected[:, [0, 2, 3, 5, 6, 7, 8]], 2e-5, 2e-6, "heavy clusters")
+    for head, cluster in UNDERFLOWING:
+        assert out[head, cluster] == float("-inf"), f"({head}, {cluster}) should underflow: {out[head, cluster]}"
+        expected[head, cluster] = float("-inf")
+    assert_close(out, expected, 2e-5, 2e-6, "the other clusters, summed as masses")
+
+
+@pytest.mark.parametrize("block_k", [None, 16], ids=["one-chunk", "multichunk"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["NxK", "KxN"])
+def test_column_mass_fallback_left_alone_on_ordinary_potentials(monkeypatch, block_k, transposed):
+    """Ordinary potentials (no cluster near the floor): the same bits with the fallback on and off, so the masses are
+    what the reference checks in the other tests, not the fallback's log-domain recomputation."""
+    from otlabel.kernels import sinkhorn_dense
+
+    s = _scores(3, 41, 70, torch.float32, seed=15, transposed=transposed)
+    b, log_c = _potentials(3, 70, seed=16), _log_c(41)
+    runs = []
+    for floor in (sinkhorn_dense.MASS_FLOOR_PER_SAMPLE, 0.0):
+        monkeypatch.setattr(sinkhorn_dense, "MASS_FLOOR_PER_SAMPLE", floor)
+        runs.append(dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k)))
+    assert torch.equal(runs[0], runs[1])
+    monkeypatch.setattr(sinkhorn_dense, "MASS_FLOOR_PER_SAMPLE", float("inf"))  # every block recomputed
+    exact = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
+    assert not torch.equal(exact, runs[0]), "the fallback's log-domain sums should round differently"
+    assert_close(runs[0], ref_cluster_lse(s, b, log_c, INV_EPS), 2e-5, 2e-6, "masses")
+
+
+def test_workspace_for_other_scores_is_refused():
+    """The kernels write the workspace's buffers without bounds of their own: one made for other scores is refused
+    before any launch (a one-chunk workspace for N = 8 used at N = 40 wrote past its sample potentials)."""
+    small, large = _scores(1, 8, 5, torch.float32), _scores(1, 40, 5, torch.float32)
+    ws = DenseWorkspace.for_scores(small)
+    with pytest.raises(ValueError, match=r"made for other scores.*\(1, 40, 5\)"):
+        dense_cluster_lse(large, _potentials(1, 5), _log_c(40), INV_EPS, workspace=ws)
 
 
 # ---------------------------------------------------------------------------------------------------

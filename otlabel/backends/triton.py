@@ -102,6 +102,7 @@ class TritonDenseOperator(_PicklableKernels, ScoreOperator):
         self.n_heads, self.n_samples, self.n_clusters = h, n, k
         self.device = scores.device
         self._workspace = sinkhorn_dense.DenseWorkspace.for_scores(scores)
+        self._readout_launch = sinkhorn_dense.default_launch(scores, readout=True)
 
     @on_own_device
     def cluster_lse(self, b: torch.Tensor | None) -> torch.Tensor:
@@ -109,12 +110,12 @@ class TritonDenseOperator(_PicklableKernels, ScoreOperator):
 
     @on_own_device
     def assign(self, b: torch.Tensor, want_codes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self._kernels.dense_assign(self.scores, b, self.inv_eps, want_codes, launch=self._workspace.launch)
+        return self._kernels.dense_assign(self.scores, b, self.inv_eps, want_codes, launch=self._readout_launch)
 
     @on_own_device
     def transport_score(self, b: torch.Tensor) -> torch.Tensor:
         return self._kernels.dense_transport_score(
-            self.scores, b, self.log_c, self.inv_eps, launch=self._workspace.launch
+            self.scores, b, self.log_c, self.inv_eps, launch=self._readout_launch
         )
 
 
