@@ -362,21 +362,22 @@ def time_swav_batch(op_cls, rows: list) -> None:
 
 
 # (K, BLOCK_N, BLOCK_K, num_warps, programs per SM, extra) tried by --sweep at N = 2**20, each with the warm pass
-# summing column masses (the default since 2026-11-24) and, where marked "+lse", also log-domain column sums (the only
-# way before). The first of each K is what kernels/utils.py picks today (one-row tiles, ``row_tile``, unmeasured);
-# "2026-11-23" marks what it picked when last measured. sm_90 (Triton 3.9), instructions of the loop body per real
-# score, fp32 (bf16 within 10%), with masses / log-domain: K = 3000 1x4096 w4 14.3 / 26.2 (121 registers, four
-# programs per SM), 4x4096 w16 26.6 / 32.1 (85 / 116, one), 1x4096 w8 18.8 / 30.3 (64 / 97, four / two); K = 1000
-# 1x1024 w1 10.2 / 19.1 (117, sixteen), 4x1024 w4 18.8 / 22.8 (79 / 115, six / four), 2x1024 w2 13.8 / 19.2.
+# summing column masses (the default since the second session of 2026-11-23, not yet measured) and, where marked
+# "+lse", also log-domain column sums (the only way before). The first of each K is what kernels/utils.py picks today
+# (one-row tiles, ``row_tile``); "measured" marks what it picked when last measured on a GPU (2026-11-23, the first GPU
+# session). sm_90 (Triton 3.9), instructions of the loop body per real score, fp32 (bf16 within 10%), with masses /
+# log-domain: K = 3000 1x4096 w4 14.3 / 26.2 (121 registers, four programs per SM), 4x4096 w16 26.6 / 32.1 (85 / 116,
+# one), 1x4096 w8 18.8 / 30.3 (64 / 97, four / two); K = 1000 1x1024 w1 10.2 / 19.1 (117, sixteen), 4x1024 w4 18.8 /
+# 22.8 (79 / 115, six / four), 2x1024 w2 13.8 / 19.2.
 SWEEP = [
-    (3000, 1, 4096, 4, 4, "+lse"), (3000, 4, 4096, 16, 4, "+lse 2026-11-23"), (3000, 1, 4096, 8, 4, ""),
+    (3000, 1, 4096, 4, 4, "+lse"), (3000, 4, 4096, 16, 4, "+lse measured"), (3000, 1, 4096, 8, 4, ""),
     (3000, 2, 4096, 16, 2, ""), (3000, 2, 4096, 8, 4, ""),
-    (1000, 1, 1024, 1, 16, "+lse"), (1000, 4, 1024, 4, 4, "+lse 2026-11-23"), (1000, 2, 1024, 2, 8, ""),
+    (1000, 1, 1024, 1, 16, "+lse"), (1000, 4, 1024, 4, 4, "+lse measured"), (1000, 2, 1024, 2, 8, ""),
     (1000, 1, 1024, 2, 8, ""), (1000, 4, 1024, 4, 8, ""),
-    (16384, 4, 2048, 8, 4, "+lse 2026-11-23"), (16384, 8, 1024, 8, 4, ""), (16384, 2, 4096, 8, 4, ""),
+    (16384, 4, 2048, 8, 4, "+lse measured"), (16384, 8, 1024, 8, 4, ""), (16384, 2, 4096, 8, 4, ""),
     # K in (4096, 8192]: the one-row tile reads S once (1x8192 w8: 120 registers, no spill); the chunked path of
     # 2026-11-23 reads it twice.
-    (6000, 1, 8192, 8, 2, "+lse"), (6000, 4, 2048, 8, 4, "+lse 2026-11-23"), (6000, 1, 8192, 16, 2, ""),
+    (6000, 1, 8192, 8, 2, "+lse"), (6000, 4, 2048, 8, 4, "+lse measured"), (6000, 1, 8192, 16, 2, ""),
 ]  # fmt: skip
 
 
@@ -527,16 +528,17 @@ def markdown_table(rows: list, device: str) -> str:
 
 def _measured_tile_name(k: int) -> str:
     """The sweep's name for the tile and column sums the default launch used when last measured (2026-11-23): the
-    SWEEP entry of that K marked so, with log-domain sums."""
-    _, block_n, block_k, warps, per_sm, _ = next(cfg for cfg in SWEEP if cfg[0] == k and "2026-11-23" in cfg[5])
+    SWEEP entry of that K marked "measured", with log-domain sums."""
+    _, block_n, block_k, warps, per_sm, _ = next(cfg for cfg in SWEEP if cfg[0] == k and "measured" in cfg[5])
     return f"sweep {block_n}x{block_k} w{warps} p{per_sm}/SM lse"
 
 
 def sweep_verdicts(sweep: list) -> list[str]:
-    """Per dtype and K: today's default launch against the one measured on 2026-11-23 (time ratio > 1: today's is
+    """Per dtype and K: today's default launch against the one last measured (2026-11-23; time ratio > 1: today's is
     faster), and the fastest setting tried (if it is not the default, kernels/utils.py should follow it)."""
-    out = ["", "Default launch against the 2026-11-23 one, and the fastest setting (one pass, N = 2^20):", "",
-           "| dtype | K | default | 2026-11-23 launch | 2026-11-23 / default | fastest |",
+    out = ["", "Default launch against the last measured one (2026-11-23) and the fastest, one pass at N = 2^20:",
+           "",
+           "| dtype | K | default | measured launch | measured / default | fastest |",
            "|---|---|---|---|---|---|"]  # fmt: skip
     for dtype, k in sorted({(r["dtype"], r["k"]) for r in sweep}):
         rows = {r["scenario"]: r for r in sweep if (r["dtype"], r["k"]) == (dtype, k) and "light" not in r["scenario"]}

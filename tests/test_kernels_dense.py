@@ -577,8 +577,8 @@ def test_benchmark_script_imports():
 
 def test_tile_sweep_launches_are_what_they_say():
     """The GPU sweep (run only on a lent GPU) builds the launches its names claim: every SWEEP row with column masses,
-    the "+lse" rows also without, one-chunk exactly where the tile holds the row, the 2026-11-23 launch among them for
-    the verdict table: the names in the CSV are the only record of what was timed."""
+    the "+lse" rows also without, one-chunk exactly where the tile holds the row, the last measured launch among them
+    for the verdict table: the names in the CSV are the only record of what was timed."""
     gpu_dense = _gpu_dense_module()
     for k in sorted({cfg[0] for cfg in gpu_dense.SWEEP}):
         launches = gpu_dense.sweep_launches(2**20, k, "cpu", sms=132)
