@@ -288,7 +288,7 @@ def _merge_masses_kernel(
     Every plan entry below 2**-126 may have been flushed to 0, so a column whose mass is below ``mass_floor``
     (N * 2**-100: the lost part is then under 2**-26 of it) is not trusted: if the block has one, its LSE is
     recomputed from the scores and the stored sample potentials, exactly as the log-domain pass would (reading
-    N x BLOCK scores; it happens while a cluster holds next to no mass, in the first steps of a sharp problem).
+    N x BLOCK scores; only while a cluster holds next to no mass: after a far-off warm start or extrapolated step).
     A cluster with b = -inf (weight 0) gets -inf: the loop never reads it.
     """
     pid = tl.program_id(0)

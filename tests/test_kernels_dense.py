@@ -357,7 +357,7 @@ UNDERFLOWING = [(0, 4), (1, 66), (2, 3)]  # (head, cluster) whose every plan ent
 @pytest.mark.parametrize("transposed", [False, True], ids=["NxK", "KxN"])
 def test_column_mass_falls_back_to_exact_for_light_clusters(dtype, block_k, transposed):
     """The mass sums flush plan entries below 2**-126 to 0; the merge recomputes such light columns from the scores
-    (the first steps of a sharp problem), so the result equals the reference everywhere."""
+    (after a far-off warm start or an extrapolated step), so the result equals the reference everywhere."""
     atol, rtol = TOLERANCES[dtype]["lse"]
     s, b, log_c = _light_columns_problem(dtype, transposed=transposed)
     out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
