@@ -365,11 +365,11 @@ def test_column_mass_falls_back_to_exact_for_light_clusters(dtype, block_k, tran
 
 
 @pytest.mark.parametrize(
-    "dtype, h, n, k, tile",
+    "dtype, h, n, k, tile, layout",
     [
-        pytest.param(torch.float32, 1, 1030, 1000, (1, 1024), id="K1000-fp32"),  # slow here: 1030 tiles, one dtype
+        pytest.param(torch.float32, 1, 1030, 1000, (1, 1024), "contiguous", id="K1000-fp32"),  # slow here: 1030 tiles
         *(
-            pytest.param(dtype, *shape, id=f"{name}-{str(dtype)[6:]}")
+            pytest.param(dtype, *shape, "contiguous", id=f"{name}-{str(dtype)[6:]}")
             for dtype in (torch.float32, torch.bfloat16)
             for name, shape in [
                 ("H2-K200", (2, 520, 200, (4, 256))),
@@ -377,13 +377,16 @@ def test_column_mass_falls_back_to_exact_for_light_clusters(dtype, block_k, tran
                 ("K6000", (1, 130, 6000, (1, 8192))),
             ]  # fmt: skip
         ),
+        pytest.param(torch.float32, 2, 520, 200, (4, 256), "sliced", id="H2-K200-sliced"),
+        pytest.param(torch.bfloat16, 1, 130, 6000, (1, 8192), "sliced", id="K6000-sliced-bf16"),
     ],
 )
-def test_default_row_tiles_match_reference(dtype, h, n, k, tile):
+def test_default_row_tiles_match_reference(dtype, h, n, k, tile, layout):
     """The default launch of a large enough N: one-row tiles (rows shorter than 1024 packed to a warp), K = 6000 in
-    one read; cold and warm passes, light clusters through the fallback, and the read-out's own multi-row tiles."""
+    one read; cold and warm passes, light clusters through the fallback, and the read-out's own multi-row tiles;
+    also on a view whose rows and heads are strided (the first K columns of wider scores)."""
     atol, rtol = TOLERANCES[dtype]["lse"]
-    s = _scores(h, n, k, dtype, seed=13)
+    s = _scores(h, n, k + 5 if layout == "sliced" else k, dtype, seed=13)[..., :k]
     ws = DenseWorkspace.for_scores(s)
     assert (ws.launch.block_n, ws.launch.block_k) == tile and ws.launch.one_chunk and ws.launch.column_mass
     log_c = _log_c(n)
