@@ -80,15 +80,19 @@ def _finite_or_zero(m):
 
 
 @triton.jit
-def _multiples_of(VEC: tl.constexpr, K, stride_n, stride_h):
-    """The host checked that K and the row and head strides are multiples of VEC (elements per 16-byte load);
-    rounding them down to multiples (a no-op) lets the compiler prove it and emit vector loads and stores.
-    K = 1000 or 3000 is not a multiple of 16, so Triton's own argument specialisation never says so."""
+def _multiple_of(VEC: tl.constexpr, x):
+    """``x``, which the host checked is a multiple of VEC, rounded down to one (a no-op): the compiler can then
+    prove it, which Triton's own argument specialisation does only for multiples of 16."""
     if VEC > 1:
-        K = (K // VEC) * VEC
-        stride_n = (stride_n // VEC) * VEC
-        stride_h = (stride_h // VEC) * VEC
-    return K, stride_n, stride_h
+        x = (x // VEC) * VEC
+    return x
+
+
+@triton.jit
+def _multiples_of(VEC: tl.constexpr, K, stride_n, stride_h):
+    """K and the row and head strides as multiples of VEC (elements per 16-byte load), so that loads and stores
+    along K become vector ones. K = 1000 or 3000 is not a multiple of 16."""
+    return _multiple_of(VEC, K), _multiple_of(VEC, stride_n), _multiple_of(VEC, stride_h)
 
 
 @triton.jit
@@ -160,12 +164,13 @@ def _cluster_partials_kernel(
     stride_k,
     scale2,  # inv_eps * log2(e)
     HAS_B: tl.constexpr,
-    COLUMN_MASS: tl.constexpr,  # with HAS_B: PSUM holds the plan's column masses (PMAX unused), A_WS every row's a
+    COLUMN_MASS: tl.constexpr,  # (needs HAS_B) PSUM holds the plan's column masses (PMAX unused), A_WS every row's a
     ONE_CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     VEC: tl.constexpr,
 ):
+    tl.static_assert(HAS_B or not COLUMN_MASS, "column masses need b: the cold pass sums in log domain")
     K, stride_n, stride_h = _multiples_of(VEC, K, stride_n, stride_h)
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -198,7 +203,7 @@ def _cluster_partials_kernel(
             else:
                 a2 = logc2  # cold start: a = log c
                 pmax, psum = _online_lse(pmax, psum, x2 + a2[:, None], 0)
-        if not (HAS_B and COLUMN_MASS):  # column masses need no max
+        if not COLUMN_MASS:  # column masses need no max
             tl.store(PMAX + part_off + cols, pmax, mask=cols < K)
         tl.store(PSUM + part_off + cols, psum, mask=cols < K)
     else:
@@ -222,7 +227,7 @@ def _cluster_partials_kernel(
             cols = k0 + tl.arange(0, BLOCK_K)
             pmax = tl.full((BLOCK_K,), float("-inf"), tl.float32)
             psum = tl.zeros((BLOCK_K,), tl.float32)
-            if HAS_B and COLUMN_MASS:
+            if COLUMN_MASS:
                 b2 = _load_vec(B + h * K, k0, K, BLOCK_K, float("-inf")) * _LOG2E
             for t in range(pid, n_tiles, P):
                 rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -232,14 +237,22 @@ def _cluster_partials_kernel(
                 else:
                     a2 = tl.load(LOGC + rows, mask=row_mask, other=float("-inf")) * _LOG2E
                 x2 = _load_tile(S, h_off, rows, row_mask, k0, K, stride_n, stride_k, BLOCK_K) * scale2
-                if HAS_B and COLUMN_MASS:
+                if COLUMN_MASS:
                     # The plan's entries exp2(x + b + a) are <= c: a plain sum, no running max to rescale.
                     psum += tl.sum(tl.exp2(x2 + b2[None, :] + a2[:, None]), 0)
                 else:
                     pmax, psum = _online_lse(pmax, psum, x2 + a2[:, None], 0)
-            if not (HAS_B and COLUMN_MASS):
+            if not COLUMN_MASS:
                 tl.store(PMAX + part_off + cols, pmax, mask=cols < K)
             tl.store(PSUM + part_off + cols, psum, mask=cols < K)
+
+
+@triton.jit
+def _partials_tile(h, p0, P, K, cols, col_mask, BLOCK_P: tl.constexpr):
+    """Offsets (BLOCK_P, BLOCK) of partials p0 .. p0 + BLOCK_P - 1 of clusters ``cols`` in an (H, P, K) buffer, and
+    their mask: the merges read a tile of partials per step, in a fixed order."""
+    parts = p0 + tl.arange(0, BLOCK_P)
+    return (h * P + parts[:, None]) * K + cols[None, :], (parts < P)[:, None] & col_mask[None, :]
 
 
 @triton.jit
@@ -252,9 +265,7 @@ def _merge_partials_kernel(PMAX, PSUM, OUT, P, K, BLOCK_P: tl.constexpr, BLOCK: 
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     for p0 in range(0, P, BLOCK_P):
-        parts = p0 + tl.arange(0, BLOCK_P)
-        mask = (parts < P)[:, None] & col_mask[None, :]
-        off = (h * P + parts[:, None]) * K + cols[None, :]  # (BLOCK_P, BLOCK)
+        off, mask = _partials_tile(h, p0, P, K, cols, col_mask, BLOCK_P)
         pm = tl.load(PMAX + off, mask=mask, other=float("-inf"))
         ps = tl.load(PSUM + off, mask=mask, other=0.0)
         m_new = tl.maximum(m, tl.max(pm, 0))
@@ -297,9 +308,8 @@ def _merge_masses_kernel(
     col_mask = cols < K
     total = tl.zeros((BLOCK,), tl.float32)
     for p0 in range(0, P, BLOCK_P):
-        parts = p0 + tl.arange(0, BLOCK_P)
-        mask = (parts < P)[:, None] & col_mask[None, :]
-        total += tl.sum(tl.load(PSUM + (h * P + parts[:, None]) * K + cols[None, :], mask=mask, other=0.0), 0)
+        off, mask = _partials_tile(h, p0, P, K, cols, col_mask, BLOCK_P)
+        total += tl.sum(tl.load(PSUM + off, mask=mask, other=0.0), 0)
     b2 = tl.load(B + h * K + cols, mask=col_mask, other=float("-inf")) * _LOG2E
     has_b = b2 > float("-inf")
     lse2 = tl.where(has_b & (total > 0.0), tl.log2(tl.where(total > 0.0, total, 1.0)) - b2, float("-inf"))

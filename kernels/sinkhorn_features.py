@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sinkhorn_dense import _finite_or_zero, _lse2, _online_lse, _sample_step2, merge_partials
+from .sinkhorn_dense import _finite_or_zero, _lse2, _multiple_of, _online_lse, _sample_step2, merge_partials
 from .utils import LOG2E, as_float32, interpreting, next_power_of_2, sm_count
 
 _LOG2E = tl.constexpr(LOG2E)
@@ -177,12 +177,8 @@ def _aligned_d(VEC_D: tl.constexpr, D, stride_zn, stride_ch, stride_ck):
     starts on a 16-byte boundary, so the tile loads become 16-byte cp.async copies into shared memory. Triton's own
     argument specialisation only knows multiples of 16 elements: D = 200 or 136 (multiples of 8, not of 16) loaded
     fp32 tiles with 4-byte loads through registers, which spilled (see ``d_vector_width``)."""
-    if VEC_D > 1:
-        D = (D // VEC_D) * VEC_D
-        stride_zn = (stride_zn // VEC_D) * VEC_D
-        stride_ch = (stride_ch // VEC_D) * VEC_D
-        stride_ck = (stride_ck // VEC_D) * VEC_D
-    return D, stride_zn, stride_ch, stride_ck
+    return (_multiple_of(VEC_D, D), _multiple_of(VEC_D, stride_zn), _multiple_of(VEC_D, stride_ch),
+            _multiple_of(VEC_D, stride_ck))  # fmt: skip
 
 
 @triton.jit
