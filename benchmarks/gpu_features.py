@@ -369,7 +369,7 @@ def target_size(features_op, rows: list, rates: dict) -> None:
                          method="otlabel-features", median_ms=ms[1], q25_ms=ms[0], q75_ms=ms[2],
                          frac_copy=floor / ms[1]))  # fmt: skip
         ws = op._workspace
-        planned = (ws.pmax.nbytes + ws.psum.nbytes + op.log_c.nbytes) / 2**20
+        planned = (ws.pmax.nbytes + ws.psum.nbytes + ws.v2.nbytes + ws.a.nbytes + op.log_c.nbytes) / 2**20
         verdict = "n/a" if math.isnan(peak) else "<" if peak < 64 * 2**20 else "NOT <"
         print(
             f"target N={n} K={k} D={D} {dname}: {ms[1]:.3f} ms/iter, peak extra {peak / 2**20:.1f} MB ({verdict} "
@@ -380,7 +380,8 @@ def target_size(features_op, rows: list, rates: dict) -> None:
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM) tried by the sweep at N = 2**20, K = 3000, D = 128;
-# the first line per itemsize is the default of kernels/sinkhorn_features.py.
+# the first line per itemsize is the default of kernels/sinkhorn_features.py, timed twice: summing column masses
+# (the default since 2026-11-23, untimed when written) and with log-domain sums (the pass measured on 2026-11-23).
 SWEEP = {
     2: [(128, 64, 8, 3, 2), (128, 64, 8, 2, 2), (128, 128, 8, 3, 1), (64, 64, 4, 3, 2), (256, 64, 8, 3, 1),
         (128, 32, 4, 3, 2), (128, 64, 4, 3, 2), (128, 64, 8, 3, 1)],
@@ -404,11 +405,14 @@ def tile_sweep(rows: list, rates: dict) -> None:
         log_c = torch.full((n,), -math.log(n), device=DEVICE)
         b = torch.zeros(1, k, device=DEVICE)
         key = mode if mode == "fp32>fp16" else z.element_size()
-        for block_n, block_k, warps, stages, per_sm in SWEEP[key]:
+        settings = [(*SWEEP[key][0], False), *((*tile, True) for tile in SWEEP[key])]
+        timed = {}
+        for block_n, block_k, warps, stages, per_sm, mass in settings:
             if _gpu_dense().past_budget("the rest of the sweep", TIME_BUDGET_S, _T0):
                 return
             launch = kf.features_launch(n, k, D, 1, c.element_size(), z.device, block_n=block_n, block_k=block_k,
-                                        num_warps=warps, num_stages=stages, n_programs=sms * per_sm)  # fmt: skip
+                                        num_warps=warps, num_stages=stages, n_programs=sms * per_sm,
+                                        column_mass=mass)  # fmt: skip
             ws = kf.FeaturesWorkspace.for_inputs(z, c, launch)
             try:
                 args, kw = (z, c, None, b, log_c, 1 / EPS), dict(scales=scales, workspace=ws)
@@ -417,11 +421,18 @@ def tile_sweep(rows: list, rates: dict) -> None:
                 print(f"  sweep {block_n}x{block_k} w{warps} s{stages} p{per_sm}/SM {mode}: failed ({exc})"[:200])
                 continue
             frac = floor_ms(n, k, D, c.dtype, rates, launch.n_programs) / med
-            name = f"sweep {mode} {block_n}x{block_k} w{warps} s{stages} p{per_sm}/SM"
+            name = f"sweep {mode} {block_n}x{block_k} w{warps} s{stages} p{per_sm}/SM {'masses' if mass else 'lse'}"
             print(f"  {name}: {med:.3f} ms ({100 * frac:.1f}% of floor)")
+            timed[(mass, block_n, block_k, warps, stages, per_sm)] = med
             rows.append(dict(scenario=name, n=n, k=k, dtype=str(dtype).replace("torch.", ""),
                              method="otlabel-features", median_ms=med, q25_ms=float("nan"), q75_ms=float("nan"),
                              frac_copy=frac))  # fmt: skip
+        masses, lse = (True, *SWEEP[key][0]), (False, *SWEEP[key][0])
+        if masses in timed and lse in timed:
+            ratio = timed[lse] / timed[masses]
+            best = min(timed, key=timed.get)
+            print(f"  verdict {mode}: default tile, log-domain / masses = {ratio:.2f}x; fastest {best} "
+                  f"{timed[best]:.3f} ms")  # fmt: skip
         z = c = None
         _release()
 

@@ -256,12 +256,22 @@ def features_cases() -> dict:
         options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages, enable_fp_fusion=True)
         bound = kf.shared_memory_bound(launch, d, item, z_fp32_to_fp16=mixed)
         name = f"{z_dtype}{'>' + c_dtype if mixed else ''} {precision} D={d}"
-        for warm in (True, False):
-            args = dict(base, BIAS2=Pointer("fp32"), B=Pointer("fp32"), LOGC=Pointer("fp32"), PMAX=Pointer("fp32"),
-                        PSUM=Pointer("fp32"), P=launch.n_programs, scale2=1.5, z_scale=1.0)  # fmt: skip
-            constants = dict(common, HAS_B=warm, HAS_BIAS=True)
-            cases[f"features_partials {name} {'warm' if warm else 'cold'}"] = Case(  # the cold start runs once
+        for variant, warm, mass in (("warm", True, True), ("warm-lse", True, False), ("cold", False, False)):
+            args = dict(base, BIAS2=Pointer("fp32"), V2=Pointer("fp32"), LOGC=Pointer("fp32"), A_WS=Pointer("fp32"),
+                        PMAX=Pointer("fp32"), PSUM=Pointer("fp32"), P=launch.n_programs, scale2=1.5,
+                        z_scale=1.0)  # fmt: skip
+            constants = dict(common, HAS_B=warm, COLUMN_MASS=mass, HAS_BIAS=True)
+            cases[f"features_partials {name} {variant}"] = Case(  # the cold start runs once
                 kf._features_partials_kernel, args, constants, options, 0 if warm else None, bound)
+        if d in (128, 201):  # the merge reads fp32 partials; only its fallback reads Z and C (D streamed)
+            args = dict(base, PSUM=Pointer("fp32"), B=Pointer("fp32"), BIAS2=Pointer("fp32"), OUT=Pointer("fp32"),
+                        A_WS=Pointer("fp32"), P=launch.n_programs, K_PAD=launch.padded_k(k), scale2=1.5, z_scale=1.0,
+                        mass_floor=1e-24)  # fmt: skip
+            constants = dict(HAS_BIAS=True, PRECISION=precision, UPCAST=False, Z_F16=mixed, BLOCK_P=kf.MERGE_BLOCK_P,
+                             BLOCK=kf.MERGE_BLOCK_K, EXACT_ROWS=kf.EXACT_FALLBACK_ROWS,
+                             BLOCK_D=min(launch.block_d, kf.EXACT_STREAM_D), VEC_D=kf._vec_d(z, c))  # fmt: skip
+            cases[f"features_merge_masses {name}"] = Case(kf._features_merge_masses_kernel, args, constants,
+                                                          kf._merge_options_gpu())  # fmt: skip
         args = dict(base, BIAS=Pointer("fp32"), B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"),
                     ROWSCORE=Pointer("fp32"), inv_eps=20.0, z_scale=1.0, dot_scale=1.0)  # fmt: skip
         constants = dict(common, HAS_BIAS=True, WANT_CODES=True, WANT_SCORE=False)

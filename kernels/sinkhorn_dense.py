@@ -248,15 +248,16 @@ def _cluster_partials_kernel(
 
 
 @triton.jit
-def _partials_tile(h, p0, P, K, cols, col_mask, BLOCK_P: tl.constexpr):
-    """Offsets (BLOCK_P, BLOCK) of partials p0 .. p0 + BLOCK_P - 1 of clusters ``cols`` in an (H, P, K) buffer, and
-    their mask: the merges read a tile of partials per step, in a fixed order."""
+def _partials_tile(h, p0, P, row_stride, cols, col_mask, BLOCK_P: tl.constexpr):
+    """Offsets (BLOCK_P, BLOCK) of partials p0 .. p0 + BLOCK_P - 1 of clusters ``cols`` in an (H, P, row_stride)
+    buffer (row_stride >= K: the features kernel pads its rows to whole chunks), and their mask: the merges read a
+    tile of partials per step, in a fixed order."""
     parts = p0 + tl.arange(0, BLOCK_P)
-    return (h * P + parts[:, None]) * K + cols[None, :], (parts < P)[:, None] & col_mask[None, :]
+    return (h * P + parts[:, None]) * row_stride + cols[None, :], (parts < P)[:, None] & col_mask[None, :]
 
 
 @triton.jit
-def _merge_partials_kernel(PMAX, PSUM, OUT, P, K, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+def _merge_partials_kernel(PMAX, PSUM, OUT, P, K, row_stride, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
     """OUT[h, k] = ln(2) * log2 sum_p PSUM[h, p, k] * exp2(PMAX[h, p, k]), BLOCK_P partials at a time (a fixed
     order: bitwise deterministic)."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -265,7 +266,7 @@ def _merge_partials_kernel(PMAX, PSUM, OUT, P, K, BLOCK_P: tl.constexpr, BLOCK: 
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     for p0 in range(0, P, BLOCK_P):
-        off, mask = _partials_tile(h, p0, P, K, cols, col_mask, BLOCK_P)
+        off, mask = _partials_tile(h, p0, P, row_stride, cols, col_mask, BLOCK_P)
         pm = tl.load(PMAX + off, mask=mask, other=float("-inf"))
         ps = tl.load(PSUM + off, mask=mask, other=0.0)
         m_new = tl.maximum(m, tl.max(pm, 0))
@@ -273,6 +274,22 @@ def _merge_partials_kernel(PMAX, PSUM, OUT, P, K, BLOCK_P: tl.constexpr, BLOCK: 
         s = s * tl.exp2(m - shift) + tl.sum(ps * tl.exp2(pm - shift[None, :]), 0)
         m = m_new
     tl.store(OUT + h * K + cols, _lse2(m, s) * _LN2, mask=col_mask)
+
+
+@triton.jit
+def _lse_from_masses(
+    PSUM, B, h, P, K, row_stride, cols, col_mask, mass_floor, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """(lse2, untrusted) for clusters ``cols``: the base-2 cluster LSE ``log2(sum_p PSUM[h, p, k]) - b2[k]`` (partials
+    summed BLOCK_P at a time, a fixed order), and which clusters hold under ``mass_floor`` (see the merges)."""
+    total = tl.zeros((BLOCK,), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        off, mask = _partials_tile(h, p0, P, row_stride, cols, col_mask, BLOCK_P)
+        total += tl.sum(tl.load(PSUM + off, mask=mask, other=0.0), 0)
+    b2 = tl.load(B + h * K + cols, mask=col_mask, other=float("-inf")) * _LOG2E
+    has_b = b2 > float("-inf")
+    lse2 = tl.where(has_b & (total > 0.0), tl.log2(tl.where(total > 0.0, total, 1.0)) - b2, float("-inf"))
+    return lse2, col_mask & has_b & (total < mass_floor)
 
 
 @triton.jit
@@ -306,14 +323,7 @@ def _merge_masses_kernel(
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     h = tl.program_id(1).to(tl.int64)
     col_mask = cols < K
-    total = tl.zeros((BLOCK,), tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        off, mask = _partials_tile(h, p0, P, K, cols, col_mask, BLOCK_P)
-        total += tl.sum(tl.load(PSUM + off, mask=mask, other=0.0), 0)
-    b2 = tl.load(B + h * K + cols, mask=col_mask, other=float("-inf")) * _LOG2E
-    has_b = b2 > float("-inf")
-    lse2 = tl.where(has_b & (total > 0.0), tl.log2(tl.where(total > 0.0, total, 1.0)) - b2, float("-inf"))
-    untrusted = col_mask & has_b & (total < mass_floor)
+    lse2, untrusted = _lse_from_masses(PSUM, B, h, P, K, K, cols, col_mask, mass_floor, BLOCK_P, BLOCK)
     if tl.sum(untrusted.to(tl.int32), 0) > 0:
         m = tl.full((BLOCK,), float("-inf"), tl.float32)
         s = tl.zeros((BLOCK,), tl.float32)
@@ -328,11 +338,16 @@ def _merge_masses_kernel(
 
 
 def merge_partials(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
-    """(H, K) fp32 cluster LSE from the (H, P, K) partial (max, sum) pairs of one pass."""
+    """(H, K) fp32 cluster LSE from the (H, P, K) partial (max, sum) pairs of one pass: contiguous tensors, or the
+    first K columns of contiguous (H, P, K_pad) ones (the features kernel's padded partials)."""
     h, p, k = pmax.shape
+    row_stride = pmax.stride(1)
+    if pmax.stride() != (p * row_stride, row_stride, 1) or psum.stride() != pmax.stride() or row_stride < k:
+        raise ValueError(f"partials must be (H, P, K) rows of a contiguous (H, P, K_pad) buffer, got strides "
+                         f"{pmax.stride()} and {psum.stride()} for shape {tuple(pmax.shape)}")  # fmt: skip
     out = torch.empty((h, k), dtype=torch.float32, device=pmax.device)
     _merge_partials_kernel[(triton.cdiv(k, MERGE_BLOCK_K), h)](
-        pmax, psum, out, p, k, BLOCK_P=MERGE_BLOCK_P, BLOCK=MERGE_BLOCK_K, **_options(4, fp_fusion=True)
+        pmax, psum, out, p, k, row_stride, BLOCK_P=MERGE_BLOCK_P, BLOCK=MERGE_BLOCK_K, **_options(4, fp_fusion=True)
     )
     return out
 

@@ -13,17 +13,30 @@ Sinkhorn reductions, FlashAttention style. Per head h, with ``x = S / eps``:
 of ``BLOCK_K`` clusters:
 
     sweep 1: S tile (BLOCK_N, BLOCK_K) = Z_t Cᵀ_chunk    -> online LSE along K (row reduction) -> a (BLOCK_N,)
-    sweep 2: Sᵀ tile (BLOCK_K, BLOCK_N) = C_chunk Z_tᵀ  -> LSE along the tile's samples -> merged into the
-             program's running (max, sum) for that chunk, kept in its row of the (H, P, K) partial buffers
+    sweep 2: Sᵀ tile (BLOCK_K, BLOCK_N) = C_chunk Z_tᵀ  -> the plan's masses exp2(x + a + b) summed along the
+             tile's samples -> added to the program's running sums for that chunk, kept in its row of the
+             (H, P, K_pad) partial buffer
+
+Column masses (``FeaturesLaunch.column_mass``, the default for warm passes) as in ``sinkhorn_dense``: every plan
+entry is at most its sample's weight, so sweep 2 needs no running max and no rescale, and ``L = log(sum) - b``. A
+block of clusters holding under N * 2**-100 of the mass (where fp32 underflow may have dropped terms: after a far-off
+warm start or an extrapolated step, never in plain steps with uniform weights) is recomputed exactly in log domain
+by the merge, which recomputes that block's scores from Z and C with the sample potentials sweep 1 stored. The cold
+start (``b = None``: ``a = log c``, no bound on the entries) skips sweep 1 and keeps log-domain partials (a running
+(max, sum) per chunk), merged by ``sinkhorn_dense.merge_partials``; so does ``column_mass=False``.
+
+The per-cluster terms ``(b + bias / eps) * log2(e)`` are written once per pass into a (H, K_pad) buffer padded with
+-inf to whole chunks, and the partial buffers' rows are K_pad long: the loops load and store them without masks
+(per chunk, the masked loads of b and the bias cost ~80 of ~400 instructions per thread at bf16 128x64).
 
 Sweep 2 computes the transposed tile so that both reductions run along the accumulator's second axis
 (within a thread and a few lane shuffles, never across warps through shared memory). A program owns its
 row of the partial buffers, read-modify-written once per chunk per row tile (a few % of the L2 traffic
 of the prototype reads); a barrier per row tile orders those global accesses between threads. A
-second small kernel (``sinkhorn_dense.merge_partials``) merges the P partials in a fixed order:
-no atomics, bitwise reproducible. The cold start (``b = None``: ``a = log c``) skips sweep 1.
+second small kernel merges the P partials in a fixed order: no atomics, bitwise reproducible.
 
-    Z, C --[_features_partials_kernel, grid (P, H)]--> max, sum (H, P, K) --[merge, grid (K/1024, H)]--> L (H, K)
+    Z, C --[_features_partials_kernel, grid (P, H)]--> masses (H, P, K_pad) --[_features_merge_masses_kernel,
+    grid (K/64, H)]--> L (H, K)
 
 Why two matmul sweeps: ``a`` needs a whole row of S before any of the row's terms can enter the cluster
 sums, and a row tile's K scores (128 x 3000 fp32 = 1.5 MB) fit neither registers nor shared memory. The
@@ -35,8 +48,9 @@ loop and the other backends run. The cold start needs only sweep 2.
 Cost per iteration (warm, H heads; flash-sinkhorn's alternating iteration does the same two passes):
 
     matmul  FLOPs = 2 sweeps x 2 N K D H          (N = 2^20, K = 3000, D = 128: 1.61e12)
-    exp2          = 2 N K H  (+ N K H / BLOCK_K + 2 K H N / BLOCK_N rescales)   (6.3e9)
-    HBM bytes     = N D itemsize (each Z tile read once, used by both sweeps) + 2 H P K 4 x 2 (partials)
+    exp2          = 2 N K H  (+ N K H / BLOCK_K rescales in sweep 1)   (6.3e9)
+    HBM bytes     = N D itemsize (each Z tile read once, used by both sweeps) + H N 4 (sample potentials)
+                    + H P K 4 x 2 (partials)
                     + prototypes from L2: 2 (N / BLOCK_N) K D itemsize of L2 traffic
 
     floor = max(FLOPs / matmul rate, exps / exp rate, bytes / HBM bandwidth)
@@ -50,9 +64,17 @@ within 15% of the dense kernel's. Hence ``input_precision="fp16"`` for fp32 inpu
 scaled by powers of two and rounded to fp16 — tf32's 10-bit mantissa, rounded to nearest where tf32 tensor cores
 truncate — multiplied at the fp16 rate: the bf16 floor (1.63 ms) with tf32-grade scores.
 
+Measured on an H100 (2026-11-23, log-domain sums in sweep 2): bf16 at N = 2^20, K = 3000 took 5.4 ms, 43% of the
+floor at the measured rates. Besides the tensor-core work, each thread issued ~12 instructions per score per sweep
+(sm_90 SASS; ~5 of them the arithmetic of the LSE, the rest per-chunk loads, masks and bookkeeping), about as much
+issue time as the matmul, and the two did not overlap. Column masses and the unmasked per-cluster buffers cut the
+loop bodies per thread per chunk from 805 to 622 instructions (bf16 128x64, both sweeps) and from 797 to 686 (fp32
+tf32 64x64); not yet timed.
+
 Numerics as in ``sinkhorn_dense``: fp32 accumulation and arithmetic, base 2 with a log2(e) prescale,
 ``-inf`` guards on every running max, int64 offsets, every stride a runtime argument. A cluster whose
-bias is ``-inf`` is unreachable (its LSE is ``-inf``); a zero-weight sample contributes nothing.
+bias is ``-inf`` is unreachable (its LSE is ``-inf``); a zero-weight sample contributes nothing; summing masses, a
+zero-weight cluster (b = -inf) gets -inf (it holds no mass; the solver's step for it never reads it).
 """
 
 from __future__ import annotations
@@ -66,10 +88,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .sinkhorn_dense import _finite_or_zero, _lse2, _multiple_of, _online_lse, _sample_step2, merge_partials
-from .utils import LOG2E, as_float32, interpreting, next_power_of_2, sm_count
+from .sinkhorn_dense import (
+    EXACT_FALLBACK_ROWS,
+    MASS_FLOOR_PER_SAMPLE,
+    MERGE_BLOCK_K,
+    MERGE_BLOCK_P,
+    _finite_or_zero,
+    _lse2,
+    _lse_from_masses,
+    _multiple_of,
+    _online_lse,
+    _sample_step2,
+    merge_partials,
+)
+from .utils import LN2, LOG2E, as_float32, interpreting, next_power_of_2, sm_count
 
 _LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # For fp32 inputs: tl.dot's "tf32", "tf32x3" and "ieee", and "fp16": both operands scaled by powers of two and rounded
 # to fp16 (see ``prepare_fp16``). Ignored for fp16/bf16 inputs.
@@ -199,10 +234,11 @@ def _features_partials_kernel(
     Z,  # (N, D) features, fp32/fp16/bf16, any strides
     C,  # (H, K, D) prototypes, same dtype, any strides
     BIAS2,  # (H, K) fp32 bias * inv_eps * log2(e), contiguous (unused when not HAS_BIAS)
-    B,  # (H, K) fp32 cluster potentials, contiguous (unused when not HAS_B)
+    V2,  # (H, K_PAD) fp32 (b + bias * inv_eps) * log2(e), -inf past K, contiguous (unused when not HAS_B)
     LOGC,  # (N,) fp32 log sample weights
-    PMAX,  # (H, P, K) fp32 out: per-program running max (base 2)
-    PSUM,  # (H, P, K) fp32 out: per-program sum of exp2(. - max)
+    A_WS,  # (H, N) fp32 out: base-2 sample potentials, for the merge's exact fallback (COLUMN_MASS only)
+    PMAX,  # (H, P, K_PAD) fp32 out: per-program running max (base 2); not written with COLUMN_MASS
+    PSUM,  # (H, P, K_PAD) fp32 out: per-program sum of exp2(. - max), or with COLUMN_MASS the plan's column masses
     N,
     K,
     D,
@@ -215,6 +251,7 @@ def _features_partials_kernel(
     scale2,  # inv_eps * log2(e) / (z_scale * c_scale)
     z_scale,  # power of two applied to Z tiles before fp16 rounding (Z_F16 only)
     HAS_B: tl.constexpr,
+    COLUMN_MASS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ONE_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -226,11 +263,13 @@ def _features_partials_kernel(
     VEC_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(HAS_B or not COLUMN_MASS, "column masses are bounded only on warm passes (b given)")
     D, stride_zn, stride_ch, stride_ck = _aligned_d(VEC_D, D, stride_zn, stride_ch, stride_ck)
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     c_head = C + h * stride_ch
-    part_off = (h * P + pid) * K
+    K_PAD = tl.cdiv(K, BLOCK_K) * BLOCK_K  # padded rows of V2 and the partials: whole chunks, loaded unmasked
+    part_off = (h * P + pid) * K_PAD
     n_tiles = tl.cdiv(N, BLOCK_N)
     for t in range(pid, n_tiles, P):
         rows = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -244,18 +283,24 @@ def _features_partials_kernel(
             for k0 in range(0, K, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
                 col_mask = cols < K
-                v2 = _load_bias(BIAS2 + h * K, cols, col_mask, HAS_BIAS)
-                v2 += tl.load(B + h * K + cols, mask=col_mask, other=float("-inf")) * _LOG2E  # (BK,)
+                # The (BK,) vector is loaded after a whole-D dot and before a D-streaming one: the other way round,
+                # sm_90 code held it through the tensor-core matmul (bf16 128x64: 140 registers instead of 125, one
+                # program per SM instead of two) or spilled in the exact fp32 loop ("ieee": 32 bytes at 128).
+                if not ONE_D:
+                    v2 = tl.load(V2 + h * K_PAD + cols)
                 acc = _dot_rows(z, Z, c_head, rows, row_mask, cols, col_mask, D, stride_zn, stride_zd, stride_ck,
                                 stride_cd, z_scale, False, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST,
                                 Z_F16)  # fmt: skip
+                if ONE_D:
+                    v2 = tl.load(V2 + h * K_PAD + cols)
                 rmax, rsum = _online_lse(rmax, rsum, acc * scale2 + v2[None, :], 1)  # (BN, BK) -> (BN,)
             a2 = _sample_step2(logc2, _lse2(rmax, rsum))
+            if COLUMN_MASS:
+                tl.store(A_WS + h * N + rows, a2, mask=row_mask)
         else:
             a2 = logc2  # cold start: a = log c
         # Sweep 2: the tile's terms x + a, transposed (clusters x samples), reduced along the samples and
-        # merged into this program's partials for the chunk. The bias is constant along that axis: it is
-        # added to the (BK,) tile max only.
+        # merged into this program's partials for the chunk.
         a2_t = a2[None, :]  # (1, BN)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -263,22 +308,86 @@ def _features_partials_kernel(
             acc_t = _dot_rows(z, Z, c_head, rows, row_mask, cols, col_mask, D, stride_zn, stride_zd, stride_ck,
                               stride_cd, z_scale, True, ONE_D, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION, UPCAST,
                               Z_F16)  # fmt: skip
-            y2 = acc_t * scale2 + a2_t  # (BK, BN)
-            tmax = tl.max(y2, 1)
-            tsum = tl.sum(tl.exp2(y2 - _finite_or_zero(tmax)[:, None]), 1)
-            tmax += _load_bias(BIAS2 + h * K, cols, col_mask, HAS_BIAS)  # (BK,)
             # On this program's first tile its partials are not written yet (a (BK,) test: the interpreter
             # turns a scalar bool & a bool tensor into integers).
-            seen = col_mask & (tl.full((BLOCK_K,), t, tl.int32) != pid)
-            pm = tl.load(PMAX + part_off + cols, mask=seen, other=float("-inf"))
+            seen = tl.full((BLOCK_K,), t, tl.int32) != pid
             ps = tl.load(PSUM + part_off + cols, mask=seen, other=0.0)
-            m_new = tl.maximum(pm, tmax)
-            shift = _finite_or_zero(m_new)
-            ps = ps * tl.exp2(pm - shift) + tsum * tl.exp2(tmax - shift)
-            tl.store(PMAX + part_off + cols, m_new, mask=col_mask)
-            tl.store(PSUM + part_off + cols, ps, mask=col_mask)
+            if COLUMN_MASS:
+                # Plan entries exp2(x + a + b) <= c: summed as they are, no max to find first, nothing to rescale.
+                v2 = tl.load(V2 + h * K_PAD + cols)  # (BK,)
+                ps += tl.sum(tl.exp2(acc_t * scale2 + v2[:, None] + a2_t), 1)
+            else:
+                # The bias is constant along the samples: it is added to the (BK,) tile max only.
+                y2 = acc_t * scale2 + a2_t  # (BK, BN)
+                tmax = tl.max(y2, 1)
+                tsum = tl.sum(tl.exp2(y2 - _finite_or_zero(tmax)[:, None]), 1)
+                tmax += _load_bias(BIAS2 + h * K, cols, col_mask, HAS_BIAS)  # (BK,)
+                pm = tl.load(PMAX + part_off + cols, mask=seen, other=float("-inf"))
+                m_new = tl.maximum(pm, tmax)
+                shift = _finite_or_zero(m_new)
+                ps = ps * tl.exp2(pm - shift) + tsum * tl.exp2(tmax - shift)
+                tl.store(PMAX + part_off + cols, m_new)
+            tl.store(PSUM + part_off + cols, ps)
         # The next tile's sweep 2 reads these partials back, possibly from other threads of the program.
         tl.debug_barrier()
+
+
+@triton.jit
+def _features_merge_masses_kernel(
+    PSUM,  # (H, P, K_PAD) fp32: per-program column masses of the plan
+    B,  # (H, K) fp32 cluster potentials
+    BIAS2,  # (H, K) fp32 bias * inv_eps * log2(e) (unused when not HAS_BIAS)
+    OUT,  # (H, K) fp32 out: cluster LSE (natural log)
+    Z,  # the features, prototypes and sample potentials: read only by the exact fallback
+    C,
+    A_WS,  # (H, N) fp32 base-2 sample potentials of this pass
+    P,
+    N,
+    K,
+    K_PAD,
+    D,
+    stride_zn,
+    stride_zd,
+    stride_ch,
+    stride_ck,
+    stride_cd,
+    scale2,
+    z_scale,
+    mass_floor,  # below it a column's mass may have lost terms to exp2 underflow
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    Z_F16: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK: tl.constexpr,
+    EXACT_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VEC_D: tl.constexpr,
+):
+    """``sinkhorn_dense._merge_masses_kernel`` for features: OUT = ln(2) * (log2 sum_p PSUM - b2), and a block of
+    clusters holding one under ``mass_floor`` recomputed exactly in log domain, its scores ``Z C_blockᵀ``
+    recomputed tile by tile (D streamed in chunks of BLOCK_D) with the stored sample potentials."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    h = tl.program_id(1).to(tl.int64)
+    col_mask = cols < K
+    lse2, untrusted = _lse_from_masses(PSUM, B, h, P, K, K_PAD, cols, col_mask, mass_floor, BLOCK_P, BLOCK)
+    if tl.sum(untrusted.to(tl.int32), 0) > 0:
+        D, stride_zn, stride_ch, stride_ck = _aligned_d(VEC_D, D, stride_zn, stride_ch, stride_ck)
+        c_head = C + h * stride_ch
+        m = tl.full((BLOCK,), float("-inf"), tl.float32)
+        s = tl.zeros((BLOCK,), tl.float32)
+        for r0 in range(0, N, EXACT_ROWS):
+            rows = r0 + tl.arange(0, EXACT_ROWS)
+            row_mask = rows < N
+            a2 = tl.load(A_WS + h * N + rows, mask=row_mask, other=float("-inf"))
+            acc_t = _dot_rows(a2, Z, c_head, rows, row_mask, cols, col_mask, D, stride_zn, stride_zd, stride_ck,
+                              stride_cd, z_scale, True, False, EXACT_ROWS, BLOCK, BLOCK_D, PRECISION, UPCAST,
+                              Z_F16)  # fmt: skip
+            m, s = _online_lse(m, s, acc_t * scale2 + a2[None, :], 1)
+        exact = _lse2(m, s) + _load_bias(BIAS2 + h * K, cols, col_mask, HAS_BIAS)  # the bias: constant per cluster
+        lse2 = tl.where(untrusted, exact, lse2)
+    tl.store(OUT + h * K + cols, lse2 * _LN2, mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,9 +555,16 @@ class FeaturesLaunch:
     num_warps: int
     num_stages: int
     n_programs: int
+    # Warm passes sum the plan's column masses in sweep 2 (no running max, no rescale; see
+    # ``_features_merge_masses_kernel`` for the exact fallback that keeps it safe); False: log-domain sums.
+    column_mass: bool = True
 
     def one_d(self, d: int) -> bool:
         return self.block_d >= d
+
+    def padded_k(self, k: int) -> int:
+        """K rounded up to whole chunks: the row length of the kernel's per-cluster buffers, loaded unmasked."""
+        return -(-k // self.block_k) * self.block_k
 
     def row_tiles(self, n: int) -> int:
         return -(-n // self.block_n)
@@ -512,6 +628,7 @@ def features_launch(
     precision: str = "tf32",
     z_rows_aligned: bool = True,
     max_shared: int | None = None,
+    column_mass: bool = True,
 ) -> FeaturesLaunch:
     """Tile sizes and grid for N samples, K clusters, D features, H heads; keyword overrides for tests and sweeps.
 
@@ -520,7 +637,8 @@ def features_launch(
     in the kernel (``prepare_fp16``); ``precision``: the ``input_precision`` of fp32 inputs (exact ones stream D);
     ``z_rows_aligned``: every row of Z starts on a 16-byte boundary (``d_vector_width``; unaligned fp32 rows stream
     D past 128); ``max_shared``: bytes of shared memory one program may use (``max_shared_memory``; None: the
-    device's, no limit on a CPU): tiles not given explicitly shrink until ``shared_memory_bound`` fits.
+    device's, no limit on a CPU): tiles not given explicitly shrink until ``shared_memory_bound`` fits;
+    ``column_mass``: warm passes sum plan masses (``FeaturesLaunch.column_mass``).
     """
     gpu_n, gpu_k, gpu_warps, gpu_stages = GPU_TILES["fp32>fp16" if z_fp32_to_fp16 else 4 if itemsize >= 4 else 2]
     small = interpreting()
@@ -539,7 +657,9 @@ def features_launch(
         block_d = max(16, next_power_of_2(d)) if d <= MAX_ONE_D else STREAM_D
     if block_d > 128 and not small:
         gpu_stages = 2
-    launch = FeaturesLaunch(block_n, block_k, block_d, num_warps or gpu_warps, num_stages or gpu_stages, 1)
+    launch = FeaturesLaunch(
+        block_n, block_k, block_d, num_warps or gpu_warps, num_stages or gpu_stages, 1, column_mass=column_mass
+    )
     if max_shared is None:
         max_shared = max_shared_memory(device)
     bound = functools.partial(shared_memory_bound, d=d, itemsize=itemsize, z_fp32_to_fp16=z_fp32_to_fp16)
@@ -573,11 +693,15 @@ def _shrink(launch: FeaturesLaunch, d: int, fixed: dict) -> FeaturesLaunch | Non
 @dataclass
 class FeaturesWorkspace:
     """Buffers reused across ``features_cluster_lse`` calls: an iteration allocates nothing but its (H, K)
-    output, so a solve can be captured in a CUDA graph. Size ``2 H P K`` fp32, independent of N."""
+    output, so a solve can be captured in a CUDA graph. ``2 H P K_pad + H K_pad`` fp32, plus ``H N`` with column
+    masses (the sample potentials, read only by the merge's exact fallback)."""
 
     launch: FeaturesLaunch
-    pmax: torch.Tensor  # (H, P, K) fp32
-    psum: torch.Tensor  # (H, P, K) fp32
+    pmax: torch.Tensor  # (H, P, K_pad) fp32
+    psum: torch.Tensor  # (H, P, K_pad) fp32
+    v2: torch.Tensor  # (H, K_pad) fp32: (b + bias / eps) * log2(e) of the pass, -inf past K (never written there)
+    a: torch.Tensor  # (H, N) fp32 base-2 sample potentials with column masses, else (0,)
+    k: int  # the K it was made for: v2's padding must stay -inf
 
     @classmethod
     def for_inputs(
@@ -591,10 +715,26 @@ class FeaturesWorkspace:
         launch = launch or _default_launch(features, prototypes, precision)
         # A program with no row tile would leave its partials unwritten (garbage in the merge): at most one per tile.
         launch = dataclasses.replace(launch, n_programs=max(1, min(launch.n_programs, launch.row_tiles(n))))
-        p = launch.n_programs
-        pmax = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
-        psum = torch.empty((h, p, k), dtype=torch.float32, device=features.device)
-        return cls(launch, pmax, psum)
+        p, k_pad = launch.n_programs, launch.padded_k(k)
+        f32 = dict(dtype=torch.float32, device=features.device)
+        pmax = torch.empty((h, p, k_pad), **f32)
+        psum = torch.empty((h, p, k_pad), **f32)
+        v2 = torch.full((h, k_pad), float("-inf"), **f32)  # the padding stays -inf: no cluster there
+        a = torch.empty(cls._a_shape(launch, h, n), **f32)
+        return cls(launch, pmax, psum, v2, a, k)
+
+    @staticmethod
+    def _a_shape(launch: FeaturesLaunch, h: int, n: int) -> tuple[int, ...]:
+        return (h, n) if launch.column_mass else (0,)
+
+    def check_fits(self, h: int, n: int, k: int) -> None:
+        """A workspace is sized for one (H, N, K): the kernels write its buffers without bounds of their own."""
+        same_k = self.k == k and self.psum.shape[:2] == (h, self.launch.n_programs)
+        if not same_k or self.a.shape != self._a_shape(self.launch, h, n):
+            raise ValueError(
+                f"this FeaturesWorkspace was made for other inputs (partials {tuple(self.psum.shape)}, sample "
+                f"potentials {tuple(self.a.shape)}); (H, N, K) = ({h}, {n}, {k}) need FeaturesWorkspace.for_inputs"
+            )
 
 
 def _default_launch(features: torch.Tensor, prototypes: torch.Tensor, precision: str) -> FeaturesLaunch:
@@ -704,6 +844,14 @@ def _upcast(features: torch.Tensor) -> bool:
     return interpreting() and features.dtype == torch.bfloat16
 
 
+def _merge_options_gpu() -> dict:
+    return {"num_warps": 4, "enable_fp_fusion": True}
+
+
+def _merge_options() -> dict:
+    return {} if interpreting() else _merge_options_gpu()
+
+
 def _options(cfg: FeaturesLaunch) -> dict:
     # fp fusion (FMA) stated, not inherited: Triton's default for it is changing between releases.
     if interpreting():
@@ -734,21 +882,39 @@ def features_cluster_lse(
     """
     n, d, h, k = _check_inputs(features, prototypes)
     ws = workspace or FeaturesWorkspace.for_inputs(features, prototypes, precision=input_precision)
+    ws.check_fits(h, n, k)
     cfg = ws.launch
     log_c = as_float32(log_c)
     b = _vector(b, h, k, "b")
     bias2 = _vector(bias2, h, k, "bias2")
+    has_b = b is not None
+    column_mass = has_b and cfg.column_mass
+    if has_b:  # the per-cluster terms of the pass, once (the kernel reads whole chunks of them, unmasked)
+        v2 = ws.v2[:, :k]
+        torch.mul(b, LOG2E, out=v2) if bias2 is None else torch.add(bias2, b, alpha=LOG2E, out=v2)
     dummy = log_c  # any fp32 pointer for an argument the kernel never reads
     z_f16, (z_scale, c_scale) = _fp16_mode(features, prototypes), scales
-    _features_partials_kernel[(cfg.n_programs, h)](
-        features, prototypes, dummy if bias2 is None else bias2, dummy if b is None else b, log_c, ws.pmax, ws.psum,
-        n, k, d, cfg.n_programs, *features.stride(), *prototypes.stride(),
-        float(inv_eps) * LOG2E / (z_scale * c_scale), float(z_scale),
-        HAS_B=b is not None, HAS_BIAS=bias2 is not None, ONE_D=cfg.one_d(d), PRECISION=_precision(input_precision),
-        UPCAST=_upcast(features), Z_F16=z_f16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-        VEC_D=_vec_d(features, prototypes), **_options(cfg),
+    scale2 = float(inv_eps) * LOG2E / (z_scale * c_scale)
+    common = dict(
+        HAS_BIAS=bias2 is not None, PRECISION=_precision(input_precision), UPCAST=_upcast(features), Z_F16=z_f16,
+        VEC_D=_vec_d(features, prototypes),
     )  # fmt: skip
-    return merge_partials(ws.pmax, ws.psum)
+    _features_partials_kernel[(cfg.n_programs, h)](
+        features, prototypes, dummy if bias2 is None else bias2, ws.v2, log_c, ws.a, ws.pmax, ws.psum,
+        n, k, d, cfg.n_programs, *features.stride(), *prototypes.stride(), scale2, float(z_scale),
+        HAS_B=has_b, COLUMN_MASS=column_mass, ONE_D=cfg.one_d(d), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_D=cfg.block_d, **common, **_options(cfg),
+    )  # fmt: skip
+    if not column_mass:
+        return merge_partials(ws.pmax[:, :, :k], ws.psum[:, :, :k])
+    out = torch.empty((h, k), dtype=torch.float32, device=features.device)
+    _features_merge_masses_kernel[(triton.cdiv(k, MERGE_BLOCK_K), h)](
+        ws.psum, b, dummy if bias2 is None else bias2, out, features, prototypes, ws.a,
+        cfg.n_programs, n, k, cfg.padded_k(k), d, *features.stride(), *prototypes.stride(), scale2, float(z_scale),
+        n * MASS_FLOOR_PER_SAMPLE, BLOCK_P=MERGE_BLOCK_P, BLOCK=MERGE_BLOCK_K, EXACT_ROWS=EXACT_FALLBACK_ROWS,
+        BLOCK_D=min(cfg.block_d, EXACT_STREAM_D), **common, **_merge_options(),
+    )  # fmt: skip
+    return out
 
 
 def _readout(features, prototypes, bias, b, inv_eps, want_codes, want_score, input_precision, scales, launch):

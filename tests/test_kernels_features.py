@@ -103,10 +103,12 @@ def _potentials(h, k, *, seed=1, closed=()):
     return b.to(DEVICE)
 
 
-def _ws(z, c, block_d=None, n_programs=None):
+def _ws(z, c, block_d=None, n_programs=None, column_mass=True):
     n, d = z.shape
     h, k, _ = c.shape
-    launch = features_launch(n, k, d, h, z.element_size(), z.device, block_d=block_d, n_programs=n_programs)
+    launch = features_launch(
+        n, k, d, h, z.element_size(), z.device, block_d=block_d, n_programs=n_programs, column_mass=column_mass
+    )
     return FeaturesWorkspace.for_inputs(z, c, launch)
 
 
@@ -136,17 +138,18 @@ def assert_labels(labels, logits, what, tol=1e-4):
 @pytest.mark.parametrize("dtype, precision", PRECISIONS)
 @pytest.mark.parametrize("h, n, k, d, block_d, n_programs", SHAPES)
 @pytest.mark.parametrize(
-    "warm, with_bias",
-    [(False, True), (True, False), (True, True)],
-    ids=["cold-bias", "warm", "warm-bias"],  # cold: b = None, a = log c, sweep 2 only
+    "warm, with_bias, column_mass",
+    [(False, True, True), (True, False, True), (True, True, True), (True, True, False)],
+    ids=["cold-bias", "warm", "warm-bias", "warm-bias-lse"],  # cold: b = None, a = log c, sweep 2 only
 )
-def test_cluster_lse_matches_reference(dtype, precision, h, n, k, d, block_d, n_programs, warm, with_bias):
+def test_cluster_lse_matches_reference(dtype, precision, h, n, k, d, block_d, n_programs, warm, with_bias, column_mass):
+    """Cold and warm passes, warm ones summing plan masses (the default) or log-domain sums, against float64."""
     atol, rtol = TOLERANCES[dtype, precision]["lse"]
     z, c, bias = _inputs(h, n, k, d, dtype, bias=with_bias)
     b = _potentials(h, k) if warm else None
     log_c = _log_c(n)
     c_op, scales = _operands(z, c, precision)
-    ws = _ws(z, c_op, block_d, n_programs)
+    ws = _ws(z, c_op, block_d, n_programs, column_mass)
     out = features_cluster_lse(
         z, c_op, _bias2(bias), b, log_c, INV_EPS, input_precision=precision, scales=scales, workspace=ws
     )
@@ -156,10 +159,13 @@ def test_cluster_lse_matches_reference(dtype, precision, h, n, k, d, block_d, n_
 
 
 @pytest.mark.parametrize("dtype, precision", PRECISIONS[:1] + PRECISIONS[2:3] + PRECISIONS[4:])
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
-def test_cluster_lse_zero_weights_and_closed_clusters(dtype, precision, warm):
+@pytest.mark.parametrize(
+    "warm, column_mass", [(False, True), (True, True), (True, False)], ids=["cold", "warm", "warm-lse"]
+)
+def test_cluster_lse_zero_weights_and_closed_clusters(dtype, precision, warm, column_mass):
     """Zero-weight samples contribute nothing (bit for bit); a cluster with bias -inf is unreachable (-inf);
-    a zero-weight cluster (b = -inf) is left out of every row's LSE."""
+    a zero-weight cluster (b = -inf) is left out of every row's LSE; summing masses, its own entry is -inf (it
+    holds no mass; the solver never reads it), log-domain sums give its LSE."""
     atol, rtol = TOLERANCES[dtype, precision]["lse"]
     h, n, k, d = 2, 40, 21, 5
     z, c, bias = _inputs(h, n, k, d, dtype, seed=3)
@@ -167,14 +173,89 @@ def test_cluster_lse_zero_weights_and_closed_clusters(dtype, precision, warm):
     log_c = _log_c(n, zero_weight=(2, 17, 39))
     b = _potentials(h, k, closed=(7,)) if warm else None
     c_op, scales = _operands(z, c, precision)
-    kw = dict(input_precision=precision, scales=scales, workspace=_ws(z, c_op, n_programs=2))
+    kw = dict(input_precision=precision, scales=scales, workspace=_ws(z, c_op, n_programs=2, column_mass=column_mass))
     out = features_cluster_lse(z, c_op, _bias2(bias), b, log_c, INV_EPS, **kw)
     assert (out[:, 6] == float("-inf")).all(), f"a cluster with bias -inf must give -inf, got {out[:, 6].tolist()}"
-    assert_close(out, ref_cluster_lse(_scores64(z, c, bias), b, log_c, INV_EPS), atol, rtol, "masked")
+    expected = ref_cluster_lse(_scores64(z, c, bias), b, log_c, INV_EPS)
+    if warm and column_mass:
+        expected[:, 7] = float("-inf")
+    assert_close(out, expected, atol, rtol, "masked")
     z2 = z.clone()
     z2[[2, 17, 39]] = (3 * torch.randn(3, d)).to(dtype).to(DEVICE)
     out2 = features_cluster_lse(z2, c_op, _bias2(bias), b, log_c, INV_EPS, **kw)
     assert torch.equal(out, out2), f"zero-weight samples changed the result: {(out - out2).abs().max()}"
+
+
+def _light_clusters_problem(dtype, precision, d=5):
+    """Three heads, K = 70 (two merge blocks of 64), with a bias, and potentials that leave some clusters next to no
+    mass: in head 0 clusters 1 and 4, b 80 and 250 nats below the rest (plan masses ~1e-35 and ~1e-109, both under the
+    N * 2**-100 floor: both recomputed, though only cluster 4's entries underflow fp32), cluster 6 40 nats down
+    (summed as a mass); in head 1 cluster 66 (the second block), in head 2 cluster 3, 250 nats each."""
+    h, n, k = 3, 37, 70
+    z, c, bias = _inputs(h, n, k, d, dtype, seed=21)
+    b = _potentials(h, k, seed=22)
+    for head, cluster, drop in [(0, 1, 80.0), (0, 4, 250.0), (0, 6, 40.0), (1, 66, 250.0), (2, 3, 250.0)]:
+        b[head, cluster] -= drop
+    c_op, scales = _operands(z, c, precision)
+    expected = ref_cluster_lse(_scores64(z, c, bias), b, _log_c(n), INV_EPS)
+    return (z, c_op, _bias2(bias), b, _log_c(n), INV_EPS), dict(input_precision=precision, scales=scales), expected
+
+
+UNDERFLOWING = [(0, 4), (1, 66), (2, 3)]  # (head, cluster) whose every plan entry is 0 in fp32
+
+
+@pytest.mark.parametrize("dtype, precision", [PRECISIONS[0], PRECISIONS[2], PRECISIONS[4]])
+@pytest.mark.parametrize("d, block_d", [(5, None), (40, 16)], ids=["D-whole", "D-streamed"])
+def test_column_mass_falls_back_to_exact_for_light_clusters(dtype, precision, d, block_d):
+    """The mass sums flush plan entries below 2**-126 to 0; the merge recomputes such light clusters in log domain,
+    their scores recomputed from Z and C (fp32 exact, fp32 rounded to fp16, bf16; D whole or streamed in the pass):
+    the result equals the reference everywhere."""
+    args, kw, expected = _light_clusters_problem(dtype, precision, d)
+    out = features_cluster_lse(*args, **kw, workspace=_ws(args[0], args[1], block_d, n_programs=2))
+    assert_close(out, expected, *TOLERANCES[dtype, precision]["lse"], f"light clusters {dtype} {precision}")
+
+
+def test_column_mass_fallback_is_what_keeps_light_clusters(monkeypatch):
+    """Without the fallback (a floor of 0) the light clusters' masses underflow to -inf, and every other cluster is
+    unchanged: so the test above reaches the fallback, and the floor is what decides it."""
+    from otlabel.kernels import sinkhorn_features
+
+    args, kw, expected = _light_clusters_problem(torch.float32, "ieee")
+    monkeypatch.setattr(sinkhorn_features, "MASS_FLOOR_PER_SAMPLE", 0.0)
+    out = features_cluster_lse(*args, **kw, workspace=_ws(args[0], args[1], n_programs=2))
+    for head, cluster in UNDERFLOWING:
+        assert out[head, cluster] == float("-inf"), f"({head}, {cluster}) should underflow: {out[head, cluster]}"
+        expected[head, cluster] = float("-inf")
+    assert_close(out, expected, *TOLERANCES[torch.float32, "ieee"]["lse"], "the other clusters, summed as masses")
+
+
+def test_column_mass_fallback_left_alone_on_ordinary_potentials(monkeypatch):
+    """Ordinary potentials (no cluster near the floor): the same bits with the fallback on and off, so the masses are
+    what the reference checks in the other tests, not the fallback's log-domain recomputation."""
+    from otlabel.kernels import sinkhorn_features
+
+    h, n, k, d = 3, 41, 70, 6
+    z, c, bias = _inputs(h, n, k, d, torch.float32, seed=23)
+    args = (z, c, _bias2(bias), _potentials(h, k, seed=24), _log_c(n), INV_EPS)
+    runs = []
+    for floor in (sinkhorn_features.MASS_FLOOR_PER_SAMPLE, 0.0, float("inf")):  # inf: every block recomputed
+        monkeypatch.setattr(sinkhorn_features, "MASS_FLOOR_PER_SAMPLE", floor)
+        runs.append(features_cluster_lse(*args, input_precision="ieee", workspace=_ws(z, c, n_programs=2)))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[2], runs[0]), "the fallback's log-domain sums should round differently"
+    expected = ref_cluster_lse(_scores64(z, c, bias), args[3], args[4], INV_EPS)
+    for run, what in zip(runs[::2], ("masses", "every block recomputed"), strict=True):
+        assert_close(run, expected, *TOLERANCES[torch.float32, "ieee"]["lse"], what)
+
+
+def test_workspace_for_other_inputs_is_refused():
+    """The kernels write a workspace's buffers without bounds of their own: one made for other inputs is refused."""
+    z, c, _ = _inputs(1, 40, 21, 5, torch.float32)
+    ws = _ws(z, c)
+    log_c = _log_c(40)
+    for other_z, other_c in [(z, c[:, :20]), (z[:30], c)]:
+        with pytest.raises(ValueError, match="made for other inputs"):
+            features_cluster_lse(other_z, other_c, None, None, log_c[: other_z.shape[0]], INV_EPS, workspace=ws)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -415,14 +496,18 @@ def test_benchmark_script_dry_run(tmp_path):
 @pytest.mark.parametrize("dtype, precision", PRECISIONS)
 @pytest.mark.parametrize("k, d", [(3000, 128), (1000, 40), (257, 512)], ids=["K3000-D128", "K1000-D40", "D512"])
 def test_gpu_default_launch_and_cuda_graph(dtype, precision, k, d):
-    """Default heuristics at a real size (tensor cores, tf32 where asked), and the iteration from a CUDA graph."""
+    """Default heuristics at a real size (tensor cores, tf32 where asked), cold and warm passes, a light cluster
+    through the merge's exact fallback, and the iteration from a CUDA graph."""
     h, n = 2, 5000
     tol = TOLERANCES[dtype, precision]
     z, c, bias = _inputs(h, n, k, d, dtype, seed=21)
     w = torch.full((n,), 1.0 / n, device="cuda")
     op = TritonFeaturesOperator(z, c, bias, 1 / INV_EPS, w, input_precision=precision)  # "fp16" too
     b = _potentials(h, k)
+    b[:, 3] -= 250.0  # its plan masses underflow fp32: the merge recomputes its block in log domain
     s = _scores64(z, c, bias)
+    cold = ref_cluster_lse(s, None, w.log(), INV_EPS)
+    assert_close(op.cluster_lse(None), cold, *tol["lse"], f"cold cluster_lse gpu {dtype} {precision}")
     expected = ref_cluster_lse(s, b, w.log(), INV_EPS)
     assert_close(op.cluster_lse(b), expected, *tol["lse"], f"cluster_lse gpu {dtype} {precision}")
     op.cluster_lse(b)  # compile outside the capture
