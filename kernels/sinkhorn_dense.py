@@ -480,11 +480,24 @@ class DenseWorkspace:
     def check_fits(self, h: int, n: int, k: int) -> None:
         """A workspace is sized for one (H, N, K): the kernels write its buffers without bounds of their own."""
         p = self.launch.n_programs
+        _check_row_tiles(p, self.launch.row_tiles(n), n)
         if self.psum.shape != (h, p, k) or self.a.shape != self._a_shape(self.launch, h, n):
             raise ValueError(
                 f"this DenseWorkspace was made for other scores (partials {tuple(self.psum.shape)}, sample potentials "
                 f"{tuple(self.a.shape)}); scores (H, N, K) = ({h}, {n}, {k}) need DenseWorkspace.for_scores(scores)"
             )
+
+
+def _check_row_tiles(n_programs: int, row_tiles: int, n: int) -> None:
+    """Every program of a cluster-LSE launch must own a row tile: one with none would leave its partials as the last
+    call left them, and the merge would read them (a workspace made for more samples than these)."""
+    if n == 0:
+        raise ValueError("no samples (N = 0): the cluster LSE of an empty set is not defined")
+    if n_programs > row_tiles:
+        raise ValueError(
+            f"this workspace runs {n_programs} programs but N = {n} makes {row_tiles} row tiles: a program with none "
+            "would merge stale partials; make the workspace for these inputs"
+        )
 
 
 def _check_scores(scores: torch.Tensor) -> tuple[int, int, int]:

@@ -19,9 +19,10 @@ of ``BLOCK_K`` clusters:
 
 Column masses (``FeaturesLaunch.column_mass``, the default for warm passes) as in ``sinkhorn_dense``: every plan
 entry is at most its sample's weight, so sweep 2 needs no running max and no rescale, and ``L = log(sum) - b``. A
-block of clusters holding under N * 2**-100 of the mass (where fp32 underflow may have dropped terms: after a far-off
-warm start or an extrapolated step, never in plain steps with uniform weights) is recomputed exactly in log domain
-by the merge, which recomputes that block's scores from Z and C with the sample potentials sweep 1 stored. The cold
+block of 64 clusters containing one that holds under N * 2**-100 of the mass (fp32 underflow may have dropped its
+terms: after a far-off warm start or an extrapolated step, never in plain steps with uniform weights; a cluster closed
+by a -inf bias holds none by construction and does not count) is recomputed exactly in log domain by the merge,
+which recomputes that block's scores from Z and C with the sample potentials sweep 1 stored. The cold
 start (``b = None``: ``a = log c``, no bound on the entries) skips sweep 1 and keeps log-domain partials (a running
 (max, sum) per chunk), merged by ``sinkhorn_dense.merge_partials``; so does ``column_mass=False``.
 
@@ -93,6 +94,7 @@ from .sinkhorn_dense import (
     MASS_FLOOR_PER_SAMPLE,
     MERGE_BLOCK_K,
     MERGE_BLOCK_P,
+    _check_row_tiles,
     _finite_or_zero,
     _lse2,
     _lse_from_masses,
@@ -372,6 +374,9 @@ def _features_merge_masses_kernel(
     h = tl.program_id(1).to(tl.int64)
     col_mask = cols < K
     lse2, untrusted = _lse_from_masses(PSUM, B, h, P, K, K_PAD, cols, col_mask, mass_floor, BLOCK_P, BLOCK)
+    # A cluster closed by a -inf bias holds no mass by construction (its LSE is -inf already): not a reason to
+    # recompute its block on every pass.
+    untrusted &= _load_bias(BIAS2 + h * K, cols, col_mask, HAS_BIAS) > float("-inf")
     if tl.sum(untrusted.to(tl.int32), 0) > 0:
         D, stride_zn, stride_ch, stride_ck = _aligned_d(VEC_D, D, stride_zn, stride_ch, stride_ck)
         c_head = C + h * stride_ch
@@ -729,6 +734,7 @@ class FeaturesWorkspace:
 
     def check_fits(self, h: int, n: int, k: int) -> None:
         """A workspace is sized for one (H, N, K): the kernels write its buffers without bounds of their own."""
+        _check_row_tiles(self.launch.n_programs, self.launch.row_tiles(n), n)
         same_k = self.k == k and self.psum.shape[:2] == (h, self.launch.n_programs)
         if not same_k or self.a.shape != self._a_shape(self.launch, h, n):
             raise ValueError(
@@ -877,8 +883,10 @@ def features_cluster_lse(
     the bias pre-scaled as ``bias * inv_eps * log2(e)`` (``None``: no bias). b (H, K) or None (cold start:
     ``a = log_c``); log_c (N,) fp32, -inf for a zero-weight sample. ``input_precision`` applies to fp32
     inputs ("tf32" tensor cores, "ieee" exact fp32); for "fp16" pass fp32 features with the fp16 prototypes and
-    the ``scales`` of ``prepare_fp16``. Returns (H, K) fp32, -inf for an unreachable cluster.
-    Two launches, no host synchronisation, bitwise deterministic for a given workspace.
+    the ``scales`` of ``prepare_fp16``. Returns (H, K) fp32, -inf for an unreachable cluster and, summing column
+    masses, for a cluster with b = -inf (it holds no mass; the solver's step for a zero-weight cluster never reads
+    it). Two launches (three on warm passes: the per-cluster terms are written first), no host synchronisation,
+    bitwise deterministic for a given workspace.
     """
     n, d, h, k = _check_inputs(features, prototypes)
     ws = workspace or FeaturesWorkspace.for_inputs(features, prototypes, precision=input_precision)

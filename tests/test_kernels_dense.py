@@ -447,6 +447,20 @@ def test_workspace_for_other_scores_is_refused():
         dense_cluster_lse(large, _potentials(1, 5), _log_c(40), INV_EPS, workspace=ws)
 
 
+@COLUMN_SUMS
+def test_workspace_with_more_programs_than_row_tiles_is_refused(column_mass):
+    """A workspace for more samples, used for fewer: its programs without a row tile would leave their partials as
+    the last call wrote them, and the merge would read them (log-domain sums, one chunk: silently wrong before)."""
+    large = _scores(1, 200, 5, torch.float32)
+    launch = dense_launch(200, 5, 1, large.device, block_n=4, n_programs=8, column_mass=column_mass)
+    ws = DenseWorkspace.for_scores(large, launch)
+    dense_cluster_lse(large, _potentials(1, 5), _log_c(200), INV_EPS, workspace=ws)
+    with pytest.raises(ValueError, match="8 programs but N = 20 makes 5 row tiles"):
+        dense_cluster_lse(large[:, :20], _potentials(1, 5), _log_c(20), INV_EPS, workspace=ws)
+    with pytest.raises(ValueError, match="no samples"):
+        dense_cluster_lse(large[:, :0], _potentials(1, 5), _log_c(200)[:0], INV_EPS, workspace=ws)
+
+
 # ---------------------------------------------------------------------------------------------------
 # read-out: labels, codes, transport score
 # ---------------------------------------------------------------------------------------------------

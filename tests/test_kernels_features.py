@@ -253,9 +253,80 @@ def test_workspace_for_other_inputs_is_refused():
     z, c, _ = _inputs(1, 40, 21, 5, torch.float32)
     ws = _ws(z, c)
     log_c = _log_c(40)
-    for other_z, other_c in [(z, c[:, :20]), (z[:30], c)]:
-        with pytest.raises(ValueError, match="made for other inputs"):
+    for other_z, other_c, why in [(z, c[:, :20], "made for other inputs"), (z[:30], c, "but N = 30 makes 2 row tiles")]:
+        with pytest.raises(ValueError, match=why):
             features_cluster_lse(other_z, other_c, None, None, log_c[: other_z.shape[0]], INV_EPS, workspace=ws)
+
+
+@pytest.mark.parametrize("column_mass", [True, False], ids=["masses", "lse"])
+def test_workspace_with_more_programs_than_row_tiles_is_refused(column_mass):
+    """A workspace for more samples, used for fewer: its programs without a row tile would leave their partials as
+    the last call wrote them, and the merge would read them (log-domain sums: silently wrong before, found in
+    review)."""
+    z, c, bias = _inputs(1, 200, 21, 5, torch.float32, seed=3)
+    ws = _ws(z, c, n_programs=8, column_mass=column_mass)  # 13 row tiles of 16 under the interpreter
+    b = _potentials(1, 21)
+    features_cluster_lse(z, c, _bias2(bias), b, _log_c(200), INV_EPS, workspace=ws)
+    with pytest.raises(ValueError, match="8 programs but N = 20 makes 2 row tiles"):
+        features_cluster_lse(z[:20], c, _bias2(bias), b, _log_c(20), INV_EPS, workspace=ws)
+
+
+def test_one_workspace_alternating_cold_warm_bias_and_light_clusters():
+    """Cold, warm, with and without a bias, a zero-weight cluster, light clusters in both heads and both merge
+    blocks, on one workspace (10 row tiles on 3 programs, K = 70 padded to 80): bit for bit what fresh ones give."""
+    h, n, k, d = 2, 150, 70, 24
+    z, c, bias = _inputs(h, n, k, d, torch.float32, seed=5)
+    bs = [_potentials(h, k, seed=s) for s in (6, 7, 8)]
+    bs[1][1, 69] = float("-inf")
+    bs[2][0, 3] -= 250.0
+    bs[2][1, 66] -= 250.0
+    calls = [(None, bias), (bs[0], bias), (bs[1], None), (None, None), (bs[2], bias), (bs[0], None), (bs[2], None)]
+    ws = _ws(z, c, n_programs=3)
+    for b, call_bias in calls:
+        args = (z, c, _bias2(call_bias), b, _log_c(n), INV_EPS)
+        out = features_cluster_lse(*args, input_precision="ieee", workspace=ws)
+        fresh = features_cluster_lse(*args, input_precision="ieee", workspace=_ws(z, c, n_programs=3))
+        assert torch.equal(out, fresh), f"reused workspace differs by {(out - fresh).abs().max()}"
+
+
+def test_closed_cluster_bias_does_not_trigger_the_fallback(monkeypatch):
+    """A cluster closed by a -inf bias (b finite) holds no mass by construction: not a reason to recompute its block
+    from Z and C on every warm pass (found in review). Counted under the interpreter, where the merge's fallback
+    calls ``_aligned_d`` as Python."""
+    from otlabel.kernels import sinkhorn_features
+    from otlabel.kernels.utils import interpreting
+
+    if not interpreting():
+        pytest.skip("counts calls of a jit function, which only the interpreter runs as Python")
+    in_merge, fallbacks = [False], [0]
+    aligned, merge = sinkhorn_features._aligned_d, sinkhorn_features._features_merge_masses_kernel
+
+    def counting_aligned(*args):
+        fallbacks[0] += in_merge[0]
+        return aligned(*args)
+
+    class CountingMerge:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                in_merge[0] = True
+                try:
+                    return merge[grid](*args, **kwargs)
+                finally:
+                    in_merge[0] = False
+
+            return run
+
+    monkeypatch.setattr(sinkhorn_features, "_aligned_d", counting_aligned)
+    monkeypatch.setattr(sinkhorn_features, "_features_merge_masses_kernel", CountingMerge())
+    z, c, bias = _inputs(1, 40, 21, 5, torch.float32, seed=3)
+    b = _potentials(1, 21)
+    b_light = b.clone()
+    b_light[0, 2] -= 250.0
+    bias[:, 6] = float("-inf")
+    out = features_cluster_lse(z, c, _bias2(bias), b, _log_c(40), INV_EPS, workspace=_ws(z, c))
+    assert out[0, 6] == float("-inf") and fallbacks[0] == 0, f"{fallbacks[0]} block(s) recomputed for a closed cluster"
+    features_cluster_lse(z, c, _bias2(bias), b_light, _log_c(40), INV_EPS, workspace=_ws(z, c))
+    assert fallbacks[0] == 1, "a light cluster should be recomputed: the count sees the fallback"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
