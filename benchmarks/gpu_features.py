@@ -389,6 +389,12 @@ SWEEP = {
         (128, 64, 8, 2, 1)],
     "fp32>fp16": [(128, 32, 8, 3, 2), (128, 64, 16, 3, 1), (128, 64, 8, 3, 1), (64, 64, 8, 3, 1), (128, 32, 4, 3, 2)],
 }  # fmt: skip
+DRY_SWEEP = {key: [(16, 16, 1, 1, 1), (32, 16, 1, 1, 1)] for key in SWEEP}  # --dry-run: the interpreter's sizes
+
+
+def _setting_name(setting: tuple) -> str:
+    mass, block_n, block_k, warps, stages, per_sm = setting
+    return f"{block_n}x{block_k} w{warps} s{stages} p{per_sm}/SM {'masses' if mass else 'lse'}"
 
 
 def tile_sweep(rows: list, rates: dict) -> None:
@@ -396,7 +402,8 @@ def tile_sweep(rows: list, rates: dict) -> None:
     from otlabel.kernels import sinkhorn_features as kf
     from otlabel.kernels.utils import sm_count
 
-    n, k = 2**20, 3000
+    n, k = (64, 40) if _dry() else (2**20, 3000)
+    sweep = DRY_SWEEP if _dry() else SWEEP
     sms = sm_count(torch.device(DEVICE))
     for mode in ("bf16", "fp32", "fp32>fp16"):
         dtype = torch.bfloat16 if mode == "bf16" else torch.float32
@@ -405,7 +412,7 @@ def tile_sweep(rows: list, rates: dict) -> None:
         log_c = torch.full((n,), -math.log(n), device=DEVICE)
         b = torch.zeros(1, k, device=DEVICE)
         key = mode if mode == "fp32>fp16" else z.element_size()
-        settings = [(*SWEEP[key][0], False), *((*tile, True) for tile in SWEEP[key])]
+        settings = [(*sweep[key][0], False), *((*tile, True) for tile in sweep[key])]
         timed = {}
         for block_n, block_k, warps, stages, per_sm, mass in settings:
             if _gpu_dense().past_budget("the rest of the sweep", TIME_BUDGET_S, _T0):
@@ -421,18 +428,18 @@ def tile_sweep(rows: list, rates: dict) -> None:
                 print(f"  sweep {block_n}x{block_k} w{warps} s{stages} p{per_sm}/SM {mode}: failed ({exc})"[:200])
                 continue
             frac = floor_ms(n, k, D, c.dtype, rates, launch.n_programs) / med
-            name = f"sweep {mode} {block_n}x{block_k} w{warps} s{stages} p{per_sm}/SM {'masses' if mass else 'lse'}"
+            name = f"sweep {mode} {_setting_name((mass, block_n, block_k, warps, stages, per_sm))}"
             print(f"  {name}: {med:.3f} ms ({100 * frac:.1f}% of floor)")
             timed[(mass, block_n, block_k, warps, stages, per_sm)] = med
             rows.append(dict(scenario=name, n=n, k=k, dtype=str(dtype).replace("torch.", ""),
                              method="otlabel-features", median_ms=med, q25_ms=float("nan"), q75_ms=float("nan"),
                              frac_copy=frac))  # fmt: skip
-        masses, lse = (True, *SWEEP[key][0]), (False, *SWEEP[key][0])
+        masses, lse = (True, *sweep[key][0]), (False, *sweep[key][0])
         if masses in timed and lse in timed:
             ratio = timed[lse] / timed[masses]
             best = min(timed, key=timed.get)
-            print(f"  verdict {mode}: default tile, log-domain / masses = {ratio:.2f}x; fastest {best} "
-                  f"{timed[best]:.3f} ms")  # fmt: skip
+            print(f"  verdict {mode}: default tile, log-domain / masses = {ratio:.2f}x; fastest "
+                  f"{_setting_name(best)} {timed[best]:.3f} ms")  # fmt: skip
         z = c = None
         _release()
 
@@ -510,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 if dense_bench.past_budget(f"N={n} K={k} {dtype} (run again with --quick)", MAIN_BUDGET_S, _T0):
                     continue
                 time_iteration((TritonFeaturesOperator, dense_op), flash, n, k, dtype, rows, rates, args)
-    if args.sweep and not args.dry_run:
+    if args.sweep:
         tile_sweep(rows, rates)
     print(f"total {time.monotonic() - _T0:.0f} s; rows appended to {args.csv}")
     print()

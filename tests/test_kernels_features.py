@@ -556,6 +556,10 @@ def test_benchmark_script_dry_run(tmp_path):
     lines = csv_path.read_text().splitlines()
     assert lines[0].startswith("date,device,torch,triton") and len(lines) >= 5
     assert any(",otlabel-features," in line for line in lines) and any(",otlabel-dense," in line for line in lines)
+    for mode in ("bf16", "fp32", "fp32>fp16"):  # the tile sweep: log-domain and masses side by side, and a verdict
+        for setting in ("16x16 w1 s1 p1/SM lse", "16x16 w1 s1 p1/SM masses", "32x16 w1 s1 p1/SM masses"):
+            assert f"sweep {mode} {setting}:" in proc.stdout, proc.stdout[-3000:]
+        assert f"verdict {mode}: default tile, log-domain / masses" in proc.stdout, proc.stdout[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------
