@@ -123,8 +123,9 @@ class TritonFeaturesOperator(_PicklableKernels, ScoreOperator):
     """Scores ``S[h, j, k] = <Z_j, C_{h,k}> + bias[h, k]`` computed tile by tile inside the kernels, never stored.
 
     Features mode (issue 4): memory O((N + H K) D) for the inputs plus an (H, P, K) workspace, P a small
-    multiple of the SM count (about 12 MB at K = 3000 on an H100), whatever N is. Each warm iteration makes two
-    tensor-core sweeps over the prototypes per row tile (see ``otlabel.kernels.sinkhorn_features``).
+    multiple of the SM count (about 6 MB at K = 3000 on an H100), and 4 bytes per sample per head (the sample
+    potentials the column-mass merge may read back: 5 MB at N = 1.28M). Each warm iteration makes two tensor-core
+    sweeps over the prototypes per row tile (see ``otlabel.kernels.sinkhorn_features``).
 
     Parameters
     ----------
