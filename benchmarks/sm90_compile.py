@@ -187,8 +187,7 @@ def dense_cases() -> dict:
             args = dict(base, PSUM=Pointer("fp32"), B=Pointer("fp32"), OUT=Pointer("fp32"), A_WS=Pointer("fp32"),
                         P=launch.n_programs, scale2=1.5, mass_floor=1e-24)  # fmt: skip
             constants = dict(BLOCK_P=kd.MERGE_BLOCK_P, BLOCK=kd.MERGE_BLOCK_K, EXACT_ROWS=kd.EXACT_FALLBACK_ROWS)
-            merge = dict(enable_fp_fusion=True, num_warps=4)
-            cases[f"dense_merge_masses K={k}"] = Case(kd._merge_masses_kernel, args, constants, merge)
+            cases[f"dense_merge_masses K={k}"] = Case(kd._merge_masses_kernel, args, constants, kd.merge_options())
         readout = kd.default_launch(s, readout=True)
         tiles, exact = _tiles(s, readout), dict(_fused(readout), enable_fp_fusion=False)
         args = dict(base, B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"), inv_eps=20.0)
@@ -271,7 +270,7 @@ def features_cases() -> dict:
                              BLOCK=kf.MERGE_BLOCK_K, EXACT_ROWS=kf.EXACT_FALLBACK_ROWS,
                              BLOCK_D=min(launch.block_d, kf.EXACT_STREAM_D), VEC_D=kf._vec_d(z, c))  # fmt: skip
             cases[f"features_merge_masses {name}"] = Case(kf._features_merge_masses_kernel, args, constants,
-                                                          kf._merge_options_gpu())  # fmt: skip
+                                                          kd.merge_options())  # fmt: skip
         args = dict(base, BIAS=Pointer("fp32"), B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"),
                     ROWSCORE=Pointer("fp32"), inv_eps=20.0, z_scale=1.0, dot_scale=1.0)  # fmt: skip
         constants = dict(common, HAS_BIAS=True, WANT_CODES=True, WANT_SCORE=False)

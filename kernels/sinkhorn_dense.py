@@ -347,7 +347,7 @@ def merge_partials(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
                          f"{pmax.stride()} and {psum.stride()} for shape {tuple(pmax.shape)}")  # fmt: skip
     out = torch.empty((h, k), dtype=torch.float32, device=pmax.device)
     _merge_partials_kernel[(triton.cdiv(k, MERGE_BLOCK_K), h)](
-        pmax, psum, out, p, k, row_stride, BLOCK_P=MERGE_BLOCK_P, BLOCK=MERGE_BLOCK_K, **_options(4, fp_fusion=True)
+        pmax, psum, out, p, k, row_stride, BLOCK_P=MERGE_BLOCK_P, BLOCK=MERGE_BLOCK_K, **merge_options()
     )
     return out
 
@@ -550,6 +550,11 @@ def _options(num_warps: int, fp_fusion: bool) -> dict:
     return {} if interpreting() else {"num_warps": num_warps, "enable_fp_fusion": fp_fusion}
 
 
+def merge_options() -> dict:
+    """Compile options of every merge kernel (dense and features, log-domain or masses)."""
+    return _options(4, fp_fusion=True)
+
+
 def dense_cluster_lse(
     scores: torch.Tensor,
     b: torch.Tensor | None,
@@ -587,7 +592,7 @@ def dense_cluster_lse(
     _merge_masses_kernel[(triton.cdiv(k, MERGE_BLOCK_K), h)](
         ws.psum, b, out, scores, ws.a,
         cfg.n_programs, n, k, *scores.stride(), scale2, n * MASS_FLOOR_PER_SAMPLE,
-        BLOCK_P=MERGE_BLOCK_P, BLOCK=MERGE_BLOCK_K, EXACT_ROWS=EXACT_FALLBACK_ROWS, **_options(4, fp_fusion=True),
+        BLOCK_P=MERGE_BLOCK_P, BLOCK=MERGE_BLOCK_K, EXACT_ROWS=EXACT_FALLBACK_ROWS, **merge_options(),
     )  # fmt: skip
     return out
 

@@ -101,6 +101,7 @@ from .sinkhorn_dense import (
     _multiple_of,
     _online_lse,
     _sample_step2,
+    merge_options,
     merge_partials,
 )
 from .utils import LN2, LOG2E, as_float32, interpreting, next_power_of_2, sm_count
@@ -735,8 +736,7 @@ class FeaturesWorkspace:
     def check_fits(self, h: int, n: int, k: int) -> None:
         """A workspace is sized for one (H, N, K): the kernels write its buffers without bounds of their own."""
         _check_row_tiles(self.launch.n_programs, self.launch.row_tiles(n), n)
-        same_k = self.k == k and self.psum.shape[:2] == (h, self.launch.n_programs)
-        if not same_k or self.a.shape != self._a_shape(self.launch, h, n):
+        if self.k != k or self.v2.shape[0] != h or self.a.shape != self._a_shape(self.launch, h, n):
             raise ValueError(
                 f"this FeaturesWorkspace was made for other inputs (partials {tuple(self.psum.shape)}, sample "
                 f"potentials {tuple(self.a.shape)}); (H, N, K) = ({h}, {n}, {k}) need FeaturesWorkspace.for_inputs"
@@ -850,14 +850,6 @@ def _upcast(features: torch.Tensor) -> bool:
     return interpreting() and features.dtype == torch.bfloat16
 
 
-def _merge_options_gpu() -> dict:
-    return {"num_warps": 4, "enable_fp_fusion": True}
-
-
-def _merge_options() -> dict:
-    return {} if interpreting() else _merge_options_gpu()
-
-
 def _options(cfg: FeaturesLaunch) -> dict:
     # fp fusion (FMA) stated, not inherited: Triton's default for it is changing between releases.
     if interpreting():
@@ -897,9 +889,10 @@ def features_cluster_lse(
     bias2 = _vector(bias2, h, k, "bias2")
     has_b = b is not None
     column_mass = has_b and cfg.column_mass
-    if has_b:  # the per-cluster terms of the pass, once (the kernel reads whole chunks of them, unmasked)
-        v2 = ws.v2[:, :k]
-        torch.mul(b, LOG2E, out=v2) if bias2 is None else torch.add(bias2, b, alpha=LOG2E, out=v2)
+    if has_b and bias2 is None:  # the per-cluster terms of the pass, once (the kernel reads whole chunks, unmasked)
+        torch.mul(b, LOG2E, out=ws.v2[:, :k])
+    elif has_b:
+        torch.add(bias2, b, alpha=LOG2E, out=ws.v2[:, :k])
     dummy = log_c  # any fp32 pointer for an argument the kernel never reads
     z_f16, (z_scale, c_scale) = _fp16_mode(features, prototypes), scales
     scale2 = float(inv_eps) * LOG2E / (z_scale * c_scale)
@@ -920,7 +913,7 @@ def features_cluster_lse(
         ws.psum, b, dummy if bias2 is None else bias2, out, features, prototypes, ws.a,
         cfg.n_programs, n, k, cfg.padded_k(k), d, *features.stride(), *prototypes.stride(), scale2, float(z_scale),
         n * MASS_FLOOR_PER_SAMPLE, BLOCK_P=MERGE_BLOCK_P, BLOCK=MERGE_BLOCK_K, EXACT_ROWS=EXACT_FALLBACK_ROWS,
-        BLOCK_D=min(cfg.block_d, EXACT_STREAM_D), **common, **_merge_options(),
+        BLOCK_D=min(cfg.block_d, EXACT_STREAM_D), **common, **merge_options(),
     )  # fmt: skip
     return out
 
