@@ -146,6 +146,10 @@ class ShardedOperator(ScoreOperator):
         self.local, self.comm = local, comm
         self.n_heads, self.n_samples, self.n_clusters = local.n_heads, local.n_samples, local.n_clusters
         self.device, self.dtype = local.device, local.dtype
+        # The loop hands float64 potentials to operators that use them (the CPU kernel operator): rounding b to
+        # float32 every iteration floors the error at ~ulp(b), and at small eps the sharded solve then stalled
+        # where the single-process one converged.
+        self.takes_float64_potentials = getattr(local, "takes_float64_potentials", False)
 
     def cluster_lse(self, b):
         lse = self.local.cluster_lse(b).double()  # (H, K); one dtype on every rank and every pass
@@ -261,7 +265,7 @@ def sinkhorn_assign_sharded(
         meta += [max_iter, omega_code, float(c_local is not None)]
         meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None), float(shard.mode)]
         meta += list(sum_tolerance)
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
+    except Exception as err:  # any failure (also MemoryError, OSError) is shared, or the other ranks wait it out
         failure = err
     try:
         return solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, init, acceleration,
@@ -301,7 +305,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
         agreed = [r.double().cpu(), shard.fingerprint] + ([] if init is None else [init.double().flatten().cpu()])
         local = torch.cat([torch.zeros(1, dtype=torch.float64), shard.column_max().flatten(), *agreed])
         failure = None
-    except (ValueError, TypeError, RuntimeError) as err:
+    except Exception as err:  # as above: every failure is shared
         failure, local = err, torch.full((size,), math.nan, dtype=torch.float64)
         local[0] = 1.0
     shared = comm.all_gather(local, "column maxima and cluster weights")
@@ -424,10 +428,10 @@ def inputs_fingerprint(prototypes, bias, h: int, k: int) -> torch.Tensor:
     equal on two ranks exactly when their inputs are, whatever their thread counts, devices or backends. Four
     48-bit pieces of a SHA-256, so they travel exactly in a float64 collective (a full compare would move H·K·D)."""
     digest = hashlib.sha256()
-    c = open_host_array(prototypes, "prototypes").detach()
+    c = open_host_array(prototypes, "prototypes", copy_reversed=True).detach()
     digest.update(c.to("cpu", torch.float64).reshape(h, k, -1).contiguous().numpy().tobytes())
     if bias is not None:
-        b = open_host_array(bias, "bias").detach().to("cpu", torch.float64)
+        b = open_host_array(bias, "bias", copy_reversed=True).detach().to("cpu", torch.float64)
         digest.update(b.expand(h, k).contiguous().numpy().tobytes())
     raw = digest.digest()
     return torch.tensor([float(int.from_bytes(raw[6 * i : 6 * i + 6], "little")) for i in range(FINGERPRINT_SIZE)],
@@ -468,30 +472,40 @@ def check_local_weights(weights, n: int, device) -> tuple[torch.Tensor, tuple[fl
 
 
 ACCELERATION_CODES = {ADAPTIVE: -1.0, ANDERSON: -2.0}  # a fixed omega travels as itself
+DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in DTYPE_CODES.items()}
 
-AGREEMENT = [  # (column of the metadata, what it is, whether ranks must agree)
-    (0, "number of heads H", True),
-    (1, "number of samples", False),
-    (2, "number of clusters K (last dimension of the scores)", True),
-    (3, "scores dtype", True),
-    (4, "batched (3-d) scores", True),
-    (5, "epsilon", True),
-    (6, "tol", True),
-    (7, "max_iter", True),
-    (8, "acceleration (over_relaxation)", True),
-    (9, "whether sample_weights are given", True),
-    (11, "whether init is given", True),
-    (12, "input (scores, or features with prototypes)", True),
-]
+
+def _named(table: dict, other: str = "{:g}"):
+    """How a metadata value reads in an error: its name from ``table``, else formatted by ``other``."""
+    return lambda value: table.get(value, other.format(value))
+
+
+_YES_NO = _named({0.0: "no", 1.0: "yes"})
+AGREEMENT = [  # (column of the metadata, what it is, whether ranks must agree, how a value reads in the error)
+    (0, "the number of heads H", True, _named({})),
+    (1, "the number of samples", False, _named({})),
+    (2, "the number of clusters K (last dimension of the scores)", True, _named({})),
+    (3, "the scores dtype", True, _named(DTYPE_NAMES)),
+    (4, "batched (3-d) scores", True, _named({0.0: "2-d", 1.0: "3-d"})),
+    (5, "epsilon", True, _named({})),
+    (6, "tol", True, _named({-1.0: "None"})),
+    (7, "max_iter", True, _named({})),
+    (8, "acceleration (or over_relaxation)", True,
+     _named({1.0: "plain steps", **{code: repr(name) for name, code in ACCELERATION_CODES.items()}},
+            "over_relaxation={:g}")),
+    (9, "whether sample_weights are given", True, _YES_NO),
+    (11, "whether init is given", True, _YES_NO),
+    (12, "the input (scores, or features with prototypes)", True, _named({0.0: "scores", 1.0: "features"})),
+]  # fmt: skip
 
 
 def check_agreement(meta: torch.Tensor) -> None:
     """Raise on every rank (they all see the same table) when the ranks disagree on the problem."""
-    for col, what, must in AGREEMENT:
+    for col, what, must, shown in AGREEMENT:
         values = meta[:, col]
         if must and not bool((values == values[0]).all()):
-            per_rank = ", ".join(f"rank {i}: {v:g}" for i, v in enumerate(values.tolist()))
+            per_rank = ", ".join(f"rank {i}: {shown(v)}" for i, v in enumerate(values.tolist()))
             raise ValueError(
-                f"sinkhorn_assign_sharded: the ranks disagree on the {what} ({per_rank}). Every rank must pass "
+                f"sinkhorn_assign_sharded: the ranks disagree on {what} ({per_rank}). Every rank must pass "
                 "scores with the same clusters and the same solver arguments."
             )

@@ -89,8 +89,9 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
     The same inputs as the other paths (tensors, arrays, ``.npy`` paths) and the same shape checks."""
     from .streaming import open_host_array
 
-    z, c = open_host_array(features, "features").double(), open_host_array(prototypes, "prototypes").double()
-    b = None if bias is None else open_host_array(bias, "bias").double()
+    z = open_host_array(features, "features", copy_reversed=True).double()  # float64 copies anyway
+    c = open_host_array(prototypes, "prototypes", copy_reversed=True).double()
+    b = None if bias is None else open_host_array(bias, "bias", copy_reversed=True).double()
     check_feature_shapes(z.shape, c.shape, None if b is None else b.shape)
     scores = torch.matmul(z, c.transpose(-1, -2))  # (N, K) or (H, N, K)
     if b is not None:

@@ -189,9 +189,10 @@ def unreadable_npy(name: str, path: str, err: Exception) -> str:
     return f"{name} file {path!r} is not a readable .npy array ({detail}). Save arrays with numpy.save."
 
 
-def open_host_array(x, name: str) -> torch.Tensor:
+def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor:
     """A path to a ``.npy`` (memory-mapped, read-only), a NumPy array/memmap or a torch tensor, as a torch tensor
-    sharing its memory (no copy). Errors say which input is wrong and why."""
+    sharing its memory (no copy). Errors say which input is wrong and why. A NumPy view with a negative stride
+    (torch cannot share it) is copied with ``copy_reversed`` (callers that copy the data anyway), else refused."""
     if isinstance(x, (str, os.PathLike)):
         path = os.fspath(x)
         if not os.path.exists(path):
@@ -209,6 +210,13 @@ def open_host_array(x, name: str) -> torch.Tensor:
             raise TypeError(
                 f"{name} is {x.dtype.name} in non-native byte order ({x.dtype.str}); convert with "
                 f"x.astype(np.{x.dtype.name}) (or save it so: np.save(path, x.astype(np.{x.dtype.name})))."
+            )
+        if any(stride < 0 for stride in x.strides) and copy_reversed:
+            x = np.ascontiguousarray(x)
+        elif any(stride < 0 for stride in x.strides):
+            raise ValueError(
+                f"{name} is a NumPy view with a negative stride (such as x[::-1]), which torch cannot share without "
+                "a copy of the whole array: pass np.ascontiguousarray(x) (that copy), or the array unreversed."
             )
         with warnings.catch_warnings():  # read-only memmap: torch warns the tensor is not writable; we never write
             warnings.simplefilter("ignore", UserWarning)
@@ -374,8 +382,8 @@ class FeatureSource(ScoreSource):
 
     def __init__(self, features, prototypes, bias=None, device=None, rows_per_chunk=None, memory_budget=None):
         host = open_host_array(features, "features")
-        protos = open_host_array(prototypes, "prototypes")
-        bias = None if bias is None else open_host_array(bias, "bias")
+        protos = open_host_array(prototypes, "prototypes", copy_reversed=True)  # (H, K, D): small, copied anyway
+        bias = None if bias is None else open_host_array(bias, "bias", copy_reversed=True)
         check_feature_shapes(host.shape, protos.shape, None if bias is None else bias.shape)
         self.device = torch.device(device) if device is not None else host.device
         self.batched = protos.ndim == 3
@@ -569,7 +577,8 @@ class StreamingOperator(LogDomainOperator):
         labels = self.labels_out if self.labels_out is not None else torch.empty((h, n), dtype=torch.int64)
         codes = None
         if want_codes:
-            codes = self.codes_out if self.codes_out is not None else torch.empty((h, n, k), dtype=torch.float32)
+            # float32, or float64 for float64 input (as SinkhornResult says); a codes_out file is float32
+            codes = self.codes_out if self.codes_out is not None else torch.empty((h, n, k), dtype=self.dtype)
 
         def write(lo, hi):  # disjoint rows per range: safe from several threads
             buffer = self.work_buffer(lo, hi)
@@ -632,7 +641,9 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool = Tru
         out = torch.from_numpy(out)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a path, a numpy array or a torch tensor, got {type(out).__name__}.")
-    if out.numel() != math.prod(wanted):
+    # The layout it will be read in, the batched one, or flat: a (K, N) array has the right size but would be
+    # filled in (N, K) order, which reads as garbage.
+    if tuple(out.shape) not in (wanted, shape, (math.prod(wanted),)):
         raise ValueError(f"{name} must have shape {wanted} ({math.prod(wanted):,} elements), got shape "
                          f"{tuple(out.shape)}.")  # fmt: skip
     dtype = np.dtype(dtype)

@@ -132,15 +132,32 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     build = distributed.FeatureShard.operator
 
     def out_of_memory(self, *args):
-        raise RuntimeError("CUDA out of memory (simulated)")
+        raise MemoryError("out of memory (simulated)")  # not a ValueError/RuntimeError: still shared
 
     distributed.FeatureShard.operator = out_of_memory if rank == 0 else build
     try:
-        expected = "out of memory" if rank == 0 else "rank\\(s\\) \\[0\\] failed to set up"
-        with pytest.raises(RuntimeError, match=expected):
+        error, expected = (MemoryError, "out of memory") if rank == 0 else (RuntimeError, "rank\\(s\\) \\[0\\] failed")
+        with pytest.raises(error, match=expected):
             sinkhorn_assign_sharded(features=z[lo:hi], prototypes=c, epsilon=EPS, group=group, timeout=30)
     finally:
         distributed.FeatureShard.operator = build
+    # The same for a failure in the first, local checks (opening a shard): an OSError, say, from a file.
+    open_shard = distributed.open_shard
+
+    def unreadable(*args, **kwargs):
+        raise OSError("disk went away (simulated)")
+
+    distributed.open_shard = unreadable if rank == world - 1 else open_shard
+    try:
+        error, expected = (OSError, "disk") if rank == world - 1 else (ValueError, "rejected their input")
+        with pytest.raises(error, match=expected):
+            sinkhorn_assign_sharded(features=z[lo:hi], prototypes=c, epsilon=EPS, group=group, timeout=30)
+    finally:
+        distributed.open_shard = open_shard
+    # Ranks with different score dtypes: refused on every rank, with the dtypes by name.
+    half = random_problem(3, K).to(torch.float16 if rank == 0 else torch.float32)
+    with pytest.raises(ValueError, match="disagree on the scores dtype \\(rank 0: float16, rank 1: float32"):
+        sinkhorn_assign_sharded(half, EPS, group=group, timeout=30)
     # Different prototypes on one rank, scores on one rank and features on the others, NaN features: all raise.
     nudged = c + (1e-3 if rank == world - 1 else 0.0)
     with pytest.raises(ValueError, match="prototypes or bias differ between ranks"):
@@ -251,6 +268,17 @@ def test_world_size_one_and_no_group():
             dist.destroy_process_group()
     assert torch.equal(one.labels, ref.labels)
     assert torch.equal(one.cluster_potentials, res.cluster_potentials)
+
+
+def test_sharded_cpu_solve_keeps_float64_potentials():
+    """The sharded operator hands the CPU kernel operator the loop's float64 potentials, as a single-process solve
+    does: at eps = 0.002 rounding them to float32 every iteration (|b| ~ 85) floored the error at ~3.6e-6, and the
+    sharded solve ran its 3000 iterations without reaching tol = 1e-6 where the single-process one took 346."""
+    scores = torch.randn(2000, 50, generator=torch.Generator().manual_seed(0))
+    ref = sinkhorn_assign(scores, 0.002, tol=1e-6, max_iter=3000)
+    res = sinkhorn_assign_sharded(scores, 0.002, tol=1e-6, max_iter=3000)
+    assert ref.converged and res.converged and res.n_iter == ref.n_iter
+    assert torch.equal(res.cluster_potentials, ref.cluster_potentials)
 
 
 def test_local_errors_without_group():

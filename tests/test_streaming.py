@@ -193,6 +193,28 @@ def test_output_errors_speak_in_the_callers_layout():
         sinkhorn_assign_stream(s2, labels_out=np.zeros(500, np.int32))
     with pytest.raises(ValueError, match=r"codes_out must be float32, got float64"):
         sinkhorn_assign_stream(s2, codes_out=np.zeros((500, 10)))
+    # The right size in the transposed layout would be filled in (N, K) order and read as garbage: refused.
+    with pytest.raises(ValueError, match=r"codes_out must have shape \(500, 10\) .*, got shape \(10, 500\)"):
+        sinkhorn_assign_stream(s2, codes_out=np.zeros((10, 500), np.float32))
+    flat = np.zeros(5000, np.float32)  # flat is fine
+    res = sinkhorn_assign_stream(s2 + np.arange(10, dtype=np.float32), tol=None, max_iter=2, codes_out=flat)
+    assert np.array_equal(flat.reshape(500, 10), res.codes.numpy())
+
+
+def test_negative_strides_and_float64_codes():
+    """A reversed NumPy view is refused with what to do (torch cannot share it: it said "negative strides are not
+    currently supported"); float64 scores give float64 codes, as in memory (they were float32)."""
+    scores = np.random.default_rng(0).standard_normal((40, 6))
+    with pytest.raises(ValueError, match=r"scores is a NumPy view with a negative stride .* np.ascontiguousarray"):
+        sinkhorn_assign_stream(scores[::-1])
+    z, c = scores[:, :4].astype(np.float32), np.random.default_rng(1).standard_normal((5, 4), dtype=np.float32)
+    reversed_prototypes = sinkhorn_assign_stream(features=z, prototypes=c[::-1], tol=None, max_iter=5)  # small: copied
+    copied = sinkhorn_assign_stream(features=z, prototypes=c[::-1].copy(), tol=None, max_iter=5)
+    assert torch.equal(reversed_prototypes.labels, copied.labels)
+    res = sinkhorn_assign_stream(scores, tol=None, max_iter=5)
+    ref = sinkhorn_assign(torch.from_numpy(scores), tol=None, max_iter=5)
+    assert res.codes.dtype == torch.float64 == ref.codes.dtype
+    assert_close(res.codes, ref.codes, atol=1e-12, what="float64 codes")
 
 
 @pytest.mark.gpu
