@@ -342,7 +342,7 @@ class DenseShard:
         self.r = check_weights(cluster_weights, self.k, "cluster_weights", "number of clusters K (last dimension)",
                                self.device, scores_shape=(self.n, self.k))  # fmt: skip
         check_rows(self.scores, self.r, where=f" of rank {rank}'s shard", inv_eps=epsilon and 1.0 / epsilon,
-                   compute_dtype=compute_dtype_of(self.scores))  # fmt: skip
+                   compute_dtype=compute_dtype_of(self.scores), batched=self.batched)  # fmt: skip
         resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective
 
     def problem(self, epsilon, sample_weights) -> Problem:

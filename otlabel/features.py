@@ -35,6 +35,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_scaling, allow_tf32, **solve):
     """Route a features-mode call (see the module docstring); ``solve`` holds the shared solver options."""
+    if features is None:
+        raise ValueError("prototypes= needs features=: the (N, D) features whose scores are features @ prototypes.T "
+                         "(or pass the scores themselves as the first argument).")  # fmt: skip
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     check_solver_options(solve["max_iter"], solve["tol"], solve["acceleration"], solve["over_relaxation"])  # early
@@ -76,8 +79,10 @@ def check_feature_shapes(features_shape: tuple, prototypes_shape: tuple, bias_sh
         raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(features_shape)}.")
     d = features_shape[1]
     if len(prototypes_shape) not in (2, 3) or prototypes_shape[-1] != d or 0 in prototypes_shape:
+        transposed = tuple(prototypes_shape[-1:]) == tuple(features_shape[:1]) != (d,)
+        hint = f" The features look transposed ({tuple(features_shape)} is (D, N)): pass features.T." * transposed
         raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {d} (the features' dimension), "
-                         f"got shape {tuple(prototypes_shape)}.")  # fmt: skip
+                         f"got shape {tuple(prototypes_shape)}.{hint}")  # fmt: skip
     h, k = (prototypes_shape[0] if len(prototypes_shape) == 3 else 1), prototypes_shape[-2]
     if bias_shape is not None and tuple(bias_shape) not in ((k,), (h, k)):
         raise ValueError(f"bias must have shape ({k},) or ({h}, {k}), got {tuple(bias_shape)}.")
@@ -94,8 +99,8 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
     b = None if bias is None else open_host_array(bias, "bias", copy_reversed=True).double()
     check_feature_shapes(z.shape, c.shape, None if b is None else b.shape)
     scores = torch.matmul(z, c.transpose(-1, -2))  # (N, K) or (H, N, K)
-    if b is not None:
-        scores = scores + (b[:, None, :] if b.ndim == 2 else b)
+    if b is not None:  # (K,) or (H, K); a (1, K) bias of unbatched (K, D) prototypes keeps the scores (N, K)
+        scores = scores + (b.reshape(-1, 1, b.shape[-1]) if c.ndim == 3 else b.reshape(-1))
     return scores
 
 

@@ -21,17 +21,17 @@ def refuse_overwriting_inputs(outputs: dict, inputs: dict, error=ValueError) -> 
     Paths are compared after resolving links; a memory-mapped NumPy input counts by its file.
     """
     seen = {}
-    for named in (inputs, outputs):  # inputs first: an output that clashes is named as the culprit
+    for is_output, named in ((False, inputs), (True, outputs)):  # inputs first: a clashing output is the culprit
         for name, x in named.items():
             path = _file_of(x)
             if path is None:
                 continue
-            if path in seen:
+            if is_output and path in seen:
                 raise error(
                     f"{name} {x if isinstance(x, (str, os.PathLike)) else path!r} is the same file as {seen[path]}: "
                     "writing it would destroy that. Choose another path."
                 )
-            seen[path] = name
+            seen.setdefault(path, name)  # two inputs may share a file (features that are their own prototypes)
 
 
 def _file_of(x) -> str | None:

@@ -79,6 +79,11 @@ def as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biufc":  # object, string, date arrays: torch's own error names no fix
+            raise TypeError(f"{name} must hold numbers, got a NumPy array of dtype {x.dtype}; convert it with "
+                            f"np.asarray({name}, dtype=np.float32).")  # fmt: skip
+        if not x.dtype.isnative:  # big-endian data (a file from another machine): torch cannot share it, so copy
+            x = x.astype(x.dtype.newbyteorder("="))
         if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]): torch cannot share it, so copy
             x = np.ascontiguousarray(x)
         return torch.from_numpy(x)
@@ -109,6 +114,11 @@ def check_epsilon(epsilon) -> float:
             f"epsilon must be a finite number > 0, got {epsilon}. It is the entropic temperature: "
             "0.05 is SwAV's default; smaller is closer to a hard assignment (and needs more iterations)."
         )
+    if not math.isfinite(1.0 / epsilon):  # a subnormal eps: 1/eps, a factor of every pass, is inf even in float64
+        raise ValueError(
+            f"epsilon={epsilon:g} is too small: 1/epsilon overflows to inf. Choose epsilon on the scale of the "
+            "scores' differences (0.05 for cosine similarities; smaller is closer to a hard assignment)."
+        )
     return epsilon
 
 
@@ -118,7 +128,7 @@ def check_scores(scores) -> tuple[torch.Tensor, bool]:
     if scores.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"scores must be a floating-point tensor (float16, bfloat16, float32 or float64), got {scores.dtype}. "
-            "Convert with scores.float()."
+            "Convert with scores.float() (a NumPy array: scores.astype(np.float32))."
         )
     if scores.ndim not in (2, 3):
         raise ValueError(

@@ -45,6 +45,8 @@ BAD_INPUTS = [
     ("eps NaN", dict(epsilon=float("nan")), ValueError, ["epsilon", "finite"]),
     ("eps inf", dict(epsilon=INF), ValueError, ["epsilon", "finite"]),
     ("eps string", dict(epsilon="0.1"), TypeError, ["epsilon"]),
+    ("eps subnormal", dict(epsilon=1e-310), ValueError, ["too small", "1/epsilon overflows"]),
+    ("an object array", dict(scores=np.array([[1.0, "a"]], dtype=object)), TypeError, ["hold numbers", "np.asarray"]),
     ("eps tiny for the scores", dict(epsilon=1e-17), ValueError, ["scores / epsilon", "raise epsilon"]),
     ("scores huge for eps", dict(scores=S * 1e37), ValueError, ["scores / epsilon", "float32", "amax(-1"]),
     ("cluster weights shape", dict(cluster_weights=torch.ones(5) / 5), ValueError, ["cluster_weights", "(4,)"]),
@@ -85,6 +87,40 @@ def test_bad_input_raises_specific_error(what, kwargs, error, words):
         assert word in str(info.value), f"{what}: message {str(info.value)!r} lacks {word!r}"
 
 
+def test_features_mode_errors_name_the_features(tmp_path):
+    """Found in review: an inf in a features row was reported as "+inf scores" or "every score -inf" (a mask); (D, N)
+    features blamed the prototypes alone; prototypes= without features= was a TypeError about None. And the
+    reference backend turned a (1, K) bias of (K, D) prototypes into a batched (1, N) result."""
+    z, c = torch.rand(40, 4), torch.rand(5, 4) + 0.1
+    for value, words in ((INF, "(they are inf)"), (-INF, "(they are -inf)"), (float("nan"), "NaN or inf")):
+        bad = z.clone()
+        bad[7, 2] = value
+        with pytest.raises(ValueError, match=f"features row 7 contains .*{words}"):
+            sinkhorn_assign(features=bad, prototypes=c)
+    with pytest.raises(ValueError, match=r"look transposed \(\(4, 40\) is \(D, N\)\): pass features.T"):
+        sinkhorn_assign(features=z.T, prototypes=c)
+    with pytest.raises(ValueError, match="prototypes= needs features="):
+        sinkhorn_assign(prototypes=c)
+    bias = torch.randn(1, 5)
+    ref = sinkhorn_assign(features=z, prototypes=c, bias=bias, backend="reference", tol=None, max_iter=20)
+    res = sinkhorn_assign(features=z, prototypes=c, bias=bias, backend="torch", tol=None, max_iter=20)
+    assert ref.labels.shape == res.labels.shape == (40,) and torch.equal(ref.labels, res.labels)
+    # One file as both features and prototypes (self-similarity) is two inputs, not an output over an input.
+    path = tmp_path / "z.npy"
+    np.save(path, z[:6].numpy())
+    same = sinkhorn_assign_stream(features=str(path), prototypes=str(path), tol=None, max_iter=5)
+    assert torch.equal(same.labels, sinkhorn_assign(z[:6] @ z[:6].T, tol=None, max_iter=5).labels)
+
+
+def test_big_endian_arrays_are_read_as_their_values():
+    """A NumPy array in non-native byte order (a file from another machine): torch cannot share it, so it is copied
+    (torch's own error named no fix)."""
+    native = np.random.default_rng(3).standard_normal((30, 8)).astype(np.float32)
+    swapped = native.astype(native.dtype.newbyteorder())
+    assert not swapped.dtype.isnative and np.array_equal(swapped, native)
+    assert torch.equal(sinkhorn_assign(swapped).labels, sinkhorn_assign(native).labels)
+
+
 def test_exact_solvers_validate_too():
     with pytest.raises(ValueError, match="NaN"):
         exact_plan(with_value((0, 0), float("nan")))
@@ -109,6 +145,18 @@ def test_no_transposition_hint_without_cause():
     with pytest.raises(ValueError) as info:
         sinkhorn_assign(S, 0.1, cluster_weights=torch.ones(7) / 7)
     assert "transposed" not in str(info.value)
+
+
+@pytest.mark.interpreter
+def test_triton_refuses_an_epsilon_its_float32_cannot_invert():
+    """At eps = 1e46 the kernels' float32 1/eps was 0: features mode 'converged' with NaN codes. The torch path
+    computes 1/eps in the scores' dtype and gives the (uniform) plan."""
+    z, c = torch.rand(20, 16), torch.rand(5, 16)
+    for kwargs in (dict(scores=z @ c.T), dict(features=z, prototypes=c)):
+        with pytest.raises(ValueError, match="too large for the Triton kernels"):
+            sinkhorn_assign(**kwargs, epsilon=1e46, backend="triton")
+    res = sinkhorn_assign(z @ c.T, epsilon=1e46, backend="torch")
+    assert torch.allclose(res.codes, torch.full((20, 5), 0.2))
 
 
 def test_triton_backend_without_gpu_explains(monkeypatch):

@@ -51,6 +51,19 @@ def on_own_device(method):
     return wrapper
 
 
+def kernel_inv_eps(epsilon: float) -> float:
+    """1/eps for the kernels, which take it as a float32 scalar: refused where that underflows (eps above ~1e38),
+    which silently made every score 0 and the codes NaN."""
+    inv_eps = 1.0 / float(epsilon)
+    if inv_eps < torch.finfo(torch.float32).tiny:
+        raise ValueError(
+            f"epsilon={epsilon:g} is too large for the Triton kernels: 1/epsilon underflows in their float32 "
+            "arithmetic. Such an epsilon makes the plan uniform; choose one on the scale of the scores' differences "
+            "(or pass backend='torch', which computes 1/epsilon in the scores' own dtype)."
+        )
+    return inv_eps
+
+
 class _PicklableKernels:
     """An operator keeps its kernels' module in ``self._kernels`` (imported once, for the hot path). A module cannot
     be pickled, so a pickled operator (inside a pickled ``SinkhornResult``, whose codes and objective are read out
@@ -97,7 +110,7 @@ class TritonDenseOperator(_PicklableKernels, ScoreOperator):
 
         self._kernels = sinkhorn_dense
         self.scores = scores  # (H, N, K)
-        self.inv_eps = 1.0 / float(epsilon)
+        self.inv_eps = kernel_inv_eps(epsilon)
         self.log_c = sample_weights.to(device=scores.device, dtype=torch.float32).log().contiguous()  # (N,)
         self.n_heads, self.n_samples, self.n_clusters = h, n, k
         self.device = scores.device
@@ -203,7 +216,7 @@ class TritonFeaturesOperator(_PicklableKernels, ScoreOperator):
         if self.input_precision == "fp16" and features.dtype == torch.float32:
             prototypes, self.scales = sinkhorn_features.prepare_fp16(features, prototypes)  # (H, K, D) fp16
         self.features, self.prototypes, self.bias = features, prototypes, bias
-        self.inv_eps = 1.0 / float(epsilon)
+        self.inv_eps = kernel_inv_eps(epsilon)
         # The partials kernel adds the bias in base-2 logit units: scaled once here, not per iteration.
         self._bias2 = None if bias is None else bias * (self.inv_eps * sinkhorn_features.LOG2E)  # (H, K)
         self.log_c = sample_weights.to(device=features.device, dtype=torch.float32).log().contiguous()  # (N,)
