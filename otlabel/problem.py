@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -150,6 +150,7 @@ def check_score_values(
     has_zero_weights: bool | None = None,
     epsilon: float | None = None,
     batched: bool = True,
+    sample_weights: torch.Tensor | None = None,
 ) -> None:
     """NaN, +inf, masks (-inf) that leave a sample or a weighted cluster with nowhere to go, and (given
     ``epsilon``) scores too large for it.
@@ -161,6 +162,10 @@ def check_score_values(
     on a GPU each costs ~10-25 us of host time, as much as the reductions themselves at a SwAV batch's size.
     ``batched=False``: the caller passed (N, K) scores, and indices are given so. The slow search for where the
     problem is runs only on failure, and says what it found.
+
+    Given ``sample_weights``, a mask that no balanced plan can respect (Hall's condition: some samples may only go to
+    clusters too light for them, see :mod:`otlabel.feasibility`) is an error too: the smallest score comes back in
+    the same transfer, and only when it is -inf are the masked rows read and the condition decided.
     """
     row_max = scores.amax(dim=2)  # (H, N)
     col_max = scores.amax(dim=1)  # (H, K)
@@ -171,9 +176,14 @@ def check_score_values(
         positive = cluster_weights > 0
         weighted_row_max = scores[:, :, positive].amax(dim=2)
         weighted_col_max = torch.where(positive, col_max, 0.0)
-    extremes = score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zero_weights)
+    lowest = None if sample_weights is None else scores.amin()
+    extremes = score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zero_weights, lowest)
     if not extremes.acceptable_for(scores, epsilon):
         raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon, batched)
+    if extremes.masked:
+        from .feasibility import check_dense_mask
+
+        check_dense_mask(scores, sample_weights, cluster_weights, batched)
 
 
 @dataclass
@@ -189,6 +199,7 @@ class ScoreExtremes:
     weighted_rows: tuple[float, float]
     weighted_cols: tuple[float, float]
     top: float
+    masked: bool = False  # some score is -inf (known only when the smallest score was read back)
 
     def acceptable(self, max_span: float, overflow: float, epsilon: float | None) -> bool:
         """Whether :func:`raise_for_bad_values` finds nothing to say: the same verdicts, from the extremes.
@@ -210,13 +221,17 @@ class ScoreExtremes:
         return self.acceptable(max_score_span(compute_dtype_of(scores)), overflow_span(scores), epsilon)
 
 
-def score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zero_weights: bool) -> ScoreExtremes:
-    """:class:`ScoreExtremes` of the row and column maxima, read back in one transfer. Without zero weights the
-    weighted maxima are the maxima themselves, and their extremes are not computed twice."""
+def score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zero_weights: bool,
+                   lowest: torch.Tensor | None = None) -> ScoreExtremes:  # fmt: skip
+    """:class:`ScoreExtremes` of the row and column maxima (and the smallest score, if given), read back in one
+    transfer. Without zero weights the weighted maxima are the maxima themselves, and their extremes are not computed
+    twice."""
     parts = [*torch.aminmax(row_max), *torch.aminmax(weighted_col_max)]
     if has_zero_weights:
         parts += [*torch.aminmax(weighted_row_max), col_max.amax()]
-    return extremes_from_values(torch.stack(parts).tolist())
+    values = torch.stack(parts + ([] if lowest is None else [lowest.to(parts[0].dtype)])).tolist()
+    masked = lowest is not None and values.pop() == -math.inf
+    return replace(extremes_from_values(values), masked=masked)
 
 
 def extremes_on_device(scores: torch.Tensor) -> torch.Tensor:
@@ -408,7 +423,7 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_v
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device,
                       (n, k))  # fmt: skip
     if check_values:
-        check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched)
+        check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched, sample_weights=c)
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched,
                    has_zero_weights=has_zeros)  # fmt: skip
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, split_rows, worker_pool
+from .feasibility import MaskPatterns, check_masks, collect_masks
 from .features import check_bias, check_feature_shapes
 from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs
 from .problem import (
@@ -545,27 +546,35 @@ class StreamingOperator(LogDomainOperator):
         zeros = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
         buffer = self.work_buffer(lo, hi)
         partials = []
+        from_features = hasattr(self.source, "shifted")  # -inf only from a bias: whole columns, checked by the maxima
+        patterns = None if from_features else [MaskPatterns(self.n_clusters) for _ in range(self.n_heads)]
         for rows in self.chunks(lo, hi):
             x = self.shifted(rows, zeros, out=buffer(rows))  # S / eps, (H, T, K): NaN and inf where S has them
             check_rows(x, self.r, rows.start, inv_eps=1.0, compute_dtype=self.dtype, batched=self.source.batched,
-                       from_features=hasattr(self.source, "shifted"))  # x is S / eps already  # fmt: skip
+                       from_features=from_features)  # x is S / eps already  # fmt: skip
+            if patterns is not None:
+                collect_masks(patterns, x, self.c[rows], self.r)  # for Hall's condition, decided once all are read
             col_max = torch.maximum(col_max, x.amax(dim=1))
             if with_lse:
                 x.add_(self.log_c[rows][None, :, None])
                 top = x.amax(dim=1, keepdim=True)  # (H, 1, K)
                 top = torch.where(torch.isneginf(top), 0.0, top)  # a column with nothing allowed stays -inf below
                 partials.append(top[:, 0] + x.sub_(top).exp_().sum(dim=1).log())  # (H, K)
-        return col_max, partials
+        return col_max, partials, patterns
 
     def validate(self) -> None:
         """One pass of input checks (the cold start does them for free; a warm start needs this)."""
         self._finish_validation(self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, False)))
 
     def _finish_validation(self, parts) -> None:
-        col_max = parts[0][0]
-        for part, _ in parts[1:]:
+        col_max, _, patterns = parts[0]
+        for part, _, more in parts[1:]:
             col_max = torch.maximum(col_max, part)
+            for head, other in zip(patterns or [], more or [], strict=True):
+                head.merge(other)
         check_columns(col_max, self.r, self.dtype)  # col_max is of S / eps
+        if patterns is not None:
+            check_masks(patterns, self.r, self.source.batched)
         self._reachable = col_max > NEG_INF
         self.validated = True
 
@@ -574,10 +583,11 @@ class StreamingOperator(LogDomainOperator):
             return super().cluster_lse(b)
         parts = self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, True))  # cold start + checks
         self._finish_validation(parts)
-        return torch.logsumexp(torch.stack(sum((p for _, p in parts), [])), dim=0)  # fixed order: deterministic
+        return torch.logsumexp(torch.stack(sum((p for _, p, _ in parts), [])), dim=0)  # fixed order: deterministic
 
     def assign(self, b, want_codes):
         h, n, k = self.n_heads, self.n_samples, self.n_clusters
+        b = b.to(self.dtype)  # the loop's float64 potentials (see LogDomainOperator)
         labels = self.labels_out if self.labels_out is not None else torch.empty((h, n), dtype=torch.int64)
         codes = None
         if want_codes:

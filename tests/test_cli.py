@@ -239,7 +239,7 @@ def test_killed_run_leaves_no_partial_output(previous, sig, tmp_path):
     """Kill a run mid-way: the output is absent, or the previous one intact; SIGTERM also removes the temp file."""
     big = tmp_path / "big.npy"
     scores = random_problem(20000, 50, seed=2).numpy()
-    scores[10:, 0] = -np.inf  # cluster 0 may take only 10 samples but is owed 400: it can never converge
+    # tol 1e-30 is below the float32 floor of the marginal error: it never converges, and runs until killed
     np.save(big, scores)
     out = tmp_path / "labels.npy"
     old = np.arange(7)

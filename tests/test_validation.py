@@ -168,12 +168,28 @@ def test_triton_backend_without_gpu_explains(monkeypatch):
         sinkhorn_assign(S, 0.1, backend="triton")
 
 
-def test_infeasible_by_counting_warns_and_stays_finite():
-    """Three of four samples may only go to cluster 0, whose share is half: no balanced plan exists.
+@pytest.mark.parametrize("entry", ["torch", "reference", pytest.param("triton", marks=pytest.mark.interpreter),
+                                   "stream"])  # fmt: skip
+def test_infeasible_by_counting_is_an_error(entry):
+    """Three of four samples may only go to cluster 0, whose share is half: no balanced plan exists. No per-row or
+    per-column check sees it (Hall's condition, otlabel.feasibility); it was a ConvergenceWarning after max_iter
+    iterations, and nothing at all with tol=None."""
+    s = torch.zeros(4, 2)
+    s[:3, 1] = -INF
+    with pytest.raises(ValueError, match=r"infeasible mask: clusters \[1\] need 0.5 of the mass .* but only 1 sample "
+                                         r"\(0.25 of the sample mass\) may go to any of them"):  # fmt: skip
+        if entry == "stream":
+            sinkhorn_assign_stream(s.numpy(), 0.1, tol=None, max_iter=3)
+        else:
+            sinkhorn_assign(s, 0.1, tol=None, max_iter=3, backend=entry)
 
-    No per-row or per-column check can see this (it is Hall's condition); the solver must not return NaN
-    but warn that it did not converge, with the marginal error stuck at the infeasible excess.
-    """
+
+def test_infeasible_mask_left_unchecked_warns_and_stays_finite(monkeypatch):
+    """Where the check is skipped (more distinct mask rows than it keeps, or no SciPy for its max-flow), the solver
+    must still not return NaN: it warns that it did not converge, the error stuck at the infeasible excess."""
+    from otlabel import feasibility
+
+    monkeypatch.setattr(feasibility, "check_feasible", lambda *args, **kwargs: None)
     s = torch.zeros(4, 2)
     s[:3, 1] = -INF
     for backend in ("torch", "reference"):

@@ -31,6 +31,10 @@ from .base import ScoreOperator
 from .reference import sample_potentials
 
 NEG_INF = float("-inf")
+# How far (nats) the cluster potentials may move from the log-domain pass's reference before it is reset: e is then
+# at most e^30 (no float32 overflow), and the entries lost to underflow (below e^-87 before the rescale) weigh at most
+# e^(-87 + 2 * 30) = e^-27 of their row.
+REFERENCE_DRIFT = 30.0
 # CPU chunks stay below torch's parallel grain size (32768 elements), so every op runs single-threaded and
 # the threads come from splitting the rows into ranges instead: many small OpenMP regions collapse when the
 # machine is loaded (measured 15x slower), a handful of long-running threads do not.
@@ -46,12 +50,22 @@ class LogDomainOperator(ScoreOperator):
     less than 1e-38 of mass, so that is exact to fp32, unless a whole cluster underflows (possible at tiny
     eps, far from convergence): then the pass is redone with a max-shifted log-sum-exp per cluster.
 
+    It takes the loop's float64 ``b`` and forms ``e`` as ``exp(S / eps + b_ref - m) * exp(b - b_ref)``, with a
+    per-cluster reference ``b_ref`` that stays put until ``b`` moves more than ``REFERENCE_DRIFT`` nats from it.
+    ``S / eps + b`` rounded to float32 would move in steps of its own ulp as ``b`` converges (~1e-4 at
+    |S| / eps ~ 1000): the column sums then jitter, and at eps = 0.002 a streamed solve stalled at an error of
+    3.5e-6 where the in-memory one reached 1e-6 in 346 iterations. With the reference, the rounding is the same on
+    every pass and ``exp(b - b_ref)`` is formed in float64: 303 iterations.
+
     On the CPU, with a random-access source, the rows are split into one contiguous range per thread; the
     per-range partial results are combined in range order, so results do not depend on timing.
     """
 
+    takes_float64_potentials = True  # see the class docstring; assign and transport_score round them themselves
+
     def __init__(self, source: ScoreSource, epsilon: float, sample_weights: torch.Tensor, chunk_elements=None):
         self.source = source
+        self._reference = None  # (H, K) float64 b_ref, each value exact in the compute dtype
         self.n_heads, self.n_samples, self.n_clusters = source.n_heads, source.n_samples, source.n_clusters
         self.device = source.device
         self.dtype = compute_dtype(source.dtype)
@@ -100,18 +114,34 @@ class LogDomainOperator(ScoreOperator):
     def cluster_lse(self, b):
         if b is None:
             return self._cluster_lse_exact(None)
-        sums = sum_in_order(self.map_ranges(lambda lo, hi: self._column_sums(b, lo, hi)))
+        b = b.double()
+        reference, scaling = self._rescaled(b)
+        sums = sum_in_order(self.map_ranges(lambda lo, hi: self._column_sums(reference, scaling, lo, hi)))
         if bool(((sums <= 0) & self.reachable()).any()):  # a whole cluster underflowed: redo exactly
-            return self._cluster_lse_exact(b)
-        return torch.where(torch.isneginf(b), NEG_INF, sums.log() - b.double())  # sums = e^b sum_j exp(S/eps + a)
+            return self._cluster_lse_exact(b.to(self.dtype))
+        return torch.where(torch.isneginf(b), NEG_INF, sums.log() - b)  # sums = e^b sum_j exp(S/eps + a)
 
-    def _column_sums(self, b, lo, hi):
-        """``sum_j e_jk c_j / sum_k' e_jk'`` over rows ``[lo, hi)``, with ``e = exp(S/eps + b - rowmax)``."""
+    def _rescaled(self, b):
+        """(b_ref, exp(b - b_ref)) in the compute dtype, for float64 ``b``. A cluster whose ``b`` left its reference
+        by more than ``REFERENCE_DRIFT`` (or became or stopped being -inf) gets ``b`` as its new one: decided on
+        the device, per cluster, with no read-back."""
+        rounded = b.to(self.dtype).double()
+        if self._reference is None:
+            self._reference = rounded
+        else:  # NaN (-inf - -inf, a closed cluster) counts as stale too; it then takes -inf and keeps it
+            stale = ~((b - self._reference).abs() <= REFERENCE_DRIFT)
+            self._reference = torch.where(stale, rounded, self._reference)
+        scaling = torch.where(torch.isfinite(b), (b - self._reference).exp(), 0.0)
+        return self._reference.to(self.dtype), scaling.to(self.dtype)
+
+    def _column_sums(self, reference, scaling, lo, hi):
+        """``sum_j e_jk c_j / sum_k' e_jk'`` over rows ``[lo, hi)``, with ``e = exp(S/eps + b - m)`` formed as
+        ``exp(S/eps + b_ref - m) * exp(b - b_ref)`` (see the class docstring)."""
         sums = torch.zeros((self.n_heads, self.n_clusters), dtype=torch.float64, device=self.device)  # N terms
         buffer = self.work_buffer(lo, hi)
         for rows in self.chunks(lo, hi):
-            e = self.shifted(rows, b, out=buffer(rows))  # (H, T, K)
-            e = e.sub_(e.amax(dim=2, keepdim=True)).exp_()  # one exp per entry
+            e = self.shifted(rows, reference, out=buffer(rows))  # (H, T, K)
+            e = e.sub_(e.amax(dim=2, keepdim=True)).exp_().mul_(scaling[:, None, :])  # one exp per entry
             w = self.c[rows] / e.sum(dim=2)  # (H, T): c_j / sum_k e_jk, i.e. exp(a_j + m_j)
             sums += torch.bmm(w[:, None, :], e)[:, 0]
         return sums
@@ -133,6 +163,7 @@ class LogDomainOperator(ScoreOperator):
 
     def assign(self, b, want_codes):
         h, n, k = self.n_heads, self.n_samples, self.n_clusters
+        b = b.to(self.dtype)
         labels = torch.empty((h, n), dtype=torch.int64, device=self.device)
         codes = torch.empty((h, n, k), dtype=self.dtype, device=self.device) if want_codes else None
 

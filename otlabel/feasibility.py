@@ -1,0 +1,406 @@
+"""Whether a mask admits a balanced plan at all, and if not, which clusters and samples are to blame.
+
+A plan ``P >= 0`` with row sums ``c`` (the sample weights), column sums ``r`` (the cluster weights) and
+``P[j, k] = 0`` wherever ``S[j, k] = -inf`` exists exactly when the bipartite network source -> sample ``j``
+(capacity ``c_j``) -> cluster ``k`` (unbounded, only on allowed pairs) -> sink (capacity ``r_k``) carries a flow of
+1. By Hall's theorem that fails exactly when some set of samples may only go to clusters whose weights add up to
+less than the samples' own mass; equally, when some set of clusters needs more mass than the samples that may go to
+any of them carry. Sinkhorn then never converges: it only chases the difference. :mod:`otlabel.problem` catches the
+one-row and one-column cases (a sample masked everywhere, a weighted cluster that no sample may reach); this module
+decides the general case, and names the clusters at fault.
+
+Compression by patterns. Samples with the same allowed set are interchangeable in the network, so only the distinct
+rows of the mask matter, each with its total weight (and its number of samples, for the message).
+:class:`MaskPatterns` collects them chunk by chunk (a streamed pass as well as a whole matrix). Rows where every
+cluster is allowed, by far the most common, form one implicit group: it may go to every cluster, so it never takes
+part in a violation and only counts in the totals.
+
+No graph for most masks. A violation is a set A of samples and a set C of clusters, every pair between them
+forbidden, with ``c(A) + r(C) > 1`` (the samples of A may only go to the other clusters, of weight ``1 - r(C)``).
+Each sample group g of A forbids at least C and each cluster k of C is forbidden to at least A, so
+``shut[g] + barred[k] > 1``, where ``shut[g]`` is the weight of the clusters g may not go to and ``barred[k]`` the
+mass of the samples that may not go to k. When no forbidden pair is so "hot" (a random 2% of -inf scores, a few
+clusters closed to a few samples), the mask is feasible and the check ends there, at the cost of two weighted sums
+over the patterns. Otherwise the maximum flow runs on the groups and clusters that have a hot pair, with every other
+cluster merged into one that all of those groups may reach: that network holds every violation and no other.
+
+Rounding. :func:`scipy.sparse.csgraph.maximum_flow` needs int32 capacities (wider ones are silently truncated), so
+the masses, each side taken relative to its own total, are scaled by ``M = 2**30``: sample groups get
+``floor(c * M)``, clusters ``ceil(r * M)``, the unbounded edges one more than the samples' total: every capacity,
+and the flow, stays below 2**31. Rounding the samples down and the clusters up only helps a plan, so a feasible mask
+(exactly feasible ones included) always saturates the samples: a shortfall is a real violation. It is reported once
+it exceeds ``1e-9`` of the mass (float64 sums of many weights are not exact either). The price: a violation smaller
+than that, plus ``(number of groups + K) / M``, may go unreported.
+
+Size limit. The network has up to one edge per (pattern, cluster) pair. Once the distinct patterns times K exceed
+:data:`MAX_PATTERN_EDGES`, :class:`MaskPatterns` drops what it collected, marks itself ``too_large`` and ignores
+further rows, and :func:`check_feasible` skips the check: an infeasible mask then shows as a solve that does not
+converge, as it would without this module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MAX_PATTERN_EDGES = 20_000_000  # distinct patterns x K beyond which the patterns are dropped and the check skipped
+FLOW_SCALE = 2**30  # masses are scaled to integers by this: every capacity, and the flow, stays below 2**31
+MASS_TOLERANCE = 1e-9  # a shortfall of the flow up to this share of the mass is not reported
+MAX_NAMED = 8  # clusters named in a message before "..."
+BLOCK_ELEMENTS = 2**20  # the (group, cluster) entries handled at once by the weighted sums: bounds their memory
+
+
+class MaskPatterns:
+    """The distinct allowed-patterns of a mask's rows, with their total weights and sample counts, over K clusters.
+
+    :meth:`add` takes rows (a chunk at a time, in any order) as a boolean ``allowed`` matrix, ``True`` where the
+    score is not -inf; rows of weight 0 are dropped (they carry no mass), rows with every cluster allowed join one
+    implicit group. :meth:`add_unmasked` adds such rows by their total alone, when the caller has already set them
+    apart (typically, only the rows with some -inf score go to :meth:`add`).
+
+    Bounded: once the distinct patterns times K exceed ``max_edges`` (:data:`MAX_PATTERN_EDGES`), the patterns are
+    dropped, ``too_large`` is set and later rows are ignored; :func:`check_feasible` then skips the check.
+    """
+
+    def __init__(self, num_clusters: int, max_edges: int = MAX_PATTERN_EDGES):
+        if num_clusters < 1:
+            raise ValueError(f"num_clusters must be at least 1, got {num_clusters}.")
+        self.num_clusters = int(num_clusters)
+        self.max_edges = int(max_edges)
+        self.too_large = False
+        self.unmasked_weight = 0.0  # rows with every cluster allowed: their total weight, and how many
+        self.unmasked_count = 0
+        self._index: dict[bytes, int] = {}  # packed pattern -> its position in the lists below
+        self._packed: list[bytes] = []
+        self._weights: list[float] = []
+        self._counts: list[int] = []
+
+    def __len__(self) -> int:
+        """The number of distinct masked patterns (the all-allowed group not counted)."""
+        return len(self._packed)
+
+    @property
+    def total_weight(self) -> float:
+        """The weight of every row added so far, masked or not."""
+        return self.unmasked_weight + math.fsum(self._weights)
+
+    def add_unmasked(self, weight: float, count: int) -> None:
+        """Rows with every cluster allowed, by their total ``weight`` and how many of them have positive weight."""
+        if not (weight >= 0 and math.isfinite(weight)) or count < 0:
+            raise ValueError(f"add_unmasked needs a finite weight >= 0 and a count >= 0, got {weight} and {count}.")
+        self.unmasked_weight += float(weight)
+        self.unmasked_count += int(count)
+
+    def add(self, allowed: np.ndarray, weights: np.ndarray) -> None:
+        """Rows ``allowed`` (T, K) bool (``True``: the sample may go to that cluster) with their ``weights`` (T,)."""
+        allowed = np.asarray(allowed, dtype=bool)
+        weights = np.asarray(weights, dtype=np.float64)
+        if allowed.ndim != 2 or allowed.shape[1] != self.num_clusters or weights.shape != allowed.shape[:1]:
+            raise ValueError(
+                f"add needs allowed of shape (T, {self.num_clusters}) and weights of shape (T,), got "
+                f"{allowed.shape} and {weights.shape}."
+            )
+        if self.too_large:
+            return
+        positive = weights > 0
+        full = allowed.all(axis=1)
+        unmasked = positive & full
+        if unmasked.any():
+            self.add_unmasked(float(weights[unmasked].sum()), int(unmasked.sum()))
+        rest = np.flatnonzero(positive & ~full)
+        if rest.size == 0:
+            return
+        packed = np.packbits(allowed[rest], axis=1)
+        unique, inverse = np.unique(packed, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        group_weights = np.bincount(inverse, weights=weights[rest], minlength=len(unique)).tolist()
+        group_counts = np.bincount(inverse, minlength=len(unique)).tolist()
+        for row, weight, count in zip(unique, group_weights, group_counts, strict=True):
+            if not self._insert(row.tobytes(), weight, count):
+                return
+
+    def merge(self, other: MaskPatterns) -> None:
+        """Add the rows another collection (over the same clusters) has gathered, e.g. on another shard."""
+        if other.num_clusters != self.num_clusters:
+            raise ValueError(f"cannot merge patterns over {other.num_clusters} clusters into {self.num_clusters}.")
+        if other.too_large:
+            self._give_up()
+        if self.too_large:
+            return
+        self.add_unmasked(other.unmasked_weight, other.unmasked_count)
+        for key, weight, count in zip(other._packed, other._weights, other._counts, strict=True):
+            if not self._insert(key, weight, count):
+                return
+
+    def patterns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The masked groups as arrays: allowed (G, K) bool, weights (G,) float64, counts (G,) int64."""
+        k = self.num_clusters
+        if not self._packed:
+            return np.zeros((0, k), dtype=bool), np.zeros(0), np.zeros(0, dtype=np.int64)
+        packed = np.frombuffer(b"".join(self._packed), dtype=np.uint8).reshape(len(self._packed), -1)
+        allowed = np.unpackbits(packed, axis=1, count=k).astype(bool)
+        return allowed, np.array(self._weights, dtype=np.float64), np.array(self._counts, dtype=np.int64)
+
+    def _insert(self, key: bytes, weight: float, count: int) -> bool:
+        """Add to a pattern's group, or start one; ``False`` when that made the collection too large."""
+        i = self._index.get(key)
+        if i is not None:
+            self._weights[i] += weight
+            self._counts[i] += count
+            return True
+        if (len(self._packed) + 1) * self.num_clusters > self.max_edges:
+            self._give_up()
+            return False
+        self._index[key] = len(self._packed)
+        self._packed.append(key)
+        self._weights.append(weight)
+        self._counts.append(count)
+        return True
+
+    def _give_up(self) -> None:
+        self.too_large = True
+        self._index, self._packed, self._weights, self._counts = {}, [], [], []
+
+
+def collect_masks(patterns: list[MaskPatterns], scores, sample_weights, cluster_weights) -> None:
+    """Add a block of samples to the per-head ``patterns``: ``scores`` (H, T, K) a torch tensor on any device,
+    ``sample_weights`` (T,), ``cluster_weights`` (K,). Only the rows with a -inf score for a cluster of positive
+    weight leave the device (a -inf for a zero-weight cluster constrains nothing), in slices of ~BLOCK_ELEMENTS."""
+    import torch
+
+    weights = sample_weights.double().cpu().numpy()
+    relevant = cluster_weights > 0
+    for h, head_patterns in enumerate(patterns):
+        if head_patterns.too_large:
+            continue
+        masked = (torch.isneginf(scores[h]) & relevant).any(dim=1).cpu().numpy()  # (T,)
+        head_patterns.add_unmasked(float(weights[~masked].sum()), int((~masked).sum()))
+        rows = np.flatnonzero(masked)
+        step = max(1, BLOCK_ELEMENTS // scores.shape[-1])
+        for start in range(0, len(rows), step):
+            part = rows[start : start + step]
+            index = torch.from_numpy(part).to(scores.device)
+            head_patterns.add(~torch.isneginf(scores[h, index]).cpu().numpy(), weights[part])
+            if head_patterns.too_large:
+                break
+
+
+HOT_MARGIN = 1e-5  # float32 sums on the device: a pair this close to hot counts as hot (the flow then decides exactly)
+DEVICE_BLOCK_ELEMENTS = 2**24  # scores per block of the on-device sums (a float32 copy of the block's mask)
+
+
+def check_dense_mask(scores, sample_weights, cluster_weights, batched: bool, what: str = "scores") -> None:
+    """Hall's condition for in-memory scores (H, N, K) on any device, without moving the mask unless it must.
+
+    The hot-pair test of the module docstring runs on the device over the whole mask (:func:`_hot_samples`); most
+    masks end there. Otherwise only the samples with a hot pair are collected into :class:`MaskPatterns` (the others
+    count as allowed everywhere: every violation is made of hot pairs, and allowing more pairs elsewhere creates
+    none) and :func:`check_feasible` decides.
+    """
+    import torch
+
+    k = scores.shape[-1]
+    r = cluster_weights.to(scores.device, torch.float32)
+    c = sample_weights.to(scores.device, torch.float32)
+    for h in range(scores.shape[0]):
+        hot = _hot_samples(scores[h], c, r)
+        if hot is None:
+            continue
+        patterns = MaskPatterns(k)
+        weights = c.double().cpu().numpy()  # float32 masses: the flow's rounding tolerance covers their sums' error
+        patterns.add_unmasked(float(weights[~hot].sum()), int((~hot).sum()))
+        picked, step = np.flatnonzero(hot), max(1, BLOCK_ELEMENTS // k)
+        for start in range(0, len(picked), step):
+            part = picked[start : start + step]
+            patterns.add(~torch.isneginf(scores[h, torch.from_numpy(part).to(scores.device)]).cpu().numpy(),
+                         weights[part])  # fmt: skip
+            if patterns.too_large:
+                break
+        check_feasible(patterns, cluster_weights.double().cpu().numpy(), what=what, head=h if batched else None)
+
+
+def _hot_samples(scores, c, r) -> np.ndarray | None:
+    """The samples (bool (N,), on the host) with a hot pair in one head's scores (N, K), or ``None`` when there is
+    none (the mask is feasible). ``shut`` and ``barred`` are two matrix-vector products per block of samples, in
+    float32 on the scores' device; a pair within HOT_MARGIN of hot counts as hot."""
+    import torch
+
+    n, k = scores.shape
+    step = max(1, DEVICE_BLOCK_ELEMENTS // k)
+    blocks = [slice(start, start + step) for start in range(0, n, step)]
+    relevant = r > 0
+    shut = torch.empty(n, dtype=torch.float32, device=scores.device)
+    barred = torch.zeros(k, dtype=torch.float32, device=scores.device)
+    for rows in blocks:
+        forbidden = (torch.isneginf(scores[rows]) & relevant).to(torch.float32)
+        shut[rows] = forbidden @ r
+        barred += c[rows] @ forbidden
+    if float(shut.max() + barred.max()) <= 1 - HOT_MARGIN:
+        return None
+    hot = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    for rows in blocks:
+        forbidden = torch.isneginf(scores[rows]) & relevant
+        hot[rows] = (forbidden & (barred[None, :] > 1 - HOT_MARGIN - shut[rows, None])).any(dim=1)
+    return hot.cpu().numpy()
+
+
+def check_masks(patterns: list[MaskPatterns], cluster_weights, batched: bool, what: str = "scores") -> None:
+    """:func:`check_feasible` for each head's patterns (``cluster_weights`` (K,) shared by the heads)."""
+    r = cluster_weights.double().cpu().numpy()
+    for h, head_patterns in enumerate(patterns):
+        check_feasible(head_patterns, r, what=what, head=h if batched else None)
+
+
+def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores", head: int | None = None) -> None:
+    """Raise ``ValueError`` when no plan with cluster weights ``r`` (K,) respects the mask the ``patterns`` were
+    collected from, naming clusters that cannot be filled (or samples that cannot be placed) and what to do.
+
+    Nothing is checked when ``patterns.too_large``. ``what`` names the matrix in the message (``-inf scores``);
+    ``head``, for batched (H, N, K) problems checked one head at a time, is named in it too. The sample and cluster
+    masses are each taken relative to their own total.
+    """
+    if patterns.too_large:
+        return
+    r = np.asarray(r, dtype=np.float64).reshape(-1)
+    if r.shape != (patterns.num_clusters,):
+        raise ValueError(f"r must have shape ({patterns.num_clusters},) to match the patterns, got {r.shape}.")
+    total, r_total = patterns.total_weight, float(r.sum())
+    if len(patterns) == 0 or total <= 0 or r_total <= 0:
+        return  # no masked rows: every sample may go anywhere
+    allowed, weights, counts = patterns.patterns()
+    c, r = weights / total, r / r_total
+    shut, barred = np.empty(len(c)), np.zeros(len(r))  # see the module docstring
+    for rows in _row_blocks(allowed.shape):
+        forbidden = (~allowed[rows]).astype(np.float64)
+        shut[rows] = forbidden @ r
+        barred += c[rows] @ forbidden
+    if shut.max() + barred.max() <= 1:
+        return  # no hot pair, so no violation
+    hot_rows, hot_cols = np.zeros(len(c), dtype=bool), np.zeros(len(r), dtype=bool)
+    for rows in _row_blocks(allowed.shape):
+        hot = ~allowed[rows] & (barred > (1 - shut[rows])[:, None])  # shut[g] + barred[k] > 1
+        hot_rows[rows] = hot.any(axis=1)
+        hot_cols |= hot.any(axis=0)
+    if not hot_rows.any():
+        return
+    # Every pair of a violation is hot: keep the groups and clusters with a hot pair and merge the other clusters into
+    # one that every kept group may reach. That network holds every violation, and finds no other.
+    kept = allowed[np.ix_(hot_rows, hot_cols)] & (r[hot_cols] > 0)
+    edges = np.concatenate([kept, np.ones((len(kept), 1), dtype=bool)], axis=1)
+    reached = _reached_clusters(edges, c[hot_rows], np.append(r[hot_cols], r[~hot_cols].sum()))
+    if reached is not None:
+        clusters = ~hot_cols  # the merged clusters are reached along with any group
+        clusters[hot_cols] = reached[:-1]
+        raise _infeasible_error(clusters, allowed, c, counts, r, patterns, what, head)
+
+
+def _row_blocks(shape: tuple[int, int]):
+    """Slices of rows covering about :data:`BLOCK_ELEMENTS` entries each."""
+    n, k = shape
+    step = max(1, BLOCK_ELEMENTS // k)
+    for start in range(0, n, step):
+        yield slice(start, start + step)
+
+
+def _reached_clusters(edges: np.ndarray, c: np.ndarray, r: np.ndarray) -> np.ndarray | None:
+    """The clusters (bool (K,)) reachable from the source in the residual network of a maximum flow, when that flow
+    falls short of the groups' mass by more than the tolerance; ``None`` when it does not.
+
+    ``edges`` (G, K): the allowed pairs into clusters of positive weight; ``c`` (G,), ``r`` (K,): masses summing to
+    at most 1 and to 1. The groups reachable in the residual network (the source side of a minimum cut) may only go to
+    the reachable clusters, and outweigh them.
+    """
+    try:
+        from scipy.sparse import csr_array
+        from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+    except ImportError:  # SciPy is optional (the "exact" extra): without it only the graph-free cases are decided
+        return None
+
+    supply = np.floor(c * FLOW_SCALE).astype(np.int64)  # rounded against a violation: a shortfall is real
+    demand = np.ceil(r * FLOW_SCALE).astype(np.int64)
+    edges, supply = edges[supply > 0], supply[supply > 0]
+    g, k = edges.shape
+    unbounded = int(supply.sum()) + 1
+    if max(int(demand.sum()), unbounded) >= 2**31:  # every capacity, and the flow, must fit int32
+        raise AssertionError(f"flow capacities overflow int32 (K = {k})")  # unreachable for K < 2**30
+    # Nodes: groups 0..g-1, clusters g..g+k-1, source, sink; the CSR matrix is written row by row, in order.
+    source, sink = g + k, g + k + 1
+    served = demand > 0
+    out_degree = np.concatenate([edges.sum(axis=1), served.astype(np.int64), [g, 0]])
+    indptr = np.zeros(g + k + 3, dtype=np.int64)
+    np.cumsum(out_degree, out=indptr[1:])
+    _, cols = np.nonzero(edges)  # row-major: each group's clusters, in order
+    indices = np.concatenate([g + cols, np.full(int(served.sum()), sink), np.arange(g)])
+    capacity = np.concatenate([np.full(len(cols), unbounded), demand[served], supply])
+    graph = csr_array((capacity.astype(np.int32), indices.astype(np.int32), indptr.astype(np.int32)),
+                      shape=(g + k + 2, g + k + 2))  # fmt: skip
+    result = maximum_flow(graph, source, sink)
+    if int(supply.sum()) - int(result.flow_value) <= max(1.0, MASS_TOLERANCE * FLOW_SCALE):
+        return None
+    residual = (graph - result.flow).tocsr()  # an edge's capacity left, and its reverse: 0 - (-flow) = flow
+    residual.data = (residual.data > 0).astype(np.int8)
+    residual.eliminate_zeros()
+    reached = breadth_first_order(residual, source, directed=True, return_predecessors=False)
+    clusters = np.zeros(k, dtype=bool)
+    clusters[reached[(reached >= g) & (reached < g + k)] - g] = True
+    return clusters
+
+
+def _infeasible_error(reached: np.ndarray, allowed: np.ndarray, c: np.ndarray, counts: np.ndarray, r: np.ndarray,
+                      patterns: MaskPatterns, what: str, head: int | None) -> ValueError:  # fmt: skip
+    """The message for a violation read off a minimum cut, whose source side reaches the clusters ``reached``.
+
+    Two statements hold, and the one naming fewer clusters is made: the samples confined to the reached clusters
+    outweigh them, or the other clusters of positive weight need more than the samples that may go to any of them.
+    Every sample confined to the reached clusters is counted, not only those of the cut's groups.
+    """
+    positive = r > 0
+    starved = positive & ~reached
+    confined = ~(allowed & starved).any(axis=1)  # groups whose clusters of positive weight were all reached
+    mass, count = float(c[confined].sum()), int(counts[confined].sum())
+    where = "" if head is None else f" (head {head})"
+    if not (reached & positive).any():
+        return ValueError(
+            f"infeasible mask{where}: {_samples(count, mass)} may go to no cluster of positive weight (their other "
+            f"{what} are -inf). Allow those samples a cluster with weight (fewer -inf {what}), or drop them."
+        )
+    if (reached & positive).sum() < starved.sum():
+        mass_text, room_text = _apart(mass, float(r[reached].sum()))
+        return ValueError(
+            f"infeasible mask{where}: {_samples(count, mass, mass_text)} may only go to clusters "
+            f"{_names(reached & positive)} (their other {what} are -inf), but those clusters' cluster_weights sum to "
+            f"{room_text}, so they cannot take them all. Allow those samples more clusters (fewer -inf {what}) or "
+            "raise those clusters' cluster_weights."
+        )
+    able = max(float(c.sum()) + patterns.unmasked_weight / patterns.total_weight - mass, 0.0)
+    able_count = int(counts[~confined].sum()) + patterns.unmasked_count
+    need_text, able_text = _apart(float(r[starved].sum()), able)
+    may = "no sample may go to them"
+    if able_count:
+        may = f"only {_samples(able_count, able, able_text)} may go to any of them"
+    return ValueError(
+        f"infeasible mask{where}: clusters {_names(starved)} need {need_text} of the mass (their cluster_weights), "
+        f"but {may} (the other samples' {what} for them are -inf), so they cannot be filled. Allow more pairs "
+        f"(fewer -inf {what}) or lower those clusters' cluster_weights."
+    )
+
+
+def _samples(count: int, mass: float, mass_text: str | None = None) -> str:
+    mass_text = f"{mass:.3g}" if mass_text is None else mass_text
+    return f"{count} sample{'' if count == 1 else 's'} ({mass_text} of the sample mass)"
+
+
+def _apart(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` with 3 significant digits, or as many more as it takes to tell them apart."""
+    for digits in (3, 6, 9, 12):
+        a_text, b_text = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if a_text != b_text:
+            break
+    return a_text, b_text
+
+
+def _names(clusters: np.ndarray) -> str:
+    indices = np.flatnonzero(clusters).tolist()
+    shown = ", ".join(str(i) for i in indices[:MAX_NAMED])
+    return f"[{shown}, ...] ({len(indices)} clusters)" if len(indices) > MAX_NAMED else f"[{shown}]"

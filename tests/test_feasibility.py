@@ -1,0 +1,298 @@
+"""Infeasible masks (no plan meets both marginals) are found and explained; feasible ones, exactly feasible
+included, pass. Feasibility is decided independently by the plan's LP (HiGHS)."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linprog
+
+from otlabel.feasibility import MaskPatterns, check_feasible
+
+INF = float("inf")
+
+
+def patterns_of(allowed, weights, chunks=1, max_edges=None) -> MaskPatterns:
+    allowed, weights = np.asarray(allowed, dtype=bool), np.asarray(weights, dtype=np.float64)
+    kwargs = {} if max_edges is None else {"max_edges": max_edges}
+    patterns = MaskPatterns(allowed.shape[1], **kwargs)
+    for rows in np.array_split(np.arange(len(weights)), chunks):
+        patterns.add(allowed[rows], weights[rows])
+    return patterns
+
+
+def as_dict(patterns: MaskPatterns) -> dict:
+    allowed, weights, counts = patterns.patterns()
+    return {tuple(row): (w, n) for row, w, n in zip(allowed.tolist(), weights.tolist(), counts.tolist(), strict=True)}
+
+
+def lp_max_mass(allowed, c, r) -> float:
+    """The most mass a plan on the allowed pairs can carry with row sums <= c and column sums <= r."""
+    rows, cols = np.nonzero(allowed)
+    if len(rows) == 0:
+        return 0.0
+    n, k = allowed.shape
+    a_ub = np.zeros((n + k, len(rows)))
+    a_ub[rows, np.arange(len(rows))] = 1
+    a_ub[n + cols, np.arange(len(rows))] = 1
+    result = linprog(-np.ones(len(rows)), A_ub=a_ub, b_ub=np.concatenate([c, r]), bounds=(0, None), method="highs")
+    assert result.status == 0, result.message
+    return -result.fun
+
+
+def raises(patterns, r, **kwargs) -> str | None:
+    """The message check_feasible raises, or None."""
+    try:
+        check_feasible(patterns, r, **kwargs)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def example_mask():
+    s = torch.randn(50, 5, generator=torch.Generator().manual_seed(0))
+    s[1:, :2] = -INF
+    return torch.isfinite(s).numpy(), np.full(50, 1 / 50)
+
+
+def test_example_raises_naming_the_starved_clusters():
+    allowed, c = example_mask()
+    message = raises(patterns_of(allowed, c), np.full(5, 0.2))
+    assert message is not None
+    assert message.startswith("infeasible mask: clusters [0, 1] need 0.4 of the mass")
+    assert "only 1 sample (0.02 of the sample mass)" in message
+    assert "fewer -inf scores" in message and "cluster_weights" in message
+
+
+def test_exactly_feasible_boundary_passes_and_just_beyond_raises():
+    allowed, c = example_mask()
+    patterns = patterns_of(allowed, c)
+    exact = np.array([0.01, 0.01, 0.98 / 3, 0.98 / 3, 0.98 / 3])  # clusters 0 and 1 take exactly sample 0's 0.02
+    assert raises(patterns, exact) is None
+    beyond = np.array([0.0101, 0.01, 0.9799 / 3, 0.9799 / 3, 0.9799 / 3])
+    message = raises(patterns, beyond, head=3, what="chunk scores")
+    assert message is not None
+    assert "infeasible mask (head 3): clusters [0, 1] need 0.0201 of the mass" in message
+    assert "fewer -inf chunk scores" in message
+
+
+def test_sample_side_message_when_it_names_fewer_clusters():
+    allowed = np.ones((10, 6), dtype=bool)
+    allowed[:2, 1:] = False  # samples 0 and 1 may only go to cluster 0
+    message = raises(patterns_of(allowed, np.full(10, 0.1)), np.array([0.15, 0.17, 0.17, 0.17, 0.17, 0.17]))
+    assert message is not None
+    assert "2 samples (0.2 of the sample mass) may only go to clusters [0]" in message
+    assert "cluster_weights sum to 0.15" in message
+
+
+def test_close_masses_are_printed_apart():
+    allowed = np.ones((10, 6), dtype=bool)
+    allowed[:2, 1:] = False
+    message = raises(patterns_of(allowed, np.full(10, 0.1)), np.array([0.1999, 0.16002, 0.16002, 0.16002, 0.16002,
+                                                                         0.16002]))  # fmt: skip
+    assert message is not None and "(0.2 of the sample mass)" in message and "sum to 0.1999" in message
+
+
+def test_samples_with_nowhere_to_go():
+    allowed = np.ones((8, 4), dtype=bool)
+    allowed[3] = False  # masked everywhere
+    allowed[5, 1:] = False  # only cluster 0, which has weight 0
+    message = raises(patterns_of(allowed, np.full(8, 1 / 8)), np.array([0.0, 1 / 3, 1 / 3, 1 / 3]))
+    assert message is not None
+    assert "2 samples (0.25 of the sample mass) may go to no cluster of positive weight" in message
+
+
+def test_many_clusters_are_elided():
+    allowed = np.ones((100, 20), dtype=bool)
+    allowed[1:, :10] = False
+    message = raises(patterns_of(allowed, np.full(100, 0.01)), np.full(20, 0.05))
+    assert message is not None
+    assert "clusters [0, 1, 2, 3, 4, 5, 6, 7, ...] (10 clusters) need 0.5" in message
+
+
+def test_unmasked_rows_by_total():
+    """Rows with every cluster allowed, passed by their total, count as rows passed one by one."""
+    allowed, c = example_mask()  # row 0 has every cluster allowed, rows 1.. the same masked pattern
+    whole = patterns_of(allowed, c)
+    split = MaskPatterns(5)
+    split.add(allowed[1:], c[1:])
+    split.add_unmasked(float(c[0]), 1)
+    split.add(allowed[:3], np.zeros(3))  # weight 0: ignored
+    assert as_dict(whole) == {(False, False, True, True, True): (pytest.approx(0.98, rel=1e-12), 49)}
+    assert as_dict(split) == as_dict(whole)
+    assert split.unmasked_count == whole.unmasked_count == 1
+    assert split.unmasked_weight == whole.unmasked_weight == 0.02
+    assert raises(split, np.full(5, 0.2)) == raises(whole, np.full(5, 0.2))
+
+
+def test_all_allowed_rows_form_no_pattern():
+    patterns = patterns_of(np.ones((30, 4), dtype=bool), np.full(30, 1 / 30))
+    assert len(patterns) == 0 and patterns.unmasked_count == 30
+    assert patterns.unmasked_weight == pytest.approx(1.0, abs=1e-15)
+    assert raises(patterns, np.array([1.0, 0.0, 0.0, 0.0])) is None
+
+
+def test_chunked_accumulation_matches_one_call():
+    rng = np.random.default_rng(5)
+    allowed = rng.random((200, 7)) > 0.6
+    allowed[rng.random(200) < 0.3] = True
+    weights = rng.random(200) * (rng.random(200) > 0.2)
+    one = patterns_of(allowed, weights)
+    for chunks in (2, 7, 200):
+        many = patterns_of(allowed, weights, chunks=chunks)
+        assert as_dict(many).keys() == as_dict(one).keys()
+        for key, (w, n) in as_dict(one).items():
+            assert as_dict(many)[key][0] == pytest.approx(w, rel=1e-12) and as_dict(many)[key][1] == n
+        assert many.unmasked_count == one.unmasked_count
+        assert many.unmasked_weight == pytest.approx(one.unmasked_weight, rel=1e-12)
+    merged = patterns_of(allowed[:80], weights[:80])
+    merged.merge(patterns_of(allowed[80:], weights[80:]))
+    assert as_dict(merged).keys() == as_dict(one).keys()
+    assert {key: n for key, (_, n) in as_dict(merged).items()} == {key: n for key, (_, n) in as_dict(one).items()}
+
+
+def test_zero_weight_rows_are_ignored():
+    allowed = np.ones((6, 3), dtype=bool)
+    allowed[0] = False  # masked everywhere, but of weight 0
+    allowed[1, 1:] = False
+    weights = np.array([0.0, 0.0, 0.25, 0.25, 0.25, 0.25])
+    patterns = patterns_of(allowed, weights)
+    assert len(patterns) == 0 and patterns.unmasked_count == 4
+    assert raises(patterns, np.array([0.0, 0.5, 0.5])) is None
+
+
+def test_too_large_skips_the_check():
+    allowed, c = example_mask()
+    allowed[2:, 2] = False  # a second pattern
+    patterns = patterns_of(allowed, c, max_edges=5)  # room for one pattern of 5 clusters
+    assert patterns.too_large and len(patterns) == 0
+    assert raises(patterns, np.full(5, 0.2)) is None  # infeasible, but not checked
+    patterns.add(allowed, c)  # ignored from now on
+    assert patterns.too_large and len(patterns) == 0
+    fits = patterns_of(allowed, c, max_edges=10)
+    assert not fits.too_large and len(fits) == 2 and raises(fits, np.full(5, 0.2)) is not None
+    merged = patterns_of(allowed[:1], c[:1])
+    merged.merge(patterns)
+    assert merged.too_large
+
+
+def test_bad_arguments():
+    patterns = MaskPatterns(4)
+    with pytest.raises(ValueError, match=r"\(T, 4\)"):
+        patterns.add(np.ones((3, 5), dtype=bool), np.ones(3))
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        check_feasible(patterns, np.ones(3) / 3)
+
+
+def named_clusters(message: str) -> list[int]:
+    return [int(i) for i in re.search(r"clusters \[([\d, ]+)\]", message).group(1).split(", ")]
+
+
+def assert_names_a_violation(message: str, allowed, c, r):
+    """The clusters named are a real Hall violator, by the statement the message makes."""
+    if "may go to no cluster of positive weight" in message:
+        assert ((allowed & (r > 0)).sum(axis=1)[c > 0] == 0).any()
+        return
+    named = np.zeros(len(r), dtype=bool)
+    named[named_clusters(message)] = True
+    if "may only go to clusters" in message:  # the samples confined to them outweigh them
+        confined = ~(allowed & (r > 0) & ~named).any(axis=1)
+        assert c[confined].sum() > r[named].sum() + 1e-9
+    else:  # they need more than the samples that may go to any of them
+        assert r[named].sum() > c[(allowed & named).any(axis=1)].sum() + 1e-9
+
+
+def random_case(rng):
+    n, k = int(rng.integers(1, 13)), int(rng.integers(1, 7))
+    allowed = rng.random((n, k)) > rng.choice([0.1, 0.3, 0.5, 0.7])
+    allowed[rng.random(n) < 0.2] = True
+    c = rng.random(n) * (rng.random(n) > 0.15)
+    r = rng.random(k) * (rng.random(k) > 0.15)
+    if c.sum() == 0 or r.sum() == 0:
+        return None
+    return allowed, c / c.sum(), r / r.sum()
+
+
+def test_agrees_with_the_lp_on_random_problems():
+    rng = np.random.default_rng(11)
+    verdicts = {True: 0, False: 0}
+    for _ in range(400):
+        case = random_case(rng)
+        if case is None:
+            continue
+        allowed, c, r = case
+        mass = lp_max_mass(allowed, c, r)
+        if 1 - 1e-6 <= mass < 1 - 1e-9:
+            continue  # within the rounding margin of the boundary
+        feasible = mass >= 1 - 1e-9
+        message = raises(patterns_of(allowed, c, chunks=int(rng.integers(1, 4))), r)
+        assert (message is None) == feasible, (allowed, c, r, mass, message)
+        if message is not None:
+            assert_names_a_violation(message, allowed, c, r)
+        verdicts[feasible] += 1
+    assert verdicts[True] > 50 and verdicts[False] > 50, verdicts
+
+
+def test_exactly_feasible_random_problems_pass():
+    """Marginals read off a plan on the mask (dyadic entries: the sums are exact) are feasible however tight."""
+    rng = np.random.default_rng(12)
+    for _ in range(300):
+        n, k = int(rng.integers(1, 13)), int(rng.integers(1, 7))
+        allowed = rng.random((n, k)) > rng.choice([0.3, 0.6, 0.8])
+        plan = allowed * rng.integers(0, 4, size=(n, k)) * 2.0**-10
+        if plan.sum() == 0:
+            continue
+        plan = plan / 2.0 ** np.round(np.log2(plan.sum()))  # still dyadic; the sums need not be 1
+        c, r = plan.sum(axis=1), plan.sum(axis=0)
+        assert raises(patterns_of(allowed, c), r) is None, (allowed, c, r)
+        if (r > 0).sum() > 1:  # move a little weight between two clusters: still feasible, or a real violation
+            i, j = rng.choice(np.flatnonzero(r > 0), 2, replace=False)
+            moved = r.copy()
+            moved[i] -= r[i] / 2
+            moved[j] += r[i] / 2
+            mass = lp_max_mass(allowed, c / c.sum(), moved / moved.sum())
+            if mass >= 1 - 1e-9 or mass < 1 - 1e-6:
+                assert (raises(patterns_of(allowed, c), moved) is None) == (mass >= 1 - 1e-9)
+
+
+def test_hot_pairs_that_are_feasible():
+    """Masks whose forbidden pairs are heavy on both sides (the flow runs) but admit a plan: a block diagonal."""
+    allowed = np.zeros((40, 4), dtype=bool)
+    allowed[:20, :2] = True
+    allowed[20:, 2:] = True
+    c = np.full(40, 1 / 40)
+    assert raises(patterns_of(allowed, c), np.full(4, 0.25)) is None
+    message = raises(patterns_of(allowed, c), np.array([0.3, 0.3, 0.2, 0.2]))
+    assert message is not None and "clusters [0, 1] need 0.6 of the mass" in message
+
+
+def test_the_on_device_hot_pair_filter_agrees_with_the_lp():
+    """check_dense_mask (what sinkhorn_assign runs) sends only samples with a hot pair to the flow: the verdict must be
+    the LP's all the same, per head of a batched problem."""
+    from otlabel.feasibility import check_dense_mask
+
+    rng = np.random.default_rng(12)
+    verdicts = {True: 0, False: 0}
+    for _ in range(300):
+        case = random_case(rng)
+        if case is None:
+            continue
+        allowed, c, r = case
+        mass = lp_max_mass(allowed, c, r)
+        if 1 - 1e-5 <= mass < 1 - 1e-9:
+            continue  # within the float32 and rounding margins of the boundary
+        scores = torch.where(torch.from_numpy(allowed), torch.randn(allowed.shape, dtype=torch.float64), -np.inf)
+        heads = torch.stack([torch.zeros_like(scores), scores])  # head 0 unmasked, head 1 the case
+        try:
+            check_dense_mask(heads, torch.from_numpy(c), torch.from_numpy(r), batched=True)
+            message = None
+        except ValueError as error:
+            message = str(error)
+        feasible = mass >= 1 - 1e-9
+        assert (message is None) == feasible, (allowed, c, r, mass, message)
+        if message is not None:
+            assert "(head 1)" in message
+            assert_names_a_violation(message, allowed, c, r)
+        verdicts[feasible] += 1
+    assert verdicts[True] > 50 and verdicts[False] > 50, verdicts
