@@ -20,7 +20,7 @@ import types
 import torch
 
 from .backends import _triton_usable
-from .problem import MAX_SCORE_SPAN_FP32, as_tensor, check_epsilon, check_weights, span_error
+from .problem import FLOAT_DTYPES, MAX_SCORE_SPAN_FP32, as_tensor, check_epsilon, check_weights, span_error
 from .solver import (
     check_init,
     check_solver_options,
@@ -137,7 +137,7 @@ def score_bound(largest_z, c: torch.Tensor, bias) -> torch.Tensor:
 
 def bound_error(bound: float, epsilon: float, compute_dtype: torch.dtype) -> ValueError:
     detail = f" (bounded by |features| x |prototypes| + |bias| = {bound:.3g}, epsilon {epsilon:.3g})"
-    return span_error(bound / epsilon, compute_dtype, detail)
+    return span_error(bound / epsilon, compute_dtype, detail, features=True)
 
 
 def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor | None = None) -> None:
@@ -180,8 +180,12 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=None):
     """Checked inputs of the features kernel: prototypes (H, K, D) on ``z``'s device and dtype, the bias (fp32 or
     None), the cluster weights (K,) and whether the prototypes carried a head dimension."""
-    c = as_tensor(prototypes, "prototypes").to(device=z.device, dtype=z.dtype)
-    bias_t = None if bias is None else as_tensor(bias, "bias").to(device=z.device, dtype=torch.float32)
+    c, bias_t = as_tensor(prototypes, "prototypes"), None if bias is None else as_tensor(bias, "bias")
+    for name, x in (("prototypes", c), ("bias", bias_t)):
+        if x is not None and x.dtype not in FLOAT_DTYPES:  # as the streamed path says: never cast integers silently
+            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}.")
+    c = c.to(device=z.device, dtype=z.dtype)
+    bias_t = None if bias_t is None else bias_t.to(device=z.device, dtype=torch.float32)
     check_feature_shapes(z.shape, c.shape, None if bias_t is None else bias_t.shape)
     batched = c.ndim == 3
     c3 = c if batched else c.unsqueeze(0)  # (H, K, D)

@@ -487,7 +487,7 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
     if torch.isneginf(weighted_row_max).any():
         h, j = _first_index(torch.isneginf(weighted_row_max))
         raise stranded_sample_error(j + offset, h, where)
-    raise span_error(float(weighted_row_max.abs().amax()) * inv_eps, compute_dtype, where)
+    raise span_error(float(weighted_row_max.abs().amax()) * inv_eps, compute_dtype, where, features=from_features)
 
 
 def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor, compute_dtype: torch.dtype) -> None:

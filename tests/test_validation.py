@@ -157,6 +157,11 @@ def test_triton_refuses_an_epsilon_its_float32_cannot_invert():
             sinkhorn_assign(**kwargs, epsilon=1e46, backend="triton")
     res = sinkhorn_assign(z @ c.T, epsilon=1e46, backend="torch")
     assert torch.allclose(res.codes, torch.full((20, 5), 0.2))
+    # Integer prototypes or bias: refused as on the torch path (the kernel path cast them silently).
+    for kwargs, name in ((dict(prototypes=c.long()), "prototypes"), (dict(prototypes=c, bias=torch.zeros(5).long()),
+                                                                      "bias")):  # fmt: skip
+        with pytest.raises(TypeError, match=f"{name} must be a float16, bfloat16, float32 or float64 tensor"):
+            sinkhorn_assign(features=z, **kwargs, backend="triton")
 
 
 def test_triton_backend_without_gpu_explains(monkeypatch):
