@@ -541,7 +541,9 @@ def sinkhorn_assign(
     Args:
         scores: ``(N, K)`` or batched ``(H, N, K)`` (H independent problems, e.g. SeLa's heads): torch tensor
             (any device) or NumPy array of float16/bfloat16/float32/float64; higher is better. ``-inf`` marks
-            a forbidden pair. Detached: the result carries no autograd graph (pseudo-labels are targets).
+            a forbidden pair; a mask that leaves no balanced plan (some clusters too few samples: Hall's condition,
+            :mod:`otlabel.feasibility`) is a ``ValueError`` before any iteration. Detached: the result carries no
+            autograd graph (pseudo-labels are targets).
         epsilon: temperature ``> 0`` in the units of the scores. Smaller is harder and slower to converge.
         features, prototypes, bias: instead of ``scores``, features ``Z`` (N, D) and prototypes ``C`` (K, D) (or
             (H, K, D) for H heads), optionally a per-cluster ``bias`` (K,)/(H, K): the scores ``Z C^T + bias`` are
