@@ -34,6 +34,7 @@ import types
 import warnings
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -322,11 +323,59 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
         )
     col_max = shared[:, : h * k].amax(dim=0).view(h, k).to(shard.device)  # of S (features shards send 0)
     check_columns(col_max / epsilon, r, operator.dtype)
+    if shard.mode == DenseShard.mode:  # features shards: -inf only from a bias, whole columns (checked just above)
+        check_sharded_masks(comm, shard.scores, c_local, r, shard.batched)
     sharded = ShardedOperator(operator, comm)
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=callback)
     if warn:
         warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon)
     return package_result(problem, sharded, out)
+
+
+def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool) -> None:
+    """Hall's condition over every rank's samples (:mod:`otlabel.feasibility`), raised alike on every rank.
+
+    Each rank sums its part of the hot-pair test on its device; the sums travel (H + H K numbers per rank). Only where
+    some pair is hot do the ranks exchange the mask patterns of their samples with a hot pair, and then each decides
+    on the same merged patterns. Every branch depends on gathered values only: all ranks take the same collectives.
+    """
+    from .feasibility import HOT_MARGIN, MaskPatterns, check_feasible, hot_patterns, hot_sums
+
+    h_count, n, k = scores.shape
+    c, r32 = c_local.to(scores.device, torch.float32), r.to(scores.device, torch.float32)
+    masked = bool((torch.isneginf(scores) & (r32 > 0)).any())
+    sums = [hot_sums(scores[h], c, r32) if masked else None for h in range(h_count)]
+    local = torch.zeros(h_count * (k + 1), dtype=torch.float64)
+    if masked:
+        local[:h_count] = torch.stack([shut.max() for shut, _ in sums]).double().cpu()
+        local[h_count:] = torch.cat([barred for _, barred in sums]).double().cpu()
+    gathered = comm.all_gather(local, "mask sums")  # (W, H + H K)
+    shut_max, barred_all = gathered[:, :h_count].amax(dim=0), gathered[:, h_count:].sum(dim=0).view(h_count, k)
+    for h in range(h_count):
+        if float(shut_max[h] + barred_all[h].max()) <= 1 - HOT_MARGIN:
+            continue  # no hot pair on any rank
+        barred = barred_all[h].to(scores.device, torch.float32)
+        shut = sums[h][0] if masked else torch.zeros(n, dtype=torch.float32, device=scores.device)
+        mine = hot_patterns(scores[h], c, r32, shut, barred)
+        packed, weights, counts = mine.packed()
+        header = torch.tensor([len(weights), float(mine.too_large), mine.unmasked_weight, mine.unmasked_count],
+                              dtype=torch.float64)  # fmt: skip
+        headers = comm.all_gather(header, "mask pattern counts")  # (W, 4)
+        if bool(headers[:, 1].any()):
+            continue  # too many patterns on some rank: not checked (the solve's warning remains)
+        most = int(headers[:, 0].max())
+        rows = np.zeros((most, packed.shape[1]), dtype=np.uint8)
+        rows[: len(packed)] = packed
+        numbers = np.zeros((2, most))
+        numbers[:, : len(weights)] = weights, counts
+        all_rows = comm.all_gather(torch.from_numpy(rows), "mask patterns")  # (W, most, ceil(K / 8))
+        all_numbers = comm.all_gather(torch.from_numpy(numbers), "mask pattern weights")  # (W, 2, most)
+        merged = MaskPatterns(k)
+        for w in range(comm.world):  # rank order: the same merged patterns on every rank
+            g = int(headers[w, 0])
+            merged.add_unmasked(float(headers[w, 2]), int(headers[w, 3]))
+            merged.add_packed(all_rows[w, :g].numpy(), all_numbers[w, 0, :g].numpy(), all_numbers[w, 1, :g].numpy())
+        check_feasible(merged, r.double().cpu().numpy(), head=h if batched else None)
 
 
 class DenseShard:

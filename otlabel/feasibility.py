@@ -133,6 +133,18 @@ class MaskPatterns:
             if not self._insert(key, weight, count):
                 return
 
+    def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The masked groups as sent between ranks: packed patterns (G, ceil(K / 8)) uint8, weights, counts."""
+        width = (self.num_clusters + 7) // 8
+        packed = np.frombuffer(b"".join(self._packed), dtype=np.uint8).reshape(len(self._packed), width)
+        return packed, np.array(self._weights, dtype=np.float64), np.array(self._counts, dtype=np.float64)
+
+    def add_packed(self, packed: np.ndarray, weights: np.ndarray, counts: np.ndarray) -> None:
+        """Add groups in the form :meth:`packed` gives them (another rank's)."""
+        for row, weight, count in zip(packed, weights.tolist(), counts.tolist(), strict=True):
+            if self.too_large or not self._insert(np.ascontiguousarray(row).tobytes(), weight, int(count)):
+                return
+
     def patterns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The masked groups as arrays: allowed (G, K) bool, weights (G,) float64, counts (G,) int64."""
         k = self.num_clusters
@@ -193,56 +205,67 @@ DEVICE_BLOCK_ELEMENTS = 2**24  # scores per block of the on-device sums (a float
 def check_dense_mask(scores, sample_weights, cluster_weights, batched: bool, what: str = "scores") -> None:
     """Hall's condition for in-memory scores (H, N, K) on any device, without moving the mask unless it must.
 
-    The hot-pair test of the module docstring runs on the device over the whole mask (:func:`_hot_samples`); most
-    masks end there. Otherwise only the samples with a hot pair are collected into :class:`MaskPatterns` (the others
-    count as allowed everywhere: every violation is made of hot pairs, and allowing more pairs elsewhere creates
-    none) and :func:`check_feasible` decides.
+    The hot-pair test of the module docstring runs on the device over the whole mask (:func:`hot_sums`); most masks
+    end there. Otherwise only the samples with a hot pair are collected into :class:`MaskPatterns` (the others count
+    as allowed everywhere: every violation is made of hot pairs, and allowing more pairs elsewhere creates none) and
+    :func:`check_feasible` decides.
     """
     import torch
 
-    k = scores.shape[-1]
     r = cluster_weights.to(scores.device, torch.float32)
     c = sample_weights.to(scores.device, torch.float32)
     for h in range(scores.shape[0]):
-        hot = _hot_samples(scores[h], c, r)
-        if hot is None:
-            continue
-        patterns = MaskPatterns(k)
-        weights = c.double().cpu().numpy()  # float32 masses: the flow's rounding tolerance covers their sums' error
-        patterns.add_unmasked(float(weights[~hot].sum()), int((~hot).sum()))
-        picked, step = np.flatnonzero(hot), max(1, BLOCK_ELEMENTS // k)
-        for start in range(0, len(picked), step):
-            part = picked[start : start + step]
-            patterns.add(~torch.isneginf(scores[h, torch.from_numpy(part).to(scores.device)]).cpu().numpy(),
-                         weights[part])  # fmt: skip
-            if patterns.too_large:
-                break
+        shut, barred = hot_sums(scores[h], c, r)
+        if float(shut.max() + barred.max()) <= 1 - HOT_MARGIN:
+            continue  # no hot pair: feasible
+        patterns = hot_patterns(scores[h], c, r, shut, barred)
         check_feasible(patterns, cluster_weights.double().cpu().numpy(), what=what, head=h if batched else None)
 
 
-def _hot_samples(scores, c, r) -> np.ndarray | None:
-    """The samples (bool (N,), on the host) with a hot pair in one head's scores (N, K), or ``None`` when there is
-    none (the mask is feasible). ``shut`` and ``barred`` are two matrix-vector products per block of samples, in
-    float32 on the scores' device; a pair within HOT_MARGIN of hot counts as hot."""
+def hot_sums(scores, c, r):
+    """``shut`` (N,) and ``barred`` (K,) of the module docstring for one head's scores (N, K) with sample and cluster
+    masses ``c``, ``r`` (float32 on the scores' device): two matrix-vector products per block of samples, on the
+    device. A pair ``(j, k)``, forbidden, is hot when ``shut[j] + barred[k] > 1`` (within HOT_MARGIN)."""
     import torch
 
     n, k = scores.shape
-    step = max(1, DEVICE_BLOCK_ELEMENTS // k)
-    blocks = [slice(start, start + step) for start in range(0, n, step)]
-    relevant = r > 0
-    shut = torch.empty(n, dtype=torch.float32, device=scores.device)
+    relevant = r > 0  # a -inf for a zero-weight cluster constrains nothing
+    shut = torch.zeros(n, dtype=torch.float32, device=scores.device)
     barred = torch.zeros(k, dtype=torch.float32, device=scores.device)
-    for rows in blocks:
+    for rows in _device_blocks(n, k):
         forbidden = (torch.isneginf(scores[rows]) & relevant).to(torch.float32)
         shut[rows] = forbidden @ r
         barred += c[rows] @ forbidden
-    if float(shut.max() + barred.max()) <= 1 - HOT_MARGIN:
-        return None
+    return shut, barred
+
+
+def hot_patterns(scores, c, r, shut, barred) -> MaskPatterns:
+    """The :class:`MaskPatterns` of the samples of one head's scores (N, K) that have a hot pair (given ``shut`` and
+    ``barred``, see :func:`hot_sums`); every other sample counts as allowed everywhere. Only those samples' mask rows
+    leave the device."""
+    import torch
+
+    n, k = scores.shape
     hot = torch.zeros(n, dtype=torch.bool, device=scores.device)
-    for rows in blocks:
-        forbidden = torch.isneginf(scores[rows]) & relevant
+    for rows in _device_blocks(n, k):
+        forbidden = torch.isneginf(scores[rows]) & (r > 0)
         hot[rows] = (forbidden & (barred[None, :] > 1 - HOT_MARGIN - shut[rows, None])).any(dim=1)
-    return hot.cpu().numpy()
+    hot = hot.cpu().numpy()
+    weights = c.double().cpu().numpy()  # float32 masses: the flow's rounding tolerance covers their sums' error
+    patterns = MaskPatterns(k)
+    patterns.add_unmasked(float(weights[~hot].sum()), int((~hot).sum()))
+    picked, step = np.flatnonzero(hot), max(1, BLOCK_ELEMENTS // k)
+    for start in range(0, len(picked), step):
+        part = picked[start : start + step]
+        patterns.add(~torch.isneginf(scores[torch.from_numpy(part).to(scores.device)]).cpu().numpy(), weights[part])
+        if patterns.too_large:
+            break
+    return patterns
+
+
+def _device_blocks(n: int, k: int) -> list[slice]:
+    step = max(1, DEVICE_BLOCK_ELEMENTS // k)
+    return [slice(start, start + step) for start in range(0, n, step)]
 
 
 def check_masks(patterns: list[MaskPatterns], cluster_weights, batched: bool, what: str = "scores") -> None:

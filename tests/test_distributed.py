@@ -181,6 +181,17 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         nan[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN" if rank == 0 else "rank\\(s\\) \\[0\\] rejected"):
         sinkhorn_assign_sharded(nan, EPS, group=group, timeout=30)
+    # A mask no balanced plan can respect, visible only over all ranks (Hall's condition): only sample 0 (on rank 0)
+    # may go to clusters 0 and 1, which need 2/7 of the mass. Every rank raises the same error; with those clusters'
+    # weights lowered to what sample 0 carries (split in two), every rank solves.
+    full = random_problem(N, K, seed=21)
+    full[1:, :2] = -float("inf")
+    with pytest.raises(ValueError, match=r"infeasible mask: clusters \[0, 1\] need 0.286 of the mass"):
+        sinkhorn_assign_sharded(full[lo:hi], EPS, group=group, timeout=30, tol=None, max_iter=3)
+    weights = torch.full((K,), (1 - 1 / N) / (K - 2), dtype=torch.float64)
+    weights[:2] = 0.5 / N
+    fine = sinkhorn_assign_sharded(full[lo:hi], EPS, group=group, cluster_weights=weights, timeout=30)
+    assert fine.converged
     torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     # A rank that never calls: the others raise after the timeout instead of hanging. (Last: the group is
