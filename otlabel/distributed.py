@@ -147,7 +147,7 @@ class ShardedOperator(ScoreOperator):
         self.local, self.comm = local, comm
         self.n_heads, self.n_samples, self.n_clusters = local.n_heads, local.n_samples, local.n_clusters
         self.device, self.dtype = local.device, local.dtype
-        # The loop hands float64 potentials to operators that use them (the CPU kernel operator): rounding b to
+        # The loop hands float64 potentials to operators that use them (the torch ones): rounding b to
         # float32 every iteration floors the error at ~ulp(b), and at small eps the sharded solve then stalled
         # where the single-process one converged.
         self.takes_float64_potentials = getattr(local, "takes_float64_potentials", False)
@@ -339,24 +339,30 @@ def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool) ->
     some pair is hot do the ranks exchange the mask patterns of their samples with a hot pair, and then each decides
     on the same merged patterns. Every branch depends on gathered values only: all ranks take the same collectives.
     """
-    from .feasibility import HOT_MARGIN, MaskPatterns, check_feasible, hot_patterns, hot_sums
+    from .feasibility import MaskPatterns, check_feasible, hot_patterns, hot_sums
 
     h_count, n, k = scores.shape
-    c, r32 = c_local.to(scores.device, torch.float32), r.to(scores.device, torch.float32)
-    masked = bool((torch.isneginf(scores) & (r32 > 0)).any())
-    sums = [hot_sums(scores[h], c, r32) if masked else None for h in range(h_count)]
-    local = torch.zeros(h_count * (k + 1), dtype=torch.float64)
+    masked = bool((torch.isneginf(scores) & (r.to(scores.device) > 0)).any())
+    sums = [hot_sums(scores[h], c_local, r) if masked else None for h in range(h_count)]
+    local = torch.zeros(1 + h_count * (k + 1), dtype=torch.float64)  # margin, H shut maxima, H x K barred
     if masked:
-        local[:h_count] = torch.stack([shut.max() for shut, _ in sums]).double().cpu()
-        local[h_count:] = torch.cat([barred for _, barred in sums]).double().cpu()
-    gathered = comm.all_gather(local, "mask sums")  # (W, H + H K)
-    shut_max, barred_all = gathered[:, :h_count].amax(dim=0), gathered[:, h_count:].sum(dim=0).view(h_count, k)
+        local[0] = max(margin for _, _, margin in sums)
+        local[1 : 1 + h_count] = torch.stack([shut.max() for shut, _, _ in sums]).double().cpu()
+        local[1 + h_count :] = torch.cat([barred for _, barred, _ in sums]).double().cpu()
+    gathered = comm.all_gather(local, "mask sums")  # (W, 1 + H + H K)
+    margin = float(gathered[:, 0].max())  # the loosest rank's: the same decisions everywhere
+    shut_max = gathered[:, 1 : 1 + h_count].amax(dim=0)
+    barred_all = gathered[:, 1 + h_count :].sum(dim=0).view(h_count, k)
     for h in range(h_count):
-        if float(shut_max[h] + barred_all[h].max()) <= 1 - HOT_MARGIN:
+        if float(shut_max[h] + barred_all[h].max()) <= 1 - margin:
             continue  # no hot pair on any rank
-        barred = barred_all[h].to(scores.device, torch.float32)
-        shut = sums[h][0] if masked else torch.zeros(n, dtype=torch.float32, device=scores.device)
-        mine = hot_patterns(scores[h], c, r32, shut, barred)
+        if masked:
+            shut = sums[h][0]
+            barred = barred_all[h].to(shut.device, shut.dtype)
+        else:  # nothing masked here: no sample of this rank is hot
+            shut = torch.zeros(n, dtype=torch.float64, device=scores.device)
+            barred = torch.full((k,), -math.inf, dtype=torch.float64, device=scores.device)
+        mine = hot_patterns(scores[h], c_local, r, shut, barred, margin)
         packed, weights, counts = mine.packed()
         header = torch.tensor([len(weights), float(mine.too_large), mine.unmasked_weight, mine.unmasked_count],
                               dtype=torch.float64)  # fmt: skip

@@ -217,7 +217,7 @@ def collect_masks(patterns: list[MaskPatterns], scores, sample_weights, cluster_
         if head_patterns.too_large:
             continue
         masked = (torch.isneginf(scores[h]) & relevant).any(dim=1).cpu().numpy()  # (T,)
-        head_patterns.add_unmasked(float(weights[~masked].sum()), int((~masked).sum()))
+        head_patterns.add_unmasked(float(weights[~masked].sum()), int((~masked & (weights > 0)).sum()))
         rows = np.flatnonzero(masked)
         step = max(1, BLOCK_ELEMENTS // scores.shape[-1])
         for start in range(0, len(rows), step):
@@ -228,8 +228,7 @@ def collect_masks(patterns: list[MaskPatterns], scores, sample_weights, cluster_
                 break
 
 
-HOT_MARGIN = 1e-5  # float32 sums on the device: a pair this close to hot counts as hot (the flow then decides exactly)
-DEVICE_BLOCK_ELEMENTS = 2**24  # scores per block of the on-device sums (a float32 copy of the block's mask)
+DEVICE_BLOCK_ELEMENTS = 2**24  # scores per block of the on-device sums (a copy of the block's mask as floats)
 
 
 def check_dense_mask(scores, sample_weights, cluster_weights, batched: bool, what: str = "scores") -> None:
@@ -238,52 +237,54 @@ def check_dense_mask(scores, sample_weights, cluster_weights, batched: bool, wha
     The hot-pair test of the module docstring runs on the device over the whole mask (:func:`hot_sums`); most masks
     end there. Otherwise only the samples with a hot pair are collected into :class:`MaskPatterns` (the others count
     as allowed everywhere: every violation is made of hot pairs, and allowing more pairs elsewhere creates none) and
-    :func:`check_feasible` decides.
+    :func:`check_feasible` decides, on the float64 weights.
     """
-    import torch
-
-    r = cluster_weights.to(scores.device, torch.float32)
-    c = sample_weights.to(scores.device, torch.float32)
     for h in range(scores.shape[0]):
-        shut, barred = hot_sums(scores[h], c, r)
-        if float(shut.max() + barred.max()) <= 1 - HOT_MARGIN:
+        shut, barred, margin = hot_sums(scores[h], sample_weights, cluster_weights)
+        if float(shut.max() + barred.max()) <= 1 - margin:
             continue  # no hot pair: feasible
-        patterns = hot_patterns(scores[h], c, r, shut, barred)
+        patterns = hot_patterns(scores[h], sample_weights, cluster_weights, shut, barred, margin)
         check_feasible(patterns, cluster_weights.double().cpu().numpy(), what=what, head=h if batched else None)
 
 
-def hot_sums(scores, c, r):
-    """``shut`` (N,) and ``barred`` (K,) of the module docstring for one head's scores (N, K) with sample and cluster
-    masses ``c``, ``r`` (float32 on the scores' device): two matrix-vector products per block of samples, on the
-    device. A pair ``(j, k)``, forbidden, is hot when ``shut[j] + barred[k] > 1`` (within HOT_MARGIN)."""
+def hot_sums(scores, sample_weights, cluster_weights):
+    """``shut`` (N,) and ``barred`` (K,) of the module docstring for one head's scores (N, K), and the margin within
+    which a pair counts as hot (a forbidden ``(j, k)`` with ``shut[j] + barred[k] > 1 - margin``): two
+    matrix-vector products per block of samples on the scores' device, in float64 (float32 sums over 4M samples
+    were off by 2e-4 and let an infeasible mask through) or, where the device has no float64 (MPS), in float32 with
+    a margin that covers their error: more pairs hot, never fewer."""
     import torch
 
     n, k = scores.shape
+    dtype = torch.float32 if scores.device.type == "mps" else torch.float64
+    margin = 1e-9 if dtype == torch.float64 else min(0.5, max(1e-5, n * 2.0**-22))
+    c, r = sample_weights.to(scores.device, dtype), cluster_weights.to(scores.device, dtype)
     relevant = r > 0  # a -inf for a zero-weight cluster constrains nothing
-    shut = torch.zeros(n, dtype=torch.float32, device=scores.device)
-    barred = torch.zeros(k, dtype=torch.float32, device=scores.device)
+    shut = torch.zeros(n, dtype=dtype, device=scores.device)
+    barred = torch.zeros(k, dtype=dtype, device=scores.device)
     for rows in _device_blocks(n, k):
-        forbidden = (torch.isneginf(scores[rows]) & relevant).to(torch.float32)
+        forbidden = (torch.isneginf(scores[rows]) & relevant).to(dtype)
         shut[rows] = forbidden @ r
         barred += c[rows] @ forbidden
-    return shut, barred
+    return shut, barred, margin
 
 
-def hot_patterns(scores, c, r, shut, barred) -> MaskPatterns:
-    """The :class:`MaskPatterns` of the samples of one head's scores (N, K) that have a hot pair (given ``shut`` and
-    ``barred``, see :func:`hot_sums`); every other sample counts as allowed everywhere. Only those samples' mask rows
-    leave the device."""
+def hot_patterns(scores, sample_weights, cluster_weights, shut, barred, margin: float) -> MaskPatterns:
+    """The :class:`MaskPatterns` of the samples of one head's scores (N, K) that have a hot pair (given ``shut``,
+    ``barred`` and ``margin`` from :func:`hot_sums`), with their float64 weights; every other sample counts as
+    allowed everywhere. Only those samples' mask rows leave the device."""
     import torch
 
     n, k = scores.shape
+    relevant = cluster_weights.to(scores.device) > 0
     hot = torch.zeros(n, dtype=torch.bool, device=scores.device)
     for rows in _device_blocks(n, k):
-        forbidden = torch.isneginf(scores[rows]) & (r > 0)
-        hot[rows] = (forbidden & (barred[None, :] > 1 - HOT_MARGIN - shut[rows, None])).any(dim=1)
+        forbidden = torch.isneginf(scores[rows]) & relevant
+        hot[rows] = (forbidden & (barred[None, :] > 1 - margin - shut[rows, None])).any(dim=1)
     hot = hot.cpu().numpy()
-    weights = c.double().cpu().numpy()  # float32 masses: the flow's rounding tolerance covers their sums' error
+    weights = sample_weights.double().cpu().numpy()  # exact: float32 weights made feasible problems look infeasible
     patterns = MaskPatterns(k)
-    patterns.add_unmasked(float(weights[~hot].sum()), int((~hot).sum()))
+    patterns.add_unmasked(float(weights[~hot].sum()), int((~hot & (weights > 0)).sum()))
     picked, step = np.flatnonzero(hot), max(1, BLOCK_ELEMENTS // k)
     for start in range(0, len(picked), step):
         part = picked[start : start + step]

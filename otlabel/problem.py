@@ -129,6 +129,16 @@ def check_epsilon(epsilon) -> float:
     return epsilon
 
 
+def check_inverse_epsilon(epsilon: float, dtype: torch.dtype) -> None:
+    """1/eps scales every pass in the compute dtype: an epsilon whose reciprocal overflows float32 (below ~3e-39,
+    possible only when the scores barely differ) is refused there rather than failing inside torch."""
+    if 1.0 / epsilon > torch.finfo(dtype).max:
+        raise ValueError(
+            f"epsilon={epsilon:g} is too small for {arithmetic_name(dtype)} arithmetic: 1/epsilon overflows. Pass "
+            "float64 scores, or an epsilon on the scale of the scores' differences."
+        )
+
+
 def check_scores(scores) -> tuple[torch.Tensor, bool]:
     """Shape and dtype of the score matrix; returns the (H, N, K) view and whether it was batched."""
     scores = as_tensor(scores, "scores")
@@ -419,6 +429,7 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_v
     pass over the score values (NaN, +inf, masks, span): a captured solve makes it in its graph, then judges it."""
     epsilon = check_epsilon(epsilon)
     scores3, batched = check_scores(scores)
+    check_inverse_epsilon(epsilon, compute_dtype_of(scores3))
     _, n, k = scores3.shape
     device = scores3.device
     if cluster_weights is None:

@@ -521,6 +521,8 @@ class StreamingOperator(LogDomainOperator):
         elements = source.rows_per_chunk * source.n_heads * source.n_clusters  # chunks == the source's chunks
         super().__init__(source, epsilon, sample_weights, chunk_elements=elements)
         self.r = cluster_weights.to(self.device)
+        self.c64 = sample_weights.to(self.device, torch.float64)  # the mask check's masses (float32 ones refused
+        # feasible problems: 0.7 rounds to 0.699999988)
         self.labels_out, self.codes_out = labels_out, codes_out
         self.validated = False
 
@@ -553,7 +555,7 @@ class StreamingOperator(LogDomainOperator):
             check_rows(x, self.r, rows.start, inv_eps=1.0, compute_dtype=self.dtype, batched=self.source.batched,
                        from_features=from_features)  # x is S / eps already  # fmt: skip
             if patterns is not None:
-                collect_masks(patterns, x, self.c[rows], self.r)  # for Hall's condition, decided once all are read
+                collect_masks(patterns, x, self.c64[rows], self.r)  # for Hall's condition, decided once all read
             col_max = torch.maximum(col_max, x.amax(dim=1))
             if with_lse:
                 x.add_(self.log_c[rows][None, :, None])

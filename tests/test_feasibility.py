@@ -296,3 +296,36 @@ def test_the_on_device_hot_pair_filter_agrees_with_the_lp():
             assert_names_a_violation(message, allowed, c, r)
         verdicts[feasible] += 1
     assert verdicts[True] > 50 and verdicts[False] > 50, verdicts
+
+
+def test_tight_masks_with_uneven_weights_are_not_refused():
+    """Found in review: the masses went through float32 (0.7 -> 0.699999988), and a plan that exists only exactly
+    (sample 0 must fill cluster 0 alone) was refused on every entry point."""
+    from otlabel import sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+    scores = torch.tensor([[0.0, -np.inf], [0.0, 0.0]])
+    weights = dict(sample_weights=torch.tensor([0.3, 0.7]), cluster_weights=torch.tensor([0.3, 0.7]))
+    for backend in ("torch", "reference"):
+        assert sinkhorn_assign(scores, 0.1, backend=backend, **weights).converged
+    assert sinkhorn_assign_stream(scores.numpy(), 0.1, **weights).converged
+    assert sinkhorn_assign_sharded(scores, 0.1, **weights).converged
+
+
+def test_a_small_violation_among_millions_of_samples_is_found():
+    """Found in review: float32 sums of the hot-pair test were off by ~2e-4 over 4M samples and let a mask
+    infeasible by 8e-5 through (the solve then stalled with advice to raise max_iter); the sums are float64."""
+    from otlabel import sinkhorn_assign
+
+    g = torch.Generator().manual_seed(0)
+    n = 4_000_000
+    c = torch.rand(n, dtype=torch.float64, generator=g) + 0.5
+    c /= c.sum()
+    confined = torch.rand(n, generator=g) < 0.5  # these samples may only go to cluster 0
+    scores = torch.zeros(n, 2)
+    scores[confined, 1] = -np.inf
+    mass = float(c[confined].sum())
+    assert 5e-5 < mass - 0.5 < 2e-4  # infeasible with equal cluster weights, by that much
+    with pytest.raises(ValueError, match=r"infeasible mask"):
+        sinkhorn_assign(scores, 0.05, sample_weights=c, cluster_weights=torch.tensor([0.5, 0.5]), tol=None, max_iter=1)
+    exact = torch.tensor([mass, 1 - mass], dtype=torch.float64)  # exactly feasible
+    sinkhorn_assign(scores, 0.05, sample_weights=c, cluster_weights=exact, tol=None, max_iter=1)

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ..problem import check_inverse_epsilon
 from .base import ScoreOperator
 
 __all__ = ["TritonDenseOperator", "TritonFeaturesOperator", "triton_available"]
@@ -55,6 +56,7 @@ def kernel_inv_eps(epsilon: float) -> float:
     """1/eps for the kernels, which take it as a float32 scalar: refused where that underflows (eps above ~1e38),
     which silently made every score 0 and the codes NaN."""
     inv_eps = 1.0 / float(epsilon)
+    check_inverse_epsilon(epsilon, torch.float32)
     if inv_eps < torch.finfo(torch.float32).tiny:
         raise ValueError(
             f"epsilon={epsilon:g} is too large for the Triton kernels: 1/epsilon underflows in their float32 "
