@@ -350,7 +350,7 @@ def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool) ->
         local[1 : 1 + h_count] = torch.stack([shut.max() for shut, _, _ in sums]).double().cpu()
         local[1 + h_count :] = torch.cat([barred for _, barred, _ in sums]).double().cpu()
     gathered = comm.all_gather(local, "mask sums")  # (W, 1 + H + H K)
-    margin = float(gathered[:, 0].max())  # the loosest rank's: the same decisions everywhere
+    margin = float(gathered[:, 0].sum())  # the ranks' sums add up, and so do their errors; the same everywhere
     shut_max = gathered[:, 1 : 1 + h_count].amax(dim=0)
     barred_all = gathered[:, 1 + h_count :].sum(dim=0).view(h_count, k)
     for h in range(h_count):
@@ -370,6 +370,8 @@ def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool) ->
         if bool(headers[:, 1].any()):
             continue  # too many patterns on some rank: not checked (the solve's warning remains)
         most = int(headers[:, 0].max())
+        if most == 0:
+            continue  # the summed test fired, yet no sample is hot: nothing to exchange (and no empty all-gathers)
         rows = np.zeros((most, packed.shape[1]), dtype=np.uint8)
         rows[: len(packed)] = packed
         numbers = np.zeros((2, most))

@@ -63,11 +63,11 @@ class MaskPatterns:
     dropped, ``too_large`` is set and later rows are ignored; :func:`check_feasible` then skips the check.
     """
 
-    def __init__(self, num_clusters: int, max_edges: int = MAX_PATTERN_EDGES):
+    def __init__(self, num_clusters: int, max_edges: int | None = None):
         if num_clusters < 1:
             raise ValueError(f"num_clusters must be at least 1, got {num_clusters}.")
         self.num_clusters = int(num_clusters)
-        self.max_edges = int(max_edges)
+        self.max_edges = int(MAX_PATTERN_EDGES if max_edges is None else max_edges)  # read now: patchable in tests
         self._too_large = False
         self.unmasked_weight = 0.0  # rows with every cluster allowed: their total weight, and how many
         self.unmasked_count = 0
@@ -214,7 +214,7 @@ def collect_masks(patterns: list[MaskPatterns], scores, sample_weights, cluster_
     weights = sample_weights.double().cpu().numpy()
     relevant = cluster_weights > 0
     for h, head_patterns in enumerate(patterns):
-        if head_patterns.too_large:
+        if head_patterns._too_large:  # not the property: it would group the rows held so far, chunk by chunk
             continue
         masked = (torch.isneginf(scores[h]) & relevant).any(dim=1).cpu().numpy()  # (T,)
         head_patterns.add_unmasked(float(weights[~masked].sum()), int((~masked & (weights > 0)).sum()))
@@ -224,7 +224,7 @@ def collect_masks(patterns: list[MaskPatterns], scores, sample_weights, cluster_
             part = rows[start : start + step]
             index = torch.from_numpy(part).to(scores.device)
             head_patterns.add(~torch.isneginf(scores[h, index]).cpu().numpy(), weights[part])
-            if head_patterns.too_large:
+            if head_patterns._too_large:
                 break
 
 

@@ -2,6 +2,7 @@
 included, pass. Feasibility is decided independently by the plan's LP (HiGHS)."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -329,3 +330,26 @@ def test_a_small_violation_among_millions_of_samples_is_found():
         sinkhorn_assign(scores, 0.05, sample_weights=c, cluster_weights=torch.tensor([0.5, 0.5]), tol=None, max_iter=1)
     exact = torch.tensor([mass, 1 - mass], dtype=torch.float64)  # exactly feasible
     sinkhorn_assign(scores, 0.05, sample_weights=c, cluster_weights=exact, tol=None, max_iter=1)
+
+
+def test_a_streamed_pass_groups_its_masked_rows_in_blocks(monkeypatch):
+    """Found in review: the streamed check read `too_large` (which groups the held rows first) once per chunk, so
+    each chunk of a few rows was grouped on its own (12,457 groupings of ~4 rows at a small memory_budget)."""
+    from otlabel import feasibility, sinkhorn_assign_stream
+
+    groupings = []
+    flush = feasibility.MaskPatterns._flush
+
+    def counted(self):
+        if self._pending:
+            groupings.append(self._pending_rows)
+        flush(self)
+
+    monkeypatch.setattr(feasibility.MaskPatterns, "_flush", counted)
+    scores = np.random.default_rng(0).standard_normal((4000, 64)).astype(np.float32)
+    scores[::2, 5] = -np.inf  # half the rows masked (feasible)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small budget is warned about: chunks of 64 rows, on purpose
+        sinkhorn_assign_stream(scores, 0.1, tol=None, max_iter=1, memory_budget=2**14)
+    rows_per_block = feasibility.BLOCK_ELEMENTS // 64
+    assert sum(groupings) == 2000 and len(groupings) <= 2000 // rows_per_block + 2, groupings[:10]
