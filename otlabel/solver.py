@@ -661,8 +661,9 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> 
     warnings.warn(
         f"{caller} did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after {out.n_iter} iterations "
         f"(epsilon={epsilon:g}). Raise max_iter, raise epsilon, or warm-start with init=<previous result>. If the "
-        "scores carry -inf masks, the masked problem may have no balanced plan at all: check that every group of "
-        "clusters can reach enough samples.",
+        "scores carry -inf masks that were not checked before solving (cuda_graph=True, very many distinct masked "
+        "rows, no SciPy), the masked problem may have no balanced plan at all: check that every group of clusters "
+        "can reach enough samples.",
         ConvergenceWarning,
         stacklevel=3,
     )
