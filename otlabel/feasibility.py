@@ -249,24 +249,31 @@ def check_dense_mask(scores, sample_weights, cluster_weights, batched: bool, wha
 
 def hot_sums(scores, sample_weights, cluster_weights):
     """``shut`` (N,) and ``barred`` (K,) of the module docstring for one head's scores (N, K), and the margin within
-    which a pair counts as hot (a forbidden ``(j, k)`` with ``shut[j] + barred[k] > 1 - margin``): two
-    matrix-vector products per block of samples on the scores' device, in float64 (float32 sums over 4M samples
-    were off by 2e-4 and let an infeasible mask through) or, where the device has no float64 (MPS), in float32 with
-    a margin that covers their error: more pairs hot, never fewer."""
+    which a pair counts as hot (a forbidden ``(j, k)`` with ``shut[j] + barred[k] > 1 - margin``).
+
+    Two float32 matrix-vector products per block of samples on the scores' device (float64 ones took 2-4x as long
+    on a CPU), each block's ``barred`` added into a float64 total (float32 over 4M samples at once was off by 2e-4
+    and let an infeasible mask through). The margin bounds the float32 error: a block of B samples is off by at
+    most B·2^-24 of its mass, a sample's ``shut`` by K·2^-24. Where the device has no float64 (MPS) the total stays
+    float32 and the margin grows with N. A wider margin only makes more pairs hot (more work for the exact flow),
+    never fewer."""
     import torch
 
     n, k = scores.shape
-    dtype = torch.float32 if scores.device.type == "mps" else torch.float64
-    margin = 1e-9 if dtype == torch.float64 else min(0.5, max(1e-5, n * 2.0**-22))
-    c, r = sample_weights.to(scores.device, dtype), cluster_weights.to(scores.device, dtype)
+    blocks = _device_blocks(n, k)
+    exact_total = scores.device.type != "mps"
+    rows_per_sum = (blocks[0].stop - blocks[0].start if exact_total else n) if blocks else 0
+    margin = min(0.5, (rows_per_sum + k + 2) * 2.0**-24)
+    c = sample_weights.to(scores.device, torch.float32)
+    r = cluster_weights.to(scores.device, torch.float32)
     relevant = r > 0  # a -inf for a zero-weight cluster constrains nothing
-    shut = torch.zeros(n, dtype=dtype, device=scores.device)
-    barred = torch.zeros(k, dtype=dtype, device=scores.device)
-    for rows in _device_blocks(n, k):
-        forbidden = (torch.isneginf(scores[rows]) & relevant).to(dtype)
+    shut = torch.zeros(n, dtype=torch.float32, device=scores.device)
+    barred = torch.zeros(k, dtype=torch.float64 if exact_total else torch.float32, device=scores.device)
+    for rows in blocks:
+        forbidden = (torch.isneginf(scores[rows]) & relevant).to(torch.float32)
         shut[rows] = forbidden @ r
-        barred += c[rows] @ forbidden
-    return shut, barred, margin
+        barred += (c[rows] @ forbidden).to(barred.dtype)
+    return shut.to(barred.dtype), barred, margin
 
 
 def hot_patterns(scores, sample_weights, cluster_weights, shut, barred, margin: float) -> MaskPatterns:
