@@ -391,6 +391,7 @@ def _features_merge_masses_kernel(
                               stride_cd, z_scale, True, False, EXACT_ROWS, BLOCK, BLOCK_D, PRECISION, UPCAST,
                               Z_F16)  # fmt: skip
             m, s = _online_lse(m, s, acc_t * scale2 + a2[None, :], 1)
+        # The bias again, loaded anew: held across the loop, the exact fp32 ("ieee") merge spilled 48 bytes, not 24.
         exact = _lse2(m, s) + _load_bias(BIAS2 + h * K, cols, col_mask, HAS_BIAS)  # the bias: constant per cluster
         lse2 = tl.where(untrusted, exact, lse2)
     tl.store(OUT + h * K + cols, lse2 * _LN2, mask=col_mask)

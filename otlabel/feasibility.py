@@ -214,18 +214,25 @@ def collect_masks(patterns: list[MaskPatterns], scores, sample_weights, cluster_
     weights = sample_weights.double().cpu().numpy()
     relevant = cluster_weights > 0
     for h, head_patterns in enumerate(patterns):
-        if head_patterns._too_large:  # not the property: it would group the rows held so far, chunk by chunk
-            continue
         masked = (torch.isneginf(scores[h]) & relevant).any(dim=1).cpu().numpy()  # (T,)
-        head_patterns.add_unmasked(float(weights[~masked].sum()), int((~masked & (weights > 0)).sum()))
-        rows = np.flatnonzero(masked)
-        step = max(1, BLOCK_ELEMENTS // scores.shape[-1])
-        for start in range(0, len(rows), step):
-            part = rows[start : start + step]
-            index = torch.from_numpy(part).to(scores.device)
-            head_patterns.add(~torch.isneginf(scores[h, index]).cpu().numpy(), weights[part])
-            if head_patterns._too_large:
-                break
+        _add_rows(head_patterns, scores[h], masked, weights)
+
+
+def _add_rows(patterns: MaskPatterns, scores, picked: np.ndarray, weights: np.ndarray) -> None:
+    """Add one head's samples (scores (T, K) on any device, float64 ``weights`` (T,)) to ``patterns``: those
+    ``picked`` (bool (T,)) with their mask rows, moved off the device in slices of ~BLOCK_ELEMENTS, the others by
+    their total as allowed everywhere."""
+    import torch
+
+    if patterns._too_large:  # not the property: it would group the rows held so far, chunk by chunk
+        return
+    patterns.add_unmasked(float(weights[~picked].sum()), int((~picked & (weights > 0)).sum()))
+    rows, step = np.flatnonzero(picked), max(1, BLOCK_ELEMENTS // scores.shape[-1])
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        patterns.add(~torch.isneginf(scores[torch.from_numpy(part).to(scores.device)]).cpu().numpy(), weights[part])
+        if patterns._too_large:
+            return
 
 
 DEVICE_BLOCK_ELEMENTS = 2**24  # scores per block of the on-device sums (a copy of the block's mask as floats)
@@ -288,16 +295,9 @@ def hot_patterns(scores, sample_weights, cluster_weights, shut, barred, margin: 
     for rows in _device_blocks(n, k):
         forbidden = torch.isneginf(scores[rows]) & relevant
         hot[rows] = (forbidden & (barred[None, :] > 1 - margin - shut[rows, None])).any(dim=1)
-    hot = hot.cpu().numpy()
-    weights = sample_weights.double().cpu().numpy()  # exact: float32 weights made feasible problems look infeasible
     patterns = MaskPatterns(k)
-    patterns.add_unmasked(float(weights[~hot].sum()), int((~hot & (weights > 0)).sum()))
-    picked, step = np.flatnonzero(hot), max(1, BLOCK_ELEMENTS // k)
-    for start in range(0, len(picked), step):
-        part = picked[start : start + step]
-        patterns.add(~torch.isneginf(scores[torch.from_numpy(part).to(scores.device)]).cpu().numpy(), weights[part])
-        if patterns.too_large:
-            break
+    weights = sample_weights.double().cpu().numpy()  # exact: float32 weights made feasible problems look infeasible
+    _add_rows(patterns, scores, hot.cpu().numpy(), weights)
     return patterns
 
 

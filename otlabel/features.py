@@ -20,7 +20,7 @@ import types
 import torch
 
 from .backends import _triton_usable
-from .problem import FLOAT_DTYPES, MAX_SCORE_SPAN_FP32, as_tensor, check_epsilon, check_weights, span_error
+from .problem import MAX_SCORE_SPAN_FP32, as_tensor, check_epsilon, check_float_dtype, check_weights, span_error
 from .solver import (
     check_init,
     check_solver_options,
@@ -182,8 +182,8 @@ def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=No
     None), the cluster weights (K,) and whether the prototypes carried a head dimension."""
     c, bias_t = as_tensor(prototypes, "prototypes"), None if bias is None else as_tensor(bias, "bias")
     for name, x in (("prototypes", c), ("bias", bias_t)):
-        if x is not None and x.dtype not in FLOAT_DTYPES:  # as the streamed path says: never cast integers silently
-            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}.")
+        if x is not None:
+            check_float_dtype(x, name)
     c = c.to(device=z.device, dtype=z.dtype)
     bias_t = None if bias_t is None else bias_t.to(device=z.device, dtype=torch.float32)
     check_feature_shapes(z.shape, c.shape, None if bias_t is None else bias_t.shape)

@@ -36,10 +36,10 @@ from .feasibility import MaskPatterns, check_masks, collect_masks
 from .features import check_bias, check_feature_shapes
 from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs
 from .problem import (
-    FLOAT_DTYPES,
     TRANSPOSE_FIX,
     _first_index,
     check_epsilon,
+    check_float_dtype,
     check_weights,
     index_in_input,
     masked_sample_error,
@@ -212,19 +212,19 @@ def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor:
                 f"{name} is {x.dtype.name} in non-native byte order ({x.dtype.str}); convert with "
                 f"x.astype(np.{x.dtype.name}) (or save it so: np.save(path, x.astype(np.{x.dtype.name})))."
             )
-        if any(stride < 0 for stride in x.strides) and copy_reversed:
+        if any(stride < 0 for stride in x.strides):
+            if not copy_reversed:
+                raise ValueError(
+                    f"{name} is a NumPy view with a negative stride (such as x[::-1]), which torch cannot share "
+                    "without a copy of the whole array: pass np.ascontiguousarray(x) (that copy), or the array "
+                    "unreversed."
+                )
             x = np.ascontiguousarray(x)
-        elif any(stride < 0 for stride in x.strides):
-            raise ValueError(
-                f"{name} is a NumPy view with a negative stride (such as x[::-1]), which torch cannot share without "
-                "a copy of the whole array: pass np.ascontiguousarray(x) (that copy), or the array unreversed."
-            )
         with warnings.catch_warnings():  # read-only memmap: torch warns the tensor is not writable; we never write
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(x)
     if isinstance(x, torch.Tensor):
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}.")
+        check_float_dtype(x, name)
         return x.detach()  # a target, not differentiated through (see problem.as_tensor)
     raise TypeError(f"{name} must be a .npy path, a numpy array or a torch tensor, got {type(x).__name__}.")
 

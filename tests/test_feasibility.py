@@ -215,18 +215,24 @@ def random_case(rng):
     return allowed, c / c.sum(), r / r.sum()
 
 
-def test_agrees_with_the_lp_on_random_problems():
-    rng = np.random.default_rng(11)
-    verdicts = {True: 0, False: 0}
-    for _ in range(400):
+def decided_cases(rng, count: int, margin: float):
+    """(allowed, c, r, mass, feasible) of up to ``count`` random cases, with the LP's verdict; those within ``margin``
+    below the boundary (the check's rounding tolerance) are skipped."""
+    for _ in range(count):
         case = random_case(rng)
         if case is None:
             continue
         allowed, c, r = case
         mass = lp_max_mass(allowed, c, r)
-        if 1 - 1e-6 <= mass < 1 - 1e-9:
-            continue  # within the rounding margin of the boundary
-        feasible = mass >= 1 - 1e-9
+        if 1 - margin <= mass < 1 - 1e-9:
+            continue
+        yield allowed, c, r, mass, mass >= 1 - 1e-9
+
+
+def test_agrees_with_the_lp_on_random_problems():
+    rng = np.random.default_rng(11)
+    verdicts = {True: 0, False: 0}
+    for allowed, c, r, mass, feasible in decided_cases(rng, 400, margin=1e-6):
         message = raises(patterns_of(allowed, c, chunks=int(rng.integers(1, 4))), r)
         assert (message is None) == feasible, (allowed, c, r, mass, message)
         if message is not None:
@@ -275,14 +281,7 @@ def test_the_on_device_hot_pair_filter_agrees_with_the_lp():
 
     rng = np.random.default_rng(12)
     verdicts = {True: 0, False: 0}
-    for _ in range(300):
-        case = random_case(rng)
-        if case is None:
-            continue
-        allowed, c, r = case
-        mass = lp_max_mass(allowed, c, r)
-        if 1 - 1e-5 <= mass < 1 - 1e-9:
-            continue  # within the float32 and rounding margins of the boundary
+    for allowed, c, r, mass, feasible in decided_cases(rng, 300, margin=1e-5):  # + the float32 sums' margin
         scores = torch.where(torch.from_numpy(allowed), torch.randn(allowed.shape, dtype=torch.float64), -np.inf)
         heads = torch.stack([torch.zeros_like(scores), scores])  # head 0 unmasked, head 1 the case
         try:
@@ -290,7 +289,6 @@ def test_the_on_device_hot_pair_filter_agrees_with_the_lp():
             message = None
         except ValueError as error:
             message = str(error)
-        feasible = mass >= 1 - 1e-9
         assert (message is None) == feasible, (allowed, c, r, mass, message)
         if message is not None:
             assert "(head 1)" in message
