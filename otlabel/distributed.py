@@ -74,6 +74,7 @@ from .streaming import (
     chunk_bytes,
     open_host_array,
     warn_if_chunks_too_small,
+    weighted_clusters,
 )
 
 __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
@@ -398,8 +399,9 @@ class DenseShard:
         self.device, self.dtype_code, self.backend = self.scores.device, DTYPE_CODES[self.scores.dtype], backend
         self.r = check_weights(cluster_weights, self.k, "cluster_weights", "number of clusters K (last dimension)",
                                self.device, scores_shape=(self.n, self.k))  # fmt: skip
-        check_rows(self.scores, self.r, where=f" of rank {rank}'s shard", inv_eps=epsilon and 1.0 / epsilon,
-                   compute_dtype=compute_dtype_of(self.scores), batched=self.batched)  # fmt: skip
+        check_rows(self.scores, weighted_clusters(self.r), where=f" of rank {rank}'s shard",
+                   inv_eps=epsilon and 1.0 / epsilon, compute_dtype=compute_dtype_of(self.scores),
+                   batched=self.batched)  # fmt: skip
         resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective
 
     def problem(self, epsilon, sample_weights) -> Problem:

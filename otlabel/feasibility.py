@@ -205,17 +205,15 @@ class MaskPatterns:
         self._index, self._packed, self._weights, self._counts = {}, [], [], []
 
 
-def collect_masks(patterns: list[MaskPatterns], scores, sample_weights, cluster_weights) -> None:
+def collect_masks(patterns: list[MaskPatterns], scores, masked, sample_weights: np.ndarray) -> None:
     """Add a block of samples to the per-head ``patterns``: ``scores`` (H, T, K) a torch tensor on any device,
-    ``sample_weights`` (T,), ``cluster_weights`` (K,). Only the rows with a -inf score for a cluster of positive
-    weight leave the device (a -inf for a zero-weight cluster constrains nothing), in slices of ~BLOCK_ELEMENTS."""
-    import torch
-
-    weights = sample_weights.double().cpu().numpy()
-    relevant = cluster_weights > 0
+    ``masked`` the (H, T) flags of the rows with a -inf score for a cluster of positive weight (a -inf for a
+    zero-weight cluster constrains nothing; None: no such row), as :func:`otlabel.streaming.check_rows` returns
+    them, and float64 ``sample_weights`` (T,). Only the flagged rows leave the device, in slices of
+    ~BLOCK_ELEMENTS."""
+    picked = np.zeros(scores.shape[:2], dtype=bool) if masked is None else masked.cpu().numpy()
     for h, head_patterns in enumerate(patterns):
-        masked = (torch.isneginf(scores[h]) & relevant).any(dim=1).cpu().numpy()  # (T,)
-        _add_rows(head_patterns, scores[h], masked, weights)
+        _add_rows(head_patterns, scores[h], picked[h], sample_weights)
 
 
 def _add_rows(patterns: MaskPatterns, scores, picked: np.ndarray, weights: np.ndarray) -> None:

@@ -433,29 +433,44 @@ class FeatureSource(ScoreSource):
 # ----------------------------------------------------------------------------------------------- validation
 
 
+def weighted_clusters(cluster_weights: torch.Tensor) -> torch.Tensor | None:
+    """The indices of the clusters of positive weight for :func:`check_rows`, or None when every cluster has weight
+    (found once per solve: on a GPU each such question is a synchronisation)."""
+    weighted = cluster_weights > 0
+    return None if bool(weighted.all()) else torch.nonzero(weighted)[:, 0]
+
+
 def check_rows(
     scores: torch.Tensor,
-    cluster_weights: torch.Tensor,
+    weighted: torch.Tensor | None,
     offset: int = 0,
     where: str = "",
     inv_eps: float | None = None,
     compute_dtype: torch.dtype = torch.float64,
     batched: bool = True,
     from_features: bool = False,
-) -> None:
+) -> torch.Tensor | None:
     """The per-sample checks of :func:`otlabel.problem.check_score_values` on a chunk ``(H, T, K)`` whose first
     sample is sample ``offset``: NaN, +inf, samples with nowhere to go, and (given ``inv_eps``: 1 when the chunk
     is ``S / eps`` already) ``|S| / eps`` beyond what ``compute_dtype`` resolves
-    (:func:`~otlabel.problem.max_score_span`), over the clusters with weight: the others take no part in the solve.
-    (The per-cluster checks need every sample: :func:`check_columns` on the accumulated column maxima.)"""
+    (:func:`~otlabel.problem.max_score_span`), over the clusters with weight (``weighted``, from
+    :func:`weighted_clusters`): the others take no part in the solve. (The per-cluster checks need every sample:
+    :func:`check_columns` on the accumulated column maxima.)
+
+    Returns the (H, T) flags of the samples with a -inf score for a weighted cluster (the rows whose masks Hall's
+    condition must see: :func:`~otlabel.feasibility.collect_masks`), or None when there are none. The verdict and
+    that answer come back from the device in one read: one synchronisation per chunk on a GPU."""
     span_limit = math.inf if not inv_eps else max_score_span(compute_dtype) / inv_eps  # in the chunk's units
-    row_max = scores.amax(dim=2)  # (H, T): a max propagates NaN and +inf, and is -inf only for a masked row
-    has_zero_weights = bool((cluster_weights == 0).any())
-    weighted_row_max = scores[:, :, cluster_weights > 0].amax(dim=2) if has_zero_weights else row_max
-    if not bool((torch.isfinite(weighted_row_max) & (weighted_row_max.abs() <= span_limit)).all()
-                and torch.isfinite(row_max).all()):  # fmt: skip
+    in_weighted = scores if weighted is None else scores.index_select(2, weighted)
+    weighted_row_min, weighted_row_max = torch.aminmax(in_weighted, dim=2)  # (H, T): NaN and +inf propagate
+    row_max = weighted_row_max if weighted is None else scores.amax(dim=2)  # -inf only for a masked row
+    good = (torch.isfinite(weighted_row_max) & (weighted_row_max.abs() <= span_limit)).all()
+    masked = torch.isneginf(weighted_row_min)
+    good, any_masked = torch.stack([good & torch.isfinite(row_max).all(), masked.any()]).tolist()
+    if not good:
         raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
                            from_features)  # fmt: skip
+    return masked if any_masked else None
 
 
 def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
@@ -521,8 +536,10 @@ class StreamingOperator(LogDomainOperator):
         elements = source.rows_per_chunk * source.n_heads * source.n_clusters  # chunks == the source's chunks
         super().__init__(source, epsilon, sample_weights, chunk_elements=elements)
         self.r = cluster_weights.to(self.device)
-        self.c64 = sample_weights.to(self.device, torch.float64)  # the mask check's masses (float32 ones refused
-        # feasible problems: 0.7 rounds to 0.699999988)
+        self.weighted = weighted_clusters(self.r)
+        # the mask check's masses, on the host and in float64 (float32 ones refused feasible problems: 0.7 rounds
+        # to 0.699999988)
+        self.sample_mass = sample_weights.detach().to("cpu", torch.float64).numpy()
         self.labels_out, self.codes_out = labels_out, codes_out
         self.validated = False
 
@@ -552,10 +569,10 @@ class StreamingOperator(LogDomainOperator):
         patterns = None if from_features else [MaskPatterns(self.n_clusters) for _ in range(self.n_heads)]
         for rows in self.chunks(lo, hi):
             x = self.shifted(rows, zeros, out=buffer(rows))  # S / eps, (H, T, K): NaN and inf where S has them
-            check_rows(x, self.r, rows.start, inv_eps=1.0, compute_dtype=self.dtype, batched=self.source.batched,
-                       from_features=from_features)  # x is S / eps already  # fmt: skip
+            masked = check_rows(x, self.weighted, rows.start, inv_eps=1.0, compute_dtype=self.dtype,
+                                batched=self.source.batched, from_features=from_features)  # x is S / eps  # fmt: skip
             if patterns is not None:
-                collect_masks(patterns, x, self.c64[rows], self.r)  # for Hall's condition, decided once all read
+                collect_masks(patterns, x, masked, self.sample_mass[rows])  # for Hall's condition, decided at the end
             col_max = torch.maximum(col_max, x.amax(dim=1))
             if with_lse:
                 x.add_(self.log_c[rows][None, :, None])

@@ -94,6 +94,32 @@ def test_given_weights_are_checked_on_the_host(host_reads):
     assert sum(host_reads.values()) == 2, dict(host_reads)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_streamed_input_checks_read_back_once_per_chunk(host_reads, monkeypatch, masked):
+    """Validating a chunk (NaN/inf, spans, stranded samples, and whether it holds a mask for Hall's condition) is one
+    read, whatever the mask and the zero-weight clusters; the masked rows themselves then move as arrays."""
+    import otlabel.streaming as streaming
+
+    checked = collections.Counter()
+    check_rows = streaming.check_rows
+    monkeypatch.setattr(streaming, "check_rows", lambda *a, **k: checked.update(["chunk"]) or check_rows(*a, **k))
+    scores = random_problem(600, 20, seed=3)
+    if masked:
+        scores[::7, 3] = -torch.inf
+    r = torch.full((20,), 1 / 18, dtype=torch.float64)
+    r[[5, 9]] = 0.0  # clusters without weight: their scores are left out of the row checks
+    reads, chunks = {}, {}
+    for rows in (200, 50):
+        host_reads.clear(), checked.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SmallChunksWarning
+            streaming.sinkhorn_assign_stream(scores, 0.1, max_iter=3, tol=None, cluster_weights=r,
+                                             memory_budget=rows * 20 * 4)  # fmt: skip
+        reads[rows], chunks[rows] = sum(host_reads.values()), checked["chunk"]
+    assert chunks[50] > chunks[200] > 1
+    assert reads[50] - reads[200] == chunks[50] - chunks[200], (reads, chunks, dict(host_reads))
+
+
 OLD_CENTRED = """
 def centred(b, clusters):
     mean = b.sum(dim=-1, keepdim=True) / max(1, int(clusters.count))
