@@ -116,6 +116,24 @@ class Collectives:
         self._wait(lambda: gather(out, send, group=self.group, async_op=True), f"all-gather of the {what}")
         return out.view(self.world, *t.shape).to(t.device)
 
+    def all_gather_or_fail(self, compute, size: int, what: str) -> torch.Tensor:
+        """:meth:`all_gather` of the float64 ``(size,)`` tensor ``compute()`` returns on each rank, ``(W, size)``; if
+        it raises on some rank (out of memory, say), every rank raises: that rank its own error, the others one that
+        names it. Without this the others would wait out ``timeout`` in their next collective."""
+        failed = torch.ones(1, dtype=torch.float64)
+        try:
+            local, failure = torch.cat([failed - 1, compute().to("cpu", torch.float64).reshape(size)]), None
+        except Exception as err:  # any failure (also MemoryError, OSError) is shared
+            local, failure = torch.cat([failed, torch.full((size,), math.nan, dtype=torch.float64)]), err
+        gathered = self.all_gather(local, what)
+        bad = [i for i in range(self.world) if gathered[i, 0] != 0]
+        if failure is not None:
+            raise failure
+        if bad:
+            raise RuntimeError(f"sinkhorn_assign_sharded: rank(s) {bad} failed computing the {what} (see the error "
+                               "on those ranks).")  # fmt: skip
+        return gathered[:, 1:]
+
     def from_first_rank(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """Rank 0's ``t`` on every rank (a broadcast), on ``t``'s device."""
         if not self.active:
@@ -299,24 +317,17 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     else:  # exactly 1 over all ranks, as the cluster weights are (see problem.check_weights)
         c_local = c_local / float(metas[:, 11].sum())
     h, k, r = shard.h, shard.k, shard.r
-    size = 1 + h * k + k + FINGERPRINT_SIZE + (h * k if init is not None else 0)  # the same on every rank
-    try:  # building the operator may still fail on one rank (e.g. out of memory): tell the others, do not leave them
-        problem = shard.problem(epsilon, c_local)
-        operator = shard.operator(epsilon, c_local)
+    size = h * k + k + FINGERPRINT_SIZE + (h * k if init is not None else 0)  # the same on every rank
+    problem = operator = None
+
+    def set_up() -> torch.Tensor:  # building the operator may still fail on one rank (e.g. out of memory)
+        nonlocal problem, operator, init
+        problem, operator = shard.problem(epsilon, c_local), shard.operator(epsilon, c_local)
         init = check_init(init, problem, operator.dtype)
         agreed = [r.double().cpu(), shard.fingerprint] + ([] if init is None else [init.double().flatten().cpu()])
-        local = torch.cat([torch.zeros(1, dtype=torch.float64), shard.column_max().flatten(), *agreed])
-        failure = None
-    except Exception as err:  # as above: every failure is shared
-        failure, local = err, torch.full((size,), math.nan, dtype=torch.float64)
-        local[0] = 1.0
-    shared = comm.all_gather(local, "column maxima and cluster weights")
-    bad = [i for i in range(comm.world) if shared[i, 0] != 0]
-    if bad:
-        if failure is not None:
-            raise failure
-        raise RuntimeError(f"sinkhorn_assign_sharded: rank(s) {bad} failed to set up (see the error on those ranks).")
-    shared = shared[:, 1:]
+        return torch.cat([shard.column_max().flatten(), *agreed])
+
+    shared = comm.all_gather_or_fail(set_up, size, "column maxima and cluster weights")
     if not bool((shared[:, h * k :] == shared[:1, h * k :]).all()):
         raise ValueError(
             "cluster_weights, init, prototypes or bias differ between ranks: every rank must pass the same (K,) "
@@ -325,7 +336,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     col_max = shared[:, : h * k].amax(dim=0).view(h, k).to(shard.device)  # of S (features shards send 0)
     check_columns(col_max / epsilon, r, operator.dtype)
     if shard.mode == DenseShard.mode:  # features shards: -inf only from a bias, whole columns (checked just above)
-        check_sharded_masks(comm, shard.scores, c_local, r, shard.batched)
+        check_sharded_masks(comm, shard.scores, c_local, r, shard.batched, shard.masked)
     sharded = ShardedOperator(operator, comm)
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=callback)
     if warn:
@@ -333,24 +344,28 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     return package_result(problem, sharded, out)
 
 
-def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool) -> None:
+def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool, masked: bool) -> None:
     """Hall's condition over every rank's samples (:mod:`otlabel.feasibility`), raised alike on every rank.
 
     Each rank sums its part of the hot-pair test on its device; the sums travel (H + H K numbers per rank). Only where
     some pair is hot do the ranks exchange the mask patterns of their samples with a hot pair, and then each decides
     on the same merged patterns. Every branch depends on gathered values only: all ranks take the same collectives.
+    ``masked``: whether this rank's scores have a -inf for a cluster of positive weight (:func:`check_rows` says).
     """
-    from .feasibility import MaskPatterns, check_feasible, hot_patterns, hot_sums
+    from .feasibility import hot_sums
 
     h_count, n, k = scores.shape
-    masked = bool((torch.isneginf(scores) & (r.to(scores.device) > 0)).any())
-    sums = [hot_sums(scores[h], c_local, r) if masked else None for h in range(h_count)]
-    local = torch.zeros(1 + h_count * (k + 1), dtype=torch.float64)  # margin, H shut maxima, H x K barred
-    if masked:
-        local[0] = max(margin for _, _, margin in sums)
-        local[1 : 1 + h_count] = torch.stack([shut.max() for shut, _, _ in sums]).double().cpu()
-        local[1 + h_count :] = torch.cat([barred for _, barred, _ in sums]).double().cpu()
-    gathered = comm.all_gather(local, "mask sums")  # (W, 1 + H + H K)
+    sums = []
+
+    def local_sums() -> torch.Tensor:  # margin, H shut maxima, H x K barred
+        if not masked:
+            return torch.zeros(1 + h_count * (k + 1), dtype=torch.float64)
+        sums.extend(hot_sums(scores[h], c_local, r) for h in range(h_count))
+        margin = torch.tensor([max(margin for _, _, margin in sums)], dtype=torch.float64)
+        shut_maxima = torch.stack([shut.max() for shut, _, _ in sums]).double().cpu()
+        return torch.cat([margin, shut_maxima, torch.cat([barred for _, barred, _ in sums]).double().cpu()])
+
+    gathered = comm.all_gather_or_fail(local_sums, 1 + h_count * (k + 1), "mask sums")  # (W, 1 + H + H K)
     margin = float(gathered[:, 0].sum())  # the ranks' sums add up, and so do their errors; the same everywhere
     shut_max = gathered[:, 1 : 1 + h_count].amax(dim=0)
     barred_all = gathered[:, 1 + h_count :].sum(dim=0).view(h_count, k)
@@ -363,28 +378,47 @@ def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool) ->
         else:  # nothing masked here: no sample of this rank is hot
             shut = torch.zeros(n, dtype=torch.float64, device=scores.device)
             barred = torch.full((k,), -math.inf, dtype=torch.float64, device=scores.device)
-        mine = hot_patterns(scores[h], c_local, r, shut, barred, margin)
-        packed, weights, counts = mine.packed()
-        header = torch.tensor([len(weights), float(mine.too_large), mine.unmasked_weight, mine.unmasked_count],
-                              dtype=torch.float64)  # fmt: skip
-        headers = comm.all_gather(header, "mask pattern counts")  # (W, 4)
-        if bool(headers[:, 1].any()):
-            continue  # too many patterns on some rank: not checked (the solve's warning remains)
-        most = int(headers[:, 0].max())
-        if most == 0:
-            continue  # the summed test fired, yet no sample is hot: nothing to exchange (and no empty all-gathers)
-        rows = np.zeros((most, packed.shape[1]), dtype=np.uint8)
-        rows[: len(packed)] = packed
-        numbers = np.zeros((2, most))
-        numbers[:, : len(weights)] = weights, counts
-        all_rows = comm.all_gather(torch.from_numpy(rows), "mask patterns")  # (W, most, ceil(K / 8))
-        all_numbers = comm.all_gather(torch.from_numpy(numbers), "mask pattern weights")  # (W, 2, most)
+        check_sharded_head(comm, scores[h], c_local, r, (shut, barred, margin), head=h if batched else None)
+
+
+def check_sharded_head(comm: Collectives, scores, c_local, r, hot_test, head: int | None) -> None:
+    """One head of :func:`check_sharded_masks` where some pair is hot: the ranks exchange the mask patterns of their
+    hot samples, and each decides on the same merged patterns. ``hot_test``: this rank's (shut, barred, margin)."""
+    from .feasibility import MaskPatterns, check_feasible, hot_patterns
+
+    k = scores.shape[-1]
+    mine = []  # (packed rows, weights, counts) of this rank's hot patterns
+
+    def count_patterns() -> torch.Tensor:
+        patterns = hot_patterns(scores, c_local, r, *hot_test)
+        mine.extend(patterns.packed())
+        return torch.tensor([len(mine[1]), float(patterns.too_large), patterns.unmasked_weight,
+                             patterns.unmasked_count], dtype=torch.float64)  # fmt: skip
+
+    headers = comm.all_gather_or_fail(count_patterns, 4, "mask pattern counts")  # (W, 4)
+    if bool(headers[:, 1].any()):
+        return  # too many patterns on some rank: not checked (the solve's warning remains)
+    most = int(headers[:, 0].max())
+    if most == 0:
+        return  # the summed test fired, yet no sample is hot: nothing to exchange (and no empty all-gathers)
+    packed, weights, counts = mine
+    rows = np.zeros((most, packed.shape[1]), dtype=np.uint8)
+    rows[: len(packed)] = packed
+    numbers = np.zeros((2, most))
+    numbers[:, : len(weights)] = weights, counts
+    all_rows = comm.all_gather(torch.from_numpy(rows), "mask patterns")  # (W, most, ceil(K / 8))
+    all_numbers = comm.all_gather(torch.from_numpy(numbers), "mask pattern weights")  # (W, 2, most)
+
+    def decide() -> torch.Tensor:  # the same merged patterns on every rank, so the same verdict
         merged = MaskPatterns(k)
-        for w in range(comm.world):  # rank order: the same merged patterns on every rank
+        for w in range(comm.world):  # rank order
             g = int(headers[w, 0])
             merged.add_unmasked(float(headers[w, 2]), int(headers[w, 3]))
             merged.add_packed(all_rows[w, :g].numpy(), all_numbers[w, 0, :g].numpy(), all_numbers[w, 1, :g].numpy())
-        check_feasible(merged, r.double().cpu().numpy(), head=h if batched else None)
+        check_feasible(merged, r.double().cpu().numpy(), head=head)
+        return torch.zeros(0, dtype=torch.float64)
+
+    comm.all_gather_or_fail(decide, 0, "mask check")  # one rank failing to decide (out of memory) tells the others
 
 
 class DenseShard:
@@ -399,9 +433,10 @@ class DenseShard:
         self.device, self.dtype_code, self.backend = self.scores.device, DTYPE_CODES[self.scores.dtype], backend
         self.r = check_weights(cluster_weights, self.k, "cluster_weights", "number of clusters K (last dimension)",
                                self.device, scores_shape=(self.n, self.k))  # fmt: skip
-        check_rows(self.scores, weighted_clusters(self.r), where=f" of rank {rank}'s shard",
-                   inv_eps=epsilon and 1.0 / epsilon, compute_dtype=compute_dtype_of(self.scores),
-                   batched=self.batched)  # fmt: skip
+        masked_rows = check_rows(self.scores, weighted_clusters(self.r), where=f" of rank {rank}'s shard",
+                                 inv_eps=epsilon and 1.0 / epsilon, compute_dtype=compute_dtype_of(self.scores),
+                                 batched=self.batched)  # fmt: skip
+        self.masked = masked_rows is not None  # a -inf for a weighted cluster: Hall's condition needs this shard
         resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective
 
     def problem(self, epsilon, sample_weights) -> Problem:

@@ -192,6 +192,23 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     weights[:2] = 0.5 / N
     fine = sinkhorn_assign_sharded(full[lo:hi], EPS, group=group, cluster_weights=weights, timeout=30)
     assert fine.converged
+    # A rank failing inside the mask check (out of memory, say), in its sums or in its verdict: every rank raises at
+    # once, that rank its own error, the others one naming it (they used to wait out the timeout in the solve).
+    from otlabel import feasibility
+
+    for step in ("hot_sums", "check_feasible"):
+        original = getattr(feasibility, step)
+
+        def out_of_memory(*args, step=step, **kwargs):
+            raise MemoryError(f"out of memory in {step} (simulated)")
+
+        setattr(feasibility, step, out_of_memory if rank == 0 else original)
+        try:
+            error, expected = (MemoryError, "simulated") if rank == 0 else (RuntimeError, r"rank\(s\) \[0\] failed")
+            with pytest.raises(error, match=expected):
+                sinkhorn_assign_sharded(full[lo:hi], EPS, group=group, cluster_weights=weights, timeout=30)
+        finally:
+            setattr(feasibility, step, original)
     torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     # A rank that never calls: the others raise after the timeout instead of hanging. (Last: the group is
