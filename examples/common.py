@@ -155,28 +155,56 @@ def scale(x: np.ndarray) -> np.ndarray:
 
 
 def load_data(args: argparse.Namespace) -> Data:
-    """Load digits (default) or the user's arrays and :func:`scale` them; ``--quick`` keeps a 400-sample subset."""
+    """Load digits (default) or the user's arrays and :func:`scale` them; ``--quick`` keeps a 400-sample subset.
+    Arrays that cannot be trained on (wrong shapes, non-numeric or non-finite values, fewer than 2 samples) stop
+    here with an ``error:`` naming the flag, before any training."""
     if args.data_x is None:
+        if args.data_y is not None:
+            raise SystemExit("error: --data-y without --data-x: give the samples too (digits bring their own labels)")
         from sklearn.datasets import load_digits
 
         x, y = load_digits(return_X_y=True)
     else:
-        x = np.load(args.data_x)
-        y = np.load(args.data_y) if args.data_y is not None else None
-        if y is not None and len(y) != len(x):
-            raise ValueError(f"--data-x has {len(x)} samples but --data-y has {len(y)} labels")
-    x = scale(_as_images(x.astype(np.float32))).astype(np.float32)
+        x, y = _load_npy(args.data_x, "--data-x"), None
+        if args.data_y is not None:
+            y = _load_npy(args.data_y, "--data-y")
+            if y.ndim == 2 and y.shape[1] == 1:
+                y = y[:, 0]
+            if y.ndim != 1 or len(y) != len(x):
+                raise SystemExit(f"error: --data-y must have shape ({len(x)},), one label per sample; got {y.shape}")
+        if x.dtype.kind not in "biuf":
+            raise SystemExit(f"error: --data-x must hold numbers; got dtype {x.dtype}")
+        if not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x))[0]
+            where = tuple(bad.tolist())
+            raise SystemExit(f"error: --data-x contains NaN or inf (first at index {where}): drop or impute them")
+    try:
+        x = _as_images(x)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if len(x) < 2:
+        raise SystemExit(f"error: --data-x has {len(x)} sample; training needs 2 or more")
+    if x.ndim == 4 and min(x.shape[2:]) < 2:
+        raise SystemExit(f"error: --data-x images of {x.shape[2]}x{x.shape[3]} pixels: the trunk needs 2x2 or more")
+    x = scale(x.astype(np.float64)).astype(np.float32)  # scaled in float64: large offsets survive (timestamps)
     if args.quick:
         keep = np.random.default_rng(args.seed).permutation(len(x))[:400]
         x, y = x[keep], (y[keep] if y is not None else None)
     if y is not None:
-        y = np.unique(np.asarray(y), return_inverse=True)[1]
+        y = np.unique(np.asarray(y), return_inverse=True)[1].reshape(-1)
     if y is None and not args.k:
         raise SystemExit("error: --data-x without --data-y: give --k, the number of clusters (no classes to count)")
     k = args.k or int(y.max()) + 1
     if k > len(x):
         raise SystemExit(f"error: --k {k} is more clusters than the {len(x)} samples; give --k {len(x)} or fewer")
     return Data(torch.from_numpy(x).contiguous(), y, k)
+
+
+def _load_npy(path, flag: str) -> np.ndarray:
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {flag} {path}: {err}") from None
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = True):
@@ -210,12 +238,14 @@ class Augment:
     def __call__(
         self, x: torch.Tensor, gen: torch.Generator, out_size: int | None = None, zoom: float = 1.0
     ) -> torch.Tensor:
-        if x.dim() == 4:
-            x = self._affine(x, gen, out_size or x.shape[-1], zoom)
+        if x.dim() == 4:  # out_size: the small views' shorter side; the aspect ratio is kept
+            x = self._affine(x, gen, out_size, zoom)
         return x + self.noise * torch.randn(x.shape, generator=gen)
 
-    def _affine(self, x: torch.Tensor, gen: torch.Generator, out_size: int, zoom: float) -> torch.Tensor:
-        n, side = len(x), x.shape[-1]
+    def _affine(self, x: torch.Tensor, gen: torch.Generator, out_size: int | None, zoom: float) -> torch.Tensor:
+        n, (h, w) = len(x), x.shape[-2:]
+        side = min(h, w)
+        out_h, out_w = (h, w) if out_size is None else (round(h * out_size / side), round(w * out_size / side))
 
         def uniform(lo, hi):
             return lo + (hi - lo) * torch.rand(n, generator=gen)
@@ -227,7 +257,7 @@ class Augment:
         tx, ty = uniform(-max_shift, max_shift), uniform(-max_shift, max_shift)
         cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
         theta = torch.stack([torch.stack([cos, -sin + shear, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (N, 2, 3)
-        grid = F.affine_grid(theta, [n, x.shape[1], out_size, out_size], align_corners=False)
+        grid = F.affine_grid(theta, [n, x.shape[1], out_h, out_w], align_corners=False)
         return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
 
 
@@ -290,9 +320,10 @@ def cosine_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, total: int,
 # ------------------------------------------------------------------------------------------------------ metrics
 
 
-def matched_accuracy(y: np.ndarray, labels: np.ndarray) -> tuple[float, str]:
-    """Accuracy after mapping clusters to classes: Hungarian one-to-one when K <= classes, else majority vote."""
-    n_cls, k = int(y.max()) + 1, int(labels.max()) + 1
+def matched_accuracy(y: np.ndarray, labels: np.ndarray, k: int | None = None) -> tuple[float, str]:
+    """Accuracy after mapping clusters to classes: Hungarian one-to-one when K <= classes, else majority vote.
+    ``k``: the number of clusters K (default: the largest label + 1); empty clusters count towards it."""
+    n_cls, k = int(y.max()) + 1, max(k or 0, int(labels.max()) + 1)
     table = np.zeros((k, n_cls), dtype=np.int64)
     np.add.at(table, (labels, y), 1)
     if k <= n_cls:
@@ -311,7 +342,7 @@ def cluster_metrics(labels, y: np.ndarray | None, k: int) -> dict:
     labels = np.asarray(labels, dtype=np.int64)
     out = {"k": k, "balance": balance(labels, k), "used_clusters": int(len(np.unique(labels)))}
     if y is not None:
-        acc, how = matched_accuracy(y, labels)
+        acc, how = matched_accuracy(y, labels, k)
         out.update(
             nmi=float(normalized_mutual_info_score(y, labels)),
             ari=float(adjusted_rand_score(y, labels)),
@@ -367,5 +398,5 @@ def finish(name: str, args: argparse.Namespace, rows: list[dict], state: dict) -
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{name}_results.json").write_text(json.dumps(results, indent=2))
-        torch.save(state, args.out / f"{name}.pt")
+        torch.save({**state, "args": results["args"]}, args.out / f"{name}.pt")  # plain types: torch.load's default
     return results

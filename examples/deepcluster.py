@@ -64,7 +64,9 @@ def reseed_empty(centroids: torch.Tensor, counts: torch.Tensor, gen: torch.Gener
 def assign(x: torch.Tensor, centroids: torch.Tensor, balanced: bool, epsilon: float) -> torch.Tensor:
     """Nearest centroid, or with ``balanced`` the equipartitioned optimal-transport assignment."""
     scores = -0.5 * torch.cdist(x, centroids).square()  # (N, K), higher is better
-    return sinkhorn_assign(scores, epsilon).labels if balanced else scores.argmax(1)
+    if not balanced:
+        return scores.argmax(1)
+    return sinkhorn_assign(scores - scores.amax(1, keepdim=True), epsilon).labels  # a per-sample shift changes nothing
 
 
 def torch_kmeans(

@@ -77,6 +77,7 @@ def self_label(model: SeLaNet, x: torch.Tensor, args, device, init):
     model.eval()
     logits = common.predict(lambda b: model(b).transpose(0, 1), x, device).transpose(0, 1)  # (T, N, K)
     model.train()
+    logits = logits - logits.amax(-1, keepdim=True)  # changes nothing, but keeps logits / epsilon in range at large λ
     res = sinkhorn_assign(
         logits, epsilon=1.0 / args.lam, tol=args.sinkhorn_tol, max_iter=args.sinkhorn_max_iter, init=init, warn=False
     )

@@ -62,7 +62,12 @@ def parse_args(argv=None):
         "--views", type=common.positive_int, default=2, help="large (full-size) augmented views per sample, >= 2"
     )
     p.add_argument("--small-crops", type=common.count, default=0, help="extra small views (multi-crop): predict only")
-    p.add_argument("--small-size", type=common.positive_int, default=6, help="side in pixels of a small view")
+    p.add_argument(
+        "--small-size",
+        type=common.number_type(int, 2, inclusive=True),
+        default=6,
+        help="side in pixels of a small view",
+    )
     p.add_argument("--proj-dim", type=common.positive_int, default=32)
     p.add_argument("--epsilon", type=common.positive_float, default=0.05, help="Sinkhorn entropic regularisation")
     p.add_argument("--sinkhorn-iters", type=common.positive_int, default=3, help="fixed Sinkhorn iterations (tol=None)")

@@ -199,3 +199,73 @@ def test_more_clusters_than_samples_stops_before_training():
     """--k 2000 on 1,797 digits trained a whole run, then failed in the k-means baseline."""
     with pytest.raises(SystemExit, match="--k 2000 is more clusters than the 1797 samples"):
         sela.main(["--no-progress", "--k", "2000"])
+
+
+def test_checkpoint_loads_with_torch_load_defaults(tmp_path):
+    """--out checkpoints held pathlib paths in args: torch.load's default weights_only=True refused them."""
+    sela.main([*QUICK, "--out", str(tmp_path)])
+    assert torch.load(tmp_path / "sela.pt")["args"]["out"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "x, y, says",
+    [
+        (np.array([[0.0, np.nan], [1.0, 2.0], [3.0, 4.0]]), None, "contains NaN or inf"),
+        (np.ones((1, 3)), None, "needs 2 or more"),
+        (np.ones((5, 1, 1)), None, "the trunk needs 2x2"),
+        (np.ones(5), None, "must be (N, D)"),
+        (np.ones((5, 3)), np.zeros((5, 2)), "--data-y must have shape (5,)"),
+        (np.ones((5, 3)), np.zeros(4), "--data-y must have shape (5,)"),
+    ],
+)
+def test_bad_user_arrays_stop_before_training(tmp_path, x, y, says):
+    np.save(tmp_path / "x.npy", x)
+    flags = ["--data-x", str(tmp_path / "x.npy"), "--k", "1"]
+    if y is not None:
+        np.save(tmp_path / "y.npy", y)
+        flags += ["--data-y", str(tmp_path / "y.npy")]
+    with pytest.raises(SystemExit, match=__import__("re").escape(says)):
+        common.load_data(sela.parse_args(flags))
+
+
+def test_column_labels_and_float64_offsets(tmp_path):
+    """(N, 1) labels are read as (N,); float64 columns with a large offset keep their information."""
+    y = np.repeat(np.arange(2), 10)
+    np.save(tmp_path / "x.npy", np.stack([1.7e9 + y + 0.01 * np.arange(20), np.arange(20.0)], 1))
+    np.save(tmp_path / "y.npy", y[:, None])
+    data = common.load_data(sela.parse_args(["--data-x", str(tmp_path / "x.npy"), "--data-y", str(tmp_path / "y.npy")]))
+    assert data.y.shape == (20,) and len(np.unique(data.x[:, 0].numpy())) == 20
+
+
+def test_non_square_images_keep_their_shape():
+    x = torch.rand(4, 1, 6, 10)
+    assert common.Augment()(x, torch.Generator().manual_seed(0)).shape == (4, 1, 6, 10)
+    assert common.Augment()(x, torch.Generator().manual_seed(0), out_size=3, zoom=1.4).shape == (4, 1, 3, 5)
+
+
+def test_matched_accuracy_maps_by_k_not_by_the_largest_label():
+    y = np.repeat(np.arange(3), 4)
+    first = common.matched_accuracy(y, np.array([0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]), k=4)
+    renamed = common.matched_accuracy(y, np.array([0, 0, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3]), k=4)
+    assert first == renamed
+
+
+def test_sela_self_label_shifts_logits_per_sample(monkeypatch):
+    """Trained heads at λ = 200 (`sela.py --lam 200 --epochs 30`) reached |logits| / ε > 3e3 and otlabel refused
+    them mid-training; subtracting each sample's maximum changes no plan and keeps them in range."""
+    seen = {}
+
+    def spy(scores, **kw):
+        seen["scores"] = scores
+        return real(scores, **kw)
+
+    real = sela.sinkhorn_assign
+    monkeypatch.setattr(sela, "sinkhorn_assign", spy)
+    args = sela.parse_args(["--quick", "--lam", "200"])
+    data = common.load_data(args)
+    torch.manual_seed(0)
+    model = sela.SeLaNet(common.make_trunk(data), 128, n_heads=2, k=10)
+    with torch.no_grad():
+        model.heads[0].bias.fill_(50.0)
+    sela.self_label(model, data.x, args, "cpu", init=None)
+    assert torch.equal(seen["scores"].amax(-1), torch.zeros(2, 400))
