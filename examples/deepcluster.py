@@ -1,14 +1,16 @@
 """DeepCluster baseline: deep clustering for unsupervised learning of visual features (Caron et al., 2018).
 
 Every epoch: embed all N un-augmented samples with the current trunk, PCA-whiten and L2-normalise the features,
-cluster them with k-means (faiss when it is importable, else the small torch k-means below), re-initialise the
+cluster them with k-means (the small torch k-means below, or faiss's with ``--faiss``), re-initialise the
 classifier head, then train trunk and head with cross-entropy against the cluster labels, drawing samples
 uniformly over the pseudo-labels (each cluster equally often) to counter k-means' unbalanced clusters.
 
 In k-means, an empty cluster is re-seeded from a randomly chosen non-empty centroid (chosen with probability
 proportional to its size), the two copies pushed slightly apart, as faiss does. ``--balanced`` swaps k-means'
 nearest-centroid assignment for otlabel's balanced one, ``sinkhorn_assign(-‖z − c‖² / 2, epsilon)``, so every
-cluster gets N/K samples: the ablation showing what the equipartition constraint changes.
+cluster gets N/K samples: the ablation showing what the equipartition constraint changes. Both runs use the same
+torch k-means (initialisation, re-seeding, iterations) so that the assignment step is the only difference;
+``--faiss`` (plain runs only) trades that for faiss's speed on large N.
 
     python examples/deepcluster.py              # digits, default settings, prints the results table
     python examples/deepcluster.py --balanced
@@ -16,6 +18,7 @@ cluster gets N/K samples: the ablation showing what the equipartition constraint
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import numpy as np
@@ -39,7 +42,13 @@ def parse_args(argv=None):
     p.add_argument("--kmeans-iters", type=common.positive_int, default=20)
     p.add_argument("--balanced", action="store_true", help="balanced assignment by otlabel instead of k-means'")
     p.add_argument("--ot-epsilon", type=common.positive_float, default=0.05, help="Sinkhorn epsilon of --balanced")
-    return p.parse_args(argv)
+    p.add_argument("--faiss", action="store_true", help="faiss's k-means, not the torch one (not with --balanced)")
+    args = p.parse_args(argv)
+    if args.faiss and args.balanced:
+        p.error("--faiss replaces the whole k-means, so it cannot take --balanced's assignment step: drop one")
+    if args.faiss and importlib.util.find_spec("faiss") is None:
+        p.error("--faiss needs faiss: pip install faiss-cpu (or faiss-gpu)")
+    return args
 
 
 def whiten(features: torch.Tensor, dim: int) -> torch.Tensor:
@@ -85,16 +94,13 @@ def torch_kmeans(
 
 
 def cluster(x: torch.Tensor, k: int, args, gen: torch.Generator) -> torch.Tensor:
-    """k-means labels of the rows of x: faiss when importable (and not --balanced), else torch."""
-    if not args.balanced:
-        try:
-            import faiss
-        except ImportError:
-            faiss = None
-        if faiss is not None:
-            km = faiss.Kmeans(x.shape[1], k, niter=args.kmeans_iters, seed=args.seed)
-            km.train(x.numpy())
-            return torch.from_numpy(km.index.search(x.numpy(), 1)[1][:, 0]).long()
+    """k-means labels of the rows of x: the torch k-means, or faiss's with ``--faiss``."""
+    if args.faiss:
+        import faiss  # parse_args checked that it imports
+
+        km = faiss.Kmeans(x.shape[1], k, niter=args.kmeans_iters, seed=args.seed)
+        km.train(x.numpy())
+        return torch.from_numpy(km.index.search(x.numpy(), 1)[1][:, 0]).long()
     return torch_kmeans(x, k, args.kmeans_iters, gen, args.balanced, args.ot_epsilon)
 
 

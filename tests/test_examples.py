@@ -269,3 +269,12 @@ def test_sela_self_label_shifts_logits_per_sample(monkeypatch):
         model.heads[0].bias.fill_(50.0)
     sela.self_label(model, data.x, args, "cpu", init=None)
     assert torch.equal(seen["scores"].amax(-1), torch.zeros(2, 400))
+
+
+def test_faiss_is_opt_in_and_not_with_balanced(capsys):
+    """Plain and --balanced DeepCluster share the torch k-means unless --faiss is asked for (it used to be taken
+    whenever importable, changing more than the assignment step in the ablation)."""
+    assert not deepcluster.parse_args([]).faiss
+    with pytest.raises(SystemExit) as stop:
+        deepcluster.parse_args(["--faiss", "--balanced"])
+    assert stop.value.code == 2 and "--faiss replaces the whole k-means" in capsys.readouterr().err
