@@ -23,10 +23,10 @@ import warnings
 
 import numpy as np
 
-from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs  # OutputError: exit status 3
+from .outputs import AtomicNpy, OutputError, commit_all, refuse_overwriting_inputs  # OutputError: exit status 3
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_OUTPUT, EXIT_NOT_CONVERGED = 0, 1, 2, 3, 4
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM = 129, 130, 143
 
 DESCRIPTION = """\
 Label N samples with K clusters so that every cluster gets its share (equipartition, or the proportions
@@ -62,7 +62,8 @@ exit status:
        infeasible mask, bad --cluster-weights
   3    an output cannot be written (missing directory, no permission, disk full)
   4    with --strict: the marginal error did not reach --tol within --max-iter iterations
-  130  interrupted (SIGINT);  143  terminated (SIGTERM). No output is left behind.
+  129  hung up (SIGHUP);  130  interrupted (SIGINT);  143  terminated (SIGTERM). No output is left
+       behind, and never new codes beside old labels.
 
 examples:
   otlabel assign logits.npy --epsilon 0.05 --out labels.npy
@@ -96,6 +97,8 @@ def parse_bytes(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256M, 2G, 1000000)")
     value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256M, 2G, 1000000)")
     if value < 1:
         raise argparse.ArgumentTypeError(f"memory budget must be positive, got {text!r}")
     return int(value)
@@ -343,15 +346,19 @@ def cmd_assign(args) -> int:
                 bar.close()
         t_write = time.perf_counter()
         counts = np.stack([np.bincount(row, minlength=k) for row in np.asarray(labels_file.array).reshape(h, n)])
-        for f in outputs[::-1]:  # labels last: when labels exist, so do the codes
-            f.commit()
+        commit_all(outputs[::-1])  # all fsynced, then renamed together (labels last)
         t_write = time.perf_counter() - t_write
     except BaseException:
+        args.committed = bool(outputs) and all(f.published for f in outputs)  # a signal held back by commit_all
         for f in outputs:
             f.discard()
         raise
     if not args.quiet:
-        print_summary(args, what, device, result, counts, weights, n, t_solve, t_write, time.perf_counter() - t_start)
+        try:
+            print_summary(args, what, device, result, counts, weights, n, t_solve, t_write,
+                          time.perf_counter() - t_start)  # fmt: skip
+        except BrokenPipeError:  # stdout's reader is gone (| head): the outputs are written all the same
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     if args.strict and not result.converged:
         return EXIT_NOT_CONVERGED
     return EXIT_OK
@@ -541,13 +548,21 @@ def spherical_kmeans(x, k: int, gen, n_iter: int = 20):
 
 
 def _on_sigterm(signum, frame):
+    if signum == getattr(signal, "SIGHUP", None):  # the terminal closed (an ssh session dropped): clean up too
+        raise Terminated("hung up", EXIT_SIGHUP)
     raise Terminated()
+
+
+def left_behind(args) -> str:
+    return "the outputs were complete and are in place" if getattr(args, "committed", False) else "no output written"
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if hasattr(signal, "SIGTERM") else None
+    caught = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    caught = [sig for sig in caught if signal.getsignal(sig) is not signal.SIG_IGN]  # nohup: stay ignored
+    previous = {sig: signal.signal(sig, _on_sigterm) for sig in caught}
     try:
         return args.func(args)
     except InputError as err:
@@ -560,14 +575,14 @@ def main(argv=None) -> int:
         print(f"otlabel: error: {err}", file=sys.stderr)
         return EXIT_OUTPUT
     except KeyboardInterrupt:
-        print("otlabel: interrupted; no output written", file=sys.stderr)
+        print(f"otlabel: interrupted; {left_behind(args)}", file=sys.stderr)
         return EXIT_SIGINT
-    except Terminated:
-        print("otlabel: terminated; no output written", file=sys.stderr)
-        return EXIT_SIGTERM
+    except Terminated as sig:
+        print(f"otlabel: {sig.args[0] if sig.args else 'terminated'}; {left_behind(args)}", file=sys.stderr)
+        return sig.args[1] if len(sig.args) > 1 else EXIT_SIGTERM
     except Exception as err:  # pragma: no cover - the message is the diagnosis
         print(f"otlabel: internal error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -6,7 +6,9 @@ would destroy them, and crash the memory-mapped read).
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 
 import numpy as np
 
@@ -56,6 +58,8 @@ def reserve_space(path: str) -> None:
 class AtomicNpy:
     """A ``.npy`` memmap written in a temporary file beside ``path``; :meth:`commit` fsyncs and renames it."""
 
+    published = False  # renamed into place
+
     def __init__(self, path: str, dtype, shape: tuple):
         self.path = os.path.abspath(path)
         folder = os.path.dirname(self.path)
@@ -81,16 +85,28 @@ class AtomicNpy:
             raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from None
 
     def commit(self) -> None:
+        commit_all([self])
+
+    def prepare(self) -> None:
+        """Flush and fsync the temporary file (the slow part; an error or a signal here leaves nothing behind)."""
         try:
             self.array.flush()
             del self.array
             with open(self.tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        except OSError as err:
+            self.discard()
+            raise OutputError(f"cannot write {self.path!r}: {err.strerror or err}") from None
+
+    def publish(self) -> None:
+        """Rename the prepared file into place, then fsync the directory (the rename itself durable)."""
+        try:
             os.replace(self.tmp, self.path)
         except OSError as err:
             self.discard()
             raise OutputError(f"cannot write {self.path!r}: {err.strerror or err}") from None
-        try:  # make the rename itself durable
+        self.published = True
+        try:
             dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
@@ -105,3 +121,29 @@ class AtomicNpy:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+
+
+def commit_all(files: list) -> None:
+    """Put several outputs in place together: every file is flushed and fsynced first (an error or a signal there
+    leaves all the previous outputs), then all are renamed with SIGINT/SIGTERM/SIGHUP deferred, so an interrupted
+    run never leaves new codes next to old labels. A signal that came meanwhile is raised again once all are in
+    place. (Deferred by Python handlers, not ``pthread_sigmask``: that masks one thread, and the signal then goes
+    to one of torch's.)"""
+    for f in files:
+        f.prepare()
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    deferrable = threading.current_thread() is threading.main_thread()
+    caught, previous = [], {}
+    if deferrable:
+        for sig in (getattr(signal, name) for name in names if hasattr(signal, name)):
+            handler = signal.getsignal(sig)
+            if handler not in (signal.SIG_IGN, None):
+                previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        for f in files:
+            f.publish()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in caught[:1]:
+            signal.raise_signal(sig)  # now handled as it would have been

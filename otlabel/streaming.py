@@ -31,10 +31,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, split_rows, worker_pool
+from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, exp_, split_rows, worker_pool
 from .feasibility import MaskPatterns, check_masks, collect_masks
 from .features import check_bias, check_feature_shapes
-from .outputs import AtomicNpy, OutputError, refuse_overwriting_inputs
+from .outputs import AtomicNpy, OutputError, commit_all, refuse_overwriting_inputs
 from .problem import (
     TRANSPOSE_FIX,
     _first_index,
@@ -578,7 +578,7 @@ class StreamingOperator(LogDomainOperator):
                 x.add_(self.log_c[rows][None, :, None])
                 top = x.amax(dim=1, keepdim=True)  # (H, 1, K)
                 top = torch.where(torch.isneginf(top), 0.0, top)  # a column with nothing allowed stays -inf below
-                partials.append(top[:, 0] + x.sub_(top).exp_().sum(dim=1).log())  # (H, K)
+                partials.append(top[:, 0] + exp_(x.sub_(top)).sum(dim=1).log())  # (H, K)
         return col_max, partials, patterns
 
     def validate(self) -> None:
@@ -619,7 +619,7 @@ class StreamingOperator(LogDomainOperator):
                 logits = self.shifted(rows, b, out=buffer(rows))  # (H, T, K)
                 labels[:, rows] = logits.argmax(dim=2).cpu()
                 if want_codes:  # softmax in place: no second chunk-sized temporary
-                    logits.sub_(logits.amax(dim=2, keepdim=True)).exp_()
+                    exp_(logits.sub_(logits.amax(dim=2, keepdim=True)))
                     codes[:, rows] = logits.div_(logits.sum(dim=2, keepdim=True)).cpu()
 
         self.map_ranges(write)
@@ -797,8 +797,7 @@ def sinkhorn_assign_stream(
             operator.validate()
         out = run_sinkhorn(operator, r, b0, max_iter, tol, acceleration, callback=callback)
         labels, codes = operator.assign(out.potentials, want_codes=codes is not None)
-        for f in files[::-1]:  # labels last: when the labels file exists, so does the codes file
-            f.commit()
+        commit_all(files[::-1])  # fsynced, then renamed together (labels last)
     except BaseException:
         for f in files:
             f.discard()

@@ -357,3 +357,69 @@ def test_progress_in_a_log_is_lines_not_a_bar(scores_file, tmp_path, capsys, mon
         EXIT_OK, EXIT_NOT_CONVERGED)  # fmt: skip
     err = capsys.readouterr().err
     assert "\r" not in err and re.search(r"sinkhorn: iteration 3, marginal error .* it/s", err), err
+
+
+def test_hangup_cleans_up_like_sigterm(tmp_path):
+    """SIGHUP (the terminal closed, an ssh session dropped) killed the run with its fallocated temporary outputs
+    left in the output directory (4*N*K bytes of codes); it now cleans up and exits 129."""
+    big = tmp_path / "big.npy"
+    np.save(big, random_problem(20000, 50, seed=2).numpy())
+    proc = subprocess.Popen([sys.executable, "-m", "otlabel", "assign", str(big), "--tol", "1e-30", "--max-iter",
+                             "100000", "--out", str(tmp_path / "labels.npy"), "--codes-out", str(tmp_path / "c.npy")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while not glob.glob(str(tmp_path / ".labels.npy.*.tmp")):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGHUP)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 129 and "no output written" in stderr
+    assert sorted(os.listdir(tmp_path)) == ["big.npy"]
+
+
+@pytest.mark.parametrize("at_fsync", [1, 2, 3, 4])
+def test_a_signal_while_committing_leaves_old_or_new_outputs_never_a_mix(at_fsync, scores_file, tmp_path, capsys,
+                                                                         monkeypatch):  # fmt: skip
+    """SIGTERM while the labels were fsynced, after the codes had been renamed into place, left new codes beside
+    the old labels (and said 'no output written'). Both are now fsynced before either is renamed."""
+    out, codes = tmp_path / "labels.npy", tmp_path / "codes.npy"
+    np.save(out, np.zeros(3)), np.save(codes, np.zeros(3))
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == at_fsync:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # a slow disk: the signal arrives mid-commit
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert main(["assign", str(scores_file), "-q", "--out", str(out), "--codes-out", str(codes)]) == EXIT_SIGTERM
+    shapes = np.load(out).shape, np.load(codes).shape
+    assert shapes in [((3,), (3,)), ((N,), (N, K))], shapes
+    written = shapes[0] == (N,)
+    assert ("outputs were complete" if written else "no output written") in capsys.readouterr().err
+    assert not glob.glob(str(tmp_path / ".*.tmp"))
+
+
+def test_memory_budget_overflow_is_a_usage_error(scores_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # float('1e400') is inf: int(inf) raised OverflowError, a traceback
+        main(["assign", str(scores_file), "--memory-budget", "1e400", "--out", str(tmp_path / "y.npy")])
+    assert exc.value.code == 2 and "not a size" in capsys.readouterr().err
+
+
+def test_closed_stdout_after_writing_is_not_an_internal_error(scores_file, tmp_path):
+    """`otlabel assign ... | head -0`: the summary met a closed pipe after the outputs were written: exit 1,
+    'internal error: BrokenPipeError'."""
+    out = tmp_path / "y.npy"
+    proc = subprocess.Popen([sys.executable, "-m", "otlabel", "assign", str(scores_file), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc.stdout.close()  # the reader is gone before the summary
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == EXIT_OK, stderr
+    assert "internal error" not in stderr and np.load(out).shape == (N,)

@@ -343,3 +343,14 @@ def test_small_epsilon_converges_as_in_memory():
     res = sinkhorn_assign_stream(scores.numpy(), 0.002, tol=1e-6, max_iter=3000)
     assert ref.converged and res.converged and res.n_iter < 2 * ref.n_iter
     assert torch.equal(res.labels, ref.labels)
+
+
+def test_fast_exp_matches_exp():
+    """The log-domain passes exponentiate through ``exp_`` (exp2 on the CPU: torch's float32 exp took 7-34 ns per
+    underflowing entry, 0.75 ns otherwise, a 5x slower streamed solve on logits at eps 0.02)."""
+    from otlabel.backends.torch_backend import exp_
+
+    x = torch.cat([-torch.rand(100_000) * 87, torch.tensor([0.0, -88.0, -150.0, float("-inf")])])
+    got, want = exp_(x.clone()), x.double().exp()
+    assert got[-1] == 0 and got[-4] == 1 and bool((got[-3:-1] < 1e-37).all())
+    assert float(((got[:-4].double() - want[:-4]) / want[:-4]).abs().max()) < 1e-5

@@ -31,6 +31,20 @@ from .base import ScoreOperator
 from .reference import sample_potentials
 
 NEG_INF = float("-inf")
+LOG2_E = 1.4426950408889634
+
+
+def exp_(x: torch.Tensor) -> torch.Tensor:
+    """``x.exp_()``, as ``exp2(x log2 e)`` for float32 on the CPU: torch's float32 ``exp`` there takes a slow path
+    for every entry whose result underflows (below about -87, ``-inf`` included): 7-34 ns per entry instead of
+    0.75 (torch 2.13, AVX-512), and the log-domain passes exponentiate ``S / eps`` less its row maximum, where most
+    entries of a hard plan (logits at a small epsilon) are far below -87. ``exp2`` has no such path (0.5-0.8 ns);
+    its relative error is ~1e-7 near the row maximum, at most ~4e-6 on entries 1e-38 below it."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return x.mul_(LOG2_E).exp2_()
+    return x.exp_()
+
+
 # How far (nats) the cluster potentials may move from the log-domain pass's reference before it is reset: e is then
 # at most e^30 (no float32 overflow), and the entries lost to underflow (below e^-87 before the rescale) weigh at most
 # e^(-87 + 2 * 30) = e^-27 of their row.
@@ -144,7 +158,7 @@ class LogDomainOperator(ScoreOperator):
         buffer = self.work_buffer(lo, hi)
         for rows in self.chunks(lo, hi):
             e = self.shifted(rows, reference, out=buffer(rows))  # (H, T, K)
-            e = e.sub_(e.amax(dim=2, keepdim=True)).exp_().mul_(scaling[:, None, :])  # one exp per entry
+            e = exp_(e.sub_(e.amax(dim=2, keepdim=True))).mul_(scaling[:, None, :])  # one exp per entry
             w = self.c[rows] / e.sum(dim=2)  # (H, T): c_j / sum_k e_jk, i.e. exp(a_j + m_j)
             sums += torch.bmm(w[:, None, :], e)[:, 0]
         return sums
