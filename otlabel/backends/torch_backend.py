@@ -34,15 +34,17 @@ NEG_INF = float("-inf")
 LOG2_E = 1.4426950408889634
 
 
-def exp_(x: torch.Tensor) -> torch.Tensor:
-    """``x.exp_()``, as ``exp2(x log2 e)`` for float32 on the CPU: torch's float32 ``exp`` there takes a slow path
-    for every entry whose result underflows (below about -87, ``-inf`` included): 7-34 ns per entry instead of
-    0.75 (torch 2.13, AVX-512), and the log-domain passes exponentiate ``S / eps`` less its row maximum, where most
-    entries of a hard plan (logits at a small epsilon) are far below -87. ``exp2`` has no such path (0.5-0.8 ns);
-    its relative error is ~1e-7 near the row maximum, at most ~4e-6 on entries 1e-38 below it."""
+def exp_(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x.exp_()`` (or into ``out``; ``x`` is then overwritten), as ``exp2(x log2 e)`` for float32 on the CPU:
+    torch's float32 ``exp`` there takes a slow path for every entry whose result underflows (below about -87,
+    ``-inf`` included): 7-34 ns per entry instead of 0.75 (torch 2.13, AVX-512), and the log-domain passes
+    exponentiate ``S / eps`` less its row maximum, where most entries of a hard plan (logits at a small epsilon) are
+    far below -87. ``exp2`` has no such path (0.5-0.8 ns); its relative error is ~1e-7 near the row maximum, at most
+    ~4e-6 on entries 1e-38 below it."""
     if x.device.type == "cpu" and x.dtype == torch.float32:
-        return x.mul_(LOG2_E).exp2_()
-    return x.exp_()
+        x.mul_(LOG2_E)
+        return x.exp2_() if out is None else torch.exp2(x, out=out)
+    return x.exp_() if out is None else torch.exp(x, out=out)
 
 
 # How far (nats) the cluster potentials may move from the log-domain pass's reference before it is reset: e is then
@@ -307,7 +309,7 @@ class CachedKernelOperator(ScoreOperator):
             for rows in self.exact.chunks(lo, hi):
                 x = self.exact.shifted(rows, b)  # (H, T, K)
                 m = x.amax(dim=2, keepdim=True)  # every row's largest entry becomes exp(0) = 1
-                torch.exp(x.sub_(m), out=self.kernel[:, rows])
+                exp_(x.sub_(m), out=self.kernel[:, rows])
                 self.row_shift[:, rows] = m[:, :, 0]
 
         def fill_compiled(lo, hi):  # the same, in one compiled pass per row: 5-10x faster than the chunked ops
