@@ -425,12 +425,14 @@ class progress_bar:
 
 
 def print_summary(args, what, device, result, counts, weights, n, t_solve, t_write, t_total) -> None:
+    from .solver import describe_error
+
     err = result.marginal_error
     state = (
         f"converged, marginal error {err:.2e} < tol {args.tol:g}"
         if result.converged
         else (
-            f"NOT converged: marginal error {err:.2e} > tol {args.tol:g} after --max-iter {args.max_iter}; raise "
+            f"NOT converged: {describe_error(err, args.tol)} after --max-iter {args.max_iter}; raise "
             "--max-iter or --epsilon"
         )
     )

@@ -654,12 +654,19 @@ class DeferredOperator:
         return getattr(self._operator, name)
 
 
+def describe_error(error: float, tol: float) -> str:
+    """``marginal error 0.0123 > tol 0.001``, or what an error of inf means: none measured yet."""
+    if math.isinf(error):
+        return "no marginal error measured yet (a cold start's first iteration has none; 2 or more measure one)"
+    return f"marginal error {error:.3g} > tol {tol:g}"
+
+
 def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> None:
     """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached."""
     if tol is None or out.converged:
         return
     warnings.warn(
-        f"{caller} did not converge: marginal error {out.errors[-1]:.3g} > tol {tol:g} after {out.n_iter} iterations "
+        f"{caller} did not converge: {describe_error(out.errors[-1], tol)} after {out.n_iter} iterations "
         f"(epsilon={epsilon:g}). Raise max_iter, raise epsilon, or warm-start with init=<previous result>. If the "
         "scores carry -inf masks that were not checked before solving (cuda_graph=True, very many distinct masked "
         "rows, no SciPy), the masked problem may have no balanced plan at all: check that every group of clusters "

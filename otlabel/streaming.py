@@ -202,7 +202,15 @@ def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor:
             x = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
             raise ValueError(unreadable_npy(name, path, err)) from None
+        if isinstance(x, np.lib.npyio.NpzFile):
+            arrays = ", ".join(x.files) or "none"
+            x.close()
+            raise ValueError(f"{name} file {path!r} is an .npz archive (arrays: {arrays}), not a .npy file: save the "
+                             "array to use on its own, np.save('scores.npy', np.load(path)['name']).")  # fmt: skip
     if isinstance(x, np.ndarray):
+        if x.dtype.kind == "V" and x.dtype.itemsize == 2:
+            raise TypeError(f"{name} has dtype {x.dtype}: 2-byte raw values, as NumPy saves bfloat16 (ml_dtypes). "
+                            "Save float16 or float32 instead (x.astype(np.float32)).")  # fmt: skip
         if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
             raise TypeError(
                 f"{name} must be float16, float32 or float64, got dtype {x.dtype}. Convert with x.astype(np.float32)."

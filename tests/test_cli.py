@@ -8,6 +8,7 @@ Each subprocess pays a torch import, so argument-parsing error paths that need n
 from __future__ import annotations
 
 import glob
+import io
 import os
 import re
 import signal
@@ -112,6 +113,12 @@ def test_error_exit_code_in_subprocess(tmp_path):
     assert proc.stdout == "" and not (tmp_path / "y.npy").exists()
 
 
+def npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     "make, extra, code, message",
     [
@@ -134,6 +141,8 @@ def test_error_exit_code_in_subprocess(tmp_path):
             r"got \(4,\)\. 4 is the scores' number of samples N: are the scores transposed\?.*np\.swapaxes",
         ),
         (lambda p: np.save(p, np.zeros((5, 3), np.float32)), ["--over-relaxation", "2.5"], EXIT_INPUT, r"\[1, 2\)"),
+        (lambda p: np.save(p, np.zeros((5, 3), "V2")), [], EXIT_INPUT, "as NumPy saves bfloat16"),
+        (lambda p: p.write_bytes(npz_bytes(logits=np.zeros(3))), [], EXIT_INPUT, r"\.npz archive \(arrays: logits"),
     ],
 )
 def test_input_errors(make, extra, code, message, tmp_path, capsys):
@@ -216,8 +225,10 @@ def test_outputs_may_not_be_inputs(tmp_path, capsys):
 def test_strict_and_not_converged(scores_file, tmp_path, capsys):
     args = ["assign", str(scores_file), "--epsilon", "0.01", "--max-iter", "2", "--out", str(tmp_path / "y.npy")]
     assert main(args) == EXIT_OK
-    assert "NOT converged" in capsys.readouterr().out
+    assert "NOT converged: marginal error" in capsys.readouterr().out
     assert main([*args, "--strict", "-q"]) == EXIT_NOT_CONVERGED
+    assert main([*args[:-3], "1", *args[-2:]]) == EXIT_OK  # one iteration: no error measured, not "error inf"
+    assert "NOT converged: no marginal error measured yet" in capsys.readouterr().out
 
 
 def test_help_reads_like_a_manual(capsys):
