@@ -390,7 +390,8 @@ class progress_bar:
         return super().__new__(cls)
 
     def __init__(self, args):
-        self.tol = args.tol
+        self.tol, self.max_iter = args.tol, args.max_iter
+        self.outputs = "labels and codes" if args.codes_out else "labels"
         self.bar, self.start = None, time.perf_counter()
         self.last_line = self.start
         if not sys.stderr.isatty():
@@ -409,12 +410,15 @@ class progress_bar:
 
     def callback(self, iteration: int, error: float) -> None:
         text = "error n/a (cold start)" if math.isinf(error) else f"marginal error {error:.2e} (tol {self.tol:g})"
+        last = iteration >= self.max_iter or error < self.tol  # the solver stops: one more pass writes the outputs
+        if last:
+            text += f"; writing the {self.outputs}"
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text)
             return
         now = time.perf_counter()
-        if iteration == 1 or now - self.last_line >= self.LOG_EVERY_S:  # the first: the log shows it started
+        if iteration == 1 or last or now - self.last_line >= self.LOG_EVERY_S:  # the log shows start and end
             rate = iteration / (now - self.start)
             print(f"sinkhorn: iteration {iteration}, {text}, {rate:.3g} it/s", file=sys.stderr, flush=True)
             self.last_line = now

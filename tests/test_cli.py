@@ -367,7 +367,14 @@ def test_progress_in_a_log_is_lines_not_a_bar(scores_file, tmp_path, capsys, mon
     assert main(["assign", str(scores_file), "--out", str(tmp_path / "y.npy"), "--max-iter", "3", "--tol", "1e-9"]) in (
         EXIT_OK, EXIT_NOT_CONVERGED)  # fmt: skip
     err = capsys.readouterr().err
-    assert "\r" not in err and re.search(r"sinkhorn: iteration 3, marginal error .* it/s", err), err
+    assert "\r" not in err and re.search(r"sinkhorn: iteration 3, marginal error .*; writing the labels, .* it/s", err)
+    # The last iteration says what the remaining pass does (a long one for codes of many samples), also when the
+    # solve converges before --max-iter and with the default interval between lines.
+    monkeypatch.setattr(cli.progress_bar, "LOG_EVERY_S", 1e9)
+    codes = ["--codes-out", str(tmp_path / "c.npy")]
+    assert main(["assign", str(scores_file), "--out", str(tmp_path / "y.npy"), *codes, "--tol", "1e-2"]) == EXIT_OK
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "; writing the labels and codes, " in lines[-1], lines
 
 
 def test_hangup_cleans_up_like_sigterm(tmp_path):
