@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -93,7 +94,9 @@ def as_tensor(x, name: str) -> torch.Tensor:
             x = x.astype(x.dtype.newbyteorder("="))
         if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]): torch cannot share it, so copy
             x = np.ascontiguousarray(x)
-        return torch.from_numpy(x)
+        with warnings.catch_warnings():  # read-only memmap: torch warns the tensor is not writable; we never write
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(x)
     if isinstance(x, (list, tuple)):
         try:
             array = np.asarray(x)

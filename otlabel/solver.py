@@ -221,9 +221,12 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration
     """
     stages = epsilon_stages(problem, epsilon_scaling)
     b, errors, used = init, [], 0
+    # With tol=None no stage stops early: give each stage an equal share of max_iter (the last one the rest), or the
+    # first, coarsest stage would take every iteration but one.
+    share = max_iter // len(stages) if tol is None else max_iter
     for i, eps in enumerate(stages):
         last = i == len(stages) - 1
-        budget = max_iter - used - (0 if last else 1)
+        budget = max_iter - used if last else min(share, max_iter - used - 1)
         if budget < 1:
             b = None if b is None else b * (eps / stages[i + 1])
             continue

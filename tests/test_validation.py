@@ -374,3 +374,16 @@ def test_float32_offsets_within_the_limit_give_codes_within_tol_and_beyond_it_ar
     assert res.converged and abs(codes_error - res.marginal_error) < 2e-5, (res.marginal_error, codes_error)
     with pytest.raises(ValueError, match="scores / epsilon reach"):
         solve(offset_scores(kind, 1.05 * MAX_SCORE_SPAN_FP32, 0.05))
+
+
+def test_read_only_numpy_scores_give_no_torch_warning(tmp_path):
+    """np.load(path, mmap_mode="r") is read-only: torch's "not writable" UserWarning was shown on every call (the
+    streamed entry point already silenced it; otlabel never writes to the scores)."""
+    import warnings
+
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32))
+    scores = np.load(tmp_path / "s.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = sinkhorn_assign(scores, 0.05)
+    assert res.converged
