@@ -490,6 +490,12 @@ def resolve_acceleration(acceleration, over_relaxation, tol) -> float | str:
                 f"acceleration={acceleration!r}. Pass one or the other."
             )
         return float(over_relaxation)
+    if acceleration == "over-relaxation" and tol is None:
+        raise ValueError(
+            "acceleration='over-relaxation' adapts omega to the errors read at each convergence check, and "
+            "tol=None reads none (it would run plain Sinkhorn). Pass over_relaxation=<omega> for a fixed omega "
+            "(e.g. 1.5), or a tol."
+        )
     if acceleration == "none" or (acceleration == "auto" and tol is None):
         return 1.0
     return ADAPTIVE if acceleration == "over-relaxation" else ANDERSON

@@ -155,7 +155,7 @@ def test_the_cache_keeps_the_most_recent_shapes(recorder, monkeypatch):
     (dict(tol=None, callback=lambda it, err: None), "callback"),
     (dict(tol=None, epsilon_scaling=0.5), "epsilon_scaling"),
     (dict(tol=None, acceleration="anderson"), "Anderson"),
-    (dict(tol=None, acceleration="over-relaxation"), "adaptive"),
+    (dict(tol=None, acceleration="over-relaxation"), "adapts omega"),
     (dict(tol=None, backend="torch"), "triton backend"),
     (dict(tol=None, backend="reference"), "triton backend"),
 ])  # fmt: skip

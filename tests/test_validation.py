@@ -387,3 +387,13 @@ def test_read_only_numpy_scores_give_no_torch_warning(tmp_path):
         warnings.simplefilter("error")
         res = sinkhorn_assign(scores, 0.05)
     assert res.converged
+
+
+def test_adaptive_over_relaxation_needs_a_tolerance():
+    """With tol=None no error is read, so the adaptive omega never moved: it ran plain Sinkhorn without a word."""
+    s = torch.randn(20, 4)
+    with pytest.raises(ValueError, match=r"over_relaxation=<omega> for a fixed omega"):
+        sinkhorn_assign(s, 0.1, max_iter=5, tol=None, acceleration="over-relaxation")
+    fixed = sinkhorn_assign(s, 0.1, max_iter=5, tol=None, over_relaxation=1.5)
+    plain = sinkhorn_assign(s, 0.1, max_iter=5, tol=None, acceleration="none")
+    assert not torch.equal(fixed.cluster_potentials, plain.cluster_potentials)  # a fixed omega does act
