@@ -263,3 +263,15 @@ def test_every_benchmark_script_compiles(script):
     ``global`` declared after its name's first use once stopped stream_features.py on the lent H100)."""
     source = Path(__file__).parents[1] / "benchmarks" / script
     compile(source.read_text(), str(source), "exec")
+
+
+def test_stream_exp_benchmark_runs_and_restores_exp(capsys):
+    """The exp2-vs-exp script on a tiny problem: it compares labels itself, and leaves otlabel's exp_ in place."""
+    import otlabel.backends.torch_backend as torch_backend
+    import otlabel.streaming as streaming
+    from benchmarks import stream_exp
+
+    fast = torch_backend.exp_
+    stream_exp.main(["--n", "3000", "--k", "20"])
+    assert torch_backend.exp_ is fast and streaming.exp_ is fast
+    assert "labels equal" in capsys.readouterr().out
