@@ -245,6 +245,14 @@ def test_help_reads_like_a_manual(capsys):
     assert "(N, K) soft assignments ((H, N, K) for H heads;" in words
 
 
+def default_signals() -> None:
+    """``preexec_fn`` of the children these tests signal: SIGINT and SIGHUP as a terminal gives them. A shell starts
+    background jobs with SIGINT ignored, and ``nohup`` ignores SIGHUP; a child inherits both (and then rightly keeps
+    ignoring them), so the tests would fail wherever the suite itself runs in the background."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, previous", [(signal.SIGKILL, True), (signal.SIGTERM, False)])
 def test_killed_run_leaves_no_partial_output(previous, sig, tmp_path):
     """Kill a run mid-way: the output is absent, or the previous one intact; SIGTERM also removes the temp file."""
@@ -301,7 +309,8 @@ def test_interrupt_while_torch_loads_is_quiet(scores_file, tmp_path):
     traceback: it gets the one line and status 130 of an interrupt at any later point."""
     out = tmp_path / "y.npy"
     proc = subprocess.Popen([sys.executable, "-m", "otlabel", "assign", str(scores_file), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)  # fmt: skip
     try:
         deadline = time.time() + 60
         while "libtorch" not in open(f"/proc/{proc.pid}/maps").read():  # torch's import has begun
@@ -384,7 +393,8 @@ def test_hangup_cleans_up_like_sigterm(tmp_path):
     np.save(big, random_problem(20000, 50, seed=2).numpy())
     proc = subprocess.Popen([sys.executable, "-m", "otlabel", "assign", str(big), "--tol", "1e-30", "--max-iter",
                              "100000", "--out", str(tmp_path / "labels.npy"), "--codes-out", str(tmp_path / "c.npy")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)  # fmt: skip
     try:
         deadline = time.time() + 60
         while not glob.glob(str(tmp_path / ".labels.npy.*.tmp")):
