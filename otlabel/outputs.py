@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import tempfile
 import threading
 
@@ -69,14 +70,20 @@ class AtomicNpy:
             raise OutputError(f"cannot write {path!r}: it is not a regular file (a device, pipe or socket)")
         if not os.path.isdir(folder):
             raise OutputError(f"cannot write {path!r}: directory {folder!r} does not exist")
+        mode = stat.S_IMODE(os.stat(self.path).st_mode) if os.path.exists(self.path) else None
+        if mode is not None and not mode & stat.S_IWUSR:  # the rename would replace it: refuse as a write would
+            raise OutputError(f"cannot write {path!r}: it is read-only (mode {mode:o}); make it writable "
+                              "(chmod u+w) or write elsewhere")  # fmt: skip
         try:
             fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=folder)
             os.close(fd)
         except OSError as err:
             raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets the usual permissions
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(self.tmp, mode)  # mkstemp makes 0600: a replaced output keeps its mode, a new one the usual
         try:
             self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
             reserve_space(self.tmp)

@@ -451,3 +451,18 @@ def test_closed_stdout_after_writing_is_not_an_internal_error(scores_file, tmp_p
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == EXIT_OK, stderr
     assert "internal error" not in stderr and np.load(out).shape == (N,)
+
+
+def test_a_replaced_output_keeps_its_mode_and_a_read_only_one_is_refused(scores_file, tmp_path, capsys):
+    """Outputs are renamed into place: a replaced file took the umask's mode, and a read-only (0444) one was replaced
+    too (the rename needs only the directory). Now it keeps its mode, and a read-only output is an output error."""
+    out = tmp_path / "y.npy"
+    np.save(out, np.arange(3))
+    os.chmod(out, 0o640)
+    assert main(["assign", str(scores_file), "--out", str(out), "-q"]) == EXIT_OK
+    assert (os.stat(out).st_mode & 0o777) == 0o640 and np.load(out).shape != (3,)
+    os.chmod(out, 0o444)
+    before = np.load(out)
+    assert main(["assign", str(scores_file), "--out", str(out), "-q"]) == EXIT_OUTPUT
+    assert "is read-only (mode 444)" in capsys.readouterr().err
+    assert np.array_equal(np.load(out), before) and not glob.glob(str(tmp_path / ".y.npy.*")), os.listdir(tmp_path)
