@@ -88,7 +88,8 @@ class InputError(Exception):
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised so that cleanup (temporary files) runs."""
+    """SIGTERM or SIGHUP, raised so that cleanup (temporary files) runs: ``args`` are what happened and the exit
+    status."""
 
 
 def parse_bytes(text: str) -> int:
@@ -556,7 +557,7 @@ def spherical_kmeans(x, k: int, gen, n_iter: int = 20):
 def _on_sigterm(signum, frame):
     if signum == getattr(signal, "SIGHUP", None):  # the terminal closed (an ssh session dropped): clean up too
         raise Terminated("hung up", EXIT_SIGHUP)
-    raise Terminated()
+    raise Terminated("terminated", EXIT_SIGTERM)
 
 
 def left_behind(args) -> str:
@@ -584,8 +585,9 @@ def main(argv=None) -> int:
         print(f"otlabel: interrupted; {left_behind(args)}", file=sys.stderr)
         return EXIT_SIGINT
     except Terminated as sig:
-        print(f"otlabel: {sig.args[0] if sig.args else 'terminated'}; {left_behind(args)}", file=sys.stderr)
-        return sig.args[1] if len(sig.args) > 1 else EXIT_SIGTERM
+        what, status = sig.args
+        print(f"otlabel: {what}; {left_behind(args)}", file=sys.stderr)
+        return status
     except Exception as err:  # pragma: no cover - the message is the diagnosis
         print(f"otlabel: internal error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -57,7 +57,7 @@ def reserve_space(path: str) -> None:
 
 
 class AtomicNpy:
-    """A ``.npy`` memmap written in a temporary file beside ``path``; :meth:`commit` fsyncs and renames it."""
+    """A ``.npy`` memmap written in a temporary file beside ``path``; :func:`commit_all` fsyncs and renames it."""
 
     published = False  # renamed into place
 
@@ -90,9 +90,6 @@ class AtomicNpy:
         except OSError as err:
             self.discard()
             raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from None
-
-    def commit(self) -> None:
-        commit_all([self])
 
     def prepare(self) -> None:
         """Flush and fsync the temporary file (the slow part; an error or a signal here leaves nothing behind)."""

@@ -81,6 +81,14 @@ class Problem:
         return tuple(self.scores.shape)
 
 
+def share_numpy(x: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` without its warning for read-only arrays (memmaps opened "r"): otlabel never writes to
+    its inputs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(x)
+
+
 def as_tensor(x, name: str) -> torch.Tensor:
     """Accept a torch tensor, a NumPy array (no copy) or a (nested) list of numbers; reject anything else clearly.
 
@@ -97,9 +105,7 @@ def as_tensor(x, name: str) -> torch.Tensor:
             x = x.astype(x.dtype.newbyteorder("="))
         if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]): torch cannot share it, so copy
             x = np.ascontiguousarray(x)
-        with warnings.catch_warnings():  # read-only memmap: torch warns the tensor is not writable; we never write
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(x)
+        return share_numpy(x)
     if isinstance(x, (list, tuple)):
         try:
             array = np.asarray(x)

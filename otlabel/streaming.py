@@ -45,6 +45,7 @@ from .problem import (
     masked_sample_error,
     max_score_span,
     raise_for_starved_clusters,
+    share_numpy,
     span_error,
     stranded_sample_error,
 )
@@ -228,9 +229,7 @@ def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor:
                     "unreversed."
                 )
             x = np.ascontiguousarray(x)
-        with warnings.catch_warnings():  # read-only memmap: torch warns the tensor is not writable; we never write
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(x)
+        return share_numpy(x)
     if isinstance(x, torch.Tensor):
         check_float_dtype(x, name)
         return x.detach()  # a target, not differentiated through (see problem.as_tensor)

@@ -253,53 +253,54 @@ def default_signals() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("sig, previous", [(signal.SIGKILL, True), (signal.SIGTERM, False)])
-def test_killed_run_leaves_no_partial_output(previous, sig, tmp_path):
-    """Kill a run mid-way: the output is absent, or the previous one intact; SIGTERM also removes the temp file."""
-    big = tmp_path / "big.npy"
-    scores = random_problem(20000, 50, seed=2).numpy()
-    # tol 1e-30 is below the float32 floor of the marginal error: it never converges, and runs until killed
-    np.save(big, scores)
-    out = tmp_path / "labels.npy"
-    old = np.arange(7)
-    if previous:
-        np.save(out, old)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "otlabel",
-            "assign",
-            str(big),
-            "--tol",
-            "1e-30",
-            "--max-iter",
-            "100000",
-            "--out",
-            str(out),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def signal_midway(args: list, started, sig, poll_s: float = 0.05, settle_s: float = 0.0) -> tuple[int, str]:
+    """Run ``otlabel *args``, send ``sig`` once ``started(proc)`` holds (within 60 s) and ``settle_s`` later; return
+    the exit status and stderr. The child gets SIGINT and SIGHUP as a terminal gives them (:func:`default_signals`)."""
+    proc = subprocess.Popen([sys.executable, "-m", "otlabel", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)  # fmt: skip
     try:
         deadline = time.time() + 60
-        while not glob.glob(str(tmp_path / ".labels.npy.*.tmp")):  # the run has created its temporary output
+        while not started(proc):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.05)
-        time.sleep(0.5)  # mid-solve
+            time.sleep(poll_s)
+        time.sleep(settle_s)
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
+    return proc.returncode, stderr
+
+
+def endless_run(tmp_path, out, *extra) -> list:
+    """``assign`` arguments for a run that never converges (tol 1e-30 is below the float32 floor of the marginal
+    error): it runs until signalled."""
+    big = tmp_path / "big.npy"
+    np.save(big, random_problem(20000, 50, seed=2).numpy())
+    return ["assign", str(big), "--tol", "1e-30", "--max-iter", "100000", "--out", str(out), *extra]
+
+
+def temporary_output_exists(tmp_path):
+    """``started`` for :func:`signal_midway`: the run has created its temporary labels file."""
+    return lambda proc: bool(glob.glob(str(tmp_path / ".labels.npy.*.tmp")))
+
+
+@pytest.mark.parametrize("sig, previous", [(signal.SIGKILL, True), (signal.SIGTERM, False)])
+def test_killed_run_leaves_no_partial_output(previous, sig, tmp_path):
+    """Kill a run mid-way: the output is absent, or the previous one intact; SIGTERM also removes the temp file."""
+    out = tmp_path / "labels.npy"
+    args = endless_run(tmp_path, out)
+    old = np.arange(7)
+    if previous:
+        np.save(out, old)
+    returncode, stderr = signal_midway(args, temporary_output_exists(tmp_path), sig, settle_s=0.5)  # mid-solve
+    assert returncode != 0
     if previous:
         assert np.array_equal(np.load(out), old), "the previous output was modified"
     else:
         assert not out.exists(), "a killed run left an output file"
     if sig == signal.SIGTERM:
-        assert proc.returncode == EXIT_SIGTERM and "terminated; no output written" in stderr
+        assert returncode == EXIT_SIGTERM and "terminated; no output written" in stderr
         assert not glob.glob(str(tmp_path / ".labels.npy.*.tmp")), "SIGTERM left the temporary file"
 
 
@@ -308,20 +309,13 @@ def test_interrupt_while_torch_loads_is_quiet(scores_file, tmp_path):
     """Ctrl-C while the command imports torch (its first second or more) printed a 30-line KeyboardInterrupt
     traceback: it gets the one line and status 130 of an interrupt at any later point."""
     out = tmp_path / "y.npy"
-    proc = subprocess.Popen([sys.executable, "-m", "otlabel", "assign", str(scores_file), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_signals)  # fmt: skip
-    try:
-        deadline = time.time() + 60
-        while "libtorch" not in open(f"/proc/{proc.pid}/maps").read():  # torch's import has begun
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr
+
+    def importing_torch(proc) -> bool:
+        return "libtorch" in open(f"/proc/{proc.pid}/maps").read()
+
+    returncode, stderr = signal_midway(["assign", str(scores_file), "--out", str(out)], importing_torch,
+                                       signal.SIGINT, poll_s=0.002)  # fmt: skip
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr and "otlabel: interrupted; no output written" in stderr
     assert not out.exists()
 
@@ -389,24 +383,9 @@ def test_progress_in_a_log_is_lines_not_a_bar(scores_file, tmp_path, capsys, mon
 def test_hangup_cleans_up_like_sigterm(tmp_path):
     """SIGHUP (the terminal closed, an ssh session dropped) killed the run with its fallocated temporary outputs
     left in the output directory (4*N*K bytes of codes); it now cleans up and exits 129."""
-    big = tmp_path / "big.npy"
-    np.save(big, random_problem(20000, 50, seed=2).numpy())
-    proc = subprocess.Popen([sys.executable, "-m", "otlabel", "assign", str(big), "--tol", "1e-30", "--max-iter",
-                             "100000", "--out", str(tmp_path / "labels.npy"), "--codes-out", str(tmp_path / "c.npy")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_signals)  # fmt: skip
-    try:
-        deadline = time.time() + 60
-        while not glob.glob(str(tmp_path / ".labels.npy.*.tmp")):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.05)
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGHUP)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 129 and "no output written" in stderr
+    args = endless_run(tmp_path, tmp_path / "labels.npy", "--codes-out", str(tmp_path / "c.npy"))
+    returncode, stderr = signal_midway(args, temporary_output_exists(tmp_path), signal.SIGHUP, settle_s=0.5)
+    assert returncode == 129 and "no output written" in stderr
     assert sorted(os.listdir(tmp_path)) == ["big.npy"]
 
 
