@@ -25,9 +25,12 @@ class SinkhornResult:
             next call on similar scores. Zero-weight clusters hold ``-inf``.
         n_iter: iterations run (one pass over the scores each).
         converged: whether the cluster-marginal error went below ``tol``.
-        marginal_error: L1 error ``sum_k |sum_j P[j, k] - r_k|`` of the returned plan when converged; with a
-            fixed iteration count (``tol=None``), the error measured during the last iteration, before its
-            update. The sample marginal is exact by construction.
+        marginal_error: L1 error ``sum_k |sum_j P[j, k] - r_k|`` of the returned plan when converged. Otherwise
+            the error measured at the iterate the returned plan is one step from: the last one with plain or
+            over-relaxed steps (with a fixed iteration count, ``tol=None``, SwAV's iterates), and with Anderson
+            mixing the best one measured, the returned plan being the plain step from it (a last mixed step is
+            never measured, and could be worse). A plain step did not raise the error in any solve we tested.
+            The sample marginal is exact by construction.
         errors: that error at every iteration (``inf`` for the cold-start iteration, which has no plan yet).
         epsilon: the temperature used.
 
