@@ -257,19 +257,27 @@ def sinkhorn_assign_sharded(
             UserWarning,
             stacklevel=2,
         )
+    if group is not None and group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+        raise ValueError(f"group: rank {dist.get_rank()} is not a member of this process group (torch.distributed"
+                         ".new_group returns a placeholder on the ranks it leaves out); call sinkhorn_assign_sharded "
+                         "only on the group's ranks.")  # fmt: skip
     if group is not None and not isinstance(group, getattr(dist, "ProcessGroup", ())):
         raise TypeError(f"group must be a torch.distributed process group (dist.group.WORLD) or None, got {group!r}.")
-    if not is_number(timeout) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    if local_scores is not None:
-        if scores is not None:
-            raise ValueError("give scores= only: local_scores= is its former name.")
+    if local_scores is not None and scores is None:
         warnings.warn("sinkhorn_assign_sharded(local_scores=...) is now scores=... (as in sinkhorn_assign); the old "
                       "name will be removed.", DeprecationWarning, stacklevel=2)  # fmt: skip
-        scores = local_scores
-    comm = Collectives(group, timeout, data=scores if scores is not None else features)
+        scores, local_scores = local_scores, None
+    # A bad timeout (or scores given twice) on one rank is shared like any other bad input: raising here, before the
+    # first collective, left the other ranks waiting out their timeout. This rank waits DEFAULT_TIMEOUT meanwhile.
+    timeout_ok = valid_timeout(timeout)
+    comm = Collectives(group, timeout if timeout_ok else DEFAULT_TIMEOUT,
+                       data=scores if scores is not None else features)  # fmt: skip
     failure, meta, shard, c_local = None, None, None, None
     try:  # local checks: a failure is shared with the other ranks below, not raised before they hear of it
+        if not timeout_ok:
+            raise ValueError(f"timeout must be a positive number of seconds (a finite one), got {timeout!r}.")
+        if local_scores is not None:
+            raise ValueError("give scores= only: local_scores= is its former name.")
         epsilon = check_epsilon(epsilon)
         acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
         no_epsilon_scaling(epsilon_scaling, "in a sharded solve")
@@ -530,6 +538,17 @@ def inputs_fingerprint(prototypes, bias, h: int, k: int) -> torch.Tensor:
     raw = digest.digest()
     return torch.tensor([float(int.from_bytes(raw[6 * i : 6 * i + 6], "little")) for i in range(FINGERPRINT_SIZE)],
                         dtype=torch.float64)  # fmt: skip
+
+
+def valid_timeout(timeout) -> bool:
+    """A number of seconds that a collective's wait accepts: positive, finite, within what ``timedelta`` holds."""
+    if not is_number(timeout) or not timeout > 0:
+        return False
+    try:
+        timedelta(seconds=timeout)
+    except OverflowError:  # inf, or beyond ~2.7 million years
+        return False
+    return True
 
 
 def open_shard(scores, features, prototypes, bias, cluster_weights, backend, comm, *, allow_tf32, memory_budget,

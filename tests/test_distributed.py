@@ -309,6 +309,36 @@ def test_sharded_cpu_solve_keeps_float64_potentials():
     assert torch.equal(res.cluster_potentials, ref.cluster_potentials)
 
 
+def _one_bad_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Arguments refused on one rank only, each raised on every rank at once (a regression waits out timeout=10)."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    group, bad = dist.group.WORLD, rank == world - 1
+    scores = random_problem(4, K, seed=rank)
+    others = "rank\\(s\\) \\[1\\] rejected their input"
+    # Checked before the first collective, these raised on the bad rank alone and left the others waiting.
+    with pytest.raises(ValueError, match="timeout must be a positive number" if bad else others):
+        sinkhorn_assign_sharded(scores, EPS, group=group, timeout=-1 if bad else 10)
+    with pytest.raises(ValueError, match="give scores= only" if bad else others):
+        sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, local_scores=scores if bad else None)
+    # A rank left out of a subgroup is told so (new_group gives it a placeholder, not a group).
+    subgroup = dist.new_group([0])
+    if bad:
+        with pytest.raises(ValueError, match="rank 1 is not a member of this process group"):
+            sinkhorn_assign_sharded(scores, EPS, group=subgroup, timeout=10)
+    dist.barrier()
+    with open(os.path.join(out_dir, f"done{rank}"), "w"):
+        pass
+    dist.destroy_process_group()
+
+
+def test_arguments_refused_on_one_rank_fail_every_rank(tmp_path):
+    mp.spawn(_one_bad_rank_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    assert all((tmp_path / f"done{r}").exists() for r in range(2))
+
+
 def test_local_errors_without_group():
     with pytest.raises(ValueError, match="sample_weights must have shape"):
         sinkhorn_assign_sharded(torch.randn(5, 3), EPS, sample_weights=torch.ones(4) / 4)
@@ -370,6 +400,7 @@ def test_nccl_collectives_use_the_data_gpu_not_the_current_one():
     (dict(group="world"), TypeError, "process group"),
     (dict(timeout=-1), ValueError, "timeout must be a positive number"),
     (dict(timeout="x"), ValueError, "timeout must be a positive number"),
+    (dict(timeout=float("inf")), ValueError, "timeout must be a positive number"),  # timedelta overflowed
 ])  # fmt: skip
 def test_group_and_timeout_are_checked(kwargs, error, words):
     with pytest.raises(error, match=words):
