@@ -588,9 +588,14 @@ ACCELERATION_CODES = {ADAPTIVE: -1.0, ANDERSON: -2.0}  # a fixed omega travels a
 DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in DTYPE_CODES.items()}
 
 
-def _named(table: dict, other: str = "{:g}"):
-    """How a metadata value reads in an error: its name from ``table``, else formatted by ``other``."""
-    return lambda value: table.get(value, other.format(value))
+def _number(value: float) -> str:
+    """A number in full: a float32 epsilon (0.10000000149011612) and 0.1 differ, and must not both read ``0.1``."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _named(table: dict, other: str = "{}"):
+    """How a metadata value reads in an error: its name from ``table``, else :func:`_number` formatted by ``other``."""
+    return lambda value: table.get(value, other.format(_number(value)))
 
 
 _YES_NO = _named({0.0: "no", 1.0: "yes"})
@@ -605,7 +610,7 @@ AGREEMENT = [  # (column of the metadata, what it is, whether ranks must agree, 
     (7, "max_iter", True, _named({})),
     (8, "acceleration (or over_relaxation)", True,
      _named({1.0: "plain steps", **{code: repr(name) for name, code in ACCELERATION_CODES.items()}},
-            "over_relaxation={:g}")),
+            "over_relaxation={}")),
     (9, "whether sample_weights are given", True, _YES_NO),
     (11, "whether init is given", True, _YES_NO),
     (12, "the input (scores, or features with prototypes)", True, _named({0.0: "scores", 1.0: "features"})),

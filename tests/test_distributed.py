@@ -323,6 +323,10 @@ def _one_bad_rank_worker(rank: int, world: int, init_file: str, out_dir: str) ->
         sinkhorn_assign_sharded(scores, EPS, group=group, timeout=-1 if bad else 10)
     with pytest.raises(ValueError, match="give scores= only" if bad else others):
         sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, local_scores=scores if bad else None)
+    # An epsilon that differs only beyond 6 digits (a float32 tensor's 0.1 against 0.1): the message shows both.
+    epsilon = torch.tensor(EPS) if bad else EPS
+    with pytest.raises(ValueError, match=r"disagree on epsilon \(rank 0: 0.1, rank 1: 0.10000000149011612\)"):
+        sinkhorn_assign_sharded(scores, epsilon, group=group, timeout=10)
     # A rank left out of a subgroup is told so (new_group gives it a placeholder, not a group).
     subgroup = dist.new_group([0])
     if bad:
