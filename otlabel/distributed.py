@@ -331,7 +331,9 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     def set_up() -> torch.Tensor:  # building the operator may still fail on one rank (e.g. out of memory)
         nonlocal problem, operator, init
         problem, operator = shard.problem(epsilon, c_local), shard.operator(epsilon, c_local)
-        init = check_init(init, problem, operator.dtype)
+        # As the single-process entry points: float64 for scores (sinkhorn_assign), the operator's dtype for features
+        # (sinkhorn_assign(features=...) and the stream, where a float64 warm start showed up as marginal error)
+        init = check_init(init, problem, torch.float64 if shard.mode == DenseShard.mode else operator.dtype)
         agreed = [r.double().cpu(), shard.fingerprint] + ([] if init is None else [init.double().flatten().cpu()])
         return torch.cat([shard.column_max().flatten(), *agreed])
 

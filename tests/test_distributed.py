@@ -343,6 +343,19 @@ def test_arguments_refused_on_one_rank_fail_every_rank(tmp_path):
     assert all((tmp_path / f"done{r}").exists() for r in range(2))
 
 
+def test_sharded_warm_start_is_not_rounded_to_float32():
+    """init= reaches the loop in float64, as in sinkhorn_assign: on float32 scores it was rounded to float32 first
+    (|b| ~ 5: 2e-7), so a warm-started solve of one rank differed from the single-process one (13 iterations
+    against 14 in one case), where every cold-started solve agrees bitwise."""
+    scores = random_problem(57, 6, seed=12)
+    init = sinkhorn_assign(scores, 0.05, tol=1e-4).cluster_potentials + 1e-3 * torch.arange(6)  # not float32-exact
+    assert not torch.equal(init.float().double(), init)
+    for kw in (dict(tol=None, max_iter=3), dict(tol=1e-6)):
+        ref = sinkhorn_assign(scores, 0.05, init=init, **kw)
+        res = sinkhorn_assign_sharded(scores, 0.05, init=init, **kw)
+        assert res.n_iter == ref.n_iter and torch.equal(res.cluster_potentials, ref.cluster_potentials), kw
+
+
 def test_local_errors_without_group():
     with pytest.raises(ValueError, match="sample_weights must have shape"):
         sinkhorn_assign_sharded(torch.randn(5, 3), EPS, sample_weights=torch.ones(4) / 4)
