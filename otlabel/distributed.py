@@ -82,7 +82,8 @@ __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
 DEFAULT_TIMEOUT = 600.0  # seconds per collective: one iteration of the slowest rank must fit
 FINGERPRINT_SIZE = 4  # 48-bit pieces of a SHA-256 of the prototypes and bias (features mode)
 META_SIZE = 15  # numbers each rank sends in the first all-gather (see AGREEMENT)
-DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # narrowest first
+DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 def collective_device(backend: str | None, data) -> torch.device:
@@ -325,7 +326,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     else:  # exactly 1 over all ranks, as the cluster weights are (see problem.check_weights)
         c_local = c_local / float(metas[:, 11].sum())
     h, k, r = shard.h, shard.k, shard.r
-    size = h * k + k + FINGERPRINT_SIZE + (h * k if init is not None else 0)  # the same on every rank
+    size = 1 + h * k + k + FINGERPRINT_SIZE + (h * k if init is not None else 0)  # the same on every rank
     problem = operator = None
 
     def set_up() -> torch.Tensor:  # building the operator may still fail on one rank (e.g. out of memory)
@@ -335,16 +336,21 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
         # (sinkhorn_assign(features=...) and the stream, where a float64 warm start showed up as marginal error)
         init = check_init(init, problem, torch.float64 if shard.mode == DenseShard.mode else operator.dtype)
         agreed = [r.double().cpu(), shard.fingerprint] + ([] if init is None else [init.double().flatten().cpu()])
-        return torch.cat([shard.column_max().flatten(), *agreed])
+        arithmetic = torch.tensor([DTYPE_CODES.get(operator.dtype, DTYPE_CODES[torch.float32])], dtype=torch.float64)
+        return torch.cat([arithmetic, shard.column_max().flatten(), *agreed])
 
     shared = comm.all_gather_or_fail(set_up, size, "column maxima and cluster weights")
+    arithmetic, shared = shared[:, 0], shared[:, 1:]
     if not bool((shared[:, h * k :] == shared[:1, h * k :]).all()):
         raise ValueError(
             "cluster_weights, init, prototypes or bias differ between ranks: every rank must pass the same (K,) "
             "cluster weights, warm start, prototypes and bias."
         )
     col_max = shared[:, : h * k].amax(dim=0).view(h, k).to(shard.device)  # of S (features shards send 0)
-    check_columns(col_max / epsilon, r, operator.dtype)
+    # Ranks may run different backends (the float64 reference on one, float32 on another): judged in the narrowest
+    # arithmetic among them, the column check raises on every rank or on none (one rank raising alone left the others
+    # waiting out the timeout in the mask check).
+    check_columns(col_max / epsilon, r, DTYPES[int(arithmetic.min())])
     if shard.mode == DenseShard.mode:  # features shards: -inf only from a bias, whole columns (checked just above)
         check_sharded_masks(comm, shard.scores, c_local, r, shard.batched, shard.masked)
     sharded = ShardedOperator(operator, comm)

@@ -327,6 +327,12 @@ def _one_bad_rank_worker(rank: int, world: int, init_file: str, out_dir: str) ->
     epsilon = torch.tensor(EPS) if bad else EPS
     with pytest.raises(ValueError, match=r"disagree on epsilon \(rank 0: 0.1, rank 1: 0.10000000149011612\)"):
         sinkhorn_assign_sharded(scores, epsilon, group=group, timeout=10)
+    # A cluster far below the rest: too far for float32, not for the float64 reference backend on rank 1. The column
+    # check judges in the narrowest arithmetic of any rank, so both raise (rank 1 used to wait in the mask check).
+    far = scores.clone()
+    far[:, 0] -= 1000
+    with pytest.raises(ValueError, match=r"scores / epsilon reach .* \(cluster 0, head 0\)"):
+        sinkhorn_assign_sharded(far, EPS, group=group, timeout=10, backend="reference" if bad else "torch")
     # A rank left out of a subgroup is told so (new_group gives it a placeholder, not a group).
     subgroup = dist.new_group([0])
     if bad:
