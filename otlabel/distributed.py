@@ -483,8 +483,9 @@ class FeatureShard:
         self.kernel = uses_kernel(features, backend)
         self.allow_tf32, self.source = allow_tf32, None
         if self.kernel:
-            self.z = z
-            self.c3, self.bias, self.r, self.batched = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
+            self.z, self.c3, self.bias, self.r, self.batched = kernel_inputs(
+                z, prototypes, bias, cluster_weights, epsilon
+            )
         else:
             device = z.device if z is not None and z.is_cuda else device  # host data: through this rank's device
             self.source = FeatureSource(features, prototypes, bias, device,

@@ -64,6 +64,13 @@ def uses_kernel(features, backend: str) -> bool:
         raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'triton'), got {backend!r}.")
     z = features if isinstance(features, torch.Tensor) else None
     usable = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)
+    if backend == "triton" and z is not None and z.dtype not in KERNEL_DTYPES:
+        # A dtype problem is a TypeError, as on the other paths, not a missing GPU or Triton.
+        check_float_dtype(z, "features")
+        raise TypeError(
+            f"backend='triton' takes float32, float16 or bfloat16 features, got {z.dtype}. Cast them "
+            "(features.float()), or pass backend='torch', which computes float64 features in float64."
+        )
     if backend == "triton" and not usable:
         raise RuntimeError(
             "backend='triton' with features needs fp32/fp16/bf16 CUDA tensors and Triton (or TRITON_INTERPRET=1). "
@@ -163,7 +170,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 
     epsilon = check_epsilon(epsilon)
     acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
-    c3, bias_t, r, batched = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
+    z, c3, bias_t, r, batched = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
     (h, k, _), n = c3.shape, z.shape[0]
     w = check_weights(sample_weights, n, "sample_weights", "number of samples N", z.device)
     operator = TritonFeaturesOperator(z, c3, bias_t, epsilon, w, allow_tf32=allow_tf32)
@@ -178,13 +185,20 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 
 
 def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=None):
-    """Checked inputs of the features kernel: prototypes (H, K, D) on ``z``'s device and dtype, the bias (fp32 or
-    None), the cluster weights (K,) and whether the prototypes carried a head dimension."""
+    """Checked inputs of the features kernel: the features (N, D) and prototypes (H, K, D) in one dtype on ``z``'s
+    device, the bias (fp32 or None), the cluster weights (K,) and whether the prototypes carried a head dimension.
+
+    Features and prototypes of different dtypes are both cast to the wider one (float32 where that is float64, the
+    kernels' arithmetic), as the torch path computes them: casting the prototypes down to the features' dtype
+    (fp32 prototypes with bf16 features under autocast) silently rounded them to 8 bits, codes off by ~5e-3 at
+    eps = 0.05. Pass both in bf16/fp16 for the 16-bit tensor-core rate; mixed, the features are copied."""
     c, bias_t = as_tensor(prototypes, "prototypes"), None if bias is None else as_tensor(bias, "bias")
     for name, x in (("prototypes", c), ("bias", bias_t)):
         if x is not None:
             check_float_dtype(x, name)
-    c = c.to(device=z.device, dtype=z.dtype)
+    dtype = torch.promote_types(z.dtype, c.dtype)
+    dtype = torch.float32 if dtype == torch.float64 else dtype  # z is fp32/fp16/bf16 here (uses_kernel)
+    z, c = z.detach().to(dtype), c.to(device=z.device, dtype=dtype)
     bias_t = None if bias_t is None else bias_t.to(device=z.device, dtype=torch.float32)
     check_feature_shapes(z.shape, c.shape, None if bias_t is None else bias_t.shape)
     batched = c.ndim == 3
@@ -194,4 +208,4 @@ def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=No
     if bias_t is not None:
         bias_t = bias_t.expand(h, k).contiguous()
     check_features(z, c3, bias_t, r, epsilon)
-    return c3, bias_t, r, batched
+    return z, c3, bias_t, r, batched

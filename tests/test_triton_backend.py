@@ -75,3 +75,35 @@ def test_triton_result_pickles_and_reads_out_after_loading(mode):
     assert torch.equal(loaded.labels, result.labels)
     assert torch.equal(loaded.codes, result.codes)  # computed after loading, through the re-imported kernels
     assert float(loaded.objective) == float(result.objective)
+
+
+MIXED_DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("z_dtype, c_dtype", MIXED_DTYPES)
+def test_triton_features_of_mixed_dtypes_compute_in_the_wider_one(z_dtype, c_dtype):
+    """fp32 prototypes (a model's parameters) with bf16 features (autocast): the triton path rounded the prototypes to
+    the features' dtype, codes 5e-3 off the reference where the torch path, computing in fp32, is within 1e-6. Both
+    now compute in the wider dtype; fp32 prototypes beyond fp16's range no longer turn into inf."""
+    g = torch.Generator().manual_seed(54)
+    z = torch.nn.functional.normalize(torch.randn(40, 24, generator=g), dim=1).to(z_dtype)
+    c = torch.nn.functional.normalize(torch.randn(6, 24, generator=g), dim=1).to(c_dtype)
+    kw = dict(epsilon=0.05, max_iter=5, tol=None)
+    tri = sinkhorn_assign(features=z.to(DEVICE), prototypes=c.to(DEVICE), backend="triton", allow_tf32=False, **kw)
+    ref = sinkhorn_assign(features=z.double(), prototypes=c.double(), backend="reference", **kw)
+    assert_close(tri.codes.cpu(), ref.codes, atol=1e-5, what=f"{z_dtype} features, {c_dtype} prototypes")
+    if z_dtype == torch.float16 and c_dtype == torch.float32:  # 2**17 overflows fp16; the scores do not
+        z, c = z * 2.0**-17, c * 2.0**17
+        assert bool((c.abs() > torch.finfo(torch.float16).max).any())
+        big = sinkhorn_assign(features=z.to(DEVICE), prototypes=c.to(DEVICE), backend="triton", allow_tf32=False, **kw)
+        ref = sinkhorn_assign(features=z.double(), prototypes=c.double(), backend="reference", **kw)
+        assert_close(big.codes.cpu(), ref.codes, atol=1e-5, what="prototypes beyond fp16's range")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64], ids=str)
+def test_triton_features_of_a_dtype_the_kernels_do_not_take_is_a_type_error(dtype):
+    """Integer or float64 features with backend='triton' are a dtype problem (a TypeError, as on the torch path for
+    integers), not a RuntimeError saying that CUDA or Triton is missing."""
+    z, c = torch.ones(8, 4, dtype=dtype, device=DEVICE), torch.ones(3, 4, device=DEVICE)
+    with pytest.raises(TypeError, match="features"):
+        sinkhorn_assign(features=z, prototypes=c, epsilon=0.1, backend="triton")
