@@ -243,7 +243,9 @@ def sinkhorn_assign_sharded(
         timeout: seconds any collective may wait for the other ranks before raising ``RuntimeError``.
         epsilon, max_iter, tol, init, backend, acceleration, over_relaxation, allow_tf32, callback, warn: as in
             :func:`otlabel.sinkhorn_assign`; they must agree across ranks (checked). ``epsilon_scaling`` must be
-            ``None``: on top of the default Anderson mixing it did not pay in memory.
+            ``None``: on top of the default Anderson mixing it did not pay in memory. ``callback`` is called on
+            every rank; one that raises on one rank leaves the others waiting out ``timeout`` (give it only on rank
+            0, or make it safe).
         local_scores: the former name of ``scores`` (deprecated; it warns).
 
     Returns:

@@ -97,7 +97,10 @@ class TritonDenseOperator(_PicklableKernels, ScoreOperator):
         if scores.dim() != 3:
             raise ValueError(f"scores must be (H, N, K), got shape {tuple(scores.shape)}")
         if scores.dtype not in _SCORE_DTYPES:
-            raise TypeError(f"the triton backend takes float32, float16 or bfloat16 scores, got {scores.dtype}")
+            raise TypeError(
+                f"the triton backend takes float32, float16 or bfloat16 scores, got {scores.dtype}: cast them "
+                "(scores.float()), or pass backend='torch', which solves float64 scores in float64."
+            )
         if not triton_available(scores):
             raise RuntimeError(
                 "the triton backend needs a CUDA tensor and Triton installed "
