@@ -338,7 +338,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
         # (sinkhorn_assign(features=...) and the stream, where a float64 warm start showed up as marginal error)
         init = check_init(init, problem, torch.float64 if shard.mode == DenseShard.mode else operator.dtype)
         agreed = [r.double().cpu(), shard.fingerprint] + ([] if init is None else [init.double().flatten().cpu()])
-        arithmetic = torch.tensor([DTYPE_CODES.get(operator.dtype, DTYPE_CODES[torch.float32])], dtype=torch.float64)
+        arithmetic = torch.tensor([DTYPE_CODES[operator.dtype]], dtype=torch.float64)
         return torch.cat([arithmetic, shard.column_max().flatten(), *agreed])
 
     shared = comm.all_gather_or_fail(set_up, size, "column maxima and cluster weights")

@@ -76,11 +76,11 @@ class LoopOutput:
     n_iter: int
     errors: list[float]
     converged: bool
-    error: float | None = None  # the marginal error reported for ``potentials``; None: the last of ``errors``
+    error: float | None = None  # the marginal error reported for ``potentials``; not given: the last of ``errors``
 
-    @property
-    def final_error(self) -> float:
-        return self.errors[-1] if self.error is None else self.error
+    def __post_init__(self):
+        if self.error is None:
+            self.error = self.errors[-1]
 
 
 def run_sinkhorn(
@@ -155,13 +155,13 @@ def run_sinkhorn(
             operator, clusters, b, b_new, omega, mixed=b is not None and (mixer is not None or omega != 1.0)
         )
     history = read_back(torch.stack(errors).amax(dim=1), b, empty)  # every iteration's worst error
+    error = None  # the last of history
     if step_from_best is not None and not converged:
         # The last mixed step is never measured: in 7 of 450 unconverged solves (cosines, eps 0.002-0.05, 5-80
         # iterations) it had more error than the iterate before it, up to 2.0x (4x seen in a review). A result must
         # not be worse than the error it reports; the plain step from the best iterate read never was (<= 1.00x).
-        b = next_iterate(operator, clusters, None, step_from_best, 1.0, mixed=True)
-        return LoopOutput(b, len(errors), history, converged, error=best_error)
-    return LoopOutput(potentials=b, n_iter=len(errors), errors=history, converged=converged)
+        b, error = next_iterate(operator, clusters, None, step_from_best, 1.0, mixed=True), best_error
+    return LoopOutput(potentials=b, n_iter=len(errors), errors=history, converged=converged, error=error)
 
 
 def steps_without_reading(operator: ScoreOperator, clusters: ClusterMarginal, b, max_iter: int, omega: float):
@@ -689,7 +689,7 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> 
     if tol is None or out.converged:
         return
     warnings.warn(
-        f"{caller} did not converge: {describe_error(out.final_error, tol)} after {out.n_iter} iterations "
+        f"{caller} did not converge: {describe_error(out.error, tol)} after {out.n_iter} iterations "
         f"(epsilon={epsilon:g}). Raise max_iter, raise epsilon, or warm-start with init=<previous result>. If the "
         "scores carry -inf masks that were not checked before solving (cuda_graph=True, very many distinct masked "
         "rows, no SciPy), the masked problem may have no balanced plan at all: check that every group of clusters "
@@ -710,7 +710,7 @@ def package_result(problem, operator: ScoreOperator, out: LoopOutput, labels=Non
         cluster_potentials=shape(out.potentials),
         n_iter=out.n_iter,
         converged=out.converged,
-        marginal_error=out.final_error,
+        marginal_error=out.error,
         errors=out.errors,
         epsilon=problem.epsilon,
         _operator=operator,

@@ -820,7 +820,7 @@ def sinkhorn_assign_stream(
         cluster_potentials=shape(out.potentials),
         n_iter=out.n_iter,
         converged=out.converged,
-        marginal_error=out.final_error,
+        marginal_error=out.error,
         errors=out.errors,
         epsilon=epsilon,
         _operator=operator,
