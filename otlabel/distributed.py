@@ -165,6 +165,7 @@ class ShardedOperator(ScoreOperator):
 
     def __init__(self, local: ScoreOperator, comm: Collectives):
         self.local, self.comm = local, comm
+        self.callback_failure: Exception | None = None  # what this rank's callback raised, until the ranks hear of it
         self.n_heads, self.n_samples, self.n_clusters = local.n_heads, local.n_samples, local.n_clusters
         self.device, self.dtype = local.device, local.dtype
         # The loop hands float64 potentials to operators that use them (the torch ones): rounding b to
@@ -174,7 +175,42 @@ class ShardedOperator(ScoreOperator):
 
     def cluster_lse(self, b):
         lse = self.local.cluster_lse(b).double()  # (H, K); one dtype on every rank and every pass
-        return torch.logsumexp(self.comm.all_gather(lse, "cluster log-sum-exps"), dim=0)  # rank order
+        # Each rank also sends whether its callback raised: one float more, and the ranks stop together.
+        failed = lse.new_full((1,), float(self.callback_failure is not None))
+        sent = self.comm.all_gather(torch.cat([lse.flatten(), failed]), "cluster log-sum-exps")  # (W, H*K + 1)
+        self.raise_if_a_callback_failed(sent[:, -1])
+        return torch.logsumexp(sent[:, :-1].view(-1, *lse.shape), dim=0)  # rank order
+
+    def shared_callback(self, callback):
+        """``callback`` as the loop calls it: an exception it raises here is held until the next exchange of
+        :meth:`cluster_lse` (or :meth:`finish`) and then raised on every rank at once. Raising at once on this rank
+        alone would leave the others waiting out ``timeout``; ranks may differ in whether they have a callback."""
+        if callback is None:
+            return None
+
+        def call(iteration: int, error: float) -> None:
+            if self.callback_failure is None:
+                try:
+                    callback(iteration, error)
+                except Exception as err:  # shared; BaseException (KeyboardInterrupt) stops this rank at once
+                    self.callback_failure = err
+
+        return call
+
+    def finish(self) -> None:
+        """After the loop: share a callback failure of the last iteration (one float per rank, once per solve)."""
+        failed = torch.tensor([float(self.callback_failure is not None)], dtype=torch.float64)
+        self.raise_if_a_callback_failed(self.comm.all_gather(failed, "callback verdicts")[:, 0])
+
+    def raise_if_a_callback_failed(self, flags: torch.Tensor) -> None:
+        """``flags`` (W,): 1 for each rank whose callback raised. The ranks read their flags after every exchange
+        (a few bytes; the exchange's wait has already blocked the host until it completed)."""
+        failed = flags.nonzero().flatten().tolist()
+        if self.callback_failure is not None:
+            raise self.callback_failure
+        if failed:
+            raise RuntimeError(f"sinkhorn_assign_sharded: the callback raised on rank(s) {failed} (see the error on "
+                               "those ranks); every rank stops.")  # fmt: skip
 
     def agree(self, b):
         # Mixed or over-relaxed iterates come out of small linear solves that may round differently on
@@ -244,8 +280,9 @@ def sinkhorn_assign_sharded(
         epsilon, max_iter, tol, init, backend, acceleration, over_relaxation, allow_tf32, callback, warn: as in
             :func:`otlabel.sinkhorn_assign`; they must agree across ranks (checked). ``epsilon_scaling`` must be
             ``None``: on top of the default Anderson mixing it did not pay in memory. ``callback`` is called on
-            every rank; one that raises on one rank leaves the others waiting out ``timeout`` (give it only on rank
-            0, or make it safe).
+            every rank that gives one (a progress bar on rank 0 only is fine); an exception it raises on one rank
+            is raised there, and a ``RuntimeError`` naming that rank on the others, at the next exchange (one
+            iteration later).
         local_scores: the former name of ``scores`` (deprecated; it warns).
 
     Returns:
@@ -356,7 +393,8 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     if shard.mode == DenseShard.mode:  # features shards: -inf only from a bias, whole columns (checked just above)
         check_sharded_masks(comm, shard.scores, c_local, r, shard.batched, shard.masked)
     sharded = ShardedOperator(operator, comm)
-    out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=callback)
+    out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=sharded.shared_callback(callback))
+    sharded.finish()
     if warn:
         warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon)
     return package_result(problem, sharded, out)

@@ -349,6 +349,56 @@ def test_arguments_refused_on_one_rank_fail_every_rank(tmp_path):
     assert all((tmp_path / f"done{r}").exists() for r in range(2))
 
 
+class CallbackStop(Exception):
+    """A user's exception, raised by a callback (say, a progress bar asked to stop)."""
+
+
+def _callback_raises_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """A callback that raises on one rank stops every rank at the next exchange; the other ranks hear which rank.
+    Rank 0 has no callback (a progress bar on one rank only), so it never reads an error itself. Before, rank 0
+    waited out timeout=10 and raised 'gave up on the all-gather', which the matches below refuse."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    group, scores = dist.group.WORLD, random_problem(30, K, seed=rank)
+    calls = []
+
+    def stop_at(iteration):
+        def callback(it, err):
+            calls.append(it)
+            if it == iteration:
+                raise CallbackStop(f"stop at {it}")
+        return callback
+
+    others = r"the callback raised on rank\(s\) \[1\]"
+    for tol, stop in [(None, 3), (1e-6, 3), (None, 5)]:  # mid-solve, mid-solve with a tol, the last iteration
+        calls.clear()
+        with pytest.raises(CallbackStop if rank == 1 else RuntimeError, match=f"stop at {stop}" if rank else others):
+            sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, tol=tol, max_iter=5,
+                                    callback=stop_at(stop) if rank == 1 else None)  # fmt: skip
+        assert calls == (list(range(1, stop + 1)) if rank == 1 else [])  # not called again once it raised
+    # Both ranks' callbacks raise: each rank raises its own.
+    with pytest.raises(CallbackStop, match="stop at 2"):
+        sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, max_iter=5, callback=stop_at(2))
+    # A callback that returns on rank 0 only changes nothing.
+    seen = []
+    res = sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, max_iter=500,
+                                  callback=(lambda it, err: seen.append(err)) if rank == 0 else None)  # fmt: skip
+    plain = sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, max_iter=500)
+    assert res.converged and torch.equal(res.cluster_potentials, plain.cluster_potentials)
+    assert seen == (res.errors if rank == 0 else [])
+    dist.barrier()
+    with open(os.path.join(out_dir, f"done{rank}"), "w"):
+        pass
+    dist.destroy_process_group()
+
+
+def test_a_callback_that_raises_on_one_rank_stops_every_rank(tmp_path):
+    mp.spawn(_callback_raises_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    assert all((tmp_path / f"done{r}").exists() for r in range(2))
+
+
 def test_sharded_warm_start_is_not_rounded_to_float32():
     """init= reaches the loop in float64, as in sinkhorn_assign: on float32 scores it was rounded to float32 first
     (|b| ~ 5: 2e-7), so a warm-started solve of one rank differed from the single-process one (13 iterations
