@@ -20,7 +20,7 @@ import types
 import torch
 
 from .backends import _triton_usable
-from .problem import MAX_SCORE_SPAN_FP32, as_tensor, check_epsilon, check_float_dtype, check_weights, span_error
+from .problem import MAX_SCORE_SPAN_FP32, check_epsilon, check_float_dtype, check_weights, span_error
 from .solver import (
     check_init,
     check_solver_options,
@@ -64,6 +64,10 @@ def uses_kernel(features, backend: str) -> bool:
         raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'triton'), got {backend!r}.")
     z = features if isinstance(features, torch.Tensor) else None
     usable = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)
+    if backend == "triton" and z is None:  # what no features path takes (a list) gets their TypeError
+        from .streaming import open_host_array
+
+        open_host_array(features, "features")
     if backend == "triton" and z is not None and z.dtype not in KERNEL_DTYPES:
         # A dtype problem is a TypeError, as on the other paths, not a missing GPU or Triton.
         check_float_dtype(z, "features")
@@ -192,10 +196,10 @@ def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=No
     kernels' arithmetic), as the torch path computes them: casting the prototypes down to the features' dtype
     (fp32 prototypes with bf16 features under autocast) silently rounded them to 8 bits, codes off by ~5e-3 at
     eps = 0.05. Pass both in bf16/fp16 for the 16-bit tensor-core rate; mixed, the features are copied."""
-    c, bias_t = as_tensor(prototypes, "prototypes"), None if bias is None else as_tensor(bias, "bias")
-    for name, x in (("prototypes", c), ("bias", bias_t)):
-        if x is not None:
-            check_float_dtype(x, name)
+    from .streaming import open_host_array  # what the streamed and reference paths take too, with their errors
+
+    c = open_host_array(prototypes, "prototypes", copy_reversed=True)
+    bias_t = None if bias is None else open_host_array(bias, "bias", copy_reversed=True)
     dtype = torch.promote_types(z.dtype, c.dtype)
     dtype = torch.float32 if dtype == torch.float64 else dtype  # z is fp32/fp16/bf16 here (uses_kernel)
     z, c = z.detach().to(dtype), c.to(device=z.device, dtype=dtype)

@@ -56,11 +56,16 @@ def test_triton_features_through_sinkhorn_assign():
          ["bias", "(2,)"]),
         (dict(features=torch.randn(5, 3), prototypes=torch.randn(2, 3), bias=torch.randn(5, 2)), ValueError,
          ["bias", "(1, 2)"]),
+        (dict(features=torch.randn(5, 3), prototypes=[[1.0, 0.0, 0.0]] * 2), TypeError, ["prototypes", "list"]),
+        (dict(features=torch.randn(5, 3), prototypes=torch.randn(2, 3), bias=[0.0, 0.0]), TypeError, ["bias", "list"]),
+        (dict(features=[[1.0, 0.0, 0.0]] * 5, prototypes=torch.randn(2, 3)), TypeError, ["features", "list"]),
+        (dict(features=torch.randn(5, 3), prototypes=torch.randn(2, 3).int()), TypeError, ["prototypes", "int32"]),
     ],
 )  # fmt: skip
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_features_bad_input(kwargs, error, words, backend):
-    """The same checks on every path (the reference path used to broadcast a (N, K) bias into (N, N) labels)."""
+    """The same checks on every path (the reference path used to broadcast a (N, K) bias into (N, N) labels; the
+    Triton path took list prototypes and biases that the others refuse, and called list features a missing GPU)."""
     with pytest.raises(error) as info:
         sinkhorn_assign(epsilon=0.05, backend=backend, **kwargs)
     for word in words:
