@@ -109,6 +109,7 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
     c = open_host_array(prototypes, "prototypes", copy_reversed=True).double()
     b = None if bias is None else open_host_array(bias, "bias", copy_reversed=True).double()
     check_feature_shapes(z.shape, c.shape, None if b is None else b.shape)
+    check_bias(b)  # what the other paths say of a bias, before the scores' own checks
     scores = torch.matmul(z, c.transpose(-1, -2))  # (N, K) or (H, N, K)
     if b is not None:  # (K,) or (H, K); a (1, K) bias of unbatched (K, D) prototypes keeps the scores (N, K)
         scores = scores + (b.reshape(-1, 1, b.shape[-1]) if c.ndim == 3 else b.reshape(-1))
@@ -158,6 +159,9 @@ def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor | None =
         return
     if bool(torch.isnan(bias).any() | torch.isposinf(bias).any()):
         raise ValueError("bias contains NaN or +inf; only -inf is allowed (it closes a cluster).")
+    if bool(torch.isneginf(bias).all(dim=-1).any()):  # whatever the weights (a message about rows misled here)
+        raise ValueError("infeasible: bias is -inf for every cluster (of some head), so no sample may go anywhere. "
+                         "Leave at least one cluster open (a finite bias).")  # fmt: skip
     if cluster_weights is None:
         return
     closed = torch.isneginf(bias) & (cluster_weights > 0)  # bias (K,) or (H, K)

@@ -493,7 +493,7 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
         index = index_in_input((h, j + offset, k), batched)
         raise ValueError(f"scores contain NaN (first at index {index}{where}). Fix the model output.")
     if from_features and (torch.isposinf(row_max).any() or torch.isneginf(row_max).any()):
-        h, j = _first_index(torch.isinf(row_max))  # prototypes and bias are finite: an inf comes from a features row
+        h, j = _first_index(torch.isinf(row_max))  # prototypes finite, bias checked: an inf comes from a features row
         raise ValueError(f"features row {j + offset}{where} contains inf, or its scores overflow (they are "
                          f"{float(row_max[h, j]):g}). Fix the features.")  # fmt: skip
     if torch.isposinf(row_max).any():

@@ -1,5 +1,6 @@
 """sinkhorn_assign(features=, prototypes=): equal to the dense solve on Z @ C.T, with bounded memory."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -60,6 +61,8 @@ def test_triton_features_through_sinkhorn_assign():
         (dict(features=torch.randn(5, 3), prototypes=torch.randn(2, 3), bias=[0.0, 0.0]), TypeError, ["bias", "list"]),
         (dict(features=[[1.0, 0.0, 0.0]] * 5, prototypes=torch.randn(2, 3)), TypeError, ["features", "list"]),
         (dict(features=torch.randn(5, 3), prototypes=torch.randn(2, 3).int()), TypeError, ["prototypes", "int32"]),
+        (dict(features=torch.randn(5, 3), prototypes=torch.randn(2, 3), bias=torch.full((2,), -math.inf)), ValueError,
+         ["-inf for every cluster"]),  # the chunked path blamed "features row 0" for it
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("backend", ["auto", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
