@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 import types
 import warnings
 from datetime import timedelta
@@ -146,13 +147,18 @@ class Collectives:
 
     def _wait(self, start, what: str) -> None:
         """Start a collective and wait for it at most ``timeout`` seconds; a rank that never joins is an error."""
+        began = time.monotonic()
         try:
             start().wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as err:
+            waited = time.monotonic() - began
+            # A closed connection (a rank that exited) ends the wait early: a longer timeout is then no remedy.
+            timed_out = waited >= 0.9 * self.timeout
+            hint = " Raise timeout= if one iteration of the slowest rank takes longer." if timed_out else ""
             raise RuntimeError(
-                f"sinkhorn_assign_sharded: rank {self.rank} gave up on the {what} after waiting "
-                f"up to {self.timeout:g} s: another rank failed, exited, or did not call with the same arguments "
-                f"({type(err).__name__}: {err}). Raise timeout= if one iteration of the slowest rank takes longer."
+                f"sinkhorn_assign_sharded: rank {self.rank} gave up on the {what} after {waited:.3g} s "
+                f"(timeout={self.timeout:g}): another rank failed, exited, or did not call with the same arguments "
+                f"({type(err).__name__}: {err}).{hint}"
             ) from err
 
 
@@ -380,11 +386,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
 
     shared = comm.all_gather_or_fail(set_up, size, "column maxima and cluster weights")
     arithmetic, shared = shared[:, 0], shared[:, 1:]
-    if not bool((shared[:, h * k :] == shared[:1, h * k :]).all()):
-        raise ValueError(
-            "cluster_weights, init, prototypes or bias differ between ranks: every rank must pass the same (K,) "
-            "cluster weights, warm start, prototypes and bias."
-        )
+    check_same_on_every_rank(shared[:, h * k :], k)
     col_max = shared[:, : h * k].amax(dim=0).view(h, k).to(shard.device)  # of S (features shards send 0)
     # Ranks may run different backends (the float64 reference on one, float32 on another): judged in the narrowest
     # arithmetic among them, the column check raises on every rank or on none (one rank raising alone left the others
@@ -398,6 +400,22 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     if warn:
         warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon)
     return package_result(problem, sharded, out)
+
+
+def check_same_on_every_rank(agreed: torch.Tensor, k: int) -> None:
+    """``agreed`` (W, ...): each rank's cluster weights (K), prototype fingerprint and warm start (if any), in the
+    order of ``set_up``; raise, naming what differs and by how much, unless every rank sent the same."""
+    parts = [("cluster_weights", agreed[:, :k]), ("prototypes or bias", agreed[:, k : k + FINGERPRINT_SIZE]),
+             ("init", agreed[:, k + FINGERPRINT_SIZE :])]  # fmt: skip
+    for what, values in parts:
+        same = values == values[:1]  # (a -inf in the same place is no difference)
+        if not bool(same.all()):
+            gap = float(torch.where(same, 0.0, (values - values[:1]).abs()).nan_to_num(math.inf).amax())
+            raise ValueError(
+                f"sinkhorn_assign_sharded: {what} differ between ranks (by up to {gap:.3g}; the same values in "
+                "float32 on one rank and float64 on another differ by rounding). Every rank must pass the same "
+                "cluster weights, prototypes, bias and warm start, in the same dtype."
+            )
 
 
 def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool, masked: bool) -> None:
@@ -615,6 +633,10 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
     if backend == "reference":
         shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.rank, epsilon)
         shard.fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)
+        # Features to the other ranks, as given (they saw a float64 scores shard and refused it as a dtype
+        # disagreement): a -inf here comes from the bias, whole columns, as on a FeatureShard.
+        shard.mode = FeatureShard.mode
+        shard.dtype_code = DTYPE_CODES[open_host_array(features, "features", copy_reversed=True).dtype]
         return shard
     return FeatureShard(features, prototypes, bias, cluster_weights, backend, comm.device, allow_tf32, memory_budget,
                         epsilon)  # fmt: skip

@@ -214,7 +214,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # A rank that never calls: the others raise after the timeout instead of hanging. (Last: the group is
     # then left with a pending collective.)
     if rank == 0:
-        with pytest.raises(RuntimeError, match="gave up on the all-gather"):
+        with pytest.raises(RuntimeError, match=r"gave up on the all-gather of the checks after [0-9.]+ s \(timeout=2\)"):
             sinkhorn_assign_sharded(random_problem(5, K), EPS, group=group, timeout=2)
         with open(os.path.join(out_dir, "timeout-ok"), "w"):
             pass
@@ -333,6 +333,19 @@ def _one_bad_rank_worker(rank: int, world: int, init_file: str, out_dir: str) ->
     far[:, 0] -= 1000
     with pytest.raises(ValueError, match=r"scores / epsilon reach .* \(cluster 0, head 0\)"):
         sinkhorn_assign_sharded(far, EPS, group=group, timeout=10, backend="reference" if bad else "torch")
+    # The same cluster weights in float32 on one rank: refused, saying by how much and why.
+    weights = torch.arange(1.0, K + 1, dtype=torch.float32 if bad else torch.float64)
+    with pytest.raises(ValueError, match=r"cluster_weights differ between ranks \(by up to [0-9.e-]+; the same values"):
+        sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, cluster_weights=weights / weights.sum())
+    # Features through the float64 reference on one rank: the same solve (it was refused as a scores-dtype
+    # disagreement, the reference rank having turned its features into float64 scores).
+    z = torch.nn.functional.normalize(torch.randn(40, 5, generator=torch.Generator().manual_seed(rank)), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(K, 5, generator=torch.Generator().manual_seed(9)), dim=1)
+    mixed = sinkhorn_assign_sharded(features=z, prototypes=c, epsilon=EPS, group=group, timeout=10, tol=1e-6,
+                                    backend="reference" if bad else "torch")  # fmt: skip
+    same = sinkhorn_assign_sharded(features=z, prototypes=c, epsilon=EPS, group=group, timeout=10, tol=1e-6)
+    assert mixed.converged and torch.equal(mixed.labels, same.labels)
+    assert_close(mixed.codes.float(), same.codes, atol=1e-5, what="codes of a rank on the reference backend")
     # A rank left out of a subgroup is told so (new_group gives it a placeholder, not a group).
     subgroup = dist.new_group([0])
     if bad:
