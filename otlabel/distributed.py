@@ -157,8 +157,8 @@ class Collectives:
             hint = " Raise timeout= if one iteration of the slowest rank takes longer." if timed_out else ""
             raise RuntimeError(
                 f"sinkhorn_assign_sharded: rank {self.rank} gave up on the {what} after {waited:.3g} s "
-                f"(timeout={self.timeout:g}): another rank failed, exited, or did not call with the same arguments "
-                f"({type(err).__name__}: {err}).{hint}"
+                f"(timeout={self.timeout:g}): another rank failed, exited, passed group=None, or did not call with "
+                f"the same arguments ({type(err).__name__}: {err}).{hint}"
             ) from err
 
 
