@@ -409,13 +409,18 @@ def check_same_on_every_rank(agreed: torch.Tensor, k: int) -> None:
              ("init", agreed[:, k + FINGERPRINT_SIZE :])]  # fmt: skip
     for what, values in parts:
         same = values == values[:1]  # (a -inf in the same place is no difference)
-        if not bool(same.all()):
-            gap = float(torch.where(same, 0.0, (values - values[:1]).abs()).nan_to_num(math.inf).amax())
-            raise ValueError(
-                f"sinkhorn_assign_sharded: {what} differ between ranks (by up to {gap:.3g}; the same values in "
-                "float32 on one rank and float64 on another differ by rounding). Every rank must pass the same "
-                "cluster weights, prototypes, bias and warm start, in the same dtype."
-            )
+        if bool(same.all()):
+            continue
+        if what == "prototypes or bias":  # only their digests travel
+            how = "their SHA-256 digests differ"
+        else:
+            gap = torch.where(same, 0.0, (values - values[:1]).abs()).nan_to_num(math.inf).amax()
+            how = f"by up to {float(gap):.3g}"
+        raise ValueError(
+            f"sinkhorn_assign_sharded: {what} differ between ranks ({how}; the same values in float32 on one rank "
+            "and float64 on another differ by rounding). Every rank must pass the same cluster weights, prototypes, "
+            "bias and warm start, in the same dtype."
+        )
 
 
 def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool, masked: bool) -> None:
