@@ -41,7 +41,7 @@ BAD_INPUTS = [
     ("a dict", dict(scores={"a": 1.0}), TypeError, ["torch.Tensor", "dict"]),
     ("eps vector", dict(epsilon=torch.tensor([0.1, 0.2])), TypeError, ["epsilon"]),
     ("eps = 0", dict(epsilon=0.0), ValueError, ["epsilon", "> 0"]),
-    ("eps < 0", dict(epsilon=-0.1), ValueError, ["epsilon"]),
+    ("eps < 0", dict(epsilon=-0.1), ValueError, ["epsilon must be a finite number > 0", "got -0.1"]),
     ("eps NaN", dict(epsilon=float("nan")), ValueError, ["epsilon", "finite"]),
     ("eps inf", dict(epsilon=INF), ValueError, ["epsilon", "finite"]),
     ("eps string", dict(epsilon="0.1"), TypeError, ["epsilon"]),
