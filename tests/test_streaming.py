@@ -260,8 +260,10 @@ def test_outputs_never_overwrite_inputs_nor_stay_half_written(tmp_path):
     bad = s.copy()
     bad[7, 2] = np.nan
     np.save(scores_path, bad)
-    for kwargs in (dict(), dict(init=torch.zeros(3))):  # NaN found while streaming; a bad warm start
-        with pytest.raises(ValueError):
+    # NaN found while streaming; a bad warm start
+    for kwargs, error in ((dict(), r"scores contain NaN \(first at index \(7, 2\)"),
+                          (dict(init=torch.zeros(3)), r"init must have shape \(5,\)")):  # fmt: skip
+        with pytest.raises(ValueError, match=error):
             sinkhorn_assign_stream(scores_path, 0.1, labels_out=tmp_path / "l.npy", codes_out=tmp_path / "q.npy",
                                    **kwargs)  # fmt: skip
         assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npy", "scores.npy", "z.npy"], kwargs
