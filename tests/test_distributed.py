@@ -214,7 +214,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # A rank that never calls: the others raise after the timeout instead of hanging. (Last: the group is
     # then left with a pending collective.)
     if rank == 0:
-        with pytest.raises(RuntimeError, match=r"gave up on the all-gather of the checks after [0-9.]+ s \(timeout=2\)"):
+        gave_up = r"gave up on the all-gather of the checks after [0-9.]+ s \(timeout=2\)"
+        with pytest.raises(RuntimeError, match=gave_up):
             sinkhorn_assign_sharded(random_problem(5, K), EPS, group=group, timeout=2)
         with open(os.path.join(out_dir, "timeout-ok"), "w"):
             pass
