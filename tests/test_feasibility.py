@@ -76,6 +76,11 @@ def test_exactly_feasible_boundary_passes_and_just_beyond_raises():
     assert message is not None
     assert "infeasible mask (head 3): clusters [0, 1] need 0.0201 of the mass" in message
     assert "fewer -inf chunk scores" in message
+    # A violation of 1e-7 of the mass: far below what a float32 sum resolves, 15x above the documented price of the
+    # integer flow ((groups + K) / 2**30 plus the 1e-9 tolerance). A tolerance of 1e-6 let it through.
+    slightly = np.array([0.01 + 1e-7, 0.01, (0.98 - 1e-7) / 3, (0.98 - 1e-7) / 3, (0.98 - 1e-7) / 3])
+    message = raises(patterns, slightly)
+    assert message is not None and "clusters [0, 1] need 0.0200001 of the mass" in message, message
 
 
 def test_sample_side_message_when_it_names_fewer_clusters():
@@ -261,6 +266,42 @@ def test_exactly_feasible_random_problems_pass():
             mass = lp_max_mass(allowed, c / c.sum(), moved / moved.sum())
             if mass >= 1 - 1e-9 or mass < 1 - 1e-6:
                 assert (raises(patterns_of(allowed, c), moved) is None) == (mass >= 1 - 1e-9)
+
+
+def test_exactly_feasible_tight_clusters_with_non_dyadic_weights_pass():
+    """A tight set of 8 clusters (samples A fill them exactly) whose weights are not multiples of 2**-30, with hot
+    pairs so that the flow runs: the clusters' capacities must be rounded up. Rounded down, the flow fell ~3 units
+    (of 2**30) short and this feasible mask was refused, as in the dyadic random cases it never is."""
+    from otlabel.feasibility import check_dense_mask
+
+    k = 12
+    allowed = np.ones((100, k), dtype=bool)
+    allowed[:30, 8:] = False  # A (0.3): clusters 0-7 only, which weigh 0.3 together
+    allowed[30:40] = False
+    allowed[30:40, 8] = True  # B (0.1): cluster 8 only, of weight 0.1
+    allowed[40:50] = False
+    allowed[40:50, 9] = True  # E (0.1): cluster 9 only, of weight 0.1; the other 50 samples go anywhere
+    c = np.full(100, 0.01)
+    r = np.array([0.3 / 8] * 8 + [0.1, 0.1, 0.25, 0.25])
+    assert lp_max_mass(allowed, c, r) >= 1 - 1e-9  # feasible, by the LP
+    assert raises(patterns_of(allowed, c), r) is None
+    scores = torch.where(torch.from_numpy(allowed), 0.0, -np.inf).double()
+    check_dense_mask(scores[None], torch.from_numpy(c), torch.from_numpy(r), batched=False)  # raises if refused
+
+
+def test_zero_weight_samples_are_not_counted_in_the_message():
+    """check_dense_mask counts the samples outside the hot pairs by their weight: 10 unmasked samples of weight 0
+    are not among the samples that 'may go' to the starved clusters (they were counted: '11 samples')."""
+    from otlabel.feasibility import check_dense_mask
+
+    scores = torch.zeros(60, 5, dtype=torch.float64)
+    scores[1:50, :2] = -INF  # as example_mask: only sample 0 may go to clusters 0 and 1
+    weights = torch.cat([torch.full((50,), 1 / 50, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)])
+    with pytest.raises(ValueError) as info:
+        check_dense_mask(scores[None], weights, torch.full((5,), 0.2, dtype=torch.float64), batched=False)
+    assert "clusters [0, 1] need 0.4 of the mass" in str(info.value)
+    assert "only 1 sample (0.02 of the sample mass) may go to any of them" in str(info.value)
+    assert "(head" not in str(info.value)  # unbatched: no head to name
 
 
 def test_hot_pairs_that_are_feasible():
