@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, centred, cosine_scores, random_problem, random_weights
+from helpers import assert_close, centred, cosine_scores, random_problem, random_weights
 
 from otlabel import ConvergenceWarning, sinkhorn_assign
 from otlabel.backends.reference import ReferenceOperator
@@ -49,13 +49,16 @@ def test_cluster_lse_matches_reference(operator, shape):
 @pytest.mark.parametrize("eps", [0.5, 0.05])
 def test_solution_matches_reference(dtype, eps):
     s = random_problem(200, 12, seed=7, dtype=dtype)
-    tol = TOLERANCES[dtype]
     got = sinkhorn_assign(s, eps, backend="torch", tol=1e-6, max_iter=5000)
     want = sinkhorn_assign(s.double(), eps, backend="reference", tol=1e-10, max_iter=50_000)
     assert got.converged and want.converged
     assert got.codes.dtype == torch.float32 and got.labels.dtype == torch.int64
-    assert_close(got.codes, want.codes, atol=tol["codes"] * 100, what="codes")  # tol 1e-6 vs 1e-10: 1e-4 slack
-    assert_close(centred(got.cluster_potentials), centred(want.cluster_potentials), atol=1e-3, what="potentials")
+    # tol 1e-6 vs 1e-10: the gap is the solve's, and grows as 1 / eps. Worst over seeds 1-5 and 7, any dtype: codes
+    # 9.4e-6 at eps 0.05, 1.1e-6 at 0.5; potentials 5.0e-5 and 3.9e-6 (atol 1e-3 on both let errors 100x through).
+    scale = 0.05 / eps
+    assert_close(got.codes, want.codes, atol=5e-5 * scale, what="codes")
+    assert_close(centred(got.cluster_potentials), centred(want.cluster_potentials), atol=3e-4 * scale,
+                 what="potentials")  # fmt: skip
     assert torch.equal(got.labels, want.labels)
 
 
