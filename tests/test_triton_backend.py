@@ -12,24 +12,24 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize(
-    "dtype, atol",
-    [(torch.float32, 1e-5), (torch.float16, 1e-4), (torch.bfloat16, 1e-4)],
-)
-def test_triton_solve_matches_torch_and_reference(dtype, atol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_solve_matches_torch_and_reference(dtype):
+    """tol 1e-6 (at 1e-5 the gap to the reference was the solve's, up to 7.5e-5 in codes over seeds 50-53, and hid
+    kernel errors of that size); the reference solves the same rounded scores, so one tolerance serves every dtype.
+    Worst over seeds 50-53 and the three dtypes: codes 6.3e-6, potentials 2.8e-5, objective 2.5e-7."""
     s = clustered_cosine_scores(150, 7, seed=50).to(dtype)  # N, K not multiples of any tile
     s[3, 2] = float("-inf")
     r = torch.tensor([0.1, 0.2, 0.1, 0.2, 0.1, 0.2, 0.1], dtype=torch.float64)
-    kw = dict(cluster_weights=r, tol=1e-5, max_iter=2000)
+    kw = dict(cluster_weights=r, tol=1e-6, max_iter=2000)
     tri = sinkhorn_assign(s.to(DEVICE), 0.05, backend="triton", **kw)
     tor = sinkhorn_assign(s, 0.05, backend="torch", **kw)
     ref = sinkhorn_assign(s.double(), 0.05, backend="reference", tol=1e-9, max_iter=20_000, cluster_weights=r)
     assert tri.converged and tri.labels.device.type == DEVICE
     assert torch.equal(tri.labels.cpu(), tor.labels)
     assert torch.equal(tri.labels.cpu(), ref.labels)
-    assert_close(tri.codes.cpu(), ref.codes, atol=atol * 10, what="triton codes vs reference")
-    assert_close(centred(tri.cluster_potentials.cpu()), centred(ref.cluster_potentials), atol=1e-3, what="potentials")
-    assert abs(float(tri.objective) - float(ref.objective)) < 1e-4
+    assert_close(tri.codes.cpu(), ref.codes, atol=5e-5, what="triton codes vs reference")
+    assert_close(centred(tri.cluster_potentials.cpu()), centred(ref.cluster_potentials), atol=2e-4, what="potentials")
+    assert abs(float(tri.objective) - float(ref.objective)) < 2e-6
 
 
 def test_triton_fixed_iterations_batched_heads():
