@@ -526,6 +526,10 @@ def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor, compute_
 # ----------------------------------------------------------------------------------------------- operator
 
 
+class StoppedEarly(Exception):
+    """A worker's range of rows was abandoned mid-pass: the pass's outcome was already decided elsewhere."""
+
+
 class StreamingOperator(LogDomainOperator):
     """:class:`LogDomainOperator` over a streamed source, with input checking and chunk-by-chunk outputs.
 
@@ -549,15 +553,32 @@ class StreamingOperator(LogDomainOperator):
         self.sample_mass = sample_weights.detach().to("cpu", torch.float64).numpy()
         self.labels_out, self.codes_out = labels_out, codes_out
         self.validated = False
+        self.stop_from = math.inf  # ranges starting at this row or later stop at their next chunk (map_ranges)
 
     def map_ranges(self, fn) -> list:
         if not self.parallel:
             return [fn(0, self.n_samples)]
         pool = worker_pool()
+        self.stop_from = math.inf
+        futures = []
         with single_threaded_torch():
-            futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers, 1)]
-            wait(futures)  # every range finishes inside the context, even when one fails
+            try:
+                for lo, hi in split_rows(self.n_samples, pool._max_workers, 1):
+                    futures.append(pool.submit(fn, lo, hi))
+                wait(futures)  # every range finishes inside the context, even when one fails
+            except BaseException:
+                # Ctrl-C or SIGTERM in the main thread: the workers would otherwise read on to the end of the pass
+                # (on a file larger than RAM, minutes) and the process could not exit before they did.
+                self.stop_from = 0
+                wait(futures)
+                raise
         return [f.result() for f in futures]  # the first range's error first: the first bad sample is reported
+
+    def chunks(self, lo: int = 0, hi: int | None = None):
+        for rows in super().chunks(lo, hi):
+            if lo >= self.stop_from:
+                raise StoppedEarly(f"rows {lo}-{hi}: the pass was abandoned")
+            yield rows
 
     def shifted(self, rows, b, out=None):
         if hasattr(self.source, "shifted"):  # features: S / eps + b fused into the matmul

@@ -358,3 +358,53 @@ def test_fast_exp_matches_exp():
     assert float(((got[:-4].double() - want[:-4]) / want[:-4]).abs().max()) < 1e-5
     out = torch.empty_like(x)  # into a given tensor, as the cached kernel is built
     assert exp_(x.clone(), out=out) is out and torch.equal(out, got)
+
+
+class Interrupted(BaseException):
+    """Raised by the test's signal handler in the main thread, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def counting_reads(monkeypatch, on_read=None):
+    """Patch the host reads of streamed chunks: returns the list of chunk starts read; ``on_read(count)`` is called
+    (in the reading worker thread) after each read."""
+    import otlabel.streaming as streaming
+
+    reads, real_get = [], streaming.HostStream.get
+
+    def get(self, rows):
+        reads.append(rows.start)
+        if on_read is not None:
+            on_read(len(reads))
+        return real_get(self, rows)
+
+    monkeypatch.setattr(streaming.HostStream, "get", get)
+    return reads
+
+
+def test_an_interrupt_stops_the_workers_mid_pass(monkeypatch):
+    """Ctrl-C (or SIGTERM) in the main thread raised there at once, but the CPU workers read on to the end of the
+    pass, and the process could not exit before they did: 75 s after Ctrl-C for the command line on 200,000 x 100
+    scores in 1-sample chunks, a pass's worth of disk reads on a file larger than RAM. They now stop at their next
+    chunk."""
+    import signal
+    import threading
+    import time
+
+    def interrupt_mid_pass(count):  # not at the start: a signal landing just before the main thread blocks in its
+        if count == 500:  # wait (a lock) is handled only when the lock is released, at the end of the pass (CPython)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    reads = counting_reads(monkeypatch, interrupt_mid_pass)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: (_ for _ in ()).throw(Interrupted()))
+    try:
+        with warnings.catch_warnings(), pytest.raises(Interrupted):
+            warnings.simplefilter("ignore")  # 1-sample chunks: a SmallChunksWarning
+            sinkhorn_assign_stream(random_problem(2000, 3, seed=1).numpy(), 0.1, memory_budget=budget_for(1, 3))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    seen = -1
+    while len(reads) != seen:  # until the workers have stopped reading (or the pass is over)
+        seen = len(reads)
+        time.sleep(0.2)
+    assert seen < 1000, f"{seen} chunks read of the 2,000 of a pass"  # a few past 500: the signal takes a moment
+
