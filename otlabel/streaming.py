@@ -26,7 +26,7 @@ import os
 import threading
 import types
 import warnings
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -560,12 +560,12 @@ class StreamingOperator(LogDomainOperator):
             return [fn(0, self.n_samples)]
         pool = worker_pool()
         self.stop_from = math.inf
-        futures = []
+        futures = {}  # future -> the end row of its range
         with single_threaded_torch():
             try:
                 for lo, hi in split_rows(self.n_samples, pool._max_workers, 1):
-                    futures.append(pool.submit(fn, lo, hi))
-                wait(futures)  # every range finishes inside the context, even when one fails
+                    futures[pool.submit(fn, lo, hi)] = hi
+                self._wait(futures)  # every range finishes inside the context, even when one fails
             except BaseException:
                 # Ctrl-C or SIGTERM in the main thread: the workers would otherwise read on to the end of the pass
                 # (on a file larger than RAM, minutes) and the process could not exit before they did.
@@ -573,6 +573,17 @@ class StreamingOperator(LogDomainOperator):
                 wait(futures)
                 raise
         return [f.result() for f in futures]  # the first range's error first: the first bad sample is reported
+
+    def _wait(self, futures: dict) -> None:
+        """Wait for every range; once one has failed, the ranges after it stop at their next chunk. Its error is the
+        one reported (unless an earlier range fails too: those run on), so reading on would only delay it: by half a
+        pass for a NaN in the first rows, on 2 threads."""
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    self.stop_from = min(self.stop_from, futures[f])
 
     def chunks(self, lo: int = 0, hi: int | None = None):
         for rows in super().chunks(lo, hi):
