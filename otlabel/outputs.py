@@ -66,6 +66,9 @@ class AtomicNpy:
         folder = os.path.dirname(self.path)
         if os.path.isdir(self.path):
             raise OutputError(f"cannot write {path!r}: it is a directory")
+        if path.endswith(tuple(filter(None, (os.sep, os.altsep)))):  # abspath drops the slash: 'new/' became file 'new'
+            raise OutputError(f"cannot write {path!r}: a path ending in {path[-1]!r} names a directory; give a file "
+                              "name, in it or beside it")  # fmt: skip
         if os.path.exists(self.path) and not os.path.isfile(self.path):  # renaming over /dev/null would replace it
             raise OutputError(f"cannot write {path!r}: it is not a regular file (a device, pipe or socket)")
         if not os.path.isdir(folder):

@@ -192,6 +192,16 @@ def test_outputs_must_be_regular_files(scores_file, tmp_path, capsys):
     assert fifo.is_fifo()
 
 
+def test_an_output_path_ending_in_a_slash_is_not_written_as_a_file(scores_file, tmp_path, capsys):
+    """``--out results/`` for a directory not made yet wrote a file named ``results`` (the slash was dropped) and
+    said it wrote ``results/``; over an existing file ``results`` it replaced that file."""
+    assert main(["assign", str(scores_file), "-q", "--out", f"{tmp_path / 'results'}/"]) == EXIT_OUTPUT
+    assert "names a directory; give a file name" in capsys.readouterr().err
+    (tmp_path / "old").write_text("keep")
+    assert main(["assign", str(scores_file), "-q", "--out", f"{tmp_path / 'old'}/"]) == EXIT_OUTPUT
+    assert sorted(os.listdir(tmp_path)) == ["old"] and (tmp_path / "old").read_text() == "keep"
+
+
 def test_a_full_disk_is_an_output_error_not_a_crash(scores_file, tmp_path, capsys, monkeypatch):
     """Outputs are memory-mapped: without their blocks reserved up front, a full disk killed the process with
     SIGBUS mid-run (exit 135, temporary files left). Now the reservation fails first, cleanly."""
