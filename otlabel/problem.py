@@ -115,9 +115,13 @@ def as_tensor(x, name: str) -> torch.Tensor:
             return torch.from_numpy(array)
         raise TypeError(f"{name} given as a list must be a rectangular list of numbers; convert it with np.asarray.")
     if isinstance(x, (str, os.PathLike)):
+        # Streaming reads scores from disk, not weights: pointing weights there sent users to an entry point that
+        # refuses their path just the same.
+        fix = ("sinkhorn_assign_stream(path) reads it in chunks (or np.load(path, mmap_mode='r'))" if name == "scores"
+               else "load it first: np.load(path)")  # fmt: skip
         raise TypeError(
             f"{name} must be a torch.Tensor, a numpy.ndarray or a list of numbers, got the path {os.fspath(x)!r}. "
-            "For a .npy on disk, sinkhorn_assign_stream(path) reads it in chunks (or np.load(path, mmap_mode='r'))."
+            f"For a .npy on disk, {fix}."
         )
     raise TypeError(f"{name} must be a torch.Tensor, a numpy.ndarray or a list of numbers, got {type(x).__name__}.")
 

@@ -397,3 +397,16 @@ def test_adaptive_over_relaxation_needs_a_tolerance():
     fixed = sinkhorn_assign(s, 0.1, max_iter=5, tol=None, over_relaxation=1.5)
     plain = sinkhorn_assign(s, 0.1, max_iter=5, tol=None, acceleration="none")
     assert not torch.equal(fixed.cluster_potentials, plain.cluster_potentials)  # a fixed omega does act
+
+
+@pytest.mark.parametrize("name", ["cluster_weights", "sample_weights"])
+def test_weights_given_as_a_path_are_told_to_load_it(name, tmp_path):
+    """A path for the weights was answered with "For a .npy on disk, sinkhorn_assign_stream(path) reads it in
+    chunks", also by sinkhorn_assign_stream itself, which takes weights as arrays only: now "np.load(path)"."""
+    scores = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    path = tmp_path / "w.npy"
+    np.save(path, np.full(20 if name == "sample_weights" else 4, 0.05 if name == "sample_weights" else 0.25))
+    for entry in (sinkhorn_assign, sinkhorn_assign_stream):
+        with pytest.raises(TypeError, match=rf"{name} .* got the path .*load it first: np.load\(path\)") as caught:
+            entry(scores, **{name: str(path)})
+        assert "sinkhorn_assign_stream" not in str(caught.value)
