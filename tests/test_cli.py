@@ -159,6 +159,23 @@ def test_input_errors(make, extra, code, message, tmp_path, capsys):
     assert not (tmp_path / "y.npy").exists() and not glob.glob(str(tmp_path / ".y.npy.*")), os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(npz_bytes(r=np.full(6, 1 / 6))), r"\.npz archive \(arrays: r\), not a \.npy file"),
+    ],
+)
+def test_cluster_weights_file_errors(make, message, scores_file, tmp_path, capsys):
+    """The weights file is read whole, not memory-mapped: an .npz was answered "--cluster-weights must be a
+    torch.Tensor, a numpy.ndarray or a list of numbers, got NpzFile", none of which a command line can give."""
+    make(tmp_path / "w.npy")
+    args = ["assign", str(scores_file), "--cluster-weights", str(tmp_path / "w.npy"), "--out", str(tmp_path / "y.npy")]
+    assert main([*args, "-q"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("otlabel: error: cluster weights file") and re.search(message, err), err
+    assert os.listdir(tmp_path) == ["w.npy"]
+
+
 def test_usage_errors(scores_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["assign", str(scores_file)])  # --out is required
