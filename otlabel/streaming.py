@@ -184,7 +184,9 @@ def unreadable_npy(name: str, path: str, err: Exception) -> str:
     to "load it unsafely" as a pickle, is wrong there and risky: it is left out)."""
     if isinstance(err, EOFError) or os.path.getsize(path) == 0:
         detail = "it is empty"
-    elif "pickle" in str(err):
+    elif "Object arrays" in str(err) or "Python objects" in str(err):  # read whole / memory-mapped: NumPy's words
+        detail = "it is a .npy of Python objects (dtype object), not of numbers"
+    elif "pickle" in str(err):  # no .npy header: NumPy takes the file for a pickle
         detail = "it is not in NumPy's .npy format"
     else:
         detail = str(err)

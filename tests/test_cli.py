@@ -146,6 +146,7 @@ def npz_bytes(**arrays) -> bytes:
         (lambda p: np.save(p, np.zeros((5, 3), np.float32)), ["--over-relaxation", "2.5"], EXIT_INPUT, r"\[1, 2\)"),
         (lambda p: np.save(p, np.zeros((5, 3), "V2")), [], EXIT_INPUT, "as NumPy saves bfloat16"),
         (lambda p: p.write_bytes(npz_bytes(logits=np.zeros(3))), [], EXIT_INPUT, r"\.npz archive \(arrays: logits"),
+        (lambda p: np.save(p, np.full((5, 3), None), allow_pickle=True), [], EXIT_INPUT, r"Python objects \(dtype"),
     ],
 )
 def test_input_errors(make, extra, code, message, tmp_path, capsys):
@@ -163,6 +164,7 @@ def test_input_errors(make, extra, code, message, tmp_path, capsys):
     "make, message",
     [
         (lambda p: p.write_bytes(npz_bytes(r=np.full(6, 1 / 6))), r"\.npz archive \(arrays: r\), not a \.npy file"),
+        (lambda p: np.save(p, np.full(6, None), allow_pickle=True), r"a \.npy of Python objects \(dtype object\)"),
     ],
 )
 def test_cluster_weights_file_errors(make, message, scores_file, tmp_path, capsys):
