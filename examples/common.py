@@ -202,9 +202,13 @@ def load_data(args: argparse.Namespace) -> Data:
 
 def _load_npy(path, flag: str) -> np.ndarray:
     try:
-        return np.load(path)
+        array = np.load(path)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {flag} {path}: {err}") from None
+    if not isinstance(array, np.ndarray):  # np.load reads a .npz archive too, as a dict of arrays
+        array.close()
+        raise SystemExit(f"error: {flag} {path}: a .npz archive of {array.files}; save one array with np.save")
+    return array
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = True):

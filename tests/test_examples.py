@@ -228,6 +228,18 @@ def test_bad_user_arrays_stop_before_training(tmp_path, x, y, says):
         common.load_data(sela.parse_args(flags))
 
 
+@pytest.mark.parametrize("flag", ["--data-x", "--data-y"])
+def test_npz_archives_stop_with_an_error(tmp_path, flag):
+    """np.load reads a .npz as an archive, not an array: it was an AttributeError traceback from load_data."""
+    np.save(tmp_path / "x.npy", np.ones((5, 3)))
+    np.save(tmp_path / "y.npy", np.zeros(5))
+    np.savez(tmp_path / "a.npz", samples=np.ones((5, 3)))
+    paths = {"--data-x": tmp_path / "x.npy", "--data-y": tmp_path / "y.npy", flag: tmp_path / "a.npz"}
+    flags = [part for key, path in paths.items() for part in (key, str(path))]
+    with pytest.raises(SystemExit, match=f"error: {flag} .*a.npz: a .npz archive of \\['samples'\\]"):
+        common.load_data(sela.parse_args(flags))
+
+
 def test_column_labels_and_float64_offsets(tmp_path):
     """(N, 1) labels are read as (N,); float64 columns with a large offset keep their information."""
     y = np.repeat(np.arange(2), 10)
