@@ -71,13 +71,15 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float) ->
     )
     p.add_argument("--data-y", type=Path, help="a .npy array (N,) of true labels, used only for evaluation")
     p.add_argument("--k", type=positive_int, help="number of clusters; default: the number of true classes")
-    p.add_argument("--epochs", type=positive_int, default=epochs)
-    p.add_argument("--batch-size", type=batch_type, default=batch_size)
-    p.add_argument("--lr", type=positive_float, default=lr)
-    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data")
+    p.add_argument("--batch-size", type=batch_type, default=batch_size, help="samples per SGD step")
+    p.add_argument(
+        "--lr", type=positive_float, default=lr, help="SGD learning rate (SeLa, SwAV: the peak of a cosine schedule)"
+    )
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="SGD weight decay")
     p.add_argument("--width", type=positive_int, default=32, help="channels of the first conv layer of the trunk")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--seed", type=seed_type, default=0)
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of every random generator")
     p.add_argument(
         "--threads",
         type=positive_int,

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     """DeepCluster's flags on top of the common ones."""
     p = common.base_parser(__doc__.split("\n")[0], epochs=60, batch_size=128, lr=0.05)
     p.add_argument("--pca-dim", type=common.positive_int, default=32, help="PCA-whitening dimension before k-means")
-    p.add_argument("--kmeans-iters", type=common.positive_int, default=20)
+    p.add_argument("--kmeans-iters", type=common.positive_int, default=20, help="Lloyd iterations of each k-means")
     p.add_argument("--balanced", action="store_true", help="balanced assignment by otlabel instead of k-means'")
     p.add_argument("--ot-epsilon", type=common.positive_float, default=0.05, help="Sinkhorn epsilon of --balanced")
     p.add_argument("--faiss", action="store_true", help="faiss's k-means, not the torch one (not with --balanced)")

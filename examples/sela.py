@@ -59,7 +59,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--sinkhorn-tol", type=common.positive_float, default=1e-3, help="cluster-marginal L1 tolerance of each step"
     )
-    p.add_argument("--sinkhorn-max-iter", type=common.positive_int, default=1000)
+    p.add_argument(
+        "--sinkhorn-max-iter", type=common.positive_int, default=1000, help="iteration cap of each self-labelling step"
+    )
     return p.parse_args(argv)
 
 

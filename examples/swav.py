@@ -68,11 +68,11 @@ def parse_args(argv=None):
         default=6,
         help="side in pixels of a small view",
     )
-    p.add_argument("--proj-dim", type=common.positive_int, default=32)
+    p.add_argument("--proj-dim", type=common.positive_int, default=32, help="dimension of the projections")
     p.add_argument("--epsilon", type=common.positive_float, default=0.05, help="Sinkhorn entropic regularisation")
     p.add_argument("--sinkhorn-iters", type=common.positive_int, default=3, help="fixed Sinkhorn iterations (tol=None)")
     p.add_argument("--converged", action="store_true", help="iterate Sinkhorn to tol=1e-4 instead, warm-started")
-    p.add_argument("--temperature", type=common.positive_float, default=0.1)
+    p.add_argument("--temperature", type=common.positive_float, default=0.1, help="softmax temperature τ of the loss")
     p.add_argument(
         "--freeze-prototypes", type=common.count, default=100, help="steps during which prototypes do not move"
     )
