@@ -41,6 +41,8 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
     alternate until the change of ``c`` is below ``tol`` (SeLa's stopping rule) or ``n_iter``. In
     ``epsilon`` terms this is entropic OT with ``epsilon = 1 / lam``.
     """
+    if isinstance(logits, torch.Tensor):  # a model's output: it may require grad or live on a GPU
+        logits = logits.detach().cpu()
     logits = np.asarray(logits, dtype=np.float64)
     n_samples, n_clusters = logits.shape
     p0 = np.exp(logits - logits.max(axis=1, keepdims=True))

@@ -45,3 +45,9 @@ def test_sela_baseline_equals_sinkhorn_assign_at_lambda():
     plan = sela_sinkhorn(logits, lam=lam, n_iter=5000, tol=1e-12)
     ours = sinkhorn_assign(logits, 1 / lam, tol=1e-10, max_iter=50_000, backend="reference")
     assert_close(torch.from_numpy(plan), ours.codes, atol=1e-6, what="SeLa P^lambda plan vs codes")
+
+
+def test_sela_baseline_takes_a_model_output():
+    """Logits that require grad (a head's output) raised 'Can't call numpy() on Tensor that requires grad'."""
+    logits = random_problem(50, 4, seed=35, dtype=torch.float64).requires_grad_()
+    np.testing.assert_array_equal(sela_sinkhorn(logits, lam=5.0), sela_sinkhorn(logits.detach().numpy(), lam=5.0))
