@@ -73,15 +73,18 @@ class ExactResult:
         return f"ExactResult(objective={self.objective:.6g}, plan={plan}, labels={labels})"
 
 
-def _prepare(scores, cluster_weights, sample_weights):
-    """The scores, sample and cluster weights as float64 NumPy arrays, checked."""
+def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
+    """The scores, sample and cluster weights as float64 NumPy arrays, checked. ``check_mask``: a mask that leaves
+    no plan with these weights (Hall's condition) is the ``ValueError`` :func:`otlabel.sinkhorn_assign` gives, naming
+    the samples and clusters; :func:`exact_assign` skips it, as its rounded cluster sizes may fit where the weights'
+    exact shares do not."""
     s3, batched = check_scores(scores)
     if batched:
         raise ValueError("the exact solvers take one (N, K) problem; loop over heads yourself.")
     _, n, k = s3.shape
     r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device, (n, k))
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device, (n, k))
-    check_score_values(s3, r, batched=False)
+    check_score_values(s3, r, batched=False, sample_weights=c if check_mask else None)
     return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy()
 
 
@@ -169,7 +172,7 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     Builds one column per cluster slot (N columns in all) and solves the N×N linear assignment. Returns an
     :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
-    s, _, r = _prepare(scores, cluster_weights, None)
+    s, _, r = _prepare(scores, cluster_weights, None, check_mask=False)
     from scipy.optimize import linear_sum_assignment
 
     n, k = s.shape

@@ -76,6 +76,24 @@ def test_exact_respects_mask(method):
 
 
 @pytest.mark.parametrize("method", ["pot", "linprog"])
+def test_infeasible_mask_is_named_as_sinkhorn_assign_names_it(method):
+    """Two samples may only go to cluster 0, whose share is 1/3: exact_plan said only 'no feasible plan' (POT) or
+    relayed HiGHS's status (linprog), where sinkhorn_assign names the samples and clusters before solving."""
+    s = np.array([[0.0, -np.inf, -np.inf], [0.0, -np.inf, -np.inf], [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError) as expected:
+        sinkhorn_assign(s, 0.1)
+    with pytest.raises(ValueError, match="may only go to clusters") as raised:
+        exact_plan(s, method=method)
+    assert str(raised.value) == str(expected.value)
+    # Shares of 1/2 leave no plan for two samples that only cluster 0 may take, but rounded to whole samples (2 and
+    # 1) the hard assignment exists, and exact_assign still finds it.
+    s = np.array([[0.0, -np.inf], [0.0, -np.inf], [0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"infeasible mask: clusters \[1\] need 0.5 of the mass"):
+        exact_plan(s, cluster_weights=[0.5, 0.5], method=method)
+    assert exact_assign(s, cluster_weights=[0.5, 0.5]).labels.tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("method", ["pot", "linprog"])
 def test_exact_plan_of_huge_masked_scores(method):
     """1e300 scores with a mask: the forbidden-pair penalty used to overflow to inf and POT returned an empty plan
     (objective 0, only a warning). The plan does not change when every score is scaled by the same factor."""
