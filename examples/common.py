@@ -106,9 +106,16 @@ def setup(args: argparse.Namespace) -> torch.device:
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:  # a misspelt device type
+        raise SystemExit(f"error: --device {args.device}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}: CUDA is not available here; use --device cpu")
+    try:
+        torch.empty(0, device=device)  # a device this torch was not built for, or a GPU index that is not there
+    except (RuntimeError, AssertionError) as err:
+        raise SystemExit(f"error: --device {args.device}: {str(err).splitlines()[0]}") from None
     return device
 
 

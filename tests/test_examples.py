@@ -209,6 +209,13 @@ def test_help_shows_every_default(trainer, capsys):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("device", ["foo", "cdua"])
+def test_unknown_device_is_an_error_naming_the_flag(device):
+    """--device foo was a RuntimeError traceback from torch.device."""
+    with pytest.raises(SystemExit, match=f"error: --device {device}: Expected one of cpu, cuda"):
+        common.setup(sela.parse_args(["--device", device]))
+
+
 def test_more_clusters_than_samples_stops_before_training():
     """--k 2000 on 1,797 digits trained a whole run, then failed in the k-means baseline."""
     with pytest.raises(SystemExit, match="--k 2000 is more clusters than the 1797 samples"):
