@@ -91,8 +91,11 @@ def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
 def _unit_cost(s: np.ndarray) -> np.ndarray:
     """The cost ``-S`` rescaled to [0, 1] (the optimal plan does not change under a positive affine map of all
     scores), with forbidden pairs at 1e6, a cost no feasible optimum pays. Rescaling first keeps that penalty
-    finite for scores of any size (1e300 scores made it inf, and the solvers returned an empty plan)."""
+    finite for scores of any size (1e300 scores made it inf, and the solvers returned an empty plan); dividing by the
+    largest |score| first keeps the spread finite too (1e308 - -1e308 is inf)."""
     allowed = np.isfinite(s)
+    top = np.abs(s[allowed]).max()
+    s = s / top if top > 0 else s  # the finite scores in [-1, 1]
     finite = s[allowed]
     spread = finite.max() - finite.min()
     unit = (finite.max() - s) / spread if spread > 0 else np.zeros_like(s)

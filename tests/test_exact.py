@@ -104,6 +104,15 @@ def test_exact_plan_of_huge_masked_scores(method):
     assert huge.plan[0, 0] == 0 and np.isclose(huge.objective, small.objective * 1e300, rtol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["pot", "linprog", "assign"])
+def test_exact_solvers_take_scores_near_the_float64_limit(method):
+    """Scores of +-1e308: their spread overflowed to inf and the unit costs became NaN (linprog and exact_assign
+    refused them, POT solved a NaN cost matrix)."""
+    s = np.array([[1.0, -1.0, 0.5], [-1.0, 1.0, 0.5], [0.5, -1.0, 1.0]])
+    solve = exact_assign if method == "assign" else lambda x: exact_plan(x, method=method)
+    assert solve(s * 1e308).labels.tolist() == [0, 1, 2] == solve(s).labels.tolist()
+
+
 def test_results_come_in_the_inputs_kind_with_a_short_repr():
     """exact_assign(...).labels was always a NumPy array (sinkhorn_assign returns tensors: comparing the two gave a
     bool tensor whose .mean() fails), and the repr printed the whole plan."""
