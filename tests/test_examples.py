@@ -234,6 +234,7 @@ def test_checkpoint_loads_with_torch_load_defaults(tmp_path):
         (np.array([[0.0, np.nan], [1.0, 2.0], [3.0, 4.0]]), None, "contains NaN or inf"),
         (np.ones((1, 3)), None, "needs 2 or more"),
         (np.ones((5, 1, 1)), None, "the trunk needs 2x2"),
+        (np.ones((5, 0)), None, "has no features"),  # trained a whole run, then k-means refused it
         (np.ones(5), None, "must be (N, D)"),
         (np.ones((5, 3)), np.zeros((5, 2)), "--data-y must have shape (5,)"),
         (np.ones((5, 3)), np.zeros(4), "--data-y must have shape (5,)"),
