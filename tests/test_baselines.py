@@ -51,3 +51,28 @@ def test_sela_baseline_takes_a_model_output():
     """Logits that require grad (a head's output) raised 'Can't call numpy() on Tensor that requires grad'."""
     logits = random_problem(50, 4, seed=35, dtype=torch.float64).requires_grad_()
     np.testing.assert_array_equal(sela_sinkhorn(logits, lam=5.0), sela_sinkhorn(logits.detach().numpy(), lam=5.0))
+
+
+def published_sela(logits: np.ndarray, lam: float) -> np.ndarray:
+    """SeLa's ``cpu_sk`` loop as its public code has it (K x N layout, the error read on every 10th iteration)."""
+    n, k = logits.shape
+    ps = np.exp(logits - logits.max(1, keepdims=True))
+    ps = (ps / ps.sum(1, keepdims=True)).T ** lam  # (K, N)
+    r, c = np.ones((k, 1)) / k, np.ones((n, 1)) / n
+    err, counter = 1e6, 0
+    while err > 1e-1:
+        r = (1 / k) / (ps @ c)
+        c_new = (1 / n) / (r.T @ ps).T
+        if counter % 10 == 0:
+            err = np.nansum(np.abs(c / c_new - 1))
+        c = c_new
+        counter += 1
+    return (ps * c.T * r).T * n
+
+
+@pytest.mark.parametrize("lam", [2.0, 5.0, 10.0])
+def test_sela_baseline_follows_the_published_stopping_rule(lam):
+    """SeLa reads its error on the 1st, 11th, 21st, ... iteration: the baseline read it on every one and stopped
+    earlier (here after 6, 19 and 40 iterations where SeLa runs 11, 21 and 41)."""
+    logits = random_problem(300, 10, seed=36, dtype=torch.float64).numpy()
+    np.testing.assert_allclose(sela_sinkhorn(logits, lam=lam), published_sela(logits, lam), rtol=1e-12, atol=0)
