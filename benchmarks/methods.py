@@ -195,8 +195,9 @@ def sela(problem: Problem, n_iter: int, tol: float | None) -> Outcome:
 
 
 def sela_default(problem: Problem, n_iter: int, tol: float | None) -> Outcome:
-    """SeLa as published: its own stopping rule (change of the scaling vector < 0.1), at most 100 iterations."""
-    plan = otlabel.sela_sinkhorn(problem.scores64(), lam=1.0 / problem.epsilon)
+    """SeLa as published: its own stopping rule (change of the scaling vector < 0.1, read every 10th iteration).
+    Its code has no iteration cap; ``n_iter`` is only a guard against an endless loop."""
+    plan = otlabel.sela_sinkhorn(problem.scores64(), lam=1.0 / problem.epsilon, n_iter=n_iter)
     return Outcome(plan, 1.0 / problem.n, -1, None)
 
 

@@ -34,7 +34,7 @@ CONFIGS = (  # label, method, n_iter, tol
     ("otlabel plain steps (tol 1e-4)", "otlabel-torch", 1_000, 1e-4),
     ("otlabel (3 it)", "otlabel-torch", 3, None),
     ("swav (3 it)", "swav", 3, None),
-    ("sela (its rule)", "sela-default", 100, None),
+    ("sela (its rule)", "sela-default", 100_000, None),  # its code has no cap: a guard only
     ("pot-sinkhorn-numpy (defaults)", "pot-sinkhorn-numpy", 1_000, 1e-9),
 )
 
