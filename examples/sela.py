@@ -18,6 +18,7 @@ first head on un-augmented data.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -123,7 +124,10 @@ def main(argv=None) -> dict:
     steps_per_epoch = len(data.x) // args.batch_size
     total = epochs * steps_per_epoch
     n_label = 2 if args.quick else args.label_steps
-    label_at = set(np.linspace(0, total, n_label + 2)[1:-1].round().astype(int).tolist())
+    label_at = {s for s in np.linspace(0, total, n_label + 2)[1:-1].round().astype(int).tolist() if s < total}
+    if len(label_at) < n_label:  # steps that round to the same training step (or past the last) are one (or none)
+        print(f"note: --label-steps {n_label} spread over {total} training steps: {len(label_at)} run (label steps "
+              "that fall on the same training step run once)", file=sys.stderr)  # fmt: skip
     state = {"label_at": label_at, "potentials": None, "device": device, "history": []}
     aug, step, losses = common.Augment(), [0], []
     start = time.perf_counter()

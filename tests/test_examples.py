@@ -312,3 +312,14 @@ def test_faiss_is_opt_in_and_not_with_balanced(capsys):
     with pytest.raises(SystemExit) as stop:
         deepcluster.parse_args(["--faiss", "--balanced"])
     assert stop.value.code == 2 and "--faiss replaces the whole k-means" in capsys.readouterr().err
+
+
+def test_sela_says_when_label_steps_outnumber_training_steps(tmp_path, capsys):
+    """Label steps that round to the same training step are one: 5 asked for over 2 training steps ran 2, silently."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((40, 5)).astype(np.float32))
+    flags = ["--data-x", str(tmp_path / "x.npy"), "--k", "2", "--epochs", "1", "--batch-size", "20", "--no-progress"]
+    results = sela.main([*flags, "--label-steps", "5"])
+    assert len(results["rows"][0]["label_steps"]) == 2
+    assert "note: --label-steps 5 spread over 2 training steps: 2 run" in capsys.readouterr().err
+    sela.main([*flags, "--label-steps", "1"])
+    assert "note:" not in capsys.readouterr().err
