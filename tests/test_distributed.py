@@ -7,9 +7,11 @@ Spawning costs a torch import per process, so each world size is one spawn that 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,37 @@ from otlabel.distributed import sinkhorn_assign_sharded
 
 N, K, EPS = 203, 7, 0.1
 ITERS = 60  # fixed-iteration comparisons: the same arithmetic path length on both sides
+
+
+def join_group(rank: int, world: int, init_file: str, threads: int | None = 1):
+    """Join a spawned test's Gloo group (``file://`` rendezvous, 60 s timeout); ``threads``: torch threads of this
+    rank (one by default: the ranks share the machine's cores; ``None`` leaves them as they are)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    return dist.group.WORLD
+
+
+@contextlib.contextmanager
+def gloo_worker(rank: int, world: int, init_file: str, out_dir: str, threads: int | None = 1):
+    """A spawned worker's process group for its body; when the body returns, the ranks meet at a barrier, each
+    leaves ``done{rank}`` in ``out_dir`` (what :func:`spawn_workers` checks) and the group is destroyed."""
+    group = join_group(rank, world, init_file, threads)
+    yield group
+    dist.barrier()
+    Path(out_dir, f"done{rank}").touch()
+    dist.destroy_process_group()
+
+
+def spawn_workers(worker, tmp_path, world: int = 2, done: bool = True) -> None:
+    """``worker(rank, world, init_file, out_dir)`` on ``world`` spawned processes (a rank that raises fails the
+    test); with ``done``, every rank must also have left its ``done{rank}`` file (run to its end)."""
+    mp.spawn(worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world, join=True)
+    if done:
+        missing = [r for r in range(world) if not (tmp_path / f"done{r}").exists()]
+        assert not missing, f"rank(s) {missing} did not finish their worker"
 
 
 def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
@@ -79,11 +112,7 @@ def check_slice(name, res, ref, lo, hi, batched):
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    group = dist.group.WORLD
+    group = join_group(rank, world, init_file)
     lo, hi = shard_bounds(N, world)[rank]
     record = {}
     for name, scores, c, r, kw in cases():
@@ -266,7 +295,7 @@ def reference_results(out_dir: str) -> None:
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_sharded_matches_single_process(world, tmp_path):
     reference_results(str(tmp_path))
-    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world, join=True)
+    spawn_workers(_worker, tmp_path, world, done=False)  # no done files: it ends in os._exit, see there
     records = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for name in records[0]:
         per_rank = [rec[name] for rec in records]
@@ -312,55 +341,48 @@ def test_sharded_cpu_solve_keeps_float64_potentials():
 
 def _one_bad_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Arguments refused on one rank only, each raised on every rank at once (a regression waits out timeout=10)."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    group, bad = dist.group.WORLD, rank == world - 1
-    scores = random_problem(4, K, seed=rank)
-    others = "rank\\(s\\) \\[1\\] rejected their input"
-    # Checked before the first collective, these raised on the bad rank alone and left the others waiting.
-    with pytest.raises(ValueError, match="timeout must be a positive number" if bad else others):
-        sinkhorn_assign_sharded(scores, EPS, group=group, timeout=-1 if bad else 10)
-    with pytest.raises(ValueError, match="give scores= only" if bad else others):
-        sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, local_scores=scores if bad else None)
-    # An epsilon that differs only beyond 6 digits (a float32 tensor's 0.1 against 0.1): the message shows both.
-    epsilon = torch.tensor(EPS) if bad else EPS
-    with pytest.raises(ValueError, match=r"disagree on epsilon \(rank 0: 0.1, rank 1: 0.10000000149011612\)"):
-        sinkhorn_assign_sharded(scores, epsilon, group=group, timeout=10)
-    # A cluster far below the rest: too far for float32, not for the float64 reference backend on rank 1. The column
-    # check judges in the narrowest arithmetic of any rank, so both raise (rank 1 used to wait in the mask check).
-    far = scores.clone()
-    far[:, 0] -= 1000
-    with pytest.raises(ValueError, match=r"scores / epsilon reach .* \(cluster 0, head 0\)"):
-        sinkhorn_assign_sharded(far, EPS, group=group, timeout=10, backend="reference" if bad else "torch")
-    # The same cluster weights in float32 on one rank: refused, saying by how much and why.
-    weights = torch.arange(1.0, K + 1, dtype=torch.float32 if bad else torch.float64)
-    with pytest.raises(ValueError, match=r"cluster_weights differ between ranks \(by up to [0-9.e-]+; the same values"):
-        sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, cluster_weights=weights / weights.sum())
-    # Features through the float64 reference on one rank: the same solve (it was refused as a scores-dtype
-    # disagreement, the reference rank having turned its features into float64 scores).
-    z = torch.nn.functional.normalize(torch.randn(40, 5, generator=torch.Generator().manual_seed(rank)), dim=1)
-    c = torch.nn.functional.normalize(torch.randn(K, 5, generator=torch.Generator().manual_seed(9)), dim=1)
-    mixed = sinkhorn_assign_sharded(features=z, prototypes=c, epsilon=EPS, group=group, timeout=10, tol=1e-6,
-                                    backend="reference" if bad else "torch")  # fmt: skip
-    same = sinkhorn_assign_sharded(features=z, prototypes=c, epsilon=EPS, group=group, timeout=10, tol=1e-6)
-    assert mixed.converged and torch.equal(mixed.labels, same.labels)
-    assert_close(mixed.codes.float(), same.codes, atol=1e-5, what="codes of a rank on the reference backend")
-    # A rank left out of a subgroup is told so (new_group gives it a placeholder, not a group).
-    subgroup = dist.new_group([0])
-    if bad:
-        with pytest.raises(ValueError, match="rank 1 is not a member of this process group"):
-            sinkhorn_assign_sharded(scores, EPS, group=subgroup, timeout=10)
-    dist.barrier()
-    with open(os.path.join(out_dir, f"done{rank}"), "w"):
-        pass
-    dist.destroy_process_group()
+    with gloo_worker(rank, world, init_file, out_dir) as group:
+        bad = rank == world - 1
+        scores = random_problem(4, K, seed=rank)
+        others = "rank\\(s\\) \\[1\\] rejected their input"
+        # Checked before the first collective, these raised on the bad rank alone and left the others waiting.
+        with pytest.raises(ValueError, match="timeout must be a positive number" if bad else others):
+            sinkhorn_assign_sharded(scores, EPS, group=group, timeout=-1 if bad else 10)
+        with pytest.raises(ValueError, match="give scores= only" if bad else others):
+            sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, local_scores=scores if bad else None)
+        # An epsilon that differs only beyond 6 digits (a float32 tensor's 0.1 against 0.1): the message shows both.
+        epsilon = torch.tensor(EPS) if bad else EPS
+        with pytest.raises(ValueError, match=r"disagree on epsilon \(rank 0: 0.1, rank 1: 0.10000000149011612\)"):
+            sinkhorn_assign_sharded(scores, epsilon, group=group, timeout=10)
+        # A cluster far below the rest: too far for float32, not for the float64 reference backend on rank 1. The column
+        # check judges in the narrowest arithmetic of any rank, so both raise (rank 1 used to wait in the mask check).
+        far = scores.clone()
+        far[:, 0] -= 1000
+        with pytest.raises(ValueError, match=r"scores / epsilon reach .* \(cluster 0, head 0\)"):
+            sinkhorn_assign_sharded(far, EPS, group=group, timeout=10, backend="reference" if bad else "torch")
+        # The same cluster weights in float32 on one rank: refused, saying by how much and why.
+        weights = torch.arange(1.0, K + 1, dtype=torch.float32 if bad else torch.float64)
+        differ = r"cluster_weights differ between ranks \(by up to [0-9.e-]+; the same values"
+        with pytest.raises(ValueError, match=differ):
+            sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, cluster_weights=weights / weights.sum())
+        # Features through the float64 reference on one rank: the same solve (it was refused as a scores-dtype
+        # disagreement, the reference rank having turned its features into float64 scores).
+        z = torch.nn.functional.normalize(torch.randn(40, 5, generator=torch.Generator().manual_seed(rank)), dim=1)
+        c = torch.nn.functional.normalize(torch.randn(K, 5, generator=torch.Generator().manual_seed(9)), dim=1)
+        mixed = sinkhorn_assign_sharded(features=z, prototypes=c, epsilon=EPS, group=group, timeout=10, tol=1e-6,
+                                        backend="reference" if bad else "torch")  # fmt: skip
+        same = sinkhorn_assign_sharded(features=z, prototypes=c, epsilon=EPS, group=group, timeout=10, tol=1e-6)
+        assert mixed.converged and torch.equal(mixed.labels, same.labels)
+        assert_close(mixed.codes.float(), same.codes, atol=1e-5, what="codes of a rank on the reference backend")
+        # A rank left out of a subgroup is told so (new_group gives it a placeholder, not a group).
+        subgroup = dist.new_group([0])
+        if bad:
+            with pytest.raises(ValueError, match="rank 1 is not a member of this process group"):
+                sinkhorn_assign_sharded(scores, EPS, group=subgroup, timeout=10)
 
 
 def test_arguments_refused_on_one_rank_fail_every_rank(tmp_path):
-    mp.spawn(_one_bad_rank_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    assert all((tmp_path / f"done{r}").exists() for r in range(2))
+    spawn_workers(_one_bad_rank_worker, tmp_path)
 
 
 class CallbackStop(Exception):
@@ -371,46 +393,39 @@ def _callback_raises_worker(rank: int, world: int, init_file: str, out_dir: str)
     """A callback that raises on one rank stops every rank at the next exchange; the other ranks hear which rank.
     Rank 0 has no callback (a progress bar on one rank only), so it never reads an error itself. Before, rank 0
     waited out timeout=10 and raised 'gave up on the all-gather', which the matches below refuse."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    group, scores = dist.group.WORLD, random_problem(30, K, seed=rank)
-    calls = []
+    with gloo_worker(rank, world, init_file, out_dir) as group:
+        scores = random_problem(30, K, seed=rank)
+        calls = []
 
-    def stop_at(iteration):
-        def callback(it, err):
-            calls.append(it)
-            if it == iteration:
-                raise CallbackStop(f"stop at {it}")
-        return callback
+        def stop_at(iteration):
+            def callback(it, err):
+                calls.append(it)
+                if it == iteration:
+                    raise CallbackStop(f"stop at {it}")
+            return callback
 
-    others = r"the callback raised on rank\(s\) \[1\]"
-    for tol, stop in [(None, 3), (1e-6, 3), (None, 5)]:  # mid-solve, mid-solve with a tol, the last iteration
-        calls.clear()
-        with pytest.raises(CallbackStop if rank == 1 else RuntimeError, match=f"stop at {stop}" if rank else others):
-            sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, tol=tol, max_iter=5,
-                                    callback=stop_at(stop) if rank == 1 else None)  # fmt: skip
-        assert calls == (list(range(1, stop + 1)) if rank == 1 else [])  # not called again once it raised
-    # Both ranks' callbacks raise: each rank raises its own.
-    with pytest.raises(CallbackStop, match="stop at 2"):
-        sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, max_iter=5, callback=stop_at(2))
-    # A callback that returns on rank 0 only changes nothing.
-    seen = []
-    res = sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, max_iter=500,
-                                  callback=(lambda it, err: seen.append(err)) if rank == 0 else None)  # fmt: skip
-    plain = sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, max_iter=500)
-    assert res.converged and torch.equal(res.cluster_potentials, plain.cluster_potentials)
-    assert seen == (res.errors if rank == 0 else [])
-    dist.barrier()
-    with open(os.path.join(out_dir, f"done{rank}"), "w"):
-        pass
-    dist.destroy_process_group()
+        others = r"the callback raised on rank\(s\) \[1\]"
+        for tol, stop in [(None, 3), (1e-6, 3), (None, 5)]:  # mid-solve, mid-solve with a tol, the last iteration
+            calls.clear()
+            error, words = (CallbackStop, f"stop at {stop}") if rank == 1 else (RuntimeError, others)
+            with pytest.raises(error, match=words):
+                sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, tol=tol, max_iter=5,
+                                        callback=stop_at(stop) if rank == 1 else None)  # fmt: skip
+            assert calls == (list(range(1, stop + 1)) if rank == 1 else [])  # not called again once it raised
+        # Both ranks' callbacks raise: each rank raises its own.
+        with pytest.raises(CallbackStop, match="stop at 2"):
+            sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, max_iter=5, callback=stop_at(2))
+        # A callback that returns on rank 0 only changes nothing.
+        seen = []
+        res = sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, max_iter=500,
+                                      callback=(lambda it, err: seen.append(err)) if rank == 0 else None)  # fmt: skip
+        plain = sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, max_iter=500)
+        assert res.converged and torch.equal(res.cluster_potentials, plain.cluster_potentials)
+        assert seen == (res.errors if rank == 0 else [])
 
 
 def test_a_callback_that_raises_on_one_rank_stops_every_rank(tmp_path):
-    mp.spawn(_callback_raises_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    assert all((tmp_path / f"done{r}").exists() for r in range(2))
+    spawn_workers(_callback_raises_worker, tmp_path)
 
 
 def test_sharded_warm_start_is_not_rounded_to_float32():
@@ -581,22 +596,19 @@ def gpu_problem():
 
 
 def _gpu_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
-    lo, hi = shard_bounds(GPU_N, world)[rank]
-    scores, z, c = gpu_problem()
-    ref = torch.load(os.path.join(out_dir, "ref-gpu.pt"), weights_only=False)
-    call = dict(epsilon=EPS, group=dist.group.WORLD, tol=None, max_iter=ITERS, timeout=60)
-    dense = sinkhorn_assign_sharded(scores[lo:hi], **call)
-    features = sinkhorn_assign_sharded(features=z[lo:hi], prototypes=c, **call)
-    for name, res in (("dense", dense), ("features", features)):
-        assert res.labels.is_cuda, name
-        labels, potentials = ref[name][0][lo:hi], ref[name][1]
-        differ = torch.nonzero(res.labels.cpu() != labels)[:5]
-        assert torch.equal(res.labels.cpu(), labels), f"{name}: labels differ at {differ}"
-        assert_close(res.cluster_potentials, potentials, atol=2e-4, what=f"{name}: potentials")
-    dist.destroy_process_group()
+    with gloo_worker(rank, world, init_file, out_dir, threads=None) as group:
+        lo, hi = shard_bounds(GPU_N, world)[rank]
+        scores, z, c = gpu_problem()
+        ref = torch.load(os.path.join(out_dir, "ref-gpu.pt"), weights_only=False)
+        call = dict(epsilon=EPS, group=group, tol=None, max_iter=ITERS, timeout=60)
+        dense = sinkhorn_assign_sharded(scores[lo:hi], **call)
+        features = sinkhorn_assign_sharded(features=z[lo:hi], prototypes=c, **call)
+        for name, res in (("dense", dense), ("features", features)):
+            assert res.labels.is_cuda, name
+            labels, potentials = ref[name][0][lo:hi], ref[name][1]
+            differ = torch.nonzero(res.labels.cpu() != labels)[:5]
+            assert torch.equal(res.labels.cpu(), labels), f"{name}: labels differ at {differ}"
+            assert_close(res.cluster_potentials, potentials, atol=2e-4, what=f"{name}: potentials")
 
 
 @pytest.mark.gpu
@@ -611,4 +623,4 @@ def test_sharded_cuda_shards_match_the_single_gpu_solve(tmp_path):
     }
     ref = {name: (res.labels.cpu(), res.cluster_potentials.cpu()) for name, res in solved.items()}
     torch.save(ref, tmp_path / "ref-gpu.pt")
-    mp.spawn(_gpu_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    spawn_workers(_gpu_worker, tmp_path)
