@@ -210,6 +210,34 @@ def test_cluster_lse_masks(dtype, block_k, warm, column_mass):
     assert torch.equal(out, out2), f"zero-weight sample changed the result: {(out - out2).abs().max()}"
 
 
+def _nan_after(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a contiguous view at the start of a buffer whose next elements are NaN: a kernel that reads past
+    its end (a mask ``<=`` for ``<``) turns its results into NaN."""
+    buf = torch.full((x.numel() + 8,), float("nan"), dtype=x.dtype, device=x.device)
+    buf[: x.numel()] = x.flatten()
+    return buf[: x.numel()].view(x.shape)
+
+
+@pytest.mark.parametrize("block_k", [None, 4], ids=["one-chunk", "multichunk"])
+@COLUMN_SUMS
+def test_kernels_read_nothing_past_k_or_n(block_k, column_mass):
+    """b (H, K) and log c (N,) followed in memory by NaN: K = 5 and N = 7 leave masked lanes in every padded tile,
+    and the results are those of the same tensors on their own, bit for bit."""
+    h, n, k = 2, 7, 5
+    s, b, log_c = _scores(h, n, k, torch.float32, seed=8), _potentials(h, k, seed=9), _log_c(n)
+    ws = _ws(s, 4, block_k, column_mass)
+    launch = dense_launch(n, k, h, s.device, block_n=4, block_k=block_k)
+    for warm in (False, True):
+        clean = dense_cluster_lse(s, b if warm else None, log_c, INV_EPS, workspace=ws)
+        padded = dense_cluster_lse(s, _nan_after(b) if warm else None, _nan_after(log_c), INV_EPS, workspace=ws)
+        assert not clean.isnan().any() and torch.equal(padded, clean), f"cluster LSE, warm={warm}"
+    labels, codes = dense_assign(s, b, INV_EPS, want_codes=True, launch=launch)
+    labels_p, codes_p = dense_assign(s, _nan_after(b), INV_EPS, want_codes=True, launch=launch)
+    assert torch.equal(labels_p, labels) and torch.equal(codes_p, codes), "assign"
+    score = dense_transport_score(s, b, log_c, INV_EPS, launch=launch)
+    assert torch.equal(dense_transport_score(s, _nan_after(b), _nan_after(log_c), INV_EPS, launch=launch), score)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_k", [None, 16], ids=["one-chunk", "multichunk"])
 def test_cluster_lse_transposed_view(dtype, block_k):
