@@ -243,7 +243,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     # A rank that never calls: the others raise after the timeout instead of hanging. (Last: the group is
     # then left with a pending collective.)
     if rank == 0:
-        gave_up = r"gave up on the all-gather of the checks after [0-9.]+ s \(timeout=2\)"
+        # It waited the whole timeout (not cut short by a closed connection): the error says to raise it.
+        gave_up = r"gave up on the all-gather of the checks after [0-9.]+ s \(timeout=2\).* Raise timeout= if one"
         with pytest.raises(RuntimeError, match=gave_up):
             sinkhorn_assign_sharded(random_problem(5, K), EPS, group=group, timeout=2)
         with open(os.path.join(out_dir, "timeout-ok"), "w"):
@@ -354,6 +355,30 @@ def _one_bad_rank_worker(rank: int, world: int, init_file: str, out_dir: str) ->
         epsilon = torch.tensor(EPS) if bad else EPS
         with pytest.raises(ValueError, match=r"disagree on epsilon \(rank 0: 0.1, rank 1: 0.10000000149011612\)"):
             sinkhorn_assign_sharded(scores, epsilon, group=group, timeout=10)
+        # Every other argument the ranks must agree on, different on one rank: every rank raises, naming both values
+        # (a rank that ran other iterations, heads or weights would wait for the others, or solve another problem).
+        disagreements = [
+            ("the number of heads H", "2, rank 1: 3", dict(scores=random_problem(4, K, h=3 if bad else 2))),
+            ("batched \\(3-d\\) scores", "2-d, rank 1: 3-d", dict(scores=scores[None] if bad else scores)),
+            ("tol", "1e-06, rank 1: 1e-05", dict(tol=1e-5 if bad else 1e-6)),
+            ("max_iter", "10, rank 1: 11", dict(max_iter=11 if bad else 10, tol=None)),
+            ("acceleration \\(or over_relaxation\\)", "'anderson', rank 1: over_relaxation=1.5",
+             dict(over_relaxation=1.5 if bad else None)),
+            ("whether sample_weights are given", "no, rank 1: yes",
+             dict(sample_weights=torch.full((4,), 0.125) if bad else None)),
+            ("whether init is given", "no, rank 1: yes", dict(init=torch.zeros(K) if bad else None)),
+        ]  # fmt: skip
+        for what, values, kw in disagreements:
+            with pytest.raises(ValueError, match=f"the ranks disagree on {what} \\(rank 0: {values}\\)"):
+                sinkhorn_assign_sharded(**{"scores": scores, **kw}, epsilon=EPS, group=group, timeout=10)
+        # Both give a warm start, a different one: refused, by how much.
+        with pytest.raises(ValueError, match=r"init differ between ranks \(by up to 0.001;"):
+            sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, init=torch.zeros(K) + 1e-3 * bad)
+        # Both give sample weights, 1.5e-4 over 1 in all: refused on every rank. Each rank may be off by 1e-4
+        # (weight_sum_tolerance), but the allowance is the largest rank's, not the sum of them.
+        over = torch.full((4,), (1 + 1.5e-4) / 8, dtype=torch.float64)
+        with pytest.raises(ValueError, match="sum to 1 over all ranks, got a sum of 1.00015"):
+            sinkhorn_assign_sharded(scores, EPS, group=group, timeout=10, sample_weights=over)
         # A cluster far below the rest: too far for float32, not for the float64 reference backend on rank 1. The column
         # check judges in the narrowest arithmetic of any rank, so both raise (rank 1 used to wait in the mask check).
         far = scores.clone()
@@ -374,6 +399,19 @@ def _one_bad_rank_worker(rank: int, world: int, init_file: str, out_dir: str) ->
         same = sinkhorn_assign_sharded(features=z, prototypes=c, epsilon=EPS, group=group, timeout=10, tol=1e-6)
         assert mixed.converged and torch.equal(mixed.labels, same.labels)
         assert_close(mixed.codes.float(), same.codes, atol=1e-5, what="codes of a rank on the reference backend")
+        # A bias that differs on one rank: refused like different prototypes (the fingerprint covers both).
+        with pytest.raises(ValueError, match="prototypes or bias differ between ranks"):
+            sinkhorn_assign_sharded(features=z, prototypes=c, bias=torch.zeros(K) + 1e-3 * bad, epsilon=EPS,
+                                    group=group, timeout=10)  # fmt: skip
+        # The far cluster on rank 0 only: over all ranks its column reaches the others, so this is a problem like any
+        # other (judged on the column maxima of every rank, not of one): the single-process solve's slice (float32
+        # partial sums per rank: potentials measured 7.7e-7 apart).
+        shards = [random_problem(4, K, seed=0), random_problem(4, K, seed=1)]  # each rank's `scores`
+        shards[0][:, 0] -= 1000
+        whole = sinkhorn_assign(torch.cat(shards), EPS, tol=None, max_iter=20)
+        res = sinkhorn_assign_sharded(shards[rank], EPS, group=group, timeout=10, tol=None, max_iter=20)
+        assert torch.equal(res.labels, whole.labels[4 * rank : 4 * rank + 4])
+        assert_close(res.cluster_potentials, whole.cluster_potentials, atol=5e-6, what="far cluster on rank 0 only")
         # A rank left out of a subgroup is told so (new_group gives it a placeholder, not a group).
         subgroup = dist.new_group([0])
         if bad:
@@ -446,6 +484,10 @@ def test_local_errors_without_group():
         sinkhorn_assign_sharded(torch.randn(5, 3), EPS, sample_weights=torch.ones(4) / 4)
     with pytest.raises(ValueError, match="sum to 1 over all ranks"):
         sinkhorn_assign_sharded(torch.randn(5, 3), EPS, sample_weights=torch.ones(5))
+    for bad in (-1e-3, float("nan")):  # a negative weight that the sum alone would not show, a NaN
+        w = torch.tensor([0.2, 0.2, 0.2, 0.4 - bad, bad], dtype=torch.float64)
+        with pytest.raises(ValueError, match="sample_weights must be finite and non-negative"):
+            sinkhorn_assign_sharded(torch.randn(5, 3), EPS, sample_weights=w)
     with pytest.raises(ValueError, match="backend must be one of"):
         sinkhorn_assign_sharded(torch.randn(5, 3), EPS, backend="nope")
     with pytest.raises(ValueError, match=r"init must have shape \(3,\)"):
@@ -503,6 +545,7 @@ def test_nccl_collectives_use_the_data_gpu_not_the_current_one():
     (dict(timeout=-1), ValueError, "timeout must be a positive number"),
     (dict(timeout="x"), ValueError, "timeout must be a positive number"),
     (dict(timeout=float("inf")), ValueError, "timeout must be a positive number"),  # timedelta overflowed
+    (dict(timeout=0), ValueError, "timeout must be a positive number"),
 ])  # fmt: skip
 def test_group_and_timeout_are_checked(kwargs, error, words):
     with pytest.raises(error, match=words):
