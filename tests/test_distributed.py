@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -241,14 +242,16 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     # A rank that never calls: the others raise after the timeout instead of hanging. (Last: the group is
-    # then left with a pending collective.)
+    # then left with a pending collective.) The other ranks stay alive meanwhile: had they exited, rank 0 would see
+    # their connections close at once (the error then comes after ~0.1 s, without the hint to raise the timeout).
     if rank == 0:
-        # It waited the whole timeout (not cut short by a closed connection): the error says to raise it.
         gave_up = r"gave up on the all-gather of the checks after [0-9.]+ s \(timeout=2\).* Raise timeout= if one"
         with pytest.raises(RuntimeError, match=gave_up):
             sinkhorn_assign_sharded(random_problem(5, K), EPS, group=group, timeout=2)
         with open(os.path.join(out_dir, "timeout-ok"), "w"):
             pass
+    else:
+        time.sleep(4)  # longer than rank 0's timeout
     os._exit(0)  # no destroy_process_group: rank 0 has a collective pending that will never complete
 
 
