@@ -242,20 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_small(path: str, name: str) -> np.ndarray:
     """A small array fully read (cluster weights); errors become input errors."""
-    if not os.path.exists(path):
-        raise InputError(f"{name} file {path!r} does not exist")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        from .streaming import unreadable_npy
+    from .streaming import load_npy
 
-        raise InputError(unreadable_npy(name, path, err)) from None
-    if isinstance(array, np.lib.npyio.NpzFile):  # the library's checks would say "got NpzFile", naming no fix
-        arrays = ", ".join(array.files) or "none"
-        array.close()
-        raise InputError(f"{name} file {path!r} is an .npz archive (arrays: {arrays}), not a .npy file: save the "
-                         "array to use on its own, np.save('weights.npy', np.load(path)['name']).")  # fmt: skip
-    return array
+    try:
+        return load_npy(path, name)
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(str(err)) from None
 
 
 def cmd_assign(args) -> int:

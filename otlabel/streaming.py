@@ -193,23 +193,29 @@ def unreadable_npy(name: str, path: str, err: Exception) -> str:
     return f"{name} file {path!r} is not a readable .npy array ({detail}). Save arrays with numpy.save."
 
 
+def load_npy(path: str, name: str, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of one ``.npy`` array (memory-mapped with ``mmap_mode``), no pickles; a missing file is a
+    ``FileNotFoundError``, anything else that is not a .npy array (an .npz archive, a pickle) a ``ValueError``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} file {path!r} does not exist.")
+    try:
+        x = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(unreadable_npy(name, path, err)) from None
+    if isinstance(x, np.lib.npyio.NpzFile):  # the array checks would say "got NpzFile", naming no fix
+        arrays = ", ".join(x.files) or "none"
+        x.close()
+        raise ValueError(f"{name} file {path!r} is an .npz archive (arrays: {arrays}), not a .npy file: save the "
+                         "array to use on its own, np.save('array.npy', np.load(path)['name']).")  # fmt: skip
+    return x
+
+
 def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor:
     """A path to a ``.npy`` (memory-mapped, read-only), a NumPy array/memmap or a torch tensor, as a torch tensor
     sharing its memory (no copy). Errors say which input is wrong and why. A NumPy view with a negative stride
     (torch cannot share it) is copied with ``copy_reversed`` (callers that copy the data anyway), else refused."""
     if isinstance(x, (str, os.PathLike)):
-        path = os.fspath(x)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{name} file {path!r} does not exist.")
-        try:
-            x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise ValueError(unreadable_npy(name, path, err)) from None
-        if isinstance(x, np.lib.npyio.NpzFile):
-            arrays = ", ".join(x.files) or "none"
-            x.close()
-            raise ValueError(f"{name} file {path!r} is an .npz archive (arrays: {arrays}), not a .npy file: save the "
-                             "array to use on its own, np.save('scores.npy', np.load(path)['name']).")  # fmt: skip
+        x = load_npy(os.fspath(x), name, mmap_mode="r")
     if isinstance(x, np.ndarray):
         if x.dtype.kind == "V" and x.dtype.itemsize == 2:
             raise TypeError(f"{name} has dtype {x.dtype}: 2-byte raw values, as NumPy saves bfloat16 (ml_dtypes). "
