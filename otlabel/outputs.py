@@ -62,7 +62,9 @@ class AtomicNpy:
     published = False  # renamed into place
 
     def __init__(self, path: str, dtype, shape: tuple):
-        self.path = os.path.abspath(path)
+        # A symbolic link is written through, as ``open(path, "w")`` would: renaming over the link itself would
+        # replace it with a plain file and leave its target stale.
+        self.path = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
         folder = os.path.dirname(self.path)
         if os.path.isdir(self.path):
             raise OutputError(f"cannot write {path!r}: it is a directory")

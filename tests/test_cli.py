@@ -477,3 +477,22 @@ def test_a_replaced_output_keeps_its_mode_and_a_read_only_one_is_refused(scores_
     assert main(["assign", str(scores_file), "--out", str(out), "-q"]) == EXIT_OUTPUT
     assert "is read-only (mode 444)" in capsys.readouterr().err
     assert np.array_equal(np.load(out), before) and not glob.glob(str(tmp_path / ".y.npy.*")), os.listdir(tmp_path)
+
+
+def test_an_output_given_as_a_symbolic_link_is_written_through_it(scores_file, tmp_path, capsys):
+    """``--out link.npy`` pointing at ``results/labels.npy`` replaced the link with a plain file and left the target
+    stale; now the target is written (and keeps its mode) and the link stays a link."""
+    (tmp_path / "results").mkdir()
+    target = tmp_path / "results" / "labels.npy"
+    np.save(target, np.arange(3))
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.npy"
+    link.symlink_to(target)
+    assert main(["assign", str(scores_file), "--out", str(link), "-q"]) == EXIT_OK
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert np.load(target).shape == (N,) and (os.stat(target).st_mode & 0o777) == 0o640
+    assert sorted(os.listdir(tmp_path / "results")) == ["labels.npy"]
+    dangling = tmp_path / "dangling.npy"  # a link to a file not made yet: created at the link's target
+    dangling.symlink_to(tmp_path / "results" / "new.npy")
+    assert main(["assign", str(scores_file), "--out", str(dangling), "-q"]) == EXIT_OK
+    assert dangling.is_symlink() and np.load(tmp_path / "results" / "new.npy").shape == (N,)
