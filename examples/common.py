@@ -70,6 +70,12 @@ def base_parser(description: str, *, epochs: int, batch_size: int, lr: float) ->
         help="a .npy array of samples (N, D), (N, H, W) or (N, C, H, W); default: scikit-learn's bundled digits",
     )
     p.add_argument("--data-y", type=Path, help="a .npy array (N,) of true labels, used only for evaluation")
+    p.add_argument(
+        "--vectors",
+        action="store_true",
+        help="read --data-x of shape (N, D) as vectors even when D is a square of 16 or more (64 columns of "
+        "tabular data are not an 8x8 image)",
+    )
     p.add_argument("--k", type=positive_int, help="number of clusters; default: the number of true classes")
     p.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data")
     p.add_argument("--batch-size", type=batch_type, default=batch_size, help="samples per SGD step")
@@ -140,8 +146,11 @@ class Data:
         return self.x.reshape(len(self.x), -1).numpy()
 
 
-def _as_images(x: np.ndarray) -> np.ndarray:
-    """Give (N, D) data with a square D an image layout (N, 1, s, s); (N, H, W) becomes (N, 1, H, W)."""
+def _as_images(x: np.ndarray, vectors: bool = False) -> np.ndarray:
+    """Give (N, D) data with a square D an image layout (N, 1, s, s), unless ``vectors``; (N, H, W) becomes
+    (N, 1, H, W)."""
+    if x.ndim == 2 and vectors:
+        return x
     if x.ndim == 2:
         side = math.isqrt(x.shape[1])
         return x.reshape(len(x), 1, side, side) if side * side == x.shape[1] and side >= 4 else x
@@ -188,7 +197,9 @@ def load_data(args: argparse.Namespace) -> Data:
             where = tuple(bad.tolist())
             raise SystemExit(f"error: --data-x contains NaN or inf (first at index {where}): drop or impute them")
     try:
-        x = _as_images(x)
+        if args.vectors and x.ndim != 2:
+            raise ValueError(f"--vectors reads (N, D) arrays as vectors; --data-x has shape {x.shape}")
+        x = _as_images(x, args.vectors)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if len(x) < 2:

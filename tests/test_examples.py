@@ -141,6 +141,22 @@ def test_user_vectors_are_standardised_per_feature(tmp_path):
     assert digits.is_image and torch.equal(digits.x.reshape(len(raw), -1), torch.from_numpy(raw / 16))
 
 
+def test_square_vectors_can_be_kept_as_vectors(tmp_path, capsys):
+    """A square width of 16 or more is read as an image; 16 tabular columns are not a 4x4 picture, and there was
+    no way to say so. ``--vectors`` keeps them vectors (standardised per column, an MLP trunk); it refuses arrays
+    that are already images."""
+    x = np.random.default_rng(0).normal(size=(40, 16)) * np.arange(1, 17)
+    np.save(tmp_path / "x.npy", x)
+    flags = ["--data-x", str(tmp_path / "x.npy"), "--k", "3"]
+    assert common.load_data(sela.parse_args(flags)).is_image
+    data = common.load_data(sela.parse_args([*flags, "--vectors"]))
+    assert data.x.shape == (40, 16) and not data.is_image
+    np.testing.assert_allclose(data.x.std(0, unbiased=False).numpy(), 1, atol=1e-5)
+    np.save(tmp_path / "img.npy", x.reshape(40, 4, 4))
+    with pytest.raises(SystemExit, match=r"--vectors reads \(N, D\) arrays as vectors; --data-x has shape"):
+        common.load_data(sela.parse_args(["--data-x", str(tmp_path / "img.npy"), "--k", "3", "--vectors"]))
+
+
 def test_matched_accuracy_and_balance():
     y = np.array([0, 0, 1, 1, 2, 2])
     assert common.matched_accuracy(y, np.array([2, 2, 0, 0, 1, 1])) == (1.0, "hungarian")
