@@ -12,6 +12,7 @@ import csv
 import importlib
 import inspect
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def tiny_context(tmp_path) -> harness.Context:
     return harness.Context(quick=True, out=tmp_path, repeats=1, budget_s=0.1, max_iter=300, size=TINY)
 
 
+def raised(row: harness.Row) -> bool:
+    """A FAILED row from an exception ("FAILED: ValueError: ..."), not from a plan that missed its target."""
+    return re.match(r"FAILED: \w*(Error|Exception)\b", row.status) is not None
+
+
 @pytest.fixture(scope="module")
 def problem():
     return make_problem(*TINY, 0.1, warm=True)
@@ -50,6 +56,7 @@ def test_scenario_runs_and_reports(name, tmp_path, benchmark):
     assert rows, f"{name} produced no rows"
     for row in rows:
         assert row.status.split(":")[0] in STATUS_WORDS, row
+        assert not (row.method.startswith("otlabel") and raised(row)), f"otlabel raised: {row}"
         if row.ok and row.metric.startswith("s"):
             assert math.isfinite(row.median), row
     text = module.report(rows, ctx)
@@ -69,6 +76,7 @@ def test_every_method_is_a_row_even_when_it_fails(tmp_path):
         for tol in tolerance.TOLERANCES:
             got = {r.method for r in rows if r.eps == eps and r.metric == f"s to {tol:g}"}
             assert got == expected, f"missing at eps={eps}, tol={tol}: {expected - got}"
+    assert not [r for r in rows if r.method.startswith("otlabel") and raised(r)], "an otlabel variant raised"
     swav = next(r for r in rows if r.method == "swav" and r.eps == 0.01)
     assert swav.status.startswith("FAILED"), swav
     assert "|" in tolerance.report(rows, ctx) and "**FAILED**" in tolerance.report(rows, ctx)
