@@ -31,7 +31,15 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, exp_, split_rows, worker_pool
+from .backends.torch_backend import (
+    NEG_INF,
+    LogDomainOperator,
+    compute_dtype,
+    exp_,
+    in_callers_mode,
+    split_rows,
+    worker_pool,
+)
 from .feasibility import MaskPatterns, check_masks, collect_masks
 from .features import check_bias, check_feature_shapes
 from .outputs import AtomicNpy, OutputError, commit_all, refuse_overwriting_inputs
@@ -305,7 +313,7 @@ class HostStream:
     def _submit(self, rows: slice) -> None:
         slot = self.next_slot
         self.next_slot ^= 1
-        self.pending = (rows, slot, self.worker.submit(self._stage, rows, slot, self.released[slot]))
+        self.pending = (rows, slot, self.worker.submit(in_callers_mode(self._stage), rows, slot, self.released[slot]))
 
     def _drain(self) -> None:
         if self.pending is not None:
@@ -566,7 +574,7 @@ class StreamingOperator(LogDomainOperator):
     def map_ranges(self, fn) -> list:
         if not self.parallel:
             return [fn(0, self.n_samples)]
-        pool = worker_pool()
+        pool, fn = worker_pool(), in_callers_mode(fn)
         self.stop_from = math.inf
         futures = {}  # future -> the end row of its range
         with single_threaded_torch():

@@ -241,6 +241,36 @@ def test_scores_that_require_grad_give_a_result_without_a_graph():
     assert torch.equal(res.labels, plain.labels) and torch.equal(codes, plain.codes)
 
 
+def test_inference_mode_gives_the_same_result(monkeypatch):
+    """Found porting SwAV-style code: pseudo-labels computed under torch.inference_mode(). Inference mode is
+    thread-local, so the CPU worker threads that fill the labels and codes allocated under it (inference tensors) were
+    outside it: reading codes, or any streamed or CPU features solve, raised torch's 'Inplace update to inference
+    tensor outside InferenceMode'. Read inside or outside, after a solve inside or outside: the same results."""
+    from otlabel.backends import torch_backend
+
+    s = random_problem(300, 6, seed=41)
+    z = torch.nn.functional.normalize(random_problem(300, 8, seed=42), dim=1)
+    c = random_problem(6, 8, seed=43)
+    solves = {
+        "dense": lambda: sinkhorn_assign(s, 0.1),
+        "stream": lambda: sinkhorn_assign_stream(s.numpy(), 0.1),
+        "features": lambda: sinkhorn_assign(features=z, prototypes=c, epsilon=0.1),
+    }
+    for name, solve in solves.items():
+        want = solve()
+        want = (want.labels, want.codes, want.objective)
+        for solved_inside, read_inside in [(True, True), (True, False), (False, True)]:
+            with torch.inference_mode(solved_inside):
+                res = solve()
+            with torch.inference_mode(read_inside):
+                got = (res.labels, res.codes, res.objective)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2], name
+    monkeypatch.setattr(torch_backend, "available_memory_bytes", lambda: 0)  # the log-domain operator in memory
+    with torch.inference_mode():
+        res = sinkhorn_assign(s, 0.1)
+        assert torch.equal(res.codes, solves["dense"]().codes)
+
+
 def test_lists_and_scalar_types_are_accepted():
     """Lists of numbers for scores and weights, NumPy scalars and 0-d tensors for epsilon: the same as floats."""
     weights = [0.1, 0.2, 0.3, 0.4]

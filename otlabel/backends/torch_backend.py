@@ -104,7 +104,7 @@ class LogDomainOperator(ScoreOperator):
         """``fn(lo, hi)`` over contiguous row ranges — one per CPU thread when parallel — results in order."""
         if not self.parallel:
             return [fn(0, self.n_samples)]
-        pool = worker_pool()
+        pool, fn = worker_pool(), in_callers_mode(fn)
         futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers, 1)]
         return [f.result() for f in futures]
 
@@ -353,6 +353,19 @@ def worker_pool() -> ThreadPoolExecutor:
     if _POOL is None or _POOL._max_workers != n:
         _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="otlabel")
     return _POOL
+
+
+def in_callers_mode(fn):
+    """``fn`` for a worker thread, run in the caller's inference mode, which is thread-local: labels, codes and the
+    kernel allocated under ``torch.inference_mode()`` are inference tensors, and a worker outside it may not write
+    them in place (``RuntimeError: Inplace update to inference tensor outside InferenceMode``)."""
+    inference = torch.is_inference_mode_enabled()
+
+    def run(*args):
+        with torch.inference_mode(inference):
+            return fn(*args)
+
+    return run
 
 
 def split_rows(n: int, parts: int, align: int) -> list[tuple[int, int]]:
