@@ -264,6 +264,8 @@ def hot_sums(scores, sample_weights, cluster_weights):
     never fewer."""
     import torch
 
+    from .problem import autocast_off
+
     n, k = scores.shape
     blocks = _device_blocks(n, k)
     exact_total = scores.device.type != "mps"
@@ -274,10 +276,11 @@ def hot_sums(scores, sample_weights, cluster_weights):
     relevant = r > 0  # a -inf for a zero-weight cluster constrains nothing
     shut = torch.zeros(n, dtype=torch.float32, device=scores.device)
     barred = torch.zeros(k, dtype=torch.float64 if exact_total else torch.float32, device=scores.device)
-    for rows in blocks:
-        forbidden = (torch.isneginf(scores[rows]) & relevant).to(torch.float32)
-        shut[rows] = forbidden @ r
-        barred += (c[rows] @ forbidden).to(barred.dtype)
+    with autocast_off():  # the margin is for float32 products: under a caller's autocast they were bfloat16
+        for rows in blocks:
+            forbidden = (torch.isneginf(scores[rows]) & relevant).to(torch.float32)
+            shut[rows] = forbidden @ r
+            barred += (c[rows] @ forbidden).to(barred.dtype)
     return shut.to(barred.dtype), barred, margin
 
 

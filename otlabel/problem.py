@@ -10,6 +10,7 @@ import math
 import numbers
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -294,6 +295,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
     return compute_dtype(scores.dtype)
+
+
+@contextmanager
+def autocast_off():
+    """Context: ``torch.autocast`` off on the CPU and CUDA. otlabel's own matrix products (the passes' ``bmm`` and
+    ``baddbmm``, the mask check's sums) are float32 by design, and a caller's autocast region (a training step under
+    AMP) would run them in bfloat16/float16 on its own thread: column sums off by ~3e-3, and masks left unchecked."""
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
 
 
 def score_span(row_max: torch.Tensor, col_max: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:

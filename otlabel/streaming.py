@@ -46,6 +46,7 @@ from .outputs import AtomicNpy, OutputError, commit_all, refuse_overwriting_inpu
 from .problem import (
     TRANSPOSE_FIX,
     _first_index,
+    autocast_off,
     check_epsilon,
     check_float_dtype,
     check_weights,
@@ -448,8 +449,9 @@ class FeatureSource(ScoreSource):
 
     def column_max(self) -> torch.Tensor:
         out = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
-        for rows in row_chunks(self.n_samples, 1, self.rows_per_chunk):
-            out = torch.maximum(out, self.chunk(rows).amax(dim=1))
+        with autocast_off():  # on the caller's thread: the products in float32, as in the passes
+            for rows in row_chunks(self.n_samples, 1, self.rows_per_chunk):
+                out = torch.maximum(out, self.chunk(rows).amax(dim=1))
         return out
 
 
@@ -573,7 +575,7 @@ class StreamingOperator(LogDomainOperator):
 
     def map_ranges(self, fn) -> list:
         if not self.parallel:
-            return [fn(0, self.n_samples)]
+            return [in_callers_mode(fn)(0, self.n_samples)]
         pool, fn = worker_pool(), in_callers_mode(fn)
         self.stop_from = math.inf
         futures = {}  # future -> the end row of its range

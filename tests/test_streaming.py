@@ -106,6 +106,34 @@ def test_features_match_dense_scores(heads, tmp_path):
     assert_close(res.codes, ref.codes, atol=1e-4, what="codes")
 
 
+def test_autocast_does_not_reach_the_passes_on_the_callers_thread(monkeypatch):
+    """On a GPU the log-domain passes (streamed chunks, the torch backend) run on the caller's thread, where a training
+    step's torch.autocast turned their float32 products (bmm, baddbmm) into bfloat16/float16 ones: column sums off by
+    ~3e-3, far above tol. Simulated on the CPU by running every pass on the caller's thread: the same solves, bit for
+    bit, inside an autocast region and outside it."""
+    from otlabel.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend.LogDomainOperator, "parallel", property(lambda self: False, lambda self, _: None),
+                        raising=False)  # fmt: skip
+    monkeypatch.setattr(torch_backend, "available_memory_bytes", lambda: 0)  # in memory: the log-domain operator
+    g = torch.Generator().manual_seed(6)
+    z, protos = torch.randn(N, 8, generator=g), torch.randn(K, 8, generator=g)
+    scores = random_problem(N, K, seed=6)
+    solves = {
+        "stream": lambda: sinkhorn_assign_stream(scores.numpy(), EPS, memory_budget=budget_for(37)),
+        "features": lambda: sinkhorn_assign(features=z, prototypes=protos, epsilon=1.0),
+        "torch": lambda: sinkhorn_assign(scores, EPS, backend="torch"),
+    }
+    for name, solve in solves.items():
+        want = solve()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = solve()
+            got_codes, got_objective = got.codes, got.objective
+        assert got.n_iter == want.n_iter and got.marginal_error == want.marginal_error, name
+        assert torch.equal(got.labels, want.labels) and torch.equal(got_codes, want.codes), name
+        assert got_objective == want.objective, name
+
+
 def test_outputs_written_chunk_by_chunk(problem, tmp_path):
     scores, c, r, ref = problem
     res = sinkhorn_assign_stream(

@@ -271,6 +271,17 @@ def test_inference_mode_gives_the_same_result(monkeypatch):
         assert torch.equal(res.codes, solves["dense"]().codes)
 
 
+def test_autocast_leaves_the_mask_check_in_float32():
+    """Found porting AMP training code: under torch.autocast (bfloat16 on the CPU) the mask check's float32 sums ran
+    in bfloat16, off by more than its float32 margin, and let this infeasible mask through to a ConvergenceWarning.
+    Clusters 0-513 need 514/1024 of the mass, only samples 0-1026 (1027/2048) may go there: infeasible by 5e-4."""
+    s = torch.zeros(2048, 1024)
+    s[1027:, :514] = -INF
+    for solve in (sinkhorn_assign, sinkhorn_assign_sharded):
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="infeasible mask"):
+            solve(s, 0.05, max_iter=5)
+
+
 def test_lists_and_scalar_types_are_accepted():
     """Lists of numbers for scores and weights, NumPy scalars and 0-d tensors for epsilon: the same as floats."""
     weights = [0.1, 0.2, 0.3, 0.4]

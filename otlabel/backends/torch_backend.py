@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..problem import check_inverse_epsilon, compute_dtype
+from ..problem import autocast_off, check_inverse_epsilon, compute_dtype
 from ..sources import DenseSource, ScoreSource, row_chunks
 from . import cpu_kernels
 from .base import ScoreOperator
@@ -103,7 +103,7 @@ class LogDomainOperator(ScoreOperator):
     def map_ranges(self, fn) -> list:
         """``fn(lo, hi)`` over contiguous row ranges — one per CPU thread when parallel — results in order."""
         if not self.parallel:
-            return [fn(0, self.n_samples)]
+            return [in_callers_mode(fn)(0, self.n_samples)]
         pool, fn = worker_pool(), in_callers_mode(fn)
         futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers, 1)]
         return [f.result() for f in futures]
@@ -356,13 +356,15 @@ def worker_pool() -> ThreadPoolExecutor:
 
 
 def in_callers_mode(fn):
-    """``fn`` for a worker thread, run in the caller's inference mode, which is thread-local: labels, codes and the
-    kernel allocated under ``torch.inference_mode()`` are inference tensors, and a worker outside it may not write
-    them in place (``RuntimeError: Inplace update to inference tensor outside InferenceMode``)."""
+    """``fn`` as a pass runs it, on a worker thread or the caller's own: in the caller's inference mode, which is
+    thread-local (labels, codes and the kernel allocated under ``torch.inference_mode()`` are inference tensors, and a
+    worker outside it may not write them in place: ``RuntimeError: Inplace update to inference tensor outside
+    InferenceMode``), and with autocast off (see :func:`~otlabel.problem.autocast_off`; thread-local too, so it
+    reached only the passes run on the caller's thread: those on a GPU)."""
     inference = torch.is_inference_mode_enabled()
 
     def run(*args):
-        with torch.inference_mode(inference):
+        with torch.inference_mode(inference), autocast_off():
             return fn(*args)
 
     return run
