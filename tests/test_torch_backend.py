@@ -1,5 +1,7 @@
 """The torch backend (both of its operators) against the float64 reference."""
 
+import os
+
 import pytest
 import torch
 from helpers import assert_close, centred, cosine_scores, random_problem, random_weights
@@ -474,3 +476,37 @@ def test_a_zero_weight_cluster_keeps_the_log_domain_pass_on_its_fast_path(monkey
     log_domain = sinkhorn_assign(scores, 0.01, backend="torch", **kwargs)
     for res in (streamed, log_domain):
         assert res.converged and res.n_iter <= 1.5 * ref.n_iter, (res.n_iter, ref.n_iter)
+
+
+def _solve_in_child(queue, scores):
+    from otlabel import sinkhorn_assign_stream
+
+    res = sinkhorn_assign(scores, 0.05)
+    queue.put((res.labels.tolist(), res.codes.tolist(), sinkhorn_assign_stream(scores, 0.05).labels.tolist()))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_process_solves_after_its_parent():
+    """Found porting: a process forked after a solve (multiprocessing workers, Linux's default start method) inherited
+    the CPU worker pool without its threads, and its first solve waited forever. Torch on one thread here: a child
+    forked after torch.set_num_threads changed (streamed passes do) can hang in MKL's OpenMP whatever otlabel does."""
+    import multiprocessing
+
+    scores = cosine_scores(400, 6, seed=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = sinkhorn_assign(scores, 0.05)  # the parent's pool now has a thread
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_solve_in_child, args=(queue, scores))
+        child.start()
+        try:
+            labels, codes, streamed = queue.get(timeout=60)
+        finally:
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+    finally:
+        torch.set_num_threads(threads)
+    assert labels == streamed == want.labels.tolist() and codes == want.codes.tolist()

@@ -344,14 +344,18 @@ class CachedKernelOperator(ScoreOperator):
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID: int | None = None  # the process that started the pool's threads
 
 
 def worker_pool() -> ThreadPoolExecutor:
-    """Threads for the row ranges (torch releases the GIL inside mv); one per intra-op thread."""
-    global _POOL
+    """Threads for the row ranges (torch releases the GIL inside mv); one per intra-op thread.
+
+    A process forked after a solve (a ``multiprocessing`` worker with as many torch threads) inherited the pool without
+    its threads, and every pass it submitted waited forever: it gets a pool of its own."""
+    global _POOL, _POOL_PID
     n = max(1, torch.get_num_threads())
-    if _POOL is None or _POOL._max_workers != n:
-        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="otlabel")
+    if _POOL is None or _POOL._max_workers != n or _POOL_PID != os.getpid():
+        _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=n, thread_name_prefix="otlabel"), os.getpid()
     return _POOL
 
 
