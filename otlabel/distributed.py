@@ -398,7 +398,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=sharded.shared_callback(callback))
     sharded.finish()
     if warn:
-        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon)
+        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon, stacklevel=4)  # via sinkhorn_assign_sharded
     return package_result(problem, sharded, out)
 
 

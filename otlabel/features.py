@@ -22,6 +22,7 @@ import torch
 from .backends import _triton_usable
 from .problem import MAX_SCORE_SPAN_FP32, check_epsilon, check_float_dtype, check_weights, span_error
 from .solver import (
+    LoopOutput,
     check_init,
     check_solver_options,
     no_epsilon_scaling,
@@ -42,19 +43,25 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     check_solver_options(solve["max_iter"], solve["tol"], solve["acceleration"], solve["over_relaxation"])  # early
     no_epsilon_scaling(epsilon_scaling, "with features=")
+    warn = solve.pop("warn")  # warned here, as sinkhorn_assign's, at the caller's line
     if backend == "reference":
         from .solver import sinkhorn_assign
 
-        return sinkhorn_assign(dense_scores(features, prototypes, bias), epsilon, backend="reference", **solve)
-    z = features if isinstance(features, torch.Tensor) else None
-    if uses_kernel(features, backend):
-        return solve_with_kernel(z, prototypes, bias, epsilon, allow_tf32=allow_tf32, **solve)
-    from .streaming import sinkhorn_assign_stream
+        res = sinkhorn_assign(dense_scores(features, prototypes, bias), epsilon, backend="reference", warn=False,
+                              **solve)  # fmt: skip
+    elif uses_kernel(features, backend):
+        res = solve_with_kernel(features, prototypes, bias, epsilon, allow_tf32=allow_tf32, **solve)
+    else:
+        from .streaming import sinkhorn_assign_stream
 
-    device = z.device if z is not None else None
-    return sinkhorn_assign_stream(
-        features=features, prototypes=prototypes, bias=bias, epsilon=epsilon, device=device, **solve
-    )
+        device = features.device if isinstance(features, torch.Tensor) else None
+        res = sinkhorn_assign_stream(
+            features=features, prototypes=prototypes, bias=bias, epsilon=epsilon, device=device, warn=False, **solve
+        )
+    if warn:  # here, sinkhorn_assign, then the caller
+        out = LoopOutput(res.cluster_potentials, res.n_iter, res.errors, res.converged, error=res.marginal_error)
+        warn_if_not_converged("sinkhorn_assign", out, solve["tol"], res.epsilon, stacklevel=4)
+    return res
 
 
 def uses_kernel(features, backend: str) -> bool:
@@ -173,7 +180,7 @@ def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor | None =
 
 
 def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weights, sample_weights, max_iter, tol,
-                      init, acceleration, over_relaxation, warn, callback=None):  # fmt: skip
+                      init, acceleration, over_relaxation, callback=None):  # fmt: skip
     from .backends.triton import TritonFeaturesOperator
 
     epsilon = check_epsilon(epsilon)
@@ -187,9 +194,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
     )
     out = run_sinkhorn(operator, r, check_init(init, problem, operator.dtype), max_iter, tol, acceleration,
                        callback=callback, has_zero_weights=False if cluster_weights is None else None)  # fmt: skip
-    if warn:
-        warn_if_not_converged("sinkhorn_assign", out, tol, epsilon)
-    return package_result(problem, operator, out)
+    return package_result(problem, operator, out)  # assign_features warns
 
 
 def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=None):

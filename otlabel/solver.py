@@ -684,8 +684,9 @@ def describe_error(error: float, tol: float) -> str:
     return f"marginal error {error:.3g} > tol {tol:g}"
 
 
-def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> None:
-    """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached."""
+def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, stacklevel: int = 3) -> None:
+    """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached; ``stacklevel`` counts
+    from here to the user's call (3: called by the entry point itself)."""
     if tol is None or out.converged:
         return
     warnings.warn(
@@ -695,7 +696,7 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> 
         "rows, no SciPy), the masked problem may have no balanced plan at all: check that every group of clusters "
         "can reach enough samples.",
         ConvergenceWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 

@@ -212,6 +212,35 @@ def test_non_convergence_warns():
         sinkhorn_assign(S, 0.01, max_iter=3, tol=1e-9, epsilon_scaling=0.5)
 
 
+Z, C = random_problem(10, 3, seed=44), random_problem(4, 3, seed=45)
+NOT_CONVERGING = dict(epsilon=0.01, max_iter=2, tol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "name, solve",
+    [
+        ("sinkhorn_assign", lambda: sinkhorn_assign(S, **NOT_CONVERGING)),
+        ("sinkhorn_assign", lambda: sinkhorn_assign(features=Z, prototypes=C, **NOT_CONVERGING)),
+        ("sinkhorn_assign", lambda: sinkhorn_assign(features=Z, prototypes=C, backend="reference", **NOT_CONVERGING)),
+        pytest.param(
+            "sinkhorn_assign",
+            lambda: sinkhorn_assign(features=Z, prototypes=C, backend="triton", **NOT_CONVERGING),
+            marks=pytest.mark.interpreter,
+        ),
+        ("sinkhorn_assign_stream", lambda: sinkhorn_assign_stream(features=Z, prototypes=C, **NOT_CONVERGING)),
+        ("sinkhorn_assign_sharded", lambda: sinkhorn_assign_sharded(S, **NOT_CONVERGING)),
+        ("sinkhorn_assign_sharded", lambda: sinkhorn_assign_sharded(features=Z, prototypes=C, **NOT_CONVERGING)),
+    ],
+)
+def test_non_convergence_is_warned_at_the_callers_line_in_its_name(name, solve):
+    """Found porting: features mode and the sharded solve warned from otlabel's own lines (features.py,
+    distributed.py), where filters by module and the warning's location point at nothing of the caller's; and CPU
+    features mode warned as sinkhorn_assign_stream, which the caller never called."""
+    with pytest.warns(ConvergenceWarning, match=f"^{name} did not converge") as caught:
+        solve()
+    assert [w.filename for w in caught] == [__file__]
+
+
 @pytest.mark.parametrize(
     "scores, eps",
     [
