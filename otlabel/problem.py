@@ -91,7 +91,8 @@ def share_numpy(x: np.ndarray) -> torch.Tensor:
 
 
 def as_tensor(x, name: str) -> torch.Tensor:
-    """Accept a torch tensor, a NumPy array (no copy) or a (nested) list of numbers; reject anything else clearly.
+    """Accept a torch tensor, a NumPy array (no copy), a list of tensors (stacked: one per head) or a (nested) list of
+    numbers; reject anything else clearly.
 
     Tensors are detached: an assignment is a target, not something to differentiate through, and a graph
     recorded over hundreds of iterations would hold every intermediate in memory.
@@ -107,6 +108,13 @@ def as_tensor(x, name: str) -> torch.Tensor:
         if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]): torch cannot share it, so copy
             x = np.ascontiguousarray(x)
         return share_numpy(x)
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        # One tensor per head (SeLa's heads: [head(z) for head in heads]), stacked where they are. Through NumPy,
+        # those that require grad, bfloat16 ones and CUDA ones all failed with torch's own errors.
+        if len({(t.shape, t.device) for t in x}) > 1:
+            raise ValueError(f"{name} given as a list of tensors (one per head) must have one shape and one device, "
+                             f"got {[(tuple(t.shape), str(t.device)) for t in x]}.")  # fmt: skip
+        return torch.stack([t.detach() for t in x])
     if isinstance(x, (list, tuple)):
         try:
             array = np.asarray(x)

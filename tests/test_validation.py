@@ -325,6 +325,21 @@ def test_lists_and_scalar_types_are_accepted():
         assert torch.allclose(got.cluster_potentials, want.cluster_potentials, rtol=0, atol=atol)
 
 
+def test_a_list_of_per_head_tensors_is_stacked():
+    """Found porting SeLa's heads, sinkhorn_assign([head(z) for head in heads]): lists went through NumPy, which took
+    detached float32 CPU tensors only; logits that require grad, bfloat16 ones (autocast) and CUDA ones failed with
+    torch's own errors ('Can't call numpy() on Tensor that requires grad', 'Got unsupported ScalarType BFloat16')."""
+    heads = random_problem(10, 4, h=3, seed=46)
+    want = sinkhorn_assign(heads, 0.1)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = [h.to(dtype).requires_grad_() for h in heads]
+        got = sinkhorn_assign(logits, 0.1)
+        assert torch.equal(got.labels, sinkhorn_assign(heads.to(dtype), 0.1).labels)
+        assert got.labels.shape == want.labels.shape == (3, 10) and not got.codes.requires_grad
+    with pytest.raises(ValueError, match="list of tensors .one per head. must have one shape"):
+        sinkhorn_assign([heads[0], heads[1, :, :3]], 0.1)
+
+
 def test_weights_within_the_sum_tolerance_are_renormalised():
     """Cluster weights summing to 1 - 9e-5 against sample weights summing to 1 + 9e-5 pass the check; unless both are
     rescaled to sum to exactly 1 no plan meets them, and the solver stalled at error 2e-4 with a warning."""
