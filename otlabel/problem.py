@@ -445,6 +445,9 @@ def checked_host_weights(weights, size: int, name: str, other: str, scores_shape
     sum_rtol = sum(weight_sum_tolerance(weights.dtype, size))
     if weights.shape != (size,):
         hint = transposed_hint(weights.shape[0], size, scores_shape, transpose_fix) if weights.ndim == 1 else ""
+        if weights.ndim == 2 and weights.shape[1] == size:  # (H, K) or (H, N): weights per head
+            hint = (" The heads of batched (H, N, K) scores share one weight vector; for weights per head, solve each "
+                    "head on its own (scores[h]).")  # fmt: skip
         raise ValueError(
             f"{name} must have shape ({size},) to match the {other} of scores, got {tuple(weights.shape)}.{hint}"
         )

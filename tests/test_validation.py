@@ -51,6 +51,8 @@ BAD_INPUTS = [
     ("scores huge for eps", dict(scores=S * 1e37), ValueError, ["scores / epsilon", "float32", "amax(-1"]),
     ("cluster weights shape", dict(cluster_weights=torch.ones(5) / 5), ValueError, ["cluster_weights", "(4,)"]),
     ("sample weights shape", dict(sample_weights=torch.ones(4) / 4), ValueError, ["sample_weights", "(10,)"]),
+    ("cluster weights per head", dict(scores=S[None].expand(2, -1, -1), cluster_weights=torch.ones(2, 4) / 4),
+     ValueError, ["cluster_weights must have shape (4,)", "share one weight vector", "each head on its own"]),
     # (K, N) scores: weights sized for the caller's real K (or N) meet the other axis; the error says so
     ("transposed, cluster weights", dict(scores=S.T, cluster_weights=torch.ones(4) / 4), ValueError,
      ["got (4,). 4 is the scores' number of samples N: are the scores transposed?", "N = 4 samples by K = 10",
