@@ -44,7 +44,9 @@ class SinkhornResult:
     ``codes`` (N, K) — each row a softmax summing to 1; float32, or float64 for float64 input and the
     reference backend — and ``objective`` cost one more pass over the scores and are computed on first
     access, then kept (``codes`` holds ``4·N·K`` bytes in float32). ``plan`` is ``codes`` times the sample
-    weights.
+    weights. That pass reads the inputs as they are then, without a copy: scores or features changed in place since
+    the solve (a reused buffer, a queue), or the prototypes of the CUDA features kernel (after ``optimizer.step()``),
+    give codes that belong to other scores than ``labels``. Read ``codes`` before changing them.
 
     Results are made by the solvers, not by hand: the constructor's ``internal`` keywords carry the solver's
     state that ``codes``, ``plan`` and ``objective`` are computed from.
