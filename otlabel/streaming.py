@@ -277,8 +277,9 @@ class HostStream:
             # A pinned source whose row chunks are contiguous goes straight to the device: no staging copy.
             self.direct = host.is_pinned() and host[:, :2].is_contiguous()  # rows one after another
             n_pinned = 0 if self.direct else 2
-            self.pinned = [torch.empty(shape, dtype=host.dtype, pin_memory=True) for _ in range(n_pinned)]
-            self.buffers = [torch.empty(shape, dtype=host.dtype, device=device) for _ in range(2)]
+            with torch.inference_mode(False):  # refilled on every pass, also by a read of codes outside inference mode
+                self.pinned = [torch.empty(shape, dtype=host.dtype, pin_memory=True) for _ in range(n_pinned)]
+                self.buffers = [torch.empty(shape, dtype=host.dtype, device=device) for _ in range(2)]
             self.copy_stream = torch.cuda.Stream(device)
             self.copied: list = [None, None]  # per buffer: event, host-to-device copy finished
             self.released: list = [None, None]  # per buffer: event, the consumer's work on it was enqueued before

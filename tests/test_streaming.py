@@ -266,6 +266,17 @@ def test_cuda_staging_matches_cpu(problem, pinned):
     assert_close(res.codes, ref.codes, atol=1e-5, what="codes")
 
 
+@pytest.mark.gpu
+def test_cuda_staging_solved_in_inference_mode_reads_codes_outside_it(problem):
+    """The staging buffers are refilled by every pass: allocated as inference tensors (a solve under
+    torch.inference_mode()), a later read of codes outside it could not write them. Not yet run on a GPU."""
+    scores, c, r, ref = problem
+    with torch.inference_mode():
+        res = sinkhorn_assign_stream(scores, EPS, sample_weights=c, cluster_weights=r, tol=None, max_iter=ITERS,
+                                     device="cuda", memory_budget=budget_for(37))  # fmt: skip
+    assert_close(res.codes, ref.codes, atol=1e-5, what="codes")
+
+
 def test_outputs_never_overwrite_inputs_nor_stay_half_written(tmp_path):
     """An output path that is an input file is refused before anything is written (it used to crash the memory-
     mapped read and leave the scores overwritten by labels); a solve that fails leaves no output file behind."""
