@@ -152,9 +152,12 @@ def record_cuda_graph(body: Callable[[], tuple], device: torch.device):
 
 
 def capture(problem: Problem, max_iter: int, omega: float) -> CapturedSolve:
-    """Build the body over fresh buffers and record it."""
-    body = SolveBody(problem, max_iter, omega)
-    replay, outputs, graph = recorder_for(problem.scores.device)(body.run, problem.scores.device)
+    """Build the body over fresh buffers and record it. Outside inference mode, whatever the caller's: every later call
+    refills the buffers, and one outside inference mode could not write inference tensors (a first call under
+    ``torch.inference_mode()``, say in evaluation, made every later call of that shape raise)."""
+    with torch.inference_mode(False), torch.no_grad():
+        body = SolveBody(problem, max_iter, omega)
+        replay, outputs, graph = recorder_for(problem.scores.device)(body.run, problem.scores.device)
     return CapturedSolve(body, replay, *outputs, graph)
 
 

@@ -57,6 +57,19 @@ def assert_same(captured, eager):
     assert captured.errors == eager.errors and captured.n_iter == eager.n_iter and not captured.converged
 
 
+def test_a_capture_made_in_inference_mode_serves_calls_outside_it(recorder):
+    """The first call of a shape under torch.inference_mode() (an evaluation loop) captured into inference tensors,
+    which every later call refills: outside inference mode (the training step), each raised torch's 'Inplace update
+    to inference tensor outside InferenceMode'."""
+    call = dict(max_iter=3, tol=None, backend="triton")
+    for inference in (True, False, True):
+        s = scores(4 + inference)
+        with torch.inference_mode(inference):
+            res = sinkhorn_assign(s, EPS, cuda_graph=True, **call)
+        assert_same(res, sinkhorn_assign(s, EPS, **call))
+    assert len(graphs._CACHE) == 1
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(),
     dict(over_relaxation=1.5),
