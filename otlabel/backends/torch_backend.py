@@ -19,6 +19,7 @@ Two operators share one interface:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -368,7 +369,8 @@ def in_callers_mode(fn):
     inference = torch.is_inference_mode_enabled()
 
     def run(*args):
-        with torch.inference_mode(inference), autocast_off():
+        # inference_mode(False) would turn grad mode on: outside inference mode, the thread's own state is kept
+        with torch.inference_mode() if inference else contextlib.nullcontext(), autocast_off():
             return fn(*args)
 
     return run
