@@ -177,7 +177,7 @@ class ShardedOperator(ScoreOperator):
         # The loop hands float64 potentials to operators that use them (the torch ones): rounding b to
         # float32 every iteration floors the error at ~ulp(b), and at small eps the sharded solve then stalled
         # where the single-process one converged.
-        self.takes_float64_potentials = getattr(local, "takes_float64_potentials", False)
+        self.takes_float64_potentials = local.takes_float64_potentials
 
     def cluster_lse(self, b):
         lse = self.local.cluster_lse(b).double()  # (H, K); one dtype on every rank and every pass

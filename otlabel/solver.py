@@ -279,7 +279,7 @@ def marginal_error(b, b_new, r, empty) -> torch.Tensor:
 
 def potentials_for(operator: ScoreOperator, b):
     """``b`` as the operator takes it: float64 where it can use the precision, else its compute dtype."""
-    if b is None or getattr(operator, "takes_float64_potentials", False):
+    if b is None or operator.takes_float64_potentials:
         return b
     return b.to(operator.dtype)
 

@@ -2,8 +2,10 @@
 
 The solver loop (``otlabel.solver``) only ever talks to a :class:`ScoreOperator`: an object that
 knows where the scores live (a dense tensor, a GPU kernel, a file on disk, features and prototypes)
-and can do the two things the loop needs. Everything about devices, tiling, kernels and memory
-lives behind it; the loop itself is a dozen lines of K-vector arithmetic.
+and can do what the loop and the result need: one pass per iteration (:meth:`ScoreOperator.cluster_lse`) and the
+read-outs (labels, codes, objective).
+Everything about devices, tiling, kernels and memory lives behind it; the loop itself (``otlabel.solver``: plain,
+over-relaxed or Anderson-mixed steps) only does arithmetic on K-vectors.
 
 Convention (see DESIGN.md §2): scores ``S`` of shape ``(H, N, K)`` (H independent heads), higher is
 better, temperature ``eps``, sample weights ``c`` (N,), cluster weights ``r`` (K,). The plan is
@@ -21,8 +23,10 @@ import torch
 class ScoreOperator(ABC):
     """Scores of one (possibly batched) problem, as the solver loop sees them.
 
-    Subclasses set ``n_heads``, ``n_samples``, ``n_clusters``, ``device`` and ``dtype`` (the dtype of
-    the potentials they take and return: float32, or float64 for the reference and for float64 input).
+    Subclasses set ``n_heads``, ``n_samples``, ``n_clusters``, ``device`` and ``dtype`` (their compute dtype:
+    float32, or float64 for the reference and for float64 input). The loop keeps its potentials in float64 and
+    rounds them to ``dtype`` before handing them over, unless ``takes_float64_potentials`` is set: such operators
+    (the torch ones) take the float64 potentials themselves, so that their rounding never reaches the column sums.
     """
 
     n_heads: int
@@ -30,6 +34,7 @@ class ScoreOperator(ABC):
     n_clusters: int
     device: torch.device
     dtype: torch.dtype
+    takes_float64_potentials: bool = False  # see above; read by ``otlabel.solver.potentials_for``
 
     @abstractmethod
     def cluster_lse(self, b: torch.Tensor | None) -> torch.Tensor:
