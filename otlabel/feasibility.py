@@ -105,8 +105,9 @@ class MaskPatterns:
     def add(self, allowed: np.ndarray, weights: np.ndarray) -> None:
         """Rows ``allowed`` (T, K) bool (``True``: the sample may go to that cluster) with their ``weights`` (T,).
 
-        Small blocks (a streamed pass's chunks: 32 rows at K = 1,000 on a CPU) are held until ~BLOCK_ELEMENTS entries
-        have come, then grouped together: the grouping's fixed cost per call made the streamed check ~10x slower."""
+        Small blocks (the masked rows of one chunk of a streamed pass: at most the chunk's 1,048 rows at K = 1,000 on
+        a CPU, often far fewer) are held until ~BLOCK_ELEMENTS entries have come, then grouped together: the
+        grouping's fixed cost per call made the streamed check ~10x slower."""
         allowed = np.asarray(allowed, dtype=bool)
         weights = np.asarray(weights, dtype=np.float64)
         if allowed.ndim != 2 or allowed.shape[1] != self.num_clusters or weights.shape != allowed.shape[:1]:
@@ -236,7 +237,7 @@ def _add_rows(patterns: MaskPatterns, scores, picked: np.ndarray, weights: np.nd
 DEVICE_BLOCK_ELEMENTS = 2**24  # scores per block of the on-device sums (a copy of the block's mask as floats)
 
 
-def check_dense_mask(scores, sample_weights, cluster_weights, batched: bool, what: str = "scores") -> None:
+def check_dense_mask(scores, sample_weights, cluster_weights, batched: bool) -> None:
     """Hall's condition for in-memory scores (H, N, K) on any device, without moving the mask unless it must.
 
     The hot-pair test of the module docstring runs on the device over the whole mask (:func:`hot_sums`); most masks
@@ -249,7 +250,7 @@ def check_dense_mask(scores, sample_weights, cluster_weights, batched: bool, wha
         if float(shut.max() + barred.max()) <= 1 - margin:
             continue  # no hot pair: feasible
         patterns = hot_patterns(scores[h], sample_weights, cluster_weights, shut, barred, margin)
-        check_feasible(patterns, cluster_weights.double().cpu().numpy(), what=what, head=h if batched else None)
+        check_feasible(patterns, cluster_weights.double().cpu().numpy(), head=h if batched else None)
 
 
 def hot_sums(scores, sample_weights, cluster_weights):
@@ -307,11 +308,11 @@ def _device_blocks(n: int, k: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, n, step)]
 
 
-def check_masks(patterns: list[MaskPatterns], cluster_weights, batched: bool, what: str = "scores") -> None:
+def check_masks(patterns: list[MaskPatterns], cluster_weights, batched: bool) -> None:
     """:func:`check_feasible` for each head's patterns (``cluster_weights`` (K,) shared by the heads)."""
     r = cluster_weights.double().cpu().numpy()
     for h, head_patterns in enumerate(patterns):
-        check_feasible(head_patterns, r, what=what, head=h if batched else None)
+        check_feasible(head_patterns, r, head=h if batched else None)
 
 
 def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores", head: int | None = None) -> None:
