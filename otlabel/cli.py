@@ -182,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--acceleration",
         choices=["auto", "anderson", "over-relaxation", "none"],  # solver.ACCELERATIONS; literal: no torch import
         default="auto",
-        help="what happens between passes: 'anderson' mixes the last iterates (2-9x fewer passes than plain "
-        "Sinkhorn, restarted whenever the error rises), 'over-relaxation' picks OMEGA from the first steps' "
-        "contraction rate, 'none' is plain Sinkhorn-Knopp (default: %(default)s, which is 'anderson')",
+        help="what happens between passes: 'anderson' mixes the last iterates (3-14x fewer passes than plain "
+        "Sinkhorn at epsilon 0.05-0.01, restarted whenever the error rises), 'over-relaxation' picks OMEGA from the "
+        "first steps' contraction rate, 'none' is plain Sinkhorn-Knopp (default: %(default)s, which is 'anderson')",
     )
     solve.add_argument(
         "--over-relaxation",

@@ -584,8 +584,9 @@ def sinkhorn_assign(
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (float64 specification).
         acceleration: what happens between passes. ``"auto"`` (default): ``"anderson"`` when solving to ``tol``,
             plain steps with ``tol=None`` (the classic iterates, e.g. SwAV's). ``"anderson"``: Anderson mixing of
-            the last 5 iterates, safeguarded (restarted with a plain step whenever the error rises 1.5x above
-            its best) — 2-9x fewer iterations than plain Sinkhorn, most at small ``epsilon``. ``"over-relaxation"``:
+            the last 6 iterates (5 differences), safeguarded (restarted with a plain step whenever the error rises
+            1.5x above its best) — fewer iterations than plain Sinkhorn, most at small ``epsilon``: to 1e-3 at
+            100,000 x 1,000, 25 instead of 72 at eps 0.05 and 60 instead of 838 at eps 0.01. ``"over-relaxation"``:
             three plain steps measure the contraction rate ``kappa``, then ``b <- b + omega (b_new - b)`` with
             ``omega = 2 / (1 + sqrt(1 - kappa))`` (capped at 1.9; back to plain steps should the error grow by
             more than 1%). ``"none"``: plain Sinkhorn-Knopp.
