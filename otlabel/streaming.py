@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import threading
 import types
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -287,7 +286,6 @@ class HostStream:
             self.pending = None  # (rows, slot, future) of the prefetched chunk
             self.current = None  # slot handed out last
             self.next_slot = 0
-            self.lock = threading.Lock()
 
     def get(self, rows: slice) -> torch.Tensor:
         if not self.staged:
