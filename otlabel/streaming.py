@@ -393,14 +393,15 @@ class FeatureSource(ScoreSource):
     Args:
         features: ``Z`` (N, D) — host tensor, NumPy array, memmap or ``.npy`` path (streamed like
             :class:`HostSource`), or a tensor already on ``device``.
-        prototypes: ``C`` (K, D), or (H, K, D) for H heads sharing the features; moved to ``device`` as fp32.
+        prototypes: ``C`` (K, D), or (H, K, D) for H heads sharing the features; moved to ``device`` in the compute
+            dtype (fp32; float64 for float64 features).
         bias: optional (K,) or (H, K), added to every sample's scores (a per-cluster constant: it changes the
             potentials, not the plan — kept for completeness and for logits heads with a bias).
         device: the compute device (default: where ``features`` are).
 
-    Memory on the device: ``H·K·D`` fp32 for the prototypes plus, per chunk of T samples, ``T·D`` for the
-    features (twice, when staged) and a few ``T·H·K`` fp32 temporaries: set T with ``rows_per_chunk`` or
-    ``memory_budget``. The matmul runs in fp32 (fp16/bf16 features are upcast per chunk), or in float64 for
+    Memory on the device: ``H·K·D`` for the prototypes and, per chunk of T samples, a few ``T·H·K`` temporaries, in
+    the compute dtype, plus ``T·D`` for the features (twice, when staged, as stored): set T with ``rows_per_chunk``
+    or ``memory_budget``. The matmul runs in fp32 (fp16/bf16 features are upcast per chunk), or in float64 for
     float64 features.
     """
 
@@ -438,7 +439,8 @@ class FeatureSource(ScoreSource):
         return s if self.bias is None else s.add_(self.bias)
 
     def shifted(self, rows: slice, b: torch.Tensor, inv_eps: float, out=None) -> torch.Tensor:
-        """``S / eps + b`` for a chunk, (H, T, K) fp32, in one fused matmul (``baddbmm``), into ``out`` if given."""
+        """``S / eps + b`` for a chunk, (H, T, K) in the compute dtype, in one fused matmul (``baddbmm``), into ``out``
+        if given."""
         z = self.stream.get(rows)[0].to(self.dtype)  # (T, D)
         shift = b.to(self.dtype)[:, None, :]  # (H, 1, K)
         if self.bias is not None:
