@@ -4,8 +4,9 @@ Two operators share one interface:
 
 * :class:`LogDomainOperator` — the general path, over any :class:`~otlabel.sources.ScoreSource`
   (dense, streamed, computed from features). Every iteration recomputes ``exp(S / eps + b - m)`` chunk by
-  chunk, so extra memory is one chunk (``chunk_elements``), never O(N·K). On a GPU it is the fallback
-  when Triton is absent.
+  chunk, so extra memory is one chunk (``chunk_elements``), never O(N·K). It runs on a GPU wherever the triton
+  backend does not (no Triton, float64 scores, ``backend="torch"``), on the CPU when the cached kernel below would
+  not fit in memory, and under every streamed solve (``otlabel.streaming.StreamingOperator``).
 * :class:`CachedKernelOperator` — the CPU workhorse. On a CPU an ``exp`` costs ~15× a read of the
   matrix, so it exponentiates once, ``G[j, k] = exp(S[j, k] / eps + b0[k] - m[j])`` with the row
   maximum ``m`` shifted out (every row of ``G`` has a 1; nothing overflows), and iterates with
@@ -13,8 +14,9 @@ Two operators share one interface:
   potentials ``b0`` are refreshed (one more ``exp`` pass) whenever ``|b - b0|`` exceeds
   ``absorb_threshold`` nats, which keeps ``v = exp(b - b0)`` within ``e^±threshold``; a cluster whose
   column of ``G`` underflowed entirely is answered by the exact log-domain pass instead. Both matvecs
-  run on a cache-sized tile of rows before moving on, so ``G`` is read from memory once per iteration,
-  and row ranges are split over the CPU threads. Memory: ``G`` costs ``4·H·N·K`` bytes.
+  are fused per row by compiled loops (:mod:`~otlabel.backends.cpu_kernels`, Numba) or, without them, run on a
+  cache-sized tile of rows before moving on, so ``G`` is read from memory once per iteration; row ranges are
+  split over the CPU threads. Memory: ``G`` costs ``4·H·N·K`` bytes (``8·H·N·K`` for float64 scores).
 """
 
 from __future__ import annotations
