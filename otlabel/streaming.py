@@ -582,7 +582,7 @@ class StreamingOperator(LogDomainOperator):
         futures = {}  # future -> the end row of its range
         with single_threaded_torch():
             try:
-                for lo, hi in split_rows(self.n_samples, pool._max_workers, 1):
+                for lo, hi in split_rows(self.n_samples, pool._max_workers):
                     futures[pool.submit(fn, lo, hi)] = hi
                 self._wait(futures)  # every range finishes inside the context, even when one fails
             except BaseException:

@@ -108,7 +108,7 @@ class LogDomainOperator(ScoreOperator):
         if not self.parallel:
             return [in_callers_mode(fn)(0, self.n_samples)]
         pool, fn = worker_pool(), in_callers_mode(fn)
-        futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers, 1)]
+        futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers)]
         return [f.result() for f in futures]
 
     def shifted(self, rows: slice, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -378,10 +378,9 @@ def in_callers_mode(fn):
     return run
 
 
-def split_rows(n: int, parts: int, align: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ranges of ``range(n)``, boundaries on multiples of ``align`` where possible."""
+def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
+    """At most ``parts`` contiguous ranges of ``range(n)``, of equal length but the last."""
     per = -(-n // parts)
-    per = -(-per // align) * align
     return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
 
 
@@ -394,8 +393,6 @@ def available_memory_bytes() -> int:
 
 def make_torch_operator(source: ScoreSource, epsilon, sample_weights) -> ScoreOperator:
     """The cached-kernel path on CPU when its kernel fits in half the free memory, else log-domain."""
-    if isinstance(source, torch.Tensor):
-        source = DenseSource(source)
     itemsize = 8 if source.dtype == torch.float64 else 4
     kernel_bytes = source.n_heads * source.n_samples * source.n_clusters * itemsize
     if source.device.type == "cpu" and kernel_bytes <= available_memory_bytes() // 2:
