@@ -3,7 +3,8 @@
 * ``reference`` — float64, plain log-domain: the executable specification (slow, O(N·K) float64 memory).
 * ``torch`` — any device; on CPU it exponentiates once and iterates with fused matrix-vector products.
 * ``triton`` — fused GPU kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
-* ``auto`` — ``triton`` for CUDA tensors when Triton is importable, else ``torch``.
+* ``auto`` — ``triton`` for fp32/fp16/bf16 CUDA tensors when Triton is importable, else ``torch`` (float64
+  scores keep their precision on the torch path).
 """
 
 from __future__ import annotations
