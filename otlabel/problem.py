@@ -489,6 +489,6 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_v
                    has_zero_weights=has_zeros)  # fmt: skip
 
 
-def _first_index(mask: torch.Tensor):
-    idx = tuple(int(i) for i in torch.nonzero(mask)[0])
-    return idx if len(idx) > 1 else idx[0]
+def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
+    """The index of the first ``True`` of a 2-d or 3-d mask, in row-major order."""
+    return tuple(int(i) for i in torch.nonzero(mask)[0])
