@@ -65,6 +65,7 @@ from .solver import (
     check_solver_options,
     is_number,
     no_epsilon_scaling,
+    package_result,
     run_sinkhorn,
     warn_if_not_converged,
 )
@@ -864,18 +865,6 @@ def sinkhorn_assign_stream(
         source.stream.close()  # a speculative prefetch may be in flight
     if warn:
         warn_if_not_converged("sinkhorn_assign_stream", out, tol, epsilon)
-    batched = source.batched
-    shape = (lambda x: x) if batched else (lambda x: x[0])
-    return SinkhornResult(
-        labels=shape(labels),
-        cluster_potentials=shape(out.potentials),
-        n_iter=out.n_iter,
-        converged=out.converged,
-        marginal_error=out.error,
-        errors=out.errors,
-        epsilon=epsilon,
-        _operator=operator,
-        _sample_weights=c.cpu(),
-        _batched=batched,
-        _codes=None if codes is None else shape(codes),
-    )
+    # labels and codes are the host outputs written above (CPU tensors, views of labels_out/codes_out when given)
+    problem = types.SimpleNamespace(batched=source.batched, epsilon=epsilon, sample_weights=c.cpu())
+    return package_result(problem, operator, out, labels, codes)
