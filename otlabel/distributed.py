@@ -82,7 +82,10 @@ __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds per collective: one iteration of the slowest rank must fit
 FINGERPRINT_SIZE = 4  # 48-bit pieces of a SHA-256 of the prototypes and bias (features mode)
-META_SIZE = 15  # numbers each rank sends in the first all-gather (see AGREEMENT)
+META_SIZE = 15  # numbers each rank sends in the first all-gather, after a failure flag (see AGREEMENT)
+# Columns of that metadata read by name, besides those AGREEMENT compares: the rank's number of samples, the sum of
+# its sample weights, and the two parts of its tolerance on their global sum (problem.weight_sum_tolerance).
+META_SAMPLES, META_WEIGHT_SUM, META_SUM_RTOL, META_SUM_SUBNORMAL = 1, 10, 13, 14
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # narrowest first
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
@@ -333,12 +336,12 @@ def sinkhorn_assign_sharded(
         if sample_weights is not None:
             c_local, sum_tolerance = check_local_weights(sample_weights, shard.n, shard.device)
         check_init(init, shard.problem(epsilon, None), torch.float64)
-        meta = [shard.h, shard.n, shard.k, shard.dtype_code, float(shard.batched), epsilon]
-        meta += [-1.0 if tol is None else tol]
+        meta = [shard.h, shard.n, shard.k, shard.dtype_code, float(shard.batched), epsilon]  # columns 0-5
+        meta += [-1.0 if tol is None else tol]  # 6
         omega_code = ACCELERATION_CODES.get(acceleration, acceleration)  # collectives carry numbers
-        meta += [max_iter, omega_code, float(c_local is not None)]
-        meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None), float(shard.mode)]
-        meta += list(sum_tolerance)
+        meta += [max_iter, omega_code, float(c_local is not None)]  # 7-9
+        meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None), float(shard.mode)]  # 10-12
+        meta += list(sum_tolerance)  # 13-14
     except Exception as err:  # any failure (also MemoryError, OSError) is shared, or the other ranks wait it out
         failure = err
     try:
@@ -359,17 +362,19 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
         if failure is not None:
             raise failure
         raise ValueError(f"sinkhorn_assign_sharded: rank(s) {bad} rejected their input (see the error on those ranks).")
-    check_agreement(metas[:, 1:])
-    n_total = int(metas[:, 2].sum())
+    table = metas[:, 1:]  # (W, META_SIZE): every rank's metadata, without the failure flags
+    check_agreement(table)
+    n_total = int(table[:, META_SAMPLES].sum())
+    weight_sum = float(table[:, META_WEIGHT_SUM].sum())
     if c_local is None:
         c_local = torch.full((shard.n,), 1.0 / n_total, dtype=torch.float64, device=shard.device)
-    elif abs(float(metas[:, 11].sum()) - 1.0) > float(metas[:, 14].max() + metas[:, 15].sum()):  # problem.py's rule
-        raise ValueError(
-            f"sample_weights must sum to 1 over all ranks, got a sum of {float(metas[:, 11].sum()):.6g}. Pass each "
+    elif abs(weight_sum - 1.0) > float(table[:, META_SUM_RTOL].max() + table[:, META_SUM_SUBNORMAL].sum()):
+        raise ValueError(  # problem.py's rule, over all ranks
+            f"sample_weights must sum to 1 over all ranks, got a sum of {weight_sum:.6g}. Pass each "
             "rank its slice of one global weight vector (w / w.sum() for counts)."
         )
     else:  # exactly 1 over all ranks, as the cluster weights are (see problem.check_weights)
-        c_local = c_local / float(metas[:, 11].sum())
+        c_local = c_local / weight_sum
     h, k, r = shard.h, shard.k, shard.r
     size = 1 + h * k + k + FINGERPRINT_SIZE + (h * k if init is not None else 0)  # the same on every rank
     problem = operator = None
