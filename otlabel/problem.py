@@ -203,10 +203,11 @@ def check_score_values(
     """NaN, +inf, masks (-inf) that leave a sample or a weighted cluster with nowhere to go, and (given
     ``epsilon``) scores too large for it.
 
-    Two max-reductions over the scores do all the work (a max propagates NaN and +inf, and is -inf only where a whole
-    row or column is masked); the extremes of their results come back to the host together and are judged there
-    (see :func:`score_extremes`): one device synchronisation (two when some weight is 0; ``has_zero_weights=None``
-    reads that from the device, :func:`validate` knows it from its host copy of the weights). Few operations, too:
+    Two max-reductions over the scores do the checking (a max propagates NaN and +inf, and is -inf only where a whole
+    row or column is masked), a third when some weight is 0 (the row maxima over the clusters with weight); the
+    extremes of their results come back to the host together and are judged there (see :func:`score_extremes`): one
+    device synchronisation (two when some weight is 0; ``has_zero_weights=None`` reads that from the device,
+    :func:`validate` knows it from its host copy of the weights). Few operations, too:
     on a GPU each costs ~10-25 us of host time, as much as the reductions themselves at a SwAV batch's size.
     ``batched=False``: the caller passed (N, K) scores, and indices are given so. The slow search for where the
     problem is runs only on failure, and says what it found.
