@@ -250,12 +250,8 @@ def load_small(path: str, name: str) -> np.ndarray:
         raise InputError(str(err)) from None
 
 
-def cmd_assign(args) -> int:
-    import torch
-
-    from .problem import checked_host_weights, transposed_hint
-    from .streaming import FeatureSource, HostSource, SmallChunksWarning, open_host_array, sinkhorn_assign_stream
-
+def check_arguments(args) -> None:
+    """What argparse cannot check alone: one kind of input, and --over-relaxation with what it goes with."""
     if args.scores is None and args.features is None:
         if args.prototypes is not None:
             raise InputError("--prototypes goes with --features F.npy, the (N, D) features to label")
@@ -270,8 +266,12 @@ def cmd_assign(args) -> int:
         raise InputError(f"--over-relaxation must be in [1, 2), got {args.over_relaxation}")
     if args.over_relaxation is not None and args.acceleration not in ("auto", "over-relaxation"):
         raise InputError(f"--over-relaxation is a fixed step: it cannot go with --acceleration {args.acceleration}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+
+def parse_device(args):
+    """--device as a torch.device (auto: cuda when available); one torch cannot use is an input error."""
+    import torch
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
     try:
         device = device or torch.device(args.device)
@@ -279,30 +279,57 @@ def cmd_assign(args) -> int:
             raise InputError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     except RuntimeError:
         raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
+    return device
 
-    t_start = time.perf_counter()
-    # Shapes first (the inputs are memory-mapped, nothing is read): fail before any output file exists.
+
+def open_inputs(args):
+    """``(shape_source, what)``: a source over the memory-mapped inputs that gives their shapes (nothing is read
+    yet), and how the summary names them."""
+    from .streaming import FeatureSource, HostSource, open_host_array
+
     if args.scores is not None:
         data = open_host_array(args.scores, "scores")
         shape_source = HostSource(data, device="cpu", rows_per_chunk=1)
-        what = f"scores {tuple(data.shape)} {str(data.dtype).removeprefix('torch.')}"
-    else:
-        data = open_host_array(args.features, "features")
-        protos = open_host_array(args.prototypes, "prototypes")
-        shape_source = FeatureSource(data, protos, device="cpu", rows_per_chunk=1)
-        what = f"features {tuple(data.shape)} x prototypes {tuple(protos.shape)}"
+        return shape_source, f"scores {tuple(data.shape)} {str(data.dtype).removeprefix('torch.')}"
+    data = open_host_array(args.features, "features")
+    protos = open_host_array(args.prototypes, "prototypes")
+    shape_source = FeatureSource(data, protos, device="cpu", rows_per_chunk=1)
+    return shape_source, f"features {tuple(data.shape)} x prototypes {tuple(protos.shape)}"
+
+
+def read_cluster_weights(args, n: int, k: int):
+    """--cluster-weights, read and checked by the library's rules (shape, values, sum) in the command line's words;
+    ``None`` when not given."""
+    from .problem import checked_host_weights, transposed_hint
+
+    if args.cluster_weights is None:
+        return None
+    weights = load_small(args.cluster_weights, "cluster weights")
+    try:
+        return checked_host_weights(weights, k, "--cluster-weights", "number of clusters K")
+    except (ValueError, TypeError) as err:
+        hint = ""
+        if args.scores is not None and np.ndim(weights) == 1:  # K wrong: SCORES.npy saved as (K, N)?
+            fix = "save them as (N, K): np.save(path, np.swapaxes(scores, -1, -2))"
+            hint = transposed_hint(len(weights), k, (n, k), fix)
+        raise InputError(f"{err}{hint}") from None
+
+
+def cmd_assign(args) -> int:
+    import torch
+
+    from .streaming import SmallChunksWarning, sinkhorn_assign_stream
+
+    check_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = parse_device(args)
+
+    t_start = time.perf_counter()
+    # Shapes first (the inputs are memory-mapped, nothing is read): fail before any output file exists.
+    shape_source, what = open_inputs(args)
     h, n, k = shape_source.n_heads, shape_source.n_samples, shape_source.n_clusters
-    weights = None
-    if args.cluster_weights is not None:
-        weights = load_small(args.cluster_weights, "cluster weights")
-        try:  # the library's checks (shape, values, sum), in the command line's words
-            weights = checked_host_weights(weights, k, "--cluster-weights", "number of clusters K")
-        except (ValueError, TypeError) as err:
-            hint = ""
-            if args.scores is not None and np.ndim(weights) == 1:  # K wrong: SCORES.npy saved as (K, N)?
-                fix = "save them as (N, K): np.save(path, np.swapaxes(scores, -1, -2))"
-                hint = transposed_hint(len(weights), k, (n, k), fix)
-            raise InputError(f"{err}{hint}") from None
+    weights = read_cluster_weights(args, n, k)
     label_shape = (h, n) if shape_source.batched else (n,)
     inputs = {"SCORES.npy": args.scores, "--features": args.features, "--prototypes": args.prototypes,
               "--cluster-weights": args.cluster_weights}  # fmt: skip
