@@ -13,7 +13,8 @@ and a second small kernel merges them in program order: no atomics, bitwise repr
     S (H, N, K) --[_cluster_partials_kernel, grid (P, H)]--> max, sum (H, P, K)      (column masses: sum only)
                 --[_merge_partials_kernel or _merge_masses_kernel, grid (K / MERGE_BLOCK_K, H)]--> L (H, K)
 
-When the padded row fits one tile (``one_chunk``: K <= 4096) a row tile is loaded once and reused for
+When the padded row fits one tile (``one_chunk``: K <= 4096, or K <= 8192 with the one-row tiles that
+``kernels.utils.row_tile`` gives row-major scores when N is large enough) a row tile is loaded once and reused for
 both reductions: one read of S per iteration. For larger K the program first computes ``a`` for all
 its rows (streaming K in chunks), then streams S again chunk by chunk: two reads, no float atomics.
 

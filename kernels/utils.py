@@ -18,7 +18,8 @@ LN2 = 0.6931471805599453  # ln(2):   log(x) == log2(x) * LN2
 
 # A whole row of K clusters stays in registers (one read of S per iteration) while the padded row
 # fits this many lanes; beyond it the kernel streams K in chunks and reads each row tile twice.
-# 8192 lanes spill registers on sm_90 at any num_warps (see dense_launch).
+# Multi-row tiles of 8192 lanes spill registers on sm_90 at any num_warps; the one-row tiles of ``row_tile``
+# (MAX_ROW_TILE_K, below) hold up to 8192 without spilling.
 MAX_ONE_CHUNK_K = 4096
 # Rows per tile: at least this many, so the per-tile rescale of the K running sums (one exp2 per
 # cluster per tile) stays a small fraction of the one-or-two exp2 per score.
