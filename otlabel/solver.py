@@ -36,7 +36,7 @@ MAX_ADAPTIVE_OMEGA = 1.9
 ANDERSON_MEMORY = 5  # iterate differences kept: 3-10 measured alike at 100k x 1000; 5 was best at 1e-6
 ANDERSON_RESTART = 1.5  # restart the mixing when the error exceeds this multiple of the best error so far
 ANDERSON_MAX_EXTRAPOLATION = 10.0  # nats: the most a mixed step may move any b_k beyond the plain step
-ANDERSON_PATIENCE = 200  # iterations without a 1% fall of the error, after which plain steps take over
+ANDERSON_PATIENCE = 200  # iterations without a 1% fall of the error, after which plain steps and mixing take turns
 ANDERSON_MIN_REACH = 1e-3  # nats: restarts shrink the trust region no further
 ANDERSON_FLAT = 1e-3  # residual differences below this fraction of the residual: a plateau (see across_plateaus)
 
