@@ -206,7 +206,8 @@ def solve_captured(problem: Problem, max_iter: int, omega: float):
         if new:  # a capture recorded for bad scores is not kept: it would hold memory, maybe in a good one's place
             with _LOCK:
                 _CACHE.pop(key, None)
-        check_score_values(problem.scores, problem.cluster_weights, False, problem.epsilon, problem.batched)
+        check_score_values(problem.scores, problem.cluster_weights, has_zero_weights=False, epsilon=problem.epsilon,
+                           batched=problem.batched)  # fmt: skip
         raise RuntimeError("otlabel: internal error: the captured input checks and the uncaptured ones disagree.")
     if not finite:
         raise_infeasible()

@@ -658,7 +658,8 @@ def assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_s
 
     graphs.check_capturable(problem, backend, tol, init, callback, epsilon_scaling, acceleration)
     if problem.has_zero_weights:  # the capture checks the score values itself only when no weight is 0
-        check_score_values(problem.scores, problem.cluster_weights, True, problem.epsilon, problem.batched)
+        check_score_values(problem.scores, problem.cluster_weights, has_zero_weights=True, epsilon=problem.epsilon,
+                           batched=problem.batched)  # fmt: skip
     out, labels, codes = graphs.solve_captured(problem, max_iter, acceleration)
     # The lazy read-outs (objective, plan) need an operator over the caller's scores: built only if one is read.
     return package_result(problem, DeferredOperator(lambda: make_operator(problem, backend)), out, labels, codes)
