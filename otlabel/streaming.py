@@ -713,7 +713,7 @@ class single_threaded_torch:
         torch.set_num_threads(self.saved)
 
 
-def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool = True, files: list | None = None):
+def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, files: list):
     """``labels_out``/``codes_out``: a path, or a writable array/tensor of the right shape and dtype. Returned as a
     CPU torch tensor sharing its memory. A path gets an :class:`~otlabel.outputs.AtomicNpy` (appended to ``files``):
     a temporary ``.npy`` that the caller commits (renames into place) on success or discards on failure."""
