@@ -181,6 +181,8 @@ def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor | None =
 
 def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weights, sample_weights, max_iter, tol,
                       init, acceleration, over_relaxation, callback=None):  # fmt: skip
+    """``sinkhorn_assign(features=...)`` on the Triton features kernel (:func:`uses_kernel` chose it); the caller
+    warns when it did not converge."""
     from .backends.triton import TritonFeaturesOperator
 
     epsilon = check_epsilon(epsilon)

@@ -72,7 +72,9 @@ class ClusterMarginal:
 
 @dataclass
 class LoopOutput:
-    potentials: torch.Tensor  # (H, K)
+    """What :func:`run_sinkhorn` returns, and every entry point turns into a :class:`SinkhornResult`."""
+
+    potentials: torch.Tensor  # (H, K) float64
     n_iter: int
     errors: list[float]
     converged: bool
