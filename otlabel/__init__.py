@@ -50,8 +50,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     from .streaming import SmallChunksWarning, sinkhorn_assign_stream
 
 
-SUBMODULES = ("backends", "baselines", "cli", "distributed", "exact", "feasibility", "features", "graphs", "kernels",
-              "outputs", "problem", "result", "solver", "sources", "streaming")  # fmt: skip
+SUBMODULES = ("anderson", "backends", "baselines", "cli", "distributed", "exact", "feasibility", "features", "graphs",
+              "kernels", "outputs", "problem", "result", "solver", "sources", "streaming")  # fmt: skip
 
 
 def __getattr__(name: str):

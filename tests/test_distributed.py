@@ -261,20 +261,20 @@ def perturbed_mixing_on_rank_one(rank, group, lo, hi):
     Every rank must still continue from the same iterate (rank 0's), so all end with identical potentials and
     iteration counts; without that the error trajectories split and the ranks would wait on each other.
     """
-    from otlabel import solver
+    from otlabel.anderson import AndersonMixer
 
     _, scores, c, _, kw = cases()[3]  # the converging case, default (Anderson) acceleration
-    step = solver.AndersonMixer.step
+    step = AndersonMixer.step
 
     def nudged(self, b, b_new, error, empty):
         out = step(self, b, b_new, error, empty)
         return out + 1e-4 * torch.randn(out.shape, dtype=out.dtype) if rank == 1 else out
 
-    solver.AndersonMixer.step = nudged
+    AndersonMixer.step = nudged
     try:
         res = sinkhorn_assign_sharded(scores[lo:hi], EPS, group=group, sample_weights=c[lo:hi], timeout=30, **kw)
     finally:
-        solver.AndersonMixer.step = step
+        AndersonMixer.step = step
     everyone = [torch.empty_like(res.cluster_potentials) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, res.cluster_potentials, group=group)
     assert all(torch.equal(b, everyone[0]) for b in everyone), "ranks ended with different potentials"

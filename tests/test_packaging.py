@@ -42,3 +42,16 @@ def test_wheel_contains_every_module(tmp_path):
     expected |= {f"otlabel/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
     expected.add("otlabel/py.typed")
     assert expected <= names, sorted(expected - names)
+
+
+def test_every_submodule_is_an_attribute_of_the_package():
+    """``otlabel.<module>`` works without importing it first for every module and subpackage of otlabel (a new
+    module missing from ``SUBMODULES`` raised AttributeError: ``otlabel.feasibility`` did)."""
+    import otlabel
+
+    package = Path(otlabel.__file__).parent
+    names = {p.stem for p in package.glob("*.py") if not p.stem.startswith("__")}
+    names |= {p.parent.name for p in package.glob("*/__init__.py")} | {"kernels"}  # kernels: installed in otlabel/
+    assert set(otlabel.SUBMODULES) == names
+    for name in names:
+        assert getattr(otlabel, name).__name__ == f"otlabel.{name}", name

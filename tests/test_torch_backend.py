@@ -225,7 +225,7 @@ def test_default_anderson_beats_plain_and_reaches_its_solution(eps):
 def test_anderson_restarts_and_caps_wild_proposals():
     """A residual that hardly changes (here by 1%) makes the least-squares weights large: the mixer must cap
     the move and, when the error still rises, resume plain steps from the best point seen."""
-    from otlabel.solver import ANDERSON_MAX_EXTRAPOLATION, AndersonMixer
+    from otlabel.anderson import ANDERSON_MAX_EXTRAPOLATION, AndersonMixer
 
     mixer = AndersonMixer(memory=3, cluster_weights=torch.full((4,), 0.25, dtype=torch.float64))
     empty = torch.zeros(1, 4, dtype=torch.bool)
@@ -244,7 +244,7 @@ def test_anderson_restarts_and_caps_wild_proposals():
 def test_anderson_never_moves_back_against_the_plain_step():
     """A residual that grows along the step (the linearised cluster step cannot do that: its Jacobian's eigenvalues
     lie in [0, 1]) makes the least squares place the fixed point ~100 nats behind: the mixer takes the plain step."""
-    from otlabel.solver import AndersonMixer
+    from otlabel.anderson import AndersonMixer
 
     mixer = AndersonMixer(memory=3, cluster_weights=torch.full((4,), 0.25, dtype=torch.float64))
     empty = torch.zeros(1, 4, dtype=torch.bool)
@@ -258,7 +258,7 @@ def test_anderson_never_moves_back_against_the_plain_step():
 def test_anderson_crosses_a_flat_plateau_in_doubling_strides():
     """A residual that does not change at all (a hard plan: the cluster step is a translation) leaves the least squares
     nothing to fit: the mixer moves along the plain step, twice as far each time, up to its trust region."""
-    from otlabel.solver import ANDERSON_MAX_EXTRAPOLATION, AndersonMixer
+    from otlabel.anderson import ANDERSON_MAX_EXTRAPOLATION, AndersonMixer
 
     mixer = AndersonMixer(memory=3, cluster_weights=torch.full((2,), 0.5, dtype=torch.float64))
     empty = torch.zeros(1, 2, dtype=torch.bool)
@@ -305,7 +305,7 @@ def test_anderson_answers_a_degenerate_solve_with_the_plain_step_on_the_device()
     """A least-squares solve that yields non-finite weights (here: residuals of 1e200, whose Gram matrix overflows)
     is answered by the plain step without a host read; the loop reads the verdict with the next error, and the
     mixer then starts its history again."""
-    from otlabel.solver import AndersonMixer
+    from otlabel.anderson import AndersonMixer
 
     mixer = AndersonMixer(memory=3, cluster_weights=torch.full((3,), 1 / 3, dtype=torch.float64))
     empty = torch.zeros(1, 3, dtype=torch.bool)
