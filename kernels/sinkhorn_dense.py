@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LN2, LOG2E, DenseLaunch, as_float32, dense_launch, interpreting
+from .lse import _finite_or_zero, _lse2, _lse_from_masses, _multiple_of, _online_lse, _partials_tile, _sample_step2
+from .utils import LN2, LOG2E, DenseLaunch, _check_row_tiles, as_float32, dense_launch, interpreting
 
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
@@ -70,23 +71,8 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared device helpers
+# Device helpers (those the features kernels share are in lse.py)
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _finite_or_zero(m):
-    """A running max that is safe to subtract: -inf (nothing seen yet) becomes 0, so exp2(-inf - 0) = 0."""
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _multiple_of(VEC: tl.constexpr, x):
-    """``x``, which the host checked is a multiple of VEC, rounded down to one (a no-op): the compiler can then
-    prove it, which Triton's own argument specialisation does only for multiples of 16."""
-    if VEC > 1:
-        x = (x // VEC) * VEC
-    return x
 
 
 @triton.jit
@@ -113,35 +99,10 @@ def _load_vec(X, k0, K, BLOCK_K: tl.constexpr, other: tl.constexpr):
 
 
 @triton.jit
-def _online_lse(m, s, x, AXIS: tl.constexpr):
-    """Fold x (base-2 logits) into a running (max m, sum s of exp2(x - m)) along AXIS.
-
-    One exp2 per element plus one per running entry; the new max is taken first so the tile's terms
-    are never rescaled twice.
-    """
-    m_new = tl.maximum(m, tl.max(x, AXIS))
-    shift = _finite_or_zero(m_new)
-    s = s * tl.exp2(m - shift) + tl.sum(tl.exp2(x - tl.expand_dims(shift, AXIS)), AXIS)
-    return m_new, s
-
-
-@triton.jit
-def _lse2(m, s):
-    """log2 of sum_i exp2(x_i) from its running (max, sum); -inf when nothing was summed."""
-    return tl.where(s > 0.0, _finite_or_zero(m) + tl.log2(tl.where(s > 0.0, s, 1.0)), float("-inf"))
-
-
-@triton.jit
 def _row_share(logc2, rsum):
     """c / rsum per row: the plan's entry at (j, k) is ``exp2(x + b - rowmax) * c / rsum``; 0 for a zero-weight row
     or one with no reachable cluster (rsum = 0), never inf * 0."""
     return tl.where(rsum > 0.0, tl.exp2(logc2 - tl.log2(tl.where(rsum > 0.0, rsum, 1.0))), 0.0)
-
-
-@triton.jit
-def _sample_step2(logc2, lse2):
-    """a = log c - LSE_k(x + b) in base 2; a sample with no reachable cluster, or out of range, gets -inf."""
-    return tl.where(lse2 == float("-inf"), float("-inf"), logc2 - _finite_or_zero(lse2))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,15 +210,6 @@ def _cluster_partials_kernel(
 
 
 @triton.jit
-def _partials_tile(h, p0, P, row_stride, cols, col_mask, BLOCK_P: tl.constexpr):
-    """Offsets (BLOCK_P, BLOCK) of partials p0 .. p0 + BLOCK_P - 1 of clusters ``cols`` in an (H, P, row_stride)
-    buffer (row_stride >= K: the features kernel pads its rows to whole chunks), and their mask: the merges read a
-    tile of partials per step, in a fixed order."""
-    parts = p0 + tl.arange(0, BLOCK_P)
-    return (h * P + parts[:, None]) * row_stride + cols[None, :], (parts < P)[:, None] & col_mask[None, :]
-
-
-@triton.jit
 def _merge_partials_kernel(PMAX, PSUM, OUT, P, K, row_stride, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
     """OUT[h, k] = ln(2) * log2 sum_p PSUM[h, p, k] * exp2(PMAX[h, p, k]), BLOCK_P partials at a time (a fixed
     order: bitwise deterministic)."""
@@ -275,22 +227,6 @@ def _merge_partials_kernel(PMAX, PSUM, OUT, P, K, row_stride, BLOCK_P: tl.conste
         s = s * tl.exp2(m - shift) + tl.sum(ps * tl.exp2(pm - shift[None, :]), 0)
         m = m_new
     tl.store(OUT + h * K + cols, _lse2(m, s) * _LN2, mask=col_mask)
-
-
-@triton.jit
-def _lse_from_masses(
-    PSUM, B, h, P, K, row_stride, cols, col_mask, mass_floor, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr
-):  # fmt: skip
-    """(lse2, untrusted) for clusters ``cols``: the base-2 cluster LSE ``log2(sum_p PSUM[h, p, k]) - b2[k]`` (partials
-    summed BLOCK_P at a time, a fixed order), and which clusters hold under ``mass_floor`` (see the merges)."""
-    total = tl.zeros((BLOCK,), tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        off, mask = _partials_tile(h, p0, P, row_stride, cols, col_mask, BLOCK_P)
-        total += tl.sum(tl.load(PSUM + off, mask=mask, other=0.0), 0)
-    b2 = tl.load(B + h * K + cols, mask=col_mask, other=float("-inf")) * _LOG2E
-    has_b = b2 > float("-inf")
-    lse2 = tl.where(has_b & (total > 0.0), tl.log2(tl.where(total > 0.0, total, 1.0)) - b2, float("-inf"))
-    return lse2, col_mask & has_b & (total < mass_floor)
 
 
 @triton.jit
@@ -487,18 +423,6 @@ class DenseWorkspace:
                 f"this DenseWorkspace was made for other scores (partials {tuple(self.psum.shape)}, sample potentials "
                 f"{tuple(self.a.shape)}); scores (H, N, K) = ({h}, {n}, {k}) need DenseWorkspace.for_scores(scores)"
             )
-
-
-def _check_row_tiles(n_programs: int, row_tiles: int, n: int) -> None:
-    """Every program of a cluster-LSE launch must own a row tile: one with none would leave its partials as the last
-    call left them, and the merge would read them (a workspace made for more samples than these)."""
-    if n == 0:
-        raise ValueError("no samples (N = 0): the cluster LSE of an empty set is not defined")
-    if n_programs > row_tiles:
-        raise ValueError(
-            f"this workspace runs {n_programs} programs but N = {n} makes {row_tiles} row tiles: a program with none "
-            "would merge stale partials; make the workspace for these inputs"
-        )
 
 
 def _check_scores(scores: torch.Tensor) -> tuple[int, int, int]:

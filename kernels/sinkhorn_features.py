@@ -89,22 +89,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .lse import _finite_or_zero, _lse2, _lse_from_masses, _multiple_of, _online_lse, _sample_step2
 from .sinkhorn_dense import (
     EXACT_FALLBACK_ROWS,
     MASS_FLOOR_PER_SAMPLE,
     MERGE_BLOCK_K,
     MERGE_BLOCK_P,
-    _check_row_tiles,
-    _finite_or_zero,
-    _lse2,
-    _lse_from_masses,
-    _multiple_of,
-    _online_lse,
-    _sample_step2,
     merge_options,
     merge_partials,
 )
-from .utils import LN2, LOG2E, as_float32, interpreting, next_power_of_2, sm_count
+from .utils import LN2, LOG2E, _check_row_tiles, as_float32, interpreting, next_power_of_2, sm_count
 
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)

@@ -201,3 +201,15 @@ def dense_launch(
         n_programs = min(by_device, by_rows)
     n_programs = max(1, min(n_programs, n_tiles))
     return DenseLaunch(block_n, block_k, one_chunk, num_warps, n_programs, vector_loads, column_mass)
+
+
+def _check_row_tiles(n_programs: int, row_tiles: int, n: int) -> None:
+    """Every program of a cluster-LSE launch must own a row tile: one with none would leave its partials as the last
+    call left them, and the merge would read them (a workspace made for more samples than these)."""
+    if n == 0:
+        raise ValueError("no samples (N = 0): the cluster LSE of an empty set is not defined")
+    if n_programs > row_tiles:
+        raise ValueError(
+            f"this workspace runs {n_programs} programs but N = {n} makes {row_tiles} row tiles: a program with none "
+            "would merge stale partials; make the workspace for these inputs"
+        )
