@@ -380,7 +380,7 @@ def target_size(features_op, rows: list, rates: dict) -> None:
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM) tried by the sweep at N = 2**20, K = 3000, D = 128;
-# the first line per itemsize is the default of kernels/sinkhorn_features.py, timed twice: summing column masses
+# the first line per itemsize is the default (GPU_TILES in kernels/utils.py), timed twice: summing column masses
 # (the default since 2026-11-23, untimed when written) and with log-domain sums (the pass measured on 2026-11-23).
 # 64x64 w4 s2 at 3 per SM tests whether the tensor cores and the exp2 work overlap better across more independent
 # programs: Triton waits for each wgmma right after issuing it (its result is used in the same iteration), so a

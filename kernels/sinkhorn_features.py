@@ -81,7 +81,6 @@ zero-weight cluster (b = -inf) gets -inf (it holds no mass; the solver's step fo
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
@@ -98,7 +97,18 @@ from .sinkhorn_dense import (
     merge_options,
     merge_partials,
 )
-from .utils import LN2, LOG2E, _check_row_tiles, as_float32, interpreting, next_power_of_2, sm_count
+from .utils import (
+    EXACT_STREAM_D,
+    LN2,
+    LOG2E,
+    FeaturesLaunch,
+    _check_row_tiles,
+    as_float32,
+    features_launch,
+    interpreting,
+    max_shared_memory,
+    shared_memory_bound,
+)
 
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
@@ -494,201 +504,8 @@ def _features_readout_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch heuristics and host launchers
+# Host launchers (the launch heuristics, ``features_launch``, are in utils.py)
 # ----------------------------------------------------------------------------------------------------
-
-# Tiles of the GPU launch, (BLOCK_N, BLOCK_K, num_warps, num_stages) per input itemsize, at D <= 128. Chosen from
-# sm_90 cubins compiled offline (Triton 3.9, contiguous inputs): bf16/fp16 128x64, 8 warps, 3 stages: 112
-# registers, 82 KB shared memory; fp32 64x64, 8 warps, 2 stages: 101 registers, 99 KB. No spills, two programs per
-# SM, wgmma with the Z tile in shared memory for both sweeps and the prototype chunks prefetched by cp.async.
-# (fp32 with 4 warps needs 245 registers; 3 stages need 131 KB, one program per SM.) A row tile of 128 samples
-# gives each prototype chunk read from L2 128 FLOPs per byte (16-bit). Not yet timed on a GPU:
-# ``benchmarks/gpu_features.py`` sweeps the alternatives.
-# fp32 features rounded to fp16 in the kernel ("fp16" precision): the fp32 Z tile costs registers while it is
-# converted; 128x64 needs 191-199 registers at 8 warps (one program per SM), 128x32 needs 128 (two).
-GPU_TILES = {2: (128, 64, 8, 3), 4: (64, 64, 8, 2), "fp32>fp16": (128, 32, 8, 3)}
-# Largest D kept whole in shared memory for a row tile (and one stage fewer past 128, to fit: bf16 D = 256 needs
-# 131 KB, fp32 198 KB); beyond it D is streamed in chunks of STREAM_D and Z is re-read per prototype chunk.
-MAX_ONE_D = 256
-STREAM_D = 64
-# Exact fp32 products ("ieee" on CUDA cores, "tf32x3" as three tf32 dots) hold more per D element: with D = 128 whole
-# they need 255 registers and spill 0.6-4.4 KB (sm_90 cubins, Triton 3.9); chunks of 32 along D spill nothing
-# (114-162 registers), at the price of re-reading the Z tile per prototype chunk (from L2).
-EXACT_STREAM_D = 32
-EXACT_PRECISIONS = ("ieee", "tf32x3")
-# fp32 features whose rows do not start on 16-byte boundaries (D not a multiple of 4, or a view with such a row
-# stride; see ``d_vector_width``) cannot be copied into shared memory by cp.async: the tile is loaded 4 bytes at a
-# time through registers. Kept whole past D = 128 (a 256-wide tile) that needs 255 registers and spills in the
-# iteration kernel (D = 201: 208 B with Triton 3.9, 672 B with 3.6); chunks of EXACT_STREAM_D spill nothing (128-138
-# registers, sm_90 cubins, both versions). Aligned rows (D = 136, 200: multiples of 4) keep D whole: with the
-# kernels' alignment hint (``VEC_D``) they compile like D = 256 (171-210 registers, no spill, cp.async).
-UNALIGNED_FP32_MAX_ONE_D = 128
-# Programs per SM of the persistent cluster-LSE grid. The default tiles at D <= 128 fit two (registers and shared
-# memory, sm_90 cubins with Triton 3.9); one fits at D in (128, 256] (129-193 KB of shared memory), with exact fp32
-# products (tf32x3: 163-174 registers) and, under Triton 3.6, fp32 features rounded to fp16 (142 registers at
-# D = 128). There the grid runs in two waves: equal work per program, so little lost, but (H, P, K) partials and a
-# merge twice the size they need. Not derived per launch: registers are known only after compiling (and differ
-# between Triton versions), and ``shared_memory_bound`` is exact on sm_90 only -- on sm_80/86/89 it over-states the
-# shared memory and would under-fill the GPU, the costlier mistake.
-PROGRAMS_PER_SM = 2
-# Shared memory: an H100 lets a program use 227 KB, and every default tile fits (at most 208 KB: fp32, D = 256). GPUs
-# of compute capability 8.6/8.9 (A10, A40, L4, L40, RTX 30xx/40xx) allow 99 KB, an A100 163 KB: there Triton would
-# refuse the launch (OutOfResources), so ``features_launch`` shrinks the tiles until ``shared_memory_bound`` fits the
-# device's limit. Each step roughly halves a large term of the bound, cheapest first: one pipeline stage fewer (down
-# to 2), BLOCK_K down to SHRINK_K (shorter prototype chunks, same traffic), BLOCK_N down to SHRINK_N (each prototype
-# chunk read from L2 for fewer samples), D streamed in chunks of STREAM_D (Z re-read from L2 per prototype chunk),
-# then BLOCK_N and BLOCK_K down to 16. At 99 KB: 16-bit D = 128 and D = 512 keep their tiles with 2 stages, bf16,
-# fp32>fp16 D = 256 and fp32 D = 128 run 64x32 tiles, fp32 D = 256 streams D through 64x32 tiles; at 163 KB (A100)
-# only fp32 D = 256 changes (64x32); at 227 KB (H100) nothing does. The bound is loose on sm_80/86/89, so some of
-# these shrink further than those GPUs need (bf16 D = 128 would fit 3 stages there). Predicted, not timed: smaller
-# tiles cost L2 traffic and shorter tensor-core instructions, not DRAM traffic; a launch that fails costs more.
-# ``benchmarks/sm90_compile.py --arch 86`` compiles these choices and checks that they fit.
-SHRINK_K, SHRINK_N = 32, 64
-
-
-@dataclass(frozen=True)
-class FeaturesLaunch:
-    """How the features kernels tile Z (N, D) and C (H, K, D); ``n_programs``: P per head."""
-
-    block_n: int
-    block_k: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-    n_programs: int
-    # Warm passes sum the plan's column masses in sweep 2 (no running max, no rescale; see
-    # ``_features_merge_masses_kernel`` for the exact fallback that keeps it safe); False: log-domain sums.
-    column_mass: bool = True
-
-    def one_d(self, d: int) -> bool:
-        return self.block_d >= d
-
-    def padded_k(self, k: int) -> int:
-        """K rounded up to whole chunks: the row length of the kernel's per-cluster buffers, loaded unmasked."""
-        return -(-k // self.block_k) * self.block_k
-
-    def row_tiles(self, n: int) -> int:
-        return -(-n // self.block_n)
-
-
-def shared_memory_bound(launch: FeaturesLaunch, d: int, itemsize: int, *, z_fp32_to_fp16: bool = False) -> int:
-    """Bytes of shared memory a program of ``launch`` asks for, an upper bound; ``itemsize`` as in ``features_launch``.
-
-    The terms of Triton's sm_90 layout: ``num_stages`` buffers of each (BLOCK_K, BLOCK_D) prototype chunk (filled by
-    cp.async); the (BLOCK_N, BLOCK_D) Z tile kept for both sweeps in the dtype the dot reads, next to an fp32
-    (BLOCK_N, BLOCK_K) buffer where the read-out kernel converts the layout of its score tile -- or, for fp32
-    features rounded to fp16 in the kernel, the tile staged in fp32 (Triton 3.6's partials kernel at BLOCK_K = 64),
-    whichever is larger; one Z buffer per stage, in Z's own dtype, when D is streamed; 1 KB of reduction scratch.
-    It is within 1 KB of the read-out's shared memory for the default sm_90 launches of 16-bit and fp32 inputs, and
-    bounds both kernels, compiled for sm_86 and sm_90 with Triton 3.6 and 3.9, over 432 tile shapes (BLOCK_N 32-128,
-    BLOCK_K 32-64, 2-3 stages, D = 128 and 256 whole, 512 streamed; bf16, fp32, fp32>fp16); ``sm90_compile.py
-    --check`` keeps checking it. The mma code of sm_80/86/89 mostly needs less (it reads Z from registers): there
-    the bound is loose, not wrong.
-    """
-    z_itemsize = 4 if z_fp32_to_fp16 or itemsize >= 4 else 2  # Z as stored
-    c_bytes = launch.num_stages * launch.block_k * launch.block_d * itemsize
-    scratch = launch.block_n * launch.block_k * 4
-    z_tile = launch.block_n * launch.block_d
-    if launch.block_d >= d:
-        z_bytes = max(z_tile * z_itemsize, z_tile * (2 if z_fp32_to_fp16 else z_itemsize) + scratch)
-    else:
-        z_bytes = launch.num_stages * z_tile * z_itemsize + scratch
-    return c_bytes + z_bytes + 1024
-
-
-@functools.cache
-def _cuda_max_shared(index: int) -> int:
-    from triton.runtime.driver import driver
-
-    return driver.active.utils.get_device_properties(index)["max_shared_mem"]
-
-
-def max_shared_memory(device: torch.device) -> int | None:
-    """Shared memory one program may use on ``device`` (bytes; the number Triton checks at launch); None on a CPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return _cuda_max_shared(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def features_launch(
-    n: int,
-    k: int,
-    d: int,
-    h: int,
-    itemsize: int,
-    device: torch.device,
-    *,
-    block_n: int | None = None,
-    block_k: int | None = None,
-    block_d: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    n_programs: int | None = None,
-    z_fp32_to_fp16: bool = False,
-    precision: str = "tf32",
-    z_rows_aligned: bool = True,
-    max_shared: int | None = None,
-    column_mass: bool = True,
-) -> FeaturesLaunch:
-    """Tile sizes and grid for N samples, K clusters, D features, H heads; keyword overrides for tests and sweeps.
-
-    Tiles are never below 16 (``tl.dot``); under the interpreter they are 16 (fast, and every mask is hit).
-    ``itemsize``: of the tensor-core operands (the prototypes'); ``z_fp32_to_fp16``: fp32 features rounded to fp16
-    in the kernel (``prepare_fp16``); ``precision``: the ``input_precision`` of fp32 inputs (exact ones stream D);
-    ``z_rows_aligned``: every row of Z starts on a 16-byte boundary (``d_vector_width``; unaligned fp32 rows stream
-    D past 128); ``max_shared``: bytes of shared memory one program may use (``max_shared_memory``; None: the
-    device's, no limit on a CPU): tiles not given explicitly shrink until ``shared_memory_bound`` fits;
-    ``column_mass``: warm passes sum plan masses (``FeaturesLaunch.column_mass``).
-    """
-    gpu_n, gpu_k, gpu_warps, gpu_stages = GPU_TILES["fp32>fp16" if z_fp32_to_fp16 else 4 if itemsize >= 4 else 2]
-    small = interpreting()
-    fixed = dict(n=block_n is not None, k=block_k is not None, d=block_d is not None, stages=num_stages is not None)
-    if block_n is None:
-        block_n = 16 if small else min(gpu_n, max(16, next_power_of_2(n)))
-    if block_k is None:
-        block_k = 16 if small else min(gpu_k, max(16, next_power_of_2(k)))
-    exact_fp32 = itemsize >= 4 and precision in EXACT_PRECISIONS and not small
-    if block_d is None and exact_fp32 and d > EXACT_STREAM_D:
-        block_d = EXACT_STREAM_D
-    unaligned_fp32 = itemsize >= 4 and not z_rows_aligned and not small
-    if block_d is None and unaligned_fp32 and d > UNALIGNED_FP32_MAX_ONE_D:
-        block_d = EXACT_STREAM_D
-    if block_d is None:
-        block_d = max(16, next_power_of_2(d)) if d <= MAX_ONE_D else STREAM_D
-    if block_d > 128 and not small:
-        gpu_stages = 2
-    launch = FeaturesLaunch(
-        block_n, block_k, block_d, num_warps or gpu_warps, num_stages or gpu_stages, 1, column_mass=column_mass
-    )
-    if max_shared is None:
-        max_shared = max_shared_memory(device)
-    bound = functools.partial(shared_memory_bound, d=d, itemsize=itemsize, z_fp32_to_fp16=z_fp32_to_fp16)
-    while max_shared is not None and bound(launch) > max_shared:
-        smaller = _shrink(launch, d, fixed)
-        if smaller is None:
-            break  # nothing left to shrink (explicit tiles): Triton reports the shortfall at launch
-        launch = smaller
-    if n_programs is None:
-        n_programs = -(-sm_count(device) * PROGRAMS_PER_SM // h)
-    n_programs = max(1, min(n_programs, launch.row_tiles(n)))
-    return dataclasses.replace(launch, n_programs=n_programs)
-
-
-def _shrink(launch: FeaturesLaunch, d: int, fixed: dict) -> FeaturesLaunch | None:
-    """One step down the ladder described above SHRINK_N, skipping the sizes the caller fixed; None at the bottom."""
-    steps = (  # (which size, whether it can shrink, the smaller launch's change)
-        ("stages", launch.num_stages > 2, dict(num_stages=launch.num_stages - 1)),
-        ("k", launch.block_k > SHRINK_K, dict(block_k=launch.block_k // 2)),
-        ("n", launch.block_n > SHRINK_N, dict(block_n=launch.block_n // 2)),
-        ("d", launch.one_d(d) and launch.block_d > STREAM_D, dict(block_d=STREAM_D)),
-        ("n", launch.block_n > 16, dict(block_n=launch.block_n // 2)),
-        ("k", launch.block_k > 16, dict(block_k=launch.block_k // 2)),
-    )
-    for size, possible, change in steps:
-        if possible and not fixed[size]:
-            return dataclasses.replace(launch, **change)
-    return None
 
 
 @dataclass

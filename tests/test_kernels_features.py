@@ -603,8 +603,9 @@ def test_exact_fp32_launch_streams_d(monkeypatch):
     """GPU launch heuristic: exact fp32 products ("ieee", "tf32x3") take D in chunks of 32 (whole D = 128 spills
     registers on sm_90); tf32, fp16 and bf16 keep D whole; a D of 32 or less stays whole."""
     from otlabel.kernels import sinkhorn_features as kf
+    from otlabel.kernels import utils
 
-    monkeypatch.setattr(kf, "interpreting", lambda: False)  # the GPU heuristic, not the interpreter's tiles
+    monkeypatch.setattr(utils, "interpreting", lambda: False)  # the GPU heuristic, not the interpreter's tiles
     launch = lambda d, item, precision: kf.features_launch(  # noqa: E731
         4096, 3000, d, 1, item, "cpu", n_programs=8, precision=precision
     )
@@ -671,8 +672,9 @@ def test_unaligned_fp32_rows_stream_d_past_128(monkeypatch):
     through registers and spill; they stream D in chunks of 32. Aligned rows (D = 200), 16-bit inputs and D <= 128
     keep D whole; the default launch reads the alignment off the tensors."""
     from otlabel.kernels import sinkhorn_features as kf
+    from otlabel.kernels import utils
 
-    monkeypatch.setattr(kf, "interpreting", lambda: False)
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
     launch = lambda d, item, aligned: kf.features_launch(  # noqa: E731
         4096, 3000, d, 1, item, "cpu", n_programs=8, z_rows_aligned=aligned
     )
@@ -693,8 +695,9 @@ def test_launch_fits_the_shared_memory_of_the_device(limit, monkeypatch):
     """GPU launch heuristic under a given shared-memory limit (what a device reports; no GPU needed): every default
     launch fits by ``shared_memory_bound``, with tiles of at least 16, and on an H100 nothing changes."""
     from otlabel.kernels import sinkhorn_features as kf
+    from otlabel.kernels import utils
 
-    monkeypatch.setattr(kf, "interpreting", lambda: False)
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
     kinds = [(4, False, "tf32"), (4, False, "ieee"), (2, False, "tf32"), (2, True, "tf32")]  # fp32, 16-bit, fp32>fp16
     for (item, mixed, precision), d in ((kind, d) for kind in kinds for d in (3, 64, 128, 136, 200, 256, 300, 512)):
         kw = dict(z_fp32_to_fp16=mixed, precision=precision, n_programs=8)
@@ -707,7 +710,7 @@ def test_launch_fits_the_shared_memory_of_the_device(limit, monkeypatch):
             assert fit == free, f"{what}: the H100 launch changed to {fit}"
     # Sizes the caller fixes are kept (a sweep asks for exactly what it times); the others shrink around them.
     fixed = kf.features_launch(2**20, 3000, 256, 1, 4, "cpu", block_n=64, block_k=64, max_shared=LIMITS["L4/A10"])
-    assert (fixed.block_n, fixed.block_k) == (64, 64) and fixed.block_d == kf.STREAM_D
+    assert (fixed.block_n, fixed.block_k) == (64, 64) and fixed.block_d == utils.STREAM_D
 
 
 def test_the_shared_memory_limit_comes_from_the_device():
