@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .lse import _finite_or_zero, _lse2, _lse_from_masses, _multiple_of, _online_lse, _partials_tile, _sample_step2
-from .utils import LN2, LOG2E, DenseLaunch, _check_row_tiles, as_float32, dense_launch, interpreting
+from .utils import KERNEL_DTYPES, LN2, LOG2E, DenseLaunch, _check_row_tiles, as_float32, dense_launch, interpreting
 
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
@@ -428,7 +428,7 @@ class DenseWorkspace:
 def _check_scores(scores: torch.Tensor) -> tuple[int, int, int]:
     if scores.dim() != 3:
         raise ValueError(f"scores must be (H, N, K), got shape {tuple(scores.shape)}")
-    if scores.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if scores.dtype not in KERNEL_DTYPES:
         raise TypeError(f"scores must be float32, float16 or bfloat16, got {scores.dtype}")
     return scores.shape
 

@@ -99,6 +99,7 @@ from .sinkhorn_dense import (
 )
 from .utils import (
     EXACT_STREAM_D,
+    KERNEL_DTYPES,
     LN2,
     LOG2E,
     FeaturesLaunch,
@@ -112,7 +113,6 @@ from .utils import (
 
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
-_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # For fp32 inputs: tl.dot's "tf32", "tf32x3" and "ieee", and "fp16": both operands scaled by powers of two and rounded
 # to fp16 (see ``prepare_fp16``). Ignored for fp16/bf16 inputs.
 INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee", "fp16")
@@ -570,7 +570,7 @@ def _check_inputs(features: torch.Tensor, prototypes: torch.Tensor) -> tuple[int
         raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
     if prototypes.dim() != 3:
         raise ValueError(f"prototypes must be (H, K, D), got shape {tuple(prototypes.shape)}")
-    if features.dtype not in _INPUT_DTYPES:
+    if features.dtype not in KERNEL_DTYPES:
         raise TypeError(f"features must be float32, float16 or bfloat16, got {features.dtype}")
     if prototypes.dtype != features.dtype and not _fp16_mode(features, prototypes):
         raise TypeError(

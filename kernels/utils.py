@@ -17,6 +17,9 @@ import torch
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2):   log(x) == log2(x) * LN2
+# The dtypes the kernels read (scores, features, prototypes); they compute in fp32 whatever the input (DESIGN.md §4).
+# The one definition: the triton backend and features mode route and check with it too.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def interpreting() -> bool:

@@ -20,6 +20,7 @@ import types
 import torch
 
 from .backends import _triton_usable
+from .kernels.utils import KERNEL_DTYPES
 from .problem import MAX_SCORE_SPAN_FP32, check_epsilon, check_float_dtype, check_weights, span_error
 from .solver import (
     LoopOutput,
@@ -30,8 +31,6 @@ from .solver import (
     run_sinkhorn,
     warn_if_not_converged,
 )
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_scaling, allow_tf32, **solve):

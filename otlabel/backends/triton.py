@@ -16,12 +16,11 @@ import os
 
 import torch
 
+from ..kernels.utils import KERNEL_DTYPES  # no Triton: the kernel modules themselves are imported lazily, below
 from ..problem import check_inverse_epsilon
 from .base import ScoreOperator
 
 __all__ = ["TritonDenseOperator", "TritonFeaturesOperator", "triton_available"]
-
-_SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -96,7 +95,7 @@ class TritonDenseOperator(_PicklableKernels, ScoreOperator):
     def __init__(self, scores: torch.Tensor, epsilon: float, sample_weights: torch.Tensor):
         if scores.dim() != 3:
             raise ValueError(f"scores must be (H, N, K), got shape {tuple(scores.shape)}")
-        if scores.dtype not in _SCORE_DTYPES:
+        if scores.dtype not in KERNEL_DTYPES:
             raise TypeError(
                 f"the triton backend takes float32, float16 or bfloat16 scores, got {scores.dtype}: cast them "
                 "(scores.float()), or pass backend='torch', which solves float64 scores in float64."
@@ -181,7 +180,7 @@ class TritonFeaturesOperator(_PicklableKernels, ScoreOperator):
             prototypes = prototypes.unsqueeze(0)  # (K, D) -> (1, K, D): one head
         if prototypes.dim() != 3:
             raise ValueError(f"prototypes must be (H, K, D) or (K, D), got shape {tuple(prototypes.shape)}")
-        if features.dtype not in _SCORE_DTYPES:
+        if features.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the triton backend takes float32, float16 or bfloat16 features, got {features.dtype}")
         if prototypes.dtype != features.dtype:
             raise TypeError(
