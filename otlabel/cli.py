@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_small(path: str, name: str) -> np.ndarray:
     """A small array fully read (cluster weights); errors become input errors."""
-    from .streaming import load_npy
+    from .inputs import load_npy
 
     try:
         return load_npy(path, name)
@@ -285,7 +285,8 @@ def parse_device(args):
 def open_inputs(args):
     """``(shape_source, what)``: a source over the memory-mapped inputs that gives their shapes (nothing is read
     yet), and how the summary names them."""
-    from .streaming import FeatureSource, HostSource, open_host_array
+    from .inputs import open_host_array
+    from .streaming import FeatureSource, HostSource
 
     if args.scores is not None:
         data = open_host_array(args.scores, "scores")

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from .backends import make_operator, resolve_backend
 from .backends.base import ScoreOperator
 from .features import bound_error, check_bias, dense_scores, kernel_inputs, score_bound, uses_kernel
+from .inputs import open_host_array
 from .problem import (
     Problem,
     as_tensor,
@@ -73,7 +74,6 @@ from .streaming import (
     check_finite_rows,
     check_rows,
     chunk_bytes,
-    open_host_array,
     warn_if_chunks_too_small,
     weighted_clusters,
 )

@@ -20,6 +20,7 @@ import types
 import torch
 
 from .backends import _triton_usable
+from .inputs import open_host_array  # what the streamed and reference paths take too, with their errors
 from .kernels.utils import KERNEL_DTYPES
 from .problem import MAX_SCORE_SPAN_FP32, check_epsilon, check_float_dtype, check_weights, span_error
 from .solver import (
@@ -71,8 +72,6 @@ def uses_kernel(features, backend: str) -> bool:
     z = features if isinstance(features, torch.Tensor) else None
     usable = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)
     if backend == "triton" and z is None:  # what no features path takes (a list) gets their TypeError
-        from .streaming import open_host_array
-
         open_host_array(features, "features")
     if backend == "triton" and z is not None and z.dtype not in KERNEL_DTYPES:
         # A dtype problem is a TypeError, as on the other paths, not a missing GPU or Triton.
@@ -109,8 +108,6 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
     """``Z C^T + bias`` in float64: (N, K), or (H, N, K) for (H, K, D) prototypes (the reference backend's input).
 
     The same inputs as the other paths (tensors, arrays, ``.npy`` paths) and the same shape checks."""
-    from .streaming import open_host_array
-
     z = open_host_array(features, "features", copy_reversed=True).double()  # float64 copies anyway
     c = open_host_array(prototypes, "prototypes", copy_reversed=True).double()
     b = None if bias is None else open_host_array(bias, "bias", copy_reversed=True).double()
@@ -206,8 +203,6 @@ def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=No
     kernels' arithmetic), as the torch path computes them: casting the prototypes down to the features' dtype
     (fp32 prototypes with bf16 features under autocast) silently rounded them to 8 bits, codes off by ~5e-3 at
     eps = 0.05. Pass both in bf16/fp16 for the 16-bit tensor-core rate; mixed, the features are copied."""
-    from .streaming import open_host_array  # what the streamed and reference paths take too, with their errors
-
     c = open_host_array(prototypes, "prototypes", copy_reversed=True)
     bias_t = None if bias is None else open_host_array(bias, "bias", copy_reversed=True)
     dtype = torch.promote_types(z.dtype, c.dtype)

@@ -41,19 +41,18 @@ from .backends.torch_backend import (
 )
 from .feasibility import MaskPatterns, check_masks, collect_masks
 from .features import check_bias, check_feature_shapes
+from .inputs import open_host_array
 from .outputs import AtomicNpy, OutputError, commit_all, refuse_overwriting_inputs
 from .problem import (
     TRANSPOSE_FIX,
     _first_index,
     autocast_off,
     check_epsilon,
-    check_float_dtype,
     check_weights,
     index_in_input,
     masked_sample_error,
     max_score_span,
     raise_for_starved_clusters,
-    share_numpy,
     span_error,
     stranded_sample_error,
 )
@@ -186,71 +185,6 @@ def warn_if_chunks_too_small(source: ScoreSource, memory_budget, device: torch.d
 
 
 # ----------------------------------------------------------------------------------------------- host arrays
-
-
-def unreadable_npy(name: str, path: str, err: Exception) -> str:
-    """The message for a file ``np.load`` cannot read as an array (NumPy's own advice for a non-``.npy`` file,
-    to "load it unsafely" as a pickle, is wrong there and risky: it is left out)."""
-    if isinstance(err, EOFError) or os.path.getsize(path) == 0:
-        detail = "it is empty"
-    elif "Object arrays" in str(err) or "Python objects" in str(err):  # read whole / memory-mapped: NumPy's words
-        detail = "it is a .npy of Python objects (dtype object), not of numbers"
-    elif "pickle" in str(err):  # no .npy header: NumPy takes the file for a pickle
-        detail = "it is not in NumPy's .npy format"
-    else:
-        detail = str(err)
-    return f"{name} file {path!r} is not a readable .npy array ({detail}). Save arrays with numpy.save."
-
-
-def load_npy(path: str, name: str, mmap_mode: str | None = None) -> np.ndarray:
-    """``np.load`` of one ``.npy`` array (memory-mapped with ``mmap_mode``), no pickles; a missing file is a
-    ``FileNotFoundError``, anything else that is not a .npy array (an .npz archive, a pickle) a ``ValueError``."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{name} file {path!r} does not exist.")
-    try:
-        x = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(unreadable_npy(name, path, err)) from None
-    if isinstance(x, np.lib.npyio.NpzFile):  # the array checks would say "got NpzFile", naming no fix
-        arrays = ", ".join(x.files) or "none"
-        x.close()
-        raise ValueError(f"{name} file {path!r} is an .npz archive (arrays: {arrays}), not a .npy file: save the "
-                         "array to use on its own, np.save('array.npy', np.load(path)['name']).")  # fmt: skip
-    return x
-
-
-def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor:
-    """A path to a ``.npy`` (memory-mapped, read-only), a NumPy array/memmap or a torch tensor, as a torch tensor
-    sharing its memory (no copy). Errors say which input is wrong and why. A NumPy view with a negative stride
-    (torch cannot share it) is copied with ``copy_reversed`` (callers that copy the data anyway), else refused."""
-    if isinstance(x, (str, os.PathLike)):
-        x = load_npy(os.fspath(x), name, mmap_mode="r")
-    if isinstance(x, np.ndarray):
-        if x.dtype.kind == "V" and x.dtype.itemsize == 2:
-            raise TypeError(f"{name} has dtype {x.dtype}: 2-byte raw values, as NumPy saves bfloat16 (ml_dtypes). "
-                            "Save float16 or float32 instead (x.astype(np.float32)).")  # fmt: skip
-        if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
-            raise TypeError(
-                f"{name} must be float16, float32 or float64, got dtype {x.dtype}. Convert with x.astype(np.float32)."
-            )
-        if not x.dtype.isnative:
-            raise TypeError(
-                f"{name} is {x.dtype.name} in non-native byte order ({x.dtype.str}); convert with "
-                f"x.astype(np.{x.dtype.name}) (or save it so: np.save(path, x.astype(np.{x.dtype.name})))."
-            )
-        if any(stride < 0 for stride in x.strides):
-            if not copy_reversed:
-                raise ValueError(
-                    f"{name} is a NumPy view with a negative stride (such as x[::-1]), which torch cannot share "
-                    "without a copy of the whole array: pass np.ascontiguousarray(x) (that copy), or the array "
-                    "unreversed."
-                )
-            x = np.ascontiguousarray(x)
-        return share_numpy(x)
-    if isinstance(x, torch.Tensor):
-        check_float_dtype(x, name)
-        return x.detach()  # a target, not differentiated through (see problem.as_tensor)
-    raise TypeError(f"{name} must be a .npy path, a numpy array or a torch tensor, got {type(x).__name__}.")
 
 
 class HostStream:
