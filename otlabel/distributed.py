@@ -46,12 +46,15 @@ from .inputs import open_host_array
 from .problem import (
     Problem,
     as_tensor,
+    check_columns,
     check_epsilon,
+    check_rows,
     check_scores,
     check_weights,
     compute_dtype_of,
     max_score_span,
     weight_sum_tolerance,
+    weighted_clusters,
 )
 from .result import SinkhornResult
 from .solver import (
@@ -70,12 +73,9 @@ from .solver import (
 from .streaming import (
     FeatureSource,
     StreamingOperator,
-    check_columns,
     check_finite_rows,
-    check_rows,
     chunk_bytes,
     warn_if_chunks_too_small,
-    weighted_clusters,
 )
 
 __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]

@@ -209,7 +209,7 @@ class MaskPatterns:
 def collect_masks(patterns: list[MaskPatterns], scores, masked, sample_weights: np.ndarray) -> None:
     """Add a block of samples to the per-head ``patterns``: ``scores`` (H, T, K) a torch tensor on any device,
     ``masked`` the (H, T) flags of the rows with a -inf score for a cluster of positive weight (a -inf for a
-    zero-weight cluster constrains nothing; None: no such row), as :func:`otlabel.streaming.check_rows` returns
+    zero-weight cluster constrains nothing; None: no such row), as :func:`otlabel.problem.check_rows` returns
     them, and float64 ``sample_weights`` (T,). Only the flagged rows leave the device, in slices of
     ~BLOCK_ELEMENTS."""
     picked = np.zeros(scores.shape[:2], dtype=bool) if masked is None else masked.cpu().numpy()

@@ -45,16 +45,12 @@ from .inputs import open_host_array
 from .outputs import AtomicNpy, OutputError, commit_all, refuse_overwriting_inputs
 from .problem import (
     TRANSPOSE_FIX,
-    _first_index,
     autocast_off,
+    check_columns,
     check_epsilon,
+    check_rows,
     check_weights,
-    index_in_input,
-    masked_sample_error,
-    max_score_span,
-    raise_for_starved_clusters,
-    span_error,
-    stranded_sample_error,
+    weighted_clusters,
 )
 from .result import SinkhornResult
 from .solver import (
@@ -389,92 +385,6 @@ class FeatureSource(ScoreSource):
             for rows in row_chunks(self.n_samples, 1, self.rows_per_chunk):
                 out = torch.maximum(out, self.chunk(rows).amax(dim=1))
         return out
-
-
-# ----------------------------------------------------------------------------------------------- validation
-
-
-def weighted_clusters(cluster_weights: torch.Tensor) -> torch.Tensor | None:
-    """The indices of the clusters of positive weight for :func:`check_rows`, or None when every cluster has weight
-    (found once per solve: on a GPU each such question is a synchronisation)."""
-    weighted = cluster_weights > 0
-    return None if bool(weighted.all()) else torch.nonzero(weighted)[:, 0]
-
-
-def check_rows(
-    scores: torch.Tensor,
-    weighted: torch.Tensor | None,
-    offset: int = 0,
-    where: str = "",
-    inv_eps: float | None = None,
-    compute_dtype: torch.dtype = torch.float64,
-    batched: bool = True,
-    from_features: bool = False,
-) -> torch.Tensor | None:
-    """The per-sample checks of :func:`otlabel.problem.check_score_values` on a chunk ``(H, T, K)`` whose first
-    sample is sample ``offset``: NaN, +inf, samples with nowhere to go, and (given ``inv_eps``: 1 when the chunk
-    is ``S / eps`` already) ``|S| / eps`` beyond what ``compute_dtype`` resolves
-    (:func:`~otlabel.problem.max_score_span`), over the clusters with weight (``weighted``, from
-    :func:`weighted_clusters`): the others take no part in the solve. (The per-cluster checks need every sample:
-    :func:`check_columns` on the accumulated column maxima.)
-
-    Returns the (H, T) flags of the samples with a -inf score for a weighted cluster (the rows whose masks Hall's
-    condition must see: :func:`~otlabel.feasibility.collect_masks`), or None when there are none. The verdict and
-    that answer come back from the device in one read: one synchronisation per chunk on a GPU."""
-    span_limit = math.inf if not inv_eps else max_score_span(compute_dtype) / inv_eps  # in the chunk's units
-    in_weighted = scores if weighted is None else scores.index_select(2, weighted)
-    weighted_row_min, weighted_row_max = torch.aminmax(in_weighted, dim=2)  # (H, T): NaN and +inf propagate
-    row_max = weighted_row_max if weighted is None else scores.amax(dim=2)  # -inf only for a masked row
-    good = (torch.isfinite(weighted_row_max) & (weighted_row_max.abs() <= span_limit)).all()
-    masked = torch.isneginf(weighted_row_min)
-    good, any_masked = torch.stack([good & torch.isfinite(row_max).all(), masked.any()]).tolist()
-    if not good:
-        raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
-                           from_features)  # fmt: skip
-    return masked if any_masked else None
-
-
-def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
-                       from_features=False) -> None:  # fmt: skip
-    """The failure path of :func:`check_rows`: the error that names the first bad sample (``batched=False``:
-    indices of (N, K) scores, as the caller passed them; ``from_features``: the scores are Z C^T + bias, whose
-    prototypes and bias were checked, so a NaN comes from a row of the features)."""
-    if torch.isnan(row_max).any():
-        h, j, k = _first_index(torch.isnan(scores))
-        if from_features:
-            raise ValueError(f"features row {j + offset}{where} contains NaN or inf (its scores are NaN). Fix the "
-                             "features.")  # fmt: skip
-        index = index_in_input((h, j + offset, k), batched)
-        raise ValueError(f"scores contain NaN (first at index {index}{where}). Fix the model output.")
-    if from_features and (torch.isposinf(row_max).any() or torch.isneginf(row_max).any()):
-        h, j = _first_index(torch.isinf(row_max))  # prototypes finite, bias checked: an inf comes from a features row
-        raise ValueError(f"features row {j + offset}{where} contains inf, or its scores overflow (they are "
-                         f"{float(row_max[h, j]):g}). Fix the features.")  # fmt: skip
-    if torch.isposinf(row_max).any():
-        h, j, k = _first_index(torch.isposinf(scores))
-        index = index_in_input((h, j + offset, k), batched)
-        raise ValueError(
-            f"scores contain +inf, or scores / epsilon overflow (first at index {index}{where}). "
-            "Only -inf is allowed, and it means 'this sample may not go to this cluster'."
-        )
-    if torch.isneginf(row_max).any():
-        h, j = _first_index(torch.isneginf(row_max))
-        raise masked_sample_error(j + offset, h, where)
-    if torch.isneginf(weighted_row_max).any():
-        h, j = _first_index(torch.isneginf(weighted_row_max))
-        raise stranded_sample_error(j + offset, h, where)
-    raise span_error(float(weighted_row_max.abs().amax()) * inv_eps, compute_dtype, where, features=from_features)
-
-
-def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor, compute_dtype: torch.dtype) -> None:
-    """The per-cluster checks on the column maxima of ``S / eps`` (H, K) over all the samples: a cluster of positive
-    weight that no sample may reach (its maximum is -inf) is infeasible; one whose best ``|S| / eps`` is beyond
-    :func:`~otlabel.problem.max_score_span` needs a potential that ``compute_dtype`` cannot resolve."""
-    raise_for_starved_clusters(col_max, cluster_weights)
-    far = (cluster_weights > 0) & torch.isfinite(col_max) & (col_max.abs() > max_score_span(compute_dtype))
-    if bool(far.any()):
-        h, k = _first_index(far)
-        raise span_error(float(col_max[h, k].abs()), compute_dtype, f" (cluster {k}, head {h})")
 
 
 # ----------------------------------------------------------------------------------------------- operator
