@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from .backends import make_operator, resolve_backend
 from .backends.base import ScoreOperator
-from .features import bound_error, check_bias, dense_scores, kernel_inputs, score_bound, uses_kernel
+from .features import bound_error, check_bias, check_finite_rows, dense_scores, kernel_inputs, score_bound, uses_kernel
 from .inputs import open_host_array
 from .problem import (
     Problem,
@@ -73,7 +73,6 @@ from .solver import (
 from .streaming import (
     FeatureSource,
     StreamingOperator,
-    check_finite_rows,
     chunk_bytes,
     warn_if_chunks_too_small,
 )

@@ -142,6 +142,19 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
         raise bound_error(float(bound), epsilon, torch.float32)
 
 
+def check_finite_rows(host: torch.Tensor, name: str, rows_per_check: int = 1 << 16) -> float:
+    """Every entry finite, checked a block of rows at a time (a memmap is read once, never held whole); returns the
+    largest row norm (float64), read in the same pass."""
+    largest = 0.0
+    for lo in range(0, host.shape[0], rows_per_check):
+        block = host[lo : lo + rows_per_check]
+        if not bool(torch.isfinite(block).all()):
+            row = lo + int(torch.nonzero(~torch.isfinite(block).reshape(block.shape[0], -1).all(dim=1))[0])
+            raise ValueError(f"{name} contain NaN or inf (first in row {row}); they must be finite vectors.")
+        largest = max(largest, float(torch.linalg.vector_norm(block, dim=-1, dtype=torch.float64).amax()))
+    return largest
+
+
 def score_bound(largest_z, c: torch.Tensor, bias) -> torch.Tensor:
     """0-d float64: ``max_j |z_j| max_k |c_k| + max |bias|`` (Cauchy-Schwarz), a bound on every |score|, from the
     largest feature norm ``largest_z`` and the prototypes ``c`` (..., K, D). Norms in float64: no overflow."""

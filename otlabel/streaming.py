@@ -103,19 +103,6 @@ def chunk_bytes(memory_budget: int | None, device: torch.device) -> int:
     return memory_budget
 
 
-def check_finite_rows(host: torch.Tensor, name: str, rows_per_check: int = 1 << 16) -> float:
-    """Every entry finite, checked a block of rows at a time (a memmap is read once, never held whole); returns the
-    largest row norm (float64), read in the same pass."""
-    largest = 0.0
-    for lo in range(0, host.shape[0], rows_per_check):
-        block = host[lo : lo + rows_per_check]
-        if not bool(torch.isfinite(block).all()):
-            row = lo + int(torch.nonzero(~torch.isfinite(block).reshape(block.shape[0], -1).all(dim=1))[0])
-            raise ValueError(f"{name} contain NaN or inf (first in row {row}); they must be finite vectors.")
-        largest = max(largest, float(torch.linalg.vector_norm(block, dim=-1, dtype=torch.float64).amax()))
-    return largest
-
-
 def check_device(device) -> torch.device:
     """Where the streamed chunks are computed: the CPU or a CUDA device that exists."""
     try:
