@@ -51,7 +51,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
 
 
 SUBMODULES = ("anderson", "backends", "baselines", "cli", "distributed", "exact", "feasibility", "features", "graphs",
-              "kernels", "outputs", "problem", "result", "solver", "sources", "streaming")  # fmt: skip
+              "host_sources", "inputs", "kernels", "outputs", "problem", "result", "solver", "sources",
+              "streaming")  # fmt: skip
 
 
 def __getattr__(name: str):

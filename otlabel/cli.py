@@ -285,8 +285,8 @@ def parse_device(args):
 def open_inputs(args):
     """``(shape_source, what)``: a source over the memory-mapped inputs that gives their shapes (nothing is read
     yet), and how the summary names them."""
+    from .host_sources import FeatureSource, HostSource
     from .inputs import open_host_array
-    from .streaming import FeatureSource, HostSource
 
     if args.scores is not None:
         data = open_host_array(args.scores, "scores")

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from .backends import make_operator, resolve_backend
 from .backends.base import ScoreOperator
 from .features import bound_error, check_bias, check_finite_rows, dense_scores, kernel_inputs, score_bound, uses_kernel
+from .host_sources import FeatureSource
 from .inputs import open_host_array
 from .problem import (
     Problem,
@@ -70,12 +71,7 @@ from .solver import (
     run_sinkhorn,
     warn_if_not_converged,
 )
-from .streaming import (
-    FeatureSource,
-    StreamingOperator,
-    chunk_bytes,
-    warn_if_chunks_too_small,
-)
+from .streaming import StreamingOperator, chunk_bytes, warn_if_chunks_too_small
 
 __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
 

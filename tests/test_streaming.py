@@ -15,7 +15,8 @@ import torch
 from helpers import assert_close, centred, random_problem, random_weights
 
 from otlabel import sinkhorn_assign
-from otlabel.streaming import BYTES_PER_ENTRY, FeatureSource, HostSource, sinkhorn_assign_stream
+from otlabel.host_sources import BYTES_PER_ENTRY, FeatureSource, HostSource
+from otlabel.streaming import sinkhorn_assign_stream
 
 N, K, EPS, ITERS = 203, 11, 0.1, 40
 
@@ -406,9 +407,9 @@ class Interrupted(BaseException):
 def counting_reads(monkeypatch, on_read=None):
     """Patch the host reads of streamed chunks: returns the list of chunk starts read; ``on_read(count)`` is called
     (in the reading worker thread) after each read."""
-    import otlabel.streaming as streaming
+    import otlabel.host_sources as host_sources
 
-    reads, real_get = [], streaming.HostStream.get
+    reads, real_get = [], host_sources.HostStream.get
 
     def get(self, rows):
         reads.append(rows.start)
@@ -416,7 +417,7 @@ def counting_reads(monkeypatch, on_read=None):
             on_read(len(reads))
         return real_get(self, rows)
 
-    monkeypatch.setattr(streaming.HostStream, "get", get)
+    monkeypatch.setattr(host_sources.HostStream, "get", get)
     return reads
 
 
