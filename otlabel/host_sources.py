@@ -1,4 +1,4 @@
-"""Score sources on the host: scores or features that are not on the compute device, handed to it chunk by chunk.
+"""Streamed score sources: scores or features held on the host (or on disk), handed to the compute device in chunks.
 
 * :class:`HostSource` — scores ``(N, K)`` or ``(H, N, K)``: a CPU torch tensor, a NumPy array or a ``np.memmap``
   (a ``.npy`` path is opened with ``np.load(mmap_mode="r")``, so the file may be larger than RAM).

@@ -1,10 +1,10 @@
 """Where the scores live: the chunked operators of ``otlabel.backends.torch_backend`` read them through this.
 
 A source hands out the scores of a contiguous range of samples, ``chunk(rows) -> (H, T, K)``, on the compute
-device. The dense source slices a tensor already there; other sources (streamed from the host or a file,
-computed from features and prototypes) produce each chunk on demand, so the full ``(H, N, K)`` matrix never
-has to exist on the device. Operators must consume chunks in increasing row order within one pass
-(streaming sources may prefetch the next chunk while the current one is used).
+device. The dense source (here) slices a tensor already there; other sources (:mod:`otlabel.host_sources`:
+streamed from the host or a file, computed from features and prototypes) produce each chunk on demand, so the
+full ``(H, N, K)`` matrix never has to exist on the device. Operators must consume chunks in increasing row
+order within one pass (streaming sources may prefetch the next chunk while the current one is used).
 """
 
 from __future__ import annotations
