@@ -146,11 +146,8 @@ class Data:
         return self.x.reshape(len(self.x), -1).numpy()
 
 
-def _as_images(x: np.ndarray, vectors: bool = False) -> np.ndarray:
-    """Give (N, D) data with a square D an image layout (N, 1, s, s), unless ``vectors``; (N, H, W) becomes
-    (N, 1, H, W)."""
-    if x.ndim == 2 and vectors:
-        return x
+def _as_images(x: np.ndarray) -> np.ndarray:
+    """Give (N, D) data with a square D an image layout (N, 1, s, s); (N, H, W) becomes (N, 1, H, W)."""
     if x.ndim == 2:
         side = math.isqrt(x.shape[1])
         return x.reshape(len(x), 1, side, side) if side * side == x.shape[1] and side >= 4 else x
@@ -199,7 +196,7 @@ def load_data(args: argparse.Namespace) -> Data:
     try:
         if args.vectors and x.ndim != 2:
             raise ValueError(f"--vectors reads (N, D) arrays as vectors; --data-x has shape {x.shape}")
-        x = _as_images(x, args.vectors)
+        x = x if args.vectors else _as_images(x)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if len(x) < 2:

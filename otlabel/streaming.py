@@ -31,15 +31,7 @@ from concurrent.futures import FIRST_EXCEPTION, wait
 import numpy as np
 import torch
 
-from .backends.torch_backend import (
-    NEG_INF,
-    LogDomainOperator,
-    compute_dtype,
-    exp_,
-    in_callers_mode,
-    split_rows,
-    worker_pool,
-)
+from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, exp_, split_rows
 from .feasibility import MaskPatterns, check_masks, collect_masks
 from .host_sources import (
     BYTES_PER_ENTRY,
@@ -173,12 +165,9 @@ class StreamingOperator(LogDomainOperator):
         self.sample_mass = sample_weights.detach().to("cpu", torch.float64).numpy()
         self.labels_out, self.codes_out = labels_out, codes_out
         self.validated = False
-        self.stop_from = math.inf  # ranges starting at this row or later stop at their next chunk (map_ranges)
+        self.stop_from = math.inf  # ranges starting at this row or later stop at their next chunk (map_parallel)
 
-    def map_ranges(self, fn) -> list:
-        if not self.parallel:
-            return [in_callers_mode(fn)(0, self.n_samples)]
-        pool, fn = worker_pool(), in_callers_mode(fn)
+    def map_parallel(self, pool, fn) -> list:
         self.stop_from = math.inf
         futures = {}  # future -> the end row of its range
         with single_threaded_torch():

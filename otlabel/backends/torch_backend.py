@@ -104,10 +104,15 @@ class LogDomainOperator(ScoreOperator):
             yield slice(lo + rows.start, lo + rows.stop)
 
     def map_ranges(self, fn) -> list:
-        """``fn(lo, hi)`` over contiguous row ranges — one per CPU thread when parallel — results in order."""
+        """``fn(lo, hi)`` over contiguous row ranges — one per CPU thread when parallel — results in order, each run
+        in the caller's inference mode and without autocast (:func:`in_callers_mode`)."""
+        fn = in_callers_mode(fn)
         if not self.parallel:
-            return [in_callers_mode(fn)(0, self.n_samples)]
-        pool, fn = worker_pool(), in_callers_mode(fn)
+            return [fn(0, self.n_samples)]
+        return self.map_parallel(worker_pool(), fn)
+
+    def map_parallel(self, pool: ThreadPoolExecutor, fn) -> list:
+        """The parallel half of :meth:`map_ranges`: one range per worker of ``pool``."""
         futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers)]
         return [f.result() for f in futures]
 
