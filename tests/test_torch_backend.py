@@ -489,7 +489,7 @@ def _solve_in_child(queue, scores):
 def test_a_forked_process_solves_after_its_parent():
     """Found porting: a process forked after a solve (multiprocessing workers, Linux's default start method) inherited
     the CPU worker pool without its threads, and its first solve waited forever. Torch on one thread here: a child
-    forked after torch.set_num_threads changed (streamed passes do) can hang in MKL's OpenMP whatever otlabel does."""
+    forked after *any* multi-threaded torch operation in its parent hangs in torch's OpenMP, whatever otlabel does."""
     import multiprocessing
 
     scores = cosine_scores(400, 6, seed=8)
