@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -310,11 +310,18 @@ def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
 
 @contextmanager
 def autocast_off():
-    """Context: ``torch.autocast`` off on the CPU and CUDA. otlabel's own matrix products (the passes' ``bmm`` and
-    ``baddbmm``, the mask check's sums) are float32 by design, and a caller's autocast region (a training step under
-    AMP) would run them in bfloat16/float16 on its own thread: column sums off by ~3e-3, and masks left unchecked."""
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+    """Context: ``torch.autocast`` off for every device type where the caller turned it on. otlabel's own matrix
+    products (the passes' ``bmm`` and ``baddbmm``, the mask check's sums) are float32 by design, and a caller's
+    autocast region (a training step under AMP) would run them in bfloat16/float16 on its own thread: column sums off
+    by ~3e-3, and masks left unchecked. Only the enabled ones are entered: this runs once per pass."""
+    with ExitStack() as stack:
+        for device_type in AUTOCAST_DEVICE_TYPES:
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
+
+
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia")  # where torch.autocast has a mode to turn off
 
 
 def score_span(row_max: torch.Tensor, col_max: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:

@@ -313,6 +313,18 @@ def test_autocast_leaves_the_mask_check_in_float32():
             solve(s, 0.05, max_iter=5)
 
 
+@pytest.mark.parametrize("device_type", ["mps", "xpu", "hpu", "mtia"])
+def test_autocast_is_turned_off_for_other_accelerators(device_type):
+    """autocast_off turned off only the CPU's and CUDA's autocast: an MPS or XPU training step's region reached the
+    passes. Those regions can be entered (not run) on a CPU-only build: each is off inside, restored after."""
+    from otlabel.problem import autocast_off
+
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        with autocast_off():
+            assert not torch.is_autocast_enabled(device_type)
+        assert torch.is_autocast_enabled(device_type)
+
+
 def test_lists_and_scalar_types_are_accepted():
     """Lists of numbers for scores and weights, NumPy scalars and 0-d tensors for epsilon: the same as floats."""
     weights = [0.1, 0.2, 0.3, 0.4]
