@@ -24,7 +24,7 @@ import torch
 from .anderson import ANDERSON_MEMORY, AndersonMixer, masked
 from .backends import make_operator
 from .backends.base import ScoreOperator
-from .problem import check_score_values, validate
+from .problem import as_tensor, check_score_values, validate
 from .result import ConvergenceWarning, SinkhornResult
 
 DEFAULT_MAX_ITER = 1000
@@ -231,7 +231,8 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration
     ``callback`` sees the iterations counted across stages, and each stage's own error.
     """
     stages = epsilon_stages(problem, epsilon_scaling)
-    b, errors, used = init, [], 0
+    # init holds potentials at problem.epsilon, the last stage: rescaled to the first like those between stages
+    b, errors, used = None if init is None else init * (problem.epsilon / stages[0]), [], 0
     # With tol=None no stage stops early: give each stage an equal share of max_iter (the last one the rest), or the
     # first, coarsest stage would take every iteration but one.
     share = max_iter // len(stages) if tol is None else max_iter
@@ -318,9 +319,12 @@ def check_init(init, problem, dtype) -> torch.Tensor | None:
         return None
     if isinstance(init, SinkhornResult):
         init = init.cluster_potentials
+    if isinstance(init, (np.ndarray, list, tuple)):  # potentials saved with numpy.save, or written out
+        init = as_tensor(init, "init")
     if not isinstance(init, torch.Tensor) or not init.dtype.is_floating_point:
         what = type(init).__name__ if not isinstance(init, torch.Tensor) else f"a {init.dtype} tensor"
-        raise TypeError(f"init must be a SinkhornResult or a real floating-point tensor of potentials, got {what}.")
+        raise TypeError(f"init must be a SinkhornResult or real floating-point potentials (a tensor or NumPy array), "
+                        f"got {what}.")  # fmt: skip
     h, _, k = problem.shape
     if init.shape not in ((k,), (h, k)):
         raise ValueError(
@@ -439,7 +443,8 @@ def sinkhorn_assign(
         over_relaxation: a fixed ``omega`` in ``[1, 2)`` instead (1 is plain Sinkhorn).
         epsilon_scaling: ``None`` (default) or a factor in (0, 1): solve first at a temperature near the
             scores' spread, then shrink it by this factor per stage down to ``epsilon``, warm-starting each
-            stage. Pays at small ``epsilon``; each stage costs one extra ``exp`` pass on the CPU path.
+            stage. Pays at small ``epsilon``; each stage costs one extra ``exp`` pass on the CPU path. An ``init``
+            (potentials at ``epsilon``) starts the first stage, rescaled to its temperature.
         callback: ``callback(iteration, marginal_error)`` after every iteration (the worst head's error; ``inf``
             for the cold start), e.g. to drive a progress bar or log convergence. It reads the error back from
             the device every iteration, which a ``tol=None`` solve otherwise never does.
@@ -484,13 +489,12 @@ def sinkhorn_assign(
     problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph)
     if cuda_graph:
         return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration)
-    operator = make_operator(problem, backend)
     init = check_init(init, problem, torch.float64)
     if epsilon_scaling is None:
+        operator = make_operator(problem, backend)
         out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, acceleration, callback=callback,
                            has_zero_weights=problem.has_zero_weights)  # fmt: skip
-    else:
-        del operator  # each stage builds its own (the CPU kernel depends on epsilon)
+    else:  # each stage builds its own operator (the CPU kernel depends on epsilon)
         operator, out = run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling,
                                                  callback)  # fmt: skip
     if warn:

@@ -2,11 +2,12 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close, centred, cosine_scores, random_problem, random_weights
 
-from otlabel import ConvergenceWarning, sinkhorn_assign
+from otlabel import ConvergenceWarning, sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
 from otlabel.backends.reference import ReferenceOperator
 from otlabel.backends.torch_backend import CachedKernelOperator, LogDomainOperator, make_torch_operator
 from otlabel.sources import DenseSource
@@ -145,6 +146,23 @@ def test_warm_start_cuts_iterations():
     assert torch.equal(warm.labels, again_cold.labels)
 
 
+def test_init_saved_as_numpy_or_a_list_warm_starts_every_entry_point(tmp_path):
+    """Potentials kept between epochs with numpy.save (or logged as a list) were refused: init took tensors only."""
+    s = random_problem(400, 10, seed=14)
+    cold = sinkhorn_assign(s, 0.05, tol=1e-5)
+    np.save(tmp_path / "b.npy", cold.cluster_potentials.numpy())
+    solves = (
+        lambda init: sinkhorn_assign(s, 0.05, tol=1e-5, init=init),
+        lambda init: sinkhorn_assign_stream(s.numpy(), 0.05, tol=1e-5, init=init),
+        lambda init: sinkhorn_assign_sharded(s, 0.05, tol=1e-5, init=init),
+    )
+    for solve in solves:
+        want = solve(cold)
+        for init in (np.load(tmp_path / "b.npy"), cold.cluster_potentials.tolist()):
+            got = solve(init)
+            assert got.n_iter == want.n_iter and torch.equal(got.cluster_potentials, want.cluster_potentials)
+
+
 def test_numpy_input_and_float64():
     s = random_problem(30, 4, seed=16, dtype=torch.float64)
     a = sinkhorn_assign(s.numpy(), 0.1, tol=1e-9, max_iter=10_000)
@@ -195,6 +213,27 @@ def test_epsilon_scaling_with_fixed_iterations_reaches_the_requested_epsilon():
         return float((res.plan.double().sum(0) - 1 / 8).abs().sum())
 
     assert measured(300) < 1e-3 < measured(100) < measured(20)
+
+
+def test_epsilon_scaling_starts_from_init_rescaled(monkeypatch):
+    """init holds potentials b at the requested epsilon; the first stage solves at a larger one, and was handed b
+    unchanged (22 iterations from a converged init against 21 cold, here 20). Like the potentials between stages,
+    it is rescaled so that the dual eps * b is what carries over."""
+    from otlabel import solver
+
+    stage_eps, starts = [], []  # each stage's epsilon, and the potentials it started from
+    make, run = solver.make_operator, solver.run_sinkhorn
+    monkeypatch.setattr(
+        solver, "make_operator", lambda problem, *a: stage_eps.append(problem.epsilon) or make(problem, *a)
+    )
+    monkeypatch.setattr(solver, "run_sinkhorn", lambda op, r, b, *a, **k: starts.append(b) or run(op, r, b, *a, **k))
+    s = cosine_scores(2000, 40, seed=3)
+    converged = sinkhorn_assign(s, 0.02, tol=1e-6)
+    stage_eps.clear(), starts.clear()
+    sinkhorn_assign(s, 0.02, tol=1e-6, epsilon_scaling=0.5, init=converged)
+    assert len(starts) == len(stage_eps) > 1 and stage_eps[0] > 0.02
+    dual = 0.02 * converged.cluster_potentials.double()
+    torch.testing.assert_close(stage_eps[0] * starts[0][0], dual, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("eps", [0.5, 0.05, 0.01])
@@ -288,8 +327,6 @@ PLATEAU = [
 def test_default_mixing_crosses_a_flat_plateau_no_slower_than_plain_steps(path):
     """On the plateau the mixing's least squares see only rounding noise. Its proposals used to send b back and forth
     by the whole trust region: 2,758 iterations on the reference (plain: 2,366), no convergence in 4,000 streamed."""
-    from otlabel import sinkhorn_assign_stream
-
     s = torch.tensor(PLATEAU)
     solve = {
         "torch": lambda **kw: sinkhorn_assign(s, 1e-3, backend="torch", **kw),
