@@ -217,8 +217,8 @@ def test_epsilon_scaling_with_fixed_iterations_reaches_the_requested_epsilon():
 
 def test_epsilon_scaling_starts_from_init_rescaled(monkeypatch):
     """init holds potentials b at the requested epsilon; the first stage solves at a larger one, and was handed b
-    unchanged (22 iterations from a converged init against 21 cold, here 20). Like the potentials between stages,
-    it is rescaled so that the dual eps * b is what carries over."""
+    unchanged (cosine scores 4,000 x 50, eps 0.02: 22 iterations from a converged init against 21 cold; rescaled,
+    20). Like the potentials between stages, it is rescaled so that the dual eps * b is what carries over."""
     from otlabel import solver
 
     stage_eps, starts = [], []  # each stage's epsilon, and the potentials it started from
