@@ -189,12 +189,14 @@ def targets(rows: list[Row]) -> str:
 def plot(rows: list[Row], ctx: Context) -> list:
     plt = harness.pyplot()
     fig, axes = plt.subplots(1, len(TOLERANCES), figsize=(11, 4), squeeze=False)
+    # one colour per method in both panels: the default cycle's 10 colours gave two methods the same one
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(dict.fromkeys(r.method for r in rows))}
     for ax, tol in zip(axes[0], TOLERANCES, strict=True):
         sel = [r for r in rows if r.metric == f"s to {tol:g}" and r.ok]
         for m in dict.fromkeys(r.method for r in sel):
             pts = sorted((r.eps, r.median) for r in sel if r.method == m)
             style = "-" if m.startswith("otlabel") else "--"
-            ax.plot(*zip(*pts, strict=True), style, marker="o", label=m)
+            ax.plot(*zip(*pts, strict=True), style, marker="o", label=m, color=colours[m])
         ax.set(xscale="log", yscale="log", xlabel="eps", ylabel="seconds", title=f"marginal error ≤ {tol:g}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=6, ncol=2)
