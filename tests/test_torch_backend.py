@@ -163,6 +163,22 @@ def test_init_saved_as_numpy_or_a_list_warm_starts_every_entry_point(tmp_path):
             assert got.n_iter == want.n_iter and torch.equal(got.cluster_potentials, want.cluster_potentials)
 
 
+def test_a_pickled_cpu_result_leaves_out_the_kernel_and_reads_out_the_same():
+    """A result saved with pickle (or torch.save) carried the CPU path's exp kernel beside the scores: twice the
+    scores' size. The kernel stays behind; the loaded result rebuilds it and reads out the same codes and objective."""
+    import pickle
+
+    s = random_problem(2000, 50, seed=16)
+    res = sinkhorn_assign(s, 0.05)
+    assert isinstance(res._operator, CachedKernelOperator) and res._operator.kernel is not None
+    saved = pickle.dumps(res)
+    assert len(saved) < 1.2 * s.numel() * s.element_size()  # the scores, the labels, little else
+    loaded = pickle.loads(saved)
+    assert torch.equal(loaded.labels, res.labels) and torch.equal(loaded.codes, res.codes)
+    assert loaded.objective == res.objective
+    assert res._operator.kernel is not None  # the original keeps its own
+
+
 def test_numpy_input_and_float64():
     s = random_problem(30, 4, seed=16, dtype=torch.float64)
     a = sinkhorn_assign(s.numpy(), 0.1, tol=1e-9, max_iter=10_000)

@@ -249,6 +249,11 @@ class CachedKernelOperator(ScoreOperator):
         self.kernel = None  # (H, N, K): exp(S / eps + b0 - m), built on first use
         self.row_shift = None  # (H, N): m, the row maxima of S / eps + b0
 
+    def __getstate__(self) -> dict:
+        """Pickled (a result saved with ``pickle`` or ``torch.save``) without the kernel, a second N x K matrix that
+        the first use after loading rebuilds from the scores."""
+        return {**self.__dict__, "kernel": None, "row_shift": None}
+
     def cluster_lse(self, b):
         if self.kernel is None or (b is not None and self._drifted(b)):
             self._absorb(self.b0 if b is None else b)
