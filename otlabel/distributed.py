@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-import types
 import warnings
 from datetime import timedelta
 
@@ -330,7 +329,7 @@ def sinkhorn_assign_sharded(
         c_local, sum_tolerance = None, (0.0, 0.0)
         if sample_weights is not None:
             c_local, sum_tolerance = check_local_weights(sample_weights, shard.n, shard.device)
-        check_init(init, shard.problem(epsilon, None), torch.float64)
+        check_init(init, shard.h, shard.r, torch.float64)
         meta = [shard.h, shard.n, shard.k, shard.dtype_code, float(shard.batched), epsilon]  # columns 0-5
         meta += [-1.0 if tol is None else tol]  # 6
         omega_code = ACCELERATION_CODES.get(acceleration, acceleration)  # collectives carry numbers
@@ -372,14 +371,14 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
         c_local = c_local / weight_sum
     h, k, r = shard.h, shard.k, shard.r
     size = 1 + h * k + k + FINGERPRINT_SIZE + (h * k if init is not None else 0)  # the same on every rank
-    problem = operator = None
+    operator = None
 
     def set_up() -> torch.Tensor:  # building the operator may still fail on one rank (e.g. out of memory)
-        nonlocal problem, operator, init
-        problem, operator = shard.problem(epsilon, c_local), shard.operator(epsilon, c_local)
+        nonlocal operator, init
+        operator = shard.operator(epsilon, c_local)
         # As the single-process entry points: float64 for scores (sinkhorn_assign), the operator's dtype for features
         # (sinkhorn_assign(features=...) and the stream, where a float64 warm start showed up as marginal error)
-        init = check_init(init, problem, torch.float64 if shard.mode == DenseShard.mode else operator.dtype)
+        init = check_init(init, shard.h, shard.r, torch.float64 if shard.mode == DenseShard.mode else operator.dtype)
         agreed = [r.double().cpu(), shard.fingerprint] + ([] if init is None else [init.double().flatten().cpu()])
         arithmetic = torch.tensor([DTYPE_CODES[operator.dtype]], dtype=torch.float64)
         return torch.cat([arithmetic, shard.column_max().flatten(), *agreed])
@@ -399,7 +398,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     sharded.finish()
     if warn:
         warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon, stacklevel=4)  # via sinkhorn_assign_sharded
-    return package_result(problem, sharded, out)
+    return package_result(sharded, out, epsilon=epsilon, batched=shard.batched, sample_weights=c_local)
 
 
 def check_same_on_every_rank(agreed: torch.Tensor, k: int) -> None:
@@ -574,11 +573,6 @@ class FeatureShard:
         bound = float(score_bound(largest_z, self.source.proto_t.transpose(1, 2), self.bias))  # proto_t: (H, D, K)
         if bound > max_score_span(self.source.dtype) * epsilon:
             raise bound_error(bound, epsilon, self.source.dtype)
-
-    def problem(self, epsilon, sample_weights):
-        scores = self.z if self.kernel else torch.empty(0, device=self.device)  # where results live
-        return types.SimpleNamespace(shape=(self.h, self.n, self.k), scores=scores, cluster_weights=self.r,
-                                     sample_weights=sample_weights, epsilon=epsilon, batched=self.batched)  # fmt: skip
 
     def operator(self, epsilon, sample_weights) -> ScoreOperator:
         if self.kernel:

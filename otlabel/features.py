@@ -15,7 +15,6 @@ are under 1 GB. Routes, chosen like the dense backends:
 from __future__ import annotations
 
 import math
-import types
 
 import torch
 
@@ -197,15 +196,12 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
     epsilon = check_epsilon(epsilon)
     acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
     z, c3, bias_t, r, batched = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
-    (h, k, _), n = c3.shape, z.shape[0]
+    h, n = c3.shape[0], z.shape[0]
     w = check_weights(sample_weights, n, "sample_weights", "number of samples N", z.device)
     operator = TritonFeaturesOperator(z, c3, bias_t, epsilon, w, allow_tf32=allow_tf32)
-    problem = types.SimpleNamespace(
-        shape=(h, n, k), scores=z, cluster_weights=r, sample_weights=w, epsilon=epsilon, batched=batched
-    )
-    out = run_sinkhorn(operator, r, check_init(init, problem, operator.dtype), max_iter, tol, acceleration,
+    out = run_sinkhorn(operator, r, check_init(init, h, r, operator.dtype), max_iter, tol, acceleration,
                        callback=callback, has_zero_weights=False if cluster_weights is None else None)  # fmt: skip
-    return package_result(problem, operator, out)  # assign_features warns
+    return package_result(operator, out, epsilon=epsilon, batched=batched, sample_weights=w)  # assign_features warns
 
 
 def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=None):

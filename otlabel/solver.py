@@ -313,8 +313,9 @@ def potentials_finite(b, empty) -> torch.Tensor:
     return torch.isfinite(masked(b, empty, 0.0)).all()
 
 
-def check_init(init, problem, dtype) -> torch.Tensor | None:
-    """A warm start: a previous result or its ``cluster_potentials``, shaped (K,) or (H, K)."""
+def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype) -> torch.Tensor | None:
+    """A warm start: a previous result or its ``cluster_potentials``, shaped (K,) or (H, K); returned (H, K) in
+    ``dtype`` on the cluster weights' device, -inf for clusters of weight 0."""
     if init is None:
         return None
     if isinstance(init, SinkhornResult):
@@ -325,14 +326,14 @@ def check_init(init, problem, dtype) -> torch.Tensor | None:
         what = type(init).__name__ if not isinstance(init, torch.Tensor) else f"a {init.dtype} tensor"
         raise TypeError(f"init must be a SinkhornResult or real floating-point potentials (a tensor or NumPy array), "
                         f"got {what}.")  # fmt: skip
-    h, _, k = problem.shape
+    h, k = n_heads, cluster_weights.shape[0]
     if init.shape not in ((k,), (h, k)):
         raise ValueError(
             f"init must have shape ({k},) or ({h}, {k}) — one potential per cluster — got {tuple(init.shape)}. "
             "Pass the cluster_potentials of a previous call on a problem with the same clusters."
         )
-    init = init.detach().to(device=problem.scores.device, dtype=dtype).expand(h, k)
-    empty = problem.cluster_weights == 0
+    init = init.detach().to(device=cluster_weights.device, dtype=dtype).expand(h, k)
+    empty = cluster_weights == 0
     if not bool(potentials_finite(init, empty)):  # zero-weight clusters get -inf whatever they held
         raise ValueError("init contains NaN or infinite potentials for clusters with positive weight.")
     return torch.where(empty, float("-inf"), init)
@@ -489,7 +490,7 @@ def sinkhorn_assign(
     problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph)
     if cuda_graph:
         return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration)
-    init = check_init(init, problem, torch.float64)
+    init = check_init(init, problem.shape[0], problem.cluster_weights, torch.float64)
     if epsilon_scaling is None:
         operator = make_operator(problem, backend)
         out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, acceleration, callback=callback,
@@ -499,7 +500,8 @@ def sinkhorn_assign(
                                                  callback)  # fmt: skip
     if warn:
         warn_if_not_converged("sinkhorn_assign", out, tol, problem.epsilon)
-    return package_result(problem, operator, out)
+    return package_result(operator, out, epsilon=problem.epsilon, batched=problem.batched,
+                          sample_weights=problem.sample_weights)  # fmt: skip
 
 
 def assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration):
@@ -512,7 +514,9 @@ def assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_s
                            batched=problem.batched)  # fmt: skip
     out, labels, codes = graphs.solve_captured(problem, max_iter, acceleration)
     # The lazy read-outs (objective, plan) need an operator over the caller's scores: built only if one is read.
-    return package_result(problem, DeferredOperator(lambda: make_operator(problem, backend)), out, labels, codes)
+    operator = DeferredOperator(lambda: make_operator(problem, backend))
+    return package_result(operator, out, epsilon=problem.epsilon, batched=problem.batched,
+                          sample_weights=problem.sample_weights, labels=labels, codes=codes)  # fmt: skip
 
 
 class DeferredOperator:
@@ -552,12 +556,13 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, sta
     )
 
 
-def package_result(problem, operator: ScoreOperator, out: LoopOutput, labels=None, codes=None) -> SinkhornResult:
+def package_result(operator: ScoreOperator, out: LoopOutput, *, epsilon: float, batched: bool,
+                   sample_weights: torch.Tensor, labels=None, codes=None) -> SinkhornResult:  # fmt: skip
     """The result of a solve; ``labels`` (H, N) and ``codes`` (H, N, K) when already computed (a captured solve writes
-    both)."""
+    both). ``batched``: whether the caller passed a head dimension, which the result's shapes follow."""
     if labels is None:
         labels, _ = operator.assign(out.potentials, want_codes=False)
-    shape = (lambda x: x) if problem.batched else (lambda x: x[0])
+    shape = (lambda x: x) if batched else (lambda x: x[0])
     return SinkhornResult(
         labels=shape(labels),
         cluster_potentials=shape(out.potentials),
@@ -565,9 +570,9 @@ def package_result(problem, operator: ScoreOperator, out: LoopOutput, labels=Non
         converged=out.converged,
         marginal_error=out.error,
         errors=out.errors,
-        epsilon=problem.epsilon,
+        epsilon=epsilon,
         _operator=operator,
-        _sample_weights=problem.sample_weights,
-        _batched=problem.batched,
+        _sample_weights=sample_weights,
+        _batched=batched,
         _codes=None if codes is None else shape(codes),
     )
