@@ -35,14 +35,26 @@ def import_pot():
     """``import ot`` without the JAX, TensorFlow and CuPy backends the program has not imported already. To keep
     one, import that library first, or set its switch (``POT_BACKEND_DISABLE_JAX`` etc.) to an empty string: POT
     treats any non-empty value, "0" included, as "disable". The switches are set in ``os.environ``, so processes
-    started afterwards inherit them. Raises ImportError without POT."""
+    started afterwards inherit them. Raises ImportError without POT, saying what to install."""
     if "ot" not in sys.modules:
         for module, switch in POT_OPTIONAL_BACKENDS.items():
             if module not in sys.modules:
                 os.environ.setdefault(switch, "1")
-    import ot
-
+    try:
+        import ot
+    except ImportError as e:
+        raise ImportError(f"exact_plan(method='pot') needs POT ({e}): pip install 'otlabel[exact]', or pass "
+                          "method='linprog' (SciPy).") from e  # fmt: skip
     return ot
+
+
+def import_scipy_optimize(what: str):
+    """``scipy.optimize``, or an ImportError that says which extra installs it."""
+    try:
+        from scipy import optimize
+    except ImportError as e:
+        raise ImportError(f"{what} needs SciPy ({e}): pip install 'otlabel[exact]'.") from e
+    return optimize
 
 
 @dataclass(repr=False)
@@ -140,7 +152,7 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
 
 
 def _linprog_plan(s, c, r, allowed) -> np.ndarray:
-    from scipy.optimize import linprog
+    linprog = import_scipy_optimize("exact_plan(method='linprog')").linprog
     from scipy.sparse import coo_matrix, vstack
 
     n, k = s.shape
@@ -176,7 +188,7 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
     s, _, r = _prepare(scores, cluster_weights, None, check_mask=False)
-    from scipy.optimize import linear_sum_assignment
+    linear_sum_assignment = import_scipy_optimize("exact_assign").linear_sum_assignment
 
     n, k = s.shape
     slot_cluster = np.repeat(np.arange(k), cluster_sizes(n, r))  # (N,)

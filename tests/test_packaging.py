@@ -55,3 +55,57 @@ def test_every_submodule_is_an_attribute_of_the_package():
     assert set(otlabel.SUBMODULES) == names
     for name in names:
         assert getattr(otlabel, name).__name__ == f"otlabel.{name}", name
+
+
+NO_EXTRAS = """
+import json, sys
+for name in ("triton", "scipy", "ot"):  # the optional extras: [triton], [exact]
+    sys.modules[name] = None  # import raises ImportError
+import torch
+from otlabel import exact_assign, exact_plan, sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+g = torch.Generator().manual_seed(0)
+s, z, p = torch.randn(300, 5, generator=g), torch.randn(300, 8, generator=g), torch.randn(5, 8, generator=g)
+labels = {
+    "dense": sinkhorn_assign(s, 0.1).labels.tolist(),
+    "features": sinkhorn_assign(features=z, prototypes=p, epsilon=0.5).labels.tolist(),
+    "stream": sinkhorn_assign_stream(s.numpy(), 0.1).labels.tolist(),
+    "sharded": sinkhorn_assign_sharded(s, 0.1).labels.tolist(),
+}
+errors = {}
+for name, call in {"triton": lambda: sinkhorn_assign(s, 0.1, backend="triton"),
+                   "exact": lambda: exact_plan(s[:20, :4]),
+                   "linprog": lambda: exact_plan(s[:20, :4], method="linprog"),
+                   "assign": lambda: exact_assign(s[:20, :4])}.items():
+    try:
+        call()
+    except Exception as e:
+        errors[name] = f"{type(e).__name__}: {e}"
+print(json.dumps({"labels": labels, "errors": errors}))
+"""
+
+
+def test_the_cpu_entry_points_work_without_the_optional_extras():
+    """``pip install otlabel`` without [triton] or [exact]: every CPU entry point solves as with them (CI always has
+    both installed, so nothing else here would notice an import of either creeping into the core), and the two that
+    need them say which extra to install."""
+    import json
+
+    import torch
+
+    from otlabel import sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+    run = subprocess.run([sys.executable, "-c", NO_EXTRAS], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[-1])
+    g = torch.Generator().manual_seed(0)
+    s, z, p = torch.randn(300, 5, generator=g), torch.randn(300, 8, generator=g), torch.randn(5, 8, generator=g)
+    assert got["labels"] == {
+        "dense": sinkhorn_assign(s, 0.1).labels.tolist(),
+        "features": sinkhorn_assign(features=z, prototypes=p, epsilon=0.5).labels.tolist(),
+        "stream": sinkhorn_assign_stream(s.numpy(), 0.1).labels.tolist(),
+        "sharded": sinkhorn_assign_sharded(s, 0.1).labels.tolist(),
+    }
+    assert "otlabel[triton]" in got["errors"]["triton"], got["errors"]
+    for name in ("exact", "linprog", "assign"):
+        assert "ImportError" in got["errors"][name] and "otlabel[exact]" in got["errors"][name], got["errors"]
