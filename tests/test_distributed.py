@@ -670,3 +670,101 @@ def test_sharded_cuda_shards_match_the_single_gpu_solve(tmp_path):
     ref = {name: (res.labels.cpu(), res.cluster_potentials.cpu()) for name, res in solved.items()}
     torch.save(ref, tmp_path / "ref-gpu.pt")
     spawn_workers(_gpu_worker, tmp_path)
+
+
+class ThreadRanks:
+    """Ranks as threads of one process, for the collective logic alone (no process group): each rank's
+    :class:`~otlabel.distributed.Collectives` all-gathers through a shared board, a barrier on each side."""
+
+    def __init__(self, world: int):
+        import threading
+
+        self.world, self.barrier, self.slots = world, threading.Barrier(world, timeout=30), [None] * world
+
+    def comm(self, rank: int):
+        from otlabel.distributed import Collectives
+
+        ranks = self
+
+        class Threaded(Collectives):
+            def __init__(self):
+                self.group, self.active, self.world, self.rank = None, True, ranks.world, rank
+                self.timeout, self.device = 30.0, torch.device("cpu")
+
+            def all_gather(self, t, what):
+                ranks.slots[rank] = t.detach().clone()
+                ranks.barrier.wait()
+                out = torch.stack(ranks.slots)
+                ranks.barrier.wait()
+                return out
+
+        return Threaded()
+
+    def run(self, body) -> list:
+        """``body(rank, comm)`` on every rank at once; what each rank raised (None if nothing), in rank order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def call(rank):
+            try:
+                body(rank, self.comm(rank))
+            except Exception as err:  # noqa: BLE001 (returned for the test to judge)
+                return err
+            return None
+
+        with ThreadPoolExecutor(self.world) as pool:
+            return list(pool.map(call, range(self.world)))
+
+
+def sharded_mask_check(shards, r):
+    """check_sharded_masks on one (N_r, K) score shard per thread-rank, uniform global sample weights: what each rank
+    raised."""
+    from otlabel.distributed import check_sharded_masks
+
+    n = sum(s.shape[0] for s in shards)
+
+    def body(rank, comm):
+        scores = shards[rank][None]
+        masked = bool((torch.isneginf(scores) & (r > 0)).any())
+        c = torch.full((scores.shape[1],), 1 / n, dtype=torch.float64)
+        check_sharded_masks(comm, scores, c, r, batched=False, masked=masked)
+
+    return ThreadRanks(len(shards)).run(body)
+
+
+@pytest.mark.parametrize("masked_rank", [0, 1])
+def test_sharded_mask_check_sees_a_violation_on_any_rank(masked_rank):
+    """Hall's condition over all ranks when only one rank has masked samples: rank `masked_rank`'s 6 samples (0.6 of
+    the mass) may only go to cluster 2 (weight 1/3). Every rank raises, whichever rank holds them: the hot-pair test's
+    largest `shut` and the number of patterns to exchange are taken over every rank, not from rank 0."""
+    shards = [random_problem(4, 3, seed=1), random_problem(6, 3, seed=2)]
+    if masked_rank == 0:
+        shards = shards[::-1]
+    shards[masked_rank][:, :2] = -float("inf")
+    r = torch.full((3,), 1 / 3, dtype=torch.float64)
+    expected = "infeasible mask: 6 samples (0.6 of the sample mass) may only go to clusters [2]"
+    for rank, err in enumerate(sharded_mask_check(shards, r)):
+        assert isinstance(err, ValueError) and expected in str(err), f"rank {rank}: {err!r}"
+    r_fits = torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64)  # cluster 2 can take them all: no error on any rank
+    assert sharded_mask_check(shards, r_fits) == [None, None]
+
+
+def test_sharded_mask_check_margin_adds_up_the_ranks_errors(monkeypatch):
+    """Each rank's float32 hot-pair sums may be off by up to its margin, and summed over ranks so may their errors:
+    the margin that decides is the ranks' sum. Here each rank's `barred` comes out low by 0.9 of its margin (within
+    its bound) on a mask infeasible by 2e-6 of the mass (100 samples of 200 may not go to cluster 0 of weight
+    0.5 + 2e-6); with one rank's margin alone the violation passed as feasible."""
+    from otlabel import feasibility
+
+    hot_sums = feasibility.hot_sums
+
+    def low_by_margin(*args):
+        shut, barred, margin = hot_sums(*args)
+        return shut, barred - 0.9 * margin * (barred > 0), margin
+
+    monkeypatch.setattr(feasibility, "hot_sums", low_by_margin)
+    shards = [random_problem(100, 3, seed=3), random_problem(100, 3, seed=4)]
+    for shard in shards:
+        shard[:50, 0] = -float("inf")
+    r = torch.tensor([0.5 + 2e-6, 0.25 - 1e-6, 0.25 - 1e-6], dtype=torch.float64)
+    for rank, err in enumerate(sharded_mask_check(shards, r)):
+        assert isinstance(err, ValueError) and "infeasible mask" in str(err), f"rank {rank}: {err!r}"
