@@ -447,6 +447,23 @@ def test_column_mass_fallback_is_what_keeps_light_clusters(monkeypatch, block_k)
 
 
 @pytest.mark.parametrize("block_k", [None, 16], ids=["one-chunk", "multichunk"])
+def test_column_mass_floor_covers_a_column_that_lost_its_small_entries(block_k):
+    """The floor sits where the underflow loss is negligible, N * 2**-100, not just above what underflows outright:
+    here sample 0 gives cluster 5 a mass of 2**-134.5 (over N * 2**-140, N = 37) and each other sample 0.8 * 2**-150,
+    which fp32 rounds to 0 (flushed from 2**-126 on a GPU). Summed as masses the column was 6e-4 nats short (a floor
+    of N * 2**-140 let it through); recomputed in log domain it matches the reference."""
+    h, n, k, light = 1, 37, 70, 5
+    s, b, log_c = _scores(h, n, k, torch.float32, seed=11), _potentials(h, k, seed=12), _log_c(n)
+    x = s[0].double().cpu() * INV_EPS + b[0].double().cpu()  # (N, K)
+    row_lse = torch.logsumexp(torch.cat([x[:, :light], x[:, light + 1 :]], 1), 1)  # (N,) without the light cluster
+    mass = torch.full((n,), 0.8 * 2.0**-150, dtype=torch.float64)  # each sample's plan entry for it
+    mass[0] = 2.0**-134.5
+    s[0, :, light] = ((torch.log(mass * n) + row_lse - float(b[0, light])) / INV_EPS).float().to(DEVICE)
+    out = dense_cluster_lse(s, b, log_c, INV_EPS, workspace=_ws(s, 4, block_k))
+    assert_close(out, ref_cluster_lse(s, b, log_c, INV_EPS), *TOLERANCES[torch.float32]["lse"], "a column of masses")
+
+
+@pytest.mark.parametrize("block_k", [None, 16], ids=["one-chunk", "multichunk"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["NxK", "KxN"])
 def test_column_mass_fallback_left_alone_on_ordinary_potentials(monkeypatch, block_k, transposed):
     """Ordinary potentials (no cluster near the floor): the same bits with the fallback on and off, so the masses are
