@@ -76,3 +76,25 @@ def offset_scores(kind: str, span: float, eps: float, n: int = 1000, k: int = 40
     shifts = {"common": torch.ones(1, 1), "per sample": torch.rand(n, 1, generator=g) * 0.5 + 0.5,
               "per cluster": torch.rand(1, k, generator=g) * 0.5 + 0.5}  # fmt: skip
     return base + offset * shifts[kind]
+
+
+def fast_argmax_takes_the_last(monkeypatch) -> None:
+    """Make the Triton interpreter's ``tl.argmax(..., tie_break_left=False)`` return the last maximiser on ties.
+
+    On a GPU that tie-break returns an arbitrary maximiser; the interpreter always returns the first (NumPy's
+    ``nanargmax``), so a kernel that relied on the fast tie-break could not fail on CPU. Needs TRITON_INTERPRET=1."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    apply_impl = interpreter.ReduceOps.apply_impl
+
+    def apply(self, input):
+        if self.combine_fn is not tl.standard._argmax_combine_tie_break_fast:
+            return apply_impl(self, input)
+        values = input[0][0] if isinstance(input[0], tuple) else input[0]
+        data = np.flip(values.handle.data, axis=self.axis)
+        last = data.shape[self.axis] - 1 - np.nanargmax(data, axis=self.axis, keepdims=self.keep_dims)
+        best = np.nanmax(data, axis=self.axis, keepdims=self.keep_dims)
+        return self.to_tensor(best, values.dtype), self.to_tensor(last, tl.int32)
+
+    monkeypatch.setattr(interpreter.ReduceOps, "apply_impl", apply)

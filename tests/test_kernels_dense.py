@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fast_argmax_takes_the_last
 
 from otlabel.backends.triton import TritonDenseOperator, triton_available
 
@@ -526,9 +527,15 @@ def test_assign_matches_reference(dtype, h, n, k, block_n, block_k):
     assert none is None and torch.equal(labels_only, labels)
 
 
+@pytest.mark.parametrize("fast_ties", ["first", "last"])
 @pytest.mark.parametrize("block_k", [None, 8], ids=["one-chunk", "multichunk"])
-def test_assign_ties_lowest_index_like_torch(block_k):
-    """Exact ties, inside one chunk and across chunks: the lowest index wins, as torch.argmax on CPU."""
+def test_assign_ties_lowest_index_like_torch(block_k, fast_ties, monkeypatch):
+    """Exact ties, inside one chunk and across chunks: the lowest index wins, as torch.argmax on CPU. ``"last"``: the
+    interpreter's fast argmax tie-break takes the last maximiser, as a GPU may (the kernel must ask for the first)."""
+    if fast_ties == "last":
+        if not INTERPRETED:
+            pytest.skip("patches the Triton interpreter")
+        fast_argmax_takes_the_last(monkeypatch)
     s = torch.zeros(1, 6, 20)
     s[0, 1, [3, 12]] = 1.0  # tie across chunks (with block_k=8: chunk 0 and chunk 1)
     s[0, 2, [9, 10]] = 1.0  # tie inside a chunk

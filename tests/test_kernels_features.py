@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, centred
+from helpers import assert_close, centred, fast_argmax_takes_the_last
 
 from otlabel.backends.reference import ReferenceOperator
 from otlabel.backends.triton import TritonFeaturesOperator, triton_available
@@ -403,9 +403,15 @@ def test_assign_and_transport_score(dtype, precision, h, n, k, d, block_d, n_pro
     assert_close(score, expected, *tol["score"], f"transport score {what}")
 
 
-def test_assign_ties_lowest_index_and_closed_clusters():
+@pytest.mark.parametrize("fast_ties", ["first", "last"])
+def test_assign_ties_lowest_index_and_closed_clusters(fast_ties, monkeypatch):
     """Duplicate prototypes give exact ties, inside a chunk and across chunks of 16: the lowest index wins,
-    as torch.argmax. A cluster closed by b = -inf or bias = -inf never wins and gets code 0."""
+    as torch.argmax. A cluster closed by b = -inf or bias = -inf never wins and gets code 0. ``"last"``: the
+    interpreter's fast argmax tie-break takes the last maximiser, as a GPU may (the kernel must ask for the first)."""
+    if fast_ties == "last":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("patches the Triton interpreter")
+        fast_argmax_takes_the_last(monkeypatch)
     z, c, _ = _inputs(1, 6, 40, 8, torch.float32, seed=11)
     c[0, 20] = c[0, 3]  # tie across chunks (0 and 1)
     c[0, 9] = c[0, 8]  # tie inside chunk 0
