@@ -149,6 +149,16 @@ def test_no_transposition_hint_without_cause():
     assert "transposed" not in str(info.value)
 
 
+def test_subnormal_epsilon_is_refused_exactly_where_its_reciprocal_overflows():
+    """1/eps overflows float64 below ~5.6e-309: eps = 1e-308 (subnormal, 1/eps = 1e308) solves float64 scores that do
+    not differ; eps = 4e-309 is refused by the epsilon check itself, before any dtype is considered."""
+    flat = torch.zeros(6, 3, dtype=torch.float64)
+    res = sinkhorn_assign(flat, epsilon=1e-308)
+    assert res.converged and torch.equal(res.codes, torch.full((6, 3), 1 / 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"epsilon=4e-309 is too small: 1/epsilon overflows to inf"):
+        sinkhorn_assign(flat, epsilon=4e-309)
+
+
 @pytest.mark.interpreter
 def test_triton_refuses_an_epsilon_its_float32_cannot_invert():
     """At eps = 1e46 the kernels' float32 1/eps was 0: features mode 'converged' with NaN codes. The torch path
