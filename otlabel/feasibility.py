@@ -304,8 +304,10 @@ def hot_patterns(scores, sample_weights, cluster_weights, shut, barred, margin: 
 
 
 def _device_blocks(n: int, k: int) -> list[slice]:
+    """Slices of the ``n`` rows, ~DEVICE_BLOCK_ELEMENTS scores each, the last one ending at ``n``: :func:`hot_sums`
+    reads its margin off the first one's length."""
     step = max(1, DEVICE_BLOCK_ELEMENTS // k)
-    return [slice(start, start + step) for start in range(0, n, step)]
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def check_masks(patterns: list[MaskPatterns], cluster_weights, batched: bool) -> None:

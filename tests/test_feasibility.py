@@ -392,3 +392,22 @@ def test_a_streamed_pass_groups_its_masked_rows_in_blocks(monkeypatch):
         sinkhorn_assign_stream(scores, 0.1, tol=None, max_iter=1, memory_budget=2**14)
     rows_per_block = feasibility.BLOCK_ELEMENTS // 64
     assert sum(groupings) == 2000 and len(groupings) <= 2000 // rows_per_block + 2, groupings[:10]
+
+
+def test_a_mask_far_from_halls_bound_is_decided_by_the_sums_alone(monkeypatch):
+    """30 samples, each closed to one of 3 clusters (12 to cluster 0): every forbidden pair has shut + barred <= 0.74,
+    so none is hot within the float32 sums' margin, (rows + K + 2) * 2**-24, and no mask row is collected. The margin
+    was read off a block's nominal length (2**24 / K rows whatever N): 1/3 here, which made these pairs hot."""
+    from otlabel import feasibility
+
+    def never(*args):
+        raise AssertionError("hot_patterns ran: some pair counted as hot")
+
+    monkeypatch.setattr(feasibility, "hot_patterns", never)
+    scores = torch.randn(30, 3, generator=torch.Generator().manual_seed(0))
+    closed = np.r_[np.zeros(12, dtype=int), np.arange(18) % 2 + 1]  # barred: 0.4, 0.3, 0.3
+    scores[np.arange(30), closed] = -INF
+    c, r = torch.full((30,), 1 / 30, dtype=torch.float64), torch.full((3,), 1 / 3, dtype=torch.float64)
+    shut, barred, margin = feasibility.hot_sums(scores, c, r)
+    assert margin == (30 + 3 + 2) * 2.0**-24 and float(shut.max() + barred.max()) < 0.74
+    feasibility.check_dense_mask(scores[None], c, r, batched=False)
