@@ -49,16 +49,19 @@ def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "
     """The error for scores too large for their temperature, with the fixes that keep the same plan (``features``:
     the scores are features @ prototypes.T + bias, which the caller cannot shift directly)."""
     limit, arithmetic = max_score_span(compute_dtype), arithmetic_name(compute_dtype)
+    # float64 input is already solved in float64: suggesting it again would send the caller in a circle.
+    what = "features" if features else "scores"
+    wider = "" if compute_dtype == torch.float64 else f"pass float64 {what} (allowed up to 1e11), "
     if features:
         fixes = ("L2-normalise the features and the prototypes (cosine scores, as SwAV does), subtract the bias's "
-                 "maximum (a shift shared by all clusters changes nothing), pass float64 features (allowed up to 1e11)")
+                 f"maximum (a shift shared by all clusters changes nothing), {wider}or ")
     else:
         fixes = ("Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True)) or, for a cluster far "
-                 "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or pass "
-                 "float64 scores (allowed up to 1e11)")
+                 "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or "
+                 + (f"{wider}or " if wider else ""))
     return ValueError(
         f"scores / epsilon reach {span_over_eps:.3g}{detail}: beyond {limit:.0e}, {arithmetic} arithmetic cannot "
-        f"resolve the balanced plan to the default tol. {fixes}, or raise epsilon (it is in the units of the scores: "
+        f"resolve the balanced plan to the default tol. {fixes}raise epsilon (it is in the units of the scores: "
         "0.05 for cosine similarities)."
     )  # fmt: skip
 

@@ -447,6 +447,22 @@ def test_float32_scores_with_a_large_offset_are_refused_with_a_fix_that_works():
     assert torch.allclose(fixed.plan.sum(0).double(), torch.full((10,), 0.1, dtype=torch.float64), atol=1e-5)
 
 
+@pytest.mark.parametrize("features", [False, True])
+def test_float64_input_beyond_its_range_is_not_told_to_pass_float64(features):
+    """The range error suggested "pass float64 scores" to callers whose scores were float64 already; float32 input
+    still gets that suggestion."""
+    g = torch.Generator().manual_seed(9)
+    z, c = torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    for dtype, scale, wider in [(torch.float64, 1e7, False), (torch.float32, 1e3, True)]:
+        inputs = dict(features=z.to(dtype) * scale, prototypes=c.to(dtype) * scale) if features else dict(
+            scores=(z @ c.T).to(dtype) * scale**2)
+        with pytest.raises(ValueError, match="scores / epsilon reach") as info:
+            sinkhorn_assign(**inputs, epsilon=0.05)
+        message = str(info.value)
+        assert ("pass float64" in message) == wider, message
+        assert "raise epsilon" in message and "or or" not in message.lower(), message
+
+
 ENTRY_POINTS = {  # the three ways in, which must judge the same scores alike
     "in memory": lambda s, **kw: sinkhorn_assign(s, 0.05, **kw),
     "streamed": lambda s, **kw: sinkhorn_assign_stream(s.numpy(), 0.05, **kw),
