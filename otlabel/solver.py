@@ -414,7 +414,8 @@ def sinkhorn_assign(
 
     Args:
         scores: ``(N, K)`` or batched ``(H, N, K)`` (H independent problems, e.g. SeLa's heads): torch tensor
-            (any device) or NumPy array of float16/bfloat16/float32/float64; higher is better. ``-inf`` marks
+            (any device) or NumPy array of float16/bfloat16/float32/float64, a list of numbers, or a list of H
+            tensors of one shape (stacked); higher is better. ``-inf`` marks
             a forbidden pair; a mask that leaves no balanced plan (some clusters too few samples: Hall's condition,
             :mod:`otlabel.feasibility`) is a ``ValueError`` before any iteration. Detached: the result carries no
             autograd graph (pseudo-labels are targets).
