@@ -379,7 +379,8 @@ def sinkhorn_assign_stream(
         backend: ``"auto"`` or ``"torch"``: the chunks go through PyTorch operations (the Triton kernels take
             device tensors: :func:`otlabel.sinkhorn_assign`). Accepted so that one set of options serves every
             entry point.
-        epsilon_scaling: must be ``None`` here: on top of the default Anderson mixing it did not pay in memory.
+        epsilon_scaling: must be ``None`` here: on top of the default Anderson mixing it did not pay on in-memory
+            scores (the tolerance benchmark, ``benchmarks/RESULTS_CPU.md``).
         device: compute device, default ``"cuda"`` when available, else ``"cpu"``.
         memory_budget: bytes of device memory for chunk temporaries (default 256 MiB on the CPU, up to 2 GiB on
             CUDA). Memory use is O(budget + K·D + N) (labels and sample weights), never O(N·K). A chunk holds at
