@@ -51,14 +51,14 @@ def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "
     limit, arithmetic = max_score_span(compute_dtype), arithmetic_name(compute_dtype)
     # float64 input is already solved in float64: suggesting it again would send the caller in a circle.
     what = "features" if features else "scores"
-    wider = "" if compute_dtype == torch.float64 else f"pass float64 {what} (allowed up to 1e11), "
+    wider = "" if compute_dtype == torch.float64 else f"pass float64 {what} (allowed up to 1e11), or "
     if features:
         fixes = ("L2-normalise the features and the prototypes (cosine scores, as SwAV does), subtract the bias's "
-                 f"maximum (a shift shared by all clusters changes nothing), {wider}or ")
+                 "maximum (a shift shared by all clusters changes nothing), ")
     else:
         fixes = ("Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True)) or, for a cluster far "
-                 "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or "
-                 + (f"{wider}or " if wider else ""))
+                 "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or ")
+    fixes += wider or ("or " if features else "")  # then the last fix: raise epsilon
     return ValueError(
         f"scores / epsilon reach {span_over_eps:.3g}{detail}: beyond {limit:.0e}, {arithmetic} arithmetic cannot "
         f"resolve the balanced plan to the default tol. {fixes}raise epsilon (it is in the units of the scores: "
@@ -311,6 +311,9 @@ def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
     return compute_dtype(scores.dtype)
 
 
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia")  # where torch.autocast has a mode to turn off
+
+
 @contextmanager
 def autocast_off():
     """Context: ``torch.autocast`` off for every device type where the caller turned it on. otlabel's own matrix
@@ -322,9 +325,6 @@ def autocast_off():
             if torch.is_autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
-
-
-AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia")  # where torch.autocast has a mode to turn off
 
 
 def score_span(row_max: torch.Tensor, col_max: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
