@@ -716,17 +716,18 @@ class ThreadRanks:
 
 
 def sharded_mask_check(shards, r):
-    """check_sharded_masks on one (N_r, K) score shard per thread-rank, uniform global sample weights: what each rank
-    raised."""
+    """check_sharded_masks on one (N_r, K) or (H, N_r, K) score shard per thread-rank, uniform global sample weights:
+    what each rank raised."""
     from otlabel.distributed import check_sharded_masks
 
-    n = sum(s.shape[0] for s in shards)
+    n = sum(s.shape[-2] for s in shards)
 
     def body(rank, comm):
-        scores = shards[rank][None]
+        batched = shards[rank].ndim == 3
+        scores = shards[rank] if batched else shards[rank][None]
         masked = bool((torch.isneginf(scores) & (r > 0)).any())
         c = torch.full((scores.shape[1],), 1 / n, dtype=torch.float64)
-        check_sharded_masks(comm, scores, c, r, batched=False, masked=masked)
+        check_sharded_masks(comm, scores, c, r, batched=batched, masked=masked)
 
     return ThreadRanks(len(shards)).run(body)
 
@@ -768,3 +769,29 @@ def test_sharded_mask_check_margin_adds_up_the_ranks_errors(monkeypatch):
     r = torch.tensor([0.5 + 2e-6, 0.25 - 1e-6, 0.25 - 1e-6], dtype=torch.float64)
     for rank, err in enumerate(sharded_mask_check(shards, r)):
         assert isinstance(err, ValueError) and "infeasible mask" in str(err), f"rank {rank}: {err!r}"
+
+
+def test_sharded_mask_check_reaches_every_head():
+    """Batched scores: head 0's mask is feasible, head 1's is not (as in the test above); every rank raises for
+    head 1 (a feasible head must not end the check)."""
+    shards = [random_problem(4, 3, h=2, seed=1), random_problem(6, 3, h=2, seed=2)]
+    shards[1][1, :, :2] = -float("inf")
+    shards[0][0, :2, 0] = -float("inf")  # head 0: two samples closed to cluster 0, far from Hall's bound
+    r = torch.full((3,), 1 / 3, dtype=torch.float64)
+    for rank, err in enumerate(sharded_mask_check(shards, r)):
+        assert isinstance(err, ValueError) and "infeasible mask (head 1)" in str(err), f"rank {rank}: {err!r}"
+
+
+def test_sharded_mask_far_from_halls_bound_is_decided_by_the_sums_alone(monkeypatch):
+    """As on one process (test_feasibility): every forbidden pair has shut + barred <= 0.74 over both ranks, within
+    the ranks' summed margin of nothing, so no rank collects or exchanges mask rows."""
+    from otlabel import feasibility
+
+    def never(*args):
+        raise AssertionError("hot_patterns ran: some pair counted as hot")
+
+    monkeypatch.setattr(feasibility, "hot_patterns", never)
+    scores = random_problem(30, 3, seed=5)
+    scores[np.arange(30), np.r_[np.zeros(12, dtype=int), np.arange(18) % 2 + 1]] = -float("inf")  # barred .4, .3, .3
+    r = torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert sharded_mask_check([scores[:13], scores[13:]], r) == [None, None]
