@@ -795,3 +795,43 @@ def test_sharded_mask_far_from_halls_bound_is_decided_by_the_sums_alone(monkeypa
     scores[np.arange(30), np.r_[np.zeros(12, dtype=int), np.arange(18) % 2 + 1]] = -float("inf")  # barred .4, .3, .3
     r = torch.full((3,), 1 / 3, dtype=torch.float64)
     assert sharded_mask_check([scores[:13], scores[13:]], r) == [None, None]
+
+
+def test_what_the_ranks_must_agree_on_is_compared_part_by_part():
+    """check_same_on_every_rank on 3 ranks' (cluster weights K = 3, prototype digest, warm start K = 3) rows: each
+    part is compared with rank 0's, a -inf in the same place is no difference, and the message names the part and
+    the largest gap (the digests: only that they differ)."""
+    from otlabel.distributed import FINGERPRINT_SIZE, check_same_on_every_rank
+
+    ninf = -float("inf")
+    row = torch.tensor([0.5, 0.25, 0.25] + [7.0] * FINGERPRINT_SIZE + [1.0, ninf, -2.0], dtype=torch.float64)
+    same = row.expand(3, -1).clone()
+    check_same_on_every_rank(same, 3)  # identical, -inf included
+    cases = [(1, 0.5, "cluster_weights", "by up to 0.25"), (3, 9.0, "prototypes or bias", "their SHA-256 digests"),
+             (3 + FINGERPRINT_SIZE, 1.5, "init", "by up to 0.5"), (5 + FINGERPRINT_SIZE, -1.0, "init", "by up to 1")]
+    for column, value, what, how in cases:
+        for rank in (1, 2):
+            agreed = same.clone()
+            agreed[rank, column] = value
+            with pytest.raises(ValueError, match=rf"{what} differ between ranks \({how};"):
+                check_same_on_every_rank(agreed, 3)
+
+
+def test_sharded_mask_check_is_skipped_everywhere_when_one_rank_has_too_many_patterns(monkeypatch):
+    """A feasible mask (10 samples, K = 3): rank 0's 3 samples may only go to cluster 2, rank 1 has two hot samples of
+    different patterns, more than it may keep (MAX_PATTERN_EDGES patched to 3: one pattern). Every rank skips the
+    check; deciding on the other ranks' patterns alone (rank 1's hot mass missing) would refuse it as infeasible."""
+    from otlabel import feasibility
+
+    monkeypatch.setattr(feasibility, "MAX_PATTERN_EDGES", 3)
+    shards = [random_problem(3, 3, seed=6), random_problem(7, 3, seed=7)]
+    shards[0][:, :2] = -float("inf")
+    shards[1][0, 1:] = -float("inf")  # only cluster 0
+    shards[1][1, [0, 2]] = -float("inf")  # only cluster 1
+    r = torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert sharded_mask_check(shards, r) == [None, None]
+    monkeypatch.setattr(feasibility, "MAX_PATTERN_EDGES", 9)  # all 3 patterns kept: checked, feasible
+    assert sharded_mask_check(shards, r) == [None, None]
+    shards[0] = torch.cat([shards[0], shards[0][:1]])  # a 4th sample only for cluster 2 (0.36 > 1/3): infeasible
+    for rank, err in enumerate(sharded_mask_check(shards, r)):
+        assert isinstance(err, ValueError) and "infeasible mask" in str(err), f"rank {rank}: {err!r}"
