@@ -94,6 +94,18 @@ def test_infeasible_mask_is_named_as_sinkhorn_assign_names_it(method):
 
 
 @pytest.mark.parametrize("method", ["pot", "linprog"])
+def test_a_sample_only_for_zero_weight_clusters_is_named_as_sinkhorn_assign_names_it(method):
+    """Sample 1 may only go to cluster 2, of weight 0. The exact solvers check the scores without knowing on the host
+    whether some weight is 0 (the device is asked): the same error as sinkhorn_assign's."""
+    s = np.array([[0.0, 0.0, 0.0], [-np.inf, -np.inf, 0.0], [0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError) as expected:
+        sinkhorn_assign(s, 0.1, cluster_weights=[0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match=r"sample 1 \(head 0\) is allowed only in clusters of weight 0") as raised:
+        exact_plan(s, cluster_weights=[0.5, 0.5, 0.0], method=method)
+    assert str(raised.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("method", ["pot", "linprog"])
 def test_exact_plan_of_huge_masked_scores(method):
     """1e300 scores with a mask: the forbidden-pair penalty used to overflow to inf and POT returned an empty plan
     (objective 0, only a warning). The plan does not change when every score is scaled by the same factor."""

@@ -485,6 +485,27 @@ def test_every_entry_point_checks_the_span_over_the_clusters_with_weight(entry):
     assert res.converged
 
 
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_checks_the_span_of_each_sample(entry):
+    """A sample far below the others (its scores 1e4 down; every column maximum stays ordinary) needs a potential
+    float32 cannot resolve: refused, with the per-sample shift that fixes it."""
+    solve = ENTRY_POINTS[entry]
+    sunk = S.clone()
+    sunk[3] -= 1e4
+    with pytest.raises(ValueError, match=r"reach 2e\+05.*float32 arithmetic.*amax\(-1, keepdim=True\)"):
+        solve(sunk)
+    assert solve(sunk - sunk.amax(-1, keepdim=True)).converged
+
+
+def test_a_partly_masked_sample_beside_a_zero_weight_cluster_is_accepted():
+    """With a cluster of weight 0 the row maxima over the weighted clusters decide which samples are stranded: a
+    sample closed to one weighted cluster and open to the others is not."""
+    s = S.clone()
+    s[2, 0] = -INF
+    res = sinkhorn_assign(s, 0.05, cluster_weights=torch.tensor([0.4, 0.3, 0.3, 0.0]))
+    assert res.converged and int(res.labels[2]) in (1, 2) and not bool((res.labels == 3).any())
+
+
 @pytest.mark.parametrize("kind", ["common", "per sample", "per cluster"])
 @pytest.mark.parametrize("entry", ["in memory", "streamed"])
 def test_float32_offsets_within_the_limit_give_codes_within_tol_and_beyond_it_are_refused(kind, entry):
