@@ -127,6 +127,25 @@ def test_batched_heads_equal_separate_solves():
         assert_close(batched.codes[h], single.codes, atol=1e-5, what=f"head {h} codes")
 
 
+def test_batched_heads_are_judged_by_their_worst_head():
+    """A batched solve reports, and stops on, its worst head's error: with a hard head (scores 5x larger) beside an
+    easy one it runs until both meet tol, and each iteration's error is the larger of the two heads' solved alone
+    (plain steps: the heads do not interact), to a tolerance and for a fixed number of iterations alike."""
+    import itertools
+
+    s = torch.stack([random_problem(60, 5, seed=1), 5 * random_problem(60, 5, seed=2)])
+    for kw in (dict(tol=1e-5, max_iter=5000), dict(tol=None, max_iter=30)):
+        both = sinkhorn_assign(s, 0.1, acceleration="none", **kw)
+        alone = [sinkhorn_assign(head, 0.1, acceleration="none", **kw) for head in s]
+        if kw["tol"] is not None:
+            assert both.converged and alone[0].n_iter < alone[1].n_iter == both.n_iter, [a.n_iter for a in alone]
+        worst = [max(e) for e in itertools.zip_longest(*(a.errors for a in alone), fillvalue=0.0)]
+        assert_close(torch.tensor(both.errors[1:]), torch.tensor(worst[1:]), atol=1e-9, rtol=1e-3, what=str(kw))
+    mixed = sinkhorn_assign(s, 0.1, tol=1e-5)  # the default, Anderson mixing: each head's plan meets tol
+    column_errors = (mixed.plan.double().sum(1) - 0.2).abs().sum(-1)  # (H,) L1 errors of the cluster marginals
+    assert mixed.converged and bool((column_errors < 2e-5).all()), column_errors
+
+
 def test_deterministic_run_to_run():
     s = random_problem(3000, 40, seed=13)
     a = sinkhorn_assign(s, 0.05, max_iter=30, tol=None)
@@ -396,11 +415,26 @@ def test_acceleration_argument_is_checked():
         sinkhorn_assign(s, 0.1, acceleration="anderson", over_relaxation=1.5)
 
 
-def test_over_relaxation_safeguard_falls_back_to_plain_steps():
-    s = random_problem(300, 8, seed=3)  # at eps = 0.01 the error is not monotone: omega = 1.99 overshoots
-    wild = sinkhorn_assign(s, 0.01, tol=1e-6, max_iter=5000, over_relaxation=1.99)
+def test_over_relaxation_safeguard_falls_back_to_plain_steps(monkeypatch):
+    """At eps = 0.01 the error is not monotone: omega = 1.99 overshoots. From the first rise of the error by over 1%
+    on, the steps are plain: no over-relaxed step is taken after it (before it, every step is one)."""
+    from otlabel import solver
+
+    iteration, relaxed = [0], []
+    relax = solver.relax
+
+    def recorded(*args):
+        relaxed.append(iteration[0])
+        return relax(*args)
+
+    monkeypatch.setattr(solver, "relax", recorded)
+    s = random_problem(300, 8, seed=3)
+    wild = sinkhorn_assign(s, 0.01, tol=1e-6, max_iter=5000, over_relaxation=1.99,
+                           callback=lambda it, err: iteration.__setitem__(0, it))  # fmt: skip
     assert wild.converged
-    assert any(later > 1.01 * earlier for earlier, later in zip(wild.errors[1:], wild.errors[2:], strict=False))
+    errors = wild.errors
+    first_rise = next(i + 1 for i in range(2, len(errors)) if errors[i] > 1.01 * errors[i - 1])  # 1-based
+    assert relaxed == list(range(2, first_rise)), (first_rise, relaxed[-3:])  # the cold start is a plain step
 
 
 def test_omega_for_rate():
