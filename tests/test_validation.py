@@ -497,6 +497,16 @@ def test_every_entry_point_checks_the_span_of_each_sample(entry):
     assert solve(sunk - sunk.amax(-1, keepdim=True)).converged
 
 
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_accepts_a_zero_weight_cluster_no_sample_may_reach(entry):
+    """A closed cluster (weight 0, every score -inf) needs nothing: not a starved cluster, on every entry point (the
+    streamed and sharded ones judge the column maxima accumulated over their chunks or ranks)."""
+    closed = S.clone()
+    closed[:, 3] = -INF
+    res = ENTRY_POINTS[entry](closed, cluster_weights=torch.tensor([0.4, 0.3, 0.3, 0.0]))
+    assert res.converged and not bool((res.labels == 3).any())
+
+
 def test_a_partly_masked_sample_beside_a_zero_weight_cluster_is_accepted():
     """With a cluster of weight 0 the row maxima over the weighted clusters decide which samples are stranded: a
     sample closed to one weighted cluster and open to the others is not."""
