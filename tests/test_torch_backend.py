@@ -315,6 +315,29 @@ def test_anderson_restarts_and_caps_wild_proposals():
     assert torch.equal(resumed, first + nudged) and mixer.iterates == []
 
 
+def test_anderson_takes_turns_with_plain_steps_after_a_long_stall():
+    """ANDERSON_PATIENCE steps without a 1% fall of the error below the lowest seen: the mixer takes plain steps (F(b)
+    itself) for as many steps, then mixes afresh, and so on; a 1% fall brings the mixing back at once."""
+    from otlabel.anderson import ANDERSON_PATIENCE, AndersonMixer
+
+    mixer = AndersonMixer(memory=3, cluster_weights=torch.full((4,), 0.25, dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+
+    def step(error):
+        b = torch.randn(1, 4, generator=g, dtype=torch.float64)
+        plain = b + 0.1 * torch.randn(1, 4, generator=g, dtype=torch.float64)
+        return mixer.step(b, plain, error, None), plain
+
+    step(1.0)
+    for i in range(1, 3 * ANDERSON_PATIENCE + 10):
+        out, plain = step(1.2 if i % 2 else 0.995)  # never 1% below the lowest (0.995); never 1.5x above: no restart
+        plain_turn = (i // ANDERSON_PATIENCE) % 2 == 1
+        assert mixer.active != plain_turn and (torch.equal(out, plain) or not plain_turn), i
+    assert not mixer.active
+    step(0.98)  # 1% below 0.995
+    assert mixer.active
+
+
 def test_anderson_never_moves_back_against_the_plain_step():
     """A residual that grows along the step (the linearised cluster step cannot do that: its Jacobian's eigenvalues
     lie in [0, 1]) makes the least squares place the fixed point ~100 nats behind: the mixer takes the plain step."""
