@@ -62,6 +62,10 @@ BAD_INPUTS = [
     ("negative weight", dict(cluster_weights=torch.tensor([0.5, 0.6, -0.2, 0.1])), ValueError, ["-0.2"]),
     ("weights not summing", dict(cluster_weights=torch.ones(4)), ValueError, ["sum to 1", "w.sum()"]),
     ("NaN weight", dict(sample_weights=torch.full((10,), float("nan"))), ValueError, ["NaN"]),
+    ("one NaN weight", dict(sample_weights=torch.tensor([0.1] * 3 + [float("nan")] + [0.1] * 6)), ValueError,
+     ["sample_weights contain NaN or inf"]),
+    ("one inf weight", dict(cluster_weights=torch.tensor([0.5, INF, 0.25, 0.25])), ValueError,
+     ["cluster_weights contain NaN or inf"]),
     ("sample with no cluster", dict(scores=masked(rows=4)), ValueError, ["infeasible", "sample 4"]),
     ("cluster with no sample", dict(scores=masked(cols=2)), ValueError, ["infeasible", "cluster 2"]),
     (
