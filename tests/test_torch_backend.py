@@ -313,6 +313,11 @@ def test_anderson_restarts_and_caps_wild_proposals():
     assert torch.isfinite(second).all() and beyond == pytest.approx(ANDERSON_MAX_EXTRAPOLATION)
     resumed = mixer.step(second, second + step, 0.9, empty)  # error rose 4.7x: restart from the best point
     assert torch.equal(resumed, first + nudged) and mixer.iterates == []
+    assert mixer.reach == ANDERSON_MAX_EXTRAPOLATION / 4  # and trust the mixing less
+    again = mixer.step(resumed, resumed + step, 0.9, empty)  # still high: no second restart in a row
+    assert torch.equal(again, resumed + step)
+    mixer.step(again, again + step, 0.1, empty)  # a new best error: the trust region grows back by 1.5x
+    assert mixer.reach == pytest.approx(1.5 * ANDERSON_MAX_EXTRAPOLATION / 4)
 
 
 def test_anderson_takes_turns_with_plain_steps_after_a_long_stall():
