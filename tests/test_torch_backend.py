@@ -357,6 +357,21 @@ def test_anderson_never_moves_back_against_the_plain_step():
     assert torch.equal(mixer.step(first, first + grown, 0.19, empty), first + grown)
 
 
+def test_anderson_forward_test_ignores_constants():
+    """A constant added to every potential changes nothing, so it must not sway the forward-only test: a move back
+    against the plain step stays refused however large a constant rides on it or on the step, and a move forward
+    stays taken."""
+    from otlabel.anderson import AndersonMixer
+
+    mixer = AndersonMixer(memory=3, cluster_weights=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
+    step = torch.tensor([[1.0, -1.0, 0.5, -0.5]], dtype=torch.float64)
+    for shift in (0.0, 3.0, -3.0):
+        for lift in (0.0, 5.0, -5.0):
+            back, ahead = -0.1 * step + lift, 0.1 * step + lift
+            assert torch.equal(mixer.forward_only(back, step + shift), torch.zeros_like(step)), (shift, lift)
+            assert torch.equal(mixer.forward_only(ahead, step + shift), ahead), (shift, lift)
+
+
 def test_anderson_crosses_a_flat_plateau_in_doubling_strides():
     """A residual that does not change at all (a hard plan: the cluster step is a translation) leaves the least squares
     nothing to fit: the mixer moves along the plain step, twice as far each time, up to its trust region."""
