@@ -254,6 +254,19 @@ def test_outputs_may_not_be_inputs(tmp_path, capsys):
     assert np.array_equal(np.load(tmp_path / "s.npy"), s) and not (tmp_path / "y.npy").exists()
 
 
+def test_inputs_may_share_a_file_and_a_clash_names_the_first(tmp_path):
+    """Two inputs may be one file (features that are their own prototypes); an output over it is named against the
+    first input given that file, wherever the path is written differently."""
+    from otlabel.outputs import refuse_overwriting_inputs
+
+    z = tmp_path / "z.npy"
+    np.save(z, np.eye(3))
+    inputs = {"--features": str(z), "--prototypes": str(tmp_path / "." / "z.npy"), "--cluster-weights": None}
+    refuse_overwriting_inputs({"--out": str(tmp_path / "y.npy"), "--codes-out": None}, inputs)
+    with pytest.raises(ValueError, match=r"--out .*z.npy' is the same file as --features: writing it would destroy"):
+        refuse_overwriting_inputs({"--out": str(z)}, inputs)
+
+
 def test_strict_and_not_converged(scores_file, tmp_path, capsys):
     args = ["assign", str(scores_file), "--epsilon", "0.01", "--max-iter", "2", "--out", str(tmp_path / "y.npy")]
     assert main(args) == EXIT_OK
