@@ -511,6 +511,17 @@ def test_every_entry_point_accepts_a_zero_weight_cluster_no_sample_may_reach(ent
     assert res.converged and not bool((res.labels == 3).any())
 
 
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_judges_the_zero_weight_clusters_scores_too(entry):
+    """A NaN in a zero-weight cluster's column is still a NaN score, and a sample allowed only in zero-weight clusters
+    is named as such (not as scores too large), on every entry point."""
+    solve, w = ENTRY_POINTS[entry], torch.tensor([0.4, 0.3, 0.3, 0.0])
+    with pytest.raises(ValueError, match=r"scores contain NaN \(first at index \(5, 3\)"):
+        solve(with_value((5, 3), float("nan")), cluster_weights=w)
+    with pytest.raises(ValueError, match=r"sample 6 \(head 0\).* is allowed only in clusters of weight 0"):
+        solve(masked(rows=6, cols=slice(0, 3)), cluster_weights=w)
+
+
 def test_a_partly_masked_sample_beside_a_zero_weight_cluster_is_accepted():
     """With a cluster of weight 0 the row maxima over the weighted clusters decide which samples are stranded: a
     sample closed to one weighted cluster and open to the others is not."""
