@@ -76,6 +76,7 @@ BAD_INPUTS = [
     ),
     ("max_iter 0", dict(max_iter=0), ValueError, ["max_iter"]),
     ("tol negative", dict(tol=-1.0), ValueError, ["tol"]),
+    ("tol zero", dict(tol=0.0), ValueError, ["tol must be a positive number"]),
     ("over-relaxation 2", dict(over_relaxation=2.0), ValueError, ["over_relaxation"]),
     ("unknown backend", dict(backend="cuda"), ValueError, ["backend", "'torch'"]),
     ("init shape", dict(init=torch.zeros(7)), ValueError, ["init", "(4,)"]),
