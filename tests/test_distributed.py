@@ -835,3 +835,17 @@ def test_sharded_mask_check_is_skipped_everywhere_when_one_rank_has_too_many_pat
     shards[0] = torch.cat([shards[0], shards[0][:1]])  # a 4th sample only for cluster 2 (0.36 > 1/3): infeasible
     for rank, err in enumerate(sharded_mask_check(shards, r)):
         assert isinstance(err, ValueError) and "infeasible mask" in str(err), f"rank {rank}: {err!r}"
+
+
+def test_sharded_mask_check_merges_every_pattern_of_every_rank():
+    """Rank 1's samples come in three patterns (only cluster 2, only 3, only 2 or 3: 0.2 of the mass each), none a
+    violation alone; together 0.6 of the mass may only go to clusters 2 and 3 (weight 0.5), which leaves clusters 0
+    and 1 short: every rank raises."""
+    shards = [random_problem(4, 4, seed=8), random_problem(6, 4, seed=9)]
+    closed = [[0, 1, 3], [0, 1, 3], [0, 1, 2], [0, 1, 2], [0, 1], [0, 1]]
+    for row, cols in enumerate(closed):
+        shards[1][row, cols] = -float("inf")
+    r = torch.full((4,), 0.25, dtype=torch.float64)
+    expected = "infeasible mask: clusters [0, 1] need 0.5 of the mass"
+    for rank, err in enumerate(sharded_mask_check(shards, r)):
+        assert isinstance(err, ValueError) and expected in str(err), f"rank {rank}: {err!r}"
