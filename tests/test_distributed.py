@@ -840,12 +840,12 @@ def test_sharded_mask_check_is_skipped_everywhere_when_one_rank_has_too_many_pat
 def test_sharded_mask_check_merges_every_pattern_of_every_rank():
     """Rank 1's samples come in three patterns (only cluster 2, only 3, only 2 or 3: 0.2 of the mass each), none a
     violation alone; together 0.6 of the mass may only go to clusters 2 and 3 (weight 0.5), which leaves clusters 0
-    and 1 short: every rank raises."""
+    and 1 short: every rank raises, counting rank 0's 4 unmasked samples as the only ones that may go there."""
     shards = [random_problem(4, 4, seed=8), random_problem(6, 4, seed=9)]
     closed = [[0, 1, 3], [0, 1, 3], [0, 1, 2], [0, 1, 2], [0, 1], [0, 1]]
     for row, cols in enumerate(closed):
         shards[1][row, cols] = -float("inf")
     r = torch.full((4,), 0.25, dtype=torch.float64)
-    expected = "infeasible mask: clusters [0, 1] need 0.5 of the mass"
+    expected = "clusters [0, 1] need 0.5 of the mass (their cluster_weights), but only 4 samples (0.4 of the sample"
     for rank, err in enumerate(sharded_mask_check(shards, r)):
         assert isinstance(err, ValueError) and expected in str(err), f"rank {rank}: {err!r}"
