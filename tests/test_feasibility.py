@@ -92,6 +92,25 @@ def test_sample_side_message_when_it_names_fewer_clusters():
     assert "cluster_weights sum to 0.15" in message
 
 
+def test_messages_add_up_every_group_and_cluster_they_name():
+    """Both statements with more than one group and cluster in them: on the sample side the masses of the groups
+    confined to the reached clusters and those clusters' weights are sums; on the cluster side so is the mass of
+    the samples (masked or not) that may go to the starved clusters."""
+    allowed = np.ones((10, 6), dtype=bool)
+    allowed[:2, 1:] = False  # samples 0 and 1 may only go to cluster 0
+    allowed[2:4, 2:] = False  # samples 2 and 3 only to clusters 0 and 1
+    r = np.array([0.1, 0.15, 0.1875, 0.1875, 0.1875, 0.1875])
+    message = raises(patterns_of(allowed, np.full(10, 0.1)), r)
+    assert message is not None and ("4 samples (0.4 of the sample mass) may only go to clusters [0, 1]" in message
+                                    and "cluster_weights sum to 0.25," in message), message  # fmt: skip
+    allowed = np.ones((50, 5), dtype=bool)
+    allowed[2:, :2] = False  # clusters 0 and 1 (0.4 of the mass) are open to samples 0 and 1 alone
+    allowed[1, 3:] = False  # sample 1 in a masked group of its own, sample 0 unmasked
+    message = raises(patterns_of(allowed, np.full(50, 0.02)), np.full(5, 0.2))
+    assert message is not None and "clusters [0, 1] need 0.4 of the mass" in message, message
+    assert "only 2 samples (0.04 of the sample mass) may go to any of them" in message, message
+
+
 def test_close_masses_are_printed_apart():
     allowed = np.ones((10, 6), dtype=bool)
     allowed[:2, 1:] = False
