@@ -807,7 +807,8 @@ def test_what_the_ranks_must_agree_on_is_compared_part_by_part():
     row = torch.tensor([0.5, 0.25, 0.25] + [7.0] * FINGERPRINT_SIZE + [1.0, ninf, -2.0], dtype=torch.float64)
     same = row.expand(3, -1).clone()
     check_same_on_every_rank(same, 3)  # identical, -inf included
-    cases = [(1, 0.5, "cluster_weights", "by up to 0.25"), (3, 9.0, "prototypes or bias", "their SHA-256 digests"),
+    cases = [(1, 0.5, "cluster_weights", "by up to 0.25"),
+             (3, 9.0, "prototypes or bias", "their SHA-256 digests differ"),
              (3 + FINGERPRINT_SIZE, 1.5, "init", "by up to 0.5"), (5 + FINGERPRINT_SIZE, -1.0, "init", "by up to 1")]
     for column, value, what, how in cases:
         for rank in (1, 2):
