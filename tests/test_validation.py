@@ -131,6 +131,8 @@ def test_big_endian_arrays_are_read_as_their_values():
 def test_exact_solvers_validate_too():
     with pytest.raises(ValueError, match="NaN"):
         exact_plan(with_value((0, 0), float("nan")))
+    with pytest.raises(ValueError, match=r"scores contain \+inf \(first at index \(3, 0\)"):  # no epsilon to judge
+        exact_plan(with_value((3, 0), INF))
     with pytest.raises(ValueError, match="are the scores transposed"):
         exact_plan(S.T, cluster_weights=torch.ones(4) / 4)
 
