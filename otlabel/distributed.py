@@ -184,6 +184,9 @@ class ShardedOperator(ScoreOperator):
         self.raise_if_a_callback_failed(sent[:, -1])
         return torch.logsumexp(sent[:, :-1].view(-1, *lse.shape), dim=0)  # rank order
 
+    def release(self) -> None:
+        self.local.release()
+
     def shared_callback(self, callback):
         """``callback`` as the loop calls it: an exception it raises here is held until the next exchange of
         :meth:`cluster_lse` (or :meth:`finish`) and then raised on every rank at once. Raising at once on this rank

@@ -526,6 +526,10 @@ class DeferredOperator:
     def __init__(self, build):
         self._build, self._operator = build, None
 
+    def release(self) -> None:  # nothing built yet, and building one here would defeat the deferral
+        if self._operator is not None:
+            self._operator.release()
+
     def __getattr__(self, name):
         if name.startswith("_"):  # never for its own state (copy and pickle look these up before __init__ ran)
             raise AttributeError(name)
@@ -563,6 +567,7 @@ def package_result(operator: ScoreOperator, out: LoopOutput, *, epsilon: float, 
     both). ``batched``: whether the caller passed a head dimension, which the result's shapes follow."""
     if labels is None:
         labels, _ = operator.assign(out.potentials, want_codes=False)
+    operator.release()  # the result keeps the operator for its read-outs only
     shape = (lambda x: x) if batched else (lambda x: x[0])
     return SinkhornResult(
         labels=shape(labels),

@@ -61,6 +61,11 @@ class ScoreOperator(ABC):
     def transport_score(self, b: torch.Tensor) -> torch.Tensor:
         """``<P, S>`` per head (H,) float64 for the plan defined by ``b``: ``sum_jk c_j codes_jk S_jk``."""
 
+    def release(self) -> None:
+        """Drop what only the iterations and the final labels needed. The result keeps its operator for ``codes``,
+        ``plan`` and ``objective``; an operator that caches something of the scores' size frees it here."""
+        return None
+
     def agree(self, b: torch.Tensor) -> torch.Tensor:
         """The iterate every process continues from: ``b`` itself, except across ranks (``ShardedOperator``).
 

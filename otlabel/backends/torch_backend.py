@@ -254,6 +254,11 @@ class CachedKernelOperator(ScoreOperator):
         the first use after loading rebuilds from the scores."""
         return {**self.__dict__, "kernel": None, "row_shift": None}
 
+    def release(self) -> None:
+        """The kernel, a second N x K matrix, serves the iterations and the labels only (codes and objective take
+        the exact pass): a result kept for a warm start held it, and the next solve then built another beside it."""
+        self.kernel = self.row_shift = None
+
     def cluster_lse(self, b):
         if self.kernel is None or (b is not None and self._drifted(b)):
             self._absorb(self.b0 if b is None else b)
