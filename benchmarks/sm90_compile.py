@@ -18,8 +18,8 @@ device's limit and within the heuristic's bound. Spills are shown but not failed
 tuned for sm_90 (under Triton 3.6, sm_86 caps the streamed fp32 D = 136/200 partials kernel at 128 registers and
 spills 8 bytes).
 
-``tests/test_benchmarks.py`` runs ``--check`` on a few cases, so a kernel change that would not compile for the GPU
-fails CI even though the interpreter accepts it.
+``tests/test_benchmarks.py`` runs ``--check`` on every case (and ``--arch 86`` on the D = 256 ones), so a kernel
+change that would not compile for the GPU fails CI even though the interpreter accepts it.
 """
 
 from __future__ import annotations
