@@ -249,14 +249,10 @@ class CachedKernelOperator(ScoreOperator):
         self.kernel = None  # (H, N, K): exp(S / eps + b0 - m), built on first use
         self.row_shift = None  # (H, N): m, the row maxima of S / eps + b0
 
-    def __getstate__(self) -> dict:
-        """Pickled (a result saved with ``pickle`` or ``torch.save``) without the kernel, a second N x K matrix that
-        the first use after loading rebuilds from the scores."""
-        return {**self.__dict__, "kernel": None, "row_shift": None}
-
     def release(self) -> None:
         """The kernel, a second N x K matrix, serves the iterations and the labels only (codes and objective take
-        the exact pass): a result kept for a warm start held it, and the next solve then built another beside it."""
+        the exact pass): a result kept for a warm start held it, the next solve then built another beside it, and
+        a pickled result (``torch.save``) carried it."""
         self.kernel = self.row_shift = None
 
     def cluster_lse(self, b):
