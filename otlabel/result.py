@@ -48,6 +48,10 @@ class SinkhornResult:
     the solve (a reused buffer, a queue), or the prototypes of the CUDA features kernel (after ``optimizer.step()``),
     give codes that belong to other scores than ``labels``. Read ``codes`` before changing them.
 
+    A result pickles with the inputs its lazy read-outs need (the scores), so ``torch.load`` takes it only with
+    ``weights_only=False``; to keep pseudo-labels, save ``labels``, ``codes`` and ``cluster_potentials`` (tensors,
+    which load with the defaults).
+
     Results are made by the solvers, not by hand: the constructor's ``internal`` keywords carry the solver's
     state that ``codes``, ``plan`` and ``objective`` are computed from.
     """
