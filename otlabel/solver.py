@@ -24,7 +24,7 @@ import torch
 from .anderson import ANDERSON_MEMORY, AndersonMixer, masked
 from .backends import make_operator
 from .backends.base import ScoreOperator
-from .problem import as_tensor, check_score_values, validate
+from .problem import as_tensor, check_score_values, compute_dtype_of, max_score_span, validate
 from .result import ConvergenceWarning, SinkhornResult
 
 DEFAULT_MAX_ITER = 1000
@@ -313,9 +313,11 @@ def potentials_finite(b, empty) -> torch.Tensor:
     return torch.isfinite(masked(b, empty, 0.0)).all()
 
 
-def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype) -> torch.Tensor | None:
+def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithmetic) -> torch.Tensor | None:
     """A warm start: a previous result or its ``cluster_potentials``, shaped (K,) or (H, K); returned (H, K) in
-    ``dtype`` on the cluster weights' device, -inf for clusters of weight 0."""
+    ``dtype`` on the cluster weights' device, -inf for clusters of weight 0. ``arithmetic``: the dtype the passes
+    form ``S / eps + b`` in (:func:`~otlabel.problem.compute_dtype`), which bounds how far apart potentials can
+    usefully be."""
     if init is None:
         return None
     if isinstance(init, SinkhornResult):
@@ -332,11 +334,17 @@ def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype) -> torc
             f"init must have shape ({k},) or ({h}, {k}) — one potential per cluster — got {tuple(init.shape)}. "
             "Pass the cluster_potentials of a previous call on a problem with the same clusters."
         )
-    init = init.detach().to(device=cluster_weights.device, dtype=dtype).expand(h, k)
+    init = init.detach().to(device=cluster_weights.device, dtype=torch.float64).expand(h, k)
     empty = cluster_weights == 0
     if not bool(potentials_finite(init, empty)):  # zero-weight clusters get -inf whatever they held
         raise ValueError("init contains NaN or infinite potentials for clusters with positive weight.")
-    return torch.where(empty, float("-inf"), init)
+    # Only differences between potentials matter (the sample step absorbs a constant). No solution spreads them wider
+    # than twice the largest |S| / eps allowed plus the clusters' log-weight ratios (far below 1e4), so a start
+    # spread wider (potentials of another epsilon, a scaled copy) is pulled in to that, below its largest potential:
+    # the first pass would lose the scores to rounding, or overflow, at a spread the arithmetic cannot resolve.
+    floor = -(2 * max_score_span(arithmetic) + 1e4)
+    init = (init - masked(init, empty, -math.inf).amax(dim=1, keepdim=True)).clamp(min=floor)
+    return torch.where(empty, -math.inf, init).to(dtype)
 
 
 def resolve_acceleration(acceleration, over_relaxation, tol) -> float | str:
@@ -491,7 +499,7 @@ def sinkhorn_assign(
     problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph)
     if cuda_graph:
         return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration)
-    init = check_init(init, problem.shape[0], problem.cluster_weights, torch.float64)
+    init = check_init(init, problem.shape[0], problem.cluster_weights, torch.float64, compute_dtype_of(problem.scores))
     if epsilon_scaling is None:
         operator = make_operator(problem, backend)
         out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, acceleration, callback=callback,
