@@ -417,7 +417,7 @@ def check_same_on_every_rank(agreed: torch.Tensor, k: int) -> None:
         if what == "prototypes or bias":  # only their digests travel
             how = "their SHA-256 digests differ"
         else:
-            gap = torch.where(same, 0.0, (values - values[:1]).abs()).nan_to_num(math.inf).amax()
+            gap = torch.where(same, 0.0, (values - values[:1]).abs()).nan_to_num(math.inf, posinf=math.inf).amax()
             how = f"by up to {float(gap):.3g}"
         raise ValueError(
             f"sinkhorn_assign_sharded: {what} differ between ranks ({how}; the same values in float32 on one rank "

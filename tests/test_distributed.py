@@ -809,7 +809,8 @@ def test_what_the_ranks_must_agree_on_is_compared_part_by_part():
     check_same_on_every_rank(same, 3)  # identical, -inf included
     cases = [(1, 0.5, "cluster_weights", "by up to 0.25"),
              (3, 9.0, "prototypes or bias", "their SHA-256 digests differ"),
-             (3 + FINGERPRINT_SIZE, 1.5, "init", "by up to 0.5"), (5 + FINGERPRINT_SIZE, -1.0, "init", "by up to 1")]
+             (3 + FINGERPRINT_SIZE, 1.5, "init", "by up to 0.5"), (5 + FINGERPRINT_SIZE, -1.0, "init", "by up to 1"),
+             (4 + FINGERPRINT_SIZE, 0.0, "init", "by up to inf")]  # -inf on rank 0 only (printed 1.8e+308)
     for column, value, what, how in cases:
         for rank in (1, 2):
             agreed = same.clone()
