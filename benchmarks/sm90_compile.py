@@ -58,6 +58,7 @@ def _load_gpu_dense():
 
 
 _load_gpu_dense()._import_otlabel()
+from otlabel.kernels import merge as km  # noqa: E402
 from otlabel.kernels import sinkhorn_dense as kd  # noqa: E402
 from otlabel.kernels import sinkhorn_features as kf  # noqa: E402
 from otlabel.kernels.utils import programs_per_sm  # noqa: E402
@@ -186,8 +187,13 @@ def dense_cases() -> dict:
         if not layout and dtype == "fp32":  # the merge reads fp32 partials; only its fallback reads S
             args = dict(base, PSUM=Pointer("fp32"), B=Pointer("fp32"), OUT=Pointer("fp32"), A_WS=Pointer("fp32"),
                         P=launch.n_programs, scale2=1.5, mass_floor=1e-24)  # fmt: skip
-            constants = dict(BLOCK_P=kd.MERGE_BLOCK_P, BLOCK=kd.MERGE_BLOCK_K, EXACT_ROWS=kd.EXACT_FALLBACK_ROWS)
-            cases[f"dense_merge_masses K={k}"] = Case(kd._merge_masses_kernel, args, constants, kd.merge_options())
+            constants = dict(BLOCK_P=km.MERGE_BLOCK_P, BLOCK=km.MERGE_BLOCK_K, EXACT_ROWS=km.EXACT_FALLBACK_ROWS)
+            cases[f"dense_merge_masses K={k}"] = Case(kd._merge_masses_kernel, args, constants, km.merge_options())
+            # the log-domain merge: cold passes, and the features kernel's log-domain partials
+            args = dict(PMAX=Pointer("fp32"), PSUM=Pointer("fp32"), OUT=Pointer("fp32"), P=launch.n_programs, K=k,
+                        row_stride=k)  # fmt: skip
+            constants = dict(BLOCK_P=km.MERGE_BLOCK_P, BLOCK=km.MERGE_BLOCK_K)
+            cases[f"merge_partials K={k}"] = Case(km._merge_partials_kernel, args, constants, km.merge_options())
         readout = kd.default_launch(s, readout=True)
         tiles, exact = _tiles(s, readout), dict(_fused(readout), enable_fp_fusion=False)
         args = dict(base, B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"), inv_eps=20.0)
@@ -266,11 +272,11 @@ def features_cases() -> dict:
             args = dict(base, PSUM=Pointer("fp32"), B=Pointer("fp32"), BIAS2=Pointer("fp32"), OUT=Pointer("fp32"),
                         A_WS=Pointer("fp32"), P=launch.n_programs, K_PAD=launch.padded_k(k), scale2=1.5, z_scale=1.0,
                         mass_floor=1e-24)  # fmt: skip
-            constants = dict(HAS_BIAS=True, PRECISION=precision, UPCAST=False, Z_F16=mixed, BLOCK_P=kf.MERGE_BLOCK_P,
-                             BLOCK=kf.MERGE_BLOCK_K, EXACT_ROWS=kf.EXACT_FALLBACK_ROWS,
+            constants = dict(HAS_BIAS=True, PRECISION=precision, UPCAST=False, Z_F16=mixed, BLOCK_P=km.MERGE_BLOCK_P,
+                             BLOCK=km.MERGE_BLOCK_K, EXACT_ROWS=km.EXACT_FALLBACK_ROWS,
                              BLOCK_D=min(launch.block_d, kf.EXACT_STREAM_D), VEC_D=kf._vec_d(z, c))  # fmt: skip
             cases[f"features_merge_masses {name}"] = Case(kf._features_merge_masses_kernel, args, constants,
-                                                          kd.merge_options())  # fmt: skip
+                                                          km.merge_options())  # fmt: skip
         args = dict(base, BIAS=Pointer("fp32"), B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"),
                     ROWSCORE=Pointer("fp32"), inv_eps=20.0, z_scale=1.0, dot_scale=1.0)  # fmt: skip
         constants = dict(common, HAS_BIAS=True, WANT_CODES=True, WANT_SCORE=False)

@@ -11,7 +11,7 @@ running per-cluster (max, sum of exp). Each program writes its (K,) partials to 
 and a second small kernel merges them in program order: no atomics, bitwise reproducible.
 
     S (H, N, K) --[_cluster_partials_kernel, grid (P, H)]--> max, sum (H, P, K)      (column masses: sum only)
-                --[_merge_partials_kernel or _merge_masses_kernel, grid (K / MERGE_BLOCK_K, H)]--> L (H, K)
+                --[merge._merge_partials_kernel or _merge_masses_kernel, grid (K / MERGE_BLOCK_K, H)]--> L (H, K)
 
 When the padded row fits one tile (``one_chunk``: K <= 4096, or K <= 8192 with the one-row tiles that
 ``kernels.utils.row_tile`` gives row-major scores when N is large enough) a row tile is loaded once and reused for
@@ -44,21 +44,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .lse import _finite_or_zero, _lse2, _lse_from_masses, _multiple_of, _online_lse, _partials_tile, _sample_step2
-from .utils import KERNEL_DTYPES, LN2, LOG2E, DenseLaunch, _check_row_tiles, as_float32, dense_launch, interpreting
+from .lse import _finite_or_zero, _lse2, _lse_from_masses, _multiple_of, _online_lse, _sample_step2
+from .merge import (
+    EXACT_FALLBACK_ROWS,
+    MASS_FLOOR_PER_SAMPLE,
+    MERGE_BLOCK_K,
+    MERGE_BLOCK_P,
+    merge_options,
+    merge_partials,
+)
+from .utils import KERNEL_DTYPES, LN2, LOG2E, DenseLaunch, _check_row_tiles, as_float32, compile_options, dense_launch
 
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
-# The partial-merge kernel: each program merges BLOCK_P partials at a time for MERGE_BLOCK_K clusters. A tile of
-# partials per step keeps many loads in flight: one partial per step (1024 clusters per program) took 99 us at
-# K = 3000 on an H100 (3 programs, 132 dependent steps each), 40% of a SwAV batch's device time.
-MERGE_BLOCK_P = 32
-MERGE_BLOCK_K = 64
-# Column masses (``DenseLaunch.column_mass``): exp2 flushes a plan entry below 2**-126 to 0, so N samples lose at most
-# N * 2**-126 of a column's mass; at or above N * 2**-100 that is under 2**-26 of it (fp32 rounding). A lighter
-# column is recomputed exactly in the merge, streaming EXACT_FALLBACK_ROWS x MERGE_BLOCK_K tiles of S.
-MASS_FLOOR_PER_SAMPLE = 2.0**-100
-EXACT_FALLBACK_ROWS = 64
 
 __all__ = [
     "DenseWorkspace",
@@ -210,26 +208,6 @@ def _cluster_partials_kernel(
 
 
 @triton.jit
-def _merge_partials_kernel(PMAX, PSUM, OUT, P, K, row_stride, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
-    """OUT[h, k] = ln(2) * log2 sum_p PSUM[h, p, k] * exp2(PMAX[h, p, k]), BLOCK_P partials at a time (a fixed
-    order: bitwise deterministic)."""
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    h = tl.program_id(1).to(tl.int64)
-    col_mask = cols < K
-    m = tl.full((BLOCK,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK,), tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        off, mask = _partials_tile(h, p0, P, row_stride, cols, col_mask, BLOCK_P)
-        pm = tl.load(PMAX + off, mask=mask, other=float("-inf"))
-        ps = tl.load(PSUM + off, mask=mask, other=0.0)
-        m_new = tl.maximum(m, tl.max(pm, 0))
-        shift = _finite_or_zero(m_new)
-        s = s * tl.exp2(m - shift) + tl.sum(ps * tl.exp2(pm - shift[None, :]), 0)
-        m = m_new
-    tl.store(OUT + h * K + cols, _lse2(m, s) * _LN2, mask=col_mask)
-
-
-@triton.jit
 def _merge_masses_kernel(
     PSUM,  # (H, P, K) fp32: per-program column masses of the plan
     B,  # (H, K) fp32 cluster potentials
@@ -272,21 +250,6 @@ def _merge_masses_kernel(
             m, s = _online_lse(m, s, x2 + a2[:, None], 0)
         lse2 = tl.where(untrusted, _lse2(m, s), lse2)
     tl.store(OUT + h * K + cols, lse2 * _LN2, mask=col_mask)
-
-
-def merge_partials(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
-    """(H, K) fp32 cluster LSE from the (H, P, K) partial (max, sum) pairs of one pass: contiguous tensors, or the
-    first K columns of contiguous (H, P, K_pad) ones (the features kernel's padded partials)."""
-    h, p, k = pmax.shape
-    row_stride = pmax.stride(1)
-    if pmax.stride() != (p * row_stride, row_stride, 1) or psum.stride() != pmax.stride() or row_stride < k:
-        raise ValueError(f"partials must be (H, P, K) rows of a contiguous (H, P, K_pad) buffer, got strides "
-                         f"{pmax.stride()} and {psum.stride()} for shape {tuple(pmax.shape)}")  # fmt: skip
-    out = torch.empty((h, k), dtype=torch.float32, device=pmax.device)
-    _merge_partials_kernel[(triton.cdiv(k, MERGE_BLOCK_K), h)](
-        pmax, psum, out, p, k, row_stride, BLOCK_P=MERGE_BLOCK_P, BLOCK=MERGE_BLOCK_K, **merge_options()
-    )
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -472,12 +435,7 @@ def vector_width(scores: torch.Tensor, launch: DenseLaunch) -> int:
 def _options(num_warps: int, fp_fusion: bool) -> dict:
     """Compile options. ``fp_fusion=False`` keeps ``S * inv_eps + b`` two roundings, as torch computes it,
     so labels tie-break like ``torch.argmax``; the iteration kernels may fuse (an FMA is more accurate)."""
-    return {} if interpreting() else {"num_warps": num_warps, "enable_fp_fusion": fp_fusion}
-
-
-def merge_options() -> dict:
-    """Compile options of every merge kernel (dense and features, log-domain or masses)."""
-    return _options(4, fp_fusion=True)
+    return compile_options(num_warps=num_warps, enable_fp_fusion=fp_fusion)
 
 
 def dense_cluster_lse(

@@ -24,7 +24,7 @@ terms: after a far-off warm start or an extrapolated step, never in plain steps 
 by a -inf bias holds none by construction and does not count) is recomputed exactly in log domain by the merge,
 which recomputes that block's scores from Z and C with the sample potentials sweep 1 stored. The cold
 start (``b = None``: ``a = log c``, no bound on the entries) skips sweep 1 and keeps log-domain partials (a running
-(max, sum) per chunk), merged by ``sinkhorn_dense.merge_partials``; so does ``column_mass=False``.
+(max, sum) per chunk), merged by ``merge.merge_partials``; so does ``column_mass=False``.
 
 The per-cluster terms ``(b + bias / eps) * log2(e)`` are written once per pass into a (H, K_pad) buffer padded with
 -inf to whole chunks, and the partial buffers' rows are K_pad long: the loops load and store them without masks
@@ -89,7 +89,7 @@ import triton
 import triton.language as tl
 
 from .lse import _finite_or_zero, _lse2, _lse_from_masses, _multiple_of, _online_lse, _sample_step2
-from .sinkhorn_dense import (
+from .merge import (
     EXACT_FALLBACK_ROWS,
     MASS_FLOOR_PER_SAMPLE,
     MERGE_BLOCK_K,

@@ -27,6 +27,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def compile_options(**options) -> dict:
+    """Triton compile options for a launch (``num_warps``, ``enable_fp_fusion``, ...); none under the interpreter,
+    which takes none."""
+    return {} if interpreting() else options
+
+
 def as_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a contiguous fp32 tensor for a kernel argument: ``x`` itself, without a call into torch, when it
     already is one (even a no-op ``.to()`` costs a few us of host time, and a small solve makes several per
