@@ -774,7 +774,7 @@ def test_vector_loads_on_and_off_agree(k):
 def test_merge_partials_matches_float64(p, k, h):
     """The merge reads partials in (32 x 64) tiles: P and K on and off those multiples, a whole column of -inf
     partials (an unreachable cluster) and single -inf partials, against a float64 log-sum-exp."""
-    from otlabel.kernels.sinkhorn_dense import merge_partials
+    from otlabel.kernels.merge import merge_partials
 
     g = torch.Generator().manual_seed(p * 1000 + k)
     pmax = torch.randn(h, p, k, generator=g) * 20  # base-2 maxima
