@@ -202,9 +202,12 @@ def read_back(values: torch.Tensor, b, empty) -> list[float]:
 
 
 def raise_infeasible():
+    """Masks are checked before solving, except where the check is skipped (``cuda_graph=True``, masks of too many
+    distinct rows, no SciPy): an infeasible one then shows here. Without -inf scores this should not happen."""
     raise ValueError(
         "Sinkhorn potentials became non-finite: the masked problem has no feasible balanced plan "
-        "(some group of clusters cannot reach enough samples). Relax the mask or the cluster weights."
+        "(some group of clusters cannot reach enough samples). Relax the mask or the cluster weights. If the scores "
+        "have no -inf, this is a bug in otlabel: please report it with the scores' shape, dtype and epsilon."
     )
 
 
