@@ -8,10 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import sys
 import tempfile
 import threading
 
 import numpy as np
+
+TooHardError = getattr(np, "exceptions", np).TooHardError  # np.exceptions from NumPy 1.25
 
 
 class OutputError(Exception):
@@ -23,9 +26,20 @@ def refuse_overwriting_inputs(outputs: dict, inputs: dict, error=ValueError) -> 
 
     Paths are compared after resolving links; a memory-mapped NumPy input counts by its file.
     """
-    seen = {}
+    seen, in_memory = {}, []
     for is_output, named in ((False, inputs), (True, outputs)):  # inputs first: a clashing output is the culprit
         for name, x in named.items():
+            memory = _memory_of(x)
+            if memory is not None:
+                if is_output:
+                    for other, other_memory in in_memory:
+                        if _overlap(memory, other_memory):
+                            raise error(
+                                f"{name} shares memory with {other}: it would be written while {other} is still "
+                                f"read, giving wrong results and destroying {other}. Pass a separate array "
+                                f"(np.empty({tuple(memory.shape)}, np.{memory.dtype.name})) or a path."
+                            )
+                in_memory.append((name, memory))
             path = _file_of(x)
             if path is None:
                 continue
@@ -35,6 +49,34 @@ def refuse_overwriting_inputs(outputs: dict, inputs: dict, error=ValueError) -> 
                     "writing it would destroy that. Choose another path."
                 )
             seen.setdefault(path, name)  # two inputs may share a file (features that are their own prototypes)
+
+
+def _memory_of(x) -> np.ndarray | None:
+    """A NumPy view of an in-memory array or CPU tensor (torch is looked up, not imported: the command line answers
+    --help without it), or None for anything else."""
+    if isinstance(x, np.ndarray):
+        return x
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+        return None
+    x = x.detach()
+    if x.dtype == torch.bfloat16:  # NumPy has no bfloat16: the same bytes as int16
+        x = x.view(torch.int16)
+    try:
+        return x.resolve_conj().resolve_neg().numpy()
+    except (TypeError, RuntimeError):  # a dtype NumPy lacks: not an output's, and refused elsewhere as input
+        return None
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays share an element's bytes: exact for views side by side in one buffer (codes beside the
+    scores), and counted as sharing when NumPy finds the question too hard to settle quickly."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=100_000))
+    except TooHardError:
+        return True
 
 
 def _file_of(x) -> str | None:

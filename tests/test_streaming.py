@@ -278,6 +278,28 @@ def test_cuda_staging_solved_in_inference_mode_reads_codes_outside_it(problem):
     assert_close(res.codes, ref.codes, atol=1e-5, what="codes")
 
 
+def test_output_arrays_sharing_memory_with_an_input_are_refused():
+    """An output array that is (a view of) the scores or features in memory was written while the last pass still
+    read them: the codes came back wrong and the caller's scores destroyed, with no error. Refused now, as an output
+    path that is an input file is; an output beside the input in one buffer (no element shared) is fine."""
+    s = random_problem(40, 5, seed=3).numpy()
+    kept = s.copy()
+    with pytest.raises(ValueError, match="codes_out shares memory with scores"):
+        sinkhorn_assign_stream(s, 0.1, codes_out=s)
+    with pytest.raises(ValueError, match="codes_out shares memory with scores"):  # torch tensors too
+        sinkhorn_assign_stream(torch.from_numpy(s), 0.1, codes_out=torch.from_numpy(s))
+    z = np.random.default_rng(0).standard_normal((40, 5)).astype(np.float32)
+    with pytest.raises(ValueError, match="codes_out shares memory with features"):
+        sinkhorn_assign_stream(features=z, prototypes=z[:5], epsilon=0.5, codes_out=z)
+    both = np.zeros((40, 10), np.float32)
+    with pytest.raises(ValueError, match="codes_out shares memory with labels_out"):
+        sinkhorn_assign_stream(s, 0.1, labels_out=both.view(np.int64)[:, 0], codes_out=both[:, 1:6])
+    assert np.array_equal(s, kept)
+    side = np.concatenate([s, np.zeros_like(s)], axis=1)  # scores and codes side by side, disjoint
+    res = sinkhorn_assign_stream(side[:, :5], 0.1, codes_out=side[:, 5:])
+    assert np.array_equal(side[:, :5], kept) and np.array_equal(side[:, 5:], res.codes.numpy())
+
+
 def test_outputs_never_overwrite_inputs_nor_stay_half_written(tmp_path):
     """An output path that is an input file is refused before anything is written (it used to crash the memory-
     mapped read and leave the scores overwritten by labels); a solve that fails leaves no output file behind."""
