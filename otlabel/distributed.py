@@ -325,7 +325,7 @@ def sinkhorn_assign_sharded(
         if local_scores is not None:
             raise ValueError("give scores= only: local_scores= is its former name.")
         epsilon = check_epsilon(epsilon)
-        acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
+        acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation, callback)
         no_epsilon_scaling(epsilon_scaling, "in a sharded solve")
         shard = open_shard(scores, features, prototypes, bias, cluster_weights, backend, comm,
                            allow_tf32=allow_tf32, memory_budget=memory_budget, epsilon=epsilon)  # fmt: skip

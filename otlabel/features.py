@@ -40,7 +40,8 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
                          "(or pass the scores themselves as the first argument).")  # fmt: skip
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
-    check_solver_options(solve["max_iter"], solve["tol"], solve["acceleration"], solve["over_relaxation"])  # early
+    check_solver_options(solve["max_iter"], solve["tol"], solve["acceleration"], solve["over_relaxation"],
+                         solve.get("callback"))  # early
     no_epsilon_scaling(epsilon_scaling, "with features=")
     warn = solve.pop("warn")  # warned here, as sinkhorn_assign's, at the caller's line
     if backend == "reference":
@@ -194,7 +195,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
     from .backends.triton import TritonFeaturesOperator
 
     epsilon = check_epsilon(epsilon)
-    acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
+    acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation, callback)
     z, c3, bias_t, r, batched = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
     h, n = c3.shape[0], z.shape[0]
     w = check_weights(sample_weights, n, "sample_weights", "number of samples N", z.device)

@@ -377,9 +377,12 @@ def resolve_acceleration(acceleration, over_relaxation, tol) -> float | str:
     return ADAPTIVE if acceleration == "over-relaxation" else ANDERSON
 
 
-def check_solver_options(max_iter, tol, acceleration, over_relaxation) -> float | str:
+def check_solver_options(max_iter, tol, acceleration, over_relaxation, callback=None) -> float | str:
     """Every entry point's loop options, checked before any pass over the data; returns the resolved
     acceleration for :func:`run_sinkhorn` (see :func:`resolve_acceleration`)."""
+    if callback is not None and not callable(callback):  # else Python's "'int' object is not callable", mid-solve
+        raise TypeError(f"callback must be a function callback(iteration, error) (or None), got "
+                        f"{type(callback).__name__}.")  # fmt: skip
     if not is_number(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
     if tol is not None and not (is_number(tol) and math.isfinite(tol) and tol > 0):
@@ -496,7 +499,7 @@ def sinkhorn_assign(
                                allow_tf32=allow_tf32, **solve)  # fmt: skip
     if scores is None:
         raise TypeError("sinkhorn_assign needs scores (N, K), or features= with prototypes=.")
-    acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)  # before validate reads S
+    acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation, callback)  # before reading S
     if epsilon_scaling is not None and not (is_number(epsilon_scaling) and 0 < epsilon_scaling < 1):
         raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
     problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph)

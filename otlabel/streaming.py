@@ -409,7 +409,7 @@ def sinkhorn_assign_stream(
     if scores is not None and (prototypes is not None or bias is not None):
         raise ValueError("prototypes and bias go with features=, not with scores.")
     epsilon = check_epsilon(epsilon)
-    acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation)
+    acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation, callback)
     check_stream_backend(backend)
     no_epsilon_scaling(epsilon_scaling, "when streaming")
     if device is None:

@@ -82,6 +82,8 @@ BAD_INPUTS = [
     ("init shape", dict(init=torch.zeros(7)), ValueError, ["init", "(4,)"]),
     ("init NaN", dict(init=torch.full((4,), float("nan"))), ValueError, ["init", "NaN"]),
     ("init complex", dict(init=torch.zeros(4, dtype=torch.complex64)), TypeError, ["init", "complex64"]),
+    # was Python's "'int' object is not callable" from inside the loop
+    ("callback not callable", dict(callback=3), TypeError, ["callback must be a function", "got int"]),
 ]
 
 
@@ -475,6 +477,16 @@ ENTRY_POINTS = {  # the three ways in, which must judge the same scores alike
     "streamed": lambda s, **kw: sinkhorn_assign_stream(s.numpy(), 0.05, **kw),
     "sharded": lambda s, **kw: sinkhorn_assign_sharded(s, 0.05, **kw),
 }
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_refuses_a_callback_that_cannot_be_called(entry):
+    """Refused before the first pass (it was Python's "'int' object is not callable" from inside the loop), in
+    features mode too."""
+    with pytest.raises(TypeError, match="callback must be a function callback\\(iteration, error\\)"):
+        ENTRY_POINTS[entry](S, callback="print")
+    with pytest.raises(TypeError, match="callback must be a function"):
+        sinkhorn_assign(features=S, prototypes=S[:3], epsilon=1.0, callback=1)
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
