@@ -536,6 +536,9 @@ def checked_host_weights(weights, size: int, name: str, other: str, scores_shape
     """:func:`check_weights` for given weights, returned as a float64 CPU tensor rescaled to sum to exactly 1.
     ``scores_shape``: the scores' (N, K), for a hint when the length given is the other dimension's."""
     weights = as_tensor(weights, name)
+    if weights.is_complex():  # the cast below would drop the imaginary parts with only torch's warning
+        raise TypeError(f"{name} must be real proportions, got complex values ({weights.dtype}); pass their real "
+                        "part if that is what you mean (w.real).")  # fmt: skip
     if not weights.dtype.is_floating_point:
         weights = weights.double()
     sum_rtol = sum(weight_sum_tolerance(weights.dtype, size))

@@ -82,6 +82,8 @@ BAD_INPUTS = [
     ("init shape", dict(init=torch.zeros(7)), ValueError, ["init", "(4,)"]),
     ("init NaN", dict(init=torch.full((4,), float("nan"))), ValueError, ["init", "NaN"]),
     ("init complex", dict(init=torch.zeros(4, dtype=torch.complex64)), TypeError, ["init", "complex64"]),
+    # the imaginary parts were dropped with only torch's warning
+    ("complex weights", dict(cluster_weights=np.full(4, 0.25) + 0.5j), TypeError, ["real", "w.real"]),
     # was Python's "'int' object is not callable" from inside the loop
     ("callback not callable", dict(callback=3), TypeError, ["callback must be a function", "got int"]),
 ]
