@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from .problem import check_float_dtype, share_numpy
+from .problem import check_float_dtype, refuse_masked_array, share_numpy
 
 
 def unreadable_npy(name: str, path: str, err: Exception) -> str:
@@ -53,6 +53,7 @@ def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor:
     if isinstance(x, (str, os.PathLike)):
         x = load_npy(os.fspath(x), name, mmap_mode="r")
     if isinstance(x, np.ndarray):
+        refuse_masked_array(x, name)
         if x.dtype.kind == "V" and x.dtype.itemsize == 2:
             raise TypeError(f"{name} has dtype {x.dtype}: 2-byte raw values, as NumPy saves bfloat16 (ml_dtypes). "
                             "Save float16 or float32 instead (x.astype(np.float32)).")  # fmt: skip

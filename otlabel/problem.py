@@ -105,6 +105,7 @@ def as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, np.ndarray):
+        refuse_masked_array(x, name)
         if x.dtype.kind not in "biufc":  # object, string, date arrays: torch's own error names no fix
             raise TypeError(f"{name} must hold numbers, got a NumPy array of dtype {x.dtype}; convert it with "
                             f"np.asarray({name}, dtype=np.float32).")  # fmt: skip
@@ -138,6 +139,15 @@ def as_tensor(x, name: str) -> torch.Tensor:
             f"For a .npy on disk, {fix}."
         )
     raise TypeError(f"{name} must be a torch.Tensor, a numpy.ndarray or a list of numbers, got {type(x).__name__}.")
+
+
+def refuse_masked_array(x: np.ndarray, name: str) -> None:
+    """A NumPy masked array's mask would be dropped without a word (its hidden values read as if unmasked)."""
+    if isinstance(x, np.ma.MaskedArray):
+        fix = ("x.filled(-np.inf) forbids the masked pairs (-inf marks a sample that may not go to a cluster)"
+               if name in ("scores", "bias") else "x.filled(...) with the values the masked entries should have")
+        raise TypeError(f"{name} is a NumPy masked array, whose mask otlabel would ignore: pass a plain array. "
+                        f"{fix}; np.asarray(x) keeps the hidden values.")  # fmt: skip
 
 
 def check_epsilon(epsilon) -> float:

@@ -84,6 +84,9 @@ BAD_INPUTS = [
     ("init complex", dict(init=torch.zeros(4, dtype=torch.complex64)), TypeError, ["init", "complex64"]),
     # the imaginary parts were dropped with only torch's warning
     ("complex weights", dict(cluster_weights=np.full(4, 0.25) + 0.5j), TypeError, ["real", "w.real"]),
+    # the mask was dropped: its hidden scores solved as if unmasked
+    ("masked array", dict(scores=np.ma.masked_array(S.numpy(), mask=S.numpy() > 1)), TypeError,
+     ["scores is a NumPy masked array", "filled(-np.inf)"]),
     # was Python's "'int' object is not callable" from inside the loop
     ("callback not callable", dict(callback=3), TypeError, ["callback must be a function", "got int"]),
 ]
@@ -598,3 +601,12 @@ def test_weights_given_as_a_path_are_told_to_load_it(name, tmp_path):
         with pytest.raises(TypeError, match=rf"{name} .* got the path .*load it first: np.load\(path\)") as caught:
             entry(scores, **{name: str(path)})
         assert "sinkhorn_assign_stream" not in str(caught.value)
+
+
+def test_masked_arrays_are_refused_on_the_streamed_and_features_paths():
+    """Their masks were dropped there too."""
+    m = np.ma.masked_array(S.numpy(), mask=S.numpy() > 1)
+    with pytest.raises(TypeError, match="scores is a NumPy masked array"):
+        sinkhorn_assign_stream(m, 0.1)
+    with pytest.raises(TypeError, match="features is a NumPy masked array"):
+        sinkhorn_assign(features=m, prototypes=S[:3].numpy(), epsilon=1.0)
