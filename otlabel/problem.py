@@ -109,6 +109,10 @@ def as_tensor(x, name: str) -> torch.Tensor:
         if x.dtype.kind not in "biufc":  # object, string, date arrays: torch's own error names no fix
             raise TypeError(f"{name} must hold numbers, got a NumPy array of dtype {x.dtype}; convert it with "
                             f"np.asarray({name}, dtype=np.float32).")  # fmt: skip
+        if x.dtype.kind in "fc" and x.dtype.itemsize > (8 if x.dtype.kind == "f" else 16):  # torch has no such type
+            wanted = "float64" if x.dtype.kind == "f" else "complex128"
+            raise TypeError(f"{name} is a NumPy array of dtype {x.dtype.name} (extended precision), which torch cannot "
+                            f"hold; convert it with {name}.astype(np.{wanted}).")  # fmt: skip
         if not x.dtype.isnative:  # big-endian data (a file from another machine): torch cannot share it, so copy
             x = x.astype(x.dtype.newbyteorder("="))
         if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]): torch cannot share it, so copy

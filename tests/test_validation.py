@@ -603,6 +603,17 @@ def test_weights_given_as_a_path_are_told_to_load_it(name, tmp_path):
         assert "sinkhorn_assign_stream" not in str(caught.value)
 
 
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="long double is float64 on this platform")
+def test_extended_precision_arrays_are_told_to_convert():
+    """float128 / complex256 arrays: torch's own TypeError listed the types it takes and no fix."""
+    for kwargs, name in ((dict(scores=S.numpy().astype(np.longdouble)), "scores"),
+                         (dict(cluster_weights=np.full(4, 0.25, dtype=np.longdouble)), "cluster_weights"),
+                         (dict(sample_weights=np.full(10, 0.1, dtype=np.clongdouble)), "sample_weights")):  # fmt: skip
+        args = dict(scores=S) | kwargs
+        with pytest.raises(TypeError, match=f"{name} is a NumPy array of dtype .*extended precision.*astype"):
+            sinkhorn_assign(args.pop("scores"), 0.1, **args)
+
+
 def test_masked_arrays_are_refused_on_the_streamed_and_features_paths():
     """Their masks were dropped there too."""
     m = np.ma.masked_array(S.numpy(), mask=S.numpy() > 1)
