@@ -201,7 +201,7 @@ def load_data(args: argparse.Namespace) -> Data:
         raise SystemExit(f"error: {err}") from None
     if len(x) < 2:
         raise SystemExit(f"error: --data-x has {len(x)} sample; training needs 2 or more")
-    if x.ndim == 2 and x.shape[1] == 0:
+    if x.size == 0:  # (N, 0), or images with no channel or no row: numpy's "zero-size array" error, mid-load
         raise SystemExit(f"error: --data-x of shape {x.shape} has no features: give each sample one value or more")
     if x.ndim == 4 and min(x.shape[2:]) < 2:
         raise SystemExit(f"error: --data-x images of {x.shape[2]}x{x.shape[3]} pixels: the trunk needs 2x2 or more")

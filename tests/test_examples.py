@@ -251,6 +251,7 @@ def test_checkpoint_loads_with_torch_load_defaults(tmp_path):
         (np.ones((1, 3)), None, "needs 2 or more"),
         (np.ones((5, 1, 1)), None, "the trunk needs 2x2"),
         (np.ones((5, 0)), None, "has no features"),  # trained a whole run, then k-means refused it
+        (np.ones((5, 0, 4, 4)), None, "has no features"),  # images without a channel: numpy's zero-size error
         (np.ones(5), None, "must be (N, D)"),
         (np.ones((5, 3)), np.zeros((5, 2)), "--data-y must have shape (5,)"),
         (np.ones((5, 3)), np.zeros(4), "--data-y must have shape (5,)"),
