@@ -106,7 +106,11 @@ def progress_off(args: argparse.Namespace) -> bool | None:
 
 
 def setup(args: argparse.Namespace) -> torch.device:
-    """Seed every generator and ask torch for deterministic kernels; return the device."""
+    """Seed every generator and ask torch for deterministic kernels; return the device. An --out that cannot be a
+    directory stops here, not after the training run whose results it was to hold."""
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"error: --out {args.out}: exists and is not a directory; --out names the directory for "
+                         "<trainer>_results.json and <trainer>.pt")  # fmt: skip
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

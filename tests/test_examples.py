@@ -232,6 +232,14 @@ def test_unknown_device_is_an_error_naming_the_flag(device):
         common.setup(sela.parse_args(["--device", device]))
 
 
+def test_out_that_is_a_file_stops_before_training(tmp_path):
+    """It used to train the whole run, then fail in mkdir with FileExistsError's traceback."""
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(SystemExit, match="error: --out .*results.json: exists and is not a directory"):
+        common.setup(sela.parse_args(["--out", str(tmp_path / "results.json")]))
+    assert common.setup(sela.parse_args(["--out", str(tmp_path / "new")])).type == "cpu"
+
+
 def test_more_clusters_than_samples_stops_before_training():
     """--k 2000 on 1,797 digits trained a whole run, then failed in the k-means baseline."""
     with pytest.raises(SystemExit, match="--k 2000 is more clusters than the 1797 samples"):
