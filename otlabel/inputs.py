@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from .problem import check_float_dtype, refuse_masked_array, share_numpy
+from .problem import check_float_dtype, dense_tensor, refuse_masked_array, share_numpy
 
 
 def unreadable_npy(name: str, path: str, err: Exception) -> str:
@@ -76,6 +76,7 @@ def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor:
             x = np.ascontiguousarray(x)
         return share_numpy(x)
     if isinstance(x, torch.Tensor):
+        x = dense_tensor(x, name)  # detached: a target, not differentiated through (see problem.as_tensor)
         check_float_dtype(x, name)
-        return x.detach()  # a target, not differentiated through (see problem.as_tensor)
+        return x
     raise TypeError(f"{name} must be a .npy path, a numpy array or a torch tensor, got {type(x).__name__}.")

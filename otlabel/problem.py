@@ -103,7 +103,7 @@ def as_tensor(x, name: str) -> torch.Tensor:
     recorded over hundreds of iterations would hold every intermediate in memory.
     """
     if isinstance(x, torch.Tensor):
-        return x.detach()
+        return dense_tensor(x, name)
     if isinstance(x, np.ndarray):
         refuse_masked_array(x, name)
         if x.dtype.kind not in "biufc":  # object, string, date arrays: torch's own error names no fix
@@ -124,7 +124,7 @@ def as_tensor(x, name: str) -> torch.Tensor:
         if len({(t.shape, t.device) for t in x}) > 1:
             raise ValueError(f"{name} given as a list of tensors (one per head) must have one shape and one device, "
                              f"got {[(tuple(t.shape), str(t.device)) for t in x]}.")  # fmt: skip
-        return torch.stack([t.detach() for t in x])
+        return torch.stack([dense_tensor(t, name) for t in x])
     if isinstance(x, (list, tuple)):
         try:
             array = np.asarray(x)
@@ -152,6 +152,18 @@ def refuse_masked_array(x: np.ndarray, name: str) -> None:
                if name in ("scores", "bias") else "x.filled(...) with the values the masked entries should have")
         raise TypeError(f"{name} is a NumPy masked array, whose mask otlabel would ignore: pass a plain array. "
                         f"{fix}; np.asarray(x) keeps the hidden values.")  # fmt: skip
+
+
+def dense_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` detached, refused when it holds no values in strided memory: a sparse tensor (torch's own errors were
+    pages long, naming no fix) or a meta tensor."""
+    if x.layout != torch.strided:
+        missing = " (its missing entries read as 0: give forbidden pairs -inf)" if name == "scores" else ""
+        raise TypeError(f"{name} is a {str(x.layout).removeprefix('torch.')} tensor: otlabel takes dense tensors. "
+                        f"Pass {name}.to_dense(){missing}.")  # fmt: skip
+    if x.is_meta:
+        raise TypeError(f"{name} is a meta tensor, which holds no values: pass a tensor on the CPU or a GPU.")
+    return x.detach()
 
 
 def check_epsilon(epsilon) -> float:

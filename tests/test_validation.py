@@ -87,6 +87,10 @@ BAD_INPUTS = [
     # the mask was dropped: its hidden scores solved as if unmasked
     ("masked array", dict(scores=np.ma.masked_array(S.numpy(), mask=S.numpy() > 1)), TypeError,
      ["scores is a NumPy masked array", "filled(-np.inf)"]),
+    # torch's page-long NotImplementedError ("Could not run 'aten::amax' with arguments from the 'SparseCPU' backend")
+    ("sparse scores", dict(scores=S.to_sparse()), TypeError, ["sparse_coo tensor", "scores.to_dense()", "-inf"]),
+    ("sparse weights", dict(cluster_weights=torch.full((4,), 0.25).to_sparse()), TypeError, ["cluster_weights is a"]),
+    ("meta scores", dict(scores=torch.empty(10, 4, device="meta")), TypeError, ["meta tensor", "holds no values"]),
     # was Python's "'int' object is not callable" from inside the loop
     ("callback not callable", dict(callback=3), TypeError, ["callback must be a function", "got int"]),
 ]
@@ -482,6 +486,20 @@ ENTRY_POINTS = {  # the three ways in, which must judge the same scores alike
     "streamed": lambda s, **kw: sinkhorn_assign_stream(s.numpy(), 0.05, **kw),
     "sharded": lambda s, **kw: sinkhorn_assign_sharded(s, 0.05, **kw),
 }
+
+
+@pytest.mark.parametrize("entry", ["sharded", "exact"])
+def test_sparse_and_meta_tensors_are_refused_on_every_path(entry):
+    """The streamed path takes the NumPy copy in ENTRY_POINTS; here the tensors themselves, on the paths that open
+    them: streamed, sharded, features and the exact solvers (torch's own errors, pages long, before)."""
+    solve = {"sharded": lambda s: sinkhorn_assign_sharded(s, 0.05), "exact": exact_plan}[entry]
+    for bad, says in ((S.to_sparse(), "scores is a sparse_coo tensor"), (S.to("meta"), "scores is a meta tensor")):
+        with pytest.raises(TypeError, match=says):
+            solve(bad)
+        with pytest.raises(TypeError, match=says):
+            sinkhorn_assign_stream(bad, 0.05)
+    with pytest.raises(TypeError, match="features is a sparse_coo tensor"):
+        sinkhorn_assign(features=S.to_sparse(), prototypes=S[:3], epsilon=1.0)
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
