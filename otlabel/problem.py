@@ -156,14 +156,15 @@ def refuse_masked_array(x: np.ndarray, name: str) -> None:
 
 def dense_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
     """``x`` detached, refused when it holds no values in strided memory: a sparse tensor (torch's own errors were
-    pages long, naming no fix) or a meta tensor."""
+    pages long, naming no fix) or a meta tensor; a view with its negative bit set (``z.conj().imag``) is resolved,
+    as NumPy, used in the checks, cannot read it."""
     if x.layout != torch.strided:
         missing = " (its missing entries read as 0: give forbidden pairs -inf)" if name == "scores" else ""
         raise TypeError(f"{name} is a {str(x.layout).removeprefix('torch.')} tensor: otlabel takes dense tensors. "
                         f"Pass {name}.to_dense(){missing}.")  # fmt: skip
     if x.is_meta:
         raise TypeError(f"{name} is a meta tensor, which holds no values: pass a tensor on the CPU or a GPU.")
-    return x.detach()
+    return x.detach().resolve_neg()
 
 
 def check_epsilon(epsilon) -> float:

@@ -639,3 +639,12 @@ def test_masked_arrays_are_refused_on_the_streamed_and_features_paths():
         sinkhorn_assign_stream(m, 0.1)
     with pytest.raises(TypeError, match="features is a NumPy masked array"):
         sinkhorn_assign(features=m, prototypes=S[:3].numpy(), epsilon=1.0)
+
+
+def test_a_view_with_its_negative_bit_set_is_read_as_its_values():
+    """z.conj().imag is a real view whose negation is pending: NumPy, used in the checks, refused to read it
+    ("Can't call numpy() on Tensor that has negative bit set")."""
+    z = torch.complex(torch.zeros_like(S), -S)
+    view = z.conj().imag  # == S, with the negative bit set
+    assert view.is_neg() and torch.equal(view, S)
+    assert torch.equal(sinkhorn_assign(view, 0.1).labels, sinkhorn_assign(S, 0.1).labels)
