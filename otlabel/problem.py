@@ -168,10 +168,15 @@ def dense_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def check_epsilon(epsilon) -> float:
-    if isinstance(epsilon, torch.Tensor) and epsilon.numel() == 1 and epsilon.dtype.is_floating_point:
-        epsilon = epsilon.item()  # a 0-d tensor, e.g. a scheduled temperature
+    # One number held in a tensor or array (a scheduled temperature), of any real dtype, as a Python int or float is.
+    if isinstance(epsilon, torch.Tensor) and epsilon.numel() == 1 and epsilon.dtype != torch.bool:
+        epsilon = epsilon.item()  # a complex one stays complex, and is refused below
+    elif isinstance(epsilon, np.ndarray) and epsilon.size == 1 and epsilon.dtype.kind in "iuf":
+        epsilon = epsilon.item()
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):  # numbers.Real: NumPy scalars too
-        raise TypeError(f"epsilon must be a positive float, got {type(epsilon).__name__}.")
+        shape = f" of shape {tuple(epsilon.shape)}" if isinstance(epsilon, (torch.Tensor, np.ndarray)) else ""
+        raise TypeError(f"epsilon must be one positive number (a float, or a one-element tensor or array), got "
+                        f"{type(epsilon).__name__}{shape}.")  # fmt: skip
     epsilon = float(epsilon)
     if not math.isfinite(epsilon) or epsilon <= 0:
         raise ValueError(

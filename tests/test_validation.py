@@ -648,3 +648,16 @@ def test_a_view_with_its_negative_bit_set_is_read_as_its_values():
     view = z.conj().imag  # == S, with the negative bit set
     assert view.is_neg() and torch.equal(view, S)
     assert torch.equal(sinkhorn_assign(view, 0.1).labels, sinkhorn_assign(S, 0.1).labels)
+
+
+def test_epsilon_in_a_one_element_array_or_integer_tensor_is_taken_as_its_number():
+    """A float tensor was taken, but np.array(0.1) and torch.tensor(1) were refused as "must be a positive float,
+    got ndarray / Tensor"; several numbers are still refused, now saying their shape."""
+    ref = sinkhorn_assign(S, 0.1).labels
+    for eps in (np.array(0.1), np.array([0.1]), np.float32(0.1), torch.tensor([0.1])):
+        assert torch.equal(sinkhorn_assign(S, eps).labels, ref), eps
+    assert torch.equal(sinkhorn_assign(S, torch.tensor(1)).labels, sinkhorn_assign(S, 1.0).labels)
+    for bad, says in ((torch.tensor([0.1, 0.2]), "Tensor of shape \\(2,\\)"), (np.ones(3), "ndarray of shape"),
+                      (torch.tensor(True), "Tensor"), ("0.1", "got str")):  # fmt: skip
+        with pytest.raises(TypeError, match=f"epsilon must be one positive number.*{says}"):
+            sinkhorn_assign(S, bad)
