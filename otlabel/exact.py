@@ -181,6 +181,27 @@ def cluster_sizes(n_samples: int, cluster_weights: np.ndarray) -> np.ndarray:
     return sizes
 
 
+def available_memory() -> int | None:
+    """Bytes of physical memory free now (Linux, macOS), or None where the system does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def refuse_unless_it_fits(needed: int, what: str) -> None:
+    """A MemoryError from NumPy names an array shape, not the cause: say which input is too large, and what to do."""
+    free = available_memory()
+    if free is not None and needed > free:
+        raise ValueError(f"{what}: {_size(needed)}, more than the {_size(free)} free. The exact "
+                         "assignment is for checking small problems (N in the thousands; its time grows as N^3): "
+                         "use exact_plan (N x K) or sinkhorn_assign with a small epsilon for large N.")  # fmt: skip
+
+
 def exact_assign(scores, cluster_weights=None) -> ExactResult:
     """Best hard assignment with exactly ``cluster_sizes(N, r)[k]`` samples in cluster ``k``.
 
@@ -191,6 +212,7 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     linear_sum_assignment = import_scipy_optimize("exact_assign").linear_sum_assignment
 
     n, k = s.shape
+    refuse_unless_it_fits(2 * n * n * 8, f"exact_assign builds an N x N slot matrix (N = {n:,}) twice in float64")
     slot_cluster = np.repeat(np.arange(k), cluster_sizes(n, r))  # (N,)
     slot_scores = s[:, slot_cluster]  # (N, N)
     rows, slots = linear_sum_assignment(_unit_cost(slot_scores))
