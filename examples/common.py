@@ -7,10 +7,12 @@ only through its public API (``from otlabel import sinkhorn_assign``), exactly a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,6 +413,21 @@ def format_table(rows: list[dict]) -> str:
         "balance: largest cluster / fair share N/K."
     )
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def solver_errors(epsilon_flag: str):
+    """otlabel's errors for what a trainer handed it (a temperature too small for the model's scores, NaN logits
+    from a diverged run) as one error line, saying which flag sets epsilon, instead of a traceback from the middle
+    of training. Any other exception passes through unchanged."""
+    try:
+        yield
+    except ValueError as err:
+        frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
+        if not frames or not frames[-1].f_globals.get("__name__", "").startswith("otlabel"):
+            raise
+        raise SystemExit(f"error: otlabel refused a pseudo-labelling step (epsilon is set by {epsilon_flag}): {err}"
+                         ) from None  # fmt: skip
 
 
 def finish(name: str, args: argparse.Namespace, rows: list[dict], state: dict) -> dict:

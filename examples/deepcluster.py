@@ -136,6 +136,7 @@ def features_and_labels(trunk, data, args, device, gen) -> tuple[torch.Tensor, t
     return feats, cluster(feats, data.n_clusters, args, gen)
 
 
+@common.solver_errors("--ot-epsilon")
 def main(argv=None) -> dict:
     """Train DeepCluster, print the results table and return the results (also written to ``--out``)."""
     args = parse_args(argv)

@@ -110,6 +110,7 @@ def train_epoch(model, opt, data, labels, aug, gen, args, step, total, state):
     return float(np.mean(losses))
 
 
+@common.solver_errors("--lam: 1/λ")
 def main(argv=None) -> dict:
     """Train SeLa, print the results table and return the results (also written to ``--out``)."""
     args = parse_args(argv)

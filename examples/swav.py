@@ -149,6 +149,7 @@ def train_step(model, opt, assigner, x, aug, gen, args, step: int, use_queue: bo
     return loss.item()
 
 
+@common.solver_errors("--epsilon")
 def main(argv=None) -> dict:
     """Train SwAV, print the results table and return the results (also written to ``--out``)."""
     args = parse_args(argv)

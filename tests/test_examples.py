@@ -348,3 +348,28 @@ def test_sela_says_when_label_steps_outnumber_training_steps(tmp_path, capsys):
     assert "note: --label-steps 5 spread over 2 training steps: 2 run" in capsys.readouterr().err
     sela.main([*flags, "--label-steps", "1"])
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "trainer, flags, setter", [(sela, ["--lam", "1e7"], "--lam: 1/λ"), (swav, ["--epsilon", "1e-7"], "--epsilon")]
+)
+def test_a_temperature_otlabel_refuses_is_an_error_line(trainer, flags, setter):
+    """Too small an epsilon for the model's scores stopped the trainer with a traceback from mid-training; otlabel's
+    message now comes as the trainer's error, naming the flag that sets epsilon. (DeepCluster's shifted distances
+    have every row and column maximum at 0, which the range check accepts at any epsilon: it warns instead.)"""
+    with pytest.raises(SystemExit) as stop:
+        trainer.main([*QUICK, *flags])
+    message = str(stop.value.code)
+    assert message.startswith(f"error: otlabel refused a pseudo-labelling step (epsilon is set by {setter}): scores / "
+                              "epsilon reach"), message  # fmt: skip
+
+
+def test_solver_errors_passes_other_exceptions_through():
+    """Only otlabel's own ValueErrors become an error line: one raised elsewhere is a bug to see whole."""
+
+    @common.solver_errors("--epsilon")
+    def fails():
+        raise ValueError("not otlabel's")
+
+    with pytest.raises(ValueError, match="not otlabel's"):
+        fails()
