@@ -491,3 +491,20 @@ def test_an_error_in_the_first_rows_does_not_wait_for_the_other_ranges(monkeypat
     with warnings.catch_warnings(), pytest.raises(ValueError, match=r"NaN \(first at index \(1500, 2\)"):
         warnings.simplefilter("ignore")
         sinkhorn_assign_stream(scores, 0.1, memory_budget=2 * budget_for(1, 3))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_cpu_budget_is_shared_by_the_threads(threads):
+    """On the CPU every thread has a chunk in flight: a budget of B bytes gives chunks of B / threads bytes (at least
+    one, at most CPU_CHUNK_BYTES), so the pass's working set stays within B. Nothing checked the division: a chunk
+    of the whole budget per thread solves the same problem, in threads x the memory."""
+    from otlabel.streaming import CPU_CHUNK_BYTES, chunk_bytes
+
+    cpu, saved = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert chunk_bytes(3 * 2**20, cpu) == 3 * 2**20 // threads
+        assert chunk_bytes(1, cpu) == 1
+        assert chunk_bytes(2**40, cpu) == CPU_CHUNK_BYTES
+    finally:
+        torch.set_num_threads(saved)
