@@ -508,3 +508,51 @@ def test_the_cpu_budget_is_shared_by_the_threads(threads):
         assert chunk_bytes(2**40, cpu) == CPU_CHUNK_BYTES
     finally:
         torch.set_num_threads(saved)
+
+
+def small_chunks_warned(n: int, rows: int, memory_budget=1, k: int = 4) -> bool:
+    """Whether ``n`` samples of ``k`` scores in chunks of ``rows`` get a SmallChunksWarning."""
+    from otlabel.streaming import SmallChunksWarning, warn_if_chunks_too_small
+
+    src = HostSource(np.zeros((n, k), np.float32), "cpu", rows_per_chunk=rows)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warn_if_chunks_too_small(src, memory_budget, torch.device("cpu"))
+    return any(issubclass(w.category, SmallChunksWarning) for w in seen)
+
+
+def test_small_chunks_are_warned_about_past_both_bounds_only():
+    """Warned: more than MANY_CHUNKS chunks, each of fewer than MIN_CHUNK_ENTRIES scores, and a budget given; at
+    either bound, not. The tests above stayed far from the bounds (chunks of one sample, or the default budget)."""
+    from otlabel.streaming import MANY_CHUNKS, MIN_CHUNK_ENTRIES
+
+    assert small_chunks_warned(MANY_CHUNKS + 1, 1) and not small_chunks_warned(MANY_CHUNKS, 1)
+    assert small_chunks_warned(10 * MANY_CHUNKS + 1, 10) and not small_chunks_warned(10 * MANY_CHUNKS, 10)
+    rows = MIN_CHUNK_ENTRIES // 4  # K = 4: chunks of exactly MIN_CHUNK_ENTRIES scores, or 4 fewer
+    assert small_chunks_warned((MANY_CHUNKS + 1) * (rows - 1), rows - 1)
+    assert not small_chunks_warned((MANY_CHUNKS + 1) * rows, rows)
+    assert not small_chunks_warned(MANY_CHUNKS + 1, 1, memory_budget=None)  # the default budget is never warned about
+
+
+@pytest.mark.parametrize("threads, suggested", [(1, 7), (3, 19)])
+def test_the_budget_a_small_chunks_warning_suggests(threads, suggested):
+    """The warning's budget gives chunks of GOOD_CHUNK_ENTRIES scores: 4,096 samples of K = 4 (fewer than the
+    5,000), each costing 4 x 16 bytes of scores and 3 x 128 x 4 of features, per thread: 6.25 MiB a thread, rounded
+    up. Every test before suggested 1 MiB (the least it can say), so the formula went unchecked."""
+    from otlabel.streaming import SmallChunksWarning, chunk_bytes, warn_if_chunks_too_small
+
+    cpu, saved = torch.device("cpu"), torch.get_num_threads()
+    z, c = np.zeros((5000, 128), np.float32), np.eye(4, 128, dtype=np.float32)
+    torch.set_num_threads(threads)
+    try:
+        src = FeatureSource(z, c, device="cpu", memory_budget=chunk_bytes(1, cpu))  # 1-sample chunks
+        with pytest.warns(SmallChunksWarning, match=rf"Give a budget of {suggested} MiB or more, or none at all "
+                                                    r"\(the default: 256 MiB on the CPU\)"):  # fmt: skip
+            warn_if_chunks_too_small(src, 1, cpu)
+        enough = FeatureSource(z, c, device="cpu", memory_budget=chunk_bytes(suggested * 2**20, cpu))
+        assert enough.rows_per_chunk >= 4096
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SmallChunksWarning)
+            warn_if_chunks_too_small(enough, suggested * 2**20, cpu)
+    finally:
+        torch.set_num_threads(saved)
