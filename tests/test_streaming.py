@@ -556,3 +556,15 @@ def test_the_budget_a_small_chunks_warning_suggests(threads, suggested):
             warn_if_chunks_too_small(enough, suggested * 2**20, cpu)
     finally:
         torch.set_num_threads(saved)
+
+
+def test_outputs_that_cannot_be_written_are_refused():
+    """A read-only array or something that is no array at all: each refused with its own message (no test reached
+    them; a returned, not raised, read-only error surfaced as "must be a path, a numpy array or a torch tensor")."""
+    s = np.zeros((50, 3), np.float32)
+    frozen = np.zeros(50, np.int64)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="labels_out is read-only; pass a writable array or a path"):
+        sinkhorn_assign_stream(s, labels_out=frozen)
+    with pytest.raises(TypeError, match="codes_out must be a path, a numpy array or a torch tensor, got list"):
+        sinkhorn_assign_stream(s, codes_out=[0.0] * 150)
