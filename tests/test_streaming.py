@@ -568,3 +568,14 @@ def test_outputs_that_cannot_be_written_are_refused():
         sinkhorn_assign_stream(s, labels_out=frozen)
     with pytest.raises(TypeError, match="codes_out must be a path, a numpy array or a torch tensor, got list"):
         sinkhorn_assign_stream(s, codes_out=[0.0] * 150)
+
+
+def test_codes_out_over_a_wide_span():
+    """codes_out is written by a softmax in place: shifted by each row's maximum, it cannot overflow where the scores
+    span far more than 88 nats at this epsilon (the tests before used spans of a few nats, where any shift works)."""
+    scores = random_problem(200, 5, seed=7)
+    scores = scores / scores.abs().max()  # |S| <= 1: a span of up to 200 nats at eps 0.01
+    ref = sinkhorn_assign(scores, 0.01, tol=None, max_iter=20)
+    codes = np.full((200, 5), np.nan, np.float32)
+    sinkhorn_assign_stream(scores.numpy(), 0.01, tol=None, max_iter=20, codes_out=codes)
+    assert_close(torch.from_numpy(codes), ref.codes, atol=1e-5, what="codes_out at eps 0.01")
