@@ -191,6 +191,8 @@ def test_bad_arguments(tmp_path):
     z, p = np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32)
     with pytest.raises(ValueError, match="either scores, or features"):
         sinkhorn_assign_stream(np.zeros((5, 3), np.float32), features=z, prototypes=p)
+    with pytest.raises(ValueError, match="prototypes and bias go with features=, not with scores"):
+        sinkhorn_assign_stream(np.zeros((5, 3), np.float32), bias=np.zeros(3))  # a bias alone, too
     with pytest.raises(ValueError, match="features need prototypes"):
         sinkhorn_assign_stream(features=z)
     with pytest.raises(ValueError, match=r"prototypes must have shape \(K, D\) .* D = 4"):
