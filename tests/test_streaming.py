@@ -581,3 +581,14 @@ def test_codes_out_over_a_wide_span():
     codes = np.full((200, 5), np.nan, np.float32)
     sinkhorn_assign_stream(scores.numpy(), 0.01, tol=None, max_iter=20, codes_out=codes)
     assert_close(torch.from_numpy(codes), ref.codes, atol=1e-5, what="codes_out at eps 0.01")
+
+
+@pytest.mark.parametrize("free_gib, budget_mib", [(1, 256), (6, 1536), (8, 2048), (64, 2048)])
+def test_the_default_cuda_budget(monkeypatch, free_gib, budget_mib):
+    """On CUDA the default budget is a quarter of the free device memory, at most 2 GiB (asked of the device, so no
+    test without a GPU reached it: the 1/4 and the cap were unchecked)."""
+    from otlabel.host_sources import default_memory_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * 2**30, 80 * 2**30))
+    assert default_memory_budget(torch.device("cuda")) == budget_mib * 2**20
+    assert default_memory_budget(torch.device("cpu")) == 256 * 2**20
