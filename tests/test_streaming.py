@@ -592,3 +592,30 @@ def test_the_default_cuda_budget(monkeypatch, free_gib, budget_mib):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * 2**30, 80 * 2**30))
     assert default_memory_budget(torch.device("cuda")) == budget_mib * 2**20
     assert default_memory_budget(torch.device("cpu")) == 256 * 2**20
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_cpu_passes_run_on_every_thread(monkeypatch, features):
+    """On the CPU a streamed pass splits the rows over the worker threads (the sources are views: any thread may read
+    them). A source that said otherwise (random_access False) would solve the same problem on one thread, so no
+    result-based test would notice: the reads are counted per thread."""
+    import threading
+
+    import otlabel.host_sources as host_sources
+
+    readers, real_get = set(), host_sources.HostStream.get
+
+    def get(self, rows):
+        readers.add(threading.get_ident())
+        return real_get(self, rows)
+
+    monkeypatch.setattr(host_sources.HostStream, "get", get)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        z = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+        data = dict(features=z, prototypes=z[:3]) if features else dict(scores=z[:, :3])
+        sinkhorn_assign_stream(**data, epsilon=0.5, tol=None, max_iter=2, memory_budget=budget_for(20, 3 + 8))
+    finally:
+        torch.set_num_threads(saved)
+    assert len(readers) == 2, f"{len(readers)} threads read the chunks"
