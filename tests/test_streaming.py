@@ -619,3 +619,11 @@ def test_cpu_passes_run_on_every_thread(monkeypatch, features):
     finally:
         torch.set_num_threads(saved)
     assert len(readers) == 2, f"{len(readers)} threads read the chunks"
+
+
+def test_one_score_is_a_problem_and_no_score_is_not():
+    """A 1 x 1 problem is solved (one sample, one cluster); an empty one is refused. Nothing streamed one score."""
+    res = sinkhorn_assign_stream(np.ones((1, 1), np.float32), 0.1)
+    assert res.labels.tolist() == [0] and res.converged
+    with pytest.raises(ValueError, match=r"and be non-empty, got shape \(0, 3\)"):
+        sinkhorn_assign_stream(np.zeros((0, 3), np.float32), 0.1)
