@@ -627,3 +627,14 @@ def test_one_score_is_a_problem_and_no_score_is_not():
     assert res.labels.tolist() == [0] and res.converged
     with pytest.raises(ValueError, match=r"and be non-empty, got shape \(0, 3\)"):
         sinkhorn_assign_stream(np.zeros((0, 3), np.float32), 0.1)
+
+
+def test_one_bad_prototype_entry_is_refused():
+    """One NaN or inf entry among finite prototypes is refused before any pass (no streamed test had bad prototypes:
+    a check of "any entry finite" passed them, and the first pass then blamed "features row 0")."""
+    z = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    for bad in (np.nan, np.inf):
+        c = np.eye(4, 8, dtype=np.float32)
+        c[2, 5] = bad
+        with pytest.raises(ValueError, match="prototypes contain NaN or inf; they must be finite vectors"):
+            sinkhorn_assign_stream(features=z, prototypes=c)
