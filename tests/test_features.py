@@ -176,3 +176,23 @@ def test_a_minus_inf_bias_on_a_zero_weight_cluster_is_accepted(backend):
     assert res.converged and 2 not in res.labels.tolist()
     assert torch.equal(res.labels, torch.tensor([0, 1, 3, 4])[want.labels])
     assert (res.codes[:, 2] == 0).all()
+
+
+@pytest.mark.interpreter
+def test_the_features_route_and_its_refusals(monkeypatch):
+    """backend="triton" takes the features kernel, "auto" (on CPU tensors) and "torch" the chunked stream; an unknown
+    backend, float64 features for the kernel and an unusable Triton are refused, each with its own error. The route
+    was unchecked (a "triton" call sent to the stream gives the same labels), and so were the three refusals."""
+    import otlabel.features as features
+
+    z, c = normalised(20, 4, 1), normalised(3, 4, 2)
+    assert features.uses_kernel(z, "triton") and not features.uses_kernel(z, "auto")
+    assert not features.uses_kernel(z, "torch")
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'reference', 'triton'\), got 'x'"):
+        sinkhorn_assign(features=z, prototypes=c, epsilon=0.5, backend="x")
+    wanted = "backend='triton' takes float32, float16 or bfloat16 features, got torch.float64"
+    with pytest.raises(TypeError, match=wanted):
+        sinkhorn_assign(features=z.double(), prototypes=c, epsilon=0.5, backend="triton")
+    monkeypatch.setattr(features, "_triton_usable", lambda z: False)  # no GPU, no interpreter
+    with pytest.raises(RuntimeError, match="backend='triton' with features needs fp32/fp16/bf16 CUDA tensors"):
+        sinkhorn_assign(features=z, prototypes=c, epsilon=0.5, backend="triton")
