@@ -196,3 +196,16 @@ def test_the_features_route_and_its_refusals(monkeypatch):
     monkeypatch.setattr(features, "_triton_usable", lambda z: False)  # no GPU, no interpreter
     with pytest.raises(RuntimeError, match="backend='triton' with features needs fp32/fp16/bf16 CUDA tensors"):
         sinkhorn_assign(features=z, prototypes=c, epsilon=0.5, backend="triton")
+
+
+def test_prototype_shapes_at_the_edges():
+    """One prototype (K = 1) is a problem, none is not; (D, N) features with (H, K, D) prototypes get the transposed
+    hint too. Untested before: a check of "1 in the prototypes' shape" refused K = 1 and took K = 0, and a hint that
+    compared the last two prototype dimensions with N passed the (K, D) case alone."""
+    z = normalised(30, 4, 5)
+    res = sinkhorn_assign(features=z, prototypes=z[:1], epsilon=0.5)
+    assert res.labels.tolist() == [0] * 30 and res.codes.shape == (30, 1)
+    with pytest.raises(ValueError, match=r"prototypes must have shape \(K, D\) or \(H, K, D\) .*got shape \(0, 4\)"):
+        sinkhorn_assign(features=z, prototypes=z[:0], epsilon=0.5)
+    with pytest.raises(ValueError, match=r"look transposed \(\(4, 30\) is \(D, N\)\): pass features.T"):
+        sinkhorn_assign(features=z.T, prototypes=torch.stack([z[:3], z[3:6]]), epsilon=0.5)
