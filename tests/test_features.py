@@ -209,3 +209,32 @@ def test_prototype_shapes_at_the_edges():
         sinkhorn_assign(features=z, prototypes=z[:0], epsilon=0.5)
     with pytest.raises(ValueError, match=r"look transposed \(\(4, 30\) is \(D, N\)\): pass features.T"):
         sinkhorn_assign(features=z.T, prototypes=torch.stack([z[:3], z[3:6]]), epsilon=0.5)
+
+
+@pytest.mark.interpreter
+def test_the_kernel_checks_every_entry_and_the_longest_row():
+    """The features kernel checks its inputs up front (it never forms the scores): one NaN feature, one inf prototype
+    entry, or one NaN or +inf bias entry among finite ones, is refused as such; the score bound takes the longest
+    features row, here one of norm 40 spread over 64 dimensions among unit rows: 40 / 0.01 = 4,000 > 3,000 =
+    MAX_SCORE_SPAN_FP32. Untested before: the tests had all-NaN features, an all -inf bias and rows of equal norm, so
+    checks of "any entry", "every bias entry" and the shortest row's or the longest column's norm passed them (a bad
+    prototype or feature entry then read "scores / epsilon reach nan")."""
+    z, c = normalised(20, 64, 70), normalised(5, 64, 71)
+    bad = z.clone()
+    bad[7, 3] = math.nan
+    with pytest.raises(ValueError, match="features contain NaN or inf"):
+        sinkhorn_assign(features=bad, prototypes=c, epsilon=0.05, backend="triton")
+    bad = c.clone()
+    bad[2, 9] = math.inf
+    with pytest.raises(ValueError, match="prototypes contain NaN or inf"):
+        sinkhorn_assign(features=z, prototypes=bad, epsilon=0.05, backend="triton")
+    for value in (math.nan, math.inf):
+        bias = torch.zeros(5)
+        bias[2] = value
+        with pytest.raises(ValueError, match=r"bias contains NaN or \+inf"):
+            sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=0.05, backend="triton")
+    long = z.clone()
+    long[7] = 5.0  # norm 40; every column's norm stays near 5
+    with pytest.raises(ValueError, match="scores / epsilon"):
+        sinkhorn_assign(features=long, prototypes=c, epsilon=0.01, backend="triton")
+    assert sinkhorn_assign(features=z, prototypes=c, epsilon=0.01, backend="triton").labels.shape == (20,)
