@@ -238,3 +238,24 @@ def test_the_kernel_checks_every_entry_and_the_longest_row():
     with pytest.raises(ValueError, match="scores / epsilon"):
         sinkhorn_assign(features=long, prototypes=c, epsilon=0.01, backend="triton")
     assert sinkhorn_assign(features=z, prototypes=c, epsilon=0.01, backend="triton").labels.shape == (20,)
+
+
+@pytest.mark.interpreter
+def test_the_kernel_bound_takes_the_longest_prototype_and_the_largest_finite_bias():
+    """|S| <= max |z| max |c| + max |finite bias|: one prototype of norm 40 (over 64 dimensions) among unit ones, or
+    one bias entry of 50 among zeros, is refused at eps = 0.01; unit vectors at eps = 5e-4 (bound 1: 2,000 < 3,000)
+    solve, with no bias or with a -inf one on a zero-weight cluster (which adds nothing). The tests had prototypes of
+    equal norm and a constant bias, so the smallest norm, norms over other dimensions, z / c, the smallest bias, or
+    1 for no bias or for a -inf entry all passed."""
+    z, c = normalised(20, 64, 72), normalised(5, 64, 73)
+    long = c.clone()
+    long[3] = 5.0  # norm 40; every other direction's norm stays near 5
+    with pytest.raises(ValueError, match="scores / epsilon"):
+        sinkhorn_assign(features=z, prototypes=long, epsilon=0.01, backend="triton")
+    with pytest.raises(ValueError, match="scores / epsilon"):
+        sinkhorn_assign(features=z, prototypes=c, bias=torch.tensor([0.0, 0.0, 50.0, 0.0, 0.0]), epsilon=0.01,
+                        backend="triton")  # fmt: skip
+    closed, r = torch.tensor([0.0, 0.0, -math.inf, 0.0, 0.0]), torch.tensor([0.25, 0.25, 0.0, 0.25, 0.25])
+    for kwargs in (dict(), dict(bias=closed, cluster_weights=r)):
+        res = sinkhorn_assign(features=z, prototypes=c, epsilon=5e-4, tol=None, max_iter=3, backend="triton", **kwargs)
+        assert res.labels.shape == (20,)
