@@ -259,3 +259,13 @@ def test_the_kernel_bound_takes_the_longest_prototype_and_the_largest_finite_bia
     for kwargs in (dict(), dict(bias=closed, cluster_weights=r)):
         res = sinkhorn_assign(features=z, prototypes=c, epsilon=5e-4, tol=None, max_iter=3, backend="triton", **kwargs)
         assert res.labels.shape == (20,)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch", "reference"])
+def test_a_bias_closing_every_cluster_of_one_head_is_refused(backend):
+    """With heads, one head's bias all -inf leaves its samples nowhere to go, whatever the other heads: refused up
+    front (the tests had one head; a check that wanted every head closed passed it)."""
+    z, c = normalised(20, 8, 74), torch.stack([normalised(3, 8, 75), normalised(3, 8, 76)])  # (2, 3, 8)
+    bias = torch.tensor([[0.0, 0.0, 0.0], [-math.inf] * 3])
+    with pytest.raises(ValueError, match=r"bias is -inf for every cluster \(of some head\)"):
+        sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=0.5, backend=backend)
