@@ -269,3 +269,13 @@ def test_a_bias_closing_every_cluster_of_one_head_is_refused(backend):
     bias = torch.tensor([[0.0, 0.0, 0.0], [-math.inf] * 3])
     with pytest.raises(ValueError, match=r"bias is -inf for every cluster \(of some head\)"):
         sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=0.5, backend=backend)
+
+
+@pytest.mark.interpreter
+def test_a_minus_inf_bias_on_one_weighted_cluster_is_refused_by_the_kernel_path():
+    """-inf on one cluster of positive weight (the others open): infeasible, refused before the kernel runs. The
+    bad-input table closed every cluster (a check of its own), so the weighted-cluster check was never reached."""
+    z, c = normalised(20, 8, 77), normalised(4, 8, 78)
+    bias = torch.tensor([0.0, -math.inf, 0.0, 0.0])
+    with pytest.raises(ValueError, match="infeasible: a cluster with positive weight has bias -inf"):
+        sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=0.5, backend="triton")
