@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close, centred
@@ -279,3 +280,16 @@ def test_a_minus_inf_bias_on_one_weighted_cluster_is_refused_by_the_kernel_path(
     bias = torch.tensor([0.0, -math.inf, 0.0, 0.0])
     with pytest.raises(ValueError, match="infeasible: a cluster with positive weight has bias -inf"):
         sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=0.5, backend="triton")
+
+
+@pytest.mark.interpreter
+def test_reversed_numpy_prototypes_and_bias_on_the_kernel_path():
+    """Reversed NumPy views (negative strides, which torch cannot share) are copied, as on the other paths; the
+    kernel path had no test with NumPy prototypes or bias at all."""
+    z, c = normalised(30, 8, 79), normalised(4, 8, 80).numpy()
+    bias = np.array([0.3, 0.2, 0.1, 0.0], np.float32)
+    got = sinkhorn_assign(features=z, prototypes=c[::-1], bias=bias[::-1], epsilon=0.5, tol=None, max_iter=5,
+                          backend="triton")  # fmt: skip
+    want = sinkhorn_assign(features=z, prototypes=c[::-1].copy(), bias=bias[::-1].copy(), epsilon=0.5, tol=None,
+                           max_iter=5, backend="triton")  # fmt: skip
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.cluster_potentials, want.cluster_potentials)
