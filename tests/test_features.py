@@ -293,3 +293,14 @@ def test_reversed_numpy_prototypes_and_bias_on_the_kernel_path():
     want = sinkhorn_assign(features=z, prototypes=c[::-1].copy(), bias=bias[::-1].copy(), epsilon=0.5, tol=None,
                            max_iter=5, backend="triton")  # fmt: skip
     assert torch.equal(got.labels, want.labels) and torch.equal(got.cluster_potentials, want.cluster_potentials)
+
+
+@pytest.mark.interpreter
+def test_float64_prototypes_with_float32_features_on_the_kernel_path():
+    """Mixed dtypes go to the wider one, and float64 to float32 (the kernels' arithmetic): float64 prototypes (NumPy's
+    default) with float32 features solve as float32 ones do. Untested: no kernel-path test mixed dtypes."""
+    z, c = normalised(30, 8, 81), normalised(4, 8, 82)
+    got = sinkhorn_assign(features=z, prototypes=c.double(), epsilon=0.5, tol=None, max_iter=5, backend="triton")
+    want = sinkhorn_assign(features=z, prototypes=c, epsilon=0.5, tol=None, max_iter=5, backend="triton")
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.cluster_potentials, want.cluster_potentials)
+    assert got.codes.dtype == torch.float32
