@@ -258,3 +258,25 @@ def test_options_are_refused_before_the_scores_are_read(recorder):
         sinkhorn_assign(s, EPS, max_iter=3, tol=1e-3, backend="triton", cuda_graph=True)
     with pytest.raises(ValueError, match="scores contain NaN"):
         sinkhorn_assign(s, EPS, max_iter=3, tol=None, backend="triton", cuda_graph=True)
+
+
+def test_capture_buffers_keep_the_layout_and_alignment_in_the_least_memory():
+    """A capture's score buffer has the caller's shape, strides (gaps included) and 16-byte alignment, in storage just
+    large enough; overlapping (expanded) scores get a contiguous buffer. The solve tests compare results only, which
+    any buffer layout gives on the CPU stand-in: the layout and its size were unchecked."""
+    from otlabel.graphs import same_layout_empty
+
+    base = torch.empty(10 * 8 + 3)
+    for x, elements in ((base[:80].view(10, 8)[:, :5], 77),  # rows with a gap: 9 x 8 + 4 + 1
+                        (base[1:81].view(10, 8).T, 80),  # transposed, 4 bytes past a 16-byte boundary
+                        (base[3:83].view(2, 5, 8)[:, :, 2:], 40 + 4 * 8 + 5 + 1),  # heads, gaps, 20 bytes in
+                        (base[:1].view(1, 1), 1)):  # fmt: skip
+        y = same_layout_empty(x)
+        lead = (x.data_ptr() % 16) // 4
+        assert y.shape == x.shape and y.stride() == x.stride() and y.data_ptr() % 16 == x.data_ptr() % 16
+        assert y.untyped_storage().nbytes() == 4 * (lead + elements), (x.shape, x.stride())
+    expanded = torch.randn(1, 6).expand(2, 6)
+    y = same_layout_empty(expanded)
+    assert y.shape == (2, 6) and y.is_contiguous()
+    column = torch.randn(6, 1).expand(6, 1).as_strided((6, 1), (1, 0))  # stride 0 on a size-1 dimension: no overlap
+    assert same_layout_empty(column).stride() == (1, 0)
