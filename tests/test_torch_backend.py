@@ -709,3 +709,17 @@ def test_a_forked_process_solves_after_its_parent():
     finally:
         torch.set_num_threads(threads)
     assert labels == streamed == want.labels.tolist() and codes == want.codes.tolist()
+
+
+@pytest.mark.parametrize("dtype, itemsize", [(torch.float32, 4), (torch.float64, 8)])
+def test_the_cached_kernel_is_used_when_it_fits_in_half_the_free_memory(monkeypatch, dtype, itemsize):
+    """The CPU cached-kernel operator needs H x N x K scores' worth of memory (4 or 8 bytes each): chosen when that
+    is at most half the free memory, the log-domain one otherwise. The tests ran with plenty of memory, so the
+    bound, its byte count and its comparison were unchecked."""
+    import otlabel.backends.torch_backend as torch_backend
+
+    source = DenseSource(random_problem(30, 5, h=2, seed=12).to(dtype))
+    kernel_bytes = 2 * 30 * 5 * itemsize
+    for free, chosen in ((2 * kernel_bytes, CachedKernelOperator), (2 * kernel_bytes - 1, LogDomainOperator)):
+        monkeypatch.setattr(torch_backend, "available_memory_bytes", lambda free=free: free)
+        assert type(make_torch_operator(source, 0.1, torch.full((30,), 1 / 30, dtype=dtype))) is chosen, free
