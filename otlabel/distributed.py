@@ -213,7 +213,14 @@ class ShardedOperator(ScoreOperator):
         (a few bytes; the exchange's wait has already blocked the host until it completed)."""
         failed = flags.nonzero().flatten().tolist()
         if self.callback_failure is not None:
-            raise self.callback_failure
+            # Raised once, and not kept: the operator holding the exception, whose traceback holds the operator, was a
+            # cycle that kept the process group alive until a garbage collection; one left for the interpreter's
+            # exit destroyed Gloo's threads late, and the process aborted (SIGABRT) about one time in ten.
+            failure, self.callback_failure = self.callback_failure, None
+            try:
+                raise failure
+            finally:
+                del failure
         if failed:
             raise RuntimeError(f"sinkhorn_assign_sharded: the callback raised on rank(s) {failed} (see the error on "
                                "those ranks); every rank stops.")  # fmt: skip
