@@ -131,8 +131,10 @@ def summary(rows: list[dict], baseline: str = "none") -> str:
                 f"{lost} | {both_failed} |"
             )
     if refused:
-        lines.append(f"\nRefused as infeasible masks before any iteration (not counted above): {len(refused)} problems "
-                     f"({', '.join(map(str, sorted(refused)))}).")
+        lines.append(
+            f"\nRefused as infeasible masks before any iteration (not counted above): {len(refused)} problems "
+            f"({', '.join(map(str, sorted(refused)))})."
+        )
     return "\n".join(lines)
 
 

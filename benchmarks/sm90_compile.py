@@ -183,7 +183,8 @@ def dense_cases() -> dict:
                         PSUM=Pointer("fp32"), P=cfg.n_programs, scale2=1.5)  # fmt: skip
             constants = dict(_tiles(s, cfg), HAS_B=warm, COLUMN_MASS=column_mass, ONE_CHUNK=cfg.one_chunk)
             cases[f"dense_partials {dtype}{layout} K={k} {variant} {cfg.block_n}x{cfg.block_k}"] = Case(
-                kd._cluster_partials_kernel, args, constants, _fused(cfg), max_spill=max_spill)
+                kd._cluster_partials_kernel, args, constants, _fused(cfg), max_spill=max_spill
+            )
         if not layout and dtype == "fp32":  # the merge reads fp32 partials; only its fallback reads S
             args = dict(base, PSUM=Pointer("fp32"), B=Pointer("fp32"), OUT=Pointer("fp32"), A_WS=Pointer("fp32"),
                         P=launch.n_programs, scale2=1.5, mass_floor=1e-24)  # fmt: skip
@@ -198,7 +199,8 @@ def dense_cases() -> dict:
         tiles, exact = _tiles(s, readout), dict(_fused(readout), enable_fp_fusion=False)
         args = dict(base, B=Pointer("fp32"), LABELS=Pointer("i64"), CODES=Pointer("fp32"), inv_eps=20.0)
         cases[f"dense_assign {dtype}{layout} K={k} codes"] = Case(
-            kd._assign_kernel, args, dict(tiles, WANT_CODES=True), exact)
+            kd._assign_kernel, args, dict(tiles, WANT_CODES=True), exact
+        )
         if not layout:  # the transposed read-outs load S like the assign kernel: that one case covers them
             args = dict(base, B=Pointer("fp32"), OUT=Pointer("fp32"), inv_eps=20.0)
             cases[f"dense_transport {dtype} K={k}"] = Case(kd._row_transport_kernel, args, tiles, exact)
@@ -242,8 +244,12 @@ def features_cases() -> dict:
         ("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32x3"), ("fp32", "fp16", "tf32"),
     ]  # fmt: skip
     n, k = 2**20, 3000
-    shapes = [(d, combo) for combo in combos for d in (128, 256, 512)
-              if not ((d == 256 and combo[2] in ("ieee", "tf32x3")) or (d == 512 and combo[0] != "bf16"))]
+    shapes = [
+        (d, combo)
+        for combo in combos
+        for d in (128, 256, 512)
+        if not ((d == 256 and combo[2] in ("ieee", "tf32x3")) or (d == 512 and combo[0] != "bf16"))
+    ]
     shapes += [(d, combo) for d, combos_d in ODD_D.items() for combo in combos_d]  # fmt: skip
     for d, (z_dtype, c_dtype, precision) in shapes:
         item = 4 if c_dtype == "fp32" else 2
@@ -267,7 +273,8 @@ def features_cases() -> dict:
                         z_scale=1.0)  # fmt: skip
             constants = dict(common, HAS_B=warm, COLUMN_MASS=mass, HAS_BIAS=True)
             cases[f"features_partials {name} {variant}"] = Case(  # the cold start runs once
-                kf._features_partials_kernel, args, constants, options, 0 if warm else None, bound)
+                kf._features_partials_kernel, args, constants, options, 0 if warm else None, bound
+            )
         if d in (128, 201):  # the merge reads fp32 partials; only its fallback reads Z and C (D streamed)
             args = dict(base, PSUM=Pointer("fp32"), B=Pointer("fp32"), BIAS2=Pointer("fp32"), OUT=Pointer("fp32"),
                         A_WS=Pointer("fp32"), P=launch.n_programs, K_PAD=launch.padded_k(k), scale2=1.5, z_scale=1.0,

@@ -54,7 +54,6 @@ def _merge_partials_kernel(PMAX, PSUM, OUT, P, K, row_stride, BLOCK_P: tl.conste
     tl.store(OUT + h * K + cols, _lse2(m, s) * _LN2, mask=col_mask)
 
 
-
 def merge_partials(pmax: torch.Tensor, psum: torch.Tensor) -> torch.Tensor:
     """(H, K) fp32 cluster LSE from the (H, P, K) partial (max, sum) pairs of one pass: contiguous tensors, or the
     first K columns of contiguous (H, P, K_pad) ones (the features kernel's padded partials)."""

@@ -40,8 +40,9 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
                          "(or pass the scores themselves as the first argument).")  # fmt: skip
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
-    check_solver_options(solve["max_iter"], solve["tol"], solve["acceleration"], solve["over_relaxation"],
-                         solve.get("callback"))  # early
+    check_solver_options(
+        solve["max_iter"], solve["tol"], solve["acceleration"], solve["over_relaxation"], solve.get("callback")
+    )  # early
     no_epsilon_scaling(epsilon_scaling, "with features=")
     warn = solve.pop("warn")  # warned here, as sinkhorn_assign's, at the caller's line
     if backend == "reference":

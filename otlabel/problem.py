@@ -53,11 +53,15 @@ def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "
     what = "features" if features else "scores"
     wider = "" if compute_dtype == torch.float64 else f"pass float64 {what} (allowed up to 1e11), or "
     if features:
-        fixes = ("L2-normalise the features and the prototypes (cosine scores, as SwAV does), subtract the bias's "
-                 "maximum (a shift shared by all clusters changes nothing), ")
+        fixes = (
+            "L2-normalise the features and the prototypes (cosine scores, as SwAV does), subtract the bias's "
+            "maximum (a shift shared by all clusters changes nothing), "
+        )
     else:
-        fixes = ("Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True)) or, for a cluster far "
-                 "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or ")
+        fixes = (
+            "Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True)) or, for a cluster far "
+            "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or "
+        )
     fixes += wider or ("or " if features else "")  # then the last fix: raise epsilon
     return ValueError(
         f"scores / epsilon reach {span_over_eps:.3g}{detail}: beyond {limit:.0e}, {arithmetic} arithmetic cannot "
@@ -148,8 +152,11 @@ def as_tensor(x, name: str) -> torch.Tensor:
 def refuse_masked_array(x: np.ndarray, name: str) -> None:
     """A NumPy masked array's mask would be dropped without a word (its hidden values read as if unmasked)."""
     if isinstance(x, np.ma.MaskedArray):
-        fix = ("x.filled(-np.inf) forbids the masked pairs (-inf marks a sample that may not go to a cluster)"
-               if name in ("scores", "bias") else "x.filled(...) with the values the masked entries should have")
+        fix = (
+            "x.filled(-np.inf) forbids the masked pairs (-inf marks a sample that may not go to a cluster)"
+            if name in ("scores", "bias")
+            else "x.filled(...) with the values the masked entries should have"
+        )
         raise TypeError(f"{name} is a NumPy masked array, whose mask otlabel would ignore: pass a plain array. "
                         f"{fix}; np.asarray(x) keeps the hidden values.")  # fmt: skip
 

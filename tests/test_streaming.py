@@ -173,8 +173,11 @@ def test_warm_start_validates_and_converges_fast(problem):
     "edit, message",
     [
         (lambda s: s.__setitem__((150, 3), float("nan")), r"NaN \(first at index \(150, 3\)"),
-        (lambda s: s.__setitem__((120, 0), float("inf")), r"\+inf, or scores / epsilon overflow \(first at index "
-         r"\(120, 0\)"),
+        (
+            lambda s: s.__setitem__((120, 0), float("inf")),
+            r"\+inf, or scores / epsilon overflow \(first at index "
+            r"\(120, 0\)",
+        ),
         (lambda s: s.mul_(1e12), r"scores / epsilon reach .*e\+1\d"),
         (lambda s: s.__setitem__(170, float("-inf")), r"sample 170 \(head 0\) has every score -inf"),
         (lambda s: s[:, 4].fill_(float("-inf")), r"cluster 4 \(head 0\) has weight"),
@@ -214,8 +217,10 @@ def test_output_errors_speak_in_the_callers_layout():
     """A wrong output is described in the shape the caller passed: (N,) / (N, K) for 2-d scores (it said "(1, 500)
     elements"), and a wrong dtype is named as the problem (the same sentence covered both)."""
     s2, s3 = np.zeros((500, 10), np.float32), np.zeros((3, 500, 10), np.float32)
-    for scores, out, want in ((s2, np.zeros(499, np.int64), r"\(500,\) \(500 elements\), got shape \(499,\)"),
-                              (s3, np.zeros(500, np.int64), r"\(3, 500\) \(1,500 elements\), got shape \(500,\)")):
+    for scores, out, want in (
+        (s2, np.zeros(499, np.int64), r"\(500,\) \(500 elements\), got shape \(499,\)"),
+        (s3, np.zeros(500, np.int64), r"\(3, 500\) \(1,500 elements\), got shape \(500,\)"),
+    ):
         with pytest.raises(ValueError, match=f"labels_out must have shape {want}"):
             sinkhorn_assign_stream(scores, labels_out=out)
     with pytest.raises(ValueError, match=r"codes_out must have shape \(500, 10\) \(5,000 elements\)"):

@@ -51,21 +51,44 @@ BAD_INPUTS = [
     ("scores huge for eps", dict(scores=S * 1e37), ValueError, ["scores / epsilon", "float32", "amax(-1"]),
     ("cluster weights shape", dict(cluster_weights=torch.ones(5) / 5), ValueError, ["cluster_weights", "(4,)"]),
     ("sample weights shape", dict(sample_weights=torch.ones(4) / 4), ValueError, ["sample_weights", "(10,)"]),
-    ("cluster weights per head", dict(scores=S[None].expand(2, -1, -1), cluster_weights=torch.ones(2, 4) / 4),
-     ValueError, ["cluster_weights must have shape (4,)", "share one weight vector", "each head on its own"]),
+    (
+        "cluster weights per head",
+        dict(scores=S[None].expand(2, -1, -1), cluster_weights=torch.ones(2, 4) / 4),
+        ValueError,
+        ["cluster_weights must have shape (4,)", "share one weight vector", "each head on its own"],
+    ),
     # (K, N) scores: weights sized for the caller's real K (or N) meet the other axis; the error says so
-    ("transposed, cluster weights", dict(scores=S.T, cluster_weights=torch.ones(4) / 4), ValueError,
-     ["got (4,). 4 is the scores' number of samples N: are the scores transposed?", "N = 4 samples by K = 10",
-      "pass scores.swapaxes(-1, -2)"]),
-    ("transposed, heads, sample weights", dict(scores=S.T[None], sample_weights=torch.ones(10) / 10), ValueError,
-     ["10 is the scores' number of clusters K: are the scores transposed?", "scores.swapaxes(-1, -2)"]),
+    (
+        "transposed, cluster weights",
+        dict(scores=S.T, cluster_weights=torch.ones(4) / 4),
+        ValueError,
+        [
+            "got (4,). 4 is the scores' number of samples N: are the scores transposed?",
+            "N = 4 samples by K = 10",
+            "pass scores.swapaxes(-1, -2)",
+        ],
+    ),
+    (
+        "transposed, heads, sample weights",
+        dict(scores=S.T[None], sample_weights=torch.ones(10) / 10),
+        ValueError,
+        ["10 is the scores' number of clusters K: are the scores transposed?", "scores.swapaxes(-1, -2)"],
+    ),
     ("negative weight", dict(cluster_weights=torch.tensor([0.5, 0.6, -0.2, 0.1])), ValueError, ["-0.2"]),
     ("weights not summing", dict(cluster_weights=torch.ones(4)), ValueError, ["sum to 1", "w.sum()"]),
     ("NaN weight", dict(sample_weights=torch.full((10,), float("nan"))), ValueError, ["NaN"]),
-    ("one NaN weight", dict(sample_weights=torch.tensor([0.1] * 3 + [float("nan")] + [0.1] * 6)), ValueError,
-     ["sample_weights contain NaN or inf"]),
-    ("one inf weight", dict(cluster_weights=torch.tensor([0.5, INF, 0.25, 0.25])), ValueError,
-     ["cluster_weights contain NaN or inf"]),
+    (
+        "one NaN weight",
+        dict(sample_weights=torch.tensor([0.1] * 3 + [float("nan")] + [0.1] * 6)),
+        ValueError,
+        ["sample_weights contain NaN or inf"],
+    ),
+    (
+        "one inf weight",
+        dict(cluster_weights=torch.tensor([0.5, INF, 0.25, 0.25])),
+        ValueError,
+        ["cluster_weights contain NaN or inf"],
+    ),
     ("sample with no cluster", dict(scores=masked(rows=4)), ValueError, ["infeasible", "sample 4"]),
     ("cluster with no sample", dict(scores=masked(cols=2)), ValueError, ["infeasible", "cluster 2"]),
     (
@@ -85,8 +108,12 @@ BAD_INPUTS = [
     # the imaginary parts were dropped with only torch's warning
     ("complex weights", dict(cluster_weights=np.full(4, 0.25) + 0.5j), TypeError, ["real", "w.real"]),
     # the mask was dropped: its hidden scores solved as if unmasked
-    ("masked array", dict(scores=np.ma.masked_array(S.numpy(), mask=S.numpy() > 1)), TypeError,
-     ["scores is a NumPy masked array", "filled(-np.inf)"]),
+    (
+        "masked array",
+        dict(scores=np.ma.masked_array(S.numpy(), mask=S.numpy() > 1)),
+        TypeError,
+        ["scores is a NumPy masked array", "filled(-np.inf)"],
+    ),
     # torch's page-long NotImplementedError ("Could not run 'aten::amax' with arguments from the 'SparseCPU' backend")
     ("sparse scores", dict(scores=S.to_sparse()), TypeError, ["sparse_coo tensor", "scores.to_dense()", "-inf"]),
     ("sparse weights", dict(cluster_weights=torch.full((4,), 0.25).to_sparse()), TypeError, ["cluster_weights is a"]),
@@ -472,8 +499,11 @@ def test_float64_input_beyond_its_range_is_not_told_to_pass_float64(features):
     g = torch.Generator().manual_seed(9)
     z, c = torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
     for dtype, scale, wider in [(torch.float64, 1e7, False), (torch.float32, 1e3, True)]:
-        inputs = dict(features=z.to(dtype) * scale, prototypes=c.to(dtype) * scale) if features else dict(
-            scores=(z @ c.T).to(dtype) * scale**2)
+        inputs = (
+            dict(features=z.to(dtype) * scale, prototypes=c.to(dtype) * scale)
+            if features
+            else dict(scores=(z @ c.T).to(dtype) * scale**2)
+        )
         with pytest.raises(ValueError, match="scores / epsilon reach") as info:
             sinkhorn_assign(**inputs, epsilon=0.05)
         message = str(info.value)
