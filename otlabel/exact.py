@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .backends.torch_backend import available_memory_bytes
 from .problem import check_score_values, check_scores, check_weights
 
 # POT imports every array library it finds as a backend. JAX, imported that way, takes 75% of the GPU's memory
@@ -181,23 +182,16 @@ def cluster_sizes(n_samples: int, cluster_weights: np.ndarray) -> np.ndarray:
     return sizes
 
 
-def available_memory() -> int | None:
-    """Bytes of physical memory free now (Linux, macOS), or None where the system does not say."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def refuse_unless_it_fits(needed: int, what: str) -> None:
-    """A MemoryError from NumPy names an array shape, not the cause: say which input is too large, and what to do."""
-    free = available_memory()
+    """A MemoryError from NumPy names an array shape, not the cause: say which input is too large, and what to do.
+    Checked against the memory available (page cache counted), so that it refuses only what cannot fit."""
+    free = available_memory_bytes()
     if free is not None and needed > free:
-        raise ValueError(f"{what}: {_size(needed)}, more than the {_size(free)} free. The exact "
+        raise ValueError(f"{what}: {_size(needed)}, more than the {_size(free)} available. The exact "
                          "assignment is for checking small problems (N in the thousands; its time grows as N^3): "
                          "use exact_plan (N x K) or sinkhorn_assign with a small epsilon for large N.")  # fmt: skip
 

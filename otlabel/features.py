@@ -21,7 +21,7 @@ import torch
 from .backends import _triton_usable
 from .inputs import open_host_array  # what the streamed and reference paths take too, with their errors
 from .kernels.utils import KERNEL_DTYPES
-from .problem import MAX_SCORE_SPAN_FP32, check_epsilon, check_float_dtype, check_weights, span_error
+from .problem import MAX_SCORE_SPAN_FP32, check_epsilon, check_float_dtype, check_weights, dense_tensor, span_error
 from .solver import (
     LoopOutput,
     check_init,
@@ -214,6 +214,7 @@ def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=No
     kernels' arithmetic), as the torch path computes them: casting the prototypes down to the features' dtype
     (fp32 prototypes with bf16 features under autocast) silently rounded them to 8 bits, codes off by ~5e-3 at
     eps = 0.05. Pass both in bf16/fp16 for the 16-bit tensor-core rate; mixed, the features are copied."""
+    z = dense_tensor(z, "features")  # the kernel reads raw memory: a negative bit would flip every score's sign
     c = open_host_array(prototypes, "prototypes", copy_reversed=True)
     bias_t = None if bias is None else open_host_array(bias, "bias", copy_reversed=True)
     dtype = torch.promote_types(z.dtype, c.dtype)

@@ -341,10 +341,11 @@ def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithme
     empty = cluster_weights == 0
     if not bool(potentials_finite(init, empty)):  # zero-weight clusters get -inf whatever they held
         raise ValueError("init contains NaN or infinite potentials for clusters with positive weight.")
-    # Only differences between potentials matter (the sample step absorbs a constant). No solution spreads them wider
-    # than twice the largest |S| / eps allowed plus the clusters' log-weight ratios (far below 1e4), so a start
-    # spread wider (potentials of another epsilon, a scaled copy) is pulled in to that, below its largest potential:
-    # the first pass would lose the scores to rounding, or overflow, at a spread the arithmetic cannot resolve.
+    # Only differences between potentials matter (the sample step absorbs a constant). A start spread wider than twice
+    # the largest |S| / eps the range check allows, plus 1e4, is pulled in to that below its largest potential: its
+    # first pass would lose the scores to rounding or overflow (one cluster 1e20 above the rest: NaN in float32).
+    # Solutions of scores whose maxima pass the check spread that wide only when entries far below the maxima decide
+    # the plan; a warm start from one is then moved (more iterations, the same plan).
     floor = -(2 * max_score_span(arithmetic) + 1e4)
     init = (init - masked(init, empty, -math.inf).amax(dim=1, keepdim=True)).clamp(min=floor)
     return torch.where(empty, -math.inf, init).to(dtype)

@@ -147,13 +147,13 @@ def test_results_come_in_the_inputs_kind_with_a_short_repr():
 
 def test_exact_assign_too_large_for_memory_says_so(monkeypatch):
     """N = 100,000 died in NumPy's MemoryError naming a (100000, 100000) array; the slot matrix's size is checked
-    against the free memory first (patched here to 1 MiB: a 400-sample problem needs 2.4 MiB)."""
+    against the available memory first (patched here to 1 MiB: a 400-sample problem needs 2.4 MiB)."""
     from otlabel import exact
 
     scores = np.random.default_rng(0).standard_normal((400, 4))
-    monkeypatch.setattr(exact, "available_memory", lambda: 2**20)
-    too_large = r"N x N slot matrix \(N = 400\) twice in float64: 2\.4 MiB, more than the 1\.0 MiB free"
+    monkeypatch.setattr(exact, "available_memory_bytes", lambda: 2**20)
+    too_large = r"N x N slot matrix \(N = 400\) twice in float64: 2\.4 MiB, more than the 1\.0 MiB available"
     with pytest.raises(ValueError, match=too_large):
         exact.exact_assign(scores)
-    monkeypatch.setattr(exact, "available_memory", lambda: None)  # a system that does not say: solved
+    monkeypatch.setattr(exact, "available_memory_bytes", lambda: None)  # a system that does not say: solved
     assert np.bincount(exact.exact_assign(scores).labels, minlength=4).tolist() == [100] * 4

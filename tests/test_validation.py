@@ -691,3 +691,20 @@ def test_epsilon_in_a_one_element_array_or_integer_tensor_is_taken_as_its_number
                       (torch.tensor(True), "Tensor"), ("0.1", "got str")):  # fmt: skip
         with pytest.raises(TypeError, match=f"epsilon must be one positive number.*{says}"):
             sinkhorn_assign(S, bad)
+
+
+@pytest.mark.interpreter  # the features kernel on CPU tensors
+def test_features_kernel_reads_a_negative_bit_view_and_refuses_sparse_features():
+    """The Triton features path read the features' raw memory: a view with its negative bit set gave the labels of
+    -Z, without an error; sparse features got torch's error. Both now go through the same opening as the scores."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    view = torch.complex(torch.zeros_like(z), -z).conj().imag
+    assert view.is_neg() and torch.equal(view, z)
+    ref = sinkhorn_assign(features=z, prototypes=c, epsilon=0.1, backend="triton").labels
+    flipped = sinkhorn_assign(features=-z, prototypes=c, epsilon=0.1, backend="triton").labels
+    assert not torch.equal(ref, flipped)  # the mistake would show
+    assert torch.equal(sinkhorn_assign(features=view, prototypes=c, epsilon=0.1, backend="triton").labels, ref)
+    with pytest.raises(TypeError, match="features is a sparse_coo tensor"):
+        sinkhorn_assign(features=z.to_sparse(), prototypes=c, epsilon=0.1, backend="triton")

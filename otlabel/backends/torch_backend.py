@@ -395,17 +395,28 @@ def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + per, n)) for lo in range(0, n, per)]
 
 
-def available_memory_bytes() -> int:
+def available_memory_bytes() -> int | None:
+    """Bytes of memory the system can give without swapping: Linux's MemAvailable (free pages plus the page cache it
+    can reclaim), else the free pages (``sysconf``, which leaves the cache out); None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 2**33
+        return None
 
 
 def make_torch_operator(source: ScoreSource, epsilon, sample_weights) -> ScoreOperator:
-    """The cached-kernel path on CPU when its kernel fits in half the free memory, else log-domain."""
+    """The cached-kernel path on CPU when its kernel fits in half the available memory (8 GiB assumed where the
+    system does not say), else log-domain."""
     itemsize = 8 if source.dtype == torch.float64 else 4
     kernel_bytes = source.n_heads * source.n_samples * source.n_clusters * itemsize
-    if source.device.type == "cpu" and kernel_bytes <= available_memory_bytes() // 2:
+    free = available_memory_bytes()
+    if source.device.type == "cpu" and kernel_bytes <= (2**33 if free is None else free) // 2:
         return CachedKernelOperator(source, epsilon, sample_weights)
     return LogDomainOperator(source, epsilon, sample_weights)
