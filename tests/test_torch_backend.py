@@ -723,3 +723,17 @@ def test_the_cached_kernel_is_used_when_it_fits_in_half_the_free_memory(monkeypa
     for free, chosen in ((2 * kernel_bytes, CachedKernelOperator), (2 * kernel_bytes - 1, LogDomainOperator)):
         monkeypatch.setattr(torch_backend, "available_memory_bytes", lambda free=free: free)
         assert type(make_torch_operator(source, 0.1, torch.full((30,), 1 / 30, dtype=dtype))) is chosen, free
+
+
+def _cached_and_reference(rows, eps=1.0):
+    """A CachedKernelOperator and the float64 reference on the same (1, N, K) scores, uniform sample weights."""
+    s = torch.tensor(rows, dtype=torch.float32)[None]
+    c = uniform(s.shape[1])
+    return CachedKernelOperator(DenseSource(s), eps, c), ReferenceOperator(s, eps, c)
+
+
+def test_cached_kernel_cold_start_with_a_row_far_below_the_column_maxima():
+    """The cold start factors the largest row weight out of exp(log c + m): a row whose best score sits 100 nats
+    below every column maximum (m = -100) adds a vanishing weight instead of making the others overflow."""
+    op, ref = _cached_and_reference([[0.0, 0.0], [-100.0, -100.0]])
+    assert_close(op.cluster_lse(None), ref.cluster_lse(None), atol=1e-5, rtol=1e-6, what="cold-start LSE")
