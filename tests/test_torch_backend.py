@@ -737,3 +737,13 @@ def test_cached_kernel_cold_start_with_a_row_far_below_the_column_maxima():
     below every column maximum (m = -100) adds a vanishing weight instead of making the others overflow."""
     op, ref = _cached_and_reference([[0.0, 0.0], [-100.0, -100.0]])
     assert_close(op.cluster_lse(None), ref.cluster_lse(None), atol=1e-5, rtol=1e-6, what="cold-start LSE")
+
+
+def test_cached_kernel_is_rebuilt_around_potentials_that_drifted_past_the_threshold():
+    """b moved 30 and 80 nats from the kernel's b0: the kernel is rebuilt around b. Read from the old kernel, the
+    entry that now leads row 0 (e^-100 there: a float32 subnormal, read as 0) drops out of the row's normaliser,
+    and both cluster LSEs come out 10 nats off."""
+    op, ref = _cached_and_reference([[0.0, -100.0], [-200.0, 0.0]])
+    op.cluster_lse(None)  # the kernel around b0 = (0, 0)
+    b = torch.tensor([[-30.0, 80.0]], dtype=torch.float64)
+    assert_close(op.cluster_lse(b), ref.cluster_lse(b), atol=1e-5, rtol=1e-6, what="LSE after drift")
