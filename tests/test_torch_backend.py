@@ -747,3 +747,15 @@ def test_cached_kernel_is_rebuilt_around_potentials_that_drifted_past_the_thresh
     op.cluster_lse(None)  # the kernel around b0 = (0, 0)
     b = torch.tensor([[-30.0, 80.0]], dtype=torch.float64)
     assert_close(op.cluster_lse(b), ref.cluster_lse(b), atol=1e-5, rtol=1e-6, what="LSE after drift")
+
+
+def test_cached_kernel_labels_take_the_exact_pass_for_drifted_or_closed_clusters():
+    """The argmax read of the kernel is right only while b stays near the kernel's b0. Row 0 leads in cluster 1 at
+    b = (0, -110, 0), but its entry there is e^-120 in the kernel (0 in float32): every G v entry of the row is 0.
+    A closed cluster (b = -inf) counts as drift too: row 2's only non-zero kernel entry sits in it."""
+    rows = [[-120.0, 0.0, -130.0], [0.0, -5.0, -5.0], [-115.0, -110.0, 0.0], [-5.0, -5.0, 0.0]]
+    op, ref = _cached_and_reference(rows)
+    op.cluster_lse(None)  # the kernel around b0 = (0, 0, 0)
+    for b in ([0.0, -110.0, 0.0], [0.0, 0.0, float("-inf")]):
+        b = torch.tensor([b], dtype=torch.float64)
+        assert torch.equal(op.assign(b, want_codes=False)[0], ref.assign(b, want_codes=False)[0]), b
