@@ -759,3 +759,21 @@ def test_cached_kernel_labels_take_the_exact_pass_for_drifted_or_closed_clusters
     for b in ([0.0, -110.0, 0.0], [0.0, 0.0, float("-inf")]):
         b = torch.tensor([b], dtype=torch.float64)
         assert torch.equal(op.assign(b, want_codes=False)[0], ref.assign(b, want_codes=False)[0]), b
+
+
+def test_cached_kernel_labels_read_the_kernel_only_while_it_stands_and_no_codes_are_asked(monkeypatch):
+    """Near b0 the labels are the kernel's argmax (no exact pass); codes, and a released kernel, take the exact
+    pass (the fast read has no codes, and no kernel to read)."""
+    op, ref = _cached_and_reference([[0.0, -1.0, -3.0], [-2.0, 0.0, -1.0], [-1.0, -2.0, 0.0], [0.0, -0.5, -0.2]])
+    op.cluster_lse(None)
+    b = torch.tensor([[0.0, -1.0, 0.5]], dtype=torch.float64)
+    want_labels, want_codes = ref.assign(b, want_codes=True)
+    exact_assign, exact_calls = op.exact.assign, []
+    monkeypatch.setattr(op.exact, "assign", lambda *args: (exact_calls.append(args), exact_assign(*args))[1])
+    labels, codes = op.assign(b, want_codes=False)
+    assert torch.equal(labels, want_labels) and codes is None and not exact_calls
+    labels, codes = op.assign(b, want_codes=True)
+    assert torch.equal(labels, want_labels) and codes is not None
+    assert_close(codes, want_codes, atol=1e-6, rtol=1e-5, what="codes")
+    op.release()
+    assert torch.equal(op.assign(b, want_codes=False)[0], want_labels)
