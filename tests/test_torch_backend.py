@@ -1,5 +1,6 @@
 """The torch backend (both of its operators) against the float64 reference."""
 
+import math
 import os
 
 import numpy as np
@@ -202,6 +203,21 @@ def test_a_warm_start_spread_beyond_the_arithmetic_solves_like_a_cold_one(spread
     for solve in solves:
         cold, warm = solve(), solve(init=init)
         assert warm.converged and torch.equal(warm.labels, cold.labels)
+
+
+def test_a_warm_start_is_floored_only_beyond_what_the_arithmetic_resolves():
+    """check_init centres a start on its top and floors it at 1 / machine epsilon below (2^23 in float32): spreads a
+    converged solve reaches pass unchanged (2.2e4 at eps 1e-5 on unit-range float32 scores, beyond an earlier floor
+    of 1.6e4), wider ones are pulled in; zero-weight clusters stay -inf."""
+    from otlabel.solver import check_init
+
+    r = torch.tensor([0.25, 0.25, 0.5, 0.0], dtype=torch.float64)
+    init = torch.tensor([3.0, 3.0 - 2.2e4, 1.0, 7.0], dtype=torch.float64)
+    got = check_init(init, 1, r, torch.float64, torch.float32)[0]
+    assert got.tolist() == [0.0, -2.2e4, -2.0, -math.inf]
+    wide = torch.tensor([0.0, -1e9, 5.0, 0.0], dtype=torch.float64)
+    assert check_init(wide, 1, r, torch.float64, torch.float32)[0].tolist() == [-5.0, -(2.0**23), 0.0, -math.inf]
+    assert check_init(wide, 1, r, torch.float64, torch.float64)[0].tolist() == [-5.0, -1e9 - 5.0, 0.0, -math.inf]
 
 
 def test_a_pickled_cpu_result_leaves_out_the_kernel_and_reads_out_the_same():
