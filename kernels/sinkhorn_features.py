@@ -105,6 +105,7 @@ from .utils import (
     FeaturesLaunch,
     _check_row_tiles,
     as_float32,
+    compile_options,
     features_launch,
     interpreting,
     max_shared_memory,
@@ -664,9 +665,7 @@ def _upcast(features: torch.Tensor) -> bool:
 
 def _options(cfg: FeaturesLaunch) -> dict:
     # fp fusion (FMA) stated, not inherited: Triton's default for it is changing between releases.
-    if interpreting():
-        return {}
-    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
+    return compile_options(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
 
 
 def features_cluster_lse(

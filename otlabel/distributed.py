@@ -339,7 +339,7 @@ def sinkhorn_assign_sharded(
         c_local, sum_tolerance = None, (0.0, 0.0)
         if sample_weights is not None:
             c_local, sum_tolerance = check_local_weights(sample_weights, shard.n, shard.device)
-        check_init(init, shard.h, shard.r, torch.float64, torch.float64)  # checked only: the operator comes later
+        check_init(init, shard.h, shard.r, torch.float64)  # checked only: the operator comes later
         meta = [shard.h, shard.n, shard.k, shard.dtype_code, float(shard.batched), epsilon]  # columns 0-5
         meta += [-1.0 if tol is None else tol]  # 6
         omega_code = ACCELERATION_CODES.get(acceleration, acceleration)  # collectives carry numbers

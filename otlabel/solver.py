@@ -316,11 +316,11 @@ def potentials_finite(b, empty) -> torch.Tensor:
     return torch.isfinite(masked(b, empty, 0.0)).all()
 
 
-def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithmetic) -> torch.Tensor | None:
+def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithmetic=None) -> torch.Tensor | None:
     """A warm start: a previous result or its ``cluster_potentials``, shaped (K,) or (H, K); returned (H, K) in
-    ``dtype`` on the cluster weights' device, -inf for clusters of weight 0. ``arithmetic``: the dtype the passes
-    form ``S / eps + b`` in (:func:`~otlabel.problem.compute_dtype`), which bounds how far apart potentials can
-    usefully be."""
+    ``dtype`` on the cluster weights' device, -inf for clusters of weight 0. ``arithmetic`` (default ``dtype``): the
+    dtype the passes form ``S / eps + b`` in (:func:`~otlabel.problem.compute_dtype`), which bounds how far apart
+    potentials can usefully be."""
     if init is None:
         return None
     if isinstance(init, SinkhornResult):
@@ -346,7 +346,7 @@ def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithme
     # nat, so no solution's potentials can be resolved that far apart, and a wider start made the first pass overflow
     # (one cluster 1e20 above the rest: NaN in float32). Spreads of converged solves stay far inside it (2.2e4 at
     # eps 1e-5 on unit-range float32 scores, against 8.4e6).
-    floor = -1.0 / torch.finfo(arithmetic).eps
+    floor = -1.0 / torch.finfo(arithmetic or dtype).eps
     init = (init - masked(init, empty, -math.inf).amax(dim=1, keepdim=True)).clamp(min=floor)
     return torch.where(empty, -math.inf, init).to(dtype)
 
