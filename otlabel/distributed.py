@@ -52,6 +52,7 @@ from .problem import (
     check_scores,
     check_weights,
     compute_dtype_of,
+    host_default_device,
     max_score_span,
     weight_sum_tolerance,
     weighted_clusters,
@@ -242,6 +243,7 @@ class ShardedOperator(ScoreOperator):
         return total
 
 
+@host_default_device
 def sinkhorn_assign_sharded(
     scores=None,
     epsilon: float = 0.05,
@@ -308,7 +310,7 @@ def sinkhorn_assign_sharded(
             "sinkhorn_assign_sharded(group=None) solves this rank's samples alone although torch.distributed is "
             "initialised with several ranks; pass group=torch.distributed.group.WORLD to solve over all of them.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # the user's call, past host_default_device's wrapper
         )
     if group is not None and group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
         raise ValueError(f"group: rank {dist.get_rank()} is not a member of this process group (torch.distributed"
@@ -318,7 +320,7 @@ def sinkhorn_assign_sharded(
         raise TypeError(f"group must be a torch.distributed process group (dist.group.WORLD) or None, got {group!r}.")
     if local_scores is not None and scores is None:
         warnings.warn("sinkhorn_assign_sharded(local_scores=...) is now scores=... (as in sinkhorn_assign); the old "
-                      "name will be removed.", DeprecationWarning, stacklevel=2)  # fmt: skip
+                      "name will be removed.", DeprecationWarning, stacklevel=3)  # fmt: skip
         scores, local_scores = local_scores, None
     # A bad timeout (or scores given twice) on one rank is shared like any other bad input: raising here, before the
     # first collective, left the other ranks waiting out their timeout. This rank waits DEFAULT_TIMEOUT meanwhile.
@@ -408,7 +410,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=sharded.shared_callback(callback))
     sharded.finish()
     if warn:
-        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon, stacklevel=4)  # via sinkhorn_assign_sharded
+        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon, stacklevel=5)  # via sinkhorn_assign_sharded
     return package_result(sharded, out, epsilon=epsilon, batched=shard.batched, sample_weights=c_local)
 
 
@@ -564,7 +566,7 @@ class FeatureShard:
             self.source = FeatureSource(features, prototypes, bias, device,
                                         memory_budget=chunk_bytes(memory_budget, device))  # fmt: skip
             # the caller's frame: this __init__, open_shard, sinkhorn_assign_sharded, then the caller
-            warn_if_chunks_too_small(self.source, memory_budget, self.source.device, stacklevel=5)
+            warn_if_chunks_too_small(self.source, memory_budget, self.source.device, stacklevel=6)
             self.z = self.source.stream.host[0]  # (N, D) on the host (or the device), streamed
             largest_z = check_finite_rows(self.z, "features")
             self.batched = self.source.batched

@@ -24,7 +24,7 @@ import torch
 from .anderson import ANDERSON_MEMORY, AndersonMixer, masked
 from .backends import make_operator
 from .backends.base import ScoreOperator
-from .problem import as_tensor, check_score_values, compute_dtype_of, validate
+from .problem import as_tensor, check_score_values, compute_dtype_of, host_default_device, validate
 from .result import ConvergenceWarning, SinkhornResult
 
 DEFAULT_MAX_ITER = 1000
@@ -398,6 +398,7 @@ def is_number(x, kind=numbers.Real) -> bool:
     return isinstance(x, kind) and not isinstance(x, (bool, np.bool_))
 
 
+@host_default_device
 def sinkhorn_assign(
     scores=None,
     epsilon: float = 0.05,
@@ -560,9 +561,9 @@ def describe_error(error: float, tol: float) -> str:
     return f"marginal error {error:.3g} > tol {tol:g}"
 
 
-def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, stacklevel: int = 3) -> None:
+def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, stacklevel: int = 4) -> None:
     """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached; ``stacklevel`` counts
-    from here to the user's call (3: called by the entry point itself)."""
+    from here to the user's call (4: called by the entry point itself, inside its ``host_default_device`` wrapper)."""
     if tol is None or out.converged:
         return
     warnings.warn(

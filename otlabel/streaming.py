@@ -47,6 +47,7 @@ from .problem import (
     check_epsilon,
     check_rows,
     check_weights,
+    host_default_device,
     weighted_clusters,
 )
 from .result import SinkhornResult
@@ -110,7 +111,7 @@ MIN_CHUNK_ENTRIES, MANY_CHUNKS = 4096, 64
 GOOD_CHUNK_ENTRIES = 16384  # within ~1.5x of the default's time per iteration in the measurements above
 
 
-def warn_if_chunks_too_small(source: ScoreSource, memory_budget, device: torch.device, stacklevel: int = 3) -> None:
+def warn_if_chunks_too_small(source: ScoreSource, memory_budget, device: torch.device, stacklevel: int = 4) -> None:
     """A :class:`SmallChunksWarning` when ``memory_budget`` cuts the samples into many chunks of few scores, with
     the budget that would give chunks of :data:`GOOD_CHUNK_ENTRIES` scores."""
     row_entries = source.n_heads * source.n_clusters
@@ -340,6 +341,7 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
 # ----------------------------------------------------------------------------------------------- entry point
 
 
+@host_default_device
 def sinkhorn_assign_stream(
     scores=None,
     epsilon: float = 0.05,
