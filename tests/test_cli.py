@@ -146,6 +146,7 @@ def npz_bytes(**arrays) -> bytes:
         (lambda p: np.save(p, np.zeros((5, 3), np.float32)), ["--over-relaxation", "2.5"], EXIT_INPUT, r"\[1, 2\)"),
         (lambda p: np.save(p, np.zeros((5, 3), "V2")), [], EXIT_INPUT, "as NumPy saves bfloat16"),
         (lambda p: p.write_bytes(npz_bytes(logits=np.zeros(3))), [], EXIT_INPUT, r"\.npz archive \(arrays: logits"),
+        (lambda p: torch.save(torch.zeros(5, 3), p), [], EXIT_INPUT, r"a PyTorch file \(torch\.save\).*torch\.load"),
         (lambda p: np.save(p, np.full((5, 3), None), allow_pickle=True), [], EXIT_INPUT, r"Python objects \(dtype"),
     ],
 )
