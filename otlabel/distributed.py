@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from .backends import make_operator, resolve_backend
 from .backends.base import ScoreOperator
+from .entry import entry_point, user_stacklevel
 from .features import bound_error, check_bias, check_finite_rows, dense_scores, kernel_inputs, score_bound, uses_kernel
 from .host_sources import FeatureSource
 from .inputs import open_host_array
@@ -52,7 +53,6 @@ from .problem import (
     check_scores,
     check_weights,
     compute_dtype_of,
-    host_default_device,
     max_score_span,
     weight_sum_tolerance,
     weighted_clusters,
@@ -243,7 +243,7 @@ class ShardedOperator(ScoreOperator):
         return total
 
 
-@host_default_device
+@entry_point
 def sinkhorn_assign_sharded(
     scores=None,
     epsilon: float = 0.05,
@@ -310,7 +310,7 @@ def sinkhorn_assign_sharded(
             "sinkhorn_assign_sharded(group=None) solves this rank's samples alone although torch.distributed is "
             "initialised with several ranks; pass group=torch.distributed.group.WORLD to solve over all of them.",
             UserWarning,
-            stacklevel=3,  # the user's call, past host_default_device's wrapper
+            stacklevel=user_stacklevel(),
         )
     if group is not None and group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
         raise ValueError(f"group: rank {dist.get_rank()} is not a member of this process group (torch.distributed"
@@ -320,7 +320,7 @@ def sinkhorn_assign_sharded(
         raise TypeError(f"group must be a torch.distributed process group (dist.group.WORLD) or None, got {group!r}.")
     if local_scores is not None and scores is None:
         warnings.warn("sinkhorn_assign_sharded(local_scores=...) is now scores=... (as in sinkhorn_assign); the old "
-                      "name will be removed.", DeprecationWarning, stacklevel=3)  # fmt: skip
+                      "name will be removed.", DeprecationWarning, stacklevel=user_stacklevel())  # fmt: skip
         scores, local_scores = local_scores, None
     # A bad timeout (or scores given twice) on one rank is shared like any other bad input: raising here, before the
     # first collective, left the other ranks waiting out their timeout. This rank waits DEFAULT_TIMEOUT meanwhile.
@@ -410,7 +410,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=sharded.shared_callback(callback))
     sharded.finish()
     if warn:
-        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon, stacklevel=5)  # via sinkhorn_assign_sharded
+        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon)
     return package_result(sharded, out, epsilon=epsilon, batched=shard.batched, sample_weights=c_local)
 
 
@@ -565,8 +565,7 @@ class FeatureShard:
             device = z.device if z is not None and z.is_cuda else device  # host data: through this rank's device
             self.source = FeatureSource(features, prototypes, bias, device,
                                         memory_budget=chunk_bytes(memory_budget, device))  # fmt: skip
-            # the caller's frame: this __init__, open_shard, sinkhorn_assign_sharded, then the caller
-            warn_if_chunks_too_small(self.source, memory_budget, self.source.device, stacklevel=6)
+            warn_if_chunks_too_small(self.source, memory_budget, self.source.device)
             self.z = self.source.stream.host[0]  # (N, D) on the host (or the device), streamed
             largest_z = check_finite_rows(self.z, "features")
             self.batched = self.source.batched

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .backends.torch_backend import available_memory_bytes
+from .entry import entry_point
 from .problem import check_score_values, check_scores, check_weights
 
 # POT imports every array library it finds as a backend. JAX, imported that way, takes 75% of the GPU's memory
@@ -134,6 +135,7 @@ def _like(result: ExactResult, scores) -> ExactResult:
     return result
 
 
+@entry_point
 def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = "pot") -> ExactResult:
     """Optimal plan of ``max_P <P, S>`` with rows summing to ``c`` and columns to ``r`` (no entropy).
 
@@ -196,6 +198,7 @@ def refuse_unless_it_fits(needed: int, what: str) -> None:
                          "use exact_plan (N x K) or sinkhorn_assign with a small epsilon for large N.")  # fmt: skip
 
 
+@entry_point
 def exact_assign(scores, cluster_weights=None) -> ExactResult:
     """Best hard assignment with exactly ``cluster_sizes(N, r)[k]`` samples in cluster ``k``.
 

@@ -61,7 +61,7 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
         )
     if warn:  # here, sinkhorn_assign, then the caller
         out = LoopOutput(res.cluster_potentials, res.n_iter, res.errors, res.converged, error=res.marginal_error)
-        warn_if_not_converged("sinkhorn_assign", out, solve["tol"], res.epsilon, stacklevel=5)
+        warn_if_not_converged("sinkhorn_assign", out, solve["tol"], res.epsilon)
     return res
 
 

@@ -8,7 +8,6 @@ each chunk of samples, :func:`check_columns` on the column maxima accumulated ov
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import os
@@ -365,30 +364,6 @@ def autocast_off():
             if torch.is_autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
-
-
-def host_default_device(fn):
-    """``fn`` with torch's default device set to the CPU while it runs, where the caller set another
-    (``torch.set_default_device("cuda")`` in a training script). otlabel places every tensor that must be on the
-    scores' device explicitly, and lets the CPU-side ones (the CPU kernel, streamed labels and codes, NumPy inputs
-    as tensors) take the default: under a CUDA default those landed on the GPU, beside CPU scores that torch then
-    refused to copy. Without a default device of the caller's, ``fn`` runs as it is. The wrapper is one more frame
-    between a warning and the user's call: the entry points' ``stacklevel``s count it."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if default_device().type == "cpu":
-            return fn(*args, **kwargs)
-        with torch.device("cpu"):
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def default_device() -> torch.device:
-    """torch's default device for new tensors (``torch.get_default_device`` from torch 2.3)."""
-    get = getattr(torch, "get_default_device", None)
-    return get() if get is not None else torch.empty(0).device
 
 
 def score_span(row_max: torch.Tensor, col_max: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends.base import ScoreOperator
-from .problem import host_default_device
+from .entry import entry_point
 
 
 class ConvergenceWarning(UserWarning):
@@ -99,7 +99,7 @@ class SinkhornResult:
         )
 
     @property
-    @host_default_device
+    @entry_point
     def codes(self) -> torch.Tensor:
         """Soft assignments ``softmax_k(S / eps + b)``, (N, K); rows sum to 1 (SwAV's ``q``)."""
         if self._codes is None:
@@ -113,7 +113,7 @@ class SinkhornResult:
         return self.codes * self._sample_weights.to(self.codes.dtype)[:, None]
 
     @property
-    @host_default_device
+    @entry_point
     def objective(self) -> torch.Tensor | float:
         """``<P, S>``: the total score of the plan (float64; a tensor of H values for a batched input)."""
         if self._objective is None:

@@ -24,7 +24,8 @@ import torch
 from .anderson import ANDERSON_MEMORY, AndersonMixer, masked
 from .backends import make_operator
 from .backends.base import ScoreOperator
-from .problem import as_tensor, check_score_values, compute_dtype_of, host_default_device, validate
+from .entry import entry_point, user_stacklevel
+from .problem import as_tensor, check_score_values, compute_dtype_of, validate
 from .result import ConvergenceWarning, SinkhornResult
 
 DEFAULT_MAX_ITER = 1000
@@ -398,7 +399,7 @@ def is_number(x, kind=numbers.Real) -> bool:
     return isinstance(x, kind) and not isinstance(x, (bool, np.bool_))
 
 
-@host_default_device
+@entry_point
 def sinkhorn_assign(
     scores=None,
     epsilon: float = 0.05,
@@ -561,9 +562,8 @@ def describe_error(error: float, tol: float) -> str:
     return f"marginal error {error:.3g} > tol {tol:g}"
 
 
-def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, stacklevel: int = 4) -> None:
-    """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached; ``stacklevel`` counts
-    from here to the user's call (4: called by the entry point itself, inside its ``host_default_device`` wrapper)."""
+def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> None:
+    """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached, at the user's line."""
     if tol is None or out.converged:
         return
     warnings.warn(
@@ -573,7 +573,7 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, sta
         "rows, no SciPy), the masked problem may have no balanced plan at all: check that every group of clusters "
         "can reach enough samples.",
         ConvergenceWarning,
-        stacklevel=stacklevel,
+        stacklevel=user_stacklevel(),
     )
 
 

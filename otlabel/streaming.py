@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, exp_, split_rows
+from .entry import entry_point, user_stacklevel
 from .feasibility import MaskPatterns, check_masks, collect_masks
 from .host_sources import (
     BYTES_PER_ENTRY,
@@ -47,7 +48,6 @@ from .problem import (
     check_epsilon,
     check_rows,
     check_weights,
-    host_default_device,
     weighted_clusters,
 )
 from .result import SinkhornResult
@@ -111,7 +111,7 @@ MIN_CHUNK_ENTRIES, MANY_CHUNKS = 4096, 64
 GOOD_CHUNK_ENTRIES = 16384  # within ~1.5x of the default's time per iteration in the measurements above
 
 
-def warn_if_chunks_too_small(source: ScoreSource, memory_budget, device: torch.device, stacklevel: int = 4) -> None:
+def warn_if_chunks_too_small(source: ScoreSource, memory_budget, device: torch.device) -> None:
     """A :class:`SmallChunksWarning` when ``memory_budget`` cuts the samples into many chunks of few scores, with
     the budget that would give chunks of :data:`GOOD_CHUNK_ENTRIES` scores."""
     row_entries = source.n_heads * source.n_clusters
@@ -131,7 +131,7 @@ def warn_if_chunks_too_small(source: ScoreSource, memory_budget, device: torch.d
         f"work does not cover, and each pass can take 10-100x longer than with the default budget. Give a budget of "
         f"{suggest} MiB or more, or none at all (the default: {default}).",
         SmallChunksWarning,
-        stacklevel=stacklevel,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -341,7 +341,7 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-@host_default_device
+@entry_point
 def sinkhorn_assign_stream(
     scores=None,
     epsilon: float = 0.05,

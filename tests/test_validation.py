@@ -708,34 +708,3 @@ def test_features_kernel_reads_a_negative_bit_view_and_refuses_sparse_features()
     assert torch.equal(sinkhorn_assign(features=view, prototypes=c, epsilon=0.1, backend="triton").labels, ref)
     with pytest.raises(TypeError, match="features is a sparse_coo tensor"):
         sinkhorn_assign(features=z.to_sparse(), prototypes=c, epsilon=0.1, backend="triton")
-
-
-def test_a_default_device_other_than_the_inputs_changes_nothing():
-    """Found porting training code that calls torch.set_default_device("cuda") and labels CPU or NumPy scores: the
-    factory calls inside the solve (the CPU kernel, the streamed labels) followed the default device, and the solve
-    failed with torch's 'can't convert meta device type tensor to numpy' or 'cross-device copies are not allowed', or
-    returned streamed labels and codes on it. The meta device stands in for CUDA here: every result on the CPU, as
-    without a default device, and the caller's default device restored."""
-    s = random_problem(300, 6, seed=44)
-    z = torch.nn.functional.normalize(random_problem(300, 8, seed=45), dim=1)
-    c = random_problem(6, 8, seed=46)
-    solves = {
-        "dense": lambda: sinkhorn_assign(s, 0.1),
-        "float64": lambda: sinkhorn_assign(s.double(), 0.1),
-        "numpy": lambda: sinkhorn_assign(s.numpy(), 0.1, cluster_weights=np.full(6, 1 / 6)),
-        "warm": lambda: sinkhorn_assign(s, 0.1, init=torch.zeros(6, device="cpu"), epsilon_scaling=0.5),
-        "stream": lambda: sinkhorn_assign_stream(s.numpy(), 0.1),
-        "features": lambda: sinkhorn_assign(features=z, prototypes=c, epsilon=0.1),
-        "sharded": lambda: sinkhorn_assign_sharded(s, 0.1),
-    }
-    for name, solve in solves.items():
-        want = solve()
-        torch.set_default_device("meta")
-        try:
-            got = solve()
-            got = (got.labels, got.codes, got.objective)
-            assert torch.empty(0).device.type == "meta"
-        finally:
-            torch.set_default_device(None)
-        assert all(x.device.type == "cpu" for x in got[:2]), name
-        assert torch.equal(got[0], want.labels) and torch.equal(got[1], want.codes) and got[2] == want.objective, name
