@@ -7,7 +7,9 @@ Each subprocess pays a torch import, so argument-parsing error paths that need n
 
 from __future__ import annotations
 
+import argparse
 import glob
+import inspect
 import io
 import os
 import re
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -190,6 +193,13 @@ def test_usage_errors(scores_file, tmp_path, capsys):
         (["--prototypes", str(scores_file)], "--prototypes goes with --features"),
         ([], "no input: give SCORES.npy"),
         ([str(scores_file), "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ([str(scores_file), "--features", str(scores_file)], "give either SCORES.npy, or --features with"),
+        (["--features", str(scores_file)], "--features needs --prototypes P.npy"),
+        ([str(scores_file), "--prototypes", str(scores_file)], "--prototypes goes with --features, not with SCORES"),
+        # the command line's own words (the library's say over_relaxation), and both ends of [1, 2)
+        ([str(scores_file), "--over-relaxation", "0.9"], "--over-relaxation must be in [1, 2), got 0.9"),
+        ([str(scores_file), "--over-relaxation", "2"], "--over-relaxation must be in [1, 2), got 2.0"),
+        ([str(scores_file), "--over-relaxation", "2.5"], "--over-relaxation must be in [1, 2), got 2.5"),
     ]:
         assert main(["assign", *args, "--out", str(tmp_path / "y.npy")]) == EXIT_INPUT, args
         assert message in capsys.readouterr().err, args
@@ -201,6 +211,10 @@ def test_usage_errors(scores_file, tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     assert main(["assign", str(scores_file), "--out", str(tmp_path / "no-such-dir" / "y.npy")]) == EXIT_OUTPUT
     assert "does not exist" in capsys.readouterr().err
+    assert main(["assign", str(scores_file), "--over-relaxation", "1", "-q", "--out", str(tmp_path / "y.npy")]) == 0
+    with pytest.raises(SystemExit) as exc:  # no command: a usage error, not an AttributeError on args.func
+        main([])
+    assert exc.value.code == 2 and "the following arguments are required: COMMAND" in capsys.readouterr().err
 
 
 def test_outputs_must_be_regular_files(scores_file, tmp_path, capsys):
@@ -386,6 +400,13 @@ def test_demo_runs(capsys):
     # it printed the balanced labels' lower NMI without a word: the balance gained, and why NMI can drop
     assert re.search(r"largest/fair  balanced \(otlabel\):  1\.0\d\n +nearest prototype: +1\.\d\d", out), out
     assert "why lower     the digits' classes are near equal (174-183 images), but these prototypes" in out
+    assert float(re.search(r"converged=True, marginal error (\S+),", out)[1]) < 1e-4  # the demo solves to 1e-4
+    why = out[out.index("  why lower") : out.index("  total time")].splitlines()  # wrapped under the values' column
+    assert len(why) > 1 and all(len(line) <= 110 and re.match(" {16}[^ ]", line) for line in why[1:]), why
+    # the parts' times are within the total
+    total = float(re.search(r"total time +(\d+\.\d+) s", out)[1]) + 0.005
+    assert float(re.search(r"seed 0 \((\d+\.\d+) s\)", out)[1]) <= total
+    assert float(re.search(r"(\d+\.\d) ms\n", out)[1]) / 1e3 <= total
     assert main(["demo", "--clusters", "1798"]) == EXIT_INPUT  # more clusters than images
     assert "--clusters must be at most 1,797" in capsys.readouterr().err
 
@@ -510,3 +531,200 @@ def test_an_output_given_as_a_symbolic_link_is_written_through_it(scores_file, t
     dangling.symlink_to(tmp_path / "results" / "new.npy")
     assert main(["assign", str(scores_file), "--out", str(dangling), "-q"]) == EXIT_OK
     assert dangling.is_symlink() and np.load(tmp_path / "results" / "new.npy").shape == (N,)
+
+
+def test_size_and_number_arguments():
+    from otlabel.cli import parse_bytes, positive_float, positive_int
+
+    sizes = ["1000000", "1K", "256M", "1.5G", "512MiB", "2kb", "1e3", " 1T "]
+    assert [parse_bytes(s) for s in sizes] == [10**6, 1024, 256 << 20, 3 << 29, 512 << 20, 2048, 1000, 1 << 40]
+    assert positive_float("1e-3") == 1e-3 and positive_int("3") == 3
+    for parse, text, message in [
+        (parse_bytes, "lots", "not a size: 'lots'"),
+        (parse_bytes, "1e400", "not a size"),
+        (parse_bytes, "0", "memory budget must be positive, got '0'"),
+        (parse_bytes, "0.5", "memory budget must be positive"),
+        (positive_float, "x", "not a number: 'x'"),
+        (positive_float, "0", "must be a positive number, got '0'"),
+        (positive_float, "-1", "must be a positive number"),
+        (positive_float, "inf", "must be a positive number"),
+        (positive_float, "nan", "must be a positive number"),
+        (positive_int, "1.5", "not an integer: '1.5'"),
+        (positive_int, "0", "must be >= 1, got '0'"),
+        (positive_int, "-2", "must be >= 1"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            parse(text)
+
+
+def test_defaults_follow_the_library_and_the_manual():
+    """--epsilon and --max-iter default to the library's; --tol to 1e-3, looser than its 1e-4 (README says why)."""
+    from otlabel.cli import build_parser
+    from otlabel.solver import DEFAULT_MAX_ITER
+    from otlabel.streaming import sinkhorn_assign_stream
+
+    library_eps = inspect.signature(sinkhorn_assign_stream).parameters["epsilon"].default
+    args = build_parser().parse_args(["assign", "s.npy", "--out", "y.npy"])
+    assert (args.epsilon, args.tol, args.max_iter) == (library_eps, 1e-3, DEFAULT_MAX_ITER)
+    assert build_parser().parse_args(["demo"]).epsilon == library_eps
+
+
+def test_cuda_asked_for_where_there_is_none_is_an_input_error(scores_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["assign", str(scores_file), "--device", "cuda:0", "-q", "--out", str(tmp_path / "y.npy")]) == 2
+    err = capsys.readouterr().err  # said by parse_device, not by the library tripping over what it returned
+    assert err == "otlabel: error: --device cuda:0: CUDA is not available on this machine (use --device cpu)\n", err
+    assert os.listdir(tmp_path) == []
+
+
+def test_wrong_weights_with_features_get_no_transposed_scores_hint(tmp_path, capsys):
+    """The hint is about SCORES.npy saved as (K, N): features (N, D) cannot be transposed scores."""
+    np.save(tmp_path / "z.npy", np.eye(4, 8, dtype=np.float32))
+    np.save(tmp_path / "p.npy", np.eye(3, 8, dtype=np.float32))
+    np.save(tmp_path / "w.npy", np.full(4, 0.25))  # N weights, not K
+    args = ["--features", "z.npy", "--prototypes", "p.npy", "--cluster-weights", "w.npy", "--out", "y.npy"]
+    assert main(["assign", "-q", *[str(tmp_path / a) if a.endswith(".npy") else a for a in args]]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "--cluster-weights must have shape (3,)" in err and "transposed" not in err, err
+
+
+def summary_line(out: str, start: str) -> str:
+    (line,) = [x for x in out.splitlines() if x.startswith(start)]
+    return line
+
+
+def test_summary_names_clusters_heads_and_targets(tmp_path, capsys):
+    one, two = random_problem(N, K, seed=3).numpy(), random_problem(N, K, seed=4).numpy()
+    np.save(tmp_path / "s.npy", one)
+    np.save(tmp_path / "h.npy", np.stack([one, two]))
+    np.save(tmp_path / "w.npy", np.full(K, 1 / K))
+    out = str(tmp_path / "y.npy")
+    assert main(["assign", str(tmp_path / "s.npy"), "--out", out]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert text.startswith(f"otlabel: labelled {N} samples into {K} clusters (scores ({N}, {K}) float32, epsilon 0.05)")
+    assert "; uniform target 50.0" in text and ", head" not in text
+    assert main(["assign", str(tmp_path / "s.npy"), "--cluster-weights", str(tmp_path / "w.npy"), "--out", out]) == 0
+    assert "; targets from --cluster-weights" in capsys.readouterr().out
+    assert main(["assign", str(tmp_path / "h.npy"), "--out", out]) == EXIT_OK
+    labels = np.load(out)
+    assert labels.shape == (2, N)
+    counts = np.stack([np.bincount(row, minlength=K) for row in labels])
+    (h0, k0), (h1, k1) = (
+        np.unravel_index(counts.argmin(), counts.shape),
+        np.unravel_index(counts.argmax(), counts.shape),
+    )
+    line = summary_line(capsys.readouterr().out, "  cluster sizes")
+    assert (
+        f"smallest {counts.min()} (cluster {k0}, head {h0}), largest {counts.max()} (cluster {k1}, head {h1})" in line
+    )
+
+
+def test_summary_times_lie_within_the_run(scores_file, tmp_path, capsys):
+    """Solve and write are parts of the wall time, which is part of the call (no threshold on how long any takes)."""
+    start = time.perf_counter()
+    assert main(["assign", str(scores_file), "--out", str(tmp_path / "y.npy")]) == EXIT_OK
+    elapsed = time.perf_counter() - start
+    line = summary_line(capsys.readouterr().out, "  wall time")
+    total, solve, per_iter, write = map(float, re.findall(r"(\d+\.\d+) s", line))
+    assert solve <= total and write <= total and per_iter <= solve + 0.0005 and total <= elapsed + 0.005, line
+
+
+def test_labels_are_renamed_into_place_last(scores_file, tmp_path, monkeypatch):
+    """Whoever waits for the labels file finds the codes beside it already new."""
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):
+        renamed.append(os.path.basename(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    out, codes = str(tmp_path / "labels.npy"), str(tmp_path / "codes.npy")
+    assert main(["assign", str(scores_file), "-q", "--out", out, "--codes-out", codes]) == EXIT_OK
+    assert renamed == ["codes.npy", "labels.npy"]
+
+
+def progress_args(**kw):
+    return argparse.Namespace(**{"quiet": False, "tol": 1e-3, "max_iter": 100, "codes_out": None, **kw})
+
+
+def test_progress_lines_in_a_log_follow_the_clock(capsys, monkeypatch):
+    """On a clock under the test's control: the first iteration, then one line per LOG_EVERY_S, then the last."""
+    from otlabel import cli
+
+    now = [1000.0]
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    every = cli.progress_bar.LOG_EVERY_S
+    bar = cli.progress_bar(progress_args())
+    for iteration, at, error in [(1, 0, float("inf")), (2, every / 2, 0.5), (3, every, 0.2), (4, 1.5 * every, 0.1),
+                                 (5, 1.5 * every, 1e-3), (6, 2 * every, 1e-4)]:  # fmt: skip
+        now[0] = 1000.5 + at  # the bar started at 1000
+        bar.callback(iteration, error)  # 1e-3 is not below tol: not the last
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["sinkhorn: iteration 1", "sinkhorn: iteration 3",
+                                                      "sinkhorn: iteration 6"], lines  # fmt: skip
+    rate = f"{3 / (every + 0.5):.3g} it/s"
+    assert lines[1].endswith(f"(tol 0.001), {rate}") and lines[2].endswith(
+        "; writing the labels, " + f"{6 / (2 * every + 0.5):.3g} it/s"
+    )
+
+
+def test_progress_bar_on_a_terminal_counts_iterations(monkeypatch):
+    pytest.importorskip("tqdm")
+    from otlabel import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar = cli.progress_bar(progress_args(codes_out="c.npy"))
+    for iteration in (1, 2, 3):
+        bar.callback(iteration, 1e-3 if iteration < 3 else 1e-4)
+    assert bar.bar.n == 3 and bar.bar.postfix.endswith("; writing the labels and codes")
+    bar.close()
+
+
+def test_demo_explanation_thresholds():
+    from otlabel.cli import demo_explanation
+
+    classes = np.array([10, 12])
+    assert demo_explanation(0.5, 0.5, 2, classes).startswith("both labellings agree")
+    assert demo_explanation(0.5, 0.5005, 2, classes).startswith("both labellings agree")  # within 1e-3
+    assert demo_explanation(1e-3, 0.0, 2, classes).startswith("balancing matched the digits' near-equal classes (10-12")
+    assert demo_explanation(0.5, 0.505, 2, classes).startswith("why lower")
+    assert "3 prototypes cannot match 2 classes" in demo_explanation(0.4, 0.5, 3, classes)
+
+
+def test_spherical_kmeans_seeding_and_steps():
+    from otlabel.cli import spherical_kmeans
+
+    # k-means++ on orthonormal points picks every point once: a chosen point's distance drops to 0
+    for seed in range(5):
+        c = spherical_kmeans(torch.eye(4), 4, torch.Generator().manual_seed(seed), n_iter=0)
+        assert sorted(c.argmax(dim=1).tolist()) == [0, 1, 2, 3], (seed, c)
+    # the first centre is drawn from all the samples, not the first D of them
+    x = torch.nn.functional.normalize(torch.randn(50, 2, generator=torch.Generator().manual_seed(0)), dim=1)
+    firsts = {
+        int((x @ spherical_kmeans(x, 1, torch.Generator().manual_seed(s), n_iter=0)[0]).argmax()) for s in range(8)
+    }
+    assert len(firsts) > 2, firsts
+    # Lloyd steps move the centres to the normalised means of their members
+    angles = torch.tensor([-0.2, 0.2, torch.pi / 2 - 0.2, torch.pi / 2 + 0.2])
+    x = torch.stack([angles.cos(), angles.sin()], dim=1)
+    c = spherical_kmeans(x, 2, torch.Generator().manual_seed(0))
+    assert_close(c[c[:, 0].argsort(descending=True)], torch.eye(2), atol=1e-6, what="k-means centres")
+
+
+def test_demo_on_a_small_data_set(capsys, monkeypatch):
+    """The demo's limits on its own: as many clusters as images, and sizes listed up to 20 clusters."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    g = np.random.default_rng(0)
+    small = types.SimpleNamespace(data=g.random((40, 64)), target=np.arange(40) % 4)
+    monkeypatch.setattr(datasets, "load_digits", lambda: small)
+    assert main(["demo", "--clusters", "20"]) == EXIT_OK
+    assert re.search(r"cluster sizes balanced \(otlabel\):  \[\d+(, \d+){19}\]\n", capsys.readouterr().out)
+    assert main(["demo", "--clusters", "21"]) == EXIT_OK
+    assert re.search(r"cluster sizes balanced \(otlabel\):  smallest \d+, largest \d+\n", capsys.readouterr().out)
+    assert main(["demo", "--clusters", "40"]) == EXIT_OK
+    assert main(["demo", "--clusters", "41"]) == EXIT_INPUT
+    assert "--clusters must be at most 40 (the number of images), got 41" in capsys.readouterr().err
