@@ -93,8 +93,9 @@ class Terminated(BaseException):
 
 
 def parse_bytes(text: str) -> int:
-    """``"256M"``, ``"1.5G"``, ``"512MiB"``, ``"1000000"`` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    """``"256M"``, ``"1.5G"``, ``"512MiB"``, ``"1000000"`` -> bytes. A sign is read, so that ``-1G`` is told it is
+    not positive rather than not a size."""
+    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256M, 2G, 1000000)")
     value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
@@ -234,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="random seed for the k-means++ seeding (default: 0)")
     d.add_argument("--device", default="cpu", metavar="DEV", help="compute device (default: cpu)")
     d.set_defaults(func=cmd_demo)
+    for command in (p, d):
+        # A value may start with '-' only where argparse sees a negative number; before Python 3.14 that was a plain
+        # -5 or -0.5, so "--memory-budget -1G" and "--tol -1e-3" were "expected one argument", not the option's own
+        # error. 3.14's rule: '-' then a digit (or '.' and a digit) is a value. No option of ours looks like that.
+        command._negative_number_matcher = re.compile(r"-\.?\d")
     return parser
 
 

@@ -728,3 +728,24 @@ def test_demo_on_a_small_data_set(capsys, monkeypatch):
     assert main(["demo", "--clusters", "40"]) == EXIT_OK
     assert main(["demo", "--clusters", "41"]) == EXIT_INPUT
     assert "--clusters must be at most 40 (the number of images), got 41" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1G", "-512M", "-1"])
+def test_a_negative_memory_budget_gets_its_own_error_in_both_spellings(value, scores_file, tmp_path, capsys):
+    """``--memory-budget -1G`` got argparse's "expected one argument" (it took -1G for an option: before Python 3.14
+    only a plain number such as -5 may start with '-'), and ``--memory-budget=-1G`` "not a size"."""
+    for spelling in (["--memory-budget", value], [f"--memory-budget={value}"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["assign", str(scores_file), *spelling, "--out", str(tmp_path / "y.npy")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"memory budget must be positive, got '{value}'" in err, (spelling, err)
+
+
+def test_option_values_in_scientific_notation_may_be_negative(scores_file, tmp_path, capsys):
+    """``--tol -1e-3`` was "expected one argument" too: it gets --tol's own error."""
+    with pytest.raises(SystemExit):
+        main(["assign", str(scores_file), "--tol", "-1e-3", "--out", str(tmp_path / "y.npy")])
+    assert "argument --tol: must be a positive number, got '-1e-3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--epsilon", "-5e-2"])
+    assert "argument --epsilon: must be a positive number, got '-5e-2'" in capsys.readouterr().err
