@@ -50,8 +50,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     from .streaming import SmallChunksWarning, sinkhorn_assign_stream
 
 
-SUBMODULES = ("anderson", "backends", "baselines", "cli", "distributed", "exact", "feasibility", "features", "graphs",
-              "host_sources", "inputs", "kernels", "outputs", "problem", "result", "solver", "sources",
+SUBMODULES = ("anderson", "backends", "baselines", "cli", "distributed", "entry", "exact", "feasibility", "features",
+              "graphs", "host_sources", "inputs", "kernels", "outputs", "problem", "result", "solver", "sources",
               "streaming")  # fmt: skip
 
 
