@@ -59,7 +59,7 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
         res = sinkhorn_assign_stream(
             features=features, prototypes=prototypes, bias=bias, epsilon=epsilon, device=device, warn=False, **solve
         )
-    if warn:  # here, sinkhorn_assign, then the caller
+    if warn:  # warned here, at the caller's line, as sinkhorn_assign warns
         out = LoopOutput(res.cluster_potentials, res.n_iter, res.errors, res.converged, error=res.marginal_error)
         warn_if_not_converged("sinkhorn_assign", out, solve["tol"], res.epsilon)
     return res

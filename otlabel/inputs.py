@@ -43,7 +43,8 @@ def load_npy(path: str, name: str, mmap_mode: str | None = None) -> np.ndarray:
         x.close()
         if any(f == "data.pkl" or f.endswith("/data.pkl") for f in x.files):  # torch.save's zip, which np.load opens
             raise ValueError(f"{name} file {path!r} is a PyTorch file (torch.save), not a .npy file: save the tensor "
-                             "with NumPy, np.save('array.npy', torch.load(path).float().numpy()).")  # fmt: skip
+                             "with NumPy, np.save('array.npy', torch.load(path).numpy()) (.float() before .numpy() "
+                             "for bfloat16).")  # fmt: skip
         raise ValueError(f"{name} file {path!r} is an .npz archive (arrays: {arrays}), not a .npy file: save the "
                          "array to use on its own, np.save('array.npy', np.load(path)['name']).")  # fmt: skip
     return x

@@ -466,7 +466,8 @@ def sinkhorn_assign(
             (potentials at ``epsilon``) starts the first stage, rescaled to its temperature.
         callback: ``callback(iteration, marginal_error)`` after every iteration (the worst head's error; ``inf``
             for the cold start), e.g. to drive a progress bar or log convergence. It reads the error back from
-            the device every iteration, which a ``tol=None`` solve otherwise never does.
+            the device every iteration, which a ``tol=None`` solve otherwise never does. It runs inside the solve:
+            uncompiled, and with the CPU as torch's default device (see :mod:`otlabel.entry`).
         warn: emit a :class:`ConvergenceWarning` when ``tol`` is not reached in ``max_iter`` iterations.
         cuda_graph: for small fixed-iteration solves on a GPU (a SwAV batch: ``max_iter=3, tol=None``), whose time
             goes to launching kernels: capture the solve in a CUDA graph on the first call of each shape and replay
