@@ -793,3 +793,85 @@ def test_cached_kernel_labels_read_the_kernel_only_while_it_stands_and_no_codes_
     assert_close(codes, want_codes, atol=1e-6, rtol=1e-5, what="codes")
     op.release()
     assert torch.equal(op.assign(b, want_codes=False)[0], want_labels)
+
+
+class SequentialSource(DenseSource):
+    """A source that must be read in order from one thread (as a staged CUDA stream): its reads are logged."""
+
+    random_access = False
+
+    def __init__(self, scores):
+        super().__init__(scores)
+        self.reads = []  # (thread, first row, end row) per chunk handed out
+
+    def chunk(self, rows):
+        import threading
+
+        self.reads.append((threading.get_ident(), rows.start, rows.stop))
+        return super().chunk(rows)
+
+
+def test_a_sequential_source_is_read_in_order_on_the_callers_thread():
+    """The log-domain passes over a source without random access (on a GPU: the staged stream) run as one range from
+    row 0, on the caller's thread: any other thread, order or start would break such a source. On a CPU every test
+    source was random-access, so nothing read one."""
+    import threading
+
+    s = random_problem(30, 5, h=2, seed=3)
+    c = random_weights(30, 4)
+    source = SequentialSource(s)
+    op, ref = LogDomainOperator(source, 0.1, c, chunk_elements=7 * 2 * 5), ReferenceOperator(s, 0.1, c)
+    b = torch.randn(2, 5, dtype=torch.float64)
+    assert_close(op.cluster_lse(b), ref.cluster_lse(b), atol=1e-5, rtol=1e-6, what="cluster LSE")
+    labels, codes = op.assign(b, want_codes=True)
+    want_labels, want_codes = ref.assign(b, want_codes=True)
+    assert torch.equal(labels, want_labels)
+    assert_close(codes, want_codes, atol=1e-6, what="codes")
+    assert_close(op.transport_score(b), ref.transport_score(b), atol=1e-7, rtol=1e-6, what="transport score")
+    passes = [source.reads[i : i + 5] for i in range(0, len(source.reads), 5)]
+    assert len(source.reads) == 3 * 5 and all(len(p) == 5 for p in passes), source.reads  # 3 passes of 5 chunks
+    for reads in passes:
+        assert [(lo, hi) for _, lo, hi in reads] == [(0, 7), (7, 14), (14, 21), (21, 28), (28, 30)], reads
+        assert {thread for thread, _, _ in reads} == {threading.get_ident()}
+
+
+def test_log_domain_pass_rescues_a_cluster_that_underflowed_entirely():
+    """Far from convergence at a small epsilon a whole cluster can lie > 87 nats below every row's maximum: its
+    column of exp(S / eps + b - m) underflows to 0 and the pass is redone exactly, in log-sum-exps. A pass that kept
+    the zeros would answer LSE = -inf (an empty cluster) for one holding mass e^-150 of every row."""
+    s = torch.zeros(1, 12, 3)
+    s[0, :, 0] = 1.5  # at eps = 0.01, 150 nats above the other two clusters in every row
+    s[0, :4, 2] = 1.0  # cluster 2 within 87 nats for some rows: only cluster 1 underflows
+    c = uniform(12)
+    op, ref = OPERATORS["log-domain"](s, 0.01, c), ReferenceOperator(s, 0.01, c)
+    b = torch.zeros(1, 3, dtype=torch.float64)
+    got, want = op.cluster_lse(b), ref.cluster_lse(b)
+    assert torch.isfinite(got).all(), got
+    assert_close(got, want, atol=1e-4, rtol=1e-6, what="cluster LSE with an underflowed cluster")
+
+
+def test_log_domain_pass_stays_exact_when_the_potentials_jump_past_the_reference():
+    """The pass forms exp(S / eps + b_ref - m) * exp(b - b_ref) around a reference that is reset per cluster once b
+    leaves it by more than REFERENCE_DRIFT nats; b jumping by 120 (exp(120) overflows float32) must reset it, in either
+    direction, whatever the sign of b."""
+    s = random_problem(20, 4, h=1, seed=5)
+    c = uniform(20)
+    op, ref = OPERATORS["log-domain"](s, 0.5, c), ReferenceOperator(s, 0.5, c)
+    b = torch.tensor([[60.0, -60.0, 60.0, -60.0]], dtype=torch.float64)
+    for potentials in (b, -b, b):
+        got, want = op.cluster_lse(potentials), ref.cluster_lse(potentials)
+        assert_close(got, want, atol=1e-4, rtol=1e-6, what=f"cluster LSE at b = {potentials.tolist()}")
+
+
+def test_a_cluster_no_sample_here_may_reach_keeps_the_fast_pass(monkeypatch):
+    """In a sharded solve a rank may hold no sample allowed in some cluster that other ranks fill: its local column
+    is empty (LSE -inf) while b is finite. That is no underflow, and must not send every pass to the exact one."""
+    s = random_problem(16, 4, h=1, seed=6)
+    s[0, :, 1] = float("-inf")
+    c = uniform(16)
+    op, ref = OPERATORS["log-domain"](s, 0.1, c), ReferenceOperator(s, 0.1, c)
+    b = torch.randn(1, 4, dtype=torch.float64)
+    monkeypatch.setattr(op, "_cluster_lse_exact", lambda b: pytest.fail("took the exact pass"))
+    got = op.cluster_lse(b)
+    assert got[0, 1] == float("-inf")
+    assert_close(got, ref.cluster_lse(b), atol=1e-5, rtol=1e-6, what="cluster LSE")
