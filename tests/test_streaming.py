@@ -643,3 +643,33 @@ def test_one_bad_prototype_entry_is_refused():
         c[2, 5] = bad
         with pytest.raises(ValueError, match="prototypes contain NaN or inf; they must be finite vectors"):
             sinkhorn_assign_stream(features=z, prototypes=c)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_every_range_counts_once_in_the_checks(warm):
+    """On 2 threads the rows are checked in two ranges, whose column maxima and mask patterns are merged: half the
+    samples may go to cluster 0 only, the other half fill cluster 1. Leaving the second range out (cluster 1 has
+    no sample: infeasible) or counting the first twice (2/3 of the mass for cluster 0's half: infeasible) refuses a
+    feasible problem. Cold start: the checks ride on the first pass; warm start: a pass of its own."""
+    scores = np.zeros((8, 2), np.float32)
+    scores[:4, 1] = -np.inf
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two ranges of rows: [0, 4) and [4, 8)
+    try:
+        init = torch.zeros(2, dtype=torch.float64) if warm else None
+        res = sinkhorn_assign_stream(scores, 0.1, init=init, tol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.converged and res.labels.tolist() == [0] * 4 + [1] * 4
+
+
+def test_the_warm_start_checks_exponentiate_nothing(monkeypatch):
+    """The pass that checks the scores before a warm start needs no log-sum-exps (those serve the cold start only):
+    an exp per entry there would be a wasted iteration's worth of work."""
+    import otlabel.streaming as streaming
+
+    source = HostSource(random_problem(40, 3, seed=4).numpy(), "cpu", rows_per_chunk=7)
+    op = streaming.StreamingOperator(source, 0.1, random_weights(40, 5), random_weights(3, 6))
+    monkeypatch.setattr(streaming, "exp_", lambda *args, **kwargs: pytest.fail("validate() exponentiated"))
+    op.validate()
+    assert op.validated and op.reachable().all()
