@@ -673,3 +673,19 @@ def test_the_warm_start_checks_exponentiate_nothing(monkeypatch):
     monkeypatch.setattr(streaming, "exp_", lambda *args, **kwargs: pytest.fail("validate() exponentiated"))
     op.validate()
     assert op.validated and op.reachable().all()
+
+
+def test_the_streamed_span_check_sits_at_the_float32_limit():
+    """The streamed checks see S / eps already (inv_eps=1 to the row checks): a sample whose scores reach 4000 nats
+    at this epsilon is refused as in memory, one at 2000 is solved (float32 resolves up to 3000). The span tests
+    elsewhere use 2e5, which a check off by a factor of 2 either way passes too."""
+    scores = random_problem(30, 4, seed=8).numpy() / 100
+    for shift, refused in ((40.0, True), (20.0, False)):
+        shifted = scores.copy()
+        shifted[17] -= shift  # eps = 0.01: |S| / eps up to 4000 or 2000 nats in row 17
+        for solve in (sinkhorn_assign_stream, sinkhorn_assign):
+            if refused:
+                with pytest.raises(ValueError, match=r"float32 arithmetic"):
+                    solve(shifted, 0.01)
+            else:
+                assert solve(shifted, 0.01, tol=None, max_iter=5).labels.shape == (30,)
