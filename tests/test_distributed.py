@@ -877,3 +877,17 @@ def test_sharded_mask_check_merges_every_pattern_of_every_rank():
     expected = "clusters [0, 1] need 0.5 of the mass (their cluster_weights), but only 4 samples (0.4 of the sample"
     for rank, err in enumerate(sharded_mask_check(shards, r)):
         assert isinstance(err, ValueError) and expected in str(err), f"rank {rank}: {err!r}"
+
+
+def test_sharded_features_warm_start_starts_from_init():
+    """On the CPU a sharded features solve streams each rank's features (a StreamingOperator) with no checking pass
+    of its own (the features were checked up front), so its operator is never marked validated: a warm start must
+    still take the iteration at ``init``, not the cold start the first pass of a stream does for an unchecked one."""
+    g = torch.Generator().manual_seed(13)
+    z = torch.nn.functional.normalize(torch.randn(60, 8, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    init = sinkhorn_assign(features=z, prototypes=c, epsilon=0.05, tol=1e-6).cluster_potentials
+    kw = dict(features=z, prototypes=c, epsilon=0.05, init=init, tol=None, max_iter=2)
+    ref, res = sinkhorn_assign(**kw), sinkhorn_assign_sharded(**kw)
+    assert res.errors[0] < 1e-5, res.errors  # the marginal error of init itself: a cold start's would be ~1
+    assert_close(res.cluster_potentials, ref.cluster_potentials, atol=1e-5, what="potentials after 2 iterations")
