@@ -877,3 +877,16 @@ def test_a_cluster_no_sample_here_may_reach_keeps_the_fast_pass(monkeypatch):
     got = op.cluster_lse(b)
     assert got[0, 1] == float("-inf")
     assert_close(got, ref.cluster_lse(b), atol=1e-5, rtol=1e-6, what="cluster LSE")
+
+
+def test_a_ranges_work_buffer_holds_one_chunk():
+    """Each range of rows gets one buffer, the size of its first (largest) chunk, whatever row the range starts at:
+    extra memory stays one chunk per thread. Results cannot show an oversized buffer."""
+    s = random_problem(30, 5, h=2, seed=3)
+    op = LogDomainOperator(DenseSource(s), 0.1, uniform(30), chunk_elements=7 * 2 * 5)
+    for lo, hi in ((0, 30), (15, 30), (28, 30)):
+        buffer = op.work_buffer(lo, hi)
+        for rows in op.chunks(lo, hi):
+            view = buffer(rows)
+            assert view.shape == (2, rows.stop - rows.start, 5)
+            assert view.untyped_storage().nbytes() == 2 * min(7, hi - lo) * 5 * 4, (lo, hi)
