@@ -4,10 +4,10 @@
   runs as it does uncompiled. Traced, it was not: Dynamo followed the solver into its host loop and data-dependent
   branches, took 32 s to compile one 256 x 30 call (2 CPU threads) and ran each later call 13x slower than eager
   (153 against 12 ms) through its many graph breaks, warning about builtins on the way.
-* **With the CPU as torch's default device** when the caller set another (``torch.set_default_device("cuda")`` in a
-  training script): otlabel places every tensor that must be on the scores' device explicitly and lets the host-side
-  ones (the CPU kernel, streamed labels and codes, NumPy inputs as tensors) take the default, which put them on the
-  GPU beside CPU scores that torch then refused to copy.
+* **Without the caller's default device** (``torch.set_default_device("cuda")`` in a training script), so with the
+  CPU's: otlabel places every tensor that must be on the scores' device explicitly and lets the host-side ones (the
+  CPU kernel, streamed labels and codes, NumPy inputs as tensors) take the default, which put them on the GPU beside
+  CPU scores that torch then refused to copy.
 * **Warnings at the caller's line**, however many wrappers and helpers lie between (Dynamo's among them).
 """
 
@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - a torch without them takes the general
 
 
 def entry_point(fn):
-    """``fn`` (a public call) run eagerly when ``torch.compile`` traces it, and with the CPU as default device."""
+    """``fn`` (a public call) run eagerly when ``torch.compile`` traces it, and without the caller's default device."""
 
     @functools.wraps(fn)
     def on_host_default(*args, **kwargs):
@@ -36,8 +36,8 @@ def entry_point(fn):
                 return fn(*args, **kwargs)
             if isinstance(_get_current_function_mode(), DeviceContext):
                 # The caller's default device, set aside for the call: a CPU device context pushed over it instead
-                # would send every torch call of the solve through two Python modes (64 x 8, 20 iterations: 6.4
-                # against 3.5 ms).
+                # would send every torch call of the solve through two Python modes (a reviewer's measurement, 64 x 8
+                # at 20 iterations: 6.4 against 3.5 ms).
                 with _pop_mode_temporarily():
                     return on_host_default(*args, **kwargs)
         if default_device().type == "cpu":  # ~2.5 us: it walks the mode stack
@@ -45,10 +45,10 @@ def entry_point(fn):
         with torch.device("cpu"):
             return fn(*args, **kwargs)
 
-    # torch's own lazy torch.compiler.disable: Dynamo skips its module (a graph break, then a native call), and it
-    # imports Dynamo (~1 s) on its first call only. Made by torch.compiler.disable on the first traced call instead,
-    # the disabled function would be state read while tracing: the caller's whole graph compiled again on its next
-    # call (measured: a 256 x 30 solve in a compiled step, 65 against 11 ms once).
+    # torch's own lazy torch.compiler.disable, which Dynamo skips (a graph break, then a native call). The public
+    # one, made here, would import Dynamo (~1 s) in every program; made on the first traced call, it would be state
+    # read while tracing: the caller's whole graph compiled again on its next call (a 256 x 30 solve in a compiled
+    # step: 65 against 11 ms, once).
     eager = getattr(torch, "_disable_dynamo", lambda f: f)(on_host_default)
 
     @functools.wraps(fn)
