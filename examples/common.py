@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import random
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -113,6 +114,14 @@ def setup(args: argparse.Namespace) -> torch.device:
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"error: --out {args.out}: exists and is not a directory; --out names the directory for "
                          "<trainer>_results.json and <trainer>.pt")  # fmt: skip
+    if args.out is not None:  # created now, and written to once: a read-only disk or a file on its path fails here
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=args.out):
+                pass
+        except OSError as err:
+            raise SystemExit(f"error: --out {args.out}: cannot write there ({err.strerror or err}); give a directory "
+                             "that can be created and written to") from None  # fmt: skip
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -240,6 +240,15 @@ def test_out_that_is_a_file_stops_before_training(tmp_path):
     assert common.setup(sela.parse_args(["--out", str(tmp_path / "new")])).type == "cpu"
 
 
+def test_out_that_cannot_be_created_stops_before_training(tmp_path):
+    """An --out under a file (or on a read-only disk) trained the whole run, then failed in mkdir with a traceback."""
+    (tmp_path / "data.npy").write_text("")
+    with pytest.raises(SystemExit, match="error: --out .*data.npy/runs: cannot write there"):
+        common.setup(sela.parse_args(["--out", str(tmp_path / "data.npy" / "runs")]))
+    common.setup(sela.parse_args(["--out", str(tmp_path / "new" / "runs")]))
+    assert (tmp_path / "new" / "runs").is_dir() and not any((tmp_path / "new" / "runs").iterdir())
+
+
 def test_more_clusters_than_samples_stops_before_training():
     """--k 2000 on 1,797 digits trained a whole run, then failed in the k-means baseline."""
     with pytest.raises(SystemExit, match="--k 2000 is more clusters than the 1797 samples"):
