@@ -380,6 +380,7 @@ def cmd_assign(args) -> int:
         t_write = time.perf_counter()
         counts = np.stack([np.bincount(row, minlength=k) for row in np.asarray(labels_file.array).reshape(h, n)])
         commit_all(outputs[::-1])  # all fsynced, then renamed together (labels last)
+        args.committed = True  # a signal from here on (the summary) finds the outputs in place
         t_write = time.perf_counter() - t_write
     except BaseException:
         args.committed = bool(outputs) and all(f.published for f in outputs)  # a signal held back by commit_all

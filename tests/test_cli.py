@@ -481,6 +481,29 @@ def test_a_signal_while_committing_leaves_old_or_new_outputs_never_a_mix(at_fsyn
     assert not glob.glob(str(tmp_path / ".*.tmp"))
 
 
+def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises in here
+
+
+@pytest.mark.parametrize("summary, status", [(ctrl_c, 130), (sigterm, EXIT_SIGTERM)])
+def test_a_signal_during_the_summary_says_the_outputs_are_in_place(summary, status, scores_file, tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    """Ctrl-C or SIGTERM while the summary was printed, after both outputs had been renamed into place, said
+    'no output written' beside the complete new outputs."""
+    import otlabel.cli
+
+    monkeypatch.setattr(otlabel.cli, "print_summary", summary)
+    out, codes = tmp_path / "labels.npy", tmp_path / "codes.npy"
+    assert main(["assign", str(scores_file), "--out", str(out), "--codes-out", str(codes)]) == status
+    assert np.load(out).shape == (N,) and np.load(codes).shape == (N, K)
+    assert "the outputs were complete and are in place" in capsys.readouterr().err
+
+
 def test_memory_budget_overflow_is_a_usage_error(scores_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # float('1e400') is inf: int(inf) raised OverflowError, a traceback
         main(["assign", str(scores_file), "--memory-budget", "1e400", "--out", str(tmp_path / "y.npy")])
