@@ -126,6 +126,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """A seed torch's generators take: from -2**63 to 2**64 - 1 (beyond, manual_seed's 'Overflow when unpacking
+    long long' named no flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be between -2**63 and 2**64 - 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -232,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--clusters", type=positive_int, default=10, metavar="K", help="number of clusters (default: 10)")
     d.add_argument("--epsilon", type=positive_float, default=0.05, metavar="EPS", help="temperature (default: 0.05)")
-    d.add_argument("--seed", type=int, default=0, help="random seed for the k-means++ seeding (default: 0)")
+    d.add_argument("--seed", type=seed_int, default=0, help="random seed for the k-means++ seeding (default: 0)")
     d.add_argument("--device", default="cpu", metavar="DEV", help="compute device (default: cpu)")
     d.set_defaults(func=cmd_demo)
     for command in (p, d):

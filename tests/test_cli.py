@@ -580,6 +580,18 @@ def test_size_and_number_arguments():
             parse(text)
 
 
+def test_demo_seed_beyond_torchs_range_is_a_usage_error(capsys):
+    """--seed 2**64 ran k-means, then failed as 'otlabel: error: Overflow when unpacking long long', naming no
+    flag."""
+    from otlabel.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--seed", str(2**64)])
+    assert exc.value.code == EXIT_INPUT and "argument --seed: must be between" in capsys.readouterr().err
+    for seed in (-(2**63), 2**64 - 1):
+        assert build_parser().parse_args(["demo", "--seed", str(seed)]).seed == seed
+
+
 def test_defaults_follow_the_library_and_the_manual():
     """--epsilon and --max-iter default to the library's; --tol to 1e-3, looser than its 1e-4 (README says why)."""
     from otlabel.cli import build_parser
