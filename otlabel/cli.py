@@ -61,7 +61,8 @@ exit status:
   2    bad usage or bad input: missing or unreadable file, wrong shape or dtype, NaN in the scores,
        infeasible mask, bad --cluster-weights
   3    an output cannot be written (missing directory, no permission, disk full)
-  4    with --strict: the marginal error did not reach --tol within --max-iter iterations
+  4    with --strict: the marginal error did not reach --tol within --max-iter iterations (the outputs are
+       written all the same)
   129  hung up (SIGHUP);  130  interrupted (SIGINT);  143  terminated (SIGTERM). No output is left
        behind, and never new codes beside old labels.
 
@@ -206,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OMEGA",
         help="a fixed step b += OMEGA (b_new - b), 1 <= OMEGA < 2, instead of --acceleration; 1 is plain Sinkhorn",
     )
-    solve.add_argument("--strict", action="store_true", help="exit with status 4 if --tol is not reached")
+    solve.add_argument(
+        "--strict", action="store_true", help="exit with status 4 if --tol is not reached (outputs are still written)"
+    )
     run = p.add_argument_group("resources")
     run.add_argument(
         "--device", default="auto", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: auto, cuda when available)"
