@@ -7,6 +7,8 @@ paths differ only in fp32 rounding (the dense CPU path exponentiates once, the s
 
 from __future__ import annotations
 
+import errno
+import os
 import warnings
 
 import numpy as np
@@ -16,6 +18,7 @@ from helpers import assert_close, centred, random_problem, random_weights
 
 from otlabel import sinkhorn_assign
 from otlabel.host_sources import BYTES_PER_ENTRY, FeatureSource, HostSource
+from otlabel.outputs import OutputError
 from otlabel.streaming import sinkhorn_assign_stream
 
 N, K, EPS, ITERS = 203, 11, 0.1, 40
@@ -156,6 +159,28 @@ def test_outputs_written_chunk_by_chunk(problem, tmp_path):
     preallocated = np.full(N, -1, dtype=np.int64)
     sinkhorn_assign_stream(scores, EPS, tol=None, max_iter=3, labels_out=preallocated)
     assert (preallocated >= 0).all()
+
+
+def test_the_labels_file_is_renamed_last(tmp_path, monkeypatch):
+    """Whoever waits for labels_out finds codes_out beside it already new: the codes are renamed into place first,
+    so a rename that fails between the two leaves the old labels (never new labels beside old codes)."""
+    labels_path, codes_path = tmp_path / "labels.npy", tmp_path / "codes.npy"
+    np.save(labels_path, np.zeros(3)), np.save(codes_path, np.zeros(3))
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):
+        renamed.append(os.path.basename(dst))
+        if len(renamed) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    scores = random_problem(20, 4, seed=3).numpy()
+    with pytest.raises(OutputError, match="labels.npy"):
+        sinkhorn_assign_stream(scores, EPS, tol=None, max_iter=3, labels_out=labels_path, codes_out=codes_path)
+    assert renamed == ["codes.npy", "labels.npy"]
+    assert np.load(labels_path).shape == (3,) and np.load(codes_path).shape == (20, 4)  # old labels, new codes
+    assert sorted(os.listdir(tmp_path)) == ["codes.npy", "labels.npy"]  # no temporary file left
 
 
 def test_warm_start_validates_and_converges_fast(problem):
