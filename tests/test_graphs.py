@@ -251,6 +251,17 @@ def test_bad_scores_raise_what_the_uncaptured_call_raises(recorder, kind):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_bad_scores_the_uncaptured_checks_pass_are_an_internal_error(recorder, monkeypatch):
+    """If the capture's verdict on the scores and the uncaptured checks ever disagreed, the call raises an internal
+    error (and keeps no capture) rather than returning results computed from the bad scores."""
+    s, _ = bad("NaN")
+    monkeypatch.setattr(graphs, "check_score_values", lambda *args, **kwargs: None)  # a check that finds nothing
+    with pytest.raises(RuntimeError, match="internal error: the captured input checks and the uncaptured ones"):
+        sinkhorn_assign(s, EPS, max_iter=3, tol=None, backend="triton", cuda_graph=True)
+    assert not graphs._CACHE
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_options_are_refused_before_the_scores_are_read(recorder):
     """The order of errors with cuda_graph=True: what cannot be captured first, then the score values."""
     s, _ = bad("NaN")
