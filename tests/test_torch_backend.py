@@ -10,7 +10,13 @@ from helpers import assert_close, centred, cosine_scores, random_problem, random
 
 from otlabel import ConvergenceWarning, sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
 from otlabel.backends.reference import ReferenceOperator
-from otlabel.backends.torch_backend import CachedKernelOperator, LogDomainOperator, make_torch_operator
+from otlabel.backends.torch_backend import (
+    CachedKernelOperator,
+    LogDomainOperator,
+    make_torch_operator,
+    split_rows,
+    worker_pool,
+)
 from otlabel.sources import DenseSource
 
 OPERATORS = {
@@ -698,6 +704,30 @@ def _solve_in_child(queue, scores):
 
     res = sinkhorn_assign(scores, 0.05)
     queue.put((res.labels.tolist(), res.codes.tolist(), sinkhorn_assign_stream(scores, 0.05).labels.tolist()))
+
+
+def test_the_worker_pool_has_one_thread_per_torch_thread():
+    """One worker per intra-op thread, also after torch's thread count changes (a new pool then)."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3, 1):
+            torch.set_num_threads(n)
+            assert worker_pool()._max_workers == n
+            assert worker_pool() is worker_pool()  # kept while the count stays
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n, parts", [(1, 4), (7, 1), (8, 2), (9, 2), (10, 4), (5, 4), (1000, 16)])
+def test_split_rows_covers_every_row_once_in_order(n, parts):
+    """At most ``parts`` contiguous ranges covering ``range(n)`` in order; none longer than ceil(n / parts) (the
+    slowest thread has no more rows than in an even split), all that long but the last, none empty."""
+    ranges = split_rows(n, parts)
+    assert 1 <= len(ranges) <= parts
+    assert [row for lo, hi in ranges for row in range(lo, hi)] == list(range(n)), ranges
+    lengths = [hi - lo for lo, hi in ranges]
+    longest = -(-n // parts)
+    assert all(x == longest for x in lengths[:-1]) and 0 < lengths[-1] <= longest, ranges
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
