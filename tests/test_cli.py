@@ -481,6 +481,30 @@ def test_a_signal_while_committing_leaves_old_or_new_outputs_never_a_mix(at_fsyn
     assert not glob.glob(str(tmp_path / ".*.tmp"))
 
 
+def test_signals_held_back_while_renaming_are_raised_once_after(tmp_path, monkeypatch):
+    """commit_all holds SIGTERM back while it renames, and raises it once all outputs are in place: once however
+    many came meanwhile, as a blocked signal is delivered once."""
+    from otlabel.outputs import AtomicNpy, commit_all
+
+    files = [AtomicNpy(str(tmp_path / name), np.int64, (2,)) for name in ("codes.npy", "labels.npy")]
+    real_replace, seen = os.replace, []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGTERM)  # after each rename: two signals while renaming
+
+    def handler(signum, frame):
+        seen.append(sorted(os.listdir(tmp_path)))  # what was in place when the signal was handled
+
+    monkeypatch.setattr(os, "replace", replace)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        commit_all(files)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [["codes.npy", "labels.npy"]], seen
+
+
 def ctrl_c(*args, **kwargs):
     raise KeyboardInterrupt
 
