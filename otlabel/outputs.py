@@ -179,7 +179,8 @@ def commit_all(files: list) -> None:
     leaves all the previous outputs), then all are renamed with SIGINT/SIGTERM/SIGHUP deferred, so an interrupted
     run never leaves new codes next to old labels. A signal that came meanwhile is raised again once all are in
     place. (Deferred by Python handlers, not ``pthread_sigmask``: that masks one thread, and the signal then goes
-    to one of torch's.)"""
+    to one of torch's.) Callers put the labels last: then whoever finds new labels finds the new codes too, even
+    where nothing can be deferred (a rename that fails, SIGKILL between two renames: new codes beside old labels)."""
     for f in files:
         f.prepare()
     names = ("SIGINT", "SIGTERM", "SIGHUP")
