@@ -117,11 +117,15 @@ def positive_float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
+def parse_int(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = parse_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
     return value
@@ -130,10 +134,7 @@ def positive_int(text: str) -> int:
 def seed_int(text: str) -> int:
     """A seed torch's generators take: from -2**63 to 2**64 - 1 (beyond, manual_seed's 'Overflow when unpacking
     long long' named no flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = parse_int(text)
     if not -(2**63) <= value < 2**64:
         raise argparse.ArgumentTypeError(f"must be between -2**63 and 2**64 - 1, got {text!r}")
     return value
