@@ -54,6 +54,7 @@ from .problem import (
     check_weights,
     compute_dtype_of,
     max_score_span,
+    weight_rounding,
     weight_sum_tolerance,
     weighted_clusters,
 )
@@ -77,10 +78,12 @@ __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds per collective: one iteration of the slowest rank must fit
 FINGERPRINT_SIZE = 4  # 48-bit pieces of a SHA-256 of the prototypes and bias (features mode)
-META_SIZE = 15  # numbers each rank sends in the first all-gather, after a failure flag (see AGREEMENT)
+META_SIZE = 17  # numbers each rank sends in the first all-gather, after a failure flag (see AGREEMENT)
 # Columns of that metadata read by name, besides those AGREEMENT compares: the rank's number of samples, the sum of
-# its sample weights, and the two parts of its tolerance on their global sum (problem.weight_sum_tolerance).
+# its sample weights, the two parts of its tolerance on their global sum (problem.weight_sum_tolerance), and what
+# rounding its cluster and sample weights to the dtypes they came in may have moved (problem.weight_rounding).
 META_SAMPLES, META_WEIGHT_SUM, META_SUM_RTOL, META_SUM_SUBNORMAL = 1, 10, 13, 14
+META_CLUSTER_ROUNDING, META_SAMPLE_ROUNDING = 15, 16
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # narrowest first
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
@@ -348,6 +351,7 @@ def sinkhorn_assign_sharded(
         meta += [max_iter, omega_code, float(c_local is not None)]  # 7-9
         meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None), float(shard.mode)]  # 10-12
         meta += list(sum_tolerance)  # 13-14
+        meta += [weight_rounding(cluster_weights, shard.k), weight_rounding(sample_weights, shard.n)]  # 15-16
     except Exception as err:  # any failure (also MemoryError, OSError) is shared, or the other ranks wait it out
         failure = err
     try:
@@ -405,7 +409,10 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     # waiting out the timeout in the mask check).
     check_columns(col_max / epsilon, r, DTYPES[int(arithmetic.min())])
     if shard.mode == DenseShard.mode:  # features shards: -inf only from a bias, whole columns (checked just above)
-        check_sharded_masks(comm, shard.scores, c_local, r, shard.batched, shard.masked)
+        # the same on every rank: the largest cluster part (the values agree, their dtypes need not), and the sample
+        # parts added up (an upper bound: each rank's unit of rounding is counted once per rank)
+        rounding = float(table[:, META_CLUSTER_ROUNDING].max() + table[:, META_SAMPLE_ROUNDING].sum())
+        check_sharded_masks(comm, shard.scores, c_local, r, shard.batched, shard.masked, rounding)
     sharded = ShardedOperator(operator, comm)
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=sharded.shared_callback(callback))
     sharded.finish()
@@ -435,13 +442,15 @@ def check_same_on_every_rank(agreed: torch.Tensor, k: int) -> None:
         )
 
 
-def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool, masked: bool) -> None:
+def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool, masked: bool,
+                        mass_rounding: float = 0.0) -> None:  # fmt: skip
     """Hall's condition over every rank's samples (:mod:`otlabel.feasibility`), raised alike on every rank.
 
     Each rank sums its part of the hot-pair test on its device; the sums travel (H + H K numbers per rank). Only where
     some pair is hot do the ranks exchange the mask patterns of their samples with a hot pair, and then each decides
     on the same merged patterns. Every branch depends on gathered values only: all ranks take the same collectives.
     ``masked``: whether this rank's scores have a -inf for a cluster of positive weight (:func:`check_rows` says).
+    ``mass_rounding``: as in :func:`~otlabel.feasibility.check_feasible`, the same on every rank.
     """
     from .feasibility import hot_sums
 
@@ -469,10 +478,12 @@ def check_sharded_masks(comm: Collectives, scores, c_local, r, batched: bool, ma
         else:  # nothing masked here: no sample of this rank is hot
             shut = torch.zeros(n, dtype=torch.float64, device=scores.device)
             barred = torch.full((k,), -math.inf, dtype=torch.float64, device=scores.device)
-        check_sharded_head(comm, scores[h], c_local, r, (shut, barred, margin), head=h if batched else None)
+        check_sharded_head(comm, scores[h], c_local, r, (shut, barred, margin), head=h if batched else None,
+                           mass_rounding=mass_rounding)  # fmt: skip
 
 
-def check_sharded_head(comm: Collectives, scores, c_local, r, hot_test, head: int | None) -> None:
+def check_sharded_head(comm: Collectives, scores, c_local, r, hot_test, head: int | None,
+                       mass_rounding: float = 0.0) -> None:  # fmt: skip
     """One head of :func:`check_sharded_masks` where some pair is hot: the ranks exchange the mask patterns of their
     hot samples, and each decides on the same merged patterns. ``hot_test``: this rank's (shut, barred, margin)."""
     from .feasibility import MaskPatterns, check_feasible, hot_patterns
@@ -506,7 +517,7 @@ def check_sharded_head(comm: Collectives, scores, c_local, r, hot_test, head: in
             g = int(headers[w, 0])
             merged.add_unmasked(float(headers[w, 2]), int(headers[w, 3]))
             merged.add_packed(all_rows[w, :g].numpy(), all_numbers[w, 0, :g].numpy(), all_numbers[w, 1, :g].numpy())
-        check_feasible(merged, r.double().cpu().numpy(), head=head)
+        check_feasible(merged, r.double().cpu().numpy(), head=head, mass_rounding=mass_rounding)
         return torch.zeros(0, dtype=torch.float64)
 
     comm.all_gather_or_fail(decide, 0, "mask check")  # one rank failing to decide (out of memory) tells the others

@@ -29,8 +29,10 @@ the masses, each side taken relative to its own total, are scaled by ``M = 2**30
 ``floor(c * M)``, clusters ``ceil(r * M)``, the unbounded edges one more than the samples' total: every capacity,
 and the flow, stays below 2**31. Rounding the samples down and the clusters up only helps a plan, so a feasible mask
 (exactly feasible ones included) always saturates the samples: a shortfall is a real violation. It is reported once
-it exceeds ``1e-9`` of the mass (float64 sums of many weights are not exact either). The price: a violation smaller
-than that, plus ``(number of groups + K) / M``, may go unreported.
+it exceeds ``1e-9`` of the mass (float64 sums of many weights are not exact either), or, for weights given in a
+narrower dtype, what rounding them to it may have moved (one float32 unit, 1.2e-7, for float32 weights: a float32
+4/7 is 2.5e-8 above 4/7, so exactly tight masks looked infeasible). The price: a violation smaller than that, plus
+``(number of groups + K) / M``, may go unreported (the solve then stalls at an error of about twice it).
 
 Size limit. The network has up to one edge per (pattern, cluster) pair. Once the distinct patterns times K exceed
 :data:`MAX_PATTERN_EDGES`, :class:`MaskPatterns` drops what it collected, marks itself ``too_large`` and ignores
@@ -237,20 +239,21 @@ def _add_rows(patterns: MaskPatterns, scores, picked: np.ndarray, weights: np.nd
 DEVICE_BLOCK_ELEMENTS = 2**24  # scores per block of the on-device sums (a copy of the block's mask as floats)
 
 
-def check_dense_mask(scores, sample_weights, cluster_weights, batched: bool) -> None:
+def check_dense_mask(scores, sample_weights, cluster_weights, batched: bool, mass_rounding: float = 0.0) -> None:
     """Hall's condition for in-memory scores (H, N, K) on any device, without moving the mask unless it must.
 
     The hot-pair test of the module docstring runs on the device over the whole mask (:func:`hot_sums`); most masks
     end there. Otherwise only the samples with a hot pair are collected into :class:`MaskPatterns` (the others count
     as allowed everywhere: every violation is made of hot pairs, and allowing more pairs elsewhere creates none) and
-    :func:`check_feasible` decides, on the float64 weights.
+    :func:`check_feasible` decides, on the float64 weights (``mass_rounding``: as there).
     """
     for h in range(scores.shape[0]):
         shut, barred, margin = hot_sums(scores[h], sample_weights, cluster_weights)
         if float(shut.max() + barred.max()) <= 1 - margin:
             continue  # no hot pair: feasible
         patterns = hot_patterns(scores[h], sample_weights, cluster_weights, shut, barred, margin)
-        check_feasible(patterns, cluster_weights.double().cpu().numpy(), head=h if batched else None)
+        check_feasible(patterns, cluster_weights.double().cpu().numpy(), head=h if batched else None,
+                       mass_rounding=mass_rounding)  # fmt: skip
 
 
 def hot_sums(scores, sample_weights, cluster_weights):
@@ -310,20 +313,23 @@ def _device_blocks(n: int, k: int) -> list[slice]:
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
-def check_masks(patterns: list[MaskPatterns], cluster_weights, batched: bool) -> None:
+def check_masks(patterns: list[MaskPatterns], cluster_weights, batched: bool, mass_rounding: float = 0.0) -> None:
     """:func:`check_feasible` for each head's patterns (``cluster_weights`` (K,) shared by the heads)."""
     r = cluster_weights.double().cpu().numpy()
     for h, head_patterns in enumerate(patterns):
-        check_feasible(head_patterns, r, head=h if batched else None)
+        check_feasible(head_patterns, r, head=h if batched else None, mass_rounding=mass_rounding)
 
 
-def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores", head: int | None = None) -> None:
+def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores", head: int | None = None,
+                   mass_rounding: float = 0.0) -> None:  # fmt: skip
     """Raise ``ValueError`` when no plan with cluster weights ``r`` (K,) respects the mask the ``patterns`` were
     collected from, naming clusters that cannot be filled (or samples that cannot be placed) and what to do.
 
     Nothing is checked when ``patterns.too_large``. ``what`` names the matrix in the message (``-inf scores``);
     ``head``, for batched (H, N, K) problems checked one head at a time, is named in it too. The sample and cluster
-    masses are each taken relative to their own total.
+    masses are each taken relative to their own total. ``mass_rounding``: the share of the mass that rounding the
+    weights to the dtype they were given in may account for (:func:`otlabel.problem.weight_rounding`); a shortfall
+    up to it (or :data:`MASS_TOLERANCE`, whichever is larger) is not reported.
     """
     if patterns.too_large:
         return
@@ -353,7 +359,8 @@ def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores
     # one that every kept group may reach. That network holds every violation, and finds no other.
     kept = allowed[np.ix_(hot_rows, hot_cols)] & (r[hot_cols] > 0)
     edges = np.concatenate([kept, np.ones((len(kept), 1), dtype=bool)], axis=1)
-    reached = _reached_clusters(edges, c[hot_rows], np.append(r[hot_cols], r[~hot_cols].sum()))
+    tolerance = max(MASS_TOLERANCE, mass_rounding)
+    reached = _reached_clusters(edges, c[hot_rows], np.append(r[hot_cols], r[~hot_cols].sum()), tolerance)
     if reached is not None:
         clusters = ~hot_cols  # the merged clusters are reached along with any group
         clusters[hot_cols] = reached[:-1]
@@ -368,9 +375,9 @@ def _row_blocks(shape: tuple[int, int]):
         yield slice(start, start + step)
 
 
-def _reached_clusters(edges: np.ndarray, c: np.ndarray, r: np.ndarray) -> np.ndarray | None:
+def _reached_clusters(edges: np.ndarray, c: np.ndarray, r: np.ndarray, tolerance: float) -> np.ndarray | None:
     """The clusters (bool (K,)) reachable from the source in the residual network of a maximum flow, when that flow
-    falls short of the groups' mass by more than the tolerance; ``None`` when it does not.
+    falls short of the groups' mass by more than ``tolerance`` (a share of the mass); ``None`` when it does not.
 
     ``edges`` (G, K): the allowed pairs into clusters of positive weight; ``c`` (G,), ``r`` (K,): masses summing to
     at most 1 and to 1. The groups reachable in the residual network (the source side of a minimum cut) may only go to
@@ -401,7 +408,7 @@ def _reached_clusters(edges: np.ndarray, c: np.ndarray, r: np.ndarray) -> np.nda
     graph = csr_array((capacity.astype(np.int32), indices.astype(np.int32), indptr.astype(np.int32)),
                       shape=(g + k + 2, g + k + 2))  # fmt: skip
     result = maximum_flow(graph, source, sink)
-    if int(supply.sum()) - int(result.flow_value) <= max(1.0, MASS_TOLERANCE * FLOW_SCALE):
+    if int(supply.sum()) - int(result.flow_value) <= max(1.0, tolerance * FLOW_SCALE):
         return None
     residual = (graph - result.flow).tocsr()  # an edge's capacity left, and its reverse: 0 - (-flow) = flow
     residual.data = (residual.data > 0).astype(np.int8)

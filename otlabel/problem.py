@@ -245,6 +245,7 @@ def check_score_values(
     epsilon: float | None = None,
     batched: bool = True,
     sample_weights: torch.Tensor | None = None,
+    mass_rounding: float = 0.0,
 ) -> None:
     """NaN, +inf, masks (-inf) that leave a sample or a weighted cluster with nowhere to go, and (given
     ``epsilon``) scores too large for it.
@@ -260,7 +261,8 @@ def check_score_values(
 
     Given ``sample_weights``, a mask that no balanced plan can respect (Hall's condition: some samples may only go to
     clusters too light for them, see :mod:`otlabel.feasibility`) is an error too: the smallest score comes back in
-    the same transfer, and only when it is -inf are the masked rows read and the condition decided.
+    the same transfer, and only when it is -inf are the masked rows read and the condition decided, allowing a
+    shortfall of ``mass_rounding`` (:func:`weight_rounding`) for the rounding of the weights as given.
     """
     row_max = scores.amax(dim=2)  # (H, N)
     col_max = scores.amax(dim=1)  # (H, K)
@@ -278,7 +280,7 @@ def check_score_values(
     if extremes.masked:
         from .feasibility import check_dense_mask
 
-        check_dense_mask(scores, sample_weights, cluster_weights, batched)
+        check_dense_mask(scores, sample_weights, cluster_weights, batched, mass_rounding)
 
 
 @dataclass
@@ -572,6 +574,24 @@ def weight_sum_tolerance(dtype: torch.dtype, size: int) -> tuple[float, float]:
     return max(WEIGHT_SUM_RTOL, info.eps), size * info.tiny * info.eps
 
 
+def weight_rounding(weights, size: int) -> float:
+    """How much of the mass rounding ``size`` weights to the dtype they were given in may have moved between any
+    two sets of samples or clusters: one unit of rounding of that dtype (each weight, and the total they are
+    divided by, off by half a unit at most), plus the absolute rounding of subnormal entries. 0 for ``None`` (the
+    uniform weights are made in float64) and for weights given as integers or Python numbers (read as float64).
+
+    The mask check (:mod:`otlabel.feasibility`) allows a shortfall this large: float32 cluster weights of 4/7 round
+    to 0.571428597, which 4 of 7 samples confined to that cluster (0.571428571) cannot fill, by 3e-8."""
+    dtype = getattr(weights, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        info = torch.finfo(dtype)
+    elif isinstance(dtype, np.dtype) and dtype.kind == "f":
+        info = np.finfo(dtype)
+    else:
+        return 0.0
+    return float(info.eps) * (1.0 + size * float(info.tiny))
+
+
 def checked_host_weights(weights, size: int, name: str, other: str, scores_shape=None,
                          transpose_fix: str = TRANSPOSE_FIX) -> torch.Tensor:  # fmt: skip
     """:func:`check_weights` for given weights, returned as a float64 CPU tensor rescaled to sum to exactly 1.
@@ -624,7 +644,9 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_v
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device,
                       (n, k))  # fmt: skip
     if check_values:
-        check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched, sample_weights=c)
+        rounding = weight_rounding(cluster_weights, k) + weight_rounding(sample_weights, n)
+        check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched, sample_weights=c,
+                           mass_rounding=rounding)  # fmt: skip
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched,
                    has_zero_weights=has_zeros)  # fmt: skip
 

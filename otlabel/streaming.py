@@ -48,6 +48,7 @@ from .problem import (
     check_epsilon,
     check_rows,
     check_weights,
+    weight_rounding,
     weighted_clusters,
 )
 from .result import SinkhornResult
@@ -155,7 +156,8 @@ class StreamingOperator(LogDomainOperator):
       loaded machine. Per-range partials are combined in range order: deterministic.
     """
 
-    def __init__(self, source, epsilon, sample_weights, cluster_weights, labels_out=None, codes_out=None):
+    def __init__(self, source, epsilon, sample_weights, cluster_weights, labels_out=None, codes_out=None,
+                 mass_rounding: float = 0.0):  # fmt: skip
         elements = source.rows_per_chunk * source.n_heads * source.n_clusters  # chunks == the source's chunks
         super().__init__(source, epsilon, sample_weights, chunk_elements=elements)
         self.r = cluster_weights.to(self.device)
@@ -163,6 +165,7 @@ class StreamingOperator(LogDomainOperator):
         # the mask check's masses, on the host and in float64 (float32 ones refused feasible problems: 0.7 rounds
         # to 0.699999988)
         self.sample_mass = sample_weights.detach().to("cpu", torch.float64).numpy()
+        self.mass_rounding = mass_rounding  # what rounding the weights as given may have moved (weight_rounding)
         self.labels_out, self.codes_out = labels_out, codes_out
         self.validated = False
         self.stop_from = math.inf  # ranges starting at this row or later stop at their next chunk (map_parallel)
@@ -241,7 +244,7 @@ class StreamingOperator(LogDomainOperator):
                 head.merge(other)
         check_columns(col_max, self.r, self.dtype)  # col_max is of S / eps
         if patterns is not None:
-            check_masks(patterns, self.r, self.source.batched)
+            check_masks(patterns, self.r, self.source.batched, self.mass_rounding)
         self._reachable = col_max > NEG_INF
         self.validated = True
 
@@ -441,7 +444,8 @@ def sinkhorn_assign_stream(
         b0 = check_init(init, h, r, compute_dtype(source.dtype))
         labels = as_output(labels_out, (h, n), np.int64, "labels_out", source.batched, files)
         codes = as_output(codes_out, (h, n, k), np.float32, "codes_out", source.batched, files)
-        operator = StreamingOperator(source, epsilon, c, r, labels, codes)
+        rounding = weight_rounding(cluster_weights, k) + weight_rounding(sample_weights, n)
+        operator = StreamingOperator(source, epsilon, c, r, labels, codes, mass_rounding=rounding)
         if b0 is not None:
             operator.validate()
         out = run_sinkhorn(operator, r, b0, max_iter, tol, acceleration, callback=callback)

@@ -415,6 +415,16 @@ def _one_bad_rank_worker(rank: int, world: int, init_file: str, out_dir: str) ->
         res = sinkhorn_assign_sharded(shards[rank], EPS, group=group, timeout=10, tol=None, max_iter=20)
         assert torch.equal(res.labels, whole.labels[4 * rank : 4 * rank + 4])
         assert_close(res.cluster_potentials, whole.cluster_potentials, atol=5e-6, what="far cluster on rank 0 only")
+        # Sample weights in float32 on one rank only, whose 3 samples may only go to cluster 0 (weight 0.3): their
+        # rounding makes them 3e-9 too heavy for it. Every rank allows that rounding (agreed in the metadata); a rank
+        # judging by its own float64 weights alone refused the mask while the other accepted it.
+        tight = torch.zeros(3, 2) if bad else torch.randn(4, 2, generator=torch.Generator().manual_seed(5))
+        if bad:
+            tight[:, 1] = -float("inf")
+        w = torch.full((3,), 0.1) if bad else torch.full((4,), 0.175, dtype=torch.float64)
+        res = sinkhorn_assign_sharded(tight, EPS, group=group, timeout=10, sample_weights=w, tol=1e-6,
+                                      cluster_weights=torch.tensor([0.3, 0.7], dtype=torch.float64))  # fmt: skip
+        assert res.converged and (not bad or bool((res.labels == 0).all()))
         # A rank left out of a subgroup is told so (new_group gives it a placeholder, not a group).
         subgroup = dist.new_group([0])
         if bad:

@@ -370,6 +370,49 @@ def test_tight_masks_with_uneven_weights_are_not_refused():
     assert sinkhorn_assign_sharded(scores, 0.1, **weights).converged
 
 
+def test_tight_masks_with_float32_weights_are_not_refused():
+    """Found by a numerics hunt: float32 cluster weights [3/7, 4/7] (0.428571433, 0.571428597) leave 4/7 rounded
+    up, and the 4 of 7 samples that may go to cluster 1 (0.571428571) cannot fill it: a 1e-8 shortfall, 10x the
+    float64 tolerance, refused on every entry point. The same with float32 sample weights. The allowance is now
+    the rounding of the dtype the weights came in; a violation beyond it is still refused."""
+    from otlabel import sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+    scores = torch.zeros(7, 2)
+    scores[:3, 1] = -np.inf  # samples 0-2 may only go to cluster 0
+    cases = [dict(cluster_weights=torch.tensor([3 / 7, 4 / 7])),  # float32 cluster weights, uniform samples
+             dict(sample_weights=torch.tensor([0.1] * 3 + [0.175] * 4),  # float32 sample weights
+                  cluster_weights=torch.tensor([0.3, 0.7], dtype=torch.float64))]  # fmt: skip
+    for weights in cases:
+        r = weights["cluster_weights"].double()
+        c = weights.get("sample_weights", torch.full((7,), 1 / 7)).double()
+        shortfall = float(c[:3].sum() / c.sum() - r[0] / r.sum())
+        assert 2e-9 < shortfall < 2e-8  # beyond the float64 tolerance, within float32's rounding
+        assert raises(patterns_of(~torch.isneginf(scores).numpy(), c.numpy()), r.numpy()) is not None  # as float64
+        for backend in ("torch", "reference"):
+            assert sinkhorn_assign(scores, 0.1, backend=backend, **weights).converged
+        assert sinkhorn_assign_stream(scores.numpy(), 0.1, **weights).converged
+        assert sinkhorn_assign_sharded(scores, 0.1, **weights).converged
+    beyond = torch.tensor([3 / 7 - 1e-6, 4 / 7 + 1e-6])  # the 3 confined samples outweigh cluster 0 by 1e-6
+    for solve in (sinkhorn_assign, sinkhorn_assign_stream, sinkhorn_assign_sharded):
+        with pytest.raises(ValueError, match=r"infeasible mask"):
+            solve(scores.numpy() if solve is sinkhorn_assign_stream else scores, 0.1, cluster_weights=beyond)
+
+
+def test_weight_rounding_is_one_unit_of_the_given_dtype():
+    from otlabel.problem import weight_rounding
+
+    assert weight_rounding(None, 10) == 0.0
+    assert weight_rounding([0.5, 0.5], 2) == 0.0  # Python numbers are read as float64, exactly
+    assert weight_rounding(torch.tensor([1, 1]), 2) == 0.0
+    assert weight_rounding(torch.ones(2, dtype=torch.float64), 2) < 1e-15
+    assert weight_rounding(np.ones(2, dtype=np.float32), 2) == pytest.approx(2.0**-23)
+    assert weight_rounding(torch.ones(2), 2) == pytest.approx(2.0**-23)
+    assert weight_rounding(torch.ones(2, dtype=torch.bfloat16), 2) == pytest.approx(2.0**-7)
+    # fp16's subnormals are 6e-8 apart: 100,000 of them may be off by 3e-3 together
+    fp16 = torch.ones(100_000, dtype=torch.float16)
+    assert weight_rounding(fp16, 100_000) == pytest.approx(2.0**-10 + 1e5 * 2.0**-24)
+
+
 def test_a_small_violation_among_millions_of_samples_is_found():
     """Found in review: float32 sums of the hot-pair test were off by ~2e-4 over 4M samples and let a mask
     infeasible by 8e-5 through (the solve then stalled with advice to raise max_iter); the sums are float64."""
