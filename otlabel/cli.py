@@ -329,7 +329,8 @@ def read_cluster_weights(args, n: int, k: int):
         return None
     weights = load_small(args.cluster_weights, "cluster weights")
     try:
-        return checked_host_weights(weights, k, "--cluster-weights", "number of clusters K")
+        checked_host_weights(weights, k, "--cluster-weights", "number of clusters K")
+        return weights  # as stored: the mask check allows for the rounding of their dtype (float32 4/7)
     except (ValueError, TypeError) as err:
         hint = ""
         if args.scores is not None and np.ndim(weights) == 1:  # K wrong: SCORES.npy saved as (K, N)?

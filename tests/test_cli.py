@@ -182,6 +182,18 @@ def test_cluster_weights_file_errors(make, message, scores_file, tmp_path, capsy
     assert os.listdir(tmp_path) == ["w.npy"]
 
 
+def test_float32_cluster_weights_file_that_a_mask_fills_exactly(tmp_path):
+    """A float32 weights file [3/7, 4/7] with 3 of 7 samples confined to cluster 0: feasible up to the rounding of
+    float32, and the command treats it as sinkhorn_assign does (it was refused: the file was read as float64)."""
+    scores = np.zeros((7, 2), dtype=np.float32)
+    scores[:3, 1] = -np.inf
+    np.save(tmp_path / "s.npy", scores)
+    np.save(tmp_path / "w.npy", np.array([3 / 7, 4 / 7], dtype=np.float32))
+    args = ["assign", str(tmp_path / "s.npy"), "--cluster-weights", str(tmp_path / "w.npy"), "--epsilon", "0.1"]
+    assert main([*args, "--out", str(tmp_path / "y.npy"), "-q", "--strict"]) == 0
+    assert (np.load(tmp_path / "y.npy")[:3] == 0).all()
+
+
 def test_usage_errors(scores_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["assign", str(scores_file)])  # --out is required
