@@ -24,7 +24,7 @@ import torch
 
 from .backends.torch_backend import available_memory_bytes
 from .entry import entry_point
-from .problem import check_score_values, check_scores, check_weights
+from .problem import check_score_values, check_scores, check_weights, weight_rounding
 
 # POT imports every array library it finds as a backend. JAX, imported that way, takes 75% of the GPU's memory
 # for itself at once (seen on an H100: a pytest worker that imported POT left the others out of memory). otlabel
@@ -88,9 +88,10 @@ class ExactResult:
 
 
 def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
-    """The scores, sample and cluster weights as float64 NumPy arrays, checked. ``check_mask``: a mask that leaves
-    no plan with these weights (Hall's condition) is the ``ValueError`` :func:`otlabel.sinkhorn_assign` gives, naming
-    the samples and clusters; :func:`exact_assign` skips it, as its rounded cluster sizes may fit where the weights'
+    """The scores, sample and cluster weights as float64 NumPy arrays, checked, and what rounding the weights to
+    their dtype may have moved (:func:`~otlabel.problem.weight_rounding`). ``check_mask``: a mask that leaves no plan
+    with these weights (Hall's condition) is the ``ValueError`` :func:`otlabel.sinkhorn_assign` gives, naming the
+    samples and clusters; :func:`exact_assign` skips it, as its rounded cluster sizes may fit where the weights'
     exact shares do not."""
     s3, batched = check_scores(scores)
     if batched:
@@ -98,8 +99,9 @@ def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
     _, n, k = s3.shape
     r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device, (n, k))
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device, (n, k))
-    check_score_values(s3, r, batched=False, sample_weights=c if check_mask else None)
-    return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy()
+    rounding = weight_rounding(cluster_weights, k) + weight_rounding(sample_weights, n)
+    check_score_values(s3, r, batched=False, sample_weights=c if check_mask else None, mass_rounding=rounding)
+    return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy(), rounding
 
 
 def _unit_cost(s: np.ndarray) -> np.ndarray:
@@ -116,10 +118,14 @@ def _unit_cost(s: np.ndarray) -> np.ndarray:
     return np.where(allowed, unit, 1e6)
 
 
-def _result(plan: np.ndarray, s: np.ndarray, c: np.ndarray | None = None, r: np.ndarray | None = None) -> ExactResult:
+def _result(plan: np.ndarray, s: np.ndarray, c: np.ndarray | None = None, r: np.ndarray | None = None,
+            mass_rounding: float = 0.0) -> ExactResult:  # fmt: skip
+    """The plan, its labels and objective, checked: no mass on a forbidden pair beyond what rounding the weights may
+    have made necessary (``mass_rounding``; that much is dropped), marginals met."""
     allowed = np.isfinite(s)
-    if (plan[~allowed] > 1e-12).any():
+    if plan[~allowed].sum() > max(1e-12, mass_rounding):
         raise ValueError("the masked problem has no feasible plan: relax the mask or the cluster weights.")
+    plan = np.where(allowed, plan, 0.0)
     for sums, want in ((plan.sum(axis=1), c), (plan.sum(axis=0), r)):
         if want is not None and not np.allclose(sums, want, rtol=1e-6, atol=1e-9):
             raise ValueError("the exact solver returned a plan that misses the marginals; see its warnings above.")
@@ -142,7 +148,7 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
     ``method="pot"`` uses ``ot.emd`` (needs ``pip install pot``); ``method="linprog"`` uses SciPy's HiGHS.
     Returns an :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
-    s, c, r = _prepare(scores, cluster_weights, sample_weights)
+    s, c, r, rounding = _prepare(scores, cluster_weights, sample_weights)
     allowed = np.isfinite(s)
     if method == "pot":
         ot = import_pot()
@@ -151,7 +157,7 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
         plan = _linprog_plan(s, c, r, allowed)
     else:
         raise ValueError(f"method must be 'pot' or 'linprog', got {method!r}.")
-    return _like(_result(np.asarray(plan, dtype=np.float64), s, c, r), scores)
+    return _like(_result(np.asarray(plan, dtype=np.float64), s, c, r, rounding), scores)
 
 
 def _linprog_plan(s, c, r, allowed) -> np.ndarray:
@@ -205,7 +211,7 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     Builds one column per cluster slot (N columns in all) and solves the N×N linear assignment. Returns an
     :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
-    s, _, r = _prepare(scores, cluster_weights, None, check_mask=False)
+    s, _, r, _ = _prepare(scores, cluster_weights, None, check_mask=False)
     linear_sum_assignment = import_scipy_optimize("exact_assign").linear_sum_assignment
 
     n, k = s.shape

@@ -1,6 +1,7 @@
 """Infeasible masks (no plan meets both marginals) are found and explained; feasible ones, exactly feasible
 included, pass. Feasibility is decided independently by the plan's LP (HiGHS)."""
 
+import importlib.util
 import re
 import warnings
 
@@ -375,7 +376,7 @@ def test_tight_masks_with_float32_weights_are_not_refused():
     up, and the 4 of 7 samples that may go to cluster 1 (0.571428571) cannot fill it: a 1e-8 shortfall, 10x the
     float64 tolerance, refused on every entry point. The same with float32 sample weights. The allowance is now
     the rounding of the dtype the weights came in; a violation beyond it is still refused."""
-    from otlabel import sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
+    from otlabel import exact_plan, sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
 
     scores = torch.zeros(7, 2)
     scores[:3, 1] = -np.inf  # samples 0-2 may only go to cluster 0
@@ -392,10 +393,15 @@ def test_tight_masks_with_float32_weights_are_not_refused():
             assert sinkhorn_assign(scores, 0.1, backend=backend, **weights).converged
         assert sinkhorn_assign_stream(scores.numpy(), 0.1, **weights).converged
         assert sinkhorn_assign_sharded(scores, 0.1, **weights).converged
+        for method in ("pot", "linprog") if importlib.util.find_spec("ot") else ("linprog",):
+            exact = exact_plan(scores, method=method, **weights)  # the rounding's 1e-8 of forbidden mass dropped
+            assert (exact.labels[:3] == 0).all() and float(exact.plan[:3, 1].sum()) == 0, method
     beyond = torch.tensor([3 / 7 - 1e-6, 4 / 7 + 1e-6])  # the 3 confined samples outweigh cluster 0 by 1e-6
     for solve in (sinkhorn_assign, sinkhorn_assign_stream, sinkhorn_assign_sharded):
         with pytest.raises(ValueError, match=r"infeasible mask"):
             solve(scores.numpy() if solve is sinkhorn_assign_stream else scores, 0.1, cluster_weights=beyond)
+    with pytest.raises(ValueError, match=r"infeasible mask"):
+        exact_plan(scores, cluster_weights=beyond, method="linprog")
 
 
 def test_weight_rounding_is_one_unit_of_the_given_dtype():
