@@ -404,8 +404,9 @@ def sinkhorn_assign_stream(
     the same process would see one thread meanwhile.
 
     Returns:
-        :class:`~otlabel.SinkhornResult`; ``labels`` (and ``codes``) are CPU tensors (views of the outputs when
-        given), ``cluster_potentials`` on ``device``. ``codes``/``objective`` stream the data once more.
+        :class:`~otlabel.SinkhornResult`; ``labels`` (and ``codes``) are CPU tensors (views of the output arrays when
+        given; labels written to a path are a copy in memory, codes written to a path a view of that file),
+        ``cluster_potentials`` on ``device``. ``codes``/``objective`` stream the data once more.
     """
     if (scores is None) == (features is None):
         raise ValueError("give either scores, or features with prototypes (not both, not neither).")
@@ -451,6 +452,12 @@ def sinkhorn_assign_stream(
         out = run_sinkhorn(operator, r, b0, max_iter, tol, acceleration, callback=callback)
         labels, codes = operator.assign(out.potentials, want_codes=codes is not None)
         commit_all(files[::-1])  # fsynced, then renamed together (labels last)
+        if isinstance(labels_out, (str, os.PathLike)):
+            # Labels written to a path come back as a copy in memory (8 bytes a sample): a view of the file kept it
+            # mapped, with a descriptor open and, once a later solve renamed a new file over it, the old file's disk
+            # space, for as long as the labels were kept (a training run keeping each epoch's labels ran out of
+            # descriptors). A later read of codes writes its labels elsewhere, not into the published file.
+            labels, operator.labels_out = labels.clone(), None
     except BaseException:
         for f in files:
             f.discard()

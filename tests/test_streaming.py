@@ -161,6 +161,24 @@ def test_outputs_written_chunk_by_chunk(problem, tmp_path):
     assert (preallocated >= 0).all()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd (Linux)")
+def test_labels_kept_from_a_path_hold_no_file_open(tmp_path):
+    """Each epoch writes labels_out="labels.npy" and keeps its labels (say, to compare epochs): a view of the file
+    kept one descriptor open per epoch, and the disk space of every file a later epoch renamed over it."""
+    scores = random_problem(50, 4, seed=4).numpy()
+    path = tmp_path / "labels.npy"
+    sinkhorn_assign_stream(scores, EPS, tol=None, max_iter=3, labels_out=path)  # first-call imports open nothing after
+    before = len(os.listdir("/proc/self/fd"))
+    kept = [sinkhorn_assign_stream(scores, EPS, tol=None, max_iter=3, labels_out=path).labels for _ in range(5)]
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert all(np.array_equal(labels.numpy(), np.load(path)) for labels in kept)
+    res = sinkhorn_assign_stream(scores, EPS, tol=None, max_iter=3, labels_out=path)
+    res.labels[:] = -1  # the result's own copy: the file keeps the labels
+    assert (np.load(path) >= 0).all()
+    assert res.codes.shape == (50, 4)  # computes the labels again, elsewhere than the published file
+    assert np.array_equal(np.load(path), kept[0].numpy())
+
+
 def test_the_labels_file_is_renamed_last(tmp_path, monkeypatch):
     """Whoever waits for labels_out finds codes_out beside it already new: the codes are renamed into place first,
     so a rename that fails between the two leaves the old labels (never new labels beside old codes)."""
