@@ -30,7 +30,14 @@ from concurrent.futures import FIRST_EXCEPTION, wait
 import numpy as np
 import torch
 
-from .backends.torch_backend import NEG_INF, LogDomainOperator, compute_dtype, exp_, split_rows
+from .backends.torch_backend import (
+    NEG_INF,
+    LogDomainOperator,
+    available_memory_bytes,
+    compute_dtype,
+    exp_,
+    split_rows,
+)
 from .entry import entry_point, user_stacklevel
 from .feasibility import MaskPatterns, check_masks, collect_masks
 from .host_sources import (
@@ -345,6 +352,13 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
 
 
 @entry_point
+def labels_copy_fits(labels: torch.Tensor) -> bool:
+    """Whether a copy of streamed labels takes at most an eighth of the memory available (or that is not known):
+    labels are written to a path when memory is short, and a copy that does not fit would fail after the solve."""
+    free = available_memory_bytes()
+    return free is None or labels.numel() * labels.element_size() <= free // 8
+
+
 def sinkhorn_assign_stream(
     scores=None,
     epsilon: float = 0.05,
@@ -405,7 +419,8 @@ def sinkhorn_assign_stream(
 
     Returns:
         :class:`~otlabel.SinkhornResult`; ``labels`` (and ``codes``) are CPU tensors (views of the output arrays when
-        given; labels written to a path are a copy in memory, codes written to a path a view of that file),
+        given; labels written to a path are a copy in memory, unless that would take more than an eighth of the
+        available memory, codes written to a path a view of that file),
         ``cluster_potentials`` on ``device``. ``codes``/``objective`` stream the data once more.
     """
     if (scores is None) == (features is None):
@@ -452,7 +467,7 @@ def sinkhorn_assign_stream(
         out = run_sinkhorn(operator, r, b0, max_iter, tol, acceleration, callback=callback)
         labels, codes = operator.assign(out.potentials, want_codes=codes is not None)
         commit_all(files[::-1])  # fsynced, then renamed together (labels last)
-        if isinstance(labels_out, (str, os.PathLike)):
+        if isinstance(labels_out, (str, os.PathLike)) and labels_copy_fits(labels):
             # Labels written to a path come back as a copy in memory (8 bytes a sample): a view of the file kept it
             # mapped, with a descriptor open and, once a later solve renamed a new file over it, the old file's disk
             # space, for as long as the labels were kept (a training run keeping each epoch's labels ran out of

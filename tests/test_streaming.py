@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import assert_close, centred, random_problem, random_weights
 
-from otlabel import sinkhorn_assign
+from otlabel import sinkhorn_assign, streaming
 from otlabel.host_sources import BYTES_PER_ENTRY, FeatureSource, HostSource
 from otlabel.outputs import OutputError
 from otlabel.streaming import sinkhorn_assign_stream
@@ -177,6 +177,20 @@ def test_labels_kept_from_a_path_hold_no_file_open(tmp_path):
     assert (np.load(path) >= 0).all()
     assert res.codes.shape == (50, 4)  # computes the labels again, elsewhere than the published file
     assert np.array_equal(np.load(path), kept[0].numpy())
+
+
+def test_labels_too_large_to_copy_stay_a_view_of_their_file(tmp_path, monkeypatch):
+    """Labels are written to a path when memory is short: where a copy would take more than an eighth of the memory
+    available, the result keeps the view of the file (a copy failing after the solve would lose it)."""
+    monkeypatch.setattr(streaming, "available_memory_bytes", lambda: 8 * 50 * 8 - 1)  # 50 labels: just too many
+    path = tmp_path / "labels.npy"
+    res = sinkhorn_assign_stream(random_problem(50, 4, seed=4).numpy(), EPS, tol=None, max_iter=3, labels_out=path)
+    res.labels[:] = -1  # a view: written through to the file
+    assert (np.load(path) == -1).all()
+    monkeypatch.setattr(streaming, "available_memory_bytes", lambda: 8 * 50 * 8)  # fits: a copy
+    res = sinkhorn_assign_stream(random_problem(50, 4, seed=4).numpy(), EPS, tol=None, max_iter=3, labels_out=path)
+    res.labels[:] = -1
+    assert (np.load(path) >= 0).all()
 
 
 def test_the_labels_file_is_renamed_last(tmp_path, monkeypatch):
@@ -709,7 +723,6 @@ def test_every_range_counts_once_in_the_checks(warm):
 def test_the_warm_start_checks_exponentiate_nothing(monkeypatch):
     """The pass that checks the scores before a warm start needs no log-sum-exps (those serve the cold start only):
     an exp per entry there would be a wasted iteration's worth of work."""
-    import otlabel.streaming as streaming
 
     source = HostSource(random_problem(40, 3, seed=4).numpy(), "cpu", rows_per_chunk=7)
     op = streaming.StreamingOperator(source, 0.1, random_weights(40, 5), random_weights(3, 6))
