@@ -723,7 +723,6 @@ def test_every_range_counts_once_in_the_checks(warm):
 def test_the_warm_start_checks_exponentiate_nothing(monkeypatch):
     """The pass that checks the scores before a warm start needs no log-sum-exps (those serve the cold start only):
     an exp per entry there would be a wasted iteration's worth of work."""
-
     source = HostSource(random_problem(40, 3, seed=4).numpy(), "cpu", rows_per_chunk=7)
     op = streaming.StreamingOperator(source, 0.1, random_weights(40, 5), random_weights(3, 6))
     monkeypatch.setattr(streaming, "exp_", lambda *args, **kwargs: pytest.fail("validate() exponentiated"))
