@@ -730,13 +730,51 @@ def test_split_rows_covers_every_row_once_in_order(n, parts):
     assert all(x == longest for x in lengths[:-1]) and 0 < lengths[-1] <= longest, ranges
 
 
+def test_small_in_memory_passes_run_on_the_callers_thread(monkeypatch):
+    """Found hunting CPU cliffs: every pass of a CPU solve was handed to the worker threads, however small. Under a
+    training loop of small solves (N in the hundreds, K in the tens) the hand-off cost more than the pass: a 64 x 10
+    solve of 3 iterations took about twice as long as with its passes run on the caller's thread. Scores up to
+    ``SERIAL_PASS_ELEMENTS`` now run there, one range; larger ones are still split over the threads, with the same
+    labels. Timing-free: the threads that ran each range are recorded."""
+    import threading
+
+    from otlabel.backends import torch_backend
+
+    ranges, real = [], CachedKernelOperator._matvec_range
+
+    def matvec_range(self, v, weights, lo, hi):
+        ranges.append((threading.get_ident(), lo, hi))
+        return real(self, v, weights, lo, hi)
+
+    monkeypatch.setattr(CachedKernelOperator, "_matvec_range", matvec_range)
+    scores = cosine_scores(64, 10, seed=5)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small = sinkhorn_assign(scores, 0.05, max_iter=3, tol=None)
+        assert ranges and all(r == (threading.get_ident(), 0, 64) for r in ranges), ranges
+        ranges.clear()
+        monkeypatch.setattr(torch_backend, "SERIAL_PASS_ELEMENTS", 64 * 10 - 1)  # now one score too many
+        split = sinkhorn_assign(scores, 0.05, max_iter=3, tol=None)
+    finally:
+        torch.set_num_threads(saved)
+    assert sorted({(lo, hi) for _, lo, hi in ranges}) == [(0, 32), (32, 64)], ranges
+    assert threading.get_ident() not in {thread for thread, _, _ in ranges}
+    assert torch.equal(small.labels, split.labels)
+    assert_close(small.codes, split.codes, atol=1e-6, what="codes")
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_process_solves_after_its_parent():
+def test_a_forked_process_solves_after_its_parent(monkeypatch):
     """Found porting: a process forked after a solve (multiprocessing workers, Linux's default start method) inherited
     the CPU worker pool without its threads, and its first solve waited forever. Torch on one thread here: a child
-    forked after *any* multi-threaded torch operation in its parent hangs in torch's OpenMP, whatever otlabel does."""
+    forked after *any* multi-threaded torch operation in its parent hangs in torch's OpenMP, whatever otlabel does.
+    (Scores this small are passed over on the caller's thread unless ``SERIAL_PASS_ELEMENTS`` says otherwise.)"""
     import multiprocessing
 
+    from otlabel.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "SERIAL_PASS_ELEMENTS", 0)  # the passes go through the pool, as before
     scores = cosine_scores(400, 6, seed=8)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -58,6 +58,12 @@ REFERENCE_DRIFT = 30.0
 # the threads come from splitting the rows into ranges instead: many small OpenMP regions collapse when the
 # machine is loaded (measured 15x slower), a handful of long-running threads do not.
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 15, "other": 1 << 24}
+# In-memory scores up to this many (H * N * K) are passed over on the caller's thread alone: handing a pass to the
+# worker threads and waiting for them costs tens of us or more (more under load), while such a pass takes a few. On
+# the 2-core development VM, side by side: a 64 x 10 solve of 3 iterations took 0.92-1.15 ms split over 2 threads and
+# 0.52-0.53 ms on the caller's; at 128,000 scores 10 iterations took 0.64x the split time (loaded; the split paid
+# only between 4M and 20M scores there).
+SERIAL_PASS_ELEMENTS = 1 << 17
 
 
 class LogDomainOperator(ScoreOperator):
@@ -77,7 +83,9 @@ class LogDomainOperator(ScoreOperator):
     every pass and ``exp(b - b_ref)`` is formed in float64: 303 iterations.
 
     On the CPU, with a random-access source, the rows are split into one contiguous range per thread; the
-    per-range partial results are combined in range order, so results do not depend on timing.
+    per-range partial results are combined in range order, so results do not depend on timing. In-memory scores of
+    at most ``SERIAL_PASS_ELEMENTS`` are one range, on the caller's thread (the hand-off would cost more than the
+    pass).
     """
 
     takes_float64_potentials = True  # see the class docstring; assign and transport_score round them themselves
@@ -94,7 +102,10 @@ class LogDomainOperator(ScoreOperator):
         self.log_c = self.c.log()
         on_cpu = self.device.type == "cpu"
         self.chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS["cpu" if on_cpu else "other"]
-        self.parallel = on_cpu and getattr(source, "random_access", False)
+        small = isinstance(source, DenseSource) and source.n_heads * source.n_samples * source.n_clusters <= (
+            SERIAL_PASS_ELEMENTS
+        )
+        self.parallel = on_cpu and getattr(source, "random_access", False) and not small
         self._reachable = None
 
     def chunks(self, lo: int = 0, hi: int | None = None):
