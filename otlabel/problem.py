@@ -357,6 +357,27 @@ def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia")  # where torch.autocast has a mode to turn off
 
 
+def _autocast_takes_a_device_type() -> bool:
+    try:
+        torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: is_autocast_enabled() takes no argument and answers for CUDA only
+        return False
+    return True
+
+
+if _autocast_takes_a_device_type():
+
+    def is_autocast_enabled(device_type: str) -> bool:
+        return torch.is_autocast_enabled(device_type)
+
+else:  # torch < 2.4: one function per device type, and only the CPU's and CUDA's autocast built in
+    _LEGACY_AUTOCAST_CHECKS = {"cpu": torch.is_autocast_cpu_enabled, "cuda": torch.is_autocast_enabled}
+
+    def is_autocast_enabled(device_type: str) -> bool:
+        check = _LEGACY_AUTOCAST_CHECKS.get(device_type)
+        return check is not None and check()
+
+
 @contextmanager
 def autocast_off():
     """Context: ``torch.autocast`` off for every device type where the caller turned it on. otlabel's own matrix
@@ -365,7 +386,7 @@ def autocast_off():
     by ~3e-3, and masks left unchecked. Only the enabled ones are entered: this runs once per pass."""
     with ExitStack() as stack:
         for device_type in AUTOCAST_DEVICE_TYPES:
-            if torch.is_autocast_enabled(device_type):
+            if is_autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
 

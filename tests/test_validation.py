@@ -8,7 +8,7 @@ import torch
 from helpers import offset_scores, random_problem
 
 from otlabel import ConvergenceWarning, exact_plan, sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
-from otlabel.problem import MAX_SCORE_SPAN_FP32
+from otlabel.problem import MAX_SCORE_SPAN_FP32, _autocast_takes_a_device_type
 
 S = random_problem(10, 4, seed=40)
 INF = float("inf")
@@ -369,6 +369,10 @@ def test_autocast_leaves_the_mask_check_in_float32():
             solve(s, 0.05, max_iter=5)
 
 
+@pytest.mark.skipif(
+    not _autocast_takes_a_device_type(),
+    reason="torch < 2.4: no torch.is_autocast_enabled(device_type), and these autocast modes are not built in",
+)
 @pytest.mark.parametrize("device_type", ["mps", "xpu", "hpu", "mtia"])
 def test_autocast_is_turned_off_for_other_accelerators(device_type):
     """autocast_off turned off only the CPU's and CUDA's autocast: an MPS or XPU training step's region reached the
