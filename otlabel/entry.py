@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import types
 
 import torch
 
@@ -24,6 +25,11 @@ try:  # torch's mode stack, where torch.set_default_device keeps the caller's de
     from torch.utils._device import DeviceContext
 except ImportError:  # pragma: no cover - a torch without them takes the general path below
     _len_torch_function_stack = None
+
+# sys.modules seen through a read-only view: torch 2.1's Dynamo (later ones not checked) could not trace a look-up in
+# sys.modules itself (it wrapped every entry of the dict, which changed under it: "dictionary changed size during
+# iteration", an InternalTorchDynamoError in every compiled caller). The view is as live, and as cheap to ask.
+_MODULES = types.MappingProxyType(sys.modules)
 
 
 def entry_point(fn):
@@ -56,7 +62,7 @@ def entry_point(fn):
         # Traced, or run natively between two of Dynamo's graphs (after a graph break, or in a frame Dynamo chose to
         # skip: its callback still catches every frame called from there): both need the disabled function, and
         # both have Dynamo imported. Without it nothing can be compiling: a dictionary look-up is all it costs.
-        if "torch._dynamo" in sys.modules:
+        if "torch._dynamo" in _MODULES:
             return eager(*args, **kwargs)
         return on_host_default(*args, **kwargs)
 
