@@ -84,6 +84,7 @@ META_SIZE = 17  # numbers each rank sends in the first all-gather, after a failu
 # rounding its cluster and sample weights to the dtypes they came in may have moved (problem.weight_rounding).
 META_SAMPLES, META_WEIGHT_SUM, META_SUM_RTOL, META_SUM_SUBNORMAL = 1, 10, 13, 14
 META_CLUSTER_ROUNDING, META_SAMPLE_ROUNDING = 15, 16
+GLOO_LACKS_GATHER_INTO_TENSOR = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 4)
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # narrowest first
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
@@ -108,6 +109,9 @@ class Collectives:
         self.rank = dist.get_rank(group) if group is not None else 0
         self.timeout = timeout
         self.device = collective_device(dist.get_backend(group) if self.active else None, data)
+        # Gloo gathers into one tensor from torch 2.4 (2.1 refused: "no support for _allgather_base in Gloo process
+        # group"); before, into a list of its rows.
+        self.gathers_by_list = self.active and GLOO_LACKS_GATHER_INTO_TENSOR and dist.get_backend(group) == "gloo"
 
     def all_gather(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """Every rank's ``t`` stacked in rank order, ``(W, *t.shape)``, on ``t``'s device."""
@@ -115,8 +119,13 @@ class Collectives:
             return t[None]
         send = t.detach().to(self.device).reshape(-1)
         out = torch.empty(self.world * send.numel(), dtype=send.dtype, device=self.device)  # rank-major
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10
-        self._wait(lambda: gather(out, send, group=self.group, async_op=True), f"all-gather of the {what}")
+        if self.gathers_by_list:
+            rows = list(out.view(self.world, -1).unbind(0))  # each rank's row of out, written in place
+            start = lambda: dist.all_gather(rows, send, group=self.group, async_op=True)
+        else:
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10
+            start = lambda: gather(out, send, group=self.group, async_op=True)
+        self._wait(start, f"all-gather of the {what}")
         return out.view(self.world, *t.shape).to(t.device)
 
     def all_gather_or_fail(self, compute, size: int, what: str) -> torch.Tensor:
