@@ -323,9 +323,9 @@ def score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zer
     """:class:`ScoreExtremes` of the row and column maxima (and the smallest score, if given), read back in one
     transfer. Without zero weights the weighted maxima are the maxima themselves, and their extremes are not computed
     twice."""
-    parts = [*torch.aminmax(row_max), *torch.aminmax(weighted_col_max)]
+    parts = [*aminmax(row_max), *aminmax(weighted_col_max)]
     if has_zero_weights:
-        parts += [*torch.aminmax(weighted_row_max), col_max.amax()]
+        parts += [*aminmax(weighted_row_max), col_max.amax()]
     values = torch.stack(parts + ([] if lowest is None else [lowest.to(parts[0].dtype)])).tolist()
     masked = lowest is not None and values.pop() == -math.inf
     return replace(extremes_from_values(values), masked=masked)
@@ -334,7 +334,7 @@ def score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zer
 def extremes_on_device(scores: torch.Tensor) -> torch.Tensor:
     """(4,) the extremes :func:`check_score_values` judges when no cluster weight is 0, left on the device: a
     captured solve (:mod:`otlabel.graphs`) computes them in its graph and reads them with its results."""
-    return torch.stack([*torch.aminmax(scores.amax(dim=2)), *torch.aminmax(scores.amax(dim=1))])
+    return torch.stack([*aminmax(scores.amax(dim=2)), *aminmax(scores.amax(dim=1))])
 
 
 def extremes_from_values(values: list[float]) -> ScoreExtremes:
@@ -352,6 +352,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:
     return compute_dtype(scores.dtype)
+
+
+def _cpu_half_aminmax_works() -> bool:
+    try:
+        torch.aminmax(torch.zeros(1, dtype=torch.float16))
+    except RuntimeError:  # torch 2.1: "aminmax_cpu" not implemented for 'Half'
+        return False
+    return True
+
+
+CPU_HALF_AMINMAX = _cpu_half_aminmax_works()
+
+
+def aminmax(t: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.aminmax``; a float16 CPU tensor through float32 where torch has no float16 kernel for it (2.1): the
+    same values, as both are exact."""
+    if not CPU_HALF_AMINMAX and t.dtype == torch.float16 and t.device.type == "cpu":
+        low, high = torch.aminmax(t.float(), **kwargs)
+        return low.half(), high.half()
+    return torch.aminmax(t, **kwargs)
 
 
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia")  # where torch.autocast has a mode to turn off
@@ -507,7 +527,7 @@ def check_rows(
     that answer come back from the device in one read: one synchronisation per chunk on a GPU."""
     span_limit = math.inf if not inv_eps else max_score_span(compute_dtype) / inv_eps  # in the chunk's units
     in_weighted = scores if weighted is None else scores.index_select(2, weighted)
-    weighted_row_min, weighted_row_max = torch.aminmax(in_weighted, dim=2)  # (H, T): NaN and +inf propagate
+    weighted_row_min, weighted_row_max = aminmax(in_weighted, dim=2)  # (H, T): NaN and +inf propagate
     row_max = weighted_row_max if weighted is None else scores.amax(dim=2)  # -inf only for a masked row
     good = (torch.isfinite(weighted_row_max) & (weighted_row_max.abs() <= span_limit)).all()
     masked = torch.isneginf(weighted_row_min)
