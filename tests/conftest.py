@@ -1,5 +1,6 @@
 """Test setup: without a CUDA device, Triton kernels run in its CPU interpreter; ``gpu`` tests skip."""
 
+import importlib.util
 import os
 
 import pytest
@@ -24,16 +25,20 @@ for _switch in POT_OPTIONAL_BACKENDS.values():
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # an optional extra: its tests skip without it
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_interpreter = pytest.mark.skip(reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (no GPU)")
+    skip_no_triton = pytest.mark.skip(reason="runs Triton kernels: needs Triton (otlabel[triton]), not installed")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
         if "interpreter" in item.keywords and not INTERPRETED:
             item.add_marker(skip_interpreter)
+        if "interpreter" in item.keywords and not HAS_TRITON:
+            item.add_marker(skip_no_triton)
 
 
 if HAS_CUDA and os.environ.get("OTLABEL_GPU_MEMLOG"):
