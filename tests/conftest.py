@@ -1,6 +1,5 @@
 """Test setup: without a CUDA device, Triton kernels run in its CPU interpreter; ``gpu`` tests skip."""
 
-import importlib.util
 import os
 
 import pytest
@@ -17,6 +16,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gate"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from otlabel.backends.triton import triton_installed  # noqa: E402 (reads the package metadata; imports no Triton)
+
 # POT (imported by some tests) would import JAX, which takes 75% of a GPU's memory: see otlabel.exact.import_pot.
 from otlabel.exact import POT_OPTIONAL_BACKENDS  # noqa: E402 (after TRITON_INTERPRET; imports no Triton)
 
@@ -25,7 +26,7 @@ for _switch in POT_OPTIONAL_BACKENDS.values():
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None  # an optional extra: its tests skip without it
+HAS_TRITON = triton_installed()  # an optional extra (Triton >= 3.0, as otlabel checks it): its tests skip without
 
 
 def pytest_collection_modifyitems(config, items):

@@ -47,6 +47,27 @@ def test_auto_keeps_cpu_tensors_on_torch_and_float64_off_triton():
         assert resolve_backend("auto", validate(torch.randn(4, 3, device="cuda").double(), 0.1)) == "torch"
 
 
+def test_a_triton_older_than_3_is_not_used(monkeypatch):
+    """torch 2.1 installs Triton 2.1, whose language the kernels do not target: backend="auto" must not pick it, and
+    backend="triton" says which version it needs. Read from the package metadata, without importing Triton."""
+    import importlib.metadata
+
+    from otlabel.backends import triton as triton_backend
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.1.0" if name == "triton" else real_version(name))
+    triton_backend.triton_installed.cache_clear()
+    try:
+        assert triton_backend.triton_version() == (2, 1)
+        assert not triton_backend.triton_available(torch.zeros(1, device=DEVICE))
+        with pytest.raises(RuntimeError, match=r"needs Triton >= 3.0"):
+            sinkhorn_assign(torch.randn(4, 3), 0.1, backend="triton")
+    finally:
+        monkeypatch.undo()
+        triton_backend.triton_installed.cache_clear()
+    assert triton_backend.triton_version() >= triton_backend.MIN_TRITON  # the installed one, as CI has it
+
+
 @pytest.mark.parametrize("kind", ["common", "per sample", "per cluster"])
 def test_triton_solve_at_the_float32_score_limit_converges_with_faithful_codes(kind):
     """The kernels form S / eps + b in float32 as the torch passes do: up to |S| / eps = MAX_SCORE_SPAN_FP32 they

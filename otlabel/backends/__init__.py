@@ -25,8 +25,8 @@ def resolve_backend(name: str, problem: Problem) -> str:
         return "triton" if problem.scores.is_cuda and kernel_dtype and _triton_usable(problem.scores) else "torch"
     if name == "triton" and not _triton_usable(problem.scores):
         raise RuntimeError(
-            "backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on the "
-            "CPU, slowly). Install otlabel[triton], move scores to the GPU, or use backend='torch'."
+            "backend='triton' needs Triton >= 3.0 and a CUDA tensor (or TRITON_INTERPRET=1 to run the kernels on "
+            "the CPU, slowly). Install otlabel[triton], move scores to the GPU, or use backend='torch'."
         )
     return name
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -23,15 +25,30 @@ from .base import ScoreOperator
 __all__ = ["TritonDenseOperator", "TritonFeaturesOperator", "triton_available"]
 
 
+MIN_TRITON = (3, 0)  # the kernels' language level (otlabel[triton] asks for triton>=3.0)
+
+
 @functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def triton_installed() -> bool:
+    """Whether a Triton the kernels can run on is installed, without importing it: torch 2.1 brings Triton 2.1,
+    whose language the kernels do not target, and ``backend="auto"`` picked it on a GPU all the same."""
+    return importlib.util.find_spec("triton") is not None and triton_version() >= MIN_TRITON
+
+
+def triton_version() -> tuple[int, ...]:
+    """The installed Triton's (major, minor), from its package metadata; (0,) when that cannot be read."""
+    try:
+        release = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return (0,)
+    parts = [int(p) for p in re.findall(r"\d+", release)[:2]]
+    return tuple(parts) or (0,)
 
 
 def triton_available(tensor: torch.Tensor) -> bool:
     """Whether the triton backend can run on ``tensor``: a CUDA tensor with Triton installed, or any
     tensor when ``TRITON_INTERPRET=1`` (Triton's CPU interpreter)."""
-    if not _triton_importable():
+    if not triton_installed():
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True
