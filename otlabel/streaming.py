@@ -351,7 +351,6 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-@entry_point
 def labels_copy_fits(labels: torch.Tensor) -> bool:
     """Whether a copy of streamed labels takes at most an eighth of the memory available (or that is not known):
     labels are written to a path when memory is short, and a copy that does not fit would fail after the solve."""
@@ -359,6 +358,7 @@ def labels_copy_fits(labels: torch.Tensor) -> bool:
     return free is None or labels.numel() * labels.element_size() <= free // 8
 
 
+@entry_point
 def sinkhorn_assign_stream(
     scores=None,
     epsilon: float = 0.05,
