@@ -24,6 +24,7 @@ import torch
 from .anderson import ANDERSON_MEMORY, AndersonMixer, masked
 from .backends import make_operator
 from .backends.base import ScoreOperator
+from .backends.torch_backend import caller_on_one_thread
 from .entry import entry_point, user_stacklevel
 from .problem import as_tensor, check_score_values, compute_dtype_of, validate
 from .result import ConvergenceWarning, SinkhornResult
@@ -110,7 +111,16 @@ def run_sinkhorn(
 
     ``has_zero_weights``: whether some cluster weight is 0, when the caller knows it on the host (``False`` spares
     every iteration its masking operations); ``None`` when it does not.
+
+    On the CPU the caller's thread runs torch on one thread meanwhile (:func:`caller_on_one_thread`; the passes keep
+    their worker threads), a ``callback`` included.
     """
+    with caller_on_one_thread(operator.device):
+        return iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callback, has_zero_weights)
+
+
+def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callback, has_zero_weights) -> LoopOutput:
+    """:func:`run_sinkhorn`'s loop."""
     adaptive = acceleration == ADAPTIVE
     omega = 1.0 if isinstance(acceleration, str) else acceleration
     clusters = ClusterMarginal.of(cluster_weights, has_zero_weights)
