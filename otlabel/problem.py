@@ -621,8 +621,9 @@ def weight_rounding(weights, size: int) -> float:
     divided by, off by half a unit at most), plus the absolute rounding of subnormal entries. 0 for ``None`` (the
     uniform weights are made in float64) and for weights given as integers or Python numbers (read as float64).
 
-    The mask check (:mod:`otlabel.feasibility`) allows a shortfall this large: float32 cluster weights of 4/7 round
-    to 0.571428597, which 4 of 7 samples confined to that cluster (0.571428571) cannot fill, by 3e-8."""
+    The mask check (:mod:`otlabel.feasibility`) allows a shortfall this large: float32 cluster weights [3/7, 4/7]
+    round 4/7 up (0.571428597, 0.57142858 of their float32 total), which the 4 of 7 samples that may go there
+    (0.571428571) cannot fill, by 1e-8."""
     dtype = getattr(weights, "dtype", None)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         info = torch.finfo(dtype)
