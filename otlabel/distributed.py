@@ -84,7 +84,7 @@ META_SIZE = 17  # numbers each rank sends in the first all-gather, after a failu
 # rounding its cluster and sample weights to the dtypes they came in may have moved (problem.weight_rounding).
 META_SAMPLES, META_WEIGHT_SUM, META_SUM_RTOL, META_SUM_SUBNORMAL = 1, 10, 13, 14
 META_CLUSTER_ROUNDING, META_SAMPLE_ROUNDING = 15, 16
-GLOO_LACKS_GATHER_INTO_TENSOR = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 4)
+GLOO_LACKS_GATHER_INTO_TENSOR = torch.__version__ < (2, 4)  # TorchVersion compares with tuples
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # narrowest first
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 

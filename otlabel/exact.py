@@ -24,7 +24,7 @@ import torch
 
 from .backends.torch_backend import available_memory_bytes
 from .entry import entry_point
-from .problem import check_score_values, check_scores, check_weights, weight_rounding
+from .problem import check_score_values, check_scores, check_weights, marginals_rounding
 
 # POT imports every array library it finds as a backend. JAX, imported that way, takes 75% of the GPU's memory
 # for itself at once (seen on an H100: a pytest worker that imported POT left the others out of memory). otlabel
@@ -99,7 +99,7 @@ def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
     _, n, k = s3.shape
     r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device, (n, k))
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device, (n, k))
-    rounding = weight_rounding(cluster_weights, k) + weight_rounding(sample_weights, n)
+    rounding = marginals_rounding(cluster_weights, sample_weights, k, n)
     check_score_values(s3, r, batched=False, sample_weights=c if check_mask else None, mass_rounding=rounding)
     return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy(), rounding
 

@@ -611,8 +611,14 @@ def weight_sum_tolerance(dtype: torch.dtype, size: int) -> tuple[float, float]:
     allowed, plus the coarser absolute rounding of subnormal entries (uniform fp16 weights for K = 100,000 sum to
     1.0014). Two parts, so that shards can combine theirs: the largest relative part plus the subnormal parts' sum.
     """
-    info = torch.finfo(dtype if dtype.is_floating_point else torch.float64)
-    return max(WEIGHT_SUM_RTOL, info.eps), size * info.tiny * info.eps
+    unit, subnormal = rounding_parts(torch.finfo(dtype if dtype.is_floating_point else torch.float64), size)
+    return max(WEIGHT_SUM_RTOL, unit), subnormal
+
+
+def rounding_parts(info, size: int) -> tuple[float, float]:
+    """One unit of rounding of a dtype (its ``finfo``, torch's or NumPy's), and the absolute rounding of ``size``
+    subnormal entries (their spacing, ``tiny * eps``, each)."""
+    return float(info.eps), size * float(info.tiny) * float(info.eps)
 
 
 def weight_rounding(weights, size: int) -> float:
@@ -626,12 +632,16 @@ def weight_rounding(weights, size: int) -> float:
     (0.571428571) cannot fill, by 1e-8."""
     dtype = getattr(weights, "dtype", None)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        info = torch.finfo(dtype)
-    elif isinstance(dtype, np.dtype) and dtype.kind == "f":
-        info = np.finfo(dtype)
-    else:
-        return 0.0
-    return float(info.eps) * (1.0 + size * float(info.tiny))
+        return sum(rounding_parts(torch.finfo(dtype), size))
+    if isinstance(dtype, np.dtype) and dtype.kind == "f":
+        return sum(rounding_parts(np.finfo(dtype), size))
+    return 0.0
+
+
+def marginals_rounding(cluster_weights, sample_weights, k: int, n: int) -> float:
+    """:func:`weight_rounding` of both marginals as given (K cluster weights, N sample weights), added up: what the
+    mask check allows."""
+    return weight_rounding(cluster_weights, k) + weight_rounding(sample_weights, n)
 
 
 def checked_host_weights(weights, size: int, name: str, other: str, scores_shape=None,
@@ -686,9 +696,8 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_v
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device,
                       (n, k))  # fmt: skip
     if check_values:
-        rounding = weight_rounding(cluster_weights, k) + weight_rounding(sample_weights, n)
         check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched, sample_weights=c,
-                           mass_rounding=rounding)  # fmt: skip
+                           mass_rounding=marginals_rounding(cluster_weights, sample_weights, k, n))  # fmt: skip
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched,
                    has_zero_weights=has_zeros)  # fmt: skip
 

@@ -34,6 +34,7 @@ from .backends.torch_backend import (
     NEG_INF,
     LogDomainOperator,
     available_memory_bytes,
+    caller_on_one_thread,
     compute_dtype,
     exp_,
     split_rows,
@@ -55,7 +56,7 @@ from .problem import (
     check_epsilon,
     check_rows,
     check_weights,
-    weight_rounding,
+    marginals_rounding,
     weighted_clusters,
 )
 from .result import SinkhornResult
@@ -158,7 +159,7 @@ class StreamingOperator(LogDomainOperator):
     * :meth:`assign` writes labels (and codes) chunk by chunk into host arrays (``labels_out``/``codes_out``,
       e.g. ``.npy`` memmaps) instead of device tensors of N rows.
     * On the CPU the rows are split into one contiguous range per thread (as in :class:`LogDomainOperator`), and
-      for the duration of each pass torch and MKL run one intra-op thread per range (:class:`single_threaded_torch`):
+      for the duration of each pass torch and MKL run one intra-op thread per range (:func:`caller_on_one_thread`):
       the features matmul would otherwise split every small product over OpenMP threads, which collapses on a
       loaded machine. Per-range partials are combined in range order: deterministic.
     """
@@ -180,7 +181,7 @@ class StreamingOperator(LogDomainOperator):
     def map_parallel(self, pool, fn) -> list:
         self.stop_from = math.inf
         futures = {}  # future -> the end row of its range
-        with single_threaded_torch():
+        with caller_on_one_thread(self.device):
             try:
                 for lo, hi in split_rows(self.n_samples, pool._max_workers):
                     futures[pool.submit(fn, lo, hi)] = hi
@@ -299,17 +300,6 @@ def check_stream_backend(backend) -> None:
             "sinkhorn_assign(scores, ..., backend='reference') on a problem small enough to load."
         )
     raise ValueError(f"backend must be 'auto' or 'torch' when streaming, got {backend!r}.")
-
-
-class single_threaded_torch:
-    """Context: torch (and MKL) use one intra-op thread; restored on exit. The chunk workers supply parallelism."""
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
 
 
 def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, files: list):
@@ -460,7 +450,7 @@ def sinkhorn_assign_stream(
         b0 = check_init(init, h, r, compute_dtype(source.dtype))
         labels = as_output(labels_out, (h, n), np.int64, "labels_out", source.batched, files)
         codes = as_output(codes_out, (h, n, k), np.float32, "codes_out", source.batched, files)
-        rounding = weight_rounding(cluster_weights, k) + weight_rounding(sample_weights, n)
+        rounding = marginals_rounding(cluster_weights, sample_weights, k, n)
         operator = StreamingOperator(source, epsilon, c, r, labels, codes, mass_rounding=rounding)
         if b0 is not None:
             operator.validate()
