@@ -660,15 +660,23 @@ def test_the_default_cuda_budget(monkeypatch, free_gib, budget_mib):
 def test_cpu_passes_run_on_every_thread(monkeypatch, features):
     """On the CPU a streamed pass splits the rows over the worker threads (the sources are views: any thread may read
     them). A source that said otherwise (random_access False) would solve the same problem on one thread, so no
-    result-based test would notice: the reads are counted per thread."""
+    result-based test would notice: the reads are counted per thread. The first read of each of the first two threads
+    waits for the other (a barrier): otherwise a worker that finished its range before the second had started took
+    the second range too, and the test failed by timing alone (3 of 20 runs on a loaded machine). With one range the
+    barrier breaks after its timeout and the solve fails."""
     import threading
 
     import otlabel.host_sources as host_sources
 
     readers, real_get = set(), host_sources.HostStream.get
+    both_started = threading.Barrier(2, timeout=10)
 
     def get(self, rows):
-        readers.add(threading.get_ident())
+        thread = threading.get_ident()
+        if thread not in readers and len(readers) < 2:
+            readers.add(thread)
+            both_started.wait()
+        readers.add(thread)
         return real_get(self, rows)
 
     monkeypatch.setattr(host_sources.HostStream, "get", get)
