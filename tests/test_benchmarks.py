@@ -298,3 +298,16 @@ def test_stream_exp_benchmark_runs_and_restores_exp(capsys):
     stream_exp.main(["--n", "3000", "--k", "20"])
     assert torch_backend.exp_ is fast and streaming.exp_ is fast
     assert "labels equal" in capsys.readouterr().out
+
+
+def test_cpu_readout_benchmark_runs_and_restores_the_read_out(capsys):
+    """The compiled-vs-torch read-out script on a tiny problem: it compares codes itself (and against the SwAV loop),
+    and leaves the compiled read-out in place."""
+    from benchmarks import cpu_readout
+    from otlabel.backends.torch_backend import LogDomainOperator
+
+    compiled = LogDomainOperator.assign
+    cpu_readout.main(["--repeats", "1", "--sizes", "300x8"])
+    assert LogDomainOperator.assign is compiled
+    out = capsys.readouterr().out
+    assert "| 300 x 8 | 0.05 |" in out and "read-outs agree" in out, out

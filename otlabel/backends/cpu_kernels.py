@@ -8,6 +8,10 @@ from L1, for the scaled accumulation into the column sums. Measured on the 2-cor
 N = 100,000, K = 1,000: 10 ms against 21 ms for the two-``mv`` tiles in the same run (8.6 ms since rows go
 four at a time).
 
+The same compiled loops build ``G`` (one exponential per entry, a polynomial the compiler vectorises) and read the
+labels and the soft codes out in one pass per row (``softmax_rows``): 3x torch's softmax at 4,096 x 3,000, 13x
+where most entries underflow (torch's exponential takes a slow path for those).
+
 Numba is a dependency of otlabel, but the library works without it (this module reports
 ``available() is False`` and the operator keeps its PyTorch path); ``OTLABEL_NUMBA=0`` forces the fallback.
 The loop runs without the GIL, so the caller's own thread pool splits rows across cores exactly as for the
@@ -17,6 +21,7 @@ thread count.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -41,11 +46,11 @@ def available() -> bool:
     return numba is not None
 
 
-def _jit(fn):
+def _jit(fn, **extra):
     """Numba-compile ``fn`` (on first call), cached on disk where Numba finds a writable place for it."""
     # error_model="numpy": a division by zero gives inf/NaN as in IEEE (and as in torch), which the operator
     # detects and answers exactly; Numba's default ("python") would raise ZeroDivisionError from the thread.
-    options = dict(nogil=True, fastmath=_FASTMATH, error_model="numpy")
+    options = dict(nogil=True, fastmath=_FASTMATH, error_model="numpy", **extra)
     try:
         return numba.njit(cache=True, **options)(fn)
     except RuntimeError:  # no writable cache location (read-only install, no usable HOME): compile per process
@@ -110,27 +115,62 @@ _C0, _C1, _C2, _C3, _C4, _C5 = (np.float32(c) for c in _EXP_COEFFS)
 
 if numba is not None:
 
+    @functools.partial(_jit, inline="always")
+    def _exp_shifted(x, top, out, exponent_bits):  # pragma: no cover - compiled
+        """``out[k] = exp(x[k] - top)`` for a row ``x`` with ``top >= max(x)`` (``out`` may be ``x``); entries below
+        ``_EXP_FLOOR`` (``-inf`` included) become exact zeros. ``exponent_bits``: an int32 scratch row."""
+        two_to_n = exponent_bits.view(np.float32)  # 2^n built in the exponent field, no ldexp call
+        for k in range(x.shape[0]):
+            shifted = x[k] - top  # <= 0; -inf for a masked pair
+            xc = max(shifted, _EXP_FLOOR)
+            n = np.floor(xc * _LOG2E + np.float32(0.5))
+            r = xc - n * _LN2_HI - n * _LN2_LO
+            p = ((((_C0 * r + _C1) * r + _C2) * r + _C3) * r + _C4) * r + _C5
+            p = p * r * r + r + np.float32(1.0)
+            exponent_bits[k] = (np.int32(n) + np.int32(127)) << 23
+            out[k] = p * two_to_n[k] if shifted >= _EXP_FLOOR else np.float32(0.0)
+
+    @functools.partial(_jit, inline="always")
+    def _logits(row, inv_eps, b, out):  # pragma: no cover - compiled
+        """``out = row * inv_eps + b``; returns its maximum."""
+        top = np.float32(-np.inf)
+        for k in range(row.shape[0]):
+            x = row[k] * inv_eps + b[k]
+            out[k] = x
+            top = max(top, x)
+        return top
+
     @_jit
     def _exp_kernel_rows(scores, inv_eps, b0, lo, hi, kernel, row_shift):  # pragma: no cover - compiled
         """Rows ``[lo, hi)``: ``x = scores * inv_eps + b0``, ``row_shift[j] = max_k x``, ``kernel = exp(x - max)``."""
+        exponent_bits = np.empty(scores.shape[1], dtype=np.int32)
+        for j in range(lo, hi):
+            row_shift[j] = _logits(scores[j], inv_eps, b0, kernel[j])
+            _exp_shifted(kernel[j], row_shift[j], kernel[j], exponent_bits)
+
+    @_jit
+    def _softmax_rows(scores, inv_eps, b, lo, hi, labels, codes, want_codes):  # pragma: no cover - compiled
+        """Rows ``[lo, hi)``: ``labels[j] = argmax_k x`` (the first maximum) of ``x = scores * inv_eps + b`` and, when
+        ``want_codes``, ``codes[j] = softmax(x)``, formed in place in ``codes[j]`` (else in a scratch row); the row
+        sum is taken in float64."""
         n_clusters = scores.shape[1]
         exponent_bits = np.empty(n_clusters, dtype=np.int32)
-        two_to_n = exponent_bits.view(np.float32)  # 2^n built in the exponent field, no ldexp call
+        scratch = np.empty(n_clusters, dtype=np.float32)
         for j in range(lo, hi):
-            row, out = scores[j], kernel[j]
-            top = np.float32(-np.inf)
-            for k in range(n_clusters):
-                top = max(top, row[k] * inv_eps + b0[k])
-            row_shift[j] = top
-            for k in range(n_clusters):
-                x = row[k] * inv_eps + b0[k] - top  # <= 0; -inf for a masked pair
-                xc = max(x, _EXP_FLOOR)
-                n = np.floor(xc * _LOG2E + np.float32(0.5))
-                r = xc - n * _LN2_HI - n * _LN2_LO
-                p = ((((_C0 * r + _C1) * r + _C2) * r + _C3) * r + _C4) * r + _C5
-                p = p * r * r + r + np.float32(1.0)
-                exponent_bits[k] = (np.int32(n) + np.int32(127)) << 23
-                out[k] = p * two_to_n[k] if x >= _EXP_FLOOR else np.float32(0.0)
+            x = codes[j] if want_codes else scratch
+            top = _logits(scores[j], inv_eps, b, x)
+            best = 0  # the first maximum, as torch.argmax; a scan of its own keeps the loop above vectorised
+            while best < n_clusters - 1 and x[best] != top:  # (bounded: never past the row, whatever x holds)
+                best += 1
+            labels[j] = best
+            if want_codes:
+                _exp_shifted(x, top, x, exponent_bits)
+                total = 0.0
+                for k in range(n_clusters):
+                    total += x[k]
+                scale = np.float32(1.0 / total)
+                for k in range(n_clusters):
+                    x[k] *= scale
 
     @_jit
     def _argmax_rows(kernel, v, lo, hi, labels):  # pragma: no cover - compiled
@@ -149,6 +189,16 @@ def exp_kernel_rows(scores, inv_eps: float, b0, lo: int, hi: int, kernel, row_sh
     """Fill rows ``[lo, hi)`` of the float32 ``kernel`` (N, K) with ``exp(scores * inv_eps + b0 - m)`` and
     ``row_shift`` (N,) with the row maxima ``m``; ``-inf`` scores give exact zeros. Needs :func:`available`."""
     _exp_kernel_rows(_array(scores), np.float32(inv_eps), _array(b0), lo, hi, _array(kernel), _array(row_shift))
+
+
+def softmax_rows(scores, inv_eps: float, b, lo: int, hi: int, labels, codes=None) -> None:
+    """Rows ``[lo, hi)`` of the float32 logits ``x = scores * inv_eps + b`` (N, K), in one pass: ``labels`` (N,) int64
+    gets the first ``argmax_k x`` and ``codes`` (N, K) float32, if given, ``softmax(x)``; both written in place.
+    Entries below ``e^-87`` of a row's largest become exact zeros (torch's softmax gives subnormals there, < 1e-38).
+    Needs :func:`available`."""
+    want_codes = codes is not None
+    out = _array(codes) if want_codes else np.empty((0, scores.shape[1]), dtype=np.float32)
+    _softmax_rows(_array(scores), np.float32(inv_eps), _array(b), lo, hi, _array(labels), out, want_codes)
 
 
 def argmax_rows(kernel, v, lo: int, hi: int, labels) -> None:
