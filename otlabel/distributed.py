@@ -72,6 +72,7 @@ from .solver import (
     run_sinkhorn,
     warn_if_not_converged,
 )
+from .sources import column_max
 from .streaming import StreamingOperator, chunk_bytes, warn_if_chunks_too_small
 
 __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
@@ -557,7 +558,7 @@ class DenseShard:
         return make_operator(self.problem(epsilon, sample_weights), self.backend)
 
     def column_max(self) -> torch.Tensor:
-        return self.scores.amax(dim=1).double().cpu()  # (H, K)
+        return column_max(self.scores).double().cpu()  # (H, K)
 
     def close(self) -> None:
         pass

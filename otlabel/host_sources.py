@@ -28,7 +28,7 @@ from .features import check_bias, check_feature_shapes
 from .inputs import open_host_array
 from .problem import autocast_off
 from .solver import is_number
-from .sources import ScoreSource, row_chunks
+from .sources import ScoreSource, column_max, row_chunks
 
 __all__ = ["FeatureSource", "HostSource", "default_memory_budget"]
 
@@ -192,7 +192,7 @@ class HostSource(ScoreSource):
     def column_max(self) -> torch.Tensor:
         out = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
         for rows in row_chunks(self.n_samples, 1, self.rows_per_chunk):
-            out = torch.maximum(out, self.chunk(rows).amax(dim=1).float())
+            out = torch.maximum(out, column_max(self.chunk(rows)).float())
         return out
 
 
@@ -261,5 +261,5 @@ class FeatureSource(ScoreSource):
         out = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
         with autocast_off():  # on the caller's thread: the products in float32, as in the passes
             for rows in row_chunks(self.n_samples, 1, self.rows_per_chunk):
-                out = torch.maximum(out, self.chunk(rows).amax(dim=1))
+                out = torch.maximum(out, column_max(self.chunk(rows)))
         return out

@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .sources import column_max
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 WEIGHT_SUM_RTOL = 1e-4
 # The largest |S| / eps solved faithfully, by the precision S / eps + b is formed in (the potentials b are of that
@@ -265,7 +267,7 @@ def check_score_values(
     shortfall of ``mass_rounding`` (:func:`weight_rounding`) for the rounding of the weights as given.
     """
     row_max = scores.amax(dim=2)  # (H, N)
-    col_max = scores.amax(dim=1)  # (H, K)
+    col_max = column_max(scores)  # (H, K)
     if has_zero_weights is None:
         has_zero_weights = bool((cluster_weights == 0).any())
     weighted_row_max, weighted_col_max = row_max, col_max  # over the clusters with weight: the ones the solve involves

@@ -11,6 +11,28 @@ from __future__ import annotations
 
 import torch
 
+# On the CPU, rows of fewer clusters than this are reduced as blocks of rows laid end to end (see column_max).
+COLUMN_BLOCK_WIDTH = 4096
+COLUMN_BLOCK_MIN_SCORES = 1 << 17  # below: a few more operations would cost more than they save
+
+
+def column_max(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.amax(dim=1)`` of (H, N, K) scores: (H, K), exactly, with NaN propagated as there.
+
+    On the CPU torch reduces over a strided axis slowly when rows are short: 26 ms at 1,000,000 x 10, 21 ms at
+    4,000,000 x 2, against a 0.5 ms read. There, ``m`` consecutive rows of a contiguous tensor are taken as one row of
+    ``m * K`` (up to ``COLUMN_BLOCK_WIDTH``), reduced over the blocks and then over the ``m`` copies of each column:
+    1.4 and 0.7 ms (measured side by side; the same from K = 1,000 up)."""
+    h, n, k = scores.shape
+    per_block = COLUMN_BLOCK_WIDTH // max(k, 1)
+    small = scores.numel() < COLUMN_BLOCK_MIN_SCORES
+    if small or scores.device.type != "cpu" or per_block < 2 or n < 2 * per_block or not scores.is_contiguous():
+        return scores.amax(dim=1)
+    whole = n - n % per_block
+    blocks = scores[:, :whole].reshape(h, whole // per_block, per_block * k).amax(dim=1)  # (H, m K)
+    out = blocks.view(h, per_block, k).amax(dim=1)
+    return out if whole == n else torch.maximum(out, scores[:, whole:].amax(dim=1))
+
 
 class ScoreSource:
     """Interface: ``n_heads``, ``n_samples``, ``n_clusters``, ``device``, ``dtype`` and :meth:`chunk`."""
@@ -30,7 +52,7 @@ class ScoreSource:
         """``max_j S[h, j, k]`` (H, K), one pass; ``-inf`` for a cluster no sample may reach."""
         out = torch.full((self.n_heads, self.n_clusters), float("-inf"), device=self.device)
         for rows in row_chunks(self.n_samples, self.n_heads * self.n_clusters, 1 << 22):
-            out = torch.maximum(out, self.chunk(rows).amax(dim=1).float())
+            out = torch.maximum(out, column_max(self.chunk(rows)).float())
         return out
 
 
@@ -48,7 +70,7 @@ class DenseSource(ScoreSource):
         return self.scores[:, rows]
 
     def column_max(self) -> torch.Tensor:
-        return self.scores.amax(dim=1).float()
+        return column_max(self.scores).float()
 
 
 def row_chunks(n_rows: int, row_elements: int, chunk_elements: int):

@@ -70,7 +70,7 @@ from .solver import (
     run_sinkhorn,
     warn_if_not_converged,
 )
-from .sources import ScoreSource
+from .sources import ScoreSource, column_max
 
 __all__ = [
     "SmallChunksWarning",
@@ -232,7 +232,7 @@ class StreamingOperator(LogDomainOperator):
                                 batched=self.source.batched, from_features=from_features)  # x is S / eps  # fmt: skip
             if patterns is not None:
                 collect_masks(patterns, x, masked, self.sample_mass[rows])  # for Hall's condition, decided at the end
-            col_max = torch.maximum(col_max, x.amax(dim=1))
+            col_max = torch.maximum(col_max, column_max(x))
             if with_lse:
                 x.add_(self.log_c[rows][None, :, None])
                 top = x.amax(dim=1, keepdim=True)  # (H, 1, K)

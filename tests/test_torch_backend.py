@@ -17,7 +17,7 @@ from otlabel.backends.torch_backend import (
     split_rows,
     worker_pool,
 )
-from otlabel.sources import DenseSource
+from otlabel.sources import DenseSource, column_max
 
 OPERATORS = {
     # chunks of 7 rows, so chunk boundaries fall mid-matrix
@@ -987,3 +987,22 @@ def test_a_ranges_work_buffer_holds_one_chunk():
             view = buffer(rows)
             assert view.shape == (2, rows.stop - rows.start, 5)
             assert view.untyped_storage().nbytes() == 2 * min(7, hi - lo) * 5 * 4, (lo, hi)
+
+
+@pytest.mark.parametrize(
+    "h, n, k", [(1, 50_000, 3), (2, 40_099, 7), (1, 1000, 2048), (3, 10, 5), (1, 1, 1), (2000, 10, 7)]
+)
+def test_column_max_is_amax_over_the_samples(h, n, k):
+    """Rows of few clusters are reduced in blocks (a row count no block size divides included; fewer rows than a block
+    under many heads): the same maxima as ``amax(dim=1)``, -inf of a masked column and NaN propagated as there, on
+    contiguous and strided scores."""
+    s = torch.randn(h, n, k, generator=torch.Generator().manual_seed(n))
+    s[:, :, 0] = float("-inf")  # a column no sample may reach
+    if n > 1:
+        s[0, n - 1, -1] = 50.0  # the largest entry in the last (unblocked) rows
+    assert torch.equal(column_max(s), s.amax(dim=1))
+    strided = torch.randn(h, k, n).transpose(1, 2)  # not contiguous: torch's own reduction
+    assert torch.equal(column_max(strided), strided.amax(dim=1))
+    s[-1, n // 2, k // 2] = float("nan")
+    assert torch.equal(torch.isnan(column_max(s)), torch.isnan(s.amax(dim=1)))
+    assert bool(torch.isnan(column_max(s)[-1, k // 2]))
