@@ -96,14 +96,16 @@ class Terminated(BaseException):
 def parse_bytes(text: str) -> int:
     """``"256M"``, ``"1.5G"``, ``"512MiB"``, ``"1000000"`` -> bytes. A sign is read, so that ``-1G`` is told it is
     not positive rather than not a size."""
-    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256M, 2G, 1000000)")
     value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256M, 2G, 1000000)")
-    if value < 1:
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"memory budget must be positive, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"memory budget must be at least 1 byte, got {text!r}")
     return int(value)
 
 
