@@ -45,8 +45,13 @@ class AndersonMixer:
     def __init__(self, memory: int, cluster_weights: torch.Tensor):
         self.memory = memory
         self.cluster_weights = cluster_weights  # (K,) r: the inner product in which proposals are judged
+        self.weighted = cluster_weights > 0  # (K,)
         self.iterates: list[torch.Tensor] = []  # b, (H, K), -inf of empty clusters replaced by 0
         self.residuals: list[torch.Tensor] = []  # F(b) - b
+        # Successive differences of the residuals and of the plain steps F(b) = b + residual, (H, K, m) oldest first,
+        # kept up to date one column per step (re-stacking the lists cost ~2 (memory + 1) operations per step)
+        self.d_g: torch.Tensor | None = None
+        self.d_f: torch.Tensor | None = None
         self.flat_run = None  # (H, 1): proposals made in a row on a flat history (see across_plateaus)
         self.best = math.inf
         self.step_from_best = None  # F(b) for the b with the best error: where a restart resumes
@@ -65,6 +70,7 @@ class AndersonMixer:
     def forget(self) -> None:
         """Start the history again (after a restart, a degenerate solve, or between spells)."""
         self.iterates, self.residuals, self.flat_run = [], [], None
+        self.d_g = self.d_f = None
 
     def review_last_step(self, sound: bool) -> None:
         """A degenerate solve (its plain step was taken instead): start the history again."""
@@ -99,32 +105,47 @@ class AndersonMixer:
             self.best, self.step_from_best = error, b_new
             self.reach = min(ANDERSON_MAX_EXTRAPOLATION, 1.5 * self.reach)
         x = masked(b, empty, 0.0)
+        residual = masked(b_new, empty, 0.0) - x
+        if self.iterates:
+            self.remember(x - self.iterates[-1], residual - self.residuals[-1])
         self.iterates.append(x)
-        self.residuals.append(masked(b_new, empty, 0.0) - x)
+        self.residuals.append(residual)
         if len(self.iterates) > self.memory + 1:
             self.iterates.pop(0)
             self.residuals.pop(0)
         if len(self.iterates) < 2:
             return b_new
-        d_x, d_g = differences(self.iterates), differences(self.residuals)  # (H, K, m)
-        gram = d_g.transpose(1, 2) @ d_g  # (H, m, m)
-        ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] + 1e-300  # keeps it invertible
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        d_g = self.d_g  # (H, K, m)
+        gram = torch.bmm(d_g.mT, d_g)  # (H, m, m); bmm: matmul's reshaping around it costs ~5 operations more
+        diagonal = gram.diagonal(dim1=1, dim2=2)  # (H, m), a view: the ridge below keeps gram invertible
+        diagonal += 1e-10 * diagonal.sum(-1, keepdim=True) + 1e-300
         # solve_ex: linalg.solve would read its error flag back from the device (a sync). A degenerate solve is
         # answered on the device (the plain step instead), and the loop reads the verdict with the next error.
-        gamma, info = torch.linalg.solve_ex(gram + ridge * eye, d_g.transpose(1, 2) @ self.residuals[-1][..., None])
-        plain = x + self.residuals[-1]
-        extrapolation = -((d_x + d_g) @ gamma)[..., 0]  # how far the mixing moves beyond the plain step
-        self.sound = torch.isfinite(extrapolation).all() & (info == 0).all()
-        extrapolation = self.across_plateaus(extrapolation, d_g, self.residuals[-1])
+        gamma, info = torch.linalg.solve_ex(gram, torch.bmm(d_g.mT, residual[..., None]))
+        plain = x + residual
+        extrapolation = -torch.bmm(self.d_f, gamma)[..., 0]  # how far the mixing moves beyond the plain step
+        # finite (NaN and inf fail the comparison) and the solve succeeded, for every head
+        self.sound = (extrapolation.abs().amax() < math.inf) & (info == 0).all()
+        extrapolation = self.across_plateaus(extrapolation, d_g, residual)
         # Early on the residual barely changes from one step to the next, the least-squares weights blow up and
         # the proposal lands 1e5 nats away. Capping the move beyond the plain step (direction kept) removed those
         # excursions; useful moves seen at 100k x 1000 were under ~7 nats. The cap shrinks 4x at every restart
         # and grows back 1.5x with every new best error.
         reach = extrapolation.abs().amax(dim=-1, keepdim=True)  # (H, 1)
         extrapolation = extrapolation * (self.reach / reach).clamp(max=1.0)
-        extrapolation = self.forward_only(extrapolation, self.residuals[-1])
+        extrapolation = self.forward_only(extrapolation, residual, all_weighted=empty is None)
         return torch.where(self.sound, masked(plain + extrapolation, empty, float("-inf")), b_new)
+
+    def remember(self, d_x: torch.Tensor, d_g: torch.Tensor) -> None:
+        """Append the newest differences of the iterates and residuals (H, K) to the (H, K, m) histories, dropping
+        the oldest column beyond ``memory``. ``d_f = d_x + d_g``, column by column as the mixing uses it."""
+        d_f = (d_x + d_g)[..., None]
+        if self.d_g is None:
+            self.d_g, self.d_f = d_g[..., None], d_f
+            return
+        keep = 1 if self.d_g.shape[-1] == self.memory else 0
+        self.d_g = torch.cat([self.d_g[..., keep:], d_g[..., None]], dim=-1)
+        self.d_f = torch.cat([self.d_f[..., keep:], d_f], dim=-1)
 
     def across_plateaus(self, extrapolation: torch.Tensor, d_g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``extrapolation`` (H, K), or where the residual has not changed over the whole history (``d_g``, (H, K, m),
@@ -139,14 +160,16 @@ class AndersonMixer:
         sees the change and aims back (an error that rises restarts from the best point, as everywhere).
         """
         scale = residual.abs().amax(dim=-1, keepdim=True)  # (H, 1)
-        flat = d_g.abs().amax(dim=(1, 2))[:, None] <= ANDERSON_FLAT * scale  # (H, 1)
+        flat = d_g.abs().amax(dim=(1, 2)).unsqueeze(1) <= ANDERSON_FLAT * scale  # (H, 1)
         run = torch.zeros_like(scale) if self.flat_run is None else self.flat_run
         self.flat_run = torch.where(flat, run + 1, 0.0)
         stride = torch.exp2(self.flat_run.clamp(max=60)) - 1  # beyond the plain step: 1, 3, 7, ... plain steps
         return torch.where(flat, residual * stride, extrapolation)
 
-    def forward_only(self, extrapolation: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward_only(self, extrapolation: torch.Tensor, residual: torch.Tensor, all_weighted: bool = False
+                     ) -> torch.Tensor:  # fmt: skip
         """``extrapolation`` (H, K) where it does not point against the plain step ``residual`` = F(b) - b, else 0.
+        ``all_weighted``: no cluster weight is 0 (known on the host), which spares the masking.
 
         Linearised at ``b``, the cluster step has the Jacobian ``J = diag(m)^-1 P^T diag(c)^-1 P`` (``P`` the plan,
         ``m = r exp(-residual)`` its column sums): self-adjoint in the inner product weighted by ``m``, with
@@ -158,15 +181,10 @@ class AndersonMixer:
         plain steps had gained (a 17 x 2 problem at eps = 1e-3 then needed more iterations than plain steps on one
         path and never converged on another).
         """
-        weighted = self.cluster_weights > 0
-        shift = torch.where(weighted, residual, math.inf).amin(dim=-1, keepdim=True)  # exp <= 1, and 1 somewhere
+        weighted = residual if all_weighted else torch.where(self.weighted, residual, math.inf)
+        shift = weighted.amin(dim=-1, keepdim=True)  # exp <= 1, and 1 somewhere
         m = self.cluster_weights * torch.exp(shift - residual)  # (H, K): the column sums up to a factor
         m = m / m.sum(dim=-1, keepdim=True)
         deviation = residual - (m * residual).sum(dim=-1, keepdim=True)  # constants add nothing to the product
         forward = (m * extrapolation * deviation).sum(dim=-1, keepdim=True) >= 0  # (H, 1)
         return torch.where(forward, extrapolation, 0.0)
-
-
-def differences(history: list[torch.Tensor]) -> torch.Tensor:
-    """Successive differences of (H, K) tensors, stacked on a last axis: (H, K, len - 1)."""
-    return torch.stack([q - p for p, q in zip(history[:-1], history[1:], strict=True)], dim=-1)
