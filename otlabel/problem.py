@@ -400,6 +400,11 @@ else:  # torch < 2.4: one function per device type, and only the CPU's and CUDA'
         return check is not None and check()
 
 
+def any_autocast_enabled() -> bool:
+    """Whether :func:`autocast_off` has anything to turn off on this thread."""
+    return any(is_autocast_enabled(device_type) for device_type in AUTOCAST_DEVICE_TYPES)
+
+
 @contextmanager
 def autocast_off():
     """Context: ``torch.autocast`` off for every device type where the caller turned it on. otlabel's own matrix

@@ -22,13 +22,14 @@ Two operators share one interface:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..problem import autocast_off, check_inverse_epsilon, compute_dtype
+from ..problem import any_autocast_enabled, autocast_off, check_inverse_epsilon, compute_dtype
 from ..sources import DenseSource, ScoreSource, row_chunks
 from . import cpu_kernels
 from .base import ScoreOperator
@@ -274,6 +275,7 @@ class CachedKernelOperator(ScoreOperator):
         # Absorb b0 = -max_j S / eps first: the cold-start potentials are within log N of it, so one exp pass
         # serves the cold start and usually every later iteration too.
         self.b0 = torch.where(self.reachable, -col_max.double() * self.exact.inv_eps, NEG_INF)  # float64
+        self.held = torch.isfinite(self.b0)  # the clusters the kernel holds
         self.kernel = None  # (H, N, K): exp(S / eps + b0 - m), built on first use
         self.row_shift = None  # (H, N): m, the row maxima of S / eps + b0
 
@@ -284,21 +286,29 @@ class CachedKernelOperator(ScoreOperator):
         self.kernel = self.row_shift = None
 
     def cluster_lse(self, b):
-        if self.kernel is None or (b is not None and self._drifted(b)):
-            self._absorb(self.b0 if b is None else b)
         if b is None:  # cold start, a = log c:  sum_j c_j exp(S / eps) = e^-b0 sum_j G_jk c_j e^m_j
+            if self.kernel is None:
+                self._absorb(self.b0)
             log_w = self.c.log() + self.row_shift  # (H, N)
             top = log_w.amax(dim=1, keepdim=True)  # factored out so the weights stay <= 1
             col = self._fused_matvecs(None, (log_w - top).exp())
-            offset = top
-        else:
-            col = self._fused_matvecs(self._scaling(b), self.c.expand(self.n_heads, -1))  # sum_j G_jk c_j / (G v)_j
-            offset = 0.0
-        underflowed = ~(col > 0) & self.reachable  # (or a row did: NaN); a zero-weight cluster (b = -inf) holds nothing
-        if bool((underflowed if b is None else underflowed & torch.isfinite(b)).any()):  # ask the exact pass
+            if bool((~(col > 0) & self.reachable).any()):  # (or a row did: NaN): ask the exact pass
+                self.kernel = None
+                return self.exact.cluster_lse(b)
+            return torch.where(self.reachable, col.log() + top - self.b0, NEG_INF)  # float64
+        # The drift test and v = exp(b - b0) share their terms: a small solve is bound by the count of operations.
+        scaled = (b.abs() < math.inf) & self.reachable  # (H, K): finite b (isfinite is 4 operations), v > 0 there
+        shift = b.double() - self.b0
+        if self.kernel is None or self._drifted(b, scaled, shift):
+            self._absorb(b)
+            shift = b.double() - self.b0
+        col = self._fused_matvecs(self._scaling(b, scaled, shift), self.c.expand(self.n_heads, -1))
+        # sum_j G_jk c_j / (G v)_j. A cluster of weight 0 (b = -inf) holds nothing on purpose; one that underflowed
+        # (or a row that did: NaN) asks the exact pass.
+        if bool((~(col > 0) & scaled).any()):
             self.kernel = None  # rebuilt around the next b, which the exact pass below moves towards
             return self.exact.cluster_lse(b)  # float64 b: it takes them (see LogDomainOperator)
-        return torch.where(self.reachable, col.log() + offset - self.b0, NEG_INF)  # float64
+        return torch.where(self.reachable, col.log() - self.b0, NEG_INF)  # float64
 
     def assign(self, b, want_codes):
         if want_codes or not self.exact.compiled_loops() or self.kernel is None or self._drifted(b):
@@ -320,18 +330,23 @@ class CachedKernelOperator(ScoreOperator):
     def transport_score(self, b):
         return self.exact.transport_score(b.to(self.dtype))
 
-    def _scaling(self, b):
-        """``v = exp(b - b0)`` in float64, then rounded (0 for unreachable clusters): (H, K) in the kernel dtype."""
-        return torch.where(self.reachable & torch.isfinite(b), (b.double() - self.b0).exp(), 0.0).to(self.dtype)
+    def _scaling(self, b, scaled=None, shift=None):
+        """``v = exp(b - b0)`` in float64, then rounded (0 for unreachable clusters): (H, K) in the kernel dtype.
+        ``scaled`` (finite ``b`` of a reachable cluster) and ``shift`` (``b - b0``, float64), if the caller has them."""
+        scaled = torch.isfinite(b) & self.reachable if scaled is None else scaled
+        shift = b.double() - self.b0 if shift is None else shift
+        return torch.where(scaled, shift.exp(), 0.0).to(self.dtype)
 
-    def _drifted(self, b) -> bool:
+    def _drifted(self, b, scaled=None, shift=None) -> bool:
         """``b`` moved more than ``absorb_threshold`` from the kernel's ``b0``, or closed a cluster (``-inf``: a
         zero-weight cluster after the cold start) that the kernel still holds: a row whose only large entries sit
         in such columns would otherwise see ``G v = 0``. Clusters no sample here may go to have an all-zero column
-        whatever ``b`` is (a sharded rank can hold none of a cluster's samples): they never count as drifted."""
-        finite = torch.isfinite(b) & self.reachable
-        closed = torch.isneginf(b) & torch.isfinite(self.b0)
-        return bool(((b - self.b0).abs()[finite] > self.absorb_threshold).any()) or bool(closed.any())
+        whatever ``b`` is (a sharded rank can hold none of a cluster's samples): they never count as drifted.
+        ``scaled`` and ``shift`` as for :meth:`_scaling`, if the caller has them. One read."""
+        scaled = torch.isfinite(b) & self.reachable if scaled is None else scaled
+        shift = b.double() - self.b0 if shift is None else shift
+        closed = torch.isneginf(b) & self.held  # |shift| is inf there
+        return bool(((shift.abs() > self.absorb_threshold) & (scaled | closed)).any())
 
     def _absorb(self, b):
         """(Re)build the kernel around the potentials ``b``: the one ``exp`` pass over the scores."""
@@ -354,6 +369,7 @@ class CachedKernelOperator(ScoreOperator):
 
         self.exact.map_ranges(fill_compiled if self.exact.compiled_loops() else fill)
         self.b0 = b.double()
+        self.held = torch.isfinite(self.b0)  # the clusters the kernel holds (b0 = -inf: closed when it was built)
 
     def _fused_matvecs(self, v, weights):
         """``sum_j G[j, k] w_j / (G v)_j`` per head (``/ (G v)`` skipped when ``v`` is None), reading each
@@ -362,11 +378,12 @@ class CachedKernelOperator(ScoreOperator):
 
     def _matvec_range(self, v, weights, lo, hi):
         if cpu_kernels.available():  # one compiled pass per row: the tile's two BLAS calls, fused
-            return torch.stack([
+            heads = [
                 cpu_kernels.fused_matvec_rows(self.kernel[h], None if v is None else v[h], weights[h].contiguous(),
                                               lo, hi)
                 for h in range(self.n_heads)
-            ])  # fmt: skip
+            ]  # fmt: skip
+            return heads[0][None] if len(heads) == 1 else torch.stack(heads)
         col = torch.zeros(self.n_heads, self.n_clusters, dtype=torch.float64)  # float64 across tiles: N terms
         for h in range(self.n_heads):
             kernel, col_h = self.kernel[h], col[h]
@@ -431,6 +448,8 @@ def in_callers_mode(fn):
     inference = torch.is_inference_mode_enabled()
 
     def run(*args):
+        if torch.is_inference_mode_enabled() == inference and not any_autocast_enabled():
+            return fn(*args)  # the caller's thread, as usual: entering the two contexts cost ~3 us a pass
         # inference_mode(False) would turn grad mode on: outside inference mode, the thread's own state is kept
         with torch.inference_mode() if inference else contextlib.nullcontext(), autocast_off():
             return fn(*args)
