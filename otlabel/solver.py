@@ -140,7 +140,8 @@ def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callba
         b_new, err = cluster_step(operator, clusters, b)
         errors.append(err)
         # the iteration's one sync (with the mixer's verdict on its last proposal)
-        values = err.max()[None] if mixer is None else torch.cat([err.max()[None], mixer.last_step_sound(err)])
+        worst_head = err.amax(0, keepdim=True)  # (1,)
+        values = [worst_head] if mixer is None else [worst_head, mixer.last_step_sound(err)]
         worst, *sound = read_back(values, b_new, empty)
         worst_history.append(worst)
         if mixer is not None:
@@ -204,9 +205,11 @@ def next_iterate(operator: ScoreOperator, clusters: ClusterMarginal, b, b_new, o
     return operator.agree(b) if mixed else b
 
 
-def read_back(values: torch.Tensor, b, empty) -> list[float]:
-    """``values`` (1-d) as floats, read together with a check that ``b`` is finite: one device sync."""
-    *floats, finite = torch.cat([values, potentials_finite(b, empty).double()[None]]).tolist()
+def read_back(values: torch.Tensor | list[torch.Tensor], b, empty) -> list[float]:
+    """``values`` (1-d, or a list of 1-d float64 tensors) as floats, read together with a check that ``b`` is finite:
+    one device sync."""
+    parts = [values] if isinstance(values, torch.Tensor) else values
+    *floats, finite = torch.cat([*parts, potentials_finite(b, empty)[None]]).tolist()  # the bool comes back 1.0 or 0.0
     if not finite:
         raise_infeasible()
     return floats
@@ -323,8 +326,9 @@ def relax(b, b_new, omega: float, empty) -> torch.Tensor:
 
 
 def potentials_finite(b, empty) -> torch.Tensor:
-    """0-d bool tensor (no sync): every potential of a cluster with weight is finite."""
-    return torch.isfinite(masked(b, empty, 0.0)).all()
+    """0-d bool tensor (no sync): every potential of a cluster with weight is finite. (``|b| < inf`` is two operations,
+    where ``isfinite`` is four: NaN fails the comparison too.)"""
+    return (masked(b, empty, 0.0).abs() < math.inf).all()
 
 
 def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithmetic=None) -> torch.Tensor | None:
