@@ -9,8 +9,8 @@ N = 100,000, K = 1,000: 10 ms against 21 ms for the two-``mv`` tiles in the same
 four at a time).
 
 The same compiled loops build ``G`` (one exponential per entry, a polynomial the compiler vectorises) and read the
-labels and the soft codes out in one pass per row (``softmax_rows``): 3x torch's softmax at 4,096 x 3,000, 13x
-where most entries underflow (torch's exponential takes a slow path for those).
+labels and the soft codes out in one pass per row (``softmax_rows``): 2.5-3.5x torch's softmax and argmax at
+4,096 x 3,000, whether or not most entries underflow (torch's softmax, unlike its ``exp``, has no slow path there).
 
 Numba is a dependency of otlabel, but the library works without it (this module reports
 ``available() is False`` and the operator keeps its PyTorch path); ``OTLABEL_NUMBA=0`` forces the fallback.
@@ -150,27 +150,29 @@ if numba is not None:
 
     @_jit
     def _softmax_rows(scores, inv_eps, b, lo, hi, labels, codes, want_codes):  # pragma: no cover - compiled
-        """Rows ``[lo, hi)``: ``labels[j] = argmax_k x`` (the first maximum) of ``x = scores * inv_eps + b`` and, when
-        ``want_codes``, ``codes[j] = softmax(x)``, formed in place in ``codes[j]`` (else in a scratch row); the row
-        sum is taken in float64."""
-        n_clusters = scores.shape[1]
+        """Rows ``[lo, hi)`` of every head ``h`` (``scores`` (H, N, K), ``b`` (H, K), ``labels`` (H, N)):
+        ``labels[h, j] = argmax_k x`` (the first maximum) of ``x = scores[h, j] * inv_eps + b[h]`` and, when
+        ``want_codes``, ``codes[h, j] = softmax(x)``, formed in place in ``codes[h, j]`` (else in a scratch row); the
+        row sum is taken in float64."""
+        n_clusters = scores.shape[2]
         exponent_bits = np.empty(n_clusters, dtype=np.int32)
         scratch = np.empty(n_clusters, dtype=np.float32)
-        for j in range(lo, hi):
-            x = codes[j] if want_codes else scratch
-            top = _logits(scores[j], inv_eps, b, x)
-            best = 0  # the first maximum, as torch.argmax; a scan of its own keeps the loop above vectorised
-            while best < n_clusters - 1 and x[best] != top:  # (bounded: never past the row, whatever x holds)
-                best += 1
-            labels[j] = best
-            if want_codes:
-                _exp_shifted(x, top, x, exponent_bits)
-                total = 0.0
-                for k in range(n_clusters):
-                    total += x[k]
-                scale = np.float32(1.0 / total)
-                for k in range(n_clusters):
-                    x[k] *= scale
+        for h in range(scores.shape[0]):
+            for j in range(lo, hi):
+                x = codes[h, j] if want_codes else scratch
+                top = _logits(scores[h, j], inv_eps, b[h], x)
+                best = 0  # the first maximum, as torch.argmax; a scan of its own keeps the loop above vectorised
+                while best < n_clusters - 1 and x[best] != top:  # (bounded: never past the row, whatever x holds)
+                    best += 1
+                labels[h, j] = best
+                if want_codes:
+                    _exp_shifted(x, top, x, exponent_bits)
+                    total = 0.0
+                    for k in range(n_clusters):
+                        total += x[k]
+                    scale = np.float32(1.0 / total)
+                    for k in range(n_clusters):
+                        x[k] *= scale
 
     @_jit
     def _argmax_rows(kernel, v, lo, hi, labels):  # pragma: no cover - compiled
@@ -192,12 +194,16 @@ def exp_kernel_rows(scores, inv_eps: float, b0, lo: int, hi: int, kernel, row_sh
 
 
 def softmax_rows(scores, inv_eps: float, b, lo: int, hi: int, labels, codes=None) -> None:
-    """Rows ``[lo, hi)`` of the float32 logits ``x = scores * inv_eps + b`` (N, K), in one pass: ``labels`` (N,) int64
-    gets the first ``argmax_k x`` and ``codes`` (N, K) float32, if given, ``softmax(x)``; both written in place.
-    Entries below ``e^-87`` of a row's largest become exact zeros (torch's softmax gives subnormals there, < 1e-38).
-    Needs :func:`available`."""
+    """Rows ``[lo, hi)`` of the float32 logits ``x = scores * inv_eps + b`` (N, K), or of every head of (H, N, K)
+    scores with (H, K) ``b``, in one pass: ``labels`` (N,) or (H, N) int64 gets the first ``argmax_k x`` and ``codes``
+    (N, K) or (H, N, K) float32, if given, ``softmax(x)``; both written in place. All heads go in one compiled call
+    (a call per head cost more than the pass itself for many small heads). Entries below ``e^-87`` of a row's
+    largest become exact zeros (torch's softmax gives subnormals there, < 1e-38). Needs :func:`available`."""
+    if scores.dim() == 2:  # one head
+        scores, b, labels = scores[None], b[None], labels[None]
+        codes = None if codes is None else codes[None]
     want_codes = codes is not None
-    out = _array(codes) if want_codes else np.empty((0, scores.shape[1]), dtype=np.float32)
+    out = _array(codes) if want_codes else np.empty((scores.shape[0], 0, scores.shape[2]), dtype=np.float32)
     _softmax_rows(_array(scores), np.float32(inv_eps), _array(b), lo, hi, _array(labels), out, want_codes)
 
 

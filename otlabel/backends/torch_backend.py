@@ -214,10 +214,8 @@ class LogDomainOperator(ScoreOperator):
         labels = torch.empty((h, n), dtype=torch.int64, device=self.device)
         codes = torch.empty((h, n, k), dtype=self.dtype, device=self.device) if want_codes else None
 
-        def fill_compiled(lo, hi):  # one compiled pass per row: 3x torch's ops, 13x where most entries underflow
-            for i in range(h):
-                cpu_kernels.softmax_rows(self.source.scores[i], self.inv_eps, b[i].contiguous(), lo, hi, labels[i],
-                                         None if codes is None else codes[i])  # fmt: skip
+        def fill_compiled(lo, hi):  # one compiled pass per row, every head in one call: 2.5-3.5x torch's ops
+            cpu_kernels.softmax_rows(self.source.scores, self.inv_eps, b.contiguous(), lo, hi, labels, codes)
 
         if self.compiled_loops():
             self.map_ranges(fill_compiled)
