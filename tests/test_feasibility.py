@@ -8,6 +8,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from scipy.optimize import linprog
 
 from otlabel.feasibility import MaskPatterns, check_feasible
@@ -201,6 +204,103 @@ def test_too_large_skips_the_check():
     merged = patterns_of(allowed[:1], c[:1])
     merged.merge(patterns)
     assert merged.too_large
+
+
+def dict_grouping(allowed, weights) -> dict:
+    """The grouping spelled out, one row at a time: each masked row of positive weight, to its groups' summed weight
+    and number of rows."""
+    groups = {}
+    for row, weight in zip(allowed.tolist(), weights.tolist(), strict=True):
+        if weight > 0 and not all(row):
+            total, count = groups.get(tuple(row), (0.0, 0))
+            groups[tuple(row)] = (total + weight, count + 1)
+    return groups
+
+
+def assert_groups(patterns: MaskPatterns, expected: dict):
+    got = as_dict(patterns)
+    assert len(patterns) == len(expected) and got.keys() == expected.keys(), (len(got), len(expected))
+    for key, (weight, count) in expected.items():
+        assert got[key][1] == count and got[key][0] == pytest.approx(weight, rel=1e-12, abs=0), key
+
+
+def repeated_rows(rng, n, k, pool=6, distinct=0.3):
+    """n mask rows over k clusters: most drawn from a few patterns, a share of them random (so mostly distinct),
+    some allowed everywhere, with weights of which some are 0."""
+    patterns = rng.random((pool, k)) < 0.5
+    allowed = patterns[rng.integers(0, pool, n)]
+    fresh = rng.random(n) < distinct
+    allowed[fresh] = rng.random((int(fresh.sum()), k)) < 0.5
+    allowed[rng.random(n) < 0.1] = True
+    weights = rng.random(n) * (rng.random(n) > 0.1)
+    return allowed, weights
+
+
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 63, 64, 65, 100, 300])  # a key of one uint64 up to 64 clusters, bytes after
+@pytest.mark.parametrize("block_elements", [None, 50])  # one grouping per call, or many merged into the groups
+def test_grouping_matches_a_dict_of_rows(k, block_elements, monkeypatch):
+    from otlabel import feasibility
+
+    if block_elements is not None:
+        monkeypatch.setattr(feasibility, "BLOCK_ELEMENTS", block_elements)
+    rng = np.random.default_rng(k)
+    allowed, weights = repeated_rows(rng, 700, k)
+    expected = dict_grouping(allowed, weights)
+    for chunks in (1, 9, 700):
+        patterns = patterns_of(allowed, weights, chunks=chunks)
+        assert_groups(patterns, expected)
+        assert patterns.total_weight == pytest.approx(weights.sum(), rel=1e-12)
+    halves = patterns_of(allowed[:300], weights[:300], chunks=4)
+    halves.merge(patterns_of(allowed[300:], weights[300:], chunks=5))
+    assert_groups(halves, expected)
+    sent = MaskPatterns(k)  # as between ranks: each half's groups, packed, then added
+    for part in (slice(0, 300), slice(300, None)):
+        sent.add_packed(*patterns_of(allowed[part], weights[part]).packed())
+    assert_groups(sent, expected)
+    assert sent.packed()[0].shape == (len(expected), (k + 7) // 8)
+
+
+@given(
+    st.integers(1, 70).flatmap(
+        lambda k: st.tuples(
+            arrays(bool, st.tuples(st.integers(0, 40), st.just(k)), elements=st.booleans()),
+            st.integers(1, 6),
+            st.integers(0, 2**32 - 1),
+        )
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_grouping_matches_a_dict_of_rows_on_drawn_masks(drawn):
+    mask, chunks, seed = drawn
+    rng = np.random.default_rng(seed)
+    allowed = np.concatenate([mask, mask[rng.permutation(len(mask))[: len(mask) // 2]]])  # repeats, in any order
+    weights = rng.integers(0, 4, len(allowed)) / 4  # zeros included; exact sums
+    expected = dict_grouping(allowed, weights)
+    patterns = patterns_of(allowed, weights, chunks=min(chunks, max(len(allowed), 1)))
+    assert as_dict(patterns) == expected  # weights are multiples of 1/4: every sum is exact
+    assert patterns.unmasked_count == int(((weights > 0) & allowed.all(axis=1)).sum())
+
+
+def test_a_pattern_given_twice_to_add_packed_is_one_group():
+    allowed = np.array([[True, False, True], [False, False, True], [True, False, True]])
+    packed = np.packbits(allowed, axis=1)
+    patterns = MaskPatterns(3)
+    patterns.add_packed(packed, np.array([0.25, 0.5, 0.125]), np.array([2.0, 1.0, 3.0]))
+    assert as_dict(patterns) == {(True, False, True): (0.375, 5), (False, False, True): (0.5, 1)}
+    with pytest.raises(ValueError, match=r"\(G, 1\)"):
+        patterns.add_packed(np.zeros((2, 2), dtype=np.uint8), np.ones(2), np.ones(2))
+
+
+@pytest.mark.parametrize("k", [5, 64, 100])
+def test_too_large_is_decided_by_the_number_of_distinct_patterns(k):
+    rng = np.random.default_rng(1)
+    allowed, weights = repeated_rows(rng, 300, k, pool=4, distinct=0.1)
+    distinct = len(dict_grouping(allowed, weights))
+    for chunks in (1, 7):
+        fits = patterns_of(allowed, weights, chunks=chunks, max_edges=distinct * k)
+        assert not fits.too_large and len(fits) == distinct
+        over = patterns_of(allowed, weights, chunks=chunks, max_edges=distinct * k - 1)
+        assert over.too_large and len(over) == 0
 
 
 def test_bad_arguments():
