@@ -63,8 +63,9 @@ class MaskPatterns:
 
     The groups are kept as arrays sorted by pattern: a pattern's key is its row packed to bits, as one uint64 for
     K <= 64 and as a raw-bytes (void) scalar otherwise, so that NumPy sorts, dedups and looks them up without a
-    Python step per row or per pattern (a dict insert per pattern took ~1.4 us a row on masks whose rows are all
-    distinct, e.g. 50% random -inf). :meth:`patterns` and :meth:`packed` give the groups in that order.
+    Python step per row or per pattern (a dict insert per pattern, plus ``np.unique(axis=0)``, took ~2 us a row on
+    masks whose rows are all distinct, e.g. 50% random -inf, and ~3 s for 1M rows of two patterns: that unique sorts
+    a structured dtype of one field per byte). :meth:`patterns` and :meth:`packed` give the groups in that order.
 
     Bounded: once the distinct patterns times K exceed ``max_edges`` (:data:`MAX_PATTERN_EDGES`), the patterns are
     dropped, ``too_large`` is set and later rows are ignored; :func:`check_feasible` then skips the check.
