@@ -1006,3 +1006,43 @@ def test_column_max_is_amax_over_the_samples(h, n, k):
     s[-1, n // 2, k // 2] = float("nan")
     assert torch.equal(torch.isnan(column_max(s)), torch.isnan(s.amax(dim=1)))
     assert bool(torch.isnan(column_max(s)[-1, k // 2]))
+
+
+def test_concurrent_cpu_solves_keep_the_processs_thread_count():
+    """torch's thread count is partly process-wide (a thread's first torch call takes the last count set anywhere):
+    a solve that began while another held the count at 1 read 1, split its passes into one range instead of one per
+    thread (other rounding: codes 1.9e-5 off a serial solve of the same scores) and, ending last, restored 1 for good.
+    Here B enters while A is inside, A leaves first."""
+    import threading
+
+    from otlabel.backends import torch_backend
+
+    cpu, saved = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(2)
+    inside, a_left = threading.Barrier(2), threading.Event()
+    seen = {}
+
+    def solve(name):
+        with torch_backend.caller_on_one_thread(cpu):
+            seen[name] = torch_backend._SOLVE.workers
+            inside.wait(timeout=10)
+            if name == "a":
+                a_left.set()
+                return
+            a_left.wait(timeout=10)
+        seen["b after"] = torch.get_num_threads()
+
+    try:
+        threads = [threading.Thread(target=solve, args=(name,)) for name in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        fresh = {}
+        checker = threading.Thread(target=lambda: fresh.setdefault("threads", torch.get_num_threads()))
+        checker.start()
+        checker.join()
+        assert seen == {"a": 2, "b": 2, "b after": 2}, seen
+        assert torch.get_num_threads() == 2 and fresh["threads"] == 2
+    finally:
+        torch.set_num_threads(saved)

@@ -394,6 +394,9 @@ class CachedKernelOperator(ScoreOperator):
 
 
 _SOLVE = threading.local()  # .workers: the worker pool's size while caller_on_one_thread holds this thread at one
+_SOLVES_LOCK = threading.Lock()
+_ACTIVE_SOLVES = 0  # CPU solves inside caller_on_one_thread, in any thread
+_SOLVES_THREADS = 1  # the thread count the first of them read: theirs while any runs
 
 
 @contextlib.contextmanager
@@ -407,11 +410,21 @@ def caller_on_one_thread(device: torch.device):
     87-102 ms against 11-22 ms with one thread; a 256 x 100 solve to tol took 85 ms (median) against 25 ms, 4096 x 300
     267 ms against 40, and nothing got slower on an idle machine. It is OpenMP's setting: made on the program's main
     thread it also holds for threads that never set their own (their torch ops run on one thread meanwhile, as
-    during a streamed pass). Nested calls (the sharded loop over a streamed one) keep the outer setting."""
+    during a streamed pass). Nested calls (the sharded loop over a streamed one) keep the outer setting.
+
+    Concurrent solves (several threads) share one count: torch gives a thread, on its first call, the count last set
+    anywhere, so a solve begun while another held it at 1 read 1, split its passes into one range (rounding
+    differently from the same solve alone: codes 1.9e-5 apart) and, ending last, restored 1 for good. The count read
+    by the first of the solves running at once serves them all, and each restores it on its own thread."""
     if device.type != "cpu" or getattr(_SOLVE, "workers", None) is not None:
         yield
         return
-    threads = torch.get_num_threads()
+    global _ACTIVE_SOLVES, _SOLVES_THREADS
+    with _SOLVES_LOCK:
+        if _ACTIVE_SOLVES == 0:
+            _SOLVES_THREADS = torch.get_num_threads()
+        _ACTIVE_SOLVES += 1
+        threads = _SOLVES_THREADS
     _SOLVE.workers = threads
     torch.set_num_threads(1)
     try:
@@ -419,6 +432,8 @@ def caller_on_one_thread(device: torch.device):
     finally:
         torch.set_num_threads(threads)
         _SOLVE.workers = None
+        with _SOLVES_LOCK:
+            _ACTIVE_SOLVES -= 1
 
 
 _POOL: ThreadPoolExecutor | None = None
