@@ -108,6 +108,67 @@ def test_softmax_rows_takes_every_head_in_one_call():
     assert torch.equal(labels_only, (s.double() * 5 + b.double()[:, None]).argmax(dim=2))
 
 
+def _distinct_heads(h, n, k, seed, dtype=torch.float32):
+    """(H, N, K) laid out K-major (not C-contiguous: a strided read must find its head and row), heads unlike."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(h, k, n, generator=g, dtype=dtype).transpose(1, 2)
+    return x * torch.arange(1, h + 1, dtype=dtype)[:, None, None]  # a head read in place of another shows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_matvec_rows_takes_every_head_in_one_call(dtype):
+    """(H, N, K) kernel, (H, K) ``v``, (H, N) weights: each head exactly (bitwise) as on its own, in one call (a call
+    per head was ~20 us of fixed cost per head and pass)."""
+    g = _distinct_heads(3, 301, 11, seed=4, dtype=dtype).abs().contiguous()  # the operator's kernel: C-contiguous
+    g[1, :, 6] = 0.0  # a cluster the head's kernel no longer holds
+    v = _distinct_heads(3, 2, 11, seed=5, dtype=dtype)[:, 0].abs()  # (H, K), strided
+    v[2, 3] = 0.0
+    w = _distinct_heads(3, 301, 1, seed=6, dtype=dtype)[:, :, 0].abs()  # (H, N), strided
+    shared = torch.rand(301, dtype=dtype).expand(3, -1)  # one row for all heads, stride 0 (the loop's weights)
+    for vec in (v, None):
+        for weights in (w, shared):
+            got = cpu_kernels.fused_matvec_rows(g, vec, weights, 7, 297)
+            assert got.shape == (3, 11) and got.dtype == torch.float64
+            for h in range(3):
+                alone = cpu_kernels.fused_matvec_rows(g[h], None if vec is None else vec[h], weights[h].contiguous(),
+                                                      7, 297)  # fmt: skip
+                assert torch.equal(got[h], alone), (h, vec is None, weights is shared)
+                g64, w64 = g[h, 7:297].double(), weights[h, 7:297].double()
+                want = g64.T @ (w64 if vec is None else w64 / (g64 @ vec[h].double()))
+                assert_close(got[h], want, atol=0, rtol=1e-6 if dtype == torch.float32 else 1e-13, what=f"head {h}")
+
+
+def test_exp_kernel_rows_takes_every_head_in_one_call():
+    s = _distinct_heads(3, 60, 9, seed=7)
+    s[2, 30, 4] = -math.inf
+    b0 = _distinct_heads(3, 2, 9, seed=8)[:, 0]  # (H, K), strided
+    kernel, shift = torch.full((3, 60, 9), float("nan")), torch.full((3, 60), float("nan"))
+    cpu_kernels.exp_kernel_rows(s, 4.0, b0, 3, 57, kernel, shift)
+    assert torch.isnan(kernel[:, :3]).all() and torch.isnan(shift[:, 57:]).all()
+    for h in range(3):
+        want, want_shift = torch.full((60, 9), float("nan")), torch.full((60,), float("nan"))
+        cpu_kernels.exp_kernel_rows(s[h], 4.0, b0[h], 3, 57, want, want_shift)
+        assert torch.equal(kernel[h].nan_to_num(-1.0), want.nan_to_num(-1.0)), h
+        assert torch.equal(shift[h].nan_to_num(-1.0), want_shift.nan_to_num(-1.0)), h
+    assert kernel[2, 30, 4] == 0.0
+    assert_close(shift[:, 3:57], (s.double() * 4 + b0.double()[:, None]).amax(dim=2)[:, 3:57], atol=0, rtol=1e-6,
+                 what="row maxima")  # fmt: skip
+
+
+def test_argmax_rows_takes_every_head_in_one_call():
+    g = _distinct_heads(4, 80, 13, seed=9).abs()
+    v = _distinct_heads(4, 2, 13, seed=10)[:, 0].abs()
+    v[1, g[1].argmax(dim=1)[5]] = 0.0  # an unreachable cluster never wins
+    labels = torch.full((4, 80), -1, dtype=torch.int64)
+    cpu_kernels.argmax_rows(g, v, 2, 78, labels)
+    assert (labels[:, :2] == -1).all() and (labels[:, 78:] == -1).all()
+    assert torch.equal(labels[:, 2:78], (g * v[:, None]).argmax(dim=2)[:, 2:78])
+    for h in range(4):
+        alone = torch.full((80,), -1, dtype=torch.int64)
+        cpu_kernels.argmax_rows(g[h], v[h], 2, 78, alone)
+        assert torch.equal(labels[h], alone), h
+
+
 @pytest.fixture
 def without_compiled_loops(monkeypatch):
     def solve(*args, **kwargs):
