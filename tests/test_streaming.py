@@ -120,6 +120,7 @@ def test_autocast_does_not_reach_the_passes_on_the_callers_thread(monkeypatch):
     monkeypatch.setattr(torch_backend.LogDomainOperator, "parallel", property(lambda self: False, lambda self, _: None),
                         raising=False)  # fmt: skip
     monkeypatch.setattr(torch_backend, "available_memory_bytes", lambda: 0)  # in memory: the log-domain operator
+    monkeypatch.setattr(torch_backend, "KERNEL_ALWAYS_FITS_BYTES", 0)  # and asked even for a small one
     g = torch.Generator().manual_seed(6)
     z, protos = torch.randn(N, 8, generator=g), torch.randn(K, 8, generator=g)
     scores = random_problem(N, K, seed=6)

@@ -694,6 +694,7 @@ def test_a_zero_weight_cluster_keeps_the_log_domain_pass_on_its_fast_path(monkey
     ref = sinkhorn_assign(scores, 0.01, backend="reference", **kwargs)
     streamed = sinkhorn_assign_stream(scores.numpy(), 0.01, **kwargs)
     monkeypatch.setattr(torch_backend, "available_memory_bytes", lambda: 0)  # no room for the cached kernel
+    monkeypatch.setattr(torch_backend, "KERNEL_ALWAYS_FITS_BYTES", 0)  # and asked even for a small one
     log_domain = sinkhorn_assign(scores, 0.01, backend="torch", **kwargs)
     for res in (streamed, log_domain):
         assert res.converged and res.n_iter <= 1.5 * ref.n_iter, (res.n_iter, ref.n_iter)
@@ -828,14 +829,20 @@ def test_a_forked_process_solves_after_its_parent(monkeypatch):
 def test_the_cached_kernel_is_used_when_it_fits_in_half_the_free_memory(monkeypatch, dtype, itemsize):
     """The CPU cached-kernel operator needs H x N x K scores' worth of memory (4 or 8 bytes each): chosen when that
     is at most half the free memory, the log-domain one otherwise. The tests ran with plenty of memory, so the
-    bound, its byte count and its comparison were unchecked."""
+    bound, its byte count and its comparison were unchecked. Kernels up to ``KERNEL_ALWAYS_FITS_BYTES`` are cached
+    without asking (the read of the free memory cost a tenth of a tiny solve)."""
     import otlabel.backends.torch_backend as torch_backend
 
     source = DenseSource(random_problem(30, 5, h=2, seed=12).to(dtype))
     kernel_bytes = 2 * 30 * 5 * itemsize
+    weights = torch.full((30,), 1 / 30, dtype=dtype)
     for free, chosen in ((2 * kernel_bytes, CachedKernelOperator), (2 * kernel_bytes - 1, LogDomainOperator)):
         monkeypatch.setattr(torch_backend, "available_memory_bytes", lambda free=free: free)
-        assert type(make_torch_operator(source, 0.1, torch.full((30,), 1 / 30, dtype=dtype))) is chosen, free
+        with monkeypatch.context() as patch:
+            patch.setattr(torch_backend, "KERNEL_ALWAYS_FITS_BYTES", kernel_bytes - 1)  # just too large not to ask
+            assert type(make_torch_operator(source, 0.1, weights)) is chosen, free
+        monkeypatch.setattr(torch_backend, "KERNEL_ALWAYS_FITS_BYTES", kernel_bytes)  # small enough not to ask
+        assert type(make_torch_operator(source, 0.1, weights)) is CachedKernelOperator, free
 
 
 def _cached_and_reference(rows, eps=1.0):
