@@ -579,3 +579,144 @@ def test_a_mask_far_from_halls_bound_is_decided_by_the_sums_alone(monkeypatch):
     shut, barred, margin = feasibility.hot_sums(scores, c, r)
     assert margin == (30 + 3 + 2) * 2.0**-24 and float(shut.max() + barred.max()) < 0.74
     feasibility.check_dense_mask(scores[None], c, r, batched=False)
+
+
+def dense_verdict(allowed, c, r, heads: int = 1, prune: bool = True, monkeypatch=None) -> str | None:
+    """The message check_dense_mask raises on the mask (the same one in each of ``heads`` heads but the first, which
+    is unmasked when there are several), or None; ``prune=False``: with one round of the hot-pair test, as before."""
+    from otlabel import feasibility
+
+    scores = torch.where(torch.from_numpy(allowed), torch.randn(allowed.shape, dtype=torch.float64), -np.inf)
+    if heads > 1:
+        scores = torch.stack([torch.zeros_like(scores)] + [scores] * (heads - 1))
+    else:
+        scores = scores[None]
+    if not prune:
+        one_round = feasibility.hot_patterns
+        monkeypatch.setattr(feasibility, "hot_patterns", lambda *args, prune: one_round(*args))
+    try:
+        feasibility.check_dense_mask(scores, torch.from_numpy(c), torch.from_numpy(r), batched=heads > 1)
+    except ValueError as error:
+        return str(error)
+    finally:
+        if not prune:
+            monkeypatch.setattr(feasibility, "hot_patterns", one_round)
+    return None
+
+
+def planted_case(rng, zero_weights: bool = False):
+    """A random mask (up to 80 x 12) with a planted near-violation: samples closed to a random set of clusters, and
+    uneven weights (some zero when ``zero_weights``)."""
+    n, k = int(rng.integers(5, 80)), int(rng.integers(2, 12))
+    allowed = rng.random((n, k)) > rng.choice([0.2, 0.5, 0.7])
+    allowed[np.ix_(rng.random(n) < rng.uniform(0.05, 0.6), rng.random(k) < rng.uniform(0.2, 0.8))] = False
+    c, r = rng.random(n) + 0.05, rng.random(k) + 0.05
+    if zero_weights:
+        c *= rng.random(n) > 0.1
+        r *= rng.random(k) > 0.2
+    if c.sum() == 0 or r.sum() == 0:
+        return None
+    return allowed, c / c.sum(), r / r.sum()
+
+
+@pytest.mark.parametrize("zero_weights", [False, True])
+def test_pruned_hot_rows_give_the_verdict_and_message_of_the_exact_check_on_every_row(zero_weights, monkeypatch):
+    """check_dense_mask prunes the hot samples to a fixed point before the exact check: its verdict and message must
+    be those of the exact check on every row of the mask, and those of one round of the hot-pair test (as before),
+    per head, on feasible and infeasible masks, tight and near-tight ones included."""
+    rng = np.random.default_rng(40 + zero_weights)
+    verdicts = {True: 0, False: 0}
+    for case_index in range(400):
+        case = planted_case(rng, zero_weights)
+        if case is None:
+            continue
+        allowed, c, r = case
+        if case_index % 4 == 0:  # near-tight: a cluster's weight set to what the samples confined to it carry
+            column = int(rng.integers(len(r)))
+            only = allowed[:, column] & (allowed.sum(axis=1) == 1)
+            r[column] = c[only].sum() + rng.choice([0.0, 1e-6, -1e-6])
+            if r.sum() <= 0 or (r < 0).any():
+                continue
+            r = r / r.sum()
+        heads = int(rng.integers(1, 4))
+        exact = raises(patterns_of(allowed, c), r, head=1 if heads > 1 else None)
+        mass = lp_max_mass(allowed, c, r)
+        if 1 - 1e-5 <= mass < 1 - 1e-9:
+            continue  # within the float32 sums' margin and the flow's tolerance: either verdict may come
+        assert (exact is None) == (mass >= 1 - 1e-9), (allowed, c, r, mass, exact)
+        assert dense_verdict(allowed, c, r, heads) == exact, (allowed, c, r)
+        assert dense_verdict(allowed, c, r, heads, prune=False, monkeypatch=monkeypatch) == exact, (allowed, c, r)
+        verdicts[exact is None] += 1
+    assert verdicts[True] > 40 and verdicts[False] > 40, verdicts
+
+
+def test_exactly_feasible_tight_masks_pass_after_pruning():
+    """Marginals read off a plan on the mask (dyadic entries: the sums are exact), however tight, pass pruned."""
+    rng = np.random.default_rng(13)
+    for _ in range(200):
+        n, k = int(rng.integers(2, 60)), int(rng.integers(2, 10))
+        allowed = rng.random((n, k)) > rng.choice([0.3, 0.6, 0.8])
+        plan = allowed * rng.integers(0, 4, size=(n, k)) * 2.0**-10
+        if plan.sum() == 0:
+            continue
+        plan = plan / 2.0 ** np.round(np.log2(plan.sum()))
+        c, r = plan.sum(axis=1), plan.sum(axis=0)
+        c, r = c / c.sum(), r / r.sum()
+        assert dense_verdict(allowed, c, r) is None, (allowed, c, r)
+
+
+def test_a_violation_isolated_over_several_pruning_rounds(monkeypatch):
+    """A mask (found by a seeded search) whose hot samples shrink over several rounds, 43 -> 37 -> 34 -> ... -> 30
+    (29 samples confined to 4 clusters): the rounds keep the violation, and the pruned check names the clusters the
+    exact check on every row names."""
+    from otlabel import feasibility
+
+    rng = np.random.default_rng(50)
+    n, k = int(rng.integers(10, 80)), int(rng.integers(3, 12))
+    allowed = rng.random((n, k)) > rng.choice([0.3, 0.5, 0.7])
+    allowed[np.ix_(rng.random(n) < rng.uniform(0.1, 0.5), rng.random(k) < 0.5)] = False
+    c, r = rng.random(n) + 0.1, rng.random(k) + 0.1
+    c, r = c / c.sum(), r / r.sum()
+    scores = torch.where(torch.from_numpy(allowed), 0.0, -np.inf)
+    ct, rt = torch.from_numpy(c), torch.from_numpy(r)
+    kept = []
+    for rounds in (1, 2, 3, 20):
+        monkeypatch.setattr(feasibility, "MAX_PRUNE_ROUNDS", rounds)
+        kept.append(feasibility.prune_hot_rows(scores, ct, rt, *feasibility.hot_sums(scores, ct, rt)).tolist())
+    assert [len(rows) for rows in kept] == [43, 37, 34, 30]
+    assert all(set(later) <= set(earlier) for earlier, later in zip(kept, kept[1:], strict=False))
+    exact = raises(patterns_of(allowed, c), r)
+    assert exact is not None and "29 samples (0.465 of the sample mass) may only go to clusters [2, 3, 4, 7]" in exact
+    for rounds in (1, 2, 20):  # a cap on the rounds leaves more samples, and the same verdict
+        monkeypatch.setattr(feasibility, "MAX_PRUNE_ROUNDS", rounds)
+        assert dense_verdict(allowed, c, r) == exact
+    assert_names_a_violation(exact, allowed, c, r)
+
+
+def test_pruning_a_large_random_mask_leaves_no_sample_and_collects_no_row(monkeypatch):
+    """50% random -inf over 20,000 x 50: most samples have a hot pair in round 1, none is left at the fixed point, so
+    no mask row leaves the device (and a violation planted in it is still found, naming its clusters)."""
+    from otlabel import feasibility
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(20_000, 50, generator=g)
+    scores[torch.rand(scores.shape, generator=g) < 0.5] = -np.inf
+    c, r = torch.full((20_000,), 1 / 20_000, dtype=torch.float64), torch.full((50,), 1 / 50, dtype=torch.float64)
+    shut, barred, margin = feasibility.hot_sums(scores, c, r)
+    assert float(shut.max() + barred.max()) > 1  # the one-round test fires
+    assert len(feasibility.prune_hot_rows(scores, c, r, shut, barred, margin)) == 0
+    added = []
+    monkeypatch.setattr(feasibility.MaskPatterns, "add", lambda self, allowed, weights: added.append(len(weights)))
+    feasibility.check_dense_mask(scores[None], c, r, batched=False)
+    assert added == []
+    monkeypatch.undo()
+    scores[:3000, :10] = 0.0  # 15% of the samples confined to clusters 0-9 (weight 0.2): they fit
+    scores[:3000, 10:] = -np.inf
+    feasibility.check_dense_mask(scores[None], c, r, batched=False)
+    scores[3000:5000, :10] = 0.0  # 25%: they do not
+    scores[3000:5000, 10:] = -np.inf
+    exact = raises(patterns_of(~torch.isneginf(scores).numpy(), c.numpy()), r.numpy())
+    assert "5000 samples (0.25 of the sample mass) may only go to clusters [0, 1, 2, 3, 4, 5, 6, 7, ...]" in exact
+    with pytest.raises(ValueError) as info:
+        feasibility.check_dense_mask(scores[None], c, r, batched=False)
+    assert str(info.value) == exact
