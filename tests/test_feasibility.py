@@ -581,6 +581,14 @@ def test_a_mask_far_from_halls_bound_is_decided_by_the_sums_alone(monkeypatch):
     feasibility.check_dense_mask(scores[None], c, r, batched=False)
 
 
+@pytest.fixture
+def always_prune(monkeypatch):
+    """Pruning to the fixed point even where the rows kept would be few enough to group (every mask here)."""
+    from otlabel import feasibility
+
+    monkeypatch.setattr(feasibility, "PRUNE_ABOVE_EDGES", -1)
+
+
 def dense_verdict(allowed, c, r, heads: int = 1, prune: bool = True, monkeypatch=None) -> str | None:
     """The message check_dense_mask raises on the mask (the same one in each of ``heads`` heads but the first, which
     is unmasked when there are several), or None; ``prune=False``: with one round of the hot-pair test, as before."""
@@ -620,7 +628,9 @@ def planted_case(rng, zero_weights: bool = False):
 
 
 @pytest.mark.parametrize("zero_weights", [False, True])
-def test_pruned_hot_rows_give_the_verdict_and_message_of_the_exact_check_on_every_row(zero_weights, monkeypatch):
+def test_pruned_hot_rows_give_the_verdict_and_message_of_the_exact_check_on_every_row(
+    zero_weights, monkeypatch, always_prune
+):
     """check_dense_mask prunes the hot samples to a fixed point before the exact check: its verdict and message must
     be those of the exact check on every row of the mask, and those of one round of the hot-pair test (as before),
     per head, on feasible and infeasible masks, tight and near-tight ones included."""
@@ -650,7 +660,7 @@ def test_pruned_hot_rows_give_the_verdict_and_message_of_the_exact_check_on_ever
     assert verdicts[True] > 40 and verdicts[False] > 40, verdicts
 
 
-def test_exactly_feasible_tight_masks_pass_after_pruning():
+def test_exactly_feasible_tight_masks_pass_after_pruning(always_prune):
     """Marginals read off a plan on the mask (dyadic entries: the sums are exact), however tight, pass pruned."""
     rng = np.random.default_rng(13)
     for _ in range(200):
@@ -665,7 +675,7 @@ def test_exactly_feasible_tight_masks_pass_after_pruning():
         assert dense_verdict(allowed, c, r) is None, (allowed, c, r)
 
 
-def test_a_violation_isolated_over_several_pruning_rounds(monkeypatch):
+def test_a_violation_isolated_over_several_pruning_rounds(monkeypatch, always_prune):
     """A mask (found by a seeded search) whose hot samples shrink over several rounds, 43 -> 37 -> 34 -> ... -> 30
     (29 samples confined to 4 clusters): the rounds keep the violation, and the pruned check names the clusters the
     exact check on every row names."""
@@ -693,7 +703,7 @@ def test_a_violation_isolated_over_several_pruning_rounds(monkeypatch):
     assert_names_a_violation(exact, allowed, c, r)
 
 
-def test_pruning_a_large_random_mask_leaves_no_sample_and_collects_no_row(monkeypatch):
+def test_pruning_a_large_random_mask_leaves_no_sample_and_collects_no_row(monkeypatch, always_prune):
     """50% random -inf over 20,000 x 50: most samples have a hot pair in round 1, none is left at the fixed point, so
     no mask row leaves the device (and a violation planted in it is still found, naming its clusters)."""
     from otlabel import feasibility
@@ -720,3 +730,25 @@ def test_pruning_a_large_random_mask_leaves_no_sample_and_collects_no_row(monkey
     with pytest.raises(ValueError) as info:
         feasibility.check_dense_mask(scores[None], c, r, batched=False)
     assert str(info.value) == exact
+
+
+def test_pruning_stops_once_the_rows_kept_are_few_enough_to_group(monkeypatch):
+    """On the CPU more rounds cost more than grouping what one round keeps, when that fits MaskPatterns: pruning stops
+    there (``PRUNE_ABOVE_EDGES``), and goes on to the fixed point only above it."""
+    import math
+
+    from otlabel import feasibility
+
+    g = np.random.default_rng(3)
+    n, k = 2000, 20
+    allowed = g.random((n, k)) > 0.5
+    allowed[:, 0] = True
+    scores = torch.where(torch.from_numpy(allowed), 0.0, -math.inf)
+    c, r = torch.full((n,), 1 / n, dtype=torch.float64), torch.full((k,), 1 / k, dtype=torch.float64)
+    sums = feasibility.hot_sums(scores, c, r)
+    one_round = feasibility.prune_hot_rows(scores, c, r, *sums)
+    assert 0 < len(one_round) * k <= feasibility.PRUNE_ABOVE_EDGES
+    monkeypatch.setattr(feasibility, "PRUNE_ABOVE_EDGES", -1)
+    pruned = feasibility.prune_hot_rows(scores, c, r, *sums)
+    assert len(pruned) < len(one_round)
+    assert set(pruned.tolist()) <= set(one_round.tolist())
