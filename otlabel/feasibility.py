@@ -23,9 +23,10 @@ mass of the samples that may not go to k. When no forbidden pair is so "hot" (a 
 clusters closed to a few samples), the mask is feasible and the check ends there, at the cost of two weighted sums
 over the patterns. Otherwise the maximum flow runs on the groups and clusters that have a hot pair, with every other
 cluster merged into one that all of those groups may reach: that network holds every violation and no other. On
-in-memory scores the test is first repeated on the device within the hot samples and clusters, the sums taken over
-those alone, until they stop shrinking (:func:`prune_hot_rows`): a violation's pairs stay hot, and on random masks
-(50% -inf) no sample or a few hundred are left of the ~60% that the first round keeps.
+in-memory scores, when the hot samples are too many to group (:data:`PRUNE_ABOVE_EDGES`), the test is first
+repeated on the device within the hot samples and clusters, the sums taken over those alone, until they stop
+shrinking (:func:`prune_hot_rows`): a violation's pairs stay hot, and on random masks (50% -inf) no sample or a few
+hundred are left of the ~60% that the first round keeps.
 
 Rounding. :func:`scipy.sparse.csgraph.maximum_flow` needs int32 capacities (wider ones are silently truncated), so
 the masses, each side taken relative to its own total, are scaled by ``M = 2**30``: sample groups get
@@ -353,7 +354,8 @@ PRUNE_ABOVE_EDGES = MAX_PATTERN_EDGES
 def prune_hot_rows(scores, sample_weights, cluster_weights, shut, barred, margin: float):
     """The samples (int64 indices, on the device) of one head's scores (N, K) left once the hot-pair test (given
     ``shut``, ``barred`` and ``margin`` from :func:`hot_sums`) is repeated within the hot samples and clusters of the
-    round before, until neither shrinks (at most :data:`MAX_PRUNE_ROUNDS` rounds), on the scores' device.
+    round before, until neither shrinks (at most :data:`MAX_PRUNE_ROUNDS` rounds) or the samples kept times K are at
+    most :data:`PRUNE_ABOVE_EDGES` (few enough to group), on the scores' device.
 
     Round 1 is :func:`hot_patterns`' test. Each later round takes ``shut[g]`` as the weight of the clusters kept by
     the round before that g may not go to, ``barred[k]`` as the mass of the samples kept by it that may not go to k,
