@@ -89,6 +89,7 @@ class Problem:
     cluster_weights: torch.Tensor  # (K,) float64 on scores.device, sums to 1
     batched: bool
     has_zero_weights: bool | None = None
+    column_max: torch.Tensor | None = None  # (H, K), where validation computed it: operators need not compute it again
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -248,9 +249,10 @@ def check_score_values(
     batched: bool = True,
     sample_weights: torch.Tensor | None = None,
     mass_rounding: float = 0.0,
-) -> None:
+) -> torch.Tensor:
     """NaN, +inf, masks (-inf) that leave a sample or a weighted cluster with nowhere to go, and (given
-    ``epsilon``) scores too large for it.
+    ``epsilon``) scores too large for it. Returns the column maxima (H, K) it computed on the way (the CPU operator
+    starts from them: a pass over the scores, 18 ms at 100,000 x 1,000, not made twice).
 
     Two max-reductions over the scores do the checking (a max propagates NaN and +inf, and is -inf only where a whole
     row or column is masked), a third when some weight is 0 (the row maxima over the clusters with weight); the
@@ -283,6 +285,7 @@ def check_score_values(
         from .feasibility import check_dense_mask
 
         check_dense_mask(scores, sample_weights, cluster_weights, batched, mass_rounding)
+    return col_max
 
 
 @dataclass
@@ -702,11 +705,13 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_v
         r, has_zeros = r_host.to(device), bool((r_host.numpy() == 0).any())
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device,
                       (n, k))  # fmt: skip
+    col_max = None
     if check_values:
-        check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched, sample_weights=c,
-                           mass_rounding=marginals_rounding(cluster_weights, sample_weights, k, n))  # fmt: skip
+        rounding = marginals_rounding(cluster_weights, sample_weights, k, n)
+        col_max = check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched,
+                                     sample_weights=c, mass_rounding=rounding)  # fmt: skip
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched,
-                   has_zero_weights=has_zeros)  # fmt: skip
+                   has_zero_weights=has_zeros, column_max=col_max)  # fmt: skip
 
 
 def _first_index(mask: torch.Tensor) -> tuple[int, ...]:

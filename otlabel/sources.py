@@ -61,16 +61,18 @@ class DenseSource(ScoreSource):
 
     random_access = True  # chunks may be read in any order, from several threads
 
-    def __init__(self, scores: torch.Tensor):
+    def __init__(self, scores: torch.Tensor, known_column_max: torch.Tensor | None = None):
         self.scores = scores  # (H, N, K)
         self.n_heads, self.n_samples, self.n_clusters = scores.shape
         self.device, self.dtype = scores.device, scores.dtype
+        self.known_column_max = known_column_max  # (H, K), when validation has computed it
 
     def chunk(self, rows: slice) -> torch.Tensor:
         return self.scores[:, rows]
 
     def column_max(self) -> torch.Tensor:
-        return column_max(self.scores).float()
+        known = self.known_column_max
+        return (column_max(self.scores) if known is None else known).float()
 
 
 def row_chunks(n_rows: int, row_elements: int, chunk_elements: int):

@@ -46,7 +46,8 @@ def make_operator(problem: Problem, backend: str = "auto") -> ScoreOperator:
     from ..sources import DenseSource
     from .torch_backend import make_torch_operator
 
-    return make_torch_operator(DenseSource(problem.scores), problem.epsilon, problem.sample_weights)
+    source = DenseSource(problem.scores, known_column_max=problem.column_max)
+    return make_torch_operator(source, problem.epsilon, problem.sample_weights)
 
 
 def _triton_usable(scores) -> bool:
