@@ -37,6 +37,7 @@ from .backends.torch_backend import (
     caller_on_one_thread,
     compute_dtype,
     exp_,
+    solve_threads,
     split_rows,
 )
 from .entry import entry_point, user_stacklevel
@@ -89,7 +90,7 @@ def chunk_bytes(memory_budget: int | None, device: torch.device) -> int:
     check_memory_budget(memory_budget)
     memory_budget = int(memory_budget)
     if device.type == "cpu":  # one chunk in flight per thread; small chunks stay in cache, the budget caps them
-        return max(1, min(memory_budget // max(1, torch.get_num_threads()), CPU_CHUNK_BYTES))
+        return max(1, min(memory_budget // max(1, solve_threads()), CPU_CHUNK_BYTES))
     return memory_budget
 
 
@@ -130,7 +131,7 @@ def warn_if_chunks_too_small(source: ScoreSource, memory_budget, device: torch.d
         return
     row_bytes = BYTES_PER_ENTRY * row_entries + getattr(source, "row_extra_bytes", 0)
     good_rows = min(n, -(-GOOD_CHUNK_ENTRIES // row_entries))
-    per_chunk = 1 if device.type != "cpu" else max(1, torch.get_num_threads())  # the CPU splits it over threads
+    per_chunk = 1 if device.type != "cpu" else max(1, solve_threads())  # the CPU splits it over threads
     suggest = -(-good_rows * row_bytes * per_chunk // MiB)
     default = "256 MiB on the CPU" if device.type == "cpu" else "up to 2 GiB on CUDA"
     budget = f"{int(memory_budget):,} byte{'' if int(memory_budget) == 1 else 's'}"

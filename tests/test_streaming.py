@@ -753,3 +753,50 @@ def test_the_streamed_span_check_sits_at_the_float32_limit():
                     solve(shifted, 0.01)
             else:
                 assert solve(shifted, 0.01, tol=None, max_iter=5).labels.shape == (30,)
+
+
+def test_a_streamed_solve_from_a_thread_started_during_another_solve_plans_for_the_processs_threads():
+    """A thread's first torch call takes the thread count last set anywhere: 1 while another CPU solve holds its own
+    thread there. A streamed solve begun on such a thread sized its chunks (``memory_budget // threads``) for one
+    thread, twice the budget in flight over the two workers, and rounded differently (codes 2e-6 off the same solve
+    alone)."""
+    import threading
+
+    from otlabel.backends import torch_backend
+
+    cpu, saved = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(2)
+    scores = torch.randn(20000, 50, generator=torch.Generator().manual_seed(0))
+
+    def solve():
+        return sinkhorn_assign_stream(scores=scores.numpy(), epsilon=0.05, tol=1e-6, memory_budget=1 << 20)
+
+    try:
+        alone = solve()
+        inside, done, out = threading.Event(), threading.Event(), {}
+
+        def other_solve():
+            with torch_backend.caller_on_one_thread(cpu):
+                inside.set()
+                done.wait(timeout=30)
+
+        other = threading.Thread(target=other_solve)
+        other.start()
+        inside.wait(timeout=10)
+        try:
+
+            def on_a_fresh_thread():
+                out["chunk"] = streaming.chunk_bytes(1 << 20, cpu)  # its first torch call
+                out["result"] = solve()
+
+            fresh = threading.Thread(target=on_a_fresh_thread)
+            fresh.start()
+            fresh.join(timeout=60)
+        finally:
+            done.set()
+            other.join(timeout=10)
+        assert out["chunk"] == streaming.chunk_bytes(1 << 20, cpu) == (1 << 20) // 2
+        assert torch.equal(out["result"].labels, alone.labels)
+        assert torch.equal(out["result"].codes, alone.codes)
+    finally:
+        torch.set_num_threads(saved)

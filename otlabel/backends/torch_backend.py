@@ -433,13 +433,28 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_PID: int | None = None  # the process that started the pool's threads
 
 
+def solve_threads() -> int:
+    """The thread count a CPU solve plans its passes for (the worker pool's size, a streamed solve's chunks): the
+    pool's size inside :func:`caller_on_one_thread`, the count shared by the solves running elsewhere when there are
+    some, else torch's. A thread's first torch call takes the count last set anywhere: 1 when it starts while another
+    solve holds its own thread there, which sized a streamed solve's chunks for one thread (twice its memory budget in
+    flight over two workers; other rounding)."""
+    workers = getattr(_SOLVE, "workers", None)
+    if workers is not None:
+        return workers
+    with _SOLVES_LOCK:
+        if _ACTIVE_SOLVES:
+            return _SOLVES_THREADS
+    return torch.get_num_threads()
+
+
 def worker_pool() -> ThreadPoolExecutor:
     """Threads for the row ranges (torch releases the GIL inside mv); one per intra-op thread.
 
     A process forked after a solve (a ``multiprocessing`` worker with as many torch threads) inherited the pool without
     its threads, and every pass it submitted waited forever: it gets a pool of its own."""
     global _POOL, _POOL_PID
-    n = max(1, getattr(_SOLVE, "workers", None) or torch.get_num_threads())
+    n = max(1, solve_threads())
     if _POOL is None or _POOL._max_workers != n or _POOL_PID != os.getpid():
         _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=n, thread_name_prefix="otlabel"), os.getpid()
     return _POOL
