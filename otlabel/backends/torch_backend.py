@@ -418,9 +418,9 @@ def caller_on_one_thread(device: torch.device):
             _SOLVES_THREADS = torch.get_num_threads()
         _ACTIVE_SOLVES += 1
         threads = _SOLVES_THREADS
-    _SOLVE.workers = threads
-    torch.set_num_threads(1)
-    try:
+    try:  # from here on (an interrupt included) the count of active solves is given back
+        _SOLVE.workers = threads
+        torch.set_num_threads(1)
         yield
     finally:
         torch.set_num_threads(threads)
