@@ -390,7 +390,7 @@ def prune_hot_rows(scores, sample_weights, cluster_weights, shut, barred, margin
             hot = torch.zeros(count, dtype=torch.bool, device=device)
             hot_shut = torch.full((), -math.inf, dtype=dtype, device=device)  # the largest shut of a hot sample
             next_barred = torch.zeros(k, dtype=dtype, device=device)
-            threshold = torch.where(live, barred, math.inf)  # no pair of a dropped cluster is hot
+            threshold = barred  # (a dropped cluster has no pair: ``forbidden`` below leaves it out)
             r_live = torch.where(live, r, 0.0)
             for start in range(0, count, step):
                 block = slice(start, min(start + step, count))
