@@ -49,8 +49,9 @@ class SolveBody:
         scores = same_layout_empty(problem.scores)  # the launch, the vector width and Triton's alignment
         sample_weights = torch.empty_like(problem.sample_weights)  # specialisation all follow the layout
         cluster_weights = torch.empty_like(problem.cluster_weights)
+        # column_max: a replay's scores are not the first call's (validation leaves it out here anyway)
         self.buffers = dataclasses.replace(problem, scores=scores, sample_weights=sample_weights,
-                                           cluster_weights=cluster_weights)  # fmt: skip
+                                           cluster_weights=cluster_weights, column_max=None)  # fmt: skip
         self.fill(problem)
         self.max_iter, self.omega = max_iter, omega
 
