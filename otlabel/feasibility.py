@@ -327,17 +327,15 @@ def hot_patterns(scores, sample_weights, cluster_weights, shut, barred, margin: 
     import torch
 
     n, k = scores.shape
-    rows = torch.arange(n, device=scores.device)
     if prune:
-        rows = prune_hot_rows(scores, sample_weights, cluster_weights, shut, barred, margin)
+        picked = np.zeros(n, dtype=bool)
+        picked[prune_hot_rows(scores, sample_weights, cluster_weights, shut, barred, margin).cpu().numpy()] = True
     else:
         relevant = cluster_weights.to(scores.device) > 0
         hot = torch.zeros(n, dtype=torch.bool, device=scores.device)
         for block in _device_blocks(n, k):
             hot[block] = (torch.isneginf(scores[block]) & relevant & (barred > 1 - margin - shut[block, None])).any(1)
-        rows = rows[hot]
-    picked = np.zeros(n, dtype=bool)
-    picked[rows.cpu().numpy()] = True
+        picked = hot.cpu().numpy()
     patterns = MaskPatterns(k)
     weights = sample_weights.double().cpu().numpy()  # exact: float32 weights made feasible problems look infeasible
     _add_rows(patterns, scores, picked, weights)
@@ -390,7 +388,6 @@ def prune_hot_rows(scores, sample_weights, cluster_weights, shut, barred, margin
             hot = torch.zeros(count, dtype=torch.bool, device=device)
             hot_shut = torch.full((), -math.inf, dtype=dtype, device=device)  # the largest shut of a hot sample
             next_barred = torch.zeros(k, dtype=dtype, device=device)
-            threshold = barred  # (a dropped cluster has no pair: ``forbidden`` below leaves it out)
             r_live = torch.where(live, r, 0.0)
             for start in range(0, count, step):
                 block = slice(start, min(start + step, count))
@@ -400,7 +397,7 @@ def prune_hot_rows(scores, sample_weights, cluster_weights, shut, barred, margin
                     forbidden = torch.isneginf(scores[block if rows is None else rows[block]]) & live
                 as_float = forbidden.to(torch.float32)
                 block_shut = shut[block] if round_ == 0 else (as_float @ r_live).to(dtype)
-                pairs = forbidden & (threshold > 1 - margin - block_shut[:, None])
+                pairs = forbidden & (barred > 1 - margin - block_shut[:, None])  # (dropped clusters: none forbidden)
                 block_hot = pairs.any(dim=1)
                 hot[block] = block_hot
                 hot_shut = torch.maximum(hot_shut, torch.where(block_hot, block_shut, -math.inf).max())

@@ -220,10 +220,7 @@ def exp_kernel_rows(scores, inv_eps: float, b0, lo: int, hi: int, kernel, row_sh
     ``row_shift`` (N,) with the row maxima ``m``; ``-inf`` scores give exact zeros. Or the same for every head of
     (H, N, K) scores, (H, K) ``b0``, (H, N, K) ``kernel`` and (H, N) ``row_shift``, in one compiled call. Needs
     :func:`available`."""
-    arrays = _array(scores), _array(b0), _array(kernel), _array(row_shift)
-    if scores.dim() == 2:  # one head
-        arrays = tuple(a[None] for a in arrays)
-    s, b, g, m = arrays
+    s, b, g, m = _head_arrays(scores.dim() == 2, scores, b0, kernel, row_shift)
     _exp_kernel_rows(s, np.float32(inv_eps), b, lo, hi, g, m)
 
 
@@ -233,21 +230,16 @@ def softmax_rows(scores, inv_eps: float, b, lo: int, hi: int, labels, codes=None
     (N, K) or (H, N, K) float32, if given, ``softmax(x)``; both written in place. All heads go in one compiled call
     (a call per head cost more than the pass itself for many small heads). Entries below ``e^-87`` of a row's
     largest become exact zeros (torch's softmax gives subnormals there, < 1e-38). Needs :func:`available`."""
-    if scores.dim() == 2:  # one head
-        scores, b, labels = scores[None], b[None], labels[None]
-        codes = None if codes is None else codes[None]
-    want_codes = codes is not None
-    out = _array(codes) if want_codes else np.empty((scores.shape[0], 0, scores.shape[2]), dtype=np.float32)
-    _softmax_rows(_array(scores), np.float32(inv_eps), _array(b), lo, hi, _array(labels), out, want_codes)
+    s, vec, out, q = _head_arrays(scores.dim() == 2, scores, b, labels, codes)
+    want_codes = q is not None
+    q = q if want_codes else np.empty((s.shape[0], 0, s.shape[2]), dtype=np.float32)  # unused
+    _softmax_rows(s, np.float32(inv_eps), vec, lo, hi, out, q, want_codes)
 
 
 def argmax_rows(kernel, v, lo: int, hi: int, labels) -> None:
     """``labels[lo:hi] = argmax_k kernel[j, k] * v[k]`` (int64 tensor, written in place) for an (N, K) ``kernel``,
     or ``labels[h, lo:hi]`` for every head of an (H, N, K) one with (H, K) ``v``, in one compiled call."""
-    arrays = _array(kernel), _array(v), _array(labels)
-    if kernel.dim() == 2:  # one head
-        arrays = tuple(a[None] for a in arrays)
-    g, vec, out = arrays
+    g, vec, out = _head_arrays(kernel.dim() == 2, kernel, v, labels)
     _argmax_rows(g, vec, lo, hi, out)
 
 
@@ -256,20 +248,21 @@ def fused_matvec_rows(kernel: torch.Tensor, v: torch.Tensor | None, weights: tor
     C-contiguous (N, K) CPU kernel; ``v is None`` drops the division. For an (H, N, K) kernel, (H, K) ``v`` and
     (H, N) ``weights`` (a stride-0 head dimension, ``expand``ed, reads one row for all), float64 ``(H, K)``: every
     head in one compiled call, each summed in the same order as on its own. Needs :func:`available`."""
-    g, w = _array(kernel), _array(weights)
-    one_head = g.ndim == 2
-    if one_head:
-        g, w = g[None], w[None]
-    elif w.strides[0] == 0:  # the same weights for every head: one row, C-contiguous (no second compilation)
+    one_head = kernel.dim() == 2
+    g, w, vec = _head_arrays(one_head, kernel, weights, v)
+    if w.strides[0] == 0:  # the same weights for every head: one row, C-contiguous (no second compilation)
         w = w[:1]
-    if v is None:
-        vec = np.empty((g.shape[0], 0), dtype=g.dtype)  # unused
-    else:
-        vec = _array(v)
-        vec = vec[None] if one_head else vec
+    vec = np.empty((g.shape[0], 0), dtype=g.dtype) if vec is None else vec  # unused without v
     out = np.zeros((g.shape[0], g.shape[2]), dtype=np.float64)
     _fused_rows(g, vec, w, v is not None, lo, hi, out)
     return torch.from_numpy(out[0] if one_head else out)
+
+
+def _head_arrays(one_head: bool, *tensors) -> tuple:
+    """The tensors' memory as NumPy arrays (:func:`_array`; ``None`` stays ``None``), each given a leading head axis
+    of 1 when ``one_head``: the compiled loops all take a batch of heads."""
+    arrays = (None if t is None else _array(t) for t in tensors)
+    return tuple(a if a is None or not one_head else a[None] for a in arrays)
 
 
 def _array(t: torch.Tensor) -> np.ndarray:

@@ -294,13 +294,11 @@ class CachedKernelOperator(ScoreOperator):
                 self.kernel = None
                 return self.exact.cluster_lse(b)
             return torch.where(self.reachable, col.log() + top - self.b0, NEG_INF)  # float64
-        # The drift test and v = exp(b - b0) share their terms: a small solve is bound by the count of operations.
-        scaled = (b.abs() < math.inf) & self.reachable  # (H, K): finite b (isfinite is 4 operations), v > 0 there
-        shift = b.double() - self.b0
+        scaled, shift = self._terms(b)
         if self.kernel is None or self._drifted(b, scaled, shift):
             self._absorb(b)
             shift = b.double() - self.b0
-        col = self._fused_matvecs(self._scaling(b, scaled, shift), self.c.expand(self.n_heads, -1))
+        col = self._fused_matvecs(self._scaling(scaled, shift), self.c.expand(self.n_heads, -1))
         # sum_j G_jk c_j / (G v)_j. A cluster of weight 0 (b = -inf) holds nothing on purpose; one that underflowed
         # (or a row that did: NaN) asks the exact pass.
         if bool((~(col > 0) & scaled).any()):
@@ -309,14 +307,17 @@ class CachedKernelOperator(ScoreOperator):
         return torch.where(self.reachable, col.log() - self.b0, NEG_INF)  # float64
 
     def assign(self, b, want_codes):
-        if want_codes or not self.exact.compiled_loops() or self.kernel is None or self._drifted(b):
+        if want_codes or not self.exact.compiled_loops() or self.kernel is None:
+            return self.exact.assign(b.to(self.dtype), want_codes)
+        scaled, shift = self._terms(b)
+        if self._drifted(b, scaled, shift):
             return self.exact.assign(b.to(self.dtype), want_codes)
         # argmax_k S/eps + b = argmax_k G[j, k] v[k]: a read of G instead of an exact log-domain pass. The row's
         # own maximum has G = 1 and, not drifted, v >= e^-threshold there (zero-weight clusters, b = -inf, count
         # as drifted until the kernel is built without them), so an underflowed entry (G = 0) can never win.
         # Near-ties (below ~1e-5 relative) may resolve differently from the exact logits or other backends.
         labels = torch.empty((self.n_heads, self.n_samples), dtype=torch.int64)
-        v = self._scaling(b)
+        v = self._scaling(scaled, shift)
 
         def fill(lo, hi):  # every head in one compiled call
             cpu_kernels.argmax_rows(self.kernel, v, lo, hi, labels)
@@ -327,21 +328,23 @@ class CachedKernelOperator(ScoreOperator):
     def transport_score(self, b):
         return self.exact.transport_score(b.to(self.dtype))
 
-    def _scaling(self, b, scaled=None, shift=None):
-        """``v = exp(b - b0)`` in float64, then rounded (0 for unreachable clusters): (H, K) in the kernel dtype.
-        ``scaled`` (finite ``b`` of a reachable cluster) and ``shift`` (``b - b0``, float64), if the caller has them."""
-        scaled = torch.isfinite(b) & self.reachable if scaled is None else scaled
-        shift = b.double() - self.b0 if shift is None else shift
+    def _terms(self, b):
+        """``(scaled, shift)`` for :meth:`_scaling` and :meth:`_drifted`, which share them (a small solve is bound by
+        its count of operations): the reachable clusters with a finite ``b`` (``|b| < inf``: two operations where
+        ``isfinite`` is four), (H, K) bool, and ``b - b0`` in float64."""
+        return (b.abs() < math.inf) & self.reachable, b.double() - self.b0
+
+    def _scaling(self, scaled, shift):
+        """``v = exp(b - b0)`` in float64, then rounded (0 for unreachable clusters): (H, K) in the kernel dtype, from
+        :meth:`_terms`."""
         return torch.where(scaled, shift.exp(), 0.0).to(self.dtype)
 
-    def _drifted(self, b, scaled=None, shift=None) -> bool:
+    def _drifted(self, b, scaled, shift) -> bool:
         """``b`` moved more than ``absorb_threshold`` from the kernel's ``b0``, or closed a cluster (``-inf``: a
         zero-weight cluster after the cold start) that the kernel still holds: a row whose only large entries sit
         in such columns would otherwise see ``G v = 0``. Clusters no sample here may go to have an all-zero column
         whatever ``b`` is (a sharded rank can hold none of a cluster's samples): they never count as drifted.
-        ``scaled`` and ``shift`` as for :meth:`_scaling`, if the caller has them. One read."""
-        scaled = torch.isfinite(b) & self.reachable if scaled is None else scaled
-        shift = b.double() - self.b0 if shift is None else shift
+        ``scaled`` and ``shift`` from :meth:`_terms`. One read."""
         closed = torch.isneginf(b) & self.held  # |shift| is inf there
         return bool(((shift.abs() > self.absorb_threshold) & (scaled | closed)).any())
 
@@ -512,9 +515,8 @@ def make_torch_operator(source: ScoreSource, epsilon, sample_weights) -> ScoreOp
         return LogDomainOperator(source, epsilon, sample_weights)
     itemsize = 8 if source.dtype == torch.float64 else 4
     kernel_bytes = source.n_heads * source.n_samples * source.n_clusters * itemsize
-    if kernel_bytes <= KERNEL_ALWAYS_FITS_BYTES:
-        return CachedKernelOperator(source, epsilon, sample_weights)
-    free = available_memory_bytes()
-    if kernel_bytes <= (2**33 if free is None else free) // 2:
-        return CachedKernelOperator(source, epsilon, sample_weights)
-    return LogDomainOperator(source, epsilon, sample_weights)
+    if kernel_bytes > KERNEL_ALWAYS_FITS_BYTES:
+        free = available_memory_bytes()
+        if kernel_bytes > (2**33 if free is None else free) // 2:
+            return LogDomainOperator(source, epsilon, sample_weights)
+    return CachedKernelOperator(source, epsilon, sample_weights)
