@@ -32,6 +32,7 @@ import hashlib
 import math
 import time
 import warnings
+import weakref
 from datetime import timedelta
 
 import numpy as np
@@ -100,11 +101,20 @@ def collective_device(backend: str | None, data) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def group_reference(group):
+    """A weak reference to ``group`` (torch's registry holds it until ``destroy_process_group``); for ``None``, or a
+    group that takes no weak references, a function that returns it."""
+    try:
+        return weakref.ref(group)
+    except TypeError:
+        return lambda: group
+
+
 class Collectives:
     """The few collectives the solver needs, each with a timeout; a no-op for ``group=None`` or one process."""
 
     def __init__(self, group, timeout: float, data=None):
-        self.group = group
+        self._group = group_reference(group)
         self.active = group is not None and dist.get_world_size(group) > 1
         self.world = dist.get_world_size(group) if self.active else 1
         self.rank = dist.get_rank(group) if group is not None else 0
@@ -114,18 +124,32 @@ class Collectives:
         # group"); before, into a list of its rows.
         self.gathers_by_list = self.active and GLOO_LACKS_GATHER_INTO_TENSOR and dist.get_backend(group) == "gloo"
 
+    @property
+    def group(self):
+        """The process group, while it lives. Held weakly: a result keeps its operator (for ``result.objective``),
+        and a result kept past ``destroy_process_group()`` (a script's global) held the Gloo group until the
+        interpreter's exit, which destroyed its threads late: the process aborted (SIGABRT) in ~1 of 6 runs."""
+        group = self._group()
+        if group is None and self.active:
+            raise RuntimeError(
+                "sinkhorn_assign_sharded: the process group of this solve was destroyed; read result.objective "
+                "(a collective) on every rank before destroy_process_group()."
+            )
+        return group
+
     def all_gather(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """Every rank's ``t`` stacked in rank order, ``(W, *t.shape)``, on ``t``'s device."""
         if not self.active:
             return t[None]
+        group = self.group  # raises here, not inside the wait (whose message blames the other ranks)
         send = t.detach().to(self.device).reshape(-1)
         out = torch.empty(self.world * send.numel(), dtype=send.dtype, device=self.device)  # rank-major
         if self.gathers_by_list:
             rows = list(out.view(self.world, -1).unbind(0))  # each rank's row of out, written in place
-            start = lambda: dist.all_gather(rows, send, group=self.group, async_op=True)
+            start = lambda: dist.all_gather(rows, send, group=group, async_op=True)
         else:
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10
-            start = lambda: gather(out, send, group=self.group, async_op=True)
+            start = lambda: gather(out, send, group=group, async_op=True)
         self._wait(start, f"all-gather of the {what}")
         return out.view(self.world, *t.shape).to(t.device)
 
@@ -152,8 +176,9 @@ class Collectives:
         if not self.active:
             return t
         buf = t.detach().to(self.device).contiguous().clone()
-        root = dist.get_global_rank(self.group, 0)  # broadcast names its source by global rank
-        self._wait(lambda: dist.broadcast(buf, src=root, group=self.group, async_op=True), f"broadcast of the {what}")
+        group = self.group
+        root = dist.get_global_rank(group, 0)  # broadcast names its source by global rank
+        self._wait(lambda: dist.broadcast(buf, src=root, group=group, async_op=True), f"broadcast of the {what}")
         return buf.to(t.device)
 
     def _wait(self, start, what: str) -> None:
