@@ -49,43 +49,53 @@ def test_fused_matvec_rows_matches_float64(dtype):
                  rtol=1e-6 if dtype == torch.float32 else 1e-13, what="cold-start matvec")  # fmt: skip
 
 
-def test_argmax_rows_takes_the_first_maximum():
-    g = torch.rand(500, 29)
-    v = torch.rand(29)
+@pytest.mark.parametrize("n_clusters", [29, cpu_kernels.ARGMAX_VECTOR_MIN_K, 130])  # a scalar and a vectorised max
+def test_argmax_rows_takes_the_first_maximum(n_clusters):
+    g = torch.rand(500, n_clusters, generator=torch.Generator().manual_seed(n_clusters))
+    v = torch.rand(n_clusters)
     v[4] = 0.0  # an unreachable cluster never wins
     g[0] = 1.0
     v[:2] = 1.0  # row 0: clusters 0 and 1 tie at the top; the first wins, as in torch.argmax
+    g[1] = 0.0  # row 1: every product is 0, the first wins
+    g[2, -1], v[-1] = 2.0, 1.0  # row 2: the last cluster
     labels = torch.full((500,), -1, dtype=torch.int64)
     cpu_kernels.argmax_rows(g, v, 0, 500, labels)
     assert torch.equal(labels, (g * v).argmax(dim=1))
-    assert labels[0] == 0 and not (labels == 4).any()
+    assert labels[0] == 0 and labels[1] == 0 and labels[2] == n_clusters - 1 and not (labels == 4).any()
 
 
-def test_softmax_rows_is_the_float64_softmax_and_its_first_argmax():
+@pytest.mark.parametrize("n_clusters", [12, cpu_kernels.SOFTMAX_VECTOR_MIN_K, 41])  # a scalar and a vectorised max
+def test_softmax_rows_is_the_float64_softmax_and_its_first_argmax(n_clusters):
     """Against the float64 softmax of the same float32 logits: ``1 / eps = 16`` makes ``16 s`` exact, so ``x`` is
     rounded once, as the compiled loop rounds it (fused multiply-add or not). (At 1 / eps = 20 the float32 rounding of
     ``x`` itself, up to 2e-5 relative at |x| ~ 300, made the comparison depend on the random draw.)"""
     g = torch.Generator().manual_seed(5)
-    s = torch.randn(300, 41, generator=g) * 3
+    last = n_clusters - 1
+    s = torch.randn(300, n_clusters, generator=g) * 3
     s[13, 5] = -math.inf  # a forbidden pair: exactly 0 in the codes
     s[17, :] = -1e4  # a row far below its one allowed maximum: everything else underflows to exactly 0
     s[17, 2] = 0.0
-    s[21, 7] = s[21, 30] = 10.0  # a tie at the top: the first wins, as in torch.argmax
-    b = torch.randn(41, generator=g)
-    b[30] = 0.0
-    b[7] = 0.0
-    b[40] = -math.inf  # a closed cluster: never a label, code exactly 0
+    s[21, 7] = s[21, last - 1] = 10.0  # a tie at the top: the first wins, as in torch.argmax
+    s[25] = -5.0 - torch.rand(n_clusters, generator=g)  # every logit negative
+    s[27] = -1.0  # -0.0 (at 3) and +0.0 (at 9) tie at the top: the first wins, though their bits differ
+    s[27, 3], s[27, 9] = -0.0, 0.0
+    s[29, last] = 50.0  # the last cluster
+    b = torch.randn(n_clusters, generator=g)
+    b[last - 1] = b[7] = b[9] = 0.0
+    b[3] = -0.0
+    b[last] = -math.inf  # a closed cluster: never a label, code exactly 0
     labels = torch.full((300,), -1, dtype=torch.int64)
-    codes = torch.full((300, 41), float("nan"))
+    codes = torch.full((300, n_clusters), float("nan"))
     cpu_kernels.softmax_rows(s, 16.0, b, 10, 290, labels, codes)  # rows outside [10, 290) untouched
     x = (s * 16 + b).double()
     rows = slice(10, 290)
     assert torch.isnan(codes[:10]).all() and torch.isnan(codes[290:]).all()
     assert (labels[:10] == -1).all() and (labels[290:] == -1).all()
-    assert torch.equal(labels[rows], x[rows].argmax(dim=1)) and labels[21] == 7
+    assert torch.equal(labels[rows], x[rows].argmax(dim=1)) and labels[21] == 7 and labels[27] == 3
+    assert labels[29] == x[29].argmax()
     # the polynomial's error (~1e-7), the normalisation and the final rounding to float32
     assert_close(codes[rows], torch.softmax(x[rows], dim=1), atol=1e-9, rtol=1e-6, what="codes")
-    assert codes[13, 5] == 0.0 and (codes[:, 40][rows] == 0).all() and codes[17, 2] == 1.0
+    assert codes[13, 5] == 0.0 and (codes[:, last][rows] == 0).all() and codes[17, 2] == 1.0
     assert_close(codes[rows].double().sum(dim=1), torch.ones(280, dtype=torch.float64), atol=2e-6, what="row sums")
     labels_only = torch.full((300,), -1, dtype=torch.int64)
     cpu_kernels.softmax_rows(s, 16.0, b, 0, 300, labels_only)  # no codes: the labels alone

@@ -44,6 +44,12 @@ _FASTMATH = {"reassoc", "contract"}
 # Rows per fp32 partial: short enough that fp32 sums of this many terms stay ~1e-6 exact, long enough that
 # adding each partial into the float64 total costs nothing.
 TILE_ROWS = 256
+# Rows at least this long take their maximum vectorised (:func:`_first_max`), shorter ones in a scalar loop (faster
+# there: its set-up and the scan after it cost more than a short row). Measured on one thread, vectorised against
+# scalar: the logits' softmax and labels 0.96x and 0.84x at K = 16, 0.72x and 0.56x at K = 64, 0.78x and 0.46x at
+# K = 500; the labels from the kernel 4.4x at K = 10, 1.03x at K = 64, 0.83x at K = 96, 0.5x at K = 500.
+SOFTMAX_VECTOR_MIN_K = 16
+ARGMAX_VECTOR_MIN_K = 96
 
 
 def available() -> bool:
@@ -144,8 +150,32 @@ if numba is not None:
             out[k] = p * two_to_n[k] if shifted >= _EXP_FLOOR else np.float32(0.0)
 
     @functools.partial(_jit, inline="always")
+    def _order_key(bits):  # pragma: no cover - compiled
+        """The int32 bits of a float32, remapped so that integers order as the floats do (-0 just below +0)."""
+        return np.int32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))  # (Numba widens to int64 otherwise)
+
+    @functools.partial(_jit, inline="always")
+    def _first_max(x, bits):  # pragma: no cover - compiled
+        """The index of the first maximum of the float32 row ``x`` (no NaN), whose int32 view is ``bits``.
+
+        The maximum is taken over order keys: LLVM vectorises an integer max but not a float one (Numba leaves the
+        fcmp without the flags it needs), and the scalar ``maxss`` chain cost 0.45 ns an entry at K = 1,000, four
+        times the vectorised exp. The scan after it stops at the first key equal to the maximum's."""
+        top = np.int32(-2147483648)
+        for k in range(bits.shape[0]):
+            top = max(top, _order_key(bits[k]))
+        best = 0
+        while best < bits.shape[0] - 1 and _order_key(bits[best]) != top:  # (never past the row)
+            best += 1
+        if x[best] == 0:  # +0 and -0 are one float but two keys: the first of either, as torch.argmax
+            best = 0
+            while x[best] != 0:
+                best += 1
+        return best
+
+    @functools.partial(_jit, inline="always")
     def _logits(row, inv_eps, b, out):  # pragma: no cover - compiled
-        """``out = row * inv_eps + b``; returns its maximum."""
+        """``out = row * inv_eps + b``; returns its maximum (a scalar loop: short rows)."""
         top = np.float32(-np.inf)
         for k in range(row.shape[0]):
             x = row[k] * inv_eps + b[k]
@@ -153,12 +183,20 @@ if numba is not None:
             top = max(top, x)
         return top
 
+    @functools.partial(_jit, inline="always")
+    def _logits_first_max(row, inv_eps, b, out, out_bits):  # pragma: no cover - compiled
+        """``out = row * inv_eps + b``; returns the index of its first maximum. For long rows. ``out_bits``: ``out``
+        as int32."""
+        for k in range(row.shape[0]):
+            out[k] = row[k] * inv_eps + b[k]
+        return _first_max(out, out_bits)
+
     @_jit
     def _exp_kernel_head(scores, inv_eps, b0, lo, hi, kernel, row_shift):  # pragma: no cover - compiled
         """One head, rows ``[lo, hi)``: ``x = scores * inv_eps + b0``, ``row_shift[j] = max_k x``,
         ``kernel = exp(x - max)``."""
         exponent_bits = np.empty(scores.shape[1], dtype=np.int32)
-        for j in range(lo, hi):
+        for j in range(lo, hi):  # (a vectorised maximum, as in softmax_rows, was no faster here: 0.8-1.4x)
             row_shift[j] = _logits(scores[j], inv_eps, b0, kernel[j])
             _exp_shifted(kernel[j], row_shift[j], kernel[j], exponent_bits)
 
@@ -174,7 +212,7 @@ if numba is not None:
         """Rows ``[lo, hi)`` of every head ``h`` (``scores`` (H, N, K), ``b`` (H, K), ``labels`` (H, N)):
         ``labels[h, j] = argmax_k x`` (the first maximum) of ``x = scores[h, j] * inv_eps + b[h]`` and, when
         ``want_codes``, ``codes[h, j] = softmax(x)``, formed in place in ``codes[h, j]`` (else in a scratch row); the
-        row sum is taken in float64."""
+        row sum is taken in float64. For short rows (K below :data:`SOFTMAX_VECTOR_MIN_K`)."""
         n_clusters = scores.shape[2]
         exponent_bits = np.empty(n_clusters, dtype=np.int32)
         scratch = np.empty(n_clusters, dtype=np.float32)
@@ -182,7 +220,7 @@ if numba is not None:
             for j in range(lo, hi):
                 x = codes[h, j] if want_codes else scratch
                 top = _logits(scores[h, j], inv_eps, b[h], x)
-                best = 0  # the first maximum, as torch.argmax; a scan of its own keeps the loop above vectorised
+                best = 0  # the first maximum, as torch.argmax
                 while best < n_clusters - 1 and x[best] != top:  # (bounded: never past the row, whatever x holds)
                     best += 1
                 labels[h, j] = best
@@ -196,8 +234,31 @@ if numba is not None:
                         x[k] *= scale
 
     @_jit
+    def _softmax_long_rows(scores, inv_eps, b, lo, hi, labels, codes, want_codes):  # pragma: no cover - compiled
+        """:func:`_softmax_rows` for long rows, whose maximum is vectorised (:func:`_first_max`). One function for
+        both lengths, with the test once per head, was 1.3x slower at K = 10."""
+        n_clusters = scores.shape[2]
+        exponent_bits = np.empty(n_clusters, dtype=np.int32)
+        scratch = np.empty(n_clusters, dtype=np.float32)
+        codes_bits, scratch_bits = codes.view(np.int32), scratch.view(np.int32)
+        for h in range(scores.shape[0]):
+            for j in range(lo, hi):
+                x, x_bits = (codes[h, j], codes_bits[h, j]) if want_codes else (scratch, scratch_bits)
+                best = _logits_first_max(scores[h, j], inv_eps, b[h], x, x_bits)
+                labels[h, j] = best
+                if want_codes:
+                    _exp_shifted(x, x[best], x, exponent_bits)
+                    total = 0.0
+                    for k in range(n_clusters):
+                        total += x[k]
+                    scale = np.float32(1.0 / total)
+                    for k in range(n_clusters):
+                        x[k] *= scale
+
+    @_jit
     def _argmax_head(kernel, v, lo, hi, labels):  # pragma: no cover - compiled
-        """One head: ``labels[j] = argmax_k kernel[j, k] * v[k]`` (first maximum) for rows ``[lo, hi)``."""
+        """One head: ``labels[j] = argmax_k kernel[j, k] * v[k]`` (first maximum) for rows ``[lo, hi)``. For short
+        rows (K below :data:`ARGMAX_VECTOR_MIN_K`)."""
         for j in range(lo, hi):
             row = kernel[j]
             best, best_k = row[0] * v[0], 0
@@ -208,11 +269,26 @@ if numba is not None:
             labels[j] = best_k
 
     @_jit
-    def _argmax_rows(kernel, v, lo, hi, labels):  # pragma: no cover - compiled
-        """:func:`_argmax_head` for every head of ``kernel`` (H, N, K), ``v`` (H, K), ``labels`` (H, N): the same
-        loop as a call per head (the body written out here instead compiled 4% slower at 100,000 x 1,000)."""
+    def _argmax_long_head(kernel, v, lo, hi, labels):  # pragma: no cover - compiled
+        """:func:`_argmax_head` for long rows: the products go to a scratch row, whose maximum is vectorised."""
+        products = np.empty(kernel.shape[1], dtype=np.float32)
+        product_bits = products.view(np.int32)
+        for j in range(lo, hi):
+            row = kernel[j]
+            for k in range(row.shape[0]):
+                products[k] = row[k] * v[k]
+            labels[j] = _first_max(products, product_bits)
+
+    @_jit
+    def _argmax_rows(kernel, v, lo, hi, labels, long_rows):  # pragma: no cover - compiled
+        """:func:`_argmax_head` (or :func:`_argmax_long_head`) for every head of ``kernel`` (H, N, K), ``v`` (H, K),
+        ``labels`` (H, N): the same loop as a call per head (the body written out here instead compiled 4% slower
+        at 100,000 x 1,000)."""
         for h in range(kernel.shape[0]):
-            _argmax_head(kernel[h], v[h], lo, hi, labels[h])
+            if long_rows:
+                _argmax_long_head(kernel[h], v[h], lo, hi, labels[h])
+            else:
+                _argmax_head(kernel[h], v[h], lo, hi, labels[h])
 
 
 def exp_kernel_rows(scores, inv_eps: float, b0, lo: int, hi: int, kernel, row_shift) -> None:
@@ -233,14 +309,15 @@ def softmax_rows(scores, inv_eps: float, b, lo: int, hi: int, labels, codes=None
     s, vec, out, q = _head_arrays(scores.dim() == 2, scores, b, labels, codes)
     want_codes = q is not None
     q = q if want_codes else np.empty((s.shape[0], 0, s.shape[2]), dtype=np.float32)  # unused
-    _softmax_rows(s, np.float32(inv_eps), vec, lo, hi, out, q, want_codes)
+    rows = _softmax_rows if s.shape[2] < SOFTMAX_VECTOR_MIN_K else _softmax_long_rows
+    rows(s, np.float32(inv_eps), vec, lo, hi, out, q, want_codes)
 
 
 def argmax_rows(kernel, v, lo: int, hi: int, labels) -> None:
     """``labels[lo:hi] = argmax_k kernel[j, k] * v[k]`` (int64 tensor, written in place) for an (N, K) ``kernel``,
     or ``labels[h, lo:hi]`` for every head of an (H, N, K) one with (H, K) ``v``, in one compiled call."""
     g, vec, out = _head_arrays(kernel.dim() == 2, kernel, v, labels)
-    _argmax_rows(g, vec, lo, hi, out)
+    _argmax_rows(g, vec, lo, hi, out, g.shape[2] >= ARGMAX_VECTOR_MIN_K)
 
 
 def fused_matvec_rows(kernel: torch.Tensor, v: torch.Tensor | None, weights: torch.Tensor, lo: int, hi: int):
