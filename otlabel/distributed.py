@@ -165,7 +165,10 @@ class Collectives:
         gathered = self.all_gather(local, what)
         bad = [i for i in range(self.world) if gathered[i, 0] != 0]
         if failure is not None:
-            raise failure
+            try:
+                raise failure
+            finally:
+                failure = None  # this frame is in the error's traceback: holding the error it made a cycle
         if bad:
             raise RuntimeError(f"sinkhorn_assign_sharded: rank(s) {bad} failed computing the {what} (see the error "
                                "on those ranks).")  # fmt: skip
@@ -393,6 +396,10 @@ def sinkhorn_assign_sharded(
         return solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, init, acceleration,
                             callback, warn)  # fmt: skip
     finally:
+        # This frame is in the error's traceback; holding the error as well, it made a cycle, which kept the frame
+        # (and the process group among its arguments) alive until a garbage collection. Left for the interpreter's
+        # exit, Gloo's threads were destroyed late and the process aborted (SIGABRT).
+        failure = None
         if shard is not None:
             shard.close()
 
@@ -405,7 +412,10 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     bad = [i for i in range(comm.world) if metas[i, 0] != 0]
     if bad:
         if failure is not None:
-            raise failure
+            try:
+                raise failure
+            finally:
+                failure = None  # (a cycle otherwise: see sinkhorn_assign_sharded)
         raise ValueError(f"sinkhorn_assign_sharded: rank(s) {bad} rejected their input (see the error on those ranks).")
     table = metas[:, 1:]  # (W, META_SIZE): every rank's metadata, without the failure flags
     check_agreement(table)

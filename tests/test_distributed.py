@@ -502,6 +502,36 @@ def test_a_callback_failure_leaves_no_reference_cycle():
         gc.enable()
 
 
+def test_a_shared_input_error_leaves_no_reference_cycle():
+    """The input errors a rank shares before raising (its own checks, a failed all_gather_or_fail) were kept in a
+    variable of frames that the error's traceback holds: a cycle that kept those frames, and the process group among
+    their arguments, alive until a garbage collection (the abort at exit above)."""
+    import gc
+    import types
+
+    from otlabel.distributed import Collectives
+
+    names = ("sinkhorn_assign_sharded", "solve_shards", "all_gather_or_fail")
+
+    def frames_left():
+        return [o.f_code.co_name for o in gc.get_objects() if type(o) is types.FrameType and o.f_code.co_name in names]
+
+    def boom():
+        raise MemoryError("out of memory")
+
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            sinkhorn_assign_sharded(random_problem(30, K, seed=0), EPS, timeout=-1)
+        assert not frames_left()
+        with pytest.raises(MemoryError):
+            Collectives(None, 10.0).all_gather_or_fail(boom, 3, "column maxima")
+        assert not frames_left()
+    finally:
+        gc.enable()
+
+
 def _result_outlives_group_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import gc
     import weakref
