@@ -250,8 +250,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             sinkhorn_assign_sharded(random_problem(5, K), EPS, group=group, timeout=2)
         with open(os.path.join(out_dir, "timeout-ok"), "w"):
             pass
-    else:
-        time.sleep(4)  # longer than rank 0's timeout
+    else:  # until rank 0 is through (a fixed 4 s left it 2 s of margin on a loaded machine), at most 60 s
+        waited_until = time.monotonic() + 60
+        while not os.path.exists(os.path.join(out_dir, "timeout-ok")) and time.monotonic() < waited_until:
+            time.sleep(0.05)
     os._exit(0)  # no destroy_process_group: rank 0 has a collective pending that will never complete
 
 

@@ -526,14 +526,15 @@ def test_an_interrupt_stops_the_workers_mid_pass(monkeypatch):
     try:
         with warnings.catch_warnings(), pytest.raises(Interrupted):
             warnings.simplefilter("ignore")  # 1-sample chunks: a SmallChunksWarning
-            sinkhorn_assign_stream(random_problem(2000, 3, seed=1).numpy(), 0.1, memory_budget=budget_for(1, 3))
+            sinkhorn_assign_stream(random_problem(4000, 3, seed=1).numpy(), 0.1, memory_budget=budget_for(1, 3))
     finally:
         signal.signal(signal.SIGUSR1, previous)
     seen = -1
     while len(reads) != seen:  # until the workers have stopped reading (or the pass is over)
         seen = len(reads)
         time.sleep(0.2)
-    assert seen < 1000, f"{seen} chunks read of the 2,000 of a pass"  # a few past 500: the signal takes a moment
+    # 500-680 in 60 runs (loaded or not): the signal takes a moment. Workers that read on would reach 4,000.
+    assert seen < 2000, f"{seen} chunks read of the 4,000 of a pass"
 
 
 def test_an_error_in_the_first_rows_does_not_wait_for_the_other_ranges(monkeypatch):
