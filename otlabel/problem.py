@@ -255,7 +255,8 @@ def check_score_values(
     starts from them: a pass over the scores, 18 ms at 100,000 x 1,000, not made twice).
 
     Two max-reductions over the scores do the checking (a max propagates NaN and +inf, and is -inf only where a whole
-    row or column is masked), a third when some weight is 0 (the row maxima over the clusters with weight); the
+    row or column is masked), a third when some weight is 0 (the row maxima over the clusters with weight); on the CPU
+    the two and the smallest score come from one read of float32 scores (:func:`torch_backend.score_maxima`); the
     extremes of their results come back to the host together and are judged there (see :func:`score_extremes`): one
     device synchronisation (two when some weight is 0; ``has_zero_weights=None`` reads that from the device,
     :func:`validate` knows it from its host copy of the weights). Few operations, too:
@@ -268,8 +269,16 @@ def check_score_values(
     the same transfer, and only when it is -inf are the masked rows read and the condition decided, allowing a
     shortfall of ``mass_rounding`` (:func:`weight_rounding`) for the rounding of the weights as given.
     """
-    row_max = scores.amax(dim=2)  # (H, N)
-    col_max = column_max(scores)  # (H, K)
+    from .backends import torch_backend  # (a cycle at import time)
+
+    maxima = torch_backend.score_maxima(scores)  # one read where it applies (CPU float32), else None
+    if maxima is None:
+        row_max = scores.amax(dim=2)  # (H, N)
+        col_max = column_max(scores)  # (H, K)
+        lowest = None if sample_weights is None else scores.amin()
+    else:
+        row_max, col_max, lowest = maxima
+        lowest = None if sample_weights is None else lowest
     if has_zero_weights is None:
         has_zero_weights = bool((cluster_weights == 0).any())
     weighted_row_max, weighted_col_max = row_max, col_max  # over the clusters with weight: the ones the solve involves
@@ -277,7 +286,6 @@ def check_score_values(
         positive = cluster_weights > 0
         weighted_row_max = scores[:, :, positive].amax(dim=2)
         weighted_col_max = torch.where(positive, col_max, 0.0)
-    lowest = None if sample_weights is None else scores.amin()
     extremes = score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zero_weights, lowest)
     if not extremes.acceptable_for(scores, epsilon):
         raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, scores, epsilon, batched)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close, cosine_scores, random_problem
@@ -253,3 +254,92 @@ def test_scores_that_require_grad():
     with torch.no_grad():
         res = sinkhorn_assign(s, 0.05)
     assert res.converged and torch.bincount(res.labels, minlength=7).min() > 30
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("n_clusters", [1, 2, 15, 16, 17, 63, 64, 65, 130])
+@pytest.mark.parametrize("n_heads", [1, 3])
+def test_score_extremes_rows_are_torchs_maxima_bitwise(n_clusters, n_heads):
+    n = 300
+    s = torch.randn(n_heads, n, n_clusters, generator=torch.Generator().manual_seed(n_clusters))
+    s[0, 20] = -math.inf  # a masked row
+    s[-1, 21, 0] = math.inf
+    s[0, 22, -1] = -math.inf  # one forbidden pair
+    s[-1, 23] = -torch.rand(n_clusters) - 1
+    s[-1, 23, n_clusters // 2] = -0.0  # a row whose maximum is -0 (no +0 beside it)
+    s[0, 24] = -torch.rand(n_clusters) - 1
+    s[0, 24, -1] = 0.0  # and one whose maximum is +0
+    s[:, 25] = torch.randn(n_clusters) * 1e-42  # subnormals of both signs
+    lo, hi = 10, 290
+    row_max = torch.full((n_heads, n), math.nan)
+    keys = np.full((n_heads, n_clusters), cpu_kernels.NO_KEY, dtype=np.int32)
+    lowest = cpu_kernels.score_extremes_rows(s, lo, hi, row_max, keys)
+    inside = s[:, lo:hi]
+    assert torch.isnan(row_max[:, :lo]).all() and torch.isnan(row_max[:, hi:]).all()  # other rows untouched
+    assert torch.equal(_bits(row_max[:, lo:hi]), _bits(inside.amax(dim=2)))
+    assert torch.equal(_bits(cpu_kernels.float_of_keys(keys)), _bits(inside.amax(dim=1)))
+    assert cpu_kernels.float_of_keys(np.array([lowest]))[0] == inside.amin()
+    s[0, 30, 0] = -math.inf  # outside the range: nothing changes
+    again = np.full_like(keys, cpu_kernels.NO_KEY)
+    assert cpu_kernels.score_extremes_rows(s, lo, hi, row_max, again) == lowest
+    assert np.array_equal(again, keys)
+
+
+def test_score_extremes_rows_combine_ranges_into_the_whole():
+    s = torch.randn(2, 1000, 40)
+    whole = np.full((2, 40), cpu_kernels.NO_KEY, dtype=np.int32)
+    parts = [np.full_like(whole, cpu_kernels.NO_KEY) for _ in range(3)]
+    rows_whole, rows_parts = torch.empty(2, 1000), torch.empty(2, 1000)
+    low = cpu_kernels.score_extremes_rows(s, 0, 1000, rows_whole, whole)
+    lows = [cpu_kernels.score_extremes_rows(s, lo, hi, rows_parts, part)
+            for (lo, hi), part in zip([(0, 333), (333, 700), (700, 1000)], parts, strict=True)]  # fmt: skip
+    assert min(lows) == low and np.array_equal(np.maximum.reduce(parts), whole)
+    assert torch.equal(_bits(rows_parts), _bits(rows_whole))
+
+
+@pytest.mark.parametrize("nan", [math.nan, -math.nan], ids=["+NaN", "-NaN"])
+def test_score_maxima_leaves_nan_to_torch(nan):
+    from otlabel.backends.torch_backend import score_maxima
+
+    s = torch.randn(1, 3000, 20)
+    assert score_maxima(s) is not None
+    s[0, 1234, 7] = nan
+    assert math.copysign(1, float(s[0, 1234, 7])) == math.copysign(1, nan)
+    assert score_maxima(s) is None
+
+
+@pytest.mark.parametrize("shape", [(1, 3000, 16), (2, 2000, 33), (1, 200, 1000), (3, 40000, 20)])
+def test_score_maxima_is_torchs_bitwise(shape):
+    from otlabel.backends.torch_backend import MAXIMA_MIN_SCORES, SERIAL_PASS_ELEMENTS, score_maxima
+    from otlabel.sources import column_max
+
+    assert math.prod(shape) >= MAXIMA_MIN_SCORES
+    threaded = math.prod(shape) > SERIAL_PASS_ELEMENTS
+    s = torch.randn(shape, generator=torch.Generator().manual_seed(shape[2]))
+    s[0, 5] = -math.inf
+    s[-1, 6, 1] = math.inf
+    s[:, :, 3] = -s[:, :, 3].abs()
+    s[:, 0, 3] = 0.0  # a column whose maximum is +0: no -0 anywhere yet
+    for zeros in ("+0 only", "-0 too"):
+        if zeros == "-0 too":  # +0 and -0 in one row and one column: torch's zero, whichever it is
+            s[:, -1, 3] = -0.0
+            s[-1, 7] = -torch.rand(shape[2])
+            s[-1, 7, 0], s[-1, 7, -1] = -0.0, 0.0
+        row_max, col_max, lowest = score_maxima(s)
+        assert torch.equal(_bits(row_max), _bits(s.amax(dim=2))), (zeros, threaded)
+        assert torch.equal(_bits(col_max), _bits(column_max(s))), (zeros, threaded)
+        assert lowest == s.amin() and lowest.shape == () and col_max.dtype == torch.float32
+
+
+def test_score_maxima_applies_only_where_it_is_faster():
+    from otlabel.backends.torch_backend import MAXIMA_MIN_K, score_maxima
+
+    s = torch.randn(1, 5000, 40)
+    assert score_maxima(s) is not None
+    assert score_maxima(s.double()) is None and score_maxima(s.half()) is None
+    assert score_maxima(s.transpose(1, 2).contiguous().transpose(1, 2)) is None  # not contiguous
+    assert score_maxima(torch.randn(1, 50000, MAXIMA_MIN_K - 1)) is None
+    assert score_maxima(torch.randn(1, 100, 40)) is None  # too small to gain

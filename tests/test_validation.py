@@ -714,3 +714,77 @@ def test_features_kernel_reads_a_negative_bit_view_and_refuses_sparse_features()
     assert torch.equal(sinkhorn_assign(features=view, prototypes=c, epsilon=0.1, backend="triton").labels, ref)
     with pytest.raises(TypeError, match="features is a sparse_coo tensor"):
         sinkhorn_assign(features=z.to_sparse(), prototypes=c, epsilon=0.1, backend="triton")
+
+
+def _fused_cases():
+    """Scores large enough for the one-read CPU validation (torch_backend.score_maxima), each with what breaks it."""
+    from otlabel.backends.torch_backend import MAXIMA_MIN_SCORES
+
+    n, k = 2 * MAXIMA_MIN_SCORES // 20, 20
+    base = random_problem(n, k, seed=41)
+    cases = {"valid": base}
+
+    def edit(name, fn, heads=False):
+        s = (torch.stack([base, base.flip(0)]) if heads else base).clone()
+        fn(s)
+        cases[name] = s
+
+    edit("+NaN", lambda s: s.__setitem__((1000, 3), float("nan")))
+    edit("-NaN", lambda s: s.__setitem__((1000, 3), -float("nan")))
+    edit("+inf", lambda s: s.__setitem__((77, 19), INF))
+    edit("masked sample", lambda s: s.__setitem__((2000,), -INF))
+    edit("masked sample, heads", lambda s: s.__setitem__((1, 2000), -INF), heads=True)
+    edit("masked cluster", lambda s: s.__setitem__((slice(None), 5), -INF))
+    edit("Hall", lambda s: s.__setitem__((slice(0, n // 2), slice(1, None)), -INF))  # half the samples, 1 cluster
+    edit("huge", lambda s: s.__setitem__((9, 9), 1e30))
+    edit("zeros", lambda s: (s.__setitem__((slice(None), 4), -s[:, 4].abs()), s.__setitem__((3, 4), 0.0),
+                             s.__setitem__((4, 4), -0.0), s.__setitem__((5,), -0.0)))  # fmt: skip
+    return cases
+
+
+FUSED_CASES = _fused_cases()
+
+
+@pytest.mark.parametrize("zero_weight", [False, True], ids=["weights", "a zero weight"])
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_one_read_validation_judges_as_torchs_reductions(case, zero_weight, monkeypatch):
+    """The same verdict, message, extremes and column maxima (bitwise) with the one-read CPU path and without it."""
+    from otlabel import problem
+    from otlabel.backends import torch_backend
+
+    scores = FUSED_CASES[case]
+    s3 = scores if scores.ndim == 3 else scores[None]
+    k = s3.shape[2]
+    weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    if zero_weight:
+        weights[-1] = 0.0
+        weights /= weights.sum()
+    seen = []
+    original = problem.score_extremes
+
+    def judge():
+        seen.clear()
+        try:
+            col_max = problem.check_score_values(s3, weights, has_zero_weights=zero_weight, epsilon=0.05,
+                                                 batched=scores.ndim == 3, sample_weights=torch.full((s3.shape[1],),
+                                                 1.0 / s3.shape[1], dtype=torch.float64))  # fmt: skip
+        except ValueError as e:
+            return "raised", str(e), seen[:]
+        return "passed", col_max.view(torch.int32), seen[:]
+
+    monkeypatch.setattr(problem, "score_extremes", lambda *a: seen.append(original(*a)) or seen[-1])
+    calls = []
+    fused = torch_backend.score_maxima
+    monkeypatch.setattr(torch_backend, "score_maxima", lambda s: calls.append(1) or fused(s))
+    fast = judge()
+    assert calls  # the one-read path was asked
+    monkeypatch.setattr(torch_backend, "score_maxima", lambda s: None)
+    slow = judge()
+    assert fast[0] == slow[0], (fast, slow)
+    if fast[0] == "raised":
+        assert fast[1] == slow[1]
+    else:
+        assert torch.equal(fast[1], slow[1])
+    if case != "valid" and not (case == "zeros"):
+        assert fast[0] == "raised", case
+    assert [repr(e) for e in fast[2]] == [repr(e) for e in slow[2]]  # the zeros' signs too

@@ -291,6 +291,37 @@ if numba is not None:
                 _argmax_head(kernel[h], v[h], lo, hi, labels[h])
 
 
+if numba is not None:
+
+    @_jit
+    def _extremes_head(bits, lo, hi, row_max, col_keys):  # pragma: no cover - compiled
+        """One head, rows ``[lo, hi)`` of ``bits`` (N, K), the int32 view of float32 scores: ``row_max[j]`` gets the
+        bits of the row's largest order key (:func:`_order_key`, an involution: the key of a key is the float's
+        bits), ``col_keys[k]`` the larger of itself and every key of column ``k``; returns the smallest key met. All
+        three are integer maxima and minima, which LLVM vectorises (vpmaxsd, vpminsd), a float maximum not."""
+        lowest = np.int32(2147483647)
+        for j in range(lo, hi):
+            row = bits[j]
+            top = np.int32(-2147483648)
+            low = np.int32(2147483647)
+            for k in range(row.shape[0]):
+                key = _order_key(row[k])
+                top = max(top, key)
+                low = min(low, key)
+                col_keys[k] = max(col_keys[k], key)
+            row_max[j] = _order_key(top)
+            lowest = min(lowest, low)
+        return lowest
+
+    @_jit
+    def _extremes_rows(bits, lo, hi, row_max, col_keys):  # pragma: no cover - compiled
+        """:func:`_extremes_head` for every head of ``bits`` (H, N, K), ``row_max`` (H, N), ``col_keys`` (H, K)."""
+        lowest = np.int32(2147483647)
+        for h in range(bits.shape[0]):
+            lowest = min(lowest, _extremes_head(bits[h], lo, hi, row_max[h], col_keys[h]))
+        return lowest
+
+
 def exp_kernel_rows(scores, inv_eps: float, b0, lo: int, hi: int, kernel, row_shift) -> None:
     """Fill rows ``[lo, hi)`` of the float32 ``kernel`` (N, K) with ``exp(scores * inv_eps + b0 - m)`` and
     ``row_shift`` (N,) with the row maxima ``m``; ``-inf`` scores give exact zeros. Or the same for every head of
@@ -333,6 +364,29 @@ def fused_matvec_rows(kernel: torch.Tensor, v: torch.Tensor | None, weights: tor
     out = np.zeros((g.shape[0], g.shape[2]), dtype=np.float64)
     _fused_rows(g, vec, w, v is not None, lo, hi, out)
     return torch.from_numpy(out[0] if one_head else out)
+
+
+NO_KEY = -(1 << 31)  # below every order key: where :func:`score_extremes_rows` starts a column's maximum
+
+
+def score_extremes_rows(scores: torch.Tensor, lo: int, hi: int, row_max: torch.Tensor, col_keys: np.ndarray) -> int:
+    """One read of rows ``[lo, hi)`` of C-contiguous float32 (H, N, K) CPU ``scores``: ``row_max[:, lo:hi]`` (a
+    float32 (H, N) tensor, written in place) gets each row's maximum, the int32 (H, K) ``col_keys`` the larger of
+    itself and each column's largest order key (start it at :data:`NO_KEY`; :func:`float_of_keys` reads it), and the
+    smallest order key met comes back. Integer keys of the float bits, so every value is exact and the result of ranges
+    taken apart and combined does not depend on their order.
+
+    A NaN is a maximum (a positive one) or a minimum (a negative one) here: it is not propagated as by ``amax``. The
+    zeros are ordered (-0 below +0), which ``amax`` does not do. The caller tells these cases apart (see
+    :func:`otlabel.backends.torch_backend.score_maxima`). Needs :func:`available`."""
+    lowest = _extremes_rows(_array(scores).view(np.int32), lo, hi, _array(row_max).view(np.int32), col_keys)
+    return int(lowest)
+
+
+def float_of_keys(keys: np.ndarray) -> torch.Tensor:
+    """The float32 values whose order keys are ``keys`` (an int32 array, any shape)."""
+    keys = keys.astype(np.int32, copy=False)
+    return torch.from_numpy(keys ^ ((keys >> 31) & np.int32(0x7FFFFFFF))).view(torch.float32)
 
 
 def _head_arrays(one_head: bool, *tensors) -> tuple:
