@@ -304,20 +304,23 @@ def test_score_extremes_rows_combine_ranges_into_the_whole():
 def test_score_maxima_leaves_nan_to_torch(nan):
     from otlabel.backends.torch_backend import score_maxima
 
-    s = torch.randn(1, 3000, 20)
+    s = torch.randn(1, 10000, 20)
     assert score_maxima(s) is not None
     s[0, 1234, 7] = nan
     assert math.copysign(1, float(s[0, 1234, 7])) == math.copysign(1, nan)
     assert score_maxima(s) is None
 
 
-@pytest.mark.parametrize("shape", [(1, 3000, 16), (2, 2000, 33), (1, 200, 1000), (3, 40000, 20)])
-def test_score_maxima_is_torchs_bitwise(shape):
-    from otlabel.backends.torch_backend import MAXIMA_MIN_SCORES, SERIAL_PASS_ELEMENTS, score_maxima
+@pytest.mark.parametrize("threaded", [False, True], ids=["one range", "ranges"])
+@pytest.mark.parametrize("shape", [(1, 9000, 16), (2, 2000, 33), (1, 200, 1000), (3, 4000, 20)])
+def test_score_maxima_is_torchs_bitwise(shape, threaded, monkeypatch):
+    from otlabel.backends import torch_backend
     from otlabel.sources import column_max
 
-    assert math.prod(shape) >= MAXIMA_MIN_SCORES
-    threaded = math.prod(shape) > SERIAL_PASS_ELEMENTS
+    assert math.prod(shape) >= torch_backend.MAXIMA_MIN_SCORES
+    monkeypatch.setattr(torch_backend, "MAXIMA_SERIAL_SCORES", 0 if threaded else 1 << 40)
+    monkeypatch.setattr(torch_backend, "solve_threads", lambda: 3)  # three ranges, whatever the machine
+    score_maxima = torch_backend.score_maxima
     s = torch.randn(shape, generator=torch.Generator().manual_seed(shape[2]))
     s[0, 5] = -math.inf
     s[-1, 6, 1] = math.inf

@@ -497,11 +497,15 @@ def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 # float32 CPU scores with rows at least this long, and at least this many scores, have their row and column maxima and
-# their smallest value taken in one read (score_maxima); others by torch, three reads. Shorter rows were slower
-# compiled (the vectorised loop of a row goes unused below 16 entries: 1,000,000 x 10 about as fast as torch's
-# three reductions, 4,000,000 x 2 2.7x slower).
+# their smallest value taken in one read (score_maxima); others by torch, three reads. Shorter rows were no faster
+# compiled (the vectorised loop of a row goes unused below 16 entries: 1,000,000 x 10 as fast as torch's three
+# reductions, 4,000,000 x 2 2.7x slower), nor fewer scores (the call's ~35 us of set-up).
 MAXIMA_MIN_K = 16
-MAXIMA_MIN_SCORES = 1 << 15
+MAXIMA_MIN_SCORES = 1 << 17
+# Up to this many scores the one read runs on the caller's thread: split over the 2 threads of the (shared) benchmark
+# machine it was no faster there (4,096 x 3,000: 2.2 ms on one, 2.6 on two; 1,000,000 x 16: 24 and 32), above it was
+# (500,000 x 64: 8.2-8.7 ms on one, 5.0-5.3 on two).
+MAXIMA_SERIAL_SCORES = 1 << 24
 _POS_INF_KEY = 0x7F800000  # the order key of +inf; a positive NaN's is larger
 _NEG_INF_KEY = -0x7F800001  # of -inf; a negative NaN's is smaller
 
@@ -528,7 +532,7 @@ def score_maxima(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     ):
         return None
     row_max = torch.empty((h, n), dtype=torch.float32)
-    if scores.numel() <= SERIAL_PASS_ELEMENTS:
+    if scores.numel() <= MAXIMA_SERIAL_SCORES:
         ranges = [(0, n)]
     else:
         pool = worker_pool()
