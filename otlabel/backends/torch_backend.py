@@ -498,8 +498,10 @@ def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
 
 # float32 CPU scores with rows at least this long, and at least this many scores, have their row and column maxima and
 # their smallest value taken in one read (score_maxima); others by torch, three reads. Shorter rows were no faster
-# compiled (the vectorised loop of a row goes unused below 16 entries: 1,000,000 x 10 as fast as torch's three
-# reductions, 4,000,000 x 2 2.7x slower), nor fewer scores (the call's ~35 us of set-up).
+# compiled (LLVM's 16-lane AVX-512 loop of a row goes unused below 16 entries: 1,000,000 x 10 as fast as the three
+# reductions, 4,000,000 x 2 1.2-2.7x slower), nor with few scores (256 x 100: 0.038 ms against 0.024, its set-up).
+# Above that, on the shared 2-core machine, torch's three reductions could wait ~20 ms for their OpenMP threads
+# (4,096 x 100: 47 ms, against 0.2 ms in one read on the caller's thread).
 MAXIMA_MIN_K = 16
 MAXIMA_MIN_SCORES = 1 << 17
 # Up to this many scores the one read runs on the caller's thread: split over the 2 threads of the (shared) benchmark
