@@ -301,8 +301,11 @@ def test_score_extremes_rows_combine_ranges_into_the_whole():
 
 
 @pytest.mark.parametrize("nan", [math.nan, -math.nan], ids=["+NaN", "-NaN"])
-def test_score_maxima_leaves_nan_to_torch(nan):
-    from otlabel.backends.torch_backend import score_maxima
+def test_score_maxima_leaves_nan_to_torch(nan, monkeypatch):
+    from otlabel.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "MAXIMA_MIN_SCORES", 1 << 15)
+    score_maxima = torch_backend.score_maxima
 
     s = torch.randn(1, 10000, 20)
     assert score_maxima(s) is not None
@@ -317,7 +320,7 @@ def test_score_maxima_is_torchs_bitwise(shape, threaded, monkeypatch):
     from otlabel.backends import torch_backend
     from otlabel.sources import column_max
 
-    assert math.prod(shape) >= torch_backend.MAXIMA_MIN_SCORES
+    monkeypatch.setattr(torch_backend, "MAXIMA_MIN_SCORES", 1 << 15)  # small enough to test quickly
     monkeypatch.setattr(torch_backend, "MAXIMA_SERIAL_SCORES", 0 if threaded else 1 << 40)
     monkeypatch.setattr(torch_backend, "solve_threads", lambda: 3)  # three ranges, whatever the machine
     score_maxima = torch_backend.score_maxima
@@ -337,9 +340,11 @@ def test_score_maxima_is_torchs_bitwise(shape, threaded, monkeypatch):
         assert lowest == s.amin() and lowest.shape == () and col_max.dtype == torch.float32
 
 
-def test_score_maxima_applies_only_where_it_is_faster():
+def test_score_maxima_applies_only_where_it_is_faster(monkeypatch):
+    from otlabel.backends import torch_backend
     from otlabel.backends.torch_backend import MAXIMA_MIN_K, score_maxima
 
+    monkeypatch.setattr(torch_backend, "MAXIMA_MIN_SCORES", 1 << 15)
     s = torch.randn(1, 5000, 40)
     assert score_maxima(s) is not None
     assert score_maxima(s.double()) is None and score_maxima(s.half()) is None

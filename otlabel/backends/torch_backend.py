@@ -498,15 +498,16 @@ def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
 
 # float32 CPU scores with rows at least this long, and at least this many scores, have their row and column maxima and
 # their smallest value taken in one read (score_maxima); others by torch, three reads. Shorter rows were no faster
-# compiled (LLVM's 16-lane AVX-512 loop of a row goes unused below 16 entries: 1,000,000 x 10 as fast as the three
-# reductions, 4,000,000 x 2 1.2-2.7x slower), nor with few scores (256 x 100: 0.038 ms against 0.024, its set-up).
-# Above that, on the shared 2-core machine, torch's three reductions could wait ~20 ms for their OpenMP threads
-# (4,096 x 100: 47 ms, against 0.2 ms in one read on the caller's thread).
+# compiled (LLVM's 16-lane AVX-512 loop of a row goes unused below 16 entries: 1,000,000 x 10 6.1 ms against 6.0,
+# 4,000,000 x 2 15 against 5.2), nor fewer scores, which torch reduces in cache (idle 2-core machine, medians:
+# 20,000 x 100 0.34 ms against 0.26, 40,000 x 100 0.76 against 0.62; but 4,096 x 1,000 0.31 against 0.46: the rows'
+# last K % 64 entries go through a scalar loop). On a busy machine torch's reductions could wait ~20 ms for their
+# OpenMP threads (4,096 x 100: 47 ms against 0.2 in one read on the caller's thread), which this leaves as it was.
 MAXIMA_MIN_K = 16
-MAXIMA_MIN_SCORES = 1 << 17
-# Up to this many scores the one read runs on the caller's thread: split over the 2 threads of the (shared) benchmark
-# machine it was no faster there (4,096 x 3,000: 2.2 ms on one, 2.6 on two; 1,000,000 x 16: 24 and 32), above it was
-# (500,000 x 64: 8.2-8.7 ms on one, 5.0-5.3 on two).
+MAXIMA_MIN_SCORES = 1 << 22
+# Up to this many scores the one read runs on the caller's thread: split over 2 threads it was no faster (idle machine,
+# medians: 4,096 x 3,000 2.2 ms against 2.0 on one, 1,000,000 x 16 4.4 against 4.3), above a little (100,000 x 1,000:
+# 15.0 against 16.2; 1,000,000 x 30: 11.5 either way).
 MAXIMA_SERIAL_SCORES = 1 << 24
 _POS_INF_KEY = 0x7F800000  # the order key of +inf; a positive NaN's is larger
 _NEG_INF_KEY = -0x7F800001  # of -inf; a negative NaN's is smaller
