@@ -217,10 +217,10 @@ class StreamingOperator(LogDomainOperator):
             return self.source.shifted(rows, b, self.inv_eps, out=out)
         return super().shifted(rows, b, out=out)
 
-    def _checked_partials(self, lo, hi, with_lse):
+    def _checked_partials(self, lo, hi, log_c):
         """Rows ``[lo, hi)``: the row checks, the column maxima (of ``S / eps``: only their ``-inf`` entries are
-        used) and (cold start, ``a = log c``) the partial ``LSE_j(S / eps + log c_j)`` of every chunk. Works in
-        place in one buffer per range, like the iterations."""
+        used) and, given ``log c`` (N,) (cold start, ``a = log c``), the partial ``LSE_j(S / eps + log c_j)`` of
+        every chunk. Works in place in one buffer per range, like the iterations."""
         col_max = torch.full((self.n_heads, self.n_clusters), NEG_INF, dtype=self.dtype, device=self.device)
         zeros = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
         buffer = self.work_buffer(lo, hi)
@@ -234,8 +234,8 @@ class StreamingOperator(LogDomainOperator):
             if patterns is not None:
                 collect_masks(patterns, x, masked, self.sample_mass[rows])  # for Hall's condition, decided at the end
             col_max = torch.maximum(col_max, column_max(x))
-            if with_lse:
-                x.add_(self.log_c[rows][None, :, None])
+            if log_c is not None:
+                x.add_(log_c[rows][None, :, None])
                 top = x.amax(dim=1, keepdim=True)  # (H, 1, K)
                 top = torch.where(torch.isneginf(top), 0.0, top)  # a column with nothing allowed stays -inf below
                 partials.append(top[:, 0] + exp_(x.sub_(top)).sum(dim=1).log())  # (H, K)
@@ -243,7 +243,7 @@ class StreamingOperator(LogDomainOperator):
 
     def validate(self) -> None:
         """One pass of input checks (the cold start does them for free; a warm start needs this)."""
-        self._finish_validation(self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, False)))
+        self._finish_validation(self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, None)))
 
     def _finish_validation(self, parts) -> None:
         col_max, _, patterns = parts[0]
@@ -260,7 +260,8 @@ class StreamingOperator(LogDomainOperator):
     def cluster_lse(self, b):
         if b is not None or self.validated:
             return super().cluster_lse(b)
-        parts = self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, True))  # cold start + checks
+        log_c = self.log_c  # here, once: formed in the workers, each of them computed it (N floats each) at once
+        parts = self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, log_c))  # cold start + checks
         self._finish_validation(parts)
         return torch.logsumexp(torch.stack(sum((p for _, p, _ in parts), [])), dim=0)  # fixed order: deterministic
 

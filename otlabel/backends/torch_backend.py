@@ -204,15 +204,16 @@ class LogDomainOperator(ScoreOperator):
 
     def _cluster_lse_exact(self, b):
         """Two max-shifted log-sum-exps per chunk (two exps per entry); also the cold start ``a = log c``."""
-        partials = sum(self.map_ranges(lambda lo, hi: self._lse_partials(b, lo, hi)), [])
+        log_c = self.log_c  # here, once: formed in the workers, each of them computed it (N floats each) at once
+        partials = sum(self.map_ranges(lambda lo, hi: self._lse_partials(b, lo, hi, log_c)), [])
         return torch.logsumexp(torch.stack(partials), dim=0)  # fixed order: deterministic
 
-    def _lse_partials(self, b, lo, hi):
+    def _lse_partials(self, b, lo, hi, all_log_c):
         zeros = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
         partials = []
         for rows in self.chunks(lo, hi):
             x = self.shifted(rows, zeros)  # (H, T, K)
-            log_c = self.log_c[rows]
+            log_c = all_log_c[rows]
             a = log_c.expand(self.n_heads, -1) if b is None else sample_potentials(x, b, log_c)  # (H, T)
             partials.append(torch.logsumexp(x.add_(a[:, :, None]), dim=1))  # (H, K)
         return partials
