@@ -277,6 +277,9 @@ class ShardedOperator(ScoreOperator):
         return self.local.assign(b, want_codes)
 
     def transport_score(self, b):
+        # The group first: once destroyed, this rank's pass (a whole streamed pass, for features or a file) came
+        # before the error, which all_gather raises.
+        _ = self.comm.group
         parts = self.comm.all_gather(self.local.transport_score(b), "transport scores")  # (W, H)
         total = parts[0]
         for part in parts[1:]:  # rank order: identical on every rank

@@ -545,8 +545,11 @@ def _result_outlives_group_worker(rank: int, world: int, init_file: str, out_dir
     dist.destroy_process_group()
     gc.collect()
     assert group() is None, "the result kept the destroyed process group alive"
+    local_passes, local_score = [], res._operator.local.transport_score
+    res._operator.local.transport_score = lambda b: local_passes.append(b) or local_score(b)
     with pytest.raises(RuntimeError, match="process group of this solve was destroyed"):
         _ = res.objective
+    assert not local_passes, "objective read this rank's scores (a whole streamed pass) before saying it cannot run"
     assert res.labels.shape == (hi - lo,)  # the local read-outs still work
     Path(out_dir, f"done{rank}").touch()
 
