@@ -260,7 +260,7 @@ class StreamingOperator(LogDomainOperator):
     def cluster_lse(self, b):
         if b is not None or self.validated:
             return super().cluster_lse(b)
-        log_c = self.log_c  # here, once: formed in the workers, each of them computed it (N floats each) at once
+        log_c = self.log_c  # on this thread: read first in the workers, each of them computed it
         parts = self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, log_c))  # cold start + checks
         self._finish_validation(parts)
         return torch.logsumexp(torch.stack(sum((p for _, p, _ in parts), [])), dim=0)  # fixed order: deterministic

@@ -204,7 +204,7 @@ class LogDomainOperator(ScoreOperator):
 
     def _cluster_lse_exact(self, b):
         """Two max-shifted log-sum-exps per chunk (two exps per entry); also the cold start ``a = log c``."""
-        log_c = self.log_c  # here, once: formed in the workers, each of them computed it (N floats each) at once
+        log_c = self.log_c  # on this thread: read first in the workers, each of them computed it
         partials = sum(self.map_ranges(lambda lo, hi: self._lse_partials(b, lo, hi, log_c)), [])
         return torch.logsumexp(torch.stack(partials), dim=0)  # fixed order: deterministic
 
