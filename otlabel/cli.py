@@ -96,13 +96,16 @@ class Terminated(BaseException):
 def parse_bytes(text: str) -> int:
     """``"256M"``, ``"1.5G"``, ``"512MiB"``, ``"1000000"`` -> bytes. A sign is read, so that ``-1G`` is told it is
     not positive rather than not a size."""
-    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    number = r"([-+]?)((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)"  # "5." and ".5" too
+    m = re.fullmatch(r"\s*" + number + r"\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256M, 2G, 1000000)")
-    value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
+    sign, digits, unit = m.group(1), m.group(2), m.group(3)
+    value = float(sign + digits) * 1024 ** " KMGT".index(unit.upper() or " ")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256M, 2G, 1000000)")
-    if value <= 0:
+    nonzero = re.search(r"[1-9]", re.split(r"[eE]", digits)[0]) is not None  # "1e-400" is tiny, not zero
+    if sign == "-" and nonzero or not nonzero:
         raise argparse.ArgumentTypeError(f"memory budget must be positive, got {text!r}")
     if value < 1:
         raise argparse.ArgumentTypeError(f"memory budget must be at least 1 byte, got {text!r}")

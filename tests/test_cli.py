@@ -595,8 +595,8 @@ def test_an_output_given_as_a_symbolic_link_is_written_through_it(scores_file, t
 def test_size_and_number_arguments():
     from otlabel.cli import parse_bytes, positive_float, positive_int
 
-    sizes = ["1000000", "1K", "256M", "1.5G", "512MiB", "2kb", "1e3", " 1T ", "5e-1G", "1e+6"]
-    want = [10**6, 1024, 256 << 20, 3 << 29, 512 << 20, 2048, 1000, 1 << 40, 1 << 29, 10**6]
+    sizes = ["1000000", "1K", "256M", "1.5G", "512MiB", "2kb", "1e3", " 1T ", "5e-1G", "1e+6", "5.", "5.K", ".5K"]
+    want = [10**6, 1024, 256 << 20, 3 << 29, 512 << 20, 2048, 1000, 1 << 40, 1 << 29, 10**6, 5, 5120, 512]
     assert [parse_bytes(s) for s in sizes] == want
     assert positive_float("1e-3") == 1e-3 and positive_int("3") == 3
     for parse, text, message in [
@@ -605,6 +605,11 @@ def test_size_and_number_arguments():
         (parse_bytes, "0", "memory budget must be positive, got '0'"),
         (parse_bytes, "0.5", "memory budget must be at least 1 byte"),
         (parse_bytes, "1e-3", "memory budget must be at least 1 byte, got '1e-3'"),
+        (parse_bytes, "1e-400", "memory budget must be at least 1 byte"),  # rounds to 0, but is not 0
+        (parse_bytes, "-0.0", "memory budget must be positive"),
+        (parse_bytes, "-1e-400", "memory budget must be positive"),
+        (parse_bytes, "0e5", "memory budget must be positive"),
+        (parse_bytes, ".", "not a size"),
         (positive_float, "x", "not a number: 'x'"),
         (positive_float, "0", "must be a positive number, got '0'"),
         (positive_float, "-1", "must be a positive number"),
