@@ -271,14 +271,12 @@ def check_score_values(
     """
     from .backends import torch_backend  # (a cycle at import time)
 
-    maxima = torch_backend.score_maxima(scores)  # one read where it applies (CPU float32), else None
-    if maxima is None:
-        row_max = scores.amax(dim=2)  # (H, N)
-        col_max = column_max(scores)  # (H, K)
-        lowest = None if sample_weights is None else scores.amin()
-    else:
-        row_max, col_max, lowest = maxima
-        lowest = None if sample_weights is None else lowest
+    # (H, N), (H, K) and the smallest score: in one read where it applies (CPU float32), else by torch
+    row_max, col_max, lowest = torch_backend.score_maxima(scores) or (scores.amax(dim=2), column_max(scores), None)
+    if sample_weights is None:  # no mask check without them
+        lowest = None
+    elif lowest is None:
+        lowest = scores.amin()
     if has_zero_weights is None:
         has_zero_weights = bool((cluster_weights == 0).any())
     weighted_row_max, weighted_col_max = row_max, col_max  # over the clusters with weight: the ones the solve involves

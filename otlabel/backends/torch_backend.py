@@ -127,8 +127,7 @@ class LogDomainOperator(ScoreOperator):
 
     def map_parallel(self, pool: ThreadPoolExecutor, fn) -> list:
         """The parallel half of :meth:`map_ranges`: one range per worker of ``pool``."""
-        futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(self.n_samples, pool._max_workers)]
-        return [f.result() for f in futures]
+        return map_pool_ranges(pool, fn, self.n_samples)
 
     def shifted(self, rows: slice, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``S / eps + b`` for a chunk of samples in the compute dtype, (H, T, K), written into ``out`` if given."""
@@ -491,6 +490,12 @@ def in_callers_mode(fn):
     return run
 
 
+def map_pool_ranges(pool: ThreadPoolExecutor, fn, n: int) -> list:
+    """``fn(lo, hi)`` over ``[0, n)`` in one contiguous range per worker of ``pool``; the results in range order."""
+    futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(n, pool._max_workers)]
+    return [f.result() for f in futures]
+
+
 def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
     """At most ``parts`` contiguous ranges of ``range(n)``, of equal length but the last."""
     per = -(-n // parts)
@@ -536,20 +541,15 @@ def score_maxima(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     ):
         return None
     row_max = torch.empty((h, n), dtype=torch.float32)
-    if scores.numel() <= MAXIMA_SERIAL_SCORES:
-        ranges = [(0, n)]
-    else:
-        pool = worker_pool()
-        ranges = split_rows(n, pool._max_workers)
-    keys = [np.full((h, k), cpu_kernels.NO_KEY, dtype=np.int32) for _ in ranges]
-    if len(ranges) == 1:
-        lows = [cpu_kernels.score_extremes_rows(scores, 0, n, row_max, keys[0])]
-    else:
-        futures = [pool.submit(cpu_kernels.score_extremes_rows, scores, lo, hi, row_max, part)
-                   for (lo, hi), part in zip(ranges, keys, strict=True)]  # fmt: skip
-        lows = [f.result() for f in futures]
-    col_keys = np.maximum.reduce(keys) if len(keys) > 1 else keys[0]
-    lowest = min(lows)
+
+    def read(lo, hi):  # (the smallest key, this range's column keys)
+        keys = np.full((h, k), cpu_kernels.NO_KEY, dtype=np.int32)
+        return cpu_kernels.score_extremes_rows(scores, lo, hi, row_max, keys), keys
+
+    serial = scores.numel() <= MAXIMA_SERIAL_SCORES
+    parts = [read(0, n)] if serial else map_pool_ranges(worker_pool(), read, n)
+    lowest = min(low for low, _ in parts)
+    col_keys = np.maximum.reduce([keys for _, keys in parts])
     if lowest < _NEG_INF_KEY or int(col_keys.max()) > _POS_INF_KEY:  # a NaN
         return None
     col_max = cpu_kernels.float_of_keys(col_keys)
