@@ -4,8 +4,9 @@ On a GPU every such read (``bool(t)``, ``t.item()``, ``t.tolist()``, ``int(t)``,
 queue to drain; a small solve (a SwAV batch, 3 iterations) is then bound by those waits instead of by its kernels.
 The budget: one read to validate the inputs (two with a warm start), none inside a fixed-iteration loop, one at
 the end (the error history and a finiteness check together), and one per iteration when solving to a tolerance
-(Anderson mixing included). Weights given by the user are checked on the host after one transfer
-(a synchronisation on a GPU that the CPU counter below does not see).
+(Anderson mixing included); the torch backend on a GPU reads once more per iteration (its underflow check).
+Weights given by the user are checked on the host after one transfer (a synchronisation on a GPU that the CPU
+counter below does not see).
 
 On the CPU the reads are counted by wrapping the tensor methods that convert to Python values and keeping the
 calls made from otlabel's own code; on a GPU, ``torch.cuda.set_sync_debug_mode`` counts the real synchronisations.
@@ -63,6 +64,20 @@ def test_fixed_iteration_solve_reads_back_twice_whatever_the_iteration_count(hos
     host_reads.clear()
     sinkhorn_assign(S, 0.05, max_iter=5, tol=None, init=res, backend=backend)
     assert sum(host_reads.values()) == 3, dict(host_reads)  # + checking the warm start
+
+
+def test_torch_backend_on_a_gpu_reads_back_once_more_per_iteration(host_reads, monkeypatch):
+    """The operator a CUDA tensor gets on the torch backend (the log-domain one; the cached kernel is CPU-only) reads
+    whether a cluster's sums underflowed in every iteration after the cold start: README says so."""
+    from otlabel.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "make_torch_operator", torch_backend.LogDomainOperator)
+    for max_iter in (3, 12):
+        host_reads.clear()
+        sinkhorn_assign(S, 0.05, max_iter=max_iter, tol=None, backend="torch")
+        underflow_checks = sum(n for where, n in host_reads.items() if where.startswith("__bool__ torch_backend.py"))
+        assert underflow_checks == max_iter - 1, dict(host_reads)
+        assert sum(host_reads.values()) == 2 + max_iter - 1, dict(host_reads)
 
 
 @pytest.mark.interpreter
