@@ -10,8 +10,42 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import torch
+
+from .problem import check_epsilon, check_scores
+
+
+def check_baseline_scores(scores, name: str) -> torch.Tensor:
+    """One (N, K) problem of floating-point scores, as :func:`otlabel.sinkhorn_assign` takes them (a tensor, NumPy
+    array or list). Only shape and dtype: the values are judged from sums the loops compute anyway (see
+    :func:`refuse_non_finite`), so that timing a baseline times its own loop."""
+    scores3, batched = check_scores(scores)
+    if batched:
+        raise ValueError(f"{name} takes one (N, K) problem, got shape {tuple(scores3.shape)}; loop over the heads "
+                         "yourself (scores[h]).")  # fmt: skip
+    return scores3[0]
+
+
+def refuse_non_finite(scores: torch.Tensor) -> None:
+    """NaN or +inf among the scores: the loops' output would be NaN, silently. Called only once a sum the loop
+    computes anyway is not finite (NaN and +inf propagate to it), so a finite run reads the scores no more; the
+    overflow of ``exp(S / eps)`` that the linear-domain loop is known for is left as it is."""
+    bad = torch.isnan(scores) | torch.isposinf(scores)
+    if bool(bad.any()):
+        j, k = (int(i) for i in torch.nonzero(bad)[0])
+        what = "NaN" if math.isnan(float(scores[j, k])) else "+inf"
+        raise ValueError(f"scores contain {what} (first at index ({j}, {k}) of the (N, K) scores). Fix the model "
+                         "output; only -inf is allowed: 'this sample may not go to this cluster'.")  # fmt: skip
+
+
+def check_iterations(n_iter, name: str = "n_iter") -> int:
+    if not isinstance(n_iter, numbers.Integral) or isinstance(n_iter, (bool, np.bool_)) or n_iter < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (the number of iterations), got {n_iter!r}.")
+    return int(n_iter)
 
 
 @torch.no_grad()
@@ -22,9 +56,14 @@ def swav_sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, n_iter: int = 3) 
     ``1/N``. Equivalent to ``sinkhorn_assign(scores, epsilon, max_iter=n_iter, tol=None).codes`` where it
     does not overflow.
     """
+    scores, epsilon = check_baseline_scores(scores, "swav_sinkhorn"), check_epsilon(epsilon)
+    n_iter = check_iterations(n_iter)
     q = torch.exp(scores / epsilon).t()  # (K, N) in the input's dtype, as the SSL repositories do
     n_clusters, n_samples = q.shape
-    q /= torch.sum(q)
+    total = torch.sum(q)
+    if not math.isfinite(float(total)):  # NaN or +inf scores, or exp overflowing (the known failure: kept)
+        refuse_non_finite(scores)
+    q /= total
     for _ in range(n_iter):
         q /= torch.sum(q, dim=1, keepdim=True)  # clusters to equal mass
         q /= n_clusters
@@ -42,11 +81,21 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
     21st, ... iteration only, is below ``tol`` (SeLa's stopping rule), or for ``n_iter`` iterations (SeLa's code has
     no such cap). In ``epsilon`` terms this is entropic OT with ``epsilon = 1 / lam``.
     """
-    if isinstance(logits, torch.Tensor):  # a model's output: it may require grad or live on a GPU
-        logits = logits.detach().cpu()
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = check_baseline_scores(logits, "sela_sinkhorn")  # a model's output: it may require grad or be on a GPU
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam must be a finite number > 0 (SeLa's lambda, 1 / epsilon), got {lam!r}.")
+    n_iter = check_iterations(n_iter)
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0):
+        raise ValueError(f"tol must be a positive number (or None for exactly n_iter iterations), got {tol!r}.")
+    logits = logits.cpu().double().numpy()
     n_samples, n_clusters = logits.shape
-    p0 = np.exp(logits - logits.max(axis=1, keepdims=True))
+    row_max = logits.max(axis=1, keepdims=True)
+    if not np.isfinite(row_max).all():  # NaN or +inf (max propagates both), or a sample masked everywhere
+        refuse_non_finite(torch.from_numpy(logits))
+        j = int(np.flatnonzero(~np.isfinite(row_max[:, 0]))[0])
+        raise ValueError(f"infeasible mask: sample {j} has every score -inf, so it cannot go to any cluster. Allow "
+                         "at least one cluster per sample, or drop the sample.")  # fmt: skip
+    p0 = np.exp(logits - row_max)
     p0 /= p0.sum(axis=1, keepdims=True)
     p0 **= lam  # (N, K); underflows to 0 where lam * log p0 < -745
     row = np.full(n_samples, 1.0 / n_samples)  # sample scaling

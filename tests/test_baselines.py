@@ -76,3 +76,45 @@ def test_sela_baseline_follows_the_published_stopping_rule(lam):
     earlier (here after 6, 19 and 40 iterations where SeLa runs 11, 21 and 41)."""
     logits = random_problem(300, 10, seed=36, dtype=torch.float64).numpy()
     np.testing.assert_allclose(sela_sinkhorn(logits, lam=lam), published_sela(logits, lam), rtol=1e-12, atol=0)
+
+
+def _with_nan(n, k):
+    s = random_problem(n, k, seed=37)
+    s[2, 1] = float("nan")
+    return s
+
+
+BAD_BASELINE_INPUTS = [
+    # (what, call, exception, words the message must contain): each was a silent NaN result or a raw traceback
+    ("swav NaN score", lambda: swav_sinkhorn(_with_nan(10, 4), 0.05, 3), ValueError, ["NaN", "(2, 1)"]),
+    ("swav +inf score", lambda: swav_sinkhorn(torch.tensor([[0.0, float("inf")], [0, 0]]), 0.05, 3), ValueError,
+     ["+inf", "-inf is allowed"]),
+    ("swav epsilon 0", lambda: swav_sinkhorn(random_problem(10, 4), 0.0, 3), ValueError, ["epsilon", "> 0"]),
+    ("swav epsilon < 0", lambda: swav_sinkhorn(random_problem(10, 4), -0.05, 3), ValueError, ["epsilon", "> 0"]),
+    ("swav n_iter < 0", lambda: swav_sinkhorn(random_problem(10, 4), 0.05, -1), ValueError, ["n_iter", ">= 0"]),
+    ("swav n_iter float", lambda: swav_sinkhorn(random_problem(10, 4), 0.05, 2.5), ValueError, ["n_iter", "2.5"]),
+    ("swav 1-d", lambda: swav_sinkhorn(torch.randn(4), 0.05, 3), ValueError, ["(N, K)", "(4,)"]),
+    ("swav heads", lambda: swav_sinkhorn(torch.randn(2, 10, 4), 0.05, 3), ValueError, ["one (N, K) problem"]),
+    ("sela NaN logit", lambda: sela_sinkhorn(_with_nan(10, 4)), ValueError, ["NaN", "(2, 1)"]),
+    ("sela masked sample", lambda: sela_sinkhorn(torch.tensor([[0.0, 1.0], [-float("inf")] * 2])), ValueError,
+     ["infeasible mask: sample 1"]),
+    ("sela lam 0", lambda: sela_sinkhorn(random_problem(10, 4), lam=0), ValueError, ["lam", "> 0"]),
+    ("sela lam < 0", lambda: sela_sinkhorn(random_problem(10, 4), lam=-5.0), ValueError, ["lam", "> 0"]),
+    ("sela 1-d", lambda: sela_sinkhorn(np.zeros(4)), ValueError, ["(N, K)", "(4,)"]),
+    ("sela empty", lambda: sela_sinkhorn(np.zeros((0, 4))), ValueError, ["empty"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what, call, error, words", BAD_BASELINE_INPUTS, ids=[b[0] for b in BAD_BASELINE_INPUTS])
+def test_baselines_refuse_bad_input(what, call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), f"{what}: message {str(info.value)!r} lacks {word!r}"
+
+
+def test_swav_baseline_takes_numpy_scores_and_still_overflows_as_published():
+    s = cosine_scores(64, 8, seed=38)
+    np.testing.assert_array_equal(swav_sinkhorn(s.numpy(), 0.05, 3).numpy(), swav_sinkhorn(s, 0.05, 3).numpy())
+    with np.errstate(all="ignore"):  # the linear-domain overflow is the baseline's known failure, not an input error
+        assert not bool(torch.isfinite(swav_sinkhorn(s.half(), 0.05, 3)).all())
