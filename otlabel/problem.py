@@ -181,6 +181,8 @@ def dense_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def check_epsilon(epsilon) -> float:
     # One number held in a tensor or array (a scheduled temperature), of any real dtype, as a Python int or float is.
+    if isinstance(epsilon, torch.Tensor) and epsilon.is_meta:  # .item() raised torch's "cannot be called on meta"
+        raise TypeError("epsilon is a meta tensor, which holds no value: pass a number (or a tensor on a real device).")
     if isinstance(epsilon, torch.Tensor) and epsilon.numel() == 1 and epsilon.dtype != torch.bool:
         epsilon = epsilon.item()  # a complex one stays complex, and is refused below
     elif isinstance(epsilon, np.ndarray) and epsilon.size == 1 and epsilon.dtype.kind in "iuf":
@@ -189,7 +191,7 @@ def check_epsilon(epsilon) -> float:
         shape = f" of shape {tuple(epsilon.shape)}" if isinstance(epsilon, (torch.Tensor, np.ndarray)) else ""
         raise TypeError(f"epsilon must be one positive number (a float, or a one-element tensor or array), got "
                         f"{type(epsilon).__name__}{shape}.")  # fmt: skip
-    epsilon = float(epsilon)
+    epsilon = real_as_float(epsilon)
     if not math.isfinite(epsilon) or epsilon <= 0:
         raise ValueError(
             f"epsilon must be a finite number > 0, got {epsilon}. It is the entropic temperature: "
@@ -201,6 +203,15 @@ def check_epsilon(epsilon) -> float:
             "scores' differences (0.05 for cosine similarities; smaller is closer to a hard assignment)."
         )
     return epsilon
+
+
+def real_as_float(x: numbers.Real) -> float:
+    """``float(x)``, with a Python int or Fraction beyond float's range (10**400) as the infinity of its sign: its own
+    ``OverflowError`` named no argument."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
 
 
 def check_inverse_epsilon(epsilon: float, dtype: torch.dtype) -> None:

@@ -26,7 +26,7 @@ from .backends import make_operator
 from .backends.base import ScoreOperator
 from .backends.torch_backend import caller_on_one_thread
 from .entry import entry_point, user_stacklevel
-from .problem import as_tensor, check_score_values, compute_dtype_of, validate
+from .problem import as_tensor, check_score_values, compute_dtype_of, real_as_float, validate
 from .result import ConvergenceWarning, SinkhornResult
 
 DEFAULT_MAX_ITER = 1000
@@ -401,7 +401,7 @@ def check_solver_options(max_iter, tol, acceleration, over_relaxation, callback=
                         f"{type(callback).__name__}.")  # fmt: skip
     if not is_number(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    if tol is not None and not (is_number(tol) and math.isfinite(tol) and tol > 0):
+    if tol is not None and not (is_number(tol) and math.isfinite(real_as_float(tol)) and tol > 0):
         raise ValueError(f"tol must be a positive number (or None for exactly max_iter iterations), got {tol!r}.")
     if over_relaxation is not None and not (is_number(over_relaxation) and 1.0 <= over_relaxation < 2.0):
         raise ValueError(f"over_relaxation must be in [1, 2), got {over_relaxation!r}; 1 is plain Sinkhorn.")

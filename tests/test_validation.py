@@ -46,6 +46,11 @@ BAD_INPUTS = [
     ("eps inf", dict(epsilon=INF), ValueError, ["epsilon", "finite"]),
     ("eps string", dict(epsilon="0.1"), TypeError, ["epsilon"]),
     ("eps subnormal", dict(epsilon=1e-310), ValueError, ["too small", "1/epsilon overflows"]),
+    # Python's "OverflowError: int too large to convert to float", naming no argument
+    ("eps an int beyond float", dict(epsilon=10**400), ValueError, ["epsilon must be a finite number > 0"]),
+    ("tol an int beyond float", dict(tol=10**400), ValueError, ["tol must be a positive number"]),
+    # torch's "Tensor.item() cannot be called on meta tensors"
+    ("eps a meta tensor", dict(epsilon=torch.tensor(0.1, device="meta")), TypeError, ["epsilon is a meta tensor"]),
     ("an object array", dict(scores=np.array([[1.0, "a"]], dtype=object)), TypeError, ["hold numbers", "np.asarray"]),
     ("eps tiny for the scores", dict(epsilon=1e-17), ValueError, ["scores / epsilon", "raise epsilon"]),
     ("scores huge for eps", dict(scores=S * 1e37), ValueError, ["scores / epsilon", "float32", "amax(-1"]),
