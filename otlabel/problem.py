@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -170,6 +171,15 @@ def dense_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
     """``x`` detached, refused when it holds no values in strided memory: a sparse tensor (torch's own errors were
     pages long, naming no fix) or a meta tensor; a view with its negative bit set (``z.conj().imag``) is resolved,
     as NumPy, used in the checks, cannot read it."""
+    if x.is_nested:  # its layout may read strided; torch's error from the first size asked ("Internal error") did not
+        pad = (f"{name}.to_padded_tensor(float('-inf')) pads it with forbidden pairs, or solve the parts one by one"
+               if name == "scores" else f"pad it ({name}.to_padded_tensor(0.0)) or stack equal parts")  # fmt: skip
+        raise TypeError(f"{name} is a nested tensor (parts of different sizes): otlabel takes dense tensors; {pad}.")
+    masked_type = getattr(sys.modules.get("torch.masked.maskedtensor.core"), "MaskedTensor", None)
+    if masked_type is not None and isinstance(x, masked_type):  # torch's dispatch error named no fix
+        fix = ("x.get_data().masked_fill(~x.get_mask(), float('-inf')) forbids the masked pairs"
+               if name in ("scores", "bias") else "x.get_data() keeps the hidden values")  # fmt: skip
+        raise TypeError(f"{name} is a torch MaskedTensor, whose mask otlabel cannot read: pass a plain tensor; {fix}.")
     if x.layout != torch.strided:
         missing = " (its missing entries read as 0: give forbidden pairs -inf)" if name == "scores" else ""
         raise TypeError(f"{name} is a {str(x.layout).removeprefix('torch.')} tensor: otlabel takes dense tensors. "

@@ -26,7 +26,7 @@ from .backends import make_operator
 from .backends.base import ScoreOperator
 from .backends.torch_backend import caller_on_one_thread
 from .entry import entry_point, user_stacklevel
-from .problem import as_tensor, check_score_values, compute_dtype_of, real_as_float, validate
+from .problem import as_tensor, check_score_values, compute_dtype_of, dense_tensor, real_as_float, validate
 from .result import ConvergenceWarning, SinkhornResult
 
 DEFAULT_MAX_ITER = 1000
@@ -342,6 +342,8 @@ def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithme
         init = init.cluster_potentials
     if isinstance(init, (np.ndarray, list, tuple)):  # potentials saved with numpy.save, or written out
         init = as_tensor(init, "init")
+    elif isinstance(init, torch.Tensor):  # sparse, meta or nested: torch's own errors came from the copy below
+        init = dense_tensor(init, "init")
     if not isinstance(init, torch.Tensor) or not init.dtype.is_floating_point:
         what = type(init).__name__ if not isinstance(init, torch.Tensor) else f"a {init.dtype} tensor"
         raise TypeError(f"init must be a SinkhornResult or real floating-point potentials (a tensor or NumPy array), "

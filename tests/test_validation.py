@@ -123,6 +123,18 @@ BAD_INPUTS = [
     ("sparse scores", dict(scores=S.to_sparse()), TypeError, ["sparse_coo tensor", "scores.to_dense()", "-inf"]),
     ("sparse weights", dict(cluster_weights=torch.full((4,), 0.25).to_sparse()), TypeError, ["cluster_weights is a"]),
     ("meta scores", dict(scores=torch.empty(10, 4, device="meta")), TypeError, ["meta tensor", "holds no values"]),
+    # torch's "Internal error: NestedTensorImpl doesn't support sizes. Please file an issue."
+    (
+        "nested scores",
+        dict(scores=torch.nested.nested_tensor([S, S[:5]], layout=torch.jagged)),
+        TypeError,
+        ["scores is a nested tensor", "to_padded_tensor(float('-inf'))"],
+    ),
+    # torch's "Multiple dispatch failed for 'torch._ops.aten.aminmax.default'", pages long
+    ("MaskedTensor scores", dict(scores="masked tensor"), TypeError, ["scores is a torch MaskedTensor", "get_mask()"]),
+    # torch's "Cannot copy out of meta tensor; no data!" and "expand is unsupported for Sparse tensors"
+    ("meta init", dict(init=torch.zeros(4, device="meta")), TypeError, ["init is a meta tensor"]),
+    ("sparse init", dict(init=torch.zeros(4).to_sparse()), TypeError, ["init is a sparse_coo tensor", "to_dense()"]),
     # was Python's "'int' object is not callable" from inside the loop
     ("callback not callable", dict(callback=3), TypeError, ["callback must be a function", "got int"]),
 ]
@@ -131,6 +143,10 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("what, kwargs, error, words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_raises_specific_error(what, kwargs, error, words):
     args = dict(scores=S, epsilon=0.1) | kwargs
+    if isinstance(args["scores"], str):  # made here: a MaskedTensor made at import warns that it is a prototype
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            args["scores"] = torch.masked.masked_tensor(S, S > 0)
     with pytest.raises(error) as info:
         sinkhorn_assign(args.pop("scores"), args.pop("epsilon"), **args)
     for word in words:
