@@ -136,6 +136,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """--threads: from 1 to the machine's CPU count. More cannot run at once, and a count beyond what the system lets
+    a process start (100000) failed with 'can't start new thread' as an internal error, then a segmentation fault."""
+    value, cpus = positive_int(text), os.cpu_count() or 1
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"must be at most {cpus}, the CPUs of this machine, got {text!r}")
+    return value
+
+
 def seed_int(text: str) -> int:
     """A seed torch's generators take: from -2**63 to 2**64 - 1 (beyond, manual_seed's 'Overflow when unpacking
     long long' named no flag)."""
@@ -229,10 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         default=None,
         metavar="N",
-        help="CPU threads (default: torch's default, one per core)",
+        help="CPU threads, at most one per CPU (default: torch's default, one per core)",
     )
     out = p.add_argument_group("output")
     out.add_argument("--out", "-o", required=True, metavar="LABELS.npy", help="int64 labels, written atomically")

@@ -593,12 +593,12 @@ def test_an_output_given_as_a_symbolic_link_is_written_through_it(scores_file, t
 
 
 def test_size_and_number_arguments():
-    from otlabel.cli import parse_bytes, positive_float, positive_int
+    from otlabel.cli import parse_bytes, positive_float, positive_int, thread_count
 
     sizes = ["1000000", "1K", "256M", "1.5G", "512MiB", "2kb", "1e3", " 1T ", "5e-1G", "1e+6", "5.", "5.K", ".5K"]
     want = [10**6, 1024, 256 << 20, 3 << 29, 512 << 20, 2048, 1000, 1 << 40, 1 << 29, 10**6, 5, 5120, 512]
     assert [parse_bytes(s) for s in sizes] == want
-    assert positive_float("1e-3") == 1e-3 and positive_int("3") == 3
+    assert positive_float("1e-3") == 1e-3 and positive_int("3") == 3 and thread_count("1") == 1
     for parse, text, message in [
         (parse_bytes, "lots", "not a size: 'lots'"),
         (parse_bytes, "1e400", "not a size"),
@@ -618,6 +618,9 @@ def test_size_and_number_arguments():
         (positive_int, "1.5", "not an integer: '1.5'"),
         (positive_int, "0", "must be >= 1, got '0'"),
         (positive_int, "-2", "must be >= 1"),
+        # was an internal error ("can't start new thread"), then a segmentation fault
+        (thread_count, "100000", f"must be at most {os.cpu_count()}, the CPUs of this machine"),
+        (thread_count, "0", "must be >= 1"),
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
             parse(text)
