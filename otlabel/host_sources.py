@@ -28,7 +28,7 @@ from .features import check_bias, check_feature_shapes
 from .inputs import open_host_array
 from .problem import autocast_off
 from .solver import is_number
-from .sources import ScoreSource, column_max, row_chunks
+from .sources import ScoreSource, column_max, maxima_dtype, row_chunks
 
 __all__ = ["FeatureSource", "HostSource", "default_memory_budget"]
 
@@ -190,9 +190,9 @@ class HostSource(ScoreSource):
         return self.stream.get(rows)  # (H, T, K)
 
     def column_max(self) -> torch.Tensor:
-        out = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
+        out = torch.full((self.n_heads, self.n_clusters), NEG_INF, dtype=maxima_dtype(self.dtype), device=self.device)
         for rows in row_chunks(self.n_samples, 1, self.rows_per_chunk):
-            out = torch.maximum(out, column_max(self.chunk(rows)).float())
+            out = torch.maximum(out, column_max(self.chunk(rows)).to(out.dtype))
         return out
 
 

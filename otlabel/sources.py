@@ -49,11 +49,19 @@ class ScoreSource:
         raise NotImplementedError
 
     def column_max(self) -> torch.Tensor:
-        """``max_j S[h, j, k]`` (H, K), one pass; ``-inf`` for a cluster no sample may reach."""
-        out = torch.full((self.n_heads, self.n_clusters), float("-inf"), device=self.device)
+        """``max_j S[h, j, k]`` (H, K) in :func:`maxima_dtype`, one pass; ``-inf`` for a cluster no sample may reach."""
+        out = torch.full((self.n_heads, self.n_clusters), float("-inf"), dtype=maxima_dtype(self.dtype),
+                         device=self.device)  # fmt: skip
         for rows in row_chunks(self.n_samples, self.n_heads * self.n_clusters, 1 << 22):
-            out = torch.maximum(out, column_max(self.chunk(rows)).float())
+            out = torch.maximum(out, column_max(self.chunk(rows)).to(out.dtype))
         return out
+
+
+def maxima_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype column maxima are handed out in: float64 for float64 scores, else float32. A float64 maximum below
+    float32's range (-4e38, solvable at epsilon 1e28) is finite, and rounded to float32 it read as -inf: a cluster no
+    sample may reach, whose potential went to -inf ("potentials became non-finite")."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class DenseSource(ScoreSource):
@@ -72,7 +80,7 @@ class DenseSource(ScoreSource):
 
     def column_max(self) -> torch.Tensor:
         known = self.known_column_max
-        return (column_max(self.scores) if known is None else known).float()
+        return (column_max(self.scores) if known is None else known).to(maxima_dtype(self.dtype))
 
 
 def row_chunks(n_rows: int, row_elements: int, chunk_elements: int):

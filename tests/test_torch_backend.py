@@ -290,6 +290,23 @@ def test_numpy_input_and_float64():
     assert_close(a.codes, b.codes, atol=1e-7, what="float64 torch vs reference")
 
 
+@pytest.mark.parametrize("name", sorted(OPERATORS))
+def test_float64_column_maxima_below_the_float32_range_stay_finite(name):
+    # A per-cluster shift changes nothing; this one puts a column's scores near -4e38, finite in float64 but -inf
+    # once rounded to float32 (the column maxima were): the cluster was taken for one no sample may reach.
+    eps = 1e28  # |S| / eps = 4e10, inside float64's limit
+    base = random_problem(20, 4, seed=31, dtype=torch.float64) * eps
+    shifted = base + torch.tensor([0.0, -4e38, 0.0, 0.0], dtype=torch.float64)
+    c = uniform(20)
+    for operator in (OPERATORS[name](shifted[None], eps, c), ReferenceOperator(shifted[None], eps, c)):
+        b = torch.zeros(1, 4, dtype=torch.float64)
+        assert torch.isfinite(operator.cluster_lse(b)).all()
+    res = sinkhorn_assign(shifted, eps, tol=1e-4)
+    want = sinkhorn_assign(base, eps, backend="reference", tol=1e-4)
+    assert res.converged
+    assert_close(res.codes, want.codes, atol=1e-4, what="codes of the shifted scores")
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
