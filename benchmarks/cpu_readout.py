@@ -4,9 +4,9 @@ replaced, and a whole SwAV-batch call (3 iterations, labels and codes) against t
 Cosine scores of unit vectors in 64 dimensions, float32. Per problem, alternating, ``--repeats`` times each
 (medians): ``res.codes`` alone (the solve before it not timed) and the whole call (``sinkhorn_assign(max_iter=3,
 tol=None)`` then ``.codes``), each with the compiled pass and with torch's chunked ``argmax``/``softmax`` (the
-compiled read-out switched off), and ``otlabel.swav_sinkhorn`` (3 iterations). The two read-outs must agree
-(labels equal, codes within 1e-5), and the whole call's codes must match the SwAV loop's within 1e-4, or the
-script fails.
+compiled read-out switched off), and the SwAV loop (3 iterations of ``otlabel.baselines.swav_loop``:
+``swav_sinkhorn`` without its input checks). The two read-outs must agree (labels equal, codes within 1e-5), and
+the whole call's codes must match the SwAV loop's within 1e-4, or the script fails.
 
     python -m benchmarks.cpu_readout [--repeats 7] [--sizes 4096x3000 1000000x10 ...]
 """
@@ -22,6 +22,7 @@ import torch
 
 import otlabel
 from otlabel.backends.torch_backend import LogDomainOperator
+from otlabel.baselines import swav_loop
 
 DEFAULT_SIZES = ["4096x3000", "256x3000", "4096x300", "1000000x10"]
 EPSILONS = (0.05, 0.01)  # at 0.01 most entries of a row underflow, where torch's float32 exp is slow
@@ -80,7 +81,7 @@ def measure(scores: torch.Tensor, eps: float, repeats: int) -> dict[str, float]:
                 slow = codes
             else:
                 fast = codes
-        seconds, theirs = timed(lambda: otlabel.swav_sinkhorn(scores, eps, 3))
+        seconds, theirs = timed(lambda: swav_loop(scores, eps, 3))
         times["swav"].append(seconds)
         if round_ == 0:
             times = {name: [] for name in times}

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import otlabel
+from otlabel.baselines import swav_loop
 
 from .problems import Problem
 
@@ -165,14 +166,15 @@ def stall_level(errors: list[float], min_iters: int = 200) -> float | None:
 
 
 def swav(problem: Problem, n_iter: int, tol: float | None) -> Outcome:
-    """SwAV-style linear-domain Sinkhorn: ``otlabel.swav_sinkhorn`` for fixed iterations.
+    """SwAV-style linear-domain Sinkhorn: ``swav_loop`` (``otlabel.swav_sinkhorn`` without its input checks) for fixed
+    iterations.
 
     To a tolerance, the same loop (exp once, normalise cluster rows, then sample columns of the K×N matrix)
     with a stopping check that costs nothing: the cluster sums computed at the start of an iteration are the
     cluster marginal of the current plan (whose sample marginal is exact).
     """
     if tol is None:
-        return Outcome(otlabel.swav_sinkhorn(problem.scores, problem.epsilon, n_iter), 1.0 / problem.n, n_iter, None)
+        return Outcome(swav_loop(problem.scores, problem.epsilon, n_iter), 1.0 / problem.n, n_iter, None)
     with torch.no_grad():
         q = torch.exp(problem.scores.float() / problem.epsilon).t()  # (K, N)
         k, n = q.shape
