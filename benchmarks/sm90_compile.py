@@ -4,8 +4,9 @@ The Triton interpreter (how CI runs the kernels) checks their arithmetic but not
 GPU, nor how they use it. This script specialises each kernel the way Triton's JIT would for the default launches
 (``dense_launch``, ``features_launch``) at benchmark sizes, compiles it to a cubin with the ``ptxas`` that ships in
 the Triton wheel, and prints per kernel: registers, spilled bytes, shared memory, programs per SM (the tighter of
-the register and shared-memory limits), and counts of tensor-core (wgmma, mma.sync), async-copy and 16-byte load
-instructions in the PTX. Nothing is timed: these are the compiler's numbers, not the GPU's.
+the register and shared-memory limits), counts of tensor-core (wgmma, mma.sync), async-copy and 16-byte load
+instructions in the PTX, and static SASS counts from the cubin (``cuobjdump``, also in the wheel): ``MUFU.EX2``
+(exp2), barriers, shuffles and all instructions. Nothing is timed: these are the compiler's numbers, not the GPU's.
 
     python benchmarks/sm90_compile.py            # every case, a table
     python benchmarks/sm90_compile.py --check    # exit 1 if a kernel fails to compile or an iteration kernel spills
