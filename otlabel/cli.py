@@ -321,6 +321,7 @@ def parse_device(args):
 def open_inputs(args):
     """``(shape_source, what)``: a source over the memory-mapped inputs that gives their shapes (nothing is read
     yet), and how the summary names them."""
+    from .features import check_feature_shapes
     from .host_sources import FeatureSource, HostSource
     from .inputs import open_host_array
 
@@ -330,6 +331,7 @@ def open_inputs(args):
         return shape_source, f"scores {tuple(data.shape)} {str(data.dtype).removeprefix('torch.')}"
     data = open_host_array(args.features, "features")
     protos = open_host_array(args.prototypes, "prototypes")
+    check_feature_shapes(data.shape, protos.shape, files=True)  # a transposed file is saved anew, not passed as .T
     shape_source = FeatureSource(data, protos, device="cpu", rows_per_chunk=1)
     return shape_source, f"features {tuple(data.shape)} x prototypes {tuple(protos.shape)}"
 

@@ -89,15 +89,27 @@ def uses_kernel(features, backend: str) -> bool:
     return backend == "triton" or (backend == "auto" and usable and z.is_cuda)
 
 
-def check_feature_shapes(features_shape: tuple, prototypes_shape: tuple, bias_shape: tuple | None = None) -> None:
+def check_feature_shapes(
+    features_shape: tuple, prototypes_shape: tuple, bias_shape: tuple | None = None, *, files: bool = False
+) -> None:
     """Features (N, D), non-empty; prototypes (K, D) or (H, K, D) of the same D; a bias (K,) or (H, K). Every
-    features route (kernel, streamed, reference) checks its inputs here, so they all say the same."""
+    features route (kernel, streamed, reference) checks its inputs here, so they all say the same. Transposed
+    features or prototypes are named as such; ``files``: they came from ``.npy`` files (the command line), so the fix
+    is to save them anew, not ``.T``."""
     if len(features_shape) != 2 or 0 in features_shape:
         raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(features_shape)}.")
     d = features_shape[1]
     if len(prototypes_shape) not in (2, 3) or prototypes_shape[-1] != d or 0 in prototypes_shape:
-        transposed = tuple(prototypes_shape[-1:]) == tuple(features_shape[:1]) != (d,)
-        hint = f" The features look transposed ({tuple(features_shape)} is (D, N)): pass features.T." * transposed
+        hint = ""
+        if tuple(prototypes_shape[-1:]) == tuple(features_shape[:1]) != (d,):
+            fix = "save them as (N, D): np.save(path, features.T)" if files else "pass features.T"
+            hint = f" The features look transposed ({tuple(features_shape)} is (D, N)): {fix}."
+        elif len(prototypes_shape) in (2, 3) and prototypes_shape[-2] == d and 0 not in prototypes_shape:
+            two_d = len(prototypes_shape) == 2  # (D, K): C.T, e.g. a linear layer's weight.T
+            flip = "prototypes.T" if two_d else "prototypes.swapaxes(-1, -2)"
+            want, got = ("(K, D)", "(D, K)") if two_d else ("(H, K, D)", "(H, D, K)")
+            fix = f"save them as {want}: np.save(path, {flip})" if files else f"pass {flip}"
+            hint = f" The prototypes look transposed ({tuple(prototypes_shape)} is {got}): {fix}."
         raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {d} (the features' dimension), "
                          f"got shape {tuple(prototypes_shape)}.{hint}")  # fmt: skip
     h, k = (prototypes_shape[0] if len(prototypes_shape) == 3 else 1), prototypes_shape[-2]

@@ -669,6 +669,24 @@ def test_wrong_weights_with_features_get_no_transposed_scores_hint(tmp_path, cap
     assert "--cluster-weights must have shape (3,)" in err and "transposed" not in err, err
 
 
+def test_transposed_features_or_prototypes_files_are_named_with_a_fix_for_files(tmp_path, capsys):
+    """Found in a docs audit: a (D, N) features file was told "pass features.T", which a command line cannot do,
+    and a (D, K) prototypes file got no hint at all. The command line's fix is to save the array anew."""
+    np.save(tmp_path / "z.npy", np.eye(12, 8, dtype=np.float32))  # (N, D) = (12, 8)
+    np.save(tmp_path / "zt.npy", np.eye(8, 12, dtype=np.float32))
+    np.save(tmp_path / "p.npy", np.eye(3, 8, dtype=np.float32))  # (K, D) = (3, 8)
+    np.save(tmp_path / "pt.npy", np.eye(8, 3, dtype=np.float32))
+    for z, p, says in (
+        ("zt", "p", r"features look transposed \(\(8, 12\) is \(D, N\)\): save them as \(N, D\): np\.save\("),
+        ("z", "pt", r"prototypes look transposed \(\(8, 3\) is \(D, K\)\): save them as \(K, D\): np\.save\("),
+    ):
+        args = ["--features", str(tmp_path / f"{z}.npy"), "--prototypes", str(tmp_path / f"{p}.npy")]
+        assert main(["assign", *args, "--out", str(tmp_path / "y.npy"), "-q"]) == EXIT_INPUT
+        err = capsys.readouterr().err
+        assert err.startswith("otlabel: error: prototypes must have shape") and re.search(says, err), err
+        assert ".T." not in err and not (tmp_path / "y.npy").exists(), err
+
+
 def summary_line(out: str, start: str) -> str:
     (line,) = [x for x in out.splitlines() if x.startswith(start)]
     return line

@@ -165,6 +165,12 @@ def test_features_mode_errors_name_the_features(tmp_path):
             sinkhorn_assign(features=bad, prototypes=c)
     with pytest.raises(ValueError, match=r"look transposed \(\(4, 40\) is \(D, N\)\): pass features.T"):
         sinkhorn_assign(features=z.T, prototypes=c)
+    with pytest.raises(ValueError, match=r"look transposed \(\(4, 5\) is \(D, K\)\): pass prototypes.T\."):
+        sinkhorn_assign(features=z, prototypes=c.T)  # found in a docs audit: the shape alone, no hint
+    with pytest.raises(ValueError, match=r"\(\(2, 4, 5\) is \(H, D, K\)\): pass prototypes.swapaxes\(-1, -2\)"):
+        sinkhorn_assign(features=z, prototypes=torch.stack([c.T, c.T]))
+    with pytest.raises(ValueError, match=r"got shape \(5, 3\)\.$"):  # neither transposed: no hint
+        sinkhorn_assign(features=z, prototypes=c[:, :3])
     with pytest.raises(ValueError, match="prototypes= needs features="):
         sinkhorn_assign(prototypes=c)
     bias = torch.randn(1, 5)
