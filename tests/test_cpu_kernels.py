@@ -16,13 +16,15 @@ from otlabel.backends import cpu_kernels
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="numba is not installed")
 
 
-def test_exp_kernel_rows_is_the_shifted_exponential():
-    s = torch.randn(300, 37) * 3
-    s[13, 5] = -math.inf  # a forbidden pair: exactly 0 in the kernel
+@pytest.mark.parametrize("n_clusters", [1, 37, cpu_kernels.EXP_BLOCK_MAX_K])  # blocks of rows (ranges cut them), rows
+def test_exp_kernel_rows_is_the_shifted_exponential(n_clusters):
+    k = n_clusters
+    s = torch.randn(300, k) * 3
+    s[13, 5 % k] = -math.inf if k > 1 else 0.0  # a forbidden pair: exactly 0 in the kernel
     s[17, :] = -1e4  # a row far below its one allowed maximum: everything else underflows to exactly 0
-    s[17, 2] = 0.0
-    b0 = torch.randn(37)
-    kernel, shift = torch.full((300, 37), float("nan")), torch.full((300,), float("nan"))
+    s[17, 2 % k] = 0.0
+    b0 = torch.randn(k)
+    kernel, shift = torch.full((300, k), float("nan")), torch.full((300,), float("nan"))
     cpu_kernels.exp_kernel_rows(s, 20.0, b0, 10, 290, kernel, shift)  # rows outside [10, 290) untouched
     x = s.double() * 20 + b0.double()
     want_shift = x.amax(dim=1)
@@ -32,7 +34,8 @@ def test_exp_kernel_rows_is_the_shifted_exponential():
     assert_close(shift[rows], want_shift[rows], atol=0, rtol=1e-6, what="row maxima")
     # float32 x of magnitude ~100 carries 6e-6 of rounding; the polynomial itself adds ~1e-7
     assert_close(kernel[rows], want[rows], atol=1e-30, rtol=2e-5, what="kernel entries")
-    assert kernel[13, 5] == 0.0 and kernel[17, 2] == 1.0 and (kernel[17, torch.arange(37) != 2] == 0).all()
+    assert kernel[17, 2 % k] == 1.0 and (kernel[17, torch.arange(k) != 2 % k] == 0).all()
+    assert kernel[13, 5 % k] == (0.0 if k > 1 else 1.0)
     assert float(kernel[rows].amax(dim=1).min()) == 1.0  # every row has its exp(0)
 
 

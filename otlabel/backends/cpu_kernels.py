@@ -53,6 +53,12 @@ TILE_ROWS = 256
 # K = 500; the labels from the kernel 4.4x at K = 10, 1.03x at K = 64, 0.83x at K = 96, 0.5x at K = 500.
 SOFTMAX_VECTOR_MIN_K = 16
 ARGMAX_VECTOR_MIN_K = 96
+# Kernel rows shorter than this take their exponentials a block of rows at once (:func:`_exp_block`): the compiler's
+# vector loop over one row leaves the entries past its last full vector to a scalar remainder, a whole short row.
+# Measured on one thread against a row at a time (the same values, bitwise): 0.23x at K = 4, 0.41x at K = 10, 0.87x
+# at K = 32; 1.13x at K = 48, a multiple of the vector width, which the row loop covers; 0.93x at K = 56-60.
+EXP_BLOCK_MAX_K = 40
+EXP_BLOCK_ENTRIES = 2048  # per block: 8 KB of float32, in L1 with its scratch
 
 
 def available() -> bool:
@@ -194,11 +200,40 @@ if numba is not None:
             out[k] = row[k] * inv_eps + b[k]
         return _first_max(out, out_bits)
 
+    @functools.partial(_jit, inline="always")
+    def _exp_block(rows, exponent_bits):  # pragma: no cover - compiled
+        """``rows = exp(rows)`` in place for C-contiguous rows already shifted by their maxima (entries <= 0), as one
+        flat array: a short row is shorter than the compiler's vector loop, a block of them is not. The values are
+        :func:`_exp_shifted`'s (``x - max`` is the same float, formed first)."""
+        flat = rows.reshape(rows.shape[0] * rows.shape[1])
+        _exp_shifted(flat, np.float32(0.0), flat, exponent_bits[: flat.shape[0]])
+
+    @functools.partial(_jit, inline="always")
+    def _exp_block_rows(scores, inv_eps, b0, lo, hi, kernel, row_shift):  # pragma: no cover - compiled
+        """:func:`_exp_kernel_head` for short rows: each row's logits, shifted by their maximum, then the exponential
+        of a block of rows as one flat array (:func:`_exp_block`). The same values, 2.4x faster at K = 10."""
+        n_clusters = scores.shape[1]
+        block_rows = max(1, EXP_BLOCK_ENTRIES // n_clusters)
+        exponent_bits = np.empty(block_rows * n_clusters, dtype=np.int32)
+        for start in range(lo, hi, block_rows):
+            stop = min(start + block_rows, hi)
+            for j in range(start, stop):
+                row = kernel[j]
+                top = _logits(scores[j], inv_eps, b0, row)
+                row_shift[j] = top
+                for k in range(n_clusters):
+                    row[k] -= top
+            _exp_block(kernel[start:stop], exponent_bits)
+
     @_jit
     def _exp_kernel_head(scores, inv_eps, b0, lo, hi, kernel, row_shift):  # pragma: no cover - compiled
         """One head, rows ``[lo, hi)``: ``x = scores * inv_eps + b0``, ``row_shift[j] = max_k x``,
         ``kernel = exp(x - max)``."""
-        exponent_bits = np.empty(scores.shape[1], dtype=np.int32)
+        n_clusters = scores.shape[1]
+        if n_clusters < EXP_BLOCK_MAX_K:
+            _exp_block_rows(scores, inv_eps, b0, lo, hi, kernel, row_shift)
+            return
+        exponent_bits = np.empty(n_clusters, dtype=np.int32)
         for j in range(lo, hi):  # (a vectorised maximum, as in softmax_rows, was no faster here: 0.8-1.4x)
             row_shift[j] = _logits(scores[j], inv_eps, b0, kernel[j])
             _exp_shifted(kernel[j], row_shift[j], kernel[j], exponent_bits)
@@ -215,26 +250,35 @@ if numba is not None:
         """Rows ``[lo, hi)`` of every head ``h`` (``scores`` (H, N, K), ``b`` (H, K), ``labels`` (H, N)):
         ``labels[h, j] = argmax_k x`` (the first maximum) of ``x = scores[h, j] * inv_eps + b[h]`` and, when
         ``want_codes``, ``codes[h, j] = softmax(x)``, formed in place in ``codes[h, j]`` (else in a scratch row); the
-        row sum is taken in float64. For short rows (K below :data:`SOFTMAX_VECTOR_MIN_K`)."""
+        row sum is taken in float64. For short rows (K below :data:`SOFTMAX_VECTOR_MIN_K`): the exponentials of a
+        block of rows go at once (:func:`_exp_block`: the same values, 1.3x faster at K = 10, 1.6x at K = 4)."""
         n_clusters = scores.shape[2]
-        exponent_bits = np.empty(n_clusters, dtype=np.int32)
+        block_rows = max(1, EXP_BLOCK_ENTRIES // n_clusters)
+        exponent_bits = np.empty(block_rows * n_clusters, dtype=np.int32)
         scratch = np.empty(n_clusters, dtype=np.float32)
         for h in range(scores.shape[0]):
-            for j in range(lo, hi):
-                x = codes[h, j] if want_codes else scratch
-                top = _logits(scores[h, j], inv_eps, b[h], x)
-                best = 0  # the first maximum, as torch.argmax
-                while best < n_clusters - 1 and x[best] != top:  # (bounded: never past the row, whatever x holds)
-                    best += 1
-                labels[h, j] = best
+            for start in range(lo, hi, block_rows):
+                stop = min(start + block_rows, hi)
+                for j in range(start, stop):
+                    x = codes[h, j] if want_codes else scratch
+                    top = _logits(scores[h, j], inv_eps, b[h], x)
+                    best = 0  # the first maximum, as torch.argmax
+                    while best < n_clusters - 1 and x[best] != top:  # (bounded: never past the row, whatever x holds)
+                        best += 1
+                    labels[h, j] = best
+                    if want_codes:
+                        for k in range(n_clusters):
+                            x[k] -= top
                 if want_codes:
-                    _exp_shifted(x, top, x, exponent_bits)
-                    total = 0.0
-                    for k in range(n_clusters):
-                        total += x[k]
-                    scale = np.float32(1.0 / total)
-                    for k in range(n_clusters):
-                        x[k] *= scale
+                    block = codes[h, start:stop]
+                    _exp_block(block, exponent_bits)
+                    for x in block:
+                        total = 0.0
+                        for k in range(n_clusters):
+                            total += x[k]
+                        scale = np.float32(1.0 / total)
+                        for k in range(n_clusters):
+                            x[k] *= scale
 
     @_jit
     def _softmax_long_rows(scores, inv_eps, b, lo, hi, labels, codes, want_codes):  # pragma: no cover - compiled
