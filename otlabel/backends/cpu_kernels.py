@@ -171,13 +171,14 @@ if numba is not None:
 
         The maximum is taken over order keys: LLVM vectorises an integer max but not a float one (Numba leaves the
         fcmp without the flags it needs), and the scalar ``maxss`` chain cost 0.45 ns an entry at K = 1,000, four
-        times the vectorised exp. The scan after it stops at the first key equal to the maximum's."""
+        times the vectorised exp. Its first index is an integer minimum too."""
+        n = bits.shape[0]
         top = np.int32(-2147483648)
-        for k in range(bits.shape[0]):
+        for k in range(n):
             top = max(top, _order_key(bits[k]))
-        best = 0
-        while best < bits.shape[0] - 1 and _order_key(bits[best]) != top:  # (never past the row)
-            best += 1
+        best = n - 1
+        for k in range(n):  # the smallest index holding it: an integer minimum, vectorised (a scan stopping there was
+            best = min(best, k if _order_key(bits[k]) == top else n - 1)  # mispredicted once a row)
         if x[best] == 0:  # +0 and -0 are one float but two keys: the first of either, as torch.argmax
             best = 0
             while x[best] != 0:
