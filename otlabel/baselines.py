@@ -17,7 +17,8 @@ import numbers
 import numpy as np
 import torch
 
-from .problem import check_epsilon, check_scores
+from .problem import check_epsilon, check_scores, real_as_float
+from .solver import is_number
 
 
 def check_baseline_scores(scores, name: str) -> torch.Tensor:
@@ -42,7 +43,7 @@ def refuse_non_finite(scores: torch.Tensor) -> None:
 
 
 def check_iterations(n_iter, name: str = "n_iter") -> int:
-    if not isinstance(n_iter, numbers.Integral) or isinstance(n_iter, (bool, np.bool_)) or n_iter < 0:
+    if not is_number(n_iter, numbers.Integral) or n_iter < 0:
         raise ValueError(f"{name} must be an integer >= 0 (the number of iterations), got {n_iter!r}.")
     return int(n_iter)
 
@@ -87,10 +88,13 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
     no such cap). In ``epsilon`` terms this is entropic OT with ``epsilon = 1 / lam``.
     """
     logits = check_baseline_scores(logits, "sela_sinkhorn")  # a model's output: it may require grad or be on a GPU
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (math.isfinite(lam) and lam > 0):
+    # As a float: a Python int beyond float's range (10**400) raised OverflowError in isfinite, a Fraction NumPy's
+    # ufunc error in the power below
+    if not is_number(lam) or not (lam > 0 and math.isfinite(real_as_float(lam))):
         raise ValueError(f"lam must be a finite number > 0 (SeLa's lambda, 1 / epsilon), got {lam!r}.")
+    lam = float(lam)
     n_iter = check_iterations(n_iter)
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0):
+    if tol is not None and not (is_number(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number (or None for exactly n_iter iterations), got {tol!r}.")
     logits = logits.cpu().double().numpy()
     n_samples, n_clusters = logits.shape

@@ -1,5 +1,7 @@
 """The SwAV- and SeLa-style baselines against sinkhorn_assign: parity where they work, and where they break."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +102,8 @@ BAD_BASELINE_INPUTS = [
      ["infeasible mask: sample 1"]),
     ("sela lam 0", lambda: sela_sinkhorn(random_problem(10, 4), lam=0), ValueError, ["lam", "> 0"]),
     ("sela lam < 0", lambda: sela_sinkhorn(random_problem(10, 4), lam=-5.0), ValueError, ["lam", "> 0"]),
+    # Python's OverflowError from math.isfinite, naming no argument
+    ("sela lam an int beyond float", lambda: sela_sinkhorn(random_problem(10, 4), lam=10**400), ValueError, ["lam"]),
     ("sela 1-d", lambda: sela_sinkhorn(np.zeros(4)), ValueError, ["(N, K)", "(4,)"]),
     ("sela empty", lambda: sela_sinkhorn(np.zeros((0, 4))), ValueError, ["empty"]),
 ]  # fmt: skip
@@ -111,6 +115,14 @@ def test_baselines_refuse_bad_input(what, call, error, words):
         call()
     for word in words:
         assert word in str(info.value), f"{what}: message {str(info.value)!r} lacks {word!r}"
+
+
+def test_sela_baseline_takes_lam_as_any_real_number():
+    # a Fraction passed the check, then failed in NumPy's power ("Cannot cast ufunc 'power' output from dtype('O')")
+    logits = random_problem(30, 4, seed=39, dtype=torch.float64).numpy()
+    want = sela_sinkhorn(logits, lam=10.0)
+    for lam in (Fraction(10), np.float32(10), np.int64(10), 10):
+        np.testing.assert_array_equal(sela_sinkhorn(logits, lam=lam), want, err_msg=repr(lam))
 
 
 def test_swav_baseline_takes_numpy_scores_and_still_overflows_as_published():
