@@ -17,13 +17,18 @@ import numbers
 import numpy as np
 import torch
 
-from .problem import check_epsilon, check_scores, real_as_float
+from .problem import as_tensor, check_epsilon, check_scores, real_as_float
 from .solver import is_number
 
 
-def check_baseline_scores(scores, name: str) -> torch.Tensor:
-    """One (N, K) problem of floating-point scores, as :func:`otlabel.sinkhorn_assign` takes them (a tensor, NumPy
-    array or list). Only shape and dtype: the values are judged by :func:`refuse_non_finite`."""
+def check_baseline_scores(scores, name: str, integers_as: torch.dtype) -> torch.Tensor:
+    """One (N, K) problem of real scores, as :func:`otlabel.sinkhorn_assign` takes them (a tensor, NumPy array or
+    list), except that integer (or bool) scores are taken, as ``integers_as``: the loops took them before they were
+    checked (SwAV's division promotes them to torch's default dtype, SeLa's ``np.asarray(logits, np.float64)``).
+    Only shape and dtype: the values are judged by :func:`refuse_non_finite`."""
+    scores = as_tensor(scores, "scores")
+    if not (scores.is_floating_point() or scores.is_complex()):
+        scores = scores.to(integers_as)
     scores3, batched = check_scores(scores)
     if batched:
         raise ValueError(f"{name} takes one (N, K) problem, got shape {tuple(scores3.shape)}; loop over the heads "
@@ -56,7 +61,8 @@ def swav_sinkhorn(scores, epsilon: float = 0.05, n_iter: int = 3) -> torch.Tenso
     does not overflow. The input is checked first (one read of the scores for NaN and +inf); :func:`swav_loop` is
     the loop alone.
     """
-    scores, epsilon = check_baseline_scores(scores, "swav_sinkhorn"), check_epsilon(epsilon)
+    scores = check_baseline_scores(scores, "swav_sinkhorn", torch.get_default_dtype())
+    epsilon = check_epsilon(epsilon)
     n_iter = check_iterations(n_iter)
     refuse_non_finite(scores)
     return swav_loop(scores, epsilon, n_iter)
@@ -87,7 +93,7 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
     21st, ... iteration only, is below ``tol`` (SeLa's stopping rule), or for ``n_iter`` iterations (SeLa's code has
     no such cap). In ``epsilon`` terms this is entropic OT with ``epsilon = 1 / lam``.
     """
-    logits = check_baseline_scores(logits, "sela_sinkhorn")  # a model's output: it may require grad or be on a GPU
+    logits = check_baseline_scores(logits, "sela_sinkhorn", torch.float64)  # may require grad or be on a GPU
     # As a float: a Python int beyond float's range (10**400) raised OverflowError in isfinite, a Fraction NumPy's
     # ufunc error in the power below
     if not is_number(lam) or not (lam > 0 and math.isfinite(real_as_float(lam))):

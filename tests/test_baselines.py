@@ -125,6 +125,17 @@ def test_sela_baseline_takes_lam_as_any_real_number():
         np.testing.assert_array_equal(sela_sinkhorn(logits, lam=lam), want, err_msg=repr(lam))
 
 
+def test_baselines_take_integer_scores_as_before_their_checks():
+    """Integer logits were taken (SeLa's np.asarray(logits, np.float64), SwAV's division by epsilon); the checks,
+    borrowed from sinkhorn_assign, refused them ("scores must be a floating-point tensor")."""
+    ints = np.array([[3, 0, 1], [0, 2, 0], [1, 1, 4], [2, 0, 0]])
+    np.testing.assert_array_equal(sela_sinkhorn(ints, lam=2.0), sela_sinkhorn(ints.astype(np.float64), lam=2.0))
+    np.testing.assert_array_equal(sela_sinkhorn(ints.tolist(), lam=2.0), sela_sinkhorn(ints * 1.0, lam=2.0))
+    got = swav_sinkhorn(torch.from_numpy(ints), 0.5, 3)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, swav_sinkhorn(torch.from_numpy(ints).float(), 0.5, 3))
+
+
 def test_swav_baseline_takes_numpy_scores_and_still_overflows_as_published():
     s = cosine_scores(64, 8, seed=38)
     np.testing.assert_array_equal(swav_sinkhorn(s.numpy(), 0.05, 3).numpy(), swav_sinkhorn(s, 0.05, 3).numpy())
