@@ -100,16 +100,17 @@ def check_feature_shapes(
         raise ValueError(f"features must have shape (N, D) and be non-empty, got shape {tuple(features_shape)}.")
     d = features_shape[1]
     if len(prototypes_shape) not in (2, 3) or prototypes_shape[-1] != d or 0 in prototypes_shape:
-        hint = ""
+        hints = []  # both when N == K: (D, N) features and (D, K) prototypes have the same shapes as the right ones
         if tuple(prototypes_shape[-1:]) == tuple(features_shape[:1]) != (d,):
             fix = "save them as (N, D): np.save(path, features.T)" if files else "pass features.T"
-            hint = f" The features look transposed ({tuple(features_shape)} is (D, N)): {fix}."
-        elif len(prototypes_shape) in (2, 3) and prototypes_shape[-2] == d and 0 not in prototypes_shape:
+            hints.append(f"features look transposed ({tuple(features_shape)} is (D, N)): {fix}")
+        if len(prototypes_shape) in (2, 3) and prototypes_shape[-2] == d and 0 not in prototypes_shape:
             two_d = len(prototypes_shape) == 2  # (D, K): C.T, e.g. a linear layer's weight.T
             flip = "prototypes.T" if two_d else "prototypes.swapaxes(-1, -2)"
             want, got = ("(K, D)", "(D, K)") if two_d else ("(H, K, D)", "(H, D, K)")
             fix = f"save them as {want}: np.save(path, {flip})" if files else f"pass {flip}"
-            hint = f" The prototypes look transposed ({tuple(prototypes_shape)} is {got}): {fix}."
+            hints.append(f"prototypes look transposed ({tuple(prototypes_shape)} is {got}): {fix}")
+        hint = f" The {'. Or the '.join(hints)}." if hints else ""
         raise ValueError(f"prototypes must have shape (K, D) or (H, K, D) with D = {d} (the features' dimension), "
                          f"got shape {tuple(prototypes_shape)}.{hint}")  # fmt: skip
     h, k = (prototypes_shape[0] if len(prototypes_shape) == 3 else 1), prototypes_shape[-2]

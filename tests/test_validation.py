@@ -169,6 +169,8 @@ def test_features_mode_errors_name_the_features(tmp_path):
         sinkhorn_assign(features=z, prototypes=c.T)  # found in a docs audit: the shape alone, no hint
     with pytest.raises(ValueError, match=r"\(\(2, 4, 5\) is \(H, D, K\)\): pass prototypes.swapaxes\(-1, -2\)"):
         sinkhorn_assign(features=z, prototypes=torch.stack([c.T, c.T]))
+    with pytest.raises(ValueError, match=r"pass features.T. Or the prototypes look transposed \(\(4, 40\) is"):
+        sinkhorn_assign(features=z, prototypes=torch.randn(40, 4).T)  # N == K: either may be the transposed one
     with pytest.raises(ValueError, match=r"got shape \(5, 3\)\.$"):  # neither transposed: no hint
         sinkhorn_assign(features=z, prototypes=c[:, :3])
     with pytest.raises(ValueError, match="prototypes= needs features="):
