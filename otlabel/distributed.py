@@ -55,6 +55,7 @@ from .problem import (
     check_weights,
     compute_dtype_of,
     max_score_span,
+    refuse_bool_weights,
     weight_rounding,
     weight_sum_tolerance,
     weighted_clusters,
@@ -715,7 +716,9 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
 def check_local_weights(weights, n: int, device) -> tuple[torch.Tensor, tuple[float, float]]:
     """This rank's slice of the global sample weights: (N_r,), finite, non-negative, as float64 — with this rank's
     parts of the tolerance on their global sum (:func:`~otlabel.problem.weight_sum_tolerance`), checked globally."""
+    from_numpy = isinstance(weights, np.ndarray)
     w = as_tensor(weights, "sample_weights")
+    refuse_bool_weights(w, "sample_weights", from_numpy)
     if w.shape != (n,):
         raise ValueError(f"sample_weights must have shape ({n},), this rank's number of samples, got {tuple(w.shape)}.")
     dtype = w.dtype

@@ -685,7 +685,9 @@ def checked_host_weights(weights, size: int, name: str, other: str, scores_shape
                          transpose_fix: str = TRANSPOSE_FIX) -> torch.Tensor:  # fmt: skip
     """:func:`check_weights` for given weights, returned as a float64 CPU tensor rescaled to sum to exactly 1.
     ``scores_shape``: the scores' (N, K), for a hint when the length given is the other dimension's."""
+    from_numpy = isinstance(weights, np.ndarray)
     weights = as_tensor(weights, name)
+    refuse_bool_weights(weights, name, from_numpy)
     if weights.is_complex():  # the cast below would drop the imaginary parts with only torch's warning
         raise TypeError(f"{name} must be real proportions, got complex values ({weights.dtype}); pass their real "
                         "part if that is what you mean (w.real).")  # fmt: skip
@@ -714,6 +716,20 @@ def checked_host_weights(weights, size: int, name: str, other: str, scores_shape
     # Exactly 1 in float64: both marginals must carry the same mass, or no plan meets them and the solver would
     # chase the difference (a sum of 0.9999 against 1.0001 stalled at error 2e-4).
     return torch.from_numpy(host / total)
+
+
+def refuse_bool_weights(weights: torch.Tensor, name: str, from_numpy: bool = False) -> None:
+    """Boolean weights (a mask) would read as 1 and 0, an equal share for every True entry, which may or may not
+    be what was meant; the same values as a list are refused, so a bool tensor or array is too."""
+    if weights.dtype != torch.bool:
+        return
+    if name.startswith("--"):  # a command-line file: the fix is a file saved anew
+        fix = "save the file anew as floats: np.save(path, w.astype(np.float64) / w.sum())"
+    elif from_numpy:
+        fix = f"e.g. {name}=mask.astype(np.float64) / mask.sum() for equal shares among the True entries"
+    else:
+        fix = f"e.g. {name}=mask.float() / mask.sum() for equal shares among the True entries"
+    raise TypeError(f"{name} is boolean (True/False), not proportions: pass floating-point weights, {fix}.")
 
 
 def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_values: bool = True) -> Problem:

@@ -182,6 +182,18 @@ def test_cluster_weights_file_errors(make, message, scores_file, tmp_path, capsy
     assert os.listdir(tmp_path) == ["w.npy"]
 
 
+def test_boolean_cluster_weights_file_is_refused(scores_file, tmp_path, capsys):
+    """A bool .npy was read as weights 1 and 0 (a one-hot file accepted as such): refused, with the file saved
+    anew as floats for the fix, as a command-line user can do."""
+    np.save(tmp_path / "w.npy", np.eye(K, dtype=bool)[0])
+    args = ["assign", str(scores_file), "--cluster-weights", str(tmp_path / "w.npy"), "--out", str(tmp_path / "y.npy")]
+    assert main([*args, "-q"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    fix = r"np\.save\(path, w\.astype\(np\.float64\) / w\.sum\(\)\)"
+    assert re.search(rf"--cluster-weights is boolean .*{fix}", err), err
+    assert os.listdir(tmp_path) == ["w.npy"]
+
+
 def test_float32_cluster_weights_file_that_a_mask_fills_exactly(tmp_path):
     """A float32 weights file [3/7, 4/7] with 3 of 7 samples confined to cluster 0: feasible up to the rounding of
     float32, and the command treats it as sinkhorn_assign does (it was refused: the file was read as float64)."""

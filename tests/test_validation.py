@@ -578,6 +578,23 @@ def test_every_entry_point_refuses_a_callback_that_cannot_be_called(entry):
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("name", ["cluster_weights", "sample_weights"])
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_every_entry_point_refuses_boolean_weights(entry, name, as_numpy):
+    """A bool mask summing to 1 was read as weights 1 and 0 (and one summing to more was refused as "must sum to
+    1"), while the same values as a list were refused: boolean weights are a TypeError everywhere, naming the fix."""
+    mask = torch.zeros(4 if name == "cluster_weights" else 10, dtype=torch.bool)
+    mask[1] = True  # sums to 1: accepted as a one-hot weight before
+    weights, fix = (mask.numpy(), r"mask\.astype\(np\.float64\)") if as_numpy else (mask, r"mask\.float\(\)")
+    with pytest.raises(TypeError, match=rf"{name} is boolean .*floating-point weights, e\.g\. {name}={fix}"):
+        ENTRY_POINTS[entry](S, **{name: weights})
+    with pytest.raises(TypeError, match=rf"{name} is boolean"):
+        sinkhorn_assign(features=S, prototypes=S[:4], epsilon=1.0, **{name: weights})
+    with pytest.raises(TypeError, match=rf"{name} is boolean"):
+        exact_plan(S, **{name: weights})
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_every_entry_point_checks_the_span_over_the_clusters_with_weight(entry):
     """A zero-weight cluster far above every sample takes no part: accepted. A weighted cluster far below every
     sample's best needs a potential float32 cannot resolve: refused, with the per-cluster shift that fixes it."""
