@@ -66,6 +66,7 @@ from .solver import (
     ANDERSON,
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
+    check_flags,
     check_init,
     check_solver_options,
     is_number,
@@ -378,6 +379,7 @@ def sinkhorn_assign_sharded(
             raise ValueError(f"timeout must be a positive number of seconds (a finite one), got {timeout!r}.")
         if local_scores is not None:
             raise ValueError("give scores= only: local_scores= is its former name.")
+        check_flags(allow_tf32=allow_tf32, warn=warn)
         epsilon = check_epsilon(epsilon)
         acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation, callback)
         no_epsilon_scaling(epsilon_scaling, "in a sharded solve")

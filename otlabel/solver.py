@@ -410,6 +410,14 @@ def check_solver_options(max_iter, tol, acceleration, over_relaxation, callback=
     return resolve_acceleration(acceleration, float(over_relaxation) if over_relaxation else None, tol)
 
 
+def check_flags(**flags) -> None:
+    """Each boolean option must be True or False (a NumPy bool too): a string such as ``cuda_graph="no"`` is
+    truthy, and was taken for True."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
 def is_number(x, kind=numbers.Real) -> bool:
     """A Python or NumPy number of that kind (``numbers.Real`` or ``numbers.Integral``), not a bool."""
     return isinstance(x, kind) and not isinstance(x, (bool, np.bool_))
@@ -502,6 +510,7 @@ def sinkhorn_assign(
         >>> torch.bincount(res.labels, minlength=10).tolist()  # doctest: +SKIP
         [100, 100, 100, 100, 100, 100, 100, 100, 100, 100]
     """
+    check_flags(allow_tf32=allow_tf32, warn=warn, cuda_graph=cuda_graph)
     if features is not None or prototypes is not None or bias is not None:
         if cuda_graph:
             raise ValueError("cuda_graph=True takes dense scores: features mode is not captured.")

@@ -64,6 +64,7 @@ from .result import SinkhornResult
 from .solver import (
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
+    check_flags,
     check_init,
     check_solver_options,
     no_epsilon_scaling,
@@ -415,6 +416,7 @@ def sinkhorn_assign_stream(
         available memory, codes written to a path a view of that file),
         ``cluster_potentials`` on ``device``. ``codes``/``objective`` stream the data once more.
     """
+    check_flags(warn=warn)
     if (scores is None) == (features is None):
         raise ValueError("give either scores, or features with prototypes (not both, not neither).")
     if features is not None and prototypes is None:

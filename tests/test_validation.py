@@ -577,6 +577,27 @@ def test_every_entry_point_refuses_a_callback_that_cannot_be_called(entry):
         sinkhorn_assign(features=S, prototypes=S[:3], epsilon=1.0, callback=1)
 
 
+FLAGS = {  # the boolean options of each entry point
+    "in memory": ("warn", "allow_tf32", "cuda_graph"),
+    "streamed": ("warn",),
+    "sharded": ("warn", "allow_tf32"),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_takes_boolean_options_as_booleans_only(entry):
+    """cuda_graph="no" (truthy) was taken for True, and warn="no" silenced the warning: a flag must be True or
+    False (a NumPy bool too), else a TypeError naming it."""
+    for name in FLAGS[entry]:
+        for bad in ("no", None, 1):
+            with pytest.raises(TypeError, match=rf"{name} must be True or False, got {bad!r}"):
+                ENTRY_POINTS[entry](S, **{name: bad})
+        if name != "cuda_graph":  # True needs a GPU
+            assert ENTRY_POINTS[entry](S, **{name: np.bool_(False)}).converged
+    with pytest.raises(TypeError, match="cuda_graph must be True or False"):  # features mode checks it too
+        sinkhorn_assign(features=S, prototypes=S[:4], epsilon=1.0, cuda_graph="no")
+
+
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 @pytest.mark.parametrize("name", ["cluster_weights", "sample_weights"])
 @pytest.mark.parametrize("as_numpy", [False, True])
