@@ -551,6 +551,7 @@ def check_rows(
     compute_dtype: torch.dtype = torch.float64,
     batched: bool = True,
     from_features: bool = False,
+    features: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The per-sample checks of :func:`otlabel.problem.check_score_values` on a chunk ``(H, T, K)`` whose first
     sample is sample ``offset``: NaN, +inf, samples with nowhere to go, and (given ``inv_eps``: 1 when the chunk
@@ -561,7 +562,8 @@ def check_rows(
 
     Returns the (H, T) flags of the samples with a -inf score for a weighted cluster (the rows whose masks Hall's
     condition must see: :func:`~otlabel.feasibility.collect_masks`), or None when there are none. The verdict and
-    that answer come back from the device in one read: one synchronisation per chunk on a GPU."""
+    that answer come back from the device in one read: one synchronisation per chunk on a GPU. ``features``: the
+    (N, D) features the scores came from, read on failure only, to tell a bad row from scores that overflow."""
     span_limit = math.inf if not inv_eps else max_score_span(compute_dtype) / inv_eps  # in the chunk's units
     in_weighted = scores if weighted is None else scores.index_select(2, weighted)
     weighted_row_min, weighted_row_max = aminmax(in_weighted, dim=2)  # (H, T): NaN and +inf propagate
@@ -571,26 +573,25 @@ def check_rows(
     good, any_masked = torch.stack([good & torch.isfinite(row_max).all(), masked.any()]).tolist()
     if not good:
         raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
-                           from_features)  # fmt: skip
+                           from_features, features)  # fmt: skip
     return masked if any_masked else None
 
 
 def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
-                       from_features=False) -> None:  # fmt: skip
+                       from_features=False, features=None) -> None:  # fmt: skip
     """The failure path of :func:`check_rows`: the error that names the first bad sample (``batched=False``:
     indices of (N, K) scores, as the caller passed them; ``from_features``: the scores are Z C^T + bias, whose
-    prototypes and bias were checked, so a NaN comes from a row of the features)."""
+    prototypes and bias were checked, so a NaN or inf comes from a row of the ``features`` or from products
+    that overflow)."""
     if torch.isnan(row_max).any():
         h, j, k = _first_index(torch.isnan(scores))
         if from_features:
-            raise ValueError(f"features row {j + offset}{where} contains NaN or inf (its scores are NaN). Fix the "
-                             "features.")  # fmt: skip
+            raise bad_features_row_error(j + offset, where, features, compute_dtype, math.nan)
         index = index_in_input((h, j + offset, k), batched)
         raise ValueError(f"scores contain NaN (first at index {index}{where}). Fix the model output.")
     if from_features and (torch.isposinf(row_max).any() or torch.isneginf(row_max).any()):
-        h, j = _first_index(torch.isinf(row_max))  # prototypes finite, bias checked: an inf comes from a features row
-        raise ValueError(f"features row {j + offset}{where} contains inf, or its scores overflow (they are "
-                         f"{float(row_max[h, j]):g}). Fix the features.")  # fmt: skip
+        h, j = _first_index(torch.isinf(row_max))  # prototypes finite, bias checked: a features row, or an overflow
+        raise bad_features_row_error(j + offset, where, features, compute_dtype, float(row_max[h, j]))
     if torch.isposinf(row_max).any():
         h, j, k = _first_index(torch.isposinf(scores))
         index = index_in_input((h, j + offset, k), batched)
@@ -605,6 +606,21 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
         h, j = _first_index(torch.isneginf(weighted_row_max))
         raise stranded_sample_error(j + offset, h, where)
     raise span_error(float(weighted_row_max.abs().amax()) * inv_eps, compute_dtype, where, features=from_features)
+
+
+def bad_features_row_error(row: int, where: str, features: torch.Tensor | None, compute_dtype,
+                           value: float) -> ValueError:  # fmt: skip
+    """A features row whose scores are NaN or inf (the prototypes and bias are finite): the row itself holds NaN or
+    inf, or, finite, its products with the prototypes overflow (features and prototypes of 1e20: 1e40 is beyond
+    float32), which no fix of the row's values as such would cure. ``value``: the row's NaN or infinite score."""
+    if features is not None and bool(torch.isfinite(features[row]).all()):
+        return ValueError(
+            f"the scores of features row {row}{where}, features @ prototypes.T (+ bias) divided by epsilon, overflow "
+            f"{arithmetic_name(compute_dtype)} arithmetic (to NaN or inf), though the features and prototypes "
+            "themselves are finite. L2-normalise the features and the prototypes (cosine scores, as SwAV does)."
+        )
+    shown = "NaN" if math.isnan(value) else f"{value:g}"
+    return ValueError(f"features row {row}{where} contains NaN or inf (its scores are {shown}). Fix the features.")
 
 
 def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor, compute_dtype: torch.dtype) -> None:

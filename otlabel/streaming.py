@@ -231,7 +231,8 @@ class StreamingOperator(LogDomainOperator):
         for rows in self.chunks(lo, hi):
             x = self.shifted(rows, zeros, out=buffer(rows))  # S / eps, (H, T, K): NaN and inf where S has them
             masked = check_rows(x, self.weighted, rows.start, inv_eps=1.0, compute_dtype=self.dtype,
-                                batched=self.source.batched, from_features=from_features)  # x is S / eps  # fmt: skip
+                                batched=self.source.batched, from_features=from_features,
+                                features=getattr(self.source, "features", None))  # x is S / eps  # fmt: skip
             if patterns is not None:
                 collect_masks(patterns, x, masked, self.sample_mass[rows])  # for Hall's condition, decided at the end
             col_max = torch.maximum(col_max, column_max(x))

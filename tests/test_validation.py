@@ -158,11 +158,15 @@ def test_features_mode_errors_name_the_features(tmp_path):
     features blamed the prototypes alone; prototypes= without features= was a TypeError about None. And the
     reference backend turned a (1, K) bias of (K, D) prototypes into a batched (1, N) result."""
     z, c = torch.rand(40, 4), torch.rand(5, 4) + 0.1
-    for value, words in ((INF, "(they are inf)"), (-INF, "(they are -inf)"), (float("nan"), "NaN or inf")):
+    for value, words in ((INF, "(its scores are inf)"), (-INF, "(its scores are -inf)"), (float("nan"), "NaN or inf")):
         bad = z.clone()
         bad[7, 2] = value
         with pytest.raises(ValueError, match=f"features row 7 contains .*{words}"):
             sinkhorn_assign(features=bad, prototypes=c)
+    overflow = r"scores of features row 0, features @ prototypes\.T \(\+ bias\) divided by epsilon, overflow float32"
+    for big in (torch.full((40, 4), 1e20), torch.tensor([1e20, -1e20]).repeat(40, 2)):  # products: inf, inf - inf
+        with pytest.raises(ValueError, match=rf"{overflow} .* L2-normalise the features and the prototypes"):
+            sinkhorn_assign(features=big, prototypes=c * 1e20)  # both finite: no features row to blame
     with pytest.raises(ValueError, match=r"look transposed \(\(4, 40\) is \(D, N\)\): pass features.T"):
         sinkhorn_assign(features=z.T, prototypes=c)
     with pytest.raises(ValueError, match=r"look transposed \(\(4, 5\) is \(D, K\)\): pass prototypes.T\."):
