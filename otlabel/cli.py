@@ -287,7 +287,14 @@ def load_small(path: str, name: str) -> np.ndarray:
 
 
 def check_arguments(args) -> None:
-    """What argparse cannot check alone: one kind of input, and --over-relaxation with what it goes with."""
+    """What argparse cannot check alone: no empty path, one kind of input, and --over-relaxation with what it goes
+    with."""
+    paths = [("SCORES.npy", args.scores, "scores.npy"), ("--features", args.features, "features.npy"),
+             ("--prototypes", args.prototypes, "prototypes.npy"), ("--cluster-weights", args.cluster_weights, "r.npy"),
+             ("--out", args.out, "labels.npy"), ("--codes-out", args.codes_out, "codes.npy")]  # fmt: skip
+    for flag, path, example in paths:
+        if path == "":  # an unset shell variable: read as the current directory ("cannot write '': it is a directory")
+            raise InputError(f"{flag} is an empty path (''): give a file name, e.g. {example}")
     if args.scores is None and args.features is None:
         if args.prototypes is not None:
             raise InputError("--prototypes goes with --features F.npy, the (N, D) features to label")

@@ -231,6 +231,19 @@ def test_usage_errors(scores_file, tmp_path, capsys):
     assert main(["assign", str(scores_file), "--cluster-weights", str(tmp_path / "counts.npy"), "--out",
                  str(tmp_path / "y.npy")]) == EXIT_INPUT  # fmt: skip
     assert "--cluster-weights must sum to 1" in capsys.readouterr().err
+    # An empty path (an unset shell variable) was "cannot write '': it is a directory", exit 3: a usage error now
+    scores, out = str(scores_file), str(tmp_path / "y.npy")
+    for args, flag in [
+        ([scores, "--out", ""], "--out"),
+        (["", "--out", out], "SCORES.npy"),
+        ([scores, "--out", out, "--codes-out", ""], "--codes-out"),
+        ([scores, "--out", out, "--cluster-weights", ""], "--cluster-weights"),
+        (["--features", "", "--prototypes", scores, "--out", out], "--features"),
+        (["--features", scores, "--prototypes", "", "--out", out], "--prototypes"),
+    ]:
+        assert main(["assign", *args]) == EXIT_INPUT, args
+        assert f"error: {flag} is an empty path (''): give a file name" in capsys.readouterr().err, args
+    assert not os.path.exists(out)
     assert main(["assign", str(scores_file), "--out", str(tmp_path)]) == EXIT_OUTPUT  # a directory
     assert "is a directory" in capsys.readouterr().err
     assert main(["assign", str(scores_file), "--out", str(tmp_path / "no-such-dir" / "y.npy")]) == EXIT_OUTPUT
