@@ -365,6 +365,7 @@ def read_cluster_weights(args, n: int, k: int):
 def cmd_assign(args) -> int:
     import torch
 
+    from .problem import ScoreSpanError, span_error
     from .streaming import SmallChunksWarning, sinkhorn_assign_stream
 
     check_arguments(args)
@@ -397,22 +398,25 @@ def cmd_assign(args) -> int:
                 warnings.simplefilter("always", SmallChunksWarning)  # a tiny --memory-budget: said before the solve
                 warnings.showwarning = lambda message, *_: say(bar, f"otlabel: warning: --memory-budget: {message}")
                 t_solve = time.perf_counter()
-                result = sinkhorn_assign_stream(
-                    args.scores,
-                    args.epsilon,
-                    features=args.features,
-                    prototypes=args.prototypes,
-                    cluster_weights=weights,
-                    max_iter=args.max_iter,
-                    tol=args.tol,
-                    acceleration=args.acceleration,
-                    over_relaxation=args.over_relaxation,
-                    device=device,
-                    memory_budget=args.memory_budget,
-                    labels_out=labels_file.array,
-                    codes_out=None if codes_file is None else codes_file.array,
-                    callback=None if bar is None else bar.callback,
-                )
+                try:
+                    result = sinkhorn_assign_stream(
+                        args.scores,
+                        args.epsilon,
+                        features=args.features,
+                        prototypes=args.prototypes,
+                        cluster_weights=weights,
+                        max_iter=args.max_iter,
+                        tol=args.tol,
+                        acceleration=args.acceleration,
+                        over_relaxation=args.over_relaxation,
+                        device=device,
+                        memory_budget=args.memory_budget,
+                        labels_out=labels_file.array,
+                        codes_out=None if codes_file is None else codes_file.array,
+                        callback=None if bar is None else bar.callback,
+                    )
+                except ScoreSpanError as err:  # the library's fixes are tensor expressions: a file is saved anew
+                    raise InputError(str(span_error(*err.parts, files=True))) from None
                 t_solve = time.perf_counter() - t_solve
         finally:
             if bar is not None:

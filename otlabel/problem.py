@@ -49,30 +49,57 @@ def arithmetic_name(compute_dtype: torch.dtype) -> str:
     return "float64" if compute_dtype == torch.float64 else "float32"
 
 
-def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "", features: bool = False
-               ) -> ValueError:  # fmt: skip
+class ScoreSpanError(ValueError):
+    """Scores too large for their temperature (:func:`span_error`), with what the message was made from, so that the
+    command line can say the fixes in its own terms (files saved anew, ``--epsilon``)."""
+
+    def __init__(self, message: str, *parts):
+        super().__init__(message)
+        self.parts = parts  # span_error's arguments: span_error(*parts, files=True) says it for files
+
+
+def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "", features: bool = False,
+               files: bool = False) -> ScoreSpanError:  # fmt: skip
     """The error for scores too large for their temperature, with the fixes that keep the same plan (``features``:
-    the scores are features @ prototypes.T + bias, which the caller cannot shift directly)."""
+    the scores are features @ prototypes.T + bias, which the caller cannot shift directly; ``files``: the inputs
+    are ``.npy`` files named on a command line, where a tensor expression cannot be applied: they are saved anew)."""
     limit, arithmetic = max_score_span(compute_dtype), arithmetic_name(compute_dtype)
     # float64 input is already solved in float64: suggesting it again would send the caller in a circle.
     what = "features" if features else "scores"
-    wider = "" if compute_dtype == torch.float64 else f"pass float64 {what} (allowed up to 1e11), or "
-    if features:
-        fixes = (
-            "L2-normalise the features and the prototypes (cosine scores, as SwAV does), subtract the bias's "
-            "maximum (a shift shared by all clusters changes nothing), "
-        )
+    if files:
+        wider = "" if compute_dtype == torch.float64 else f"save the {what} as float64 (allowed up to 1e11), or "
+        if features:
+            fixes = (
+                "Save the features and the prototypes L2-normalised (cosine scores, as SwAV does): x = np.load(path); "
+                "np.save(path, x / np.linalg.norm(x, axis=-1, keepdims=True)) for each, "
+            )
+        else:
+            fixes = (
+                "Save the scores shifted by each sample's maximum (s = np.load(path); np.save(path, s - s.max(axis=-1, "
+                "keepdims=True))) or, for a cluster far below the rest, by each cluster's (s.max(axis=-2, "
+                "keepdims=True)): such shifts change nothing. Or "
+            )
+        fixes += wider or ("or " if features else "")
+        last = "give a larger --epsilon (it is in the units of the scores: 0.05 for cosine similarities)."
     else:
-        fixes = (
-            "Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True)) or, for a cluster far "
-            "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or "
-        )
-    fixes += wider or ("or " if features else "")  # then the last fix: raise epsilon
-    return ValueError(
+        wider = "" if compute_dtype == torch.float64 else f"pass float64 {what} (allowed up to 1e11), or "
+        if features:
+            fixes = (
+                "L2-normalise the features and the prototypes (cosine scores, as SwAV does), subtract the bias's "
+                "maximum (a shift shared by all clusters changes nothing), "
+            )
+        else:
+            fixes = (
+                "Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True)) or, for a cluster far "
+                "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or "
+            )
+        fixes += wider or ("or " if features else "")  # then the last fix: raise epsilon
+        last = "raise epsilon (it is in the units of the scores: 0.05 for cosine similarities)."
+    message = (
         f"scores / epsilon reach {span_over_eps:.3g}{detail}: beyond {limit:.0e}, {arithmetic} arithmetic cannot "
-        f"resolve the balanced plan to the default tol. {fixes}raise epsilon (it is in the units of the scores: "
-        "0.05 for cosine similarities)."
-    )  # fmt: skip
+        f"resolve the balanced plan to the default tol. {fixes}{last}"
+    )
+    return ScoreSpanError(message, span_over_eps, compute_dtype, detail, features)
 
 
 @dataclass

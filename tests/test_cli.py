@@ -194,6 +194,29 @@ def test_boolean_cluster_weights_file_is_refused(scores_file, tmp_path, capsys):
     assert os.listdir(tmp_path) == ["w.npy"]
 
 
+def test_score_span_error_gives_command_line_fixes(tmp_path, capsys):
+    """Scores too large for their epsilon were told "scores - scores.amax(-1, keepdim=True)" and "raise epsilon",
+    tensor code a command line cannot run: the file saved anew, or a larger --epsilon, instead."""
+    scores = random_problem(20, 3, seed=1).numpy()
+    scores[3] -= 1e4  # one sample far below the others
+    np.save(tmp_path / "s.npy", scores)
+    assert main(["assign", str(tmp_path / "s.npy"), "--out", str(tmp_path / "y.npy"), "-q"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("otlabel: error: scores / epsilon reach 2e+05"), err
+    assert "np.save(path, s - s.max(axis=-1, keepdims=True))" in err and "give a larger --epsilon" in err, err
+    assert "amax(" not in err and "raise epsilon" not in err, err
+    assert os.listdir(tmp_path) == ["s.npy"]
+    np.save(tmp_path / "f.npy", np.full((20, 4), 1e3, np.float32))
+    np.save(tmp_path / "p.npy", np.eye(3, 4, dtype=np.float32) * 1e3)
+    args = ["--features", str(tmp_path / "f.npy"), "--prototypes", str(tmp_path / "p.npy")]
+    assert main(["assign", *args, "--out", str(tmp_path / "y.npy"), "-q"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "np.save(path, x / np.linalg.norm(x, axis=-1, keepdims=True))" in err and "--epsilon" in err, err
+    assert "bias" not in err and "raise epsilon" not in err, err
+    with pytest.raises(ValueError, match=r"amax\(-1, keepdim=True\).* raise epsilon"):  # the library's own words
+        sinkhorn_assign(torch.from_numpy(scores), 0.05)
+
+
 def test_float32_cluster_weights_file_that_a_mask_fills_exactly(tmp_path):
     """A float32 weights file [3/7, 4/7] with 3 of 7 samples confined to cluster 0: feasible up to the rounding of
     float32, and the command treats it as sinkhorn_assign does (it was refused: the file was read as float64)."""
