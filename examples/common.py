@@ -442,6 +442,8 @@ def solver_errors(epsilon_flag: str):
 def finish(name: str, args: argparse.Namespace, rows: list[dict], state: dict) -> dict:
     """Print the table; with ``--out`` write <name>_results.json and the checkpoint <name>.pt. Return the results."""
     print(format_table(rows))
+    if args.quick:  # one epoch on 400 samples often collapses (SwAV: NMI 0, balance 10.00): not a result to report
+        print("--quick: a smoke test (one short epoch on 400 samples); these figures are not results.")
     results = {
         "trainer": name,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

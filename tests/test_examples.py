@@ -46,14 +46,23 @@ def assert_balanced(labels: torch.Tensor, k: int, slack: float = 1.2):
     assert counts.min() > 0 and counts.max() <= slack * len(labels.flatten()) / k, counts.tolist()
 
 
-def test_sela_quick(tmp_path):
+def test_sela_quick(tmp_path, capsys):
     results, ckpt = run(sela, tmp_path, "--heads", "2", "--k", "12")
+    # One short epoch collapses often (SwAV: NMI 0, balance 10.00): the table says its figures are not results
+    assert "--quick: a smoke test" in capsys.readouterr().out.split("balance: largest cluster")[1]
     assert ckpt["labels"].shape == (2, 400)  # (T, N): one label per head and sample
     for head_labels in ckpt["labels"]:  # after 3 SGD steps the logits are nearly flat: the argmax of a soft plan
         assert_balanced(head_labels, 12, slack=3.0)
     assert ckpt["cluster_potentials"].shape == (2, 12)
     assert len(results["rows"][0]["label_steps"]) == 2
     assert results["rows"][0]["acc_mapping"] == "majority"  # K = 12 > 10 classes
+
+
+def test_only_quick_runs_say_their_figures_are_not_results(capsys):
+    rows = [{"method": "k-means on raw pixels", "k": 10, "nmi": 0.7, "ari": 0.6, "acc": 0.8, "balance": 1.2,
+             "seconds": 0.1}]  # fmt: skip
+    common.finish("sela", sela.parse_args([]), rows, {})
+    assert "smoke test" not in capsys.readouterr().out
 
 
 def test_sela_self_label_is_balanced():
