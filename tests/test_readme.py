@@ -66,3 +66,14 @@ def test_checking_fragment_runs():
     scores = torch.randn(60, 4)
     namespace = dict(scores=scores)
     exec(compile(python_blocks()[3], "README.md python block 4", "exec"), namespace)
+
+
+def test_streamed_labels_copy_is_described_with_its_exception():
+    """The README said labels written to a path come back as a copy in memory, leaving out sinkhorn_assign_stream's
+    exception (tested in test_streaming): not when the copy would take more than an eighth of the available memory."""
+    from otlabel import sinkhorn_assign_stream
+
+    text = " ".join(README.read_text().split())
+    assert "labels written to a path come back as a copy in memory, unless" in text
+    assert "more than an eighth of the available memory (then, like codes, as a view of their file)" in text
+    assert "more than an eighth of the available memory" in " ".join(sinkhorn_assign_stream.__doc__.split())
