@@ -127,10 +127,19 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
     b = None if bias is None else open_host_array(bias, "bias", copy_reversed=True).double()
     check_feature_shapes(z.shape, c.shape, None if b is None else b.shape)
     check_bias(b)  # what the other paths say of a bias, before the scores' own checks
+    for name, x in (("features", z), ("prototypes", c)):  # named, as the other paths do, not as "scores contain NaN"
+        if not bool(torch.isfinite(x).all()):
+            raise not_finite_error(name)
     scores = torch.matmul(z, c.transpose(-1, -2))  # (N, K) or (H, N, K)
     if b is not None:  # (K,) or (H, K); a (1, K) bias of unbatched (K, D) prototypes keeps the scores (N, K)
         scores = scores + (b.reshape(-1, 1, b.shape[-1]) if c.ndim == 3 else b.reshape(-1))
     return scores
+
+
+def not_finite_error(name: str) -> ValueError:
+    """The error for ``features`` or ``prototypes`` holding NaN or inf, on every features path."""
+    fix = " Fix the model output." if name == "features" else ""
+    return ValueError(f"{name} contain NaN or inf; they must be finite vectors.{fix}")
 
 
 def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torch.Tensor, epsilon=None) -> None:
@@ -147,9 +156,9 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
         verdicts += [~(torch.isnan(bias) | torch.isposinf(bias) | (torch.isneginf(bias) & (cluster_weights > 0))).any()]
     features_ok, prototypes_ok, span_ok, *bias_ok = torch.stack(verdicts).tolist()
     if not features_ok:
-        raise ValueError("features contain NaN or inf; they must be finite vectors. Fix the model output.")
+        raise not_finite_error("features")
     if not prototypes_ok:
-        raise ValueError("prototypes contain NaN or inf; they must be finite vectors.")
+        raise not_finite_error("prototypes")
     if not all(bias_ok):
         check_bias(bias, cluster_weights)
     if not span_ok:

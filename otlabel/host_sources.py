@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .backends.torch_backend import NEG_INF, compute_dtype, in_callers_mode
-from .features import check_bias, check_feature_shapes
+from .features import check_bias, check_feature_shapes, not_finite_error
 from .inputs import open_host_array
 from .problem import autocast_off
 from .solver import is_number
@@ -228,7 +228,7 @@ class FeatureSource(ScoreSource):
         self.dtype = compute_dtype(host.dtype)
         self.proto_t = protos.to(self.device, self.dtype).transpose(1, 2).contiguous()  # (H, D, K)
         if not bool(torch.isfinite(self.proto_t).all()):
-            raise ValueError("prototypes contain NaN or inf; they must be finite vectors.")
+            raise not_finite_error("prototypes")
         self.bias = None
         if bias is not None:
             bias = bias.to(self.device, self.dtype)

@@ -179,6 +179,11 @@ def test_features_mode_errors_name_the_features(tmp_path):
         sinkhorn_assign(features=z, prototypes=c[:, :3])
     with pytest.raises(ValueError, match="prototypes= needs features="):
         sinkhorn_assign(prototypes=c)
+    for name in ("features", "prototypes"):  # the reference backend's dense scores blamed "scores contain NaN"
+        bad = {"features": z.clone(), "prototypes": c.clone()}
+        bad[name][3, 1] = float("nan")
+        with pytest.raises(ValueError, match=f"^{name} contain NaN or inf; they must be finite vectors"):
+            sinkhorn_assign(**bad, backend="reference")
     bias = torch.randn(1, 5)
     ref = sinkhorn_assign(features=z, prototypes=c, bias=bias, backend="reference", tol=None, max_iter=20)
     res = sinkhorn_assign(features=z, prototypes=c, bias=bias, backend="torch", tol=None, max_iter=20)
