@@ -7,7 +7,15 @@ import pytest
 import torch
 from helpers import offset_scores, random_problem
 
-from otlabel import ConvergenceWarning, exact_plan, sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
+from otlabel import (
+    ConvergenceWarning,
+    exact_assign,
+    exact_plan,
+    sela_sinkhorn,
+    sinkhorn_assign,
+    sinkhorn_assign_sharded,
+    sinkhorn_assign_stream,
+)
 from otlabel.problem import MAX_SCORE_SPAN_FP32, _autocast_takes_a_device_type
 
 S = random_problem(10, 4, seed=40)
@@ -864,3 +872,37 @@ def test_one_read_validation_judges_as_torchs_reductions(case, zero_weight, monk
     if case != "valid" and not (case == "zeros"):
         assert fast[0] == "raised", case
     assert [repr(e) for e in fast[2]] == [repr(e) for e in slow[2]]  # the zeros' signs too
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    return str(tmp_path / "file.txt" / "labels.npy")
+
+
+S12 = random_problem(12, 3, seed=41)
+MASKED12 = S12.clone()
+MASKED12[:11, 0] = -torch.inf  # cluster 0 needs 4 of the 12 samples; one may go there
+RARE_ERRORS = {  # user errors no other test reached (a coverage run found them): each says what to do
+    "bias with scores": (lambda tmp: sinkhorn_assign(S12, 0.5, bias=torch.zeros(3)), "with scores, add it to them"),
+    "epsilon_scaling of 1.5": (lambda tmp: sinkhorn_assign(S12, 0.5, epsilon_scaling=1.5), r"a float in \(0, 1\)"),
+    "1/epsilon beyond float32": (lambda tmp: sinkhorn_assign(torch.zeros(5, 3), 1e-40), "Pass float64 scores"),
+    "batched scores to exact_plan": (lambda tmp: exact_plan(torch.randn(2, 6, 3)), "loop over heads yourself"),
+    "unknown exact method": (lambda tmp: exact_plan(S12, method="simplex"), "'pot' or 'linprog'"),
+    "exact_assign with no plan": (lambda tmp: exact_assign(MASKED12), "no feasible plan: relax the mask"),
+    "sela_sinkhorn tol of -1": (lambda tmp: sela_sinkhorn(S12.numpy(), tol=-1.0), "or None for exactly n_iter"),
+    "labels_out on the meta device": (
+        lambda tmp: sinkhorn_assign_stream(S12, 0.5, labels_out=torch.empty(12, dtype=torch.int64, device="meta")),
+        "must be on the CPU",
+    ),
+    "labels_out under a file": (
+        lambda tmp: sinkhorn_assign_stream(S12, 0.5, labels_out=_under_a_file(tmp)),
+        "labels_out: cannot write",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RARE_ERRORS))
+def test_rarely_reached_user_errors_say_what_to_do(case, tmp_path):
+    call, words = RARE_ERRORS[case]
+    with pytest.raises(ValueError, match=words):
+        call(tmp_path)
