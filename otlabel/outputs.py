@@ -116,7 +116,8 @@ class AtomicNpy:
         if os.path.exists(self.path) and not os.path.isfile(self.path):  # renaming over /dev/null would replace it
             raise OutputError(f"cannot write {path!r}: it is not a regular file (a device, pipe or socket)")
         if not os.path.isdir(folder):
-            raise OutputError(f"cannot write {path!r}: directory {folder!r} does not exist")
+            what = "is a file, not a directory" if os.path.exists(folder) else "does not exist"
+            raise OutputError(f"cannot write {path!r}: directory {folder!r} {what}")
         mode = stat.S_IMODE(os.stat(self.path).st_mode) if os.path.exists(self.path) else None
         if mode is not None and not mode & stat.S_IWUSR:  # the rename would replace it: refuse as a write would
             raise OutputError(f"cannot write {path!r}: it is read-only (mode {mode:o}); make it writable "
