@@ -373,3 +373,28 @@ def test_score_maxima_reads_the_smallest_score_of_every_range(last_range, monkey
         assert maxima is not None and maxima[2] == -math.inf
     else:
         assert maxima is None  # torch's reductions: validation names the NaN
+
+
+@pytest.mark.parametrize("n_clusters", [7, cpu_kernels.SOFTMAX_VECTOR_MIN_K, cpu_kernels.EXP_BLOCK_MAX_K])
+@pytest.mark.parametrize("n_heads", [None, 3])
+def test_strided_kernel_and_codes_are_filled_as_contiguous_ones(n_clusters, n_heads):
+    """A strided ``kernel`` or ``codes`` (a column slice, a transpose) gets bitwise the values of a C-contiguous one:
+    the short rows' block exponential reads C-contiguous rows as one flat array, which Numba refused to compile for a
+    strided array (a TypingError, where the row-at-a-time loop before it took any layout)."""
+    k, heads = n_clusters, () if n_heads is None else (n_heads,)
+    s = torch.randn(*heads, 300, k, generator=torch.Generator().manual_seed(k)) * 3
+    s[..., 13, 0] = -math.inf
+    b = torch.randn(*heads, k)
+    want_kernel, want_shift = torch.full((*heads, 300, k), float("nan")), torch.full((*heads, 300), float("nan"))
+    cpu_kernels.exp_kernel_rows(s, 20.0, b, 10, 290, want_kernel, want_shift)
+    want_labels, want_codes = torch.full((*heads, 300), -1), torch.full((*heads, 300, k), float("nan"))
+    cpu_kernels.softmax_rows(s, 20.0, b, 10, 290, want_labels, want_codes)
+    strided = {"column slice": lambda: torch.full((*heads, 300, k + 3), float("nan"))[..., :k],
+               "transposed": lambda: torch.full((*heads, k, 300), float("nan")).transpose(-1, -2)}  # fmt: skip
+    for layout, empty in strided.items():
+        kernel, shift = empty(), torch.full((*heads, 300), float("nan"))
+        cpu_kernels.exp_kernel_rows(s, 20.0, b, 10, 290, kernel, shift)
+        assert torch.equal(_bits(kernel), _bits(want_kernel)) and torch.equal(_bits(shift), _bits(want_shift)), layout
+        labels, codes = torch.full((*heads, 300), -1), empty()
+        cpu_kernels.softmax_rows(s, 20.0, b, 10, 290, labels, codes)
+        assert torch.equal(labels, want_labels) and torch.equal(_bits(codes), _bits(want_codes)), layout

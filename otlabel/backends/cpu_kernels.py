@@ -385,7 +385,13 @@ def exp_kernel_rows(scores, inv_eps: float, b0, lo: int, hi: int, kernel, row_sh
     """Fill rows ``[lo, hi)`` of the float32 ``kernel`` (N, K) with ``exp(scores * inv_eps + b0 - m)`` and
     ``row_shift`` (N,) with the row maxima ``m``; ``-inf`` scores give exact zeros. Or the same for every head of
     (H, N, K) scores, (H, K) ``b0``, (H, N, K) ``kernel`` and (H, N) ``row_shift``, in one compiled call. Needs
-    :func:`available`."""
+    :func:`available`. ``kernel`` may be strided (it is then filled through a C-contiguous copy of its rows)."""
+    if not kernel.is_contiguous():  # the compiled loop reads a block of rows as one flat array (_exp_block)
+        rows = kernel[..., lo:hi, :]
+        staged = torch.empty(rows.shape, dtype=kernel.dtype)  # the same values, entry by entry
+        exp_kernel_rows(scores[..., lo:hi, :], inv_eps, b0, 0, hi - lo, staged, row_shift[..., lo:hi])
+        rows.copy_(staged)
+        return
     s, b, g, m = _head_arrays(scores.dim() == 2, scores, b0, kernel, row_shift)
     _exp_kernel_rows(s, np.float32(inv_eps), b, lo, hi, g, m)
 
@@ -395,7 +401,14 @@ def softmax_rows(scores, inv_eps: float, b, lo: int, hi: int, labels, codes=None
     scores with (H, K) ``b``, in one pass: ``labels`` (N,) or (H, N) int64 gets the first ``argmax_k x`` and ``codes``
     (N, K) or (H, N, K) float32, if given, ``softmax(x)``; both written in place. All heads go in one compiled call
     (a call per head cost more than the pass itself for many small heads). Entries below ``e^-87`` of a row's
-    largest become exact zeros (torch's softmax gives subnormals there, < 1e-38). Needs :func:`available`."""
+    largest become exact zeros (torch's softmax gives subnormals there, < 1e-38). ``codes`` may be strided (then
+    filled through a C-contiguous copy of its rows). Needs :func:`available`."""
+    if codes is not None and not codes.is_contiguous():  # as in exp_kernel_rows: short rows go a block at a time
+        rows = codes[..., lo:hi, :]
+        staged = torch.empty(rows.shape, dtype=codes.dtype)
+        softmax_rows(scores[..., lo:hi, :], inv_eps, b, 0, hi - lo, labels[..., lo:hi], staged)
+        rows.copy_(staged)
+        return
     s, vec, out, q = _head_arrays(scores.dim() == 2, scores, b, labels, codes)
     want_codes = q is not None
     q = q if want_codes else np.empty((s.shape[0], 0, s.shape[2]), dtype=np.float32)  # unused
