@@ -68,7 +68,9 @@ def test_argmax_rows_takes_the_first_maximum(n_clusters):
     assert labels[0] == 0 and labels[1] == 0 and labels[2] == n_clusters - 1 and not (labels == 4).any()
 
 
-@pytest.mark.parametrize("n_clusters", [12, cpu_kernels.SOFTMAX_VECTOR_MIN_K, 41])  # a scalar and a vectorised max
+@pytest.mark.parametrize(
+    "n_clusters", [12, cpu_kernels.SOFTMAX_VECTOR_MIN_K - 1, cpu_kernels.SOFTMAX_VECTOR_MIN_K, 41]
+)  # a scalar max (blocks of rows, ranges cutting them; at its largest K) and a vectorised one
 def test_softmax_rows_is_the_float64_softmax_and_its_first_argmax(n_clusters):
     """Against the float64 softmax of the same float32 logits: ``1 / eps = 16`` makes ``16 s`` exact, so ``x`` is
     rounded once, as the compiled loop rounds it (fused multiply-add or not). (At 1 / eps = 20 the float32 rounding of
@@ -104,6 +106,19 @@ def test_softmax_rows_is_the_float64_softmax_and_its_first_argmax(n_clusters):
     labels_only = torch.full((300,), -1, dtype=torch.int64)
     cpu_kernels.softmax_rows(s, 16.0, b, 0, 300, labels_only)  # no codes: the labels alone
     assert torch.equal(labels_only, x.argmax(dim=1))
+
+
+def test_softmax_rows_with_one_cluster():
+    """K = 1: every label 0 and every code exactly 1, over several blocks of rows (2,048 rows each) that the range
+    cuts, codes or not."""
+    s = torch.randn(2, 5000, 1, generator=torch.Generator().manual_seed(1)) * 3
+    b = torch.randn(2, 1)
+    for codes in (torch.full((2, 5000, 1), float("nan")), None):
+        labels = torch.full((2, 5000), -1, dtype=torch.int64)
+        cpu_kernels.softmax_rows(s, 20.0, b, 7, 4990, labels, codes)
+        assert (labels[:, 7:4990] == 0).all() and (labels[:, :7] == -1).all() and (labels[:, 4990:] == -1).all()
+        if codes is not None:
+            assert (codes[:, 7:4990] == 1.0).all() and codes[:, :7].isnan().all() and codes[:, 4990:].isnan().all()
 
 
 def test_softmax_rows_takes_every_head_in_one_call():
