@@ -54,6 +54,10 @@ TILE_ROWS = 256
 # 1.43x at K = 48, 2.1x and 1.8x at K = 100; the labels from the kernel 4.4x at K = 10, 1.03x at K = 64, 0.83x at
 # K = 96, 0.5x at K = 500.
 SOFTMAX_VECTOR_MIN_K = 24
+# The two read-outs agree bitwise except on NaN logits (validation rejects NaN scores): the short one's float maximum
+# skips a NaN (label: the first maximum of the other logits; the NaN's code 0, the row's other codes finite), the long
+# one's order keys take a positive NaN as the maximum, as torch.argmax does (that row's codes NaN). So at K = 16-23
+# such rows read out differently since the threshold moved from 16 (session 22).
 ARGMAX_VECTOR_MIN_K = 96
 # Kernel rows shorter than this take their exponentials a block of rows at once (:func:`_exp_block`): the compiler's
 # vector loop over one row leaves the entries past its last full vector to a scalar remainder, a whole short row.
