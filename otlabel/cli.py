@@ -250,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CODES.npy",
         help="float32 (N, K) soft assignments, (H, N, K) for H heads; written atomically",
     )
-    out.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    out.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bar and no summary (a run that does not converge still says so on stderr)",
+    )
     p.set_defaults(func=cmd_assign)
 
     d = sub.add_parser(
@@ -437,6 +442,8 @@ def cmd_assign(args) -> int:
                           time.perf_counter() - t_start)  # fmt: skip
         except BrokenPipeError:  # stdout's reader is gone (| head): the outputs are written all the same
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    elif not result.converged:  # quiet is no summary, not silence: non-convergence is never silent
+        print(f"otlabel: warning: {convergence_state(args, result)}", file=sys.stderr, flush=True)
     if args.strict and not result.converged:
         return EXIT_NOT_CONVERGED
     return EXIT_OK
@@ -506,18 +513,21 @@ class progress_bar:
             self.bar.close()
 
 
-def print_summary(args, what, device, result, counts, weights, n, t_solve, t_write, t_total) -> None:
+def convergence_state(args, result) -> str:
+    """One line: converged, or not and what to do about it."""
     from .solver import describe_error
 
     err = result.marginal_error
-    state = (
-        f"converged, marginal error {err:.2e} < tol {args.tol:g}"
-        if result.converged
-        else (
-            f"NOT converged: {describe_error(err, args.tol)} after --max-iter {args.max_iter}; raise "
-            "--max-iter or --epsilon"
-        )
+    if result.converged:
+        return f"converged, marginal error {err:.2e} < tol {args.tol:g}"
+    return (
+        f"NOT converged: {describe_error(err, args.tol)} after --max-iter {args.max_iter}; raise --max-iter or "
+        "--epsilon"
     )
+
+
+def print_summary(args, what, device, result, counts, weights, n, t_solve, t_write, t_total) -> None:
+    state = convergence_state(args, result)
     small, large = np.unravel_index(counts.argmin(), counts.shape), np.unravel_index(counts.argmax(), counts.shape)
     head = lambda idx: f"cluster {idx[1]}" + (f", head {idx[0]}" if counts.shape[0] > 1 else "")
     k = counts.shape[1]

@@ -217,6 +217,17 @@ def test_score_span_error_gives_command_line_fixes(tmp_path, capsys):
         sinkhorn_assign(torch.from_numpy(scores), 0.05)
 
 
+def test_quiet_is_no_summary_but_not_silence_on_non_convergence(scores_file, tmp_path, capsys):
+    """-q printed nothing at all when the solve stopped at --max-iter unconverged (exit 0 without --strict): the
+    library never is silent about that, nor is the command now. A converged quiet run prints nothing."""
+    args = ["assign", str(scores_file), "--out", str(tmp_path / "y.npy"), "-q"]
+    assert main([*args, "--max-iter", "2", "--tol", "1e-9"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("otlabel: warning: NOT converged: marginal error") and "--max-iter 2" in err
+    assert main(args) == 0
+    assert capsys.readouterr() == ("", "")
+
+
 def test_float32_cluster_weights_file_that_a_mask_fills_exactly(tmp_path):
     """A float32 weights file [3/7, 4/7] with 3 of 7 samples confined to cluster 0: feasible up to the rounding of
     float32, and the command treats it as sinkhorn_assign does (it was refused: the file was read as float64)."""
