@@ -311,3 +311,24 @@ def test_cpu_readout_benchmark_runs_and_restores_the_read_out(capsys):
     assert LogDomainOperator.assign is compiled
     out = capsys.readouterr().out
     assert "| 300 x 8 | 0.05 |" in out and "read-outs agree" in out, out
+
+
+def test_cpu_loops_side_by_side_fails_on_a_baseline_that_computes_otherwise(tmp_path, capsys):
+    """benchmarks/cpu_loops.py with --baseline: the same module passes (every output bitwise equal, ratios printed
+    last); a copy whose exponential floor differs (-80 instead of -87 nats) fails."""
+    from otlabel.backends import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("numba is not installed")
+    from benchmarks import cpu_loops
+
+    source = Path(cpu_kernels.__file__).read_text()
+    same, other = tmp_path / "same.py", tmp_path / "other.py"
+    same.write_text(source)
+    other.write_text(source.replace("_EXP_FLOOR = np.float32(-87.0)", "_EXP_FLOOR = np.float32(-80.0)"))
+    assert other.read_text() != source
+    assert cpu_loops.main(["--sizes", "40x10", "--repeats", "1", "--baseline", str(same)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("x |")
+    scores_far_apart = ["--sizes", "40x10", "--repeats", "1", "--baseline", str(other)]  # randn * 20: spans > 80 nats
+    assert cpu_loops.main(scores_far_apart) == 1
+    assert "outputs differ from the baseline's: 40x10 kernel build" in capsys.readouterr().err
