@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .backends.torch_backend import NEG_INF, compute_dtype, in_callers_mode
+from .backends.torch_backend import compute_dtype, in_callers_mode
 from .features import check_bias, check_feature_shapes, not_finite_error
 from .inputs import open_host_array
 from .problem import autocast_off
 from .solver import is_number
-from .sources import ScoreSource, column_max, maxima_dtype, row_chunks
+from .sources import ScoreSource
 
 __all__ = ["FeatureSource", "HostSource", "default_memory_budget"]
 
@@ -189,12 +189,6 @@ class HostSource(ScoreSource):
     def chunk(self, rows: slice) -> torch.Tensor:
         return self.stream.get(rows)  # (H, T, K)
 
-    def column_max(self) -> torch.Tensor:
-        out = torch.full((self.n_heads, self.n_clusters), NEG_INF, dtype=maxima_dtype(self.dtype), device=self.device)
-        for rows in row_chunks(self.n_samples, 1, self.rows_per_chunk):
-            out = torch.maximum(out, column_max(self.chunk(rows)).to(out.dtype))
-        return out
-
 
 class FeatureSource(ScoreSource):
     """Scores computed on the fly: ``S[h, j, k] = <Z[j], C[h, k]> (+ bias[h, k])``, one chunk of samples at a time.
@@ -259,8 +253,5 @@ class FeatureSource(ScoreSource):
         return torch.baddbmm(shift.expand(h, t, -1), z.expand(h, -1, -1), self.proto_t, alpha=inv_eps, out=out)
 
     def column_max(self) -> torch.Tensor:
-        out = torch.full((self.n_heads, self.n_clusters), NEG_INF, device=self.device)
         with autocast_off():  # on the caller's thread: the products in float32, as in the passes
-            for rows in row_chunks(self.n_samples, 1, self.rows_per_chunk):
-                out = torch.maximum(out, column_max(self.chunk(rows)))
-        return out
+            return super().column_max()

@@ -58,6 +58,29 @@ class ScoreSpanError(ValueError):
         self.parts = parts  # span_error's arguments: span_error(*parts, files=True) says it for files
 
 
+# The shifts and normalisations that keep the plan, by (features, files): as tensor expressions for the API, as files
+# saved anew for the command line (see span_error).
+_SPAN_FIXES = {
+    (False, False): (
+        "Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True)) or, for a cluster far "
+        "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or "
+    ),
+    (True, False): (
+        "L2-normalise the features and the prototypes (cosine scores, as SwAV does), subtract the bias's "
+        "maximum (a shift shared by all clusters changes nothing), "
+    ),
+    (False, True): (
+        "Save the scores shifted by each sample's maximum (s = np.load(path); np.save(path, s - s.max(axis=-1, "
+        "keepdims=True))) or, for a cluster far below the rest, by each cluster's (s.max(axis=-2, "
+        "keepdims=True)): such shifts change nothing. Or "
+    ),
+    (True, True): (
+        "Save the features and the prototypes L2-normalised (cosine scores, as SwAV does): x = np.load(path); "
+        "np.save(path, x / np.linalg.norm(x, axis=-1, keepdims=True)) for each, "
+    ),
+}
+
+
 def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "", features: bool = False,
                files: bool = False) -> ScoreSpanError:  # fmt: skip
     """The error for scores too large for their temperature, with the fixes that keep the same plan (``features``:
@@ -66,35 +89,11 @@ def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "
     limit, arithmetic = max_score_span(compute_dtype), arithmetic_name(compute_dtype)
     # float64 input is already solved in float64: suggesting it again would send the caller in a circle.
     what = "features" if features else "scores"
-    if files:
-        wider = "" if compute_dtype == torch.float64 else f"save the {what} as float64 (allowed up to 1e11), or "
-        if features:
-            fixes = (
-                "Save the features and the prototypes L2-normalised (cosine scores, as SwAV does): x = np.load(path); "
-                "np.save(path, x / np.linalg.norm(x, axis=-1, keepdims=True)) for each, "
-            )
-        else:
-            fixes = (
-                "Save the scores shifted by each sample's maximum (s = np.load(path); np.save(path, s - s.max(axis=-1, "
-                "keepdims=True))) or, for a cluster far below the rest, by each cluster's (s.max(axis=-2, "
-                "keepdims=True)): such shifts change nothing. Or "
-            )
-        fixes += wider or ("or " if features else "")
-        last = "give a larger --epsilon (it is in the units of the scores: 0.05 for cosine similarities)."
-    else:
-        wider = "" if compute_dtype == torch.float64 else f"pass float64 {what} (allowed up to 1e11), or "
-        if features:
-            fixes = (
-                "L2-normalise the features and the prototypes (cosine scores, as SwAV does), subtract the bias's "
-                "maximum (a shift shared by all clusters changes nothing), "
-            )
-        else:
-            fixes = (
-                "Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True)) or, for a cluster far "
-                "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or "
-            )
-        fixes += wider or ("or " if features else "")  # then the last fix: raise epsilon
-        last = "raise epsilon (it is in the units of the scores: 0.05 for cosine similarities)."
+    pass_float64 = f"save the {what} as float64" if files else f"pass float64 {what}"
+    wider = "" if compute_dtype == torch.float64 else f"{pass_float64} (allowed up to 1e11), or "
+    fixes = _SPAN_FIXES[features, files] + (wider or ("or " if features else ""))
+    last = "give a larger --epsilon" if files else "raise epsilon"
+    last += " (it is in the units of the scores: 0.05 for cosine similarities)."
     message = (
         f"scores / epsilon reach {span_over_eps:.3g}{detail}: beyond {limit:.0e}, {arithmetic} arithmetic cannot "
         f"resolve the balanced plan to the default tol. {fixes}{last}"

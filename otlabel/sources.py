@@ -43,6 +43,7 @@ class ScoreSource:
     device: torch.device
     dtype: torch.dtype  # dtype of the chunks handed out (fp16/bf16/fp32/fp64)
     random_access: bool = False  # True: chunks may be requested in any order and from several threads
+    rows_per_chunk: int | None = None  # streamed sources: the rows their buffers hold, which one pass reads at a time
 
     def chunk(self, rows: slice) -> torch.Tensor:
         """Scores of samples ``rows`` for every head and cluster: (H, T, K) on ``self.device``."""
@@ -52,9 +53,15 @@ class ScoreSource:
         """``max_j S[h, j, k]`` (H, K) in :func:`maxima_dtype`, one pass; ``-inf`` for a cluster no sample may reach."""
         out = torch.full((self.n_heads, self.n_clusters), float("-inf"), dtype=maxima_dtype(self.dtype),
                          device=self.device)  # fmt: skip
-        for rows in row_chunks(self.n_samples, self.n_heads * self.n_clusters, 1 << 22):
+        for rows in self.column_max_chunks():
             out = torch.maximum(out, column_max(self.chunk(rows)).to(out.dtype))
         return out
+
+    def column_max_chunks(self):
+        """The row ranges :meth:`column_max` reads: a streamed source's own chunks, else ~4M scores each."""
+        if self.rows_per_chunk is not None:
+            return row_chunks(self.n_samples, 1, self.rows_per_chunk)
+        return row_chunks(self.n_samples, self.n_heads * self.n_clusters, 1 << 22)
 
 
 def maxima_dtype(dtype: torch.dtype) -> torch.dtype:
