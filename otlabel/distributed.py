@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 import warnings
 import weakref
@@ -333,7 +334,8 @@ def sinkhorn_assign_sharded(
             are checked for NaN/inf before the first collective: one extra read of this rank's features.
         group: the ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD`` under
             ``torchrun``). ``None`` (or a group of one process) solves this rank's samples alone, with no
-            collectives.
+            collectives; ``group.WORLD`` is ``None`` until ``init_process_group()``, so ``None`` warns where
+            several ranks exist (initialised, or ``WORLD_SIZE`` > 1 from the launcher).
         sample_weights: this rank's slice ``(N_r,)`` of global sample weights that sum to 1 over all ranks.
             Default: ``1 / N`` for every sample, ``N`` the total over ranks.
         cluster_weights: ``(K,)``, the same on every rank (checked).
@@ -355,6 +357,15 @@ def sinkhorn_assign_sharded(
         warnings.warn(
             "sinkhorn_assign_sharded(group=None) solves this rank's samples alone although torch.distributed is "
             "initialised with several ranks; pass group=torch.distributed.group.WORLD to solve over all of them.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+    elif group is None and dist.is_available() and not dist.is_initialized() and launched_ranks() > 1:
+        warnings.warn(
+            f"sinkhorn_assign_sharded(group=None) solves this rank's samples alone: torch.distributed is not "
+            f"initialised, although WORLD_SIZE={launched_ranks()} says the launcher started several ranks "
+            "(torch.distributed.group.WORLD is None before init_process_group() and after destroy_process_group()). "
+            "Call torch.distributed.init_process_group() first, then pass group=torch.distributed.group.WORLD.",
             UserWarning,
             stacklevel=user_stacklevel(),
         )
@@ -678,6 +689,15 @@ def inputs_fingerprint(prototypes, bias, h: int, k: int) -> torch.Tensor:
     raw = digest.digest()
     return torch.tensor([float(int.from_bytes(raw[6 * i : 6 * i + 6], "little")) for i in range(FINGERPRINT_SIZE)],
                         dtype=torch.float64)  # fmt: skip
+
+
+def launched_ranks() -> int:
+    """The number of ranks a launcher (torchrun, or any that follows its environment) started: ``WORLD_SIZE``, or 1
+    where it is unset or not a number."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 def valid_timeout(timeout) -> bool:

@@ -334,6 +334,23 @@ def test_world_size_one_and_no_group():
     assert torch.equal(one.cluster_potentials, res.cluster_potentials)
 
 
+def test_group_world_before_init_process_group_warns_under_a_launcher(monkeypatch):
+    """``torch.distributed.group.WORLD`` is None before ``init_process_group()`` (and after
+    ``destroy_process_group()``), so passing it then is ``group=None``: each rank solved its own samples alone, without
+    a word, although the launcher (torchrun sets WORLD_SIZE) started several ranks. It warns now, saying what to do."""
+    assert not dist.is_initialized() and dist.group.WORLD is None
+    scores = random_problem(20, 3, seed=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match=r"not initialised.*WORLD_SIZE=2.*init_process_group\(\) first"):
+        res = sinkhorn_assign_sharded(scores, EPS, group=dist.group.WORLD)
+    assert res.labels.shape == (20,)  # still this rank's solve, as documented for group=None
+    for quiet in ("1", "not a number"):  # one process, or a variable that is not the launcher's: no warning
+        monkeypatch.setenv("WORLD_SIZE", quiet)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sinkhorn_assign_sharded(scores, EPS)
+
+
 def test_sharded_cpu_solve_keeps_float64_potentials():
     """The sharded operator hands the CPU kernel operator the loop's float64 potentials, as a single-process solve
     does: at eps = 0.002 rounding them to float32 every iteration (|b| ~ 85) floored the error at ~3.6e-6, and the
