@@ -116,11 +116,15 @@ def group_reference(group):
 class Collectives:
     """The few collectives the solver needs, each with a timeout; a no-op for ``group=None`` or one process."""
 
+    global_ranks = None  # each group rank's global rank (None: the same numbers), which messages name ranks by
+
     def __init__(self, group, timeout: float, data=None):
         self._group = group_reference(group)
         self.active = group is not None and dist.get_world_size(group) > 1
         self.world = dist.get_world_size(group) if self.active else 1
         self.rank = dist.get_rank(group) if group is not None else 0
+        if group is not None:  # a subgroup's ranks count from 0: "rank 1" would point the user at another process
+            self.global_ranks = [dist.get_global_rank(group, i) for i in range(dist.get_world_size(group))]
         self.timeout = timeout
         self.device = collective_device(dist.get_backend(group) if self.active else None, data)
         # Gloo gathers into one tensor from torch 2.4 (2.1 refused: "no support for _allgather_base in Gloo process
@@ -173,9 +177,18 @@ class Collectives:
             finally:
                 failure = None  # this frame is in the error's traceback: holding the error it made a cycle
         if bad:
-            raise RuntimeError(f"sinkhorn_assign_sharded: rank(s) {bad} failed computing the {what} (see the error "
-                               "on those ranks).")  # fmt: skip
+            raise RuntimeError(f"sinkhorn_assign_sharded: rank(s) {self.named(bad)} failed computing the {what} (see "
+                               "the error on those ranks).")  # fmt: skip
         return gathered[:, 1:]
+
+    def named(self, ranks) -> list[int]:
+        """Group ranks as the global ranks that the user knows the processes by."""
+        return list(ranks) if self.global_ranks is None else [self.global_ranks[i] for i in ranks]
+
+    @property
+    def name(self) -> int:
+        """This rank's global rank (0 without a group)."""
+        return self.named([self.rank])[0]
 
     def from_first_rank(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """Rank 0's ``t`` on every rank (a broadcast), on ``t``'s device."""
@@ -198,7 +211,7 @@ class Collectives:
             timed_out = waited >= 0.9 * self.timeout
             hint = " Raise timeout= if one iteration of the slowest rank takes longer." if timed_out else ""
             raise RuntimeError(
-                f"sinkhorn_assign_sharded: rank {self.rank} gave up on the {what} after {waited:.3g} s "
+                f"sinkhorn_assign_sharded: rank {self.name} gave up on the {what} after {waited:.3g} s "
                 f"(timeout={self.timeout:g}): another rank failed, exited, passed group=None, or did not call with "
                 f"the same arguments ({type(err).__name__}: {err}).{hint}"
             ) from err
@@ -267,8 +280,8 @@ class ShardedOperator(ScoreOperator):
             finally:
                 del failure
         if failed:
-            raise RuntimeError(f"sinkhorn_assign_sharded: the callback raised on rank(s) {failed} (see the error on "
-                               "those ranks); every rank stops.")  # fmt: skip
+            raise RuntimeError(f"sinkhorn_assign_sharded: the callback raised on rank(s) {self.comm.named(failed)} "
+                               "(see the error on those ranks); every rank stops.")  # fmt: skip
 
     def agree(self, b):
         # Mixed or over-relaxed iterates come out of small linear solves that may round differently on
@@ -433,9 +446,11 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
                 raise failure
             finally:
                 failure = None  # (a cycle otherwise: see sinkhorn_assign_sharded)
-        raise ValueError(f"sinkhorn_assign_sharded: rank(s) {bad} rejected their input (see the error on those ranks).")
+        raise ValueError(
+            f"sinkhorn_assign_sharded: rank(s) {comm.named(bad)} rejected their input (see the error on those ranks)."
+        )
     table = metas[:, 1:]  # (W, META_SIZE): every rank's metadata, without the failure flags
-    check_agreement(table)
+    check_agreement(table, comm.named(range(comm.world)))
     n_total = int(table[:, META_SAMPLES].sum())
     weight_sum = float(table[:, META_WEIGHT_SUM].sum())
     if c_local is None:
@@ -720,11 +735,11 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
     if features is None:
         if prototypes is not None or bias is not None:
             raise ValueError("prototypes= and bias= go with features=, not with scores.")
-        return DenseShard(scores, cluster_weights, backend, comm.rank, epsilon)
+        return DenseShard(scores, cluster_weights, backend, comm.name, epsilon)
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     if backend == "reference":
-        shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.rank, epsilon)
+        shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.name, epsilon)
         shard.fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)
         # Features to the other ranks, as given (they saw a float64 scores shard and refused it as a dtype
         # disagreement): a -inf here comes from the bias, whole columns, as on a FeatureShard.
@@ -783,12 +798,13 @@ AGREEMENT = [  # (column of the metadata, what it is, whether ranks must agree, 
 ]  # fmt: skip
 
 
-def check_agreement(meta: torch.Tensor) -> None:
-    """Raise on every rank (they all see the same table) when the ranks disagree on the problem."""
+def check_agreement(meta: torch.Tensor, ranks: list[int]) -> None:
+    """Raise on every rank (they all see the same table) when the ranks disagree on the problem; ``ranks``: how each
+    row's rank is named (global ranks)."""
     for col, what, must, shown in AGREEMENT:
         values = meta[:, col]
         if must and not bool((values == values[0]).all()):
-            per_rank = ", ".join(f"rank {i}: {shown(v)}" for i, v in enumerate(values.tolist()))
+            per_rank = ", ".join(f"rank {i}: {shown(v)}" for i, v in zip(ranks, values.tolist(), strict=True))
             raise ValueError(
                 f"sinkhorn_assign_sharded: the ranks disagree on {what} ({per_rank}). Every rank must pass "
                 "scores with the same clusters and the same solver arguments."

@@ -455,6 +455,39 @@ def test_arguments_refused_on_one_rank_fail_every_rank(tmp_path):
     spawn_workers(_one_bad_rank_worker, tmp_path)
 
 
+def _subgroup_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """A subgroup of global ranks 1 and 2 (their group ranks are 0 and 1), rank 0 left out: the errors name the ranks
+    by their global numbers, which are the ones a user knows (a message on rank 1 saying "rank 1: 5" where rank 2 had
+    passed K = 5 sent it looking at its own input)."""
+    with gloo_worker(rank, world, init_file, out_dir):
+        subgroup = dist.new_group([1, 2])
+        if rank == 0:
+            return
+        shards = [random_problem(6, K, seed=1), random_problem(9, K, seed=2)]
+        whole = sinkhorn_assign(torch.cat(shards), EPS, tol=1e-6)
+        res = sinkhorn_assign_sharded(shards[rank - 1], EPS, group=subgroup, timeout=10, tol=1e-6)
+        assert torch.equal(res.labels, whole.labels[:6] if rank == 1 else whole.labels[6:])
+        bad = rank == 2
+        with pytest.raises(ValueError, match=r"disagree on the number of clusters K .*\(rank 1: 7, rank 2: 8\)"):
+            sinkhorn_assign_sharded(random_problem(4, K + bad), EPS, group=subgroup, timeout=10)
+        nan = random_problem(4, K)
+        nan[1, 2] = float("nan") if bad else 0.0
+        expected = r"scores contain NaN .* of rank 2's shard" if bad else r"rank\(s\) \[2\] rejected their input"
+        with pytest.raises(ValueError, match=expected):
+            sinkhorn_assign_sharded(nan, EPS, group=subgroup, timeout=10)
+
+        def stop(it, err):
+            raise CallbackStop("stop")
+
+        error, expected = (CallbackStop, "stop") if bad else (RuntimeError, r"callback raised on rank\(s\) \[2\]")
+        with pytest.raises(error, match=expected):
+            sinkhorn_assign_sharded(nan.nan_to_num(), EPS, group=subgroup, timeout=10, callback=stop if bad else None)
+
+
+def test_errors_in_a_subgroup_name_global_ranks(tmp_path):
+    spawn_workers(_subgroup_worker, tmp_path, world=3)
+
+
 class CallbackStop(Exception):
     """A user's exception, raised by a callback (say, a progress bar asked to stop)."""
 
