@@ -7,7 +7,8 @@ labels-and-codes pass are captured once per problem shape; a call then checks sh
 host, copies its scores and weights into the captured buffers, replays the graph and reads the error history, the
 finiteness of the potentials and the extremes of the scores back together (one synchronisation). Results, and the
 errors bad scores raise, are bitwise those of the same call without ``cuda_graph``. (With a zero cluster weight the
-score values are checked before the replay, as without the graph: one synchronisation more.) Options a capture
+score values are checked before the replay, as without the graph: one synchronisation more. Scores with a -inf get
+the uncaptured call's mask check after the replay, which reads from the device as that check does.) Options a capture
 cannot replay are refused first, before the scores are read.
 
 Each cached shape holds a copy of the scores and a codes buffer (2 x 4·H·N·K bytes for fp32 scores: 98 MB at
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +69,9 @@ class SolveBody:
         from .solver import ClusterMarginal, steps_without_reading
 
         problem = self.buffers
-        extremes = None if problem.has_zero_weights else extremes_on_device(problem.scores)  # (4,)
+        extremes = None  # (5,): what the input checks judge, then the smallest score (-inf: a mask to check)
+        if not problem.has_zero_weights:
+            extremes = torch.cat([extremes_on_device(problem.scores), problem.scores.amin()[None]])
         operator = make_operator(problem, "triton")
         clusters = ClusterMarginal.of(problem.cluster_weights, problem.has_zero_weights)
         b, errors = steps_without_reading(operator, clusters, None, self.max_iter, self.omega)
@@ -183,14 +187,17 @@ def captured(problem: Problem, max_iter: int, omega: float) -> tuple[CapturedSol
     return entry, key, new
 
 
-def solve_captured(problem: Problem, max_iter: int, omega: float):
+def solve_captured(problem: Problem, max_iter: int, omega: float, mass_rounding: float = 0.0):
     """``(LoopOutput, labels (H, N), codes (H, N, K))`` of a fixed-iteration solve, by replaying its capture.
 
     The outputs are copies, taken before the one synchronisation (so it covers them): the next call's replay
     rewrites the captured buffers. That one read brings back the error history, whether the potentials are
     finite and the extremes of the scores: bad scores (NaN, +inf, a sample with nowhere to go, a span too large
     for epsilon) raise the error the uncaptured call would have raised, and nothing computed from them is returned.
+    Scores with a -inf then get the uncaptured call's mask check (``mass_rounding``: its allowance), after the replay:
+    a mask that leaves no balanced plan raises its error too.
     """
+    from .feasibility import check_dense_mask
     from .solver import LoopOutput, potentials_finite, raise_infeasible
 
     with _LOCK:
@@ -202,18 +209,31 @@ def solve_captured(problem: Problem, max_iter: int, omega: float):
         if entry.extremes is not None:
             parts.append(entry.extremes.double())
         history = torch.cat(parts).tolist()  # the one synchronisation
-    finite, extremes = history[max_iter], history[max_iter + 1 :]
+    finite, extremes = history[max_iter], history[max_iter + 1 : max_iter + 5]
+    masked = entry.extremes is not None and history[-1] == -math.inf  # the smallest score, after the extremes
     if extremes and not extremes_from_values(extremes).acceptable_for(problem.scores, problem.epsilon):
-        if new:  # a capture recorded for bad scores is not kept: it would hold memory, maybe in a good one's place
-            with _LOCK:
-                _CACHE.pop(key, None)
+        forget(key, new)
         check_score_values(problem.scores, problem.cluster_weights, has_zero_weights=False, epsilon=problem.epsilon,
                            batched=problem.batched)  # fmt: skip
         raise RuntimeError("otlabel: internal error: the captured input checks and the uncaptured ones disagree.")
+    if masked:  # (with a zero cluster weight the caller checked the mask)
+        try:
+            check_dense_mask(problem.scores, problem.sample_weights, problem.cluster_weights, problem.batched,
+                             mass_rounding)  # fmt: skip
+        except ValueError:
+            forget(key, new)
+            raise
     if not finite:
         raise_infeasible()
     out = LoopOutput(potentials=potentials, n_iter=max_iter, errors=history[:max_iter], converged=False)
     return out, labels, codes
+
+
+def forget(key: tuple, new: bool) -> None:
+    """Drop a capture just recorded for bad scores: it would hold memory, maybe in a good one's place."""
+    if new:
+        with _LOCK:
+            _CACHE.pop(key, None)
 
 
 def clear_cache() -> None:

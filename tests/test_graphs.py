@@ -229,17 +229,25 @@ def bad(kind):
     elif kind == "batched bf16 NaN":
         s = scores(13, h=2).to(torch.bfloat16)
         s[1, 6, 3] = float("nan")
+    elif kind == "infeasible mask":  # cluster 0 needs 1/11 of the mass, only sample 0 (1/37) may go there
+        s[1:, 0] = float("-inf")
+    elif kind == "infeasible mask, a zero weight":
+        s[1:, 1] = float("-inf")
+        weights = torch.tensor([0.0] + [0.1] * 10, dtype=torch.float64)
     return s, weights
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computing on NaN and inf, as a GPU would
 @pytest.mark.parametrize(
     "kind",
-    ["NaN", "+inf", "masked sample", "unreachable cluster", "span", "only zero-weight clusters", "batched bf16 NaN"],
-)
+    ["NaN", "+inf", "masked sample", "unreachable cluster", "span", "only zero-weight clusters", "batched bf16 NaN",
+     "infeasible mask", "infeasible mask, a zero weight"],
+)  # fmt: skip
 def test_bad_scores_raise_what_the_uncaptured_call_raises(recorder, kind):
     """The capture checks the score values inside the graph and judges them with its results: the same error, and
-    a good call after a bad one on the same capture still gets its own answer."""
+    a good call after a bad one on the same capture still gets its own answer. A mask that leaves no balanced plan
+    (every score finite or -inf, each sample and cluster with somewhere to go) returned a result: the mask check
+    was skipped with cuda_graph=True, where the uncaptured call raises before any iteration."""
     s, weights = bad(kind)
     call = dict(max_iter=3, tol=None, backend="triton", cluster_weights=weights)
     with pytest.raises(ValueError) as eager:
