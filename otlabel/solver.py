@@ -366,7 +366,11 @@ def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithme
     init = init.detach().to(device=cluster_weights.device, dtype=torch.float64).expand(h, k)
     empty = cluster_weights == 0
     if not bool(potentials_finite(init, empty)):  # zero-weight clusters get -inf whatever they held
-        raise ValueError("init contains NaN or infinite potentials for clusters with positive weight.")
+        raise ValueError(
+            "init contains NaN or infinite potentials for clusters with positive weight (a result solved with weight 0 "
+            "for a cluster holds -inf there). Give those clusters finite potentials, e.g. the smallest finite one, or "
+            "start cold with init=None."
+        )
     # Only differences between potentials matter (the sample step absorbs a constant). A start spread wider than
     # 1 / (the arithmetic's machine epsilon) is pulled in to that below its largest potential: there one ulp is a
     # nat, so no solution's potentials can be resolved that far apart, and a wider start made the first pass overflow
