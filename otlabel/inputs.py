@@ -8,6 +8,7 @@ The streamed, features, sharded and command-line paths open their inputs here (i
 from __future__ import annotations
 
 import os
+import tokenize
 
 import numpy as np
 import torch
@@ -24,6 +25,10 @@ def unreadable_npy(name: str, path: str, err: Exception) -> str:
         detail = "it is a .npy of Python objects (dtype object), not of numbers"
     elif "pickle" in str(err):  # no .npy header: NumPy takes the file for a pickle
         detail = "it is not in NumPy's .npy format"
+    elif isinstance(err, (tokenize.TokenError, SyntaxError)):  # the header is no Python dict
+        detail = "its header is damaged: NumPy cannot parse it"
+    elif isinstance(err, OverflowError):  # a shape beyond 64 bits, or a negative one memory-mapped
+        detail = f"its header is damaged: {err}"
     else:
         detail = str(err)
     return f"{name} file {path!r} is not a readable .npy array ({detail}). Save arrays with numpy.save."
@@ -36,7 +41,9 @@ def load_npy(path: str, name: str, mmap_mode: str | None = None) -> np.ndarray:
         raise FileNotFoundError(f"{name} file {path!r} does not exist.")
     try:
         x = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
+    # A damaged header escapes np.load as tokenize's TokenError ('(5, 3' for a shape) or an OverflowError (a shape
+    # beyond 64 bits, or a negative one memory-mapped), not a ValueError.
+    except (ValueError, OSError, EOFError, OverflowError, SyntaxError, tokenize.TokenError) as err:
         raise ValueError(unreadable_npy(name, path, err)) from None
     if isinstance(x, np.lib.npyio.NpzFile):  # the array checks would say "got NpzFile", naming no fix
         arrays = ", ".join(x.files) or "none"

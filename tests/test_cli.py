@@ -125,6 +125,16 @@ def npz_bytes(**arrays) -> bytes:
     return buffer.getvalue()
 
 
+def damaged_npy_bytes(shape: bytes) -> bytes:
+    """A (5, 3) float32 .npy whose header gives ``shape`` instead (a damaged file): the header keeps its length."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((5, 3), np.float32))
+    data = buffer.getvalue()
+    end = data.index(b"}") + 1  # then spaces pad the header to its length
+    header = data[:end].replace(b"(5, 3)", shape).ljust(end)
+    return header + data[len(header) :]
+
+
 @pytest.mark.parametrize(
     "make, extra, code, message",
     [
@@ -151,6 +161,9 @@ def npz_bytes(**arrays) -> bytes:
         (lambda p: p.write_bytes(npz_bytes(logits=np.zeros(3))), [], EXIT_INPUT, r"\.npz archive \(arrays: logits"),
         (lambda p: torch.save(torch.zeros(5, 3), p), [], EXIT_INPUT, r"a PyTorch file \(torch\.save\).*torch\.load"),
         (lambda p: np.save(p, np.full((5, 3), None), allow_pickle=True), [], EXIT_INPUT, r"Python objects \(dtype"),
+        # damaged headers: tokenize's TokenError and an OverflowError were internal errors (exit status 1)
+        (lambda p: p.write_bytes(damaged_npy_bytes(b"(5, 3")), [], EXIT_INPUT, r"\(its header is damaged: NumPy"),
+        (lambda p: p.write_bytes(damaged_npy_bytes(b"(99999999999999999999, 3)")), [], EXIT_INPUT, "header is damaged"),
     ],
 )
 def test_input_errors(make, extra, code, message, tmp_path, capsys):
