@@ -24,9 +24,11 @@ class OutputError(Exception):
 def refuse_overwriting_inputs(outputs: dict, inputs: dict, error=ValueError) -> None:
     """Raise ``error`` when an output (name -> path, array or None) is the file of an input or of another output.
 
-    Paths are compared after resolving links; a memory-mapped NumPy input counts by its file.
+    Paths are compared after resolving links; a memory-mapped NumPy input counts by its file. An output memmap, written
+    in place, is also compared by inode: through a hard link it is the input's file under another name (an output
+    path is renamed into place, which leaves a file under another name intact).
     """
-    seen, in_memory = {}, []
+    seen, inodes, in_memory = {}, {}, []
     for is_output, named in ((False, inputs), (True, outputs)):  # inputs first: a clashing output is the culprit
         for name, x in named.items():
             memory = _memory_of(x)
@@ -43,12 +45,18 @@ def refuse_overwriting_inputs(outputs: dict, inputs: dict, error=ValueError) -> 
             path = _file_of(x)
             if path is None:
                 continue
-            if is_output and path in seen:
+            inode = _inode_of(path)
+            clash = seen.get(path)
+            if clash is None and isinstance(x, np.memmap):
+                clash = inodes.get(inode)
+            if is_output and clash is not None:
                 raise error(
-                    f"{name} {x if isinstance(x, (str, os.PathLike)) else path!r} is the same file as {seen[path]}: "
+                    f"{name} {x if isinstance(x, (str, os.PathLike)) else path!r} is the same file as {clash}: "
                     "writing it would destroy that. Choose another path."
                 )
             seen.setdefault(path, name)  # two inputs may share a file (features that are their own prototypes)
+            if inode is not None:
+                inodes.setdefault(inode, name)
 
 
 def _memory_of(x) -> np.ndarray | None:
@@ -85,6 +93,15 @@ def _file_of(x) -> str | None:
     if isinstance(x, np.memmap) and x.filename:
         return os.path.realpath(x.filename)
     return None
+
+
+def _inode_of(path: str) -> tuple | None:
+    """The file's (device, inode), the same for every hard link to it; None for a path that names no file yet."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def reserve_space(path: str) -> None:

@@ -396,6 +396,21 @@ def test_outputs_never_overwrite_inputs_nor_stay_half_written(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npy", "scores.npy", "z.npy"], kwargs
 
 
+def test_an_output_memmap_hard_linked_to_an_input_is_refused(tmp_path):
+    """A memmap output opened through a hard link to the scores file passed the check (paths differ, even resolved)
+    and its codes were written over the scores as they were read. A path output that is such a link is renamed into
+    place, leaving the scores under their own name: that stays allowed."""
+    s = random_problem(40, 5, seed=3).numpy()
+    scores_path, link = tmp_path / "scores.npy", tmp_path / "link.npy"
+    np.save(scores_path, s)
+    os.link(scores_path, link)
+    with pytest.raises(ValueError, match="codes_out .*link.npy' is the same file as scores"):
+        sinkhorn_assign_stream(scores_path, 0.1, codes_out=np.load(link, mmap_mode="r+"))
+    assert np.array_equal(np.load(scores_path), s)
+    res = sinkhorn_assign_stream(scores_path, 0.1, codes_out=link)
+    assert np.array_equal(np.load(scores_path), s) and np.array_equal(np.load(link), res.codes.numpy())
+
+
 @pytest.mark.parametrize("budget", [0, -5, "256M", 2.5, True])
 def test_memory_budget_must_be_a_positive_integer(budget):
     with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
