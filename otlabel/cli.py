@@ -282,11 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_small(path: str, name: str) -> np.ndarray:
-    """A small array fully read (cluster weights); errors become input errors."""
+    """An array that should be small (cluster weights), memory-mapped: a large file given by mistake (the scores) is
+    refused by its shape, not read whole first; errors become input errors."""
     from .inputs import load_npy
 
     try:
-        return load_npy(path, name)
+        return load_npy(path, name, mmap_mode="r")
     except (FileNotFoundError, ValueError) as err:
         raise InputError(str(err)) from None
 
@@ -358,7 +359,7 @@ def read_cluster_weights(args, n: int, k: int):
     weights = load_small(args.cluster_weights, "cluster weights")
     try:
         checked_host_weights(weights, k, "--cluster-weights", "number of clusters K")
-        return weights  # as stored: the mask check allows for the rounding of their dtype (float32 4/7)
+        return np.array(weights)  # as stored: the mask check allows for the rounding of their dtype (float32 4/7)
     except (ValueError, TypeError) as err:
         hint = ""
         if args.scores is not None and np.ndim(weights) == 1:  # K wrong: SCORES.npy saved as (K, N)?

@@ -27,6 +27,8 @@ def unreadable_npy(name: str, path: str, err: Exception) -> str:
         detail = "it is not in NumPy's .npy format"
     elif isinstance(err, (tokenize.TokenError, SyntaxError)):  # the header is no Python dict
         detail = "its header is damaged: NumPy cannot parse it"
+    elif "mmap length is greater than file size" in str(err):  # NumPy's words for it, memory-mapped
+        detail = "it is shorter than its header says: cut short (a copy or save that did not finish?) or damaged"
     elif isinstance(err, OverflowError):  # a shape beyond 64 bits, or a negative one memory-mapped
         detail = f"its header is damaged: {err}"
     else:

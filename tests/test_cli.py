@@ -125,11 +125,15 @@ def npz_bytes(**arrays) -> bytes:
     return buffer.getvalue()
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def damaged_npy_bytes(shape: bytes) -> bytes:
     """A (5, 3) float32 .npy whose header gives ``shape`` instead (a damaged file): the header keeps its length."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.zeros((5, 3), np.float32))
-    data = buffer.getvalue()
+    data = npy_bytes(np.zeros((5, 3), np.float32))
     end = data.index(b"}") + 1  # then spaces pad the header to its length
     header = data[:end].replace(b"(5, 3)", shape).ljust(end)
     return header + data[len(header) :]
@@ -161,6 +165,12 @@ def damaged_npy_bytes(shape: bytes) -> bytes:
         (lambda p: p.write_bytes(npz_bytes(logits=np.zeros(3))), [], EXIT_INPUT, r"\.npz archive \(arrays: logits"),
         (lambda p: torch.save(torch.zeros(5, 3), p), [], EXIT_INPUT, r"a PyTorch file \(torch\.save\).*torch\.load"),
         (lambda p: np.save(p, np.full((5, 3), None), allow_pickle=True), [], EXIT_INPUT, r"Python objects \(dtype"),
+        (
+            lambda p: p.write_bytes(npy_bytes(np.zeros((5, 3), np.float32))[:-4]),
+            [],
+            EXIT_INPUT,
+            "shorter than its header",
+        ),
         # damaged headers: tokenize's TokenError and an OverflowError were internal errors (exit status 1)
         (lambda p: p.write_bytes(damaged_npy_bytes(b"(5, 3")), [], EXIT_INPUT, r"\(its header is damaged: NumPy"),
         (lambda p: p.write_bytes(damaged_npy_bytes(b"(99999999999999999999, 3)")), [], EXIT_INPUT, "header is damaged"),
@@ -182,11 +192,14 @@ def test_input_errors(make, extra, code, message, tmp_path, capsys):
     [
         (lambda p: p.write_bytes(npz_bytes(r=np.full(6, 1 / 6))), r"\.npz archive \(arrays: r\), not a \.npy file"),
         (lambda p: np.save(p, np.full(6, None), allow_pickle=True), r"a \.npy of Python objects \(dtype object\)"),
+        # a header claiming 36 TiB: read whole, that was "internal error: MemoryError" (a large file given as weights
+        # by mistake was read into memory before its shape was looked at); memory-mapped, it is refused at once
+        (lambda p: p.write_bytes(damaged_npy_bytes(b"(10000000000000,)")), r"shorter than its header says"),
     ],
 )
 def test_cluster_weights_file_errors(make, message, scores_file, tmp_path, capsys):
-    """The weights file is read whole, not memory-mapped: an .npz was answered "--cluster-weights must be a
-    torch.Tensor, a numpy.ndarray or a list of numbers, got NpzFile", none of which a command line can give."""
+    """The weights file is read by the command line, not by the library: an .npz was answered "--cluster-weights must
+    be a torch.Tensor, a numpy.ndarray or a list of numbers, got NpzFile", none of which a command line can give."""
     make(tmp_path / "w.npy")
     args = ["assign", str(scores_file), "--cluster-weights", str(tmp_path / "w.npy"), "--out", str(tmp_path / "y.npy")]
     assert main([*args, "-q"]) == EXIT_INPUT
