@@ -19,7 +19,9 @@ from .problem import check_float_dtype, dense_tensor, refuse_masked_array, share
 def unreadable_npy(name: str, path: str, err: Exception) -> str:
     """The message for a file ``np.load`` cannot read as an array (NumPy's own advice for a non-``.npy`` file,
     to "load it unsafely" as a pickle, is wrong there and risky: it is left out)."""
-    if isinstance(err, EOFError) or os.path.getsize(path) == 0:
+    if not os.path.isfile(path) and not os.path.isdir(path):  # its size reads 0: it was said to be empty
+        detail = "it is a pipe or a device, not a file on disk: inputs are read in place, so save it to a file first"
+    elif isinstance(err, EOFError) or os.path.getsize(path) == 0:
         detail = "it is empty"
     elif "Object arrays" in str(err) or "Python objects" in str(err):  # read whole / memory-mapped: NumPy's words
         detail = "it is a .npy of Python objects (dtype object), not of numbers"
@@ -41,6 +43,8 @@ def load_npy(path: str, name: str, mmap_mode: str | None = None) -> np.ndarray:
     ``FileNotFoundError``, anything else that is not a .npy array (an .npz archive, a pickle) a ``ValueError``."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{name} file {path!r} does not exist.")
+    if not os.path.isfile(path) and not os.path.isdir(path):  # <(...) in a shell: NumPy seeks, which a pipe cannot
+        raise ValueError(unreadable_npy(name, path, OSError()))  # (and a FIFO with no writer yet would hang on open)
     try:
         x = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     # A damaged header escapes np.load as tokenize's TokenError ('(5, 3' for a shape) or an OverflowError (a shape

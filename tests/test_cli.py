@@ -187,6 +187,22 @@ def test_input_errors(make, extra, code, message, tmp_path, capsys):
     assert not (tmp_path / "y.npy").exists() and not glob.glob(str(tmp_path / ".y.npy.*")), os.listdir(tmp_path)
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd, as a shell's <(...) gives")
+def test_a_pipe_is_refused_as_one(tmp_path, capsys):
+    """A pipe (``otlabel assign <(zcat s.npy.gz)``) cannot be memory-mapped nor seeked: it was said to be empty, and a
+    named pipe with no writer yet hung on open. Refused as a pipe, before anything opens it."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, npy_bytes(np.zeros((5, 3), np.float32)))
+        os.close(write_end)
+        assert main(["assign", f"/dev/fd/{read_end}", "--out", str(tmp_path / "y.npy"), "-q"]) == EXIT_INPUT
+    finally:
+        os.close(read_end)
+    err = capsys.readouterr().err
+    assert re.search(r"is not a readable \.npy array \(it is a pipe or a device, not a file on disk: .* save it", err)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
