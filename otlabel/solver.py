@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -349,8 +350,8 @@ def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithme
         return None
     if isinstance(init, SinkhornResult):
         init = init.cluster_potentials
-    if isinstance(init, (np.ndarray, list, tuple)):  # potentials saved with numpy.save, or written out
-        init = as_tensor(init, "init")
+    if isinstance(init, (np.ndarray, list, tuple, str, os.PathLike)):  # saved with numpy.save, or written out
+        init = as_tensor(init, "init")  # a path: 'load it first: np.load(path)' (a str was only "got str")
     elif isinstance(init, torch.Tensor):  # sparse, meta or nested: torch's own errors came from the copy below
         init = dense_tensor(init, "init")
     if not isinstance(init, torch.Tensor) or not init.dtype.is_floating_point:

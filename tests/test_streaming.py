@@ -411,6 +411,19 @@ def test_an_output_memmap_hard_linked_to_an_input_is_refused(tmp_path):
     assert np.array_equal(np.load(scores_path), s) and np.array_equal(np.load(link), res.codes.numpy())
 
 
+def test_a_warm_start_from_a_saved_potentials_file(tmp_path):
+    """Potentials saved with np.save warm-start a streamed solve once loaded; the path itself, which the scores may
+    be, was refused as "got str" with no word of what to pass instead."""
+    s = random_problem(40, 5, seed=3).numpy()
+    first = sinkhorn_assign_stream(s, 0.1, tol=1e-6)
+    np.save(tmp_path / "b.npy", first.cluster_potentials.numpy())
+    res = sinkhorn_assign_stream(s, 0.1, tol=1e-6, init=np.load(tmp_path / "b.npy", mmap_mode="r"))
+    assert res.n_iter <= 2 and torch.equal(res.labels, first.labels)
+    for path in (tmp_path / "b.npy", str(tmp_path / "b.npy")):
+        with pytest.raises(TypeError, match=r"init must be .*got the path .*b\.npy'\. .*first: np\.load\(path\)"):
+            sinkhorn_assign_stream(s, 0.1, init=path)
+
+
 @pytest.mark.parametrize("budget", [0, -5, "256M", 2.5, True])
 def test_memory_budget_must_be_a_positive_integer(budget):
     with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
