@@ -140,7 +140,8 @@ class AtomicNpy:
             raise OutputError(f"cannot write {path!r}: it is read-only (mode {mode:o}); make it writable "
                               "(chmod u+w) or write elsewhere")  # fmt: skip
         try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=folder)
+            # the name cut short in the temporary's: a name near the 255-byte limit was refused as "too long"
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)[:100]}.", suffix=".tmp", dir=folder)
             os.close(fd)
         except OSError as err:
             raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from None
