@@ -104,6 +104,15 @@ def _inode_of(path: str) -> tuple | None:
     return st.st_dev, st.st_ino
 
 
+def _short_name(path: str, limit: int = 100) -> str:
+    """The file name, cut to ``limit`` bytes for a temporary's name: the output's in full made a name near the
+    255-byte limit too long for its temporary ("File name too long")."""
+    name = os.path.basename(path)
+    while len(os.fsencode(name)) > limit:
+        name = name[:-1]
+    return name
+
+
 def reserve_space(path: str) -> None:
     """Allocate the disk blocks of a (sparse) file now: a full disk is then an ``OSError`` here, not a SIGBUS that
     kills the process when a memory-mapped write later finds no block to fault in."""
@@ -140,8 +149,7 @@ class AtomicNpy:
             raise OutputError(f"cannot write {path!r}: it is read-only (mode {mode:o}); make it writable "
                               "(chmod u+w) or write elsewhere")  # fmt: skip
         try:
-            # the name cut short in the temporary's: a name near the 255-byte limit was refused as "too long"
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)[:100]}.", suffix=".tmp", dir=folder)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{_short_name(self.path)}.", suffix=".tmp", dir=folder)
             os.close(fd)
         except OSError as err:
             raise OutputError(f"cannot write {path!r}: {err.strerror or err}") from None

@@ -352,9 +352,11 @@ def test_an_output_path_ending_in_a_slash_is_not_written_as_a_file(scores_file, 
 def test_an_output_name_near_the_length_limit_is_written(scores_file, tmp_path, capsys):
     """A 250-byte file name (the limit is 255) was refused, "File name too long": the temporary file's name, the
     output's with a dot before and a random part after, was the one too long."""
-    name = "y" * 246 + ".npy"
-    assert main(["assign", str(scores_file), "-q", "--out", str(tmp_path / name)]) == EXIT_OK, capsys.readouterr().err
-    assert os.listdir(tmp_path) == [name] and np.load(tmp_path / name).shape == (np.load(scores_file).shape[0],)
+    for name in ("y" * 246 + ".npy", "\u20ac" * 82 + ".npy"):  # 250 bytes: 1 and 3 bytes a character in UTF-8
+        out = tmp_path / name
+        assert main(["assign", str(scores_file), "-q", "--out", str(out)]) == EXIT_OK, capsys.readouterr().err
+        assert os.listdir(tmp_path) == [name] and np.load(out).shape == (np.load(scores_file).shape[0],)
+        out.unlink()
 
 
 def test_a_full_disk_is_an_output_error_not_a_crash(scores_file, tmp_path, capsys, monkeypatch):
