@@ -47,6 +47,18 @@ def refuse_non_finite(scores: torch.Tensor) -> None:
                          "output; only -inf is allowed: 'this sample may not go to this cluster'.")  # fmt: skip
 
 
+def refuse_fully_masked(scores: torch.Tensor) -> None:
+    """A sample, or a cluster, whose every score is -inf: the loops divide 0 by 0 there and return NaN, silently."""
+    masked = torch.isneginf(scores)
+    for dim, what, fix in ((1, "sample", "it cannot go to any cluster. Allow at least one cluster per sample, or drop "
+                            "the sample."),
+                           (0, "cluster", "no sample can go to it and its share cannot be filled. Allow at least one "
+                            "sample per cluster, or drop the cluster.")):  # fmt: skip
+        full = masked.all(dim)
+        if bool(full.any()):
+            raise ValueError(f"infeasible mask: {what} {int(torch.nonzero(full)[0])} has every score -inf, so {fix}")
+
+
 def check_iterations(n_iter, name: str = "n_iter") -> int:
     if not is_number(n_iter, numbers.Integral) or n_iter < 0:
         raise ValueError(f"{name} must be an integer >= 0 (the number of iterations), got {n_iter!r}.")
@@ -58,13 +70,14 @@ def swav_sinkhorn(scores, epsilon: float = 0.05, n_iter: int = 3) -> torch.Tenso
 
     Iteration = normalise each cluster's row of ``Q`` (K, N) to ``1/K``, then each sample's column to
     ``1/N``. Equivalent to ``sinkhorn_assign(scores, epsilon, max_iter=n_iter, tol=None).codes`` where it
-    does not overflow. The input is checked first (one read of the scores for NaN and +inf); :func:`swav_loop` is
-    the loop alone.
+    does not overflow. The input is checked first (reads of the scores for NaN, +inf, and a sample or cluster whose
+    every score is -inf); :func:`swav_loop` is the loop alone.
     """
     scores = check_baseline_scores(scores, "swav_sinkhorn", torch.get_default_dtype())
     epsilon = check_epsilon(epsilon)
     n_iter = check_iterations(n_iter)
     refuse_non_finite(scores)
+    refuse_fully_masked(scores)
     return swav_loop(scores, epsilon, n_iter)
 
 
@@ -105,11 +118,10 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
     logits = logits.cpu().double().numpy()
     n_samples, n_clusters = logits.shape
     row_max = logits.max(axis=1, keepdims=True)
-    if not np.isfinite(row_max).all():  # NaN or +inf (max propagates both), or a sample masked everywhere
+    # NaN or +inf (max propagates both), or a sample or a cluster masked everywhere
+    if not np.isfinite(row_max).all() or np.isneginf(logits.max(axis=0)).any():
         refuse_non_finite(torch.from_numpy(logits))
-        j = int(np.flatnonzero(~np.isfinite(row_max[:, 0]))[0])
-        raise ValueError(f"infeasible mask: sample {j} has every score -inf, so it cannot go to any cluster. Allow "
-                         "at least one cluster per sample, or drop the sample.")  # fmt: skip
+        refuse_fully_masked(torch.from_numpy(logits))
     p0 = np.exp(logits - row_max)
     p0 /= p0.sum(axis=1, keepdims=True)
     p0 **= lam  # (N, K); underflows to 0 where lam * log p0 < -745

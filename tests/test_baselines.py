@@ -100,6 +100,13 @@ BAD_BASELINE_INPUTS = [
     ("sela NaN logit", lambda: sela_sinkhorn(_with_nan(10, 4)), ValueError, ["NaN", "(2, 1)"]),
     ("sela masked sample", lambda: sela_sinkhorn(torch.tensor([[0.0, 1.0], [-float("inf")] * 2])), ValueError,
      ["infeasible mask: sample 1"]),
+    # a sample or a cluster with every score -inf: 0 / 0 in the loops, NaN codes returned silently
+    ("swav masked sample", lambda: swav_sinkhorn(torch.tensor([[0.0, 1.0], [-float("inf")] * 2]), 0.05, 3), ValueError,
+     ["infeasible mask: sample 1", "Allow at least one cluster"]),
+    ("swav masked cluster", lambda: swav_sinkhorn(torch.tensor([[0.0, -float("inf")], [1.0, -float("inf")]]), 0.05, 3),
+     ValueError, ["infeasible mask: cluster 1", "Allow at least one sample"]),
+    ("sela masked cluster", lambda: sela_sinkhorn(torch.tensor([[0.0, -float("inf")], [1.0, -float("inf")]])),
+     ValueError, ["infeasible mask: cluster 1", "Allow at least one sample"]),
     ("sela lam 0", lambda: sela_sinkhorn(random_problem(10, 4), lam=0), ValueError, ["lam", "> 0"]),
     ("sela lam < 0", lambda: sela_sinkhorn(random_problem(10, 4), lam=-5.0), ValueError, ["lam", "> 0"]),
     # Python's OverflowError from math.isfinite, naming no argument
