@@ -237,12 +237,30 @@ def load_data(args: argparse.Namespace) -> Data:
 def _load_npy(path, flag: str) -> np.ndarray:
     try:
         array = np.load(path)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"error: {flag} {path}: {err}") from None
+    except Exception as err:  # noqa: BLE001 -- whatever NumPy raises for a file it cannot read, said as one line
+        raise SystemExit(f"error: {flag} {path}: {_load_error(path, err)}") from None
     if not isinstance(array, np.ndarray):  # np.load reads a .npz archive too, as a dict of arrays
         array.close()
         raise SystemExit(f"error: {flag} {path}: a .npz archive of {array.files}; save one array with np.save")
     return array
+
+
+def _load_error(path, err: Exception) -> str:
+    """What went wrong in ``np.load``, in the flags' terms: NumPy calls any file that is not a .npy "pickled (object)
+    data" and tells the caller to pass ``allow_pickle=``, which the flags do not offer (so for an array of Python
+    objects), and an empty file or a garbled header raised EOFError or tokenize's TokenError, not caught."""
+    if isinstance(err, OSError):
+        return str(err)  # no such file, a directory, no permission: NumPy's message names the cause
+    with open(path, "rb") as f:
+        is_npy = f.read(6) == b"\x93NUMPY"
+    if not is_npy:
+        return "not a .npy file (np.save writes one; a CSV file: np.save('x.npy', np.loadtxt('x.csv', delimiter=',')))"
+    if "allow_pickle" in str(err):
+        return (
+            "an array of Python objects (dtype object), which is not read (loading it could run code); save "
+            f"numbers (labels may also be strings): np.save({str(path)!r}, np.asarray(array, dtype=float))"
+        )
+    return f"cannot read it as a .npy file ({type(err).__name__}: {err}); write it again with np.save"
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = True):

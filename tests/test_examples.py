@@ -305,6 +305,27 @@ def test_npz_archives_stop_with_an_error(tmp_path, flag):
         common.load_data(sela.parse_args(flags))
 
 
+@pytest.mark.parametrize("flag", ["--data-x", "--data-y"])
+def test_files_that_are_not_numeric_npy_arrays_stop_with_an_error_that_says_so(tmp_path, flag):
+    """A CSV (or any file that is not a .npy) was refused with NumPy's "This file contains pickled (object) data ...
+    load it unsafely using the allow_pickle= keyword", advice the flags cannot follow and that misnames the file; an
+    array of Python objects only with "Object arrays cannot be loaded when allow_pickle=False"; an empty file or a
+    garbled header was a traceback."""
+    np.save(tmp_path / "x.npy", np.ones((5, 3)))
+    np.save(tmp_path / "y.npy", np.zeros(5))
+    np.savetxt(tmp_path / "a.csv", np.ones((5, 3)), delimiter=",")
+    np.save(tmp_path / "obj.npy", np.array([1, "a", None, 2.0, 3], dtype=object), allow_pickle=True)
+    (tmp_path / "empty.npy").write_bytes(b"")  # an EOFError traceback
+    (tmp_path / "header.npy").write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f8'(  \n")  # tokenize's TokenError
+    for bad, says in (("a.csv", r"a.csv: not a .npy file \(np.save writes one"), ("obj.npy", "Python objects"),
+                      ("empty.npy", "not a .npy file"), ("header.npy", "cannot read it as a .npy file")):  # fmt: skip
+        paths = {"--data-x": tmp_path / "x.npy", "--data-y": tmp_path / "y.npy", flag: tmp_path / bad}
+        flags = [part for key, path in paths.items() for part in (key, str(path))]
+        with pytest.raises(SystemExit, match=f"error: {flag} .*{says}") as stop:
+            common.load_data(sela.parse_args(flags))
+        assert "allow_pickle" not in str(stop.value.code)
+
+
 def test_column_labels_and_float64_offsets(tmp_path):
     """(N, 1) labels are read as (N,); float64 columns with a large offset keep their information."""
     y = np.repeat(np.arange(2), 10)
