@@ -202,6 +202,10 @@ def load_data(args: argparse.Namespace) -> Data:
                 y = y[:, 0]
             if y.ndim != 1 or len(y) != len(x):
                 raise SystemExit(f"error: --data-y must have shape ({len(x)},), one label per sample; got {y.shape}")
+            if y.dtype.kind in "fc" and np.isnan(y).any():  # np.unique would make the NaNs a class of their own
+                first = int(np.flatnonzero(np.isnan(y))[0])
+                raise SystemExit(f"error: --data-y contains NaN (first at index {first}): give every sample a label, "
+                                 "or drop the unlabelled samples from both arrays")  # fmt: skip
         if x.dtype.kind not in "biuf":
             raise SystemExit(f"error: --data-x must hold numbers; got dtype {x.dtype}")
         if not np.isfinite(x).all():

@@ -281,6 +281,8 @@ def test_checkpoint_loads_with_torch_load_defaults(tmp_path):
         (np.ones(5), None, "must be (N, D)"),
         (np.ones((5, 3)), np.zeros((5, 2)), "--data-y must have shape (5,)"),
         (np.ones((5, 3)), np.zeros(4), "--data-y must have shape (5,)"),
+        # NaN labels (unlabelled samples) became one more class of their own, silently, in NMI, ARI and accuracy
+        (np.ones((5, 3)), np.array([0, 1, np.nan, 0, np.nan]), "--data-y contains NaN (first at index 2)"),
     ],
 )
 def test_bad_user_arrays_stop_before_training(tmp_path, x, y, says):
