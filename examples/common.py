@@ -177,9 +177,15 @@ def scale(x: np.ndarray) -> np.ndarray:
     """Images (4-d) to [0, 1] by their global minimum and maximum: pixels share one scale, and the augmentations
     pad with 0. Vectors (N, D) standardised per feature (zero mean, unit variance per column), as is usual for
     tabular data: its columns come in their own units (wine: proline ~1,000 next to hue ~1), and one global range
-    would squeeze the small-unit columns to nearly constant values. Constant columns become 0."""
+    would squeeze the small-unit columns to nearly constant values. Constant columns become 0. Both divide by the
+    largest magnitude first (of all pixels; of each column), which changes neither result but keeps the range and the
+    variance finite for values near float64's limits (1e200 squared overflows, 1e-315 squared underflows)."""
     if x.ndim == 4:
+        top = np.abs(x).max()
+        x = x / top if top > 0 else x
         return (x - x.min()) / max(float(x.max() - x.min()), 1e-12)
+    top = np.abs(x).max(axis=0)
+    x = x / np.where(top > 0, top, 1.0)
     std = x.std(axis=0)
     return (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
 

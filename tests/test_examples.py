@@ -337,6 +337,17 @@ def test_column_labels_and_float64_offsets(tmp_path):
     assert data.y.shape == (20,) and len(np.unique(data.x[:, 0].numpy())) == 20
 
 
+@pytest.mark.parametrize("size", [1e200, 1e-315])
+def test_finite_data_of_any_magnitude_is_scaled_not_wiped(size):
+    """Vectors of size 1e200 (their squares overflow) or 1e-315 (their variance underflows) were standardised to
+    all zeros, silently (a constant column becomes 0); images of +-1e308 too (their range overflowed)."""
+    x = np.random.default_rng(0).normal(size=(30, 3)) * np.array([1.0, 2.0, 3.0])
+    want = common.scale(x)
+    np.testing.assert_allclose(common.scale(x * size), want, rtol=1e-6 if size > 1 else 1e-3, atol=1e-6)
+    images = np.linspace(-1, 1, 4 * 16).reshape(4, 1, 4, 4)
+    np.testing.assert_allclose(common.scale(images * 1.7e308), common.scale(images), rtol=1e-12)
+
+
 def test_non_square_images_keep_their_shape():
     x = torch.rand(4, 1, 6, 10)
     assert common.Augment()(x, torch.Generator().manual_seed(0)).shape == (4, 1, 6, 10)
