@@ -2,9 +2,9 @@
 
 * :func:`exact_plan` — the optimal transport plan of ``max <P, S>`` subject to the marginals, by POT's
   network simplex (``ot.emd``) or SciPy's HiGHS linear program (``scipy.optimize.linprog``).
-* :func:`exact_assign` — the best *hard* balanced assignment: each cluster ``k`` gets exactly ``N·r_k``
-  samples (rounded by largest remainder), solved as a linear assignment of samples to cluster slots
-  (``scipy.optimize.linear_sum_assignment``). O(N^3): keep N in the low thousands.
+* :func:`exact_assign` — the best *hard* balanced assignment: each cluster ``k`` gets ``N·r_k`` samples rounded
+  down or up (the scores decide which clusters take the spare samples), solved as a linear assignment of samples to
+  cluster slots (``scipy.optimize.linear_sum_assignment``). O(N^3): keep N in the low thousands.
 
 Both take the same ``(N, K)`` scores as :func:`otlabel.sinkhorn_assign` (``-inf`` = forbidden pair) and return an
 :class:`ExactResult` in the input's kind: torch tensors (on the scores' device) for a torch tensor, NumPy arrays for
@@ -104,6 +104,9 @@ def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
     return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy(), rounding
 
 
+FORBIDDEN = 1e6  # the unit cost of a forbidden pair: more than any N x N assignment of unit costs can save
+
+
 def _unit_cost(s: np.ndarray) -> np.ndarray:
     """The cost ``-S`` rescaled to [0, 1] (the optimal plan does not change under a positive affine map of all
     scores), with forbidden pairs at 1e6, a cost no feasible optimum pays. Rescaling first keeps that penalty
@@ -115,7 +118,7 @@ def _unit_cost(s: np.ndarray) -> np.ndarray:
     finite = s[allowed]
     spread = finite.max() - finite.min()
     unit = (finite.max() - s) / spread if spread > 0 else np.zeros_like(s)
-    return np.where(allowed, unit, 1e6)
+    return np.where(allowed, unit, FORBIDDEN)
 
 
 def _result(plan: np.ndarray, s: np.ndarray, c: np.ndarray | None = None, r: np.ndarray | None = None,
@@ -181,13 +184,22 @@ def _linprog_plan(s, c, r, allowed) -> np.ndarray:
     return res.x.reshape(n, k)
 
 
-def cluster_sizes(n_samples: int, cluster_weights: np.ndarray) -> np.ndarray:
-    """Integer cluster sizes summing to N, proportional to the weights (largest-remainder rounding)."""
-    ideal = cluster_weights * n_samples
-    sizes = np.floor(ideal).astype(np.int64)
-    short = n_samples - int(sizes.sum())
-    sizes[np.argsort(-(ideal - sizes), kind="stable")[:short]] += 1
-    return sizes
+def cluster_slots(n_samples: int, cluster_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The clusters' shares of N samples in whole samples: ``(fixed, flexible, spare)``.
+
+    Cluster ``k`` gets ``floor(N·r_k)`` samples for sure (``fixed``: the cluster of each such slot), and may take one
+    more where ``N·r_k`` is not whole (``flexible``: those clusters, one slot each); ``spare`` of the flexible slots
+    are filled, which makes N. A share within 1e-9 of a whole number counts as whole: weights such as 1/K, rounded,
+    give 2.0000000000000004 or 1.9999999999999998 samples where 2 are meant."""
+    ideal = np.asarray(cluster_weights, dtype=np.float64) * n_samples
+    whole = np.round(ideal)
+    ideal = np.where(np.abs(ideal - whole) <= 1e-9 * np.maximum(1.0, ideal), whole, ideal)
+    floor = np.floor(ideal).astype(np.int64)
+    flexible = np.flatnonzero(ideal > floor)
+    spare = n_samples - int(floor.sum())
+    if not 0 <= spare <= len(flexible):  # the shares sum to N (validated weights): rounding cannot get here
+        raise RuntimeError(f"otlabel: internal error: {spare} spare samples for {len(flexible)} flexible clusters.")
+    return np.repeat(np.arange(len(floor)), floor), flexible, spare
 
 
 def _size(n_bytes: int) -> str:
@@ -206,21 +218,31 @@ def refuse_unless_it_fits(needed: int, what: str) -> None:
 
 @entry_point
 def exact_assign(scores, cluster_weights=None) -> ExactResult:
-    """Best hard assignment with exactly ``cluster_sizes(N, r)[k]`` samples in cluster ``k``.
+    """Best hard assignment in which cluster ``k`` gets ``floor(N·r_k)`` or ``ceil(N·r_k)`` samples (N/K rounded down
+    or up for the default weights): which clusters take the spare samples is decided by the scores too.
 
-    Builds one column per cluster slot (N columns in all) and solves the N×N linear assignment. Returns an
-    :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
+    A linear assignment of samples to cluster slots: ``floor(N·r_k)`` fixed slots per cluster, and one flexible slot
+    per cluster whose share is not whole, of which placeholder rows (allowed only there, at no cost) take those left
+    empty. Returns an :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
     s, _, r, _ = _prepare(scores, cluster_weights, None, check_mask=False)
     linear_sum_assignment = import_scipy_optimize("exact_assign").linear_sum_assignment
 
     n, k = s.shape
-    refuse_unless_it_fits(2 * n * n * 8, f"exact_assign builds an N x N slot matrix (N = {n:,}) twice in float64")
-    slot_cluster = np.repeat(np.arange(k), cluster_sizes(n, r))  # (N,)
-    slot_scores = s[:, slot_cluster]  # (N, N)
-    rows, slots = linear_sum_assignment(_unit_cost(slot_scores))
+    fixed, flexible, spare = cluster_slots(n, r)
+    size = n + len(flexible) - spare  # samples and placeholders; fixed and flexible slots
+    refuse_unless_it_fits(2 * size * size * 8, f"exact_assign builds a {size:,} x {size:,} slot matrix (N = {n:,}) "
+                          "twice in float64")  # fmt: skip
+    slot_cluster = np.concatenate([fixed, flexible])
+    cost = np.zeros((size, size))
+    cost[:n] = _unit_cost(s)[:, slot_cluster]
+    cost[n:, : len(fixed)] = FORBIDDEN  # a placeholder in a fixed slot would leave its cluster short
+    rows, slots = linear_sum_assignment(cost)
+    if cost[rows, slots].max() >= FORBIDDEN:
+        raise ValueError("the masked problem has no feasible plan: relax the mask or the cluster weights.")
     labels = np.empty(n, dtype=np.int64)
-    labels[rows] = slot_cluster[slots]
+    real = rows < n
+    labels[rows[real]] = slot_cluster[slots[real]]
     plan = np.zeros((n, k))
     plan[np.arange(n), labels] = 1.0 / n
     return _like(_result(plan, s), scores)

@@ -152,8 +152,44 @@ def test_exact_assign_too_large_for_memory_says_so(monkeypatch):
 
     scores = np.random.default_rng(0).standard_normal((400, 4))
     monkeypatch.setattr(exact, "available_memory_bytes", lambda: 2**20)
-    too_large = r"N x N slot matrix \(N = 400\) twice in float64: 2\.4 MiB, more than the 1\.0 MiB available"
+    too_large = r"400 x 400 slot matrix \(N = 400\) twice in float64: 2\.4 MiB, more than the 1\.0 MiB available"
     with pytest.raises(ValueError, match=too_large):
         exact.exact_assign(scores)
     monkeypatch.setattr(exact, "available_memory_bytes", lambda: None)  # a system that does not say: solved
     assert np.bincount(exact.exact_assign(scores).labels, minlength=4).tolist() == [100] * 4
+
+
+def best_assignment_by_enumeration(s: np.ndarray, r: np.ndarray) -> float:
+    """The largest total score of a hard assignment giving cluster k floor(N r_k) or ceil(N r_k) samples: every
+    assignment tried (K^N of them)."""
+    import itertools
+
+    n, k = s.shape
+    low, high = np.floor(n * r + 1e-9), np.ceil(n * r - 1e-9)
+    best = -np.inf
+    for labels in itertools.product(range(k), repeat=n):
+        sizes = np.bincount(labels, minlength=k)
+        if np.all(sizes >= low) and np.all(sizes <= high):
+            best = max(best, s[np.arange(n), labels].sum())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_exact_assign_is_the_best_balanced_hard_assignment(seed):
+    """The clusters that take the spare samples (N not a multiple of K, or shares that are not whole) are chosen by
+    the scores: it used to give them to the first N mod K clusters (largest remainder, ties by index), so for N < K
+    samples went to clusters 0..N-1 whatever their scores. Checked against every assignment of tiny problems."""
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 7)), int(rng.integers(1, 5))
+    s = rng.standard_normal((n, k))
+    r = rng.dirichlet(np.ones(k)) if seed % 2 else np.full(k, 1 / k)
+    res = exact_assign(s, cluster_weights=r)
+    sizes = np.bincount(res.labels, minlength=k)
+    assert np.all(sizes >= np.floor(n * r + 1e-9)) and np.all(sizes <= np.ceil(n * r - 1e-9)), sizes
+    assert np.isclose(s[np.arange(n), res.labels].sum(), best_assignment_by_enumeration(s, r), rtol=0, atol=1e-12)
+    assert np.isclose(res.objective, s[np.arange(n), res.labels].sum() / n)
+
+
+def test_exact_assign_with_fewer_samples_than_clusters_follows_the_scores():
+    s = np.array([[0.0, 1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert exact_assign(s).labels.tolist() == [4, 0]
