@@ -66,7 +66,8 @@ def check_iterations(n_iter, name: str = "n_iter") -> int:
 
 
 def swav_sinkhorn(scores, epsilon: float = 0.05, n_iter: int = 3) -> torch.Tensor:
-    """SwAV's codes for ``scores`` (N, K): returns ``Q`` (N, K), each row summing to 1.
+    """SwAV's codes for ``scores`` (N, K): returns ``Q`` (N, K), each row summing to 1 (for ``n_iter >= 1``; with
+    ``n_iter=0``, as in the published loop, ``exp(S / eps)`` normalised as a whole times N).
 
     Iteration = normalise each cluster's row of ``Q`` (K, N) to ``1/K``, then each sample's column to
     ``1/N``. Equivalent to ``sinkhorn_assign(scores, epsilon, max_iter=n_iter, tol=None).codes`` where it
