@@ -643,7 +643,8 @@ def bad_features_row_error(row: int, where: str, features: torch.Tensor | None, 
         return ValueError(
             f"the scores of features row {row}{where}, features @ prototypes.T (+ bias) divided by epsilon, overflow "
             f"{arithmetic_name(compute_dtype)} arithmetic (to NaN or inf), though the features and prototypes "
-            "themselves are finite. L2-normalise the features and the prototypes (cosine scores, as SwAV does)."
+            "themselves are finite. L2-normalise the features and the prototypes (cosine scores, as SwAV does)"
+            + (", or pass float64 features (computed in float64)." if compute_dtype != torch.float64 else ".")
         )
     shown = "NaN" if math.isnan(value) else f"{value:g}"
     return ValueError(f"features row {row}{where} contains NaN or inf (its scores are {shown}). Fix the features.")

@@ -229,7 +229,11 @@ class StreamingOperator(LogDomainOperator):
         from_features = hasattr(self.source, "shifted")  # -inf only from a bias: whole columns, checked by the maxima
         patterns = None if from_features else [MaskPatterns(self.n_clusters) for _ in range(self.n_heads)]
         for rows in self.chunks(lo, hi):
-            x = self.shifted(rows, zeros, out=buffer(rows))  # S / eps, (H, T, K): NaN and inf where S has them
+            # S / eps, (H, T, K): NaN and inf where S has them (features: products beyond the compute dtype too)
+            if from_features:
+                x = self.source.scaled(rows, self.inv_eps, out=buffer(rows))
+            else:
+                x = self.shifted(rows, zeros, out=buffer(rows))
             masked = check_rows(x, self.weighted, rows.start, inv_eps=1.0, compute_dtype=self.dtype,
                                 batched=self.source.batched, from_features=from_features,
                                 features=getattr(self.source, "features", None))  # x is S / eps  # fmt: skip

@@ -304,3 +304,18 @@ def test_float64_prototypes_with_float32_features_on_the_kernel_path():
     want = sinkhorn_assign(features=z, prototypes=c, epsilon=0.5, tol=None, max_iter=5, backend="triton")
     assert torch.equal(got.labels, want.labels) and torch.equal(got.cluster_potentials, want.cluster_potentials)
     assert got.codes.dtype == torch.float32
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e25])
+def test_float32_products_beyond_float32_are_refused_whatever_epsilon(scale):
+    """Finite float32 features and prototypes whose products overflow float32 (|S| ~ 1e40, 1e50), with epsilon of the
+    same size (S / eps within range): the dense solve refuses such scores (+inf), the chunked path solved them. Its
+    fused baddbmm scaled by 1 / eps (a subnormal or zero float32) before any inf showed: at 1e20 the objective read 0,
+    at 1e25 the labels were wrong and the solve said it converged. Float64 features solve the same problem."""
+    z, c = normalised(60, 8, 83), normalised(5, 8, 84)
+    with pytest.raises(ValueError, match="overflow float32 arithmetic .* pass float64 features"):
+        sinkhorn_assign(features=z * scale, prototypes=c * scale, epsilon=scale**2, backend="torch")
+    want = sinkhorn_assign(z.double() @ c.double().T, 1.0, tol=1e-9, backend="reference")
+    res = sinkhorn_assign(features=z.double() * scale, prototypes=c.double() * scale, epsilon=scale**2, tol=1e-9)
+    assert torch.equal(res.labels, want.labels)
+    assert res.objective == pytest.approx(want.objective * scale**2, rel=1e-9)
