@@ -93,9 +93,9 @@ PEAK_SCRIPT = textwrap.dedent(
     from otlabel import sinkhorn_assign
 
     # The peak grows by about 7 MiB per CPU thread (2, 14 and 112 MiB at 1, 2 and 16 threads; not traced to its
-    # source, likely per-thread matmul and allocator buffers): two threads on every machine, or a 16-core machine
-    # fails the bound (seen on the lent H100's host).
-    torch.set_num_threads(2)
+    # source, likely per-thread matmul and allocator buffers): a set number of threads on every machine (two for the
+    # solve), or a 16-core machine fails the bound (seen on the lent H100's host).
+    torch.set_num_threads({threads})
 
     def kib(field):  # from /proc/self/status: VmRSS now, VmHWM the peak since the last reset
         with open("/proc/self/status") as f:
@@ -111,6 +111,9 @@ PEAK_SCRIPT = textwrap.dedent(
     res = sinkhorn_assign(features=z, prototypes=c, epsilon=0.05, max_iter=5, tol=None)
     assert res.labels.shape == (n,)
     print((kib("VmHWM:") - before) * 1024)
+    if {objective}:  # the read-out's pass: one more, chunk by chunk
+        res.objective  # noqa: B018
+        print((kib("VmHWM:") - before) * 1024)
     """
 )
 
@@ -119,7 +122,10 @@ def test_torch_features_peak_memory_far_below_the_score_matrix():
     """Peak RSS growth of a features solve, measured in a fresh process, against N·K·4 bytes of scores."""
     n, k = 100_000, 1000
     out = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT.format(n=n, k=k)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", PEAK_SCRIPT.format(n=n, k=k, threads=2, objective=False)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     extra = int(out.stdout.strip().splitlines()[-1])
@@ -319,3 +325,25 @@ def test_float32_products_beyond_float32_are_refused_whatever_epsilon(scale):
     res = sinkhorn_assign(features=z.double() * scale, prototypes=c.double() * scale, epsilon=scale**2, tol=1e-9)
     assert torch.equal(res.labels, want.labels)
     assert res.objective == pytest.approx(want.objective * scale**2, rel=1e-9)
+
+
+def test_reading_the_objective_stays_within_the_memory_budget():
+    """``res.objective`` of a features solve streams the scores once more, chunk by chunk, each worker thread within
+    its share of the 256 MiB default budget. That pass made six float64 temporaries of every chunk (~50 bytes a score
+    where the budget counts 16): at 100,000 x 1,000 on 8 threads the peak grew by ~500 MiB, more than the 381 MiB
+    score matrix that features mode exists not to build (~140 MiB now; 2 threads: 140-215 MiB, now ~40)."""
+    from otlabel.host_sources import DEFAULT_MEMORY_BUDGET
+
+    n, k = 100_000, 1000
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT.format(n=n, k=k, threads=8, objective=True)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    extra = int(out.stdout.strip().splitlines()[-1])
+    assert extra < DEFAULT_MEMORY_BUDGET["cpu"], (
+        f"peak grew by {extra / 2**20:.0f} MiB reading the objective: beyond the "
+        f"{DEFAULT_MEMORY_BUDGET['cpu'] >> 20} MiB budget (the score matrix is {n * k * 4 >> 20} MiB)"
+    )
