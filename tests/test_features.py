@@ -118,17 +118,19 @@ PEAK_SCRIPT = textwrap.dedent(
 )
 
 
+def peak_growth(n: int, k: int, threads: int, objective: bool) -> int:
+    """Bytes by which a fresh process's peak RSS grew solving (and, with ``objective``, reading the objective of) an
+    N x K features problem: :data:`PEAK_SCRIPT`."""
+    script = PEAK_SCRIPT.format(n=n, k=k, threads=threads, objective=objective)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def test_torch_features_peak_memory_far_below_the_score_matrix():
     """Peak RSS growth of a features solve, measured in a fresh process, against N·K·4 bytes of scores."""
     n, k = 100_000, 1000
-    out = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT.format(n=n, k=k, threads=2, objective=False)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    extra = int(out.stdout.strip().splitlines()[-1])
+    extra = peak_growth(n, k, threads=2, objective=False)
     dense_bytes = n * k * 4
     assert extra < dense_bytes / 10, (
         f"peak grew by {extra / 2**20:.0f} MiB; the score matrix is {dense_bytes >> 20} MiB"
@@ -335,14 +337,7 @@ def test_reading_the_objective_stays_within_the_memory_budget():
     from otlabel.host_sources import DEFAULT_MEMORY_BUDGET
 
     n, k = 100_000, 1000
-    out = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT.format(n=n, k=k, threads=8, objective=True)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    extra = int(out.stdout.strip().splitlines()[-1])
+    extra = peak_growth(n, k, threads=8, objective=True)
     assert extra < DEFAULT_MEMORY_BUDGET["cpu"], (
         f"peak grew by {extra / 2**20:.0f} MiB reading the objective: beyond the "
         f"{DEFAULT_MEMORY_BUDGET['cpu'] >> 20} MiB budget (the score matrix is {n * k * 4 >> 20} MiB)"
