@@ -184,16 +184,22 @@ def _linprog_plan(s, c, r, allowed) -> np.ndarray:
     return res.x.reshape(n, k)
 
 
-def cluster_slots(n_samples: int, cluster_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def cluster_slots(
+    n_samples: int, cluster_weights: np.ndarray, rounding: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The clusters' shares of N samples in whole samples: ``(fixed, flexible, spare)``.
 
     Cluster ``k`` gets ``floor(N·r_k)`` samples for sure (``fixed``: the cluster of each such slot), and may take one
     more where ``N·r_k`` is not whole (``flexible``: those clusters, one slot each); ``spare`` of the flexible slots
-    are filled, which makes N. A share within 1e-9 of a whole number counts as whole: weights such as 1/K, rounded,
-    give 2.0000000000000004 or 1.9999999999999998 samples where 2 are meant."""
+    are filled, which makes N. A share within 1e-9 of a whole number (relative) counts as whole: weights such as
+    1/K, rounded, give 2.0000000000000004 or 1.9999999999999998 samples where 2 are meant. ``rounding``
+    (:func:`~otlabel.problem.weight_rounding`) widens that for weights given in a coarser dtype: float32 [0.3, 0.7]
+    make 3.0000001 and 6.9999999 of 10 samples. The tolerances add up to half a sample at most, so the spare
+    samples always fit the flexible slots."""
     ideal = np.asarray(cluster_weights, dtype=np.float64) * n_samples
     whole = np.round(ideal)
-    ideal = np.where(np.abs(ideal - whole) <= 1e-9 * np.maximum(1.0, ideal), whole, ideal)
+    tolerance = np.minimum(max(1e-9, rounding) * np.maximum(1.0, ideal), 0.5 / max(1, len(ideal)))
+    ideal = np.where(np.abs(ideal - whole) <= tolerance, whole, ideal)
     floor = np.floor(ideal).astype(np.int64)
     flexible = np.flatnonzero(ideal > floor)
     spare = n_samples - int(floor.sum())
@@ -225,11 +231,11 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     per cluster whose share is not whole, of which placeholder rows (allowed only there, at no cost) take those left
     empty. Returns an :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
-    s, _, r, _ = _prepare(scores, cluster_weights, None, check_mask=False)
+    s, _, r, rounding = _prepare(scores, cluster_weights, None, check_mask=False)
     linear_sum_assignment = import_scipy_optimize("exact_assign").linear_sum_assignment
 
     n, k = s.shape
-    fixed, flexible, spare = cluster_slots(n, r)
+    fixed, flexible, spare = cluster_slots(n, r, rounding)
     size = n + len(flexible) - spare  # samples and placeholders; fixed and flexible slots
     refuse_unless_it_fits(2 * size * size * 8, f"exact_assign builds a {size:,} x {size:,} slot matrix (N = {n:,}) "
                           "twice in float64")  # fmt: skip

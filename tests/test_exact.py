@@ -193,3 +193,14 @@ def test_exact_assign_is_the_best_balanced_hard_assignment(seed):
 def test_exact_assign_with_fewer_samples_than_clusters_follows_the_scores():
     s = np.array([[0.0, 1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0, 0.0]])
     assert exact_assign(s).labels.tolist() == [4, 0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_exact_assign_float32_weights_keep_whole_shares_whole(dtype):
+    """float32 weights [0.3, 0.7] are 0.30000001 and 0.69999999: 10 samples make shares of 3.0000001 and 6.9999999,
+    whole but for the rounding of the dtype they came in. Read as not whole, the scores (all for cluster 0) gave
+    cluster 0 a fourth sample, where float64 weights give 3 and 7."""
+    s = np.zeros((10, 2))
+    s[:, 0] = 1.0
+    labels = exact_assign(s, cluster_weights=np.array([0.3, 0.7], dtype=dtype)).labels
+    assert np.bincount(labels, minlength=2).tolist() == [3, 7]
