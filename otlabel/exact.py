@@ -229,18 +229,22 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
 
     A linear assignment of samples to cluster slots: ``floor(N·r_k)`` fixed slots per cluster, and one flexible slot
     per cluster whose share is not whole, of which placeholder rows (allowed only there, at no cost) take those left
-    empty. Returns an :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
+    empty (when there are fixed slots to fill: without, the N samples take N of the flexible slots). Returns an
+    :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
     s, _, r, rounding = _prepare(scores, cluster_weights, None, check_mask=False)
     linear_sum_assignment = import_scipy_optimize("exact_assign").linear_sum_assignment
 
     n, k = s.shape
     fixed, flexible, spare = cluster_slots(n, r, rounding)
-    size = n + len(flexible) - spare  # samples and placeholders; fixed and flexible slots
-    refuse_unless_it_fits(2 * size * size * 8, f"exact_assign builds a {size:,} x {size:,} slot matrix (N = {n:,}) "
+    # Samples and placeholders by fixed and flexible slots; with no fixed slot (N < K, say) no placeholder is needed:
+    # N samples to distinct flexible slots (N x K, not K x K for 10 samples and 100,000 clusters)
+    rows = n + (len(flexible) - spare if len(fixed) else 0)
+    size = len(fixed) + len(flexible)
+    refuse_unless_it_fits(2 * rows * size * 8, f"exact_assign builds a {rows:,} x {size:,} slot matrix (N = {n:,}) "
                           "twice in float64")  # fmt: skip
     slot_cluster = np.concatenate([fixed, flexible])
-    cost = np.zeros((size, size))
+    cost = np.zeros((rows, size))
     cost[:n] = _unit_cost(s)[:, slot_cluster]
     cost[n:, : len(fixed)] = FORBIDDEN  # a placeholder in a fixed slot would leave its cluster short
     rows, slots = linear_sum_assignment(cost)

@@ -190,9 +190,18 @@ def test_exact_assign_is_the_best_balanced_hard_assignment(seed):
     assert np.isclose(res.objective, s[np.arange(n), res.labels].sum() / n)
 
 
-def test_exact_assign_with_fewer_samples_than_clusters_follows_the_scores():
+def test_exact_assign_with_fewer_samples_than_clusters_follows_the_scores(monkeypatch):
+    """N < K: every sample to its own cluster, the best ones. No placeholder rows then: 10 samples for 100,000
+    clusters are a 10 x 100,000 assignment (8 MB), not 100,000 x 100,000 (80 GB, refused by the memory check)."""
+    from otlabel import exact
+
     s = np.array([[0.0, 1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0, 0.0]])
     assert exact_assign(s).labels.tolist() == [4, 0]
+    monkeypatch.setattr(exact, "available_memory_bytes", lambda: 2**30)
+    s = np.random.default_rng(0).standard_normal((10, 100_000))
+    best = s.argmax(axis=1)
+    assert len(set(best.tolist())) == 10  # every sample's favourite is its own: that is the best assignment
+    assert exact_assign(s).labels.tolist() == best.tolist()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
