@@ -44,7 +44,7 @@ from .backends import make_operator, resolve_backend
 from .backends.base import ScoreOperator
 from .entry import entry_point, user_stacklevel
 from .features import bound_error, check_bias, check_finite_rows, dense_scores, kernel_inputs, score_bound, uses_kernel
-from .host_sources import FeatureSource
+from .host_sources import FeatureSource, check_memory_budget
 from .inputs import open_host_array
 from .problem import (
     Problem,
@@ -353,6 +353,9 @@ def sinkhorn_assign_sharded(
             Default: ``1 / N`` for every sample, ``N`` the total over ranks.
         cluster_weights: ``(K,)``, the same on every rank (checked).
         timeout: seconds any collective may wait for the other ranks before raising ``RuntimeError``.
+    memory_budget: the device memory for streamed features' chunks, in bytes, as in
+        :func:`otlabel.sinkhorn_assign_stream` (the same default). Scores and CUDA features are not streamed and
+        do not use it.
         epsilon, max_iter, tol, init, backend, acceleration, over_relaxation, allow_tf32, callback, warn: as in
             :func:`otlabel.sinkhorn_assign`; they must agree across ranks (checked). ``epsilon_scaling`` must be
             ``None``: on top of the default Anderson mixing it did not pay on in-memory scores. ``callback`` is
@@ -732,6 +735,8 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
     materialise ``Z C^T`` in float64: small problems, for checking)."""
     if (scores is None) == (features is None):
         raise ValueError("give either scores, or features= with prototypes= (not both, not neither).")
+    if memory_budget is not None:  # checked whatever the input: only streamed features use it
+        check_memory_budget(memory_budget)
     if features is None:
         if prototypes is not None or bias is not None:
             raise ValueError("prototypes= and bias= go with features=, not with scores.")
