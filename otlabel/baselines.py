@@ -105,7 +105,8 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
     ``P0 = softmax(logits) ** lam`` then scaling vectors ``r = 1/K / (P0^T c)``, ``c = 1/N / (P0 r)``
     alternate until the change of ``c``, ``sum |c_old / c_new - 1|``, measured as SeLa's code does on the 1st, 11th,
     21st, ... iteration only, is below ``tol`` (SeLa's stopping rule), or for ``n_iter`` iterations (SeLa's code has
-    no such cap). In ``epsilon`` terms this is entropic OT with ``epsilon = 1 / lam``.
+    no such cap; ``tol=None`` runs exactly ``n_iter``). In ``epsilon`` terms this is entropic OT with
+    ``epsilon = 1 / lam``.
     """
     logits = check_baseline_scores(logits, "sela_sinkhorn", torch.float64)  # may require grad or be on a GPU
     # As a float: a Python int beyond float's range (10**400) raised OverflowError in isfinite, a Fraction NumPy's

@@ -148,7 +148,9 @@ def _like(result: ExactResult, scores) -> ExactResult:
 def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = "pot") -> ExactResult:
     """Optimal plan of ``max_P <P, S>`` with rows summing to ``c`` and columns to ``r`` (no entropy).
 
-    ``method="pot"`` uses ``ot.emd`` (needs ``pip install pot``); ``method="linprog"`` uses SciPy's HiGHS.
+    ``sample_weights`` ``c`` (N,) and ``cluster_weights`` ``r`` (K,) are as in :func:`otlabel.sinkhorn_assign`
+    (default uniform). ``method="pot"`` uses ``ot.emd`` (needs ``pip install pot``); ``method="linprog"`` uses
+    SciPy's HiGHS.
     Returns an :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
     s, c, r, rounding = _prepare(scores, cluster_weights, sample_weights)
@@ -226,6 +228,7 @@ def refuse_unless_it_fits(needed: int, what: str) -> None:
 def exact_assign(scores, cluster_weights=None) -> ExactResult:
     """Best hard assignment in which cluster ``k`` gets ``floor(N·r_k)`` or ``ceil(N·r_k)`` samples (N/K rounded down
     or up for the default weights): which clusters take the spare samples is decided by the scores too.
+    ``cluster_weights`` ``r`` (K,) as in :func:`otlabel.sinkhorn_assign` (default uniform); samples weigh ``1/N`` each.
 
     A linear assignment of samples to cluster slots: ``floor(N·r_k)`` fixed slots per cluster, and one flexible slot
     per cluster whose share is not whole, of which placeholder rows (allowed only there, at no cost) take those left

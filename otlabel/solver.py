@@ -501,7 +501,8 @@ def sinkhorn_assign(
         epsilon_scaling: ``None`` (default) or a factor in (0, 1): solve first at a temperature near the
             scores' spread, then shrink it by this factor per stage down to ``epsilon``, warm-starting each
             stage. Pays at small ``epsilon``; each stage costs one extra ``exp`` pass on the CPU path. An ``init``
-            (potentials at ``epsilon``) starts the first stage, rescaled to its temperature.
+            (potentials at ``epsilon``) starts the first stage, rescaled to its temperature. Dense scores only:
+            refused with ``features=``.
         callback: ``callback(iteration, marginal_error)`` after every iteration (the worst head's error; ``inf``
             for the cold start), e.g. to drive a progress bar or log convergence. It reads the error back from
             the device every iteration, which a ``tol=None`` solve otherwise never does. It runs inside the solve:

@@ -404,8 +404,8 @@ def sinkhorn_assign_stream(
             least one sample whatever the budget; a budget that cuts a pass into many chunks of under 4,096 scores
             gets a :class:`SmallChunksWarning` (per-chunk overhead then dominates: 1-sample chunks ran ~100x slower).
         labels_out: where labels go: a path (a new int64 ``.npy`` is written chunk by chunk) or a writable int64
-            array/tensor of N (H·N) elements. Default: a new CPU tensor.
-        codes_out: same for the soft codes (float32, N·K (H·N·K) elements), written in the same final pass.
+            array/tensor shaped like the labels ((N,) or (H, N)) or flat. Default: a new CPU tensor.
+        codes_out: same for the soft codes (float32, (N, K) or (H, N, K), or flat), written in the same final pass.
             Output paths are written to a temporary file renamed into place once complete, and may not be an input
             file (given as a path or a NumPy memmap; a torch tensor made from a memmap cannot be recognised).
             Without it, ``result.codes`` is computed on first access into an (N, K) CPU tensor.
