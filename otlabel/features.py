@@ -55,7 +55,10 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
     else:
         from .streaming import sinkhorn_assign_stream
 
-        device = features.device if isinstance(features, torch.Tensor) else None
+        # Host features (NumPy, a .npy path) are computed on the CPU, as NumPy scores are: results on the input's
+        # device, as documented (device=None streamed them through a GPU where one exists, and left the potentials
+        # there). sinkhorn_assign_stream is the entry point that streams host data through a GPU.
+        device = features.device if isinstance(features, torch.Tensor) else torch.device("cpu")
         res = sinkhorn_assign_stream(
             features=features, prototypes=prototypes, bias=bias, epsilon=epsilon, device=device, warn=False, **solve
         )

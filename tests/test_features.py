@@ -342,3 +342,16 @@ def test_reading_the_objective_stays_within_the_memory_budget():
         f"peak grew by {extra / 2**20:.0f} MiB reading the objective: beyond the "
         f"{DEFAULT_MEMORY_BUDGET['cpu'] >> 20} MiB budget (the score matrix is {n * k * 4 >> 20} MiB)"
     )
+
+
+def test_numpy_features_are_solved_on_the_cpu_where_a_gpu_exists(monkeypatch):
+    """NumPy features (like NumPy scores) give CPU results: they went to sinkhorn_assign_stream with device=None,
+    which picks CUDA where it is available, and left cluster_potentials on the GPU beside CPU labels. Here CUDA is
+    made to look available: a solve on 'cuda' would fail on this CPU build."""
+    z = torch.nn.functional.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    want = sinkhorn_assign(features=z, prototypes=c, epsilon=0.1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    res = sinkhorn_assign(features=z.numpy(), prototypes=c.numpy(), epsilon=0.1)
+    assert res.cluster_potentials.device.type == "cpu" and res.labels.device.type == "cpu"
+    assert torch.equal(res.labels, want.labels)
