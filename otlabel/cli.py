@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--clusters", type=positive_int, default=10, metavar="K", help="number of clusters (default: 10)")
     d.add_argument("--epsilon", type=positive_float, default=0.05, metavar="EPS", help="temperature (default: 0.05)")
     d.add_argument("--seed", type=seed_int, default=0, help="random seed for the k-means++ seeding (default: 0)")
-    d.add_argument("--device", default="cpu", metavar="DEV", help="compute device (default: cpu)")
+    d.add_argument("--device", default="cpu", metavar="DEV", help="cpu, cuda, cuda:1, ... or auto (default: cpu)")
     d.set_defaults(func=cmd_demo)
     for command in (p, d):
         # A value may start with '-' only where argparse sees a negative number; before Python 3.14 that was a plain
@@ -559,6 +559,7 @@ def cmd_demo(args) -> int:
         raise InputError("the demo needs scikit-learn: pip install 'otlabel[examples]'") from None
     from .streaming import sinkhorn_assign_stream
 
+    device = parse_device(args)  # before the work: a device torch cannot use is an input error in the flag's words
     t0 = time.perf_counter()
     digits = load_digits()
     if args.clusters > len(digits.target):
@@ -570,7 +571,7 @@ def cmd_demo(args) -> int:
     t_protos = time.perf_counter() - t0
     nearest = (x @ protos.T).argmax(dim=1).numpy()
     t1 = time.perf_counter()
-    res = sinkhorn_assign_stream(features=x, prototypes=protos, epsilon=args.epsilon, tol=1e-4, device=args.device)
+    res = sinkhorn_assign_stream(features=x, prototypes=protos, epsilon=args.epsilon, tol=1e-4, device=device)
     t_ot = time.perf_counter() - t1
     labels = res.labels.numpy()
     k = args.clusters

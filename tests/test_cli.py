@@ -532,6 +532,10 @@ def test_demo_runs(capsys):
     assert float(re.search(r"(\d+\.\d) ms\n", out)[1]) / 1e3 <= total
     assert main(["demo", "--clusters", "1798"]) == EXIT_INPUT  # more clusters than images
     assert "--clusters must be at most 1,797" in capsys.readouterr().err
+    # --device as assign takes it: auto (here the CPU) ran nowhere, and a bad one was refused in Python's words
+    assert main(["demo", "--device", "auto"]) == EXIT_OK and "NMI vs digits" in capsys.readouterr().out
+    assert main(["demo", "--device", "tpu"]) == EXIT_INPUT
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
 
 
 def test_acceleration_flags(scores_file, tmp_path, capsys):
