@@ -15,6 +15,7 @@ The solvers themselves run on the CPU in float64.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
     their dtype may have moved (:func:`~otlabel.problem.weight_rounding`). ``check_mask``: a mask that leaves no plan
     with these weights (Hall's condition) is the ``ValueError`` :func:`otlabel.sinkhorn_assign` gives, naming the
     samples and clusters; :func:`exact_assign` skips it, as its rounded cluster sizes may fit where the weights'
-    exact shares do not."""
+    exact shares do not (and a cluster whose share rounds down to no sample may then be masked whole)."""
     s3, batched = check_scores(scores)
     if batched:
         raise ValueError("the exact solvers take one (N, K) problem; loop over heads yourself.")
@@ -100,7 +101,12 @@ def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
     r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device, (n, k))
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device, (n, k))
     rounding = marginals_rounding(cluster_weights, sample_weights, k, n)
-    check_score_values(s3, r, batched=False, sample_weights=c if check_mask else None, mass_rounding=rounding)
+    checked_r = r
+    if not check_mask:  # the check below refuses a weighted cluster no sample may reach: such a one may stay empty
+        fixed, _, _ = cluster_slots(n, r.cpu().numpy(), rounding)
+        may_stay_empty = torch.from_numpy(np.bincount(fixed, minlength=k) == 0).to(r.device)
+        checked_r = torch.where(may_stay_empty & (s3[0] == -math.inf).all(dim=0), 0.0, r)
+    check_score_values(s3, checked_r, batched=False, sample_weights=c if check_mask else None, mass_rounding=rounding)
     return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy(), rounding
 
 

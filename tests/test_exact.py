@@ -213,3 +213,14 @@ def test_exact_assign_float32_weights_keep_whole_shares_whole(dtype):
     s[:, 0] = 1.0
     labels = exact_assign(s, cluster_weights=np.array([0.3, 0.7], dtype=dtype)).labels
     assert np.bincount(labels, minlength=2).tolist() == [3, 7]
+
+
+def test_exact_assign_leaves_a_masked_cluster_empty_where_its_share_rounds_down_to_none():
+    """One sample, three clusters of a third each: a cluster masked for every sample was refused ('its share cannot
+    be filled') though the hard assignment gives it no sample. Masked whole where its share is a whole sample, it is
+    still an error."""
+    s = np.array([[0.0, 1.0, -np.inf]])
+    assert exact_assign(s).labels.tolist() == [1]
+    s = np.array([[0.0, 1.0, -np.inf], [2.0, 0.0, -np.inf], [1.0, 0.0, -np.inf]])
+    with pytest.raises(ValueError, match="cluster 2"):
+        exact_assign(s)
