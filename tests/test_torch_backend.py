@@ -725,6 +725,59 @@ def _solve_in_child(queue, scores):
     queue.put((res.labels.tolist(), res.codes.tolist(), sinkhorn_assign_stream(scores, 0.05).labels.tolist()))
 
 
+def _solve_on_one_thread_in_child(queue, scores):
+    from otlabel.backends.torch_backend import solve_threads
+
+    torch.set_num_threads(1)  # README's way around torch's own hang in a forked child
+    queue.put(solve_threads())
+    sinkhorn_assign(scores, 0.05)
+    queue.put(torch.get_num_threads())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_while_another_thread_solves_keeps_its_own_thread_count():
+    """Found probing a training loop: a child forked while another thread of the parent was inside a solve inherited
+    that solve's count of running solves, which never ended there. Every solve of the child then planned for the
+    parent's thread count and restored it on exit, over the child's ``torch.set_num_threads(1)``: the child hung in
+    the solve's last float64 operations (torch's OpenMP after fork), or ran on with the parent's count."""
+    import multiprocessing
+    import queue as queues
+    import threading
+
+    scores = cosine_scores(400, 6, seed=8)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(it, err):
+        entered.set()
+        release.wait(60)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    solver = threading.Thread(target=lambda: sinkhorn_assign(scores, 0.05, max_iter=2, tol=None, callback=hold))
+    solver.start()
+    try:
+        assert entered.wait(60)
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_solve_on_one_thread_in_child, args=(queue, scores))
+        child.start()
+        try:
+            planned = queue.get(timeout=60)
+            try:
+                after = queue.get(timeout=60)
+            except queues.Empty:
+                after = "the child's solve hung"
+        finally:
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+    finally:
+        release.set()
+        solver.join()
+        torch.set_num_threads(threads)
+    assert (planned, after) == (1, 1)
+
+
 def test_the_worker_pool_has_one_thread_per_torch_thread():
     """One worker per intra-op thread, also after torch's thread count changes (a new pool then)."""
     threads = torch.get_num_threads()

@@ -451,6 +451,20 @@ def caller_on_one_thread(device: torch.device):
             _ACTIVE_SOLVES -= 1
 
 
+def _forget_other_threads_solves() -> None:
+    """In a process just forked, only the forking thread runs: the solves of the parent's other threads never end
+    here. Counted, they made every solve of the child take the parent's thread count and restore it on exit, over the
+    child's own ``torch.set_num_threads(1)`` (README's way around torch's hang after fork), so that the child hung in
+    the solve's own last float64 operations. Their lock is new too: one held at the fork would never be released."""
+    global _ACTIVE_SOLVES, _SOLVES_LOCK
+    _SOLVES_LOCK = threading.Lock()
+    _ACTIVE_SOLVES = 0 if getattr(_SOLVE, "workers", None) is None else 1  # nested solves count once
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_other_threads_solves)
+
+
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID: int | None = None  # the process that started the pool's threads
 
