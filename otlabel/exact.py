@@ -248,12 +248,12 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     fixed, flexible, spare = cluster_slots(n, r, rounding)
     # Samples and placeholders by fixed and flexible slots; with no fixed slot (N < K, say) no placeholder is needed:
     # N samples to distinct flexible slots (N x K, not K x K for 10 samples and 100,000 clusters)
-    rows = n + (len(flexible) - spare if len(fixed) else 0)
-    size = len(fixed) + len(flexible)
-    refuse_unless_it_fits(2 * rows * size * 8, f"exact_assign builds a {rows:,} x {size:,} slot matrix (N = {n:,}) "
-                          "twice in float64")  # fmt: skip
+    n_rows = n + (len(flexible) - spare if len(fixed) else 0)
+    n_slots = len(fixed) + len(flexible)
+    refuse_unless_it_fits(2 * n_rows * n_slots * 8, f"exact_assign builds a {n_rows:,} x {n_slots:,} slot matrix "
+                          f"(N = {n:,}) twice in float64")  # fmt: skip
     slot_cluster = np.concatenate([fixed, flexible])
-    cost = np.zeros((rows, size))
+    cost = np.zeros((n_rows, n_slots))
     cost[:n] = _unit_cost(s)[:, slot_cluster]
     cost[n:, : len(fixed)] = FORBIDDEN  # a placeholder in a fixed slot would leave its cluster short
     rows, slots = linear_sum_assignment(cost)
