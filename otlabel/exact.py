@@ -106,6 +106,8 @@ def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
         fixed, _, _ = cluster_slots(n, r.cpu().numpy(), rounding)
         may_stay_empty = torch.from_numpy(np.bincount(fixed, minlength=k) == 0).to(r.device)
         checked_r = torch.where(may_stay_empty & (s3[0] == -math.inf).all(dim=0), 0.0, r)
+        if not bool((checked_r > 0).any()):  # every cluster with a share masked whole: no sample can go anywhere,
+            checked_r = r  # which the check below says of the first sample (it needs some weighted cluster)
     check_score_values(s3, checked_r, batched=False, sample_weights=c if check_mask else None, mass_rounding=rounding)
     return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy(), rounding
 

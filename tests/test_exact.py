@@ -224,3 +224,9 @@ def test_exact_assign_leaves_a_masked_cluster_empty_where_its_share_rounds_down_
     s = np.array([[0.0, 1.0, -np.inf], [2.0, 0.0, -np.inf], [1.0, 0.0, -np.inf]])
     with pytest.raises(ValueError, match="cluster 2"):
         exact_assign(s)
+    # Every cluster with a share masked whole, each share under one sample: nowhere for the sample to go, said of
+    # the sample (an IndexError from an empty reduction before)
+    with pytest.raises(ValueError, match="sample 0 .* has every score -inf"):
+        exact_assign(np.array([[-np.inf, -np.inf]]))
+    with pytest.raises(ValueError, match="sample 0 .* is allowed only in clusters of weight 0"):
+        exact_assign(np.array([[0.5, -np.inf, -np.inf]]), cluster_weights=np.array([0.0, 0.6, 0.4]))
