@@ -324,10 +324,12 @@ def parse_device(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
     try:
         device = device or torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     except RuntimeError:
-        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # also one torch knows (mps, meta) but otlabel does not
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     return device
 
 

@@ -536,6 +536,9 @@ def test_demo_runs(capsys):
     assert main(["demo", "--device", "auto"]) == EXIT_OK and "NMI vs digits" in capsys.readouterr().out
     assert main(["demo", "--device", "tpu"]) == EXIT_INPUT
     assert "--device must be auto, cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
+    # one torch knows but otlabel does not compute on: the same words, not the library's device(type='meta')
+    assert main(["demo", "--device", "meta"]) == EXIT_INPUT
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'meta'" in capsys.readouterr().err
 
 
 def test_acceleration_flags(scores_file, tmp_path, capsys):
