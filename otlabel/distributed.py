@@ -353,9 +353,9 @@ def sinkhorn_assign_sharded(
             Default: ``1 / N`` for every sample, ``N`` the total over ranks.
         cluster_weights: ``(K,)``, the same on every rank (checked).
         timeout: seconds any collective may wait for the other ranks before raising ``RuntimeError``.
-    memory_budget: the device memory for streamed features' chunks, in bytes, as in
-        :func:`otlabel.sinkhorn_assign_stream` (the same default). Scores and CUDA features are not streamed and
-        do not use it.
+        memory_budget: the device memory for streamed features' chunks, in bytes, as in
+            :func:`otlabel.sinkhorn_assign_stream` (the same default). Scores and CUDA features are not streamed and
+            do not use it.
         epsilon, max_iter, tol, init, backend, acceleration, over_relaxation, allow_tf32, callback, warn: as in
             :func:`otlabel.sinkhorn_assign`; they must agree across ranks (checked). ``epsilon_scaling`` must be
             ``None``: on top of the default Anderson mixing it did not pay on in-memory scores. ``callback`` is

@@ -699,6 +699,23 @@ def test_group_and_timeout_are_checked(kwargs, error, words):
         sinkhorn_assign_sharded(torch.randn(20, 3), 0.1, **kwargs)
 
 
+def test_every_parameter_has_an_args_entry():
+    """memory_budget's entry was indented as a new section, which ended Args for the entries after it (epsilon,
+    tol, backend, ...) in help() and any Google-style reader. epsilon_scaling is in the epsilon entry's text."""
+    import inspect
+
+    lines = inspect.getdoc(sinkhorn_assign_sharded).splitlines()
+    start = lines.index("Args:") + 1
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    named = set()
+    for line in lines[start:]:
+        if line and not line.startswith(" "):  # the next section
+            break
+        if len(line) - len(line.lstrip()) == indent and ":" in line:
+            named |= {name.strip() for name in line.split(":")[0].split(",")}
+    assert set(inspect.signature(sinkhorn_assign_sharded).parameters) - named == {"epsilon_scaling"}
+
+
 def test_shard_checks_the_score_range_and_renormalises_sample_weights():
     with pytest.raises(ValueError, match="scores / epsilon reach"):
         sinkhorn_assign_sharded(torch.randn(20, 3) * 1e12, 0.05)
