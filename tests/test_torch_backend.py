@@ -778,6 +778,40 @@ def test_a_process_forked_while_another_thread_solves_keeps_its_own_thread_count
     assert (planned, after) == (1, 1)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_inside_a_solve_keeps_one_thread_after_it():
+    """A child forked from a solve's callback goes on with that solve: on exit it restored the parent's thread count
+    over the child's torch.set_num_threads(1), and the child's next OpenMP operation could hang."""
+    scores = cosine_scores(400, 6, seed=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    read, write = os.pipe()
+    forked = []
+
+    def fork_once(it, err):
+        if not forked:
+            forked.append(os.fork())
+            if forked[0] == 0:
+                torch.set_num_threads(1)
+
+    try:
+        try:
+            sinkhorn_assign(scores, 0.05, max_iter=3, tol=None, callback=fork_once)
+            if forked[0] == 0:  # the child: its thread count after the solve
+                os.write(write, bytes([torch.get_num_threads()]))
+        finally:
+            if forked and forked[0] == 0:  # the child leaves here, whatever happened, not through pytest
+                os._exit(0)
+        os.close(write)
+        after = os.read(read, 1)
+        os.waitpid(forked[0], 0)
+        parent_after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert after == bytes([1])
+    assert parent_after == 2  # the parent's solve restored its own
+
+
 def test_the_worker_pool_has_one_thread_per_torch_thread():
     """One worker per intra-op thread, also after torch's thread count changes (a new pool then)."""
     threads = torch.get_num_threads()

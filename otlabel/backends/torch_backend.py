@@ -440,12 +440,16 @@ def caller_on_one_thread(device: torch.device):
             _SOLVES_THREADS = torch.get_num_threads()
         _ACTIVE_SOLVES += 1
         threads = _SOLVES_THREADS
+    pid = os.getpid()
     try:  # from here on (an interrupt included) the count of active solves is given back
         _SOLVE.workers = threads
         torch.set_num_threads(1)
         yield
     finally:
-        torch.set_num_threads(threads)
+        # A child forked inside the solve (from its callback) keeps one thread: the parent's count over its own
+        # torch.set_num_threads(1) hung it in its next OpenMP operation (torch's own hang after fork)
+        if os.getpid() == pid:
+            torch.set_num_threads(threads)
         _SOLVE.workers = None
         with _SOLVES_LOCK:
             _ACTIVE_SOLVES -= 1
