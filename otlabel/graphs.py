@@ -187,15 +187,15 @@ def captured(problem: Problem, max_iter: int, omega: float) -> tuple[CapturedSol
     return entry, key, new
 
 
-def solve_captured(problem: Problem, max_iter: int, omega: float, mass_rounding: float = 0.0):
+def solve_captured(problem: Problem, max_iter: int, omega: float):
     """``(LoopOutput, labels (H, N), codes (H, N, K))`` of a fixed-iteration solve, by replaying its capture.
 
     The outputs are copies, taken before the one synchronisation (so it covers them): the next call's replay
     rewrites the captured buffers. That one read brings back the error history, whether the potentials are
     finite and the extremes of the scores: bad scores (NaN, +inf, a sample with nowhere to go, a span too large
     for epsilon) raise the error the uncaptured call would have raised, and nothing computed from them is returned.
-    Scores with a -inf then get the uncaptured call's mask check (``mass_rounding``: its allowance), after the replay:
-    a mask that leaves no balanced plan raises its error too.
+    Scores with a -inf then get the uncaptured call's mask check (with ``problem.mass_rounding``, its allowance),
+    after the replay: a mask that leaves no balanced plan raises its error too.
     """
     from .feasibility import check_dense_mask
     from .solver import LoopOutput, potentials_finite, raise_infeasible
@@ -219,7 +219,7 @@ def solve_captured(problem: Problem, max_iter: int, omega: float, mass_rounding:
     if masked:  # (with a zero cluster weight the caller checked the mask)
         try:
             check_dense_mask(problem.scores, problem.sample_weights, problem.cluster_weights, problem.batched,
-                             mass_rounding)  # fmt: skip
+                             problem.mass_rounding)  # fmt: skip
         except ValueError:
             forget(key, new)
             raise

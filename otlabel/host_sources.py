@@ -237,20 +237,17 @@ class FeatureSource(ScoreSource):
         self.rows_per_chunk = self.stream.rows_per_chunk
         self.random_access = not self.stream.staged  # views and a matmul: any order, any thread
 
-    def chunk(self, rows: slice) -> torch.Tensor:
+    def chunk(self, rows: slice, out=None) -> torch.Tensor:
+        """The scores of a chunk, (H, T, K), into ``out`` if given."""
         z = self.stream.get(rows)[0].to(self.dtype)  # (T, D)
-        s = torch.matmul(z, self.proto_t)  # (H, T, K)
+        s = torch.matmul(z, self.proto_t, out=out)  # (H, T, K)
         return s if self.bias is None else s.add_(self.bias)
 
     def scaled(self, rows: slice, inv_eps: float, out=None) -> torch.Tensor:
         """``S / eps`` for a chunk, (H, T, K), into ``out`` if given: the products formed first, so that scores beyond
         the compute dtype show as inf (the check pass reads this). :meth:`shifted` scales inside the matmul, where
         products of 1e40 in float32 times a subnormal or zero ``1 / eps`` came out finite and wrong."""
-        z = self.stream.get(rows)[0].to(self.dtype)  # (T, D)
-        s = torch.matmul(z.expand(self.n_heads, -1, -1), self.proto_t, out=out)  # (H, T, K)
-        if self.bias is not None:
-            s.add_(self.bias)
-        return s.mul_(inv_eps)
+        return self.chunk(rows, out=out).mul_(inv_eps)
 
     def shifted(self, rows: slice, b: torch.Tensor, inv_eps: float, out=None) -> torch.Tensor:
         """``S / eps + b`` for a chunk, (H, T, K) in the compute dtype, in one fused matmul (``baddbmm``), into ``out``

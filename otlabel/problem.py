@@ -117,6 +117,7 @@ class Problem:
     batched: bool
     has_zero_weights: bool | None = None
     column_max: torch.Tensor | None = None  # (H, K), where validation computed it: operators need not compute it again
+    mass_rounding: float = 0.0  # what the mask check allows for the weights' rounding as given (marginals_rounding)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -791,13 +792,12 @@ def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_v
         r, has_zeros = r_host.to(device), bool((r_host.numpy() == 0).any())
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N (second-to-last dimension)", device,
                       (n, k))  # fmt: skip
-    col_max = None
+    col_max, rounding = None, marginals_rounding(cluster_weights, sample_weights, k, n)
     if check_values:
-        rounding = marginals_rounding(cluster_weights, sample_weights, k, n)
         col_max = check_score_values(scores3, r, has_zero_weights=has_zeros, epsilon=epsilon, batched=batched,
                                      sample_weights=c, mass_rounding=rounding)  # fmt: skip
     return Problem(scores=scores3, epsilon=epsilon, sample_weights=c, cluster_weights=r, batched=batched,
-                   has_zero_weights=has_zeros, column_max=col_max)  # fmt: skip
+                   has_zero_weights=has_zeros, column_max=col_max, mass_rounding=rounding)  # fmt: skip
 
 
 def _first_index(mask: torch.Tensor) -> tuple[int, ...]:

@@ -27,15 +27,7 @@ from .backends import make_operator
 from .backends.base import ScoreOperator
 from .backends.torch_backend import caller_on_one_thread
 from .entry import entry_point, user_stacklevel
-from .problem import (
-    as_tensor,
-    check_score_values,
-    compute_dtype_of,
-    dense_tensor,
-    marginals_rounding,
-    real_as_float,
-    validate,
-)
+from .problem import as_tensor, check_score_values, compute_dtype_of, dense_tensor, real_as_float, validate
 from .result import ConvergenceWarning, SinkhornResult
 
 DEFAULT_MAX_ITER = 1000
@@ -548,10 +540,7 @@ def sinkhorn_assign(
         raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
     problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph)
     if cuda_graph:
-        _, n, k = problem.shape
-        rounding = marginals_rounding(cluster_weights, sample_weights, k, n)  # what the mask check allows, as validate
-        return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration,
-                                 rounding)  # fmt: skip
+        return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration)
     init = check_init(init, problem.shape[0], problem.cluster_weights, torch.float64, compute_dtype_of(problem.scores))
     if epsilon_scaling is None:
         operator = make_operator(problem, backend)
@@ -566,18 +555,16 @@ def sinkhorn_assign(
                           sample_weights=problem.sample_weights)  # fmt: skip
 
 
-def assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration,
-                      mass_rounding: float = 0.0):  # fmt: skip
-    """``sinkhorn_assign(..., cuda_graph=True)`` after the input checks: the solve replayed from its capture.
-    ``mass_rounding``: what the mask check allows for the rounding of the weights as given (as :func:`validate`)."""
+def assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration):
+    """``sinkhorn_assign(..., cuda_graph=True)`` after the input checks: the solve replayed from its capture."""
     from . import graphs
 
     graphs.check_capturable(problem, backend, tol, init, callback, epsilon_scaling, acceleration)
     if problem.has_zero_weights:  # the capture checks the score values itself only when no weight is 0
         check_score_values(problem.scores, problem.cluster_weights, has_zero_weights=True, epsilon=problem.epsilon,
                            batched=problem.batched, sample_weights=problem.sample_weights,
-                           mass_rounding=mass_rounding)  # fmt: skip
-    out, labels, codes = graphs.solve_captured(problem, max_iter, acceleration, mass_rounding)
+                           mass_rounding=problem.mass_rounding)  # fmt: skip
+    out, labels, codes = graphs.solve_captured(problem, max_iter, acceleration)
     # The lazy read-outs (objective, plan) need an operator over the caller's scores: built only if one is read.
     operator = DeferredOperator(lambda: make_operator(problem, backend))
     return package_result(operator, out, epsilon=problem.epsilon, batched=problem.batched,
