@@ -657,7 +657,7 @@ class FeatureShard:
             self.source = FeatureSource(features, prototypes, bias, device,
                                         memory_budget=chunk_bytes(memory_budget, device))  # fmt: skip
             warn_if_chunks_too_small(self.source, memory_budget, self.source.device)
-            self.z = self.source.stream.host[0]  # (N, D) on the host (or the device), streamed
+            self.z = self.source.features  # (N, D) on the host (or the device), streamed
             largest_z = check_finite_rows(self.z, "features")
             self.batched = self.source.batched
             self.r = check_weights(cluster_weights, self.source.n_clusters, "cluster_weights", "number of clusters K",

@@ -232,7 +232,7 @@ class FeatureSource(ScoreSource):
         if rows_per_chunk is None:
             budget = default_memory_budget(self.device) if memory_budget is None else memory_budget
             rows_per_chunk = rows_for_budget(budget, self.n_heads * self.n_clusters, self.row_extra_bytes)
-        self.stream = HostStream(host[None], self.device, rows_per_chunk)  # (1, N, D)
+        self.stream = HostStream(host.unsqueeze(0), self.device, rows_per_chunk)  # (1, N, D)
         self.features = host  # as given, for an error to read one row of: a bad row, or products that overflow?
         self.rows_per_chunk = self.stream.rows_per_chunk
         self.random_access = not self.stream.staged  # views and a matmul: any order, any thread

@@ -1,5 +1,7 @@
 """Opening the inputs: a ``.npy`` path (memory-mapped, never unpickled), a NumPy array or memmap, or a torch tensor,
-as a torch tensor that shares its memory, with errors that say which input is wrong and how to fix it.
+as a torch tensor that shares its memory, with errors that say which input is wrong and how to fix it. An array in
+non-native byte order (a big-endian file), which torch cannot share, is read through a :class:`SwappedArray`, each
+block converted as it is read.
 
 The streamed, features, sharded and command-line paths open their inputs here (in-memory scores go through
 :func:`otlabel.problem.as_tensor`).
@@ -63,12 +65,51 @@ def load_npy(path: str, name: str, mmap_mode: str | None = None) -> np.ndarray:
     return x
 
 
-def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor:
+class SwappedArray:
+    """A NumPy array (a ``.npy`` memmap) in non-native byte order, such as big-endian ``'>f4'`` from another machine,
+    which torch cannot share: read as torch tensors one index at a time (``x[:, rows]``, ``x[lo:hi]``, ``x[j]``), each
+    block converted to native order as it is read, so that a file larger than RAM is never converted whole. It
+    stands in for the shared CPU tensor of :func:`open_host_array` in the streamed sources: the shape, dtype (the
+    native one), device and indexing they use."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.native = array.dtype.newbyteorder("=")
+        self.dtype = torch.from_numpy(np.empty(0, self.native)).dtype
+        self.shape = torch.Size(array.shape)
+        self.ndim = array.ndim
+
+    def __getitem__(self, index) -> torch.Tensor:
+        # a native copy of just these entries, in the layout of their view (a Fortran-ordered file stays so)
+        return torch.from_numpy(np.array(self.array[index], dtype=self.native, order="K"))
+
+    def unsqueeze(self, dim: int) -> SwappedArray:
+        return SwappedArray(np.expand_dims(self.array, dim))
+
+    def numel(self) -> int:
+        return self.array.size
+
+    def element_size(self) -> int:
+        return self.array.itemsize
+
+    def is_pinned(self) -> bool:
+        return False
+
+
+def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor | SwappedArray:
     """A path to a ``.npy`` (memory-mapped, read-only), a NumPy array/memmap or a torch tensor, as a torch tensor
-    sharing its memory (no copy). Errors say which input is wrong and why. A NumPy view with a negative stride
-    (torch cannot share it) is copied with ``copy_reversed`` (callers that copy the data anyway), else refused."""
+    sharing its memory (no copy). Errors say which input is wrong and why. Callers that copy the data anyway say so
+    with ``copy_reversed``: a NumPy view with a negative stride (torch cannot share it) is then copied, else refused,
+    and an array in non-native byte order (big-endian) is copied in native order, else returned as a
+    :class:`SwappedArray`, converted block by block as the streamed sources read it."""
     if isinstance(x, (str, os.PathLike)):
         x = load_npy(os.fspath(x), name, mmap_mode="r")
+    if isinstance(x, SwappedArray):  # opened already (the command line opens its inputs for their shapes first)
+        if not copy_reversed:
+            return x
+        x = x.array
     if isinstance(x, np.ndarray):
         refuse_masked_array(x, name)
         if x.dtype.kind == "V" and x.dtype.itemsize == 2:
@@ -78,11 +119,10 @@ def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor:
             raise TypeError(
                 f"{name} must be float16, float32 or float64, got dtype {x.dtype}. Convert with x.astype(np.float32)."
             )
-        if not x.dtype.isnative:
-            raise TypeError(
-                f"{name} is {x.dtype.name} in non-native byte order ({x.dtype.str}); convert with "
-                f"x.astype(np.{x.dtype.name}) (or save it so: np.save(path, x.astype(np.{x.dtype.name})))."
-            )
+        if not x.dtype.isnative:  # a file from another machine: torch cannot share it
+            if not copy_reversed:
+                return SwappedArray(x)
+            x = x.astype(x.dtype.newbyteorder("="))  # in native order, and with positive strides
         if any(stride < 0 for stride in x.strides):
             if not copy_reversed:
                 raise ValueError(

@@ -384,7 +384,8 @@ def sinkhorn_assign_stream(
 
     Give either ``scores`` (N, K) / (H, N, K), or ``features`` (N, D) with ``prototypes`` (K, D) / (H, K, D)
     (scores ``Z C^T + bias``, never materialised). Each may be a CPU torch tensor, a NumPy array, a ``np.memmap``
-    or a path to a ``.npy`` (memory-mapped: the file may be larger than RAM). Every iteration streams the data
+    or a path to a ``.npy`` (memory-mapped: the file may be larger than RAM; one in non-native byte order, such as
+    big-endian ``'>f4'``, is converted chunk by chunk as it is read). Every iteration streams the data
     through ``device`` once, in chunks sized so the device working set stays within ``memory_budget`` bytes.
     The problem, the solution and the result are exactly those of :func:`otlabel.sinkhorn_assign`
     (``max <P, S> + eps H(P)``, rows of ``P`` summing to ``c``, columns to ``r``), up to fp32 rounding.

@@ -672,6 +672,33 @@ def test_features_without_group_and_their_errors():
             run(features=z, prototypes=heads, bias=bias[None], backend="triton", max_iter=2, tol=None)
 
 
+def test_big_endian_features_are_read_a_block_at_a_time(tmp_path, monkeypatch):
+    """A sharded features solve from a big-endian file (refused before) gives the little-endian file's result bit for
+    bit, and never converts the features whole: the finite check took them as one (N, D) tensor, which for big-endian
+    ones was a copy of the whole file. N is above the check's 65,536-row blocks."""
+    from otlabel.inputs import SwappedArray
+
+    rng = np.random.default_rng(4)
+    n = 70_000
+    z, c = rng.standard_normal((n, 4)).astype(np.float32), rng.standard_normal((K, 4)).astype(np.float32)
+    np.save(tmp_path / "little.npy", z)
+    np.save(tmp_path / "big.npy", z.astype(">f4"))
+    read_rows = []  # the samples each read of the big-endian features converted
+    convert = SwappedArray.__getitem__
+
+    def spy(self, index):
+        block = convert(self, index)
+        read_rows.append(block.shape[-2] if block.ndim >= 2 else 1)
+        return block
+
+    monkeypatch.setattr(SwappedArray, "__getitem__", spy)
+    kw = dict(epsilon=0.5, tol=None, max_iter=3, memory_budget=1 << 20)
+    ref = sinkhorn_assign_sharded(features=str(tmp_path / "little.npy"), prototypes=c, **kw)
+    res = sinkhorn_assign_sharded(features=str(tmp_path / "big.npy"), prototypes=c, **kw)
+    assert torch.equal(res.labels, ref.labels) and torch.equal(res.cluster_potentials, ref.cluster_potentials)
+    assert read_rows and max(read_rows) < n, max(read_rows)
+
+
 def test_nccl_collectives_use_the_data_gpu_not_the_current_one():
     """A rank that never called torch.cuda.set_device must still communicate on its own GPU (that of its data);
     Gloo always uses the CPU. (NCCL itself cannot run here; the choice of device is what this checks.)"""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -311,6 +313,89 @@ def test_negative_strides_and_float64_codes():
     assert_close(res.codes, ref.codes, atol=1e-12, what="float64 codes")
 
 
+def assert_bitwise_same(res, ref, what: str) -> None:
+    """Every output of two solves bit for bit: labels, potentials, iteration count, codes."""
+    assert res.n_iter == ref.n_iter, what
+    for name in ("labels", "cluster_potentials", "codes"):
+        assert torch.equal(getattr(res, name), getattr(ref, name)), f"{what}: {name} differ"
+
+
+@pytest.mark.parametrize("dtype", ["f2", "f4", "f8"])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("heads", [None, 3])
+def test_big_endian_score_files_stream_as_their_values(dtype, order, heads, tmp_path):
+    """A .npy in non-native byte order (a file written on a big-endian machine) was refused, with advice to convert
+    it with x.astype(...), which loads the whole file: no use for a file larger than RAM, the case streaming is for.
+    It is converted chunk by chunk as it is read, and solves bit for bit as the same values saved little-endian
+    (Fortran-ordered files too)."""
+    shape = (N, K) if heads is None else (heads, N, K)
+    values = np.random.default_rng(7).standard_normal(shape).astype(dtype)
+    values = np.asfortranarray(values) if order == "F" else values
+    np.save(tmp_path / "little.npy", values.astype("<" + dtype))
+    np.save(tmp_path / "big.npy", values.astype(">" + dtype))
+    big = np.load(tmp_path / "big.npy", mmap_mode="r")
+    assert big.dtype.str == ">" + dtype and big.flags.f_contiguous == (order == "F")
+    kw = dict(epsilon=EPS, tol=1e-6, memory_budget=budget_for(37, h=heads or 1))  # chunks that do not divide N
+    ref = sinkhorn_assign_stream(tmp_path / "little.npy", **kw)
+    assert_bitwise_same(sinkhorn_assign_stream(tmp_path / "big.npy", **kw), ref, "path")
+    assert_bitwise_same(sinkhorn_assign_stream(big, **kw), ref, "memmap")
+
+
+def test_big_endian_features_prototypes_and_bias_stream_as_their_values(tmp_path):
+    """Features, prototypes and bias in big-endian byte order, from files and in memory, solve bit for bit as little-
+    endian ones; a bad row of big-endian features is named as in native ones (its error reads that one row)."""
+    rng = np.random.default_rng(8)
+    z = rng.standard_normal((N, 8)).astype(np.float32)
+    c, bias = rng.standard_normal((K, 8)).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+    np.save(tmp_path / "z.npy", z.astype(">f4"))
+    np.save(tmp_path / "c.npy", c.astype(">f4"))
+    kw = dict(epsilon=0.5, tol=1e-6, memory_budget=budget_for(29))
+    ref = sinkhorn_assign_stream(features=z, prototypes=c, bias=bias, **kw)
+    from_files = sinkhorn_assign_stream(features=tmp_path / "z.npy", prototypes=tmp_path / "c.npy",
+                                        bias=bias.astype(">f4"), **kw)  # fmt: skip
+    assert_bitwise_same(from_files, ref, "files")
+    # sinkhorn_assign streams CPU features too, in its default chunks
+    in_memory = sinkhorn_assign(features=z.astype(">f4"), prototypes=c.astype(">f4"), bias=bias.astype(">f4"),
+                                epsilon=0.5, tol=1e-6)  # fmt: skip
+    native = sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=0.5, tol=1e-6)
+    assert_bitwise_same(in_memory, native, "in memory")
+    z[29, 3] = np.nan
+    with pytest.raises(ValueError, match=r"features row 29 contains NaN or inf"):
+        sinkhorn_assign_stream(features=z.astype(">f4"), prototypes=c)
+
+
+BIG_ENDIAN_PEAK_SCRIPT = """
+import numpy as np, torch
+from otlabel import sinkhorn_assign_stream
+
+torch.set_num_threads(2)  # the peak grows by a few MiB per thread (see test_features.PEAK_SCRIPT)
+
+def kib(field):  # from /proc/self/status: VmRSS now, VmHWM the peak since the last reset
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+# In memory, not a memmap: a memmap's pages count in RSS as a pass reads them, whatever their byte order.
+scores = np.random.default_rng(0).standard_normal((100_000, 250), dtype=np.float32).astype(">f4")
+sinkhorn_assign_stream(scores[:2000], 0.05, max_iter=2, tol=None, memory_budget=8 << 20)  # warm up the code paths
+before = kib("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak to the current RSS
+res = sinkhorn_assign_stream(scores, 0.05, max_iter=3, tol=None, memory_budget=8 << 20)
+assert res.labels.shape == (100_000,)
+print((kib("VmHWM:") - before) * 1024)
+"""
+
+
+def test_big_endian_scores_are_converted_within_the_memory_budget():
+    """Peak RSS growth of a streamed solve over 100 MB of big-endian scores, in a fresh process, with a budget of
+    8 MiB: converting the scores whole (as in-memory scores are) grew it by their size; by chunks it stays within
+    twice the budget."""
+    out = subprocess.run([sys.executable, "-c", BIG_ENDIAN_PEAK_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    extra = int(out.stdout.strip().splitlines()[-1])
+    assert extra < 2 * (8 << 20), f"peak grew by {extra / 2**20:.1f} MiB over 100 MB of scores, budget 8 MiB"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pinned", [False, True])
 def test_cuda_staging_matches_cpu(problem, pinned):
@@ -330,6 +415,18 @@ def test_cuda_staging_matches_cpu(problem, pinned):
     assert res.cluster_potentials.is_cuda
     assert_same_solution(res, ref, what="cuda staging")
     assert_close(res.codes, ref.codes, atol=1e-5, what="codes")
+
+
+@pytest.mark.gpu
+def test_cuda_staging_of_big_endian_scores(problem):
+    """Big-endian scores go through the pinned staging buffers converted chunk by chunk, and solve bit for bit as
+    native ones. Not yet run on a GPU."""
+    scores, c, r, _ = problem
+    kw = dict(
+        sample_weights=c, cluster_weights=r, tol=None, max_iter=ITERS, device="cuda", memory_budget=budget_for(37)
+    )
+    ref = sinkhorn_assign_stream(scores.numpy(), EPS, **kw)
+    assert_bitwise_same(sinkhorn_assign_stream(scores.numpy().astype(">f4"), EPS, **kw), ref, "cuda staging")
 
 
 @pytest.mark.gpu
