@@ -327,6 +327,9 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
     if isinstance(out, np.ndarray):
         if not out.flags.writeable:
             raise ValueError(f"{name} is read-only; pass a writable array or a path.")
+        if not out.dtype.isnative:  # (a big-endian array) torch cannot write into it
+            raise ValueError(f"{name} is in non-native byte order ({out.dtype.str}), which torch cannot write into: "
+                             f"pass np.empty({wanted}, np.{np.dtype(dtype).name}) or a path.")  # fmt: skip
         out = torch.from_numpy(out)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a path, a numpy array or a torch tensor, got {type(out).__name__}.")

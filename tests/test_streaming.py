@@ -795,6 +795,11 @@ def test_outputs_that_cannot_be_written_are_refused():
         sinkhorn_assign_stream(s, labels_out=frozen)
     with pytest.raises(TypeError, match="codes_out must be a path, a numpy array or a torch tensor, got list"):
         sinkhorn_assign_stream(s, codes_out=[0.0] * 150)
+    # In non-native byte order (torch said only "Conversion between byte orders is currently not supported"):
+    for name, out in (("labels_out", np.zeros(50, ">i8")), ("codes_out", np.zeros((50, 3), ">f4"))):
+        fix = r"np\.empty\(\(50,\), np\.int64\)" if name == "labels_out" else r"np\.empty\(\(50, 3\), np\.float32\)"
+        with pytest.raises(ValueError, match=rf"{name} is in non-native byte order \(.*\), .*: pass {fix} or a path"):
+            sinkhorn_assign_stream(s, **{name: out})
 
 
 def test_codes_out_over_a_wide_span():
