@@ -450,7 +450,8 @@ def sinkhorn_assign_stream(
     h, n, k = source.n_heads, source.n_samples, source.n_clusters
     files = []  # output files given as paths: renamed into place only once everything has been written
     try:
-        inputs = {"scores": scores, "features": features, "prototypes": prototypes, "bias": bias}
+        inputs = {"scores": scores, "features": features, "prototypes": prototypes, "bias": bias,
+                  "cluster_weights": cluster_weights, "sample_weights": sample_weights, "init": init}  # fmt: skip
         refuse_overwriting_inputs({"labels_out": labels_out, "codes_out": codes_out}, inputs)
         as_read = (n, k) if scores is not None else None  # a wrong length that is the other one: transposed?
         fix = TRANSPOSE_FIX

@@ -480,6 +480,16 @@ def test_outputs_never_overwrite_inputs_nor_stay_half_written(tmp_path):
     with pytest.raises(ValueError, match="same file as labels_out"):
         sinkhorn_assign_stream(scores_path, 0.1, labels_out=tmp_path / "o.npy", codes_out=tmp_path / "o.npy")
     assert np.array_equal(np.load(scores_path), s) and not (tmp_path / "o.npy").exists()
+    # Weights and a warm start memory-mapped from their files are inputs too: a labels_out naming one replaced it
+    # with labels without a word (the command line refuses --out over --cluster-weights).
+    for name, value in (("cluster_weights", np.full(5, 0.2)), ("sample_weights", np.full(40, 0.025)),
+                        ("init", np.zeros(5, np.float32))):  # fmt: skip
+        np.save(tmp_path / "kept.npy", value)
+        with pytest.raises(ValueError, match=f"labels_out .* is the same file as {name}"):
+            sinkhorn_assign_stream(s, 0.1, labels_out=tmp_path / "kept.npy",
+                                   **{name: np.load(tmp_path / "kept.npy", mmap_mode="r")})  # fmt: skip
+        assert np.array_equal(np.load(tmp_path / "kept.npy"), value), name
+    (tmp_path / "kept.npy").unlink()
 
     bad = s.copy()
     bad[7, 2] = np.nan
