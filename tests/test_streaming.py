@@ -263,8 +263,13 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match="scores file .* does not exist"):
         sinkhorn_assign_stream(str(tmp_path / "missing.npy"))
     np.save(tmp_path / "ints.npy", np.zeros((5, 3), np.int64))
-    with pytest.raises(TypeError, match="float16, float32 or float64, got dtype int64"):
-        sinkhorn_assign_stream(str(tmp_path / "ints.npy"))
+    # A file (perhaps larger than memory) is converted a block at a time: x.astype(np.float32) would read it whole
+    blocks = r"open_memmap\(.*np\.float32, x\.shape\), then y\[i : i \+ 2\*\*20\] = x\[i : i \+ 2\*\*20\]"
+    for given in (str(tmp_path / "ints.npy"), np.load(tmp_path / "ints.npy", mmap_mode="r")):
+        with pytest.raises(TypeError, match=f"float16, float32 or float64, got dtype int64. .*{blocks}"):
+            sinkhorn_assign_stream(given)
+    with pytest.raises(TypeError, match=r"got dtype int64. Convert with x.astype\(np.float32\)"):  # in memory
+        sinkhorn_assign_stream(np.zeros((5, 3), np.int64))
     with pytest.raises(ValueError, match=r"shape \(N, K\) or \(H, N, K\)"):
         sinkhorn_assign_stream(np.zeros(5, np.float32))
     with pytest.raises(ValueError, match="cluster_weights must have shape"):
