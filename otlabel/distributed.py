@@ -647,7 +647,7 @@ class FeatureShard:
                  epsilon=None):  # fmt: skip
         z = features if isinstance(features, torch.Tensor) else None
         self.kernel = uses_kernel(features, backend)
-        self.allow_tf32, self.source = allow_tf32, None
+        self.allow_tf32, self.source, self.memory_budget = allow_tf32, None, memory_budget
         if self.kernel:
             self.z, self.c3, self.bias, self.r, self.batched = kernel_inputs(
                 z, prototypes, bias, cluster_weights, epsilon
@@ -684,7 +684,7 @@ class FeatureShard:
             return TritonFeaturesOperator(
                 self.z, self.c3, self.bias, epsilon, sample_weights, allow_tf32=self.allow_tf32
             )
-        return StreamingOperator(self.source, epsilon, sample_weights, self.r)
+        return StreamingOperator(self.source, epsilon, sample_weights, self.r, memory_budget=self.memory_budget)
 
     def column_max(self) -> torch.Tensor:
         return torch.zeros(self.h * self.k, dtype=torch.float64)  # every weighted cluster is reachable (above)

@@ -108,6 +108,19 @@ def check_device(device) -> torch.device:
     return device
 
 
+def budget_ranges(source: ScoreSource, memory_budget: int | None) -> int:
+    """How many ranges of rows a streamed pass may work on at once, each with its chunk-sized buffers: as many chunks
+    as ``memory_budget`` holds (``None``: the default budget), and at least the threads the chunks were sized for
+    (:func:`chunk_bytes`; a budget below one sample per thread is overrun by every chunk anyway). A read-out after
+    ``torch.set_num_threads`` raised the count made a range per thread, each of the chunks sized for fewer: 4-6x
+    the budget reading ``res.objective`` at 8 and 16 threads after a solve on 1 or 2."""
+    if source.device.type != "cpu":  # a pass is one range there (and the default budget would ask the device)
+        return 1
+    budget = default_memory_budget(source.device) if memory_budget is None else int(memory_budget)
+    row_bytes = BYTES_PER_ENTRY * source.n_heads * source.n_clusters + getattr(source, "row_extra_bytes", 0)
+    return max(solve_threads(), budget // (source.rows_per_chunk * row_bytes))
+
+
 class SmallChunksWarning(UserWarning):
     """``memory_budget`` so small that a streamed pass is mostly per-chunk overhead (the solve is still right)."""
 
@@ -167,9 +180,10 @@ class StreamingOperator(LogDomainOperator):
     """
 
     def __init__(self, source, epsilon, sample_weights, cluster_weights, labels_out=None, codes_out=None,
-                 mass_rounding: float = 0.0):  # fmt: skip
+                 mass_rounding: float = 0.0, memory_budget: int | None = None):  # fmt: skip
         elements = source.rows_per_chunk * source.n_heads * source.n_clusters  # chunks == the source's chunks
         super().__init__(source, epsilon, sample_weights, chunk_elements=elements)
+        self.max_ranges = budget_ranges(source, memory_budget)
         self.r = cluster_weights.to(self.device)
         self.weighted = weighted_clusters(self.r)
         # the mask check's masses, on the host and in float64 (float32 ones refused feasible problems: 0.7 rounds
@@ -185,7 +199,7 @@ class StreamingOperator(LogDomainOperator):
         futures = {}  # future -> the end row of its range
         with caller_on_one_thread(self.device):
             try:
-                for lo, hi in split_rows(self.n_samples, pool._max_workers):
+                for lo, hi in split_rows(self.n_samples, min(pool._max_workers, self.max_ranges)):
                     futures[pool.submit(fn, lo, hi)] = hi
                 self._wait(futures)  # every range finishes inside the context, even when one fails
             except BaseException:
@@ -415,9 +429,10 @@ def sinkhorn_assign_stream(
             Without it, ``result.codes`` is computed on first access into an (N, K) CPU tensor.
         callback: ``callback(iteration, marginal_error)`` after every iteration (e.g. a progress bar).
 
-    On the CPU each pass splits the rows over ``torch.get_num_threads()`` worker threads and, for the duration of
-    the pass, sets torch's intra-op threads to 1 (restored afterwards): other torch work running concurrently in
-    the same process would see one thread meanwhile.
+    On the CPU each pass splits the rows over ``torch.get_num_threads()`` worker threads (the chunks are sized for
+    the count at the call: a later read-out of ``codes``/``objective`` uses no more threads than the budget holds
+    chunks) and, for the duration of the pass, sets torch's intra-op threads to 1 (restored afterwards): other torch
+    work running concurrently in the same process would see one thread meanwhile.
 
     Returns:
         :class:`~otlabel.SinkhornResult`; ``labels`` (and ``codes``) are CPU tensors (views of the output arrays when
@@ -465,7 +480,8 @@ def sinkhorn_assign_stream(
         labels = as_output(labels_out, (h, n), np.int64, "labels_out", source.batched, files)
         codes = as_output(codes_out, (h, n, k), np.float32, "codes_out", source.batched, files)
         rounding = marginals_rounding(cluster_weights, sample_weights, k, n)
-        operator = StreamingOperator(source, epsilon, c, r, labels, codes, mass_rounding=rounding)
+        operator = StreamingOperator(source, epsilon, c, r, labels, codes, mass_rounding=rounding,
+                                     memory_budget=memory_budget)  # fmt: skip
         if b0 is not None:
             operator.validate()
         out = run_sinkhorn(operator, r, b0, max_iter, tol, acceleration, callback=callback)

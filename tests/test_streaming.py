@@ -752,6 +752,38 @@ def test_the_cpu_budget_is_shared_by_the_threads(threads):
         torch.set_num_threads(saved)
 
 
+def test_a_read_out_after_raising_the_thread_count_stays_within_the_budget(monkeypatch):
+    """The chunks are sized for the threads of the solve (a budget of B on 2 threads: chunks of B / 2), and the
+    read-outs' passes split the rows over the threads of the moment: after ``torch.set_num_threads(8)`` reading
+    ``res.objective`` made 8 ranges with two float64 buffers a chunk each, 4x the budget (measured in RSS: 128 MiB
+    for a 32 MiB budget; 179 MiB at 16 threads after a solve on 1). A pass now makes at most as many ranges as the
+    budget holds chunks, so the read-out is also the one the solve's thread count gives, bit for bit."""
+    from otlabel.backends.torch_backend import LogDomainOperator
+
+    buffers, real = [], LogDomainOperator.work_buffer
+
+    def work_buffer(self, lo, hi, dtype=None):
+        rows = next(iter(self.chunks(lo, hi)))  # the buffer holds the range's first chunk
+        itemsize = torch.empty(0, dtype=dtype or self.dtype).element_size()
+        buffers.append((rows.stop - rows.start) * self.n_heads * self.n_clusters * itemsize)
+        return real(self, lo, hi, dtype)
+
+    scores = random_problem(4000, 100, seed=2).numpy()
+    budget = 2 * budget_for(300, k=100)  # chunks of 300 samples on 2 threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = [sinkhorn_assign_stream(scores, 0.5, max_iter=3, tol=None, memory_budget=budget) for _ in range(2)]
+        want = results[0].objective
+        monkeypatch.setattr(LogDomainOperator, "work_buffer", work_buffer)
+        torch.set_num_threads(8)
+        got = results[1].objective
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(buffers) <= budget, f"{len(buffers)} buffers of {sum(buffers):,} bytes in all; the budget is {budget:,}"
+    assert got == want
+
+
 def small_chunks_warned(n: int, rows: int, memory_budget=1, k: int = 4) -> bool:
     """Whether ``n`` samples of ``k`` scores in chunks of ``rows`` get a SmallChunksWarning."""
     from otlabel.streaming import SmallChunksWarning, warn_if_chunks_too_small
