@@ -386,7 +386,10 @@ def test_reading_the_objective_stays_within_an_explicit_memory_budget(dtype):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     extra = int(out.stdout.strip().splitlines()[-1])
-    assert extra <= budget, f"peak grew by {extra / 2**20:.1f} MiB reading the objective: beyond the 32 MiB budget"
+    # 1 MiB beside the budget for what it does not count (N-length and K-length vectors, a code page first touched):
+    # before the fix the peak grew by 38 MiB
+    slack = 1 << 20
+    assert extra <= budget + slack, f"peak grew by {extra / 2**20:.1f} MiB reading the objective: past the 32 MiB budget"
 
 
 def test_numpy_features_are_solved_on_the_cpu_where_a_gpu_exists(monkeypatch):
