@@ -73,6 +73,11 @@ def swav_sinkhorn(scores, epsilon: float = 0.05, n_iter: int = 3) -> torch.Tenso
     ``1/N``. Equivalent to ``sinkhorn_assign(scores, epsilon, max_iter=n_iter, tol=None).codes`` where it
     does not overflow. The input is checked first (reads of the scores for NaN, +inf, and a sample or cluster whose
     every score is -inf); :func:`swav_loop` is the loop alone.
+
+    Args:
+        scores: one ``(N, K)`` problem (a tensor, NumPy array or list of numbers), higher is better.
+        epsilon: temperature ``> 0`` in the units of the scores (SwAV's 0.05).
+        n_iter: iterations, ``>= 0`` (SwAV's 3).
     """
     scores = check_baseline_scores(scores, "swav_sinkhorn", torch.get_default_dtype())
     epsilon = check_epsilon(epsilon)
@@ -107,6 +112,12 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
     21st, ... iteration only, is below ``tol`` (SeLa's stopping rule), or for ``n_iter`` iterations (SeLa's code has
     no such cap; ``tol=None`` runs exactly ``n_iter``). In ``epsilon`` terms this is entropic OT with
     ``epsilon = 1 / lam``.
+
+    Args:
+        logits: one ``(N, K)`` problem (a tensor, NumPy array or list of numbers); computed in float64.
+        lam: SeLa's lambda, ``> 0`` (``1 / epsilon``).
+        n_iter: most iterations.
+        tol: SeLa's stopping threshold on the change of ``c`` (above), or ``None`` for exactly ``n_iter``.
     """
     logits = check_baseline_scores(logits, "sela_sinkhorn", torch.float64)  # may require grad or be on a GPU
     # As a float: a Python int beyond float's range (10**400) raised OverflowError in isfinite, a Fraction NumPy's

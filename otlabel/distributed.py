@@ -357,11 +357,12 @@ def sinkhorn_assign_sharded(
             :func:`otlabel.sinkhorn_assign_stream` (the same default). Scores and CUDA features are not streamed and
             do not use it.
         epsilon, max_iter, tol, init, backend, acceleration, over_relaxation, allow_tf32, callback, warn: as in
-            :func:`otlabel.sinkhorn_assign`; they must agree across ranks (checked). ``epsilon_scaling`` must be
-            ``None``: on top of the default Anderson mixing it did not pay on in-memory scores. ``callback`` is
-            called on every rank that gives one (a progress bar on rank 0 only is fine); an exception it raises on
-            one rank is raised there, and a ``RuntimeError`` naming that rank on the others, at the next exchange
-            (one iteration later).
+            :func:`otlabel.sinkhorn_assign`; they must agree across ranks (checked). ``callback`` is called on
+            every rank that gives one (a progress bar on rank 0 only is fine); an exception it raises on one rank is
+            raised there, and a ``RuntimeError`` naming that rank on the others, at the next exchange (one iteration
+            later).
+        epsilon_scaling: must be ``None`` here: on top of the default Anderson mixing it did not pay on in-memory
+            scores.
         local_scores: the former name of ``scores`` (deprecated; it warns).
 
     Returns:

@@ -156,10 +156,15 @@ def _like(result: ExactResult, scores) -> ExactResult:
 def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = "pot") -> ExactResult:
     """Optimal plan of ``max_P <P, S>`` with rows summing to ``c`` and columns to ``r`` (no entropy).
 
-    ``sample_weights`` ``c`` (N,) and ``cluster_weights`` ``r`` (K,) are as in :func:`otlabel.sinkhorn_assign`
-    (default uniform). ``method="pot"`` uses ``ot.emd`` (needs ``pip install pot``); ``method="linprog"`` uses
-    SciPy's HiGHS.
-    Returns an :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
+    Args:
+        scores: one ``(N, K)`` problem, higher is better (``-inf`` forbids a pair), as in
+            :func:`otlabel.sinkhorn_assign`: a tensor, NumPy array or list of numbers.
+        cluster_weights: ``r`` (K,), as in :func:`otlabel.sinkhorn_assign` (default uniform).
+        sample_weights: ``c`` (N,), as in :func:`otlabel.sinkhorn_assign` (default uniform).
+        method: ``"pot"`` uses ``ot.emd`` (needs ``pip install pot``); ``"linprog"`` uses SciPy's HiGHS.
+
+    Returns:
+        An :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
     s, c, r, rounding = _prepare(scores, cluster_weights, sample_weights)
     allowed = np.isfinite(s)
@@ -236,12 +241,19 @@ def refuse_unless_it_fits(needed: int, what: str) -> None:
 def exact_assign(scores, cluster_weights=None) -> ExactResult:
     """Best hard assignment in which cluster ``k`` gets ``floor(N·r_k)`` or ``ceil(N·r_k)`` samples (N/K rounded down
     or up for the default weights): which clusters take the spare samples is decided by the scores too.
-    ``cluster_weights`` ``r`` (K,) as in :func:`otlabel.sinkhorn_assign` (default uniform); samples weigh ``1/N`` each.
+    Samples weigh ``1/N`` each.
 
     A linear assignment of samples to cluster slots: ``floor(N·r_k)`` fixed slots per cluster, and one flexible slot
     per cluster whose share is not whole, of which placeholder rows (allowed only there, at no cost) take those left
-    empty (when there are fixed slots to fill: without, the N samples take N of the flexible slots). Returns an
-    :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
+    empty (when there are fixed slots to fill: without, the N samples take N of the flexible slots).
+
+    Args:
+        scores: one ``(N, K)`` problem, higher is better (``-inf`` forbids a pair), as in
+            :func:`otlabel.sinkhorn_assign`: a tensor, NumPy array or list of numbers.
+        cluster_weights: ``r`` (K,), as in :func:`otlabel.sinkhorn_assign` (default uniform).
+
+    Returns:
+        An :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
     s, _, r, rounding = _prepare(scores, cluster_weights, None, check_mask=False)
     linear_sum_assignment = import_scipy_optimize("exact_assign").linear_sum_assignment

@@ -470,9 +470,7 @@ def sinkhorn_assign(
         features, prototypes, bias: instead of ``scores``, features ``Z`` (N, D) and prototypes ``C`` (K, D) (or
             (H, K, D) for H heads), optionally a per-cluster ``bias`` (K,)/(H, K): the scores ``Z C^T + bias`` are
             computed tile by tile and never stored (see :mod:`otlabel.features`). ``Z`` may also be a NumPy array,
-            a memmap or a ``.npy`` path (streamed from the host). ``allow_tf32`` (fp32 CUDA tensors, the features
-            kernel): multiply on tf32 tensor cores (scores good to ~1e-3 relative) or, with ``False``, in exact fp32.
-            Streamed features are multiplied by PyTorch, as torch's own TF32 setting says (``torch.backends.cuda``).
+            a memmap or a ``.npy`` path (streamed from the host).
         cluster_weights: ``(K,)`` non-negative, summing to 1 (default uniform ``1/K``): each cluster's share.
             Zero is allowed (the cluster gets nothing).
         sample_weights: ``(N,)`` non-negative, summing to 1 (default uniform ``1/N``).
@@ -495,6 +493,9 @@ def sinkhorn_assign(
             stage. Pays at small ``epsilon``; each stage costs one extra ``exp`` pass on the CPU path. An ``init``
             (potentials at ``epsilon``) starts the first stage, rescaled to its temperature. Dense scores only:
             refused with ``features=``.
+        allow_tf32: for fp32 CUDA features on the features kernel: multiply on tf32 tensor cores (scores good to
+            ~1e-3 relative) or, with ``False``, in exact fp32. Streamed features are multiplied by PyTorch, as
+            torch's own TF32 setting says (``torch.backends.cuda``); scores are never multiplied.
         callback: ``callback(iteration, marginal_error)`` after every iteration (the worst head's error; ``inf``
             for the cold start), e.g. to drive a progress bar or log convergence. It reads the error back from
             the device every iteration, which a ``tol=None`` solve otherwise never does. It runs inside the solve:

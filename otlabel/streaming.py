@@ -408,7 +408,7 @@ def sinkhorn_assign_stream(
     (``max <P, S> + eps H(P)``, rows of ``P`` summing to ``c``, columns to ``r``), up to fp32 rounding.
 
     Args:
-        scores / features, prototypes, bias: the data (see above); ``scores`` and ``features`` are exclusive.
+        scores, features, prototypes, bias: the data (see above); ``scores`` and ``features`` are exclusive.
         epsilon, cluster_weights, sample_weights, max_iter, tol, init, acceleration, over_relaxation, warn:
             as in :func:`otlabel.sinkhorn_assign`.
         backend: ``"auto"`` or ``"torch"``: the chunks go through PyTorch operations (the Triton kernels take

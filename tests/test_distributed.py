@@ -728,7 +728,7 @@ def test_group_and_timeout_are_checked(kwargs, error, words):
 
 def test_every_parameter_has_an_args_entry():
     """memory_budget's entry was indented as a new section, which ended Args for the entries after it (epsilon,
-    tol, backend, ...) in help() and any Google-style reader. epsilon_scaling is in the epsilon entry's text."""
+    tol, backend, ...) in help() and any Google-style reader."""
     import inspect
 
     lines = inspect.getdoc(sinkhorn_assign_sharded).splitlines()
@@ -740,7 +740,7 @@ def test_every_parameter_has_an_args_entry():
             break
         if len(line) - len(line.lstrip()) == indent and ":" in line:
             named |= {name.strip() for name in line.split(":")[0].split(",")}
-    assert set(inspect.signature(sinkhorn_assign_sharded).parameters) - named == {"epsilon_scaling"}
+    assert set(inspect.signature(sinkhorn_assign_sharded).parameters) - named == set()
 
 
 def test_shard_checks_the_score_range_and_renormalises_sample_weights():

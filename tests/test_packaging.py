@@ -116,3 +116,38 @@ def test_the_cpu_entry_points_work_without_the_optional_extras():
     assert "otlabel[triton]" in got["errors"]["triton"], got["errors"]
     for name in ("exact", "linprog", "assign"):
         assert "ImportError" in got["errors"][name] and "otlabel[exact]" in got["errors"][name], got["errors"]
+
+
+def args_entries(fn) -> set[str]:
+    """The names a Google-style ``Args:`` section of ``fn``'s docstring gives entries to (``a, b: ...`` names both);
+    the section ends at the next unindented line."""
+    import inspect
+
+    lines = inspect.getdoc(fn).splitlines()
+    assert "Args:" in lines, f"{fn.__name__} has no Args section"
+    start = lines.index("Args:") + 1
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    named = set()
+    for line in lines[start:]:
+        if line and not line.startswith(" "):
+            break
+        if len(line) - len(line.lstrip()) == indent and ":" in line:
+            named |= {name.strip() for name in line.split(":")[0].split(",")}
+    return named
+
+
+def test_every_public_function_has_an_args_entry_per_parameter():
+    """help() on each public function lists every parameter of its signature in Args, under its own name. Only
+    sinkhorn_assign_sharded's was checked: sinkhorn_assign_stream's entry read ``scores / features`` (neither name),
+    allow_tf32 (sinkhorn_assign) and epsilon_scaling (sharded) were only words inside other entries, and the exact
+    solvers and baselines had no Args section."""
+    import inspect
+
+    import otlabel
+
+    functions = [getattr(otlabel, name) for name in otlabel.__all__ if inspect.isfunction(getattr(otlabel, name))]
+    assert len(functions) == 7
+    for fn in functions:
+        parameters = set(inspect.signature(fn).parameters)
+        assert parameters - args_entries(fn) == set(), fn.__name__
+        assert args_entries(fn) - parameters == set(), fn.__name__
