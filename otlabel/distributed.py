@@ -786,12 +786,20 @@ def _named(table: dict, other: str = "{}"):
 
 
 _YES_NO = _named({0.0: "no", 1.0: "yes"})
+# Where the metadata's words differ between the inputs (column 12: 0 scores, 1 features), by input
+_INPUT_WORDS = {
+    0.0: dict(data="scores", k_dim="last dimension of the scores", batched="scores"),
+    1.0: dict(data="features", k_dim="rows of the prototypes", batched="prototypes"),
+}
 AGREEMENT = [  # (column of the metadata, what it is, whether ranks must agree, how a value reads in the error)
+    # The input first: the words of the others depend on it (scores on one rank and features on another also differ
+    # in dtype, which was the disagreement named)
+    (12, "the input (scores, or features with prototypes)", True, _named({0.0: "scores", 1.0: "features"})),
     (0, "the number of heads H", True, _named({})),
     (1, "the number of samples", False, _named({})),
-    (2, "the number of clusters K (last dimension of the scores)", True, _named({})),
-    (3, "the scores dtype", True, _named(DTYPE_NAMES)),
-    (4, "batched (3-d) scores", True, _named({0.0: "2-d", 1.0: "3-d"})),
+    (2, "the number of clusters K ({k_dim})", True, _named({})),
+    (3, "the {data} dtype", True, _named(DTYPE_NAMES)),
+    (4, "batched (3-d) {batched}", True, _named({0.0: "2-d", 1.0: "3-d"})),
     (5, "epsilon", True, _named({})),
     (6, "tol", True, _named({-1.0: "None"})),
     (7, "max_iter", True, _named({})),
@@ -800,7 +808,6 @@ AGREEMENT = [  # (column of the metadata, what it is, whether ranks must agree, 
             "over_relaxation={}")),
     (9, "whether sample_weights are given", True, _YES_NO),
     (11, "whether init is given", True, _YES_NO),
-    (12, "the input (scores, or features with prototypes)", True, _named({0.0: "scores", 1.0: "features"})),
 ]  # fmt: skip
 
 
@@ -811,7 +818,10 @@ def check_agreement(meta: torch.Tensor, ranks: list[int]) -> None:
         values = meta[:, col]
         if must and not bool((values == values[0]).all()):
             per_rank = ", ".join(f"rank {i}: {shown(v)}" for i, v in zip(ranks, values.tolist(), strict=True))
+            words = _INPUT_WORDS.get(float(meta[0, 12]), _INPUT_WORDS[0.0])  # one input on every rank after col 12
+            fix = (f"pass {words['data']} of one dtype with the same clusters, and the same solver arguments"
+                   if col != 12 else "pass the same kind of input: scores, or features= with prototypes=")  # fmt: skip
             raise ValueError(
-                f"sinkhorn_assign_sharded: the ranks disagree on {what} ({per_rank}). Every rank must pass "
-                "scores with the same clusters and the same solver arguments."
+                f"sinkhorn_assign_sharded: the ranks disagree on {what.format(**words)} ({per_rank}). Every rank must "
+                f"{fix}."
             )

@@ -188,6 +188,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     half = random_problem(3, K).to(torch.float16 if rank == 0 else torch.float32)
     with pytest.raises(ValueError, match="disagree on the scores dtype \\(rank 0: float16, rank 1: float32"):
         sinkhorn_assign_sharded(half, EPS, group=group, timeout=30)
+    # The same for features, named as features (they were called "the scores dtype").
+    half = z[lo:hi].to(torch.float16 if rank == 0 else torch.float32)
+    with pytest.raises(ValueError, match="disagree on the features dtype \\(rank 0: float16, rank 1: float32.*pass "
+                       "features of one dtype"):  # fmt: skip
+        sinkhorn_assign_sharded(features=half, prototypes=c, epsilon=EPS, group=group, timeout=30)
     # Different prototypes on one rank, scores on one rank and features on the others, NaN features: all raise.
     nudged = c + (1e-3 if rank == world - 1 else 0.0)
     with pytest.raises(ValueError, match="prototypes or bias differ between ranks"):
@@ -1008,6 +1013,36 @@ def test_what_the_ranks_must_agree_on_is_compared_part_by_part():
             agreed[rank, column] = value
             with pytest.raises(ValueError, match=rf"{what} differ between ranks \({how};"):
                 check_same_on_every_rank(agreed, 3)
+
+
+def test_what_the_ranks_disagree_on_is_named_for_the_input_given():
+    """check_agreement on two ranks' metadata: a features dtype, K and batched prototypes are named as such (they read
+    "the scores dtype", "last dimension of the scores", "batched (3-d) scores"), and scores on one rank with features
+    on the other is that disagreement, not the dtype or K that came with it."""
+    from otlabel.distributed import DTYPE_CODES, META_SIZE, check_agreement
+
+    def table(**columns):
+        rows = torch.zeros(2, META_SIZE, dtype=torch.float64)
+        rows[:, [0, 2, 3, 12]] = torch.tensor([1.0, 7.0, DTYPE_CODES[torch.float32], 1.0], dtype=torch.float64)
+        for column, (first, second) in columns.items():
+            rows[:, int(column[1:])] = torch.tensor([first, second], dtype=torch.float64)
+        return rows
+
+    half, single, double = (DTYPE_CODES[d] for d in (torch.float16, torch.float32, torch.float64))
+    check_agreement(table(), [0, 1])
+    cases = [
+        (table(c3=(half, single)), r"the features dtype \(rank 0: float16, rank 1: float32\)\. Every rank must pass "
+         "features of one dtype"),
+        (table(c3=(half, single), c12=(0, 0)), r"the scores dtype \(rank 0: float16, rank 1: float32\)\. Every rank "
+         "must pass scores of one dtype"),
+        (table(c2=(7, 8)), r"the number of clusters K \(rows of the prototypes\) \(rank 0: 7, rank 1: 8\)"),
+        (table(c4=(0, 1)), r"batched \(3-d\) prototypes \(rank 0: 2-d, rank 1: 3-d\)"),
+        (table(c12=(0, 1), c3=(double, single), c2=(8, 7)), r"the input \(scores, or features with prototypes\) "
+         r"\(rank 0: scores, rank 1: features\)\. Every rank must pass the same kind of input"),
+    ]  # fmt: skip
+    for rows, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_agreement(rows, [0, 1])
 
 
 def test_sharded_mask_check_is_skipped_everywhere_when_one_rank_has_too_many_patterns(monkeypatch):
