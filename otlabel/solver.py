@@ -526,6 +526,9 @@ def sinkhorn_assign(
             if features is None and prototypes is None:  # bias= alone, with dense scores
                 raise ValueError("bias= is for features mode (S = Z C^T + bias); with scores, add it to them: "
                                  "scores + bias.")  # fmt: skip
+            if features is None:  # prototypes= beside the scores: no features to multiply them with
+                raise ValueError("prototypes= (and bias=) go with features=, which the scores replace: pass the scores "
+                                 "alone, or features= with prototypes= instead of the scores.")  # fmt: skip
             raise ValueError("give either scores, or features= with prototypes= — not both.")
         from .features import assign_features
 

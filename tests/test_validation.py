@@ -188,6 +188,14 @@ def test_features_mode_errors_name_the_features(tmp_path):
         sinkhorn_assign(features=z, prototypes=c[:, :3])
     with pytest.raises(ValueError, match="prototypes= needs features="):
         sinkhorn_assign(prototypes=c)
+    with pytest.raises(ValueError, match="^bias= needs features= and prototypes="):  # it named prototypes=
+        sinkhorn_assign(bias=torch.zeros(5))
+    scores = z @ c.T  # with prototypes (no features) it said "not both", of scores and features= not given
+    for extra in (dict(prototypes=c), dict(prototypes=c, bias=torch.zeros(5))):
+        with pytest.raises(ValueError, match=r"^prototypes= \(and bias=\) go with features=, which the scores replace"):
+            sinkhorn_assign(scores, **extra)
+    with pytest.raises(ValueError, match="not both"):
+        sinkhorn_assign(scores, features=z, prototypes=c)
     for name in ("features", "prototypes"):  # the reference backend's dense scores blamed "scores contain NaN"
         bad = {"features": z.clone(), "prototypes": c.clone()}
         bad[name][3, 1] = float("nan")
