@@ -488,7 +488,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     # Ranks may run different backends (the float64 reference on one, float32 on another): judged in the narrowest
     # arithmetic among them, the column check raises on every rank or on none (one rank raising alone left the others
     # waiting out the timeout in the mask check).
-    check_columns(col_max / epsilon, r, DTYPES[int(arithmetic.min())])
+    check_columns(col_max / epsilon, r, DTYPES[int(arithmetic.min())], shard.mode == FeatureShard.mode)
     if shard.mode == DenseShard.mode:  # features shards: -inf only from a bias, whole columns (checked just above)
         # the same on every rank: the largest cluster part (the values agree, their dtypes need not), and the sample
         # parts added up (an upper bound: each rank's unit of rounding is counted once per rank)

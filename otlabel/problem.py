@@ -65,9 +65,9 @@ _SPAN_FIXES = {
         "Subtract each sample's maximum (scores - scores.amax(-1, keepdim=True)) or, for a cluster far "
         "below the rest, each cluster's (scores.amax(-2, keepdim=True)): such shifts change nothing. Or "
     ),
-    (True, False): (
-        "L2-normalise the features and the prototypes (cosine scores, as SwAV does), subtract the bias's "
-        "maximum (a shift shared by all clusters changes nothing), "
+    (True, False): (  # a bias entry far below the rest is cured by no shift shared by all clusters: drop the bias
+        "L2-normalise the features and the prototypes (cosine scores, as SwAV does), drop the bias if you pass one "
+        "(bias=None: a per-cluster shift, it changes no label or code, only cluster_potentials and the objective), "
     ),
     (False, True): (
         "Save the scores shifted by each sample's maximum (s = np.load(path); np.save(path, s - s.max(axis=-1, "
@@ -651,15 +651,18 @@ def bad_features_row_error(row: int, where: str, features: torch.Tensor | None, 
     return ValueError(f"features row {row}{where} contains NaN or inf (its scores are {shown}). Fix the features.")
 
 
-def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor, compute_dtype: torch.dtype) -> None:
+def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor, compute_dtype: torch.dtype,
+                  from_features: bool = False) -> None:  # fmt: skip
     """The per-cluster checks on the column maxima of ``S / eps`` (H, K) over all the samples: a cluster of positive
     weight that no sample may reach (its maximum is -inf) is infeasible; one whose best ``|S| / eps`` is beyond
-    :func:`~otlabel.problem.max_score_span` needs a potential that ``compute_dtype`` cannot resolve."""
+    :func:`~otlabel.problem.max_score_span` needs a potential that ``compute_dtype`` cannot resolve.
+    ``from_features``: the scores are features @ prototypes.T + bias, and the fixes are said for those."""
     raise_for_starved_clusters(col_max, cluster_weights)
     far = (cluster_weights > 0) & torch.isfinite(col_max) & (col_max.abs() > max_score_span(compute_dtype))
     if bool(far.any()):
         h, k = _first_index(far)
-        raise span_error(float(col_max[h, k].abs()), compute_dtype, f" (cluster {k}, head {h})")
+        raise span_error(float(col_max[h, k].abs()), compute_dtype, f" (cluster {k}, head {h})",
+                         features=from_features)  # fmt: skip
 
 
 def check_weights(weights, size: int, name: str, other: str, device: torch.device, scores_shape=None,

@@ -173,6 +173,22 @@ def test_a_bias_too_large_for_epsilon_is_an_error(backend):
     assert res.labels.shape == (40,)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch"])
+def test_a_bias_entry_far_below_the_rest_is_told_to_drop_the_bias(backend):
+    """One bias entry 100 below the others at eps = 0.01 (span 10,100): the error advised subtracting the bias's
+    maximum, which leaves that span as it is, and the streamed path gave the scores' fixes (scores.amax), which a
+    features caller cannot apply. Dropping the bias is the fix (a per-cluster shift: the same labels)."""
+    z, c = normalised(40, 4, 65), normalised(5, 4, 66)
+    bias = torch.tensor([0.0, 0.0, -100.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="scores / epsilon") as error:
+        sinkhorn_assign(features=z, prototypes=c, bias=bias, epsilon=0.01, backend=backend)
+    assert "drop the bias if you pass one (bias=None" in str(error.value)
+    assert "maximum" not in str(error.value) and "scores.amax" not in str(error.value)
+    shifted = sinkhorn_assign(features=z, prototypes=c, bias=bias / 100, epsilon=0.01, backend=backend, tol=1e-6)
+    plain = sinkhorn_assign(features=z, prototypes=c, epsilon=0.01, backend=backend, tol=1e-6)
+    assert torch.equal(shifted.labels, plain.labels)
+
+
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "torch", "reference"])
 def test_a_minus_inf_bias_on_a_zero_weight_cluster_is_accepted(backend):
     """-inf closes a cluster: allowed where that cluster has weight 0 (refused elsewhere, see the bad-input table);
