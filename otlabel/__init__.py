@@ -66,4 +66,6 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({"__version__", *__all__, *SUBMODULES})
+    """What plain ``dir()`` lists (the module's globals: ``__name__``, ``__file__``, ``__version__``...) and the names
+    imported on first use."""
+    return sorted({*globals(), *__all__, *SUBMODULES})

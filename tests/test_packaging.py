@@ -70,6 +70,18 @@ def test_every_submodule_is_an_attribute_of_the_package():
         assert getattr(otlabel, name).__name__ == f"otlabel.{name}", name
 
 
+def test_dir_lists_the_module_globals_and_the_names_imported_on_first_use():
+    """dir(otlabel) listed __version__, the public names and the submodules, but not the dunders plain dir() gives
+    (__name__, __doc__, __file__, __path__...) nor names already imported."""
+    import otlabel
+
+    listed = dir(otlabel)
+    assert listed == sorted(listed)
+    assert {"__name__", "__doc__", "__file__", "__path__", "__version__", "__all__"} <= set(listed)
+    assert set(vars(otlabel)) <= set(listed)
+    assert set(otlabel.__all__) | set(otlabel.SUBMODULES) <= set(listed)
+
+
 SOLVE_EVERY_WAY = """
 import json, sys
 if sys.argv[1:] == ["--without-extras"]:
