@@ -744,6 +744,8 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
         return DenseShard(scores, cluster_weights, backend, comm.name, epsilon)
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
+    if not isinstance(backend, str):  # an array: NumPy's "truth value ... is ambiguous" from the comparison below
+        uses_kernel(features, backend)  # its error
     if backend == "reference":
         shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.name, epsilon)
         shard.fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)

@@ -168,6 +168,8 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
     """
     s, c, r, rounding = _prepare(scores, cluster_weights, sample_weights)
     allowed = np.isfinite(s)
+    if not isinstance(method, str):  # an array: NumPy's "truth value ... is ambiguous"
+        raise ValueError(f"method must be 'pot' or 'linprog', got {method!r}.")
     if method == "pot":
         ot = import_pot()
         plan = ot.emd(c, r, np.ascontiguousarray(_unit_cost(s)), numItermax=10_000_000)

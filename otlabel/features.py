@@ -46,6 +46,8 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
     )  # early
     no_epsilon_scaling(epsilon_scaling, "with features=")
     warn = solve.pop("warn")  # warned here, as sinkhorn_assign's, at the caller's line
+    if not isinstance(backend, str):  # an array: NumPy's "truth value ... is ambiguous" from the comparison below
+        uses_kernel(features, backend)  # its error
     if backend == "reference":
         from .solver import sinkhorn_assign
 
@@ -72,7 +74,7 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
 def uses_kernel(features, backend: str) -> bool:
     """Whether features go to the Triton features kernel (else the chunked stream); ``backend`` is "auto", "torch"
     or "triton" ("reference" is handled by the caller). Raises for an unknown or unusable backend."""
-    if backend not in ("auto", "torch", "triton"):
+    if not isinstance(backend, str) or backend not in ("auto", "torch", "triton"):  # an array too
         raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'triton'), got {backend!r}.")
     z = features if isinstance(features, torch.Tensor) else None
     usable = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)

@@ -220,6 +220,9 @@ def check_epsilon(epsilon) -> float:
     # One number held in a tensor or array (a scheduled temperature), of any real dtype, as a Python int or float is.
     if isinstance(epsilon, torch.Tensor) and epsilon.is_meta:  # .item() raised torch's "cannot be called on meta"
         raise TypeError("epsilon is a meta tensor, which holds no value: pass a number (or a tensor on a real device).")
+    if isinstance(epsilon, torch.Tensor) and epsilon.is_nested:  # numel() raised torch's "Internal error"
+        raise TypeError("epsilon must be one positive number (a float, or a one-element tensor or array), got a "
+                        "nested tensor.")  # fmt: skip
     if isinstance(epsilon, torch.Tensor) and epsilon.numel() == 1 and epsilon.dtype != torch.bool:
         epsilon = epsilon.item()  # a complex one stays complex, and is refused below
     elif isinstance(epsilon, np.ndarray) and epsilon.size == 1 and epsilon.dtype.kind in "iuf":

@@ -381,7 +381,7 @@ def resolve_acceleration(acceleration, over_relaxation, tol) -> float | str:
     classic iterates, SwAV's) with ``tol=None``, where no error is read inside the loop. An explicit
     ``over_relaxation`` is a fixed ``omega``.
     """
-    if acceleration not in ACCELERATIONS:
+    if not isinstance(acceleration, str) or acceleration not in ACCELERATIONS:  # an array: NumPy's "ambiguous"
         raise ValueError(f"acceleration must be one of {', '.join(map(repr, ACCELERATIONS))}; got {acceleration!r}.")
     if over_relaxation is not None:
         if acceleration not in ("auto", "over-relaxation"):

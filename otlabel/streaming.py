@@ -309,6 +309,8 @@ class StreamingOperator(LogDomainOperator):
 
 def check_stream_backend(backend) -> None:
     """The streamed path runs PyTorch operations on each chunk: ``"auto"`` and ``"torch"`` name it."""
+    if not isinstance(backend, str):  # an array: NumPy's "truth value ... is ambiguous" from the comparisons below
+        raise ValueError(f"backend must be 'auto' or 'torch' when streaming, got {backend!r}.")
     if backend in ("auto", "torch"):
         return
     if backend == "triton":

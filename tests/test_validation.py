@@ -59,6 +59,16 @@ BAD_INPUTS = [
     ("tol an int beyond float", dict(tol=10**400), ValueError, ["tol must be a positive number"]),
     # torch's "Tensor.item() cannot be called on meta tensors"
     ("eps a meta tensor", dict(epsilon=torch.tensor(0.1, device="meta")), TypeError, ["epsilon is a meta tensor"]),
+    # torch's "Internal error: NestedTensorImpl doesn't support sizes"
+    (
+        "eps a nested tensor",
+        dict(epsilon=torch.nested.nested_tensor([S[0], S[1, :2]], layout=torch.jagged)),
+        TypeError,
+        ["epsilon must be one positive number", "got a nested tensor"],
+    ),
+    # NumPy's "The truth value of an array with more than one element is ambiguous", naming no argument
+    ("backend an array", dict(backend=np.array([1, 2])), ValueError, ["backend must be one of"]),
+    ("acceleration an array", dict(acceleration=np.array([1, 2])), ValueError, ["acceleration must be one of"]),
     ("an object array", dict(scores=np.array([[1.0, "a"]], dtype=object)), TypeError, ["hold numbers", "np.asarray"]),
     ("eps tiny for the scores", dict(epsilon=1e-17), ValueError, ["scores / epsilon", "raise epsilon"]),
     ("scores huge for eps", dict(scores=S * 1e37), ValueError, ["scores / epsilon", "float32", "amax(-1"]),
@@ -915,3 +925,22 @@ def test_rarely_reached_user_errors_say_what_to_do(case, tmp_path):
     call, words = RARE_ERRORS[case]
     with pytest.raises(ValueError, match=words):
         call(tmp_path)
+
+
+def test_a_string_option_given_an_array_names_the_option():
+    """backend=/method= given an array (or a tensor) raised NumPy's "truth value of an array ... is ambiguous" (torch's
+    "Boolean value of Tensor ..."), naming no argument, on every entry point."""
+    from otlabel import exact_plan, sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+    z, c, names = torch.randn(10, 3), torch.randn(4, 3), np.array([1, 2])
+    calls = [
+        (lambda: sinkhorn_assign(features=z, prototypes=c, backend=names), "backend must be one of"),
+        (lambda: sinkhorn_assign_sharded(features=z, prototypes=c, backend=names), "backend must be one of"),
+        (lambda: sinkhorn_assign_sharded(S, 0.1, backend=torch.ones(2)), "backend must be one of"),
+        (lambda: sinkhorn_assign_stream(S, 0.1, backend=names), "backend must be 'auto' or 'torch' when streaming"),
+        (lambda: sinkhorn_assign_stream(S, 0.1, acceleration=names), "acceleration must be one of"),
+        (lambda: exact_plan(S, method=np.array([1, 2])), "method must be 'pot' or 'linprog'"),
+    ]
+    for call, words in calls:
+        with pytest.raises(ValueError, match=words):
+            call()

@@ -18,7 +18,7 @@ BACKENDS = ("auto", "torch", "reference", "triton")
 
 
 def resolve_backend(name: str, problem: Problem) -> str:
-    if name not in BACKENDS:
+    if not isinstance(name, str) or name not in BACKENDS:  # an array: NumPy's "truth value ... is ambiguous"
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}.")
     if name == "auto":
         kernel_dtype = problem.scores.dtype != torch.float64  # float64 keeps full precision on the torch path
