@@ -399,7 +399,7 @@ def sinkhorn_assign_sharded(
     # A bad timeout (or scores given twice) on one rank is shared like any other bad input: raising here, before the
     # first collective, left the other ranks waiting out their timeout. This rank waits DEFAULT_TIMEOUT meanwhile.
     timeout_ok = valid_timeout(timeout)
-    comm = Collectives(group, timeout if timeout_ok else DEFAULT_TIMEOUT,
+    comm = Collectives(group, float(timeout) if timeout_ok else DEFAULT_TIMEOUT,
                        data=scores if scores is not None else features)  # fmt: skip
     failure, meta, shard, c_local = None, None, None, None
     try:  # local checks: a failure is shared with the other ranks below, not raised before they hear of it
@@ -724,7 +724,7 @@ def valid_timeout(timeout) -> bool:
     if not is_number(timeout) or not timeout > 0:
         return False
     try:
-        timedelta(seconds=timeout)
+        timedelta(seconds=float(timeout))  # a NumPy float32 as it is: "unsupported type for timedelta seconds"
     except OverflowError:  # inf, or beyond ~2.7 million years
         return False
     return True

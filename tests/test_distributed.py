@@ -731,6 +731,13 @@ def test_group_and_timeout_are_checked(kwargs, error, words):
         sinkhorn_assign_sharded(torch.randn(20, 3), 0.1, **kwargs)
 
 
+def test_a_numpy_float32_timeout_is_a_number_of_seconds():
+    """np.float32(30) passed the number check and raised datetime's "unsupported type for timedelta seconds component:
+    numpy.float32"."""
+    res = sinkhorn_assign_sharded(torch.randn(20, 3), 0.1, timeout=np.float32(30))
+    assert res.labels.shape == (20,)
+
+
 def test_every_parameter_has_an_args_entry():
     """memory_budget's entry was indented as a new section, which ended Args for the entries after it (epsilon,
     tol, backend, ...) in help() and any Google-style reader."""
