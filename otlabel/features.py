@@ -46,6 +46,8 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
     )  # early
     no_epsilon_scaling(epsilon_scaling, "with features=")
     warn = solve.pop("warn")  # warned here, as sinkhorn_assign's, at the caller's line
+    if isinstance(features, torch.Tensor):  # a meta tensor's device reached the stream's device check (and Triton's)
+        dense_tensor(features, "features")  # the error every path gives for tensors that hold no values
     if not isinstance(backend, str):  # an array: NumPy's "truth value ... is ambiguous" from the comparison below
         uses_kernel(features, backend)  # its error
     if backend == "reference":

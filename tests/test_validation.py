@@ -601,6 +601,11 @@ def test_sparse_and_meta_tensors_are_refused_on_every_path(entry):
             sinkhorn_assign_stream(bad, 0.05)
     with pytest.raises(TypeError, match="features is a sparse_coo tensor"):
         sinkhorn_assign(features=S.to_sparse(), prototypes=S[:3], epsilon=1.0)
+    # Meta features in memory: "device must be 'cpu', 'cuda' or 'cuda:N', got device(type='meta')" (the device they
+    # were streamed on), and the Triton backend's "needs ... CUDA tensors"; the streamed and sharded paths named them.
+    for backend in ("auto", "torch", "triton"):
+        with pytest.raises(TypeError, match="^features is a meta tensor, which holds no values"):
+            sinkhorn_assign(features=S.to("meta"), prototypes=S[:3], epsilon=1.0, backend=backend)
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
