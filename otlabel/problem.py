@@ -267,7 +267,8 @@ def check_inverse_epsilon(epsilon: float, dtype: torch.dtype) -> None:
 def check_float_dtype(x: torch.Tensor, name: str) -> None:
     """A tensor input other than the scores must be floating point: integers are never cast silently."""
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}.")
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}. Convert with "
+                        f"{name}.float().")  # fmt: skip
 
 
 def check_scores(scores) -> tuple[torch.Tensor, bool]:

@@ -270,6 +270,15 @@ def test_bad_arguments(tmp_path):
             sinkhorn_assign_stream(given)
     with pytest.raises(TypeError, match=r"got dtype int64. Convert with x.astype\(np.float32\)"):  # in memory
         sinkhorn_assign_stream(np.zeros((5, 3), np.int64))
+    # Integer and bool tensors were told only "must be a float16, ... tensor", not how to convert, as other paths say.
+    ints = torch.ones(5, 3, dtype=torch.int64)
+    for kwargs, name in ((dict(scores=ints), "scores"), (dict(scores=ints.bool()), "scores"),
+                         (dict(features=ints, prototypes=p), "features"),
+                         (dict(features=z, prototypes=torch.ones(3, 4, dtype=torch.int32)), "prototypes"),
+                         (dict(features=z, prototypes=p, bias=torch.ones(3, dtype=torch.int32)), "bias")):  # fmt: skip
+        says = rf"^{name} must be a float16, bfloat16, float32 or float64 tensor, got torch\.\w+\. "
+        with pytest.raises(TypeError, match=says + rf"Convert with {name}\.float\(\)"):
+            sinkhorn_assign_stream(**kwargs)
     with pytest.raises(ValueError, match=r"shape \(N, K\) or \(H, N, K\)"):
         sinkhorn_assign_stream(np.zeros(5, np.float32))
     with pytest.raises(ValueError, match="cluster_weights must have shape"):
