@@ -264,11 +264,17 @@ def check_inverse_epsilon(epsilon: float, dtype: torch.dtype) -> None:
         )
 
 
+def float_conversion(x: torch.Tensor, name: str) -> str:
+    """How to make the tensor ``x`` floating point: ``.float()``, which a quantized tensor refuses (torch's "Creation
+    of quantized tensor requires quantized dtype"), ``.dequantize()`` for that."""
+    return f"{name}.dequantize()" if x.is_quantized else f"{name}.float()"
+
+
 def check_float_dtype(x: torch.Tensor, name: str) -> None:
     """A tensor input other than the scores must be floating point: integers are never cast silently."""
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}. Convert with "
-                        f"{name}.float().")  # fmt: skip
+                        f"{float_conversion(x, name)}.")  # fmt: skip
 
 
 def check_scores(scores) -> tuple[torch.Tensor, bool]:
@@ -277,7 +283,7 @@ def check_scores(scores) -> tuple[torch.Tensor, bool]:
     if scores.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"scores must be a floating-point tensor (float16, bfloat16, float32 or float64), got {scores.dtype}. "
-            "Convert with scores.float() (a NumPy array: scores.astype(np.float32))."
+            f"Convert with {float_conversion(scores, 'scores')} (a NumPy array: scores.astype(np.float32))."
         )
     if scores.ndim not in (2, 3):
         raise ValueError(

@@ -1,5 +1,6 @@
 """The SwAV- and SeLa-style baselines against sinkhorn_assign: parity where they work, and where they break."""
 
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -86,6 +87,12 @@ def _with_nan(n, k):
     return s
 
 
+def _quantized():
+    with warnings.catch_warnings():  # torch deprecates quantized tensors (2.10 and later), and warns at their creation
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_tensor(random_problem(10, 4), 0.1, 0, torch.qint8)
+
+
 BAD_BASELINE_INPUTS = [
     # (what, call, exception, words the message must contain): each was a silent NaN result or a raw traceback
     ("swav NaN score", lambda: swav_sinkhorn(_with_nan(10, 4), 0.05, 3), ValueError, ["NaN", "(2, 1)"]),
@@ -113,6 +120,10 @@ BAD_BASELINE_INPUTS = [
     ("sela lam an int beyond float", lambda: sela_sinkhorn(random_problem(10, 4), lam=10**400), ValueError, ["lam"]),
     ("sela 1-d", lambda: sela_sinkhorn(np.zeros(4)), ValueError, ["(N, K)", "(4,)"]),
     ("sela empty", lambda: sela_sinkhorn(np.zeros((0, 4))), ValueError, ["empty"]),
+    # torch's "Creation of quantized tensor requires quantized dtype like torch.quint8", from a cast to float
+    ("swav quantized", lambda: swav_sinkhorn(_quantized(), 0.05, 3), TypeError,
+     ["scores must be a floating-point tensor", "got torch.qint8", "Convert with scores.dequantize()"]),
+    ("sela quantized", lambda: sela_sinkhorn(_quantized()), TypeError, ["got torch.qint8", "scores.dequantize()"]),
 ]  # fmt: skip
 
 

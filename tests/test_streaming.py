@@ -279,6 +279,11 @@ def test_bad_arguments(tmp_path):
         says = rf"^{name} must be a float16, bfloat16, float32 or float64 tensor, got torch\.\w+\. "
         with pytest.raises(TypeError, match=says + rf"Convert with {name}\.float\(\)"):
             sinkhorn_assign_stream(**kwargs)
+    with warnings.catch_warnings():  # torch deprecates quantized tensors, and warns at their creation
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_tensor(torch.ones(5, 3), 0.1, 0, torch.qint8)
+    with pytest.raises(TypeError, match=r"got torch\.qint8\. Convert with scores\.dequantize\(\)"):  # .float() raises
+        sinkhorn_assign_stream(quantized)
     with pytest.raises(ValueError, match=r"shape \(N, K\) or \(H, N, K\)"):
         sinkhorn_assign_stream(np.zeros(5, np.float32))
     with pytest.raises(ValueError, match="cluster_weights must have shape"):

@@ -44,6 +44,8 @@ BAD_INPUTS = [
     ("empty N", dict(scores=torch.randn(0, 4)), ValueError, ["empty"]),
     ("empty K", dict(scores=torch.randn(5, 0)), ValueError, ["empty"]),
     ("integer scores", dict(scores=torch.ones(5, 3, dtype=torch.int64)), TypeError, ["floating-point", ".float()"]),
+    # quantized: the advice was scores.float(), which raises torch's "Creation of quantized tensor requires ..."
+    ("quantized scores", dict(scores="quantized"), TypeError, ["got torch.qint8. Convert with scores.dequantize()"]),
     ("a ragged list", dict(scores=[[1.0, 2.0], [3.0]]), TypeError, ["rectangular", "np.asarray"]),
     ("a list of strings", dict(scores=[["a", "b"]]), TypeError, ["list of numbers"]),
     ("a dict", dict(scores={"a": 1.0}), TypeError, ["torch.Tensor", "dict"]),
@@ -162,10 +164,13 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("what, kwargs, error, words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_raises_specific_error(what, kwargs, error, words):
     args = dict(scores=S, epsilon=0.1) | kwargs
-    if isinstance(args["scores"], str):  # made here: a MaskedTensor made at import warns that it is a prototype
+    if isinstance(args["scores"], str):  # made here: a MaskedTensor or a quantized tensor warns at its creation
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            args["scores"] = torch.masked.masked_tensor(S, S > 0)
+            if args["scores"] == "quantized":
+                args["scores"] = torch.quantize_per_tensor(S, 0.1, 0, torch.qint8)
+            else:
+                args["scores"] = torch.masked.masked_tensor(S, S > 0)
     with pytest.raises(error) as info:
         sinkhorn_assign(args.pop("scores"), args.pop("epsilon"), **args)
     for word in words:
