@@ -349,19 +349,29 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
         out = torch.from_numpy(out)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a path, a numpy array or a torch tensor, got {type(out).__name__}.")
+    dtype = np.dtype(dtype)
+    allocate = f"np.empty({wanted}, np.{dtype.name})"
+    # Written in place, into strided memory: torch's own errors (aten::view for a sparse one, "Internal error" for a
+    # nested one) named no fix. A dense copy would be written instead of the caller's tensor: the fix is theirs.
+    if out.is_nested or out.layout != torch.strided:
+        what = "nested" if out.is_nested else str(out.layout).removeprefix("torch.")
+        raise TypeError(f"{name} is a {what} tensor: outputs are written in place, into dense memory. Pass a dense "
+                        f"tensor or array ({allocate}) or a path, and convert the result afterwards.")  # fmt: skip
     # The layout it will be read in, the batched one, or flat: a (K, N) array has the right size but would be
     # filled in (N, K) order, which reads as garbage.
     if tuple(out.shape) not in (wanted, shape, (math.prod(wanted),)):
         raise ValueError(f"{name} must have shape {wanted} ({math.prod(wanted):,} elements), got shape "
                          f"{tuple(out.shape)}.")  # fmt: skip
-    dtype = np.dtype(dtype)
     if out.dtype != torch.from_numpy(np.empty(0, dtype)).dtype:
         raise ValueError(
-            f"{name} must be {dtype.name}, got {str(out.dtype).removeprefix('torch.')}: allocate it as "
-            f"np.empty({wanted}, np.{dtype.name})."
+            f"{name} must be {dtype.name}, got {str(out.dtype).removeprefix('torch.')}: allocate it as {allocate}."
         )
     if out.device.type != "cpu":
         raise ValueError(f"{name} must be on the CPU (it is written chunk by chunk from the host).")
+    if out.requires_grad:  # a leaf (or a view of one): torch's "leaf Variable ... used in an in-place operation"
+        raise TypeError(f"{name} requires grad: the codes are written into it in place, outside autograd (a target, "
+                        f"not differentiated through). Pass one that does not ({allocate}), or {name}.detach() to "
+                        "write into this one's memory.")  # fmt: skip
     return out.view(shape)
 
 

@@ -316,6 +316,29 @@ def test_output_errors_speak_in_the_callers_layout():
     assert np.array_equal(flat.reshape(500, 10), res.codes.numpy())
 
 
+def test_outputs_that_cannot_be_written_in_place_say_what_to_pass():
+    """Outputs are written in place: a sparse one raised torch's page-long NotImplementedError (aten::view), a nested
+    one its "Internal error", and codes_out requiring grad "a leaf Variable that requires grad is being used in an
+    in-place operation". Each is refused, naming what to pass: nothing is detached or copied behind the caller's
+    back."""
+    s2 = random_problem(12, 3, seed=8).numpy()
+    labels, codes = torch.zeros(12, dtype=torch.int64), torch.zeros(12, 3)
+    ragged = torch.nested.as_nested_tensor([labels, labels[:5]], layout=torch.jagged)
+    for kwargs, says in (
+        (dict(labels_out=labels.to_sparse()), r"^labels_out is a sparse_coo tensor: .*np\.empty\(\(12,\), np\.int"),
+        (dict(codes_out=codes.to_sparse()), r"^codes_out is a sparse_coo tensor: .*np\.empty\(\(12, 3\), np\.f"),
+        (dict(labels_out=ragged), "^labels_out is a nested tensor: .* or a path"),
+        (dict(codes_out=codes.requires_grad_()), r"^codes_out requires grad: .* codes_out\.detach\(\)"),
+        (dict(codes_out=codes[:]), r"^codes_out requires grad"),  # a view of it, which torch refused the same
+        (dict(codes_out=codes * 2), r"^codes_out requires grad"),  # torch wrote into it, through autograd
+    ):  # fmt: skip
+        with pytest.raises(TypeError, match=says):
+            sinkhorn_assign_stream(s2, **kwargs)
+    assert not codes.any()  # refused before anything was written
+    res = sinkhorn_assign_stream(s2, tol=None, max_iter=3, codes_out=codes.detach())  # the fix given: its memory
+    assert torch.equal(codes.detach(), res.codes) and codes.requires_grad
+
+
 def test_negative_strides_and_float64_codes():
     """A reversed NumPy view is refused with what to do (torch cannot share it: it said "negative strides are not
     currently supported"); float64 scores give float64 codes, as in memory (they were float32)."""
