@@ -333,6 +333,8 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
     if out is None:
         return None
     wanted = shape if batched else shape[1:]  # the caller's layout: (N,) / (N, K) for 2-d scores
+    dtype = np.dtype(dtype)
+    allocate = f"np.empty({wanted}, np.{dtype.name})"
     if isinstance(out, (str, os.PathLike)):
         try:
             atomic = AtomicNpy(os.fspath(out), dtype, wanted)
@@ -343,14 +345,21 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
     if isinstance(out, np.ndarray):
         if not out.flags.writeable:
             raise ValueError(f"{name} is read-only; pass a writable array or a path.")
-        if not out.dtype.isnative:  # (a big-endian array) torch cannot write into it
-            raise ValueError(f"{name} is in non-native byte order ({out.dtype.str}), which torch cannot write into: "
-                             f"pass np.empty({wanted}, np.{np.dtype(dtype).name}) or a path.")  # fmt: skip
+        # What torch cannot write into (its errors named no output, and advised a copy, which would be written instead
+        # of the caller's array), or what would hide the results (a mask).
+        if isinstance(out, np.ma.MaskedArray):
+            raise TypeError(f"{name} is a NumPy masked array: what is written under its mask would stay hidden. Pass "
+                            f"a plain array ({allocate}) or a path.")  # fmt: skip
+        if not out.dtype.isnative:
+            raise TypeError(f"{name} is {out.dtype.name} in non-native byte order ({out.dtype.str}), which torch "
+                            f"cannot write into: allocate it as {allocate}, or pass a path.")  # fmt: skip
+        if any(stride < 0 for stride in out.strides):
+            raise ValueError(f"{name} is a NumPy view with a negative stride (such as x[::-1]), which torch cannot "
+                             "write into: pass the array unreversed (results come in the samples' order), or a "
+                             "path.")  # fmt: skip
         out = torch.from_numpy(out)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a path, a numpy array or a torch tensor, got {type(out).__name__}.")
-    dtype = np.dtype(dtype)
-    allocate = f"np.empty({wanted}, np.{dtype.name})"
     # Written in place, into strided memory: torch's own errors (aten::view for a sparse one, "Internal error" for a
     # nested one) named no fix. A dense copy would be written instead of the caller's tensor: the fix is theirs.
     if out.is_nested or out.layout != torch.strided:

@@ -882,8 +882,24 @@ def test_outputs_that_cannot_be_written_are_refused():
     # In non-native byte order (torch said only "Conversion between byte orders is currently not supported"):
     for name, out in (("labels_out", np.zeros(50, ">i8")), ("codes_out", np.zeros((50, 3), ">f4"))):
         fix = r"np\.empty\(\(50,\), np\.int64\)" if name == "labels_out" else r"np\.empty\(\(50, 3\), np\.float32\)"
-        with pytest.raises(ValueError, match=rf"{name} is in non-native byte order \(.*\), .*: pass {fix} or a path"):
+        with pytest.raises(TypeError, match=rf"{name} is \w+ in non-native byte order \(.*\), .*: allocate it as {fix}"):
             sinkhorn_assign_stream(s, **{name: out})
+
+
+def test_numpy_outputs_torch_cannot_write_into_say_what_to_pass():
+    """A big-endian labels_out raised torch's "given numpy array has byte order different from the native byte order"
+    (naming no output), a reversed view its "negative strides are not currently supported ... make a copy" (a copy
+    would be written, not the caller's array), and a masked array was written under its mask, the labels hidden."""
+    s2 = random_problem(12, 3, seed=9).numpy()
+    masked = np.ma.masked_array(np.zeros(12, np.int64), mask=np.ones(12, bool))
+    swapped, reversed_codes = np.zeros(12, ">i8"), np.zeros((12, 3), np.float32)[::-1]
+    for kwargs, error, says in (
+        (dict(labels_out=swapped), TypeError, r"^labels_out is int64 in non-native byte order \(>i8\).*np\.empty"),
+        (dict(codes_out=reversed_codes), ValueError, r"^codes_out is a NumPy view with a negative stride"),
+        (dict(labels_out=masked), TypeError, r"^labels_out is a NumPy masked array.*np\.empty\(\(12,\), np\.int64\)"),
+    ):
+        with pytest.raises(error, match=says):
+            sinkhorn_assign_stream(s2, **kwargs)
 
 
 def test_codes_out_over_a_wide_span():
