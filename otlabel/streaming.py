@@ -381,6 +381,14 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
         raise TypeError(f"{name} requires grad: the codes are written into it in place, outside autograd (a target, "
                         f"not differentiated through). Pass one that does not ({allocate}), or {name}.detach() to "
                         "write into this one's memory.")  # fmt: skip
+    # What torch refuses to write in place, once the solve is over, advising a clone (which would be written instead)
+    if any(step == 0 and size > 1 for step, size in zip(out.stride(), out.shape, strict=True)):
+        raise ValueError(f"{name} has entries that share memory (a stride of 0, as expand or broadcast_to make), so "
+                         f"each would overwrite the last: pass {allocate} or a path.")  # fmt: skip
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode()), which torch allows no "
+                         "in-place writes to outside that mode: allocate it outside, or call sinkhorn_assign_stream "
+                         "inside torch.inference_mode().")  # fmt: skip
     return out.view(shape)
 
 

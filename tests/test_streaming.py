@@ -902,6 +902,28 @@ def test_numpy_outputs_torch_cannot_write_into_say_what_to_pass():
             sinkhorn_assign_stream(s2, **kwargs)
 
 
+def test_outputs_torch_refuses_to_write_in_place_are_refused_first():
+    """After the whole solve, an output whose entries share memory (expand, a stride of 0) raised torch's "more than one
+    element of the written-to tensor refers to a single memory location. Please clone() the tensor", and one made
+    under torch.inference_mode() its "Inplace update to inference tensor outside InferenceMode ... make a clone": a
+    clone would be written, not the caller's output. Both are refused before the solve; an inference tensor is
+    written inside inference mode, where torch allows it."""
+    s2 = random_problem(12, 3, seed=10).numpy()
+    shared = np.lib.stride_tricks.as_strided(np.zeros(3, np.float32), shape=(12, 3), strides=(0, 4), writeable=True)
+    with torch.inference_mode():
+        made_there = torch.zeros(12, dtype=torch.int64)
+    for kwargs, says in (
+        (dict(labels_out=torch.zeros(1, dtype=torch.int64).expand(12)), r"^labels_out has entries that share memory"),
+        (dict(codes_out=shared), r"^codes_out has entries that share memory .*np\.empty\(\(12, 3\), np\.float32\)"),
+        (dict(labels_out=made_there), r"^labels_out is an inference tensor .* torch\.inference_mode\(\)"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            sinkhorn_assign_stream(s2, **kwargs)
+    with torch.inference_mode():
+        res = sinkhorn_assign_stream(s2, tol=None, max_iter=3, labels_out=made_there)
+    assert torch.equal(made_there, res.labels) and made_there.bincount(minlength=3).min() > 0
+
+
 def test_codes_out_over_a_wide_span():
     """codes_out is written by a softmax in place: shifted by each row's maximum, it cannot overflow where the scores
     span far more than 88 nats at this epsilon (the tests before used spans of a few nats, where any shift works)."""
