@@ -119,8 +119,9 @@ def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor |
             fix = "Convert with x.astype(np.float32)."
             if isinstance(x, np.memmap):  # a file, perhaps larger than memory, which x.astype would read whole
                 fix = ("Convert the file a block of rows at a time (x.astype would read it whole): x = np.load(path, "
-                       "mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, x.shape), then "
-                       "y[i : i + 2**20] = x[i : i + 2**20] for i in range(0, len(x), 2**20), and y.flush().")  # fmt: skip
+                       "mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, x.shape), "
+                       "then y[i : i + 2**20] = x[i : i + 2**20] for i in range(0, len(x), 2**20), and "
+                       "y.flush().")  # fmt: skip
             raise TypeError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}. {fix}")
         if not x.dtype.isnative:  # a file from another machine: torch cannot share it
             if not copy_reversed:

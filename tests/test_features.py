@@ -405,7 +405,7 @@ def test_reading_the_objective_stays_within_an_explicit_memory_budget(dtype):
     # 1 MiB beside the budget for what it does not count (N-length and K-length vectors, a code page first touched):
     # before the fix the peak grew by 38 MiB
     slack = 1 << 20
-    assert extra <= budget + slack, f"peak grew by {extra / 2**20:.1f} MiB reading the objective: past the 32 MiB budget"
+    assert extra <= budget + slack, f"the peak grew by {extra / 2**20:.1f} MiB reading the objective (budget 32 MiB)"
 
 
 def test_numpy_features_are_solved_on_the_cpu_where_a_gpu_exists(monkeypatch):

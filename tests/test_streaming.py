@@ -882,7 +882,8 @@ def test_outputs_that_cannot_be_written_are_refused():
     # In non-native byte order (torch said only "Conversion between byte orders is currently not supported"):
     for name, out in (("labels_out", np.zeros(50, ">i8")), ("codes_out", np.zeros((50, 3), ">f4"))):
         fix = r"np\.empty\(\(50,\), np\.int64\)" if name == "labels_out" else r"np\.empty\(\(50, 3\), np\.float32\)"
-        with pytest.raises(TypeError, match=rf"{name} is \w+ in non-native byte order \(.*\), .*: allocate it as {fix}"):
+        says = rf"{name} is \w+ in non-native byte order \(.*\), .*: allocate it as {fix}"
+        with pytest.raises(TypeError, match=says):
             sinkhorn_assign_stream(s, **{name: out})
 
 
