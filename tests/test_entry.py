@@ -132,6 +132,7 @@ def test_a_default_device_other_than_the_inputs_changes_nothing():
         "float64": lambda: sinkhorn_assign(s.double(), 0.1),
         "numpy": lambda: sinkhorn_assign(s.numpy(), 0.1, cluster_weights=np.full(6, 1 / 6)),
         "warm": lambda: sinkhorn_assign(s, 0.1, init=torch.zeros(6, device="cpu"), epsilon_scaling=0.5),
+        "annealed": lambda: sinkhorn_assign(s, 0.1, epsilon_scaling=0.5),  # (an init skips the stages)
         "stream": lambda: sinkhorn_assign_stream(s.numpy(), 0.1),
         "features": lambda: sinkhorn_assign(features=z, prototypes=c, epsilon=0.1),
         "sharded": lambda: sinkhorn_assign_sharded(s, 0.1),
