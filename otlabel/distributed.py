@@ -498,7 +498,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=sharded.shared_callback(callback))
     sharded.finish()
     if warn:
-        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon)
+        warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon, sharded.dtype)
     return package_result(sharded, out, epsilon=epsilon, batched=shard.batched, sample_weights=c_local)
 
 

@@ -69,7 +69,7 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
         )
     if warn:  # warned here, at the caller's line, as sinkhorn_assign warns
         out = LoopOutput(res.cluster_potentials, res.n_iter, res.errors, res.converged, error=res.marginal_error)
-        warn_if_not_converged("sinkhorn_assign", out, solve["tol"], res.epsilon)
+        warn_if_not_converged("sinkhorn_assign", out, solve["tol"], res.epsilon, res._operator.dtype)
     return res
 
 

@@ -37,6 +37,7 @@ ANDERSON = "anderson"  # Anderson mixing of the last few iterates (the default w
 ACCELERATIONS = ("auto", "anderson", "over-relaxation", "none")
 RATE_SAMPLES = 3  # plain steps whose errors estimate the rate (after the cold start, which has no error)
 MAX_ADAPTIVE_OMEGA = 1.9
+FLOAT32_FLOOR = 1e-5  # a tol below this may not be reached in float32 arithmetic (README, Stopping)
 
 
 @dataclass
@@ -558,7 +559,7 @@ def sinkhorn_assign(
         operator, out = run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling,
                                                  callback)  # fmt: skip
     if warn:
-        warn_if_not_converged("sinkhorn_assign", out, tol, problem.epsilon)
+        warn_if_not_converged("sinkhorn_assign", out, tol, problem.epsilon, operator.dtype)
     return package_result(operator, out, epsilon=problem.epsilon, batched=problem.batched,
                           sample_weights=problem.sample_weights)  # fmt: skip
 
@@ -604,16 +605,23 @@ def describe_error(error: float, tol: float) -> str:
     return f"marginal error {error:.3g} > tol {tol:g}"
 
 
-def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float) -> None:
-    """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached, at the user's line."""
+def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, dtype: torch.dtype | None = None) -> None:
+    """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached, at the user's line.
+    ``dtype``: the passes' arithmetic (the operator's ``dtype``); below ``FLOAT32_FLOOR`` a float32 one is named as
+    the likely cause, since more iterations do not take its measured error lower."""
     if tol is None or out.converged:
         return
+    advice = "Raise max_iter, raise epsilon, or warm-start with init=<previous result>."
+    if dtype is not None and dtype != torch.float64 and tol < FLOAT32_FLOOR:
+        advice = (f"A tol of {tol:g} meets the floor that float32 arithmetic leaves on the measured error (about "
+                  "1e-6, from 1e-8 to a few 1e-6 by problem: its sums over the samples round), which more iterations "
+                  "do not lower: pass float64 scores (or features) for it, or a larger tol. Otherwise raise max_iter, "
+                  "raise epsilon, or warm-start with init=<previous result>.")  # fmt: skip
     warnings.warn(
         f"{caller} did not converge: {describe_error(out.error, tol)} after {out.n_iter} iterations "
-        f"(epsilon={epsilon:g}). Raise max_iter, raise epsilon, or warm-start with init=<previous result>. If the "
-        "scores carry -inf masks that were not checked before solving (very many distinct masked "
-        "rows, no SciPy), the masked problem may have no balanced plan at all: check that every group of clusters "
-        "can reach enough samples.",
+        f"(epsilon={epsilon:g}). {advice} If the scores carry -inf masks that were not checked before solving "
+        "(very many distinct masked rows, no SciPy), the masked problem may have no balanced plan at all: check that "
+        "every group of clusters can reach enough samples.",
         ConvergenceWarning,
         stacklevel=user_stacklevel(),
     )

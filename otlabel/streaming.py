@@ -529,7 +529,7 @@ def sinkhorn_assign_stream(
     finally:
         source.stream.close()  # a speculative prefetch may be in flight
     if warn:
-        warn_if_not_converged("sinkhorn_assign_stream", out, tol, epsilon)
+        warn_if_not_converged("sinkhorn_assign_stream", out, tol, epsilon, operator.dtype)
     # labels and codes are the host outputs written above (CPU tensors, views of labels_out/codes_out when given)
     return package_result(operator, out, epsilon=epsilon, batched=source.batched, sample_weights=c.cpu(),
                           labels=labels, codes=codes)  # fmt: skip
