@@ -416,7 +416,7 @@ def sinkhorn_assign_sharded(
         c_local, sum_tolerance = None, (0.0, 0.0)
         if sample_weights is not None:
             c_local, sum_tolerance = check_local_weights(sample_weights, shard.n, shard.device)
-        check_init(init, shard.h, shard.r, torch.float64)  # checked only: the operator comes later
+        check_init(init, shard.h, shard.r, torch.float64, epsilon=epsilon)  # checked only: the operator comes later
         meta = [shard.h, shard.n, shard.k, shard.dtype_code, float(shard.batched), epsilon]  # columns 0-5
         meta += [-1.0 if tol is None else tol]  # 6
         omega_code = ACCELERATION_CODES.get(acceleration, acceleration)  # collectives carry numbers
@@ -476,7 +476,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
         # As the single-process entry points: float64 for scores (sinkhorn_assign), the operator's dtype for features
         # (sinkhorn_assign(features=...) and the stream, where a float64 warm start showed up as marginal error)
         state = torch.float64 if shard.mode == DenseShard.mode else operator.dtype
-        init = check_init(init, shard.h, shard.r, state, operator.dtype)
+        init = check_init(init, shard.h, shard.r, state, operator.dtype, epsilon=epsilon)
         agreed = [r.double().cpu(), shard.fingerprint] + ([] if init is None else [init.double().flatten().cpu()])
         arithmetic = torch.tensor([DTYPE_CODES[operator.dtype]], dtype=torch.float64)
         return torch.cat([arithmetic, shard.column_max().flatten(), *agreed])

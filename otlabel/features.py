@@ -231,8 +231,9 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
     h, n = c3.shape[0], z.shape[0]
     w = check_weights(sample_weights, n, "sample_weights", "number of samples N", z.device)
     operator = TritonFeaturesOperator(z, c3, bias_t, epsilon, w, allow_tf32=allow_tf32)
-    out = run_sinkhorn(operator, r, check_init(init, h, r, operator.dtype), max_iter, tol, acceleration,
-                       callback=callback, has_zero_weights=False if cluster_weights is None else None)  # fmt: skip
+    b0 = check_init(init, h, r, operator.dtype, epsilon=epsilon)
+    out = run_sinkhorn(operator, r, b0, max_iter, tol, acceleration, callback=callback,
+                       has_zero_weights=False if cluster_weights is None else None)  # fmt: skip
     return package_result(operator, out, epsilon=epsilon, batched=batched, sample_weights=w)  # assign_features warns
 
 

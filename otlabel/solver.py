@@ -337,15 +337,19 @@ def potentials_finite(b, empty) -> torch.Tensor:
     return (masked(b, empty, 0.0).abs() < math.inf).all()
 
 
-def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithmetic=None) -> torch.Tensor | None:
+def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithmetic=None, *,
+               epsilon: float) -> torch.Tensor | None:  # fmt: skip
     """A warm start: a previous result or its ``cluster_potentials``, shaped (K,) or (H, K); returned (H, K) in
     ``dtype`` on the cluster weights' device, -inf for clusters of weight 0. ``arithmetic`` (default ``dtype``): the
     dtype the passes form ``S / eps + b`` in (:func:`~otlabel.problem.compute_dtype`), which bounds how far apart
-    potentials can usefully be."""
+    potentials can usefully be. A result solved at another temperature is rescaled to ``epsilon`` (the dual
+    ``eps * b`` kept, as between epsilon_scaling's stages); bare potentials carry no epsilon and are taken as given."""
     if init is None:
         return None
     if isinstance(init, SinkhornResult):
-        init = init.cluster_potentials
+        init = (
+            init.cluster_potentials * (init.epsilon / epsilon) if init.epsilon != epsilon else init.cluster_potentials
+        )
     if isinstance(init, (np.ndarray, list, tuple, str, os.PathLike)):  # saved with numpy.save, or written out
         init = as_tensor(init, "init")  # a path: 'load it first: np.load(path)' (a str was only "got str")
     elif isinstance(init, torch.Tensor):  # sparse, meta or nested: torch's own errors came from the copy below
@@ -481,7 +485,9 @@ def sinkhorn_assign(
         max_iter: most iterations (each is one pass over the scores).
         tol: stop when the cluster-marginal L1 error is below this; ``None`` runs exactly ``max_iter``
             iterations with no convergence check (SwAV's fixed 3: ``max_iter=3, tol=None``).
-        init: warm start — a previous ``SinkhornResult`` or its ``cluster_potentials``.
+        init: warm start — a previous ``SinkhornResult`` or its ``cluster_potentials``. A result solved at another
+            ``epsilon`` is rescaled to this one (``b * eps_old / eps``, as between ``epsilon_scaling``'s stages);
+            bare potentials are taken as potentials at this ``epsilon``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"`` (float64 specification).
         acceleration: what happens between passes. ``"auto"`` (default): ``"anderson"`` when solving to ``tol``,
             plain steps with ``tol=None`` (the classic iterates, e.g. SwAV's). ``"anderson"``: Anderson mixing of
@@ -550,7 +556,8 @@ def sinkhorn_assign(
     problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph)
     if cuda_graph:
         return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration)
-    init = check_init(init, problem.shape[0], problem.cluster_weights, torch.float64, compute_dtype_of(problem.scores))
+    init = check_init(init, problem.shape[0], problem.cluster_weights, torch.float64, compute_dtype_of(problem.scores),
+                      epsilon=problem.epsilon)  # fmt: skip
     if epsilon_scaling is None:
         operator = make_operator(problem, backend)
         out = run_sinkhorn(operator, problem.cluster_weights, init, max_iter, tol, acceleration, callback=callback,

@@ -189,6 +189,29 @@ def test_init_saved_as_numpy_or_a_list_warm_starts_every_entry_point(tmp_path):
             assert got.n_iter == want.n_iter and torch.equal(got.cluster_potentials, want.cluster_potentials)
 
 
+def test_a_result_solved_at_another_epsilon_warm_starts_at_this_one():
+    """A result carries its epsilon: its potentials are rescaled to the new one (``b * eps_old / eps_new``, the dual
+    ``eps * b`` kept, as between epsilon_scaling's stages). Used as they were, a result at 0.01 warm-starting 0.005
+    was a start twice too flat. Its bare potentials (no epsilon known) are taken as they are."""
+    s = random_problem(2000, 30, seed=21)
+    solves = (
+        lambda eps, **kw: sinkhorn_assign(s, eps, tol=1e-5, **kw),
+        lambda eps, **kw: sinkhorn_assign_stream(s.numpy(), eps, tol=1e-5, **kw),
+        lambda eps, **kw: sinkhorn_assign_sharded(s, eps, tol=1e-5, **kw),
+        lambda eps, **kw: sinkhorn_assign(features=z, prototypes=c, epsilon=eps * 10, tol=1e-5, **kw),
+    )
+    g = torch.Generator().manual_seed(3)
+    z, c = torch.randn(2000, 8, generator=g), torch.randn(30, 8, generator=g)
+    for solve in solves:
+        coarse = solve(0.01)
+        rescaled = coarse.cluster_potentials * (0.01 / 0.005)
+        from_result, from_rescaled = solve(0.005, init=coarse), solve(0.005, init=rescaled)
+        assert from_result.n_iter == from_rescaled.n_iter
+        assert torch.equal(from_result.cluster_potentials, from_rescaled.cluster_potentials)
+        unscaled = solve(0.005, init=coarse.cluster_potentials)
+        assert from_result.converged and from_result.n_iter < unscaled.n_iter, (from_result.n_iter, unscaled.n_iter)
+
+
 @pytest.mark.parametrize("spread", [1e20, 1e300])
 def test_a_warm_start_spread_beyond_the_arithmetic_solves_like_a_cold_one(spread):
     """Potentials far apart (from another problem, or scaled) are a poor start but a valid one: only differences
@@ -220,11 +243,21 @@ def test_a_warm_start_is_floored_only_beyond_what_the_arithmetic_resolves():
 
     r = torch.tensor([0.25, 0.25, 0.5, 0.0], dtype=torch.float64)
     init = torch.tensor([3.0, 3.0 - 2.2e4, 1.0, 7.0], dtype=torch.float64)
-    got = check_init(init, 1, r, torch.float64, torch.float32)[0]
+    got = check_init(init, 1, r, torch.float64, torch.float32, epsilon=1.0)[0]
     assert got.tolist() == [0.0, -2.2e4, -2.0, -math.inf]
     wide = torch.tensor([0.0, -1e9, 5.0, 0.0], dtype=torch.float64)
-    assert check_init(wide, 1, r, torch.float64, torch.float32)[0].tolist() == [-5.0, -(2.0**23), 0.0, -math.inf]
-    assert check_init(wide, 1, r, torch.float64, torch.float64)[0].tolist() == [-5.0, -1e9 - 5.0, 0.0, -math.inf]
+    assert check_init(wide, 1, r, torch.float64, torch.float32, epsilon=1.0)[0].tolist() == [
+        -5.0,
+        -(2.0**23),
+        0.0,
+        -math.inf,
+    ]
+    assert check_init(wide, 1, r, torch.float64, torch.float64, epsilon=1.0)[0].tolist() == [
+        -5.0,
+        -1e9 - 5.0,
+        0.0,
+        -math.inf,
+    ]
 
 
 def test_a_pickled_cpu_result_leaves_out_the_kernel_and_reads_out_the_same():
