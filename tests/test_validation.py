@@ -981,3 +981,21 @@ def test_a_string_option_given_an_array_names_the_option():
     for call, words in calls:
         with pytest.raises(ValueError, match=words):
             call()
+
+
+def test_an_integer_tensor_is_refused_in_the_same_helpful_words_on_every_door():
+    """sinkhorn_assign's scores said how to convert an integer tensor; the same tensor streamed, and integer features,
+    prototypes or bias on any door, were refused without a word on what to do ('must be a float16, ... tensor, got
+    torch.int64.')."""
+    from otlabel import sinkhorn_assign_stream
+
+    scores, z, c = torch.arange(12).reshape(3, 4), torch.randn(3, 2), torch.randn(4, 2)
+    calls = {
+        "scores": lambda: sinkhorn_assign_stream(scores, 0.5),
+        "features": lambda: sinkhorn_assign(features=z.long(), prototypes=c, epsilon=0.5),
+        "prototypes": lambda: sinkhorn_assign_stream(features=z, prototypes=c.int(), epsilon=0.5),
+        "bias": lambda: sinkhorn_assign(features=z, prototypes=c, bias=torch.arange(4), epsilon=0.5, backend="torch"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"{name} must be .*got torch.int(64|32)\. Convert with {name}\.float\(\)"):
+            call()
