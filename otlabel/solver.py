@@ -615,11 +615,13 @@ def describe_error(error: float, tol: float) -> str:
 def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, dtype: torch.dtype | None = None) -> None:
     """The one :class:`ConvergenceWarning` every entry point gives when ``tol`` was not reached, at the user's line.
     ``dtype``: the passes' arithmetic (the operator's ``dtype``); below ``FLOAT32_FLOOR`` a float32 one is named as
-    the likely cause, since more iterations do not take its measured error lower."""
+    the likely cause, since more iterations do not take its measured error lower, once the error has come down to
+    it (a solve cut short far above it needs more iterations, not float64)."""
     if tol is None or out.converged:
         return
     advice = "Raise max_iter, raise epsilon, or warm-start with init=<previous result>."
-    if dtype is not None and dtype != torch.float64 and tol < FLOAT32_FLOOR:
+    near_floor = tol < FLOAT32_FLOOR and out.error <= FLOAT32_FLOOR  # NaN or inf: not near it
+    if dtype is not None and dtype != torch.float64 and near_floor:
         advice = (f"A tol of {tol:g} meets the floor that float32 arithmetic leaves on the measured error (about "
                   "1e-6, from 1e-8 to a few 1e-6 by problem: its sums over the samples round), which more iterations "
                   "do not lower: pass float64 scores (or features) for it, or a larger tol. Otherwise raise max_iter, "

@@ -395,6 +395,17 @@ def test_a_tol_below_the_float32_floor_is_told_to_pass_float64(solve):
     assert "float64" not in str(caught[0].message)
 
 
+def test_a_float32_solve_cut_short_far_above_the_floor_is_not_told_of_it():
+    """A tol below 1e-5 missed after 2 iterations, the error still 0.5: the warning said the tol "meets the floor
+    that float32 arithmetic leaves ..., which more iterations do not lower: pass float64 scores", where more
+    iterations are the fix. The floor is named only for an error that has come down near it."""
+    with pytest.warns(ConvergenceWarning) as caught:
+        res = sinkhorn_assign(random_problem(200, 10, seed=50), 0.01, max_iter=2, tol=1e-6)
+    assert res.marginal_error > 1e-2
+    message = str(caught[0].message)
+    assert "floor" not in message and "float64" not in message and "Raise max_iter" in message
+
+
 @pytest.mark.parametrize(
     "scores, eps",
     [
