@@ -288,7 +288,11 @@ class StreamingOperator(LogDomainOperator):
     def assign(self, b, want_codes):
         h, n, k = self.n_heads, self.n_samples, self.n_clusters
         b = b.to(self.dtype)  # the loop's float64 potentials (see LogDomainOperator)
-        labels = self.labels_out if self.labels_out is not None else torch.empty((h, n), dtype=torch.int64)
+        labels = self.labels_out
+        if labels is None or (labels.is_inference() and not torch.is_inference_mode_enabled()):
+            # an inference labels_out (solved inside the mode) holds its labels already; a read of codes outside the
+            # mode may not write them again: "Inplace update to inference tensor outside InferenceMode"
+            labels = torch.empty((h, n), dtype=torch.int64)
         codes = None
         if want_codes:
             # float32, or float64 for float64 input (as SinkhornResult says); a codes_out file is float32
