@@ -36,9 +36,10 @@ from .solver import (
 def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_scaling, allow_tf32, **solve):
     """Route a features-mode call (see the module docstring); ``solve`` holds the shared solver options."""
     if features is None:
-        given = "prototypes=" if prototypes is not None else "bias="  # bias= alone named prototypes=, not given
-        raise ValueError(f"{given} needs features= and prototypes=: the scores are features @ prototypes.T (+ bias) "
-                         "(or pass the scores themselves as the first argument).")  # fmt: skip
+        # what is missing: bias= alone named prototypes=, not given; prototypes= given is not asked for
+        missing = "prototypes= needs features=" if prototypes is not None else "bias= needs features= and prototypes="
+        raise ValueError(f"{missing}: the scores are features @ prototypes.T (+ bias) (or pass the scores themselves "
+                         "as the first argument).")  # fmt: skip
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     check_solver_options(

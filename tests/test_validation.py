@@ -201,8 +201,9 @@ def test_features_mode_errors_name_the_features(tmp_path):
         sinkhorn_assign(features=z, prototypes=torch.randn(40, 4).T)  # N == K: either may be the transposed one
     with pytest.raises(ValueError, match=r"got shape \(5, 3\)\.$"):  # neither transposed: no hint
         sinkhorn_assign(features=z, prototypes=c[:, :3])
-    with pytest.raises(ValueError, match="prototypes= needs features="):
-        sinkhorn_assign(prototypes=c)
+    for extra in (dict(), dict(bias=torch.zeros(5))):  # it said "needs features= and prototypes=", given
+        with pytest.raises(ValueError, match="^prototypes= needs features=: the scores are"):
+            sinkhorn_assign(prototypes=c, **extra)
     with pytest.raises(ValueError, match="^bias= needs features= and prototypes="):  # it named prototypes=
         sinkhorn_assign(bias=torch.zeros(5))
     scores = z @ c.T  # with prototypes (no features) it said "not both", of scores and features= not given
