@@ -402,9 +402,9 @@ def test_reading_the_objective_stays_within_an_explicit_memory_budget(dtype):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     extra = int(out.stdout.strip().splitlines()[-1])
-    # 1 MiB beside the budget for what it does not count (N-length and K-length vectors, a code page first touched):
+    # 4 MiB beside the budget for what it does not count (N- and K-length vectors, code pages, another BLAS):
     # before the fix the peak grew by 38 MiB
-    slack = 1 << 20
+    slack = 4 << 20
     assert extra <= budget + slack, f"the peak grew by {extra / 2**20:.1f} MiB reading the objective (budget 32 MiB)"
 
 
