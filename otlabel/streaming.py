@@ -288,11 +288,7 @@ class StreamingOperator(LogDomainOperator):
     def assign(self, b, want_codes):
         h, n, k = self.n_heads, self.n_samples, self.n_clusters
         b = b.to(self.dtype)  # the loop's float64 potentials (see LogDomainOperator)
-        labels = self.labels_out
-        if labels is None or (labels.is_inference() and not torch.is_inference_mode_enabled()):
-            # an inference labels_out (solved inside the mode) holds its labels already; a read of codes outside the
-            # mode may not write them again: "Inplace update to inference tensor outside InferenceMode"
-            labels = torch.empty((h, n), dtype=torch.int64)
+        labels = self.labels_out if self.labels_out is not None else torch.empty((h, n), dtype=torch.int64)
         codes = None
         if want_codes:
             # float32, or float64 for float64 input (as SinkhornResult says); a codes_out file is float32
@@ -524,8 +520,11 @@ def sinkhorn_assign_stream(
             # Labels written to a path come back as a copy in memory (8 bytes a sample): a view of the file kept it
             # mapped, with a descriptor open and, once a later solve renamed a new file over it, the old file's disk
             # space, for as long as the labels were kept (a training run keeping each epoch's labels ran out of
-            # descriptors). A later read of codes writes its labels elsewhere, not into the published file.
-            labels, operator.labels_out = labels.clone(), None
+            # descriptors).
+            labels = labels.clone()
+        # A later read of codes writes its labels elsewhere: by then the caller's labels_out may hold a newer solve's
+        # labels (a buffer reused every epoch), or be the published file, or an inference tensor outside the mode
+        operator.labels_out = None
     except BaseException:
         for f in files:
             f.discard()

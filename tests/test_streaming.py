@@ -903,6 +903,22 @@ def test_numpy_outputs_torch_cannot_write_into_say_what_to_pass():
             sinkhorn_assign_stream(s2, **kwargs)
 
 
+def test_reading_codes_later_leaves_a_reused_labels_out_alone():
+    """A result read its codes lazily with a pass that wrote its labels into the caller's labels_out again: a buffer
+    reused for the next solve (one per epoch) got the older solve's labels back over the newer's."""
+    g = torch.Generator().manual_seed(5)
+    first, second = torch.randn(300, 7, generator=g), torch.randn(300, 7, generator=g)
+    buffer = np.empty(300, np.int64)
+    old = sinkhorn_assign_stream(first.numpy(), 0.1, labels_out=buffer)
+    old_labels = buffer.copy()
+    sinkhorn_assign_stream(second.numpy(), 0.1, labels_out=buffer)  # the buffer's labels: the newer solve's
+    new_labels = buffer.copy()
+    assert not np.array_equal(old_labels, new_labels)
+    codes = old.codes
+    assert np.array_equal(buffer, new_labels)
+    assert np.array_equal(codes.argmax(dim=1).numpy(), old_labels)
+
+
 def test_outputs_torch_refuses_to_write_in_place_are_refused_first():
     """After the whole solve, an output whose entries share memory (expand, a stride of 0) raised torch's "more than one
     element of the written-to tensor refers to a single memory location. Please clone() the tensor", and one made
