@@ -700,10 +700,10 @@ def inputs_fingerprint(prototypes, bias, h: int, k: int) -> torch.Tensor:
     equal on two ranks exactly when their inputs are, whatever their thread counts, devices or backends. Four
     48-bit pieces of a SHA-256, so they travel exactly in a float64 collective (a full compare would move H·K·D)."""
     digest = hashlib.sha256()
-    c = open_host_array(prototypes, "prototypes", copy_reversed=True).detach()
+    c = open_host_array(prototypes, "prototypes", copied_anyway=True).detach()
     digest.update(c.to("cpu", torch.float64).reshape(h, k, -1).contiguous().numpy().tobytes())
     if bias is not None:
-        b = open_host_array(bias, "bias", copy_reversed=True).detach().to("cpu", torch.float64)
+        b = open_host_array(bias, "bias", copied_anyway=True).detach().to("cpu", torch.float64)
         digest.update(b.expand(h, k).contiguous().numpy().tobytes())
     raw = digest.digest()
     return torch.tensor([float(int.from_bytes(raw[6 * i : 6 * i + 6], "little")) for i in range(FINGERPRINT_SIZE)],
@@ -752,7 +752,7 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
         # Features to the other ranks, as given (they saw a float64 scores shard and refused it as a dtype
         # disagreement): a -inf here comes from the bias, whole columns, as on a FeatureShard.
         shard.mode = FeatureShard.mode
-        shard.dtype_code = DTYPE_CODES[open_host_array(features, "features", copy_reversed=True).dtype]
+        shard.dtype_code = DTYPE_CODES[open_host_array(features, "features", copied_anyway=True).dtype]
         return shard
     return FeatureShard(features, prototypes, bias, cluster_weights, backend, comm.device, allow_tf32, memory_budget,
                         epsilon)  # fmt: skip

@@ -131,9 +131,9 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
     """``Z C^T + bias`` in float64: (N, K), or (H, N, K) for (H, K, D) prototypes (the reference backend's input).
 
     The same inputs as the other paths (tensors, arrays, ``.npy`` paths) and the same shape checks."""
-    z = open_host_array(features, "features", copy_reversed=True).double()  # float64 copies anyway
-    c = open_host_array(prototypes, "prototypes", copy_reversed=True).double()
-    b = None if bias is None else open_host_array(bias, "bias", copy_reversed=True).double()
+    z = open_host_array(features, "features", copied_anyway=True).double()  # float64 copies anyway
+    c = open_host_array(prototypes, "prototypes", copied_anyway=True).double()
+    b = None if bias is None else open_host_array(bias, "bias", copied_anyway=True).double()
     check_feature_shapes(z.shape, c.shape, None if b is None else b.shape)
     check_bias(b)  # what the other paths say of a bias, before the scores' own checks
     for name, x in (("features", z), ("prototypes", c)):  # named, as the other paths do, not as "scores contain NaN"
@@ -247,8 +247,8 @@ def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=No
     (fp32 prototypes with bf16 features under autocast) silently rounded them to 8 bits, codes off by ~5e-3 at
     eps = 0.05. Pass both in bf16/fp16 for the 16-bit tensor-core rate; mixed, the features are copied."""
     z = dense_tensor(z, "features")  # the kernel reads raw memory: a negative bit would flip every score's sign
-    c = open_host_array(prototypes, "prototypes", copy_reversed=True)
-    bias_t = None if bias is None else open_host_array(bias, "bias", copy_reversed=True)
+    c = open_host_array(prototypes, "prototypes", copied_anyway=True)
+    bias_t = None if bias is None else open_host_array(bias, "bias", copied_anyway=True)
     dtype = torch.promote_types(z.dtype, c.dtype)
     dtype = torch.float32 if dtype == torch.float64 else dtype  # z is fp32/fp16/bf16 here (uses_kernel)
     z, c = z.detach().to(dtype), c.to(device=z.device, dtype=dtype)

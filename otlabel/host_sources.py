@@ -210,8 +210,8 @@ class FeatureSource(ScoreSource):
 
     def __init__(self, features, prototypes, bias=None, device=None, rows_per_chunk=None, memory_budget=None):
         host = open_host_array(features, "features")
-        protos = open_host_array(prototypes, "prototypes", copy_reversed=True)  # (H, K, D): small, copied anyway
-        bias = None if bias is None else open_host_array(bias, "bias", copy_reversed=True)
+        protos = open_host_array(prototypes, "prototypes", copied_anyway=True)  # (H, K, D): small, copied anyway
+        bias = None if bias is None else open_host_array(bias, "bias", copied_anyway=True)
         check_feature_shapes(host.shape, protos.shape, None if bias is None else bias.shape)
         self.device = torch.device(device) if device is not None else host.device
         self.batched = protos.ndim == 3

@@ -98,16 +98,16 @@ class SwappedArray:
         return False
 
 
-def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor | SwappedArray:
+def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor | SwappedArray:
     """A path to a ``.npy`` (memory-mapped, read-only), a NumPy array/memmap or a torch tensor, as a torch tensor
     sharing its memory (no copy). Errors say which input is wrong and why. Callers that copy the data anyway say so
-    with ``copy_reversed``: a NumPy view with a negative stride (torch cannot share it) is then copied, else refused,
+    with ``copied_anyway``: a NumPy view with a negative stride (torch cannot share it) is then copied, else refused,
     and an array in non-native byte order (big-endian) is copied in native order, else returned as a
     :class:`SwappedArray`, converted block by block as the streamed sources read it."""
     if isinstance(x, (str, os.PathLike)):
         x = load_npy(os.fspath(x), name, mmap_mode="r")
     if isinstance(x, SwappedArray):  # opened already (the command line opens its inputs for their shapes first)
-        if not copy_reversed:
+        if not copied_anyway:
             return x
         x = x.array
     if isinstance(x, np.ndarray):
@@ -124,11 +124,11 @@ def open_host_array(x, name: str, copy_reversed: bool = False) -> torch.Tensor |
                        "y.flush().")  # fmt: skip
             raise TypeError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}. {fix}")
         if not x.dtype.isnative:  # a file from another machine: torch cannot share it
-            if not copy_reversed:
+            if not copied_anyway:
                 return SwappedArray(x)
             x = x.astype(x.dtype.newbyteorder("="))  # in native order, and with positive strides
         if any(stride < 0 for stride in x.strides):
-            if not copy_reversed:
+            if not copied_anyway:
                 raise ValueError(
                     f"{name} is a NumPy view with a negative stride (such as x[::-1]), which torch cannot share "
                     "without a copy of the whole array: pass np.ascontiguousarray(x) (that copy), or the array "

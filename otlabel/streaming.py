@@ -271,7 +271,7 @@ class StreamingOperator(LogDomainOperator):
             col_max = torch.maximum(col_max, part)
             for head, other in zip(patterns or [], more or [], strict=True):
                 head.merge(other)
-        check_columns(col_max, self.r, self.dtype, hasattr(self.source, "shifted"))  # col_max is of S / eps
+        check_columns(col_max, self.r, self.dtype, isinstance(self.source, FeatureSource))  # col_max is of S / eps
         if patterns is not None:
             check_masks(patterns, self.r, self.source.batched, self.mass_rounding)
         self._reachable = col_max > NEG_INF
