@@ -34,9 +34,9 @@ __all__ = ["FeatureSource", "HostSource", "default_memory_budget"]
 
 MiB = 1 << 20
 DEFAULT_MEMORY_BUDGET = {"cpu": 256 * MiB, "cuda": 2048 * MiB}
-# Device bytes per score entry of a chunk: the chunk itself (fp32 once computed or converted), the shifted
-# logits, the argmax/softmax temporaries and, on CUDA, two staging buffers. A budget of B bytes gives chunks of
-# B / 16 entries (B / 16 / (H K) samples).
+# Device bytes per score entry of a chunk: its working buffers in the widest pass (the objective's two float64
+# ones; the iterations and the read-out work in one buffer of the compute dtype). A budget of B bytes gives chunks of
+# B / 16 entries (B / 16 / (H K) samples), less what the source stages besides (:func:`staging_bytes`).
 BYTES_PER_ENTRY = 16
 
 
@@ -53,6 +53,19 @@ def check_memory_budget(memory_budget) -> None:
         raise ValueError(
             f"memory_budget must be a positive number of bytes (an integer, e.g. 1 << 30), got {memory_budget!r}."
         )
+
+
+def staged(host: torch.Tensor, device: torch.device) -> bool:
+    """Whether :class:`HostStream` copies the rows of ``host`` to ``device`` through its staging buffers."""
+    return device.type == "cuda" and host.device.type == "cpu"
+
+
+def staging_bytes(host: torch.Tensor, device: torch.device) -> int:
+    """Device bytes per sample of :class:`HostStream`'s two staging buffers for ``host`` (H, N, F), in its stored
+    dtype (0 unless staged). A chunk's budget counts them besides its working buffers: not counted, float32 scores
+    streamed to CUDA took 24 bytes a score reading the objective, float64 ones 24 in the iterations and 32 there,
+    against the 16 a budget allows."""
+    return 2 * host.shape[0] * host.shape[2] * host.element_size() if staged(host, device) else 0
 
 
 def rows_for_budget(memory_budget: int, row_entries: int, row_extra_bytes: int = 0) -> int:
@@ -79,7 +92,7 @@ class HostStream:
         self.device = device
         self.n_rows = host.shape[1]
         self.rows_per_chunk = max(1, min(rows_per_chunk, self.n_rows))
-        self.staged = device.type == "cuda" and host.device.type == "cpu"
+        self.staged = staged(host, device)
         if self.staged:
             shape = (host.shape[0], self.rows_per_chunk, host.shape[2])
             # A pinned source whose row chunks are contiguous goes straight to the device: no staging copy.
@@ -179,9 +192,10 @@ class HostSource(ScoreSource):
         self.n_heads, self.n_samples, self.n_clusters = host.shape
         self.device = torch.device(device) if device is not None else host.device
         self.dtype = host.dtype
+        self.row_extra_bytes = staging_bytes(host, self.device)  # on CUDA: a row in each staging buffer
         if rows_per_chunk is None:
             budget = default_memory_budget(self.device) if memory_budget is None else memory_budget
-            rows_per_chunk = rows_for_budget(budget, self.n_heads * self.n_clusters)
+            rows_per_chunk = rows_for_budget(budget, self.n_heads * self.n_clusters, self.row_extra_bytes)
         self.stream = HostStream(host, self.device, rows_per_chunk)
         self.rows_per_chunk = self.stream.rows_per_chunk
         self.random_access = not self.stream.staged  # views: any order, any thread
