@@ -70,6 +70,7 @@ from .solver import (
     check_flags,
     check_init,
     check_solver_options,
+    check_tol,
     is_number,
     no_epsilon_scaling,
     package_result,
@@ -408,7 +409,7 @@ def sinkhorn_assign_sharded(
         if local_scores is not None:
             raise ValueError("give scores= only: local_scores= is its former name.")
         check_flags(allow_tf32=allow_tf32, warn=warn)
-        epsilon = check_epsilon(epsilon)
+        epsilon, tol = check_epsilon(epsilon), check_tol(tol)
         acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation, callback)
         no_epsilon_scaling(epsilon_scaling, "in a sharded solve")
         shard = open_shard(scores, features, prototypes, bias, cluster_weights, backend, comm,

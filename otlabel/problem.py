@@ -216,22 +216,26 @@ def dense_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.detach().resolve_neg()
 
 
+def one_number(x, name: str, what: str = "one positive number") -> numbers.Real:
+    """The real number ``x`` is, or holds in a one-element tensor or array (a scheduled value) of any real dtype, as a
+    Python int or float is; anything else is a ``TypeError`` saying that ``name`` must be ``what``."""
+    if isinstance(x, torch.Tensor) and x.is_meta:  # .item() raised torch's "cannot be called on meta"
+        raise TypeError(f"{name} is a meta tensor, which holds no value: pass a number (or a tensor on a real device).")
+    if isinstance(x, torch.Tensor) and x.is_nested:  # numel() raised torch's "Internal error"
+        raise TypeError(f"{name} must be {what} (a float, or a one-element tensor or array), got a nested tensor.")
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype != torch.bool:
+        x = x.item()  # a complex one stays complex, and is refused below
+    elif isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "iuf":
+        x = x.item()
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):  # numbers.Real: NumPy scalars too
+        shape = f" of shape {tuple(x.shape)}" if isinstance(x, (torch.Tensor, np.ndarray)) else ""
+        raise TypeError(f"{name} must be {what} (a float, or a one-element tensor or array), got "
+                        f"{type(x).__name__}{shape}.")  # fmt: skip
+    return x
+
+
 def check_epsilon(epsilon) -> float:
-    # One number held in a tensor or array (a scheduled temperature), of any real dtype, as a Python int or float is.
-    if isinstance(epsilon, torch.Tensor) and epsilon.is_meta:  # .item() raised torch's "cannot be called on meta"
-        raise TypeError("epsilon is a meta tensor, which holds no value: pass a number (or a tensor on a real device).")
-    if isinstance(epsilon, torch.Tensor) and epsilon.is_nested:  # numel() raised torch's "Internal error"
-        raise TypeError("epsilon must be one positive number (a float, or a one-element tensor or array), got a "
-                        "nested tensor.")  # fmt: skip
-    if isinstance(epsilon, torch.Tensor) and epsilon.numel() == 1 and epsilon.dtype != torch.bool:
-        epsilon = epsilon.item()  # a complex one stays complex, and is refused below
-    elif isinstance(epsilon, np.ndarray) and epsilon.size == 1 and epsilon.dtype.kind in "iuf":
-        epsilon = epsilon.item()
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):  # numbers.Real: NumPy scalars too
-        shape = f" of shape {tuple(epsilon.shape)}" if isinstance(epsilon, (torch.Tensor, np.ndarray)) else ""
-        raise TypeError(f"epsilon must be one positive number (a float, or a one-element tensor or array), got "
-                        f"{type(epsilon).__name__}{shape}.")  # fmt: skip
-    epsilon = real_as_float(epsilon)
+    epsilon = real_as_float(one_number(epsilon, "epsilon"))
     if not math.isfinite(epsilon) or epsilon <= 0:
         raise ValueError(
             f"epsilon must be a finite number > 0, got {epsilon}. It is the entropic temperature: "

@@ -27,7 +27,15 @@ from .backends import make_operator
 from .backends.base import ScoreOperator
 from .backends.torch_backend import caller_on_one_thread
 from .entry import entry_point, user_stacklevel
-from .problem import as_tensor, check_score_values, compute_dtype_of, dense_tensor, real_as_float, validate
+from .problem import (
+    as_tensor,
+    check_score_values,
+    compute_dtype_of,
+    dense_tensor,
+    one_number,
+    real_as_float,
+    validate,
+)
 from .result import ConvergenceWarning, SinkhornResult
 
 DEFAULT_MAX_ITER = 1000
@@ -409,6 +417,17 @@ def resolve_acceleration(acceleration, over_relaxation, tol) -> float | str:
     return ADAPTIVE if acceleration == "over-relaxation" else ANDERSON
 
 
+def check_tol(tol) -> float | None:
+    """``tol`` as a float (``None`` kept): a number, or one held in a one-element real tensor or array (a scheduled
+    value), as ``epsilon`` takes. Each entry point reads it so before anything uses it."""
+    if tol is None:
+        return None
+    tol = real_as_float(one_number(tol, "tol", "a positive number (or None for exactly max_iter iterations)"))
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive number (or None for exactly max_iter iterations), got {tol!r}.")
+    return tol
+
+
 def check_solver_options(max_iter, tol, acceleration, over_relaxation, callback=None) -> float | str:
     """Every entry point's loop options, checked before any pass over the data; returns the resolved
     acceleration for :func:`run_sinkhorn` (see :func:`resolve_acceleration`)."""
@@ -417,8 +436,7 @@ def check_solver_options(max_iter, tol, acceleration, over_relaxation, callback=
                         f"{type(callback).__name__}.")  # fmt: skip
     if not is_number(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    if tol is not None and not (is_number(tol) and math.isfinite(real_as_float(tol)) and tol > 0):
-        raise ValueError(f"tol must be a positive number (or None for exactly max_iter iterations), got {tol!r}.")
+    tol = check_tol(tol)
     if over_relaxation is not None and not (is_number(over_relaxation) and 1.0 <= over_relaxation < 2.0):
         raise ValueError(f"over_relaxation must be in [1, 2), got {over_relaxation!r}; 1 is plain Sinkhorn.")
     return resolve_acceleration(acceleration, float(over_relaxation) if over_relaxation else None, tol)
@@ -530,6 +548,7 @@ def sinkhorn_assign(
         [100, 100, 100, 100, 100, 100, 100, 100, 100, 100]
     """
     check_flags(allow_tf32=allow_tf32, warn=warn, cuda_graph=cuda_graph)
+    tol = check_tol(tol)  # a float from here on (a one-element tensor or array given)
     if features is not None or prototypes is not None or bias is not None:
         if cuda_graph:
             raise ValueError("cuda_graph=True takes dense scores: features mode is not captured.")

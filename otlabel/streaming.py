@@ -67,6 +67,7 @@ from .solver import (
     check_flags,
     check_init,
     check_solver_options,
+    check_tol,
     no_epsilon_scaling,
     package_result,
     run_sinkhorn,
@@ -476,7 +477,7 @@ def sinkhorn_assign_stream(
         raise ValueError("features need prototypes: pass prototypes=(K, D) array (the cluster centres).")
     if scores is not None and (prototypes is not None or bias is not None):
         raise ValueError("prototypes and bias go with features=, not with scores.")
-    epsilon = check_epsilon(epsilon)
+    epsilon, tol = check_epsilon(epsilon), check_tol(tol)
     acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation, callback)
     check_stream_backend(backend)
     no_epsilon_scaling(epsilon_scaling, "when streaming")

@@ -851,6 +851,36 @@ def test_epsilon_in_a_one_element_array_or_integer_tensor_is_taken_as_its_number
             sinkhorn_assign(S, bad)
 
 
+TOL_DOORS = {
+    "scores": lambda tol: sinkhorn_assign(S, 0.1, tol=tol, max_iter=500),
+    "features": lambda tol: sinkhorn_assign(features=S, prototypes=torch.eye(4), epsilon=0.1, tol=tol, max_iter=500),
+    "stream": lambda tol: sinkhorn_assign_stream(S.numpy(), 0.1, tol=tol, max_iter=500),
+    "sharded": lambda tol: sinkhorn_assign_sharded(S, 0.1, tol=tol, max_iter=500),
+    "sharded features": lambda tol: sinkhorn_assign_sharded(
+        features=S, prototypes=torch.eye(4), epsilon=0.1, tol=tol, max_iter=500
+    ),
+}
+
+
+@pytest.mark.parametrize("door", TOL_DOORS)
+def test_tol_in_a_one_element_tensor_or_array_is_taken_as_its_number(door):
+    """epsilon took a one-element tensor or array (a scheduled value) but tol refused one ("tol must be a positive
+    number ... got tensor(0.001)"), in every entry point. Several numbers are still refused, saying their shape."""
+    solve = TOL_DOORS[door]
+    ref = solve(1e-3)
+    for tol in (torch.tensor(1e-3, dtype=torch.float64), np.array(1e-3), torch.tensor([1e-3], dtype=torch.float64),
+                np.array([[1e-3]])):  # fmt: skip
+        res = solve(tol)
+        assert torch.equal(res.labels, ref.labels) and res.n_iter == ref.n_iter, (door, tol)
+        assert res.converged and res.marginal_error <= 1e-3
+    for bad, error, says in ((torch.tensor([1e-3, 1e-4]), TypeError, "got Tensor of shape \\(2,\\)"),
+                             (np.array(-1e-3), ValueError, "got -0.001"),
+                             (torch.tensor(True), TypeError, "got Tensor"),
+                             ("1e-3", TypeError, "got str")):  # fmt: skip
+        with pytest.raises(error, match=f"tol must be a positive number.*{says}"):
+            solve(bad)
+
+
 @pytest.mark.interpreter  # the features kernel on CPU tensors
 def test_features_kernel_reads_a_negative_bit_view_and_refuses_sparse_features():
     """The Triton features path read the features' raw memory: a view with its negative bit set gave the labels of
