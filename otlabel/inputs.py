@@ -15,7 +15,7 @@ import tokenize
 import numpy as np
 import torch
 
-from .problem import check_float_dtype, dense_tensor, refuse_masked_array, share_numpy
+from .problem import check_float_dtype, complex_conversion, dense_tensor, refuse_masked_array, share_numpy
 
 
 def unreadable_npy(name: str, path: str, err: Exception) -> str:
@@ -117,10 +117,14 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
                             "Save float16 or float32 instead (x.astype(np.float32)).")  # fmt: skip
         if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
             fix = "Convert with x.astype(np.float32)."
+            part = "x[i : i + 2**20]"  # what a block of the new file is set to
+            if x.dtype.kind == "c":  # astype(np.float32) keeps the real part alone (NumPy's ComplexWarning aside)
+                fix = complex_conversion("x", "np.abs(x)", "x.astype(np.float32)")
+                part = "x[i : i + 2**20].real (or np.abs(x[i : i + 2**20]), whichever you mean)"
             if isinstance(x, np.memmap):  # a file, perhaps larger than memory, which x.astype would read whole
                 fix = ("Convert the file a block of rows at a time (x.astype would read it whole): x = np.load(path, "
                        "mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, x.shape), "
-                       "then y[i : i + 2**20] = x[i : i + 2**20] for i in range(0, len(x), 2**20), and "
+                       f"then y[i : i + 2**20] = {part} for i in range(0, len(x), 2**20), and "
                        "y.flush().")  # fmt: skip
             raise TypeError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}. {fix}")
         if not x.dtype.isnative:  # a file from another machine: torch cannot share it

@@ -269,25 +269,39 @@ def check_inverse_epsilon(epsilon: float, dtype: torch.dtype) -> None:
 
 
 def float_conversion(x: torch.Tensor, name: str) -> str:
-    """How to make the tensor ``x`` floating point: ``.float()``, which a quantized tensor refuses (torch's "Creation
-    of quantized tensor requires quantized dtype"), ``.dequantize()`` for that."""
-    return f"{name}.dequantize()" if x.is_quantized else f"{name}.float()"
+    """How to make the tensor ``x`` floating point, as a sentence: ``.float()``, which a quantized tensor refuses
+    (torch's "Creation of quantized tensor requires quantized dtype"), ``.dequantize()`` for that; for a complex
+    one, which ``.float()`` would cut to its real part with no more than a warning, the part meant
+    (:func:`complex_conversion`)."""
+    if x.is_complex():
+        magnitude = f"{name}.abs()" + (f" (np.abs({name}) for a NumPy array)" if name == "scores" else "")
+        return complex_conversion(name, magnitude, ".float()")
+    return f"Convert with {name}.dequantize()." if x.is_quantized else f"Convert with {name}.float()."
+
+
+def complex_conversion(name: str, magnitude: str, cast: str) -> str:
+    """The fix for complex values: a cast (``cast``) keeps the real part alone, with no more than a warning (a
+    magnitude, say, would be read as its real part), so the caller says which part is meant: ``name.real`` or the
+    ``magnitude``."""
+    return f"Pass {name}.real or {magnitude}, whichever you mean: {cast} would keep the real part alone."
 
 
 def check_float_dtype(x: torch.Tensor, name: str) -> None:
     """A tensor input other than the scores must be floating point: integers are never cast silently."""
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}. Convert with "
-                        f"{float_conversion(x, name)}.")  # fmt: skip
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}. "
+                        f"{float_conversion(x, name)}")  # fmt: skip
 
 
 def check_scores(scores) -> tuple[torch.Tensor, bool]:
     """Shape and dtype of the score matrix; returns the (H, N, K) view and whether it was batched."""
     scores = as_tensor(scores, "scores")
     if scores.dtype not in FLOAT_DTYPES:
+        fix = float_conversion(scores, "scores")
+        if not scores.is_complex():
+            fix = f"{fix[:-1]} (a NumPy array: scores.astype(np.float32))."
         raise TypeError(
-            f"scores must be a floating-point tensor (float16, bfloat16, float32 or float64), got {scores.dtype}. "
-            f"Convert with {float_conversion(scores, 'scores')} (a NumPy array: scores.astype(np.float32))."
+            f"scores must be a floating-point tensor (float16, bfloat16, float32 or float64), got {scores.dtype}. {fix}"
         )
     if scores.ndim not in (2, 3):
         raise ValueError(

@@ -1041,3 +1041,39 @@ def test_an_integer_tensor_is_refused_in_the_same_helpful_words_on_every_door():
     for name, call in calls.items():
         with pytest.raises(TypeError, match=rf"{name} must be .*got torch.int(64|32)\. Convert with {name}\.float\(\)"):
             call()
+
+
+def test_complex_inputs_are_told_to_pick_a_part_not_to_cast(tmp_path):
+    """Complex scores, features and prototypes were told "Convert with scores.float()" (or x.astype(np.float32)),
+    which keeps the real part alone with no more than a warning: a magnitude meant would be solved as the wrong
+    scores. Every door now says to pass the real part or the magnitude, whichever is meant."""
+    from otlabel import sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+    z = torch.complex(torch.randn(5, 3), torch.randn(5, 3))
+    c = torch.randn(4, 3)
+    calls = {
+        "scores": [
+            lambda: sinkhorn_assign(z, 0.5),
+            lambda: sinkhorn_assign(z.numpy(), 0.5),
+            lambda: sinkhorn_assign_stream(z, 0.5),
+            lambda: sinkhorn_assign_sharded(z, 0.5),
+        ],
+        "features": [
+            lambda: sinkhorn_assign(features=z, prototypes=c.to(z.dtype), epsilon=0.5),
+            lambda: sinkhorn_assign_stream(features=z, prototypes=c, epsilon=0.5),
+        ],
+        "prototypes": [lambda: sinkhorn_assign(features=c, prototypes=z, epsilon=0.5, backend="torch")],
+    }
+    for name, doors in calls.items():
+        for call in doors:
+            with pytest.raises(TypeError, match=rf"got torch\.complex64\. Pass {name}\.real or {name}\.abs\(\)") as err:
+                call()
+            assert ".float() would keep the real part alone" in str(err.value)
+    np.save(tmp_path / "complex.npy", z.numpy())
+    # NumPy arrays streamed: in memory, and as a file (converted a block at a time)
+    for given, says in (
+        (z.numpy(), r"Pass x\.real or np\.abs\(x\)"),
+        (str(tmp_path / "complex.npy"), r"\]\.real \(or np"),
+    ):
+        with pytest.raises(TypeError, match=rf"got dtype complex64\. .*{says}"):
+            sinkhorn_assign_stream(given, 0.5)
