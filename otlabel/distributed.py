@@ -489,7 +489,7 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     # Ranks may run different backends (the float64 reference on one, float32 on another): judged in the narrowest
     # arithmetic among them, the column check raises on every rank or on none (one rank raising alone left the others
     # waiting out the timeout in the mask check).
-    check_columns(col_max / epsilon, r, DTYPES[int(arithmetic.min())], shard.mode == FeatureShard.mode)
+    check_columns(col_max / epsilon, r, DTYPES[int(arithmetic.min())], shard.mode == FeatureShard.mode, epsilon)
     if shard.mode == DenseShard.mode:  # features shards: -inf only from a bias, whole columns (checked just above)
         # the same on every rank: the largest cluster part (the values agree, their dtypes need not), and the sample
         # parts added up (an upper bound: each rank's unit of rounding is counted once per rank)
@@ -619,7 +619,7 @@ class DenseShard:
                                self.device, scores_shape=(self.n, self.k))  # fmt: skip
         masked_rows = check_rows(self.scores, weighted_clusters(self.r), where=f" of rank {rank}'s shard",
                                  inv_eps=epsilon and 1.0 / epsilon, compute_dtype=compute_dtype_of(self.scores),
-                                 batched=self.batched)  # fmt: skip
+                                 batched=self.batched, epsilon=epsilon)  # fmt: skip
         self.masked = masked_rows is not None  # a -inf for a weighted cluster: Hall's condition needs this shard
         resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective
 

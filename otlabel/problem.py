@@ -607,6 +607,7 @@ def check_rows(
     batched: bool = True,
     from_features: bool = False,
     features: torch.Tensor | None = None,
+    epsilon: float | None = None,
 ) -> torch.Tensor | None:
     """The per-sample checks of :func:`otlabel.problem.check_score_values` on a chunk ``(H, T, K)`` whose first
     sample is sample ``offset``: NaN, +inf, samples with nowhere to go, and (given ``inv_eps``: 1 when the chunk
@@ -618,7 +619,8 @@ def check_rows(
     Returns the (H, T) flags of the samples with a -inf score for a weighted cluster (the rows whose masks Hall's
     condition must see: :func:`~otlabel.feasibility.collect_masks`), or None when there are none. The verdict and
     that answer come back from the device in one read: one synchronisation per chunk on a GPU. ``features``: the
-    (N, D) features the scores came from, read on failure only, to tell a bad row from scores that overflow."""
+    (N, D) features the scores came from, read on failure only, to tell a bad row from scores that overflow;
+    ``epsilon``: the solve's, for a span error to say the scores' size and the temperature (as the dense check does)."""
     span_limit = math.inf if not inv_eps else max_score_span(compute_dtype) / inv_eps  # in the chunk's units
     in_weighted = scores if weighted is None else scores.index_select(2, weighted)
     weighted_row_min, weighted_row_max = aminmax(in_weighted, dim=2)  # (H, T): NaN and +inf propagate
@@ -628,12 +630,12 @@ def check_rows(
     good, any_masked = torch.stack([good & torch.isfinite(row_max).all(), masked.any()]).tolist()
     if not good:
         raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
-                           from_features, features)  # fmt: skip
+                           from_features, features, epsilon)  # fmt: skip
     return masked if any_masked else None
 
 
 def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
-                       from_features=False, features=None) -> None:  # fmt: skip
+                       from_features=False, features=None, epsilon=None) -> None:  # fmt: skip
     """The failure path of :func:`check_rows`: the error that names the first bad sample (``batched=False``:
     indices of (N, K) scores, as the caller passed them; ``from_features``: the scores are Z C^T + bias, whose
     prototypes and bias were checked, so a NaN or inf comes from a row of the ``features`` or from products
@@ -660,7 +662,11 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
     if torch.isneginf(weighted_row_max).any():
         h, j = _first_index(torch.isneginf(weighted_row_max))
         raise stranded_sample_error(j + offset, h, where)
-    raise span_error(float(weighted_row_max.abs().amax()) * inv_eps, compute_dtype, where, features=from_features)
+    span_over_eps = float(weighted_row_max.abs().amax()) * inv_eps
+    detail = where
+    if epsilon is not None:  # the chunk may be S / eps already (inv_eps 1): the size of S from the solve's epsilon
+        detail += f" (|scores| up to {span_over_eps * epsilon:.3g}, epsilon {epsilon:.3g})"
+    raise span_error(span_over_eps, compute_dtype, detail, features=from_features)
 
 
 def bad_features_row_error(row: int, where: str, features: torch.Tensor | None, compute_dtype,
@@ -680,16 +686,19 @@ def bad_features_row_error(row: int, where: str, features: torch.Tensor | None, 
 
 
 def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor, compute_dtype: torch.dtype,
-                  from_features: bool = False) -> None:  # fmt: skip
+                  from_features: bool = False, epsilon: float | None = None) -> None:  # fmt: skip
     """The per-cluster checks on the column maxima of ``S / eps`` (H, K) over all the samples: a cluster of positive
     weight that no sample may reach (its maximum is -inf) is infeasible; one whose best ``|S| / eps`` is beyond
     :func:`~otlabel.problem.max_score_span` needs a potential that ``compute_dtype`` cannot resolve.
-    ``from_features``: the scores are features @ prototypes.T + bias, and the fixes are said for those."""
+    ``from_features``: the scores are features @ prototypes.T + bias, and the fixes are said for those; ``epsilon``:
+    the solve's, for the message to say the cluster's best score and the temperature."""
     raise_for_starved_clusters(col_max, cluster_weights)
     far = (cluster_weights > 0) & torch.isfinite(col_max) & (col_max.abs() > max_score_span(compute_dtype))
     if bool(far.any()):
         h, k = _first_index(far)
-        raise span_error(float(col_max[h, k].abs()), compute_dtype, f" (cluster {k}, head {h})",
+        far_over_eps = float(col_max[h, k])
+        scores = "" if epsilon is None else f": its best score {far_over_eps * epsilon:.3g}, epsilon {epsilon:.3g}"
+        raise span_error(abs(far_over_eps), compute_dtype, f" (cluster {k}, head {h}{scores})",
                          features=from_features)  # fmt: skip
 
 

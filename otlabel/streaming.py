@@ -184,6 +184,7 @@ class StreamingOperator(LogDomainOperator):
                  mass_rounding: float = 0.0, memory_budget: int | None = None):  # fmt: skip
         elements = source.rows_per_chunk * source.n_heads * source.n_clusters  # chunks == the source's chunks
         super().__init__(source, epsilon, sample_weights, chunk_elements=elements)
+        self.epsilon = epsilon  # for the input checks' messages (the passes use inv_eps)
         self.max_ranges = budget_ranges(source, memory_budget)
         self.r = cluster_weights.to(self.device)
         self.weighted = weighted_clusters(self.r)
@@ -249,9 +250,10 @@ class StreamingOperator(LogDomainOperator):
                 x = self.source.scaled(rows, self.inv_eps, out=buffer(rows))
             else:
                 x = self.shifted(rows, zeros, out=buffer(rows))
+            # x is S / eps: inv_eps 1, and the solve's epsilon for a message to say the size of S
             masked = check_rows(x, self.weighted, rows.start, inv_eps=1.0, compute_dtype=self.dtype,
                                 batched=self.source.batched, from_features=from_features,
-                                features=getattr(self.source, "features", None))  # x is S / eps  # fmt: skip
+                                features=getattr(self.source, "features", None), epsilon=self.epsilon)  # fmt: skip
             if patterns is not None:
                 collect_masks(patterns, x, masked, self.sample_mass[rows])  # for Hall's condition, decided at the end
             col_max = torch.maximum(col_max, column_max(x))
@@ -272,7 +274,7 @@ class StreamingOperator(LogDomainOperator):
             col_max = torch.maximum(col_max, part)
             for head, other in zip(patterns or [], more or [], strict=True):
                 head.merge(other)
-        check_columns(col_max, self.r, self.dtype, isinstance(self.source, FeatureSource))  # col_max is of S / eps
+        check_columns(col_max, self.r, self.dtype, isinstance(self.source, FeatureSource), self.epsilon)  # of S / eps
         if patterns is not None:
             check_masks(patterns, self.r, self.source.batched, self.mass_rounding)
         self._reachable = col_max > NEG_INF

@@ -250,6 +250,31 @@ def test_validation_reports_global_indices(edit, message):
         sinkhorn_assign_stream(scores.numpy(), EPS, memory_budget=budget_for(37))
 
 
+@pytest.mark.parametrize("features", [False, True])
+def test_a_streamed_span_error_says_the_size_of_the_scores_and_epsilon(features):
+    """The dense paths' range error says "(|scores| up to X, epsilon Y)"; the streamed one gave |S| / eps alone, so a
+    caller could not tell whether the scores were large or epsilon small. A cluster far below the rest is named with
+    its best score (streamed and sharded)."""
+    from otlabel import sinkhorn_assign_sharded
+
+    scores = random_problem(N, K, seed=6)
+    scores[77, 2] = 2500.0  # |S| / eps = 25,000 at eps 0.1
+    data = dict(features=scores.numpy(), prototypes=np.eye(K, dtype=np.float32)) if features else dict(scores=scores)
+    with pytest.raises(
+        ValueError, match=r"scores / epsilon reach 2\.5e\+04 \(\|scores\| up to 2\.5e\+03, epsilon 0\.1\)"
+    ):
+        sinkhorn_assign_stream(**data, epsilon=0.1, memory_budget=budget_for(37))
+    if features:
+        return  # the column check below reads scores alone
+    far = random_problem(N, K, seed=6)
+    far[:, 4] -= 1000  # every score of cluster 4 near -1,000: each row's maximum is still small
+    for solve in (sinkhorn_assign_stream, sinkhorn_assign_sharded):
+        with pytest.raises(
+            ValueError, match=r"reach 9\.9\de\+03 \(cluster 4, head 0: its best score -99\d, epsilon 0\.1\)"
+        ):
+            solve(far.numpy() if solve is sinkhorn_assign_stream else far, 0.1)
+
+
 def test_bad_arguments(tmp_path):
     z, p = np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32)
     with pytest.raises(ValueError, match="either scores, or features"):
