@@ -45,9 +45,10 @@ class SinkhornResult:
     ``codes`` (N, K) — each row a softmax summing to 1; float32, or float64 for float64 input and the
     reference backend — and ``objective`` cost one more pass over the scores and are computed on first
     access, then kept (``codes`` holds ``4·N·K`` bytes in float32). ``plan`` is ``codes`` times the sample
-    weights. That pass reads the inputs as they are then, without a copy: scores or features changed in place since
-    the solve (a reused buffer, a queue), or the prototypes of the CUDA features kernel (after ``optimizer.step()``),
-    give codes that belong to other scores than ``labels``. Read ``codes`` before changing them.
+    weights, a new (N, K) tensor on every read (not kept). That pass reads the inputs as they are then, without a
+    copy: scores or features changed in place since the solve (a reused buffer, a queue), or the prototypes of the
+    CUDA features kernel (after ``optimizer.step()``), give codes that belong to other scores than ``labels``. Read
+    ``codes`` before changing them.
 
     A result pickles with the inputs its lazy read-outs need (the scores), so ``torch.load`` takes it only with
     ``weights_only=False``; to keep pseudo-labels, save ``labels``, ``codes`` and ``cluster_potentials`` (tensors,
@@ -112,7 +113,11 @@ class SinkhornResult:
 
     @property
     def plan(self) -> torch.Tensor:
-        """The transport plan ``P = codes * c[:, None]`` (N, K): rows sum to ``c``, columns to ``r``."""
+        """The transport plan ``P = codes * c[:, None]`` (N, K): rows sum to ``c``, columns to ``r``.
+
+        Not kept: every read multiplies ``codes`` anew into a new (N, K) tensor in memory (``4·N·K`` bytes in float32,
+        even where ``codes`` is a view of a ``codes_out`` file), so keep it in a variable (``plan = res.plan``) to use
+        it more than once."""
         return self.codes * self._sample_weights.to(self.codes.dtype)[:, None]
 
     @property
