@@ -473,6 +473,9 @@ def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores
         hot_cols |= hot.any(axis=0)
     if not hot_rows.any():
         return
+    hot_rows, hot_cols = _pruned(allowed, c, r, np.flatnonzero(hot_rows), hot_cols)
+    if not hot_rows.any():
+        return
     # Every pair of a violation is hot: keep the groups and clusters with a hot pair and merge the other clusters into
     # one that every kept group may reach. That network holds every violation, and finds no other.
     kept = allowed[np.ix_(hot_rows, hot_cols)] & (r[hot_cols] > 0)
@@ -483,6 +486,37 @@ def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores
         clusters = ~hot_cols  # the merged clusters are reached along with any group
         clusters[hot_cols] = reached[:-1]
         raise _infeasible_error(clusters, allowed, c, counts, r, patterns, what, head)
+
+
+def _pruned(allowed: np.ndarray, c: np.ndarray, r: np.ndarray, rows: np.ndarray, cols: np.ndarray):
+    """The hot-pair test repeated within the groups ``rows`` (indices) and clusters ``cols`` (bool (K,)) the round
+    before kept, until neither shrinks (at most :data:`MAX_PRUNE_ROUNDS` rounds): (hot rows, hot cols) as bool masks.
+
+    Sound as :func:`prune_hot_rows` is: a group g and cluster k of a violation (A, C) were kept by the round before,
+    so ``shut[g] >= r(C)`` and ``barred[k] >= c(A)`` over the kept ones, and the pair passes again. The network then
+    holds only what may be part of a violation: of 19,000 random rows over 1,000 clusters, half of them -inf, most
+    passed the first round, and the flow network over them took 627 MiB (a streamed solve, whatever its memory
+    budget); the second round keeps none of them."""
+    cols = cols.copy()
+    for _ in range(MAX_PRUNE_ROUNDS):
+        shut, barred = np.empty(len(rows)), np.zeros(len(r))
+        for block in _row_blocks((len(rows), len(r))):
+            forbidden = (~allowed[rows[block]] & cols).astype(np.float64)
+            shut[block] = forbidden @ r
+            barred += c[rows[block]] @ forbidden
+        keep_rows, keep_cols = np.zeros(len(rows), dtype=bool), np.zeros(len(r), dtype=bool)
+        for block in _row_blocks((len(rows), len(r))):
+            hot = ~allowed[rows[block]] & cols & (barred > (1 - shut[block])[:, None])
+            keep_rows[block] = hot.any(axis=1)
+            keep_cols |= hot.any(axis=0)
+        if keep_rows.all() and (keep_cols == cols).all():
+            break
+        rows, cols = rows[keep_rows], keep_cols
+        if not len(rows):
+            break
+    picked = np.zeros(len(allowed), dtype=bool)
+    picked[rows] = True
+    return picked, cols
 
 
 def _row_blocks(shape: tuple[int, int]):
