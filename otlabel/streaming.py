@@ -450,9 +450,14 @@ def sinkhorn_assign_stream(
             scores (the tolerance benchmark, ``benchmarks/RESULTS_CPU.md``).
         device: compute device, default ``"cuda"`` when available, else ``"cpu"``.
         memory_budget: bytes of device memory for chunk temporaries (default 256 MiB on the CPU, up to 2 GiB on
-            CUDA). Memory use is O(budget + K·D + N) (labels and sample weights), never O(N·K). A chunk holds at
-            least one sample whatever the budget; a budget that cuts a pass into many chunks of under 4,096 scores
-            gets a :class:`SmallChunksWarning` (per-chunk overhead then dominates: 1-sample chunks ran ~100x slower).
+            CUDA). Memory use is O(budget + K·D + N) (labels and sample weights), never O(N·K), plus for scores
+            with -inf the mask check's distinct rows on the host, whatever the budget: at most
+            ``otlabel.feasibility.MAX_PATTERN_EDGES`` = 2·10^7 row-cluster pairs a head and CPU thread (20 MB as
+            booleans; 10-60 MiB in all, measured on 2 threads), beyond which the check is skipped, and for a mask
+            that forbids most pairs the max-flow network that decides it (680 MiB at 19,000 x 1,000 with 60% -inf,
+            as in memory). A chunk holds at least one sample whatever the budget; a budget that cuts a pass into many
+            chunks of under 4,096 scores gets a :class:`SmallChunksWarning` (per-chunk overhead then dominates:
+            1-sample chunks ran ~100x slower).
         labels_out: where labels go: a path (a new int64 ``.npy`` is written chunk by chunk) or a writable int64
             array/tensor shaped like the labels ((N,) or (H, N)) or flat. Default: a new CPU tensor.
         codes_out: same for the soft codes (float32, (N, K) or (H, N, K), or flat), written in the same final pass.
