@@ -19,7 +19,6 @@ ANDERSON_MAX_EXTRAPOLATION = 10.0  # nats: the most a mixed step may move any b_
 ANDERSON_PATIENCE = 200  # iterations without a 1% fall of the error, after which plain steps and mixing take turns
 ANDERSON_MIN_REACH = 1e-3  # nats: restarts shrink the trust region no further
 ANDERSON_FLAT = 1e-3  # residual differences below this fraction of the residual: a plateau (see across_plateaus)
-ANDERSON_SLOW = 0.1  # newest residual difference below this fraction of the residual: a slow stretch (see secant)
 
 
 def masked(x: torch.Tensor, empty: torch.Tensor | None, fill: float) -> torch.Tensor:
@@ -40,9 +39,7 @@ class AndersonMixer:
     is dropped and the next step is a plain Sinkhorn step (which always makes progress from any point), and a
     proposal that would move ``b`` back against the plain step is not taken (see :meth:`forward_only`). Where
     the residual does not change at all (a plateau), the least squares see nothing, and the mixer moves along
-    the plain step in doubling strides instead (see :meth:`across_plateaus`). Where the residual changes slowly
-    and the least squares' proposal is refused, the secant step on the newest difference alone is tried (see
-    :meth:`secant`).
+    the plain step in doubling strides instead (see :meth:`across_plateaus`).
     """
 
     def __init__(self, memory: int, cluster_weights: torch.Tensor):
@@ -136,9 +133,7 @@ class AndersonMixer:
         # and grows back 1.5x with every new best error.
         reach = extrapolation.abs().amax(dim=-1, keepdim=True)  # (H, 1)
         extrapolation = extrapolation * (self.reach / reach).clamp(max=1.0)
-        taken = self.forward_only(extrapolation, residual, all_weighted=empty is None)
-        refused = (taken == 0).all(dim=-1, keepdim=True) & (extrapolation != 0).any(dim=-1, keepdim=True)  # (H, 1)
-        extrapolation = torch.where(refused, self.secant(residual, all_weighted=empty is None), taken)
+        extrapolation = self.forward_only(extrapolation, residual, all_weighted=empty is None)
         return torch.where(self.sound, masked(plain + extrapolation, empty, float("-inf")), b_new)
 
     def remember(self, d_x: torch.Tensor, d_g: torch.Tensor) -> None:
@@ -170,27 +165,6 @@ class AndersonMixer:
         self.flat_run = torch.where(flat, run + 1, 0.0)
         stride = torch.exp2(self.flat_run.clamp(max=60)) - 1  # beyond the plain step: 1, 3, 7, ... plain steps
         return torch.where(flat, residual * stride, extrapolation)
-
-    def secant(self, residual: torch.Tensor, all_weighted: bool) -> torch.Tensor:
-        """The move beyond the plain step (H, K) that the newest differences alone propose (Anderson mixing with a
-        memory of 1: a secant step), within the trust region and forward only; 0 for a head whose newest residual
-        difference is not below ``ANDERSON_SLOW`` of its residual.
-
-        Asked where the whole history's proposal was refused. On a slow stretch (the plain steps contracting the
-        error by ~0.1% each, an eigenvalue of the cluster step near 1) the differences in the history are nearly
-        parallel: the least squares fit the residual's other components with what tells the columns apart, the
-        second-order change of the step along the path, and their proposal points anywhere. Refused there 5 times
-        in 6, the plain steps crawled: a 25 x 5 problem at eps = 0.005 took 874 iterations in float64 (float32,
-        whose rounding steered its mixing clear of that stretch: 24), and 255 with epsilon_scaling=0.5 (26). The
-        newest difference sees the slow direction alone and its secant step aims at where the error along it
-        vanishes: 59 and 26 iterations.
-        """
-        d_g, d_f = self.d_g[..., -1], self.d_f[..., -1]  # (H, K): the newest differences
-        slow = d_g.abs().amax(dim=-1, keepdim=True) <= ANDERSON_SLOW * residual.abs().amax(dim=-1, keepdim=True)
-        gamma = (d_g * residual).sum(dim=-1, keepdim=True) / ((d_g * d_g).sum(dim=-1, keepdim=True) + 1e-300)
-        move = -d_f * torch.where(slow, gamma, 0.0)  # (H, K)
-        move = move * (self.reach / move.abs().amax(dim=-1, keepdim=True)).clamp(max=1.0)
-        return self.forward_only(move, residual, all_weighted)
 
     def forward_only(self, extrapolation: torch.Tensor, residual: torch.Tensor, all_weighted: bool = False
                      ) -> torch.Tensor:  # fmt: skip
