@@ -228,7 +228,8 @@ def one_number(x, name: str, what: str = "one positive number") -> numbers.Real:
     elif isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "iuf":
         x = x.item()
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):  # numbers.Real: NumPy scalars too
-        shape = f" of shape {tuple(x.shape)}" if isinstance(x, (torch.Tensor, np.ndarray)) else ""
+        # the dtype too: a one-element bool or complex one read "got Tensor of shape ()", which the message allows
+        shape = f" of shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, (torch.Tensor, np.ndarray)) else ""
         raise TypeError(f"{name} must be {what} (a float, or a one-element tensor or array), got "
                         f"{type(x).__name__}{shape}.")  # fmt: skip
     return x

@@ -875,7 +875,8 @@ def test_tol_in_a_one_element_tensor_or_array_is_taken_as_its_number(door):
         assert res.converged and res.marginal_error <= 1e-3
     for bad, error, says in ((torch.tensor([1e-3, 1e-4]), TypeError, "got Tensor of shape \\(2,\\)"),
                              (np.array(-1e-3), ValueError, "got -0.001"),
-                             (torch.tensor(True), TypeError, "got Tensor"),
+                             (torch.tensor(True), TypeError, "got Tensor of shape \\(\\) and dtype torch.bool"),
+                             (np.array(1e-3 + 0j), TypeError, "got ndarray of shape \\(\\) and dtype complex128"),
                              ("1e-3", TypeError, "got str")):  # fmt: skip
         with pytest.raises(error, match=f"tol must be a positive number.*{says}"):
             solve(bad)
