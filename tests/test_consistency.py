@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_close
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -223,10 +223,21 @@ def dense_doors(p: Drawn, folder: str) -> dict:
 ACCELERATIONS = ({}, {"acceleration": "none"}, {"acceleration": "over-relaxation"}, {"over_relaxation": 1.9})
 
 
+# Found by HYPOTHESIS_PROFILE=explore: one sample 41 nats from its other scores, the rest all equal. Plain and
+# over-relaxed steps converge sublinearly there (marginal error 3e-3 after 100 steps, 3e-4 after 1,000, 1.6e-5 plain
+# and 8.4e-6 at omega 1.9 after 20,000), so no fixed number of them reaches 1e-9; Anderson mixing: 49 iterations.
+SUBLINEAR = np.full((5, 5), -2.64118638)
+SUBLINEAR[0, 0] = 1.5
+
+
 @settings(**SETTINGS)
 @given(problems(), st.sampled_from(ACCELERATIONS))
+@example(Drawn(SUBLINEAR, 0.1, None, None), {"over_relaxation": 1.9})
+@example(Drawn(SUBLINEAR, 0.1, None, None), {})
 def test_every_dense_door_solves_the_references_problem(p, acceleration):
-    """Every door, with every acceleration, converges to the reference's solution, and refuses what it refuses."""
+    """Every door, with every acceleration, converges to the reference's solution, and refuses what it refuses.
+    Only the default (Anderson mixing) is held to converging: plain and over-relaxed steps may converge sublinearly
+    (``SUBLINEAR``); where they converge on the first door, every door is held to converging to the reference."""
     ref = reference_or_refusal(p)
     refs = {}  # the reference on each door's rounded scores, by dtype
     with tempfile.TemporaryDirectory() as folder:
@@ -236,6 +247,8 @@ def test_every_dense_door_solves_the_references_problem(p, acceleration):
                     solve(**acceleration)
                 continue
             res = solve(**acceleration)
+            if acceleration and not res.converged and door == "torch float64":  # the first door
+                return  # a slow problem for plain steps (SUBLINEAR), not a wrong answer: nothing to compare
             assert res.converged, f"{door} did not converge: {res.marginal_error:.3g}"
             if s.dtype not in refs:
                 refs[s.dtype] = ref if s is p.scores else reference(s, p)
