@@ -676,6 +676,47 @@ def test_small_epsilon_converges_as_in_memory():
     assert torch.equal(res.labels, ref.labels)
 
 
+def test_float32_error_floor_as_in_memory():
+    """The cluster sums of a chunk were one float32 product over all its rows, its rounding growing with their count:
+    on 3,000 x 40 cosine scores at eps 0.05 (two ranges of 1,500 rows) the streamed error stalled at 1.2e-6, features
+    alike, where the in-memory solve reached 1.4e-7; tol = 1e-6 did not converge. Products of 64 rows summed in
+    float64 reach ~4e-8. Two heads: their rows in whole tiles are multiplied head by head, the last 28 together."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(3000, 16, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(2, 40, 16, generator=g), dim=2)
+    scores = (z @ c.transpose(1, 2)).numpy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two ranges of 1,500 rows, however many cores the machine has
+    try:
+        kw = dict(epsilon=0.05, tol=2e-7, max_iter=300, warn=False)
+        solves = {
+            "scores": sinkhorn_assign_stream(scores[0], **kw),
+            "two heads": sinkhorn_assign_stream(scores, **kw),
+            "features": sinkhorn_assign_stream(features=z.numpy(), prototypes=c[0].numpy(), **kw),
+            "in-memory features": sinkhorn_assign(features=z, prototypes=c[0], **kw),
+        }
+    finally:
+        torch.set_num_threads(threads)
+    for what, res in solves.items():
+        assert res.converged and res.marginal_error < 2e-7, f"{what}: {res.marginal_error:.3g}"
+    ref = sinkhorn_assign(torch.from_numpy(scores[0]), 0.05, tol=1e-6)
+    assert torch.equal(solves["scores"].labels, ref.labels)
+
+
+def test_default_tol_with_few_clusters():
+    """A chunk holds as many rows as a million scores: 500,000 at K = 2, summed in one float32 product. Their
+    rounding gave 400,000 x 2 scores a marginal error that never went below ~7e-4 (1,000,000 x 2: 1.2e-3), so the
+    default tol = 1e-4 was never reached; products of 64 rows summed in float64 converge in a few iterations."""
+    scores = random_problem(400_000, 2, seed=3).numpy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two ranges of 200,000 rows, each one chunk
+    try:
+        res = sinkhorn_assign_stream(scores, 0.05, max_iter=50, warn=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.converged and res.marginal_error < 1e-4, f"{res.marginal_error:.3g} after {res.n_iter} iterations"
+
+
 def test_fast_exp_matches_exp():
     """The log-domain passes exponentiate through ``exp_`` (exp2 on the CPU: torch's float32 exp took 7-34 ns per
     underflowing entry, 0.75 ns otherwise, a 5x slower streamed solve on logits at eps 0.02)."""
