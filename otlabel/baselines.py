@@ -27,22 +27,13 @@ def check_baseline_scores(scores, name: str, integers_as: torch.dtype) -> torch.
     checked (SwAV's division promotes them to torch's default dtype, SeLa's ``np.asarray(logits, np.float64)``).
     Only shape and dtype: the values are judged by :func:`refuse_non_finite`."""
     scores = as_tensor(scores, "scores")
-    if scores.dtype == torch.bool or is_integer_dtype(scores):  # not a quantized one, which check_scores refuses
+    if not (scores.is_floating_point() or scores.is_complex() or scores.is_quantized):  # check_scores refuses those
         scores = scores.to(integers_as)
     scores3, batched = check_scores(scores)
     if batched:
         raise ValueError(f"{name} takes one (N, K) problem, got shape {tuple(scores3.shape)}; loop over the heads "
                          "yourself (scores[h]).")  # fmt: skip
     return scores3[0]
-
-
-def is_integer_dtype(x: torch.Tensor) -> bool:
-    """Whether ``x`` holds plain integers (torch.iinfo describes quantized dtypes too, which cannot be cast)."""
-    try:
-        torch.iinfo(x.dtype)
-    except TypeError:
-        return False
-    return not x.is_quantized
 
 
 def refuse_non_finite(scores: torch.Tensor) -> None:

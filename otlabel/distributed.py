@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .backends import make_operator, resolve_backend
+from .backends import check_backend_name, make_operator, resolve_backend
 from .backends.base import ScoreOperator
 from .entry import entry_point, user_stacklevel
 from .features import bound_error, check_bias, check_finite_rows, dense_scores, kernel_inputs, score_bound, uses_kernel
@@ -745,8 +745,7 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
         return DenseShard(scores, cluster_weights, backend, comm.name, epsilon)
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
-    if not isinstance(backend, str):  # an array: NumPy's "truth value ... is ambiguous" from the comparison below
-        uses_kernel(features, backend)  # its error
+    check_backend_name(backend)
     if backend == "reference":
         shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.name, epsilon)
         shard.fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)

@@ -459,23 +459,9 @@ def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores
         return  # no masked rows: every sample may go anywhere
     allowed, weights, counts = patterns.patterns()
     c, r = weights / total, r / r_total
-    shut, barred = np.empty(len(c)), np.zeros(len(r))  # see the module docstring
-    for rows in _row_blocks(allowed.shape):
-        forbidden = (~allowed[rows]).astype(np.float64)
-        shut[rows] = forbidden @ r
-        barred += c[rows] @ forbidden
-    if shut.max() + barred.max() <= 1:
+    hot_rows, hot_cols = _hot(allowed, c, r)
+    if not hot_rows.any():
         return  # no hot pair, so no violation
-    hot_rows, hot_cols = np.zeros(len(c), dtype=bool), np.zeros(len(r), dtype=bool)
-    for rows in _row_blocks(allowed.shape):
-        hot = ~allowed[rows] & (barred > (1 - shut[rows])[:, None])  # shut[g] + barred[k] > 1
-        hot_rows[rows] = hot.any(axis=1)
-        hot_cols |= hot.any(axis=0)
-    if not hot_rows.any():
-        return
-    hot_rows, hot_cols = _pruned(allowed, c, r, np.flatnonzero(hot_rows), hot_cols)
-    if not hot_rows.any():
-        return
     # Every pair of a violation is hot: keep the groups and clusters with a hot pair and merge the other clusters into
     # one that every kept group may reach. That network holds every violation, and finds no other.
     kept = allowed[np.ix_(hot_rows, hot_cols)] & (r[hot_cols] > 0)
@@ -488,22 +474,26 @@ def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores
         raise _infeasible_error(clusters, allowed, c, counts, r, patterns, what, head)
 
 
-def _pruned(allowed: np.ndarray, c: np.ndarray, r: np.ndarray, rows: np.ndarray, cols: np.ndarray):
-    """The hot-pair test repeated within the groups ``rows`` (indices) and clusters ``cols`` (bool (K,)) the round
-    before kept, until neither shrinks (at most :data:`MAX_PRUNE_ROUNDS` rounds): (hot rows, hot cols) as bool masks.
+def _hot(allowed: np.ndarray, c: np.ndarray, r: np.ndarray):
+    """The groups and clusters with a hot pair (``shut[g] + barred[k] > 1``, see the module docstring), the test
+    repeated within the groups and clusters the round before kept until neither shrinks (at most
+    :data:`MAX_PRUNE_ROUNDS` rounds): (hot rows, hot cols) as bool masks.
 
     Sound as :func:`prune_hot_rows` is: a group g and cluster k of a violation (A, C) were kept by the round before,
     so ``shut[g] >= r(C)`` and ``barred[k] >= c(A)`` over the kept ones, and the pair passes again. The network then
     holds only what may be part of a violation: of 19,000 random rows over 1,000 clusters, half of them -inf, most
     passed the first round, and the flow network over them took 627 MiB (a streamed solve, whatever its memory
     budget); the second round keeps none of them."""
-    cols = cols.copy()
+    rows, cols = np.arange(len(c)), np.ones(len(r), dtype=bool)
     for _ in range(MAX_PRUNE_ROUNDS):
         shut, barred = np.empty(len(rows)), np.zeros(len(r))
         for block in _row_blocks((len(rows), len(r))):
             forbidden = (~allowed[rows[block]] & cols).astype(np.float64)
             shut[block] = forbidden @ r
             barred += c[rows[block]] @ forbidden
+        if shut.max() + barred.max() <= 1:  # no hot pair left
+            rows = rows[:0]
+            break
         keep_rows, keep_cols = np.zeros(len(rows), dtype=bool), np.zeros(len(r), dtype=bool)
         for block in _row_blocks((len(rows), len(r))):
             hot = ~allowed[rows[block]] & cols & (barred > (1 - shut[block])[:, None])

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .backends import _triton_usable
+from .backends import _triton_usable, check_backend_name
 from .inputs import open_host_array  # what the streamed and reference paths take too, with their errors
 from .kernels.utils import KERNEL_DTYPES
 from .problem import MAX_SCORE_SPAN_FP32, check_epsilon, check_float_dtype, check_weights, dense_tensor, span_error
@@ -49,8 +49,7 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
     warn = solve.pop("warn")  # warned here, as sinkhorn_assign's, at the caller's line
     if isinstance(features, torch.Tensor):  # a meta tensor's device reached the stream's device check (and Triton's)
         dense_tensor(features, "features")  # the error every path gives for tensors that hold no values
-    if not isinstance(backend, str):  # an array: NumPy's "truth value ... is ambiguous" from the comparison below
-        uses_kernel(features, backend)  # its error
+    check_backend_name(backend)
     if backend == "reference":
         from .solver import sinkhorn_assign
 
@@ -77,8 +76,9 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
 def uses_kernel(features, backend: str) -> bool:
     """Whether features go to the Triton features kernel (else the chunked stream); ``backend`` is "auto", "torch"
     or "triton" ("reference" is handled by the caller). Raises for an unknown or unusable backend."""
-    if not isinstance(backend, str) or backend not in ("auto", "torch", "triton"):  # an array too
-        raise ValueError(f"backend must be one of ('auto', 'torch', 'reference', 'triton'), got {backend!r}.")
+    check_backend_name(backend)
+    if backend == "reference":
+        raise ValueError("backend='reference' here: the caller solves the reference on dense scores itself.")
     z = features if isinstance(features, torch.Tensor) else None
     usable = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)
     if backend == "triton" and z is None:  # what no features path takes (a list) gets their TypeError

@@ -257,6 +257,13 @@ class FeatureSource(ScoreSource):
         s = torch.matmul(z, self.proto_t, out=out)  # (H, T, K)
         return s if self.bias is None else s.add_(self.bias)
 
+    def chunk_in(self, rows: slice, spare: torch.Tensor) -> torch.Tensor:
+        """:meth:`chunk` formed in ``spare``, read as the compute dtype (the objective's float64 plan buffer): a fresh
+        product took 4 (float64 features: 8) bytes a score more than the 16 a chunk's budget counts, 20-24 in all, a
+        quarter to a half over ``memory_budget`` on as many threads as fill it."""
+        h, t, k = spare.shape
+        return self.chunk(rows, out=spare.view(-1).view(self.dtype)[: h * t * k].view(h, t, k))
+
     def scaled(self, rows: slice, inv_eps: float, out=None) -> torch.Tensor:
         """``S / eps`` for a chunk, (H, T, K), into ``out`` if given: the products formed first, so that scores beyond
         the compute dtype show as inf (the check pass reads this). :meth:`shifted` scales inside the matmul, where

@@ -638,13 +638,15 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, dty
     it (a solve cut short far above it needs more iterations, not float64)."""
     if tol is None or out.converged:
         return
-    advice = "Raise max_iter, raise epsilon, or warm-start with init=<previous result>."
+    retry = "raise max_iter, raise epsilon, or warm-start with init=<previous result>."
+    advice = retry.capitalize()
     near_floor = tol < FLOAT32_FLOOR and out.error <= FLOAT32_FLOOR  # NaN or inf: not near it
     if dtype is not None and dtype != torch.float64 and near_floor:
-        advice = (f"A tol of {tol:g} meets the floor that float32 arithmetic leaves on the measured error (about "
-                  "1e-6, from 1e-8 to a few 1e-6 by problem: its sums over the samples round), which more iterations "
-                  "do not lower: pass float64 scores (or features) for it, or a larger tol. Otherwise raise max_iter, "
-                  "raise epsilon, or warm-start with init=<previous result>.")  # fmt: skip
+        advice = (
+            f"A tol of {tol:g} meets the floor that float32 arithmetic leaves on the measured error (about "
+            "1e-6, from 1e-8 to a few 1e-6 by problem: its sums over the samples round), which more iterations "
+            f"do not lower: pass float64 scores (or features) for it, or a larger tol. Otherwise {retry}"
+        )
     warnings.warn(
         f"{caller} did not converge: {describe_error(out.error, tol)} after {out.n_iter} iterations "
         f"(epsilon={epsilon:g}). {advice} If the scores carry -inf masks that were not checked before solving "

@@ -44,10 +44,16 @@ class ScoreSource:
     dtype: torch.dtype  # dtype of the chunks handed out (fp16/bf16/fp32/fp64)
     random_access: bool = False  # True: chunks may be requested in any order and from several threads
     rows_per_chunk: int | None = None  # streamed sources: the rows their buffers hold, which one pass reads at a time
+    row_extra_bytes: int = 0  # device bytes a row takes beside its scores' working buffers (staging, features)
 
     def chunk(self, rows: slice) -> torch.Tensor:
         """Scores of samples ``rows`` for every head and cluster: (H, T, K) on ``self.device``."""
         raise NotImplementedError
+
+    def chunk_in(self, rows: slice, spare: torch.Tensor) -> torch.Tensor:
+        """:meth:`chunk`, for a caller that copies it at once: a source that computes its scores (features) forms
+        them in ``spare``, a buffer at least as large, free until the copy is made. Held scores are a view anyway."""
+        return self.chunk(rows)
 
     def column_max(self) -> torch.Tensor:
         """``max_j S[h, j, k]`` (H, K) in :func:`maxima_dtype`, one pass; ``-inf`` for a cluster no sample may reach."""

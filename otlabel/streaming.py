@@ -118,7 +118,7 @@ def budget_ranges(source: ScoreSource, memory_budget: int | None) -> int:
     if source.device.type != "cpu":  # a pass is one range there (and the default budget would ask the device)
         return 1
     budget = default_memory_budget(source.device) if memory_budget is None else int(memory_budget)
-    row_bytes = BYTES_PER_ENTRY * source.n_heads * source.n_clusters + getattr(source, "row_extra_bytes", 0)
+    row_bytes = BYTES_PER_ENTRY * source.n_heads * source.n_clusters + source.row_extra_bytes
     return max(solve_threads(), budget // (source.rows_per_chunk * row_bytes))
 
 
@@ -144,7 +144,7 @@ def warn_if_chunks_too_small(source: ScoreSource, memory_budget, device: torch.d
     n_chunks = -(-n // rows)
     if memory_budget is None or rows * row_entries >= MIN_CHUNK_ENTRIES or n_chunks <= MANY_CHUNKS:
         return
-    row_bytes = BYTES_PER_ENTRY * row_entries + getattr(source, "row_extra_bytes", 0)
+    row_bytes = BYTES_PER_ENTRY * row_entries + source.row_extra_bytes
     good_rows = min(n, -(-GOOD_CHUNK_ENTRIES // row_entries))
     per_chunk = 1 if device.type != "cpu" else max(1, solve_threads())  # the CPU splits it over threads
     suggest = -(-good_rows * row_bytes * per_chunk // MiB)

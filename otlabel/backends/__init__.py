@@ -17,9 +17,15 @@ from .base import ScoreOperator
 BACKENDS = ("auto", "torch", "reference", "triton")
 
 
-def resolve_backend(name: str, problem: Problem) -> str:
-    if not isinstance(name, str) or name not in BACKENDS:  # an array: NumPy's "truth value ... is ambiguous"
+def check_backend_name(name) -> None:
+    """``name`` must be one of :data:`BACKENDS` (an array compared with them raised NumPy's "truth value ... is
+    ambiguous")."""
+    if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}.")
+
+
+def resolve_backend(name: str, problem: Problem) -> str:
+    check_backend_name(name)
     if name == "auto":
         kernel_dtype = problem.scores.dtype != torch.float64  # float64 keeps full precision on the torch path
         return "triton" if problem.scores.is_cuda and kernel_dtype and _triton_usable(problem.scores) else "torch"

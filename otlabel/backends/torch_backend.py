@@ -253,7 +253,7 @@ class LogDomainOperator(ScoreOperator):
             plan_buffer = self.work_buffer(lo, hi, torch.float64)
             for rows in self.chunks(lo, hi):
                 p = plan_buffer(rows)
-                s = scores_buffer(rows).copy_(self._chunk_into(rows, p))  # (H, T, K)
+                s = scores_buffer(rows).copy_(self.source.chunk_in(rows, p))  # (H, T, K); p is free until then
                 p = torch.add(b, s, alpha=self.inv_eps, out=p)  # S / eps + b
                 p = exp_(p.sub_(p.amax(dim=2, keepdim=True)))
                 p.div_(p.sum(dim=2, keepdim=True))  # the softmax over the clusters
@@ -262,16 +262,6 @@ class LogDomainOperator(ScoreOperator):
             return total
 
         return sum_in_order(self.map_ranges(partial))
-
-    def _chunk_into(self, rows: slice, spare: torch.Tensor) -> torch.Tensor:
-        """The scores of a chunk, for :meth:`transport_score` to copy: a view of them where the source holds them,
-        else (features) the product formed in ``spare``, a float64 (H, T, K) buffer free until the copy is made, read
-        as the compute dtype. A fresh product took 4 (float64 features: 8) bytes a score more than the 16 a chunk's
-        budget counts: 20-24 in all, a quarter to a half over ``memory_budget`` on as many threads as fill it."""
-        if not hasattr(self.source, "scaled"):  # dense and streamed scores: chunk() is a view, no product
-            return self.source.chunk(rows)
-        n = spare.numel()
-        return self.source.chunk(rows, out=spare.view(-1).view(self.dtype)[:n].view(spare.shape))
 
 
 # Rows a float32 product sums before its partial goes into a float64 total (add_column_sums). BLAS adds the rows of
