@@ -747,12 +747,17 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     check_backend_name(backend)
     if backend == "reference":
-        shard = DenseShard(dense_scores(features, prototypes, bias), cluster_weights, backend, comm.name, epsilon)
+        # Opened once (a big-endian or reversed array is copied; opening it again for its dtype copied it again),
+        # its dtype kept for the other ranks, and turned into float64 here, as dense_scores would, so that the
+        # native copy is let go before the scores are formed
+        z = open_host_array(features, "features", copied_anyway=True)
+        dtype_code, z = DTYPE_CODES[z.dtype], z.double()
+        shard = DenseShard(dense_scores(z, prototypes, bias), cluster_weights, backend, comm.name, epsilon)
         shard.fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)
         # Features to the other ranks, as given (they saw a float64 scores shard and refused it as a dtype
         # disagreement): a -inf here comes from the bias, whole columns, as on a FeatureShard.
         shard.mode = FeatureShard.mode
-        shard.dtype_code = DTYPE_CODES[open_host_array(features, "features", copied_anyway=True).dtype]
+        shard.dtype_code = dtype_code
         return shard
     return FeatureShard(features, prototypes, bias, cluster_weights, backend, comm.device, allow_tf32, memory_budget,
                         epsilon)  # fmt: skip

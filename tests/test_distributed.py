@@ -704,6 +704,24 @@ def test_big_endian_features_are_read_a_block_at_a_time(tmp_path, monkeypatch):
     assert read_rows and max(read_rows) < n, max(read_rows)
 
 
+def test_reference_features_shard_converts_big_endian_features_once():
+    """backend="reference" copies big-endian features in native order to form the float64 scores; it opened them a
+    second time, another whole copy, for their dtype alone (what the ranks compare)."""
+    conversions = []
+
+    class Counted(np.ndarray):  # a big-endian array that records each whole conversion (astype) of itself
+        def astype(self, *args, **kwargs):
+            conversions.append(self.shape)
+            return np.asarray(self).astype(*args, **kwargs)
+
+    _, z, c, bias, _, kw = feature_cases()[0]
+    ref = sinkhorn_assign_sharded(features=z, prototypes=c, bias=bias, epsilon=EPS, backend="reference", **kw)
+    big = z.numpy().astype(">f4").view(Counted)
+    res = sinkhorn_assign_sharded(features=big, prototypes=c, bias=bias, epsilon=EPS, backend="reference", **kw)
+    assert torch.equal(res.labels, ref.labels) and torch.equal(res.cluster_potentials, ref.cluster_potentials)
+    assert conversions == [tuple(z.shape)], conversions
+
+
 def test_nccl_collectives_use_the_data_gpu_not_the_current_one():
     """A rank that never called torch.cuda.set_device must still communicate on its own GPU (that of its data);
     Gloo always uses the CPU. (NCCL itself cannot run here; the choice of device is what this checks.)"""
