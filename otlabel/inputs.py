@@ -66,11 +66,12 @@ def load_npy(path: str, name: str, mmap_mode: str | None = None) -> np.ndarray:
 
 
 class SwappedArray:
-    """A NumPy array (a ``.npy`` memmap) in non-native byte order, such as big-endian ``'>f4'`` from another machine,
-    which torch cannot share: read as torch tensors one index at a time (``x[:, rows]``, ``x[lo:hi]``, ``x[j]``), each
-    block converted to native order as it is read, so that a file larger than RAM is never converted whole. It
-    stands in for the shared CPU tensor of :func:`open_host_array` in the streamed sources: the shape, dtype (the
-    native one), device and indexing they use."""
+    """A NumPy array (a ``.npy`` memmap) that torch cannot share: in non-native byte order, such as big-endian
+    ``'>f4'`` from another machine, or a view with a negative stride (``x[::-1]``). Read as torch tensors one index at
+    a time (``x[:, rows]``, ``x[lo:hi]``, ``x[j]``), each block copied in native order with positive strides as it is
+    read, so that a file larger than RAM is never converted whole. It stands in for the shared CPU tensor of
+    :func:`open_host_array` in the streamed sources: the shape, dtype (the native one), device and indexing they
+    use."""
 
     device = torch.device("cpu")
 
@@ -101,8 +102,8 @@ class SwappedArray:
 def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor | SwappedArray:
     """A path to a ``.npy`` (memory-mapped, read-only), a NumPy array/memmap or a torch tensor, as a torch tensor
     sharing its memory (no copy). Errors say which input is wrong and why. Callers that copy the data anyway say so
-    with ``copied_anyway``: a NumPy view with a negative stride (torch cannot share it) is then copied, else refused,
-    and an array in non-native byte order (big-endian) is copied in native order, else returned as a
+    with ``copied_anyway``: a NumPy view with a negative stride or an array in non-native byte order (big-endian),
+    which torch cannot share, is then copied (in native order, with positive strides), else returned as a
     :class:`SwappedArray`, converted block by block as the streamed sources read it."""
     if isinstance(x, (str, os.PathLike)):
         x = load_npy(os.fspath(x), name, mmap_mode="r")
@@ -131,13 +132,9 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
             if not copied_anyway:
                 return SwappedArray(x)
             x = x.astype(x.dtype.newbyteorder("="))  # in native order, and with positive strides
-        if any(stride < 0 for stride in x.strides):
+        if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]), which torch cannot share either
             if not copied_anyway:
-                raise ValueError(
-                    f"{name} is a NumPy view with a negative stride (such as x[::-1]), which torch cannot share "
-                    "without a copy of the whole array: pass np.ascontiguousarray(x) (that copy), or the array "
-                    "unreversed."
-                )
+                return SwappedArray(x)
             x = np.ascontiguousarray(x)
         return share_numpy(x)
     if isinstance(x, torch.Tensor):
