@@ -99,6 +99,25 @@ class SwappedArray:
         return False
 
 
+# Entries in a block of the conversion :func:`block_conversion` advises: 64 MiB of float32 written at a time
+BLOCK_ENTRIES = 1 << 24
+
+
+def block_conversion(x: np.ndarray, part: str) -> str:
+    """The advice to convert a memory-mapped file ``x`` to a float32 file a block of rows at a time, each block of about
+    :data:`BLOCK_ENTRIES` values, since ``x.astype`` would read it whole. ``part`` is what a block of the new file is
+    set to, ``{rows}`` standing for the block of ``x``. The rows are the samples: in an (H, N, K) file of heads, the
+    second axis (blocks of the first, the heads, were the whole file)."""
+    heads = x.ndim == 3
+    n = x.shape[1] if heads else len(x)
+    step = max(1, BLOCK_ENTRIES // max(1, x.size // max(1, n)))  # rows per block
+    rows = f"[:, i : i + {step}]" if heads else f"[i : i + {step}]"
+    return ("Convert the file a block of rows at a time (x.astype would read it whole): x = np.load(path, "
+            "mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, x.shape), then "
+            f"y{rows} = {part.format(rows='x' + rows)} for i in range(0, {'x.shape[1]' if heads else 'len(x)'}, "
+            f"{step}), and y.flush().")  # fmt: skip
+
+
 def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor | SwappedArray:
     """A path to a ``.npy`` (memory-mapped, read-only), a NumPy array/memmap or a torch tensor, as a torch tensor
     sharing its memory (no copy). Errors say which input is wrong and why. Callers that copy the data anyway say so
@@ -118,15 +137,12 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
                             "Save float16 or float32 instead (x.astype(np.float32)).")  # fmt: skip
         if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
             fix = "Convert with x.astype(np.float32)."
-            part = "x[i : i + 2**20]"  # what a block of the new file is set to
+            part = "{rows}"  # what a block of the new file is set to
             if x.dtype.kind == "c":  # astype(np.float32) keeps the real part alone (NumPy's ComplexWarning aside)
                 fix = complex_conversion("x", "np.abs(x)", "x.astype(np.float32)")
-                part = "x[i : i + 2**20].real (or np.abs(x[i : i + 2**20]), whichever you mean)"
-            if isinstance(x, np.memmap):  # a file, perhaps larger than memory, which x.astype would read whole
-                fix = ("Convert the file a block of rows at a time (x.astype would read it whole): x = np.load(path, "
-                       "mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, x.shape), "
-                       f"then y[i : i + 2**20] = {part} for i in range(0, len(x), 2**20), and "
-                       "y.flush().")  # fmt: skip
+                part = "{rows}.real (or np.abs({rows}), whichever you mean)"
+            if isinstance(x, np.memmap) and x.ndim:  # a file, perhaps larger than memory, which x.astype reads whole
+                fix = block_conversion(x, part)
             raise TypeError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}. {fix}")
         if not x.dtype.isnative:  # a file from another machine: torch cannot share it
             if not copied_anyway:
