@@ -15,7 +15,15 @@ import tokenize
 import numpy as np
 import torch
 
-from .problem import check_float_dtype, complex_conversion, dense_tensor, refuse_masked_array, share_numpy
+from .problem import (
+    BFLOAT16_TO_FLOAT32,
+    check_float_dtype,
+    complex_conversion,
+    dense_tensor,
+    raw_bfloat16_error,
+    refuse_masked_array,
+    share_numpy,
+)
 
 
 def unreadable_npy(name: str, path: str, err: Exception) -> str:
@@ -111,11 +119,11 @@ def block_conversion(x: np.ndarray, part: str) -> str:
     heads = x.ndim == 3
     n = x.shape[1] if heads else len(x)
     step = max(1, BLOCK_ENTRIES // max(1, x.size // max(1, n)))  # rows per block
-    rows = f"[:, i : i + {step}]" if heads else f"[i : i + {step}]"
-    return ("Convert the file a block of rows at a time (x.astype would read it whole): x = np.load(path, "
-            "mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, x.shape), then "
-            f"y{rows} = {part.format(rows='x' + rows)} for i in range(0, {'x.shape[1]' if heads else 'len(x)'}, "
-            f"{step}), and y.flush().")  # fmt: skip
+    rows, count = (f"[:, i : i + {step}]", "x.shape[1]") if heads else (f"[i : i + {step}]", "len(x)")
+    return ("Convert the file a block of rows at a time (not whole: it would be read into memory at once): "
+            "x = np.load(path, mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, "
+            f"x.shape), then y{rows} = {part.format(rows='x' + rows)} for i in range(0, {count}, {step}), and "
+            "y.flush().")  # fmt: skip
 
 
 def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor | SwappedArray:
@@ -132,9 +140,11 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
         x = x.array
     if isinstance(x, np.ndarray):
         refuse_masked_array(x, name)
-        if x.dtype.kind == "V" and x.dtype.itemsize == 2:
-            raise TypeError(f"{name} has dtype {x.dtype}: 2-byte raw values, as NumPy saves bfloat16 (ml_dtypes). "
-                            "Save float16 or float32 instead (x.astype(np.float32)).")  # fmt: skip
+        if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # x.astype(np.float32) fails on raw values
+            convert = f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}."
+            if isinstance(x, np.memmap) and x.ndim:  # a file, perhaps larger than memory
+                convert = block_conversion(x, BFLOAT16_TO_FLOAT32)
+            raise raw_bfloat16_error(x, name, convert)
         if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
             fix = "Convert with x.astype(np.float32)."
             part = "{rows}"  # what a block of the new file is set to

@@ -143,6 +143,8 @@ def as_tensor(x, name: str) -> torch.Tensor:
         return dense_tensor(x, name)
     if isinstance(x, np.ndarray):
         refuse_masked_array(x, name)
+        if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # np.asarray(x, dtype=np.float32), advised below, fails
+            raise raw_bfloat16_error(x, name, f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}.")
         if x.dtype.kind not in "biufc":  # object, string, date arrays: torch's own error names no fix
             raise TypeError(f"{name} must hold numbers, got a NumPy array of dtype {x.dtype}; convert it with "
                             f"np.asarray({name}, dtype=np.float32).")  # fmt: skip
@@ -180,6 +182,21 @@ def as_tensor(x, name: str) -> torch.Tensor:
             f"For a .npy on disk, {fix}."
         )
     raise TypeError(f"{name} must be a torch.Tensor, a numpy.ndarray or a list of numbers, got {type(x).__name__}.")
+
+
+# The float32 values of bfloat16 bits held as 2-byte raw values (NumPy dtype V2), of a block of them ({rows}): the
+# top half of a float32's bits
+BFLOAT16_TO_FLOAT32 = "({rows}.view(np.uint16).astype(np.uint32) << 16).view(np.float32)"
+
+
+def raw_bfloat16_error(x: np.ndarray, name: str, convert: str) -> TypeError:
+    """The error for 2-byte raw values (NumPy dtype V2), as NumPy reads a bfloat16 .npy (ml_dtypes saves them so):
+    ``x.astype`` cannot convert raw values, so their bits are taken as bfloat16, as a tensor that shares them or
+    converted as ``convert`` says."""
+    return TypeError(f"{name} has dtype {x.dtype}: 2-byte raw values, as NumPy saves bfloat16 (ml_dtypes), which "
+                     "x.astype cannot convert. If they are bfloat16, pass a bfloat16 tensor that shares their memory, "
+                     f"torch.from_numpy(x.view(np.int16)).view(torch.bfloat16), or their float32 values. "
+                     f"{convert}")  # fmt: skip
 
 
 def refuse_masked_array(x: np.ndarray, name: str) -> None:

@@ -317,6 +317,40 @@ def test_the_advice_for_a_file_of_another_dtype_converts_it_in_blocks_of_rows(sh
     assert converted.dtype == np.float32 and np.array_equal(converted, values)
 
 
+def test_the_advice_for_a_bfloat16_file_works(tmp_path, monkeypatch):
+    """A bfloat16 .npy (ml_dtypes saves its 2-byte raw values: NumPy reads dtype V2) was refused with advice to convert
+    with x.astype(np.float32) (in memory, np.asarray(x, dtype=np.float32)), which fails on raw values ("setting an
+    array element with a sequence"). Both fixes now advised, run as written, work: the bfloat16 tensor that shares
+    the values' memory solves as the bfloat16 values do, and the float32 conversion (a block of rows at a time for a
+    file) holds their values."""
+    values = torch.randn(50, 3, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    path = tmp_path / "bf16.npy"
+    np.save(path, values.view(torch.int16).numpy().view("V2"))
+    monkeypatch.chdir(tmp_path)
+    kw = dict(tol=None, max_iter=5)
+    want = sinkhorn_assign_stream(values, **kw)
+    for solve, given in ((sinkhorn_assign_stream, path), (sinkhorn_assign_stream, np.load(path, mmap_mode="r")),
+                         (sinkhorn_assign_stream, np.load(path)), (sinkhorn_assign, np.load(path))):  # fmt: skip
+        with pytest.raises(TypeError, match=r"dtype \|V2: 2-byte raw values, as NumPy saves bfloat16") as refused:
+            solve(given)
+        message = str(refused.value)
+        x = given if isinstance(given, np.ndarray) else np.load(path, mmap_mode="r")
+        tensor = re.search(r"memory, (torch\.from_numpy\(.*?\)\.view\(torch\.bfloat16\))", message)
+        assert tensor, message
+        with warnings.catch_warnings():  # torch.from_numpy of a read-only memmap: "The given NumPy array is not ...
+            warnings.simplefilter("ignore", UserWarning)
+            shared = eval(tensor[1], {"np": np, "torch": torch, "x": x})
+        assert_bitwise_same(sinkhorn_assign_stream(shared, **kw), want, f"{message}: the shared tensor")
+        if isinstance(x, np.memmap):
+            run_conversion_advice(message, path)
+            converted = np.load("new.npy")
+        else:
+            convert = re.search(r"Convert with (.*)\.$", message)
+            assert convert, message
+            converted = eval(convert[1], {"np": np, "x": x})
+        assert converted.dtype == np.float32 and np.array_equal(converted, values.float().numpy()), message
+
+
 def test_bad_arguments(tmp_path):
     z, p = np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32)
     with pytest.raises(ValueError, match="either scores, or features"):
