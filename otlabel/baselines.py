@@ -17,7 +17,7 @@ import numbers
 import numpy as np
 import torch
 
-from .problem import as_tensor, check_epsilon, check_scores, real_as_float
+from .problem import as_tensor, check_epsilon, check_scores, one_number, real_as_float
 from .solver import is_number
 
 
@@ -120,14 +120,17 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
         tol: SeLa's stopping threshold on the change of ``c`` (above), or ``None`` for exactly ``n_iter``.
     """
     logits = check_baseline_scores(logits, "sela_sinkhorn", torch.float64)  # may require grad or be on a GPU
-    # As a float: a Python int beyond float's range (10**400) raised OverflowError in isfinite, a Fraction NumPy's
-    # ufunc error in the power below
-    if not is_number(lam) or not (lam > 0 and math.isfinite(real_as_float(lam))):
+    # Numbers, or one-element tensors or arrays (scheduled values), as sinkhorn_assign takes epsilon and tol (a 0-d
+    # array was refused). As floats: a Python int beyond float's range (10**400) raised OverflowError in isfinite, a
+    # Fraction NumPy's ufunc error in the power below.
+    lam = real_as_float(one_number(lam, "lam", "a finite number > 0 (SeLa's lambda, 1 / epsilon)"))
+    if not (lam > 0 and math.isfinite(lam)):
         raise ValueError(f"lam must be a finite number > 0 (SeLa's lambda, 1 / epsilon), got {lam!r}.")
-    lam = float(lam)
     n_iter = check_iterations(n_iter)
-    if tol is not None and not (is_number(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive number (or None for exactly n_iter iterations), got {tol!r}.")
+    if tol is not None:
+        tol = real_as_float(one_number(tol, "tol", "a positive number (or None for exactly n_iter iterations)"))
+        if not tol > 0:
+            raise ValueError(f"tol must be a positive number (or None for exactly n_iter iterations), got {tol!r}.")
     logits = logits.cpu().double().numpy()
     n_samples, n_clusters = logits.shape
     row_max = logits.max(axis=1, keepdims=True)

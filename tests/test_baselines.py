@@ -143,6 +143,21 @@ def test_sela_baseline_takes_lam_as_any_real_number():
         np.testing.assert_array_equal(sela_sinkhorn(logits, lam=lam), want, err_msg=repr(lam))
 
 
+def test_sela_baseline_takes_tol_and_lam_as_sinkhorn_assign_takes_tol_and_epsilon():
+    """A number held in a one-element tensor or array (a scheduled value), which sinkhorn_assign takes for tol and
+    epsilon: sela_sinkhorn refused it for tol and for lam (1 / epsilon), "must be a positive number"."""
+    logits = random_problem(30, 4, seed=40, dtype=torch.float64).numpy()
+    want = sela_sinkhorn(logits, lam=10.0, tol=0.1)
+    for held in (np.array, torch.tensor, lambda x: torch.tensor([x]), lambda x: np.array([[x]])):
+        sinkhorn_assign(logits, epsilon=held(0.1), tol=held(0.1))  # taken by the main entry point
+        np.testing.assert_array_equal(sela_sinkhorn(logits, lam=held(10.0), tol=held(0.1)), want, err_msg=repr(held))
+    for bad in (dict(tol=torch.tensor(True)), dict(tol=np.zeros(2)), dict(lam=torch.tensor([1j]))):
+        with pytest.raises(TypeError, match=r"(tol|lam) must be .* \(a float, or a one-element tensor or array\)"):
+            sela_sinkhorn(logits, **bad)
+    with pytest.raises(ValueError, match="tol must be a positive number"):
+        sela_sinkhorn(logits, tol=np.array(0.0))
+
+
 def test_baselines_take_integer_scores_as_before_their_checks():
     """Integer logits were taken (SeLa's np.asarray(logits, np.float64), SwAV's division by epsilon); the checks,
     borrowed from sinkhorn_assign, refused them ("scores must be a floating-point tensor")."""
