@@ -329,6 +329,31 @@ def check_stream_backend(backend) -> None:
     raise ValueError(f"backend must be 'auto' or 'torch' when streaming, got {backend!r}.")
 
 
+# Outputs with more entries than this, in a layout whose overlap the strides alone do not settle, count as
+# overlapping (their offsets are not compared: 8 bytes an entry)
+MAX_COMPARED_OFFSETS = 1 << 22
+
+
+def overlaps_itself(out: torch.Tensor) -> bool:
+    """Whether two entries of ``out`` (strides >= 0) share memory. Where each stride, smallest first, goes beyond
+    the reach of the smaller ones, none do: every layout torch and NumPy allocate, and their slices, transposes and
+    the like. Other layouts (interleaved strides, ``as_strided`` rows that overlap) have their entries' offsets
+    compared, up to :data:`MAX_COMPARED_OFFSETS` entries; beyond, they count as overlapping."""
+    reach = 0  # the largest offset the smaller strides reach
+    for step, size in sorted((step, size) for step, size in zip(out.stride(), out.shape, strict=True) if size > 1):
+        if step <= reach:
+            break
+        reach += step * (size - 1)
+    else:
+        return False
+    if out.numel() > MAX_COMPARED_OFFSETS:
+        return True
+    offsets = torch.zeros((), dtype=torch.int64)
+    for step, size in zip(out.stride(), out.shape, strict=True):
+        offsets = offsets[..., None] + step * torch.arange(size, dtype=torch.int64)  # (*sizes so far)
+    return torch.unique(offsets).numel() < out.numel()
+
+
 def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, files: list):
     """``labels_out``/``codes_out``: a path, or a writable array/tensor of the right shape and dtype. Returned as a
     CPU torch tensor sharing its memory. A path gets an :class:`~otlabel.outputs.AtomicNpy` (appended to ``files``):
@@ -388,6 +413,11 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
     if any(step == 0 and size > 1 for step, size in zip(out.stride(), out.shape, strict=True)):
         raise ValueError(f"{name} has entries that share memory (a stride of 0, as expand or broadcast_to make), so "
                          f"each would overwrite the last: pass {allocate} or a path.")  # fmt: skip
+    if overlaps_itself(out):  # torch writes these without a word (it settles stride 0 alone), results overwritten
+        verdict = "may have" if out.numel() > MAX_COMPARED_OFFSETS else "has"
+        raise ValueError(f"{name} {verdict} entries that share memory (strides of {tuple(out.stride())} entries for "
+                         f"shape {tuple(out.shape)}: rows that overlap, as as_strided can make), so results would "
+                         f"overwrite each other: pass {allocate} or a path.")  # fmt: skip
     if out.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode()), which torch allows no "
                          "in-place writes to outside that mode: allocate it outside, or call sinkhorn_assign_stream "

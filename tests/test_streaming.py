@@ -1073,6 +1073,31 @@ def test_reading_codes_later_leaves_a_reused_labels_out_alone():
     assert np.array_equal(codes.argmax(dim=1).numpy(), old_labels)
 
 
+def test_outputs_whose_rows_overlap_are_refused(monkeypatch):
+    """An output whose rows overlap (as_strided with a row stride below the row's length) was written without a word,
+    each chunk's codes overwriting the last one's (rows summing to 0.002 or 1.001): only a stride of 0 was refused.
+    Refused before anything is written, tensor or array; layouts whose entries are apart are written as given, those
+    whose strides interleave (2 and 21 for 20 x 4) too, their offsets compared (refused as unsettled beyond
+    MAX_COMPARED_OFFSETS entries)."""
+    s2 = random_problem(20, 4, seed=11)
+    kw = dict(tol=None, max_iter=5, memory_budget=budget_for(7, k=4))
+    ref = sinkhorn_assign_stream(s2, **kw)
+    buffer = torch.zeros(44)
+    overlapping = torch.as_strided(buffer, (20, 4), (2, 1))
+    as_array = np.lib.stride_tricks.as_strided(buffer.numpy(), (20, 4), (8, 4))
+    for out in (overlapping, as_array):
+        with pytest.raises(ValueError, match=r"^codes_out has entries that share memory \(strides of \(2, 1\) entries"):
+            sinkhorn_assign_stream(s2, codes_out=out, **kw)
+    assert not buffer.any()  # nothing written
+    interleaved = torch.as_strided(torch.zeros(102), (20, 4), (2, 21))
+    for out in (interleaved, torch.zeros(4, 20).t(), torch.zeros(20, 8)[:, ::2]):
+        res = sinkhorn_assign_stream(s2, codes_out=out, **kw)
+        assert torch.equal(out, ref.codes) and torch.equal(res.codes, ref.codes), out.stride()
+    monkeypatch.setattr(streaming, "MAX_COMPARED_OFFSETS", 79)  # too many offsets to compare: said to be unsettled
+    with pytest.raises(ValueError, match=r"^codes_out may have entries that share memory \(strides of \(2, 21\)"):
+        sinkhorn_assign_stream(s2, codes_out=interleaved, **kw)
+
+
 def test_outputs_torch_refuses_to_write_in_place_are_refused_first():
     """After the whole solve, an output whose entries share memory (expand, a stride of 0) raised torch's "more than one
     element of the written-to tensor refers to a single memory location. Please clone() the tensor", and one made
