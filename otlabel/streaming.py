@@ -375,9 +375,14 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
             raise ValueError(f"{name} is read-only; pass a writable array or a path.")
         # What torch cannot write into (its errors named no output, and advised a copy, which would be written instead
         # of the caller's array), or what would hide the results (a mask).
-        if isinstance(out, np.ma.MaskedArray):
-            raise TypeError(f"{name} is a NumPy masked array: what is written under its mask would stay hidden. Pass "
-                            f"a plain array ({allocate}) or a path.")  # fmt: skip
+        if isinstance(out, np.ma.MaskedArray):  # written through its data: what its mask hides would stay hidden
+            hidden = int(np.count_nonzero(np.ma.getmask(out)))  # nomask: np.False_, none
+            if hidden:
+                clear = f"{name}.soften_mask(), then " * out.hardmask + f"{name}.mask = np.ma.nomask"
+                raise TypeError(f"{name} is a NumPy masked array with {hidden:,} masked entries: what is written "
+                                f"under its mask would stay hidden. Pass a plain array ({allocate}) or a path, or "
+                                f"clear its mask first ({clear}).")  # fmt: skip
+            out = np.ma.getdata(out)  # nothing masked: every result shows
         if not out.dtype.isnative:
             raise TypeError(f"{name} is {out.dtype.name} in non-native byte order ({out.dtype.str}), which torch "
                             f"cannot write into: allocate it as {allocate}, or pass a path.")  # fmt: skip

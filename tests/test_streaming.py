@@ -1057,6 +1057,29 @@ def test_numpy_outputs_torch_cannot_write_into_say_what_to_pass():
             sinkhorn_assign_stream(s2, **kwargs)
 
 
+def test_masked_array_outputs_with_nothing_masked_are_written():
+    """A NumPy masked array output was refused whatever its mask ("what is written under its mask would stay hidden"),
+    also with no mask (np.ma.nomask) or one that hides nothing: there every result shows, so it is written. One that
+    hides entries is still refused, with the fix that clears its mask (softened first, for a hard mask), which works."""
+    s2 = random_problem(12, 3, seed=12).numpy()
+    kw = dict(tol=None, max_iter=5)
+    ref = sinkhorn_assign_stream(s2, **kw)
+    for mask in (np.ma.nomask, False):
+        labels = np.ma.masked_array(np.zeros(12, np.int64), mask=mask)
+        codes = np.ma.masked_array(np.zeros((12, 3), np.float32), mask=mask)
+        sinkhorn_assign_stream(s2, labels_out=labels, codes_out=codes, **kw)
+        assert np.array_equal(labels, ref.labels.numpy()) and np.array_equal(codes, ref.codes.numpy())
+        assert not np.ma.is_masked(labels) and not np.ma.is_masked(codes)
+    for hard in (False, True):
+        labels = np.ma.masked_array(np.zeros(12, np.int64), mask=np.arange(12) < 2, hard_mask=hard)
+        with pytest.raises(TypeError, match=r"^labels_out is a NumPy masked array with 2 masked entries") as e:
+            sinkhorn_assign_stream(s2, labels_out=labels, **kw)
+        clear = re.search(r"clear its mask first \((.*)\)\.$", str(e.value))[1]
+        exec(clear.replace(", then ", "; "), {"np": np, "labels_out": labels})
+        sinkhorn_assign_stream(s2, labels_out=labels, **kw)
+        assert np.array_equal(labels, ref.labels.numpy()) and not np.ma.is_masked(labels)
+
+
 def test_reading_codes_later_leaves_a_reused_labels_out_alone():
     """A result read its codes lazily with a pass that wrote its labels into the caller's labels_out again: a buffer
     reused for the next solve (one per epoch) got the older solve's labels back over the newer's."""
