@@ -193,10 +193,13 @@ def raw_bfloat16_error(x: np.ndarray, name: str, convert: str) -> TypeError:
     """The error for 2-byte raw values (NumPy dtype V2), as NumPy reads a bfloat16 .npy (ml_dtypes saves them so):
     ``x.astype`` cannot convert raw values, so their bits are taken as bfloat16, as a tensor that shares them or
     converted as ``convert`` says."""
+    tensor = "that shares their memory, torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)"
+    if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]), which torch.from_numpy refuses
+        tensor = ("of a copy (torch shares no view with a negative stride), "
+                  "torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)")  # fmt: skip
     return TypeError(f"{name} has dtype {x.dtype}: 2-byte raw values, as NumPy saves bfloat16 (ml_dtypes), which "
-                     "x.astype cannot convert. If they are bfloat16, pass a bfloat16 tensor that shares their memory, "
-                     f"torch.from_numpy(x.view(np.int16)).view(torch.bfloat16), or their float32 values. "
-                     f"{convert}")  # fmt: skip
+                     f"x.astype cannot convert. If they are bfloat16, pass a bfloat16 tensor {tensor}, or their "
+                     f"float32 values. {convert}")  # fmt: skip
 
 
 def refuse_masked_array(x: np.ndarray, name: str) -> None:

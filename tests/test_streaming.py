@@ -351,6 +351,32 @@ def test_the_advice_for_a_bfloat16_file_works(tmp_path, monkeypatch):
         assert converted.dtype == np.float32 and np.array_equal(converted, values.float().numpy()), message
 
 
+def test_the_advice_for_a_reversed_bfloat16_view_works(tmp_path):
+    """A reversed view of bfloat16 raw values (np.load(path, mmap_mode='r')[::-1], dtype V2) was advised to pass
+    torch.from_numpy(x.view(np.int16)).view(torch.bfloat16), which torch refuses for a negative stride ("At least one
+    stride in the given numpy array is negative"). The tensor advised, run as written, now solves as the reversed
+    bfloat16 values do."""
+    values = torch.randn(50, 3, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    path = tmp_path / "bf16.npy"
+    np.save(path, values.view(torch.int16).numpy().view("V2"))
+    kw = dict(tol=None, max_iter=5)
+    for dims in ((0,), (0, 1)):
+        want = sinkhorn_assign_stream(values.flip(dims), **kw)
+        flip = (slice(None, None, -1),) * len(dims)
+        arrays = np.load(path, mmap_mode="r")[flip], np.load(path)[flip]
+        for solve, x in ((sinkhorn_assign_stream, arrays[0]), (sinkhorn_assign_stream, arrays[1]),
+                         (sinkhorn_assign, arrays[1])):  # fmt: skip
+            with pytest.raises(TypeError, match=r"dtype \|V2: 2-byte raw values") as refused:
+                solve(x)
+            message = str(refused.value)
+            tensor = re.search(r"(torch\.from_numpy\(.*?\)\.view\(torch\.bfloat16\))", message)
+            assert tensor, message
+            with warnings.catch_warnings():  # torch.from_numpy of a read-only memmap: "The given NumPy array is not ...
+                warnings.simplefilter("ignore", UserWarning)
+                given = eval(tensor[1], {"np": np, "torch": torch, "x": x})
+            assert_bitwise_same(sinkhorn_assign_stream(given, **kw), want, f"{message}: the advised tensor")
+
+
 def test_bad_arguments(tmp_path):
     z, p = np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32)
     with pytest.raises(ValueError, match="either scores, or features"):
