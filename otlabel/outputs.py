@@ -31,6 +31,8 @@ def refuse_overwriting_inputs(outputs: dict, inputs: dict, error=ValueError) -> 
     seen, inodes, in_memory = {}, {}, []
     for is_output, named in ((False, inputs), (True, outputs)):  # inputs first: a clashing output is the culprit
         for name, x in named.items():
+            if isinstance(x, np.ma.MaskedArray):  # an output is written through its data: a memmap's, by its file
+                x = np.ma.getdata(x)
             memory = _memory_of(x)
             if memory is not None:
                 if is_output:

@@ -699,6 +699,20 @@ def test_an_output_memmap_hard_linked_to_an_input_is_refused(tmp_path):
     assert np.array_equal(np.load(scores_path), s) and np.array_equal(np.load(link), res.codes.numpy())
 
 
+def test_a_masked_memmap_output_of_an_input_file_is_refused(tmp_path):
+    """A masked array output with nothing masked is written through its data: over a memmap of the scores file, the
+    scores were replaced by codes without a word (the file check looks for a memmap, which the masked array is not),
+    where the memmap itself is refused."""
+    s = random_problem(40, 5, seed=3).numpy()
+    scores_path = tmp_path / "scores.npy"
+    np.save(scores_path, s)
+    for scores in (scores_path, np.load(scores_path, mmap_mode="r")):
+        codes = np.ma.masked_array(np.load(scores_path, mmap_mode="r+"))
+        with pytest.raises(ValueError, match="codes_out .*scores.npy' is the same file as scores"):
+            sinkhorn_assign_stream(scores, 0.1, codes_out=codes)
+        assert np.array_equal(np.load(scores_path), s)
+
+
 def test_a_warm_start_from_a_saved_potentials_file(tmp_path):
     """Potentials saved with np.save warm-start a streamed solve once loaded; the path itself, which the scores may
     be, was refused as "got str" with no word of what to pass instead."""
