@@ -44,9 +44,15 @@ except ImportError:  # pragma: no cover - exercised by the OTLABEL_NUMBA=0 test 
 # Reassociation lets the compiler vectorise the dot product and the accumulation; the other fast-math
 # flags (no NaNs, no infinities) are left off because v holds exact zeros for unreachable clusters.
 _FASTMATH = {"reassoc", "contract"}
-# Rows per fp32 partial: short enough that fp32 sums of this many terms stay ~1e-6 exact, long enough that
-# adding each partial into the float64 total costs nothing.
-TILE_ROWS = 256
+# Rows per fp32 partial, added into the float64 total after each tile. The partial's rounding grows with its rows and
+# sets the floor of the marginal error a float32 solve reaches. Measured (2-core VM, cosine scores, eps 0.05), floor
+# at 256 -> 128 -> 64 rows: 1.3e-7 -> 6.8e-8 -> 3.9e-8 at 3,000 x 40, 1.1e-7 -> 5.1e-8 -> 3.5e-8 at 50,000 x 10,
+# 2.1e-7 -> 9.9e-8 -> 5.2e-8 at 20,000 x 1,000; the pass's CPU time against 256 rows, 128: +0.1-1.0% at
+# 100,000 x 1,000, +0.7-1.3% at 1,000,000 x 10, +1.2-1.7% for 50 heads of 256 x 10; 64: +1.3-1.8%, +2.8-4.8%, +3%
+# (the flush, a float64 add per cluster, and the tile's set-up weigh most on short rows); at 200,000 x 100 neither
+# stood out of the run-to-run spread (+-4%). A float64 partial (floors 0.8-1.5e-8) cost +5% at 100,000 x 1,000, a
+# compensated (Kahan) float32 one, its adds compiled without reassociation, 3x at 50 x 256 x 10.
+TILE_ROWS = 128
 # Rows at least this long take their maximum vectorised (:func:`_first_max`), shorter ones in a scalar loop (faster
 # there: its set-up and the scan after it cost more than a short row). Measured on one thread, short-row loop (the
 # exponentials a block at a time, the first maximum found without a branch) against long-row: the codes and the
