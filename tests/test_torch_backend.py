@@ -9,6 +9,7 @@ import torch
 from helpers import assert_close, centred, cosine_scores, random_problem, random_weights
 
 from otlabel import ConvergenceWarning, sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
+from otlabel.backends import cpu_kernels
 from otlabel.backends.reference import ReferenceOperator
 from otlabel.backends.torch_backend import (
     CachedKernelOperator,
@@ -128,8 +129,6 @@ def test_float32_error_floor_without_compiled_loops(monkeypatch):
     rounding grew with its rows: 400,000 x 2 scores never got below an error of 1.4e-4 (the default tol=1e-4 not
     reached in 50 iterations) and 3,000 x 40 cosine scores at eps 0.05 stalled at 2.3e-6. Long tiles are now summed
     64 rows a product into float64 (add_column_sums): 4 iterations, and ~4e-8."""
-    from otlabel.backends import cpu_kernels
-
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # two ranges, however many cores the machine has
@@ -1035,6 +1034,7 @@ def test_cached_kernel_labels_take_the_exact_pass_for_drifted_or_closed_clusters
         assert torch.equal(op.assign(b, want_codes=False)[0], ref.assign(b, want_codes=False)[0]), b
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the labels' fast read from the kernel is a compiled loop")
 def test_cached_kernel_labels_read_the_kernel_only_while_it_stands_and_no_codes_are_asked(monkeypatch):
     """Near b0 the labels are the kernel's argmax (no exact pass); codes, and a released kernel, take the exact
     pass (the fast read has no codes, and no kernel to read)."""
