@@ -191,7 +191,7 @@ class MaskPatterns:
     def patterns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The masked groups as arrays: allowed (G, K) bool, weights (G,) float64, counts (G,) int64."""
         self._flush()
-        allowed = np.unpackbits(self._rows_of(self._keys), axis=1, count=self.num_clusters).astype(bool)
+        allowed = np.unpackbits(self._rows_of(self._keys), axis=1, count=self.num_clusters).view(bool)  # 0 or 1
         return allowed, self._weights.copy(), self._counts.copy()
 
     def _keys_of(self, packed: np.ndarray) -> np.ndarray:
@@ -464,8 +464,10 @@ def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores
         return  # no hot pair, so no violation
     # Every pair of a violation is hot: keep the groups and clusters with a hot pair and merge the other clusters into
     # one that every kept group may reach. That network holds every violation, and finds no other.
-    kept = allowed[np.ix_(hot_rows, hot_cols)] & (r[hot_cols] > 0)
-    edges = np.concatenate([kept, np.ones((len(kept), 1), dtype=bool)], axis=1)
+    rows, positive = np.flatnonzero(hot_rows), r[hot_cols] > 0
+    edges = np.ones((len(rows), len(positive) + 1), dtype=bool)  # the last column: the merged clusters
+    for block in _row_blocks(edges.shape):  # without a whole copy of the allowed pairs on the way
+        np.logical_and(allowed[rows[block]][:, hot_cols], positive, out=edges[block, :-1])
     tolerance = max(MASS_TOLERANCE, mass_rounding)
     reached = _reached_clusters(edges, c[hot_rows], np.append(r[hot_cols], r[~hot_cols].sum()), tolerance)
     if reached is not None:
@@ -517,6 +519,11 @@ def _row_blocks(shape: tuple[int, int]):
         yield slice(start, start + step)
 
 
+SPARSE_FIRST_ABOVE_EDGES = 2**20  # networks with more allowed pairs first try a random part of them (_reached_clusters)
+SPARSE_EDGES_PER_GROUP = 8  # a group keeps this many of its pairs in that part (all, if fewer), or more: _sparse_part
+SPARSE_MASS_FACTOR = 4  # enough that their clusters weigh about this many times the group
+
+
 def _reached_clusters(edges: np.ndarray, c: np.ndarray, r: np.ndarray, tolerance: float) -> np.ndarray | None:
     """The clusters (bool (K,)) reachable from the source in the residual network of a maximum flow, when that flow
     falls short of the groups' mass by more than ``tolerance`` (a share of the mass); ``None`` when it does not.
@@ -524,41 +531,136 @@ def _reached_clusters(edges: np.ndarray, c: np.ndarray, r: np.ndarray, tolerance
     ``edges`` (G, K): the allowed pairs into clusters of positive weight; ``c`` (G,), ``r`` (K,): masses summing to
     at most 1 and to 1. The groups reachable in the residual network (the source side of a minimum cut) may only go to
     the reachable clusters, and outweigh them.
+
+    Memory. :func:`~scipy.sparse.csgraph.maximum_flow` takes ~5x its network (it adds the reverse edges, and returns
+    the flow on both), so a network of many pairs comes last: with more than :data:`SPARSE_FIRST_ABOVE_EDGES`
+    allowed pairs the flow first runs on a random part of them (:func:`_sparse_part`, 8 a group or more). A flow
+    there is a flow of the whole network, so when it saturates the groups the verdict is "feasible", as the whole
+    network's would be; otherwise (an infeasible mask always) the whole network decides. The networks are written
+    straight into int32 arrays, and the residual network is walked from the flow on the pairs (:func:`_source_side`)
+    rather than formed as a matrix. 19,000 distinct rows over 1,000 clusters, 40% of the pairs allowed (7.6M, every
+    pair hot): the check took ~660 MiB of host memory with the whole network, ~70 MiB with the part, and ~370 MiB
+    where the part falls short (a violation).
     """
     try:
-        from scipy.sparse import csr_array
-        from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+        from scipy.sparse.csgraph import maximum_flow
     except ImportError:  # SciPy is optional (the "exact" extra): without it only the graph-free cases are decided
         return None
 
     supply = np.floor(c * FLOW_SCALE).astype(np.int64)  # rounded against a violation: a shortfall is real
     demand = np.ceil(r * FLOW_SCALE).astype(np.int64)
-    edges, supply = edges[supply > 0], supply[supply > 0]
+    if not (supply > 0).all():
+        edges, supply = edges[supply > 0], supply[supply > 0]
     g, k = edges.shape
     unbounded = int(supply.sum()) + 1
     if max(int(demand.sum()), unbounded) >= 2**31:  # every capacity, and the flow, must fit int32
         raise AssertionError(f"flow capacities overflow int32 (K = {k})")  # unreachable for K < 2**30
-    # Nodes: groups 0..g-1, clusters g..g+k-1, source, sink; the CSR matrix is written row by row, in order.
-    source, sink = g + k, g + k + 1
-    served = demand > 0
-    out_degree = np.concatenate([edges.sum(axis=1), served.astype(np.int64), [g, 0]])
-    indptr = np.zeros(g + k + 3, dtype=np.int64)
-    np.cumsum(out_degree, out=indptr[1:])
-    _, cols = np.nonzero(edges)  # row-major: each group's clusters, in order
-    indices = np.concatenate([g + cols, np.full(int(served.sum()), sink), np.arange(g)])
-    capacity = np.concatenate([np.full(len(cols), unbounded), demand[served], supply])
-    graph = csr_array((capacity.astype(np.int32), indices.astype(np.int32), indptr.astype(np.int32)),
-                      shape=(g + k + 2, g + k + 2))  # fmt: skip
-    result = maximum_flow(graph, source, sink)
-    if int(supply.sum()) - int(result.flow_value) <= max(1.0, tolerance * FLOW_SCALE):
+    most_short = max(1.0, tolerance * FLOW_SCALE)
+    if np.count_nonzero(edges) > SPARSE_FIRST_ABOVE_EDGES:
+        part = _sparse_part(edges, supply, demand)
+        if part is not None:
+            graph = _network(part, supply, demand, unbounded)
+            del part
+            if int(supply.sum()) - int(maximum_flow(graph, g + k, g + k + 1).flow_value) <= most_short:
+                return None  # a flow on some of the pairs saturates the groups: so does one on all of them
+            del graph
+    graph = _network(edges, supply, demand, unbounded)
+    result = maximum_flow(graph, g + k, g + k + 1)
+    if int(supply.sum()) - int(result.flow_value) <= most_short:
         return None
-    residual = (graph - result.flow).tocsr()  # an edge's capacity left, and its reverse: 0 - (-flow) = flow
-    residual.data = (residual.data > 0).astype(np.int8)
-    residual.eliminate_zeros()
-    reached = breadth_first_order(residual, source, directed=True, return_predecessors=False)
-    clusters = np.zeros(k, dtype=bool)
-    clusters[reached[(reached >= g) & (reached < g + k)] - g] = True
-    return clusters
+    del graph
+    return _source_side(result.flow, edges, supply)
+
+
+def _sparse_part(edges: np.ndarray, supply: np.ndarray, demand: np.ndarray) -> np.ndarray | None:
+    """A random part of the allowed pairs ``edges`` (G, K), or ``None`` when it would not be much smaller.
+
+    Each group keeps :data:`SPARSE_EDGES_PER_GROUP` of its pairs drawn at random (all of them if it has fewer; drawn
+    one by one with a fixed chance, some groups drew none, and the flow fell short on every random mask), and more
+    where those clusters would weigh less than :data:`SPARSE_MASS_FACTOR` times the group: each pair with the chance
+    that makes them weigh that much on average (a heavy group, the merge of many identical mask rows, keeps enough
+    clusters to take its mass). On random masks a flow on such a part saturates the groups; where it does not, only
+    its time is lost. The draw is seeded: the same work for the same mask (the verdict does not depend on it)."""
+    rng, least = np.random.default_rng(0), SPARSE_EDGES_PER_GROUP
+    mass, share = supply / supply.sum(), demand / demand.sum()
+    part = np.empty_like(edges)
+    for block in _row_blocks(edges.shape):
+        allowed = edges[block]
+        room = allowed @ share  # the weight of each group's clusters
+        enough = np.divide(SPARSE_MASS_FACTOR * mass[block], room, out=np.ones(len(room)), where=room > 0)
+        keys = np.where(allowed, rng.random(allowed.shape, dtype=np.float32), np.float32(2))  # 2: not allowed
+        if least < allowed.shape[1]:  # and the pairs of the smallest keys: at least that many a group
+            enough = np.maximum(enough, np.partition(keys, least - 1, axis=1)[:, least - 1])
+        part[block] = allowed & (keys <= enough[:, None])
+    if 2 * np.count_nonzero(part) > np.count_nonzero(edges):
+        return None
+    return part
+
+
+def _network(edges: np.ndarray, supply: np.ndarray, demand: np.ndarray, unbounded: int):
+    """The flow network as an int32 CSR matrix, written in place block by block: groups 0..G-1 (their allowed
+    clusters, capacity ``unbounded``), clusters G..G+K-1 (the sink, capacity ``demand``, where positive), the source
+    G+K (each group, capacity ``supply``), the sink G+K+1; each row's columns in order."""
+    from scipy.sparse import csr_array
+
+    g, k = edges.shape
+    served = demand > 0
+    degree = np.count_nonzero(edges, axis=1)
+    pairs, served_count = int(degree.sum()), int(served.sum())
+    size = pairs + served_count + g
+    if size >= 2**31:
+        raise AssertionError(f"the flow network has {size} edges: more than int32 indices hold")  # > MAX_PATTERN_EDGES
+    indptr = np.zeros(g + k + 3, dtype=np.int32)
+    np.cumsum(np.concatenate([degree, served, [g, 0]]), out=indptr[1:], dtype=np.int32)
+    indices = np.empty(size, dtype=np.int32)
+    capacity = np.empty(size, dtype=np.int32)
+    at = 0
+    for block in _row_blocks(edges.shape):
+        cols = np.nonzero(edges[block])[1]  # row-major: each group's clusters, in order
+        indices[at : at + len(cols)] = cols + g
+        at += len(cols)
+    capacity[:pairs] = unbounded
+    indices[pairs : pairs + served_count] = g + k + 1
+    capacity[pairs : pairs + served_count] = demand[served]
+    indices[pairs + served_count :] = np.arange(g)
+    capacity[pairs + served_count :] = supply
+    return csr_array((capacity, indices, indptr), shape=(g + k + 2, g + k + 2))
+
+
+def _source_side(flow, edges: np.ndarray, supply: np.ndarray) -> np.ndarray:
+    """The clusters reachable from the source in the residual network of a maximum ``flow`` (its CSR matrix, as
+    :func:`~scipy.sparse.csgraph.maximum_flow` gives it, over the network of :func:`_network`), found from the flow
+    on the (group, cluster) pairs alone: a group's pairs are unbounded, so always left in the residual network; a
+    cluster reaches back to the groups that send it flow; the source reaches the groups whose supply is not used up.
+    ``graph - flow`` and a breadth-first search over it took twice the network again."""
+    g, k = edges.shape
+    groups, clusters, amounts = [], [], []
+    start, stop = int(flow.indptr[0]), int(flow.indptr[g])  # the groups' rows
+    for begin in range(start, stop, BLOCK_ELEMENTS):
+        end = min(begin + BLOCK_ELEMENTS, stop)
+        cols, values = flow.indices[begin:end], flow.data[begin:end]
+        used = np.flatnonzero((values > 0) & (cols >= g) & (cols < g + k))
+        groups.append(np.searchsorted(flow.indptr, used + begin, side="right") - 1)
+        clusters.append(cols[used] - g)
+        amounts.append(values[used])
+    groups, clusters, amounts = (np.concatenate(parts) for parts in (groups, clusters, amounts))
+    sent = np.bincount(groups, weights=amounts, minlength=g)  # exact: integers far below 2**53
+    order = np.argsort(clusters, kind="stable")
+    senders, bounds = groups[order], np.searchsorted(clusters[order], np.arange(k + 1))
+    reached_groups, reached = sent < supply, np.zeros(k, dtype=bool)
+    frontier = np.flatnonzero(reached_groups)
+    while len(frontier):
+        new = np.zeros(k, dtype=bool)
+        for block in _row_blocks((len(frontier), k)):
+            new |= edges[frontier[block]].any(axis=0)
+        new = np.flatnonzero(new & ~reached)
+        reached[new] = True
+        lengths = bounds[new + 1] - bounds[new]
+        steps = np.repeat(bounds[new] - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+        frontier = np.unique(senders[steps])
+        frontier = frontier[~reached_groups[frontier]]
+        reached_groups[frontier] = True
+    return reached
 
 
 def _infeasible_error(reached: np.ndarray, allowed: np.ndarray, c: np.ndarray, counts: np.ndarray, r: np.ndarray,

@@ -777,3 +777,109 @@ def test_a_streamed_random_mask_builds_no_flow_network(monkeypatch):
     scores[:100, 0] = 0.0
     with pytest.raises(ValueError, match=r"infeasible mask: 100 samples .* may only go to clusters \[0\]"):
         sinkhorn_assign_stream(scores, 0.5, max_iter=5, tol=None)
+
+
+def flow_networks(monkeypatch) -> list[int]:
+    """The number of edges of every network given to maximum_flow from now on."""
+    import scipy.sparse.csgraph
+
+    sizes, real = [], scipy.sparse.csgraph.maximum_flow
+    monkeypatch.setattr(scipy.sparse.csgraph, "maximum_flow", lambda graph, *a, **kw: sizes.append(graph.nnz) or
+                        real(graph, *a, **kw))  # fmt: skip
+    return sizes
+
+
+def test_a_dense_random_mask_is_decided_on_a_part_of_its_pairs(monkeypatch):
+    """5,000 x 700 with 40% of the pairs allowed (1.4M): every pair is hot (shut ~0.6, barred ~0.6), so the flow
+    decides, and it ran on the whole network (at 19,000 x 1,000: ~700 MiB of host memory, 5 s). A flow on a random
+    part of the pairs (8 a sample) already places every sample: the verdict is the same. A violation planted in the
+    mask sends the check to the whole network, which finds and names it."""
+    rng = np.random.default_rng(5)
+    n, k = 5000, 700
+    allowed = rng.random((n, k)) < 0.4
+    c, r = np.full(n, 1 / n), np.full(k, 1 / k)
+    networks = flow_networks(monkeypatch)
+    assert raises(patterns_of(allowed, c), r) is None
+    assert networks and max(networks) < allowed.sum() / 10, networks
+    allowed[:500] = False
+    allowed[:500, :30] = True  # 10% of the mass confined to clusters 0-29, of weight 0.043
+    networks.clear()
+    message = raises(patterns_of(allowed, c), r)
+    assert message is not None and "500 samples (0.1 of the sample mass) may only go to clusters [0, 1, 2" in message
+    assert "(30 clusters)" in message and "cluster_weights sum to 0.0429," in message, message
+    assert len(networks) == 2 and networks[0] < networks[1] / 10, networks  # the part fell short: the whole decided
+
+
+def residual_reach(edges, c, r) -> np.ndarray | None:
+    """The clusters on the source side of a minimum cut, by a breadth-first search over the residual network formed
+    as a matrix (graph - flow), or None when the flow saturates the groups: a reference for _source_side."""
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+
+    from otlabel.feasibility import FLOW_SCALE
+
+    supply, demand = np.floor(c * FLOW_SCALE).astype(np.int64), np.ceil(r * FLOW_SCALE).astype(np.int64)
+    edges, supply = edges[supply > 0], supply[supply > 0]
+    g, k = edges.shape
+    rows, cols = np.nonzero(edges)
+    served = np.flatnonzero(demand > 0)
+    heads = np.concatenate([rows, g + served, np.full(g, g + k)])
+    tails = np.concatenate([g + cols, np.full(len(served), g + k + 1), np.arange(g)])
+    capacity = np.concatenate([np.full(len(rows), supply.sum() + 1), demand[served], supply]).astype(np.int32)
+    graph = csr_array((capacity, (heads, tails)), shape=(g + k + 2, g + k + 2))
+    result = maximum_flow(graph, g + k, g + k + 1)
+    if supply.sum() - result.flow_value <= 1:
+        return None
+    residual = (graph - result.flow).tocsr()
+    residual.data = (residual.data > 0).astype(np.int8)
+    residual.eliminate_zeros()
+    reached = breadth_first_order(residual, g + k, return_predecessors=False)
+    return np.isin(np.arange(g, g + k), reached)
+
+
+def planted_cases(rng, count: int, margin: float):
+    """As decided_cases, over planted_case's masks (up to 80 x 12, zero weights in some) and, every third, a mask with
+    a few -inf scores a sample (mostly feasible, with room to spare)."""
+    for index in range(count):
+        if index % 3 == 2:
+            n, k = int(rng.integers(20, 80)), int(rng.integers(3, 12))
+            allowed, c, r = rng.random((n, k)) > 0.2, rng.random(n) + 0.1, rng.random(k) + 0.1
+            case = allowed, c / c.sum(), r / r.sum()
+        else:
+            case = planted_case(rng, zero_weights=index % 2 == 1)
+        if case is None:
+            continue
+        allowed, c, r = case
+        mass = lp_max_mass(allowed, c, r)
+        if 1 - margin <= mass < 1 - 1e-9:
+            continue
+        yield allowed, c, r, mass, mass >= 1 - 1e-9
+
+
+def test_the_part_first_and_the_residual_walk_give_the_verdict_and_cut_of_the_whole_network(monkeypatch):
+    """Forced onto every network (and with 1 to 3 pairs a group, so that it often falls short on feasible masks too):
+    the flow on a random part of the pairs, then on the whole network, gives the verdict of the LP, and the clusters
+    on the source side of the cut, walked from the flow on the pairs, are those a search over the residual network
+    formed as a matrix finds."""
+    from otlabel import feasibility
+
+    monkeypatch.setattr(feasibility, "SPARSE_FIRST_ABOVE_EDGES", -1)
+    networks, parts = flow_networks(monkeypatch), []
+    real_part = feasibility._sparse_part
+    monkeypatch.setattr(feasibility, "_sparse_part", lambda *args: parts.append(real_part(*args)) or parts[-1])
+    rng = np.random.default_rng(21)
+    verdicts, outcomes = {True: 0, False: 0}, {"enough": 0, "short": 0}
+    for allowed, c, r, mass, feasible in planted_cases(rng, 400, margin=1e-6):
+        monkeypatch.setattr(feasibility, "SPARSE_EDGES_PER_GROUP", int(rng.integers(1, 4)))
+        monkeypatch.setattr(feasibility, "SPARSE_MASS_FACTOR", float(rng.choice([0, 1, 4])))
+        networks.clear()
+        parts.clear()
+        reached = feasibility._reached_clusters(allowed & (r > 0), c, r, feasibility.MASS_TOLERANCE)
+        expected = residual_reach(allowed & (r > 0), c, r)
+        assert (reached is None) == (expected is None) == feasible, (allowed, c, r, mass)
+        assert reached is None or (reached == expected).all(), (allowed, c, r, reached, expected)
+        if feasible and parts[0] is not None:
+            outcomes["enough" if len(networks) == 2 else "short"] += 1  # residual_reach's flow is the last one
+        verdicts[feasible] += 1
+    assert verdicts[True] > 50 and verdicts[False] > 50, verdicts
+    assert outcomes["enough"] > 20 and outcomes["short"] > 20, outcomes
