@@ -634,7 +634,10 @@ def _source_side(flow, edges: np.ndarray, supply: np.ndarray) -> np.ndarray:
     cluster reaches back to the groups that send it flow; the source reaches the groups whose supply is not used up.
     ``graph - flow`` and a breadth-first search over it took twice the network again."""
     g, k = edges.shape
-    groups, clusters, amounts = [], [], []
+    # typed empty parts first: a flow whose groups' rows hold no entry at all (a SciPy that drops the explicit zeros
+    # of a flow that sends nothing) walks from an empty flow, not into np.concatenate([])
+    groups, clusters = [np.empty(0, np.intp)], [np.empty(0, flow.indices.dtype)]
+    amounts = [np.empty(0, flow.data.dtype)]
     start, stop = int(flow.indptr[0]), int(flow.indptr[g])  # the groups' rows
     for begin in range(start, stop, BLOCK_ELEMENTS):
         end = min(begin + BLOCK_ELEMENTS, stop)

@@ -645,7 +645,8 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, dty
         advice = (
             f"A tol of {tol:g} meets the floor that float32 arithmetic leaves on the measured error (about "
             "1e-7 on the CPU; on a GPU, not yet measured, allow a few 1e-6: its sums over the samples round), "
-            f"which more iterations do not lower: pass float64 scores (or features) for it, or a larger tol. Otherwise {retry}"
+            "which more iterations do not lower: pass float64 scores (or features) for it, or a larger tol. "
+            f"Otherwise {retry}"
         )
     warnings.warn(
         f"{caller} did not converge: {describe_error(out.error, tol)} after {out.n_iter} iterations "

@@ -883,3 +883,18 @@ def test_the_part_first_and_the_residual_walk_give_the_verdict_and_cut_of_the_wh
         verdicts[feasible] += 1
     assert verdicts[True] > 50 and verdicts[False] > 50, verdicts
     assert outcomes["enough"] > 20 and outcomes["short"] > 20, outcomes
+
+
+def test_the_cut_walks_from_a_flow_that_stores_no_entries():
+    """A flow matrix with nothing stored in the groups' rows (a SciPy that drops the zeros of a flow that sends
+    nothing) is walked as the zero flow: every group with supply is reached, and every cluster one of them may use
+    (np.concatenate of no parts raised)."""
+    from scipy.sparse import csr_array
+
+    from otlabel.feasibility import _source_side
+
+    edges = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=bool)  # 3 groups x 3 clusters
+    supply = np.array([5, 0, 2])
+    size = edges.shape[0] + edges.shape[1] + 2
+    empty_flow = csr_array((np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(size + 1, np.int32)), (size, size))
+    assert _source_side(empty_flow, edges, supply).tolist() == [True, False, False]
