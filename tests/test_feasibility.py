@@ -810,6 +810,21 @@ def test_a_dense_random_mask_is_decided_on_a_part_of_its_pairs(monkeypatch):
     assert len(networks) == 2 and networks[0] < networks[1] / 10, networks  # the part fell short: the whole decided
 
 
+def test_a_wide_dense_random_mask_is_decided_on_a_part_of_its_pairs(monkeypatch):
+    """With many more clusters than samples (300 x 4,000, 40% allowed: 480,000 pairs, the part's threshold lowered)
+    8 pairs a sample left ~2% of the clusters none: the flow could not fill them and the whole network was built
+    too. Clusters left few pairs keep more of their own: the part alone decides."""
+    from otlabel import feasibility
+
+    monkeypatch.setattr(feasibility, "SPARSE_FIRST_ABOVE_EDGES", 100_000)
+    rng = np.random.default_rng(6)
+    n, k = 300, 4000
+    allowed = rng.random((n, k)) < 0.4
+    networks = flow_networks(monkeypatch)
+    assert raises(patterns_of(allowed, np.full(n, 1 / n)), np.full(k, 1 / k)) is None
+    assert len(networks) == 1 and networks[0] < allowed.sum() / 5, networks
+
+
 def residual_reach(edges, c, r) -> np.ndarray | None:
     """The clusters on the source side of a minimum cut, by a breadth-first search over the residual network formed
     as a matrix (graph - flow), or None when the flow saturates the groups: a reference for _source_side."""
