@@ -644,9 +644,9 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, dty
     if dtype is not None and dtype != torch.float64 and near_floor:
         advice = (
             f"A tol of {tol:g} meets the floor that float32 arithmetic leaves on the measured error (about "
-            "1e-7 on the CPU; on a GPU, not yet measured, allow a few 1e-6: its sums over the samples round), "
-            "which more iterations do not lower: pass float64 scores (or features) for it, or a larger tol. "
-            f"Otherwise {retry}"
+            "1e-7 on the CPU, up to ~1e-6 on some problems; on a GPU, not yet measured, allow a few 1e-6: its sums "
+            "over the samples round), which more iterations do not lower: pass float64 scores (or features) for it, "
+            f"or a larger tol. Otherwise {retry}"
         )
     warnings.warn(
         f"{caller} did not converge: {describe_error(out.error, tol)} after {out.n_iter} iterations "

@@ -8,7 +8,7 @@ reference), batched heads and the command line. What each result must satisfy, w
 * its codes are ``softmax(S / eps + b)`` of its own potentials ``b`` (float64 arithmetic here), and its labels the
   argmax of those logits wherever the top two are not within the door's rounding;
 * ``converged`` is honest: the returned codes' cluster marginals are within ``tol`` (plus the float32 drift the
-  README allows, ~4e-8 x |S| / eps, and its floor of about 1e-6);
+  README allows, ~4e-8 x |S| / eps, and its floor of about 1e-7 to 1e-6);
 * it solves the reference's problem: codes close to the reference's, and labels equal wherever the reference's
   top-two margin exceeds twice the largest difference of the two sets of potentials (up to a constant), which is
   where they cannot differ;
