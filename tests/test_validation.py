@@ -382,9 +382,10 @@ TOO_TIGHT = dict(epsilon=0.5, max_iter=300, tol=1e-9)
     ],
 )
 def test_a_tol_below_the_float32_floor_is_told_to_pass_float64(solve):
-    """float32 arithmetic leaves the measured error a floor (README: about 1e-7 on the CPU; 2.6e-8 here after 300 iterations,
-    the same after 3,000), and the warning's only advice was to raise max_iter, raise epsilon or warm-start, none
-    of which gets below it. It says so and names the fix; float64 input, which reaches the tol, is not told."""
+    """float32 arithmetic leaves the measured error a floor (README: about 1e-7 on the CPU; 2.6e-8 here after 300
+    iterations, the same after 3,000), and the warning's only advice was to raise max_iter, raise epsilon or
+    warm-start, none of which gets below it. It says so and names the fix; float64 input, which reaches the tol, is
+    not told."""
     s, z, c = random_problem(60, 4, seed=47), random_problem(60, 3, seed=48), random_problem(4, 3, seed=49)
     with pytest.warns(ConvergenceWarning, match="floor .* float32 arithmetic .* pass float64") as caught:
         res = solve(s, z, c)
