@@ -343,8 +343,13 @@ def random_case(rng):
 def decided_cases(rng, count: int, margin: float):
     """(allowed, c, r, mass, feasible) of up to ``count`` random cases, with the LP's verdict; those within ``margin``
     below the boundary (the check's rounding tolerance) are skipped."""
-    for _ in range(count):
-        case = random_case(rng)
+    return with_lp_verdicts((random_case(rng) for _ in range(count)), margin)
+
+
+def with_lp_verdicts(cases, margin: float):
+    """(allowed, c, r, mass, feasible) of each case that is not None, with the LP's verdict, skipping those within
+    ``margin`` below the boundary."""
+    for case in cases:
         if case is None:
             continue
         allowed, c, r = case
@@ -855,20 +860,15 @@ def residual_reach(edges, c, r) -> np.ndarray | None:
 def planted_cases(rng, count: int, margin: float):
     """As decided_cases, over planted_case's masks (up to 80 x 12, zero weights in some) and, every third, a mask with
     a few -inf scores a sample (mostly feasible, with room to spare)."""
-    for index in range(count):
-        if index % 3 == 2:
-            n, k = int(rng.integers(20, 80)), int(rng.integers(3, 12))
-            allowed, c, r = rng.random((n, k)) > 0.2, rng.random(n) + 0.1, rng.random(k) + 0.1
-            case = allowed, c / c.sum(), r / r.sum()
-        else:
-            case = planted_case(rng, zero_weights=index % 2 == 1)
-        if case is None:
-            continue
-        allowed, c, r = case
-        mass = lp_max_mass(allowed, c, r)
-        if 1 - margin <= mass < 1 - 1e-9:
-            continue
-        yield allowed, c, r, mass, mass >= 1 - 1e-9
+
+    def case(index: int):
+        if index % 3 != 2:
+            return planted_case(rng, zero_weights=index % 2 == 1)
+        n, k = int(rng.integers(20, 80)), int(rng.integers(3, 12))
+        allowed, c, r = rng.random((n, k)) > 0.2, rng.random(n) + 0.1, rng.random(k) + 0.1
+        return allowed, c / c.sum(), r / r.sum()
+
+    return with_lp_verdicts(map(case, range(count)), margin)
 
 
 def test_the_part_first_and_the_residual_walk_give_the_verdict_and_cut_of_the_whole_network(monkeypatch):

@@ -335,11 +335,8 @@ def test_the_advice_for_a_bfloat16_file_works(tmp_path, monkeypatch):
             solve(given)
         message = str(refused.value)
         x = given if isinstance(given, np.ndarray) else np.load(path, mmap_mode="r")
-        tensor = re.search(r"memory, (torch\.from_numpy\(.*?\)\.view\(torch\.bfloat16\))", message)
-        assert tensor, message
-        with warnings.catch_warnings():  # torch.from_numpy of a read-only memmap: "The given NumPy array is not ...
-            warnings.simplefilter("ignore", UserWarning)
-            shared = eval(tensor[1], {"np": np, "torch": torch, "x": x})
+        assert "a bfloat16 tensor that shares their memory, torch.from_numpy(x.view" in message, message
+        shared = advised_bfloat16_tensor(message, x)
         assert_bitwise_same(sinkhorn_assign_stream(shared, **kw), want, f"{message}: the shared tensor")
         if isinstance(x, np.memmap):
             run_conversion_advice(message, path)
@@ -369,12 +366,17 @@ def test_the_advice_for_a_reversed_bfloat16_view_works(tmp_path):
             with pytest.raises(TypeError, match=r"dtype \|V2: 2-byte raw values") as refused:
                 solve(x)
             message = str(refused.value)
-            tensor = re.search(r"(torch\.from_numpy\(.*?\)\.view\(torch\.bfloat16\))", message)
-            assert tensor, message
-            with warnings.catch_warnings():  # torch.from_numpy of a read-only memmap: "The given NumPy array is not ...
-                warnings.simplefilter("ignore", UserWarning)
-                given = eval(tensor[1], {"np": np, "torch": torch, "x": x})
+            given = advised_bfloat16_tensor(message, x)
             assert_bitwise_same(sinkhorn_assign_stream(given, **kw), want, f"{message}: the advised tensor")
+
+
+def advised_bfloat16_tensor(message: str, x: np.ndarray) -> torch.Tensor:
+    """The bfloat16 tensor an error ``message`` about raw 2-byte values advises, run as written on ``x``."""
+    tensor = re.search(r"(torch\.from_numpy\(.*?\)\.view\(torch\.bfloat16\))", message)
+    assert tensor, message
+    with warnings.catch_warnings():  # torch.from_numpy of a read-only memmap: "The given NumPy array is not ...
+        warnings.simplefilter("ignore", UserWarning)
+        return eval(tensor[1], {"np": np, "torch": torch, "x": x})
 
 
 def test_bad_arguments(tmp_path):
