@@ -21,8 +21,8 @@ from .problem import (
     complex_conversion,
     dense_tensor,
     raw_bfloat16_error,
-    refuse_masked_array,
     share_numpy,
+    unmasked_array,
 )
 
 
@@ -139,7 +139,7 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
             return x
         x = x.array
     if isinstance(x, np.ndarray):
-        refuse_masked_array(x, name)
+        x = unmasked_array(x, name)
         if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # x.astype(np.float32) fails on raw values
             convert = f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}."
             if isinstance(x, np.memmap) and x.ndim:  # a file, perhaps larger than memory

@@ -142,7 +142,7 @@ def as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return dense_tensor(x, name)
     if isinstance(x, np.ndarray):
-        refuse_masked_array(x, name)
+        x = unmasked_array(x, name)
         if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # np.asarray(x, dtype=np.float32), advised below, fails
             raise raw_bfloat16_error(x, name, f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}.")
         if x.dtype.kind not in "biufc":  # object, string, date arrays: torch's own error names no fix
@@ -202,16 +202,22 @@ def raw_bfloat16_error(x: np.ndarray, name: str, convert: str) -> TypeError:
                      f"float32 values. {convert}")  # fmt: skip
 
 
-def refuse_masked_array(x: np.ndarray, name: str) -> None:
-    """A NumPy masked array's mask would be dropped without a word (its hidden values read as if unmasked)."""
-    if isinstance(x, np.ma.MaskedArray):
-        fix = (
-            "x.filled(-np.inf) forbids the masked pairs (-inf marks a sample that may not go to a cluster)"
-            if name in ("scores", "bias")
-            else "x.filled(...) with the values the masked entries should have"
-        )
-        raise TypeError(f"{name} is a NumPy masked array, whose mask otlabel would ignore: pass a plain array. "
-                        f"{fix}; np.asarray(x) keeps the hidden values.")  # fmt: skip
+def unmasked_array(x: np.ndarray, name: str) -> np.ndarray:
+    """``x``, or the data of a NumPy masked array that hides nothing (``np.ma.nomask`` or an all-False mask: every
+    value shows, as outputs of that kind are written). One that hides entries is refused: its mask would be dropped
+    without a word, the hidden values read as if unmasked."""
+    if not isinstance(x, np.ma.MaskedArray):
+        return x
+    hidden = int(np.count_nonzero(np.ma.getmask(x)))  # nomask: np.False_, none
+    if not hidden:
+        return np.ma.getdata(x)  # shares memory (a memmap's data stays a memmap)
+    fix = (
+        "x.filled(-np.inf) forbids the masked pairs (-inf marks a sample that may not go to a cluster)"
+        if name in ("scores", "bias")
+        else "x.filled(...) with the values the masked entries should have"
+    )
+    raise TypeError(f"{name} is a NumPy masked array with {hidden:,} masked entries, whose mask otlabel would ignore: "
+                    f"pass a plain array. {fix}; np.asarray(x) keeps the hidden values.")  # fmt: skip
 
 
 def dense_tensor(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -830,6 +830,30 @@ def test_masked_arrays_are_refused_on_the_streamed_and_features_paths():
         sinkhorn_assign(features=m, prototypes=S[:3].numpy(), epsilon=1.0)
 
 
+def test_masked_arrays_that_hide_nothing_are_read_as_their_data(tmp_path):
+    """A masked array with np.ma.nomask or an all-False mask hides no value (outputs of that kind are written), but
+    it was refused as scores, features or weights whatever its mask; it is now read as its data, in memory, streamed
+    and memory-mapped. One that hides values is still refused, the message counting them."""
+    scores, w = S.numpy(), np.full(4, 0.25)
+    path = tmp_path / "s.npy"
+    np.save(path, scores)
+    for solve in (sinkhorn_assign, sinkhorn_assign_stream):
+        want = solve(scores, 0.1, cluster_weights=w)
+        for mask in (np.ma.nomask, np.zeros(scores.shape, dtype=bool)):
+            for given in (scores, np.load(path, mmap_mode="r")):
+                res = solve(np.ma.masked_array(given, mask=mask), 0.1, cluster_weights=np.ma.masked_array(w))
+                assert torch.equal(res.labels, want.labels), (solve, mask, type(given))
+                assert torch.equal(res.cluster_potentials, want.cluster_potentials), (solve, mask, type(given))
+    z = np.ma.masked_array(scores, mask=np.ma.nomask)
+    assert torch.equal(sinkhorn_assign(features=z, prototypes=S[:3].numpy(), epsilon=1.0).labels,
+                       sinkhorn_assign(features=scores, prototypes=S[:3].numpy(), epsilon=1.0).labels)  # fmt: skip
+    hides_two = np.ma.masked_array(scores, mask=np.zeros(scores.shape, dtype=bool))
+    hides_two[0, 1] = hides_two[3, 2] = np.ma.masked
+    for solve in (sinkhorn_assign, sinkhorn_assign_stream):
+        with pytest.raises(TypeError, match="scores is a NumPy masked array with 2 masked entries"):
+            solve(hides_two, 0.1)
+
+
 def test_a_view_with_its_negative_bit_set_is_read_as_its_values():
     """z.conj().imag is a real view whose negation is pending: NumPy, used in the checks, refused to read it
     ("Can't call numpy() on Tensor that has negative bit set")."""
