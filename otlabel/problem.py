@@ -216,8 +216,9 @@ def unmasked_array(x: np.ndarray, name: str) -> np.ndarray:
         if name in ("scores", "bias")
         else "x.filled(...) with the values the masked entries should have"
     )
-    raise TypeError(f"{name} is a NumPy masked array with {hidden:,} masked entries, whose mask otlabel would ignore: "
-                    f"pass a plain array. {fix}; np.asarray(x) keeps the hidden values.")  # fmt: skip
+    entries = "entry" if hidden == 1 else "entries"
+    raise TypeError(f"{name} is a NumPy masked array with {hidden:,} masked {entries}, whose mask otlabel would "
+                    f"ignore: pass a plain array. {fix}; np.asarray(x) keeps the hidden values.")  # fmt: skip
 
 
 def dense_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -252,7 +253,7 @@ def one_number(x, name: str, what: str = "one positive number") -> numbers.Real:
     if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype != torch.bool:
         x = x.item()  # a complex one stays complex, and is refused below
     elif isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "iuf":
-        x = x.item()
+        x = unmasked_array(x, name).item()  # .item() reads a masked array's hidden value (np.ma.masked's as 0.0)
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):  # numbers.Real: NumPy scalars too
         # the dtype too: a one-element bool or complex one read "got Tensor of shape ()", which the message allows
         shape = f" of shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, (torch.Tensor, np.ndarray)) else ""

@@ -854,6 +854,27 @@ def test_masked_arrays_that_hide_nothing_are_read_as_their_data(tmp_path):
             solve(hides_two, 0.1)
 
 
+def test_a_number_given_as_a_masked_array_that_hides_it_is_refused():
+    """epsilon, tol and SeLa's lam and tol are read as one number, by .item(), which reads a 0-d or one-element masked
+    array's hidden value as if it showed (epsilon=np.ma.masked_array(0.1, mask=True) solved at 0.1), and np.ma.masked
+    itself read as 0.0 ("epsilon must be a finite number > 0, got 0.0"). Such a number is refused as a masked array
+    that hides one entry, as arrays are; one that hides nothing is read as its value."""
+    s = S.numpy()
+    hidden = np.ma.masked_array(0.1, mask=True)
+    for call in (
+        lambda: sinkhorn_assign(s, hidden),
+        lambda: sinkhorn_assign(s, np.ma.masked),
+        lambda: sinkhorn_assign(s, np.ma.masked_array([0.1], mask=[True])),
+        lambda: sinkhorn_assign(s, 0.1, tol=np.ma.masked_array(1e-3, mask=True)),
+        lambda: sela_sinkhorn(s, lam=np.ma.masked_array(25.0, mask=True)),
+        lambda: sela_sinkhorn(s, tol=np.ma.masked_array(0.1, mask=True)),
+    ):
+        with pytest.raises(TypeError, match=r"is a NumPy masked array with 1 masked entry, whose mask"):
+            call()
+    shown = sinkhorn_assign(s, np.ma.masked_array(0.1, mask=False), tol=np.ma.masked_array(1e-3))
+    assert torch.equal(shown.cluster_potentials, sinkhorn_assign(s, 0.1, tol=1e-3).cluster_potentials)
+
+
 def test_a_view_with_its_negative_bit_set_is_read_as_its_values():
     """z.conj().imag is a real view whose negation is pending: NumPy, used in the checks, refused to read it
     ("Can't call numpy() on Tensor that has negative bit set")."""
