@@ -830,6 +830,23 @@ def test_a_wide_dense_random_mask_is_decided_on_a_part_of_its_pairs(monkeypatch)
     assert len(networks) == 1 and networks[0] < allowed.sum() / 5, networks
 
 
+def test_a_dense_random_mask_with_uneven_cluster_weights_is_decided_on_a_part_of_its_pairs(monkeypatch):
+    """With uneven cluster weights (2,000 x 300, 40% allowed, weights exponential squared; the part's threshold
+    lowered) the heaviest clusters drew at least 8 pairs, but too little mass to fill them: the flow on the part fell
+    short and the whole network was built too (19,000 x 1,000: 387 MiB against 67). Clusters the draw left too
+    little mass keep more of their pairs: the part alone decides."""
+    from otlabel import feasibility
+
+    monkeypatch.setattr(feasibility, "SPARSE_FIRST_ABOVE_EDGES", 100_000)
+    rng = np.random.default_rng(7)
+    n, k = 2000, 300
+    allowed = rng.random((n, k)) < 0.4
+    r = rng.exponential(size=k) ** 2
+    networks = flow_networks(monkeypatch)
+    assert raises(patterns_of(allowed, np.full(n, 1 / n)), r / r.sum()) is None
+    assert len(networks) == 1 and networks[0] < allowed.sum() / 5, networks
+
+
 def residual_reach(edges, c, r) -> np.ndarray | None:
     """The clusters on the source side of a minimum cut, by a breadth-first search over the residual network formed
     as a matrix (graph - flow), or None when the flow saturates the groups: a reference for _source_side."""
