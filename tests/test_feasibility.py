@@ -918,7 +918,7 @@ def test_the_part_first_and_the_residual_walk_give_the_verdict_and_cut_of_the_wh
             ways["whole" if "whole" in networks else "grown" if len(networks) > 1 else "drawn"] += 1
         verdicts[feasible] += 1
     assert verdicts[True] > 50 and verdicts[False] > 50, verdicts
-    assert min(ways.values()) > 20, ways
+    assert min(ways.values()) > 10, ways
 
 
 def test_the_cut_walks_from_a_flow_that_stores_no_entries():
