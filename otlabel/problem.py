@@ -165,6 +165,9 @@ def as_tensor(x, name: str) -> torch.Tensor:
                              f"got {[(tuple(t.shape), str(t.device)) for t in x]}.")  # fmt: skip
         return torch.stack([dense_tensor(t, name) for t in x])
     if isinstance(x, (list, tuple)):
+        hidden = hidden_in_list(x)
+        if hidden:  # np.asarray reads what they hide
+            raise masked_error(name, hidden, "given as a list holds NumPy masked arrays", "np.ma.stack(x)")
         try:
             array = np.asarray(x)
         except ValueError:
@@ -211,14 +214,36 @@ def unmasked_array(x: np.ndarray, name: str) -> np.ndarray:
     hidden = int(np.count_nonzero(np.ma.getmask(x)))  # nomask: np.False_, none
     if not hidden:
         return np.ma.getdata(x)  # shares memory (a memmap's data stays a memmap)
+    raise masked_error(name, hidden, "is a NumPy masked array", "x")
+
+
+def hidden_in_list(x: list | tuple) -> int:
+    """The entries hidden by the NumPy masked arrays (rows, or single masked values such as ``np.ma.masked``) in the
+    list or tuple ``x``, at any depth of nesting: ``np.asarray(x)`` reads them as if unmasked. A list of plain numbers
+    is passed over by the types it holds (10,000 lists of 1,000 floats: ~0.2-0.35 s, np.asarray ~0.2 s; item by item,
+    1.4 s)."""
+    if not any(issubclass(kind, (np.ma.MaskedArray, list, tuple)) for kind in set(map(type, x))):
+        return 0
+    hidden = 0
+    for item in x:
+        if isinstance(item, np.ma.MaskedArray):
+            hidden += int(np.count_nonzero(np.ma.getmask(item)))
+        elif isinstance(item, (list, tuple)):
+            hidden += hidden_in_list(item)
+    return hidden
+
+
+def masked_error(name: str, hidden: int, given: str, masked: str) -> TypeError:
+    """The error for ``hidden`` masked entries in ``name``, which ``given`` (``is a NumPy masked array``);
+    ``masked``: the expression that makes it one masked array, in the fix."""
     fix = (
-        "x.filled(-np.inf) forbids the masked pairs (-inf marks a sample that may not go to a cluster)"
+        f"{masked}.filled(-np.inf) forbids the masked pairs (-inf marks a sample that may not go to a cluster)"
         if name in ("scores", "bias")
-        else "x.filled(...) with the values the masked entries should have"
+        else f"{masked}.filled(...) with the values the masked entries should have"
     )
     entries = "entry" if hidden == 1 else "entries"
-    raise TypeError(f"{name} is a NumPy masked array with {hidden:,} masked {entries}, whose mask otlabel would "
-                    f"ignore: pass a plain array. {fix}; np.asarray(x) keeps the hidden values.")  # fmt: skip
+    return TypeError(f"{name} {given} with {hidden:,} masked {entries}, whose mask otlabel would ignore: pass a "
+                     f"plain array. {fix}; np.asarray(x) keeps the hidden values.")  # fmt: skip
 
 
 def dense_tensor(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -875,6 +875,27 @@ def test_a_number_given_as_a_masked_array_that_hides_it_is_refused():
     assert torch.equal(shown.cluster_potentials, sinkhorn_assign(s, 0.1, tol=1e-3).cluster_potentials)
 
 
+def test_masked_arrays_inside_a_list_are_refused_when_they_hide_entries():
+    """A list of masked rows ([row for row in masked_scores]) went through np.asarray, which reads what the masks
+    hide: the hidden scores were solved as if allowed. Masked arrays anywhere in a list or tuple (rows, nested lists,
+    single masked values) are now refused as a masked array is, their hidden entries counted; rows that hide nothing
+    are read as their values."""
+    s = S.numpy()
+    hides_two = np.ma.masked_array(s, mask=np.zeros(s.shape, dtype=bool))
+    hides_two[0, 1] = hides_two[3, 2] = np.ma.masked
+    for given in ([row for row in hides_two], tuple(hides_two), [[row[:2], row[2:]] for row in hides_two]):
+        with pytest.raises(TypeError, match=r"scores given as a list holds NumPy masked arrays with 2 masked entries"):
+            sinkhorn_assign(given, 0.1)
+    nested = [[float(v) for v in row] for row in s]
+    nested[5][3] = np.ma.masked
+    with pytest.raises(TypeError, match=r"scores given as a list .* 1 masked entry, .*filled\(-np.inf\)"):
+        sinkhorn_assign(nested, 0.1)
+    with pytest.raises(TypeError, match=r"cluster_weights given as a list .* 1 masked entry"):
+        sinkhorn_assign(s, 0.1, cluster_weights=[0.25, np.ma.masked, 0.25, 0.25])
+    shown = [np.ma.masked_array(row, mask=False) for row in s]
+    assert torch.equal(sinkhorn_assign(shown, 0.1).labels, sinkhorn_assign(s, 0.1).labels)
+
+
 def test_a_view_with_its_negative_bit_set_is_read_as_its_values():
     """z.conj().imag is a real view whose negation is pending: NumPy, used in the checks, refused to read it
     ("Can't call numpy() on Tensor that has negative bit set")."""
