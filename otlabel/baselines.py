@@ -17,7 +17,7 @@ import numbers
 import numpy as np
 import torch
 
-from .problem import as_tensor, check_epsilon, check_scores, one_number, real_as_float
+from .problem import as_tensor, check_epsilon, check_scores, described, one_number, real_as_float
 from .solver import is_number
 
 
@@ -61,7 +61,7 @@ def refuse_fully_masked(scores: torch.Tensor) -> None:
 
 def check_iterations(n_iter, name: str = "n_iter") -> int:
     if not is_number(n_iter, numbers.Integral) or n_iter < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (the number of iterations), got {n_iter!r}.")
+        raise ValueError(f"{name} must be an integer >= 0 (the number of iterations), got {described(n_iter)}.")
     return int(n_iter)
 
 

@@ -55,6 +55,7 @@ from .problem import (
     check_scores,
     check_weights,
     compute_dtype_of,
+    described,
     max_score_span,
     refuse_bool_weights,
     weight_rounding,
@@ -405,7 +406,7 @@ def sinkhorn_assign_sharded(
     failure, meta, shard, c_local = None, None, None, None
     try:  # local checks: a failure is shared with the other ranks below, not raised before they hear of it
         if not timeout_ok:
-            raise ValueError(f"timeout must be a positive number of seconds (a finite one), got {timeout!r}.")
+            raise ValueError(f"timeout must be a positive number of seconds (a finite one), got {described(timeout)}.")
         if local_scores is not None:
             raise ValueError("give scores= only: local_scores= is its former name.")
         check_flags(allow_tf32=allow_tf32, warn=warn)

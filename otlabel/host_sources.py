@@ -26,7 +26,7 @@ import torch
 from .backends.torch_backend import compute_dtype, in_callers_mode
 from .features import check_bias, check_feature_shapes, not_finite_error
 from .inputs import open_host_array
-from .problem import autocast_off
+from .problem import autocast_off, described
 from .solver import is_number
 from .sources import ScoreSource
 
@@ -51,7 +51,8 @@ def default_memory_budget(device: torch.device) -> int:
 def check_memory_budget(memory_budget) -> None:
     if not is_number(memory_budget, numbers.Integral) or memory_budget <= 0:
         raise ValueError(
-            f"memory_budget must be a positive number of bytes (an integer, e.g. 1 << 30), got {memory_budget!r}."
+            "memory_budget must be a positive number of bytes (an integer, e.g. 1 << 30), got "
+            f"{described(memory_budget)}."
         )
 
 

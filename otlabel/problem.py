@@ -287,6 +287,17 @@ def one_number(x, name: str, what: str = "one positive number") -> numbers.Real:
     return x
 
 
+def described(x) -> str:
+    """``repr(x)`` for a message refusing ``x`` as a number, but a NumPy masked array said to be one, with what it
+    hides: its repr, four lines, shows a hidden value as ``--``."""
+    if not isinstance(x, np.ma.MaskedArray):
+        return repr(x)
+    hidden = int(np.count_nonzero(np.ma.getmask(x)))
+    entries = "entry" if hidden == 1 else "entries"
+    hides = f"with {hidden:,} masked {entries}" if hidden else "that hides nothing"
+    return f"a NumPy masked array of shape {x.shape} {hides} (pass a plain number)"
+
+
 def check_epsilon(epsilon) -> float:
     epsilon = real_as_float(one_number(epsilon, "epsilon"))
     if not math.isfinite(epsilon) or epsilon <= 0:

@@ -32,6 +32,7 @@ from .problem import (
     check_score_values,
     compute_dtype_of,
     dense_tensor,
+    described,
     one_number,
     real_as_float,
     validate,
@@ -435,10 +436,10 @@ def check_solver_options(max_iter, tol, acceleration, over_relaxation, callback=
         raise TypeError(f"callback must be a function callback(iteration, error) (or None), got "
                         f"{type(callback).__name__}.")  # fmt: skip
     if not is_number(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
+        raise ValueError(f"max_iter must be an integer >= 1, got {described(max_iter)}.")
     tol = check_tol(tol)
     if over_relaxation is not None and not (is_number(over_relaxation) and 1.0 <= over_relaxation < 2.0):
-        raise ValueError(f"over_relaxation must be in [1, 2), got {over_relaxation!r}; 1 is plain Sinkhorn.")
+        raise ValueError(f"over_relaxation must be in [1, 2), got {described(over_relaxation)}; 1 is plain Sinkhorn.")
     return resolve_acceleration(acceleration, float(over_relaxation) if over_relaxation else None, tol)
 
 
@@ -571,7 +572,9 @@ def sinkhorn_assign(
         raise TypeError("sinkhorn_assign needs scores (N, K), or features= with prototypes=.")
     acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation, callback)  # before reading S
     if epsilon_scaling is not None and not (is_number(epsilon_scaling) and 0 < epsilon_scaling < 1):
-        raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {epsilon_scaling!r}.")
+        raise ValueError(
+            f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {described(epsilon_scaling)}."
+        )
     problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph)
     if cuda_graph:
         return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration)

@@ -15,6 +15,7 @@ from otlabel import (
     sinkhorn_assign,
     sinkhorn_assign_sharded,
     sinkhorn_assign_stream,
+    swav_sinkhorn,
 )
 from otlabel.problem import MAX_SCORE_SPAN_FP32, _autocast_takes_a_device_type
 
@@ -894,6 +895,32 @@ def test_masked_arrays_inside_a_list_are_refused_when_they_hide_entries():
         sinkhorn_assign(s, 0.1, cluster_weights=[0.25, np.ma.masked, 0.25, 0.25])
     shown = [np.ma.masked_array(row, mask=False) for row in s]
     assert torch.equal(sinkhorn_assign(shown, 0.1).labels, sinkhorn_assign(s, 0.1).labels)
+
+
+def test_an_integer_or_option_given_as_a_masked_array_is_refused_saying_so():
+    """max_iter, over_relaxation, epsilon_scaling, memory_budget, n_iter and timeout given a NumPy masked array
+    were refused with its repr, four lines ending "masked_array(data=--, mask=True, fill_value=999999, dtype=int64)"
+    mid-sentence; the message now says it is a masked array and what it hides."""
+    s = S.numpy()
+
+    def hidden(value):
+        return np.ma.masked_array(value, mask=True)
+
+    for name, call in (
+        ("max_iter", lambda: sinkhorn_assign(s, 0.1, max_iter=hidden(50))),
+        ("over_relaxation", lambda: sinkhorn_assign(s, 0.1, over_relaxation=hidden(1.5))),
+        ("epsilon_scaling", lambda: sinkhorn_assign(s, 0.1, epsilon_scaling=hidden(0.5))),
+        ("memory_budget", lambda: sinkhorn_assign_stream(s, 0.1, memory_budget=hidden(2**20))),
+        ("n_iter", lambda: sela_sinkhorn(s, n_iter=hidden(10))),
+        ("n_iter", lambda: swav_sinkhorn(s, n_iter=hidden(3))),
+        ("timeout", lambda: sinkhorn_assign_sharded(s, 0.1, timeout=hidden(3.0))),
+    ):
+        with pytest.raises(ValueError, match=rf"^{name} must .*got a NumPy masked array of shape \(\) with 1 masked "
+                           r"entry \(pass a plain number\)") as info:  # fmt: skip
+            call()
+        assert "masked_array(" not in str(info.value) and "\n" not in str(info.value), str(info.value)
+    with pytest.raises(ValueError, match=r"got a NumPy masked array of shape \(\) that hides nothing"):
+        sinkhorn_assign(s, 0.1, max_iter=np.ma.masked_array(50))
 
 
 def test_a_view_with_its_negative_bit_set_is_read_as_its_values():
