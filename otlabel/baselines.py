@@ -21,34 +21,35 @@ from .problem import as_tensor, check_epsilon, check_scores, described, one_numb
 from .solver import is_number
 
 
-def check_baseline_scores(scores, name: str, integers_as: torch.dtype) -> torch.Tensor:
+def check_baseline_scores(scores, name: str, integers_as: torch.dtype, given: str = "scores") -> torch.Tensor:
     """One (N, K) problem of real scores, as :func:`otlabel.sinkhorn_assign` takes them (a tensor, NumPy array or
     list), except that integer (or bool) scores are taken, as ``integers_as``: the loops took them before they were
     checked (SwAV's division promotes them to torch's default dtype, SeLa's ``np.asarray(logits, np.float64)``).
-    Only shape and dtype: the values are judged by :func:`refuse_non_finite`."""
-    scores = as_tensor(scores, "scores")
+    Only shape and dtype: the values are judged by :func:`refuse_non_finite`. ``given``: the argument's name."""
+    scores = as_tensor(scores, given)
     if not (scores.is_floating_point() or scores.is_complex() or scores.is_quantized):  # check_scores refuses those
         scores = scores.to(integers_as)
-    scores3, batched = check_scores(scores)
+    scores3, batched = check_scores(scores, given)
     if batched:
         raise ValueError(f"{name} takes one (N, K) problem, got shape {tuple(scores3.shape)}; loop over the heads "
-                         "yourself (scores[h]).")  # fmt: skip
+                         f"yourself ({given}[h]).")  # fmt: skip
     return scores3[0]
 
 
-def refuse_non_finite(scores: torch.Tensor) -> None:
+def refuse_non_finite(scores: torch.Tensor, name: str = "scores") -> None:
     """NaN or +inf among the scores: the loops' output would be NaN, silently. The overflow of ``exp(S / eps)`` that
     the linear-domain loop is known for is left as it is."""
     bad = torch.isnan(scores) | torch.isposinf(scores)
     if bool(bad.any()):
         j, k = (int(i) for i in torch.nonzero(bad)[0])
         what = "NaN" if math.isnan(float(scores[j, k])) else "+inf"
-        raise ValueError(f"scores contain {what} (first at index ({j}, {k}) of the (N, K) scores). Fix the model "
+        raise ValueError(f"{name} contain {what} (first at index ({j}, {k}) of the (N, K) {name}). Fix the model "
                          "output; only -inf is allowed: 'this sample may not go to this cluster'.")  # fmt: skip
 
 
-def refuse_fully_masked(scores: torch.Tensor) -> None:
-    """A sample, or a cluster, whose every score is -inf: the loops divide 0 by 0 there and return NaN, silently."""
+def refuse_fully_masked(scores: torch.Tensor, entry: str = "score") -> None:
+    """A sample, or a cluster, whose every score is -inf: the loops divide 0 by 0 there and return NaN, silently.
+    ``entry``: what one of them is called in the message (SeLa's: ``logit``)."""
     masked = torch.isneginf(scores)
     for dim, what, fix in ((1, "sample", "it cannot go to any cluster. Allow at least one cluster per sample, or drop "
                             "the sample."),
@@ -56,7 +57,7 @@ def refuse_fully_masked(scores: torch.Tensor) -> None:
                             "sample per cluster, or drop the cluster.")):  # fmt: skip
         full = masked.all(dim)
         if bool(full.any()):
-            raise ValueError(f"infeasible mask: {what} {int(torch.nonzero(full)[0])} has every score -inf, so {fix}")
+            raise ValueError(f"infeasible mask: {what} {int(torch.nonzero(full)[0])} has every {entry} -inf, so {fix}")
 
 
 def check_iterations(n_iter, name: str = "n_iter") -> int:
@@ -119,7 +120,7 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
         n_iter: most iterations.
         tol: SeLa's stopping threshold on the change of ``c`` (above), or ``None`` for exactly ``n_iter``.
     """
-    logits = check_baseline_scores(logits, "sela_sinkhorn", torch.float64)  # may require grad or be on a GPU
+    logits = check_baseline_scores(logits, "sela_sinkhorn", torch.float64, "logits")  # may require grad or be on a GPU
     # Numbers, or one-element tensors or arrays (scheduled values), as sinkhorn_assign takes epsilon and tol (a 0-d
     # array was refused). As floats: a Python int beyond float's range (10**400) raised OverflowError in isfinite, a
     # Fraction NumPy's ufunc error in the power below.
@@ -136,8 +137,8 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
     row_max = logits.max(axis=1, keepdims=True)
     # NaN or +inf (max propagates both), or a sample or a cluster masked everywhere
     if not np.isfinite(row_max).all() or np.isneginf(logits.max(axis=0)).any():
-        refuse_non_finite(torch.from_numpy(logits))
-        refuse_fully_masked(torch.from_numpy(logits))
+        refuse_non_finite(torch.from_numpy(logits), "logits")
+        refuse_fully_masked(torch.from_numpy(logits), "logit")
     p0 = np.exp(logits - row_max)
     p0 /= p0.sum(axis=1, keepdims=True)
     p0 **= lam  # (N, K); underflows to 0 where lam * log p0 < -745

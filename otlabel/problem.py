@@ -238,7 +238,7 @@ def masked_error(name: str, hidden: int, given: str, masked: str) -> TypeError:
     ``masked``: the expression that makes it one masked array, in the fix."""
     fix = (
         f"{masked}.filled(-np.inf) forbids the masked pairs (-inf marks a sample that may not go to a cluster)"
-        if name in ("scores", "bias")
+        if name in ("scores", "logits", "bias")
         else f"{masked}.filled(...) with the values the masked entries should have"
     )
     entries = "entry" if hidden == 1 else "entries"
@@ -357,24 +357,25 @@ def check_float_dtype(x: torch.Tensor, name: str) -> None:
                         f"{float_conversion(x, name)}")  # fmt: skip
 
 
-def check_scores(scores) -> tuple[torch.Tensor, bool]:
-    """Shape and dtype of the score matrix; returns the (H, N, K) view and whether it was batched."""
-    scores = as_tensor(scores, "scores")
+def check_scores(scores, name: str = "scores") -> tuple[torch.Tensor, bool]:
+    """Shape and dtype of the score matrix (called ``name`` in the messages: SeLa's are ``logits``); returns the
+    (H, N, K) view and whether it was batched."""
+    scores = as_tensor(scores, name)
     if scores.dtype not in FLOAT_DTYPES:
-        fix = float_conversion(scores, "scores")
+        fix = float_conversion(scores, name)
         if not scores.is_complex():
-            fix = f"{fix[:-1]} (a NumPy array: scores.astype(np.float32))."
+            fix = f"{fix[:-1]} (a NumPy array: {name}.astype(np.float32))."
         raise TypeError(
-            f"scores must be a floating-point tensor (float16, bfloat16, float32 or float64), got {scores.dtype}. {fix}"
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {scores.dtype}. {fix}"
         )
     if scores.ndim not in (2, 3):
         raise ValueError(
-            f"scores must have shape (N, K) or (H, N, K) — samples by clusters, optionally with a leading head "
+            f"{name} must have shape (N, K) or (H, N, K) — samples by clusters, optionally with a leading head "
             f"dimension — got shape {tuple(scores.shape)}."
         )
     if scores.numel() == 0:
         raise ValueError(
-            f"scores is empty (shape {tuple(scores.shape)}): "
+            f"{name} is empty (shape {tuple(scores.shape)}): "
             "there must be at least one sample, one cluster and one head."
         )
     batched = scores.ndim == 3

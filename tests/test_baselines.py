@@ -123,7 +123,7 @@ BAD_BASELINE_INPUTS = [
     # torch's "Creation of quantized tensor requires quantized dtype like torch.quint8", from a cast to float
     ("swav quantized", lambda: swav_sinkhorn(_quantized(), 0.05, 3), TypeError,
      ["scores must be a floating-point tensor", "got torch.qint8", "Convert with scores.dequantize()"]),
-    ("sela quantized", lambda: sela_sinkhorn(_quantized()), TypeError, ["got torch.qint8", "scores.dequantize()"]),
+    ("sela quantized", lambda: sela_sinkhorn(_quantized()), TypeError, ["got torch.qint8", "logits.dequantize()"]),
 ]  # fmt: skip
 
 
@@ -156,6 +156,30 @@ def test_sela_baseline_takes_tol_and_lam_as_sinkhorn_assign_takes_tol_and_epsilo
             sela_sinkhorn(logits, **bad)
     with pytest.raises(ValueError, match="tol must be a positive number"):
         sela_sinkhorn(logits, tol=np.array(0.0))
+
+
+def test_sela_baseline_calls_its_argument_logits_in_its_messages():
+    """sela_sinkhorn(logits) borrowed sinkhorn_assign's checks, whose messages named an argument it does not have:
+    "scores contain NaN", "scores is a NumPy masked array", "loop over the heads yourself (scores[h])", "every score
+    -inf". They name logits now; swav_sinkhorn's, whose argument is scores, are unchanged."""
+    nan = np.zeros((3, 2))
+    nan[1, 0] = np.nan
+    hidden = np.ma.masked_array(np.zeros((3, 2)), mask=[[True, False], [False, False], [False, False]])
+    for logits, error, words in (
+        (nan, ValueError, "logits contain NaN (first at index (1, 0) of the (N, K) logits)"),
+        (hidden, TypeError, "logits is a NumPy masked array with 1 masked entry"),
+        (np.zeros(4), ValueError, "logits must have shape (N, K)"),
+        (np.zeros((0, 4)), ValueError, "logits is empty"),
+        (np.zeros((2, 3, 4)), ValueError, "loop over the heads yourself (logits[h])"),
+        (np.array([[0.0, 1.0], [-np.inf, -np.inf]]), ValueError, "sample 1 has every logit -inf"),
+        (np.zeros((2, 2), dtype=np.complex128), TypeError, "logits must be a floating-point tensor"),
+        ("logits.npy", TypeError, "logits must be a torch.Tensor"),
+    ):
+        with pytest.raises(error) as info:
+            sela_sinkhorn(logits)
+        assert words in str(info.value) and "scores" not in str(info.value), str(info.value)
+    with pytest.raises(ValueError, match=r"^scores contain NaN .* of the \(N, K\) scores\)"):
+        swav_sinkhorn(nan)
 
 
 def test_baselines_take_integer_scores_as_before_their_checks():
