@@ -894,7 +894,8 @@ def test_the_part_first_and_the_residual_walk_give_the_verdict_and_cut_of_the_wh
     the flows on a random part of the pairs, grown by the pairs that cross its cut, then on the whole network, give
     the verdict of the LP, and the clusters on the source side of the cut, walked from the flow on the pairs, are
     those a search over the residual network formed as a matrix finds. Each way of deciding is taken many times:
-    on the part as drawn, on the part grown, and on the whole network (the part grown to most of the pairs)."""
+    on the part as drawn, on the part grown, and on the whole network (the part grown to most of the pairs, or its
+    rounds used up)."""
     from otlabel import feasibility
 
     monkeypatch.setattr(feasibility, "SPARSE_FIRST_ABOVE_EDGES", -1)
@@ -908,6 +909,7 @@ def test_the_part_first_and_the_residual_walk_give_the_verdict_and_cut_of_the_wh
     for allowed, c, r, mass, feasible in planted_cases(rng, 400, margin=1e-6):
         monkeypatch.setattr(feasibility, "SPARSE_EDGES_PER_GROUP", int(rng.integers(1, 4)))
         monkeypatch.setattr(feasibility, "SPARSE_MASS_FACTOR", float(rng.choice([0, 1, 4])))
+        monkeypatch.setattr(feasibility, "MAX_PART_ROUNDS", int(rng.choice([1, 2, 8])))  # 1, 2: rounds run out too
         networks.clear()
         parts.clear()
         reached = feasibility._reached_clusters(allowed & (r > 0), c, r, feasibility.MASS_TOLERANCE)
