@@ -9,6 +9,7 @@ The streamed, features, sharded and command-line paths open their inputs here (i
 
 from __future__ import annotations
 
+import math
 import os
 import tokenize
 
@@ -115,15 +116,53 @@ def block_conversion(x: np.ndarray, part: str) -> str:
     """The advice to convert a memory-mapped file ``x`` to a float32 file a block of rows at a time, each block of about
     :data:`BLOCK_ENTRIES` values, since ``x.astype`` would read it whole. ``part`` is what a block of the new file is
     set to, ``{rows}`` standing for the block of ``x``. The rows are the samples: in an (H, N, K) file of heads, the
-    second axis (blocks of the first, the heads, were the whole file)."""
-    heads = x.ndim == 3
-    n = x.shape[1] if heads else len(x)
-    step = max(1, BLOCK_ENTRIES // max(1, x.size // max(1, n)))  # rows per block
+    second axis (blocks of the first, the heads, were the whole file). The blocks are the file's, of which ``x`` may
+    be a view: then the advice ends with the same view of the new file."""
+    shape = _file_shape(x)
+    heads = len(shape) == 3
+    step = max(1, BLOCK_ENTRIES // max(1, math.prod(shape[1:]) if not heads else shape[0] * shape[2]))  # rows a block
     rows, count = (f"[:, i : i + {step}]", "x.shape[1]") if heads else (f"[i : i + {step}]", "len(x)")
-    return ("Convert the file a block of rows at a time (not whole: it would be read into memory at once): "
-            "x = np.load(path, mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, "
-            f"x.shape), then y{rows} = {part.format(rows='x' + rows)} for i in range(0, {count}, {step}), and "
-            "y.flush().")  # fmt: skip
+    advice = ("Convert the file a block of rows at a time (not whole: it would be read into memory at once): "
+              "x = np.load(path, mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, "
+              f"x.shape), then y{rows} = {part.format(rows='x' + rows)} for i in range(0, {count}, {step}), and "
+              "y.flush().")  # fmt: skip
+    if not _whole_file(x) or not x.flags.c_contiguous:  # a view of the file (reversed, sliced...), which y is not
+        view = _same_view(x)
+        advice += (" That converts the whole file in its own layout, which your array changes: pass "
+                   + (f"{view}, your view of the new file." if view else "the same view of the new file (slice, "
+                      "transpose, reversal) as your array is of this one."))  # fmt: skip
+    return advice
+
+
+def _file_shape(x: np.memmap) -> tuple:
+    """The shape of the ``.npy`` file ``x`` maps (its own, where that file cannot be read as one)."""
+    try:
+        return np.load(x.filename, mmap_mode="r").shape
+    except (OSError, ValueError, TypeError):  # a raw np.memmap, a file gone or changed
+        return x.shape
+
+
+def _whole_file(x: np.memmap) -> bool:
+    """Whether ``x`` holds every value of its file (in whatever order)."""
+    return bool(x.filename) and os.path.exists(x.filename) and os.path.getsize(x.filename) - x.offset == x.nbytes
+
+
+def _same_view(x: np.memmap) -> str | None:
+    """What makes ``y``, the file converted, the view ``x`` is of its file: ``y.T``, ``y[::-1]``,
+    ``y.transpose(...)[:, ::-1]`` where ``x`` reorders and reverses the axes of the whole file; ``None`` otherwise."""
+    order = np.argsort([-abs(stride) for stride in x.strides], kind="stable")  # the file's axes, outermost first
+    sizes = [x.shape[axis] for axis in order]
+    file_strides = np.cumprod([x.itemsize, *sizes[:0:-1]])[::-1]  # those of a C-ordered file of that shape
+    if not _whole_file(x) or any(abs(x.strides[a]) != stride for a, stride in zip(order, file_strides, strict=True)):
+        return None
+    view = "y"
+    if list(order) != sorted(order):
+        view += ".T" if x.ndim == 2 else f".transpose{tuple(int(a) for a in np.argsort(order))}"
+    flips = [stride < 0 for stride in x.strides]
+    if any(flips):
+        last = max(i for i, flip in enumerate(flips) if flip)
+        view += f"[{', '.join('::-1' if flip else ':' for flip in flips[: last + 1])}]"
+    return view
 
 
 def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor | SwappedArray:

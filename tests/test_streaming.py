@@ -317,6 +317,51 @@ def test_the_advice_for_a_file_of_another_dtype_converts_it_in_blocks_of_rows(sh
     assert converted.dtype == np.float32 and np.array_equal(converted, values)
 
 
+@pytest.mark.parametrize("view", ["[::-1]", "[:, ::-1]", "[::-1, ::-1]", ".T", "3d"])
+def test_the_advice_for_a_view_of_a_file_of_another_dtype_ends_with_the_same_view(view, tmp_path, monkeypatch):
+    """A reversed or transposed view of an integer .npy file (np.load(path, mmap_mode='r')[::-1]) was advised the
+    conversion of the whole file, which keeps the file's order: the new file passed as advised solved the scores
+    unreversed. The advice now ends with the same view of the new file (y[::-1], y.T, y.transpose(1, 0, 2)[:, ::-1]);
+    run as written, with the blocks sized by the file's rows, it solves as the view's float32 values."""
+    from otlabel import inputs
+
+    monkeypatch.setattr(inputs, "BLOCK_ENTRIES", 64, raising=False)
+    monkeypatch.chdir(tmp_path)
+    shape = (2, 30, 4) if view == "3d" else (30, 4)
+    np.save(tmp_path / "ints.npy", np.random.default_rng(0).integers(-9, 9, shape, dtype=np.int32))
+    file = np.load(tmp_path / "ints.npy", mmap_mode="r")
+    x = file.transpose(1, 0, 2)[:, ::-1] if view == "3d" else eval(f"file{view}")
+    with pytest.raises(TypeError, match="got dtype int32. Convert the file a block of rows at a time") as refused:
+        sinkhorn_assign_stream(x)
+    message = str(refused.value)
+    said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
+    assert said, message
+    blocks = run_conversion_advice(message, tmp_path / "ints.npy")
+    assert len(blocks) > 1 and max(blocks) <= 64, blocks
+    given = eval(said[1], {"y": np.load("new.npy", mmap_mode="r")})
+    kw = dict(epsilon=0.5, tol=None, max_iter=3)
+    want = sinkhorn_assign_stream(x.astype(np.float32), **kw)
+    assert_bitwise_same(sinkhorn_assign_stream(given, **kw), want, message)
+    unviewed = sinkhorn_assign_stream(np.load("new.npy"), **kw)  # what the advice alone gave
+    assert unviewed.labels.shape != want.labels.shape or not torch.equal(unviewed.labels, want.labels)
+
+
+def test_the_advice_for_a_slice_of_a_file_of_another_dtype_says_to_slice_the_new_file(tmp_path):
+    """A slice of an integer file (rows 10-20, every other column) cannot be told apart as one expression: the advice,
+    which converts the whole file, says to pass the same view of the new file. The whole file, and a raw np.memmap
+    (no .npy header to read the file's shape from), get the advice alone."""
+    np.save(tmp_path / "ints.npy", np.zeros((30, 4), np.int32))
+    file = np.load(tmp_path / "ints.npy", mmap_mode="r")
+    np.zeros((30, 4), np.int32).tofile(tmp_path / "raw.bin")
+    raw = np.memmap(tmp_path / "raw.bin", dtype=np.int32, mode="r", shape=(30, 4))
+    for x, same_view in ((file[10:20], True), (file[:, ::2], True), (file, False), (raw, False)):
+        with pytest.raises(TypeError, match="Convert the file a block of rows at a time") as refused:
+            sinkhorn_assign_stream(x)
+        says = "pass the same view of the new file (slice, transpose, reversal) as your array is of this one."
+        assert str(refused.value).endswith(says) == same_view, str(refused.value)
+        assert str(refused.value).endswith("y.flush().") != same_view, str(refused.value)
+
+
 def test_the_advice_for_a_bfloat16_file_works(tmp_path, monkeypatch):
     """A bfloat16 .npy (ml_dtypes saves its 2-byte raw values: NumPy reads dtype V2) was refused with advice to convert
     with x.astype(np.float32) (in memory, np.asarray(x, dtype=np.float32)), which fails on raw values ("setting an
