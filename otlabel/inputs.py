@@ -23,6 +23,7 @@ from .problem import (
     dense_tensor,
     raw_bfloat16_error,
     share_numpy,
+    structured_error,
     unmasked_array,
 )
 
@@ -179,6 +180,8 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
         x = x.array
     if isinstance(x, np.ndarray):
         x = unmasked_array(x, name)
+        if x.dtype.names:  # records: neither conversion below applies
+            raise structured_error(x, name)
         if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # x.astype(np.float32) fails on raw values
             convert = f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}."
             if isinstance(x, np.memmap) and x.ndim:  # a file, perhaps larger than memory

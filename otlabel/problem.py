@@ -143,6 +143,8 @@ def as_tensor(x, name: str) -> torch.Tensor:
         return dense_tensor(x, name)
     if isinstance(x, np.ndarray):
         x = unmasked_array(x, name)
+        if x.dtype.names:  # records: neither conversion below applies
+            raise structured_error(x, name)
         if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # np.asarray(x, dtype=np.float32), advised below, fails
             raise raw_bfloat16_error(x, name, f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}.")
         if x.dtype.kind not in "biufc":  # object, string, date arrays: torch's own error names no fix
@@ -203,6 +205,15 @@ def raw_bfloat16_error(x: np.ndarray, name: str, convert: str) -> TypeError:
     return TypeError(f"{name} has dtype {x.dtype}: 2-byte raw values, as NumPy saves bfloat16 (ml_dtypes), which "
                      f"x.astype cannot convert. If they are bfloat16, pass a bfloat16 tensor {tensor}, or their "
                      f"float32 values. {convert}")  # fmt: skip
+
+
+def structured_error(x: np.ndarray, name: str) -> TypeError:
+    """The error for a NumPy array of records (a structured dtype, e.g. ``[('score', '<f4'), ('id', '<i8')]``): its
+    2-byte ones are no bfloat16 raw values, and ``x.astype(np.float32)`` fails on any. The fix picks a field."""
+    field = x.dtype.names[0]
+    return TypeError(f"{name} is a NumPy array of records (structured dtype {x.dtype}, fields "
+                     f"{', '.join(map(repr, x.dtype.names))}), not of numbers: pass the field that holds the values, "
+                     f"x[{field!r}] (a view; x[{field!r}].astype(np.float32) if it holds other numbers).")  # fmt: skip
 
 
 def unmasked_array(x: np.ndarray, name: str) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Bad input gets a specific exception whose message says what is wrong; extreme but valid input works."""
 
+import re
 import warnings
 
 import numpy as np
@@ -853,6 +854,33 @@ def test_masked_arrays_that_hide_nothing_are_read_as_their_data(tmp_path):
     for solve in (sinkhorn_assign, sinkhorn_assign_stream):
         with pytest.raises(TypeError, match="scores is a NumPy masked array with 2 masked entries"):
             solve(hides_two, 0.1)
+
+
+def test_arrays_of_records_are_refused_with_advice_to_pick_a_field(tmp_path):
+    """A structured array (records) was told, for a 2-byte one, that it held bfloat16 raw values (the advised view
+    then read int16 bits as bfloat16), and for others to convert with x.astype(np.float32), which NumPy refuses. It
+    is now told to pass a field: run as written, that solves as the field's values, in memory, streamed and from a
+    memory-mapped file."""
+    scores = S.numpy()
+    for fields in ([("a", "<i2")], [("score", "<f4"), ("id", "<i8")]):
+        records = np.zeros(scores.shape, dtype=fields)
+        records[fields[0][0]] = scores * (100 if fields[0][1] == "<i2" else 1)
+        path = tmp_path / "records.npy"
+        np.save(path, records)
+        for solve in (sinkhorn_assign, sinkhorn_assign_stream):
+            for x in (records, np.load(path, mmap_mode="r"), path)[: 3 if solve is sinkhorn_assign_stream else 2]:
+                with pytest.raises(
+                    TypeError, match=r"scores is a NumPy array of records \(structured dtype"
+                ) as refused:
+                    solve(x, 0.5)
+                advised = re.search(
+                    r"pass the field that holds the values, (x\[.*?\]) \(a view; (.*?) if", str(refused.value)
+                )
+                assert advised, str(refused.value)
+                x = np.load(path, mmap_mode="r") if x is path else x
+                want = solve(records[fields[0][0]].astype(np.float32), 0.5)
+                given = eval(advised[2 if fields[0][1] == "<i2" else 1], {"x": x, "np": np})
+                assert torch.equal(solve(given, 0.5).labels, want.labels), (fields, solve, type(x))
 
 
 def test_a_number_given_as_a_masked_array_that_hides_it_is_refused():
