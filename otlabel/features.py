@@ -21,7 +21,16 @@ import torch
 from .backends import _triton_usable, check_backend_name
 from .inputs import open_host_array  # what the streamed and reference paths take too, with their errors
 from .kernels.utils import KERNEL_DTYPES
-from .problem import MAX_SCORE_SPAN_FP32, check_epsilon, check_float_dtype, check_weights, dense_tensor, span_error
+from .problem import (
+    MAX_SCORE_SPAN_FP32,
+    ScoreSpanError,
+    bad_features_row_error,
+    check_epsilon,
+    check_float_dtype,
+    check_weights,
+    dense_tensor,
+    span_error,
+)
 from .solver import (
     LoopOutput,
     check_init,
@@ -53,8 +62,12 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
     if backend == "reference":
         from .solver import sinkhorn_assign
 
-        res = sinkhorn_assign(dense_scores(features, prototypes, bias), epsilon, backend="reference", warn=False,
-                              **solve)  # fmt: skip
+        try:
+            res = sinkhorn_assign(dense_scores(features, prototypes, bias), epsilon, backend="reference", warn=False,
+                                  **solve)  # fmt: skip
+        except ScoreSpanError as error:  # said for the features and prototypes, as the other paths say it
+            span_over_eps, compute_dtype, detail, _ = error.parts
+            raise span_error(span_over_eps, compute_dtype, detail, features=True) from None
     elif uses_kernel(features, backend):
         res = solve_with_kernel(features, prototypes, bias, epsilon, allow_tf32=allow_tf32, **solve)
     else:
@@ -142,6 +155,13 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
     scores = torch.matmul(z, c.transpose(-1, -2))  # (N, K) or (H, N, K)
     if b is not None:  # (K,) or (H, K); a (1, K) bias of unbatched (K, D) prototypes keeps the scores (N, K)
         scores = scores + (b.reshape(-1, 1, b.shape[-1]) if c.ndim == 3 else b.reshape(-1))
+    # Finite inputs and a checked bias: NaN, +inf, or a row all -inf is a product that overflowed float64. Said as the
+    # chunked path says it (which likewise takes a lone -inf product as the 0 it stands for), not as "scores contain
+    # NaN" of scores the caller never passed.
+    overflow = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=-1) | torch.isneginf(scores).all(dim=-1)
+    if bool(overflow.any()):
+        row = int(torch.nonzero(overflow.reshape(-1, overflow.shape[-1]).any(dim=0))[0])
+        raise bad_features_row_error(row, "", z, torch.float64, math.nan)
     return scores
 
 

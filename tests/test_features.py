@@ -419,3 +419,19 @@ def test_numpy_features_are_solved_on_the_cpu_where_a_gpu_exists(monkeypatch):
     res = sinkhorn_assign(features=z.numpy(), prototypes=c.numpy(), epsilon=0.1)
     assert res.cluster_potentials.device.type == "cpu" and res.labels.device.type == "cpu"
     assert torch.equal(res.labels, want.labels)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_features_too_large_are_named_as_features_on_the_reference_path(backend):
+    """The reference path materialises Z C^T in float64 and solved it as dense scores, so its refusals spoke of scores
+    the caller never passed: float64 features of 1e200 (products 1e400, inf - inf = NaN) were "scores contain NaN ...
+    Fix the model output", and products of 1e38 with epsilon 0.05 were told to "Subtract each sample's maximum
+    (scores - scores.amax(-1, keepdim=True))". Every path now says what the torch path says: the products overflow,
+    or are too large for epsilon, and the features and prototypes want L2-normalising."""
+    z, c = normalised(6, 3, 85).double(), normalised(4, 3, 86).double()
+    with pytest.raises(ValueError, match="overflow float64 arithmetic .* L2-normalise the features") as info:
+        sinkhorn_assign(features=z * 1e200, prototypes=c * 1e200, epsilon=0.05, backend=backend)
+    assert "NaN (first at" not in str(info.value)
+    with pytest.raises(ValueError, match="L2-normalise the features and the prototypes") as info:
+        sinkhorn_assign(features=z * 1e19, prototypes=c * 1e19, epsilon=0.05, backend=backend)
+    assert "scores.amax" not in str(info.value)
