@@ -684,6 +684,7 @@ def check_rows(
     from_features: bool = False,
     features: torch.Tensor | None = None,
     epsilon: float | None = None,
+    given_rows=None,
 ) -> torch.Tensor | None:
     """The per-sample checks of :func:`otlabel.problem.check_score_values` on a chunk ``(H, T, K)`` whose first
     sample is sample ``offset``: NaN, +inf, samples with nowhere to go, and (given ``inv_eps``: 1 when the chunk
@@ -696,7 +697,9 @@ def check_rows(
     condition must see: :func:`~otlabel.feasibility.collect_masks`), or None when there are none. The verdict and
     that answer come back from the device in one read: one synchronisation per chunk on a GPU. ``features``: the
     (N, D) features the scores came from, read on failure only, to tell a bad row from scores that overflow;
-    ``epsilon``: the solve's, for a span error to say the scores' size and the temperature (as the dense check does)."""
+    ``epsilon``: the solve's, for a span error to say the scores' size and the temperature (as the dense check does);
+    ``given_rows``: for a chunk of ``S / eps``, a function returning the chunk's scores as given (read on failure only),
+    to tell a +inf given from finite scores whose quotient by epsilon overflows."""
     span_limit = math.inf if not inv_eps else max_score_span(compute_dtype) / inv_eps  # in the chunk's units
     in_weighted = scores if weighted is None else scores.index_select(2, weighted)
     weighted_row_min, weighted_row_max = aminmax(in_weighted, dim=2)  # (H, T): NaN and +inf propagate
@@ -706,12 +709,12 @@ def check_rows(
     good, any_masked = torch.stack([good & torch.isfinite(row_max).all(), masked.any()]).tolist()
     if not good:
         raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
-                           from_features, features, epsilon)  # fmt: skip
+                           from_features, features, epsilon, given_rows)  # fmt: skip
     return masked if any_masked else None
 
 
 def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
-                       from_features=False, features=None, epsilon=None) -> None:  # fmt: skip
+                       from_features=False, features=None, epsilon=None, given_rows=None) -> None:  # fmt: skip
     """The failure path of :func:`check_rows`: the error that names the first bad sample (``batched=False``:
     indices of (N, K) scores, as the caller passed them; ``from_features``: the scores are Z C^T + bias, whose
     prototypes and bias were checked, so a NaN or inf comes from a row of the ``features`` or from products
@@ -728,6 +731,10 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
     if torch.isposinf(row_max).any():
         h, j, k = _first_index(torch.isposinf(scores))
         index = index_in_input((h, j + offset, k), batched)
+        given = math.inf if given_rows is None else float(given_rows()[h, j, k])
+        if math.isfinite(given) and epsilon is not None:  # finite as given: S / eps overflowed, the span error's case
+            detail = f" (a score of {given:.3g} at index {index}{where}, epsilon {epsilon:.3g})"
+            raise span_error(abs(given) / epsilon, compute_dtype, detail)
         raise ValueError(
             f"scores contain +inf, or scores / epsilon overflow (first at index {index}{where}). "
             "Only -inf is allowed, and it means 'this sample may not go to this cluster'."

@@ -253,7 +253,8 @@ class StreamingOperator(LogDomainOperator):
             # x is S / eps: inv_eps 1, and the solve's epsilon for a message to say the size of S
             masked = check_rows(x, self.weighted, rows.start, inv_eps=1.0, compute_dtype=self.dtype,
                                 batched=self.source.batched, from_features=from_features,
-                                features=getattr(self.source, "features", None), epsilon=self.epsilon)  # fmt: skip
+                                features=getattr(self.source, "features", None), epsilon=self.epsilon,
+                                given_rows=lambda rows=rows: self.source.chunk(rows))  # fmt: skip
             if patterns is not None:
                 collect_masks(patterns, x, masked, self.sample_mass[rows])  # for Hall's condition, decided at the end
             col_max = torch.maximum(col_max, column_max(x))

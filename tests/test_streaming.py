@@ -1448,3 +1448,28 @@ def test_a_streamed_cuda_solve_stays_within_its_budget(dtype):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     assert peak <= budget + (2 << 20), f"{dtype}: peak {peak / 2**20:.2f} MiB against a budget of 8 MiB"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_scores_whose_quotient_by_epsilon_overflows_get_the_span_error(tmp_path, dtype):
+    """Finite scores of 3e38 (float32) or 1.7e308 (float64) at epsilon 0.05: the streamed check sees S / eps,
+    already inf, and said "scores contain +inf, or scores / epsilon overflow ... Only -inf is allowed": no fix for the
+    overflow, where the dense check names the size of the scores and the shifts, float64 or a larger epsilon. The
+    streamed path now reads the offending score as given and says the same; a +inf given is still named as such."""
+    from otlabel.problem import ScoreSpanError
+
+    big = 3e38 if dtype == np.float32 else 1.7e308
+    scores = random_problem(30, 4, seed=7).numpy().astype(dtype)
+    scores[11, 2] = big
+    path = tmp_path / "s.npy"
+    np.save(path, scores)
+    said = r"reach (6e\+39|inf) \(a score of (3e\+38|1\.7e\+308) at index \(11, 2\).* Subtract each sample's maximum"
+    with pytest.raises(ScoreSpanError, match=said) as info:
+        sinkhorn_assign_stream(path, 0.05, memory_budget=budget_for(7, k=4))
+    assert "+inf" not in str(info.value)
+    scores[11, 2] = np.inf
+    np.save(path, scores)
+    with pytest.raises(
+        ValueError, match=r"scores contain \+inf, or scores / epsilon overflow \(first at index \(11, 2"
+    ):
+        sinkhorn_assign_stream(path, 0.05, memory_budget=budget_for(7, k=4))
