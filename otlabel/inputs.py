@@ -9,6 +9,7 @@ The streamed, features, sharded and command-line paths open their inputs here (i
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tokenize
@@ -127,8 +128,8 @@ def block_conversion(x: np.ndarray, part: str) -> str:
               "x = np.load(path, mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, "
               f"x.shape), then y{rows} = {part.format(rows='x' + rows)} for i in range(0, {count}, {step}), and "
               "y.flush().")  # fmt: skip
-    if not _whole_file(x) or not x.flags.c_contiguous:  # a view of the file (reversed, sliced...), which y is not
-        view = _same_view(x)
+    view = _same_view(x)
+    if view != "y":  # a view of the file (reversed, sliced...), which y is not
         advice += (" That converts the whole file in its own layout, which your array changes: pass "
                    + (f"{view}, your view of the new file." if view else "the same view of the new file (slice, "
                       "transpose, reversal) as your array is of this one."))  # fmt: skip
@@ -143,27 +144,44 @@ def _file_shape(x: np.memmap) -> tuple:
         return x.shape
 
 
-def _whole_file(x: np.memmap) -> bool:
-    """Whether ``x`` holds every value of its file (in whatever order)."""
-    return bool(x.filename) and os.path.exists(x.filename) and os.path.getsize(x.filename) - x.offset == x.nbytes
-
-
 def _same_view(x: np.memmap) -> str | None:
-    """What makes ``y``, the file converted, the view ``x`` is of its file: ``y.T``, ``y[::-1]``,
-    ``y.transpose(...)[:, ::-1]`` where ``x`` reorders and reverses the axes of the whole file; ``None`` otherwise."""
-    order = np.argsort([-abs(stride) for stride in x.strides], kind="stable")  # the file's axes, outermost first
-    sizes = [x.shape[axis] for axis in order]
-    file_strides = np.cumprod([x.itemsize, *sizes[:0:-1]])[::-1]  # those of a C-ordered file of that shape
-    if not _whole_file(x) or any(abs(x.strides[a]) != stride for a, stride in zip(order, file_strides, strict=True)):
+    """What makes ``y``, the file converted (C-ordered, in the file's shape), the view ``x`` is of its file: ``y``
+    itself, ``y.T``, ``y[::-1]``, ``y.transpose(...)[:, ::-1]`` where ``x`` reorders and reverses the axes of the whole
+    file, ``y.reshape(...)`` where it reshapes the whole file in order; ``None`` otherwise (a slice, a step). The file
+    is read as ``np.load`` reads it (a Fortran-ordered one too), or, where it cannot (a raw file), as ``x``'s memmap
+    was opened."""
+    if not x.filename or getattr(x, "_mmap", None) is None or x.offset is None:
         return None
-    view = "y"
-    if list(order) != sorted(order):
-        view += ".T" if x.ndim == 2 else f".transpose{tuple(int(a) for a in np.argsort(order))}"
-    flips = [stride < 0 for stride in x.strides]
-    if any(flips):
-        last = max(i for i, flip in enumerate(flips) if flip)
-        view += f"[{', '.join('::-1' if flip else ':' for flip in flips[: last + 1])}]"
-    return view
+    root = x  # the memmap as opened, whose first byte is byte x.offset of the file
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    try:
+        file = np.load(x.filename, mmap_mode="r")
+    except (OSError, ValueError, TypeError):  # a raw np.memmap (no header), a file gone
+        file = root
+    if not isinstance(file, np.memmap) or file.dtype != x.dtype or file.size != x.size:
+        return None
+    if not x.size:  # no values to reorder
+        return "y" if x.shape == file.shape else None
+    start = x.ctypes.data - root.ctypes.data + x.offset - file.offset  # bytes from the file's first value to x's
+    if x.ndim == file.ndim:
+        for perm in itertools.permutations(range(x.ndim)):  # x = file.transpose(perm)[flips]? (size-1 axes: any)
+            if any(x.shape[j] != file.shape[a] or (x.shape[j] > 1 and abs(x.strides[j]) != file.strides[a])
+                   for j, a in enumerate(perm)):  # fmt: skip
+                continue
+            flips = [x.shape[j] > 1 and x.strides[j] < 0 for j in range(x.ndim)]
+            if start != sum((x.shape[j] - 1) * -x.strides[j] for j in range(x.ndim) if flips[j]):
+                continue
+            view = "y"
+            if list(perm) != sorted(perm):
+                view += ".T" if x.ndim == 2 else f".transpose{perm}"
+            if any(flips):
+                last = max(j for j, flip in enumerate(flips) if flip)
+                view += f"[{', '.join('::-1' if flip else ':' for flip in flips[: last + 1])}]"
+            return view
+    if start == 0 and x.flags.c_contiguous and file.flags.c_contiguous:  # the file's values in order, reshaped
+        return f"y.reshape{x.shape}"
+    return None
 
 
 def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor | SwappedArray:

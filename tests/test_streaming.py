@@ -362,6 +362,41 @@ def test_the_advice_for_a_slice_of_a_file_of_another_dtype_says_to_slice_the_new
         assert str(refused.value).endswith("y.flush().") != same_view, str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "layout, view",
+    [("F", ""), ("F", "[::-1]"), ("F", ".T"), ("C", ".reshape(20, 6)"), ("C", "[:1].T"), ("offset", "")]
+    + [("C", "[::-2]")],
+)
+def test_the_advice_for_any_view_of_a_file_of_another_dtype_gives_the_views_values(layout, view, tmp_path, monkeypatch):
+    """The view ending the conversion advice was read from the view's strides as if the file were C-ordered and whole
+    from x.offset: a Fortran-ordered file as loaded was told to pass y.T (its [::-1] y.T[::-1], its .T nothing), a
+    reshape of the whole file nothing (the new file has the file's shape) or y[::-1] for a reversed one, a transposed
+    1-row file nothing, and a np.memmap opened one row past the header nothing, as if it were the whole file. Run as
+    written, the advice and the view it ends with (or the new file, where it names none) now give the view's values,
+    and a view no expression gives (a step, a memmap missing rows) is told to pass the same view."""
+    from otlabel import inputs
+
+    monkeypatch.setattr(inputs, "BLOCK_ENTRIES", 64, raising=False)
+    monkeypatch.chdir(tmp_path)
+    values = np.random.default_rng(1).integers(-9, 9, (1, 4) if view == "[:1].T" else (30, 4), dtype=np.int32)
+    np.save(tmp_path / "ints.npy", np.asfortranarray(values) if layout == "F" else values)
+    file = np.load(tmp_path / "ints.npy", mmap_mode="r")
+    x = eval(f"file{view}")
+    if layout == "offset":  # opened directly, one row past the header: rows 1-29
+        x = np.memmap(tmp_path / "ints.npy", np.int32, "r", offset=file.offset + 16, shape=(29, 4))
+    with pytest.raises(TypeError, match="Convert the file a block of rows at a time") as refused:
+        sinkhorn_assign_stream(x)
+    message = str(refused.value)
+    run_conversion_advice(message, tmp_path / "ints.npy")
+    if layout == "offset" or view == "[::-2]":
+        assert message.endswith("pass the same view of the new file (slice, transpose, reversal) as your array is of "
+                                "this one."), message  # fmt: skip
+        return
+    said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
+    given = eval(said[1] if said else "y", {"y": np.load("new.npy", mmap_mode="r")})
+    assert given.shape == x.shape and np.array_equal(given, x), message
+
+
 def test_the_advice_for_a_bfloat16_file_works(tmp_path, monkeypatch):
     """A bfloat16 .npy (ml_dtypes saves its 2-byte raw values: NumPy reads dtype V2) was refused with advice to convert
     with x.astype(np.float32) (in memory, np.asarray(x, dtype=np.float32)), which fails on raw values ("setting an
