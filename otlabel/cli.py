@@ -354,11 +354,13 @@ def open_inputs(args):
 def read_cluster_weights(args, n: int, k: int):
     """--cluster-weights, read and checked by the library's rules (shape, values, sum) in the command line's words;
     ``None`` when not given."""
-    from .problem import checked_host_weights, transposed_hint
+    from .problem import checked_host_weights, structured_error, transposed_hint
 
     if args.cluster_weights is None:
         return None
     weights = load_small(args.cluster_weights, "cluster weights")
+    if weights.dtype.names:  # records: a field is saved as a file of its own (no view can be given here)
+        raise InputError(str(structured_error(weights, "--cluster-weights", from_path=True)))
     try:
         checked_host_weights(weights, k, "--cluster-weights", "number of clusters K")
         return np.array(weights)  # as stored: the mask check allows for the rounding of their dtype (float32 4/7)

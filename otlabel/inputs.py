@@ -190,7 +190,8 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
     with ``copied_anyway``: a NumPy view with a negative stride or an array in non-native byte order (big-endian),
     which torch cannot share, is then copied (in native order, with positive strides), else returned as a
     :class:`SwappedArray`, converted block by block as the streamed sources read it."""
-    if isinstance(x, (str, os.PathLike)):
+    from_path = isinstance(x, (str, os.PathLike))
+    if from_path:
         x = load_npy(os.fspath(x), name, mmap_mode="r")
     if isinstance(x, SwappedArray):  # opened already (the command line opens its inputs for their shapes first)
         if not copied_anyway:
@@ -199,7 +200,7 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
     if isinstance(x, np.ndarray):
         x = unmasked_array(x, name)
         if x.dtype.names:  # records: neither conversion below applies
-            raise structured_error(x, name)
+            raise structured_error(x, name, from_path)
         if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # x.astype(np.float32) fails on raw values
             convert = f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}."
             if isinstance(x, np.memmap) and x.ndim:  # a file, perhaps larger than memory
@@ -218,7 +219,9 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
             if not copied_anyway:
                 return SwappedArray(x)
             x = x.astype(x.dtype.newbyteorder("="))  # in native order, and with positive strides
-        if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]), which torch cannot share either
+        # A reversed view (x[::-1]), or a field of packed records (strides not a multiple of the values' size):
+        # torch cannot share either
+        if any(stride < 0 or stride % x.itemsize for stride in x.strides):
             if not copied_anyway:
                 return SwappedArray(x)
             x = np.ascontiguousarray(x)

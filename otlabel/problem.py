@@ -156,7 +156,9 @@ def as_tensor(x, name: str) -> torch.Tensor:
                             f"hold; convert it with {name}.astype(np.{wanted}).")  # fmt: skip
         if not x.dtype.isnative:  # big-endian data (a file from another machine): torch cannot share it, so copy
             x = x.astype(x.dtype.newbyteorder("="))
-        if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]): torch cannot share it, so copy
+        # A reversed view (x[::-1]), or a field of packed records (x['score'] of [('id', '<i2'), ('score', '<f4')]:
+        # strides of 6 bytes): torch cannot share it, so copy
+        if any(stride < 0 or stride % x.itemsize for stride in x.strides):
             x = np.ascontiguousarray(x)
         return share_numpy(x)
     if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
@@ -207,13 +209,35 @@ def raw_bfloat16_error(x: np.ndarray, name: str, convert: str) -> TypeError:
                      f"float32 values. {convert}")  # fmt: skip
 
 
-def structured_error(x: np.ndarray, name: str) -> TypeError:
-    """The error for a NumPy array of records (a structured dtype, e.g. ``[('score', '<f4'), ('id', '<i8')]``): its
-    2-byte ones are no bfloat16 raw values, and ``x.astype(np.float32)`` fails on any. The fix picks a field."""
-    field = x.dtype.names[0]
-    return TypeError(f"{name} is a NumPy array of records (structured dtype {x.dtype}, fields "
-                     f"{', '.join(map(repr, x.dtype.names))}), not of numbers: pass the field that holds the values, "
-                     f"x[{field!r}] (a view; x[{field!r}].astype(np.float32) if it holds other numbers).")  # fmt: skip
+def structured_error(x: np.ndarray, name: str, from_path: bool = False) -> TypeError:
+    """The error for a NumPy array of records (a structured dtype, e.g. ``[('id', '<i8'), ('score', '<f4')]``): its
+    2-byte ones are no bfloat16 raw values, and ``x.astype(np.float32)`` fails on any. The fix picks a field: the
+    first floating-point one, else the first of numbers, looked for inside nested records too (``x['a']['b']``).
+    ``from_path``: ``x`` was given as a ``.npy`` path (a command line's too), where no view can be passed: the field
+    is saved as a file of its own."""
+    path = _value_field(x.dtype, "f") or _value_field(x.dtype, "biu") or [x.dtype.names[0]]
+    index = "".join(f"[{part!r}]" for part in path)
+    what = (f"{name} is a NumPy array of records (structured dtype {x.dtype}, fields "
+            f"{', '.join(map(repr, x.dtype.names))}), not of numbers: ")  # fmt: skip
+    if from_path:  # np.save writes a view of a memmap in buffered blocks: the file is not read whole
+        field = f"np.load(path, mmap_mode='r'){index}"
+        return TypeError(f"{what}save the field that holds the values as a .npy file of its own, np.save('new.npy', "
+                         f"{field}), and give that file (np.save('new.npy', {field}.astype(np.float32)) if it holds "
+                         "other numbers).")  # fmt: skip
+    field = f"x{index}"
+    return TypeError(f"{what}pass the field that holds the values, {field} (a view; {field}.astype(np.float32) if it "
+                     "holds other numbers).")  # fmt: skip
+
+
+def _value_field(dtype: np.dtype, kinds: str) -> list[str] | None:
+    """The names leading to the first field of ``dtype`` (records, nested ones searched in order) whose values are of
+    one of the NumPy ``kinds``; None where there is none."""
+    for field in dtype.names:
+        base = dtype[field].base  # a subarray field's values ('<f4', (K,)) are of its base dtype
+        path = _value_field(base, kinds) if base.names else ([] if base.kind in kinds else None)
+        if path is not None:
+            return [field, *path]
+    return None
 
 
 def unmasked_array(x: np.ndarray, name: str) -> np.ndarray:

@@ -210,6 +210,37 @@ def test_input_errors(make, extra, code, message, tmp_path, capsys):
     assert not (tmp_path / "y.npy").exists() and not glob.glob(str(tmp_path / ".y.npy.*")), os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("flag", ["SCORES.npy", "--features", "--cluster-weights"])
+def test_records_files_are_told_to_save_the_field_and_that_file_solves(flag, scores_file, tmp_path, capsys):
+    """A .npy of records ([('id', '<i8'), ('v', '<f4')]) was told to "pass the field that holds the values, x['id']"
+    (the scores and features), and the cluster weights x['id'] too: neither a view nor x can be given on a command
+    line, and x['id'] holds the ids. Told to save the field holding the values as a file of its own, np.save(...), it
+    solves as those values do."""
+    scores = random_problem(N, K, seed=3).numpy()
+    weights, prototypes = np.linspace(1, 2, K) / np.linspace(1, 2, K).sum(), np.eye(K, dtype=np.float32)
+    values = {"SCORES.npy": scores, "--features": scores, "--cluster-weights": weights}[flag]
+    records = np.zeros(values.shape, [("id", "<i8"), ("v", values.dtype)])
+    records["id"], records["v"] = np.arange(len(values)).reshape(-1, *[1] * (values.ndim - 1)), values
+    np.save(tmp_path / "rec.npy", records)
+    np.save(tmp_path / "p.npy", prototypes)
+    given = {flag: str(tmp_path / "rec.npy")}
+    args = [given.get("SCORES.npy", str(scores_file))] if flag != "--features" else []
+    args += ["--features", given[flag], "--prototypes", str(tmp_path / "p.npy")] if flag == "--features" else []
+    args += ["--cluster-weights", given[flag]] if flag == "--cluster-weights" else []
+    args += ["--epsilon", "0.5", "--out", str(tmp_path / "y.npy"), "-q"]
+    assert main(["assign", *args]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    advised = re.search(r"as a \.npy file of its own, (np\.save\(.*?\)), and give that file", err)
+    assert advised and "x[" not in err, err
+    exec(advised[1].replace("'new.npy'", "new"), {"np": np, "path": given[flag], "new": str(tmp_path / "new.npy")})
+    args = [str(tmp_path / "new.npy") if a == given[flag] else a for a in args]
+    assert main(["assign", *args]) == EXIT_OK, capsys.readouterr().err
+    given = np.load(tmp_path / "y.npy")
+    np.save(tmp_path / "new.npy", values)  # the same command on the values saved plainly
+    assert main(["assign", *args]) == EXIT_OK, capsys.readouterr().err
+    assert np.array_equal(given, np.load(tmp_path / "y.npy"))
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd, as a shell's <(...) gives")
 def test_a_pipe_is_refused_as_one(tmp_path, capsys):
     """A pipe (``otlabel assign <(zcat s.npy.gz)``) cannot be memory-mapped nor seeked: it was said to be empty, and a

@@ -868,7 +868,7 @@ def test_arrays_of_records_are_refused_with_advice_to_pick_a_field(tmp_path):
         path = tmp_path / "records.npy"
         np.save(path, records)
         for solve in (sinkhorn_assign, sinkhorn_assign_stream):
-            for x in (records, np.load(path, mmap_mode="r"), path)[: 3 if solve is sinkhorn_assign_stream else 2]:
+            for x in (records, np.load(path, mmap_mode="r")):  # a path: see the next test
                 with pytest.raises(
                     TypeError, match=r"scores is a NumPy array of records \(structured dtype"
                 ) as refused:
@@ -877,10 +877,45 @@ def test_arrays_of_records_are_refused_with_advice_to_pick_a_field(tmp_path):
                     r"pass the field that holds the values, (x\[.*?\]) \(a view; (.*?) if", str(refused.value)
                 )
                 assert advised, str(refused.value)
-                x = np.load(path, mmap_mode="r") if x is path else x
                 want = solve(records[fields[0][0]].astype(np.float32), 0.5)
                 given = eval(advised[2 if fields[0][1] == "<i2" else 1], {"x": x, "np": np})
                 assert torch.equal(solve(given, 0.5).labels, want.labels), (fields, solve, type(x))
+
+
+def test_the_field_advised_for_records_is_the_one_holding_the_values_and_works_as_written(tmp_path):
+    """The advice for records named their first field: x['id'] for [('id', '<i8'), ('score', '<f4')], whose ids
+    then solved as scores; x['a'] for nested records ([('a', [('b', '<f4'), ('c', '<i4')])]), refused again as
+    records; and x['score'] of packed records ([('id', '<i2'), ('score', '<f4')], 6-byte strides) failed with
+    torch's "strides not a multiple of the element byte size". A path (streamed, as from the command line) was told
+    to pass x[...], a view it cannot give. The first floating-point field is now named, nested ones by their path,
+    packed fields are copied (streamed: a block at a time), and a path is told to save the field as a file."""
+    scores = S.numpy()
+    id_first = np.zeros(scores.shape, [("id", "<i8"), ("score", "<f4")])
+    nested = np.zeros(scores.shape, [("a", [("c", "<i4"), ("b", "<f4")])])
+    packed = np.zeros(scores.shape, [("id", "<i2"), ("score", "<f4")])
+    id_first["id"], id_first["score"] = np.arange(scores.size).reshape(scores.shape) % 3, scores
+    nested["a"]["b"] = scores
+    packed["score"] = scores
+    for records in (id_first, nested, packed):
+        path = tmp_path / "records.npy"
+        np.save(path, records)
+        for solve in (sinkhorn_assign, sinkhorn_assign_stream):
+            want = solve(scores, 0.5)
+            for x in (records, np.load(path, mmap_mode="r")):
+                with pytest.raises(TypeError, match="NumPy array of records") as refused:
+                    solve(x, 0.5)
+                advised = re.search(r"pass the field that holds the values, (x\[.*?\]) \(a view", str(refused.value))
+                assert advised, str(refused.value)
+                given = solve(eval(advised[1], {"x": x}), 0.5)
+                assert torch.equal(given.codes, want.codes), (records.dtype, solve, type(x))
+        with pytest.raises(TypeError, match="NumPy array of records") as refused:
+            sinkhorn_assign_stream(path, 0.5)
+        advised = re.search(r"as a \.npy file of its own, (np\.save\(.*?\)), and give that file", str(refused.value))
+        assert advised, str(refused.value)
+        saved = tmp_path / "saved"
+        saved.mkdir(exist_ok=True)
+        exec(advised[1].replace("'new.npy'", "new"), {"np": np, "path": str(path), "new": str(saved / "new.npy")})
+        assert torch.equal(sinkhorn_assign_stream(saved / "new.npy", 0.5).codes, want.codes), records.dtype
 
 
 def test_a_number_given_as_a_masked_array_that_hides_it_is_refused():
