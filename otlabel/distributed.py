@@ -611,7 +611,10 @@ class DenseShard:
 
     mode = 0
 
-    def __init__(self, scores, cluster_weights, backend: str, rank: int, epsilon: float | None = None):
+    def __init__(self, scores, cluster_weights, backend: str, rank: int, epsilon: float | None = None,
+                 from_features: bool = False):  # fmt: skip
+        """``from_features``: the scores are features @ prototypes.T (+ bias) (``backend="reference"``), and a span
+        error says its fixes for those."""
         self.scores, self.batched = check_scores(scores)
         self.fingerprint = torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)  # scores: nothing more to agree on
         self.h, self.n, self.k = self.scores.shape
@@ -620,7 +623,7 @@ class DenseShard:
                                self.device, scores_shape=(self.n, self.k))  # fmt: skip
         masked_rows = check_rows(self.scores, weighted_clusters(self.r), where=f" of rank {rank}'s shard",
                                  inv_eps=epsilon and 1.0 / epsilon, compute_dtype=compute_dtype_of(self.scores),
-                                 batched=self.batched, epsilon=epsilon)  # fmt: skip
+                                 batched=self.batched, epsilon=epsilon, from_features=from_features)  # fmt: skip
         self.masked = masked_rows is not None  # a -inf for a weighted cluster: Hall's condition needs this shard
         resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective
 
@@ -753,7 +756,8 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
         # native copy is let go before the scores are formed
         z = open_host_array(features, "features", copied_anyway=True)
         dtype_code, z = DTYPE_CODES[z.dtype], z.double()
-        shard = DenseShard(dense_scores(z, prototypes, bias), cluster_weights, backend, comm.name, epsilon)
+        scores = dense_scores(z, prototypes, bias, where=f" of rank {comm.name}'s shard")
+        shard = DenseShard(scores, cluster_weights, backend, comm.name, epsilon, from_features=True)
         shard.fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)
         # Features to the other ranks, as given (they saw a float64 scores shard and refused it as a dtype
         # disagreement): a -inf here comes from the bias, whole columns, as on a FeatureShard.

@@ -140,10 +140,11 @@ def check_feature_shapes(
         raise ValueError(f"bias must have shape ({k},) or ({h}, {k}), got {tuple(bias_shape)}.")
 
 
-def dense_scores(features, prototypes, bias) -> torch.Tensor:
+def dense_scores(features, prototypes, bias, where: str = "") -> torch.Tensor:
     """``Z C^T + bias`` in float64: (N, K), or (H, N, K) for (H, K, D) prototypes (the reference backend's input).
 
-    The same inputs as the other paths (tensors, arrays, ``.npy`` paths) and the same shape checks."""
+    The same inputs as the other paths (tensors, arrays, ``.npy`` paths) and the same shape checks. ``where``: what a
+    message adds to a features row's index (a sharded solve's " of rank 1's shard")."""
     z = open_host_array(features, "features", copied_anyway=True).double()  # float64 copies anyway
     c = open_host_array(prototypes, "prototypes", copied_anyway=True).double()
     b = None if bias is None else open_host_array(bias, "bias", copied_anyway=True).double()
@@ -161,7 +162,7 @@ def dense_scores(features, prototypes, bias) -> torch.Tensor:
     overflow = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=-1) | torch.isneginf(scores).all(dim=-1)
     if bool(overflow.any()):
         row = int(torch.nonzero(overflow.reshape(-1, overflow.shape[-1]).any(dim=0))[0])
-        raise bad_features_row_error(row, "", z, torch.float64, math.nan)
+        raise bad_features_row_error(row, where, z, torch.float64, math.nan)
     return scores
 
 

@@ -435,3 +435,19 @@ def test_features_too_large_are_named_as_features_on_the_reference_path(backend)
     with pytest.raises(ValueError, match="L2-normalise the features and the prototypes") as info:
         sinkhorn_assign(features=z * 1e19, prototypes=c * 1e19, epsilon=0.05, backend=backend)
     assert "scores.amax" not in str(info.value)
+
+
+def test_sharded_reference_features_too_large_are_named_as_features_with_the_rank():
+    """sinkhorn_assign_sharded(features=..., backend="reference") forms a DenseShard of Z C^T, whose row checks spoke
+    of scores: products of 1e38 with epsilon 0.05 were told to "Subtract each sample's maximum (scores -
+    scores.amax(-1, keepdim=True))", and products that overflow float64 named a features row without the rank whose
+    shard holds it, as every other sharded message does. Both now say what the single-process paths say."""
+    from otlabel import sinkhorn_assign_sharded
+
+    z, c = normalised(6, 3, 85).double(), normalised(4, 3, 86).double()
+    with pytest.raises(ValueError, match="L2-normalise the features and the prototypes") as info:
+        sinkhorn_assign_sharded(features=z * 1e19, prototypes=c * 1e19, epsilon=0.05, backend="reference")
+    assert "scores.amax" not in str(info.value) and "of rank 0's shard" in str(info.value), str(info.value)
+    z[3] *= 1e200
+    with pytest.raises(ValueError, match=r"features row 3 of rank 0's shard, .* overflow float64 arithmetic"):
+        sinkhorn_assign_sharded(features=z, prototypes=c * 1e200, epsilon=0.05, backend="reference")
