@@ -733,16 +733,17 @@ def check_rows(
     good, any_masked = torch.stack([good & torch.isfinite(row_max).all(), masked.any()]).tolist()
     if not good:
         raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
-                           from_features, features, epsilon, given_rows)  # fmt: skip
+                           from_features, features, epsilon, given_rows, weighted)  # fmt: skip
     return masked if any_masked else None
 
 
 def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
-                       from_features=False, features=None, epsilon=None, given_rows=None) -> None:  # fmt: skip
+                       from_features=False, features=None, epsilon=None, given_rows=None,
+                       weighted=None) -> None:  # fmt: skip
     """The failure path of :func:`check_rows`: the error that names the first bad sample (``batched=False``:
     indices of (N, K) scores, as the caller passed them; ``from_features``: the scores are Z C^T + bias, whose
     prototypes and bias were checked, so a NaN or inf comes from a row of the ``features`` or from products
-    that overflow)."""
+    that overflow; ``weighted``: the clusters with weight, as :func:`check_rows` takes them)."""
     if torch.isnan(row_max).any():
         h, j, k = _first_index(torch.isnan(scores))
         if from_features:
@@ -763,12 +764,21 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
             f"scores contain +inf, or scores / epsilon overflow (first at index {index}{where}). "
             "Only -inf is allowed, and it means 'this sample may not go to this cluster'."
         )
-    if torch.isneginf(row_max).any():
-        h, j = _first_index(torch.isneginf(row_max))
-        raise masked_sample_error(j + offset, h, where)
-    if torch.isneginf(weighted_row_max).any():
-        h, j = _first_index(torch.isneginf(weighted_row_max))
-        raise stranded_sample_error(j + offset, h, where)
+    for flags, error, among in ((torch.isneginf(row_max), masked_sample_error, None),
+                                (torch.isneginf(weighted_row_max), stranded_sample_error, weighted)):  # fmt: skip
+        if flags.any():
+            h, j = _first_index(flags)
+            if given_rows is not None and epsilon is not None:  # -inf as S / eps: finite as given, -3e38 / 0.05?
+                given = given_rows()[h, j]  # (K,)
+                finite = torch.isfinite(given) & torch.isneginf(scores[h, j])  # ... among the clusters in question
+                if among is not None:
+                    finite &= torch.zeros_like(finite).index_fill_(0, among, True)
+                if bool(finite.any()):
+                    k = int(torch.nonzero(finite)[0])
+                    index = index_in_input((h, j + offset, k), batched)
+                    detail = f" (a score of {float(given[k]):.3g} at index {index}{where}, epsilon {epsilon:.3g})"
+                    raise span_error(abs(float(given[k])) / epsilon, compute_dtype, detail)
+            raise error(j + offset, h, where)
     span_over_eps = float(weighted_row_max.abs().amax()) * inv_eps
     detail = where
     if epsilon is not None:  # the chunk may be S / eps already (inv_eps 1): the size of S from the solve's epsilon

@@ -1508,3 +1508,32 @@ def test_finite_scores_whose_quotient_by_epsilon_overflows_get_the_span_error(tm
         ValueError, match=r"scores contain \+inf, or scores / epsilon overflow \(first at index \(11, 2"
     ):
         sinkhorn_assign_stream(path, 0.05, memory_budget=budget_for(7, k=4))
+
+
+@pytest.mark.parametrize("layout", ["plain", "heads", "transposed"])
+def test_finite_scores_whose_quotient_by_epsilon_overflows_to_minus_inf_get_the_span_error(layout):
+    """The same overflow below zero: a sample whose scores are all -3e38 (float32, epsilon 0.05) is a row of -inf as
+    S / eps, and the streamed check said "infeasible mask: sample 9 (head 0) has every score -inf", and with them on
+    every weighted cluster "is allowed only in clusters of weight 0", where the in-memory check gives the span
+    error. Now the span error, naming the score as given at its index in the caller's layout; a row of -inf given
+    keeps its message."""
+    from otlabel.problem import ScoreSpanError
+
+    base = random_problem(30, 4, seed=7).numpy()
+    weights = np.array([0.3, 0.3, 0.4, 0.0])
+    for row, clusters, message in ((9, slice(None), "has every score -inf"), (12, slice(0, 3), "weight 0")):
+        for value in (-3e38, -np.inf):
+            scores = base.copy()
+            scores[row, clusters] = value
+            given, index = scores, f"({row}, 0)"
+            if layout == "heads":
+                given, index = np.stack([base, scores]), f"(1, {row}, 0)"
+            if layout == "transposed":
+                given = np.ascontiguousarray(scores.T).T  # (N, K) with (1, N) strides
+            if value == -np.inf:
+                with pytest.raises(ValueError, match=f"sample {row} .*{message}"):
+                    sinkhorn_assign_stream(given, 0.05, cluster_weights=weights)
+                continue
+            said = rf"reach 6e\+39 \(a score of -3e\+38 at index {re.escape(index)} .* Subtract each sample's maximum"
+            with pytest.raises(ScoreSpanError, match=said):
+                sinkhorn_assign_stream(given, 0.05, cluster_weights=weights)
