@@ -756,7 +756,8 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
         # native copy is let go before the scores are formed
         z = open_host_array(features, "features", copied_anyway=True)
         dtype_code, z = DTYPE_CODES[z.dtype], z.double()
-        scores = dense_scores(z, prototypes, bias, where=f" of rank {comm.name}'s shard")
+        where = f" of rank {comm.name}'s shard"
+        scores = dense_scores(z, prototypes, bias, where=where, cluster_weights=cluster_weights)
         shard = DenseShard(scores, cluster_weights, backend, comm.name, epsilon, from_features=True)
         shard.fingerprint = inputs_fingerprint(prototypes, bias, shard.h, shard.k)
         # Features to the other ranks, as given (they saw a float64 scores shard and refused it as a dtype

@@ -63,8 +63,8 @@ def assign_features(features, prototypes, bias, epsilon, *, backend, epsilon_sca
         from .solver import sinkhorn_assign
 
         try:
-            res = sinkhorn_assign(dense_scores(features, prototypes, bias), epsilon, backend="reference", warn=False,
-                                  **solve)  # fmt: skip
+            scores = dense_scores(features, prototypes, bias, cluster_weights=solve["cluster_weights"])
+            res = sinkhorn_assign(scores, epsilon, backend="reference", warn=False, **solve)
         except ScoreSpanError as error:  # said for the features and prototypes, as the other paths say it
             span_over_eps, compute_dtype, detail, _ = error.parts
             raise span_error(span_over_eps, compute_dtype, detail, features=True) from None
@@ -140,11 +140,12 @@ def check_feature_shapes(
         raise ValueError(f"bias must have shape ({k},) or ({h}, {k}), got {tuple(bias_shape)}.")
 
 
-def dense_scores(features, prototypes, bias, where: str = "") -> torch.Tensor:
+def dense_scores(features, prototypes, bias, where: str = "", cluster_weights=None) -> torch.Tensor:
     """``Z C^T + bias`` in float64: (N, K), or (H, N, K) for (H, K, D) prototypes (the reference backend's input).
 
     The same inputs as the other paths (tensors, arrays, ``.npy`` paths) and the same shape checks. ``where``: what a
-    message adds to a features row's index (a sharded solve's " of rank 1's shard")."""
+    message adds to a features row's index (a sharded solve's " of rank 1's shard"); ``cluster_weights``: the solve's
+    (checked here), whose clusters of weight 0 do not count in telling a row that overflowed."""
     z = open_host_array(features, "features", copied_anyway=True).double()  # float64 copies anyway
     c = open_host_array(prototypes, "prototypes", copied_anyway=True).double()
     b = None if bias is None else open_host_array(bias, "bias", copied_anyway=True).double()
@@ -156,10 +157,14 @@ def dense_scores(features, prototypes, bias, where: str = "") -> torch.Tensor:
     scores = torch.matmul(z, c.transpose(-1, -2))  # (N, K) or (H, N, K)
     if b is not None:  # (K,) or (H, K); a (1, K) bias of unbatched (K, D) prototypes keeps the scores (N, K)
         scores = scores + (b.reshape(-1, 1, b.shape[-1]) if c.ndim == 3 else b.reshape(-1))
-    # Finite inputs and a checked bias: NaN, +inf, or a row all -inf is a product that overflowed float64. Said as the
-    # chunked path says it (which likewise takes a lone -inf product as the 0 it stands for), not as "scores contain
-    # NaN" of scores the caller never passed.
-    overflow = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=-1) | torch.isneginf(scores).all(dim=-1)
+    # Finite inputs and a checked bias: NaN, +inf, or a row all -inf (on every cluster of positive weight) is a product
+    # that overflowed float64. Said as the chunked path says it (which likewise takes a lone -inf product as the 0 it
+    # stands for), not as "scores contain NaN" or "infeasible mask" of scores the caller never passed.
+    weighted = scores
+    if cluster_weights is not None:
+        r = check_weights(cluster_weights, scores.shape[-1], "cluster_weights", "number of clusters K", scores.device)
+        weighted = scores[..., r > 0]
+    overflow = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=-1) | torch.isneginf(weighted).all(dim=-1)
     if bool(overflow.any()):
         row = int(torch.nonzero(overflow.reshape(-1, overflow.shape[-1]).any(dim=0))[0])
         raise bad_features_row_error(row, where, z, torch.float64, math.nan)

@@ -750,9 +750,12 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
             raise bad_features_row_error(j + offset, where, features, compute_dtype, math.nan)
         index = index_in_input((h, j + offset, k), batched)
         raise ValueError(f"scores contain NaN (first at index {index}{where}). Fix the model output.")
-    if from_features and (torch.isposinf(row_max).any() or torch.isneginf(row_max).any()):
-        h, j = _first_index(torch.isinf(row_max))  # prototypes finite, bias checked: a features row, or an overflow
-        raise bad_features_row_error(j + offset, where, features, compute_dtype, float(row_max[h, j]))
+    # Prototypes finite, bias checked (no -inf on a weighted cluster): an inf, or a row -inf on every weighted
+    # cluster, comes from a features row or from products that overflow, never from a mask
+    if from_features and (torch.isinf(row_max).any() or torch.isneginf(weighted_row_max).any()):
+        h, j = _first_index(torch.isinf(row_max) | torch.isneginf(weighted_row_max))
+        value = float(row_max[h, j]) if math.isinf(row_max[h, j]) else -math.inf  # the row's inf, or its weighted -inf
+        raise bad_features_row_error(j + offset, where, features, compute_dtype, value)
     if torch.isposinf(row_max).any():
         h, j, k = _first_index(torch.isposinf(scores))
         index = index_in_input((h, j + offset, k), batched)
@@ -764,20 +767,23 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
             f"scores contain +inf, or scores / epsilon overflow (first at index {index}{where}). "
             "Only -inf is allowed, and it means 'this sample may not go to this cluster'."
         )
-    for flags, error, among in ((torch.isneginf(row_max), masked_sample_error, None),
-                                (torch.isneginf(weighted_row_max), stranded_sample_error, weighted)):  # fmt: skip
+    for flags, error in ((torch.isneginf(row_max), masked_sample_error),
+                         (torch.isneginf(weighted_row_max), stranded_sample_error)):  # fmt: skip
         if flags.any():
             h, j = _first_index(flags)
             if given_rows is not None and epsilon is not None:  # -inf as S / eps: finite as given, -3e38 / 0.05?
                 given = given_rows()[h, j]  # (K,)
-                finite = torch.isfinite(given) & torch.isneginf(scores[h, j])  # ... among the clusters in question
-                if among is not None:
-                    finite &= torch.zeros_like(finite).index_fill_(0, among, True)
-                if bool(finite.any()):
-                    k = int(torch.nonzero(finite)[0])
+                finite = torch.isfinite(given)  # where the row's -inf is an overflow, not a mask
+                involved = finite.clone()  # ... in a cluster the solve involves: the span error
+                if weighted is not None:
+                    involved &= torch.zeros_like(finite).index_fill_(0, weighted, True)
+                if bool(involved.any()):
+                    k = int(torch.nonzero(involved)[0])
                     index = index_in_input((h, j + offset, k), batched)
                     detail = f" (a score of {float(given[k]):.3g} at index {index}{where}, epsilon {epsilon:.3g})"
                     raise span_error(abs(float(given[k])) / epsilon, compute_dtype, detail)
+                if bool(finite.any()):  # finite in clusters of weight 0 only: not masked there, as in memory
+                    error = stranded_sample_error
             raise error(j + offset, h, where)
     span_over_eps = float(weighted_row_max.abs().amax()) * inv_eps
     detail = where

@@ -451,3 +451,29 @@ def test_sharded_reference_features_too_large_are_named_as_features_with_the_ran
     z[3] *= 1e200
     with pytest.raises(ValueError, match=r"features row 3 of rank 0's shard, .* overflow float64 arithmetic"):
         sinkhorn_assign_sharded(features=z, prototypes=c * 1e200, epsilon=0.05, backend="reference")
+
+
+@pytest.mark.parametrize("path", ["torch float32", "torch float64", "stream", "reference", "sharded reference"])
+def test_products_that_overflow_to_minus_inf_on_every_weighted_cluster_are_named_as_features(path):
+    """Finite features whose products with every weighted prototype overflow to -inf (-1e20 x 1e20 in float32,
+    -1e200 x 1e200 in float64), while their product with a zero prototype of a cluster of weight 0 is 0, were refused
+    as a mask the caller never gave, "infeasible mask: sample 4 (head 0) is allowed only in clusters of weight 0",
+    on every path but the sharded kernel one (which bounds the products first). Each now says the features message:
+    the products of that finite features row overflow, L2-normalise."""
+    from otlabel import sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+    dtype, big = (torch.float32, 1e20) if path == "torch float32" else (torch.float64, 1e200)
+    # The samples' scores are their first 3 coordinates; sample 4's are -big x big, and 0 for cluster 0 (weight 0)
+    z = torch.cat([normalised(8, 3, 87), torch.zeros(8, 1)], dim=1).to(dtype)
+    c = torch.zeros(4, 4, dtype=dtype)
+    c[1:, :3], c[1:, 3] = torch.eye(3), big
+    z[4] = torch.tensor([0.0, 0.0, 0.0, -big], dtype=dtype)
+    kw = dict(features=z, prototypes=c, epsilon=0.05, cluster_weights=[0.0, 0.3, 0.3, 0.4])
+    with pytest.raises(ValueError, match=r"features row 4\b.* overflow float(32|64) arithmetic") as info:
+        if path == "stream":
+            sinkhorn_assign_stream(**kw)
+        elif path == "sharded reference":
+            sinkhorn_assign_sharded(**kw, backend="reference")
+        else:
+            sinkhorn_assign(**kw, backend="reference" if path == "reference" else "torch")
+    assert "infeasible mask" not in str(info.value) and "L2-normalise" in str(info.value), str(info.value)

@@ -1537,3 +1537,22 @@ def test_finite_scores_whose_quotient_by_epsilon_overflows_to_minus_inf_get_the_
             said = rf"reach 6e\+39 \(a score of -3e\+38 at index {re.escape(index)} .* Subtract each sample's maximum"
             with pytest.raises(ScoreSpanError, match=said):
                 sinkhorn_assign_stream(given, 0.05, cluster_weights=weights)
+
+
+def test_an_overflow_below_zero_on_a_cluster_of_weight_0_alone_leaves_the_sample_stranded():
+    """A sample masked (-inf) on every weighted cluster whose score for a cluster of weight 0 is -3e38 (-inf as
+    S / eps at epsilon 0.05) was given the span error for that score, which takes no part in the solve: following its
+    advice still leaves the sample with nowhere to go. It now gets what sinkhorn_assign says, "allowed only in
+    clusters of weight 0"; and where a weighted cluster's score overflows too, the span error names that one, not an
+    earlier cluster of weight 0."""
+    from otlabel.problem import ScoreSpanError
+
+    scores = random_problem(30, 4, seed=7).numpy()
+    weights = np.array([0.0, 0.3, 0.3, 0.4])
+    scores[9] = [-3e38, -np.inf, -np.inf, -np.inf]
+    for solve in (sinkhorn_assign, sinkhorn_assign_stream):
+        with pytest.raises(ValueError, match="sample 9 .* is allowed only in clusters of weight 0"):
+            solve(torch.from_numpy(scores) if solve is sinkhorn_assign else scores, 0.05, cluster_weights=weights)
+    scores[9, 2] = -3e38
+    with pytest.raises(ScoreSpanError, match=r"a score of -3e\+38 at index \(9, 2\)"):
+        sinkhorn_assign_stream(scores, 0.05, cluster_weights=weights)
