@@ -9,7 +9,6 @@ The streamed, features, sharded and command-line paths open their inputs here (i
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import tokenize
@@ -114,21 +113,28 @@ class SwappedArray:
 BLOCK_ENTRIES = 1 << 24
 
 
-def block_conversion(x: np.ndarray, part: str) -> str:
+def _on_disk(x: np.ndarray) -> bool:
+    """Whether ``x`` reads a file (np.load's memmap or a view of it), not memory: a copy of a memmap (``x.copy()``,
+    a reshape that copies) is still of type np.memmap, but has no file (``x.astype`` converts it)."""
+    return isinstance(x, np.memmap) and x.ndim > 0 and x.filename is not None
+
+
+def block_conversion(x: np.memmap, part: str) -> str:
     """The advice to convert a memory-mapped file ``x`` to a float32 file a block of rows at a time, each block of about
     :data:`BLOCK_ENTRIES` values, since ``x.astype`` would read it whole. ``part`` is what a block of the new file is
     set to, ``{rows}`` standing for the block of ``x``. The rows are the samples: in an (H, N, K) file of heads, the
     second axis (blocks of the first, the heads, were the whole file). The blocks are the file's, of which ``x`` may
     be a view: then the advice ends with the same view of the new file."""
-    shape = _file_shape(x)
-    heads = len(shape) == 3
-    step = max(1, BLOCK_ENTRIES // max(1, math.prod(shape[1:]) if not heads else shape[0] * shape[2]))  # rows a block
+    file, opening, start = _whole_file(x)
+    heads = file.ndim == 3
+    row = math.prod(file.shape[1:]) if not heads else file.shape[0] * file.shape[2]  # entries of a row
+    step = max(1, BLOCK_ENTRIES // max(1, row))  # rows a block
     rows, count = (f"[:, i : i + {step}]", "x.shape[1]") if heads else (f"[i : i + {step}]", "len(x)")
     advice = ("Convert the file a block of rows at a time (not whole: it would be read into memory at once): "
-              "x = np.load(path, mmap_mode='r'), y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, "
-              f"x.shape), then y{rows} = {part.format(rows='x' + rows)} for i in range(0, {count}, {step}), and "
+              f"x = {opening}, y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, x.shape), then "
+              f"y{rows} = {part.format(rows='x' + rows)} for i in range(0, {count}, {step}), and "
               "y.flush().")  # fmt: skip
-    view = _same_view(x)
+    view = _same_view(x, file, start)
     if view != "y":  # a view of the file (reversed, sliced...), which y is not
         advice += (" That converts the whole file in its own layout, which your array changes: pass "
                    + (f"{view}, your view of the new file." if view else "the same view of the new file (slice, "
@@ -136,52 +142,68 @@ def block_conversion(x: np.ndarray, part: str) -> str:
     return advice
 
 
-def _file_shape(x: np.memmap) -> tuple:
-    """The shape of the ``.npy`` file ``x`` maps (its own, where that file cannot be read as one)."""
-    try:
-        return np.load(x.filename, mmap_mode="r").shape
-    except (OSError, ValueError, TypeError):  # a raw np.memmap, a file gone or changed
-        return x.shape
-
-
-def _same_view(x: np.memmap) -> str | None:
-    """What makes ``y``, the file converted (C-ordered, in the file's shape), the view ``x`` is of its file: ``y``
-    itself, ``y.T``, ``y[::-1]``, ``y.transpose(...)[:, ::-1]`` where ``x`` reorders and reverses the axes of the whole
-    file, ``y.reshape(...)`` where it reshapes the whole file in order; ``None`` otherwise (a slice, a step). The file
-    is read as ``np.load`` reads it (a Fortran-ordered one too), or, where it cannot (a raw file), as ``x``'s memmap
-    was opened."""
-    if not x.filename or getattr(x, "_mmap", None) is None or x.offset is None:
-        return None
-    root = x  # the memmap as opened, whose first byte is byte x.offset of the file
-    while isinstance(root.base, np.ndarray):
-        root = root.base
+def _whole_file(x: np.memmap) -> tuple[np.ndarray, str, int]:
+    """The whole file that ``x`` is a view of, as the advice opens it; the expression that opens it; and where in it
+    ``x`` starts (bytes from its first value to the first of ``x``). A ``.npy`` is opened as ``np.load`` opens it (a
+    Fortran-ordered one too); a raw file, or one that ``x`` reads as another dtype, as ``x``'s memmap was opened."""
+    opened = x  # the memmap as opened (x itself, or the array x is a view of): byte opened.offset of the file
+    while isinstance(opened.base, np.ndarray):
+        opened = opened.base
+    start = x.ctypes.data - opened.ctypes.data  # from the first value of opened
     try:
         file = np.load(x.filename, mmap_mode="r")
-    except (OSError, ValueError, TypeError):  # a raw np.memmap (no header), a file gone
-        file = root
-    if not isinstance(file, np.memmap) or file.dtype != x.dtype or file.size != x.size:
+        if isinstance(file, np.ndarray) and file.dtype == x.dtype:  # (not a .npz that a raw file looks like)
+            return file, "np.load(path, mmap_mode='r')", start + opened.offset - file.offset
+    except (OSError, ValueError, TypeError):  # no .npy header: a raw file
+        pass
+    order = ", order='F'" if opened.flags.f_contiguous and not opened.flags.c_contiguous else ""
+    opening = f"np.memmap(path, np.dtype({x.dtype.str!r}), 'r', offset={opened.offset}, shape={opened.shape}{order})"
+    return opened, opening, start
+
+
+def _same_view(x: np.memmap, file: np.ndarray, start: int) -> str | None:
+    """What view of ``y``, the file converted (C-ordered, in the file's shape), holds ``x``'s values, where ``x``
+    starts ``start`` bytes into ``file``: ``y`` itself, ``y.T``, ``y[::-1]``, ``y.transpose(...)[:, ::-1]`` where
+    ``x`` reorders and reverses the axes of the whole file, ``y.reshape(...)`` where it reads the whole file in the
+    order it is stored; ``None`` where it is none of these (a slice, a step).
+
+    Each candidate is made as that view of ``file`` and kept only where it reads exactly the bytes ``x`` reads (the
+    same shape, start and strides, those of size-1 axes aside): the same view of ``y`` then holds ``x``'s values."""
+    if x.size != file.size:  # a slice, or a memmap opened on part of the file
         return None
     if not x.size:  # no values to reorder
         return "y" if x.shape == file.shape else None
-    start = x.ctypes.data - root.ctypes.data + x.offset - file.offset  # bytes from the file's first value to x's
-    if x.ndim == file.ndim:
-        for perm in itertools.permutations(range(x.ndim)):  # x = file.transpose(perm)[flips]? (size-1 axes: any)
-            if any(x.shape[j] != file.shape[a] or (x.shape[j] > 1 and abs(x.strides[j]) != file.strides[a])
-                   for j, a in enumerate(perm)):  # fmt: skip
-                continue
-            flips = [x.shape[j] > 1 and x.strides[j] < 0 for j in range(x.ndim)]
-            if start != sum((x.shape[j] - 1) * -x.strides[j] for j in range(x.ndim) if flips[j]):
-                continue
+
+    def reads_as_x(view: np.ndarray) -> bool:
+        strides = zip(x.shape, view.strides, x.strides, strict=True)
+        return (view.shape == x.shape and view.ctypes.data - file.ctypes.data == start
+                and all(n == 1 or a == b for n, a, b in strides))  # fmt: skip
+
+    if x.ndim == file.ndim:  # file.transpose(axes)[flips]: x's axes matched to the file's by their strides' size
+        axes = [0] * x.ndim  # x's axis j is the file's axis axes[j]
+        for j, a in zip(_by_stride(x), _by_stride(file), strict=True):
+            axes[j] = int(a)
+        flips = [n > 1 and stride < 0 for n, stride in zip(x.shape, x.strides, strict=True)]
+        if reads_as_x(file.transpose(axes)[tuple(slice(None, None, -1 if flip else 1) for flip in flips)]):
             view = "y"
-            if list(perm) != sorted(perm):
-                view += ".T" if x.ndim == 2 else f".transpose{perm}"
+            if axes != sorted(axes):
+                view += ".T" if x.ndim == 2 else f".transpose{tuple(axes)}"
             if any(flips):
                 last = max(j for j, flip in enumerate(flips) if flip)
                 view += f"[{', '.join('::-1' if flip else ':' for flip in flips[: last + 1])}]"
             return view
-    if start == 0 and x.flags.c_contiguous and file.flags.c_contiguous:  # the file's values in order, reshaped
-        return f"y.reshape{x.shape}"
+    shape = ", ".join(map(str, x.shape))
+    if file.flags.c_contiguous and reads_as_x(file.reshape(x.shape)):  # the file's values in order, reshaped
+        return f"y.reshape({shape})"
+    if file.flags.f_contiguous and reads_as_x(file.reshape(x.shape, order="F")):  # ... a Fortran-ordered file's
+        return f"y.reshape({shape}, order='F')"
     return None
+
+
+def _by_stride(a: np.ndarray) -> np.ndarray:
+    """``a``'s axes, those of size 1 first, then from the largest stride (in size) to the smallest."""
+    return np.argsort([-abs(stride) if n > 1 else -np.inf for n, stride in zip(a.shape, a.strides, strict=True)],
+                      kind="stable")  # fmt: skip
 
 
 def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor | SwappedArray:
@@ -203,7 +225,7 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
             raise structured_error(x, name, from_path)
         if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # x.astype(np.float32) fails on raw values
             convert = f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}."
-            if isinstance(x, np.memmap) and x.ndim:  # a file, perhaps larger than memory
+            if _on_disk(x):  # a file, perhaps larger than memory
                 convert = block_conversion(x, BFLOAT16_TO_FLOAT32)
             raise raw_bfloat16_error(x, name, convert)
         if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
@@ -212,7 +234,7 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
             if x.dtype.kind == "c":  # astype(np.float32) keeps the real part alone (NumPy's ComplexWarning aside)
                 fix = complex_conversion("x", "np.abs(x)", "x.astype(np.float32)")
                 part = "{rows}.real (or np.abs({rows}), whichever you mean)"
-            if isinstance(x, np.memmap) and x.ndim:  # a file, perhaps larger than memory, which x.astype reads whole
+            if _on_disk(x):  # a file, perhaps larger than memory, which x.astype reads whole
                 fix = block_conversion(x, part)
             raise TypeError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}. {fix}")
         if not x.dtype.isnative:  # a file from another machine: torch cannot share it

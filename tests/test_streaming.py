@@ -280,7 +280,8 @@ def test_a_streamed_span_error_says_the_size_of_the_scores_and_epsilon(features)
 def run_conversion_advice(message: str, path) -> list[int]:
     """Run the block-by-block conversion a message advises, as written, on the file ``path`` (into new.npy in the
     current folder); the number of values each block read."""
-    advice = re.search(r"x = (np\.load\(path, mmap_mode='r'\)), y = (np\.lib\.format\.open_memmap\(.*?, x\.shape\)), "
+    advice = re.search(r"x = (np\.load\(path, mmap_mode='r'\)|np\.memmap\(path, .*?\)), "
+                       r"y = (np\.lib\.format\.open_memmap\(.*?, x\.shape\)), "
                        r"then (y\[.*?\] = .*?) for i in (range\(.*?\)), and y\.flush\(\)\.", message)  # fmt: skip
     assert advice, message
     blocks = []
@@ -395,6 +396,43 @@ def test_the_advice_for_any_view_of_a_file_of_another_dtype_gives_the_views_valu
     said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
     given = eval(said[1] if said else "y", {"y": np.load("new.npy", mmap_mode="r")})
     assert given.shape == x.shape and np.array_equal(given, x), message
+
+
+@pytest.mark.parametrize("view", ["", "[::-1]", ".T", "offset", "F"])
+def test_the_advice_for_a_raw_file_of_another_dtype_opens_it_as_it_was_opened(view, tmp_path, monkeypatch):
+    """A raw file (no .npy header) opened with np.memmap was told to convert it starting from x = np.load(path,
+    mmap_mode='r'), which fails there ("This file contains pickled (object) data"). The advice now opens it as the
+    memmap was opened (np.memmap(path, dtype, 'r', offset, shape, order)); run as written, it and the view it ends
+    with give the array's values (one row past the start, Fortran order, reversed, transposed)."""
+    from otlabel import inputs
+
+    monkeypatch.setattr(inputs, "BLOCK_ENTRIES", 64, raising=False)
+    monkeypatch.chdir(tmp_path)
+    np.random.default_rng(2).integers(-9, 9, (30, 4), dtype=np.int32).tofile(tmp_path / "ints.bin")
+    opened = dict(offset=16, shape=(29, 4)) if view == "offset" else dict(shape=(30, 4))
+    opened |= dict(order="F") if view == "F" else {}
+    x = np.memmap(tmp_path / "ints.bin", np.int32, "r", **opened)
+    x = eval(f"x{view}") if view.startswith((".", "[")) else x
+    with pytest.raises(TypeError, match="Convert the file a block of rows at a time") as refused:
+        sinkhorn_assign_stream(x)
+    message = str(refused.value)
+    blocks = run_conversion_advice(message, tmp_path / "ints.bin")
+    assert len(blocks) > 1 and max(blocks) <= 64, blocks
+    said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
+    given = eval(said[1] if said else "y", {"y": np.load("new.npy", mmap_mode="r")})
+    assert given.shape == x.shape and np.array_equal(given, x), message
+
+
+def test_an_in_memory_copy_of_a_memmap_of_another_dtype_is_told_to_convert_it_in_memory(tmp_path):
+    """A copy of a memory-mapped integer file (x.copy(), x.astype(np.int64), or the reshape of a Fortran-ordered
+    file, which copies) is still of type np.memmap, but in memory, with no file: it was told to convert "the file"
+    from np.load(path, mmap_mode='r'), a file it has not. It is told x.astype(np.float32), as arrays in memory are."""
+    np.save(tmp_path / "ints.npy", np.asfortranarray(np.arange(24, dtype=np.int32).reshape(6, 4)))
+    file = np.load(tmp_path / "ints.npy", mmap_mode="r")
+    for x in (file.copy(), file.astype(np.int64), file.reshape(-1)):
+        assert isinstance(x, np.memmap) and x.filename is None
+        with pytest.raises(TypeError, match=r"got dtype int(32|64)\. Convert with x\.astype\(np\.float32\)\.$"):
+            sinkhorn_assign_stream(x)
 
 
 def test_the_advice_for_a_bfloat16_file_works(tmp_path, monkeypatch):
