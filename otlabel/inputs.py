@@ -125,16 +125,17 @@ def block_conversion(x: np.memmap, part: str) -> str:
     set to, ``{rows}`` standing for the block of ``x``. The rows are the samples: in an (H, N, K) file of heads, the
     second axis (blocks of the first, the heads, were the whole file). The blocks are the file's, of which ``x`` may
     be a view: then the advice ends with the same view of the new file."""
-    file, opening, start = _whole_file(x)
+    file, opening, start = _whole_file(x) or (x, None, 0)  # None: x itself is converted
     heads = file.ndim == 3
     row = math.prod(file.shape[1:]) if not heads else file.shape[0] * file.shape[2]  # entries of a row
     step = max(1, BLOCK_ENTRIES // max(1, row))  # rows a block
     rows, count = (f"[:, i : i + {step}]", "x.shape[1]") if heads else (f"[i : i + {step}]", "len(x)")
     advice = ("Convert the file a block of rows at a time (not whole: it would be read into memory at once): "
-              f"x = {opening}, y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, x.shape), then "
-              f"y{rows} = {part.format(rows='x' + rows)} for i in range(0, {count}, {step}), and "
-              "y.flush().")  # fmt: skip
-    view = _same_view(x, file, start)
+              + (f"x = {opening}, " if opening else "")
+              + "y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, x.shape), then "
+              f"y{rows} = {part.format(rows='x' + rows)} for i in range(0, {count}, {step}), and y.flush()"
+              + (", x being your array." if not opening else "."))  # fmt: skip
+    view = _same_view(x, file, start) if opening else "y"
     if view != "y":  # a view of the file (reversed, sliced...), which y is not
         advice += (" That converts the whole file in its own layout, which your array changes: pass "
                    + (f"{view}, your view of the new file." if view else "the same view of the new file (slice, "
@@ -142,23 +143,46 @@ def block_conversion(x: np.memmap, part: str) -> str:
     return advice
 
 
-def _whole_file(x: np.memmap) -> tuple[np.ndarray, str, int]:
+def _whole_file(x: np.memmap) -> tuple[np.ndarray, str, int] | None:
     """The whole file that ``x`` is a view of, as the advice opens it; the expression that opens it; and where in it
     ``x`` starts (bytes from its first value to the first of ``x``). A ``.npy`` is opened as ``np.load`` opens it (a
-    Fortran-ordered one too); a raw file, or one that ``x`` reads as another dtype, as ``x``'s memmap was opened."""
+    Fortran-ordered one too), down to the field ``x`` reads of its records (``np.load(path, mmap_mode='r')['score']``);
+    a raw file as ``x``'s memmap was opened. None where neither gives ``x``'s dtype (a field of a raw file's
+    records)."""
     opened = x  # the memmap as opened (x itself, or the array x is a view of): byte opened.offset of the file
     while isinstance(opened.base, np.ndarray):
         opened = opened.base
-    start = x.ctypes.data - opened.ctypes.data  # from the first value of opened
+    at = x.ctypes.data - opened.ctypes.data + opened.offset  # the byte of the file where x starts
     try:
-        file = np.load(x.filename, mmap_mode="r")
-        if isinstance(file, np.ndarray) and file.dtype == x.dtype:  # (not a .npz that a raw file looks like)
-            return file, "np.load(path, mmap_mode='r')", start + opened.offset - file.offset
+        loaded = np.load(x.filename, mmap_mode="r")
     except (OSError, ValueError, TypeError):  # no .npy header: a raw file
-        pass
+        loaded = None
+    if isinstance(loaded, np.ndarray):  # (not a .npz that a raw file looks like)
+        file, index = loaded, ""
+        if loaded.dtype.names and loaded.dtype != x.dtype:  # x reads a field of the file's records
+            for name in _field_at(loaded.dtype, (at - loaded.offset) % loaded.itemsize, x.dtype) or []:
+                file, index = file[name], f"{index}[{name!r}]"
+        if file.dtype == x.dtype:
+            file_at = loaded.offset + file.ctypes.data - loaded.ctypes.data  # the byte where the file (field) starts
+            return file, f"np.load(path, mmap_mode='r'){index}", at - file_at
+    if opened.dtype != x.dtype:
+        return None
     order = ", order='F'" if opened.flags.f_contiguous and not opened.flags.c_contiguous else ""
     opening = f"np.memmap(path, np.dtype({x.dtype.str!r}), 'r', offset={opened.offset}, shape={opened.shape}{order})"
-    return opened, opening, start
+    return opened, opening, at - opened.offset
+
+
+def _field_at(dtype: np.dtype, byte: int, values: np.dtype) -> list[str] | None:
+    """The names leading to the field of the records ``dtype`` that holds byte ``byte`` of a record (nested records
+    searched too), where that field's values are of dtype ``values``; None where there is none."""
+    for name, (field, offset, *_) in dtype.fields.items():  # (a third item: the field's title)
+        if offset <= byte < offset + field.itemsize:
+            inner = (byte - offset) % field.base.itemsize  # a subarray field ('<f4', (K,)): within one of its values
+            if field.base.names:
+                path = _field_at(field.base, inner, values)
+                return None if path is None else [name, *path]
+            return [name] if field.base == values else None
+    return None
 
 
 def _same_view(x: np.memmap, file: np.ndarray, start: int) -> str | None:

@@ -280,7 +280,7 @@ def test_a_streamed_span_error_says_the_size_of_the_scores_and_epsilon(features)
 def run_conversion_advice(message: str, path) -> list[int]:
     """Run the block-by-block conversion a message advises, as written, on the file ``path`` (into new.npy in the
     current folder); the number of values each block read."""
-    advice = re.search(r"x = (np\.load\(path, mmap_mode='r'\)|np\.memmap\(path, .*?\)), "
+    advice = re.search(r"x = (np\.load\(path, mmap_mode='r'\)(?:\[.*?\])*|np\.memmap\(path, .*?\)), "
                        r"y = (np\.lib\.format\.open_memmap\(.*?, x\.shape\)), "
                        r"then (y\[.*?\] = .*?) for i in (range\(.*?\)), and y\.flush\(\)\.", message)  # fmt: skip
     assert advice, message
@@ -417,6 +417,38 @@ def test_the_advice_for_a_raw_file_of_another_dtype_opens_it_as_it_was_opened(vi
         sinkhorn_assign_stream(x)
     message = str(refused.value)
     blocks = run_conversion_advice(message, tmp_path / "ints.bin")
+    assert len(blocks) > 1 and max(blocks) <= 64, blocks
+    said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
+    given = eval(said[1] if said else "y", {"y": np.load("new.npy", mmap_mode="r")})
+    assert given.shape == x.shape and np.array_equal(given, x), message
+
+
+@pytest.mark.parametrize("view", ["['score']", "['score'][::-1]", "['a']['b'].T"])
+def test_the_advice_for_an_integer_field_of_a_records_file_converts_that_field(view, tmp_path, monkeypatch):
+    """An integer field of a memory-mapped records file (np.load(path, mmap_mode='r')['score'], as the records advice
+    says to pass it) was told to convert the file from np.load(path, mmap_mode='r'), the records, which cannot be set
+    into float32 blocks, or from np.memmap(path, np.dtype('<i2'), ...), which reads the records' bytes as int16
+    values. The advice now converts the field, np.load(path, mmap_mode='r')['score'] (nested: ['a']['b']); run as
+    written, it and the view it ends with give the field's values."""
+    from otlabel import inputs
+
+    monkeypatch.setattr(inputs, "BLOCK_ENTRIES", 64, raising=False)
+    monkeypatch.chdir(tmp_path)
+    nested = view.startswith("['a']")
+    records = np.zeros(
+        30, [("a", [("c", "<i4"), ("b", "<i2")], (4,))] if nested else [("id", "<i4"), ("score", "<i2", (4,))]
+    )
+    values = np.random.default_rng(3).integers(-9, 9, (30, 4), dtype=np.int16)
+    if nested:
+        records["a"]["b"] = values
+    else:
+        records["score"] = values
+    np.save(tmp_path / "records.npy", records)
+    x = eval(f"np.load(path, mmap_mode='r'){view}", {"np": np, "path": str(tmp_path / "records.npy")})
+    with pytest.raises(TypeError, match="Convert the file a block of rows at a time") as refused:
+        sinkhorn_assign_stream(x)
+    message = str(refused.value)
+    blocks = run_conversion_advice(message, tmp_path / "records.npy")
     assert len(blocks) > 1 and max(blocks) <= 64, blocks
     said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
     given = eval(said[1] if said else "y", {"y": np.load("new.npy", mmap_mode="r")})
