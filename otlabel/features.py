@@ -150,7 +150,10 @@ def dense_scores(features, prototypes, bias, where: str = "", cluster_weights=No
     c = open_host_array(prototypes, "prototypes", copied_anyway=True).double()
     b = None if bias is None else open_host_array(bias, "bias", copied_anyway=True).double()
     check_feature_shapes(z.shape, c.shape, None if b is None else b.shape)
-    check_bias(b)  # what the other paths say of a bias, before the scores' own checks
+    k = c.shape[-2]
+    r = None if cluster_weights is None else check_weights(cluster_weights, k, "cluster_weights",
+                                                            "number of clusters K", z.device)  # fmt: skip
+    check_bias(b, r)  # what the other paths say of a bias (a weighted cluster closed too), before the scores' checks
     for name, x in (("features", z), ("prototypes", c)):  # named, as the other paths do, not as "scores contain NaN"
         if not bool(torch.isfinite(x).all()):
             raise not_finite_error(name)
@@ -160,10 +163,7 @@ def dense_scores(features, prototypes, bias, where: str = "", cluster_weights=No
     # Finite inputs and a checked bias: NaN, +inf, or a row all -inf (on every cluster of positive weight) is a product
     # that overflowed float64. Said as the chunked path says it (which likewise takes a lone -inf product as the 0 it
     # stands for), not as "scores contain NaN" or "infeasible mask" of scores the caller never passed.
-    weighted = scores
-    if cluster_weights is not None:
-        r = check_weights(cluster_weights, scores.shape[-1], "cluster_weights", "number of clusters K", scores.device)
-        weighted = scores[..., r > 0]
+    weighted = scores if r is None else scores[..., r > 0]
     overflow = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=-1) | torch.isneginf(weighted).all(dim=-1)
     if bool(overflow.any()):
         row = int(torch.nonzero(overflow.reshape(-1, overflow.shape[-1]).any(dim=0))[0])

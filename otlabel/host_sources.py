@@ -241,7 +241,7 @@ class FeatureSource(ScoreSource):
         self.bias = None
         if bias is not None:
             bias = bias.to(self.device, self.dtype)
-            check_bias(bias)  # a -inf bias on a weighted cluster: the column check of the first pass finds it
+            check_bias(bias)  # a -inf bias on a weighted cluster: checked with the weights by the callers
             self.bias = bias.expand(self.n_heads, self.n_clusters)[:, None, :]  # (H, 1, K)
         self.row_extra_bytes = 3 * dim * host.element_size()  # a features row, staged twice and upcast
         if rows_per_chunk is None:

@@ -477,3 +477,26 @@ def test_products_that_overflow_to_minus_inf_on_every_weighted_cluster_are_named
         else:
             sinkhorn_assign(**kw, backend="reference" if path == "reference" else "torch")
     assert "infeasible mask" not in str(info.value) and "L2-normalise" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("path", ["torch", "stream", "reference", "sharded reference"])
+@pytest.mark.parametrize("bias", [[0.0, -math.inf, -math.inf], [0.0, -math.inf, 0.0]])
+def test_a_minus_inf_bias_on_a_weighted_cluster_is_refused_as_such_on_every_features_path(path, bias):
+    """A bias of -inf on a cluster of positive weight is infeasible, and the kernel paths say so ("a cluster with
+    positive weight has bias -inf"). The other features paths left it to the scores' checks: with every weighted
+    cluster closed ([0, -inf, -inf], weights [0, 0.5, 0.5]) each row is -inf on every weighted cluster, which a0772cb
+    read as products that overflow, "the scores of features row 0 ... overflow float64 arithmetic ... L2-normalise",
+    a fix that cannot help; with one closed, "infeasible mask: cluster 1 ... every sample's score for it is -inf",
+    of scores the caller never gave. Each path now checks the bias against the weights, as the kernel paths do."""
+    from otlabel import sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+    z, c = normalised(8, 3, 88).double(), normalised(3, 3, 89).double()
+    kw = dict(features=z, prototypes=c, bias=torch.tensor(bias, dtype=torch.float64), epsilon=0.05,
+              cluster_weights=[0.0, 0.5, 0.5])  # fmt: skip
+    with pytest.raises(ValueError, match="infeasible: a cluster with positive weight has bias -inf"):
+        if path == "stream":
+            sinkhorn_assign_stream(**kw)
+        elif path == "sharded reference":
+            sinkhorn_assign_sharded(**kw, backend="reference")
+        else:
+            sinkhorn_assign(**kw, backend=path)
