@@ -299,6 +299,17 @@ def run_conversion_advice(message: str, path) -> list[int]:
     return blocks
 
 
+def advised_values(x, path) -> tuple[str, list[int], np.ndarray]:
+    """Refuse ``x`` (streamed), run the conversion advice as written on the file ``path`` and take the view of the new
+    file it ends with (the new file, where it names none): the message, the blocks read, and what the user passes."""
+    with pytest.raises(TypeError, match="Convert the file a block of rows at a time") as refused:
+        sinkhorn_assign_stream(x)
+    message = str(refused.value)
+    blocks = run_conversion_advice(message, path)
+    said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
+    return message, blocks, eval(said[1] if said else "y", {"y": np.load("new.npy", mmap_mode="r")})
+
+
 @pytest.mark.parametrize("shape", [(50, 3), (2, 50, 3)])
 def test_the_advice_for_a_file_of_another_dtype_converts_it_in_blocks_of_rows(shape, tmp_path, monkeypatch):
     """An integer .npy file is refused with advice to convert it a block of rows at a time: for an (H, N, K) file of
@@ -332,14 +343,8 @@ def test_the_advice_for_a_view_of_a_file_of_another_dtype_ends_with_the_same_vie
     np.save(tmp_path / "ints.npy", np.random.default_rng(0).integers(-9, 9, shape, dtype=np.int32))
     file = np.load(tmp_path / "ints.npy", mmap_mode="r")
     x = file.transpose(1, 0, 2)[:, ::-1] if view == "3d" else eval(f"file{view}")
-    with pytest.raises(TypeError, match="got dtype int32. Convert the file a block of rows at a time") as refused:
-        sinkhorn_assign_stream(x)
-    message = str(refused.value)
-    said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
-    assert said, message
-    blocks = run_conversion_advice(message, tmp_path / "ints.npy")
-    assert len(blocks) > 1 and max(blocks) <= 64, blocks
-    given = eval(said[1], {"y": np.load("new.npy", mmap_mode="r")})
+    message, blocks, given = advised_values(x, tmp_path / "ints.npy")
+    assert "your view of the new file." in message and len(blocks) > 1 and max(blocks) <= 64, (message, blocks)
     kw = dict(epsilon=0.5, tol=None, max_iter=3)
     want = sinkhorn_assign_stream(x.astype(np.float32), **kw)
     assert_bitwise_same(sinkhorn_assign_stream(given, **kw), want, message)
@@ -385,16 +390,11 @@ def test_the_advice_for_any_view_of_a_file_of_another_dtype_gives_the_views_valu
     x = eval(f"file{view}")
     if layout == "offset":  # opened directly, one row past the header: rows 1-29
         x = np.memmap(tmp_path / "ints.npy", np.int32, "r", offset=file.offset + 16, shape=(29, 4))
-    with pytest.raises(TypeError, match="Convert the file a block of rows at a time") as refused:
-        sinkhorn_assign_stream(x)
-    message = str(refused.value)
-    run_conversion_advice(message, tmp_path / "ints.npy")
+    message, _, given = advised_values(x, tmp_path / "ints.npy")
     if layout == "offset" or view == "[::-2]":
         assert message.endswith("pass the same view of the new file (slice, transpose, reversal) as your array is of "
                                 "this one."), message  # fmt: skip
         return
-    said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
-    given = eval(said[1] if said else "y", {"y": np.load("new.npy", mmap_mode="r")})
     assert given.shape == x.shape and np.array_equal(given, x), message
 
 
@@ -413,13 +413,8 @@ def test_the_advice_for_a_raw_file_of_another_dtype_opens_it_as_it_was_opened(vi
     opened |= dict(order="F") if view == "F" else {}
     x = np.memmap(tmp_path / "ints.bin", np.int32, "r", **opened)
     x = eval(f"x{view}") if view.startswith((".", "[")) else x
-    with pytest.raises(TypeError, match="Convert the file a block of rows at a time") as refused:
-        sinkhorn_assign_stream(x)
-    message = str(refused.value)
-    blocks = run_conversion_advice(message, tmp_path / "ints.bin")
+    message, blocks, given = advised_values(x, tmp_path / "ints.bin")
     assert len(blocks) > 1 and max(blocks) <= 64, blocks
-    said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
-    given = eval(said[1] if said else "y", {"y": np.load("new.npy", mmap_mode="r")})
     assert given.shape == x.shape and np.array_equal(given, x), message
 
 
@@ -445,13 +440,8 @@ def test_the_advice_for_an_integer_field_of_a_records_file_converts_that_field(v
         records["score"] = values
     np.save(tmp_path / "records.npy", records)
     x = eval(f"np.load(path, mmap_mode='r'){view}", {"np": np, "path": str(tmp_path / "records.npy")})
-    with pytest.raises(TypeError, match="Convert the file a block of rows at a time") as refused:
-        sinkhorn_assign_stream(x)
-    message = str(refused.value)
-    blocks = run_conversion_advice(message, tmp_path / "records.npy")
+    message, blocks, given = advised_values(x, tmp_path / "records.npy")
     assert len(blocks) > 1 and max(blocks) <= 64, blocks
-    said = re.search(r"which your array changes: pass (y.*?), your view of the new file\.$", message)
-    given = eval(said[1] if said else "y", {"y": np.load("new.npy", mmap_mode="r")})
     assert given.shape == x.shape and np.array_equal(given, x), message
 
 
