@@ -562,24 +562,28 @@ def _reached_clusters(edges: np.ndarray, c: np.ndarray, r: np.ndarray, tolerance
     most_short = max(1.0, tolerance * FLOW_SCALE)
     part = _sparse_part(edges, supply, demand) if np.count_nonzero(edges) > SPARSE_FIRST_ABOVE_EDGES else None
     for _ in range(MAX_PART_ROUNDS if part is not None else 0):
-        graph = _network(part, supply, demand, unbounded)
-        result = maximum_flow(graph, g + k, g + k + 1)
-        del graph
-        if int(supply.sum()) - int(result.flow_value) <= most_short:
+        cut = _minimum_cut(maximum_flow, part, supply, demand, unbounded, most_short)
+        if cut is None:
             return None  # a flow on some of the pairs saturates the groups: so does one on all of them
-        reached, reached_groups = _source_side(result.flow, part, supply)
-        del result
-        if not _add_crossing_pairs(part, edges, reached, reached_groups):
-            return reached  # the part's minimum cut is one of the whole network: the same verdict and clusters
+        if not _add_crossing_pairs(part, edges, *cut):
+            return cut[0]  # the part's minimum cut is one of the whole network: the same verdict and clusters
         if 2 * np.count_nonzero(part) > np.count_nonzero(edges):
             break  # grown to most of the pairs: the whole network is no dearer
     del part
-    graph = _network(edges, supply, demand, unbounded)
-    result = maximum_flow(graph, g + k, g + k + 1)
+    cut = _minimum_cut(maximum_flow, edges, supply, demand, unbounded, most_short)
+    return None if cut is None else cut[0]
+
+
+def _minimum_cut(maximum_flow, pairs: np.ndarray, supply: np.ndarray, demand: np.ndarray, unbounded: int,
+                 most_short: float) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """The source side of a minimum cut (clusters, groups: :func:`_source_side`) of the network over the allowed
+    ``pairs``, or None where its maximum flow falls short of the groups' supply by at most ``most_short``. The
+    network is let go once the flow is found (the flow alone is walked)."""
+    g, k = pairs.shape
+    result = maximum_flow(_network(pairs, supply, demand, unbounded), g + k, g + k + 1)
     if int(supply.sum()) - int(result.flow_value) <= most_short:
         return None
-    del graph
-    return _source_side(result.flow, edges, supply)[0]
+    return _source_side(result.flow, pairs, supply)
 
 
 def _add_crossing_pairs(part: np.ndarray, edges: np.ndarray, reached: np.ndarray, reached_groups: np.ndarray) -> bool:

@@ -236,10 +236,13 @@ def check_bias(bias: torch.Tensor | None, cluster_weights: torch.Tensor | None =
     if bool(torch.isneginf(bias).all(dim=-1).any()):  # whatever the weights (a message about rows misled here)
         raise ValueError("infeasible: bias is -inf for every cluster (of some head), so no sample may go anywhere. "
                          "Leave at least one cluster open (a finite bias).")  # fmt: skip
-    if cluster_weights is None:
-        return
-    closed = torch.isneginf(bias) & (cluster_weights > 0)  # bias (K,) or (H, K)
-    if bool(closed.any()):
+    if cluster_weights is not None:
+        refuse_closed_clusters(bias, cluster_weights)
+
+
+def refuse_closed_clusters(bias: torch.Tensor, cluster_weights: torch.Tensor) -> None:
+    """A -inf ``bias`` (K,) or (H, K) on a cluster of positive weight: no sample may go there."""
+    if bool((torch.isneginf(bias) & (cluster_weights > 0)).any()):
         raise ValueError(
             "infeasible: a cluster with positive weight has bias -inf, so no sample may go to it. "
             "Give it weight 0 in cluster_weights, or a finite bias."

@@ -17,13 +17,12 @@ import numpy as np
 import torch
 
 from .problem import (
-    BFLOAT16_TO_FLOAT32,
     check_float_dtype,
     complex_conversion,
     dense_tensor,
-    raw_bfloat16_error,
+    refuse_unconvertible_dtype,
     share_numpy,
-    structured_error,
+    torch_cannot_share,
     unmasked_array,
 )
 
@@ -245,29 +244,23 @@ def open_host_array(x, name: str, copied_anyway: bool = False) -> torch.Tensor |
         x = x.array
     if isinstance(x, np.ndarray):
         x = unmasked_array(x, name)
-        if x.dtype.names:  # records: neither conversion below applies
-            raise structured_error(x, name, from_path)
-        if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # x.astype(np.float32) fails on raw values
-            convert = f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}."
-            if _on_disk(x):  # a file, perhaps larger than memory
-                convert = block_conversion(x, BFLOAT16_TO_FLOAT32)
-            raise raw_bfloat16_error(x, name, convert)
+        # a file, perhaps larger than memory, is converted a block at a time
+        file_advice = (lambda part, x=x: block_conversion(x, part)) if _on_disk(x) else None
+        refuse_unconvertible_dtype(x, name, from_path, file_advice)
         if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
             fix = "Convert with x.astype(np.float32)."
             part = "{rows}"  # what a block of the new file is set to
             if x.dtype.kind == "c":  # astype(np.float32) keeps the real part alone (NumPy's ComplexWarning aside)
                 fix = complex_conversion("x", "np.abs(x)", "x.astype(np.float32)")
                 part = "{rows}.real (or np.abs({rows}), whichever you mean)"
-            if _on_disk(x):  # a file, perhaps larger than memory, which x.astype reads whole
-                fix = block_conversion(x, part)
+            if file_advice:  # x.astype would read the file whole
+                fix = file_advice(part)
             raise TypeError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}. {fix}")
         if not x.dtype.isnative:  # a file from another machine: torch cannot share it
             if not copied_anyway:
                 return SwappedArray(x)
             x = x.astype(x.dtype.newbyteorder("="))  # in native order, and with positive strides
-        # A reversed view (x[::-1]), or a field of packed records (strides not a multiple of the values' size):
-        # torch cannot share either
-        if any(stride < 0 or stride % x.itemsize for stride in x.strides):
+        if torch_cannot_share(x):  # a reversed view, a field of packed records
             if not copied_anyway:
                 return SwappedArray(x)
             x = np.ascontiguousarray(x)

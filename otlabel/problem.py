@@ -143,10 +143,7 @@ def as_tensor(x, name: str) -> torch.Tensor:
         return dense_tensor(x, name)
     if isinstance(x, np.ndarray):
         x = unmasked_array(x, name)
-        if x.dtype.names:  # records: neither conversion below applies
-            raise structured_error(x, name)
-        if x.dtype.kind == "V" and x.dtype.itemsize == 2:  # np.asarray(x, dtype=np.float32), advised below, fails
-            raise raw_bfloat16_error(x, name, f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}.")
+        refuse_unconvertible_dtype(x, name)
         if x.dtype.kind not in "biufc":  # object, string, date arrays: torch's own error names no fix
             raise TypeError(f"{name} must hold numbers, got a NumPy array of dtype {x.dtype}; convert it with "
                             f"np.asarray({name}, dtype=np.float32).")  # fmt: skip
@@ -156,9 +153,7 @@ def as_tensor(x, name: str) -> torch.Tensor:
                             f"hold; convert it with {name}.astype(np.{wanted}).")  # fmt: skip
         if not x.dtype.isnative:  # big-endian data (a file from another machine): torch cannot share it, so copy
             x = x.astype(x.dtype.newbyteorder("="))
-        # A reversed view (x[::-1]), or a field of packed records (x['score'] of [('id', '<i2'), ('score', '<f4')]:
-        # strides of 6 bytes): torch cannot share it, so copy
-        if any(stride < 0 or stride % x.itemsize for stride in x.strides):
+        if torch_cannot_share(x):
             x = np.ascontiguousarray(x)
         return share_numpy(x)
     if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
@@ -194,6 +189,24 @@ def as_tensor(x, name: str) -> torch.Tensor:
 # The float32 values of bfloat16 bits held as 2-byte raw values (NumPy dtype V2), of a block of them ({rows}): the
 # top half of a float32's bits
 BFLOAT16_TO_FLOAT32 = "({rows}.view(np.uint16).astype(np.uint32) << 16).view(np.float32)"
+
+
+def refuse_unconvertible_dtype(x: np.ndarray, name: str, from_path: bool = False, file_advice=None) -> None:
+    """Records and 2-byte raw values (bfloat16 as NumPy saves it), which neither torch nor ``x.astype(np.float32)``
+    reads: refused with a fix that works. ``from_path``: ``x`` was given as a path (:func:`structured_error`);
+    ``file_advice(part)``: for a file, the advice to convert it a block at a time, ``part`` what a block becomes."""
+    if x.dtype.names:
+        raise structured_error(x, name, from_path)
+    if x.dtype.kind == "V" and x.dtype.itemsize == 2:
+        convert = (f"Convert with {BFLOAT16_TO_FLOAT32.format(rows='x')}." if file_advice is None
+                   else file_advice(BFLOAT16_TO_FLOAT32))  # fmt: skip
+        raise raw_bfloat16_error(x, name, convert)
+
+
+def torch_cannot_share(x: np.ndarray) -> bool:
+    """Strides torch refuses to share (``torch.from_numpy``): a reversed view (``x[::-1]``), or a field of packed
+    records (``x['score']`` of ``[('id', '<i2'), ('score', '<f4')]``: strides of 6 bytes)."""
+    return any(stride < 0 or stride % x.itemsize for stride in x.strides)
 
 
 def raw_bfloat16_error(x: np.ndarray, name: str, convert: str) -> TypeError:
@@ -240,13 +253,23 @@ def _value_field(dtype: np.dtype, kinds: str) -> list[str] | None:
     return None
 
 
+def hidden_entries(x: np.ma.MaskedArray) -> int:
+    """How many entries a NumPy masked array hides (``np.ma.nomask``: none)."""
+    return int(np.count_nonzero(np.ma.getmask(x)))
+
+
+def masked_entries(hidden: int) -> str:
+    """``'1 masked entry'``, ``'2 masked entries'``: what a message says of ``hidden`` entries."""
+    return f"{hidden:,} masked {'entry' if hidden == 1 else 'entries'}"
+
+
 def unmasked_array(x: np.ndarray, name: str) -> np.ndarray:
     """``x``, or the data of a NumPy masked array that hides nothing (``np.ma.nomask`` or an all-False mask: every
     value shows, as outputs of that kind are written). One that hides entries is refused: its mask would be dropped
     without a word, the hidden values read as if unmasked."""
     if not isinstance(x, np.ma.MaskedArray):
         return x
-    hidden = int(np.count_nonzero(np.ma.getmask(x)))  # nomask: np.False_, none
+    hidden = hidden_entries(x)
     if not hidden:
         return np.ma.getdata(x)  # shares memory (a memmap's data stays a memmap)
     raise masked_error(name, hidden, "is a NumPy masked array", "x")
@@ -262,7 +285,7 @@ def hidden_in_list(x: list | tuple) -> int:
     hidden = 0
     for item in x:
         if isinstance(item, np.ma.MaskedArray):
-            hidden += int(np.count_nonzero(np.ma.getmask(item)))
+            hidden += hidden_entries(item)
         elif isinstance(item, (list, tuple)):
             hidden += hidden_in_list(item)
     return hidden
@@ -276,8 +299,7 @@ def masked_error(name: str, hidden: int, given: str, masked: str) -> TypeError:
         if name in ("scores", "logits", "bias")
         else f"{masked}.filled(...) with the values the masked entries should have"
     )
-    entries = "entry" if hidden == 1 else "entries"
-    return TypeError(f"{name} {given} with {hidden:,} masked {entries}, whose mask otlabel would ignore: pass a "
+    return TypeError(f"{name} {given} with {masked_entries(hidden)}, whose mask otlabel would ignore: pass a "
                      f"plain array. {fix}; np.asarray(x) keeps the hidden values.")  # fmt: skip
 
 
@@ -327,9 +349,8 @@ def described(x) -> str:
     hides: its repr, four lines, shows a hidden value as ``--``."""
     if not isinstance(x, np.ma.MaskedArray):
         return repr(x)
-    hidden = int(np.count_nonzero(np.ma.getmask(x)))
-    entries = "entry" if hidden == 1 else "entries"
-    hides = f"with {hidden:,} masked {entries}" if hidden else "that hides nothing"
+    hidden = hidden_entries(x)
+    hides = f"with {masked_entries(hidden)}" if hidden else "that hides nothing"
     return f"a NumPy masked array of shape {x.shape} {hides} (pass a plain number)"
 
 
@@ -737,6 +758,13 @@ def check_rows(
     return masked if any_masked else None
 
 
+def overflow_span_error(given: float, index: tuple, where: str, epsilon: float, compute_dtype) -> ScoreSpanError:
+    """The span error for a finite score ``given`` (at ``index``) whose quotient by ``epsilon`` overflowed to +-inf:
+    too large for the temperature, not a +inf or a mask."""
+    detail = f" (a score of {given:.3g} at index {index}{where}, epsilon {epsilon:.3g})"
+    return span_error(abs(given) / epsilon, compute_dtype, detail)
+
+
 def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps, compute_dtype, batched,
                        from_features=False, features=None, epsilon=None, given_rows=None,
                        weighted=None) -> None:  # fmt: skip
@@ -761,8 +789,7 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
         index = index_in_input((h, j + offset, k), batched)
         given = math.inf if given_rows is None else float(given_rows()[h, j, k])
         if math.isfinite(given) and epsilon is not None:  # finite as given: S / eps overflowed, the span error's case
-            detail = f" (a score of {given:.3g} at index {index}{where}, epsilon {epsilon:.3g})"
-            raise span_error(abs(given) / epsilon, compute_dtype, detail)
+            raise overflow_span_error(given, index, where, epsilon, compute_dtype)
         raise ValueError(
             f"scores contain +inf, or scores / epsilon overflow (first at index {index}{where}). "
             "Only -inf is allowed, and it means 'this sample may not go to this cluster'."
@@ -774,14 +801,13 @@ def raise_for_bad_rows(scores, row_max, weighted_row_max, offset, where, inv_eps
             if given_rows is not None and epsilon is not None:  # -inf as S / eps: finite as given, -3e38 / 0.05?
                 given = given_rows()[h, j]  # (K,)
                 finite = torch.isfinite(given)  # where the row's -inf is an overflow, not a mask
-                involved = finite.clone()  # ... in a cluster the solve involves: the span error
+                involved = finite  # ... in a cluster the solve involves: the span error
                 if weighted is not None:
-                    involved &= torch.zeros_like(finite).index_fill_(0, weighted, True)
+                    involved = finite & torch.zeros_like(finite).index_fill_(0, weighted, True)
                 if bool(involved.any()):
                     k = int(torch.nonzero(involved)[0])
                     index = index_in_input((h, j + offset, k), batched)
-                    detail = f" (a score of {float(given[k]):.3g} at index {index}{where}, epsilon {epsilon:.3g})"
-                    raise span_error(abs(float(given[k])) / epsilon, compute_dtype, detail)
+                    raise overflow_span_error(float(given[k]), index, where, epsilon, compute_dtype)
                 if bool(finite.any()):  # finite in clusters of weight 0 only: not masked there, as in memory
                     error = stranded_sample_error
             raise error(j + offset, h, where)

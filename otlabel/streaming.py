@@ -42,7 +42,7 @@ from .backends.torch_backend import (
 )
 from .entry import entry_point, user_stacklevel
 from .feasibility import MaskPatterns, check_masks, collect_masks
-from .features import check_bias
+from .features import refuse_closed_clusters
 from .host_sources import (
     BYTES_PER_ENTRY,
     FeatureSource,
@@ -58,7 +58,9 @@ from .problem import (
     check_epsilon,
     check_rows,
     check_weights,
+    hidden_entries,
     marginals_rounding,
+    masked_entries,
     weighted_clusters,
 )
 from .result import SinkhornResult
@@ -378,10 +380,10 @@ def as_output(out, shape: tuple, dtype: np.dtype, name: str, batched: bool, file
         # What torch cannot write into (its errors named no output, and advised a copy, which would be written instead
         # of the caller's array), or what would hide the results (a mask).
         if isinstance(out, np.ma.MaskedArray):  # written through its data: what its mask hides would stay hidden
-            hidden = int(np.count_nonzero(np.ma.getmask(out)))  # nomask: np.False_, none
+            hidden = hidden_entries(out)
             if hidden:
                 clear = f"{name}.soften_mask(), then " * out.hardmask + f"{name}.mask = np.ma.nomask"
-                raise TypeError(f"{name} is a NumPy masked array with {hidden:,} masked entries: what is written "
+                raise TypeError(f"{name} is a NumPy masked array with {masked_entries(hidden)}: what is written "
                                 f"under its mask would stay hidden. Pass a plain array ({allocate}) or a path, or "
                                 f"clear its mask first ({clear}).")  # fmt: skip
             out = np.ma.getdata(out)  # nothing masked: every result shows
@@ -550,8 +552,8 @@ def sinkhorn_assign_stream(
         c = check_weights(sample_weights, n, "sample_weights", "number of samples N", device, as_read, fix)
         # A weighted cluster closed by a -inf bias: said of the bias, as the kernel paths say it (the rows' checks
         # would read a row -inf on every weighted cluster as products that overflow). One read of the device.
-        if scores is None and source.bias is not None and bool((torch.isneginf(source.bias) & (r > 0)).any()):
-            check_bias(source.bias[:, 0], r)
+        if scores is None and source.bias is not None:
+            refuse_closed_clusters(source.bias[:, 0], r)
         # In the compute dtype, which is what the operator adds to the scores: a float64 warm start measured 3-15x
         # worse first errors (1.6e-5 against 1.1e-6 at eps 4e-4), its rounding showing up as marginal error.
         b0 = check_init(init, h, r, compute_dtype(source.dtype), epsilon=epsilon)
