@@ -18,14 +18,16 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .backends.torch_backend import available_memory_bytes
-from .entry import entry_point
+from .entry import entry_point, user_stacklevel
 from .problem import check_score_values, check_scores, check_weights, marginals_rounding
+from .result import ConvergenceWarning
 
 # POT imports every array library it finds as a backend. JAX, imported that way, takes 75% of the GPU's memory
 # for itself at once (seen on an H100: a pytest worker that imported POT left the others out of memory). otlabel
@@ -69,6 +71,10 @@ class ExactResult:
             each sample's cluster, 0 elsewhere).
         labels: (N,) int64 — the argmax of each row of the plan.
         objective: ``<P, S>`` (a float).
+        optimality_gap: a certified upper bound on how far ``objective`` falls short of the best plan with the same
+            marginals (0 up to float64 rounding for an optimal plan; see :func:`optimality_gap`). The solvers'
+            tolerances are relative to the span of the scores, so large finite numbers used as masks (-1e9 next to
+            scores near 1) can leave a real gap; a ConvergenceWarning says so when this exceeds rounding.
 
     ``plan`` and ``labels`` are torch tensors on the scores' device when the scores were a torch tensor (as
     :func:`otlabel.sinkhorn_assign` returns), NumPy arrays when they were a NumPy array or a list.
@@ -77,6 +83,7 @@ class ExactResult:
     plan: np.ndarray | torch.Tensor
     labels: np.ndarray | torch.Tensor
     objective: float
+    optimality_gap: float = 0.0
 
     def __repr__(self) -> str:
         # A summary: the plan is N x K numbers
@@ -85,7 +92,8 @@ class ExactResult:
             return f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} {kind}"
 
         plan, labels = describe(self.plan), describe(self.labels)
-        return f"ExactResult(objective={self.objective:.6g}, plan={plan}, labels={labels})"
+        gap = f"optimality_gap={self.optimality_gap:.3g}"
+        return f"ExactResult(objective={self.objective:.6g}, {gap}, plan={plan}, labels={labels})"
 
 
 def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
@@ -129,10 +137,11 @@ def _unit_cost(s: np.ndarray) -> np.ndarray:
     return np.where(allowed, unit, FORBIDDEN)
 
 
-def _result(plan: np.ndarray, s: np.ndarray, c: np.ndarray | None = None, r: np.ndarray | None = None,
+def _result(plan: np.ndarray, s: np.ndarray, solver: str, c: np.ndarray | None = None, r: np.ndarray | None = None,
             mass_rounding: float = 0.0) -> ExactResult:  # fmt: skip
-    """The plan, its labels and objective, checked: no mass on a forbidden pair beyond what rounding the weights may
-    have made necessary (``mass_rounding``; that much is dropped), marginals met."""
+    """The plan, its labels, objective and certified optimality gap, checked: no mass on a forbidden pair beyond what
+    rounding the weights may have made necessary (``mass_rounding``; that much is dropped), marginals met, and a
+    warning where the gap is wider than float64 arithmetic explains (``solver`` names the call in it)."""
     allowed = np.isfinite(s)
     if plan[~allowed].sum() > max(1e-12, mass_rounding):
         raise ValueError("the masked problem has no feasible plan: relax the mask or the cluster weights.")
@@ -141,7 +150,76 @@ def _result(plan: np.ndarray, s: np.ndarray, c: np.ndarray | None = None, r: np.
         if want is not None and not np.allclose(sums, want, rtol=1e-6, atol=1e-9):
             raise ValueError("the exact solver returned a plan that misses the marginals; see its warnings above.")
     objective = float((plan[allowed] * s[allowed]).sum())
-    return ExactResult(plan=plan, labels=plan.argmax(axis=1), objective=objective)
+    gap = optimality_gap(plan, s)
+    _warn_if_inexact(gap, plan, s, solver)
+    return ExactResult(plan=plan, labels=plan.argmax(axis=1), objective=objective, optimality_gap=gap)
+
+
+# A gap this small relative to the largest score the plan uses is float64 rounding, not a solver's tolerance
+GAP_RESOLUTION = 1e-12
+
+
+def _carrying(plan: np.ndarray) -> np.ndarray:
+    """The pairs that carry mass, leaving out the solvers' round-off (4e-17 on a pair of a 1/30 row): a cycle through
+    such a pair may gain, and would hold the duals away from the optimal ones, for a gain of nothing."""
+    return plan > 1e-9 * plan.sum(axis=1, keepdims=True)
+
+
+def optimality_gap(plan: np.ndarray, s: np.ndarray) -> float:
+    """An upper bound on how far ``<P, S>`` falls short of the best plan with ``P``'s own marginals, certified by a
+    dual solution: for any ``u, v`` with ``u_i + v_j >= S_ij`` on every allowed pair, no plan with those marginals
+    scores more than ``sum_i a_i u_i + sum_j b_j v_j`` (weak duality; ``a``, ``b`` the row and column sums of P).
+
+    The duals come from ``P`` itself. Moving mass from a pair ``(i, j)`` that carries some to ``(i, j')`` changes the
+    score by ``S_ij' - S_ij``; ``P`` is optimal exactly when no cycle of such moves gains, and then the shortest
+    "loss" distances ``pi_j`` to each cluster (Bellman-Ford from all clusters at once, over rows rather than a K x K
+    graph, to keep memory at N x K) make ``v = -pi`` and ``u_i = max_j S_ij - v_j`` optimal duals: the bound is 0 up
+    to rounding. A plan that some cycle improves gets a positive bound, at least its true shortfall. Computed on the
+    scores divided by the largest ``|S|`` (no overflow for scores near the float64 limit), in the scores' units."""
+    allowed = np.isfinite(s)
+    top = float(np.abs(s[allowed]).max())
+    if top == 0:
+        return 0.0
+    s = s / top
+    carries = _carrying(plan)
+    rows, cols, objective = plan.sum(axis=1), plan.sum(axis=0), float((plan[allowed] * s[allowed]).sum())
+
+    def bound(pi: np.ndarray) -> float:  # the dual objective of v = -pi and its best u, less the plan's score
+        u = np.where(allowed, s + pi, -np.inf).max(axis=1)
+        return float(rows @ u - cols @ pi) - objective
+
+    # A move's loss gets a few units of rounding added, so that cycles which gain only by rounding end the search
+    slack = 4 * np.finfo(np.float64).eps * float(np.abs(s[carries]).max())
+    pi, best, rounds = np.zeros(s.shape[1]), math.inf, s.shape[0] + s.shape[1]
+    for round_ in range(rounds):
+        if round_ & (round_ - 1) == 0:  # rounds 0, 1, 2, 4, ...: while a gaining cycle drives the distances down
+            best = min(best, bound(pi))  # without end, the bound is taken where it was tightest
+        # rho_i: the least loss of reaching row i, by taking mass off one of its pairs (i, j): pi_j + S_ij
+        rho = np.where(carries, pi + s, np.inf).min(axis=1)
+        reached = np.minimum(pi, (rho[:, None] - s + slack).min(axis=0))  # then putting it on (i, j'): - S_ij'
+        if np.array_equal(reached, pi):
+            break
+        pi = reached
+    return max(0.0, min(best, bound(pi))) * top
+
+
+def _warn_if_inexact(gap: float, plan: np.ndarray, s: np.ndarray, solver: str) -> None:
+    """A ConvergenceWarning where the plan may be further from the optimum than float64 rounding explains: the
+    solver's tolerance is relative to the whole span of the scores, so large finite numbers standing in for
+    forbidden pairs (-1e9) hide the differences that matter."""
+    scale = float(np.abs(s[_carrying(plan)]).max())
+    if gap <= GAP_RESOLUTION * max(scale, np.finfo(np.float64).tiny):
+        return
+    finite = s[np.isfinite(s)]
+    finer = " or method='pot' (finer)," if solver == "exact_plan(method='linprog')" else ""
+    warnings.warn(
+        f"{solver} returned a plan that may be up to {gap:.3g} below the optimum (optimality_gap): the scores span "
+        f"{finite.min():.3g} to {finite.max():.3g}, and the solver resolves differences only relative to that span. "
+        f"Use -inf rather than a large finite number for forbidden pairs,{finer} or subtract each row's largest "
+        "score (which leaves the optimal plan as it is).",
+        ConvergenceWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _like(result: ExactResult, scores) -> ExactResult:
@@ -177,7 +255,8 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
         plan = _linprog_plan(s, c, r, allowed)
     else:
         raise ValueError(f"method must be 'pot' or 'linprog', got {method!r}.")
-    return _like(_result(np.asarray(plan, dtype=np.float64), s, c, r, rounding), scores)
+    plan = np.asarray(plan, dtype=np.float64)
+    return _like(_result(plan, s, f"exact_plan(method='{method}')", c, r, rounding), scores)
 
 
 def _linprog_plan(s, c, r, allowed) -> np.ndarray:
@@ -195,6 +274,10 @@ def _linprog_plan(s, c, r, allowed) -> np.ndarray:
         b_eq=np.concatenate([c, r]),
         bounds=[tuple(b) for b in bounds],
         method="highs",
+        # HiGHS's default optimality tolerance, 1e-7, is relative to the unit costs: scores of 0.01 next to a -1e6
+        # stood for 1e-8 and were not told apart (a plan 0.009 below the optimum). 1e-10 is the finest it takes. The
+        # feasibility tolerance stays 1e-7: marginals rounded in float32 miss the mask's capacity by 1e-8.
+        options={"dual_feasibility_tolerance": 1e-10},
     )
     if res.status != 0:
         raise ValueError(f"linprog found no optimal plan ({res.message}); the masked problem may be infeasible.")
@@ -280,4 +363,4 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     labels[rows[real]] = slot_cluster[slots[real]]
     plan = np.zeros((n, k))
     plan[np.arange(n), labels] = 1.0 / n
-    return _like(_result(plan, s), scores)
+    return _like(_result(plan, s, "exact_assign"), scores)

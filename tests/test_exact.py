@@ -1,5 +1,8 @@
 """Sinkhorn as eps -> 0 against the exact linear programs (POT network simplex, SciPy HiGHS and assignment)."""
 
+import functools
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +10,7 @@ from helpers import cosine_scores, random_problem, random_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otlabel import exact_assign, exact_plan, sinkhorn_assign
+from otlabel import ConvergenceWarning, exact_assign, exact_plan, sinkhorn_assign
 
 
 def test_exact_solvers_agree():
@@ -230,3 +233,88 @@ def test_exact_assign_leaves_a_masked_cluster_empty_where_its_share_rounds_down_
         exact_assign(np.array([[-np.inf, -np.inf]]))
     with pytest.raises(ValueError, match="sample 0 .* is allowed only in clusters of weight 0"):
         exact_assign(np.array([[0.5, -np.inf, -np.inf]]), cluster_weights=np.array([0.0, 0.6, 0.4]))
+
+
+def sentinel_problem(sentinel: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of about 0.01 where sample 0 may only go to cluster 0: the same problem with a large finite number
+    standing in for the forbidden pairs, and with -inf."""
+    s = np.random.default_rng(0).standard_normal((30, 5)) * 0.01
+    finite, masked = s.copy(), s.copy()
+    finite[0, 1:], masked[0, 1:] = sentinel, -np.inf
+    return finite, masked
+
+
+@pytest.mark.parametrize("method", ["pot", "linprog"])
+def test_exact_plan_resolves_scores_next_to_a_large_finite_mask(method):
+    """HiGHS's default optimality tolerance (1e-7 of the cost span) did not tell apart scores of 0.01 next to a
+    -1e6 standing for a forbidden pair: linprog's plan was 0.0094 below the optimum, silently."""
+    finite, masked = sentinel_problem(-1e6)
+    optimum = exact_plan(masked, method="pot").objective
+    res = exact_plan(finite, method=method)
+    assert res.objective == pytest.approx(optimum, abs=1e-15)
+    assert 0 <= res.optimality_gap < 1e-15
+
+
+@pytest.mark.parametrize("method", ["pot", "linprog"])
+def test_exact_plan_warns_where_the_solver_could_not_resolve_the_scores(method):
+    """Past the solvers' resolution (linprog at -1e9, POT at -1e12 next to scores of 0.01) the plan falls short of
+    the optimum: it used to be returned as exact. The certificate bounds the shortfall from above, and a warning
+    names it with what to do."""
+    finite, masked = sentinel_problem(-1e9 if method == "linprog" else -1e12)
+    optimum = exact_plan(masked, method="pot").objective
+    with pytest.warns(ConvergenceWarning, match=r"may be up to .* below the optimum .* Use -inf rather than") as w:
+        res = exact_plan(finite, method=method)
+    shortfall = optimum - res.objective
+    assert shortfall > 1e-3 and res.optimality_gap >= shortfall - 1e-15
+    assert ("or method='pot' (finer)" in str(w[0].message)) == (method == "linprog")
+    assert w[0].filename == __file__  # at the caller's line
+
+
+def test_optimal_plans_are_certified_to_rounding_without_warning():
+    """Optimal plans of random, masked and weighted problems at scales 1e-5 to 1e5 get a gap of float64 rounding
+    (under 1e-15 of the largest score), and no warning."""
+    rng = np.random.default_rng(5)
+    for trial in range(24):
+        n, k = int(rng.integers(2, 120)), int(rng.integers(2, 20))
+        s = rng.standard_normal((n, k)) * 10 ** rng.uniform(-5, 5)
+        if trial % 2:
+            s[rng.random((n, k)) < 0.3] = -np.inf
+            s[:, 0] = 0.0  # every sample may go somewhere; cluster 0 takes what the mask leaves
+        r = rng.dirichlet(np.ones(k)) if trial % 3 == 0 and trial % 2 == 0 else None
+        solves = [functools.partial(exact_plan, s, cluster_weights=r, method=m) for m in ("pot", "linprog")]
+        for solve in solves + ([functools.partial(exact_assign, s)] if r is None else []):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ConvergenceWarning)
+                try:
+                    res = solve()
+                except ValueError as e:  # a random mask may leave no plan with these weights
+                    assert "no feasible plan" in str(e) or "cannot" in str(e), e
+                    continue
+            assert 0 <= res.optimality_gap <= 1e-15 * np.abs(s[np.isfinite(s)]).max(), trial
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_optimality_gap_bounds_the_shortfall_of_any_plan(seed):
+    """Mass moved off the optimum around a cycle (i, j) -> (i, j') -> (i', j') -> (i', j): the certified gap is at
+    least the score lost, whatever the plan, and zero for the optimum itself (up to rounding)."""
+    from otlabel.exact import optimality_gap
+
+    rng = np.random.default_rng(seed)
+    s = rng.standard_normal((40, 6))
+    best = np.asarray(exact_plan(s).plan)
+    assert optimality_gap(best, s) < 1e-14
+    plan = best.copy()
+    for _ in range(1 + seed):
+        i, i2 = rng.choice(40, 2, replace=False)
+        j, j2 = int(plan[i].argmax()), int(plan[i2].argmax())
+        if j == j2:
+            continue
+        moved = min(plan[i, j], plan[i2, j2]) * rng.uniform(0.1, 1.0)
+        plan[i, j] -= moved
+        plan[i2, j2] -= moved
+        plan[i, j2] += moved
+        plan[i2, j] += moved
+    lost = float((best * s).sum() - (plan * s).sum())
+    assert optimality_gap(plan, s) >= lost - 1e-15
+    if lost > 1e-12:
+        assert optimality_gap(plan, s) > 0
