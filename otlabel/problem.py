@@ -965,11 +965,16 @@ def refuse_bool_weights(weights: torch.Tensor, name: str, from_numpy: bool = Fal
     raise TypeError(f"{name} is boolean (True/False), not proportions: pass floating-point weights, {fix}.")
 
 
-def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_values: bool = True) -> Problem:
+def validate(scores, epsilon, cluster_weights=None, sample_weights=None, check_values: bool = True,
+             arithmetic: torch.dtype | None = None) -> Problem:  # fmt: skip
     """Check everything once; the returned problem is safe for every backend. ``check_values=False`` leaves out the
-    pass over the score values (NaN, +inf, masks, span): a captured solve makes it in its graph, then judges it."""
+    pass over the score values (NaN, +inf, masks, span): a captured solve makes it in its graph, then judges it.
+    ``arithmetic``: the dtype the solve computes in where it is not the scores' own (the reference backend's
+    float64): the scores are converted first, and their span is judged for that precision."""
     epsilon = check_epsilon(epsilon)
     scores3, batched = check_scores(scores)
+    if arithmetic is not None:
+        scores3 = scores3.to(arithmetic)
     check_inverse_epsilon(epsilon, compute_dtype_of(scores3))
     _, n, k = scores3.shape
     device = scores3.device

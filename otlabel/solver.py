@@ -575,7 +575,9 @@ def sinkhorn_assign(
         raise ValueError(
             f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {described(epsilon_scaling)}."
         )
-    problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph)
+    arithmetic = torch.float64 if isinstance(backend, str) and backend == "reference" else None  # the spec: float64
+    problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph,
+                       arithmetic=arithmetic)  # fmt: skip
     if cuda_graph:
         return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration)
     init = check_init(init, problem.shape[0], problem.cluster_weights, torch.float64, compute_dtype_of(problem.scores),

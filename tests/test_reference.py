@@ -59,3 +59,17 @@ def test_plan_marginals_and_codes_rows():
     assert_close(res.plan.sum(0), torch.full((7,), 1 / 7, dtype=torch.float64), atol=1e-10, what="column sums")
     assert_close(res.codes.sum(1), torch.ones(50), atol=1e-6, what="codes rows")
     np.testing.assert_array_equal(res.labels.numpy(), res.codes.argmax(1).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_judges_the_span_in_its_own_float64(dtype):
+    """The reference computes in float64 whatever the scores' dtype, but judged float32 scores by float32's span
+    limit: |S| / eps of 1.8e4 (eps 2e-4) was refused ("float32 arithmetic cannot resolve ..."), as the float32
+    backends rightly refuse it. It now solves them as the same values given in float64."""
+    s = random_problem(300, 6, seed=3).to(dtype)
+    assert float(s.abs().max()) / 2e-4 > 1e4
+    as_float64 = sinkhorn_assign(s.double(), 2e-4, backend="reference", max_iter=5000)
+    res = sinkhorn_assign(s, 2e-4, backend="reference", max_iter=5000)
+    assert res.converged and torch.equal(res.labels, as_float64.labels) and torch.equal(res.codes, as_float64.codes)
+    with pytest.raises(ValueError, match="float32 arithmetic cannot resolve"):
+        sinkhorn_assign(s, 2e-4, backend="torch")
