@@ -150,8 +150,8 @@ def _result(plan: np.ndarray, s: np.ndarray, solver: str, c: np.ndarray | None =
         if want is not None and not np.allclose(sums, want, rtol=1e-6, atol=1e-9):
             raise ValueError("the exact solver returned a plan that misses the marginals; see its warnings above.")
     objective = float((plan[allowed] * s[allowed]).sum())
-    gap = optimality_gap(plan, s)
-    _warn_if_inexact(gap, plan, s, solver)
+    gap, magnitude = _certificate(plan, s)
+    _warn_if_inexact(gap, magnitude, s, solver)
     return ExactResult(plan=plan, labels=plan.argmax(axis=1), objective=objective, optimality_gap=gap)
 
 
@@ -169,6 +169,7 @@ def optimality_gap(plan: np.ndarray, s: np.ndarray) -> float:
     """An upper bound on how far ``<P, S>`` falls short of the best plan with ``P``'s own marginals, certified by a
     dual solution: for any ``u, v`` with ``u_i + v_j >= S_ij`` on every allowed pair, no plan with those marginals
     scores more than ``sum_i a_i u_i + sum_j b_j v_j`` (weak duality; ``a``, ``b`` the row and column sums of P).
+    ``P`` is nonnegative and carries no mass on a forbidden (-inf) pair.
 
     The duals come from ``P`` itself. Moving mass from a pair ``(i, j)`` that carries some to ``(i, j')`` changes the
     score by ``S_ij' - S_ij``; ``P`` is optimal exactly when no cycle of such moves gains, and then the shortest
@@ -176,21 +177,34 @@ def optimality_gap(plan: np.ndarray, s: np.ndarray) -> float:
     graph, to keep memory at N x K) make ``v = -pi`` and ``u_i = max_j S_ij - v_j`` optimal duals: the bound is 0 up
     to rounding. A plan that some cycle improves gets a positive bound, at least its true shortfall. Computed on the
     scores divided by the largest ``|S|`` (no overflow for scores near the float64 limit), in the scores' units."""
-    allowed = np.isfinite(s)
-    top = float(np.abs(s[allowed]).max())
-    if top == 0:
-        return 0.0
-    s = s / top
-    carries = _carrying(plan)
-    rows, cols, objective = plan.sum(axis=1), plan.sum(axis=0), float((plan[allowed] * s[allowed]).sum())
+    return _certificate(plan, s)[0]
 
-    def bound(pi: np.ndarray) -> float:  # the dual objective of v = -pi and its best u, less the plan's score
-        u = np.where(allowed, s + pi, -np.inf).max(axis=1)
-        return float(rows @ u - cols @ pi) - objective
+
+def _certificate(plan: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """:func:`optimality_gap`, and the largest magnitude its sums add (the scores the plan uses and the duals of the
+    samples and clusters with mass, in the scores' units): the scale of its own rounding."""
+    allowed = np.isfinite(s)
+    if plan[~allowed].any():
+        raise ValueError("the plan carries mass on a forbidden (-inf) pair; it has no score to certify.")
+    carries = _carrying(plan)
+    top = float(np.abs(s[allowed]).max(initial=0.0))
+    if top == 0 or not carries.any():
+        return 0.0, 0.0
+    s = s / top
+    rows, cols, objective = plan.sum(axis=1), plan.sum(axis=0), float((plan[allowed] * s[allowed]).sum())
+    # A sample of no mass adds nothing to the bound, and its u may be -inf (every pair forbidden): left out
+    used = slice(None) if (rows > 0).all() else rows > 0
+    s_used, allowed_used, rows_used = s[used], allowed[used], rows[used]
+
+    def bound(pi: np.ndarray) -> tuple[float, float]:  # the dual objective of v = -pi and its best u, less the
+        u = np.where(allowed_used, s_used + pi, -np.inf).max(axis=1)  # plan's score; and the duals' magnitude
+        size = max(float(np.abs(u).max()), float(np.abs(pi[cols > 0]).max(initial=0.0)))
+        return float(rows_used @ u - cols @ pi) - objective, size
 
     # A move's loss gets a few units of rounding added, so that cycles which gain only by rounding end the search
-    slack = 4 * np.finfo(np.float64).eps * float(np.abs(s[carries]).max())
-    pi, best, rounds = np.zeros(s.shape[1]), math.inf, s.shape[0] + s.shape[1]
+    scale = float(np.abs(s[carries]).max())
+    slack = 4 * np.finfo(np.float64).eps * scale
+    pi, best, rounds = np.zeros(s.shape[1]), (math.inf, 0.0), s.shape[0] + s.shape[1]
     for round_ in range(rounds):
         if round_ & (round_ - 1) == 0:  # rounds 0, 1, 2, 4, ...: while a gaining cycle drives the distances down
             best = min(best, bound(pi))  # without end, the bound is taken where it was tightest
@@ -200,15 +214,15 @@ def optimality_gap(plan: np.ndarray, s: np.ndarray) -> float:
         if np.array_equal(reached, pi):
             break
         pi = reached
-    return max(0.0, min(best, bound(pi))) * top
+    gap, size = min(best, bound(pi))
+    return max(0.0, gap) * top, max(scale, size) * top
 
 
-def _warn_if_inexact(gap: float, plan: np.ndarray, s: np.ndarray, solver: str) -> None:
-    """A ConvergenceWarning where the plan may be further from the optimum than float64 rounding explains: the
-    solver's tolerance is relative to the whole span of the scores, so large finite numbers standing in for
-    forbidden pairs (-1e9) hide the differences that matter."""
-    scale = float(np.abs(s[_carrying(plan)]).max())
-    if gap <= GAP_RESOLUTION * max(scale, np.finfo(np.float64).tiny):
+def _warn_if_inexact(gap: float, magnitude: float, s: np.ndarray, solver: str) -> None:
+    """A ConvergenceWarning where the plan may be further from the optimum than float64 rounding explains (rounding of
+    the certificate's own sums, relative to ``magnitude``): the solver's tolerance is relative to the whole span of
+    the scores, so large finite numbers standing in for forbidden pairs (-1e9) hide the differences that matter."""
+    if gap <= GAP_RESOLUTION * max(magnitude, np.finfo(np.float64).tiny):
         return
     finite = s[np.isfinite(s)]
     finer = " or method='pot' (finer)," if solver == "exact_plan(method='linprog')" else ""
