@@ -294,18 +294,19 @@ def test_optimal_plans_are_certified_to_rounding_without_warning():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_optimality_gap_bounds_the_shortfall_of_any_plan(seed):
+@pytest.mark.parametrize("shape", [(40, 6), (6, 40)])  # Bellman-Ford over the K x K cluster graph, and over rows
+def test_optimality_gap_bounds_the_shortfall_of_any_plan(seed, shape):
     """Mass moved off the optimum around a cycle (i, j) -> (i, j') -> (i', j') -> (i', j): the certified gap is at
     least the score lost, whatever the plan, and zero for the optimum itself (up to rounding)."""
     from otlabel.exact import optimality_gap
 
     rng = np.random.default_rng(seed)
-    s = rng.standard_normal((40, 6))
+    s = rng.standard_normal(shape)
     best = np.asarray(exact_plan(s).plan)
     assert optimality_gap(best, s) < 1e-14
     plan = best.copy()
     for _ in range(1 + seed):
-        i, i2 = rng.choice(40, 2, replace=False)
+        i, i2 = rng.choice(shape[0], 2, replace=False)
         j, j2 = int(plan[i].argmax()), int(plan[i2].argmax())
         if j == j2:
             continue
