@@ -72,7 +72,10 @@ def swav_sinkhorn(scores, epsilon: float = 0.05, n_iter: int = 3) -> torch.Tenso
 
     Iteration = normalise each cluster's row of ``Q`` (K, N) to ``1/K``, then each sample's column to
     ``1/N``. Equivalent to ``sinkhorn_assign(scores, epsilon, max_iter=n_iter, tol=None).codes`` where it
-    does not overflow. The input is checked first (reads of the scores for NaN, +inf, and a sample or cluster whose
+    neither overflows nor underflows: ``exp(S / eps)`` divided by its sum over the batch falls below float32's
+    smallest numbers for scores ~90 eps or more below the batch's best, and a sample whose scores all lie there gets
+    codes of 0 or far off, silently (1,000 x 10 standard-normal scores at eps 0.05: codes off by up to 0.11 from
+    float64's). The input is checked first (reads of the scores for NaN, +inf, and a sample or cluster whose
     every score is -inf); :func:`swav_loop` is the loop alone.
 
     Args:
