@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvergenceWarning",
     "ExactResult",
+    "ScoreSpanError",
     "SinkhornResult",
     "SmallChunksWarning",
     "exact_assign",
@@ -30,6 +31,7 @@ __all__ = [
 _HOME = {  # public name -> the module that defines it
     "ConvergenceWarning": ".result",
     "ExactResult": ".exact",
+    "ScoreSpanError": ".problem",
     "SinkhornResult": ".result",
     "SmallChunksWarning": ".streaming",
     "exact_assign": ".exact",
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     from .baselines import sela_sinkhorn, swav_sinkhorn
     from .distributed import sinkhorn_assign_sharded
     from .exact import ExactResult, exact_assign, exact_plan
+    from .problem import ScoreSpanError
     from .result import ConvergenceWarning, SinkhornResult
     from .solver import sinkhorn_assign
     from .streaming import SmallChunksWarning, sinkhorn_assign_stream
