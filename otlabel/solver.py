@@ -240,15 +240,40 @@ def raise_infeasible():
 def epsilon_stages(problem, epsilon_scaling: float) -> list[float]:
     """Temperatures from a start near the scores' spread down to ``problem.epsilon``, shrinking by a factor.
 
-    The spread is the standard deviation of the finite scores of (at most) the first 4096 samples: above it
-    the plan is nearly uniform and Sinkhorn converges in a few iterations.
+    The spread is that of the scores of (at most) the first 4096 samples that can carry mass (:func:`mass_spread`):
+    above it the plan is nearly uniform and Sinkhorn converges in a few iterations.
     """
-    head = problem.scores[:, :4096].double()
-    spread = float(head[torch.isfinite(head)].std()) if head.numel() > 1 else 0.0
+    spread = mass_spread(problem.scores[:, :4096].double(), problem.cluster_weights > 0)
     stages = [problem.epsilon]
     while stages[-1] / epsilon_scaling < spread and len(stages) < 64:
         stages.append(stages[-1] / epsilon_scaling)
     return stages[::-1]
+
+
+# A score this many spreads below its row's maximum weighs under e^-100 at any stage that starts from that spread.
+MASS_GAPS = 100.0
+
+
+def mass_spread(scores: torch.Tensor, weighted: torch.Tensor) -> float:
+    """The standard deviation of the scores (H, N, K) that can carry mass: a score more than ``MASS_GAPS`` spreads
+    below its row's maximum weighs nothing at any stage, and only acts as a mask (-1e9, ``torch.finfo(dtype).min``:
+    counted, -3e38 made the start ~1e37 and the schedule its 64 stages). The spread is the smallest that the scores
+    within that reach give back, grown from that of the row maxima and the weighted clusters' column maxima (scores,
+    not masks, in any problem with a balanced plan); 0 when nothing is spread."""
+    finite = torch.isfinite(scores)
+    gap = scores.amax(dim=2, keepdim=True) - scores  # (H, N, K): inf where the scores are -inf
+    maxima = torch.cat([scores.amax(dim=2).flatten(), scores.amax(dim=1)[:, weighted].flatten()])
+    spread = float(maxima[torch.isfinite(maxima)].std()) if maxima.numel() > 1 else 0.0
+    if not spread > 0:  # every maximum equal: start from the smallest gap between scores
+        positive = gap[finite & (gap > 0)]
+        spread = float(positive.min()) / MASS_GAPS if positive.numel() else 0.0
+    for _ in range(64):  # each round takes in more scores; a few suffice (two when no score is a mask)
+        within = scores[finite & (gap <= MASS_GAPS * spread)]
+        wider = float(within.std()) if within.numel() > 1 else 0.0
+        if not wider > spread:
+            return wider
+        spread = wider
+    return spread
 
 
 def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration, epsilon_scaling, callback=None):

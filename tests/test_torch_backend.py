@@ -20,6 +20,8 @@ from otlabel.backends.torch_backend import (
     split_rows,
     worker_pool,
 )
+from otlabel.problem import validate
+from otlabel.solver import epsilon_stages
 from otlabel.sources import DenseSource, column_max
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -443,6 +445,25 @@ def test_epsilon_scaling_with_init_solves_at_epsilon_from_it():
         atol=1e-5,
         what="a drifted warm start with and without epsilon_scaling",
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("fill", [-1e4, -1e9, "finfo.min"])
+def test_epsilon_scaling_is_not_stretched_by_a_finite_mask_fill(dtype, fill):
+    """Masks written as a large finite score (scores.masked_fill(mask, -1e9), torch.finfo(dtype).min) counted in the
+    spread the first stage starts from: float32's -3.4e38 started it near 1e37, 64 stages, 141 iterations where the
+    same mask as -inf took 23 (bfloat16's finfo.min 202 against 18). Scores that far below their row's maximum weigh
+    nothing at any stage: the stages and the iterations are now those of the -inf mask."""
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(200, 8, generator=gen, dtype=torch.float64).to(dtype)
+    mask = torch.rand(200, 8, generator=gen) < 0.3
+    mask[:, 0] = False  # every sample keeps a cluster
+    fill = torch.finfo(dtype).min if fill == "finfo.min" else max(fill, torch.finfo(dtype).min)  # float16: -65504
+    runs = [sinkhorn_assign(s.masked_fill(mask, value), 0.05, epsilon_scaling=0.5) for value in (-math.inf, fill)]
+    stages = [epsilon_stages(validate(s.masked_fill(mask, value), 0.05), 0.5) for value in (-math.inf, fill)]
+    assert stages[1] == stages[0] and len(stages[0]) < 8, stages
+    assert runs[1].n_iter == runs[0].n_iter and runs[1].converged
+    assert torch.equal(runs[1].labels, runs[0].labels)
 
 
 @pytest.mark.parametrize("eps", [0.5, 0.05, 0.01])
