@@ -426,7 +426,7 @@ def cmd_assign(args) -> int:
                         callback=None if bar is None else bar.callback,
                     )
                 except ScoreSpanError as err:  # the library's fixes are tensor expressions: a file is saved anew
-                    raise InputError(str(span_error(*err.parts, files=True))) from None
+                    raise InputError(str(span_error(*err.parts, files=True, closed=err.closed))) from None
                 t_solve = time.perf_counter() - t_solve
         finally:
             if bar is not None:

@@ -53,9 +53,10 @@ class ScoreSpanError(ValueError):
     """Scores too large for their temperature (:func:`span_error`), with what the message was made from, so that the
     command line can say the fixes in its own terms (files saved anew, ``--epsilon``)."""
 
-    def __init__(self, message: str, *parts):
+    def __init__(self, message: str, *parts, closed: int | None = None):
         super().__init__(message)
-        self.parts = parts  # span_error's arguments: span_error(*parts, files=True) says it for files
+        self.parts = parts  # span_error's arguments: span_error(*parts, files=True, closed=closed) says it for files
+        self.closed = closed
 
 
 # The shifts and normalisations that keep the plan, by (features, files): as tensor expressions for the API, as files
@@ -82,10 +83,11 @@ _SPAN_FIXES = {
 
 
 def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "", features: bool = False,
-               files: bool = False) -> ScoreSpanError:  # fmt: skip
+               files: bool = False, closed: int | None = None) -> ScoreSpanError:  # fmt: skip
     """The error for scores too large for their temperature, with the fixes that keep the same plan (``features``:
     the scores are features @ prototypes.T + bias, which the caller cannot shift directly; ``files``: the inputs
-    are ``.npy`` files named on a command line, where a tensor expression cannot be applied: they are saved anew)."""
+    are ``.npy`` files named on a command line, where a tensor expression cannot be applied: they are saved anew;
+    ``closed``: a weighted cluster far below the rest, whose scores may be a mask fill (:func:`mask_fill_note`))."""
     limit, arithmetic = max_score_span(compute_dtype), arithmetic_name(compute_dtype)
     # float64 input is already solved in float64: suggesting it again would send the caller in a circle.
     what = "features" if features else "scores"
@@ -98,7 +100,22 @@ def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "
         f"scores / epsilon reach {span_over_eps:.3g}{detail}: beyond {limit:.0e}, {arithmetic} arithmetic cannot "
         f"resolve the balanced plan to the default tol. {fixes}{last}"
     )
-    return ScoreSpanError(message, span_over_eps, compute_dtype, detail, features)
+    if closed is not None:
+        message += mask_fill_note(closed, features, files)
+    return ScoreSpanError(message, span_over_eps, compute_dtype, detail, features, closed=closed)
+
+
+def mask_fill_note(k: int, features: bool = False, files: bool = False) -> str:
+    """For a weighted cluster far below the rest: the shifts :func:`span_error` offers would fill it as the balanced
+    plan must, which is wrong if its scores (or its bias) are a mask written as a large finite value."""
+    what = "bias" if features else "scores"
+    finfo = "np.finfo(dtype).min" if files else "torch.finfo(dtype).min"
+    weights = "--cluster-weights" if files else "cluster_weights"
+    return (
+        f" If cluster {k}'s {what} stand for a mask (a fill such as -1e9 or {finfo}), no sample may go to it and its "
+        f"weight cannot be filled: give it weight 0 in {weights}, or allow some sample. Write masks as -inf: otlabel "
+        "checks them before solving."
+    )
 
 
 @dataclass
@@ -676,6 +693,10 @@ def raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, sc
     span = float(score_span(weighted_row_max, col_max, cluster_weights > 0))
     dtype = compute_dtype_of(scores)
     if epsilon is not None and span > max_score_span(dtype) * epsilon:
+        far_below = (cluster_weights > 0) & (col_max < -max_score_span(dtype) * epsilon)  # (H, K)
+        if bool(far_below.any()):  # a cluster's best score far below the rest: maybe a mask fill, said so
+            h, k = _first_index(far_below)
+            raise far_cluster_error(k, h, float(col_max[h, k]), epsilon, dtype)
         raise span_error(span / epsilon, dtype, f" (|scores| up to {span:.3g}, epsilon {epsilon:.3g})")
     top = float(largest_finite(col_max))
     if epsilon is not None and top > overflow_span(scores) * epsilon:
@@ -835,20 +856,38 @@ def bad_features_row_error(row: int, where: str, features: torch.Tensor | None, 
 
 
 def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor, compute_dtype: torch.dtype,
-                  from_features: bool = False, epsilon: float | None = None) -> None:  # fmt: skip
+                  from_features: bool = False, epsilon: float | None = None, given_col_max=None) -> None:  # fmt: skip
     """The per-cluster checks on the column maxima of ``S / eps`` (H, K) over all the samples: a cluster of positive
     weight that no sample may reach (its maximum is -inf) is infeasible; one whose best ``|S| / eps`` is beyond
     :func:`~otlabel.problem.max_score_span` needs a potential that ``compute_dtype`` cannot resolve.
     ``from_features``: the scores are features @ prototypes.T + bias, and the fixes are said for those; ``epsilon``:
-    the solve's, for the message to say the cluster's best score and the temperature."""
+    the solve's, for the message to say the cluster's best score and the temperature; ``given_col_max``: a function
+    returning the column maxima of the scores as given (H, K), read on failure only, to tell a cluster masked by -inf
+    from one whose finite best score (-3.4e38, a mask fill?) overflowed to -inf when divided by ``epsilon``."""
+    starved = torch.isneginf(col_max) & (cluster_weights > 0)
+    if given_col_max is not None and epsilon is not None and bool(starved.any()):
+        given = given_col_max().to(col_max.device)
+        overflowed = starved & torch.isfinite(given)
+        if bool(overflowed.any()):
+            h, k = _first_index(overflowed)
+            raise far_cluster_error(k, h, float(given[h, k]), epsilon, compute_dtype, from_features)
     raise_for_starved_clusters(col_max, cluster_weights)
     far = (cluster_weights > 0) & torch.isfinite(col_max) & (col_max.abs() > max_score_span(compute_dtype))
     if bool(far.any()):
         h, k = _first_index(far)
         far_over_eps = float(col_max[h, k])
-        scores = "" if epsilon is None else f": its best score {far_over_eps * epsilon:.3g}, epsilon {epsilon:.3g}"
-        raise span_error(abs(far_over_eps), compute_dtype, f" (cluster {k}, head {h}{scores})",
-                         features=from_features)  # fmt: skip
+        if epsilon is not None:
+            raise far_cluster_error(k, h, far_over_eps * epsilon, epsilon, compute_dtype, from_features)
+        raise span_error(abs(far_over_eps), compute_dtype, f" (cluster {k}, head {h})", features=from_features)
+
+
+def far_cluster_error(k: int, h: int, best: float, epsilon: float, compute_dtype: torch.dtype,
+                      features: bool = False) -> ScoreSpanError:  # fmt: skip
+    """The span error for weighted cluster ``k`` (head ``h``) whose best score ``best`` is too large for ``epsilon``;
+    far below the rest, with :func:`mask_fill_note`."""
+    detail = f" (cluster {k}, head {h}: its best score {best:.3g}, epsilon {epsilon:.3g})"
+    closed = k if best < 0 else None
+    return span_error(abs(best) / epsilon, compute_dtype, detail, features=features, closed=closed)
 
 
 def check_weights(weights, size: int, name: str, other: str, device: torch.device, scores_shape=None,

@@ -197,6 +197,13 @@ def damaged_npy_bytes(shape: bytes) -> bytes:
         # damaged headers: tokenize's TokenError and an OverflowError were internal errors (exit status 1)
         (lambda p: p.write_bytes(damaged_npy_bytes(b"(5, 3")), [], EXIT_INPUT, r"\(its header is damaged: NumPy"),
         (lambda p: p.write_bytes(damaged_npy_bytes(b"(99999999999999999999, 3)")), [], EXIT_INPUT, "header is damaged"),
+        # a cluster closed by a finite fill: the shift the span error offers fills it, so a mask is named as well
+        (
+            lambda p: np.save(p, np.where(np.arange(4) == 2, -1e9, np.eye(20, 4)).astype(np.float32)),
+            [],
+            EXIT_INPUT,
+            r"cluster 2, head 0: its best score -1e\+09.* If cluster 2's scores stand for a mask .* in --cluster-weights",
+        ),
     ],
 )
 def test_input_errors(make, extra, code, message, tmp_path, capsys):

@@ -1599,6 +1599,56 @@ def test_finite_scores_whose_quotient_by_epsilon_overflows_to_minus_inf_get_the_
                 sinkhorn_assign_stream(given, 0.05, cluster_weights=weights)
 
 
+@pytest.mark.parametrize("source", ["array", "npy", "features", "streamed features"])
+def test_a_cluster_whose_finite_scores_overflow_to_minus_inf_gets_the_span_error(tmp_path, source):
+    """A weighted cluster whose every score (or bias) is torch.finfo(torch.float32).min, a mask written as a finite
+    fill, is -inf as S / eps at epsilon 0.05, and the streamed check said "infeasible mask: cluster 2 (head 0) ...
+    every sample's score for it is -inf", of finite scores (sinkhorn_assign(features=...) too). Now the span error
+    sinkhorn_assign gives, naming the cluster and its best score as given, and what to do if that is a mask; a
+    column or a bias of -inf keeps its message."""
+    from otlabel.problem import ScoreSpanError
+
+    scores = random_problem(30, 4, seed=7).numpy()
+
+    def solve(value):
+        column = scores.copy()
+        column[:, 2] = value
+        bias = np.array([0.0, 0.0, value, 0.0], dtype=np.float32)
+        features = dict(features=scores, prototypes=np.eye(4, dtype=np.float32), bias=bias, epsilon=0.05)
+        if source == "npy":
+            np.save(tmp_path / "s.npy", column)
+        if source in ("array", "npy"):
+            return sinkhorn_assign_stream(column if source == "array" else tmp_path / "s.npy", 0.05)
+        return (sinkhorn_assign if source == "features" else sinkhorn_assign_stream)(**features)
+
+    said = (
+        r"reach 6\.8\de\+39 \(cluster 2, head 0: its best score -3\.4e\+38, epsilon 0\.05\).* If cluster 2's "
+        r"(scores|bias) stand for a mask .* give it weight 0 in cluster_weights"
+    )
+    with pytest.raises(ScoreSpanError, match=said):
+        solve(float(np.finfo(np.float32).min))
+    with pytest.raises(ValueError, match="infeasible.* (cluster 2 .*|bias )-inf"):
+        solve(-np.inf)
+
+
+def test_a_cluster_far_below_the_rest_is_named_with_what_to_do_for_a_mask_fill():
+    """A weighted cluster whose scores are all -1e9 (scores.masked_fill(mask, -1e9) closing it) is a span error whose
+    fix, shifting the cluster's scores by their maximum, fills the cluster as the balanced plan must: right for
+    scores, wrong for a mask. sinkhorn_assign said "|scores| up to 1e+09" without naming the cluster, and no path
+    said what to do for a mask. Every path now names the cluster and says it (give it weight 0, or use -inf)."""
+    from otlabel import sinkhorn_assign_sharded
+    from otlabel.problem import ScoreSpanError
+
+    scores = random_problem(30, 4, seed=7)
+    scores[:, 2] = -1e9
+    said = r"\(cluster 2, head 0: its best score -1e\+09, epsilon 0\.05\).* If cluster 2's scores stand for a mask"
+    for solve in (sinkhorn_assign, sinkhorn_assign_stream, sinkhorn_assign_sharded):
+        with pytest.raises(ScoreSpanError, match=said):
+            solve(scores.numpy() if solve is sinkhorn_assign_stream else scores, 0.05)
+    closed = sinkhorn_assign(scores, 0.05, cluster_weights=torch.tensor([0.4, 0.3, 0.0, 0.3]))  # the advice, followed
+    assert closed.converged and not bool((closed.labels == 2).any())
+
+
 def test_an_overflow_below_zero_on_a_cluster_of_weight_0_alone_leaves_the_sample_stranded():
     """A sample masked (-inf) on every weighted cluster whose score for a cluster of weight 0 is -3e38 (-inf as
     S / eps at epsilon 0.05) was given the span error for that score, which takes no part in the solve: following its
