@@ -684,7 +684,10 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, dty
         f"{caller} did not converge: {describe_error(out.error, tol)} after {out.n_iter} iterations "
         f"(epsilon={epsilon:g}). {advice} If the scores carry -inf masks that were not checked before solving "
         "(very many distinct masked rows, no SciPy), the masked problem may have no balanced plan at all: check that "
-        "every group of clusters can reach enough samples.",
+        "every group of clusters can reach enough samples. If they carry masks written as a large finite value "
+        "(-1e9, torch.finfo(dtype).min), no iteration count or warm start helps where the balanced plan needs those "
+        "pairs: write the masks as -inf, which otlabel checks before solving (naming the clusters that cannot be "
+        "filled), or relax them.",
         ConvergenceWarning,
         stacklevel=user_stacklevel(),
     )

@@ -334,6 +334,33 @@ def test_infeasible_mask_left_unchecked_warns_and_stays_finite(monkeypatch):
         assert torch.isfinite(res.codes).all() and torch.isfinite(res.cluster_potentials).all()
 
 
+@pytest.mark.parametrize("fill", [-1e9, float(torch.finfo(torch.float32).min)])
+def test_an_infeasible_mask_written_as_a_finite_fill_is_told_to_use_minus_inf(fill):
+    """Clusters 0 and 1 need 1/3 of the mass and only samples 0-4 (1/12) may go there. Written as -inf the mask
+    check refuses it by name; written as -1e9 or float32's finfo.min (finite scores: nothing to check) every path
+    ran max_iter and warned "raise max_iter, raise epsilon, or warm-start", which cannot help, and spoke of -inf
+    masks alone. The warning now says what a finite fill does and to write it as -inf; the result stays finite."""
+    s = random_problem(60, 6, seed=5)
+    s[5:, :2] = -INF
+    with pytest.raises(ValueError, match=r"infeasible mask: clusters \[0, 1\] need 0\.333"):
+        sinkhorn_assign(s, 0.05)
+    s[5:, :2] = fill
+    said = r"masks written as a large finite value .* write the masks as -inf"
+    solves = [
+        lambda: sinkhorn_assign(s, 0.05, max_iter=50, backend="torch"),
+        lambda: sinkhorn_assign(s, 0.05, max_iter=50),  # the compiled CPU loops where installed
+        lambda: sinkhorn_assign(s.double(), 0.05, max_iter=50, backend="reference"),
+        lambda: sinkhorn_assign_sharded(s, 0.05, max_iter=50),
+    ]
+    if fill > -1e38:  # streamed, -3.4e38 / 0.05 is -inf in float32 arithmetic: the mask check refuses it
+        solves.append(lambda: sinkhorn_assign_stream(s.numpy(), 0.05, max_iter=50))
+    for solve in solves:
+        with pytest.warns(ConvergenceWarning, match=said):
+            res = solve()
+        assert not res.converged and res.marginal_error > 0.1
+        assert torch.isfinite(res.codes).all() and torch.isfinite(res.cluster_potentials).all()
+
+
 def test_non_convergence_warns():
     with pytest.warns(ConvergenceWarning, match="did not converge.*after 2 iterations"):
         res = sinkhorn_assign(S, 0.01, max_iter=2, tol=1e-9)
