@@ -202,7 +202,7 @@ def damaged_npy_bytes(shape: bytes) -> bytes:
             lambda p: np.save(p, np.where(np.arange(4) == 2, -1e9, np.eye(20, 4)).astype(np.float32)),
             [],
             EXIT_INPUT,
-            r"cluster 2, head 0: its best score -1e\+09.* If cluster 2's scores stand for a mask .* in --cluster-weights",
+            r"cluster 2, head 0: its best score -1e\+09.*If cluster 2's scores stand for a mask.*in --cluster-weights",
         ),
     ],
 )
