@@ -693,7 +693,7 @@ def raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, sc
     span = float(score_span(weighted_row_max, col_max, cluster_weights > 0))
     dtype = compute_dtype_of(scores)
     if epsilon is not None and span > max_score_span(dtype) * epsilon:
-        far_below = (cluster_weights > 0) & (col_max < -max_score_span(dtype) * epsilon)  # (H, K)
+        far_below = below_the_rest(col_max, cluster_weights, max_score_span(dtype) * epsilon)  # (H, K)
         if bool(far_below.any()):  # a cluster's best score far below the rest: maybe a mask fill, said so
             h, k = _first_index(far_below)
             raise far_cluster_error(k, h, float(col_max[h, k]), epsilon, dtype)
@@ -877,16 +877,25 @@ def check_columns(col_max: torch.Tensor, cluster_weights: torch.Tensor, compute_
         h, k = _first_index(far)
         far_over_eps = float(col_max[h, k])
         if epsilon is not None:
-            raise far_cluster_error(k, h, far_over_eps * epsilon, epsilon, compute_dtype, from_features)
+            below = bool(below_the_rest(col_max, cluster_weights, max_score_span(compute_dtype))[h, k])
+            raise far_cluster_error(k, h, far_over_eps * epsilon, epsilon, compute_dtype, from_features, below)
         raise span_error(abs(far_over_eps), compute_dtype, f" (cluster {k}, head {h})", features=from_features)
 
 
+def below_the_rest(col_max: torch.Tensor, cluster_weights: torch.Tensor, span: float) -> torch.Tensor:
+    """(H, K): the weighted clusters whose best score (``col_max``) is more than ``span`` below the best weighted
+    cluster's of their head. Scores all far below 0 alike (-||x - c||^2, logits offset by -1000) have none."""
+    weighted = cluster_weights > 0
+    best = torch.where(weighted, col_max, -math.inf).amax(dim=-1, keepdim=True)  # (H, 1)
+    return weighted & (col_max < best - span)
+
+
 def far_cluster_error(k: int, h: int, best: float, epsilon: float, compute_dtype: torch.dtype,
-                      features: bool = False) -> ScoreSpanError:  # fmt: skip
+                      features: bool = False, below_rest: bool = True) -> ScoreSpanError:  # fmt: skip
     """The span error for weighted cluster ``k`` (head ``h``) whose best score ``best`` is too large for ``epsilon``;
-    far below the rest, with :func:`mask_fill_note`."""
+    far below the rest (``below_rest``, not where every cluster is as low), with :func:`mask_fill_note`."""
     detail = f" (cluster {k}, head {h}: its best score {best:.3g}, epsilon {epsilon:.3g})"
-    closed = k if best < 0 else None
+    closed = k if best < 0 and below_rest else None
     return span_error(abs(best) / epsilon, compute_dtype, detail, features=features, closed=closed)
 
 

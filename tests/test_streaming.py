@@ -1649,6 +1649,24 @@ def test_a_cluster_far_below_the_rest_is_named_with_what_to_do_for_a_mask_fill()
     assert closed.converged and not bool((closed.labels == 2).any())
 
 
+def test_scores_far_below_zero_alike_get_no_mask_fill_advice():
+    """Negative squared distances, or logits all offset by -1000, put every cluster's best score far below 0, none
+    far below the rest: the span error named cluster 0 as if it alone were low, and said what to do if its scores
+    stand for a mask (give it weight 0) in memory. They are scores, and a shift by each sample's maximum is the fix:
+    no mask advice on any path. A cluster far below the others keeps it."""
+    from otlabel import sinkhorn_assign_sharded
+    from otlabel.problem import ScoreSpanError
+
+    scores = random_problem(30, 4, seed=7) - 1000
+    for solve in (sinkhorn_assign, sinkhorn_assign_stream, sinkhorn_assign_sharded):
+        with pytest.raises(ScoreSpanError) as err:
+            solve(scores.numpy() if solve is sinkhorn_assign_stream else scores, 0.05)
+        assert "stand for a mask" not in str(err.value) and "Subtract each sample's maximum" in str(err.value)
+    scores[:, 2] -= 1000  # now far below the rest
+    with pytest.raises(ScoreSpanError, match=r"\(cluster 2, head 0: .* If cluster 2's scores stand for a mask"):
+        sinkhorn_assign(scores, 0.05)
+
+
 def test_an_overflow_below_zero_on_a_cluster_of_weight_0_alone_leaves_the_sample_stranded():
     """A sample masked (-inf) on every weighted cluster whose score for a cluster of weight 0 is -3e38 (-inf as
     S / eps at epsilon 0.05) was given the span error for that score, which takes no part in the solve: following its
