@@ -1,6 +1,7 @@
 """Sharded solve over ``torch.distributed``: each rank holds its own samples; ranks exchange K-vectors only.
 
-One code path for any world size — with ``group=None`` or a group of one process there are no collectives::
+One code path for any world size — with no process group initialised or a group of one process there are no
+collectives::
 
     rank r:   local scores (N_r, K)
                  │  local pass (the rank's usual backend: CPU kernel, torch, Triton)
@@ -214,8 +215,8 @@ class Collectives:
             hint = " Raise timeout= if one iteration of the slowest rank takes longer." if timed_out else ""
             raise RuntimeError(
                 f"sinkhorn_assign_sharded: rank {self.name} gave up on the {what} after {waited:.3g} s "
-                f"(timeout={self.timeout:g}): another rank failed, exited, passed group=None, or did not call with "
-                f"the same arguments ({type(err).__name__}: {err}).{hint}"
+                f"(timeout={self.timeout:g}): another rank failed, exited, solved alone (no process group), or did "
+                f"not call with the same arguments ({type(err).__name__}: {err}).{hint}"
             ) from err
 
 
@@ -347,10 +348,11 @@ def sinkhorn_assign_sharded(
             path) is streamed in chunks through this rank's device (the CPU with Gloo, the current CUDA device with
             NCCL) within ``memory_budget`` bytes, as in :func:`otlabel.sinkhorn_assign_stream`. Streamed features
             are checked for NaN/inf before the first collective: one extra read of this rank's features.
-        group: the ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD`` under
-            ``torchrun``). ``None`` (or a group of one process) solves this rank's samples alone, with no
-            collectives; ``group.WORLD`` is ``None`` until ``init_process_group()``, so ``None`` warns where
-            several ranks exist (initialised, or ``WORLD_SIZE`` > 1 from the launcher).
+        group: the ``torch.distributed`` process group to solve over. ``None`` (the default) is the default group,
+            ``torch.distributed.group.WORLD``, once ``init_process_group()`` has run, as in torch's own collectives;
+            before it (or after ``destroy_process_group()``) it solves this rank's samples alone, with no
+            collectives, and warns if the launcher started several ranks (``WORLD_SIZE`` > 1). A group of one
+            process solves alone too.
         sample_weights: this rank's slice ``(N_r,)`` of global sample weights that sum to 1 over all ranks.
             Default: ``1 / N`` for every sample, ``N`` the total over ranks.
         cluster_weights: ``(K,)``, the same on every rank (checked).
@@ -372,13 +374,8 @@ def sinkhorn_assign_sharded(
         ``cluster_potentials``, ``n_iter``, ``converged`` and errors — identical on every rank. ``objective`` is
         the global ``<P, S>`` and a collective.
     """
-    if group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        warnings.warn(
-            "sinkhorn_assign_sharded(group=None) solves this rank's samples alone although torch.distributed is "
-            "initialised with several ranks; pass group=torch.distributed.group.WORLD to solve over all of them.",
-            UserWarning,
-            stacklevel=user_stacklevel(),
-        )
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD  # as torch.distributed's own collectives read group=None
     elif group is None and dist.is_available() and not dist.is_initialized() and launched_ranks() > 1:
         warnings.warn(
             f"sinkhorn_assign_sharded(group=None) solves this rank's samples alone: torch.distributed is not "

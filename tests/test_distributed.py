@@ -489,6 +489,24 @@ def _subgroup_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
             sinkhorn_assign_sharded(nan.nan_to_num(), EPS, group=subgroup, timeout=10, callback=stop if bad else None)
 
 
+def _default_group_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Under an initialised process group, group=None is the default group, as in torch.distributed's collectives:
+    each rank solved its own samples alone, with only a warning (23 and 26 iterations on two ranks of a torchrun
+    script), so the labels were not the balanced assignment of all samples."""
+    with gloo_worker(rank, world, init_file, out_dir):
+        shards = [random_problem(30, K, seed=1), random_problem(50, K, seed=2)]
+        whole = sinkhorn_assign(torch.cat(shards), EPS, tol=1e-6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            res = sinkhorn_assign_sharded(shards[rank], EPS, timeout=10, tol=1e-6)
+        assert torch.equal(res.labels, whole.labels[:30] if rank == 0 else whole.labels[30:])
+        assert res.n_iter == whole.n_iter
+
+
+def test_group_none_is_the_default_group_once_initialised(tmp_path):
+    spawn_workers(_default_group_worker, tmp_path, world=2)
+
+
 def test_errors_in_a_subgroup_name_global_ranks(tmp_path):
     spawn_workers(_subgroup_worker, tmp_path, world=3)
 
