@@ -687,17 +687,30 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, dty
             "over the samples round), which more iterations do not lower: pass float64 scores (or features) for it, "
             f"or a larger tol. Otherwise {retry}"
         )
+    masks = ""
+    if stalled(out.errors):  # a mask that leaves no balanced plan holds the error near a constant
+        masks = (
+            " The error stopped falling: if the scores carry -inf masks that were not checked before solving (very "
+            "many distinct masked rows, no SciPy), the masked problem may have no balanced plan at all: check that "
+            "every group of clusters can reach enough samples. If they carry masks written as a large finite value "
+            "(-1e9, torch.finfo(dtype).min), no iteration count or warm start helps where the balanced plan needs "
+            "those pairs: write the masks as -inf, which otlabel checks before solving (naming the clusters that "
+            "cannot be filled), or relax them."
+        )
     warnings.warn(
         f"{caller} did not converge: {describe_error(out.error, tol)} after {out.n_iter} iterations "
-        f"(epsilon={epsilon:g}). {advice} If the scores carry -inf masks that were not checked before solving "
-        "(very many distinct masked rows, no SciPy), the masked problem may have no balanced plan at all: check that "
-        "every group of clusters can reach enough samples. If they carry masks written as a large finite value "
-        "(-1e9, torch.finfo(dtype).min), no iteration count or warm start helps where the balanced plan needs those "
-        "pairs: write the masks as -inf, which otlabel checks before solving (naming the clusters that cannot be "
-        "filled), or relax them.",
+        f"(epsilon={epsilon:g}). {advice}{masks}",
         ConvergenceWarning,
         stacklevel=user_stacklevel(),
     )
+
+
+def stalled(errors: list[float]) -> bool:
+    """Whether the marginal error stopped falling: measured at 8 iterations or more, and not halved over the second
+    half of them. Where it was still falling (a solve cut short: 5 iterations at a small epsilon), the warning's
+    notes on masks were noise on every such call."""
+    finite = [e for e in errors if math.isfinite(e)]
+    return len(finite) >= 8 and finite[-1] > 0.5 * finite[len(finite) // 2]
 
 
 def package_result(operator: ScoreOperator, out: LoopOutput, *, epsilon: float, batched: bool,
