@@ -434,17 +434,21 @@ def check_scores(scores, name: str = "scores") -> tuple[torch.Tensor, bool]:
     """Shape and dtype of the score matrix (called ``name`` in the messages: SeLa's are ``logits``); returns the
     (H, N, K) view and whether it was batched."""
     scores = as_tensor(scores, name)
+    if scores.ndim not in (2, 3):  # before the dtype: converting 1-d integers (labels?) to floats leads nowhere
+        integers = scores.ndim == 1 and not (scores.dtype.is_floating_point or scores.is_complex()
+                                             or scores.dtype == torch.bool)  # fmt: skip
+        labels = (f" {len(scores):,} integers look like labels: pass the (N, K) {name} (logits or similarities of "
+                  "each sample to each cluster) they would come from.") if integers else ""  # fmt: skip
+        raise ValueError(
+            f"{name} must have shape (N, K) or (H, N, K) — samples by clusters, optionally with a leading head "
+            f"dimension — got shape {tuple(scores.shape)}.{labels}"
+        )
     if scores.dtype not in FLOAT_DTYPES:
         fix = float_conversion(scores, name)
         if not scores.is_complex():
             fix = f"{fix[:-1]} (a NumPy array: {name}.astype(np.float32))."
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {scores.dtype}. {fix}"
-        )
-    if scores.ndim not in (2, 3):
-        raise ValueError(
-            f"{name} must have shape (N, K) or (H, N, K) — samples by clusters, optionally with a leading head "
-            f"dimension — got shape {tuple(scores.shape)}."
         )
     if scores.numel() == 0:
         raise ValueError(

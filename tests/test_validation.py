@@ -1273,3 +1273,14 @@ def test_the_convergence_warning_speaks_of_masks_only_when_the_error_stopped_fal
         sinkhorn_assign(s, 0.01, max_iter=5)
     text = str(caught[0].message)
     assert "after 5 iterations" in text and "mask" not in text
+
+
+def test_one_dimensional_integers_are_told_they_look_like_labels():
+    """Labels passed for scores (a 1-d integer tensor) were told to convert with scores.float(), which led only to
+    the shape error next. The shape is judged first, and integers are named as likely labels."""
+    with pytest.raises(ValueError, match=r"got shape \(100,\)\. 100 integers look like labels: pass the \(N, K\)"):
+        sinkhorn_assign(torch.randint(0, 10, (100,)), 0.05)
+    with pytest.raises(ValueError, match=r"got shape \(100,\)\.$"):  # floats: no such guess
+        sinkhorn_assign(torch.randn(100), 0.05)
+    with pytest.raises(TypeError, match="floating-point"):  # (N, K) integers: the dtype, as before
+        sinkhorn_assign(torch.randint(0, 10, (100, 10)), 0.05)
