@@ -70,10 +70,13 @@ _SPAN_FIXES = {
         "L2-normalise the features and the prototypes (cosine scores, as SwAV does), drop the bias if you pass one "
         "(bias=None: a per-cluster shift, it changes no label or code, only cluster_potentials and the objective), "
     ),
-    (False, True): (
-        "Save the scores shifted by each sample's maximum (s = np.load(path); np.save(path, s - s.max(axis=-1, "
-        "keepdims=True))) or, for a cluster far below the rest, by each cluster's (s.max(axis=-2, "
-        "keepdims=True)): such shifts change nothing. Or "
+    (False, True): (  # a block of rows at a time: the file may not fit in memory (streamed, it need not)
+        "Save the scores shifted by each sample's maximum, a block of rows at a time: x = np.load(path, "
+        "mmap_mode='r'), y = np.lib.format.open_memmap('shifted.npy', 'w+', x.dtype, x.shape), then "
+        "y[i : i + 4096] = x[i : i + 4096] - x[i : i + 4096].max(axis=-1, keepdims=True) for i in range(0, len(x), "
+        "4096), and y.flush(); or, for a cluster far below the rest, by each cluster's maximum (the largest of "
+        "x[i : i + 4096].max(axis=-2, keepdims=True) over the blocks, from a first pass): such shifts change "
+        "nothing. Or "
     ),
     (True, True): (
         "Save the features and the prototypes L2-normalised (cosine scores, as SwAV does): x = np.load(path); "

@@ -306,9 +306,26 @@ def test_score_span_error_gives_command_line_fixes(tmp_path, capsys):
     assert main(["assign", str(tmp_path / "s.npy"), "--out", str(tmp_path / "y.npy"), "-q"]) == EXIT_INPUT
     err = capsys.readouterr().err
     assert err.startswith("otlabel: error: scores / epsilon reach 2e+05"), err
-    assert "np.save(path, s - s.max(axis=-1, keepdims=True))" in err and "give a larger --epsilon" in err, err
-    assert "amax(" not in err and "raise epsilon" not in err, err
+    assert "give a larger --epsilon" in err and "amax(" not in err and "raise epsilon" not in err, err
     assert os.listdir(tmp_path) == ["s.npy"]
+    # The shift is advised a block of rows at a time (np.load(path) whole read a file of any size into memory): run
+    # as written, with the file's own path, it makes a file that solves
+    advice = re.search(r"a block of rows at a time: (x = .*?), then (y\[.*?\]) = (.*?) for i in (range\(.*?\)), and "
+                       r"y\.flush\(\);", err)  # fmt: skip
+    assert advice, err
+    opened, target, value, blocks = advice.groups()
+    path, cwd = str(tmp_path / "s.npy"), os.getcwd()
+    os.chdir(tmp_path)  # 'shifted.npy' beside the scores
+    try:
+        space = {"np": np, "path": path}
+        exec(opened.replace("), y = ", ")\ny = "), space)
+        exec(f"for i in {blocks}:\n    {target} = {value}\ny.flush()", space)
+    finally:
+        os.chdir(cwd)
+    np.testing.assert_array_equal(np.load(tmp_path / "shifted.npy"), scores - scores.max(axis=-1, keepdims=True))
+    assert main(["assign", str(tmp_path / "shifted.npy"), "--out", str(tmp_path / "y.npy"), "-q"]) == 0
+    os.remove(tmp_path / "shifted.npy")
+    os.remove(tmp_path / "y.npy")
     np.save(tmp_path / "f.npy", np.full((20, 4), 1e3, np.float32))
     np.save(tmp_path / "p.npy", np.eye(3, 4, dtype=np.float32) * 1e3)
     args = ["--features", str(tmp_path / "f.npy"), "--prototypes", str(tmp_path / "p.npy")]
