@@ -79,8 +79,10 @@ _SPAN_FIXES = {
         "nothing. Or "
     ),
     (True, True): (
-        "Save the features and the prototypes L2-normalised (cosine scores, as SwAV does): x = np.load(path); "
-        "np.save(path, x / np.linalg.norm(x, axis=-1, keepdims=True)) for each, "
+        "Save the features and the prototypes L2-normalised (cosine scores, as SwAV does), each a block of rows at a "
+        "time: x = np.load(path, mmap_mode='r'), y = np.lib.format.open_memmap('normalised.npy', 'w+', x.dtype, "
+        "x.shape), then y[i : i + 4096] = x[i : i + 4096] / np.linalg.norm(x[i : i + 4096], axis=-1, keepdims=True) "
+        "for i in range(0, len(x), 4096), and y.flush(); "
     ),
 }
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,6 +298,24 @@ def test_boolean_cluster_weights_file_is_refused(scores_file, tmp_path, capsys):
     assert os.listdir(tmp_path) == ["w.npy"]
 
 
+def run_block_advice(message: str, path) -> Path:
+    """The block-at-a-time conversion a message advises ("a block of rows at a time: x = ..., y = ..., then
+    y[...] = ... for i in range(...), and y.flush()"), run as written on ``path``, in its folder; the new file."""
+    advice = re.search(r"a block of rows at a time: (x = .*?), then (y\[.*?\]) = (.*?) for i in (range\(.*?\)), and "
+                       r"y\.flush\(\);", message)  # fmt: skip
+    assert advice, message
+    opened, target, value, blocks = advice.groups()
+    cwd = os.getcwd()
+    os.chdir(Path(path).parent)
+    try:
+        space = {"np": np, "path": str(path)}
+        exec(opened.replace("), y = ", ")\ny = "), space)
+        exec(f"for i in {blocks}:\n    {target} = {value}\ny.flush()", space)
+        return Path(path).parent / Path(space["y"].filename).name
+    finally:
+        os.chdir(cwd)
+
+
 def test_score_span_error_gives_command_line_fixes(tmp_path, capsys):
     """Scores too large for their epsilon were told "scores - scores.amax(-1, keepdim=True)" and "raise epsilon",
     tensor code a command line cannot run: the file saved anew, or a larger --epsilon, instead."""
@@ -310,29 +329,24 @@ def test_score_span_error_gives_command_line_fixes(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["s.npy"]
     # The shift is advised a block of rows at a time (np.load(path) whole read a file of any size into memory): run
     # as written, with the file's own path, it makes a file that solves
-    advice = re.search(r"a block of rows at a time: (x = .*?), then (y\[.*?\]) = (.*?) for i in (range\(.*?\)), and "
-                       r"y\.flush\(\);", err)  # fmt: skip
-    assert advice, err
-    opened, target, value, blocks = advice.groups()
-    path, cwd = str(tmp_path / "s.npy"), os.getcwd()
-    os.chdir(tmp_path)  # 'shifted.npy' beside the scores
-    try:
-        space = {"np": np, "path": path}
-        exec(opened.replace("), y = ", ")\ny = "), space)
-        exec(f"for i in {blocks}:\n    {target} = {value}\ny.flush()", space)
-    finally:
-        os.chdir(cwd)
-    np.testing.assert_array_equal(np.load(tmp_path / "shifted.npy"), scores - scores.max(axis=-1, keepdims=True))
-    assert main(["assign", str(tmp_path / "shifted.npy"), "--out", str(tmp_path / "y.npy"), "-q"]) == 0
-    os.remove(tmp_path / "shifted.npy")
+    shifted = run_block_advice(err, tmp_path / "s.npy")
+    np.testing.assert_array_equal(np.load(shifted), scores - scores.max(axis=-1, keepdims=True))
+    assert main(["assign", str(shifted), "--out", str(tmp_path / "y.npy"), "-q"]) == 0
+    os.remove(shifted)
     os.remove(tmp_path / "y.npy")
     np.save(tmp_path / "f.npy", np.full((20, 4), 1e3, np.float32))
     np.save(tmp_path / "p.npy", np.eye(3, 4, dtype=np.float32) * 1e3)
     args = ["--features", str(tmp_path / "f.npy"), "--prototypes", str(tmp_path / "p.npy")]
     assert main(["assign", *args, "--out", str(tmp_path / "y.npy"), "-q"]) == EXIT_INPUT
     err = capsys.readouterr().err
-    assert "np.save(path, x / np.linalg.norm(x, axis=-1, keepdims=True))" in err and "--epsilon" in err, err
-    assert "bias" not in err and "raise epsilon" not in err, err
+    assert "--epsilon" in err and "bias" not in err and "raise epsilon" not in err, err
+    for name in ("f.npy", "p.npy"):  # each file normalised as advised
+        normalised = run_block_advice(err, tmp_path / name)
+        x = np.load(tmp_path / name)
+        np.testing.assert_allclose(np.load(normalised), x / np.linalg.norm(x, axis=-1, keepdims=True), rtol=1e-6)
+        os.replace(normalised, tmp_path / f"unit-{name}")
+    args = ["--features", str(tmp_path / "unit-f.npy"), "--prototypes", str(tmp_path / "unit-p.npy")]
+    assert main(["assign", *args, "--out", str(tmp_path / "y.npy"), "-q"]) == 0
     with pytest.raises(ValueError, match=r"amax\(-1, keepdim=True\).* raise epsilon"):  # the library's own words
         sinkhorn_assign(torch.from_numpy(scores), 0.05)
 
