@@ -618,8 +618,12 @@ class DenseShard:
         self.device, self.dtype_code, self.backend = self.scores.device, DTYPE_CODES[self.scores.dtype], backend
         self.r = check_weights(cluster_weights, self.k, "cluster_weights", "number of clusters K (last dimension)",
                                self.device, scores_shape=(self.n, self.k))  # fmt: skip
+        # The reference computes in float64 whatever the scores' dtype: their span is judged for float64 (as
+        # sinkhorn_assign's validate(arithmetic=) judges it), not refused by float32's limit
+        reference = isinstance(backend, str) and backend == "reference"
+        arithmetic = torch.float64 if reference else compute_dtype_of(self.scores)
         masked_rows = check_rows(self.scores, weighted_clusters(self.r), where=f" of rank {rank}'s shard",
-                                 inv_eps=epsilon and 1.0 / epsilon, compute_dtype=compute_dtype_of(self.scores),
+                                 inv_eps=epsilon and 1.0 / epsilon, compute_dtype=arithmetic,
                                  batched=self.batched, epsilon=epsilon, from_features=from_features)  # fmt: skip
         self.masked = masked_rows is not None  # a -inf for a weighted cluster: Hall's condition needs this shard
         resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective

@@ -609,7 +609,10 @@ def sinkhorn_assign(
         raise ValueError(
             f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {described(epsilon_scaling)}."
         )
-    arithmetic = torch.float64 if isinstance(backend, str) and backend == "reference" else None  # the spec: float64
+    # The reference (the spec) computes in float64: its span is judged for that. Not for a capture, which refuses the
+    # reference by name (converted first, float32 scores were refused as "got float64: convert them")
+    reference = isinstance(backend, str) and backend == "reference" and not cuda_graph
+    arithmetic = torch.float64 if reference else None
     problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph,
                        arithmetic=arithmetic)  # fmt: skip
     if cuda_graph:

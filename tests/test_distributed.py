@@ -1134,3 +1134,18 @@ def test_sharded_features_warm_start_starts_from_init():
     ref, res = sinkhorn_assign(**kw), sinkhorn_assign_sharded(**kw)
     assert res.errors[0] < 1e-5, res.errors  # the marginal error of init itself: a cold start's would be ~1
     assert_close(res.cluster_potentials, ref.cluster_potentials, atol=1e-5, what="potentials after 2 iterations")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_shard_judges_the_span_in_its_own_float64(dtype):
+    """A scores shard on backend="reference" is solved in float64 whatever its dtype, but its rows were judged by
+    float32's span limit: |S| / eps of 1.8e4 (eps 2e-4) was refused ("float32 arithmetic cannot resolve ...") where
+    sinkhorn_assign(backend="reference") solves it. Now the same solve; the torch backend still refuses it."""
+    s = random_problem(300, 6, seed=3).to(dtype)
+    assert float(s.abs().max()) / 2e-4 > 1e4
+    single = sinkhorn_assign(s.double(), 2e-4, backend="reference", max_iter=5000)
+    res = sinkhorn_assign_sharded(s, 2e-4, backend="reference", max_iter=5000)
+    assert res.converged and torch.equal(res.labels, single.labels)
+    assert_close(res.codes, single.codes, atol=1e-9, what="codes of the sharded reference")
+    with pytest.raises(ValueError, match="float32 arithmetic cannot resolve"):
+        sinkhorn_assign_sharded(s, 2e-4, backend="torch")
