@@ -87,6 +87,9 @@ class LoopOutput:
     errors: list[float]
     converged: bool
     error: float | None = None  # the marginal error reported for ``potentials``; not given: the last of ``errors``
+    # Whether the error stopped falling (:func:`stalled`); not given: judged on ``errors``. epsilon_scaling's errors
+    # are its stages' one after another, each stage starting afresh: judged stage by stage
+    stalled: bool | None = None
 
     def __post_init__(self):
         if self.error is None:
@@ -296,7 +299,7 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration
     where it takes 1 at epsilon, no fewer than a cold start).
     """
     stages = epsilon_stages(problem, epsilon_scaling) if init is None else [problem.epsilon]
-    b, errors, used = init, [], 0
+    b, errors, used, stage_stalled = init, [], 0, False
     # With tol=None no stage stops early: give each stage an equal share of max_iter (the last one the rest), or the
     # first, coarsest stage would take every iteration but one.
     share = max_iter // len(stages) if tol is None else max_iter
@@ -313,9 +316,10 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration
                            has_zero_weights=problem.has_zero_weights)  # fmt: skip
         errors += out.errors
         used += out.n_iter
+        stage_stalled = stage_stalled or (not out.converged and stalled(out.errors))
         if not last:
             b = out.potentials * (eps / stages[i + 1])
-    return operator, LoopOutput(out.potentials, used, errors, out.converged, error=out.error)
+    return operator, LoopOutput(out.potentials, used, errors, out.converged, error=out.error, stalled=stage_stalled)
 
 
 def no_epsilon_scaling(epsilon_scaling, where: str) -> None:
@@ -691,7 +695,7 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, dty
             f"or a larger tol. Otherwise {retry}"
         )
     masks = ""
-    if stalled(out.errors):  # a mask that leaves no balanced plan holds the error near a constant
+    if stalled(out.errors) if out.stalled is None else out.stalled:  # a mask with no balanced plan holds it still
         masks = (
             " The error stopped falling: if the scores carry -inf masks that were not checked before solving (very "
             "many distinct masked rows, no SciPy), the masked problem may have no balanced plan at all: check that "
@@ -709,11 +713,14 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, dty
 
 
 def stalled(errors: list[float]) -> bool:
-    """Whether the marginal error stopped falling: measured at 8 iterations or more, and not halved over the second
-    half of them. Where it was still falling (a solve cut short: 5 iterations at a small epsilon), the warning's
-    notes on masks were noise on every such call."""
+    """Whether the marginal error stopped falling: measured at 8 iterations or more, and the best of the second half
+    of them not half the best of the first. Where it was still falling (a solve cut short: 5 iterations at a small
+    epsilon), the warning's notes on masks were noise on every such call. The best, not the error at two points:
+    Anderson's errors rise and fall (0.098 at the midpoint, then 0.068 0.075 0.14 0.067 looked stalled). One
+    stage's errors: epsilon_scaling's start afresh at each stage (:func:`run_with_epsilon_scaling` judges each)."""
     finite = [e for e in errors if math.isfinite(e)]
-    return len(finite) >= 8 and finite[-1] > 0.5 * finite[len(finite) // 2]
+    half = len(finite) // 2
+    return len(finite) >= 8 and min(finite[half:]) > 0.5 * min(finite[:half])
 
 
 def package_result(operator: ScoreOperator, out: LoopOutput, *, epsilon: float, batched: bool,
