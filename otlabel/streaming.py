@@ -278,8 +278,9 @@ class StreamingOperator(LogDomainOperator):
             col_max = torch.maximum(col_max, part)
             for head, other in zip(patterns or [], more or [], strict=True):
                 head.merge(other)
+        # col_max is of S / eps; the source's own column maxima (as given) are read on failure only
         check_columns(col_max, self.r, self.dtype, isinstance(self.source, FeatureSource), self.epsilon,
-                      given_col_max=self.source.column_max)  # of S / eps; the source's own pass on failure only
+                      given_col_max=self.source.column_max)  # fmt: skip
         if patterns is not None:
             check_masks(patterns, self.r, self.source.batched, self.mass_rounding)
         self._reachable = col_max > NEG_INF
