@@ -381,7 +381,7 @@ def sinkhorn_assign_sharded(
             f"sinkhorn_assign_sharded(group=None) solves this rank's samples alone: torch.distributed is not "
             f"initialised, although WORLD_SIZE={launched_ranks()} says the launcher started several ranks "
             "(torch.distributed.group.WORLD is None before init_process_group() and after destroy_process_group()). "
-            "Call torch.distributed.init_process_group() first, then pass group=torch.distributed.group.WORLD.",
+            "Call torch.distributed.init_process_group() first: group=None then solves over all ranks.",
             UserWarning,
             stacklevel=user_stacklevel(),
         )

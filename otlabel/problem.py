@@ -702,8 +702,11 @@ def raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, sc
     span = float(score_span(weighted_row_max, col_max, cluster_weights > 0))
     dtype = compute_dtype_of(scores)
     if epsilon is not None and span > max_score_span(dtype) * epsilon:
-        far_below = below_the_rest(col_max, cluster_weights, max_score_span(dtype) * epsilon)  # (H, K)
-        if bool(far_below.any()):  # a cluster's best score far below the rest: maybe a mask fill, said so
+        limit = max_score_span(dtype) * epsilon
+        # A cluster whose best score is itself too large for epsilon, far below the rest: maybe a mask fill, said so
+        # (not one that is merely far below a huge score elsewhere, which the span error names)
+        far_below = below_the_rest(col_max, cluster_weights, limit) & (col_max.abs() > limit)  # (H, K)
+        if bool(far_below.any()):
             h, k = _first_index(far_below)
             raise far_cluster_error(k, h, float(col_max[h, k]), epsilon, dtype)
         raise span_error(span / epsilon, dtype, f" (|scores| up to {span:.3g}, epsilon {epsilon:.3g})")

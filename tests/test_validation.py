@@ -1305,3 +1305,17 @@ def test_the_mask_notes_judge_each_stage_and_the_best_errors(kwargs):
     closed[5:, :2] = -1e9  # clusters 0 and 1 need 1/3 of the mass, samples 0-4 (1/12) may go there
     with pytest.warns(ConvergenceWarning, match="masks written as a large finite value"):
         sinkhorn_assign(closed, max_iter=10, tol=1e-4, **{**kwargs, "epsilon": 0.05})
+
+
+def test_a_huge_score_is_named_by_the_span_error_not_a_cluster_below_it():
+    """One score of 3e38 (cluster 0) put every other cluster far below the rest, and the span error named cluster 1
+    by its own best score: "scores / epsilon reach 21.6 (cluster 1, head 0: its best score 2.16 ...): beyond 3e+03",
+    a contradiction. A cluster is named only where its own best score is too large for epsilon."""
+    s = random_problem(20, 4, seed=2)
+    s[0, 0] = 3e38
+    with pytest.raises(ValueError, match=r"reach 3e\+39 \(\|scores\| up to 3e\+38, epsilon 0\.1\)"):
+        sinkhorn_assign(s, 0.1)
+    s = random_problem(20, 4, seed=2)
+    s[:, 2] = -1e9  # a weighted cluster closed by a finite fill is still named, with the note on masks
+    with pytest.raises(ValueError, match=r"\(cluster 2, head 0: its best score -1e\+09.* stand for a mask"):
+        sinkhorn_assign(s, 0.1)
