@@ -60,12 +60,10 @@ class AndersonMixer:
         self.active, self.restarted = True, False
         self.sound = None  # 0-d bool tensor: whether the last proposal was finite and its solve succeeded
 
-    def last_step_sound(self, like: torch.Tensor) -> torch.Tensor:
-        """(1,) float64 on ``like``'s device: 1 when the last mixed step was sound (or there was none). The loop
-        reads it together with the error, so the safeguard costs no device synchronisation of its own."""
-        if self.sound is None:
-            return torch.ones(1, dtype=torch.float64, device=like.device)
-        return self.sound.double()[None]
+    def last_step_sound(self) -> torch.Tensor | None:
+        """(1,) bool on the device: whether the last mixed step was sound; ``None`` when there was none to judge. The
+        loop reads it together with the error, so the safeguard costs no device synchronisation of its own."""
+        return None if self.sound is None else self.sound.reshape(1)
 
     def forget(self) -> None:
         """Start the history again (after a restart, a degenerate solve, or between spells)."""

@@ -74,7 +74,9 @@ class SolveBody:
             extremes = torch.cat([extremes_on_device(problem.scores), problem.scores.amin()[None]])
         operator = make_operator(problem, "triton")
         clusters = ClusterMarginal.of(problem.cluster_weights, problem.has_zero_weights)
-        b, errors = steps_without_reading(operator, clusters, None, self.max_iter, self.omega)
+        b, measured = steps_without_reading(operator, clusters, None, self.max_iter, self.omega)
+        cold = torch.full((b.shape[0],), math.inf, dtype=torch.float64, device=b.device)  # the cold start's error
+        errors = torch.stack([cold if err is None else err for err in measured])  # (max_iter, H)
         labels, codes = operator.assign(b, want_codes=True)
         return b, errors, labels, codes, clusters.empty, extremes
 

@@ -344,7 +344,9 @@ def dense_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
                         f"Pass {name}.to_dense(){missing}.")  # fmt: skip
     if x.is_meta:
         raise TypeError(f"{name} is a meta tensor, which holds no values: pass a tensor on the CPU or a GPU.")
-    return x.detach().resolve_neg()
+    # Only where needed: each is a torch call, which costs a small GPU solve host time even when it changes nothing
+    x = x.detach() if x.requires_grad else x
+    return x.resolve_neg() if x.is_neg() else x
 
 
 def one_number(x, name: str, what: str = "one positive number") -> numbers.Real:
@@ -560,7 +562,9 @@ def score_extremes(row_max, col_max, weighted_row_max, weighted_col_max, has_zer
     parts = [*aminmax(row_max), *aminmax(weighted_col_max)]
     if has_zero_weights:
         parts += [*aminmax(weighted_row_max), col_max.amax()]
-    values = torch.stack(parts + ([] if lowest is None else [lowest.to(parts[0].dtype)])).tolist()
+    if lowest is not None:  # (the conversion only where needed: even a no-op .to() costs a GPU call some host time)
+        parts.append(lowest if lowest.dtype == parts[0].dtype else lowest.to(parts[0].dtype))
+    values = torch.stack(parts).tolist()
     masked = lowest is not None and values.pop() == -math.inf
     return replace(extremes_from_values(values), masked=masked)
 

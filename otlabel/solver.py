@@ -68,7 +68,7 @@ class ClusterMarginal:
     def of(cls, cluster_weights: torch.Tensor, has_zero_weights: bool | None = None) -> ClusterMarginal:
         """``has_zero_weights``: what the caller knows of ``r`` on the host; ``None`` (not known) masks, as when some
         weight is 0 (asking the device would synchronise it)."""
-        r = cluster_weights.to(torch.float64)
+        r = cluster_weights if cluster_weights.dtype == torch.float64 else cluster_weights.to(torch.float64)
         if has_zero_weights is False:
             # The count stays a tensor, as it is with zero weights: a division by a Python number is a multiplication
             # by its reciprocal on a GPU, which would round the mean differently.
@@ -144,52 +144,53 @@ def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callba
     reads_error = tol is not None or callback is not None or mixer is not None
     if not reads_error:
         b, errors = steps_without_reading(operator, clusters, b, max_iter, omega)
-        history = read_back(errors.amax(dim=1), b, empty)  # every iteration's worst error
-        return LoopOutput(potentials=b, n_iter=max_iter, errors=history, converged=False)
-    errors: list[torch.Tensor] = []
-    worst_history: list[float] = []  # the errors already read back (with a tol, a callback or mixing)
+        measured = [err for err in errors if err is not None]  # all but a cold start's
+        history = worst_per_iteration(read_back(measured, b, empty), b.shape[0])  # every iteration's worst error
+        return LoopOutput(potentials=b, n_iter=max_iter, errors=[math.inf] * (max_iter - len(measured)) + history,
+                          converged=False)  # fmt: skip
+    history: list[float] = []  # every iteration's worst error, read back as it ran (a tol, a callback or mixing)
     converged = False
     best_error, step_from_best = math.inf, None  # with mixing: the smallest error read, and F(b) of that b
     for _ in range(max_iter):
         b_new, err = cluster_step(operator, clusters, b)
-        errors.append(err)
-        # the iteration's one sync (with the mixer's verdict on its last proposal)
-        worst_head = err.amax(0, keepdim=True)  # (1,)
-        values = [worst_head] if mixer is None else [worst_head, mixer.last_step_sound(err)]
-        worst, *sound = read_back(values, b_new, empty)
-        worst_history.append(worst)
+        # the iteration's one sync (with the mixer's verdict on its last proposal, where it made one)
+        sound = None if mixer is None else mixer.last_step_sound()
+        values = read_back([x for x in (err, sound) if x is not None], b_new, empty)
+        worst = math.inf if err is None else worst_per_iteration(values[: len(err)], len(err))[0]
+        history.append(worst)
         if mixer is not None:
-            mixer.review_last_step(sound[0] != 0)
+            mixer.review_last_step(sound is None or values[-1] != 0)
             if worst < best_error:
                 best_error, step_from_best = worst, b_new
         if callback is not None:
-            callback(len(errors), worst)
+            callback(len(history), worst)
         if tol is not None:
             if worst < tol:
                 converged = True  # keep b: its error is the one just measured
                 break
-            if omega != 1.0 and len(errors) > 2 and worst > 1.01 * worst_history[-2]:
+            if omega != 1.0 and len(history) > 2 and worst > 1.01 * history[-2]:
                 omega, adaptive = 1.0, False  # safeguard: over-relaxation is only locally convergent
-            elif adaptive and len(errors) == 1 + RATE_SAMPLES:
-                omega, adaptive = omega_for_rate(worst_history[1:]), False
+            elif adaptive and len(history) == 1 + RATE_SAMPLES:
+                omega, adaptive = omega_for_rate(history[1:]), False
         if mixer is not None and b is not None:
             b_new = mixer.step(b, b_new, worst, empty)
         b = next_iterate(
             operator, clusters, b, b_new, omega, mixed=b is not None and (mixer is not None or omega != 1.0)
         )
-    history = read_back(torch.stack(errors).amax(dim=1), b, empty)  # every iteration's worst error
+    read_back([], b, empty)  # the returned b's check (the errors were read on the way)
     error = None  # the last of history
     if step_from_best is not None and not converged:
         # The last mixed step is never measured: in 7 of 450 unconverged solves (cosines, eps 0.002-0.05, 5-80
         # iterations) it had more error than the iterate before it, up to 2.0x (4x seen in a review). A result must
         # not be worse than the error it reports; the plain step from the best iterate read never was (<= 1.00x).
         b, error = next_iterate(operator, clusters, None, step_from_best, 1.0, mixed=True), best_error
-    return LoopOutput(potentials=b, n_iter=len(errors), errors=history, converged=converged, error=error)
+    return LoopOutput(potentials=b, n_iter=len(history), errors=history, converged=converged, error=error)
 
 
 def steps_without_reading(operator: ScoreOperator, clusters: ClusterMarginal, b, max_iter: int, omega: float):
     """``max_iter`` cluster steps (over-relaxed by a fixed ``omega``) that read nothing back: ``(b, errors)`` with
-    ``b`` the (H, K) float64 potentials and ``errors`` (max_iter, H) each iteration's marginal error, on the device.
+    ``b`` the (H, K) float64 potentials and ``errors`` each iteration's marginal error (H,) on the device, ``None``
+    for a cold start's first (it has no plan to measure: its error is inf).
 
     The whole fixed-iteration solve: nothing here waits for the device, so a CUDA graph can capture it
     (:mod:`otlabel.graphs`). :func:`run_sinkhorn` takes this path when nothing asks for the error on the way.
@@ -199,16 +200,16 @@ def steps_without_reading(operator: ScoreOperator, clusters: ClusterMarginal, b,
         b_new, err = cluster_step(operator, clusters, b)
         errors.append(err)
         b = next_iterate(operator, clusters, b, b_new, omega, mixed=b is not None and omega != 1.0)
-    return b, torch.stack(errors)
+    return b, errors
 
 
 def cluster_step(operator: ScoreOperator, clusters: ClusterMarginal, b):
     """One pass over the scores: the plain Sinkhorn step ``b_new = log r - LSE`` (H, K) and the marginal error (H,)
-    of the plan at ``b`` (inf on the cold start, ``b`` None)."""
+    of the plan at ``b`` (``None`` on the cold start, ``b`` None: no plan yet, no error measured)."""
     lse = operator.cluster_lse(potentials_for(operator, b))  # (H, K)
     # float32 or float64: the subtraction from the float64 log r promotes it exactly (no copy of its own)
     b_new = masked(clusters.log_r - lse, clusters.empty, float("-inf"))
-    return b_new, marginal_error(b, b_new, clusters.r, clusters.empty)
+    return b_new, None if b is None else marginal_error(b, lse, clusters)
 
 
 def next_iterate(operator: ScoreOperator, clusters: ClusterMarginal, b, b_new, omega: float, mixed: bool):
@@ -219,14 +220,24 @@ def next_iterate(operator: ScoreOperator, clusters: ClusterMarginal, b, b_new, o
     return operator.agree(b) if mixed else b
 
 
-def read_back(values: torch.Tensor | list[torch.Tensor], b, empty) -> list[float]:
-    """``values`` (1-d, or a list of 1-d float64 tensors) as floats, read together with a check that ``b`` is finite:
-    one device sync."""
-    parts = [values] if isinstance(values, torch.Tensor) else values
-    *floats, finite = torch.cat([*parts, potentials_finite(b, empty)[None]]).tolist()  # the bool comes back 1.0 or 0.0
-    if not finite:
+def read_back(values: list[torch.Tensor], b, empty) -> list[float]:
+    """``values`` (1-d tensors) as one list of floats, read together with a check that ``b`` is finite: one device
+    sync. The check reads ``b``'s sum per head over the clusters with weight, finite exactly when each of them is
+    (potentials are far below float64's overflow: a sum of finite ones stays finite; NaN and either inf carry)."""
+    sums = masked(b, empty, 0.0).sum(dim=-1)  # (H,)
+    floats = (torch.cat([*values, sums]) if values else sums).tolist()
+    n_values = len(floats) - sums.shape[0]
+    if not all(math.isfinite(x) for x in floats[n_values:]):
         raise_infeasible()
-    return floats
+    return floats[:n_values]
+
+
+def worst_per_iteration(errors: list[float], n_heads: int) -> list[float]:
+    """Each iteration's worst head from ``errors`` read back as iterations x heads, NaN where any head's is."""
+    if n_heads == 1:
+        return errors
+    rows = (errors[i : i + n_heads] for i in range(0, len(errors), n_heads))
+    return [math.nan if any(math.isnan(x) for x in row) else max(row) for row in rows]
 
 
 def raise_infeasible():
@@ -335,12 +346,12 @@ def no_epsilon_scaling(epsilon_scaling, where: str) -> None:
         )
 
 
-def marginal_error(b, b_new, r, empty) -> torch.Tensor:
-    """``sum_k r_k |exp(b - b_new) - 1|`` per head: the plan at ``b`` has column sums ``r * exp(b - b_new)``."""
-    if b is None:
-        return torch.full(b_new.shape[:1], math.inf, dtype=b_new.dtype, device=b_new.device)
-    ratio = masked(torch.exp(b - b_new), empty, 1.0)
-    return (r * (ratio - 1).abs()).sum(dim=-1)
+def marginal_error(b, lse, clusters: ClusterMarginal) -> torch.Tensor:
+    """``sum_k r_k |exp(b - b_new) - 1|`` per head (H,), the column-marginal L1 error of the plan at ``b``: its column
+    sums are ``r exp(b - b_new) = exp(b + lse)`` (``b_new = log r - lse``), so this is ``||exp(b + lse) - r||_1``,
+    in four operations (zero-weight clusters, ``b = -inf``, hold no mass)."""
+    mass = masked(torch.exp(b + lse), clusters.empty, 0.0)  # (H, K), float64 (lse promoted exactly)
+    return torch.linalg.vector_norm(mass - clusters.r, ord=1, dim=-1)
 
 
 def potentials_for(operator: ScoreOperator, b):
@@ -366,9 +377,9 @@ def omega_for_rate(errors: list[float]) -> float:
 def centred(b, clusters: ClusterMarginal) -> torch.Tensor:
     """``b`` minus its mean over the clusters with weight (per head): the same plan, smaller numbers.
 
-    The count stays a tensor: reading it as an int would synchronise the device every iteration."""
-    mean = masked(b, clusters.empty, 0.0).sum(dim=-1, keepdim=True) / clusters.count
-    return b - mean
+    The count stays a tensor: reading it as an int would synchronise the device every iteration. ``addcdiv`` forms
+    ``b + (-1) (sum / count)`` in one operation, bitwise ``b - sum / count`` (the negation is exact)."""
+    return torch.addcdiv(b, masked(b, clusters.empty, 0.0).sum(dim=-1, keepdim=True), clusters.count, value=-1)
 
 
 def relax(b, b_new, omega: float, empty) -> torch.Tensor:

@@ -479,5 +479,6 @@ def _head_arrays(one_head: bool, *tensors) -> tuple:
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
-    """The CPU tensor's memory as a NumPy array (no copy; ``detach``: scores may require grad)."""
-    return t.detach().numpy()
+    """The CPU tensor's memory as a NumPy array (no copy; detached where it requires grad, as scores may: a small
+    solve converts ~20 tensors a call, and a ``detach`` costs each of them a torch call)."""
+    return (t.detach() if t.requires_grad else t).numpy()

@@ -323,7 +323,6 @@ class CachedKernelOperator(ScoreOperator):
         # Absorb b0 = -max_j S / eps first: the cold-start potentials are within log N of it, so one exp pass
         # serves the cold start and usually every later iteration too.
         self.b0 = torch.where(self.reachable, -col_max.double() * self.exact.inv_eps, NEG_INF)  # float64
-        self.held = torch.isfinite(self.b0)  # the clusters the kernel holds
         self.kernel = None  # (H, N, K): exp(S / eps + b0 - m), built on first use
         self.row_shift = None  # (H, N): m, the row maxima of S / eps + b0
 
@@ -345,7 +344,7 @@ class CachedKernelOperator(ScoreOperator):
                 return self.exact.cluster_lse(b)
             return torch.where(self.reachable, col.log() + top - self.b0, NEG_INF)  # float64
         scaled, shift = self._terms(b)
-        if self.kernel is None or self._drifted(b, scaled, shift):
+        if self.kernel is None or self._drifted(b, shift):
             self._absorb(b)
             shift = b.double() - self.b0
         col = self._fused_matvecs(self._scaling(scaled, shift), self.c.expand(self.n_heads, -1))
@@ -360,7 +359,7 @@ class CachedKernelOperator(ScoreOperator):
         if want_codes or not self.exact.compiled_loops() or self.kernel is None:
             return self.exact.assign(b.to(self.dtype), want_codes)
         scaled, shift = self._terms(b)
-        if self._drifted(b, scaled, shift):
+        if self._drifted(b, shift):
             return self.exact.assign(b.to(self.dtype), want_codes)
         # argmax_k S/eps + b = argmax_k G[j, k] v[k]: a read of G instead of an exact log-domain pass. The row's
         # own maximum has G = 1 and, not drifted, v >= e^-threshold there (zero-weight clusters, b = -inf, count
@@ -379,8 +378,8 @@ class CachedKernelOperator(ScoreOperator):
         return self.exact.transport_score(b.to(self.dtype))
 
     def _terms(self, b):
-        """``(scaled, shift)`` for :meth:`_scaling` and :meth:`_drifted`, which share them (a small solve is bound by
-        its count of operations): the reachable clusters with a finite ``b`` (``|b| < inf``: two operations where
+        """``(scaled, shift)`` for :meth:`_scaling`, and ``shift`` for :meth:`_drifted` (a small solve is bound by its
+        count of operations): the reachable clusters with a finite ``b`` (``|b| < inf``: two operations where
         ``isfinite`` is four), (H, K) bool, and ``b - b0`` in float64."""
         return (b.abs() < math.inf) & self.reachable, b.double() - self.b0
 
@@ -389,14 +388,14 @@ class CachedKernelOperator(ScoreOperator):
         :meth:`_terms`."""
         return torch.where(scaled, shift.exp(), 0.0).to(self.dtype)
 
-    def _drifted(self, b, scaled, shift) -> bool:
+    def _drifted(self, b, shift) -> bool:
         """``b`` moved more than ``absorb_threshold`` from the kernel's ``b0``, or closed a cluster (``-inf``: a
         zero-weight cluster after the cold start) that the kernel still holds: a row whose only large entries sit
         in such columns would otherwise see ``G v = 0``. Clusters no sample here may go to have an all-zero column
-        whatever ``b`` is (a sharded rank can hold none of a cluster's samples): they never count as drifted.
-        ``scaled`` and ``shift`` from :meth:`_terms`. One read."""
-        closed = torch.isneginf(b) & self.held  # |shift| is inf there
-        return bool(((shift.abs() > self.absorb_threshold) & (scaled | closed)).any())
+        whatever ``b`` is (a sharded rank can hold none of a cluster's samples): they never count as drifted, unless
+        closed. ``shift = b - b0`` from :meth:`_terms` tells the cases apart by itself: inf where ``b`` closed a cluster
+        the kernel holds, NaN (never drifted) where the kernel was built without it too (``b0 = -inf``). One read."""
+        return bool(((shift.abs() > self.absorb_threshold) & (self.reachable | torch.isneginf(b))).any())
 
     def _absorb(self, b):
         """(Re)build the kernel around the potentials ``b``: the one ``exp`` pass over the scores."""
@@ -417,8 +416,7 @@ class CachedKernelOperator(ScoreOperator):
                                         self.kernel, self.row_shift)  # fmt: skip
 
         self.exact.map_ranges(fill_compiled if self.exact.compiled_loops() else fill)
-        self.b0 = b.double()
-        self.held = torch.isfinite(self.b0)  # the clusters the kernel holds (b0 = -inf: closed when it was built)
+        self.b0 = b.double()  # -inf: a cluster closed when the kernel was built, which it does not hold
 
     def _fused_matvecs(self, v, weights):
         """``sum_j G[j, k] w_j / (G v)_j`` per head (``/ (G v)`` skipped when ``v`` is None), reading each

@@ -1,0 +1,135 @@
+"""How many torch operations the solver loop issues around the passes over the scores.
+
+A small solve on a GPU (a SwAV batch: 3 iterations, ``tol=None``) is bound by host time, and every torch operation
+costs ~10-25 us of it (benchmarks/op_count.py counts a whole call). Here the loop alone is counted, over an operator
+whose pass issues no operation of its own, with a dispatch mode that sees each operation that reaches torch's
+dispatcher (views included; a no-op ``.to()`` and a ``.tolist()`` are not seen). The budgets are today's counts:
+a change that adds an operation to every iteration shows here. Also the arithmetic the counts rest on: the
+marginal error from the pass's log-sum-exp, and the finiteness check read from the potentials' sums.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from otlabel.backends.base import ScoreOperator
+from otlabel.problem import dense_tensor
+from otlabel.solver import ClusterMarginal, centred, marginal_error, read_back, run_sinkhorn, worst_per_iteration
+
+
+class FixedPass(ScoreOperator):
+    """An operator whose every pass returns the same (H, K) log-sum-exp, computed beforehand: no operation."""
+
+    takes_float64_potentials = True
+
+    def __init__(self, lse: torch.Tensor):
+        self.lse = lse
+        self.n_heads, self.n_clusters = lse.shape
+        self.n_samples, self.device, self.dtype = 1, lse.device, torch.float64
+
+    def cluster_lse(self, b):
+        return self.lse
+
+    def assign(self, b, want_codes):
+        raise NotImplementedError
+
+    def transport_score(self, b):
+        raise NotImplementedError
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def loop_ops(max_iter: int, tol=None, heads: int = 1, k: int = 30) -> list[str]:
+    lse = torch.randn(heads, k, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    operator, r = FixedPass(lse), torch.full((k,), 1 / k, dtype=torch.float64)
+    with CountOps() as counter:
+        run_sinkhorn(operator, r, None, max_iter, tol, 1.0, has_zero_weights=False)
+    return counter.ops
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_a_fixed_iteration_loop_issues_seven_operations_an_iteration(heads):
+    """Per iteration after the cold start: b_new = log r - lse (1), the marginal error ||exp(b + lse) - r||_1 (4),
+    the centring (2: the sum, then addcdiv). Per solve: the count and log r (2), the cold start's step and centring
+    (3), the final read-back (b's sums and the concatenation, 2). Before: 10 an iteration (the error took 6, the
+    centring 3) and 34 for 3 iterations (the cold start's inf error made on the device, the history's maxima and the
+    finiteness check on it)."""
+    per_iteration = (len(loop_ops(13, heads=heads)) - len(loop_ops(3, heads=heads))) / 10
+    assert per_iteration == 7, loop_ops(4, heads=heads)
+    assert len(loop_ops(3, heads=heads)) == 2 + 3 + 2 * 7 + 2, loop_ops(3, heads=heads)
+
+
+def test_a_loop_to_a_tolerance_issues_nine_operations_an_iteration():
+    """With a tol, each iteration also reads its error back with b_new's sums (sum, concatenation): 9, where the
+    worst head's maximum, the finiteness check (4 operations) and the old error made it 16."""
+    per_iteration = (len(loop_ops(13, tol=1e-300)) - len(loop_ops(3, tol=1e-300))) / 10
+    assert per_iteration == 9, loop_ops(4, tol=1e-300)
+
+
+def test_the_marginal_error_from_the_log_sum_exp_is_the_definition():
+    """sum_k r_k |exp(b - b_new) - 1| with b_new = log r - lse, per head; zero-weight clusters (b = -inf) count 0."""
+    g = torch.Generator().manual_seed(1)
+    r = torch.rand(7, dtype=torch.float64, generator=g)
+    r[[2, 5]] = 0.0
+    r /= r.sum()
+    clusters = ClusterMarginal.of(r)
+    lse = torch.randn(3, 7, dtype=torch.float64, generator=g)
+    b_new = torch.where(clusters.empty, -math.inf, clusters.log_r - lse)
+    b = torch.where(clusters.empty, -math.inf, b_new + 0.3 * torch.randn(3, 7, dtype=torch.float64, generator=g))
+    ratio = torch.where(clusters.empty, 1.0, torch.exp(b - b_new))
+    want = (r * (ratio - 1).abs()).sum(dim=-1)
+    got = marginal_error(b, lse.float(), clusters)  # a float32 pass's result, as the kernels return it
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-6, atol=0), (got, want)
+    assert torch.allclose(marginal_error(b, lse, clusters), want, rtol=1e-13, atol=0)
+
+
+def test_the_read_back_refuses_non_finite_potentials_of_weighted_clusters_only():
+    empty = torch.tensor([False, True, False])
+    values = [torch.tensor([0.5, 0.25], dtype=torch.float64)]
+    assert read_back(values, torch.tensor([[1.0, -math.inf, -1.0]], dtype=torch.float64), empty) == [0.5, 0.25]
+    for bad in (math.inf, -math.inf, math.nan):
+        with pytest.raises(ValueError, match="non-finite"):
+            read_back(values, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, bad]], dtype=torch.float64), empty)
+    with pytest.raises(ValueError, match="non-finite"):  # no mask given: every cluster has weight
+        read_back([], torch.tensor([[1.0, -math.inf, -1.0]], dtype=torch.float64), None)
+
+
+def test_the_worst_head_of_each_iteration_carries_nan():
+    assert worst_per_iteration([0.1, 0.3, 0.2, 0.05], 2) == [0.3, 0.2]
+    worst = worst_per_iteration([0.1, math.nan, math.nan, 0.2], 2)
+    assert all(math.isnan(x) for x in worst)
+    assert worst_per_iteration([0.4, 0.2], 1) == [0.4, 0.2]
+
+
+def test_the_centring_in_one_operation_is_bitwise_the_mean_subtracted():
+    g = torch.Generator().manual_seed(2)
+    for weights in (
+        torch.full((9,), 1 / 9, dtype=torch.float64),
+        torch.tensor([0.5, 0, 0.25, 0, 0.25], dtype=torch.float64),
+    ):
+        clusters = ClusterMarginal.of(weights, has_zero_weights=bool((weights == 0).any()))
+        b = 1e3 * torch.randn(4, weights.shape[0], dtype=torch.float64, generator=g)
+        b = torch.where(weights == 0, -math.inf, b)
+        mean = torch.where(weights == 0, 0.0, b).sum(dim=-1, keepdim=True) / clusters.count
+        assert torch.equal(centred(b, clusters), b - mean)
+
+
+def test_tensors_are_detached_and_resolved_only_where_needed():
+    """A tensor that neither requires grad nor carries the negative bit is taken as it is (no torch call)."""
+    x = torch.randn(3, 4)
+    assert dense_tensor(x, "scores") is x
+    w = torch.randn(3, 4, requires_grad=True)
+    assert not dense_tensor(w, "scores").requires_grad
+    z = torch.randn(3, 4, dtype=torch.complex64).conj().imag  # a view with the negative bit
+    got = dense_tensor(z, "scores")
+    assert z.is_neg() and not got.is_neg() and torch.equal(got, z)
