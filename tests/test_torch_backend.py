@@ -760,6 +760,22 @@ def test_cached_kernel_is_not_rebuilt_for_a_cluster_with_no_sample_here(monkeypa
     assert torch.isneginf(lse[0, 0]) and torch.isfinite(lse[0, 1:]).all()
 
 
+@pytest.mark.parametrize("eps", [0.05, 0.01])
+def test_cached_kernel_is_built_once_for_scores_far_above_their_temperature(monkeypatch, eps):
+    """Normal logits at eps 0.05 (column maxima / eps averaging ~50): the kernel was built around b0 = -max_j S / eps
+    as it stood, while the loop centres its potentials, so the first warm iteration found every cluster drifted by
+    the mean of b0 and built the kernel again, a second exp pass in every such solve. b0 is centred too now: one."""
+    s = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+    passes = []
+    absorb = CachedKernelOperator._absorb
+    monkeypatch.setattr(CachedKernelOperator, "_absorb", lambda self, b: (passes.append(b), absorb(self, b))[1])
+    res = sinkhorn_assign(s, eps, max_iter=3, tol=None, backend="torch")
+    assert len(passes) == 1, f"{len(passes)} exp passes"
+    ref = sinkhorn_assign(s.double(), eps, max_iter=3, tol=None, backend="reference")
+    assert torch.equal(res.labels, ref.labels)
+    assert_close(res.codes.double(), ref.codes, atol=1e-5, rtol=1e-5, what="codes")
+
+
 def test_one_set_of_options_serves_every_entry_point():
     """The same keyword arguments go to sinkhorn_assign, sinkhorn_assign_stream and sinkhorn_assign_sharded (one
     process, no group): no TypeError for an option one of them lacks, and the same answer from all three."""

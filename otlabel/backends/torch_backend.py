@@ -320,9 +320,13 @@ class CachedKernelOperator(ScoreOperator):
         col_max = source.column_max().to(self.dtype)  # (H, K)
         self.reachable = col_max > NEG_INF  # clusters some sample may go to
         self.exact._reachable = self.reachable
-        # Absorb b0 = -max_j S / eps first: the cold-start potentials are within log N of it, so one exp pass
-        # serves the cold start and usually every later iteration too.
-        self.b0 = torch.where(self.reachable, -col_max.double() * self.exact.inv_eps, NEG_INF)  # float64
+        # Absorb b0 = -max_j S / eps first, centred (less its mean over the reachable clusters) as the loop centres
+        # its potentials: the cold start's are then within ~log N of it, so one exp pass serves the cold start and
+        # usually every later iteration too. Uncentred, the first warm iteration found b drifted by the mean itself
+        # whenever that passed absorb_threshold (column maxima / eps averaging beyond ~30: logits, or cosines at eps
+        # 0.01) and built the kernel a second time (two exp passes in every such solve, 3 iterations or 144).
+        b0 = torch.where(self.reachable, col_max.double() * -self.exact.inv_eps, math.nan)  # (H, K) float64
+        self.b0 = (b0 - b0.nanmean(dim=-1, keepdim=True)).nan_to_num(nan=NEG_INF)  # -inf: unreachable
         self.kernel = None  # (H, N, K): exp(S / eps + b0 - m), built on first use
         self.row_shift = None  # (H, N): m, the row maxima of S / eps + b0
 
