@@ -58,22 +58,23 @@ def loop_ops(max_iter: int, tol=None, heads: int = 1, k: int = 30) -> list[str]:
 
 
 @pytest.mark.parametrize("heads", [1, 3])
-def test_a_fixed_iteration_loop_issues_seven_operations_an_iteration(heads):
+def test_a_fixed_iteration_loop_issues_at_most_seven_operations_an_iteration(heads):
     """Per iteration after the cold start: b_new = log r - lse (1), the marginal error ||exp(b + lse) - r||_1 (4),
     the centring (2: the sum, then addcdiv). Per solve: the count and log r (2), the cold start's step and centring
     (3), the final read-back (b's sums and the concatenation, 2). Before: 10 an iteration (the error took 6, the
     centring 3) and 34 for 3 iterations (the cold start's inf error made on the device, the history's maxima and the
     finiteness check on it)."""
     per_iteration = (len(loop_ops(13, heads=heads)) - len(loop_ops(3, heads=heads))) / 10
-    assert per_iteration == 7, loop_ops(4, heads=heads)
-    assert len(loop_ops(3, heads=heads)) == 2 + 3 + 2 * 7 + 2, loop_ops(3, heads=heads)
+    # At most: a torch that dispatches an operation in fewer calls passes; one more operation in the loop fails
+    assert per_iteration <= 7, loop_ops(4, heads=heads)
+    assert len(loop_ops(3, heads=heads)) <= 2 + 3 + 2 * 7 + 2, loop_ops(3, heads=heads)
 
 
-def test_a_loop_to_a_tolerance_issues_nine_operations_an_iteration():
+def test_a_loop_to_a_tolerance_issues_at_most_nine_operations_an_iteration():
     """With a tol, each iteration also reads its error back with b_new's sums (sum, concatenation): 9, where the
     worst head's maximum, the finiteness check (4 operations) and the old error made it 16."""
     per_iteration = (len(loop_ops(13, tol=1e-300)) - len(loop_ops(3, tol=1e-300))) / 10
-    assert per_iteration == 9, loop_ops(4, tol=1e-300)
+    assert per_iteration <= 9, loop_ops(4, tol=1e-300)
 
 
 def test_the_marginal_error_from_the_log_sum_exp_is_the_definition():
