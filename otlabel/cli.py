@@ -2,6 +2,7 @@
 
     otlabel assign SCORES.npy --out labels.npy
     otlabel assign --features F.npy --prototypes P.npy --out labels.npy [--codes-out codes.npy]
+    otlabel assign SCORES.npy --init b.npy --potentials-out b.npy --out labels.npy   # every epoch, warm-started
     otlabel demo
 
 Outputs are written atomically: into a temporary file next to the target, flushed and fsynced, then renamed
@@ -40,26 +41,39 @@ input:
   scores, higher is better: logits, log-probabilities or cosine similarities. -inf forbids a pair.
   With --features F.npy (N, D) and --prototypes P.npy (K, D), the scores are the dot products
   F @ P.T, computed chunk by chunk and never stored (L2-normalise both for cosine similarities).
-  Inputs are memory-mapped: files larger than RAM are fine.
+  Inputs are memory-mapped: files larger than RAM are fine. The rows are the samples: a file with fewer
+  rows than columns (N < K) gets a warning that it may be saved as (K, N), with how to save it transposed.
+  --sample-weights W.npy (N,) gives each sample its share of the mass (default 1/N), as
+  --cluster-weights R.npy (K,) gives each cluster its share (default 1/K).
 
 the problem solved:
-  maximise <P, S> + eps * H(P) over plans P >= 0 whose rows sum to 1/N and whose columns sum to the
-  cluster weights r (default 1/K); label[j] = argmax_k P[j, k], codes[j] = P[j, :] * N.
+  maximise <P, S> + eps * H(P) over plans P >= 0 whose rows sum to the sample weights c (default 1/N)
+  and whose columns sum to the cluster weights r (default 1/K); label[j] = argmax_k P[j, k],
+  codes[j] = P[j, :] / c[j].
   Smaller --epsilon is closer to a hard assignment and needs more iterations; it is in the units of
   the scores (0.05 suits cosine similarities; try 1/lambda for SeLa-style logits).
+  --tol none runs exactly --max-iter iterations, with no stopping test (SwAV's fixed 3).
+
+re-labelling every epoch (SeLa, DeepCluster):
+  --potentials-out b.npy saves the solve's cluster potentials (the API's result.cluster_potentials), and
+  --init b.npy starts the next solve from them: on scores that moved a little since (the next epoch's),
+  it needs fewer passes over the file. Both may name the same file (it is read before the solve, and
+  replaced atomically after). They are for the same clusters and heads (a head or prototypes trained on,
+  not clusters found anew by k-means, which numbers them afresh) at the same --epsilon.
 
 output:
   --out receives an int64 .npy of N labels ((H, N) for H heads); --codes-out a float32 .npy of the
-  (N, K) soft assignments ((H, N, K) for H heads; rows sum to 1; 4*H*N*K bytes). Both appear only
+  (N, K) soft assignments ((H, N, K) for H heads; rows sum to 1; 4*H*N*K bytes). Each appears only
   when the run completes: they are written to a temporary file in the same directory, fsynced, then
-  renamed into place.
+  renamed into place. --potentials-out receives a float64 .npy of the K cluster potentials ((H, K) for H
+  heads; -inf for clusters of weight 0), for --init.
   A progress bar (iteration, marginal error, rate) goes to stderr; a summary to stdout.
 
 exit status:
   0    labels written (also when max-iter was reached before --tol; the summary says so)
   1    unexpected internal error
   2    bad usage or bad input: missing or unreadable file, wrong shape or dtype, NaN in the scores,
-       infeasible mask, bad --cluster-weights
+       infeasible mask, bad --cluster-weights, --sample-weights or --init
   3    an output cannot be written (missing directory, no permission, disk full)
   4    with --strict: the marginal error did not reach --tol within --max-iter iterations (the outputs are
        written all the same)
@@ -70,6 +84,8 @@ examples:
   otlabel assign logits.npy --epsilon 0.05 --out labels.npy
   otlabel assign --features emb.npy --prototypes centroids.npy --tol 1e-3 --out labels.npy
   otlabel assign scores.npy --cluster-weights priors.npy --device cuda --memory-budget 4G --out y.npy
+  otlabel assign epoch7.npy --init b.npy --potentials-out b.npy --out labels7.npy
+  otlabel assign batch.npy --tol none --max-iter 3 --codes-out q.npy --out y.npy
   python -m otlabel demo
 """
 
@@ -120,6 +136,25 @@ def positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
+
+
+def tolerance(text: str) -> float | None:
+    """--tol: a positive number, or ``none`` for exactly --max-iter iterations (the API's ``tol=None``)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (or none, for exactly --max-iter iterations)") from None
+
+
+class StoreGiven(argparse.Action):
+    """Stores the value, and its option's name in ``args.given``: whether it was given, which its default cannot
+    tell (--tol none needs --max-iter given)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {option_string}
 
 
 def parse_int(text: str) -> int:
@@ -185,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R.npy",
         help="(K,) non-negative cluster shares summing to 1 (default: uniform 1/K)",
     )
+    data.add_argument(
+        "--sample-weights",
+        metavar="W.npy",
+        help="(N,) non-negative sample shares summing to 1 (default: uniform 1/N); memory-mapped",
+    )
     solve = p.add_argument_group("solver")
     solve.add_argument(
         "--epsilon",
@@ -195,15 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     solve.add_argument(
         "--tol",
-        type=positive_float,
+        type=tolerance,
         default=1e-3,
         metavar="TOL",
-        help="stop when the L1 cluster-marginal error is below TOL (default: %(default)g)",
+        help="stop when the L1 cluster-marginal error is below TOL (default: %(default)g); 'none': exactly --max-iter "
+        "iterations (a fixed count, SwAV's 3)",
     )
     solve.add_argument(
         "--max-iter",
         type=positive_int,
         default=1000,
+        action=StoreGiven,
         metavar="N",
         help="at most N iterations, one pass over the data each (default: %(default)s)",
     )
@@ -221,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="OMEGA",
         help="a fixed step b += OMEGA (b_new - b), 1 <= OMEGA < 2, instead of --acceleration; 1 is plain Sinkhorn",
+    )
+    solve.add_argument(
+        "--init",
+        metavar="B.npy",
+        help="warm start from the cluster potentials an earlier run wrote with --potentials-out (same clusters, heads "
+        "and --epsilon): fewer passes on scores that moved a little since",
     )
     solve.add_argument(
         "--strict", action="store_true", help="exit with status 4 if --tol is not reached (outputs are still written)"
@@ -249,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--codes-out",
         metavar="CODES.npy",
         help="float32 (N, K) soft assignments, (H, N, K) for H heads; written atomically",
+    )
+    out.add_argument(
+        "--potentials-out",
+        metavar="B.npy",
+        help="float64 (K,) cluster potentials, (H, K) for H heads, for --init of the next run; written atomically",
     )
     out.add_argument(
         "--quiet",
@@ -293,11 +346,13 @@ def load_small(path: str, name: str) -> np.ndarray:
 
 
 def check_arguments(args) -> None:
-    """What argparse cannot check alone: no empty path, one kind of input, and --over-relaxation with what it goes
-    with."""
+    """What argparse cannot check alone: no empty path, one kind of input, --over-relaxation and --tol none with what
+    they go with."""
     paths = [("SCORES.npy", args.scores, "scores.npy"), ("--features", args.features, "features.npy"),
              ("--prototypes", args.prototypes, "prototypes.npy"), ("--cluster-weights", args.cluster_weights, "r.npy"),
-             ("--out", args.out, "labels.npy"), ("--codes-out", args.codes_out, "codes.npy")]  # fmt: skip
+             ("--sample-weights", args.sample_weights, "w.npy"), ("--init", args.init, "b.npy"),
+             ("--out", args.out, "labels.npy"), ("--codes-out", args.codes_out, "codes.npy"),
+             ("--potentials-out", args.potentials_out, "b.npy")]  # fmt: skip
     for flag, path, example in paths:
         if path == "":  # an unset shell variable: read as the current directory ("cannot write '': it is a directory")
             raise InputError(f"{flag} is an empty path (''): give a file name, e.g. {example}")
@@ -315,6 +370,15 @@ def check_arguments(args) -> None:
         raise InputError(f"--over-relaxation must be in [1, 2), got {args.over_relaxation}")
     if args.over_relaxation is not None and args.acceleration not in ("auto", "over-relaxation"):
         raise InputError(f"--over-relaxation is a fixed step: it cannot go with --acceleration {args.acceleration}")
+    if args.tol is None:
+        if "--max-iter" not in getattr(args, "given", ()):  # the default 1000 is a ceiling, not a count to run
+            raise InputError("--tol none runs exactly --max-iter iterations: give --max-iter N as well (SwAV uses 3)")
+        if args.strict:
+            raise InputError("--strict exits 4 when --tol is not reached: it cannot go with --tol none (no tol)")
+        if args.acceleration == "over-relaxation" and args.over_relaxation is None:
+            raise InputError("--acceleration over-relaxation picks OMEGA from the errors read on the way to "
+                             "--tol, which --tol none reads none of: give a fixed --over-relaxation OMEGA (e.g. "
+                             "1.5)")  # fmt: skip
 
 
 def parse_device(args):
@@ -351,25 +415,68 @@ def open_inputs(args):
     return shape_source, f"features {tuple(data.shape)} x prototypes {tuple(protos.shape)}"
 
 
-def read_cluster_weights(args, n: int, k: int):
-    """--cluster-weights, read and checked by the library's rules (shape, values, sum) in the command line's words;
-    ``None`` when not given."""
-    from .problem import checked_host_weights, structured_error, transposed_hint
+def read_weights(args, flag: str, shape: tuple):
+    """--cluster-weights (K,) or --sample-weights (N,) for scores of ``shape`` ((N, K) or (H, N, K)), memory-mapped
+    and checked by the library's rules (shape, values, sum) in the command line's words, as stored: the mask check
+    allows for the rounding of their dtype (float32 4/7). ``None`` when not given."""
+    from .inputs import transposed_file_advice
+    from .problem import checked_host_weights, structured_error
 
-    if args.cluster_weights is None:
+    path = args.cluster_weights if flag == "--cluster-weights" else args.sample_weights
+    if path is None:
         return None
-    weights = load_small(args.cluster_weights, "cluster weights")
+    n, k = shape[-2:]
+    size, other = (k, "number of clusters K") if flag == "--cluster-weights" else (n, "number of samples N")
+    weights = load_small(path, flag.removeprefix("--").replace("-", " "))
     if weights.dtype.names:  # records: a field is saved as a file of its own (no view can be given here)
-        raise InputError(str(structured_error(weights, "--cluster-weights", from_path=True)))
+        raise InputError(str(structured_error(weights, flag, from_path=True)))
+    scores_shape, fix = None, ""  # a length that is the other dimension's: SCORES.npy saved as (K, N)?
+    if args.scores is not None:  # (features cannot be transposed scores)
+        scores_shape = (n, k)
+        fix = f"save them as (N, K) {transposed_file_advice(args.scores, shape)}; then give new.npy as SCORES.npy"
     try:
-        checked_host_weights(weights, k, "--cluster-weights", "number of clusters K")
-        return np.array(weights)  # as stored: the mask check allows for the rounding of their dtype (float32 4/7)
+        checked_host_weights(weights, size, flag, other, scores_shape, fix)
     except (ValueError, TypeError) as err:
-        hint = ""
-        if args.scores is not None and np.ndim(weights) == 1:  # K wrong: SCORES.npy saved as (K, N)?
-            fix = "save them as (N, K): np.save(path, np.swapaxes(scores, -1, -2))"
-            hint = transposed_hint(len(weights), k, (n, k), fix)
-        raise InputError(f"{err}{hint}") from None
+        raise InputError(str(err)) from None
+    return weights if flag == "--sample-weights" else np.array(weights)  # N of them stay on disk, K are read
+
+
+def read_init(args, h: int, k: int, cluster_weights) -> np.ndarray | None:
+    """--init: cluster potentials as --potentials-out writes them, checked by the rules of the library's ``init=``
+    (a real floating dtype; shape (K,) or (H, K); finite for every cluster of positive weight, -inf allowed where the
+    weight is 0) and named as a file with what to do; read into memory (K numbers), so that --potentials-out may
+    name the same file. ``None`` when not given."""
+    from .problem import structured_error
+
+    if args.init is None:
+        return None
+    init = load_small(args.init, "--init potentials")
+    named = f"--init file {args.init!r}"
+    start_cold = "start this run cold (leave out --init) and keep its --potentials-out for the next one"
+    if init.dtype.names:
+        raise InputError(str(structured_error(init, "--init", from_path=True)))
+    if init.dtype.kind != "f":
+        raise InputError(f"{named} holds {init.dtype} values, not cluster potentials (floating point): give the file "
+                         f"an earlier run wrote with --potentials-out, or {start_cold}.")  # fmt: skip
+    shapes = [(k,)] + ([(h, k)] if h > 1 else [(1, k)])
+    if init.shape not in shapes:
+        heads = f"{h} heads of " if h > 1 else ""
+        raise InputError(f"{named} has shape {init.shape}, but this problem has {heads}K = {k} clusters, whose "
+                         f"potentials are {' or '.join(map(str, shapes))}: it was written for other clusters (or "
+                         f"heads). Give the --potentials-out file of a run on these clusters, or "
+                         f"{start_cold}.")  # fmt: skip
+    init = np.array(init, dtype=init.dtype.newbyteorder("="))  # read, in native byte order
+    weighted = np.ones(k, bool) if cluster_weights is None else np.asarray(cluster_weights) > 0
+    bad = ~np.isfinite(np.broadcast_to(init, (h, k))) & weighted  # (H, K)
+    if bad.any():
+        head, cluster = np.argwhere(bad)[0]
+        where = f"cluster {cluster}" + (f", head {head}" if h > 1 else "")
+        value = np.broadcast_to(init, (h, k))[head, cluster]
+        raise InputError(f"{named} holds {value} for {where}, whose weight is positive: "
+                         "potentials must be finite there (a run with weight 0 for a cluster writes -inf for it; "
+                         f"--init needs the same --cluster-weights). Give potentials of a run with these weights, or "
+                         f"{start_cold}.")  # fmt: skip
+    return init
 
 
 def cmd_assign(args) -> int:
@@ -387,21 +494,31 @@ def cmd_assign(args) -> int:
     # Shapes first (the inputs are memory-mapped, nothing is read): fail before any output file exists.
     shape_source, what = open_inputs(args)
     h, n, k = shape_source.n_heads, shape_source.n_samples, shape_source.n_clusters
-    weights = read_cluster_weights(args, n, k)
     label_shape = (h, n) if shape_source.batched else (n,)
+    weights = read_weights(args, "--cluster-weights", label_shape + (k,))
+    sample_weights = read_weights(args, "--sample-weights", label_shape + (k,))
+    init = read_init(args, h, k, weights)
     inputs = {"SCORES.npy": args.scores, "--features": args.features, "--prototypes": args.prototypes,
-              "--cluster-weights": args.cluster_weights}  # fmt: skip
-    refuse_overwriting_inputs({"--out": args.out, "--codes-out": args.codes_out}, inputs, error=InputError)
+              "--cluster-weights": args.cluster_weights, "--sample-weights": args.sample_weights}  # fmt: skip
+    outputs = {"--out": args.out, "--codes-out": args.codes_out}
+    refuse_overwriting_inputs({**outputs, "--potentials-out": args.potentials_out}, inputs, error=InputError)
+    # --init is read whole before the solve, and --potentials-out renamed over it after: the same file each epoch
+    refuse_overwriting_inputs(outputs, {"--init": args.init}, error=InputError)
     outputs = []
     try:
         labels_file = AtomicNpy(args.out, np.int64, label_shape)
         outputs.append(labels_file)
-        codes_file = None
+        codes_file = potentials_file = None
         if args.codes_out is not None:
             codes_file = AtomicNpy(args.codes_out, np.float32, label_shape + (k,))
             outputs.append(codes_file)
+        if args.potentials_out is not None:
+            potentials_file = AtomicNpy(args.potentials_out, np.float64, label_shape[:-1] + (k,))
+            outputs.append(potentials_file)
 
         bar = progress_bar(args)
+        if args.scores is not None and n < k:
+            say(bar, f"otlabel: warning: {transposed_scores_warning(args.scores, shape_source.batched, h, n, k)}")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # non-convergence is reported by the summary (and --strict)
@@ -415,8 +532,10 @@ def cmd_assign(args) -> int:
                         features=args.features,
                         prototypes=args.prototypes,
                         cluster_weights=weights,
+                        sample_weights=sample_weights,
                         max_iter=args.max_iter,
                         tol=args.tol,
+                        init=init,
                         acceleration=args.acceleration,
                         over_relaxation=args.over_relaxation,
                         device=device,
@@ -432,6 +551,8 @@ def cmd_assign(args) -> int:
             if bar is not None:
                 bar.close()
         t_write = time.perf_counter()
+        if potentials_file is not None:
+            potentials_file.array[...] = result.cluster_potentials.cpu().numpy()
         counts = np.stack([np.bincount(row, minlength=k) for row in np.asarray(labels_file.array).reshape(h, n)])
         commit_all(outputs[::-1])  # all fsynced, then renamed together (labels last)
         args.committed = True  # a signal from here on (the summary) finds the outputs in place
@@ -447,11 +568,22 @@ def cmd_assign(args) -> int:
                           time.perf_counter() - t_start)  # fmt: skip
         except BrokenPipeError:  # stdout's reader is gone (| head): the outputs are written all the same
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-    elif not result.converged:  # quiet is no summary, not silence: non-convergence is never silent
+    elif not result.converged and args.tol is not None:  # quiet is no summary, not silence on non-convergence
         print(f"otlabel: warning: {convergence_state(args, result)}", file=sys.stderr, flush=True)
     if args.strict and not result.converged:
         return EXIT_NOT_CONVERGED
     return EXIT_OK
+
+
+def transposed_scores_warning(path: str, batched: bool, h: int, n: int, k: int) -> str:
+    """For SCORES.npy with fewer rows than columns: read as N samples by K clusters, it may have been saved as (K, N),
+    clusters by samples (``prototypes @ features.T``). A legitimate problem too (a small batch), hence a warning."""
+    from .inputs import transposed_file_advice
+
+    shape, as_saved = ((h, n, k), "(H, K, N)") if batched else ((n, k), "(K, N)")
+    return (f"SCORES.npy {path!r} {shape} has fewer rows than columns: it is read as N = {n:,} samples by K = {k:,} "
+            f"clusters. If it holds clusters by samples, {as_saved} (e.g. prototypes @ features.T), save it "
+            f"transposed {transposed_file_advice(path, shape)}; then give new.npy as SCORES.npy.")  # fmt: skip
 
 
 def say(bar, line: str) -> None:
@@ -480,7 +612,7 @@ class progress_bar:
         return super().__new__(cls)
 
     def __init__(self, args):
-        self.tol, self.max_iter = args.tol, args.max_iter
+        self.tol, self.max_iter = args.tol, args.max_iter  # tol None: a fixed count
         self.outputs = "labels and codes" if args.codes_out else "labels"
         self.bar, self.start = None, time.perf_counter()
         self.last_line = self.start
@@ -496,11 +628,16 @@ class progress_bar:
             dynamic_ncols=True,
             bar_format="{desc}: {n_fmt} it [{elapsed}, {rate_fmt}{postfix}]",
         )
-        self.bar.set_postfix_str("validating + cold start")
+        self.bar.set_postfix_str("validating" if args.init else "validating + cold start")
 
     def callback(self, iteration: int, error: float) -> None:
-        text = "error n/a (cold start)" if math.isinf(error) else f"marginal error {error:.2e} (tol {self.tol:g})"
-        last = iteration >= self.max_iter or error < self.tol  # the solver stops: one more pass writes the outputs
+        if math.isinf(error):
+            text = "error n/a (cold start)"
+        elif self.tol is None:
+            text = f"marginal error {error:.2e} (--tol none: {self.max_iter} iterations)"
+        else:
+            text = f"marginal error {error:.2e} (tol {self.tol:g})"
+        last = iteration >= self.max_iter or self.tol is not None and error < self.tol  # one more pass: the outputs
         if last:
             text += f"; writing the {self.outputs}"
         if self.bar is not None:
@@ -523,6 +660,9 @@ def convergence_state(args, result) -> str:
     from .solver import describe_error
 
     err = result.marginal_error
+    if args.tol is None:
+        measured = "no marginal error measured" if math.isinf(err) else f"marginal error {err:.2e}"
+        return f"the fixed count of --tol none; {measured}"
     if result.converged:
         return f"converged, marginal error {err:.2e} < tol {args.tol:g}"
     return (
@@ -537,15 +677,20 @@ def print_summary(args, what, device, result, counts, weights, n, t_solve, t_wri
     head = lambda idx: f"cluster {idx[1]}" + (f", head {idx[0]}" if counts.shape[0] > 1 else "")
     k = counts.shape[1]
     target = "uniform target " + f"{n / k:,.1f}" if weights is None else "targets from --cluster-weights"
+    if args.sample_weights is not None:  # shares of the sample mass: a cluster of heavy samples holds fewer of them
+        shares = "uniform shares 1/K" if weights is None else "shares from --cluster-weights"
+        target = f"{shares} of the --sample-weights mass"
+    start = f" from --init {args.init}" if args.init else ""
     lines = [
         f"otlabel: labelled {n:,} samples into {k:,} clusters ({what}, epsilon {args.epsilon:g}) on {device}",
-        f"  iterations    {result.n_iter} ({state})",
+        f"  iterations    {result.n_iter}{start} ({state})",
         f"  cluster sizes smallest {counts.min():,} ({head(small)}), largest {counts.max():,} ({head(large)}); "
         + target,
         f"  wall time     {t_total:.2f} s (solve {t_solve:.2f} s, {t_solve / max(result.n_iter, 1):.3f} s/iteration; "
         f"write {t_write:.2f} s)",
         f"  wrote         {args.out} (int64 labels)"
-        + (f", {args.codes_out} (float32 codes)" if args.codes_out else ""),
+        + (f", {args.codes_out} (float32 codes)" if args.codes_out else "")
+        + (f", {args.potentials_out} (float64 potentials, for --init)" if args.potentials_out else ""),
     ]
     print("\n".join(lines), flush=True)
 

@@ -142,6 +142,19 @@ def block_conversion(x: np.memmap, part: str) -> str:
     return advice
 
 
+def transposed_file_advice(path: str, shape: tuple) -> str:
+    """How to save a scores file of ``shape``, (K, N) or (H, K, N) (clusters by samples), as (N, K) or (H, N, K), in
+    C order (the streamed passes read it a block of samples at a time): a block of samples at a time, each of about
+    :data:`BLOCK_ENTRIES` values, where ``np.swapaxes`` of the file, saved, would read it into memory at once."""
+    *heads, rows, columns = shape  # rows: the clusters, columns: the samples
+    step = max(1, BLOCK_ENTRIES // max(1, rows * math.prod(heads)))  # samples a block
+    axes = ":, " * len(heads)
+    value = f"x[{axes}:, i : i + {step}]" + (".T" if not heads else ".swapaxes(-1, -2)")
+    return (f"a block of rows at a time: x = np.load({path!r}, mmap_mode='r'), y = np.lib.format.open_memmap("
+            f"'new.npy', 'w+', x.dtype, {(*heads, columns, rows)}), then y[{axes}i : i + {step}] = {value} for i in "
+            f"range(0, {columns}, {step}), and y.flush()")  # fmt: skip
+
+
 def _whole_file(x: np.memmap) -> tuple[np.ndarray, str, int] | None:
     """The whole file that ``x`` is a view of, as the advice opens it; the expression that opens it; and where in it
     ``x`` starts (bytes from its first value to the first of ``x``). A ``.npy`` is opened as ``np.load`` opens it (a

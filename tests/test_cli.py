@@ -182,7 +182,7 @@ def damaged_npy_bytes(shape: bytes) -> bytes:
             lambda p: np.save(p, np.zeros((4, 3), np.float32)),
             ["--cluster-weights", "W"],
             EXIT_INPUT,
-            r"got \(4,\)\. 4 is the scores' number of samples N: are the scores transposed\?.*np\.swapaxes",
+            r"got \(4,\)\. 4 is the scores' number of samples N: are the scores transposed\?.*a block of rows at a",
         ),
         (lambda p: np.save(p, np.zeros((5, 3), np.float32)), ["--over-relaxation", "2.5"], EXIT_INPUT, r"\[1, 2\)"),
         (lambda p: np.save(p, np.zeros((5, 3), "V2")), [], EXIT_INPUT, "as NumPy saves bfloat16"),
@@ -518,6 +518,12 @@ def test_help_reads_like_a_manual(capsys):
     # --codes-out writes (H, N, K) for batched scores: both the option and the output section say so
     assert "--codes-out CODES.npy float32 (N, K) soft assignments, (H, N, K) for H heads" in words
     assert "(N, K) soft assignments ((H, N, K) for H heads;" in words
+    # the every-epoch options: what each reads or writes, and how they go together
+    assert "--potentials-out B.npy float64 (K,) cluster potentials, (H, K) for H heads, for --init" in words
+    assert "--init B.npy warm start from the cluster potentials an earlier run wrote with --potentials-out" in words
+    assert "--sample-weights W.npy (N,) non-negative sample shares summing to 1" in words
+    assert "'none': exactly --max-iter iterations" in words and "--tol none --max-iter 3" in words
+    assert "re-labelling every epoch" in text and "fewer rows than columns (N < K)" in words
 
 
 def default_signals() -> None:
@@ -953,7 +959,7 @@ def test_labels_are_renamed_into_place_last(scores_file, tmp_path, monkeypatch):
 
 
 def progress_args(**kw):
-    return argparse.Namespace(**{"quiet": False, "tol": 1e-3, "max_iter": 100, "codes_out": None, **kw})
+    return argparse.Namespace(**{"quiet": False, "tol": 1e-3, "max_iter": 100, "codes_out": None, "init": None, **kw})
 
 
 def test_progress_lines_in_a_log_follow_the_clock(capsys, monkeypatch):
@@ -1058,3 +1064,250 @@ def test_option_values_in_scientific_notation_may_be_negative(scores_file, tmp_p
     with pytest.raises(SystemExit):
         main(["demo", "--epsilon", "-5e-2"])
     assert "argument --epsilon: must be a positive number, got '-5e-2'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ every epoch
+
+
+def next_epoch(scores: np.ndarray, seed: int, noise: float = 0.05) -> np.ndarray:
+    """The scores a little later in training: the same samples and clusters, moved by a little noise."""
+    return (scores + noise * np.random.default_rng(seed).standard_normal(scores.shape)).astype(scores.dtype)
+
+
+def iterations_in(out: str) -> int:
+    return int(summary_line(out, "  iterations").split()[1])
+
+
+def test_potentials_out_then_init_warm_starts_the_next_epoch(tmp_path, capsys):
+    """The re-labelling workflow (SeLa, DeepCluster): each epoch's solve writes its cluster potentials, the next one
+    starts from them, both naming one file. The potentials written are the API's cluster_potentials, and the warm
+    solve is the API's with init= them (labels and potentials alike); it takes fewer passes than a cold one."""
+    from otlabel import sinkhorn_assign_stream
+
+    first = random_problem(2000, 20, seed=5).numpy()
+    second = next_epoch(first, seed=6)
+    np.save(tmp_path / "s1.npy", first)
+    np.save(tmp_path / "s2.npy", second)
+    b, y = str(tmp_path / "b.npy"), str(tmp_path / "y.npy")
+    common = ["--epsilon", "0.05", "--tol", "1e-4", "--device", "cpu", "--out", y, "--potentials-out", b]
+    assert main(["assign", str(tmp_path / "s1.npy"), *common]) == EXIT_OK
+    cold_epoch_1 = iterations_in(capsys.readouterr().out)
+    ref = sinkhorn_assign_stream(first, 0.05, tol=1e-4, device="cpu")
+    written = np.load(b)
+    assert written.dtype == np.float64 and written.shape == (20,)
+    np.testing.assert_array_equal(written, ref.cluster_potentials.numpy())
+    assert main(["assign", str(tmp_path / "s2.npy"), "--init", b, *common]) == EXIT_OK
+    out = capsys.readouterr().out
+    warm = iterations_in(out)
+    assert f"from --init {b} (converged" in out and f"{b} (float64 potentials, for --init)" in out, out
+    warm_ref = sinkhorn_assign_stream(second, 0.05, tol=1e-4, device="cpu", init=written)
+    assert warm == warm_ref.n_iter
+    np.testing.assert_array_equal(np.load(y), warm_ref.labels.numpy())
+    np.testing.assert_array_equal(np.load(b), warm_ref.cluster_potentials.numpy())  # replaced: the next epoch's
+    assert main(["assign", str(tmp_path / "s2.npy"), *common]) == EXIT_OK  # the same epoch, cold
+    cold = iterations_in(capsys.readouterr().out)
+    assert warm < cold and cold_epoch_1 > warm, (cold_epoch_1, cold, warm)
+    assert sorted(os.listdir(tmp_path)) == ["b.npy", "s1.npy", "s2.npy", "y.npy"]  # no temporary left behind
+
+
+def test_potentials_of_heads_and_clusters_of_weight_zero(tmp_path, capsys):
+    """(H, N, K) scores write (H, K) potentials; a cluster of weight 0 holds -inf, which --init takes back with the
+    same weights (as init= does), and refuses, naming the cluster, with weights that give it a share."""
+    np.save(tmp_path / "h.npy", random_problem(300, 6, h=2, seed=7).numpy())
+    np.save(tmp_path / "r0.npy", np.array([0.0, 0.2, 0.2, 0.2, 0.2, 0.2]))
+    np.save(tmp_path / "r.npy", np.full(6, 1 / 6))
+    args = ["assign", str(tmp_path / "h.npy"), "--out", str(tmp_path / "y.npy"), "-q"]
+    b = str(tmp_path / "b.npy")
+    assert main([*args, "--cluster-weights", str(tmp_path / "r0.npy"), "--potentials-out", b]) == EXIT_OK
+    written = np.load(b)
+    assert written.shape == (2, 6) and np.isneginf(written[:, 0]).all() and np.isfinite(written[:, 1:]).all()
+    assert main([*args, "--cluster-weights", str(tmp_path / "r0.npy"), "--init", b]) == EXIT_OK
+    assert main([*args, "--cluster-weights", str(tmp_path / "r.npy"), "--init", b]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert f"--init file {b!r} holds -inf for cluster 0, head 0, whose weight is positive" in err, err
+    assert "--init needs the same --cluster-weights" in err and "leave out --init" in err, err
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: np.save(p, np.zeros(K + 1)),
+            rf"has shape \({K + 1},\), but this problem has K = {K} clusters, "
+            rf"whose potentials are \({K},\) or \(1, {K}\): it was written for",
+        ),
+        (lambda p: np.save(p, np.zeros((2, K))), r"has shape \(2, 6\).*other clusters \(or heads\)"),
+        (lambda p: np.save(p, np.zeros(K, np.int64)), r"holds int64 values, not cluster potentials \(floating point\)"),
+        (lambda p: np.save(p, np.zeros(K, bool)), r"holds bool values, not cluster potentials"),
+        (lambda p: np.save(p, np.array([0, 1, np.nan, 0, 0, 0])), r"holds nan for cluster 2, whose weight is positive"),
+        (lambda p: np.save(p, np.array([0, 1, 0, np.inf, 0, 0])), r"holds inf for cluster 3, whose weight is positive"),
+        (lambda p: np.save(p, np.zeros(K, [("b", "<f8")])), r"--init is a NumPy array of records"),
+        (lambda p: p.write_text("b"), r"--init potentials file .* is not a readable \.npy array"),
+    ],
+)
+def test_init_file_errors(make, message, scores_file, tmp_path, capsys):
+    """--init is checked as the library checks init= (the same arrays are refused there), in a file's words: which
+    file, what is wrong, and what to do (a run on these clusters, or leave out --init)."""
+    from otlabel import sinkhorn_assign_stream
+
+    path = tmp_path / "b.npy"
+    make(path)
+    args = ["assign", str(scores_file), "--init", str(path), "--out", str(tmp_path / "y.npy"), "-q"]
+    assert main(args) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("otlabel: error:") and re.search(message, err), err
+    if "records" not in message and "readable" not in message:
+        assert err.startswith(f"otlabel: error: --init file {str(path)!r}") and "--init" in err.split(":", 3)[3], err
+        with pytest.raises((ValueError, TypeError), match="init"):
+            sinkhorn_assign_stream(str(scores_file), 0.05, init=np.load(path), device="cpu")
+    assert sorted(os.listdir(tmp_path)) == ["b.npy"]
+    assert main([*args[:2], "--init", str(tmp_path / "none.npy"), *args[4:]]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("otlabel: error: --init potentials file") and "does not exist" in err, err
+
+
+def test_init_and_potentials_out_may_share_a_file_but_no_input_may_be_overwritten(scores_file, tmp_path, capsys):
+    """--potentials-out over the scores, or --out over the --init file, would destroy an input: refused. --init and
+    --potentials-out naming one file is the every-epoch workflow (read whole first, replaced atomically after)."""
+    b, y = str(tmp_path / "b.npy"), str(tmp_path / "y.npy")
+    assert main(["assign", str(scores_file), "--out", y, "--potentials-out", str(scores_file), "-q"]) == EXIT_INPUT
+    assert "--potentials-out" in capsys.readouterr().err
+    assert main(["assign", str(scores_file), "--out", y, "--potentials-out", b, "-q"]) == EXIT_OK
+    assert main(["assign", str(scores_file), "--out", b, "--init", b, "-q"]) == EXIT_INPUT
+    assert f"--out {b!r} is the same file as --init" in capsys.readouterr().err
+    assert main(["assign", str(scores_file), "--out", y, "--init", b, "--potentials-out", b, "-q"]) == EXIT_OK
+    for flag in ("--init", "--potentials-out", "--sample-weights"):
+        assert main(["assign", str(scores_file), "--out", y, flag, ""]) == EXIT_INPUT
+        assert f"error: {flag} is an empty path ('')" in capsys.readouterr().err
+
+
+def test_sample_weights_file_solves_as_the_api_does(scores_file, tmp_path, capsys):
+    """--sample-weights W.npy (N,): the labels and codes of sinkhorn_assign(..., sample_weights=W); the summary says the
+    cluster targets are shares of that mass (a uniform count N/K no longer is the target)."""
+    w = np.random.default_rng(8).random(N) ** 3
+    w /= w.sum()
+    np.save(tmp_path / "w.npy", w.astype(np.float32))
+    out, codes = str(tmp_path / "y.npy"), str(tmp_path / "q.npy")
+    args = ["assign", str(scores_file), "--sample-weights", str(tmp_path / "w.npy"), "--tol", "1e-6"]
+    assert main([*args, "--out", out, "--codes-out", codes]) == EXIT_OK
+    assert "uniform shares 1/K of the --sample-weights mass" in capsys.readouterr().out
+    ref = sinkhorn_assign(torch.from_numpy(np.load(scores_file)), 0.05, tol=1e-6,
+                          sample_weights=torch.from_numpy(w.astype(np.float32)))  # fmt: skip
+    np.testing.assert_array_equal(np.load(out), ref.labels.numpy())
+    assert_close(np.load(codes), ref.codes, atol=1e-5, what="codes written vs sinkhorn_assign's")
+    plain = sinkhorn_assign(torch.from_numpy(np.load(scores_file)), 0.05, tol=1e-6).labels.numpy()
+    assert not np.array_equal(np.load(out), plain)  # the weights were used
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: np.save(p, np.full(N, 2.0 / N)), r"--sample-weights must sum to 1, got a sum of 2"),
+        (lambda p: np.save(p, np.r_[-1.0, np.full(N - 1, 2.0 / (N - 1))]), r"must be non-negative, but entry 0"),
+        (
+            lambda p: np.save(p, np.full(N - 1, 1.0 / (N - 1))),
+            rf"--sample-weights must have shape \({N},\) to match "
+            r"the number of samples N of scores, got \(299,\)",
+        ),
+        (lambda p: np.save(p, np.full(N, True)), r"--sample-weights is boolean .*np\.save\(path, w\.astype"),
+        (lambda p: p.write_bytes(npz_bytes(w=np.full(N, 1 / N))), r"sample weights file .* is an \.npz archive"),
+    ],
+)
+def test_sample_weights_file_errors(make, message, scores_file, tmp_path, capsys):
+    make(tmp_path / "w.npy")
+    args = ["assign", str(scores_file), "--sample-weights", str(tmp_path / "w.npy"), "--out", str(tmp_path / "y.npy")]
+    assert main([*args, "-q"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("otlabel: error:") and re.search(message, err), err
+    assert os.listdir(tmp_path) == ["w.npy"]
+
+
+def test_weights_sized_for_the_other_dimension_are_told_to_transpose_a_block_at_a_time(tmp_path, capsys):
+    """Weights of the scores' other length (SCORES.npy saved as (K, N)) were told np.save(path, np.swapaxes(scores,
+    -1, -2)), which reads the whole file into memory: the advice is a block of rows at a time, and run as written it
+    makes the (N, K) file, which the weights then fit."""
+    kn = random_problem(40, 5, seed=9).numpy().T.copy()  # (K, N) = (5, 40), read as 5 samples by 40 clusters
+    np.save(tmp_path / "s.npy", kn)
+    np.save(tmp_path / "w.npy", np.full(40, 1 / 40))  # the true N
+    np.save(tmp_path / "r.npy", np.full(5, 0.2))  # the true K
+    weights = ["--sample-weights", str(tmp_path / "w.npy"), "--cluster-weights", str(tmp_path / "r.npy")]
+    for flag, path, length in (weights[:2] + ["40 is the scores' number of clusters K"],
+                               weights[2:] + ["5 is the scores' number of samples N"]):  # fmt: skip
+        args = ["assign", str(tmp_path / "s.npy"), flag, path, "--out", str(tmp_path / "y.npy"), "-q"]
+        assert main(args) == EXIT_INPUT
+        err = capsys.readouterr().err
+        assert f"{length}: are the scores transposed?" in err and "np.save(path, np.swapaxes" not in err, err
+    transposed = run_block_advice(err, tmp_path / "s.npy")
+    np.testing.assert_array_equal(np.load(transposed), kn.T)
+    assert main(["assign", str(transposed), *weights, "-q", "--out", str(tmp_path / "y.npy")]) == EXIT_OK
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+def test_fewer_samples_than_clusters_warns_that_the_file_may_be_transposed(heads, tmp_path, capsys):
+    """SCORES.npy of (K, N), clusters by samples, was solved as N = K' samples without a word (N < K is a valid
+    problem, so it is not refused): a warning says it may be transposed, and how to save it so a block of rows at a
+    time. Run as written, the advice makes the (N, K) file, which solves as the transposed array does."""
+    kn = random_problem(6, 50, h=heads, seed=10).numpy()  # (K, N) = (6, 50): 6 clusters, 50 samples
+    np.save(tmp_path / "s.npy", kn)
+    args = ["assign", str(tmp_path / "s.npy"), "--out", str(tmp_path / "y.npy"), "-q"]
+    assert main(args) == EXIT_OK
+    err = capsys.readouterr().err
+    shape = "(6, 50)" if heads is None else "(2, 6, 50)"
+    assert err.startswith(f"otlabel: warning: SCORES.npy {str(tmp_path / 's.npy')!r} {shape} has fewer rows than "
+                          "columns: it is read as N = 6 samples by K = 50 clusters."), err  # fmt: skip
+    transposed = run_block_advice(err, tmp_path / "s.npy")
+    np.testing.assert_array_equal(np.load(transposed), np.swapaxes(kn, -1, -2))
+    assert np.load(transposed).flags.c_contiguous
+    args[1] = str(transposed)
+    assert main(args) == EXIT_OK
+    assert capsys.readouterr().err == ""  # (N, K) = (50, 6): no warning
+    ref = sinkhorn_assign(torch.from_numpy(np.swapaxes(kn, -1, -2).copy()), 0.05, tol=1e-3)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), ref.labels.numpy())
+
+
+def test_tol_none_runs_exactly_max_iter_iterations(scores_file, tmp_path, capsys):
+    """--tol none --max-iter 3: SwAV's fixed count, the API's tol=None (labels and codes alike, with a progress
+    callback or without); not converging is then no warning, the summary says it was the fixed count."""
+    out, codes = str(tmp_path / "y.npy"), str(tmp_path / "q.npy")
+    args = ["assign", str(scores_file), "--tol", "none", "--max-iter", "3", "--out", out, "--codes-out", codes]
+    ref = sinkhorn_assign(torch.from_numpy(np.load(scores_file)), 0.05, tol=None, max_iter=3)
+    for quiet in (["-q"], []):
+        assert main([*args, *quiet]) == EXIT_OK
+        stdout, err = capsys.readouterr()
+        np.testing.assert_array_equal(np.load(out), ref.labels.numpy())
+        assert_close(np.load(codes), ref.codes, atol=1e-5, what="codes of 3 iterations vs sinkhorn_assign's")
+        assert "warning" not in err, err
+    assert "  iterations    3 (the fixed count of --tol none; marginal error" in stdout, stdout
+    assert "sinkhorn: iteration 3, marginal error" in err and "(--tol none: 3 iterations); writing the labels" in err
+    assert main([*args[:3], "NONE", *args[4:], "-q"]) == EXIT_OK  # any case
+    for extra, message in [
+        ([], "--tol none runs exactly --max-iter iterations: give --max-iter N as well"),
+        (["--max-iter", "3", "--strict"], "--strict exits 4 when --tol is not reached: it cannot go with --tol none"),
+        (["--max-iter", "3", "--acceleration", "over-relaxation"], "give a fixed --over-relaxation OMEGA"),
+    ]:
+        assert main(["assign", str(scores_file), "--tol", "none", *extra, "--out", out]) == EXIT_INPUT, extra
+        assert message in capsys.readouterr().err, extra
+    assert main(["assign", str(scores_file), "--tol", "none", "--max-iter", "3", "--acceleration", "over-relaxation",
+                 "--over-relaxation", "1.5", "--out", out, "-q"]) == EXIT_OK  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["assign", str(scores_file), "--tol", "nothing", "--out", out])
+    assert "argument --tol: not a number: 'nothing' (or none, for exactly --max-iter iterations)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_every_epoch_workflow_in_a_subprocess(tmp_path):
+    """The new options as a user runs them: two epochs, the second warm-started from the first's potentials file,
+    which it replaces, with sample weights read from a file."""
+    first = random_problem(N, K, seed=11).numpy()
+    np.save(tmp_path / "s1.npy", first)
+    np.save(tmp_path / "s2.npy", next_epoch(first, seed=12))
+    np.save(tmp_path / "w.npy", np.full(N, 1 / N))
+    b, y = tmp_path / "b.npy", tmp_path / "y.npy"
+    for epoch, init in ((1, []), (2, ["--init", b])):
+        proc = run("assign", tmp_path / f"s{epoch}.npy", *init, "--potentials-out", b, "--sample-weights",
+                   tmp_path / "w.npy", "--device", "cpu", "--out", y)  # fmt: skip
+        assert proc.returncode == EXIT_OK, proc.stderr
+        assert ("from --init" in proc.stdout) == (epoch == 2), proc.stdout
+        assert "(float64 potentials, for --init)" in proc.stdout
+    assert np.load(b).shape == (K,) and np.load(y).shape == (N,)
