@@ -430,6 +430,7 @@ def read_weights(args, flag: str, shape: tuple):
     weights = load_small(path, flag.removeprefix("--").replace("-", " "))
     if weights.dtype.names:  # records: a field is saved as a file of its own (no view can be given here)
         raise InputError(str(structured_error(weights, flag, from_path=True)))
+    refuse_extended_precision(weights, f"{flag} file {path!r}", path)
     scores_shape, fix = None, ""  # a length that is the other dimension's: SCORES.npy saved as (K, N)?
     if args.scores is not None:  # (features cannot be transposed scores)
         scores_shape = (n, k)
@@ -439,6 +440,14 @@ def read_weights(args, flag: str, shape: tuple):
     except (ValueError, TypeError) as err:
         raise InputError(str(err)) from None
     return weights if flag == "--sample-weights" else np.array(weights)  # N of them stay on disk, K are read
+
+
+def refuse_extended_precision(x: np.ndarray, named: str, path: str) -> None:
+    """A small file (weights, potentials) of float128 or complex256: torch has no such type, and the library's fix,
+    ``--init.astype(np.float64)``, named an array a user of the command line does not have."""
+    if x.dtype.kind in "fc" and x.dtype.itemsize > (8 if x.dtype.kind == "f" else 16):
+        raise InputError(f"{named} holds {x.dtype.name} values (extended precision), which torch cannot hold: save "
+                         f"it anew as float64, np.save({path!r}, np.load({path!r}).astype(np.float64)).")  # fmt: skip
 
 
 def read_init(args, h: int, k: int, cluster_weights) -> np.ndarray | None:
@@ -458,6 +467,7 @@ def read_init(args, h: int, k: int, cluster_weights) -> np.ndarray | None:
     if init.dtype.kind != "f":
         raise InputError(f"{named} holds {init.dtype} values, not cluster potentials (floating point): give the file "
                          f"an earlier run wrote with --potentials-out, or {start_cold}.")  # fmt: skip
+    refuse_extended_precision(init, named, args.init)
     shapes = [(k,)] + ([(h, k)] if h > 1 else [(1, k)])
     if init.shape not in shapes:
         heads = f"{h} heads of " if h > 1 else ""

@@ -1311,3 +1311,26 @@ def test_every_epoch_workflow_in_a_subprocess(tmp_path):
         assert ("from --init" in proc.stdout) == (epoch == 2), proc.stdout
         assert "(float64 potentials, for --init)" in proc.stdout
     assert np.load(b).shape == (K,) and np.load(y).shape == (N,)
+
+
+@pytest.mark.parametrize("flag", ["--init", "--cluster-weights", "--sample-weights"])
+def test_small_files_of_extended_precision_are_told_to_save_float64(flag, scores_file, tmp_path, capsys):
+    """float128 weights or potentials (np.longdouble, which torch cannot hold) got the library's words: "init is a
+    NumPy array ...; convert it with init.astype(np.float64)", naming neither the flag nor the file, and for weights
+    the expression "--sample-weights.astype(np.float64)". Now the file is named, with how to save it anew; the file
+    so saved is taken."""
+    if np.dtype(np.longdouble).itemsize <= 8:
+        pytest.skip("np.longdouble is float64 on this platform")
+    size = N if flag == "--sample-weights" else K
+    values = np.zeros(K) if flag == "--init" else np.full(size, 1.0 / size)
+    path = str(tmp_path / "x.npy")
+    np.save(path, values.astype(np.longdouble))
+    args = ["assign", str(scores_file), flag, path, "--out", str(tmp_path / "y.npy"), "-q"]
+    assert main(args) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"otlabel: error: {flag} file {path!r} holds float128 values (extended precision)"), err
+    fix = re.search(r"save it anew as float64, (np\.save\(.*\))\.$", err.strip())
+    assert fix and ".astype(np.float64)" in fix.group(1), err
+    exec(fix.group(1), {"np": np})  # as written
+    assert np.load(path).dtype == np.float64
+    assert main(args) == EXIT_OK
