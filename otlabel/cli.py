@@ -42,7 +42,8 @@ input:
   With --features F.npy (N, D) and --prototypes P.npy (K, D), the scores are the dot products
   F @ P.T, computed chunk by chunk and never stored (L2-normalise both for cosine similarities).
   Inputs are memory-mapped: files larger than RAM are fine. The rows are the samples: a file with fewer
-  rows than columns (N < K) gets a warning that it may be saved as (K, N), with how to save it transposed.
+  rows than columns (N < K) gets a warning that it may be saved as (K, N), with how to save it transposed
+  (not when --cluster-weights or --sample-weights, which fit it as read, say it is not).
   --sample-weights W.npy (N,) gives each sample its share of the mass (default 1/N), as
   --cluster-weights R.npy (K,) gives each cluster its share (default 1/K).
 
@@ -527,7 +528,8 @@ def cmd_assign(args) -> int:
             outputs.append(potentials_file)
 
         bar = progress_bar(args)
-        if args.scores is not None and n < k:
+        # Weights that fit N or K as read (N != K) were made for the file as it is: then it is not transposed
+        if args.scores is not None and n < k and weights is None and sample_weights is None:
             say(bar, f"otlabel: warning: {transposed_scores_warning(args.scores, shape_source.batched, h, n, k)}")
         try:
             with warnings.catch_warnings():

@@ -1334,3 +1334,18 @@ def test_small_files_of_extended_precision_are_told_to_save_float64(flag, scores
     exec(fix.group(1), {"np": np})  # as written
     assert np.load(path).dtype == np.float64
     assert main(args) == EXIT_OK
+
+
+@pytest.mark.parametrize("flag, length", [("--cluster-weights", 50), ("--sample-weights", 6)])
+def test_fewer_samples_than_clusters_is_no_warning_when_weights_fit_the_file_as_read(flag, length, tmp_path, capsys):
+    """Weights that fit the file as read (K = 50 cluster shares, or N = 6 sample shares, N != K) were made for its
+    orientation: a (K, N) file would have made them fail the shape check with the transposed-scores hint. The
+    warning that it may be transposed was printed all the same (under -q too), one nobody could act on; the same
+    file without weights still gets it."""
+    np.save(tmp_path / "s.npy", random_problem(6, 50, seed=13).numpy())  # N = 6 samples, K = 50 clusters
+    np.save(tmp_path / "w.npy", np.full(length, 1.0 / length))
+    args = ["assign", str(tmp_path / "s.npy"), "--out", str(tmp_path / "y.npy"), "-q"]
+    assert main([*args, flag, str(tmp_path / "w.npy")]) == EXIT_OK
+    assert capsys.readouterr().err == ""
+    assert main(args) == EXIT_OK
+    assert "has fewer rows than columns" in capsys.readouterr().err
