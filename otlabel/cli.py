@@ -435,7 +435,8 @@ def read_weights(args, flag: str, shape: tuple):
     scores_shape, fix = None, ""  # a length that is the other dimension's: SCORES.npy saved as (K, N)?
     if args.scores is not None:  # (features cannot be transposed scores)
         scores_shape = (n, k)
-        fix = f"save them as (N, K) {transposed_file_advice(args.scores, shape)}; then give new.npy as SCORES.npy"
+        wanted = "(H, N, K)" if len(shape) == 3 else "(N, K)"  # what the advice makes of an (H, K, N) file
+        fix = f"save them as {wanted} {transposed_file_advice(args.scores, shape)}; then give new.npy as SCORES.npy"
     try:
         checked_host_weights(weights, size, flag, other, scores_shape, fix)
     except (ValueError, TypeError) as err:

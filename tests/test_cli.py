@@ -1349,3 +1349,17 @@ def test_fewer_samples_than_clusters_is_no_warning_when_weights_fit_the_file_as_
     assert capsys.readouterr().err == ""
     assert main(args) == EXIT_OK
     assert "has fewer rows than columns" in capsys.readouterr().err
+
+
+def test_weights_of_the_other_length_on_heads_are_told_to_save_h_n_k(tmp_path, capsys):
+    """For (H, K, N) scores the transpose advice makes an (H, N, K) file, which the message called "(N, K)"."""
+    hkn = random_problem(5, 40, h=2, seed=14).numpy()  # (H, K, N) = (2, 5, 40), read as 5 samples by 40 clusters
+    np.save(tmp_path / "s.npy", hkn)
+    np.save(tmp_path / "r.npy", np.full(5, 0.2))  # the true K
+    args = ["assign", str(tmp_path / "s.npy"), "--cluster-weights", str(tmp_path / "r.npy"), "-q"]
+    assert main([*args, "--out", str(tmp_path / "y.npy")]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "; save them as (H, N, K) a block of rows at a time:" in err, err
+    transposed = run_block_advice(err, tmp_path / "s.npy")
+    assert np.load(transposed).shape == (2, 40, 5)
+    np.testing.assert_array_equal(np.load(transposed), np.swapaxes(hkn, -1, -2))
