@@ -500,7 +500,7 @@ def _default_group_worker(rank: int, world: int, init_file: str, out_dir: str) -
             warnings.simplefilter("error")
             res = sinkhorn_assign_sharded(shards[rank], EPS, timeout=10, tol=1e-6)
         assert torch.equal(res.labels, whole.labels[:30] if rank == 0 else whole.labels[30:])
-        assert res.n_iter == whole.n_iter
+        assert res.converged and abs(res.n_iter - whole.n_iter) <= 2  # sums in another order: rounding near tol
 
 
 def test_group_none_is_the_default_group_once_initialised(tmp_path):
