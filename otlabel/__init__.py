@@ -54,8 +54,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
 
 
 SUBMODULES = ("anderson", "backends", "baselines", "cli", "distributed", "entry", "exact", "feasibility", "features",
-              "graphs", "host_sources", "inputs", "kernels", "outputs", "problem", "result", "solver", "sources",
-              "streaming")  # fmt: skip
+              "graphs", "host_sources", "inputs", "kernels", "outputs", "problem", "result", "sizes", "solver",
+              "sources", "streaming")  # fmt: skip
 
 
 def __getattr__(name: str):

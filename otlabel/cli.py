@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 
 from .outputs import AtomicNpy, OutputError, commit_all, refuse_overwriting_inputs  # OutputError: exit status 3
+from .sizes import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_OUTPUT, EXIT_NOT_CONVERGED = 0, 1, 2, 3, 4
 EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM = 129, 130, 143
@@ -111,22 +112,12 @@ class Terminated(BaseException):
 
 
 def parse_bytes(text: str) -> int:
-    """``"256M"``, ``"1.5G"``, ``"512MiB"``, ``"1000000"`` -> bytes. A sign is read, so that ``-1G`` is told it is
-    not positive rather than not a size."""
-    number = r"([-+]?)((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)"  # "5." and ".5" too
-    m = re.fullmatch(r"\s*" + number + r"\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256M, 2G, 1000000)")
-    sign, digits, unit = m.group(1), m.group(2), m.group(3)
-    value = float(sign + digits) * 1024 ** " KMGT".index(unit.upper() or " ")
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 256M, 2G, 1000000)")
-    nonzero = re.search(r"[1-9]", re.split(r"[eE]", digits)[0]) is not None  # "1e-400" is tiny, not zero
-    if sign == "-" and nonzero or not nonzero:
-        raise argparse.ArgumentTypeError(f"memory budget must be positive, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"memory budget must be at least 1 byte, got {text!r}")
-    return int(value)
+    """``"256M"``, ``"1.5G"``, ``"512MiB"``, ``"1000000"`` -> bytes, as the API's ``memory_budget`` reads a size
+    (:func:`~otlabel.sizes.parse_size`), for argparse."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive_float(text: str) -> float:

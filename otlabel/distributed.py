@@ -743,7 +743,7 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
     if (scores is None) == (features is None):
         raise ValueError("give either scores, or features= with prototypes= (not both, not neither).")
     if memory_budget is not None:  # checked whatever the input: only streamed features use it
-        check_memory_budget(memory_budget)
+        memory_budget = check_memory_budget(memory_budget)  # bytes, or a size such as "512M"
     if features is None:
         if prototypes is not None or bias is not None:
             raise ValueError("prototypes= and bias= go with features=, not with scores.")

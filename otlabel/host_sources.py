@@ -27,6 +27,7 @@ from .backends.torch_backend import compute_dtype, in_callers_mode
 from .features import check_bias, check_feature_shapes, not_finite_error
 from .inputs import open_host_array
 from .problem import autocast_off, described
+from .sizes import parse_size
 from .solver import is_number
 from .sources import ScoreSource
 
@@ -48,12 +49,20 @@ def default_memory_budget(device: torch.device) -> int:
     return DEFAULT_MEMORY_BUDGET["cpu"]
 
 
-def check_memory_budget(memory_budget) -> None:
+def check_memory_budget(memory_budget) -> int:
+    """The budget in bytes: a positive integer, or a size such as ``"512M"``, ``"2G"``, ``"1.5GiB"`` (as the
+    command line's ``--memory-budget`` takes it; powers of 1024)."""
+    if isinstance(memory_budget, str):
+        try:
+            return parse_size(memory_budget)
+        except ValueError as e:
+            raise ValueError(f"memory_budget: {e}.") from None
     if not is_number(memory_budget, numbers.Integral) or memory_budget <= 0:
         raise ValueError(
-            "memory_budget must be a positive number of bytes (an integer, e.g. 1 << 30), got "
-            f"{described(memory_budget)}."
+            "memory_budget must be a positive number of bytes (an integer, e.g. 1 << 30, or a size such as '512M'), "
+            f"got {described(memory_budget)}."
         )
+    return int(memory_budget)
 
 
 def staged(host: torch.Tensor, device: torch.device) -> bool:

@@ -92,8 +92,7 @@ def chunk_bytes(memory_budget: int | None, device: torch.device) -> int:
     :func:`~otlabel.host_sources.default_memory_budget`)."""
     if memory_budget is None:
         memory_budget = default_memory_budget(device)
-    check_memory_budget(memory_budget)
-    memory_budget = int(memory_budget)
+    memory_budget = check_memory_budget(memory_budget)
     if device.type == "cpu":  # one chunk in flight per thread; small chunks stay in cache, the budget caps them
         return max(1, min(memory_budget // max(1, solve_threads()), CPU_CHUNK_BYTES))
     return memory_budget
@@ -490,8 +489,9 @@ def sinkhorn_assign_stream(
         epsilon_scaling: must be ``None`` here: on top of the default Anderson mixing it did not pay on in-memory
             scores (the tolerance benchmark, ``benchmarks/RESULTS_CPU.md``).
         device: compute device, default ``"cuda"`` when available, else ``"cpu"``.
-        memory_budget: bytes of device memory for chunk temporaries (default 256 MiB on the CPU, up to 2 GiB on
-            CUDA). Memory use is O(budget + K·D + N) (labels and sample weights), never O(N·K), plus for scores
+        memory_budget: bytes of device memory for chunk temporaries, or a size as ``"512M"`` or ``"2G"`` (powers
+            of 1024, as ``--memory-budget`` on the command line); default 256 MiB on the CPU, up to 2 GiB on CUDA.
+            Memory use is O(budget + K·D + N) (labels and sample weights), never O(N·K), plus for scores
             with -inf the mask check's distinct rows on the host, whatever the budget: at most
             ``otlabel.feasibility.MAX_PATTERN_EDGES`` = 2·10^7 row-cluster pairs a head and CPU thread (20 MB as
             booleans; 10-60 MiB in all, measured on 2 threads), beyond which the check is skipped, and for a mask
@@ -534,6 +534,8 @@ def sinkhorn_assign_stream(
         on_gpu = isinstance(first, torch.Tensor) and first.is_cuda
         device = first.device if on_gpu else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = check_device(device)
+    if memory_budget is not None:  # bytes, or a size such as "512M"
+        memory_budget = check_memory_budget(memory_budget)
     chunk_budget = chunk_bytes(memory_budget, device)
     if scores is not None:
         source = HostSource(scores, device, memory_budget=chunk_budget)

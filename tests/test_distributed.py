@@ -760,7 +760,7 @@ def test_nccl_collectives_use_the_data_gpu_not_the_current_one():
     (dict(timeout=float("inf")), ValueError, "timeout must be a positive number"),  # timedelta overflowed
     (dict(timeout=0), ValueError, "timeout must be a positive number"),
     (dict(memory_budget=0), ValueError, "memory_budget must be a positive number of bytes"),  # unused by scores
-    (dict(memory_budget="1GB"), ValueError, "memory_budget must be a positive number of bytes"),
+    (dict(memory_budget="lots"), ValueError, r"memory_budget: not a size: 'lots' \(use e.g. 256M"),
 ])  # fmt: skip
 def test_group_and_timeout_are_checked(kwargs, error, words):
     with pytest.raises(error, match=words):

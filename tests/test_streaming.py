@@ -868,10 +868,29 @@ def test_a_warm_start_from_a_saved_potentials_file(tmp_path):
             sinkhorn_assign_stream(s, 0.1, init=path)
 
 
-@pytest.mark.parametrize("budget", [0, -5, "256M", 2.5, True])
+@pytest.mark.parametrize("budget", [0, -5, 2.5, True])
 def test_memory_budget_must_be_a_positive_integer(budget):
     with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
         sinkhorn_assign_stream(random_problem(20, 3, seed=1).numpy(), 0.1, memory_budget=budget)
+
+
+def test_memory_budget_takes_a_size_as_the_command_line_does():
+    """memory_budget="512M" was refused by the API ("a positive number of bytes") though --memory-budget 512M is how
+    the command line takes it. A size is read as there (powers of 1024); one that is not a size says so."""
+    from otlabel.streaming import chunk_bytes
+
+    cpu = torch.device("cpu")
+    for text, size in (("512M", 512 << 20), ("1.5GiB", 3 << 29), (" 64k ", 64 << 10), ("1000000", 1_000_000)):
+        assert chunk_bytes(text, cpu) == chunk_bytes(size, cpu), text
+    s = random_problem(20, 3, seed=1).numpy()
+    assert torch.equal(sinkhorn_assign_stream(s, 0.1, memory_budget="1K").labels, sinkhorn_assign(s, 0.1).labels)
+    for text, words in (
+        ("lots", r"not a size: 'lots'"),
+        ("-1G", "memory budget must be positive"),
+        ("0M", "memory budget must be positive"),
+    ):
+        with pytest.raises(ValueError, match=rf"^memory_budget: {words}"):
+            sinkhorn_assign_stream(s, 0.1, memory_budget=text)
 
 
 @pytest.mark.parametrize("budget", [1, np.int64(1 << 20)])
