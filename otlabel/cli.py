@@ -503,10 +503,10 @@ def cmd_assign(args) -> int:
     init = read_init(args, h, k, weights)
     inputs = {"SCORES.npy": args.scores, "--features": args.features, "--prototypes": args.prototypes,
               "--cluster-weights": args.cluster_weights, "--sample-weights": args.sample_weights}  # fmt: skip
-    outputs = {"--out": args.out, "--codes-out": args.codes_out}
-    refuse_overwriting_inputs({**outputs, "--potentials-out": args.potentials_out}, inputs, error=InputError)
+    named_outputs = {"--out": args.out, "--codes-out": args.codes_out}
+    refuse_overwriting_inputs({**named_outputs, "--potentials-out": args.potentials_out}, inputs, error=InputError)
     # --init is read whole before the solve, and --potentials-out renamed over it after: the same file each epoch
-    refuse_overwriting_inputs(outputs, {"--init": args.init}, error=InputError)
+    refuse_overwriting_inputs(named_outputs, {"--init": args.init}, error=InputError)
     outputs = []
     try:
         labels_file = AtomicNpy(args.out, np.int64, label_shape)

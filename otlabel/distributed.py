@@ -325,7 +325,7 @@ def sinkhorn_assign_sharded(
     over_relaxation: float | None = None,
     epsilon_scaling: float | None = None,
     allow_tf32: bool = True,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     callback=None,
     warn: bool = True,
@@ -357,7 +357,7 @@ def sinkhorn_assign_sharded(
             Default: ``1 / N`` for every sample, ``N`` the total over ranks.
         cluster_weights: ``(K,)``, the same on every rank (checked).
         timeout: seconds any collective may wait for the other ranks before raising ``RuntimeError``.
-        memory_budget: the device memory for streamed features' chunks, in bytes, as in
+        memory_budget: the device memory for streamed features' chunks, in bytes or a size such as ``"512M"``, as in
             :func:`otlabel.sinkhorn_assign_stream` (the same default). Scores and CUDA features are not streamed and
             do not use it.
         epsilon, max_iter, tol, init, backend, acceleration, over_relaxation, allow_tf32, callback, warn: as in

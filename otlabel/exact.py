@@ -83,7 +83,7 @@ class ExactResult:
     plan: np.ndarray | torch.Tensor
     labels: np.ndarray | torch.Tensor
     objective: float
-    optimality_gap: float = 0.0
+    optimality_gap: float
 
     def __repr__(self) -> str:
         # A summary: the plan is N x K numbers
@@ -165,7 +165,7 @@ def _carrying(plan: np.ndarray) -> np.ndarray:
     return plan > 1e-9 * plan.sum(axis=1, keepdims=True)
 
 
-def optimality_gap(plan: np.ndarray, s: np.ndarray) -> float:
+def optimality_gap(plan: np.ndarray | torch.Tensor, s: np.ndarray | torch.Tensor) -> float:
     """An upper bound on how far ``<P, S>`` falls short of the best plan with ``P``'s own marginals, certified by a
     dual solution: for any ``u, v`` with ``u_i + v_j >= S_ij`` on every allowed pair, no plan with those marginals
     scores more than ``sum_i a_i u_i + sum_j b_j v_j`` (weak duality; ``a``, ``b`` the row and column sums of P).
@@ -177,6 +177,8 @@ def optimality_gap(plan: np.ndarray, s: np.ndarray) -> float:
     :func:`_bellman_ford_round`) make ``v = -pi`` and ``u_i = max_j S_ij - v_j`` optimal duals: the bound is 0 up
     to rounding. A plan that some cycle improves gets a positive bound, at least its true shortfall. Computed on the
     scores divided by the largest ``|S|`` (no overflow for scores near the float64 limit), in the scores' units."""
+    # as ExactResult holds them: tensors for tensor scores
+    plan, s = (np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64) for x in (plan, s))
     return _certificate(plan, s)[0]
 
 
@@ -205,7 +207,8 @@ def _certificate(plan: np.ndarray, s: np.ndarray) -> tuple[float, float]:
     scale = float(np.abs(s[carries]).max())
     slack = 4 * np.finfo(np.float64).eps * scale
     step = _bellman_ford_round(s, carries, slack)
-    pi, best, rounds = np.zeros(s.shape[1]), (math.inf, 0.0), s.shape[0] + s.shape[1]
+    # The moves form a graph over the K clusters: without a gaining cycle its distances settle within K rounds
+    pi, best, rounds = np.zeros(s.shape[1]), (math.inf, 0.0), s.shape[1] + 1
     for round_ in range(rounds):
         if round_ & (round_ - 1) == 0:  # rounds 0, 1, 2, 4, ...: while a gaining cycle drives the distances down
             best = min(best, bound(pi))  # without end, the bound is taken where it was tightest

@@ -76,13 +76,13 @@ _SPAN_FIXES = {
         "y[i : i + 4096] = x[i : i + 4096] - x[i : i + 4096].max(axis=-1, keepdims=True) for i in range(0, len(x), "
         "4096), and y.flush(); or, for a cluster far below the rest, by each cluster's maximum (the largest of "
         "x[i : i + 4096].max(axis=-2, keepdims=True) over the blocks, from a first pass): such shifts change "
-        "nothing. Or "
+        "nothing (for an (H, N, K) file, the same for each head x[h]). Or "
     ),
     (True, True): (
-        "Save the features and the prototypes L2-normalised (cosine scores, as SwAV does), each a block of rows at a "
-        "time: x = np.load(path, mmap_mode='r'), y = np.lib.format.open_memmap('normalised.npy', 'w+', x.dtype, "
-        "x.shape), then y[i : i + 4096] = x[i : i + 4096] / np.linalg.norm(x[i : i + 4096], axis=-1, keepdims=True) "
-        "for i in range(0, len(x), 4096), and y.flush(); "
+        "Save the features and the prototypes L2-normalised (cosine scores, as SwAV does), each into a new file, a "
+        "block of rows at a time: x = np.load(path, mmap_mode='r'), y = np.lib.format.open_memmap('normalised_' + "
+        "os.path.basename(path), 'w+', x.dtype, x.shape), then y[i : i + 4096] = x[i : i + 4096] / "
+        "np.linalg.norm(x[i : i + 4096], axis=-1, keepdims=True) for i in range(0, len(x), 4096), and y.flush(); "
     ),
 }
 
@@ -113,7 +113,7 @@ def span_error(span_over_eps: float, compute_dtype: torch.dtype, detail: str = "
 def mask_fill_note(k: int, features: bool = False, files: bool = False) -> str:
     """For a weighted cluster far below the rest: the shifts :func:`span_error` offers would fill it as the balanced
     plan must, which is wrong if its scores (or its bias) are a mask written as a large finite value."""
-    what = "bias" if features else "scores"
+    what = "scores (its prototype's products, and its bias if given)" if features else "scores"
     finfo = "np.finfo(dtype).min" if files else "torch.finfo(dtype).min"
     weights = "--cluster-weights" if files else "cluster_weights"
     return (
@@ -705,8 +705,8 @@ def raise_for_bad_values(cluster_weights, row_max, col_max, weighted_row_max, sc
     raise_for_starved_clusters(col_max, cluster_weights)
     span = float(score_span(weighted_row_max, col_max, cluster_weights > 0))
     dtype = compute_dtype_of(scores)
-    if epsilon is not None and span > max_score_span(dtype) * epsilon:
-        limit = max_score_span(dtype) * epsilon
+    limit = None if epsilon is None else max_score_span(dtype) * epsilon
+    if limit is not None and span > limit:
         # A cluster whose best score is itself too large for epsilon, far below the rest: maybe a mask fill, said so
         # (not one that is merely far below a huge score elsewhere, which the span error names)
         far_below = below_the_rest(col_max, cluster_weights, limit) & (col_max.abs() > limit)  # (H, K)

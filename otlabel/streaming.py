@@ -463,7 +463,7 @@ def sinkhorn_assign_stream(
     over_relaxation: float | None = None,
     epsilon_scaling: float | None = None,
     device=None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     labels_out=None,
     codes_out=None,
     callback=None,

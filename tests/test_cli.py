@@ -308,7 +308,7 @@ def run_block_advice(message: str, path) -> Path:
     cwd = os.getcwd()
     os.chdir(Path(path).parent)
     try:
-        space = {"np": np, "path": str(path)}
+        space = {"np": np, "os": os, "path": str(path)}
         exec(opened.replace("), y = ", ")\ny = "), space)
         exec(f"for i in {blocks}:\n    {target} = {value}\ny.flush()", space)
         return Path(path).parent / Path(space["y"].filename).name

@@ -365,3 +365,14 @@ def test_optimality_gap_of_plans_with_empty_or_masked_rows():
         assert optimality_gap(np.zeros((3, 2)), s) == 0.0
     with pytest.raises(ValueError, match=r"mass on a forbidden \(-inf\) pair"):
         optimality_gap(np.array([[0.1, 0.0], [0.4, 0.0], [0.0, 0.5]]), s)
+
+
+def test_optimality_gap_takes_the_tensors_exact_plan_returns():
+    """exact_plan returns tensors for tensor scores; optimality_gap(res.plan, scores) refused them ("the plan carries
+    mass on a forbidden (-inf) pair", after a uint8-indexing warning) where the same as arrays gave 3.7e-16."""
+    from otlabel.exact import optimality_gap
+
+    s = random_problem(20, 4, seed=7, dtype=torch.float64)
+    res = exact_plan(s)
+    assert isinstance(res.plan, torch.Tensor)
+    assert optimality_gap(res.plan, s) == optimality_gap(res.plan.numpy(), s.numpy()) < 1e-14

@@ -1642,7 +1642,8 @@ def test_a_cluster_whose_finite_scores_overflow_to_minus_inf_gets_the_span_error
 
     said = (
         r"reach 6\.8\de\+39 \(cluster 2, head 0: its best score -3\.4e\+38, epsilon 0\.05\).* If cluster 2's "
-        r"(scores|bias) stand for a mask .* give it weight 0 in cluster_weights"
+        r"scores( \(its prototype's products, and its bias if given\))? stand for a mask .* give it weight 0 in "
+        "cluster_weights"
     )
     with pytest.raises(ScoreSpanError, match=said):
         solve(float(np.finfo(np.float32).min))
