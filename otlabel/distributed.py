@@ -742,6 +742,8 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
     materialise ``Z C^T`` in float64: small problems, for checking)."""
     if (scores is None) == (features is None):
         raise ValueError("give either scores, or features= with prototypes= (not both, not neither).")
+    if comm.active:  # alone, the single-process words say it
+        refuse_empty_shard(*((scores, "scores") if features is None else (features, "features")), comm.name)
     if memory_budget is not None:  # checked whatever the input: only streamed features use it
         memory_budget = check_memory_budget(memory_budget)  # bytes, or a size such as "512M"
     if features is None:
@@ -768,6 +770,20 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
         return shard
     return FeatureShard(features, prototypes, bias, cluster_weights, backend, comm.device, allow_tf32, memory_budget,
                         epsilon)  # fmt: skip
+
+
+def refuse_empty_shard(data, name: str, rank) -> None:
+    """A rank with no samples (a small data set split over many ranks) is refused as such, with what to do: it got
+    the single-process words ("scores is empty ... at least one sample"), and the other ranks only that it refused
+    its input. Arrays and tensors only (a path or a list is checked when opened, in those words)."""
+    shape = getattr(data, "shape", None)
+    if shape is None or len(shape) < 2 or shape[-2] != 0 or 0 in (*shape[:-2], shape[-1]):
+        return
+    raise ValueError(
+        f"rank {rank}'s {name} have no samples (shape {tuple(shape)}): sinkhorn_assign_sharded needs at least one "
+        "sample on every rank of its group. Give every rank some (torch's DistributedSampler pads the shards to "
+        "equal sizes), or solve over a group without the empty ranks (torch.distributed.new_group)."
+    )
 
 
 def check_local_weights(weights, n: int, device) -> tuple[torch.Tensor, tuple[float, float]]:

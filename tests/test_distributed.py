@@ -503,6 +503,23 @@ def _default_group_worker(rank: int, world: int, init_file: str, out_dir: str) -
         assert res.converged and abs(res.n_iter - whole.n_iter) <= 2  # sums in another order: rounding near tol
 
 
+def _empty_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """A rank with no samples (10 samples over many ranks) got the single-process words, "scores is empty ... there
+    must be at least one sample", which did not say it was this rank's shard or what to do."""
+    with gloo_worker(rank, world, init_file, out_dir):
+        for name in ("scores", "features"):
+            local = torch.randn(0 if rank == 1 else 10, 4)
+            data = dict(scores=local) if name == "scores" else dict(features=local, prototypes=torch.randn(3, 4))
+            said = (rf"rank 1's {name} have no samples \(shape \(0, 4\)\): .* DistributedSampler" if rank == 1
+                    else r"rank\(s\) \[1\] rejected their input")  # fmt: skip
+            with pytest.raises(ValueError, match=said):
+                sinkhorn_assign_sharded(**data, epsilon=0.1, timeout=10)
+
+
+def test_a_rank_without_samples_is_told_so(tmp_path):
+    spawn_workers(_empty_rank_worker, tmp_path, world=2)
+
+
 def test_group_none_is_the_default_group_once_initialised(tmp_path):
     spawn_workers(_default_group_worker, tmp_path, world=2)
 
