@@ -58,6 +58,7 @@ from .problem import (
     compute_dtype_of,
     described,
     max_score_span,
+    reference_arithmetic,
     refuse_bool_weights,
     weight_rounding,
     weight_sum_tolerance,
@@ -618,10 +619,8 @@ class DenseShard:
         self.device, self.dtype_code, self.backend = self.scores.device, DTYPE_CODES[self.scores.dtype], backend
         self.r = check_weights(cluster_weights, self.k, "cluster_weights", "number of clusters K (last dimension)",
                                self.device, scores_shape=(self.n, self.k))  # fmt: skip
-        # The reference computes in float64 whatever the scores' dtype: their span is judged for float64 (as
-        # sinkhorn_assign's validate(arithmetic=) judges it), not refused by float32's limit
-        reference = isinstance(backend, str) and backend == "reference"
-        arithmetic = torch.float64 if reference else compute_dtype_of(self.scores)
+        # as sinkhorn_assign's validate(arithmetic=) judges the span: not refused by float32's limit on the reference
+        arithmetic = reference_arithmetic(backend) or compute_dtype_of(self.scores)
         masked_rows = check_rows(self.scores, weighted_clusters(self.r), where=f" of rank {rank}'s shard",
                                  inv_eps=epsilon and 1.0 / epsilon, compute_dtype=arithmetic,
                                  batched=self.batched, epsilon=epsilon, from_features=from_features)  # fmt: skip

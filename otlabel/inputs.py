@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .problem import (
+    blockwise_copy,
     check_float_dtype,
     complex_conversion,
     dense_tensor,
@@ -131,8 +132,7 @@ def block_conversion(x: np.memmap, part: str) -> str:
     rows, count = (f"[:, i : i + {step}]", "x.shape[1]") if heads else (f"[i : i + {step}]", "len(x)")
     advice = ("Convert the file a block of rows at a time (not whole: it would be read into memory at once): "
               + (f"x = {opening}, " if opening else "")
-              + "y = np.lib.format.open_memmap('new.npy', 'w+', np.float32, x.shape), then "
-              f"y{rows} = {part.format(rows='x' + rows)} for i in range(0, {count}, {step}), and y.flush()"
+              + blockwise_copy("'new.npy'", "np.float32", "x.shape", rows, part.format(rows="x" + rows), count, step)
               + (", x being your array." if not opening else "."))  # fmt: skip
     view = _same_view(x, file, start) if opening else "y"
     if view != "y":  # a view of the file (reversed, sliced...), which y is not
@@ -150,9 +150,9 @@ def transposed_file_advice(path: str, shape: tuple) -> str:
     step = max(1, BLOCK_ENTRIES // max(1, rows * math.prod(heads)))  # samples a block
     axes = ":, " * len(heads)
     value = f"x[{axes}:, i : i + {step}]" + (".T" if not heads else ".swapaxes(-1, -2)")
-    return (f"a block of rows at a time: x = np.load({path!r}, mmap_mode='r'), y = np.lib.format.open_memmap("
-            f"'new.npy', 'w+', x.dtype, {(*heads, columns, rows)}), then y[{axes}i : i + {step}] = {value} for i in "
-            f"range(0, {columns}, {step}), and y.flush()")  # fmt: skip
+    return (f"a block of rows at a time: x = np.load({path!r}, mmap_mode='r'), "
+            + blockwise_copy("'new.npy'", "x.dtype", str((*heads, columns, rows)), f"[{axes}i : i + {step}]", value,
+                             columns, step))  # fmt: skip
 
 
 def _whole_file(x: np.memmap) -> tuple[np.ndarray, str, int] | None:

@@ -59,6 +59,17 @@ class ScoreSpanError(ValueError):
         self.closed = closed
 
 
+def blockwise_copy(target: str, dtype: str, shape: str, rows: str, value: str, count: str, step) -> str:
+    """The one form every piece of file advice takes (a file may not fit in memory: it is streamed): a new ``.npy``
+    ``target`` of ``dtype`` and ``shape`` opened for writing, its blocks of rows ``y<rows>`` set to ``value`` for ``i``
+    in steps of ``step`` up to ``count``, then flushed. The arguments are Python expressions, as the advice prints
+    them."""
+    return (f"y = np.lib.format.open_memmap({target}, 'w+', {dtype}, {shape}), then y{rows} = {value} for i in "
+            f"range(0, {count}, {step}), and y.flush()")  # fmt: skip
+
+
+_STEP = 4096  # rows a block in the file advice below
+_BLOCK = f"[i : i + {_STEP}]"
 # The shifts and normalisations that keep the plan, by (features, files): as tensor expressions for the API, as files
 # saved anew for the command line (see span_error).
 _SPAN_FIXES = {
@@ -70,19 +81,35 @@ _SPAN_FIXES = {
         "L2-normalise the features and the prototypes (cosine scores, as SwAV does), drop the bias if you pass one "
         "(bias=None: a per-cluster shift, it changes no label or code, only cluster_potentials and the objective), "
     ),
-    (False, True): (  # a block of rows at a time: the file may not fit in memory (streamed, it need not)
+    (False, True): (
         "Save the scores shifted by each sample's maximum, a block of rows at a time: x = np.load(path, "
-        "mmap_mode='r'), y = np.lib.format.open_memmap('shifted.npy', 'w+', x.dtype, x.shape), then "
-        "y[i : i + 4096] = x[i : i + 4096] - x[i : i + 4096].max(axis=-1, keepdims=True) for i in range(0, len(x), "
-        "4096), and y.flush(); or, for a cluster far below the rest, by each cluster's maximum (the largest of "
-        "x[i : i + 4096].max(axis=-2, keepdims=True) over the blocks, from a first pass): such shifts change "
-        "nothing (for an (H, N, K) file, the same for each head x[h]). Or "
+        "mmap_mode='r'), "
+        + blockwise_copy(
+            "'shifted.npy'",
+            "x.dtype",
+            "x.shape",
+            _BLOCK,
+            f"x{_BLOCK} - x{_BLOCK}.max(axis=-1, keepdims=True)",
+            "len(x)",
+            _STEP,
+        )
+        + f"; or, for a cluster far below the rest, by each cluster's maximum (the largest of x{_BLOCK}.max(axis=-2, "
+        "keepdims=True) over the blocks, from a first pass): such shifts change nothing (for an (H, N, K) file, the "
+        "same for each head x[h]). Or "
     ),
     (True, True): (
         "Save the features and the prototypes L2-normalised (cosine scores, as SwAV does), each into a new file, a "
-        "block of rows at a time: x = np.load(path, mmap_mode='r'), y = np.lib.format.open_memmap('normalised_' + "
-        "os.path.basename(path), 'w+', x.dtype, x.shape), then y[i : i + 4096] = x[i : i + 4096] / "
-        "np.linalg.norm(x[i : i + 4096], axis=-1, keepdims=True) for i in range(0, len(x), 4096), and y.flush(); "
+        "block of rows at a time: x = np.load(path, mmap_mode='r'), "
+        + blockwise_copy(
+            "'normalised_' + os.path.basename(path)",
+            "x.dtype",
+            "x.shape",
+            _BLOCK,
+            f"x{_BLOCK} / np.linalg.norm(x{_BLOCK}, axis=-1, keepdims=True)",
+            "len(x)",
+            _STEP,
+        )
+        + "; "
     ),
 }
 
@@ -586,6 +613,12 @@ def extremes_from_values(values: list[float]) -> ScoreExtremes:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision the solver's passes form ``S / eps + b`` in: float64 for float64 scores, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_arithmetic(backend) -> torch.dtype | None:
+    """float64 for the reference backend, the specification, which computes in it whatever the scores' dtype (their
+    span is judged for float64); ``None`` for the others, which compute in the scores' own precision."""
+    return torch.float64 if isinstance(backend, str) and backend == "reference" else None
 
 
 def compute_dtype_of(scores: torch.Tensor) -> torch.dtype:

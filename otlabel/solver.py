@@ -35,6 +35,7 @@ from .problem import (
     described,
     one_number,
     real_as_float,
+    reference_arithmetic,
     validate,
 )
 from .result import ConvergenceWarning, SinkhornResult
@@ -88,12 +89,14 @@ class LoopOutput:
     converged: bool
     error: float | None = None  # the marginal error reported for ``potentials``; not given: the last of ``errors``
     # Whether the error stopped falling (:func:`stalled`); not given: judged on ``errors``. epsilon_scaling's errors
-    # are its stages' one after another, each stage starting afresh: judged stage by stage
+    # are its stages' one after another, each stage starting afresh: it judges them stage by stage
     stalled: bool | None = None
 
     def __post_init__(self):
         if self.error is None:
             self.error = self.errors[-1]
+        if self.stalled is None:
+            self.stalled = stalled(self.errors)
 
 
 def run_sinkhorn(
@@ -327,7 +330,7 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration
                            has_zero_weights=problem.has_zero_weights)  # fmt: skip
         errors += out.errors
         used += out.n_iter
-        stage_stalled = stage_stalled or (not out.converged and stalled(out.errors))
+        stage_stalled = stage_stalled or (not out.converged and out.stalled)
         if not last:
             b = out.potentials * (eps / stages[i + 1])
     return operator, LoopOutput(out.potentials, used, errors, out.converged, error=out.error, stalled=stage_stalled)
@@ -624,10 +627,9 @@ def sinkhorn_assign(
         raise ValueError(
             f"epsilon_scaling must be None or a float in (0, 1), e.g. 0.5; got {described(epsilon_scaling)}."
         )
-    # The reference (the spec) computes in float64: its span is judged for that. Not for a capture, which refuses the
-    # reference by name (converted first, float32 scores were refused as "got float64: convert them")
-    reference = isinstance(backend, str) and backend == "reference" and not cuda_graph
-    arithmetic = torch.float64 if reference else None
+    # Not for a capture, which refuses the reference by name (converted first, float32 scores were refused as "got
+    # float64: convert them")
+    arithmetic = None if cuda_graph else reference_arithmetic(backend)
     problem = validate(scores, epsilon, cluster_weights, sample_weights, check_values=not cuda_graph,
                        arithmetic=arithmetic)  # fmt: skip
     if cuda_graph:
@@ -706,7 +708,7 @@ def warn_if_not_converged(caller: str, out: LoopOutput, tol, epsilon: float, dty
             f"or a larger tol. Otherwise {retry}"
         )
     masks = ""
-    if stalled(out.errors) if out.stalled is None else out.stalled:  # a mask with no balanced plan holds it still
+    if out.stalled:  # a mask with no balanced plan holds the error still
         masks = (
             " The error stopped falling: if the scores carry -inf masks that were not checked before solving (very "
             "many distinct masked rows, no SciPy), the masked problem may have no balanced plan at all: check that "

@@ -278,12 +278,18 @@ def test_a_pipe_is_refused_as_one(tmp_path, capsys):
 def test_cluster_weights_file_errors(make, message, scores_file, tmp_path, capsys):
     """The weights file is read by the command line, not by the library: an .npz was answered "--cluster-weights must
     be a torch.Tensor, a numpy.ndarray or a list of numbers, got NpzFile", none of which a command line can give."""
-    make(tmp_path / "w.npy")
-    args = ["assign", str(scores_file), "--cluster-weights", str(tmp_path / "w.npy"), "--out", str(tmp_path / "y.npy")]
-    assert main([*args, "-q"]) == EXIT_INPUT
-    err = capsys.readouterr().err
+    err = weights_file_error("--cluster-weights", make, scores_file, tmp_path, capsys)
     assert err.startswith("otlabel: error: cluster weights file") and re.search(message, err), err
+
+
+def weights_file_error(flag: str, make, scores_file, tmp_path, capsys) -> str:
+    """What a run with the weights file ``make`` writes, given as ``flag``, says on stderr; it exits 2 and leaves
+    nothing but that file behind."""
+    make(tmp_path / "w.npy")
+    args = ["assign", str(scores_file), flag, str(tmp_path / "w.npy"), "--out", str(tmp_path / "y.npy")]
+    assert main([*args, "-q"]) == EXIT_INPUT
     assert os.listdir(tmp_path) == ["w.npy"]
+    return capsys.readouterr().err
 
 
 def test_boolean_cluster_weights_file_is_refused(scores_file, tmp_path, capsys):
@@ -1214,12 +1220,8 @@ def test_sample_weights_file_solves_as_the_api_does(scores_file, tmp_path, capsy
     ],
 )
 def test_sample_weights_file_errors(make, message, scores_file, tmp_path, capsys):
-    make(tmp_path / "w.npy")
-    args = ["assign", str(scores_file), "--sample-weights", str(tmp_path / "w.npy"), "--out", str(tmp_path / "y.npy")]
-    assert main([*args, "-q"]) == EXIT_INPUT
-    err = capsys.readouterr().err
+    err = weights_file_error("--sample-weights", make, scores_file, tmp_path, capsys)
     assert err.startswith("otlabel: error:") and re.search(message, err), err
-    assert os.listdir(tmp_path) == ["w.npy"]
 
 
 def test_weights_sized_for_the_other_dimension_are_told_to_transpose_a_block_at_a_time(tmp_path, capsys):
