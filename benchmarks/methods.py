@@ -196,14 +196,14 @@ def swav(problem: Problem, n_iter: int, tol: float | None) -> Outcome:
 def sela(problem: Problem, n_iter: int, tol: float | None) -> Outcome:
     """SeLa's float64 scaling-vector Sinkhorn (``otlabel.sela_sinkhorn``) with ``lambda = 1 / eps``."""
     sela_tol = None if tol is None else tol * problem.n  # its rule in units of the L1 marginal error
-    plan = otlabel.sela_sinkhorn(problem.scores64(), lam=1.0 / problem.epsilon, n_iter=n_iter, tol=sela_tol)
+    plan = otlabel.sela_sinkhorn(problem.scores64(), lam=1.0 / problem.epsilon, max_iter=n_iter, tol=sela_tol)
     return Outcome(plan, 1.0 / problem.n, n_iter if tol is None else -1, None)  # -1: it does not say
 
 
 def sela_default(problem: Problem, n_iter: int, tol: float | None) -> Outcome:
     """SeLa as published: its own stopping rule (change of the scaling vector < 0.1, read every 10th iteration).
     Its code has no iteration cap; ``n_iter`` is only a guard against an endless loop."""
-    plan = otlabel.sela_sinkhorn(problem.scores64(), lam=1.0 / problem.epsilon, n_iter=n_iter)
+    plan = otlabel.sela_sinkhorn(problem.scores64(), lam=1.0 / problem.epsilon, max_iter=n_iter)
     return Outcome(plan, 1.0 / problem.n, -1, None)
 
 

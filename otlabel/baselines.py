@@ -7,12 +7,17 @@
   the same loop without the input checks: what the benchmarks time.
 * :func:`sela_sinkhorn` — SeLa's scaling-vector Sinkhorn (Asano et al. 2020): ``P = P0^lambda`` with
   ``P0 = softmax(logits)``, vectors ``r, c`` updated by matrix-vector products, in float64 on the CPU.
+
+Both return a torch tensor on the input's device (a CPU one for a NumPy array or a list), as
+:func:`otlabel.sinkhorn_assign` does, and take their iteration count as ``max_iter``, its name there (``n_iter`` is
+what a result calls the iterations that ran).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -60,19 +65,33 @@ def refuse_fully_masked(scores: torch.Tensor, entry: str = "score") -> None:
             raise ValueError(f"infeasible mask: {what} {int(torch.nonzero(full)[0])} has every {entry} -inf, so {fix}")
 
 
-def check_iterations(n_iter, name: str = "n_iter") -> int:
-    if not is_number(n_iter, numbers.Integral) or n_iter < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (the number of iterations), got {described(n_iter)}.")
-    return int(n_iter)
+SWAV_ITERATIONS, SELA_ITERATIONS = 3, 100  # the baselines' default max_iter (SwAV's fixed count; a cap for SeLa)
 
 
-def swav_sinkhorn(scores, epsilon: float = 0.05, n_iter: int = 3) -> torch.Tensor:
-    """SwAV's codes for ``scores`` (N, K): returns ``Q`` (N, K), each row summing to 1 (for ``n_iter >= 1``; with
-    ``n_iter=0``, as in the published loop, ``exp(S / eps)`` normalised as a whole times N).
+def check_iterations(max_iter, n_iter, function: str, default: int) -> int:
+    """``max_iter``, or ``n_iter`` as it was called up to 0.1.0 (with a FutureWarning: a result's ``n_iter`` is the
+    iterations that ran, where the argument bounds them), checked as a count. ``default``: ``max_iter``'s."""
+    if n_iter is not None:
+        if max_iter is not default:
+            raise TypeError(f"{function} got both max_iter and n_iter, its old name: pass max_iter alone.")
+        warnings.warn(f"{function}(n_iter=...) is now max_iter=..., as in sinkhorn_assign (a result's n_iter is the "
+                      "iterations that ran); n_iter= will be removed.", FutureWarning, stacklevel=3)  # fmt: skip
+        max_iter = n_iter
+    if not is_number(max_iter, numbers.Integral) or max_iter < 0:
+        raise ValueError(f"max_iter must be an integer >= 0 (the number of iterations), got {described(max_iter)}.")
+    return int(max_iter)
+
+
+def swav_sinkhorn(
+    scores, epsilon: float = 0.05, max_iter: int = SWAV_ITERATIONS, *, n_iter: int | None = None
+) -> torch.Tensor:
+    """SwAV's codes for ``scores`` (N, K): returns ``Q`` (N, K), a tensor of the scores' dtype on their device, each
+    row summing to 1 (for ``max_iter >= 1``; with ``max_iter=0``, as in the published loop, ``exp(S / eps)``
+    normalised as a whole times N).
 
     Iteration = normalise each cluster's row of ``Q`` (K, N) to ``1/K``, then each sample's column to
-    ``1/N``. Equivalent to ``sinkhorn_assign(scores, epsilon, max_iter=n_iter, tol=None).codes`` where it
-    neither overflows nor underflows: ``exp(S / eps)`` divided by its sum over the batch falls below float32's
+    ``1/N``, exactly ``max_iter`` times. Equivalent to ``sinkhorn_assign(scores, epsilon, max_iter, tol=None).codes``
+    where it neither overflows nor underflows: ``exp(S / eps)`` divided by its sum over the batch falls below float32's
     smallest numbers for scores ~90 eps or more below the batch's best, and a sample whose scores all lie there gets
     codes of 0 or far off, silently (1,000 x 10 standard-normal scores at eps 0.05: codes off by up to 0.11 from
     float64's). The input is checked first (reads of the scores for NaN, +inf, and a sample or cluster whose
@@ -81,14 +100,15 @@ def swav_sinkhorn(scores, epsilon: float = 0.05, n_iter: int = 3) -> torch.Tenso
     Args:
         scores: one ``(N, K)`` problem (a tensor, NumPy array or list of numbers), higher is better.
         epsilon: temperature ``> 0`` in the units of the scores (SwAV's 0.05).
-        n_iter: iterations, ``>= 0`` (SwAV's 3).
+        max_iter: iterations, ``>= 0`` (SwAV's 3), all of them run (SwAV has no stopping rule).
+        n_iter: ``max_iter``'s name up to 0.1.0, taken with a FutureWarning.
     """
     scores = check_baseline_scores(scores, "swav_sinkhorn", torch.get_default_dtype())
     epsilon = check_epsilon(epsilon)
-    n_iter = check_iterations(n_iter)
+    max_iter = check_iterations(max_iter, n_iter, "swav_sinkhorn", SWAV_ITERATIONS)
     refuse_non_finite(scores)
     refuse_fully_masked(scores)
-    return swav_loop(scores, epsilon, n_iter)
+    return swav_loop(scores, epsilon, max_iter)
 
 
 @torch.no_grad()
@@ -108,33 +128,38 @@ def swav_loop(scores: torch.Tensor, epsilon: float, n_iter: int) -> torch.Tensor
     return q.t()
 
 
-def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | None = 1e-1) -> np.ndarray:
-    """SeLa's self-labelling step for ``logits`` (N, K): returns the plan ``P`` (N, K) scaled to rows of 1.
+def sela_sinkhorn(logits, lam: float = 25.0, max_iter: int = SELA_ITERATIONS, tol: float | None = 1e-1, *,
+                  n_iter: int | None = None) -> torch.Tensor:  # fmt: skip
+    """SeLa's self-labelling step for ``logits`` (N, K): returns the plan ``P`` (N, K) scaled to rows of 1, a float64
+    tensor on the logits' device (a CPU one for a NumPy array or a list; it is computed on the CPU).
 
     ``P0 = softmax(logits) ** lam`` then scaling vectors ``r = 1/K / (P0^T c)``, ``c = 1/N / (P0 r)``
     alternate until the change of ``c``, ``sum |c_old / c_new - 1|``, measured as SeLa's code does on the 1st, 11th,
-    21st, ... iteration only, is below ``tol`` (SeLa's stopping rule), or for ``n_iter`` iterations (SeLa's code has
-    no such cap; ``tol=None`` runs exactly ``n_iter``). In ``epsilon`` terms this is entropic OT with
+    21st, ... iteration only, is below ``tol`` (SeLa's stopping rule), or for ``max_iter`` iterations (SeLa's code
+    has no such cap; ``tol=None`` runs exactly ``max_iter``, as in sinkhorn_assign). In ``epsilon`` terms this is
+    entropic OT with
     ``epsilon = 1 / lam``.
 
     Args:
         logits: one ``(N, K)`` problem (a tensor, NumPy array or list of numbers); computed in float64.
         lam: SeLa's lambda, ``> 0`` (``1 / epsilon``).
-        n_iter: most iterations.
-        tol: SeLa's stopping threshold on the change of ``c`` (above), or ``None`` for exactly ``n_iter``.
+        max_iter: most iterations.
+        tol: SeLa's stopping threshold on the change of ``c`` (above), or ``None`` for exactly ``max_iter``.
+        n_iter: ``max_iter``'s name up to 0.1.0, taken with a FutureWarning.
     """
     logits = check_baseline_scores(logits, "sela_sinkhorn", torch.float64, "logits")  # may require grad or be on a GPU
+    device = logits.device
     # Numbers, or one-element tensors or arrays (scheduled values), as sinkhorn_assign takes epsilon and tol (a 0-d
     # array was refused). As floats: a Python int beyond float's range (10**400) raised OverflowError in isfinite, a
     # Fraction NumPy's ufunc error in the power below.
     lam = real_as_float(one_number(lam, "lam", "a finite number > 0 (SeLa's lambda, 1 / epsilon)"))
     if not (lam > 0 and math.isfinite(lam)):
         raise ValueError(f"lam must be a finite number > 0 (SeLa's lambda, 1 / epsilon), got {lam!r}.")
-    n_iter = check_iterations(n_iter)
+    max_iter = check_iterations(max_iter, n_iter, "sela_sinkhorn", SELA_ITERATIONS)
     if tol is not None:
-        tol = real_as_float(one_number(tol, "tol", "a positive number (or None for exactly n_iter iterations)"))
+        tol = real_as_float(one_number(tol, "tol", "a positive number (or None for exactly max_iter iterations)"))
         if not tol > 0:
-            raise ValueError(f"tol must be a positive number (or None for exactly n_iter iterations), got {tol!r}.")
+            raise ValueError(f"tol must be a positive number (or None for exactly max_iter iterations), got {tol!r}.")
     logits = logits.cpu().double().numpy()
     n_samples, n_clusters = logits.shape
     row_max = logits.max(axis=1, keepdims=True)
@@ -147,7 +172,7 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
     p0 **= lam  # (N, K); underflows to 0 where lam * log p0 < -745
     row = np.full(n_samples, 1.0 / n_samples)  # sample scaling
     col = np.full(n_clusters, 1.0 / n_clusters)
-    for it in range(n_iter):
+    for it in range(max_iter):
         col = (1.0 / n_clusters) / (p0.T @ row)
         row_new = (1.0 / n_samples) / (p0 @ col)
         stop = tol is not None and it % 10 == 0 and np.nansum(np.abs(row / row_new - 1)) < tol
@@ -155,4 +180,4 @@ def sela_sinkhorn(logits, lam: float = 25.0, n_iter: int = 100, tol: float | Non
         if stop:
             break
     plan = p0 * row[:, None] * col[None, :]
-    return plan * n_samples
+    return torch.from_numpy(plan * n_samples).to(device)

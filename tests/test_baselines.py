@@ -45,9 +45,9 @@ def test_swav_baseline_breaks_where_sinkhorn_assign_does_not(scores, eps):
 def test_sela_baseline_equals_sinkhorn_assign_at_lambda():
     logits = random_problem(200, 8, seed=34, dtype=torch.float64)
     lam = 10.0
-    plan = sela_sinkhorn(logits, lam=lam, n_iter=5000, tol=1e-12)
+    plan = sela_sinkhorn(logits, lam=lam, max_iter=5000, tol=1e-12)
     ours = sinkhorn_assign(logits, 1 / lam, tol=1e-10, max_iter=50_000, backend="reference")
-    assert_close(torch.from_numpy(plan), ours.codes, atol=1e-6, what="SeLa P^lambda plan vs codes")
+    assert_close(plan, ours.codes, atol=1e-6, what="SeLa P^lambda plan vs codes")
 
 
 def test_sela_baseline_takes_a_model_output():
@@ -100,8 +100,8 @@ BAD_BASELINE_INPUTS = [
      ["+inf", "-inf is allowed"]),
     ("swav epsilon 0", lambda: swav_sinkhorn(random_problem(10, 4), 0.0, 3), ValueError, ["epsilon", "> 0"]),
     ("swav epsilon < 0", lambda: swav_sinkhorn(random_problem(10, 4), -0.05, 3), ValueError, ["epsilon", "> 0"]),
-    ("swav n_iter < 0", lambda: swav_sinkhorn(random_problem(10, 4), 0.05, -1), ValueError, ["n_iter", ">= 0"]),
-    ("swav n_iter float", lambda: swav_sinkhorn(random_problem(10, 4), 0.05, 2.5), ValueError, ["n_iter", "2.5"]),
+    ("swav max_iter < 0", lambda: swav_sinkhorn(random_problem(10, 4), 0.05, -1), ValueError, ["max_iter", ">= 0"]),
+    ("swav max_iter float", lambda: swav_sinkhorn(random_problem(10, 4), 0.05, 2.5), ValueError, ["max_iter", "2.5"]),
     ("swav 1-d", lambda: swav_sinkhorn(torch.randn(4), 0.05, 3), ValueError, ["(N, K)", "(4,)"]),
     ("swav heads", lambda: swav_sinkhorn(torch.randn(2, 10, 4), 0.05, 3), ValueError, ["one (N, K) problem"]),
     ("sela NaN logit", lambda: sela_sinkhorn(_with_nan(10, 4)), ValueError, ["NaN", "(2, 1)"]),
@@ -213,3 +213,24 @@ def test_swav_baseline_underflows_where_sinkhorn_assign_does_not():
     assert torch.isfinite(swav).all() and int((swav[0] == 0).sum()) >= 5
     assert float((swav[0].double() - reference[0]).abs().max()) > 0.1
     assert_close(sinkhorn_assign(s, 0.05, max_iter=3, tol=None).codes.double(), reference, atol=1e-5, what="codes")
+
+
+def test_baselines_return_tensors_and_take_max_iter_as_sinkhorn_assign_does():
+    """sela_sinkhorn returned a NumPy array for a tensor (swav_sinkhorn, like sinkhorn_assign, a tensor), and both
+    called their iteration budget n_iter, the name a result gives the iterations that ran (sela's is a cap: n_iter=100
+    stopped after 11). Both take max_iter now, as sinkhorn_assign does; n_iter= still works, with a FutureWarning."""
+    logits = random_problem(40, 5, seed=41, dtype=torch.float64)
+    for given in (logits, logits.numpy(), logits.tolist()):
+        plan = sela_sinkhorn(given, lam=5.0)
+        assert isinstance(plan, torch.Tensor) and plan.dtype == torch.float64 and plan.device.type == "cpu"
+    assert torch.equal(sela_sinkhorn(logits, 5.0, 7, None), sela_sinkhorn(logits, lam=5.0, max_iter=7, tol=None))
+    for call, new in (
+        (lambda **kw: sela_sinkhorn(logits, lam=5.0, tol=None, **kw), lambda: sela_sinkhorn(logits, 5.0, 7, None)),
+        (lambda **kw: swav_sinkhorn(logits, 0.5, **kw), lambda: swav_sinkhorn(logits, 0.5, 7)),
+    ):
+        with pytest.warns(FutureWarning, match=r"\(n_iter=\.\.\.\) is now max_iter=\.\.\.") as caught:
+            old = call(n_iter=7)
+        assert caught[0].filename == __file__, caught[0].filename  # at the caller's line
+        assert torch.equal(old, new())
+        with pytest.raises(TypeError, match="got both max_iter and n_iter"):
+            call(n_iter=7, max_iter=8)

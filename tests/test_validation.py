@@ -1001,8 +1001,8 @@ def test_an_integer_or_option_given_as_a_masked_array_is_refused_saying_so():
         ("over_relaxation", lambda: sinkhorn_assign(s, 0.1, over_relaxation=hidden(1.5))),
         ("epsilon_scaling", lambda: sinkhorn_assign(s, 0.1, epsilon_scaling=hidden(0.5))),
         ("memory_budget", lambda: sinkhorn_assign_stream(s, 0.1, memory_budget=hidden(2**20))),
-        ("n_iter", lambda: sela_sinkhorn(s, n_iter=hidden(10))),
-        ("n_iter", lambda: swav_sinkhorn(s, n_iter=hidden(3))),
+        ("max_iter", lambda: sela_sinkhorn(s, max_iter=hidden(10))),
+        ("max_iter", lambda: swav_sinkhorn(s, max_iter=hidden(3))),
         ("timeout", lambda: sinkhorn_assign_sharded(s, 0.1, timeout=hidden(3.0))),
     ):
         with pytest.raises(ValueError, match=rf"^{name} must .*got a NumPy masked array of shape \(\) with 1 masked "
@@ -1172,7 +1172,7 @@ RARE_ERRORS = {  # user errors no other test reached (a coverage run found them)
     "batched scores to exact_plan": (lambda tmp: exact_plan(torch.randn(2, 6, 3)), "loop over heads yourself"),
     "unknown exact method": (lambda tmp: exact_plan(S12, method="simplex"), "'pot' or 'linprog'"),
     "exact_assign with no plan": (lambda tmp: exact_assign(MASKED12), "no feasible plan: relax the mask"),
-    "sela_sinkhorn tol of -1": (lambda tmp: sela_sinkhorn(S12.numpy(), tol=-1.0), "or None for exactly n_iter"),
+    "sela_sinkhorn tol of -1": (lambda tmp: sela_sinkhorn(S12.numpy(), tol=-1.0), "or None for exactly max_iter"),
     "labels_out on the meta device": (
         lambda tmp: sinkhorn_assign_stream(S12, 0.5, labels_out=torch.empty(12, dtype=torch.int64, device="meta")),
         "must be on the CPU",
