@@ -10,7 +10,9 @@ Both take the same ``(N, K)`` scores as :func:`otlabel.sinkhorn_assign` (``-inf`
 :class:`ExactResult` in the input's kind: torch tensors (on the scores' device) for a torch tensor, NumPy arrays for
 a NumPy array or a list — so that, for a tensor ``s``, ``exact_assign(s).labels == sinkhorn_assign(s).labels``
 compares tensor with tensor (``sinkhorn_assign`` always returns tensors).
-The solvers themselves run on the CPU in float64.
+The solvers themselves run on the CPU in float64, on unit costs whose rounding is relative to the largest score:
+scores whose best differences fall below 1e-12 of it are refused (:func:`_refuse_unresolved`), and a mask that leaves
+no plan is named as :func:`otlabel.sinkhorn_assign` names it.
 """
 
 from __future__ import annotations
@@ -96,12 +98,15 @@ class ExactResult:
         return f"ExactResult(objective={self.objective:.6g}, {gap}, plan={plan}, labels={labels})"
 
 
-def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
-    """The scores, sample and cluster weights as float64 NumPy arrays, checked, and what rounding the weights to
-    their dtype may have moved (:func:`~otlabel.problem.weight_rounding`). ``check_mask``: a mask that leaves no plan
-    with these weights (Hall's condition) is the ``ValueError`` :func:`otlabel.sinkhorn_assign` gives, naming the
-    samples and clusters; :func:`exact_assign` skips it, as its rounded cluster sizes may fit where the weights'
-    exact shares do not (and a cluster whose share rounds down to no sample may then be masked whole)."""
+def _prepare(scores, cluster_weights, sample_weights, solver: str, check_mask: bool = True):
+    """The scores, sample and cluster weights as float64 NumPy arrays, checked, what rounding the weights to their
+    dtype may have moved (:func:`~otlabel.problem.weight_rounding`), and the cluster weights the mask is judged by.
+    ``check_mask``: a mask that leaves no plan with these weights (Hall's condition) is the ``ValueError``
+    :func:`otlabel.sinkhorn_assign` gives, naming the samples and clusters; :func:`exact_assign` skips it (it calls
+    :func:`_refuse_mask` when no assignment exists), as its rounded cluster sizes may fit where the weights' exact
+    shares do not (and a cluster whose share rounds down to no sample may then be masked whole: its weight counts
+    as 0 for the mask). Scores the solvers cannot resolve are refused (:func:`_refuse_unresolved`, ``solver`` names
+    the call)."""
     s3, batched = check_scores(scores)
     if batched:
         raise ValueError("the exact solvers take one (N, K) problem; loop over heads yourself.")
@@ -117,7 +122,70 @@ def _prepare(scores, cluster_weights, sample_weights, check_mask: bool = True):
         if not bool((checked_r > 0).any()):  # every cluster with a share masked whole: no sample can go anywhere,
             checked_r = r  # which the check below says of the first sample (it needs some weighted cluster)
     check_score_values(s3, checked_r, batched=False, sample_weights=c if check_mask else None, mass_rounding=rounding)
-    return s3[0].double().cpu().numpy(), c.cpu().numpy(), r.cpu().numpy(), rounding
+    s = s3[0].double().cpu().numpy()
+    _refuse_unresolved(s, solver)
+    return s, c.cpu().numpy(), r.cpu().numpy(), rounding, checked_r
+
+
+def _refuse_mask(s: np.ndarray, r: torch.Tensor, rounding: float) -> None:
+    """For :func:`exact_assign`, which found no assignment: the mask's violation of Hall's condition for the cluster
+    weights ``r`` (as :func:`_prepare` judges them), in :func:`otlabel.sinkhorn_assign`'s words. There is one: a plan
+    with the exact shares ``N r`` would make an assignment with them rounded down or up (the polytope of such plans has
+    whole vertices). The message says so; where the check cannot tell (too many distinct mask rows), the generic one."""
+    n = s.shape[0]
+    try:
+        check_score_values(torch.from_numpy(s)[None], r, batched=False, sample_weights=torch.full((n,), 1.0 / n,
+                           dtype=torch.float64), mass_rounding=rounding)  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"{err} (exact_assign gives each cluster its share N·r_k rounded down or up to whole samples, "
+                         "and no such rounding fits this mask either.)") from None  # fmt: skip
+    raise ValueError("the masked problem has no feasible plan: relax the mask or the cluster weights.")
+
+
+# The finest difference between two scores the unit costs keep, relative to the largest score: below it the solvers
+# take them as equal (and the certificate cannot vouch for a plan, see GAP_RESOLUTION)
+SCORE_RESOLUTION = 1e-12
+NEAR_TIE = 1e-6  # scores that differ by less than this, relative to their own size, are ties whatever the solver
+
+
+def _refuse_unresolved(s: np.ndarray, solver: str) -> None:
+    """A ``ValueError`` where a sample's best scores differ by less than the solvers resolve: the unit costs are
+    ``(max S - S) / span``, whose float64 rounding is relative to the largest score, so one score far above the rest
+    (1e30 among scores of about 1) turns every other difference into a tie, and the assignment among them into an
+    arbitrary one (a wrong one, with an optimality gap of 0: the certificate's rounding is relative to that score
+    too). Scores that are near ties of their own (float32 values cast, within ``NEAR_TIE``) are not counted. Masks
+    written as large negative numbers are not concerned: they leave the largest score as it was (the certificate
+    warns where they hide differences)."""
+    allowed = np.isfinite(s)
+    top = float(np.where(allowed, s, -np.inf).max())
+    row_max = np.where(allowed, s, -np.inf).max(axis=1, keepdims=True)  # (N, 1)
+    with np.errstate(invalid="ignore", over="ignore"):  # -inf - -inf on masked pairs, 1e308 - -1e308: never tied
+        below = row_max - s  # (N, K)
+    tied = allowed & (below > 0) & (below <= SCORE_RESOLUTION * abs(top))
+    tied &= below > NEAR_TIE * np.maximum(np.abs(row_max), np.abs(s))
+    if not tied.any():
+        return
+    j, k = (int(x) for x in np.argwhere(tied)[0])
+    best = int(np.flatnonzero(allowed[j] & (s[j] == row_max[j, 0]))[0])
+    at = np.unravel_index(int(np.argmax(np.where(allowed, s, -np.inf))), s.shape)
+    shifted = (
+        "."
+        if solver == "exact_assign"
+        else (
+            f": that leaves sample {at[0]}'s other scores far below the rest, which exact_assign resolves, and which "
+            "exact_plan resolves only relative to their span (a ConvergenceWarning then says how far its plan may fall "
+            "short)."
+        )
+    )
+    raise ValueError(
+        f"{solver} cannot resolve these scores: its unit costs keep differences down to about {SCORE_RESOLUTION:g} "
+        f"of the largest score, {top:.3g} (sample {at[0]}, cluster {at[1]}), and sample {j}'s scores "
+        f"{s[j, best]:.6g} (cluster {best}) and {s[j, k]:.6g} (cluster {k}) differ by {below[j, k]:.3g}: it would "
+        "take them as equal and return an arbitrary plan among them as optimal. If the large score is meant to force "
+        f"its pair, write that as a mask: -inf for sample {at[0]}'s other clusters, an ordinary score for it. "
+        "Otherwise subtract each sample's largest score first, scores - scores.max(axis=1, keepdims=True) "
+        f"(.amax(1, keepdim=True) for a tensor; a per-sample shift changes no plan){shifted}"
+    )
 
 
 FORBIDDEN = 1e6  # the unit cost of a forbidden pair: more than any N x N assignment of unit costs can save
@@ -288,17 +356,15 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
     Returns:
         An :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
-    s, c, r, rounding = _prepare(scores, cluster_weights, sample_weights)
-    allowed = np.isfinite(s)
-    if not isinstance(method, str):  # an array: NumPy's "truth value ... is ambiguous"
+    if not isinstance(method, str) or method not in ("pot", "linprog"):  # an array: "truth value ... is ambiguous"
         raise ValueError(f"method must be 'pot' or 'linprog', got {method!r}.")
+    s, c, r, rounding, _ = _prepare(scores, cluster_weights, sample_weights, f"exact_plan(method='{method}')")
+    allowed = np.isfinite(s)
     if method == "pot":
         ot = import_pot()
         plan = ot.emd(c, r, np.ascontiguousarray(_unit_cost(s)), numItermax=10_000_000)
-    elif method == "linprog":
-        plan = _linprog_plan(s, c, r, allowed)
     else:
-        raise ValueError(f"method must be 'pot' or 'linprog', got {method!r}.")
+        plan = _linprog_plan(s, c, r, allowed)
     plan = np.asarray(plan, dtype=np.float64)
     return _like(_result(plan, s, f"exact_plan(method='{method}')", c, r, rounding), scores)
 
@@ -384,7 +450,7 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     Returns:
         An :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
-    s, _, r, rounding = _prepare(scores, cluster_weights, None, check_mask=False)
+    s, _, r, rounding, checked_r = _prepare(scores, cluster_weights, None, "exact_assign", check_mask=False)
     linear_sum_assignment = import_scipy_optimize("exact_assign").linear_sum_assignment
 
     n, k = s.shape
@@ -400,8 +466,8 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     cost[:n] = _unit_cost(s)[:, slot_cluster]
     cost[n:, : len(fixed)] = FORBIDDEN  # a placeholder in a fixed slot would leave its cluster short
     rows, slots = linear_sum_assignment(cost)
-    if cost[rows, slots].max() >= FORBIDDEN:
-        raise ValueError("the masked problem has no feasible plan: relax the mask or the cluster weights.")
+    if cost[rows, slots].max() >= FORBIDDEN:  # no assignment: which clusters or samples the mask leaves short
+        _refuse_mask(s, checked_r, rounding)
     labels = np.empty(n, dtype=np.int64)
     real = rows < n
     labels[rows[real]] = slot_cluster[slots[real]]

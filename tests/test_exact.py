@@ -376,3 +376,72 @@ def test_optimality_gap_takes_the_tensors_exact_plan_returns():
     res = exact_plan(s)
     assert isinstance(res.plan, torch.Tensor)
     assert optimality_gap(res.plan, s) == optimality_gap(res.plan.numpy(), s.numpy()) < 1e-14
+
+
+def test_exact_assign_names_an_infeasible_mask_as_sinkhorn_assign_does():
+    """exact_assign said only 'the masked problem has no feasible plan' where sinkhorn_assign and exact_plan name the
+    clusters that cannot be filled. It gives their message now, and says that rounding the shares does not help."""
+    s = np.zeros((6, 3))
+    s[:5, 0] = -np.inf  # cluster 0 needs 2 of the 6 samples; only sample 5 may go there
+    with pytest.raises(ValueError) as expected:
+        sinkhorn_assign(s, 0.1)
+    with pytest.raises(ValueError, match=r"^infeasible mask: clusters \[0\] need 0.333 of the mass") as raised:
+        exact_assign(s)
+    assert str(raised.value).startswith(str(expected.value))
+    assert str(raised.value).endswith(
+        "rounded down or up to whole samples, and no such rounding fits this mask either.)"
+    )
+    # Shares of 2.5 samples out of 5: cluster 0 needs at least 2, and only sample 4 may go there
+    s = np.zeros((5, 2))
+    s[:4, 0] = -np.inf
+    with pytest.raises(ValueError, match=r"^infeasible mask: clusters \[0\] need 0.5 of the mass .* only 1 sample"):
+        exact_assign(s, cluster_weights=[0.5, 0.5])
+    assert exact_assign(s, cluster_weights=[0.3, 0.7]).labels.tolist() == [1, 1, 1, 1, 0]  # 1.5 samples: 1 will do
+
+
+def outlier_problem() -> tuple[np.ndarray, list[int]]:
+    """6 x 6 scores in [0, 1) and one of 1e30 (sample 0, cluster 0), and the best assignment: sample 0 to cluster 0,
+    the others as the assignment of their scores for the other clusters."""
+    from scipy.optimize import linear_sum_assignment
+
+    s = np.random.default_rng(0).random((6, 6))
+    s[0, 0] = 1e30
+    return s, [0] + (linear_sum_assignment(-s[1:, 1:])[1] + 1).tolist()
+
+
+@pytest.mark.parametrize("method", ["pot", "linprog", "assign"])
+def test_exact_solvers_refuse_scores_they_cannot_resolve(method):
+    """One score of 1e30 among scores in [0, 1): the unit costs saw every other difference as a tie, and the solvers
+    returned a wrong assignment (exact_assign [0 1 2 3 4 5] for [0 1 4 5 2 3]) with an optimality gap of 0, no
+    warning. Refused, as the Sinkhorn span error refuses, saying which scores and what to do; each fix it names
+    gives the best assignment (the shift for exact_assign; exact_plan warns for it, as for a finite mask)."""
+    solve = exact_assign if method == "assign" else functools.partial(exact_plan, method=method)
+    s, best = outlier_problem()
+    words = (r"cannot resolve these scores: .* largest score, 1e\+30 \(sample 0, cluster 0\), and sample 1's scores "
+             r"0.935072 \(cluster 3\) and 0.606636 \(cluster 0\) differ by 0.328")  # fmt: skip
+    with pytest.raises(ValueError, match=words):
+        solve(s)
+    forced = s.copy()
+    forced[0] = [0.5] + [-np.inf] * 5  # "-inf for sample 0's other clusters, an ordinary score for it"
+    assert solve(forced).labels.tolist() == best
+    shifted = s - s.max(axis=1, keepdims=True)  # "subtract each sample's largest score"
+    if method == "assign":
+        assert solve(shifted).labels.tolist() == best
+    else:
+        with pytest.warns(ConvergenceWarning, match="below the optimum"):
+            solve(shifted)
+
+
+def test_near_ties_and_far_masks_are_not_refused_as_unresolved():
+    """What the resolution check leaves alone: float32 scores cast to float64 (near ties of one float32 unit), rows of
+    probabilities whose small entries differ by less than 1e-12 of the largest, and large negative fills standing for
+    masks (they leave the largest score as it is; the certificate judges them)."""
+    rng = np.random.default_rng(1)
+    near = np.float64(np.float32(0.7)) + np.array([[0.0, 2**-24, 0.3], [2**-24, 0.0, 0.1], [0.0, 0.2, 2**-24]])
+    assert exact_assign(near).labels.tolist() == [2, 0, 1]
+    probabilities = np.array([[0.9, 1e-17, 3e-17], [3e-17, 0.8, 1e-17], [1e-17, 3e-17, 0.7]])
+    assert exact_plan(probabilities).labels.tolist() == [0, 1, 2] == exact_assign(probabilities).labels.tolist()
+    filled = rng.random((6, 6))
+    filled[np.arange(6), (np.arange(6) + 1) % 6] = -1e30
+    masked = np.where(filled == -1e30, -np.inf, filled)
+    assert exact_assign(filled).labels.tolist() == exact_assign(masked).labels.tolist()
