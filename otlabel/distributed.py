@@ -48,6 +48,8 @@ from .features import bound_error, check_bias, check_finite_rows, dense_scores, 
 from .host_sources import FeatureSource, check_memory_budget
 from .inputs import open_host_array
 from .problem import (
+    TRANSPOSE_FIX,
+    TRANSPOSE_PATH_FIX,
     Problem,
     as_tensor,
     check_columns,
@@ -60,6 +62,7 @@ from .problem import (
     max_score_span,
     reference_arithmetic,
     refuse_bool_weights,
+    transposed_hint,
     weight_rounding,
     weight_sum_tolerance,
     weighted_clusters,
@@ -340,8 +343,9 @@ def sinkhorn_assign_sharded(
     labels for tie-free scores). Per iteration the ranks exchange ``W·H·K`` floats; nothing of size N moves.
 
     Args:
-        scores: this rank's ``(N_r, K)`` or ``(H, N_r, K)`` scores (torch tensor on any device, or a NumPy
-            array): CPU tensors with Gloo, CUDA tensors with NCCL.
+        scores: this rank's ``(N_r, K)`` or ``(H, N_r, K)`` scores (torch tensor on any device, a NumPy array, or
+            a ``.npy`` path, memory-mapped as ``np.load(path, mmap_mode='r')``, as features paths are taken): CPU
+            data with Gloo, CUDA tensors with NCCL.
         features, prototypes, bias: instead of ``scores``, this rank's features ``Z_r`` (N_r, D) and the
             prototypes ``C`` (K, D) or (H, K, D) (the same on every rank: checked) with an optional per-cluster
             ``bias``; the scores ``Z_r C^T + bias`` are never stored (features mode, :mod:`otlabel.features`).
@@ -414,8 +418,9 @@ def sinkhorn_assign_sharded(
         shard = open_shard(scores, features, prototypes, bias, cluster_weights, backend, comm,
                            allow_tf32=allow_tf32, memory_budget=memory_budget, epsilon=epsilon)  # fmt: skip
         c_local, sum_tolerance = None, (0.0, 0.0)
-        if sample_weights is not None:
-            c_local, sum_tolerance = check_local_weights(sample_weights, shard.n, shard.device)
+        if sample_weights is not None:  # a length that is K: this rank's scores given (K, N)? (features cannot be)
+            as_read = getattr(shard, "scores_shape", None), getattr(shard, "transpose_fix", None)
+            c_local, sum_tolerance = check_local_weights(sample_weights, shard.n, shard.device, *as_read)
         check_init(init, shard.h, shard.r, torch.float64, epsilon=epsilon)  # checked only: the operator comes later
         meta = [shard.h, shard.n, shard.k, shard.dtype_code, float(shard.batched), epsilon]  # columns 0-5
         meta += [-1.0 if tol is None else tol]  # 6
@@ -610,15 +615,19 @@ class DenseShard:
     mode = 0
 
     def __init__(self, scores, cluster_weights, backend: str, rank: int, epsilon: float | None = None,
-                 from_features: bool = False):  # fmt: skip
+                 from_features: bool = False, transpose_fix: str = TRANSPOSE_FIX):  # fmt: skip
         """``from_features``: the scores are features @ prototypes.T (+ bias) (``backend="reference"``), and a span
-        error says its fixes for those."""
+        error says its fixes for those. ``transpose_fix``: how to pass the scores transposed (for a path, a view of
+        the file), said where the weights' length is the scores' other dimension."""
         self.scores, self.batched = check_scores(scores)
         self.fingerprint = torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)  # scores: nothing more to agree on
         self.h, self.n, self.k = self.scores.shape
         self.device, self.dtype_code, self.backend = self.scores.device, DTYPE_CODES[self.scores.dtype], backend
+        # features @ prototypes.T cannot be transposed scores
+        self.scores_shape = None if from_features else (self.n, self.k)
+        self.transpose_fix = transpose_fix
         self.r = check_weights(cluster_weights, self.k, "cluster_weights", "number of clusters K (last dimension)",
-                               self.device, scores_shape=(self.n, self.k))  # fmt: skip
+                               self.device, self.scores_shape, transpose_fix)  # fmt: skip
         # as sinkhorn_assign's validate(arithmetic=) judges the span: not refused by float32's limit on the reference
         arithmetic = reference_arithmetic(backend) or compute_dtype_of(self.scores)
         masked_rows = check_rows(self.scores, weighted_clusters(self.r), where=f" of rank {rank}'s shard",
@@ -741,6 +750,10 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
     materialise ``Z C^T`` in float64: small problems, for checking)."""
     if (scores is None) == (features is None):
         raise ValueError("give either scores, or features= with prototypes= (not both, not neither).")
+    fix = TRANSPOSE_FIX  # for weights whose length is the scores' other dimension
+    if isinstance(scores, (str, os.PathLike)):  # this rank's .npy, as a features path is taken: memory-mapped, and
+        scores = open_host_array(scores, "scores", copied_anyway=True)  # read in place (a big-endian file is copied)
+        fix = TRANSPOSE_PATH_FIX
     if comm.active:  # alone, the single-process words say it
         refuse_empty_shard(*((scores, "scores") if features is None else (features, "features")), comm.name)
     if memory_budget is not None:  # checked whatever the input: only streamed features use it
@@ -748,7 +761,7 @@ def open_shard(scores, features, prototypes, bias, cluster_weights, backend, com
     if features is None:
         if prototypes is not None or bias is not None:
             raise ValueError("prototypes= and bias= go with features=, not with scores.")
-        return DenseShard(scores, cluster_weights, backend, comm.name, epsilon)
+        return DenseShard(scores, cluster_weights, backend, comm.name, epsilon, transpose_fix=fix)
     if prototypes is None:
         raise ValueError("features= needs prototypes=: the (K, D) cluster centres (or (H, K, D) for H heads).")
     check_backend_name(backend)
@@ -785,14 +798,19 @@ def refuse_empty_shard(data, name: str, rank) -> None:
     )
 
 
-def check_local_weights(weights, n: int, device) -> tuple[torch.Tensor, tuple[float, float]]:
+def check_local_weights(weights, n: int, device, scores_shape=None,
+                        transpose_fix=None) -> tuple[torch.Tensor, tuple[float, float]]:  # fmt: skip
     """This rank's slice of the global sample weights: (N_r,), finite, non-negative, as float64 — with this rank's
-    parts of the tolerance on their global sum (:func:`~otlabel.problem.weight_sum_tolerance`), checked globally."""
+    parts of the tolerance on their global sum (:func:`~otlabel.problem.weight_sum_tolerance`), checked globally.
+    ``scores_shape``: this rank's scores' (N_r, K) (None for features), for the hint :func:`sinkhorn_assign` gives
+    when the length is K, with ``transpose_fix``."""
     from_numpy = isinstance(weights, np.ndarray)
     w = as_tensor(weights, "sample_weights")
     refuse_bool_weights(w, "sample_weights", from_numpy)
     if w.shape != (n,):
-        raise ValueError(f"sample_weights must have shape ({n},), this rank's number of samples, got {tuple(w.shape)}.")
+        hint = transposed_hint(w.shape[0], n, scores_shape, transpose_fix or TRANSPOSE_FIX) if w.ndim == 1 else ""
+        raise ValueError(f"sample_weights must have shape ({n},), this rank's number of samples, got "
+                         f"{tuple(w.shape)}.{hint}")  # fmt: skip
     dtype = w.dtype
     w = w.to(device=device, dtype=torch.float64)
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):

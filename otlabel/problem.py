@@ -39,6 +39,9 @@ WEIGHT_SUM_RTOL = 1e-4
 MAX_SCORE_SPAN = 1e11
 MAX_SCORE_SPAN_FP32 = 3e3
 TRANSPOSE_FIX = "pass scores.swapaxes(-1, -2) (a view, for torch tensors and NumPy arrays alike)"
+TRANSPOSE_PATH_FIX = (
+    'pass np.load(path, mmap_mode="r").swapaxes(-1, -2) instead of the path (a view: nothing is copied)'
+)
 
 
 def max_score_span(compute_dtype: torch.dtype) -> float:

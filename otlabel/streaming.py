@@ -54,6 +54,7 @@ from .host_sources import (
 from .outputs import AtomicNpy, OutputError, commit_all, refuse_overwriting_inputs
 from .problem import (
     TRANSPOSE_FIX,
+    TRANSPOSE_PATH_FIX,
     check_columns,
     check_epsilon,
     check_rows,
@@ -549,9 +550,7 @@ def sinkhorn_assign_stream(
                   "cluster_weights": cluster_weights, "sample_weights": sample_weights, "init": init}  # fmt: skip
         refuse_overwriting_inputs({"labels_out": labels_out, "codes_out": codes_out}, inputs)
         as_read = (n, k) if scores is not None else None  # a wrong length that is the other one: transposed?
-        fix = TRANSPOSE_FIX
-        if isinstance(scores, (str, os.PathLike)):
-            fix = 'pass np.load(path, mmap_mode="r").swapaxes(-1, -2) instead of the path (a view: nothing is copied)'
+        fix = TRANSPOSE_PATH_FIX if isinstance(scores, (str, os.PathLike)) else TRANSPOSE_FIX
         r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", device, as_read, fix)
         c = check_weights(sample_weights, n, "sample_weights", "number of samples N", device, as_read, fix)
         # A weighted cluster closed by a -inf bias: said of the bias, as the kernel paths say it (the rows' checks

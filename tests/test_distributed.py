@@ -1166,3 +1166,47 @@ def test_reference_shard_judges_the_span_in_its_own_float64(dtype):
     assert_close(res.codes, single.codes, atol=1e-9, what="codes of the sharded reference")
     with pytest.raises(ValueError, match="float32 arithmetic cannot resolve"):
         sinkhorn_assign_sharded(s, 2e-4, backend="torch")
+
+
+def _scores_path_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Each rank's scores as a .npy path, as features are taken (both were refused: "scores must be a torch.Tensor
+    ... sinkhorn_assign_stream(path) reads it in chunks", a single-process entry point), and sample weights sized
+    for a rank's scores transposed, said to be so on that rank as in sinkhorn_assign (it was told only the shape)."""
+    with gloo_worker(rank, world, init_file, out_dir):
+        scores = random_problem(N, K, seed=61)
+        lo, hi = shard_bounds(N, world)[rank]
+        path = os.path.join(out_dir, f"scores-rank{rank}.npy")
+        np.save(path, scores[lo:hi].numpy())
+        in_memory = sinkhorn_assign_sharded(scores[lo:hi], EPS, timeout=30)
+        on_disk = sinkhorn_assign_sharded(path, EPS, timeout=30)
+        assert torch.equal(on_disk.labels, in_memory.labels) and on_disk.n_iter == in_memory.n_iter
+        assert torch.equal(on_disk.cluster_potentials, in_memory.cluster_potentials)
+        transposed = scores[lo:hi].T.contiguous() if rank == 1 else scores[lo:hi]  # rank 1 saved its (K, N_r)
+        weights = torch.full((hi - lo,), 1.0 / N, dtype=torch.float64)  # (N_r,) as rank 1 meant it
+        said = (rf"sample_weights must have shape \({K},\), this rank's number of samples, got \({hi - lo},\)\. "
+                rf"{hi - lo} is the scores' number of clusters K: are the scores transposed\? .* pass scores.swapaxes"
+                if rank == 1 else r"rank\(s\) \[1\] rejected their input")  # fmt: skip
+        with pytest.raises(ValueError, match=said):
+            sinkhorn_assign_sharded(transposed, EPS, sample_weights=weights, timeout=30)
+
+
+def test_sharded_scores_from_a_path_and_the_transposed_hint(tmp_path):
+    spawn_workers(_scores_path_worker, tmp_path, world=2)
+
+
+def test_sharded_takes_the_entry_points_words_for_paths_and_transposed_weights(tmp_path):
+    """Alone (no group), the same: a scores path solves as the array, weights sized for the other dimension of a
+    path's scores are told to pass the file's transposed view (as sinkhorn_assign_stream says it), and a features
+    shard (which cannot be transposed scores) gets no such hint."""
+    scores = random_problem(40, 3, seed=62)
+    np.save(tmp_path / "s.npy", scores.numpy())
+    np.save(tmp_path / "t.npy", scores.T.contiguous().numpy())
+    want = sinkhorn_assign_sharded(scores, EPS)
+    got = sinkhorn_assign_sharded(str(tmp_path / "s.npy"), EPS)
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.cluster_potentials, want.cluster_potentials)
+    for kw, length in ((dict(sample_weights=np.full(40, 1 / 40)), 40), (dict(cluster_weights=np.full(3, 1 / 3)), 3)):
+        with pytest.raises(ValueError, match=rf"{length} is the scores' number of .* transposed\? .* pass np\.load"
+                           r"\(path, mmap_mode=\"r\"\)\.swapaxes\(-1, -2\) instead of the path"):  # fmt: skip
+            sinkhorn_assign_sharded(tmp_path / "t.npy", EPS, **kw)
+    with pytest.raises(ValueError, match=r"got \(3,\)\.$"):  # features: no hint
+        sinkhorn_assign_sharded(features=torch.randn(40, 3), prototypes=torch.randn(3, 3), sample_weights=np.ones(3))
