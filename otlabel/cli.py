@@ -396,6 +396,8 @@ def open_inputs(args):
     from .host_sources import FeatureSource, HostSource
     from .inputs import open_host_array
 
+    for name, path in (("scores", args.scores), ("features", args.features), ("prototypes", args.prototypes)):
+        refuse_records(path, name)
     if args.scores is not None:
         data = open_host_array(args.scores, "scores")
         shape_source = HostSource(data, device="cpu", rows_per_chunk=1)
@@ -405,6 +407,15 @@ def open_inputs(args):
     check_feature_shapes(data.shape, protos.shape, files=True)  # a transposed file is saved anew, not passed as .T
     shape_source = FeatureSource(data, protos, device="cpu", rows_per_chunk=1)
     return shape_source, f"features {tuple(data.shape)} x prototypes {tuple(protos.shape)}"
+
+
+def refuse_records(path: str | None, name: str) -> None:
+    """A ``.npy`` of records given as ``name``: refused with a command that saves the field holding the values as a
+    file of its own (the library's advice for a path is Python). Only the header is read."""
+    from .problem import structured_error
+
+    if path is not None and (x := load_small(path, name)).dtype.names:
+        raise InputError(str(structured_error(x, name, from_path=True, shell=True)))
 
 
 def read_weights(args, flag: str, shape: tuple):
@@ -421,7 +432,7 @@ def read_weights(args, flag: str, shape: tuple):
     size, other = (k, "number of clusters K") if flag == "--cluster-weights" else (n, "number of samples N")
     weights = load_small(path, flag.removeprefix("--").replace("-", " "))
     if weights.dtype.names:  # records: a field is saved as a file of its own (no view can be given here)
-        raise InputError(str(structured_error(weights, flag, from_path=True)))
+        raise InputError(str(structured_error(weights, flag, from_path=True, shell=True)))
     refuse_extended_precision(weights, f"{flag} file {path!r}", path)
     scores_shape, fix = None, ""  # a length that is the other dimension's: SCORES.npy saved as (K, N)?
     if args.scores is not None:  # (features cannot be transposed scores)
@@ -456,7 +467,7 @@ def read_init(args, h: int, k: int, cluster_weights) -> np.ndarray | None:
     named = f"--init file {args.init!r}"
     start_cold = "start this run cold (leave out --init) and keep its --potentials-out for the next one"
     if init.dtype.names:
-        raise InputError(str(structured_error(init, "--init", from_path=True)))
+        raise InputError(str(structured_error(init, "--init", from_path=True, shell=True)))
     if init.dtype.kind != "f":
         raise InputError(f"{named} holds {init.dtype} values, not cluster potentials (floating point): give the file "
                          f"an earlier run wrote with --potentials-out, or {start_cold}.")  # fmt: skip

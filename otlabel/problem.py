@@ -274,16 +274,22 @@ def raw_bfloat16_error(x: np.ndarray, name: str, convert: str) -> TypeError:
                      f"float32 values. {convert}")  # fmt: skip
 
 
-def structured_error(x: np.ndarray, name: str, from_path: bool = False) -> TypeError:
+def structured_error(x: np.ndarray, name: str, from_path: bool = False, shell: bool = False) -> TypeError:
     """The error for a NumPy array of records (a structured dtype, e.g. ``[('id', '<i8'), ('score', '<f4')]``): its
     2-byte ones are no bfloat16 raw values, and ``x.astype(np.float32)`` fails on any. The fix picks a field: the
     first floating-point one, else the first of numbers, looked for inside nested records too (``x['a']['b']``).
-    ``from_path``: ``x`` was given as a ``.npy`` path (a command line's too), where no view can be passed: the field
-    is saved as a file of its own."""
+    ``from_path``: ``x`` was given as a ``.npy`` path, where no view can be passed: the field is saved as a file of its
+    own. ``shell``: the path was named on a command line (``x`` its memmap), where a Python expression is no answer:
+    the message gives a command that saves the field beside the file (:func:`field_command`)."""
     path = _value_field(x.dtype, "f") or _value_field(x.dtype, "biu") or [x.dtype.names[0]]
     index = "".join(f"[{part!r}]" for part in path)
     what = (f"{name} is a NumPy array of records (structured dtype {x.dtype}, fields "
             f"{', '.join(map(repr, x.dtype.names))}), not of numbers: ")  # fmt: skip
+    if shell:
+        new, command = field_command(x.filename, path, floating=_value_field(x.dtype, "f") is not None,
+                                     dtype="float64" if name.startswith("--") else "float32")  # fmt: skip
+        return TypeError(f"{what}save the field that holds the values, {' / '.join(map(repr, path))}, as a .npy file "
+                         f"of its own, and give that file ({new}) in its place. In a shell: {command}")  # fmt: skip
     if from_path:  # np.save writes a view of a memmap in buffered blocks: the file is not read whole
         field = f"np.load(path, mmap_mode='r'){index}"
         return TypeError(f"{what}save the field that holds the values as a .npy file of its own, np.save('new.npy', "
@@ -292,6 +298,25 @@ def structured_error(x: np.ndarray, name: str, from_path: bool = False) -> TypeE
     field = f"x{index}"
     return TypeError(f"{what}pass the field that holds the values, {field} (a view; {field}.astype(np.float32) if it "
                      "holds other numbers).")  # fmt: skip
+
+
+def field_command(path: str, field: list[str], floating: bool, dtype: str) -> tuple[str, str]:
+    """A shell command that saves the field ``field`` (the names leading to it) of the records ``.npy`` at ``path``
+    as a file of its own beside it, ``<name>_<field>.npy`` (a name not taken yet), memory-mapped (NumPy writes a view
+    a block at a time); converted to ``dtype`` where the field is not ``floating``. Returns the new file and the
+    command: this Python's interpreter (which has NumPy) with a ``-c`` program, quoted for a POSIX shell."""
+    import json
+    import shlex
+    import sys
+
+    stem, n = os.path.splitext(path)[0] + "_" + "_".join(field), 0
+    while os.path.exists(new := f"{stem}{f'_{n}' if n else ''}.npy"):
+        n += 1
+    # JSON strings are Python string literals too, in double quotes: the program then needs no quotes of the shell's
+    value = f"np.load({json.dumps(path)}, mmap_mode={json.dumps('r')})" + "".join(f"[{json.dumps(f)}]" for f in field)
+    value += "" if floating else f".astype({json.dumps(dtype)})"
+    program = f"import numpy as np; np.save({json.dumps(new)}, {value})"
+    return new, f"{shlex.quote(sys.executable)} -c {shlex.quote(program)}"
 
 
 def _value_field(dtype: np.dtype, kinds: str) -> list[str] | None:

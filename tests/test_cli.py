@@ -218,34 +218,46 @@ def test_input_errors(make, extra, code, message, tmp_path, capsys):
     assert not (tmp_path / "y.npy").exists() and not glob.glob(str(tmp_path / ".y.npy.*")), os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("flag", ["SCORES.npy", "--features", "--cluster-weights"])
-def test_records_files_are_told_to_save_the_field_and_that_file_solves(flag, scores_file, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["SCORES.npy", "--features", "--prototypes", "--cluster-weights", "--init"])
+@pytest.mark.parametrize("value_dtype", ["float", "int"])
+def test_records_files_are_told_a_command_that_saves_the_field_and_that_file_solves(flag, value_dtype, scores_file,
+                                                                                    tmp_path, capsys):  # fmt: skip
     """A .npy of records ([('id', '<i8'), ('v', '<f4')]) was told to "pass the field that holds the values, x['id']"
     (the scores and features), and the cluster weights x['id'] too: neither a view nor x can be given on a command
-    line, and x['id'] holds the ids. Told to save the field holding the values as a file of its own, np.save(...), it
-    solves as those values do."""
+    line, and x['id'] holds the ids. Then to run Python, np.save('new.npy', np.load(path, mmap_mode='r')['v']), with
+    `path` for a placeholder. Now a command a shell runs as printed: it saves the field beside the file (converted
+    where it holds integers), and the run given that file solves as the values do."""
     scores = random_problem(N, K, seed=3).numpy()
     weights, prototypes = np.linspace(1, 2, K) / np.linspace(1, 2, K).sum(), np.eye(K, dtype=np.float32)
-    values = {"SCORES.npy": scores, "--features": scores, "--cluster-weights": weights}[flag]
-    records = np.zeros(values.shape, [("id", "<i8"), ("v", values.dtype)])
+    values = {"SCORES.npy": scores, "--features": scores, "--prototypes": prototypes, "--cluster-weights": weights,
+              "--init": np.linspace(-1, 1, K)}[flag]  # fmt: skip
+    if value_dtype == "int":  # (integer potentials, weights and scores are all refused or converted alike)
+        values = np.round(values * 10) if flag != "--cluster-weights" else np.eye(K)[0]  # weights summing to 1
+    fields = [("id", "<i8"), ("v", values.dtype)] if value_dtype == "float" else [("v", "<i4"), ("id", "<i8")]
+    records = np.zeros(values.shape, fields)  # (with no floating field, the first of numbers is taken)
     records["id"], records["v"] = np.arange(len(values)).reshape(-1, *[1] * (values.ndim - 1)), values
     np.save(tmp_path / "rec.npy", records)
     np.save(tmp_path / "p.npy", prototypes)
-    given = {flag: str(tmp_path / "rec.npy")}
-    args = [given.get("SCORES.npy", str(scores_file))] if flag != "--features" else []
-    args += ["--features", given[flag], "--prototypes", str(tmp_path / "p.npy")] if flag == "--features" else []
-    args += ["--cluster-weights", given[flag]] if flag == "--cluster-weights" else []
+    rec = str(tmp_path / "rec.npy")
+    data = flag in ("SCORES.npy", "--features", "--prototypes")  # converted to float32 (the others: float64)
+    args = [rec if flag == "SCORES.npy" else str(scores_file)] if flag not in ("--features", "--prototypes") else []
+    if flag in ("--features", "--prototypes"):
+        args += ["--features", rec if flag == "--features" else str(scores_file)]
+        args += ["--prototypes", rec if flag == "--prototypes" else str(tmp_path / "p.npy")]
+    args += [flag, rec] if flag in ("--cluster-weights", "--init") else []
     args += ["--epsilon", "0.5", "--out", str(tmp_path / "y.npy"), "-q"]
     assert main(["assign", *args]) == EXIT_INPUT
     err = capsys.readouterr().err
-    advised = re.search(r"as a \.npy file of its own, (np\.save\(.*?\)), and give that file", err)
-    assert advised and "x[" not in err, err
-    exec(advised[1].replace("'new.npy'", "new"), {"np": np, "path": given[flag], "new": str(tmp_path / "new.npy")})
-    args = [str(tmp_path / "new.npy") if a == given[flag] else a for a in args]
+    advised = re.search(r"give that file \((.*?)\) in its place\. In a shell: (.*)$", err.strip())
+    assert advised and "x[" not in err and "path" not in advised[2], err
+    assert advised[1] == str(tmp_path / "rec_v.npy")
+    subprocess.run(advised[2], shell=True, check=True, cwd="/")  # as printed, from anywhere
+    args = [advised[1] if a == rec else a for a in args]
     assert main(["assign", *args]) == EXIT_OK, capsys.readouterr().err
     given = np.load(tmp_path / "y.npy")
-    np.save(tmp_path / "new.npy", values)  # the same command on the values saved plainly
-    assert main(["assign", *args]) == EXIT_OK, capsys.readouterr().err
+    assert np.load(advised[1]).dtype == (values.dtype if value_dtype == "float" else "<f4" if data else "<f8")
+    np.save(advised[1], values.astype(np.load(advised[1]).dtype))
+    assert main(["assign", *args]) == EXIT_OK, capsys.readouterr().err  # the same command on the values saved plainly
     assert np.array_equal(given, np.load(tmp_path / "y.npy"))
 
 
