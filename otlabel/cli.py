@@ -456,41 +456,31 @@ def refuse_extended_precision(x: np.ndarray, named: str, path: str) -> None:
 
 def read_init(args, h: int, k: int, cluster_weights) -> np.ndarray | None:
     """--init: cluster potentials as --potentials-out writes them, checked by the rules of the library's ``init=``
-    (a real floating dtype; shape (K,) or (H, K); finite for every cluster of positive weight, -inf allowed where the
-    weight is 0) and named as a file with what to do; read into memory (K numbers), so that --potentials-out may
-    name the same file. ``None`` when not given."""
+    (:func:`~otlabel.solver.check_potentials`: a real floating dtype; shape (K,) or (H, K); finite for every cluster of
+    positive weight, -inf allowed where the weight is 0), named as a file with what to do; read into memory (K
+    numbers), so that --potentials-out may name the same file. ``None`` when not given."""
+    import torch
+
     from .problem import structured_error
+    from .solver import check_potentials
 
     if args.init is None:
         return None
     init = load_small(args.init, "--init potentials")
     named = f"--init file {args.init!r}"
-    start_cold = "start this run cold (leave out --init) and keep its --potentials-out for the next one"
     if init.dtype.names:
         raise InputError(str(structured_error(init, "--init", from_path=True, shell=True)))
-    if init.dtype.kind != "f":
-        raise InputError(f"{named} holds {init.dtype} values, not cluster potentials (floating point): give the file "
-                         f"an earlier run wrote with --potentials-out, or {start_cold}.")  # fmt: skip
     refuse_extended_precision(init, named, args.init)
-    shapes = [(k,)] + ([(h, k)] if h > 1 else [(1, k)])
-    if init.shape not in shapes:
-        heads = f"{h} heads of " if h > 1 else ""
-        raise InputError(f"{named} has shape {init.shape}, but this problem has {heads}K = {k} clusters, whose "
-                         f"potentials are {' or '.join(map(str, shapes))}: it was written for other clusters (or "
-                         f"heads). Give the --potentials-out file of a run on these clusters, or "
-                         f"{start_cold}.")  # fmt: skip
-    init = np.array(init, dtype=init.dtype.newbyteorder("="))  # read, in native byte order
-    weighted = np.ones(k, bool) if cluster_weights is None else np.asarray(cluster_weights) > 0
-    bad = ~np.isfinite(np.broadcast_to(init, (h, k))) & weighted  # (H, K)
-    if bad.any():
-        head, cluster = np.argwhere(bad)[0]
-        where = f"cluster {cluster}" + (f", head {head}" if h > 1 else "")
-        value = np.broadcast_to(init, (h, k))[head, cluster]
-        raise InputError(f"{named} holds {value} for {where}, whose weight is positive: "
-                         "potentials must be finite there (a run with weight 0 for a cluster writes -inf for it; "
-                         f"--init needs the same --cluster-weights). Give potentials of a run with these weights, or "
-                         f"{start_cold}.")  # fmt: skip
-    return init
+    init = np.array(init)  # read whole (K numbers): --potentials-out may replace the file
+    empty = torch.zeros(k, dtype=torch.bool) if cluster_weights is None else torch.from_numpy(cluster_weights == 0)
+    words = dict(named=named, give="the --potentials-out file of a run", same_weights="--init needs the same "
+                 "--cluster-weights", cold="start this run cold (leave out --init) and keep its --potentials-out for "
+                 "the next one")  # fmt: skip
+    try:
+        check_potentials(init, h, empty, **words)
+    except (TypeError, ValueError) as err:
+        raise InputError(str(err)) from None
+    return np.array(init, dtype=init.dtype.newbyteorder("="))  # in native byte order
 
 
 def cmd_assign(args) -> int:

@@ -396,6 +396,42 @@ def potentials_finite(b, empty) -> torch.Tensor:
     return (masked(b, empty, 0.0).abs() < math.inf).all()
 
 
+# How init= is named in check_potentials' messages, what to give instead and how to start without it (the command line
+# has words of its own: otlabel.cli.read_init)
+INIT_WORDS = dict(named="init", give="a previous result (or its cluster_potentials)", cold="start cold with init=None",
+                  same_weights="init needs the same cluster_weights")  # fmt: skip
+
+
+def check_potentials(init: torch.Tensor | np.ndarray, n_heads: int, empty: torch.Tensor, *, named: str, give: str,
+                     cold: str, same_weights: str) -> torch.Tensor:  # fmt: skip
+    """The rules of a warm start's potentials, for ``init=`` and the command line's ``--init`` alike (a tensor, or
+    the NumPy array read from the file), each in its own words: real floating point; shape (K,) or (H, K); finite for
+    every cluster of positive weight (``empty``: (K,) bool, the clusters of weight 0, which may hold -inf). Returns
+    them as float64 (H, K) on ``empty``'s device. ``named`` names them, ``give`` says what to give instead, ``cold``
+    how to start without them, ``same_weights`` that the weights must be those of the solve that made them."""
+    floating = init.dtype.is_floating_point if isinstance(init, torch.Tensor) else init.dtype.kind == "f"
+    if not floating:
+        raise TypeError(f"{named} holds {str(init.dtype).removeprefix('torch.')} values, not cluster potentials (real "
+                        f"floating point): give {give}, or {cold}.")  # fmt: skip
+    h, k = n_heads, empty.shape[0]
+    if tuple(init.shape) not in ((k,), (h, k)):
+        heads = f"{h} heads of " if h > 1 else ""
+        raise ValueError(f"{named} must have shape ({k},) or ({h}, {k}), one potential per cluster, got "
+                         f"{tuple(init.shape)}: it was written for other clusters (or heads) than this problem's "
+                         f"{heads}K = {k}. Give {give} on these clusters, or {cold}.")  # fmt: skip
+    if isinstance(init, np.ndarray):
+        init = torch.from_numpy(np.array(init, dtype=init.dtype.newbyteorder("=")))  # a copy, in native byte order
+    init = init.detach().to(device=empty.device, dtype=torch.float64).expand(h, k)
+    if not bool(potentials_finite(init, empty)):  # zero-weight clusters get -inf whatever they held
+        head, cluster = (int(i) for i in torch.nonzero(~torch.isfinite(init) & ~empty)[0])
+        value = float(init[head, cluster])
+        where = f"cluster {cluster}" + (f", head {head}" if h > 1 else "")
+        raise ValueError(f"{named} holds {'NaN' if math.isnan(value) else value} for {where}, whose weight is "
+                         f"positive: potentials must be finite there (a solve with weight 0 for a cluster gives -inf "
+                         f"for it; {same_weights}). Give {give} with these weights, or {cold}.")  # fmt: skip
+    return init
+
+
 def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithmetic=None, *,
                epsilon: float) -> torch.Tensor | None:  # fmt: skip
     """A warm start: a previous result or its ``cluster_potentials``, shaped (K,) or (H, K); returned (H, K) in
@@ -413,24 +449,11 @@ def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithme
         init = as_tensor(init, "init")  # a path: 'load it first: np.load(path)' (a str was only "got str")
     elif isinstance(init, torch.Tensor):  # sparse, meta or nested: torch's own errors came from the copy below
         init = dense_tensor(init, "init")
-    if not isinstance(init, torch.Tensor) or not init.dtype.is_floating_point:
-        what = type(init).__name__ if not isinstance(init, torch.Tensor) else f"a {init.dtype} tensor"
+    if not isinstance(init, torch.Tensor):
         raise TypeError(f"init must be a SinkhornResult or real floating-point potentials (a tensor or NumPy array), "
-                        f"got {what}.")  # fmt: skip
-    h, k = n_heads, cluster_weights.shape[0]
-    if init.shape not in ((k,), (h, k)):
-        raise ValueError(
-            f"init must have shape ({k},) or ({h}, {k}) — one potential per cluster — got {tuple(init.shape)}. "
-            "Pass the cluster_potentials of a previous call on a problem with the same clusters."
-        )
-    init = init.detach().to(device=cluster_weights.device, dtype=torch.float64).expand(h, k)
+                        f"got {type(init).__name__}.")  # fmt: skip
     empty = cluster_weights == 0
-    if not bool(potentials_finite(init, empty)):  # zero-weight clusters get -inf whatever they held
-        raise ValueError(
-            "init contains NaN or infinite potentials for clusters with positive weight (a result solved with weight 0 "
-            "for a cluster holds -inf there). Give those clusters finite potentials, e.g. the smallest finite one, or "
-            "start cold with init=None."
-        )
+    init = check_potentials(init, n_heads, empty, **INIT_WORDS)  # (H, K) float64
     # Only differences between potentials matter (the sample step absorbs a constant). A start spread wider than
     # 1 / (the arithmetic's machine epsilon) is pulled in to that below its largest potential: there one ulp is a
     # nat, so no solution's potentials can be resolved that far apart, and a wider start made the first pass overflow

@@ -1151,21 +1151,22 @@ def test_potentials_of_heads_and_clusters_of_weight_zero(tmp_path, capsys):
     [
         (
             lambda p: np.save(p, np.zeros(K + 1)),
-            rf"has shape \({K + 1},\), but this problem has K = {K} clusters, "
-            rf"whose potentials are \({K},\) or \(1, {K}\): it was written for",
+            rf"must have shape \({K},\) or \(1, {K}\), one potential per cluster, got \({K + 1},\): it was "
+            rf"written for other clusters \(or heads\) than this problem's K = {K}\. Give the --potentials-out",
         ),
-        (lambda p: np.save(p, np.zeros((2, K))), r"has shape \(2, 6\).*other clusters \(or heads\)"),
-        (lambda p: np.save(p, np.zeros(K, np.int64)), r"holds int64 values, not cluster potentials \(floating point\)"),
+        (lambda p: np.save(p, np.zeros((2, K))), r"got \(2, 6\).*other clusters \(or heads\)"),
+        (lambda p: np.save(p, np.zeros(K, np.int64)), r"holds int64 values, not cluster potentials \(real floating"),
         (lambda p: np.save(p, np.zeros(K, bool)), r"holds bool values, not cluster potentials"),
-        (lambda p: np.save(p, np.array([0, 1, np.nan, 0, 0, 0])), r"holds nan for cluster 2, whose weight is positive"),
+        (lambda p: np.save(p, np.array([0, 1, np.nan, 0, 0, 0])), r"holds NaN for cluster 2, whose weight is positive"),
         (lambda p: np.save(p, np.array([0, 1, 0, np.inf, 0, 0])), r"holds inf for cluster 3, whose weight is positive"),
         (lambda p: np.save(p, np.zeros(K, [("b", "<f8")])), r"--init is a NumPy array of records"),
         (lambda p: p.write_text("b"), r"--init potentials file .* is not a readable \.npy array"),
     ],
 )
 def test_init_file_errors(make, message, scores_file, tmp_path, capsys):
-    """--init is checked as the library checks init= (the same arrays are refused there), in a file's words: which
-    file, what is wrong, and what to do (a run on these clusters, or leave out --init)."""
+    """--init is checked by the library's rules for init= (one function: read_init restated them), in a file's words:
+    which file, what is wrong (the same words as init= for the same array), and what to do (a run on these clusters,
+    or leave out --init)."""
     from otlabel import sinkhorn_assign_stream
 
     path = tmp_path / "b.npy"
@@ -1176,8 +1177,10 @@ def test_init_file_errors(make, message, scores_file, tmp_path, capsys):
     assert err.startswith("otlabel: error:") and re.search(message, err), err
     if "records" not in message and "readable" not in message:
         assert err.startswith(f"otlabel: error: --init file {str(path)!r}") and "--init" in err.split(":", 3)[3], err
-        with pytest.raises((ValueError, TypeError), match="init"):
+        with pytest.raises((ValueError, TypeError), match="init") as api:
             sinkhorn_assign_stream(str(scores_file), 0.05, init=np.load(path), device="cpu")
+        what = err.removeprefix(f"otlabel: error: --init file {str(path)!r}").split(":")[0]  # e.g. " holds NaN ..."
+        assert str(api.value).startswith(f"init{what}:"), (str(api.value), err)
     assert sorted(os.listdir(tmp_path)) == ["b.npy"]
     assert main([*args[:2], "--init", str(tmp_path / "none.npy"), *args[4:]]) == EXIT_INPUT
     err = capsys.readouterr().err
