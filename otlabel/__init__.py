@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvergenceWarning",
     "ExactResult",
+    "InputWarning",
     "ScoreSpanError",
     "SinkhornResult",
     "SmallChunksWarning",
@@ -31,6 +32,7 @@ __all__ = [
 _HOME = {  # public name -> the module that defines it
     "ConvergenceWarning": ".result",
     "ExactResult": ".exact",
+    "InputWarning": ".advice",
     "ScoreSpanError": ".problem",
     "SinkhornResult": ".result",
     "SmallChunksWarning": ".streaming",
@@ -44,6 +46,7 @@ _HOME = {  # public name -> the module that defines it
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
+    from .advice import InputWarning
     from .baselines import sela_sinkhorn, swav_sinkhorn
     from .distributed import sinkhorn_assign_sharded
     from .exact import ExactResult, exact_assign, exact_plan
@@ -53,9 +56,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     from .streaming import SmallChunksWarning, sinkhorn_assign_stream
 
 
-SUBMODULES = ("anderson", "backends", "baselines", "cli", "distributed", "entry", "exact", "feasibility", "features",
-              "graphs", "host_sources", "inputs", "kernels", "outputs", "problem", "result", "sizes", "solver",
-              "sources", "streaming")  # fmt: skip
+SUBMODULES = ("advice", "anderson", "backends", "baselines", "cli", "distributed", "entry", "exact", "feasibility",
+              "features", "graphs", "host_sources", "inputs", "kernels", "outputs", "problem", "result", "sizes",
+              "solver", "sources", "streaming")  # fmt: skip
 
 
 def __getattr__(name: str):

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .advice import ScoreSummary, block_summary, bound_summary, warn_about_scores
 from .backends import check_backend_name, make_operator, resolve_backend
 from .backends.base import ScoreOperator
 from .entry import entry_point, user_stacklevel
@@ -90,12 +91,16 @@ __all__ = ["ShardedOperator", "sinkhorn_assign_sharded"]
 
 DEFAULT_TIMEOUT = 600.0  # seconds per collective: one iteration of the slowest rank must fit
 FINGERPRINT_SIZE = 4  # 48-bit pieces of a SHA-256 of the prototypes and bias (features mode)
-META_SIZE = 17  # numbers each rank sends in the first all-gather, after a failure flag (see AGREEMENT)
+META_SIZE = 26  # numbers each rank sends in the first all-gather, after a failure flag (see AGREEMENT)
 # Columns of that metadata read by name, besides those AGREEMENT compares: the rank's number of samples, the sum of
 # its sample weights, the two parts of its tolerance on their global sum (problem.weight_sum_tolerance), and what
 # rounding its cluster and sample weights to the dtypes they came in may have moved (problem.weight_rounding).
 META_SAMPLES, META_WEIGHT_SUM, META_SUM_RTOL, META_SUM_SUBNORMAL = 1, 10, 13, 14
 META_CLUSTER_ROUNDING, META_SAMPLE_ROUNDING = 15, 16
+# The rank's ScoreSummary (otlabel.advice: what its input checks read of the values), columns 17-25: the smallest and
+# largest score, whether they look like probabilities, whether they are the scores' own (not a bound), whether every
+# sample has one row, and that row's digest (FINGERPRINT_SIZE numbers)
+META_SUMMARY = 17
 GLOO_LACKS_GATHER_INTO_TENSOR = torch.__version__ < (2, 4)  # TorchVersion compares with tuples
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # narrowest first
 DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -429,6 +434,7 @@ def sinkhorn_assign_sharded(
         meta += [0.0 if c_local is None else float(c_local.sum()), float(init is not None), float(shard.mode)]  # 10-12
         meta += list(sum_tolerance)  # 13-14
         meta += [weight_rounding(cluster_weights, shard.k), weight_rounding(sample_weights, shard.n)]  # 15-16
+        meta += summary_columns(shard.summary)  # 17-25
     except Exception as err:  # any failure (also MemoryError, OSError) is shared, or the other ranks wait it out
         failure = err
     try:
@@ -461,6 +467,8 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     table = metas[:, 1:]  # (W, META_SIZE): every rank's metadata, without the failure flags
     check_agreement(table, comm.named(range(comm.world)))
     n_total = int(table[:, META_SAMPLES].sum())
+    # the same on every rank, from the table every rank has: the warnings too (no collective of their own)
+    warn_about_scores(gathered_summary(table, n_total), epsilon, shard.k, shard.r, features=shard.mode == 1)
     weight_sum = float(table[:, META_WEIGHT_SUM].sum())
     if c_local is None:
         c_local = torch.full((shard.n,), 1.0 / n_total, dtype=torch.float64, device=shard.device)
@@ -630,10 +638,15 @@ class DenseShard:
                                self.device, self.scores_shape, transpose_fix)  # fmt: skip
         # as sinkhorn_assign's validate(arithmetic=) judges the span: not refused by float32's limit on the reference
         arithmetic = reference_arithmetic(backend) or compute_dtype_of(self.scores)
+        extremes = []  # the rows' smallest and largest minimum and maximum, read with the checks (otlabel.advice)
         masked_rows = check_rows(self.scores, weighted_clusters(self.r), where=f" of rank {rank}'s shard",
                                  inv_eps=epsilon and 1.0 / epsilon, compute_dtype=arithmetic,
-                                 batched=self.batched, epsilon=epsilon, from_features=from_features)  # fmt: skip
+                                 batched=self.batched, epsilon=epsilon, from_features=from_features,
+                                 extremes=extremes)  # fmt: skip
         self.masked = masked_rows is not None  # a -inf for a weighted cluster: Hall's condition needs this shard
+        min_lo, min_hi, max_lo, max_hi = extremes
+        self.summary = block_summary(self.scores, min_lo, max_hi, min_lo == min_hi and max_lo == max_hi,
+                                     self.scores.dtype)  # fmt: skip
         resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective
 
     def problem(self, epsilon, sample_weights) -> Problem:
@@ -663,10 +676,12 @@ class FeatureShard:
         z = features if isinstance(features, torch.Tensor) else None
         self.kernel = uses_kernel(features, backend)
         self.allow_tf32, self.source, self.memory_budget = allow_tf32, None, memory_budget
+        self.summary = None  # of the scores' values (otlabel.advice): a bound on them, where epsilon is given
         if self.kernel:
-            self.z, self.c3, self.bias, self.r, self.batched = kernel_inputs(
+            self.z, self.c3, self.bias, self.r, self.batched, bound = kernel_inputs(
                 z, prototypes, bias, cluster_weights, epsilon
             )
+            self.summary = bound_summary(bound, self.z.shape[0])
         else:
             device = z.device if z is not None and z.is_cuda else device  # host data: through this rank's device
             self.source = FeatureSource(features, prototypes, bias, device,
@@ -687,10 +702,12 @@ class FeatureShard:
         self.dtype_code = DTYPE_CODES[self.z.dtype]
 
     def check_range(self, largest_z: float, epsilon: float) -> None:
-        """``|S| / eps`` within what the compute precision resolves, by the bound ``|z| |c| + |bias|``."""
+        """``|S| / eps`` within what the compute precision resolves, by the bound ``|z| |c| + |bias|`` (kept as
+        this shard's :class:`~otlabel.advice.ScoreSummary`)."""
         bound = float(score_bound(largest_z, self.source.proto_t.transpose(1, 2), self.bias))  # proto_t: (H, D, K)
         if bound > max_score_span(self.source.dtype) * epsilon:
             raise bound_error(bound, epsilon, self.source.dtype)
+        self.summary = bound_summary(bound, self.z.shape[0])
 
     def operator(self, epsilon, sample_weights) -> ScoreOperator:
         if self.kernel:
@@ -709,6 +726,37 @@ class FeatureShard:
             self.source.stream.close()
 
 
+def summary_columns(summary: ScoreSummary | None) -> list[float]:
+    """A rank's :class:`~otlabel.advice.ScoreSummary` as the metadata's columns ``META_SUMMARY`` on (NaN for the
+    extremes where there is none: then none is judged)."""
+    if summary is None:
+        return [math.nan, math.nan] + [0.0] * (3 + FINGERPRINT_SIZE)
+    row = summary.row  # (read back only where every sample of the shard has it: the rare path, or one sample)
+    digest = [0.0] * FINGERPRINT_SIZE if row is None else sha256_pieces(row.double().cpu().numpy().tobytes())
+    return [summary.lowest, summary.highest, float(summary.probabilities), float(summary.exact),
+            float(row is not None), *digest]  # fmt: skip
+
+
+def gathered_summary(table: torch.Tensor, n_total: int) -> ScoreSummary | None:
+    """The ranks' summaries (columns ``META_SUMMARY`` on of the gathered metadata) as one, the same on every rank;
+    every sample alike only where every rank's are, with one row (their digests equal). None where a rank has none."""
+    columns = table[:, META_SUMMARY:]
+    lowest, highest, probabilities, exact, alike = (columns[:, i] for i in range(5))
+    if bool(torch.isnan(lowest).any()):
+        return None
+    digests = columns[:, 5:]
+    one_row = bool(alike.all()) and bool((digests == digests[:1]).all())
+    row = torch.zeros(0) if one_row else None  # (the row itself is not needed: only whether there is one)
+    return ScoreSummary(float(lowest.min()), float(highest.max()), n_total, bool(probabilities.all()), row,
+                        exact=bool(exact.all()))  # fmt: skip
+
+
+def sha256_pieces(data: bytes) -> list[float]:
+    """``FINGERPRINT_SIZE`` 48-bit pieces of the SHA-256 of ``data``, as floats: they travel exactly in float64."""
+    raw = hashlib.sha256(data).digest()
+    return [float(int.from_bytes(raw[6 * i : 6 * i + 6], "little")) for i in range(FINGERPRINT_SIZE)]
+
+
 def inputs_fingerprint(prototypes, bias, h: int, k: int) -> torch.Tensor:
     """A digest of the prototypes and bias as the caller passed them (float64 bytes, bias expanded to (H, K)):
     equal on two ranks exactly when their inputs are, whatever their thread counts, devices or backends. Four
@@ -719,9 +767,7 @@ def inputs_fingerprint(prototypes, bias, h: int, k: int) -> torch.Tensor:
     if bias is not None:
         b = open_host_array(bias, "bias", copied_anyway=True).detach().to("cpu", torch.float64)
         digest.update(b.expand(h, k).contiguous().numpy().tobytes())
-    raw = digest.digest()
-    return torch.tensor([float(int.from_bytes(raw[6 * i : 6 * i + 6], "little")) for i in range(FINGERPRINT_SIZE)],
-                        dtype=torch.float64)  # fmt: skip
+    return torch.tensor(sha256_pieces(digest.digest()), dtype=torch.float64)
 
 
 def launched_ranks() -> int:

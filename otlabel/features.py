@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from .advice import bound_summary, warn_about_scores
 from .backends import _triton_usable, check_backend_name
 from .inputs import open_host_array  # what the streamed and reference paths take too, with their errors
 from .kernels.utils import KERNEL_DTYPES
@@ -177,10 +178,10 @@ def not_finite_error(name: str) -> ValueError:
     return ValueError(f"{name} contain NaN or inf; they must be finite vectors.{fix}")
 
 
-def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torch.Tensor, epsilon=None) -> None:
+def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torch.Tensor, epsilon=None) -> float:
     """What the kernel cannot check as it goes: finite inputs, no weighted cluster closed by a -inf bias, and (given
     ``epsilon``) scores within the range the solver resolves — judged by the bound ``|S| <= max |z| max |c| +
-    max |bias|``, since the scores themselves are never formed.
+    max |bias|``, since the scores themselves are never formed. Returns that bound.
 
     The verdicts come back to the host together (one device synchronisation); the bias's own messages are
     produced by :func:`check_bias` on failure only."""
@@ -189,7 +190,8 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
     verdicts.append(bound <= (math.inf if epsilon is None else MAX_SCORE_SPAN_FP32 * epsilon))  # fp32 kernels
     if bias is not None:
         verdicts += [~(torch.isnan(bias) | torch.isposinf(bias) | (torch.isneginf(bias) & (cluster_weights > 0))).any()]
-    features_ok, prototypes_ok, span_ok, *bias_ok = torch.stack(verdicts).tolist()
+    # the bound itself in the same read (for otlabel.advice; NaN from NaN inputs, refused below)
+    features_ok, prototypes_ok, span_ok, *bias_ok, bound = torch.stack([*verdicts, bound]).tolist()
     if not features_ok:
         raise not_finite_error("features")
     if not prototypes_ok:
@@ -197,7 +199,8 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
     if not all(bias_ok):
         check_bias(bias, cluster_weights)
     if not span_ok:
-        raise bound_error(float(bound), epsilon, torch.float32)
+        raise bound_error(bound, epsilon, torch.float32)
+    return bound
 
 
 def check_finite_rows(host: torch.Tensor, name: str, rows_per_check: int = 1 << 16) -> float:
@@ -257,8 +260,11 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 
     epsilon = check_epsilon(epsilon)
     acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation, callback)
-    z, c3, bias_t, r, batched = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
+    z, c3, bias_t, r, batched, bound = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
     h, n = c3.shape[0], z.shape[0]
+    # by the bound (the scores are never formed); the weights are read for a collapse's message only
+    warn_about_scores(bound_summary(bound, n), epsilon, c3.shape[1], None if cluster_weights is None else r,
+                      features=True)  # fmt: skip
     w = check_weights(sample_weights, n, "sample_weights", "number of samples N", z.device)
     operator = TritonFeaturesOperator(z, c3, bias_t, epsilon, w, allow_tf32=allow_tf32)
     b0 = check_init(init, h, r, operator.dtype, epsilon=epsilon)
@@ -269,7 +275,8 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 
 def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=None):
     """Checked inputs of the features kernel: the features (N, D) and prototypes (H, K, D) in one dtype on ``z``'s
-    device, the bias (fp32 or None), the cluster weights (K,) and whether the prototypes carried a head dimension.
+    device, the bias (fp32 or None), the cluster weights (K,), whether the prototypes carried a head dimension, and
+    the bound on ``|S|`` the checks read (:func:`check_features`).
 
     Features and prototypes of different dtypes are both cast to the wider one (float32 where that is float64, the
     kernels' arithmetic), as the torch path computes them: casting the prototypes down to the features' dtype
@@ -289,5 +296,5 @@ def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=No
     h, k = c3.shape[:2]
     if bias_t is not None:
         bias_t = bias_t.expand(h, k).contiguous()
-    check_features(z, c3, bias_t, r, epsilon)
-    return z, c3, bias_t, r, batched
+    bound = check_features(z, c3, bias_t, r, epsilon)
+    return z, c3, bias_t, r, batched, bound

@@ -190,7 +190,9 @@ def captured(problem: Problem, max_iter: int, omega: float) -> tuple[CapturedSol
 
 
 def solve_captured(problem: Problem, max_iter: int, omega: float):
-    """``(LoopOutput, labels (H, N), codes (H, N, K))`` of a fixed-iteration solve, by replaying its capture.
+    """``(LoopOutput, labels (H, N), codes (H, N, K), extremes)`` of a fixed-iteration solve, by replaying its capture;
+    ``extremes``: the :class:`~otlabel.problem.ScoreExtremes` the replay judged, None where the caller checked the
+    scores (a zero cluster weight).
 
     The outputs are copies, taken before the one synchronisation (so it covers them): the next call's replay
     rewrites the captured buffers. That one read brings back the error history, whether the potentials are
@@ -213,7 +215,8 @@ def solve_captured(problem: Problem, max_iter: int, omega: float):
         history = torch.cat(parts).tolist()  # the one synchronisation
     finite, extremes = history[max_iter], history[max_iter + 1 : max_iter + 5]
     masked = entry.extremes is not None and history[-1] == -math.inf  # the smallest score, after the extremes
-    if extremes and not extremes_from_values(extremes).acceptable_for(problem.scores, problem.epsilon):
+    judged = None if not extremes else dataclasses.replace(extremes_from_values(extremes), lowest=history[-1] + 0.0)
+    if judged is not None and not judged.acceptable_for(problem.scores, problem.epsilon):
         forget(key, new)
         check_score_values(problem.scores, problem.cluster_weights, has_zero_weights=False, epsilon=problem.epsilon,
                            batched=problem.batched)  # fmt: skip
@@ -228,7 +231,7 @@ def solve_captured(problem: Problem, max_iter: int, omega: float):
     if not finite:
         raise_infeasible()
     out = LoopOutput(potentials=potentials, n_iter=max_iter, errors=history[:max_iter], converged=False)
-    return out, labels, codes
+    return out, labels, codes, judged
 
 
 def forget(key: tuple, new: bool) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .advice import dense_summary, warn_about_scores
 from .anderson import ANDERSON_MEMORY, AndersonMixer, masked
 from .backends import make_operator
 from .backends.base import ScoreOperator
@@ -29,10 +30,10 @@ from .backends.torch_backend import caller_on_one_thread
 from .entry import entry_point, user_stacklevel
 from .problem import (
     as_tensor,
-    check_score_values,
     compute_dtype_of,
     dense_tensor,
     described,
+    judge_score_values,
     one_number,
     real_as_float,
     reference_arithmetic,
@@ -657,6 +658,8 @@ def sinkhorn_assign(
                        arithmetic=arithmetic)  # fmt: skip
     if cuda_graph:
         return assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_scaling, acceleration)
+    given_weights = None if cluster_weights is None else problem.cluster_weights  # (read only for a collapse)
+    warn_about_scores(problem.summary, problem.epsilon, problem.shape[2], given_weights)
     init = check_init(init, problem.shape[0], problem.cluster_weights, torch.float64, compute_dtype_of(problem.scores),
                       epsilon=problem.epsilon)  # fmt: skip
     if epsilon_scaling is None:
@@ -677,11 +680,16 @@ def assign_from_graph(problem, backend, max_iter, tol, init, callback, epsilon_s
     from . import graphs
 
     graphs.check_capturable(problem, backend, tol, init, callback, epsilon_scaling, acceleration)
+    extremes = None
     if problem.has_zero_weights:  # the capture checks the score values itself only when no weight is 0
-        check_score_values(problem.scores, problem.cluster_weights, has_zero_weights=True, epsilon=problem.epsilon,
-                           batched=problem.batched, sample_weights=problem.sample_weights,
-                           mass_rounding=problem.mass_rounding)  # fmt: skip
-    out, labels, codes = graphs.solve_captured(problem, max_iter, acceleration)
+        _, extremes = judge_score_values(problem.scores, problem.cluster_weights, has_zero_weights=True,
+                                         epsilon=problem.epsilon, batched=problem.batched,
+                                         sample_weights=problem.sample_weights,
+                                         mass_rounding=problem.mass_rounding)  # fmt: skip
+    out, labels, codes, judged = graphs.solve_captured(problem, max_iter, acceleration)
+    # from the extremes read with the history (outside the graph: a rare path's pass and read come after the replay)
+    summary = dense_summary(problem.scores, extremes or judged, problem.has_zero_weights)
+    warn_about_scores(summary, problem.epsilon, problem.shape[2], problem.cluster_weights)
     # The lazy read-outs (objective, plan) need an operator over the caller's scores: built only if one is read.
     operator = DeferredOperator(lambda: make_operator(problem, backend))
     return package_result(operator, out, epsilon=problem.epsilon, batched=problem.batched,

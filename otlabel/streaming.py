@@ -30,6 +30,7 @@ from concurrent.futures import FIRST_EXCEPTION, wait
 import numpy as np
 import torch
 
+from .advice import block_summary, merge_all, warn_about_scores
 from .backends.torch_backend import (
     NEG_INF,
     LogDomainOperator,
@@ -197,6 +198,7 @@ class StreamingOperator(LogDomainOperator):
         self.mass_rounding = mass_rounding  # what rounding the weights as given may have moved (weight_rounding)
         self.labels_out, self.codes_out = labels_out, codes_out
         self.validated = False
+        self.summary = None  # of the scores' values, once validated (otlabel.advice)
         self.stop_from = math.inf  # ranges starting at this row or later stop at their next chunk (map_parallel)
 
     def map_parallel(self, pool, fn) -> list:
@@ -244,7 +246,7 @@ class StreamingOperator(LogDomainOperator):
         col_max = torch.full((self.n_heads, self.n_clusters), NEG_INF, dtype=self.dtype, device=self.device)
         zeros = torch.zeros((self.n_heads, self.n_clusters), dtype=self.dtype, device=self.device)
         buffer = self.work_buffer(lo, hi)
-        partials = []
+        partials, summaries = [], []
         from_features = hasattr(self.source, "shifted")  # -inf only from a bias: whole columns, checked by the maxima
         patterns = None if from_features else [MaskPatterns(self.n_clusters) for _ in range(self.n_heads)]
         for rows in self.chunks(lo, hi):
@@ -254,10 +256,14 @@ class StreamingOperator(LogDomainOperator):
             else:
                 x = self.shifted(rows, zeros, out=buffer(rows))
             # x is S / eps: inv_eps 1, and the solve's epsilon for a message to say the size of S
+            extremes = []  # the rows' smallest and largest minimum and maximum, for otlabel.advice
             masked = check_rows(x, self.weighted, rows.start, inv_eps=1.0, compute_dtype=self.dtype,
                                 batched=self.source.batched, from_features=from_features,
                                 features=getattr(self.source, "features", None), epsilon=self.epsilon,
-                                given_rows=lambda rows=rows: self.source.chunk(rows))  # fmt: skip
+                                given_rows=lambda rows=rows: self.source.chunk(rows), extremes=extremes)  # fmt: skip
+            min_lo, min_hi, max_lo, max_hi = extremes
+            summaries.append(block_summary(x, min_lo, max_hi, min_lo == min_hi and max_lo == max_hi, self.source.dtype,
+                                           scale=self.epsilon))  # fmt: skip
             if patterns is not None:
                 collect_masks(patterns, x, masked, self.sample_mass[rows])  # for Hall's condition, decided at the end
             col_max = torch.maximum(col_max, column_max(x))
@@ -266,15 +272,16 @@ class StreamingOperator(LogDomainOperator):
                 top = x.amax(dim=1, keepdim=True)  # (H, 1, K)
                 top = torch.where(torch.isneginf(top), 0.0, top)  # a column with nothing allowed stays -inf below
                 partials.append(top[:, 0] + exp_(x.sub_(top)).sum(dim=1).log())  # (H, K)
-        return col_max, partials, patterns
+        return col_max, partials, patterns, merge_all(summaries)
 
     def validate(self) -> None:
         """One pass of input checks (the cold start does them for free; a warm start needs this)."""
         self._finish_validation(self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, None)))
 
     def _finish_validation(self, parts) -> None:
-        col_max, _, patterns = parts[0]
-        for part, _, more in parts[1:]:
+        self.summary = merge_all(summary for *_, summary in parts)  # what the checks read, for otlabel.advice
+        col_max, _, patterns, _ = parts[0]
+        for part, _, more, _ in parts[1:]:
             col_max = torch.maximum(col_max, part)
             for head, other in zip(patterns or [], more or [], strict=True):
                 head.merge(other)
@@ -292,7 +299,7 @@ class StreamingOperator(LogDomainOperator):
         log_c = self.log_c  # on this thread: read first in the workers, each of them computed it
         parts = self.map_ranges(lambda lo, hi: self._checked_partials(lo, hi, log_c))  # cold start + checks
         self._finish_validation(parts)
-        return torch.logsumexp(torch.stack(sum((p for _, p, _ in parts), [])), dim=0)  # fixed order: deterministic
+        return torch.logsumexp(torch.stack(sum((p for _, p, _, _ in parts), [])), dim=0)  # fixed order: deterministic
 
     def assign(self, b, want_codes):
         h, n, k = self.n_heads, self.n_samples, self.n_clusters
@@ -568,6 +575,8 @@ def sinkhorn_assign_stream(
         if b0 is not None:
             operator.validate()
         out = run_sinkhorn(operator, r, b0, max_iter, tol, acceleration, callback=callback)
+        # from what validation read (the weights only for a collapse's message)
+        warn_about_scores(operator.summary, epsilon, k, None if cluster_weights is None else r, features=scores is None)
         labels, codes = operator.assign(out.potentials, want_codes=codes is not None)
         commit_all(files[::-1])  # fsynced, then renamed together (labels last)
         if isinstance(labels_out, (str, os.PathLike)) and labels_copy_fits(labels):

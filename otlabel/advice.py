@@ -1,0 +1,200 @@
+"""Warnings for valid input that gives a meaningless answer: :class:`InputWarning`.
+
+Three misuses of self-labelling solve without error and say nothing: probabilities passed as scores (SeLa's
+``P = softmax(logits)``, whose ``P ** lambda`` is ``exp(log(P) / eps)``, not ``exp(P / eps)``), SeLa's ``lambda``
+passed as ``epsilon`` (a temperature far above the scores' spread: the plan is near the one that ignores them), and
+a collapsed network (every sample scored alike: one label for all). Each is judged from what the input checks
+already read back, the smallest and largest score (:class:`ScoreSummary`); only where those make a misuse possible
+(every score in [0, 1], every row maximum alike) is one more pass made to decide it. So typical input costs no pass
+and no device synchronisation more.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from functools import reduce
+
+import torch
+
+from .entry import user_stacklevel
+
+# epsilon above the whole range of the scores (largest - smallest, over every sample and cluster): S / eps then
+# differs by less than 1 nat anywhere, and each code lies within a factor e^(2 range / eps) of its cluster's weight
+# (the potentials can differ by no more than the range / eps). In a sweep of random-normal scores (N x K from 4 x 2 to
+# 4,096 x 100) the codes then kept 0.002-2% of the information of a hard assignment (their KL divergence from the
+# weights, in units of log K), and the labels were as unbalanced as an argmax of the column-centred scores (largest
+# cluster 1.2-1.5x its share, 1.05-1.1x at eps 0.05). The range is the extremes': ~10 standard deviations of the
+# scores for a large problem, so typical scores differ by a tenth of epsilon there. SwAV's eps 0.05 on cosine
+# similarities, or logits at 0.05-0.1, warn only where every score lies within 0.05-0.1 of every other.
+NEAR_UNIFORM_RANGE = 1.0  # range / epsilon below this: the warning
+ROW_SUM_RTOL = 1e-3  # rows within this (plus 4 units of rounding of the scores' dtype) of 1 sum to 1
+
+
+class InputWarning(UserWarning):
+    """Valid input whose answer is likely meaningless: probabilities passed as scores, an epsilon far above the
+    scores' spread (SeLa's lambda for epsilon = 1 / lambda), or every sample scored alike (a collapsed network).
+    Silence it with ``warnings.filterwarnings("ignore", category=otlabel.InputWarning)``."""
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What the input checks learn of the scores' values, in the scores' units, over every head.
+
+    ``lowest``, ``highest``: the smallest and largest score (``-inf`` with a mask), or ``-bound`` and ``bound`` where
+    only a bound on ``|S|`` is known (features on the kernel: ``exact`` False). ``probabilities``: every score in
+    [0, 1], every row summing to 1, and not all of them 0 or 1 (:func:`look_like_probabilities`). ``row``: (H, K), the
+    one row every sample has, where they all have the same (None: they do not, or it was not decided), left where the
+    scores are; ``alike``: that row's smallest and largest value, on the host. ``n_samples``: the samples summed up."""
+
+    lowest: float
+    highest: float
+    n_samples: int
+    probabilities: bool = False
+    row: torch.Tensor | None = None
+    alike: tuple[float, float] | None = None
+    exact: bool = True
+
+    def merged(self, other: ScoreSummary) -> ScoreSummary:
+        """The summary of both blocks of samples (chunks of a stream, ranks' shards). Their rows are compared (a read
+        from the device) only where their extremes, on the host, are the same."""
+        same = self.row is not None and other.row is not None and self.alike == other.alike
+        same = same and torch.equal(self.row, other.row.to(self.row.device))
+        return ScoreSummary(min(self.lowest, other.lowest), max(self.highest, other.highest),
+                            self.n_samples + other.n_samples, self.probabilities and other.probabilities,
+                            self.row if same else None, self.alike if same else None,
+                            self.exact and other.exact)  # fmt: skip
+
+
+def merge_all(summaries) -> ScoreSummary | None:
+    """One summary of blocks in order, None where there is none (or one of them is None: not judged)."""
+    summaries = list(summaries)
+    if not summaries or any(s is None for s in summaries):
+        return None
+    return reduce(ScoreSummary.merged, summaries)
+
+
+def bound_summary(bound: float, n_samples: int) -> ScoreSummary:
+    """A summary from a bound on ``|S|`` alone (features judged by ``|z| |c| + |bias|``): their range is at most
+    twice it."""
+    return ScoreSummary(-bound, bound, n_samples, exact=False)
+
+
+def in_unit_interval(lowest: float, highest: float) -> bool:
+    """Every score in [0, 1] (a largest score from ``S / eps`` times ``eps`` may round just above 1)."""
+    return lowest >= 0.0 and highest <= 1.0 + 1e-6
+
+
+def look_like_probabilities(scores: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> bool:
+    """Whether every row of ``scores`` (H, T, K) times ``scale``, all in [0, 1], sums to 1 (within the rounding of
+    probabilities held in ``dtype``) and some score lies strictly between 0 and 1: one-hot rows, preferences written
+    as 1 and 0, are scores as they stand. The rare path: a pass, and a device read."""
+    total = scores.sum(dim=-1, dtype=torch.float64 if scores.dtype == torch.float64 else torch.float32)
+    tol = ROW_SUM_RTOL + 4 * torch.finfo(dtype).eps
+    sums_to_one = ((total * scale - 1).abs() <= tol).all()
+    between = ((scores > 0) & (scores * scale < 1)).any()
+    return bool(sums_to_one & between)
+
+
+def the_one_row(scores: torch.Tensor) -> torch.Tensor | None:
+    """(H, K), a copy: the row every sample of ``scores`` (H, T, K) has, or None where they differ (the rare path: a
+    pass, and a device read; none for a block of one sample)."""
+    first = scores[:, :1]
+    same = scores.shape[1] == 1 or bool((scores == first).all())
+    return first[:, 0].clone() if same else None
+
+
+def block_summary(scores: torch.Tensor, lowest: float, highest: float, rows_alike: bool, dtype: torch.dtype,
+                  scale: float = 1.0) -> ScoreSummary:  # fmt: skip
+    """The summary of a block of samples (H, T, K) whose smallest and largest values were read with its checks:
+    ``scale`` turns them into scores (``eps`` for a block of ``S / eps``); ``rows_alike``: what was read allows every
+    row to be the same (the maxima and minima of the rows each alike: always so for a block of one sample). The rows'
+    sums and equality are read only where the extremes leave them possible (the rare path); ``dtype``: the scores' as
+    given, for the sums' rounding. One cluster: nothing to judge."""
+    low, high = lowest * scale + 0.0, highest * scale + 0.0  # (+0.0: no -0)
+    if scores.shape[2] < 2:
+        return ScoreSummary(low, high, scores.shape[1])
+    probabilities = in_unit_interval(low, high) and look_like_probabilities(scores, dtype, scale)
+    row = the_one_row(scores) if rows_alike and math.isfinite(low) else None
+    return ScoreSummary(low, high, scores.shape[1], probabilities, row, None if row is None else (low, high))
+
+
+def dense_summary(scores: torch.Tensor, extremes, has_zero_weights: bool) -> ScoreSummary | None:
+    """:func:`block_summary` of whole scores (H, N, K) from the extremes their checks read
+    (:class:`~otlabel.problem.ScoreExtremes`): every row alike is possible where there are two samples or more, the
+    row maxima are one value and the smallest column maximum is the smallest score (each column constant). None where
+    the smallest score was not read."""
+    if extremes.lowest is None:
+        return None
+    rows_lo, rows_hi = extremes.rows
+    # with zero-weight clusters the column maxima read are the weighted ones (0 elsewhere): not judged then
+    rows_alike = (scores.shape[1] > 1 and rows_lo == rows_hi and not has_zero_weights
+                  and extremes.weighted_cols[0] == extremes.lowest)  # fmt: skip
+    return block_summary(scores, extremes.lowest, rows_hi, rows_alike, scores.dtype)
+
+
+def warn_about_scores(summary: ScoreSummary | None, epsilon: float, n_clusters: int,
+                      cluster_weights: torch.Tensor | None = None, features: bool = False) -> None:  # fmt: skip
+    """The :class:`InputWarning` each misuse the summary shows gets, at the user's line. ``cluster_weights``: the
+    solve's, None for the default uniform ones (read only when every sample has the same scores); ``features``: the
+    scores are features @ prototypes.T (+ bias), and the messages say so."""
+    if summary is None or n_clusters < 2:
+        return  # one cluster: nothing to choose
+    level = user_stacklevel()
+    if summary.probabilities:
+        warnings.warn(probabilities_message(summary, epsilon), InputWarning, stacklevel=level)
+    if summary.row is not None and summary.n_samples >= 2:
+        largest_weight = 1.0 / n_clusters if cluster_weights is None else float(cluster_weights.max())
+        if (1.0 - largest_weight) * summary.n_samples >= 1.0:  # some sample's share belongs to another cluster
+            warnings.warn(collapse_message(summary, largest_weight), InputWarning, stacklevel=level)
+            return  # (an epsilon above their range is that collapse)
+    spread = summary.highest - summary.lowest
+    if summary.n_samples >= 2 and spread < NEAR_UNIFORM_RANGE * epsilon:  # (a -inf mask: inf, never)
+        warnings.warn(epsilon_message(summary, epsilon, features), InputWarning, stacklevel=level)
+
+
+SILENCE = "If that is what you mean, silence this: warnings.filterwarnings('ignore', category=otlabel.InputWarning)."
+
+
+def probabilities_message(summary: ScoreSummary, epsilon: float) -> str:
+    return (
+        f"the scores look like probabilities: every one lies in [0, 1] (from {summary.lowest:.3g} to "
+        f"{summary.highest:.3g}) and every sample's scores sum to 1. otlabel takes log-domain scores (logits, "
+        "log-probabilities, cosine similarities) and solves with exp(scores / epsilon): probabilities P give "
+        f"exp(P / epsilon), which prefers P = 0.9 to P = 0.1 by a factor exp(0.8 / {epsilon:g}), where SeLa's "
+        f"P ** (1 / epsilon) = exp(log(P) / epsilon) prefers it by 9 ** (1 / {epsilon:g}). Pass the logits, or "
+        "log-probabilities: logits.log_softmax(-1), which stays finite where P underflows to 0 (P.log() makes those "
+        "entries -inf, forbidden pairs); a per-sample constant changes nothing, so both give the same plan. " + SILENCE
+    )
+
+
+def epsilon_message(summary: ScoreSummary, epsilon: float, features: bool = False) -> str:
+    spread = summary.highest - summary.lowest
+    if summary.exact:
+        what = f"the whole range of the scores ({spread:.3g}: from {summary.lowest:.3g} to {summary.highest:.3g})"
+    else:
+        what = (f"2 x {summary.highest:.3g}, twice the bound |features| x |prototypes| + |bias| on the scores (so "
+                "above their whole range)")  # fmt: skip
+    factor = math.exp(2 * spread / epsilon)
+    lam = f"1 / {epsilon:g} = {1 / epsilon:.3g} if {epsilon:g} is lambda"
+    cause = "features and prototypes that barely differ" if features else "scores that barely differ"
+    return (
+        f"epsilon = {epsilon:g} is above {what}: scores / epsilon differ by under 1 nat anywhere, so the balanced plan "
+        f"stays near the plan that ignores them. Every code lies within a factor {factor:.3g} of its cluster's weight, "
+        "and the labels are close to an argmax of the scores less each cluster's mean (a centring), not a balanced "
+        "assignment. "
+        "epsilon is a temperature in the units of the scores (SwAV: 0.05 for cosine similarities); SeLa's P ** lambda "
+        f"is epsilon = 1 / lambda ({lam}). With {cause} (an untrained or collapsing network) the near-uniform plan "
+        "is the right answer. " + SILENCE
+    )
+
+
+def collapse_message(summary: ScoreSummary, largest_weight: float) -> str:
+    return (
+        f"all {summary.n_samples:,} samples have the same scores (every row identical): a collapsed network (a "
+        "constant output: dead features, a zero-initialised head). The balanced plan spreads them over the clusters "
+        "by their weights (each sample's codes are the weights), but their labels, the argmax of one row, are all "
+        f"one cluster, whose weight is at most {largest_weight:.3g}: no labelling can balance identical samples. Check "
+        "the model's outputs. " + SILENCE
+    )

@@ -1,0 +1,298 @@
+"""``otlabel.InputWarning``: valid input whose answer is likely meaningless gets a warning, on every entry point.
+
+Probabilities passed as scores (SeLa's ``P = softmax(logits)``), SeLa's ``lambda`` passed as ``epsilon`` (far above the
+scores' spread) and every sample scored alike (a collapsed network) each solved without a word. Typical input (logits
+at eps 0.05-0.1, SwAV's cosine similarities at 0.05, small problems) must stay silent, and pay no pass or device read
+for the checks: those are judged from the extremes the input checks already read back.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import clustered_cosine_scores, cosine_scores, random_problem
+
+import otlabel
+from otlabel import InputWarning, sinkhorn_assign, sinkhorn_assign_sharded, sinkhorn_assign_stream
+
+PROBABILITIES = "look like probabilities"
+LAMBDA = r"epsilon = 1 / lambda"
+COLLAPSE = "have the same scores"
+
+
+def logits(n=300, k=12, seed=0, scale=2.0):
+    return random_problem(n, k, seed=seed, scale=scale)
+
+
+def dense(scores, epsilon, **kwargs):
+    return sinkhorn_assign(scores, epsilon, **kwargs)
+
+
+def streamed(scores, epsilon, **kwargs):
+    """Streamed in chunks of about 64 samples, from a NumPy array."""
+    return sinkhorn_assign_stream(np.asarray(scores), epsilon, memory_budget=64 * (scores.shape[-1] + 8) * 16, **kwargs)
+
+
+def sharded_alone(scores, epsilon, **kwargs):
+    return sinkhorn_assign_sharded(scores, epsilon, **kwargs)
+
+
+def reference(scores, epsilon, **kwargs):
+    return sinkhorn_assign(scores, epsilon, backend="reference", **kwargs)
+
+
+ENTRY_POINTS = [dense, reference, streamed, sharded_alone]
+
+
+def input_warnings(call, *args, **kwargs) -> list[str]:
+    """The messages of the InputWarnings ``call`` gives (others, such as SmallChunksWarning, are let through)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call(*args, **kwargs)
+    return [str(w.message) for w in caught if issubclass(w.category, InputWarning)]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_probabilities_passed_as_scores_are_named(entry):
+    """SeLa's P = softmax(logits) passed with epsilon = 1 / lambda solves exp(P / eps), not P ** lambda."""
+    p = logits().softmax(-1)
+    said = input_warnings(entry, p, 1 / 25, max_iter=50, warn=False)
+    assert len(said) == 1 and PROBABILITIES in said[0], said
+    assert "logits.log_softmax(-1)" in said[0] and "exp(P / epsilon)" in said[0]
+    assert input_warnings(entry, p.log(), 1 / 25, max_iter=50, warn=False) == []  # log(P): what it should be
+    assert input_warnings(entry, logits(), 1 / 25, max_iter=50, warn=False) == []
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_lambda_passed_as_epsilon_is_named(entry):
+    """epsilon = 25 (SeLa's lambda) on logits whose range is ~11: the plan is within a factor e^2 of uniform."""
+    s = logits()
+    said = input_warnings(entry, s, 25.0, warn=False)
+    assert len(said) == 1 and "epsilon = 25 is above the whole range of the scores" in said[0], said
+    assert LAMBDA in said[0] and "1 / 25 = 0.04" in said[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputWarning)
+        res = entry(s, 25.0, warn=False)
+    codes = res.codes * s.shape[-1]
+    assert float(codes.max()) < 2.0 and float(codes.min()) > 0.5  # what the message says: near the weights
+    assert input_warnings(entry, s, 1 / 25, warn=False) == []
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_identical_rows_are_a_collapse(entry):
+    """Every sample scored alike (a constant network output): the plan spreads them, their labels are all one."""
+    row = torch.randn(1, 8, generator=torch.Generator().manual_seed(3))
+    s = row.expand(200, 8).contiguous()
+    said = input_warnings(entry, s, 0.05)
+    assert len(said) == 1 and "all 200 samples have the same scores" in said[0], said
+    assert "whose weight is at most 0.125" in said[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputWarning)
+        assert entry(s, 0.05).labels.unique().numel() == 1  # what the warning is about
+    # a weight that takes (nearly) all the mass: one label is the balanced answer
+    r = torch.tensor([0.999] + [0.001 / 7] * 7, dtype=torch.float64)
+    assert input_warnings(entry, s, 0.05, cluster_weights=r) == []
+    assert input_warnings(entry, s[:1], 0.05) == []  # one sample: nothing to balance
+    s2 = s.clone()
+    s2[17, 3] += 1e-3  # one sample differs: not a collapse (but within epsilon: a near-uniform plan)
+    said = input_warnings(entry, s2, 0.05)
+    assert not any(COLLAPSE in m for m in said), said
+
+
+def test_rows_alike_across_chunks_and_ranges_only_if_the_same():
+    """Streamed: chunks whose rows are each alike, but not the same from chunk to chunk, are no collapse."""
+    a = torch.randn(1, 8).expand(100, 8)
+    b = torch.randn(1, 8).expand(100, 8)
+    assert input_warnings(streamed, torch.cat([a, b]).contiguous(), 0.05) == []
+    assert len(input_warnings(streamed, torch.cat([a, a]).contiguous(), 0.05)) == 1
+
+
+def typical_inputs():
+    """(name, scores, epsilon) that are used as meant: none may warn."""
+    g = torch.Generator().manual_seed(0)
+    forbidden = torch.eye(4, dtype=torch.bool)[torch.arange(50) % 4]  # sample j may not go to cluster j % 4
+    return [
+        ("swav cosines eps 0.05", cosine_scores(512, 30, seed=1), 0.05),
+        ("trained swav cosines eps 0.05", clustered_cosine_scores(512, 30, seed=2), 0.05),
+        ("logits eps 0.05", logits(512, 30, seed=3, scale=1.0), 0.05),
+        ("logits eps 0.1", logits(512, 30, seed=4, scale=1.0), 0.1),
+        ("log-probabilities eps 0.05", logits(512, 30, seed=5).log_softmax(-1), 0.05),
+        ("small logits at initialisation eps 0.05", logits(256, 10, seed=6, scale=0.1), 0.05),
+        ("heads", random_problem(64, 10, h=3, seed=7), 0.05),
+        ("4 x 3", torch.randn(4, 3, generator=g), 0.05),
+        ("2 x 2", torch.tensor([[1.0, -0.2], [0.3, 0.9]]), 0.05),
+        ("1 x 5", torch.randn(1, 5, generator=g), 10.0),
+        ("one cluster", torch.rand(50, 1, generator=g), 0.05),
+        ("masked, eps 1", logits(50, 4, seed=8).log_softmax(-1).masked_fill(forbidden, -torch.inf), 1.0),
+    ]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_typical_inputs_do_not_warn_nor_pay_a_pass(entry, monkeypatch):
+    """No warning, and neither rare-path check (a pass over the scores and a device read) is made: those run only
+    where every score lies in [0, 1] or every row maximum is the same (test_one_hot_preferences_are_scores)."""
+    from otlabel import advice
+
+    def refused(scores, *args):
+        if scores.shape[1] > 1:  # (a block of one sample is its one row, compared with the other blocks' on the host)
+            raise AssertionError("the rare path ran on typical input")
+
+    monkeypatch.setattr(advice, "look_like_probabilities", refused)
+    monkeypatch.setattr(advice, "the_one_row", refused)
+    for name, s, eps in typical_inputs():
+        if entry is streamed and s.ndim == 3:
+            continue  # (heads stream too, but the chunk budget below is for 2-d scores)
+        assert input_warnings(entry, s, eps, max_iter=30, warn=False) == [], name
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_one_hot_preferences_are_scores(entry):
+    """Rows of 1 and 0 lie in [0, 1] and sum to 1, but with nothing strictly between they are preferences written as
+    scores, not probabilities (their rows' check, the rare path, is made: no warning)."""
+    assert input_warnings(entry, torch.eye(6)[torch.arange(60) % 6], 0.1) == []
+    assert input_warnings(entry, torch.eye(2), 0.1) == []
+
+
+def test_features_mode_warns_by_the_bound_or_the_scores():
+    """Features: on the kernel (Triton) by the bound |z| |c| + |bias| (the scores are never formed), streamed or by the
+    reference by the scores themselves. SwAV's eps = 0.05 on L2-normalised features is silent on every route."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=1)
+    routes = [dict(backend="torch"), dict(backend="reference")]
+    if otlabel.backends.triton.triton_installed():
+        routes.append(dict(backend="triton"))
+    for route in routes:
+        said = input_warnings(sinkhorn_assign, features=z, prototypes=c, epsilon=25.0, **route)
+        assert len(said) == 1 and LAMBDA in said[0], (route, said)
+        assert input_warnings(sinkhorn_assign, features=z, prototypes=c, epsilon=0.05, **route) == [], route
+    if otlabel.backends.triton.triton_installed():
+        said = input_warnings(sinkhorn_assign, features=z, prototypes=c, epsilon=25.0, backend="triton")
+        assert "twice the bound |features| x |prototypes| + |bias|" in said[0]
+    said = input_warnings(sinkhorn_assign_stream, features=z.numpy(), prototypes=c, epsilon=25.0)
+    assert len(said) == 1 and LAMBDA in said[0]
+
+
+def test_the_warning_is_exported_silenceable_and_at_the_callers_line():
+    assert "InputWarning" in otlabel.__all__ and issubclass(otlabel.InputWarning, UserWarning)
+    p = logits().softmax(-1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=otlabel.InputWarning)
+        sinkhorn_assign(p, 25.0, warn=False)
+    assert caught == []
+    with pytest.warns(InputWarning) as caught:
+        sinkhorn_assign(p, 25.0, warn=False)
+    assert {Path(w.filename).name for w in caught} == {Path(__file__).name}
+    assert len(caught) == 2  # probabilities, and an epsilon above their range: both said
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """A Counter of tensor-to-Python conversions made by otlabel's code (as in test_host_syncs)."""
+    root = Path(otlabel.__file__).resolve().parent
+    counts = collections.Counter()
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(str(root)):
+                counts[f"{_name} {Path(caller).name}:{sys._getframe(1).f_lineno}"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return counts
+
+
+def test_only_the_rare_path_reads_more(host_reads):
+    """A fixed-iteration solve reads back twice (test_host_syncs); scores in [0, 1] once more (their rows' sums), and
+    identical rows once more (their equality; with weights given, once more for the largest in the message)."""
+    weights = torch.full((5,), 0.2, dtype=torch.float64)
+    cases = [(logits(), None, 0), (logits().softmax(-1), None, 1), (torch.full((40, 5), 2.0), None, 1),
+             (torch.full((40, 5), 2.0), weights, 2)]  # fmt: skip
+    for s, r, extra in cases:
+        host_reads.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InputWarning)
+            sinkhorn_assign(s, 0.05, max_iter=3, tol=None, backend="reference", cluster_weights=r)
+        assert sum(host_reads.values()) == 2 + extra, dict(host_reads)
+
+
+@pytest.mark.interpreter
+def test_a_captured_solve_warns_from_what_its_replay_read(monkeypatch):
+    """cuda_graph=True: the extremes come back with the history (one read); only the rare path reads more, after the
+    replay (nothing is read inside the captured body)."""
+    from test_graphs import record_eagerly
+
+    from otlabel import graphs
+
+    monkeypatch.setattr(graphs, "recorder_for", lambda device: record_eagerly)
+    graphs.clear_cache()
+    call = dict(max_iter=3, tol=None, backend="triton", cuda_graph=True)
+    try:
+        for weights in (None, torch.tensor([0.0] + [1 / 11] * 11, dtype=torch.float64)):
+            said = input_warnings(sinkhorn_assign, logits().softmax(-1), 1 / 25, cluster_weights=weights, **call)
+            assert len(said) == 1 and PROBABILITIES in said[0], said
+            said = input_warnings(sinkhorn_assign, logits(), 25.0, cluster_weights=weights, **call)
+            assert len(said) == 1 and LAMBDA in said[0], said
+            assert input_warnings(sinkhorn_assign, logits(), 0.05, cluster_weights=weights, **call) == []
+        said = input_warnings(sinkhorn_assign, torch.ones(1, 12).expand(50, 12).contiguous(), 0.05, **call)
+        assert len(said) == 1 and COLLAPSE in said[0], said
+    finally:
+        graphs.clear_cache()
+
+
+def test_the_ranks_summaries_are_judged_together():
+    """Sharded: each rank's smallest and largest score, probabilities flag and one-row digest travel with the
+    metadata every rank gathers anyway; the verdict is the whole problem's, the same on every rank."""
+    from otlabel.advice import ScoreSummary
+    from otlabel.distributed import META_SIZE, META_SUMMARY, gathered_summary, summary_columns
+
+    def table(*summaries):
+        rows = torch.zeros(len(summaries), META_SIZE, dtype=torch.float64)
+        for i, summary in enumerate(summaries):
+            rows[i, META_SUMMARY:] = torch.tensor(summary_columns(summary), dtype=torch.float64)
+        return rows
+
+    row_a, row_b = torch.arange(4.0)[None], torch.arange(4.0)[None] + 1
+    low = ScoreSummary(0.0, 0.5, 10, probabilities=True, row=row_a)
+    high = ScoreSummary(10.0, 10.5, 10, probabilities=False, row=row_b)
+    whole = gathered_summary(table(low, high), 20)
+    assert (whole.lowest, whole.highest, whole.n_samples, whole.probabilities, whole.row) == (0.0, 10.5, 20, False,
+                                                                                                None)  # fmt: skip
+    assert gathered_summary(table(low, low), 20).probabilities
+    assert gathered_summary(table(low, low), 20).row is not None  # one row on every rank
+    assert gathered_summary(table(low, None), 20) is None  # a rank without a summary: nothing judged
+
+
+def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from test_distributed import gloo_worker
+
+    with gloo_worker(rank, world, init_file, out_dir):
+        # each rank's range is under epsilon, the whole problem's is not: no warning
+        local = torch.rand(40, 6, generator=torch.Generator().manual_seed(rank)) * 0.5 + 10 * rank
+        assert input_warnings(sinkhorn_assign_sharded, local, 1.0, timeout=30) == []
+        # rows alike on each rank, the same row on both: a collapse, said on every rank
+        same = torch.arange(6.0).expand(30, 6).contiguous()
+        said = input_warnings(sinkhorn_assign_sharded, same, 0.05, timeout=30)
+        assert len(said) == 1 and "all 60 samples" in said[0], said
+        # ... a different row on each: none
+        assert input_warnings(sinkhorn_assign_sharded, same + rank * torch.eye(6)[0], 0.05, timeout=30) == []
+        # probabilities on both ranks; on one only, none
+        p = logits(30, 6, seed=rank).softmax(-1)
+        said = input_warnings(sinkhorn_assign_sharded, p, 0.05, timeout=30)
+        assert len(said) == 1 and PROBABILITIES in said[0], said
+        assert input_warnings(sinkhorn_assign_sharded, p if rank else p.log(), 0.05, timeout=30) == []
+
+
+def test_sharded_warnings_judge_every_rank_together(tmp_path):
+    from test_distributed import spawn_workers
+
+    spawn_workers(_sharded_worker, tmp_path, world=2)
