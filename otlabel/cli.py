@@ -486,6 +486,7 @@ def read_init(args, h: int, k: int, cluster_weights) -> np.ndarray | None:
 def cmd_assign(args) -> int:
     import torch
 
+    from .advice import InputWarning
     from .problem import ScoreSpanError, span_error
     from .streaming import SmallChunksWarning, sinkhorn_assign_stream
 
@@ -528,7 +529,8 @@ def cmd_assign(args) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # non-convergence is reported by the summary (and --strict)
                 warnings.simplefilter("always", SmallChunksWarning)  # a tiny --memory-budget: said before the solve
-                warnings.showwarning = lambda message, *_: say(bar, f"otlabel: warning: --memory-budget: {message}")
+                warnings.simplefilter("always", InputWarning)  # probabilities, an --epsilon above their range...
+                warnings.showwarning = lambda message, category, *_: say(bar, cli_warning(message, category))
                 t_solve = time.perf_counter()
                 try:
                     result = sinkhorn_assign_stream(
@@ -578,6 +580,17 @@ def cmd_assign(args) -> int:
     if args.strict and not result.converged:
         return EXIT_NOT_CONVERGED
     return EXIT_OK
+
+
+def cli_warning(message, category) -> str:
+    """A warning of the solve as the command prints it: a tiny ``--memory-budget``'s (SmallChunksWarning) named so,
+    an :class:`~otlabel.InputWarning` without its advice to silence it in Python."""
+    from .advice import SILENCE
+    from .streaming import SmallChunksWarning
+
+    if issubclass(category, SmallChunksWarning):
+        return f"otlabel: warning: --memory-budget: {message}"
+    return f"otlabel: warning: {str(message).removesuffix(' ' + SILENCE)}"
 
 
 def transposed_scores_warning(path: str, batched: bool, h: int, n: int, k: int) -> str:

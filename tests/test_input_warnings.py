@@ -296,3 +296,20 @@ def test_sharded_warnings_judge_every_rank_together(tmp_path):
     from test_distributed import spawn_workers
 
     spawn_workers(_sharded_worker, tmp_path, world=2)
+
+
+def test_the_command_line_prints_them(tmp_path, capsys):
+    """`otlabel assign` ignores the library's warnings (non-convergence is in its summary): these are printed, as its
+    other warnings are, without the Python advice to silence them."""
+    from otlabel.cli import main
+
+    np.save(tmp_path / "p.npy", logits().softmax(-1).numpy())
+    np.save(tmp_path / "s.npy", logits().numpy())
+    for name, epsilon, said in (("p.npy", "0.04", PROBABILITIES), ("s.npy", "25", LAMBDA), ("s.npy", "0.05", None)):
+        assert main(["assign", str(tmp_path / name), "--epsilon", epsilon, "--out", str(tmp_path / "y.npy"),
+                     "-q"]) == 0  # fmt: skip
+        err = capsys.readouterr().err
+        if said is None:
+            assert err == ""
+        else:
+            assert err.startswith("otlabel: warning: ") and said in err and "filterwarnings" not in err, err
