@@ -1,0 +1,145 @@
+"""The fixed cost of a whole CPU call, against the SwAV loop users copy: ``sinkhorn_assign`` then ``res.labels`` and
+``res.codes`` (what a trainer reads), side by side with ``otlabel.baselines.swav_sinkhorn`` (3 iterations, its input
+checks included: the function a user would call instead).
+
+Per size, cosine scores of unit vectors in 64 dimensions (float32, a fixed seed), eps 0.05, two modes: SwAV's
+``max_iter=3, tol=None`` and the default ``tol`` (1e-4; the SwAV loop still runs its 3 iterations there, as users
+run it). The calls alternate round by round (the order rotated), so load from other processes falls on all alike;
+the table gives the min and median of each, and their ratios to the SwAV loop. Only ratios mean something on a
+shared machine.
+
+With ``--baseline DIR`` (a directory holding another version's ``otlabel`` package, e.g. ``mkdir /tmp/old && git
+archive HEAD otlabel | tar -x -C /tmp/old``) that version is imported as a second package and timed in the same
+rounds; its labels and codes must be bitwise those of this tree (else the script fails, exit 1), and the table adds
+this / baseline.
+
+    python -m benchmarks.small_calls [--sizes 64x10 256x3000 4096x3000] [--seconds 20] [--baseline DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import otlabel
+from otlabel.baselines import swav_sinkhorn
+
+DEFAULT_SIZES = ["64x10", "256x3000", "4096x3000"]
+EPS = 0.05
+MODES = {"3 it": dict(max_iter=3, tol=None), "tol 1e-4": {}}
+
+
+def cosine_scores(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(n, 64, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(k, 64, generator=g), dim=1)
+    return z @ c.T
+
+
+def load_baseline(directory: str):
+    """The ``otlabel`` package under ``directory`` imported as ``otlabel_baseline`` (its relative imports follow)."""
+    init = Path(directory) / "otlabel" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"{directory}: no otlabel/__init__.py there")
+    name = "otlabel_baseline"
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def caller(package, scores: torch.Tensor, options: dict):
+    """One call as a trainer makes it: solve, then read labels and codes; returns them."""
+
+    def call():
+        res = package.sinkhorn_assign(scores, EPS, **options)
+        return res.labels, res.codes
+
+    return call
+
+
+def measure(calls: dict, seconds: float, min_rounds: int = 7, max_rounds: int = 2000) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls`` (name -> function), alternating, the order rotated every round; a warm-up
+    round first (compilation, allocations), not recorded. Rounds until ``seconds`` have passed (at least
+    ``min_rounds``)."""
+    names = list(calls)
+    for name in names:
+        calls[name]()
+    times = {name: [] for name in names}
+    start = time.perf_counter()
+    for round_ in range(max_rounds):
+        if round_ >= min_rounds and time.perf_counter() - start > seconds:
+            break
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def same_outputs(ours, theirs) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms" if seconds < 0.1 else f"{seconds * 1e3:.1f} ms"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, metavar="NxK")
+    parser.add_argument("--seconds", type=float, default=20.0, help="timing per size and mode (all calls together)")
+    parser.add_argument("--baseline", metavar="DIR", help="a directory holding another version's otlabel package")
+    args = parser.parse_args(argv)
+    old = load_baseline(args.baseline) if args.baseline else None
+    print(f"CPU whole calls, eps {EPS}, cosine scores, torch threads {torch.get_num_threads()}: min / median")
+    header = "| N x K | mode | iterations | otlabel | SwAV loop (3 it) | otlabel / SwAV: min, median |"
+    rule = "|---|---|---|---|---|---|"
+    if old is not None:
+        header += " baseline | baseline / SwAV: min, median | this / baseline: min, median |"
+        rule += "---|---|---|"
+    lines, failed = [header, rule], []
+    for size in args.sizes:
+        n, k = (int(x) for x in size.lower().split("x"))
+        scores = cosine_scores(n, k)
+        for mode, options in MODES.items():
+            calls = {"otlabel": caller(otlabel, scores, options), "swav": lambda s=scores: swav_sinkhorn(s, EPS, 3)}
+            if old is not None:
+                calls["baseline"] = caller(old, scores, options)
+                if not same_outputs(calls["otlabel"](), calls["baseline"]()):
+                    failed.append(f"{size} {mode}")
+            n_iter = otlabel.sinkhorn_assign(scores, EPS, **options).n_iter
+            times = measure(calls, args.seconds)
+            low = {name: min(t) for name, t in times.items()}
+            mid = {name: statistics.median(t) for name, t in times.items()}
+            line = (
+                f"| {n:,} x {k:,} | {mode} | {n_iter} | {fmt(low['otlabel'])} / {fmt(mid['otlabel'])} | "
+                f"{fmt(low['swav'])} / {fmt(mid['swav'])} | "
+                f"{low['otlabel'] / low['swav']:.2f}, {mid['otlabel'] / mid['swav']:.2f} |"
+            )
+            if old is not None:
+                line += (
+                    f" {fmt(low['baseline'])} / {fmt(mid['baseline'])} | "
+                    f"{low['baseline'] / low['swav']:.2f}, {mid['baseline'] / mid['swav']:.2f} | "
+                    f"{low['otlabel'] / low['baseline']:.2f}, {mid['otlabel'] / mid['baseline']:.2f} |"
+                )
+            lines.append(line)
+            print(line, f"({len(times['otlabel'])} rounds)", flush=True)
+    print("\n" + "\n".join(lines))
+    if failed:
+        print(f"labels or codes differ from the baseline's: {', '.join(failed)}", file=sys.stderr)
+        raise SystemExit(1)
+    if old is not None:
+        print("labels and codes bitwise equal to the baseline's in every row")
+
+
+if __name__ == "__main__":
+    main()
