@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import cached
 from .advice import dense_summary, warn_about_scores
 from .anderson import ANDERSON_MEMORY, AndersonMixer, masked
 from .backends import make_operator
@@ -73,9 +74,11 @@ class ClusterMarginal:
         r = cluster_weights if cluster_weights.dtype == torch.float64 else cluster_weights.to(torch.float64)
         if has_zero_weights is False:
             # The count stays a tensor, as it is with zero weights: a division by a Python number is a multiplication
-            # by its reciprocal on a GPU, which would round the mean differently.
-            count = torch.full((), r.shape[-1], dtype=torch.int64, device=r.device)
-            return cls(r, r.log(), None, count)
+            # by its reciprocal on a GPU, which would round the mean differently. It, and the default weights' log,
+            # are made once per size and device.
+            k = r.shape[-1]
+            log_r = cached.uniform_weights(k, r.device, log=True) if cached.is_uniform_weights(r) else r.log()
+            return cls(r, log_r, None, cached.count(k, r.device))
         empty = r == 0
         return cls(r, r.log(), empty, (~empty).sum().clamp(min=1))
 

@@ -428,17 +428,19 @@ def softmax_rows(scores, inv_eps: float, b, lo: int, hi: int, labels, codes=None
 
 def argmax_rows(kernel, v, lo: int, hi: int, labels) -> None:
     """``labels[lo:hi] = argmax_k kernel[j, k] * v[k]`` (int64 tensor, written in place) for an (N, K) ``kernel``,
-    or ``labels[h, lo:hi]`` for every head of an (H, N, K) one with (H, K) ``v``, in one compiled call."""
-    g, vec, out = _head_arrays(kernel.dim() == 2, kernel, v, labels)
+    or ``labels[h, lo:hi]`` for every head of an (H, N, K) one with (H, K) ``v``, in one compiled call. ``kernel`` may
+    be given as its NumPy array (see :func:`_array`)."""
+    g, vec, out = _head_arrays(kernel.ndim == 2, kernel, v, labels)
     _argmax_rows(g, vec, lo, hi, out, g.shape[2] >= ARGMAX_VECTOR_MIN_K)
 
 
-def fused_matvec_rows(kernel: torch.Tensor, v: torch.Tensor | None, weights: torch.Tensor, lo: int, hi: int):
+def fused_matvec_rows(kernel, v: torch.Tensor | None, weights, lo: int, hi: int):
     """Float64 ``(K,)``: ``sum_j kernel[j] * weights[j] / (kernel[j] . v)`` over rows ``[lo, hi)`` of a
     C-contiguous (N, K) CPU kernel; ``v is None`` drops the division. For an (H, N, K) kernel, (H, K) ``v`` and
-    (H, N) ``weights`` (a stride-0 head dimension, ``expand``ed, reads one row for all), float64 ``(H, K)``: every
-    head in one compiled call, each summed in the same order as on its own. Needs :func:`available`."""
-    one_head = kernel.dim() == 2
+    (H, N) ``weights`` (a stride-0 head dimension, ``expand``ed, or (1, N): one row for all), float64 ``(H, K)``:
+    every head in one compiled call, each summed in the same order as on its own. ``kernel`` and ``weights`` may be
+    given as NumPy arrays (see :func:`_array`). Needs :func:`available`."""
+    one_head = kernel.ndim == 2
     g, w, vec = _head_arrays(one_head, kernel, weights, v)
     if w.strides[0] == 0:  # the same weights for every head: one row, C-contiguous (no second compilation)
         w = w[:1]
@@ -474,11 +476,14 @@ def float_of_keys(keys: np.ndarray) -> torch.Tensor:
 def _head_arrays(one_head: bool, *tensors) -> tuple:
     """The tensors' memory as NumPy arrays (:func:`_array`; ``None`` stays ``None``), each given a leading head axis
     of 1 when ``one_head``: the compiled loops all take a batch of heads."""
-    arrays = (None if t is None else _array(t) for t in tensors)
-    return tuple(a if a is None or not one_head else a[None] for a in arrays)
+    arrays = [None if t is None else _array(t) for t in tensors]
+    return tuple(a[None] if one_head and a is not None else a for a in arrays)
 
 
-def _array(t: torch.Tensor) -> np.ndarray:
+def _array(t: torch.Tensor | np.ndarray) -> np.ndarray:
     """The CPU tensor's memory as a NumPy array (no copy; detached where it requires grad, as scores may: a small
-    solve converts ~20 tensors a call, and a ``detach`` costs each of them a torch call)."""
+    solve converts ~20 tensors a call, and a ``detach`` costs each of them a torch call). A NumPy array as it is: the
+    operator keeps its kernel's, made once (a conversion costs ~2 us)."""
+    if isinstance(t, np.ndarray):
+        return t
     return (t.detach() if t.requires_grad else t).numpy()

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .. import cached
 from ..problem import any_autocast_enabled, autocast_off, check_inverse_epsilon, compute_dtype
 from ..sources import DenseSource, ScoreSource, column_max, row_chunks
 from . import cpu_kernels
@@ -101,7 +102,12 @@ class LogDomainOperator(ScoreOperator):
         self.dtype = compute_dtype(source.dtype)
         check_inverse_epsilon(epsilon, self.dtype)
         self.inv_eps = 1.0 / epsilon
-        self.c = sample_weights.to(device=self.device, dtype=self.dtype)  # (N,)
+        # (N,); the default weights' copy in the compute dtype is made once (cached), as their log
+        self._uniform = cached.is_uniform_weights(sample_weights) and sample_weights.device == self.device
+        if self._uniform:
+            self.c = cached.uniform_weights(self.n_samples, self.device, self.dtype)
+        else:
+            self.c = sample_weights.to(device=self.device, dtype=self.dtype)
         self._log_c = None  # log c, when a pass first needs it (the cached kernel's iterations do not)
         on_cpu = self.device.type == "cpu"
         self.chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS["cpu" if on_cpu else "other"]
@@ -148,7 +154,9 @@ class LogDomainOperator(ScoreOperator):
     def log_c(self) -> torch.Tensor:
         """``log c`` (N,), computed once, on first use: an N-length pass (2-4 ms at 4,000,000 samples) that solves
         on the cached kernel need only in its cold start."""
-        if self._log_c is None:
+        if self._log_c is None and self._uniform:  # the default weights' log, made once (cached)
+            self._log_c = cached.uniform_weights(self.n_samples, self.device, self.dtype, log=True)
+        elif self._log_c is None:
             self._log_c = self.c.log()
         return self._log_c
 
@@ -320,21 +328,40 @@ class CachedKernelOperator(ScoreOperator):
         col_max = source.column_max().to(self.dtype)  # (H, K)
         self.reachable = col_max > NEG_INF  # clusters some sample may go to
         self.exact._reachable = self.reachable
+        # Every cluster reachable, known on the host (one read, here): the passes then skip their masking of the
+        # others (see _near), 15 of the 36 torch operations of an iteration, each ~3 us on a small solve.
+        self.all_reachable = self._every_cluster_reachable()
+        self.b0_finite = self.all_reachable  # and so b0 below; a kernel built around b = -inf (weight 0) is not
         # Absorb b0 = -max_j S / eps first, centred (less its mean over the reachable clusters) as the loop centres
         # its potentials: the cold start's are then within ~log N of it, so one exp pass serves the cold start and
         # usually every later iteration too. Uncentred, the first warm iteration found b drifted by the mean itself
         # whenever that passed absorb_threshold (column maxima / eps averaging beyond ~30: logits, or cosines at eps
         # 0.01) and built the kernel a second time (two exp passes in every such solve, 3 iterations or 144).
-        b0 = torch.where(self.reachable, col_max.double() * -self.exact.inv_eps, math.nan)  # (H, K) float64
-        self.b0 = (b0 - b0.nanmean(dim=-1, keepdim=True)).nan_to_num(nan=NEG_INF)  # -inf: unreachable
+        b0 = col_max.double() * -self.exact.inv_eps  # (H, K) float64
+        if self.all_reachable:  # nanmean's own sum and division, bitwise, without its NaN count (there is no NaN)
+            self.b0 = b0 - b0.nansum(dim=-1, keepdim=True).div(cached.count(self.n_clusters, self.device))
+        else:
+            b0 = torch.where(self.reachable, b0, math.nan)
+            self.b0 = (b0 - b0.nanmean(dim=-1, keepdim=True)).nan_to_num(nan=NEG_INF)  # -inf: unreachable
         self.kernel = None  # (H, N, K): exp(S / eps + b0 - m), built on first use
         self.row_shift = None  # (H, N): m, the row maxima of S / eps + b0
+        self._c_host = None  # c as a (1, N) NumPy array, for the compiled loops
+
+    @property
+    def kernel(self) -> torch.Tensor | None:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, kernel: torch.Tensor | None) -> None:
+        # its NumPy view for the compiled loops, made on first use (a conversion costs ~2 us, and a small solve made
+        # one every pass); dropped with the kernel, whose memory it holds
+        self._kernel, self._kernel_host = kernel, None
 
     def release(self) -> None:
         """The kernel, a second N x K matrix, serves the iterations and the labels only (codes and objective take
         the exact pass): a result kept for a warm start held it, the next solve then built another beside it, and
         a pickled result (``torch.save``) carried it."""
-        self.kernel = self.row_shift = None
+        self.kernel = self.row_shift = self._c_host = None
 
     def cluster_lse(self, b):
         if b is None:  # cold start, a = log c:  sum_j c_j exp(S / eps) = e^-b0 sum_j G_jk c_j e^m_j
@@ -343,15 +370,25 @@ class CachedKernelOperator(ScoreOperator):
             log_w = self.exact.log_c + self.row_shift  # (H, N)
             top = log_w.amax(dim=1, keepdim=True)  # factored out so the weights stay <= 1
             col = self._fused_matvecs(None, (log_w - top).exp())
-            if bool((~(col > 0) & self.reachable).any()):  # (or a row did: NaN): ask the exact pass
-                self.kernel = None
-                return self.exact.cluster_lse(b)
-            return torch.where(self.reachable, col.log() + top - self.b0, NEG_INF)  # float64
+            if self.all_reachable:  # the same tests and values as below, where every cluster is reachable
+                if bool((col > 0).all()):
+                    return col.log() + top - self.b0  # float64
+            elif not bool((~(col > 0) & self.reachable).any()):
+                return torch.where(self.reachable, col.log() + top - self.b0, NEG_INF)  # float64
+            self.kernel = None  # a cluster underflowed (or a row did: NaN): ask the exact pass
+            return self.exact.cluster_lse(b)
+        near = self._near(b)
+        if near is not None:  # the general steps below, in the operations that remain when they mask nothing
+            col = self._fused_matvecs(near.exp().to(self.dtype), None)
+            if bool((col > 0).all()):
+                return col.log() - self.b0  # float64
+            self.kernel = None
+            return self.exact.cluster_lse(b)
         scaled, shift = self._terms(b)
         if self.kernel is None or self._drifted(b, shift):
             self._absorb(b)
             shift = b.double() - self.b0
-        col = self._fused_matvecs(self._scaling(scaled, shift), self.c.expand(self.n_heads, -1))
+        col = self._fused_matvecs(self._scaling(scaled, shift), None)
         # sum_j G_jk c_j / (G v)_j. A cluster of weight 0 (b = -inf) holds nothing on purpose; one that underflowed
         # (or a row that did: NaN) asks the exact pass.
         if bool((~(col > 0) & scaled).any()):
@@ -362,24 +399,42 @@ class CachedKernelOperator(ScoreOperator):
     def assign(self, b, want_codes):
         if want_codes or not self.exact.compiled_loops() or self.kernel is None:
             return self.exact.assign(b.to(self.dtype), want_codes)
-        scaled, shift = self._terms(b)
-        if self._drifted(b, shift):
-            return self.exact.assign(b.to(self.dtype), want_codes)
+        near = self._near(b)
+        if near is None:
+            scaled, shift = self._terms(b)
+            if self._drifted(b, shift):
+                return self.exact.assign(b.to(self.dtype), want_codes)
         # argmax_k S/eps + b = argmax_k G[j, k] v[k]: a read of G instead of an exact log-domain pass. The row's
         # own maximum has G = 1 and, not drifted, v >= e^-threshold there (zero-weight clusters, b = -inf, count
         # as drifted until the kernel is built without them), so an underflowed entry (G = 0) can never win.
         # Near-ties (below ~1e-5 relative) may resolve differently from the exact logits or other backends.
         labels = torch.empty((self.n_heads, self.n_samples), dtype=torch.int64)
-        v = self._scaling(scaled, shift)
+        v = near.exp().to(self.dtype) if near is not None else self._scaling(scaled, shift)
 
         def fill(lo, hi):  # every head in one compiled call
-            cpu_kernels.argmax_rows(self.kernel, v, lo, hi, labels)
+            cpu_kernels.argmax_rows(self._host_kernel(), v, lo, hi, labels)
 
         self.exact.map_ranges(fill)
         return labels, None
 
     def transport_score(self, b):
         return self.exact.transport_score(b.to(self.dtype))
+
+    def _every_cluster_reachable(self) -> bool:
+        """Whether some sample may go to every cluster (one read of the device). False, the general steps throughout:
+        they mask the unreachable clusters (a sharded rank may hold no sample of one)."""
+        return bool(self.reachable.all())
+
+    def _near(self, b):
+        """``b - b0`` (H, K) float64 where every cluster is reachable, the kernel built and ``b`` within
+        ``absorb_threshold`` of ``b0`` everywhere (one read); else None. There :meth:`_terms` would find every ``b``
+        finite, :meth:`_drifted` nothing, and :meth:`_scaling` would be ``exp(b - b0)`` alone: a cluster of weight 0
+        (``b = -inf``), a NaN or a drift fail the test (``b0`` is finite where every cluster is reachable, unless a
+        kernel was built with ``b = -inf``), and take the general steps."""
+        if not self.b0_finite or self.kernel is None:
+            return None
+        shift = b.double() - self.b0
+        return shift if bool((shift.abs() <= self.absorb_threshold).all()) else None
 
     def _terms(self, b):
         """``(scaled, shift)`` for :meth:`_scaling`, and ``shift`` for :meth:`_drifted` (a small solve is bound by its
@@ -403,6 +458,7 @@ class CachedKernelOperator(ScoreOperator):
 
     def _absorb(self, b):
         """(Re)build the kernel around the potentials ``b``: the one ``exp`` pass over the scores."""
+        first = b is self.b0  # the b0 made in __init__: finite wherever every cluster is reachable
         b = b.to(self.dtype)  # the kernel holds exactly these (rounded) potentials: b0 records them
         if self.kernel is None:
             self.kernel = torch.empty((self.n_heads, self.n_samples, self.n_clusters), dtype=self.dtype)
@@ -421,15 +477,29 @@ class CachedKernelOperator(ScoreOperator):
 
         self.exact.map_ranges(fill_compiled if self.exact.compiled_loops() else fill)
         self.b0 = b.double()  # -inf: a cluster closed when the kernel was built, which it does not hold
+        if not first:  # where b0 is not finite, _near's test would fail every iteration: spared its operations
+            self.b0_finite = self.all_reachable and bool((self.b0.abs() < math.inf).all())
 
     def _fused_matvecs(self, v, weights):
-        """``sum_j G[j, k] w_j / (G v)_j`` per head (``/ (G v)`` skipped when ``v`` is None), reading each
-        tile of ``G`` once from memory: both products run on a cache-sized tile before the next."""
+        """``sum_j G[j, k] w_j / (G v)_j`` per head (``/ (G v)`` skipped when ``v`` is None; ``weights`` None: the
+        sample weights ``c``), reading each tile of ``G`` once from memory: both products run on a cache-sized tile
+        before the next."""
         return sum_in_order(self.exact.map_ranges(lambda lo, hi: self._matvec_range(v, weights, lo, hi)))
+
+    def _host_kernel(self) -> np.ndarray:
+        """The kernel's memory as a NumPy array (no copy), made once per kernel."""
+        if self._kernel_host is None:
+            self._kernel_host = self._kernel.numpy()
+        return self._kernel_host
 
     def _matvec_range(self, v, weights, lo, hi):
         if cpu_kernels.available():  # one compiled pass per row, the tile's two BLAS calls fused; all heads in one call
-            return cpu_kernels.fused_matvec_rows(self.kernel, v, weights, lo, hi)  # (H, K) float64
+            if weights is None:  # c, shared by every head: one row
+                if self._c_host is None:
+                    self._c_host = self.c.numpy()[None]
+                weights = self._c_host
+            return cpu_kernels.fused_matvec_rows(self._host_kernel(), v, weights, lo, hi)  # (H, K) float64
+        weights = self.c.expand(self.n_heads, -1) if weights is None else weights
         col = torch.zeros(self.n_heads, self.n_clusters, dtype=torch.float64)  # float64 across tiles: N terms
         for h in range(self.n_heads):
             kernel, col_h = self.kernel[h], col[h]
