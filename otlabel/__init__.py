@@ -56,9 +56,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     from .streaming import SmallChunksWarning, sinkhorn_assign_stream
 
 
-SUBMODULES = ("advice", "anderson", "backends", "baselines", "cli", "distributed", "entry", "exact", "feasibility",
-              "features", "graphs", "host_sources", "inputs", "kernels", "outputs", "problem", "result", "sizes",
-              "solver", "sources", "streaming")  # fmt: skip
+SUBMODULES = ("advice", "anderson", "backends", "baselines", "cached", "cli", "distributed", "entry", "exact",
+              "feasibility", "features", "graphs", "host_sources", "inputs", "kernels", "outputs", "problem", "result",
+              "sizes", "solver", "sources", "streaming")  # fmt: skip
 
 
 def __getattr__(name: str):
