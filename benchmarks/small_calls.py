@@ -8,10 +8,11 @@ run it). The calls alternate round by round (the order rotated), so load from ot
 the table gives the min and median of each, and their ratios to the SwAV loop. Only ratios mean something on a
 shared machine.
 
-With ``--baseline DIR`` (a directory holding another version's ``otlabel`` package, e.g. ``mkdir /tmp/old && git
-archive HEAD otlabel | tar -x -C /tmp/old``) that version is imported as a second package and timed in the same
-rounds; its labels and codes must be bitwise those of this tree (else the script fails, exit 1), and the table adds
-this / baseline.
+With ``--baseline DIR`` (a directory holding another version's ``otlabel`` package, e.g. ``mkdir /tmp/old &&
+git archive HEAD otlabel kernels | tar -x -C /tmp/old``) that version is imported as a second package and timed in
+the same rounds; its labels and codes must be bitwise those of this tree (else the script fails, exit 1), and the
+table adds this / baseline. The package is imported from a temporary copy (Numba compiles its loops there once, in
+the warm-up).
 
     python -m benchmarks.small_calls [--sizes 64x10 256x3000 4096x3000] [--seconds 20] [--baseline DIR]
 """
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,10 +46,18 @@ def cosine_scores(n: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 def load_baseline(directory: str):
-    """The ``otlabel`` package under ``directory`` imported as ``otlabel_baseline`` (its relative imports follow)."""
-    init = Path(directory) / "otlabel" / "__init__.py"
-    if not init.is_file():
+    """A copy of the ``otlabel`` package under ``directory``, imported as ``otlabel_baseline`` (its relative imports
+    follow). A copy: Numba's on-disk cache records the module name, and entries written under ``otlabel_baseline``
+    beside the original would break its later imports as ``otlabel`` (No module named 'otlabel_baseline')."""
+    source = Path(directory) / "otlabel"
+    if not (source / "__init__.py").is_file():
         raise SystemExit(f"{directory}: no otlabel/__init__.py there")
+    copy = Path(tempfile.mkdtemp(prefix="otlabel_baseline_")) / "otlabel"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"), ignore_dangling_symlinks=True)
+    kernels = Path(directory) / "kernels"  # installed as otlabel.kernels (a link in a checkout, absent in an archive)
+    if not (copy / "kernels").exists() and kernels.is_dir():
+        shutil.copytree(kernels, copy / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    init = copy / "__init__.py"
     name = "otlabel_baseline"
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)
