@@ -59,6 +59,8 @@ def load_baseline(directory: str):
         shutil.copytree(kernels, copy / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
     init = copy / "__init__.py"
     name = "otlabel_baseline"
+    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:  # an earlier baseline's modules
+        del sys.modules[loaded]
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

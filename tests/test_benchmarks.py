@@ -313,6 +313,28 @@ def test_cpu_readout_benchmark_runs_and_restores_the_read_out(capsys):
     assert "| 300 x 8 | 0.05 |" in out and "read-outs agree" in out, out
 
 
+def test_small_calls_side_by_side_fails_on_a_baseline_that_computes_otherwise(tmp_path, capsys):
+    """benchmarks/small_calls.py with --baseline: this tree's own package passes (labels and codes bitwise equal,
+    ratios to the SwAV loop and to the baseline printed last); a copy whose default tolerance differs fails."""
+    import shutil
+
+    from benchmarks import small_calls
+
+    root = Path(__file__).resolve().parents[1]
+    same, other = tmp_path / "same", tmp_path / "other"
+    for copy in (same, other):
+        shutil.copytree(root / "otlabel", copy / "otlabel", ignore=shutil.ignore_patterns("__pycache__"))
+    solver = other / "otlabel" / "solver.py"
+    solver.write_text(solver.read_text().replace("DEFAULT_TOL = 1e-4", "DEFAULT_TOL = 1e-2"))
+    args = ["--sizes", "20x5", "--seconds", "0.01"]
+    small_calls.main([*args, "--baseline", str(same)])
+    out = capsys.readouterr().out
+    assert "| 20 x 5 | 3 it | 3 |" in out and "bitwise equal to the baseline's in every row" in out, out
+    with pytest.raises(SystemExit, match="1"):
+        small_calls.main([*args, "--baseline", str(other)])
+    assert "differ from the baseline's: 20x5 tol 1e-4" in capsys.readouterr().err
+
+
 def test_cpu_loops_side_by_side_fails_on_a_baseline_that_computes_otherwise(tmp_path, capsys):
     """benchmarks/cpu_loops.py with --baseline: the same module passes (every output bitwise equal, ratios printed
     last); a copy whose exponential floor differs (-80 instead of -87 nats) fails."""
