@@ -65,20 +65,28 @@ def refuse_fully_masked(scores: torch.Tensor, entry: str = "score") -> None:
             raise ValueError(f"infeasible mask: {what} {int(torch.nonzero(full)[0])} has every {entry} -inf, so {fix}")
 
 
-SWAV_ITERATIONS, SELA_ITERATIONS = 3, 100  # the baselines' default max_iter (SwAV's fixed count; a cap for SeLa)
+class DefaultCount(int):
+    """An argument's default count: an ``int``, told apart by identity from the same number passed (a plain ``3`` is
+    CPython's shared small int, so ``max_iter is 3`` cannot tell ``f(x)`` from ``f(x, max_iter=3)``)."""
 
 
-def check_iterations(max_iter, n_iter, function: str, default: int) -> int:
+# the baselines' default max_iter (SwAV's fixed count; a cap for SeLa)
+SWAV_ITERATIONS, SELA_ITERATIONS = DefaultCount(3), DefaultCount(100)
+
+
+def check_iterations(max_iter, n_iter, function: str, default: DefaultCount) -> int:
     """``max_iter``, or ``n_iter`` as it was called up to 0.1.0 (with a FutureWarning: a result's ``n_iter`` is the
-    iterations that ran, where the argument bounds them), checked as a count. ``default``: ``max_iter``'s."""
+    iterations that ran, where the argument bounds them), checked as a count and named as it was passed.
+    ``default``: ``max_iter``'s, the very object in the signature (any other, even equal, was passed)."""
+    name = "max_iter"
     if n_iter is not None:
         if max_iter is not default:
             raise TypeError(f"{function} got both max_iter and n_iter, its old name: pass max_iter alone.")
         warnings.warn(f"{function}(n_iter=...) is now max_iter=..., as in sinkhorn_assign (a result's n_iter is the "
                       "iterations that ran); n_iter= will be removed.", FutureWarning, stacklevel=3)  # fmt: skip
-        max_iter = n_iter
+        max_iter, name = n_iter, "n_iter"
     if not is_number(max_iter, numbers.Integral) or max_iter < 0:
-        raise ValueError(f"max_iter must be an integer >= 0 (the number of iterations), got {described(max_iter)}.")
+        raise ValueError(f"{name} must be an integer >= 0 (the number of iterations), got {described(max_iter)}.")
     return int(max_iter)
 
 

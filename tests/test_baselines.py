@@ -234,3 +234,18 @@ def test_baselines_return_tensors_and_take_max_iter_as_sinkhorn_assign_does():
         assert torch.equal(old, new())
         with pytest.raises(TypeError, match="got both max_iter and n_iter"):
             call(n_iter=7, max_iter=8)
+
+
+def test_n_iter_with_max_iter_at_its_default_is_refused_and_a_bad_n_iter_is_named():
+    """Telling max_iter's default from an explicit value by `is` took max_iter=3 (swav) or 100 (sela) passed with
+    n_iter= as not passed (CPython shares small ints), so the n_iter value won silently where "both" is a TypeError;
+    and a bad n_iter=-1 was reported as "max_iter must be ... got -1", an argument the caller did not pass."""
+    logits = random_problem(20, 4, seed=42, dtype=torch.float64)
+    for call in (lambda **kw: swav_sinkhorn(logits, 0.5, **kw), lambda **kw: sela_sinkhorn(logits, 5.0, **kw)):
+        for default in (3, 100):
+            with pytest.raises(TypeError, match="got both max_iter and n_iter"):
+                call(max_iter=default, n_iter=7)
+        with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"^n_iter must be an integer >= 0 .* -1\."):
+            call(n_iter=-1)
+    assert torch.equal(swav_sinkhorn(logits, 0.5), swav_sinkhorn(logits, 0.5, 3))  # the defaults are still 3 and 100
+    assert torch.equal(sela_sinkhorn(logits, 5.0, tol=None), sela_sinkhorn(logits, 5.0, 100, None))
