@@ -437,8 +437,13 @@ def test_near_ties_and_far_masks_are_not_refused_as_unresolved():
     probabilities whose small entries differ by less than 1e-12 of the largest, and large negative fills standing for
     masks (they leave the largest score as it is; the certificate judges them)."""
     rng = np.random.default_rng(1)
-    near = np.float64(np.float32(0.7)) + np.array([[0.0, 2**-24, 0.3], [2**-24, 0.0, 0.1], [0.0, 0.2, 2**-24]])
-    assert exact_assign(near).labels.tolist() == [2, 0, 1]
+    # Sample 1's float32 scores one and two units apart at 100 (7.6e-6) are below 1e-12 of sample 0's 1e8, and so
+    # would be refused but for NEAR_TIE (float32 units of scores of one size are far above 1e-12 of the largest). The
+    # solvers still resolve them: the best assignment is [2, 1, 0], sample 1 gaining one unit at cluster 1 over 0.
+    unit = 2.0**-17  # float32's spacing at 100
+    near = np.array([[1e8, 1e8 + 8, 1e8 + 16], [100, 100 + unit, 100 + 2 * unit], [0.5, 0.25, 0.75]], np.float32)
+    for kind in (near, near.astype(np.float64), torch.from_numpy(near)):
+        assert exact_assign(kind).labels.tolist() == [2, 1, 0] == exact_plan(kind).labels.tolist()
     probabilities = np.array([[0.9, 1e-17, 3e-17], [3e-17, 0.8, 1e-17], [1e-17, 3e-17, 0.7]])
     assert exact_plan(probabilities).labels.tolist() == [0, 1, 2] == exact_assign(probabilities).labels.tolist()
     filled = rng.random((6, 6))
