@@ -473,9 +473,9 @@ def read_init(args, h: int, k: int, cluster_weights) -> np.ndarray | None:
     refuse_extended_precision(init, named, args.init)
     init = np.array(init)  # read whole (K numbers): --potentials-out may replace the file
     empty = torch.zeros(k, dtype=torch.bool) if cluster_weights is None else torch.from_numpy(cluster_weights == 0)
-    words = dict(named=named, give="the --potentials-out file of a run", same_weights="--init needs the same "
-                 "--cluster-weights", cold="start this run cold (leave out --init) and keep its --potentials-out for "
-                 "the next one")  # fmt: skip
+    words = dict(named=named, give="the --potentials-out file of a run", zero_weights="--init fits only "
+                 "--cluster-weights that are 0 where it is -inf", cold="start this run cold (leave out --init) and "
+                 "keep its --potentials-out for the next one")  # fmt: skip
     try:
         check_potentials(init, h, empty, **words)
     except (TypeError, ValueError) as err:

@@ -400,19 +400,21 @@ def potentials_finite(b, empty) -> torch.Tensor:
     return (masked(b, empty, 0.0).abs() < math.inf).all()
 
 
-# How init= is named in check_potentials' messages, what to give instead and how to start without it (the command line
-# has words of its own: otlabel.cli.read_init)
+# How init= is named in check_potentials' messages, what to give instead, how to keep a -inf one and how to start
+# without it (the command line has words of its own: otlabel.cli.read_init)
 INIT_WORDS = dict(named="init", give="a previous result (or its cluster_potentials)", cold="start cold with init=None",
-                  same_weights="init needs the same cluster_weights")  # fmt: skip
+                  zero_weights="init fits only cluster_weights that are 0 where it is -inf",
+                  patch="set it to a finite value (e.g. the smallest finite potential), ")  # fmt: skip
 
 
 def check_potentials(init: torch.Tensor | np.ndarray, n_heads: int, empty: torch.Tensor, *, named: str, give: str,
-                     cold: str, same_weights: str) -> torch.Tensor:  # fmt: skip
+                     cold: str, zero_weights: str, patch: str = "") -> torch.Tensor:  # fmt: skip
     """The rules of a warm start's potentials, for ``init=`` and the command line's ``--init`` alike (a tensor, or
     the NumPy array read from the file), each in its own words: real floating point; shape (K,) or (H, K); finite for
     every cluster of positive weight (``empty``: (K,) bool, the clusters of weight 0, which may hold -inf). Returns
     them as float64 (H, K) on ``empty``'s device. ``named`` names them, ``give`` says what to give instead, ``cold``
-    how to start without them, ``same_weights`` that the weights must be those of the solve that made them."""
+    how to start without them; for a -inf potential, ``zero_weights`` says which weights it fits and ``patch`` (ending
+    in ", " where given) how to keep the rest of the start."""
     floating = init.dtype.is_floating_point if isinstance(init, torch.Tensor) else init.dtype.kind == "f"
     if not floating:
         raise TypeError(f"{named} holds {str(init.dtype).removeprefix('torch.')} values, not cluster potentials (real "
@@ -430,9 +432,14 @@ def check_potentials(init: torch.Tensor | np.ndarray, n_heads: int, empty: torch
         head, cluster = (int(i) for i in torch.nonzero(~torch.isfinite(init) & ~empty)[0])
         value = float(init[head, cluster])
         where = f"cluster {cluster}" + (f", head {head}" if h > 1 else "")
+        if value == -math.inf:  # what a solve gives a cluster of weight 0
+            fixes = f"{patch}give {give} with these weights, or {cold}"
+            raise ValueError(f"{named} holds -inf for {where}, whose weight is positive: potentials must be finite "
+                             f"there (a solve gives -inf to its clusters of weight 0: {zero_weights}). "
+                             f"{fixes[0].upper()}{fixes[1:]}.")  # fmt: skip
         raise ValueError(f"{named} holds {'NaN' if math.isnan(value) else value} for {where}, whose weight is "
-                         f"positive: potentials must be finite there (a solve with weight 0 for a cluster gives -inf "
-                         f"for it; {same_weights}). Give {give} with these weights, or {cold}.")  # fmt: skip
+                         f"positive: potentials must be finite there. Give {give} with these weights, or "
+                         f"{cold}.")  # fmt: skip
     return init
 
 

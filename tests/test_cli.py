@@ -1143,7 +1143,7 @@ def test_potentials_of_heads_and_clusters_of_weight_zero(tmp_path, capsys):
     assert main([*args, "--cluster-weights", str(tmp_path / "r.npy"), "--init", b]) == EXIT_INPUT
     err = capsys.readouterr().err
     assert f"--init file {b!r} holds -inf for cluster 0, head 0, whose weight is positive" in err, err
-    assert "--init needs the same --cluster-weights" in err and "leave out --init" in err, err
+    assert "--init fits only --cluster-weights that are 0 where it is -inf" in err and "leave out --init" in err, err
 
 
 @pytest.mark.parametrize(

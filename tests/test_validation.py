@@ -1,5 +1,6 @@
 """Bad input gets a specific exception whose message says what is wrong; extreme but valid input works."""
 
+import math
 import re
 import warnings
 
@@ -1336,3 +1337,27 @@ def test_a_huge_score_is_named_by_the_span_error_not_a_cluster_below_it():
     s[:, 2] = -1e9  # a weighted cluster closed by a finite fill is still named, with the note on masks
     with pytest.raises(ValueError, match=r"\(cluster 2, head 0: its best score -1e\+09.* stand for a mask"):
         sinkhorn_assign(s, 0.1)
+
+
+def test_a_non_finite_warm_start_is_told_what_is_true_and_how_to_keep_it():
+    """A -inf potential (a cluster solved with weight 0) given for a cluster of positive weight was told "init needs
+    the same cluster_weights", which is not so (potentials warm-start other positive weights: below), and no longer
+    the way to keep the warm start, a finite value for that cluster (e.g. the smallest finite potential), which
+    check_init gave before check_potentials took its words; a NaN got the weight-0 story too. Now: -inf fits only
+    weights that are 0 there, and the fix is given (and works); NaN gets neither."""
+    s = random_problem(60, 4, seed=43)
+    zero = sinkhorn_assign(s, 0.1, cluster_weights=[0.0, 0.3, 0.3, 0.4])
+    other = sinkhorn_assign(s, 0.1, init=sinkhorn_assign(s, 0.1, cluster_weights=[0.1, 0.2, 0.3, 0.4]))
+    assert other.converged  # a start solved with other (positive) weights is taken
+    with pytest.raises(ValueError) as told:
+        sinkhorn_assign(s, 0.1, init=zero)
+    message = str(told.value)
+    assert message.startswith("init holds -inf for cluster 0, whose weight is positive") and "same" not in message
+    assert "init fits only cluster_weights that are 0 where it is -inf" in message, message
+    assert "Set it to a finite value (e.g. the smallest finite potential), give a previous" in message, message
+    b = zero.cluster_potentials.clone()
+    b[0] = b[1:].min()  # as told
+    assert sinkhorn_assign(s, 0.1, init=b).converged
+    with pytest.raises(ValueError, match="^init holds NaN for cluster 1") as told:
+        sinkhorn_assign(s, 0.1, init=torch.tensor([0.0, math.nan, 0.0, 0.0]))
+    assert "-inf" not in str(told.value) and "weight 0" not in str(told.value), str(told.value)
