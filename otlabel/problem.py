@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import sys
 import warnings
 from contextlib import ExitStack, contextmanager
@@ -312,7 +313,8 @@ def field_command(path: str, field: list[str], floating: bool, dtype: str) -> tu
     import shlex
     import sys
 
-    stem, n = os.path.splitext(path)[0] + "_" + "_".join(field), 0
+    # a field's name may hold anything ('a/b' would name a folder): in the file's name, only [A-Za-z0-9_.-] are kept
+    stem, n = os.path.splitext(path)[0] + "_" + "_".join(re.sub(r"[^A-Za-z0-9_.-]", "_", f) for f in field), 0
     while os.path.exists(new := f"{stem}{f'_{n}' if n else ''}.npy"):
         n += 1
     # JSON strings are Python string literals too, in double quotes: the program then needs no quotes of the shell's

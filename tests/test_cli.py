@@ -1380,3 +1380,19 @@ def test_weights_of_the_other_length_on_heads_are_told_to_save_h_n_k(tmp_path, c
     transposed = run_block_advice(err, tmp_path / "s.npy")
     assert np.load(transposed).shape == (2, 40, 5)
     np.testing.assert_array_equal(np.load(transposed), np.swapaxes(hkn, -1, -2))
+
+
+@pytest.mark.parametrize("field", ["a/b", "x y"])
+def test_records_advice_names_a_file_its_command_can_write_whatever_the_field_is_called(field, scores_file, tmp_path,
+                                                                                        capsys):  # fmt: skip
+    """The file the records advice names is <name>_<field>.npy: a field called 'a/b' (NumPy allows any name) made it
+    rec_a/b.npy, in a folder that does not exist, and the printed command failed (FileNotFoundError). The field's
+    name now goes into the file name with characters other than letters, digits, '.', '-' and '_' replaced by '_'."""
+    records = np.zeros((N, K), [("id", "<i8"), (field, "<f4")])
+    records[field] = random_problem(N, K, seed=5).numpy()
+    np.save(tmp_path / "rec.npy", records)
+    assert main(["assign", str(tmp_path / "rec.npy"), "--epsilon", "0.5", "--out", str(tmp_path / "y.npy")]) == 2
+    advised = re.search(r"give that file \((.*?)\) in its place\. In a shell: (.*)$", capsys.readouterr().err.strip())
+    assert advised and advised[1] == str(tmp_path / f"rec_{field[0]}_{field[-1]}.npy"), advised
+    subprocess.run(advised[2], shell=True, check=True, cwd="/")
+    np.testing.assert_array_equal(np.load(advised[1]), records[field])
