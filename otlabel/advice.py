@@ -22,13 +22,20 @@ from .entry import user_stacklevel
 
 # epsilon above the whole range of the scores (largest - smallest, over every sample and cluster): S / eps then
 # differs by less than 1 nat anywhere, and each code lies within a factor e^(2 range / eps) of its cluster's weight
-# (b - log r lies within range / eps of one value). In a sweep of random-normal scores (N x K from 4 x 2 to
-# 4,096 x 100) the codes then kept 0.003-1.6% of the information of a hard assignment (their KL divergence from the
-# weights, in units of log K), and the labels were as unbalanced as an argmax of the column-centred scores (largest
-# cluster 1.2-1.5x its share, 1.0-1.12x at eps 0.05). The range is the extremes': ~10 standard deviations of the
-# scores for a large problem, so typical scores differ by a tenth of epsilon there. SwAV's eps 0.05 on cosine
-# similarities, or logits at 0.05-0.1, warn only where every score lies within 0.05-0.1 of every other.
+# (b - log r lies within range / eps of one value). In a sweep of random-normal scores (N x K from 64 x 2 to
+# 4,096 x 100, 5 draws each, epsilon at their range) the codes then kept 0.1-1.5% of the information of a hard
+# assignment (their KL divergence from the weights, in units of log K), and the labels were as unbalanced as an
+# argmax of the column-centred scores (largest cluster 1.03-2.5x its share; 1.0-1.5x at epsilon 0.05, 16 x 8 the
+# least even, where a share is 2 samples). The range is the extremes': ~10 standard deviations of the scores for a
+# large problem, so typical scores differ by a tenth of epsilon there. SwAV's eps 0.05 on cosine similarities, or
+# logits at 0.05-0.1, warn only where every score lies within 0.05-0.1 of every other.
 NEAR_UNIFORM_RANGE = 1.0  # range / epsilon below this: the warning
+# ... judged from this many scores (N x K, per head) on. Fewer span only a few standard deviations, and legitimate
+# ones fall under epsilon by chance: 2 x 2 unit-normal logits at epsilon 1 one time in 9, 4 x 2 cosines of 2,048-d
+# features at SwAV's 0.05 one time in 4, and there a plan within a factor e^2 of its weights can still label every
+# sample right (2 x 2: up to 16% of a hard assignment's information). Of 128 normal scores with a standard deviation
+# of 0.3 epsilon, 5 in 200,000 draws spanned less than epsilon (0.44 epsilon, SwAV's 2,048-d cosines: none).
+RANGE_JUDGED_FROM = 128
 ROW_SUM_RTOL = 1e-3  # rows within this (plus 4 units of rounding of the scores' dtype) of 1 sum to 1
 
 
@@ -150,7 +157,8 @@ def warn_about_scores(summary: ScoreSummary | None, epsilon: float, n_clusters: 
             warnings.warn(collapse_message(summary, largest_weight), InputWarning, stacklevel=level)
             return  # (an epsilon above their range is that collapse)
     spread = summary.highest - summary.lowest
-    if summary.n_samples >= 2 and spread < NEAR_UNIFORM_RANGE * epsilon:  # (a -inf mask: inf, never)
+    judged = summary.n_samples >= 2 and summary.n_samples * n_clusters >= RANGE_JUDGED_FROM
+    if judged and spread < NEAR_UNIFORM_RANGE * epsilon:  # (a -inf mask: inf, never)
         warnings.warn(epsilon_message(summary, epsilon, features), InputWarning, stacklevel=level)
 
 

@@ -313,3 +313,34 @@ def test_the_command_line_prints_them(tmp_path, capsys):
             assert err == ""
         else:
             assert err.startswith("otlabel: warning: ") and said in err and "filterwarnings" not in err, err
+
+
+def small_problems_within_epsilon():
+    """(name, scores, epsilon) of fewer than 128 scores whose whole range lies below epsilon, used as meant."""
+    g = torch.Generator().manual_seed(9)
+    z = torch.nn.functional.normalize(torch.randn(4, 2048, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(2, 2048, generator=g), dim=1)
+    # cosines of 2,048-d features (standard deviation ~0.022): 8 of them span under 0.05 one time in 4
+    swav = z @ c.T  # (a range of 0.042)
+    # 4 draws of a unit normal span under 1 one time in 9, 8 draws one in 270
+    logits_2x2 = torch.tensor([[-0.3, 0.2], [0.4, -0.1]])
+    logits_4x2 = torch.tensor([[0.1, -0.3], [0.5, 0.2], [-0.2, 0.4], [0.3, -0.1]])
+    return [
+        ("swav cosines 4 x 2, eps 0.05", swav, 0.05),
+        ("logits 2 x 2, eps 1", logits_2x2, 1.0),
+        ("logits 4 x 2, eps 1", logits_4x2, 1.0),
+    ]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_small_problems_are_not_judged_by_their_range(entry):
+    """Below 128 scores the range is no measure of their spread: a few legitimate scores span less than epsilon by
+    chance, and their plan can still mean something (each 2 x 2 sample goes to the cluster it prefers)."""
+    for name, s, eps in small_problems_within_epsilon():
+        assert float(s.max() - s.min()) < eps, name  # what made these warn
+        assert input_warnings(entry, s, eps, warn=False) == [], name
+    res = entry(torch.tensor([[-0.45, 0.45], [0.45, -0.45]]), 1.0, warn=False)
+    assert res.labels.tolist() == [1, 0]  # a range of 0.9 under epsilon 1, and the right labels
+    # from 128 scores on, SeLa's lambda as epsilon is said (64 x 2 logits at epsilon 25)
+    said = input_warnings(entry, logits(64, 2, seed=10), 25.0, warn=False)
+    assert len(said) == 1 and LAMBDA in said[0], said
