@@ -344,3 +344,14 @@ def test_small_problems_are_not_judged_by_their_range(entry):
     # from 128 scores on, SeLa's lambda as epsilon is said (64 x 2 logits at epsilon 25)
     said = input_warnings(entry, logits(64, 2, seed=10), 25.0, warn=False)
     assert len(said) == 1 and LAMBDA in said[0], said
+
+
+def test_merged_blocks_keep_one_row_only_where_their_rows_are_equal():
+    """Blocks (chunks, ranges) whose rows are each alike, with the same extremes: one row only where it is the same."""
+    from otlabel.advice import ScoreSummary
+
+    row = torch.tensor([[0.0, 1.0, 2.0]])
+    first = ScoreSummary(0.0, 2.0, 10, row=row, alike=(0.0, 2.0))
+    assert first.merged(ScoreSummary(0.0, 2.0, 5, row=row.clone(), alike=(0.0, 2.0))).row is not None
+    flipped = ScoreSummary(0.0, 2.0, 5, row=row.flip(-1), alike=(0.0, 2.0))  # the same extremes, another row
+    assert first.merged(flipped).row is None and first.merged(flipped).n_samples == 15
