@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cached
 from .backends import make_operator
 from .problem import Problem, check_score_values, extremes_from_values, extremes_on_device
 
@@ -161,8 +162,10 @@ def record_cuda_graph(body: Callable[[], tuple], device: torch.device):
 def capture(problem: Problem, max_iter: int, omega: float) -> CapturedSolve:
     """Build the body over fresh buffers and record it. Outside inference mode, whatever the caller's: every later call
     refills the buffers, and one outside inference mode could not write inference tensors (a first call under
-    ``torch.inference_mode()``, say in evaluation, made every later call of that shape raise)."""
-    with torch.inference_mode(False), torch.no_grad():
+    ``torch.inference_mode()``, say in evaluation, made every later call of that shape raise). With constants of its
+    own (:func:`otlabel.cached.not_kept`): the graph reads them by address, and one of the cache's, evicted after
+    ``MAX_ENTRIES`` others, would be freed under it (the clusters' count, which the centring divides by)."""
+    with torch.inference_mode(False), torch.no_grad(), cached.not_kept():
         body = SolveBody(problem, max_iter, omega)
         replay, outputs, graph = recorder_for(problem.scores.device)(body.run, problem.scores.device)
     return CapturedSolve(body, replay, *outputs, graph)

@@ -188,6 +188,33 @@ def test_a_warm_start_and_features_mode_are_refused(recorder):
         sinkhorn_assign(features=torch.randn(9, 4), prototypes=torch.randn(3, 4), cuda_graph=True)
 
 
+def test_a_capture_makes_its_own_constants(recorder, monkeypatch):
+    """A graph reads its tensors by address at every replay. The captured solve took the clusters' count (the
+    centring divides by it) from otlabel.cached, which frees an entry after MAX_ENTRIES others: a replay then read
+    freed memory (a count of 0: NaN potentials). The counts made while recording are the capture's own."""
+    from otlabel import cached, solver
+
+    made, of = [], solver.ClusterMarginal.of.__func__
+
+    def spy(cls, *args, **kwargs):
+        marginal = of(cls, *args, **kwargs)
+        made.append(marginal.count)
+        return marginal
+
+    def capture(*args, **kwargs):  # the counts made while recording (the stand-in's replays run the body again)
+        entry = original_capture(*args, **kwargs)
+        made.append(None)
+        return entry
+
+    original_capture = graphs.capture
+    monkeypatch.setattr(solver.ClusterMarginal, "of", classmethod(spy))
+    monkeypatch.setattr(graphs, "capture", capture)
+    s = scores(9)
+    sinkhorn_assign(s, EPS, cuda_graph=True, max_iter=3, tol=None, backend="triton")
+    recorded, kept = made[: made.index(None)], cached.count(s.shape[-1], s.device)
+    assert recorded and not any(count is kept for count in recorded), len(recorded)
+
+
 def test_cpu_scores_are_refused_without_the_stand_in():
     if DEVICE == "cuda":
         pytest.skip("the refusal is for CPU scores")

@@ -10,6 +10,8 @@ marginal error from the pass's log-sum-exp, and the finiteness check read from t
 
 import collections
 import math
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -131,6 +133,46 @@ def test_constants_kept_per_size_are_made_outside_inference_mode():
     assert not any(t.is_inference() for t in (kept, as_float32, cached.count(3, cpu)))
     big = cached.MAX_CACHED_SIZE + 1
     assert cached.uniform_weights(big, cpu) is not cached.uniform_weights(big, cpu)
+
+
+def test_constants_for_a_device_without_an_index_are_not_kept():
+    """'cuda' means the current device, which may differ from one call to the next (torch.cuda.set_device, a thread
+    per GPU): a tensor kept under 'cuda' was made on cuda:0 and handed to a later call meant for cuda:1
+    (sinkhorn_assign_stream(..., device='cuda') passes the device as named). Such devices are not kept; shown with
+    the meta device, which has no index either. The CPU's are kept."""
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    assert cached.uniform_weights(7, meta) is not cached.uniform_weights(7, meta)
+    assert cached.uniform_weights(7, meta, torch.float32, log=True) is not cached.uniform_weights(7, meta, log=True)
+    assert cached.count(7, meta) is not cached.count(7, meta)
+    assert cached.uniform_weights(7, cpu) is cached.uniform_weights(7, cpu)
+    assert cached.count(7, cpu) is cached.count(7, cpu)
+
+
+def test_constants_made_inside_not_kept_are_the_callers_own():
+    """Inside cached.not_kept() (a CUDA graph's capture) every constant is new and the cache is left as it was."""
+    cpu = torch.device("cpu")
+    kept = cached.uniform_weights(9, cpu)
+    with cached.not_kept():
+        own = cached.uniform_weights(9, cpu)
+        assert own is not kept and cached.count(9, cpu) is not cached.count(9, cpu)
+        assert cached.uniform_weights(4111, cpu) is not cached.uniform_weights(4111, cpu)
+    assert torch.equal(own, kept) and cached.uniform_weights(9, cpu) is kept
+    assert ("uniform", 4111, cpu, torch.float64, False) not in cached._ENTRIES
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_while_the_cache_is_locked_can_still_make_constants():
+    """A fork (a DataLoader's workers) while another thread held the cache's lock left the child's copy held for good:
+    its first solve of a size not kept yet hung. The child gets a lock of its own."""
+    child = multiprocessing.get_context("fork").Process(target=cached.uniform_weights, args=(4103, torch.device("cpu")))
+    with cached._LOCK:  # as another thread would hold it
+        child.start()
+    child.join(timeout=30)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+        child.join()
+    assert not hung and child.exitcode == 0, "the forked child hung on the cache's lock" if hung else child.exitcode
 
 
 def test_the_marginal_error_from_the_log_sum_exp_is_the_definition():
