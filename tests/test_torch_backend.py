@@ -816,6 +816,19 @@ def test_cached_kernel_steps_without_masks_are_bitwise_the_general_ones(monkeypa
     assert torch.equal(potentials, general[2]) and errors == general[3], (errors, general[3])
 
 
+def test_a_cold_start_that_underflows_a_reachable_cluster_asks_the_exact_pass():
+    """Cluster 1's best sample has weight 0, and the others score it 200 nats (10 / 0.05) below their best: the cold
+    start's float32 weights on those rows underflow and its column sum is 0. Every cluster is reachable, so the
+    branch that skips the masking takes the cold start; without its underflow test there, the solve raised 'Sinkhorn
+    potentials became non-finite' (checked by removing it: no other test failed). It asks the exact pass instead."""
+    scores = torch.tensor([[0.0, 10.0], [10.0, 0.0], [9.0, -1.0]])
+    weights = torch.tensor([0.0, 0.5, 0.5])
+    res = sinkhorn_assign(scores, 0.05, sample_weights=weights, backend="torch", max_iter=50)
+    ref = sinkhorn_assign(scores, 0.05, sample_weights=weights, backend="reference", max_iter=50)
+    assert isinstance(res._operator, CachedKernelOperator) and res._operator.all_reachable and res.converged
+    assert_close(res.cluster_potentials, ref.cluster_potentials, atol=1e-5, rtol=1e-7, what="potentials")
+
+
 def test_one_set_of_options_serves_every_entry_point():
     """The same keyword arguments go to sinkhorn_assign, sinkhorn_assign_stream and sinkhorn_assign_sharded (one
     process, no group): no TypeError for an option one of them lacks, and the same answer from all three."""
