@@ -1338,6 +1338,67 @@ def test_concurrent_cpu_solves_keep_the_processs_thread_count():
         torch.set_num_threads(saved)
 
 
+def test_a_cpu_solve_gives_mkl_its_dynamic_threads_flag_back():
+    """torch.set_num_threads turns MKL's dynamic threads off for good, so restoring the caller's thread count left MKL
+    running every later call on all threads: after one solve, the caller's float32 exp of 64 x 10 (MKL VML) opened an
+    OpenMP region, 6.5 ms (median) instead of 4 us on a busy 2-core machine (benchmarks/threads_after_solve.py). The
+    flag is now what the solve found, on or off; the thread count too."""
+    from otlabel.backends import torch_backend
+
+    found = torch_backend.mkl_dynamic()
+    if found is None:
+        pytest.skip("MKL's dynamic-threads flag cannot be read in this torch build")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for flag in (True, False):
+            torch_backend.set_mkl_dynamic(flag)
+            sinkhorn_assign(cosine_scores(64, 10, seed=5), 0.05)
+            assert torch_backend.mkl_dynamic() is flag
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+        torch_backend.set_mkl_dynamic(found)
+
+
+def test_concurrent_cpu_solves_give_mkl_its_dynamic_threads_flag_back_when_the_last_ends():
+    """MKL's flag is process-wide, and a thread's first torch call sets torch's count again (the count last set
+    anywhere), which turns the flag off: read after the solve's own first call, a solve begun on a new thread found the
+    flag off and gave back off. Solves on two new threads, B entering while A is inside, A leaving first: the flag is
+    given back as it was before them."""
+    import threading
+
+    from otlabel.backends import torch_backend
+
+    found = torch_backend.mkl_dynamic()
+    if found is None:
+        pytest.skip("MKL's dynamic-threads flag cannot be read in this torch build")
+    cpu, saved = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch_backend.set_mkl_dynamic(True)
+    inside, a_left = threading.Barrier(2), threading.Event()
+
+    def solve(name):
+        with torch_backend.caller_on_one_thread(cpu):
+            inside.wait(timeout=10)
+            if name == "a":
+                return
+            a_left.wait(timeout=10)
+
+    try:
+        a, b = (threading.Thread(target=solve, args=(name,)) for name in ("a", "b"))
+        a.start()
+        b.start()
+        a.join(timeout=20)
+        a_left.set()
+        b.join(timeout=20)
+        assert not a.is_alive() and not b.is_alive()
+        assert torch_backend.mkl_dynamic() is True
+    finally:
+        torch.set_num_threads(saved)
+        torch_backend.set_mkl_dynamic(found)
+
+
 def test_the_column_maxima_are_computed_once_per_solve(monkeypatch):
     """Validation computes the scores' column maxima; the CPU cached-kernel operator starts from the same (H, K)
     values rather than a second pass over the scores (18 ms at 100,000 x 1,000), with epsilon scaling too."""

@@ -22,10 +22,13 @@ Two operators share one interface:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -518,6 +521,41 @@ _SOLVE = threading.local()  # .workers: the worker pool's size while caller_on_o
 _SOLVES_LOCK = threading.Lock()
 _ACTIVE_SOLVES = 0  # CPU solves inside caller_on_one_thread, in any thread
 _SOLVES_THREADS = 1  # the thread count the first of them read: theirs while any runs
+_SOLVES_MKL_DYNAMIC: bool | None = None  # MKL's dynamic-threads flag as the first of them found it, for the last
+
+
+@functools.cache
+def _mkl_service():
+    """MKL's dynamic-threads flag as a (read, write) pair of C functions from the MKL linked into torch, or None where
+    torch carries no MKL or its library does not export them (MKL is linked statically; reading the flag takes MKL's
+    service-layer ``mkl_serv_get_dynamic``, as ``mkl_get_dynamic`` is not exported)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    lib = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        if (lib / name).is_file():
+            try:
+                found = ctypes.CDLL(str(lib / name))
+                read, write = found.mkl_serv_get_dynamic, found.MKL_Set_Dynamic  # int (void); void (int)
+            except (OSError, AttributeError):
+                return None
+            read.restype, read.argtypes, write.restype, write.argtypes = ctypes.c_int, [], None, [ctypes.c_int]
+            return read, write
+    return None
+
+
+def mkl_dynamic() -> bool | None:
+    """Whether MKL may run fewer threads than its count on small inputs (``MKL_DYNAMIC``; on until anything calls
+    ``torch.set_num_threads``, which turns it off); None where it cannot be read (see :func:`_mkl_service`)."""
+    service = _mkl_service()
+    return None if service is None else bool(service[0]())
+
+
+def set_mkl_dynamic(on: bool) -> None:
+    """Set MKL's dynamic-threads flag (:func:`mkl_dynamic`); nothing where it cannot be read."""
+    service = _mkl_service()
+    if service is not None:
+        service[1](int(on))
 
 
 @contextlib.contextmanager
@@ -536,13 +574,21 @@ def caller_on_one_thread(device: torch.device):
     Concurrent solves (several threads) share one count: torch gives a thread, on its first call, the count last set
     anywhere, so a solve begun while another held it at 1 read 1, split its passes into one range (rounding
     differently from the same solve alone: codes 1.9e-5 apart) and, ending last, restored 1 for good. The count read
-    by the first of the solves running at once serves them all, and each restores it on its own thread."""
+    by the first of the solves running at once serves them all, and each restores it on its own thread.
+
+    ``torch.set_num_threads`` also turns MKL's dynamic threads off, for good: MKL then runs every call on all threads,
+    so after the first solve a float32 ``exp`` of 64 x 10 (MKL VML) or a float64 ``exp`` of 100 opened an OpenMP
+    region, and on the busy 2-core VM took 6.5 ms (median) instead of 4 us, in the caller's every later step. The last
+    of the solves running at once gives MKL the flag the first one found (:func:`mkl_dynamic`)."""
     if device.type != "cpu" or getattr(_SOLVE, "workers", None) is not None:
         yield
         return
-    global _ACTIVE_SOLVES, _SOLVES_THREADS
+    global _ACTIVE_SOLVES, _SOLVES_THREADS, _SOLVES_MKL_DYNAMIC
     with _SOLVES_LOCK:
         if _ACTIVE_SOLVES == 0:
+            # the flag first: a thread's first torch call (get_num_threads here) sets the count last set anywhere,
+            # and with it turns the flag off
+            _SOLVES_MKL_DYNAMIC = mkl_dynamic()
             _SOLVES_THREADS = torch.get_num_threads()
         _ACTIVE_SOLVES += 1
         threads = _SOLVES_THREADS
@@ -554,11 +600,14 @@ def caller_on_one_thread(device: torch.device):
     finally:
         # A child forked inside the solve (from its callback) keeps one thread: the parent's count over its own
         # torch.set_num_threads(1) hung it in its next OpenMP operation (torch's own hang after fork)
-        if os.getpid() == pid:
+        here = os.getpid() == pid
+        if here:
             torch.set_num_threads(threads)
         _SOLVE.workers = None
         with _SOLVES_LOCK:
             _ACTIVE_SOLVES -= 1
+            if here and _ACTIVE_SOLVES == 0 and _SOLVES_MKL_DYNAMIC is not None:  # after every solve's set_num_threads
+                set_mkl_dynamic(_SOLVES_MKL_DYNAMIC)
 
 
 def _forget_other_threads_solves() -> None:
