@@ -579,7 +579,10 @@ def caller_on_one_thread(device: torch.device):
     ``torch.set_num_threads`` also turns MKL's dynamic threads off, for good: MKL then runs every call on all threads,
     so after the first solve a float32 ``exp`` of 64 x 10 (MKL VML) or a float64 ``exp`` of 100 opened an OpenMP
     region, and on the busy 2-core VM took 6.5 ms (median) instead of 4 us, in the caller's every later step. The last
-    of the solves running at once gives MKL the flag the first one found (:func:`mkl_dynamic`)."""
+    of the solves running at once gives MKL the flag the first one found (:func:`mkl_dynamic`). Not durably for threads
+    started later: once any count has been set, torch gives a thread, at its first parallel operation, that count
+    through ``set_num_threads``, which turns the flag off again; a solve on such a thread finds it off and leaves it
+    so (the caller can call :func:`set_mkl_dynamic` after starting its threads)."""
     if device.type != "cpu" or getattr(_SOLVE, "workers", None) is not None:
         yield
         return
