@@ -127,6 +127,14 @@ def block_summary(scores: torch.Tensor, lowest: float, highest: float, rows_alik
     return ScoreSummary(low, high, scores.shape[1], probabilities, row, None if row is None else (low, high))
 
 
+def checked_rows_summary(scores: torch.Tensor, extremes, dtype: torch.dtype, scale: float = 1.0) -> ScoreSummary:
+    """:func:`block_summary` of a block from the extremes :func:`~otlabel.problem.check_rows` read with its checks:
+    ``(min_lo, min_hi, max_lo, max_hi)``, the smallest and largest of the rows' minima and of their maxima (the rows
+    may all be alike only where both are one value each)."""
+    min_lo, min_hi, max_lo, max_hi = extremes
+    return block_summary(scores, min_lo, max_hi, min_lo == min_hi and max_lo == max_hi, dtype, scale=scale)
+
+
 def dense_summary(scores: torch.Tensor, extremes, has_zero_weights: bool) -> ScoreSummary | None:
     """:func:`block_summary` of whole scores (H, N, K) from the extremes their checks read
     (:class:`~otlabel.problem.ScoreExtremes`): every row alike is possible where there are two samples or more, the

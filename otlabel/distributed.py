@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .advice import ScoreSummary, block_summary, bound_summary, warn_about_scores
+from .advice import ScoreSummary, bound_summary, checked_rows_summary, warn_about_scores
 from .backends import check_backend_name, make_operator, resolve_backend
 from .backends.base import ScoreOperator
 from .entry import entry_point, user_stacklevel
@@ -644,9 +644,7 @@ class DenseShard:
                                  batched=self.batched, epsilon=epsilon, from_features=from_features,
                                  extremes=extremes)  # fmt: skip
         self.masked = masked_rows is not None  # a -inf for a weighted cluster: Hall's condition needs this shard
-        min_lo, min_hi, max_lo, max_hi = extremes
-        self.summary = block_summary(self.scores, min_lo, max_hi, min_lo == min_hi and max_lo == max_hi,
-                                     self.scores.dtype)  # fmt: skip
+        self.summary = checked_rows_summary(self.scores, extremes, self.scores.dtype)
         resolve_backend(backend, self.problem(1.0, None))  # an unusable backend fails here, before any collective
 
     def problem(self, epsilon, sample_weights) -> Problem:

@@ -30,7 +30,7 @@ from concurrent.futures import FIRST_EXCEPTION, wait
 import numpy as np
 import torch
 
-from .advice import block_summary, merge_all, warn_about_scores
+from .advice import checked_rows_summary, merge_all, warn_about_scores
 from .backends.torch_backend import (
     NEG_INF,
     LogDomainOperator,
@@ -261,9 +261,7 @@ class StreamingOperator(LogDomainOperator):
                                 batched=self.source.batched, from_features=from_features,
                                 features=getattr(self.source, "features", None), epsilon=self.epsilon,
                                 given_rows=lambda rows=rows: self.source.chunk(rows), extremes=extremes)  # fmt: skip
-            min_lo, min_hi, max_lo, max_hi = extremes
-            summaries.append(block_summary(x, min_lo, max_hi, min_lo == min_hi and max_lo == max_hi, self.source.dtype,
-                                           scale=self.epsilon))  # fmt: skip
+            summaries.append(checked_rows_summary(x, extremes, self.source.dtype, scale=self.epsilon))
             if patterns is not None:
                 collect_masks(patterns, x, masked, self.sample_mass[rows])  # for Hall's condition, decided at the end
             col_max = torch.maximum(col_max, column_max(x))
