@@ -1047,11 +1047,19 @@ def test_small_in_memory_passes_run_on_the_callers_thread(monkeypatch):
     assert_close(small.codes, split.codes, atol=1e-6, what="codes")
 
 
-def test_the_loop_runs_torch_on_one_thread_on_the_callers_thread():
+@pytest.mark.parametrize("scoped", [True, False], ids=["own thread", "process-wide"])
+def test_the_loop_runs_torch_on_one_thread_on_the_callers_thread(scoped, monkeypatch):
     """Found hunting CPU cliffs: on a busy machine each small op that opens an OpenMP region (float64 exp/log on a
     K-vector, the Anderson products) waited ~5 ms for its threads; a 256 x 100 solve took 85 ms (median, 2 busy
     processes on 2 cores) against 25 ms. The loop now runs torch on one thread (the callback sees it) and restores
-    the caller's setting after, also when the callback raises; the passes keep their two workers (see above)."""
+    the caller's setting after, also when the callback raises; the passes keep their two workers (see above). Both
+    ways of setting it: for the caller's thread alone, and torch's process-wide count where the former is not found."""
+    from otlabel.backends import torch_backend
+
+    if not scoped:
+        monkeypatch.setattr(torch_backend, "_thread_counts", lambda: None)
+    elif torch_backend._thread_counts() is None:
+        pytest.skip("this torch build's OpenMP runtime is not reachable: solves set torch's count process-wide")
 
     class Stop(Exception):
         pass
@@ -1074,6 +1082,71 @@ def test_the_loop_runs_torch_on_one_thread_on_the_callers_thread():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
+
+
+def test_a_thread_started_during_a_solve_keeps_the_processs_thread_count():
+    """Found reviewing the solve's thread handling: it set torch's count with ``torch.set_num_threads(1)``, which is
+    process-wide (a thread takes, at its first torch call, the count last set anywhere), so a thread started during a
+    solve (a data loader's, a prefetcher) took 1 and kept it after the solve: 1 instead of 2, its own ops on one thread
+    for good. The solve now sets the count for its own thread alone; such a thread takes the caller's count."""
+    import threading
+
+    from otlabel.backends import torch_backend
+
+    if torch_backend._thread_counts() is None:
+        pytest.skip("this torch build's OpenMP runtime is not reachable: solves set torch's count process-wide")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    solved, seen = threading.Event(), {}
+
+    def user_thread():
+        seen["during"] = torch.get_num_threads()  # its first torch call, inside the solve
+        started.set()
+        solved.wait(timeout=20)
+        seen["after"] = torch.get_num_threads()
+
+    started = threading.Event()
+    other = threading.Thread(target=user_thread)
+
+    def start_it(it, err):
+        if it == 1:
+            other.start()
+            assert started.wait(timeout=20)
+            seen["solve"] = torch.get_num_threads()
+
+    try:
+        sinkhorn_assign(cosine_scores(64, 10, seed=5), 0.05, max_iter=2, tol=None, callback=start_it)
+        solved.set()
+        other.join(timeout=20)
+        assert seen == {"solve": 1, "during": 2, "after": 2}, seen
+        assert torch.get_num_threads() == 2
+    finally:
+        solved.set()
+        torch.set_num_threads(saved)
+
+
+def test_the_pool_workers_run_torch_on_one_thread(monkeypatch):
+    """Each worker runs its range beside the others: torch on one thread there. It was the process-wide 1 the solve
+    set; the solve now sets only its own thread's, and each worker of a new pool sets its own when it starts."""
+    import threading
+
+    from otlabel.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_POOL", None)  # new workers
+    saved, seen = torch.get_num_threads(), set()
+    torch.set_num_threads(2)
+
+    def ranged(lo, hi):
+        seen.add((threading.current_thread().name.startswith("otlabel"), torch.get_num_threads()))
+        threading.Event().wait(0.05)  # each range on its own worker
+
+    try:
+        with torch_backend.caller_on_one_thread(torch.device("cpu")):
+            pool = torch_backend.worker_pool()
+            torch_backend.map_pool_ranges(pool, ranged, 1000)
+    finally:
+        torch.set_num_threads(saved)
+    assert pool._max_workers == 2 and seen == {(True, 1)}, seen
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -525,23 +525,75 @@ _SOLVES_MKL_DYNAMIC: bool | None = None  # MKL's dynamic-threads flag as the fir
 
 
 @functools.cache
-def _mkl_service():
-    """MKL's dynamic-threads flag as a (read, write) pair of C functions from the MKL linked into torch, or None where
-    torch carries no MKL or its library does not export them (MKL is linked statically; reading the flag takes MKL's
-    service-layer ``mkl_serv_get_dynamic``, as ``mkl_get_dynamic`` is not exported)."""
-    if not torch.backends.mkl.is_available():
-        return None
+def _torch_cpu_library() -> ctypes.CDLL | None:
+    """torch's own CPU library, through which the C functions of the OpenMP runtime and the MKL it is linked to are
+    found (a symbol looked up in a loaded library is searched in its dependencies too: the very libgomp torch runs on,
+    not another copy); None where it is not found."""
     lib = Path(torch.__file__).parent / "lib"
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
         if (lib / name).is_file():
             try:
-                found = ctypes.CDLL(str(lib / name))
-                read, write = found.mkl_serv_get_dynamic, found.MKL_Set_Dynamic  # int (void); void (int)
-            except (OSError, AttributeError):
+                return ctypes.CDLL(str(lib / name))
+            except OSError:
                 return None
-            read.restype, read.argtypes, write.restype, write.argtypes = ctypes.c_int, [], None, [ctypes.c_int]
-            return read, write
     return None
+
+
+@functools.cache
+def _mkl_service():
+    """MKL's dynamic-threads flag as a (read, write) pair of C functions from the MKL linked into torch, or None where
+    torch carries no MKL or its library does not export them (MKL is linked statically; reading the flag takes MKL's
+    service-layer ``mkl_serv_get_dynamic``, as ``mkl_get_dynamic`` is not exported)."""
+    found = _torch_cpu_library() if torch.backends.mkl.is_available() else None
+    try:
+        read, write = found.mkl_serv_get_dynamic, found.MKL_Set_Dynamic  # int (void); void (int)
+    except AttributeError:  # None included
+        return None
+    read.restype, read.argtypes, write.restype, write.argtypes = ctypes.c_int, [], None, [ctypes.c_int]
+    return read, write
+
+
+def _thread_counts_probe(set_omp) -> bool:
+    """Whether torch follows this thread's OpenMP count as set through ``set_omp``: its count moved by one and back."""
+    own = torch.get_num_threads()  # torch's first-call setup of this thread first: it would overwrite the count
+    set_omp(own + 1)
+    followed = torch.get_num_threads() == own + 1
+    set_omp(own)
+    return followed
+
+
+@functools.cache
+def _thread_counts():
+    """This thread's own intra-op thread counts as a pair of C functions, ``(omp_set_num_threads,
+    MKL_Set_Num_Threads_Local)``, the second None without MKL; None where they are not found or torch does not follow
+    them (another parallel backend than OpenMP), and the solve then sets torch's count, process-wide.
+
+    ``torch.set_num_threads`` is process-wide: it also sets the count that every thread takes at its first torch call,
+    so a thread the caller started during a solve (a data loader's, a prefetcher) took 1 and kept it for good. The
+    OpenMP count and MKL's thread-local one (what ``torch.set_num_threads`` sets on its own thread besides) hold for the
+    calling thread alone, and set neither MKL's dynamic-threads flag nor the count new threads take."""
+    found = _torch_cpu_library()
+    try:
+        set_omp = found.omp_set_num_threads  # void (int)
+    except AttributeError:  # None included
+        return None
+    set_omp.restype, set_omp.argtypes = None, [ctypes.c_int]
+    set_mkl = getattr(found, "MKL_Set_Num_Threads_Local", None) if torch.backends.mkl.is_available() else None
+    if set_mkl is not None:
+        set_mkl.restype, set_mkl.argtypes = ctypes.c_int, [ctypes.c_int]  # the thread's previous setting (0: none)
+    return (set_omp, set_mkl) if _thread_counts_probe(set_omp) else None
+
+
+def one_thread_here() -> None:
+    """torch (OpenMP, MKL) on one thread on this thread, for good, where :func:`_thread_counts` can set it for this
+    thread alone: a worker of the pool, whose range runs beside the other workers'. Elsewhere nothing: the solve's
+    process-wide count of 1 reaches the workers it starts (they start during a solve)."""
+    counts = _thread_counts()
+    if counts is not None:
+        torch.get_num_threads()  # torch's first-call setup first, which would set the count last set anywhere
+        counts[0](1)
+        if counts[1] is not None:
+            counts[1](1)
 
 
 def mkl_dynamic() -> bool | None:
@@ -567,22 +619,32 @@ def caller_on_one_thread(device: torch.device):
     scheduled. Ops that open one even on 100 floats (float64 ``exp``/``log``/``sqrt`` through MKL, a 5 x 100 matmul)
     then took ~5 ms each instead of 0.05 (2-core VM, 2 busy processes), and a 256 x 100 solve of 30 iterations took
     87-102 ms against 11-22 ms with one thread; a 256 x 100 solve to tol took 85 ms (median) against 25 ms, 4096 x 300
-    267 ms against 40, and nothing got slower on an idle machine. It is OpenMP's setting: made on the program's main
-    thread it also holds for threads that never set their own (their torch ops run on one thread meanwhile, as
-    during a streamed pass). Nested calls (the sharded loop over a streamed one) keep the outer setting.
+    267 ms against 40, and nothing got slower on an idle machine. Nested calls (the sharded loop over a streamed one)
+    keep the outer setting.
 
-    Concurrent solves (several threads) share one count: torch gives a thread, on its first call, the count last set
-    anywhere, so a solve begun while another held it at 1 read 1, split its passes into one range (rounding
-    differently from the same solve alone: codes 1.9e-5 apart) and, ending last, restored 1 for good. The count read
-    by the first of the solves running at once serves them all, and each restores it on its own thread.
+    The count is set for the caller's thread alone (its OpenMP count and MKL's thread-local one, :func:`_thread_counts`)
+    and given back to that thread after; the pool's workers set theirs when they start (:func:`one_thread_here`).
+    Other threads keep their counts, and threads started meanwhile take the caller's. ``torch.set_num_threads(1)``,
+    used before, is process-wide: torch gives a thread, at its first torch call, the count last set anywhere, so a
+    thread the caller started during a solve (a data loader's, a prefetcher) took 1 and kept it after the solve (2
+    threads -> 1 for good); and it turns MKL's dynamic threads off (below). Where those C functions are not found, or
+    torch does not follow them (a build without OpenMP), the solve still sets the count with ``torch.set_num_threads``,
+    with both effects; there a thread whose first torch call is made outside solves, or that calls
+    ``torch.set_num_threads`` itself, keeps its count.
 
-    ``torch.set_num_threads`` also turns MKL's dynamic threads off, for good: MKL then runs every call on all threads,
+    Concurrent solves (several threads) share one count: where it is set process-wide, a solve begun while another
+    held it at 1 read 1, split its passes into one range (rounding differently from the same solve alone: codes 1.9e-5
+    apart) and, ending last, restored 1 for good. The count read by the first of the solves running at once serves
+    them all, and each restores its own thread's.
+
+    ``torch.set_num_threads`` (where the solve calls it; torch also calls it on a thread's first parallel operation
+    once any count has been set) turns MKL's dynamic threads off, for good: MKL then runs every call on all threads,
     so after the first solve a float32 ``exp`` of 64 x 10 (MKL VML) or a float64 ``exp`` of 100 opened an OpenMP
     region, and on the busy 2-core VM took 6.5 ms (median) instead of 4 us, in the caller's every later step. The last
-    of the solves running at once gives MKL the flag the first one found (:func:`mkl_dynamic`). Not durably for threads
-    started later: once any count has been set, torch gives a thread, at its first parallel operation, that count
-    through ``set_num_threads``, which turns the flag off again; a solve on such a thread finds it off and leaves it
-    so (the caller can call :func:`set_mkl_dynamic` after starting its threads)."""
+    of the solves running at once gives MKL the flag the first one found (:func:`mkl_dynamic`). Not durably where the
+    solve sets the count process-wide, or the caller has set one: torch then gives a thread started later, at its
+    first parallel operation, that count through ``set_num_threads``, which turns the flag off again; a solve on such a
+    thread finds it off and leaves it so (the caller can call :func:`set_mkl_dynamic` after starting its threads)."""
     if device.type != "cpu" or getattr(_SOLVE, "workers", None) is not None:
         yield
         return
@@ -595,17 +657,26 @@ def caller_on_one_thread(device: torch.device):
             _SOLVES_THREADS = torch.get_num_threads()
         _ACTIVE_SOLVES += 1
         threads = _SOLVES_THREADS
-    pid = os.getpid()
+    pid, counts = os.getpid(), _thread_counts()
+    own, own_mkl = torch.get_num_threads(), None  # this thread's count, given back to it where counts is not None
     try:  # from here on (an interrupt included) the count of active solves is given back
         _SOLVE.workers = threads
-        torch.set_num_threads(1)
+        if counts is None:
+            torch.set_num_threads(1)
+        else:
+            counts[0](1)
+            own_mkl = None if counts[1] is None else counts[1](1)
         yield
     finally:
         # A child forked inside the solve (from its callback) keeps one thread: the parent's count over its own
         # torch.set_num_threads(1) hung it in its next OpenMP operation (torch's own hang after fork)
         here = os.getpid() == pid
-        if here:
+        if here and counts is None:
             torch.set_num_threads(threads)
+        elif here:
+            counts[0](own)
+            if own_mkl is not None:
+                counts[1](own_mkl)
         _SOLVE.workers = None
         with _SOLVES_LOCK:
             _ACTIVE_SOLVES -= 1
@@ -634,9 +705,10 @@ _POOL_PID: int | None = None  # the process that started the pool's threads
 def solve_threads() -> int:
     """The thread count a CPU solve plans its passes for (the worker pool's size, a streamed solve's chunks): the
     pool's size inside :func:`caller_on_one_thread`, the count shared by the solves running elsewhere when there are
-    some, else torch's. A thread's first torch call takes the count last set anywhere: 1 when it starts while another
-    solve holds its own thread there, which sized a streamed solve's chunks for one thread (twice its memory budget in
-    flight over two workers; other rounding)."""
+    some, else torch's. A thread's first torch call takes the count last set anywhere: where a solve sets it
+    process-wide (see :func:`caller_on_one_thread`), 1 when it starts while another solve holds it there, which
+    sized a streamed solve's chunks for one thread (twice its memory budget in flight over two workers; other
+    rounding)."""
     workers = getattr(_SOLVE, "workers", None)
     if workers is not None:
         return workers
@@ -654,7 +726,8 @@ def worker_pool() -> ThreadPoolExecutor:
     global _POOL, _POOL_PID
     n = max(1, solve_threads())
     if _POOL is None or _POOL._max_workers != n or _POOL_PID != os.getpid():
-        _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=n, thread_name_prefix="otlabel"), os.getpid()
+        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="otlabel", initializer=one_thread_here)
+        _POOL_PID = os.getpid()
     return _POOL
 
 
