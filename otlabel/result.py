@@ -50,6 +50,16 @@ class SinkhornResult:
     CUDA features kernel (after ``optimizer.step()``), give codes that belong to other scores than ``labels``. Read
     ``codes`` before changing them.
 
+    ``res.to(device)`` (a ``torch.device``, a string such as ``"cpu"`` or ``"cuda:1"``, or a CUDA index) and
+    ``res.cpu()`` give a new result whose tensors are on ``device``: ``labels``, ``cluster_potentials``, and ``codes``
+    and ``objective`` where already read; tensors already there are shared, not copied (as ``Tensor.to``), and
+    ``non_blocking=True`` is passed on to their copies. The scores stay where they are: ``codes``, ``plan`` and
+    ``objective`` first read on the moved result are computed on the solve's device from the solve's potentials,
+    exactly as on the original (the same values), then moved. So a result moved off a GPU still needs the scores
+    there for them, and keeps them alive as the original does: read ``codes`` before moving it, or keep the tensors
+    alone, to free them. It moves, it does not convert: a ``dtype`` is refused (convert the tensor you need:
+    ``res.codes.half()``).
+
     A result pickles with the inputs its lazy read-outs need (the scores), so ``torch.load`` takes it only with
     ``weights_only=False``; to keep pseudo-labels, save ``labels``, ``codes`` and ``cluster_potentials`` (tensors,
     which load with the defaults).
@@ -74,6 +84,10 @@ class SinkhornResult:
     _batched: bool = field(repr=False)
     _codes: torch.Tensor | None = field(repr=False)
     _objective: torch.Tensor | None = field(repr=False)
+    # After .to(device): that device, where the lazy read-outs are moved, and the potentials as the solve left them
+    # (on its device), which they are computed from. None for a result as the solver made it.
+    _device: torch.device | None = field(repr=False)
+    _solve_potentials: torch.Tensor | None = field(repr=False)
 
     def __init__(self, labels, cluster_potentials, n_iter, converged, marginal_error, errors, epsilon, **internal):
         self.labels, self.cluster_potentials, self.n_iter = labels, cluster_potentials, n_iter
@@ -87,6 +101,8 @@ class SinkhornResult:
         self._batched = internal.pop("_batched")
         self._codes = internal.pop("_codes", None)
         self._objective = internal.pop("_objective", None)
+        self._device = internal.pop("_device", None)
+        self._solve_potentials = internal.pop("_solve_potentials", None)
         if internal:
             raise TypeError(f"SinkhornResult got unexpected keyword arguments {sorted(internal)}.")
 
@@ -109,7 +125,7 @@ class SinkhornResult:
     @entry_point
     def _compute_codes(self) -> torch.Tensor:
         _, codes = self._operator.assign(self._potentials_3d(), want_codes=True)
-        return self._shape(codes)
+        return self._moved(self._shape(codes))
 
     @property
     def plan(self) -> torch.Tensor:
@@ -129,11 +145,61 @@ class SinkhornResult:
 
     @entry_point
     def _compute_objective(self) -> torch.Tensor:
-        return self._operator.transport_score(self._potentials_3d())
+        return self._moved(self._operator.transport_score(self._potentials_3d()))
 
     def _potentials_3d(self) -> torch.Tensor:
-        b = self.cluster_potentials
+        b = self.cluster_potentials if self._solve_potentials is None else self._solve_potentials
         return (b if self._batched else b.unsqueeze(0)).to(self._operator.dtype)
+
+    def _moved(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._device is None else x.to(self._device)
+
+    def to(self, device=None, *, dtype=None, non_blocking: bool = False) -> SinkhornResult:
+        """A new result with its tensors on ``device`` (see the class's docstring); the scores stay where they are.
+
+        ``device``: a ``torch.device``, a string (``"cpu"``, ``"cuda:1"``) or a CUDA device index."""
+        if isinstance(device, torch.dtype) or dtype is not None:
+            raise TypeError(
+                "SinkhornResult.to moves a result between devices; it does not convert dtypes (labels are int64, "
+                f"the potentials keep the solve's precision): got dtype {device if dtype is None else dtype}. "
+                "Convert the tensor you need instead, e.g. res.codes.to(torch.float16)."
+            )
+        if isinstance(device, torch.Tensor):
+            raise TypeError(
+                "SinkhornResult.to takes a device, not a tensor: pass the tensor's device, res.to(x.device)."
+            )
+        if device is None:
+            raise TypeError("SinkhornResult.to needs a device: res.to('cpu'), res.to(torch.device('cuda', 0)).")
+        if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+            raise TypeError(
+                f"SinkhornResult.to takes a torch.device, a device string or a CUDA index, not "
+                f"{type(device).__name__}: res.to('cpu'), res.to('cuda:0')."
+            )
+        device = torch.device(device)
+
+        def move(x):
+            return None if x is None else x.to(device, non_blocking=non_blocking)
+
+        return SinkhornResult(
+            labels=move(self.labels),
+            cluster_potentials=move(self.cluster_potentials),
+            n_iter=self.n_iter,
+            converged=self.converged,
+            marginal_error=self.marginal_error,
+            errors=list(self.errors),
+            epsilon=self.epsilon,
+            _operator=self._operator,
+            _sample_weights=move(self._sample_weights),
+            _batched=self._batched,
+            _codes=move(self._codes),
+            _objective=move(self._objective),
+            _device=device,
+            _solve_potentials=self.cluster_potentials if self._solve_potentials is None else self._solve_potentials,
+        )
+
+    def cpu(self) -> SinkhornResult:
+        """``self.to("cpu")``: a new result with its tensors in host memory (see :meth:`to`)."""
+        return self.to("cpu")
 
     def _shape(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._batched else x[0]
