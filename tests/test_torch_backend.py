@@ -1149,6 +1149,29 @@ def test_the_pool_workers_run_torch_on_one_thread(monkeypatch):
     assert pool._max_workers == 2 and seen == {(True, 1)}, seen
 
 
+def test_a_ctrl_c_while_the_solve_probes_its_thread_count_does_not_leave_it_counted_as_running(monkeypatch):
+    """Found reviewing the own-thread count: the first solve of a process probes the OpenMP runtime, and that ran
+    after the solve was counted as running but before the ``try`` that uncounts it. A Ctrl-C there left
+    ``_ACTIVE_SOLVES`` at 1 for good (every later solve then took the count this one read, and none gave MKL its
+    dynamic-threads flag back). The probe now runs inside it; nothing set, nothing is given back."""
+    from otlabel.backends import torch_backend
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch_backend, "_thread_counts", interrupted)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sinkhorn_assign(cosine_scores(64, 10, seed=5), 0.05, max_iter=2, tol=None)
+        assert torch_backend._ACTIVE_SOLVES == 0
+        assert getattr(torch_backend._SOLVE, "workers", None) is None
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_process_solves_after_its_parent(monkeypatch):
     """Found porting: a process forked after a solve (multiprocessing workers, Linux's default start method) inherited

@@ -657,10 +657,13 @@ def caller_on_one_thread(device: torch.device):
             _SOLVES_THREADS = torch.get_num_threads()
         _ACTIVE_SOLVES += 1
         threads = _SOLVES_THREADS
-    pid, counts = os.getpid(), _thread_counts()
-    own, own_mkl = torch.get_num_threads(), None  # this thread's count, given back to it where counts is not None
+    pid, counts, own, own_mkl = os.getpid(), None, None, None
     try:  # from here on (an interrupt included) the count of active solves is given back
         _SOLVE.workers = threads
+        # inside the try: the first call probes the OpenMP runtime, time enough for a Ctrl-C that, outside, left
+        # the solve counted as running for good (every later solve took its thread count, none gave MKL its flag)
+        counts = _thread_counts()
+        own = torch.get_num_threads()  # this thread's count, given back to it where counts is not None
         if counts is None:
             torch.set_num_threads(1)
         else:
@@ -671,12 +674,13 @@ def caller_on_one_thread(device: torch.device):
         # A child forked inside the solve (from its callback) keeps one thread: the parent's count over its own
         # torch.set_num_threads(1) hung it in its next OpenMP operation (torch's own hang after fork)
         here = os.getpid() == pid
-        if here and counts is None:
-            torch.set_num_threads(threads)
-        elif here:
-            counts[0](own)
-            if own_mkl is not None:
-                counts[1](own_mkl)
+        if here and own is not None:  # own None: interrupted before anything was set
+            if counts is None:
+                torch.set_num_threads(threads)
+            else:
+                counts[0](own)
+                if own_mkl is not None:
+                    counts[1](own_mkl)
         _SOLVE.workers = None
         with _SOLVES_LOCK:
             _ACTIVE_SOLVES -= 1
