@@ -1149,6 +1149,34 @@ def test_the_pool_workers_run_torch_on_one_thread(monkeypatch):
     assert pool._max_workers == 2 and seen == {(True, 1)}, seen
 
 
+@pytest.mark.parametrize("before", [0, 3], ids=["MKL's global count", "its own count"])
+def test_the_solving_thread_gets_its_mkl_thread_count_back(before):
+    """The solve sets MKL's thread-local count of its thread to 1 besides the OpenMP one, and gives back what was
+    there: 0 (the thread follows MKL's global count, as a thread that never called ``torch.set_num_threads``) or its
+    own count. Kept at 1, the caller's own matmuls would run on one thread for good; nothing else checks it (torch's
+    count reads the OpenMP one only)."""
+    from otlabel.backends import torch_backend
+
+    counts = torch_backend._thread_counts()
+    if counts is None or counts[1] is None:
+        pytest.skip("this torch build's MKL thread-local count is not reachable")
+    set_mkl, seen = counts[1], []
+
+    def mkl_local():  # the setter returns the thread's previous setting
+        own = set_mkl(1)
+        set_mkl(own)
+        return own
+
+    own = set_mkl(before)
+    try:
+        sinkhorn_assign(
+            cosine_scores(64, 10, seed=5), 0.05, max_iter=3, tol=None, callback=lambda *_: seen.append(mkl_local())
+        )
+        assert set(seen) == {1} and mkl_local() == before, (seen, mkl_local())
+    finally:
+        set_mkl(own)
+
+
 def test_a_ctrl_c_while_the_solve_probes_its_thread_count_does_not_leave_it_counted_as_running(monkeypatch):
     """Found reviewing the own-thread count: the first solve of a process probes the OpenMP runtime, and that ran
     after the solve was counted as running but before the ``try`` that uncounts it. A Ctrl-C there left
