@@ -85,9 +85,10 @@ class SinkhornResult:
     _codes: torch.Tensor | None = field(repr=False)
     _objective: torch.Tensor | None = field(repr=False)
     # After .to(device): that device, where the lazy read-outs are moved, and the potentials as the solve left them
-    # (on its device), which they are computed from. None for a result as the solver made it.
-    _device: torch.device | None = field(repr=False)
-    _solve_potentials: torch.Tensor | None = field(repr=False)
+    # (on its device), which they are computed from. None for a result as the solver made it. Class-level defaults
+    # (unlike the fields above): a result pickled by an otlabel without .to() has neither, and reads them from here.
+    _device: torch.device | None = field(default=None, repr=False)
+    _solve_potentials: torch.Tensor | None = field(default=None, repr=False)
 
     def __init__(self, labels, cluster_potentials, n_iter, converged, marginal_error, errors, epsilon, **internal):
         self.labels, self.cluster_potentials, self.n_iter = labels, cluster_potentials, n_iter

@@ -6,6 +6,8 @@ that every tensor moves and that the lazy read-outs are computed where the score
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from helpers import cosine_scores
@@ -95,3 +97,18 @@ def test_a_device_string_torch_does_not_know_is_torchs_error():
     res = sinkhorn_assign(cosine_scores(50, 4), 0.05)
     with pytest.raises(RuntimeError, match="device"):
         res.to("gpu")
+
+
+def test_a_result_pickled_before_to_existed_reads_out_after_loading():
+    """Found reviewing ``.to``: it added two attributes that every read-out consults, set by ``__init__`` only. A result
+    pickled by an earlier otlabel (``torch.save(res, f)``, ``weights_only=False``) loads without them, and its
+    ``codes``, ``plan`` and ``objective`` raised ``AttributeError: ... '_solve_potentials'``. They have class-level
+    defaults now. The earlier result is this one without the two attributes (unpickling sets the saved ``__dict__``)."""
+    res = sinkhorn_assign(cosine_scores(80, 6, seed=2), 0.05)
+    saved = pickle.dumps(res)
+    del res.__dict__["_device"], res.__dict__["_solve_potentials"]  # as an earlier otlabel's result holds its state
+    earlier = pickle.loads(pickle.dumps(res))
+    assert "_solve_potentials" not in earlier.__dict__
+    now = pickle.loads(saved)
+    assert torch.equal(earlier.codes, now.codes) and earlier.objective == now.objective
+    assert torch.equal(earlier.plan, now.plan) and torch.equal(earlier.cpu().codes, now.codes)
