@@ -50,7 +50,7 @@ class SinkhornResult:
     CUDA features kernel (after ``optimizer.step()``), give codes that belong to other scores than ``labels``. Read
     ``codes`` before changing them.
 
-    ``res.to(device)`` (a ``torch.device``, a string such as ``"cpu"`` or ``"cuda:1"``, or a CUDA index) and
+    ``res.to(device)`` (a ``torch.device``, a string such as ``"cpu"`` or ``"cuda:1"``, or a device index) and
     ``res.cpu()`` give a new result whose tensors are on ``device``: ``labels``, ``cluster_potentials``, and ``codes``
     and ``objective`` where already read; tensors already there are shared, not copied (as ``Tensor.to``), and
     ``non_blocking=True`` is passed on to their copies. The scores stay where they are: ``codes``, ``plan`` and
@@ -158,7 +158,8 @@ class SinkhornResult:
     def to(self, device=None, *, dtype=None, non_blocking: bool = False) -> SinkhornResult:
         """A new result with its tensors on ``device`` (see the class's docstring); the scores stay where they are.
 
-        ``device``: a ``torch.device``, a string (``"cpu"``, ``"cuda:1"``) or a CUDA device index."""
+        ``device``: a ``torch.device``, a string (``"cpu"``, ``"cuda:1"``) or a device index (as ``torch.device(i)``:
+        CUDA's on a CUDA machine)."""
         if isinstance(device, torch.dtype) or dtype is not None:
             raise TypeError(
                 "SinkhornResult.to moves a result between devices; it does not convert dtypes (labels are int64, "
@@ -173,10 +174,20 @@ class SinkhornResult:
             raise TypeError("SinkhornResult.to needs a device: res.to('cpu'), res.to(torch.device('cuda', 0)).")
         if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
             raise TypeError(
-                f"SinkhornResult.to takes a torch.device, a device string or a CUDA index, not "
+                f"SinkhornResult.to takes a torch.device, a device string or a device index, not "
                 f"{type(device).__name__}: res.to('cpu'), res.to('cuda:0')."
             )
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except RuntimeError as e:
+            if not isinstance(device, int):
+                raise  # torch's own message names the device types it knows
+            # torch reads an index as its accelerator's (CUDA's where there is one; torch 2.13); with none, its error
+            # ("Cannot access accelerator device when none is available.") said nothing of the index or what to pass
+            raise ValueError(
+                f"SinkhornResult.to({device}): an integer is a device index of this machine's accelerator, and torch "
+                f"could not use it ({e}). Pass a device string instead: res.cpu(), res.to('cuda:0')."
+            ) from e
 
         def move(x):
             return None if x is None else x.to(device, non_blocking=non_blocking)

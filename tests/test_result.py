@@ -99,6 +99,21 @@ def test_a_device_string_torch_does_not_know_is_torchs_error():
         res.to("gpu")
 
 
+def test_an_index_where_torch_sees_no_accelerator_says_to_pass_a_device_string():
+    """Found reviewing ``.to``: it takes an int as a device index, which torch (2.13) reads as its accelerator's; on
+    a machine with none, ``res.to(0)`` raised torch's ``RuntimeError: Cannot access accelerator device when none is
+    available.``, which names neither the index nor what to pass."""
+    try:
+        torch.device(0)
+    except RuntimeError:
+        pass
+    else:
+        pytest.skip("torch takes device index 0 here (an accelerator, or a torch that reads it as CUDA's)")
+    res = sinkhorn_assign(cosine_scores(50, 4), 0.05)
+    with pytest.raises(ValueError, match=r"to\(0\): an integer is a device index.*res\.cpu\(\), res\.to\('cuda:0'\)"):
+        res.to(0)
+
+
 def test_a_result_pickled_before_to_existed_reads_out_after_loading():
     """Found reviewing ``.to``: it added two attributes that every read-out consults, set by ``__init__`` only. A result
     pickled by an earlier otlabel (``torch.save(res, f)``, ``weights_only=False``) loads without them, and its
