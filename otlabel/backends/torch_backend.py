@@ -623,14 +623,15 @@ def caller_on_one_thread(device: torch.device):
     keep the outer setting.
 
     The count is set for the caller's thread alone (its OpenMP count and MKL's thread-local one, :func:`_thread_counts`)
-    and given back to that thread after; the pool's workers set theirs when they start (:func:`one_thread_here`).
-    Other threads keep their counts, and threads started meanwhile take the caller's. ``torch.set_num_threads(1)``,
-    used before, is process-wide: torch gives a thread, at its first torch call, the count last set anywhere, so a
-    thread the caller started during a solve (a data loader's, a prefetcher) took 1 and kept it after the solve (2
-    threads -> 1 for good); and it turns MKL's dynamic threads off (below). Where those C functions are not found, or
-    torch does not follow them (a build without OpenMP), the solve still sets the count with ``torch.set_num_threads``,
-    with both effects; there a thread whose first torch call is made outside solves, or that calls
-    ``torch.set_num_threads`` itself, keeps its count.
+    and given back to that thread after; the pool's workers set theirs when they start (:func:`one_thread_here`). Other
+    threads keep their counts, and threads started meanwhile take the process's (the count last set with
+    ``torch.set_num_threads``, else torch's default), not the caller's. ``torch.set_num_threads(1)``, used before, is
+    process-wide: torch gives a thread, at its first torch call, the count last set anywhere, so a thread the caller
+    started during a solve (a data loader's, a prefetcher) took 1 and kept it after the solve (2 threads -> 1 for good);
+    and it turns MKL's dynamic threads off (below). Where those C functions are not found (a Windows DLL exports only
+    its own functions, not its OpenMP runtime's), or torch does not follow them (a build without OpenMP, or with another
+    parallel backend), the solve still sets the count with ``torch.set_num_threads``, with both effects; there a thread
+    whose first torch call is made outside solves, or that calls ``torch.set_num_threads`` itself, keeps its count.
 
     Concurrent solves (several threads) share one count: where it is set process-wide, a solve begun while another
     held it at 1 read 1, split its passes into one range (rounding differently from the same solve alone: codes 1.9e-5
