@@ -1149,6 +1149,51 @@ def test_the_pool_workers_run_torch_on_one_thread(monkeypatch):
     assert pool._max_workers == 2 and seen == {(True, 1)}, seen
 
 
+def test_the_own_thread_count_is_reached_on_a_linux_openmp_build():
+    """The tests of the solve's own-thread count skip where ``_thread_counts()`` is None (builds whose OpenMP runtime
+    cannot be reached, which fall back to the process-wide count). On a Linux build with torch's CPU library in its
+    folder and OpenMP as its parallel backend (the wheels) it must be reached, or those tests pass by skipping."""
+    import sys
+
+    from otlabel.backends import torch_backend
+
+    if not sys.platform.startswith("linux") or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("not a Linux build with OpenMP as torch's parallel backend")
+    if not (Path(torch.__file__).parent / "lib" / "libtorch_cpu.so").is_file():
+        pytest.skip("torch's CPU library is not in torch's folder")
+    counts = torch_backend._thread_counts()
+    assert counts is not None
+    assert (counts[1] is not None) == torch.backends.mkl.is_available()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mapped files")
+def test_a_torch_cpu_library_that_torch_did_not_load_is_not_loaded(tmp_path, monkeypatch):
+    """Found reviewing the own-thread count: torch's CPU library was found by its file name in torch's folder and
+    opened with ctypes.CDLL, which loads a file there that is not the one torch loaded (a stale copy, a build that
+    loads it from elsewhere) beside it. A second libtorch_cpu aborted the process ('Tried to register multiple backend
+    fallbacks for the same dispatch key Conjugate', a copy of this torch's). Only the library already loaded is taken
+    now; else None (the solve's process-wide fallback). A small library stands in for the copy here: it was loaded."""
+    from otlabel.backends import torch_backend
+
+    small = Path(torch.__file__).parent / "lib" / "libgomp.so.1"  # torch's wheels carry it
+    if not small.is_file():
+        pytest.skip("no small library to stand in for the copy")
+    lib = tmp_path / "torch" / "lib"
+    lib.mkdir(parents=True)
+    stand_in = lib / "libtorch_cpu.so"
+    stand_in.write_bytes(small.read_bytes())
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "torch" / "__init__.py"))
+    torch_backend._torch_cpu_library.cache_clear()
+    try:
+        found = torch_backend._torch_cpu_library()
+        with open("/proc/self/maps") as maps:
+            mapped = str(stand_in) in maps.read()
+    finally:
+        monkeypatch.undo()
+        torch_backend._torch_cpu_library.cache_clear()
+    assert found is None and not mapped, (found, mapped)
+
+
 @pytest.mark.parametrize("before", [0, 3], ids=["MKL's global count", "its own count"])
 def test_the_solving_thread_gets_its_mkl_thread_count_back(before):
     """The solve sets MKL's thread-local count of its thread to 1 besides the OpenMP one, and gives back what was

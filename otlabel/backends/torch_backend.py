@@ -528,12 +528,17 @@ _SOLVES_MKL_DYNAMIC: bool | None = None  # MKL's dynamic-threads flag as the fir
 def _torch_cpu_library() -> ctypes.CDLL | None:
     """torch's own CPU library, through which the C functions of the OpenMP runtime and the MKL it is linked to are
     found (a symbol looked up in a loaded library is searched in its dependencies too: the very libgomp torch runs on,
-    not another copy); None where it is not found."""
+    not another copy); None where it is not found.
+
+    Only the library already loaded (``RTLD_NOLOAD`` where there is one): a file of that name in torch's folder that is
+    not the one torch loaded (a stale copy, a build that loads it from elsewhere) was loaded beside it, and a second
+    libtorch_cpu aborts the process as it starts ('Tried to register multiple backend fallbacks for the same dispatch
+    key')."""
     lib = Path(torch.__file__).parent / "lib"
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
         if (lib / name).is_file():
             try:
-                return ctypes.CDLL(str(lib / name))
+                return ctypes.CDLL(str(lib / name), mode=ctypes.DEFAULT_MODE | getattr(os, "RTLD_NOLOAD", 0))
             except OSError:
                 return None
     return None
