@@ -37,38 +37,38 @@ class AndersonMixer:
     K = 1,000, eps = 0.01 (838 -> 60; adaptive over-relaxation managed 443). It is not globally convergent on
     its own, so whenever the measured error rises above ``ANDERSON_RESTART`` times the best so far the history
     is dropped and the next step is a plain Sinkhorn step (which always makes progress from any point), and a
-    proposal that would move ``b`` back against the plain step is not taken (see :meth:`forward_only`). Where
+    proposal that would move ``b`` back against the plain step is not taken (see :meth:`points_forward`). Where
     the residual does not change at all (a plateau), the least squares see nothing, and the mixer moves along
     the plain step in doubling strides instead (see :meth:`across_plateaus`).
     """
 
     def __init__(self, memory: int, cluster_weights: torch.Tensor):
         self.memory = memory
-        self.cluster_weights = cluster_weights  # (K,) r: the inner product in which proposals are judged
-        self.weighted = cluster_weights > 0  # (K,)
-        self.iterates: list[torch.Tensor] = []  # b, (H, K), -inf of empty clusters replaced by 0
-        self.residuals: list[torch.Tensor] = []  # F(b) - b
-        # Successive differences of the residuals and of the plain steps F(b) = b + residual, (H, K, m) oldest first,
-        # kept up to date one column per step (re-stacking the lists cost ~2 (memory + 1) operations per step)
-        self.d_g: torch.Tensor | None = None
+        # (K,) log r, -inf where a weight is 0: r weighs the inner product in which proposals are judged
+        self.log_weights = cluster_weights.log()
+        # The last b (-inf of empty clusters replaced by 0) and its residual F(b) - b, as (H, K, 1) columns
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Successive falls of the residual (the old residual less the new: the negated differences, which spare the
+        # mixing a negation) and differences of the plain steps F(b) = b + residual, (H, K, m) oldest first, kept up
+        # to date one column per step (re-stacking lists of iterates cost ~2 (memory + 1) operations per step)
+        self.falls: torch.Tensor | None = None
         self.d_f: torch.Tensor | None = None
-        self.flat_run = None  # (H, 1): proposals made in a row on a flat history (see across_plateaus)
+        self.stride = None  # (H, 1): plain steps beyond the plain step, 2^n - 1 after n strides in a row (up to 2^60)
         self.best = math.inf
         self.step_from_best = None  # F(b) for the b with the best error: where a restart resumes
         self.reach = ANDERSON_MAX_EXTRAPOLATION  # trust region: the most a step may move b beyond F(b), nats
         self.progress_mark, self.stalled = math.inf, 0  # iterations since the error last fell by 1%
         self.active, self.restarted = True, False
-        self.sound = None  # 0-d bool tensor: whether the last proposal was finite and its solve succeeded
+        self.sound = None  # (1,) bool tensor: whether the last proposal was finite and its solve succeeded
 
     def last_step_sound(self) -> torch.Tensor | None:
         """(1,) bool on the device: whether the last mixed step was sound; ``None`` when there was none to judge. The
         loop reads it together with the error, so the safeguard costs no device synchronisation of its own."""
-        return None if self.sound is None else self.sound.reshape(1)
+        return self.sound
 
     def forget(self) -> None:
         """Start the history again (after a restart, a degenerate solve, or between spells)."""
-        self.iterates, self.residuals, self.flat_run = [], [], None
-        self.d_g = self.d_f = None
+        self.last = self.stride = self.falls = self.d_f = None
 
     def review_last_step(self, sound: bool) -> None:
         """A degenerate solve (its plain step was taken instead): start the history again."""
@@ -104,49 +104,49 @@ class AndersonMixer:
             self.reach = min(ANDERSON_MAX_EXTRAPOLATION, 1.5 * self.reach)
         x = masked(b, empty, 0.0)
         residual = masked(b_new, empty, 0.0) - x
-        if self.iterates:
-            self.remember(x - self.iterates[-1], residual - self.residuals[-1])
-        self.iterates.append(x)
-        self.residuals.append(residual)
-        if len(self.iterates) > self.memory + 1:
-            self.iterates.pop(0)
-            self.residuals.pop(0)
-        if len(self.iterates) < 2:
+        last, self.last = self.last, (x[..., None], residual[..., None])  # (H, K, 1) columns
+        if last is None:
             return b_new
-        d_g = self.d_g  # (H, K, m)
-        gram = torch.bmm(d_g.mT, d_g)  # (H, m, m); bmm: matmul's reshaping around it costs ~5 operations more
+        self.remember(self.last[0] - last[0], last[1] - self.last[1])
+        falls = self.falls  # (H, K, m)
+        falls_t = falls.mT  # (a view, but one operation: taken once)
+        gram = torch.bmm(falls_t, falls)  # (H, m, m); bmm: matmul's reshaping around it costs ~5 operations more
         diagonal = gram.diagonal(dim1=1, dim2=2)  # (H, m), a view: the ridge below keeps gram invertible
         diagonal += 1e-10 * diagonal.sum(-1, keepdim=True) + 1e-300
         # solve_ex: linalg.solve would read its error flag back from the device (a sync). A degenerate solve is
         # answered on the device (the plain step instead), and the loop reads the verdict with the next error.
-        gamma, info = torch.linalg.solve_ex(gram, torch.bmm(d_g.mT, residual[..., None]))
+        # The weights fit the residual with the differences d_g = -falls: gamma here is their negation, exactly.
+        gamma, info = torch.linalg.solve_ex(gram, torch.bmm(falls_t, self.last[1]))
         plain = x + residual
-        extrapolation = -torch.bmm(self.d_f, gamma)[..., 0]  # how far the mixing moves beyond the plain step
-        # finite (NaN and inf fail the comparison) and the solve succeeded, for every head
-        self.sound = (extrapolation.abs().amax() < math.inf) & (info == 0).all()
-        extrapolation = self.across_plateaus(extrapolation, d_g, residual)
+        extrapolation = torch.bmm(self.d_f, gamma)[..., 0]  # how far the mixing moves beyond the plain step
+        # (1,): finite (NaN and inf fail the comparison) and the solve succeeded, for every head
+        self.sound = (extrapolation.abs().amax() < math.inf) & (info == 0).all(dim=0, keepdim=True)
+        extrapolation = self.across_plateaus(extrapolation, residual)
         # Early on the residual barely changes from one step to the next, the least-squares weights blow up and
         # the proposal lands 1e5 nats away. Capping the move beyond the plain step (direction kept) removed those
         # excursions; useful moves seen at 100k x 1000 were under ~7 nats. The cap shrinks 4x at every restart
         # and grows back 1.5x with every new best error.
         reach = extrapolation.abs().amax(dim=-1, keepdim=True)  # (H, 1)
         extrapolation = extrapolation * (self.reach / reach).clamp(max=1.0)
-        extrapolation = self.forward_only(extrapolation, residual, all_weighted=empty is None)
+        # A product with the bool (one operation; a where with 0 is two): 0 where the move points back (-0 for
+        # negative entries)
+        extrapolation = extrapolation * self.points_forward(extrapolation, residual)
         return torch.where(self.sound, masked(plain + extrapolation, empty, float("-inf")), b_new)
 
-    def remember(self, d_x: torch.Tensor, d_g: torch.Tensor) -> None:
-        """Append the newest differences of the iterates and residuals (H, K) to the (H, K, m) histories, dropping
-        the oldest column beyond ``memory``. ``d_f = d_x + d_g``, column by column as the mixing uses it."""
-        d_f = (d_x + d_g)[..., None]
-        if self.d_g is None:
-            self.d_g, self.d_f = d_g[..., None], d_f
+    def remember(self, d_x: torch.Tensor, fall: torch.Tensor) -> None:
+        """Append the newest difference of the iterates and fall of the residual, (H, K, 1) columns, to the (H, K, m)
+        histories, dropping the oldest column beyond ``memory``. ``d_f = d_x - fall`` (= d_x + d_g), column by
+        column as the mixing uses it."""
+        d_f = d_x - fall
+        if self.falls is None:
+            self.falls, self.d_f = fall, d_f
             return
-        keep = 1 if self.d_g.shape[-1] == self.memory else 0
-        self.d_g = torch.cat([self.d_g[..., keep:], d_g[..., None]], dim=-1)
-        self.d_f = torch.cat([self.d_f[..., keep:], d_f], dim=-1)
+        full = self.falls.shape[-1] == self.memory  # then the oldest column goes (sliced only then: 2 operations)
+        self.falls = torch.cat([self.falls[..., 1:] if full else self.falls, fall], dim=-1)
+        self.d_f = torch.cat([self.d_f[..., 1:] if full else self.d_f, d_f], dim=-1)
 
-    def across_plateaus(self, extrapolation: torch.Tensor, d_g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``extrapolation`` (H, K), or where the residual has not changed over the whole history (``d_g``, (H, K, m),
+    def across_plateaus(self, extrapolation: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``extrapolation`` (H, K), or where the residual has not changed over the whole history (its falls, (H, K, m),
         below ``ANDERSON_FLAT`` of it), a move along the plain step ``residual`` that doubles with every such step.
 
         On a plateau the plan is hard: every sample keeps its cluster whatever ``b`` does there, so the cluster
@@ -158,16 +158,16 @@ class AndersonMixer:
         sees the change and aims back (an error that rises restarts from the best point, as everywhere).
         """
         scale = residual.abs().amax(dim=-1, keepdim=True)  # (H, 1)
-        flat = d_g.abs().amax(dim=(1, 2)).unsqueeze(1) <= ANDERSON_FLAT * scale  # (H, 1)
-        run = torch.zeros_like(scale) if self.flat_run is None else self.flat_run
-        self.flat_run = torch.where(flat, run + 1, 0.0)
-        stride = torch.exp2(self.flat_run.clamp(max=60)) - 1  # beyond the plain step: 1, 3, 7, ... plain steps
+        flat = self.falls.abs().amax(dim=(1, 2)).unsqueeze(1) <= ANDERSON_FLAT * scale  # (H, 1)
+        on = flat.to(residual.dtype)  # (H, 1): 1 or 0
+        # 1, 3, 7, ... plain steps beyond the plain step, 0 where none: (2 stride + 1) on, in one operation
+        stride = on if self.stride is None else torch.addcmul(on, self.stride, on, value=2).clamp_(max=2.0**60)
+        self.stride = stride
         return torch.where(flat, residual * stride, extrapolation)
 
-    def forward_only(self, extrapolation: torch.Tensor, residual: torch.Tensor, all_weighted: bool = False
-                     ) -> torch.Tensor:  # fmt: skip
-        """``extrapolation`` (H, K) where it does not point against the plain step ``residual`` = F(b) - b, else 0.
-        ``all_weighted``: no cluster weight is 0 (known on the host), which spares the masking.
+    def points_forward(self, extrapolation: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """(H, 1) bool: whether the move ``extrapolation`` (H, K) beyond the plain step does not point against the
+        plain step ``residual`` = F(b) - b; one that does is not taken.
 
         Linearised at ``b``, the cluster step has the Jacobian ``J = diag(m)^-1 P^T diag(c)^-1 P`` (``P`` the plan,
         ``m = r exp(-residual)`` its column sums): self-adjoint in the inner product weighted by ``m``, with
@@ -179,10 +179,6 @@ class AndersonMixer:
         plain steps had gained (a 17 x 2 problem at eps = 1e-3 then needed more iterations than plain steps on one
         path and never converged on another).
         """
-        weighted = residual if all_weighted else torch.where(self.weighted, residual, math.inf)
-        shift = weighted.amin(dim=-1, keepdim=True)  # exp <= 1, and 1 somewhere
-        m = self.cluster_weights * torch.exp(shift - residual)  # (H, K): the column sums up to a factor
-        m = m / m.sum(dim=-1, keepdim=True)
+        m = torch.softmax(self.log_weights - residual, dim=-1)  # (H, K): the column sums, normalised (0 for r = 0)
         deviation = residual - (m * residual).sum(dim=-1, keepdim=True)  # constants add nothing to the product
-        forward = (m * extrapolation * deviation).sum(dim=-1, keepdim=True) >= 0  # (H, 1)
-        return torch.where(forward, extrapolation, 0.0)
+        return (m * extrapolation * deviation).sum(dim=-1, keepdim=True) >= 0  # (H, 1)
