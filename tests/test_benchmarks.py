@@ -280,6 +280,23 @@ def test_acceleration_sweep_counts_infeasible_masks_apart():
     assert "| all | auto | 1 | 0 |" in table and "not counted above): 1 problems (1007)" in table, table
 
 
+def test_regression_sweep_writes_rows_and_compares_two_runs(tmp_path):
+    """The sweep that holds a changed default against the one before it: a run writes one row per problem, and a
+    comparison of a run with itself reads ratio 1 everywhere. Run as a program (it sets one thread and ignores
+    warnings for its own process)."""
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "rows.jsonl"
+    sweep = [sys.executable, "-m", "benchmarks.regression_sweep"]
+    done = subprocess.run([*sweep, "--problems", "6", "--out", str(out)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(out.read_text().splitlines()) == 6 and "6 problems" in done.stdout
+    compared = subprocess.run([*sweep, "--compare", str(out), str(out)], cwd=root, capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stderr
+    assert "| all |" in compared.stdout and "| 1.000 / 1.000 | 1.00 / 1.000 | 0 / 0 |" in compared.stdout
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py")))
 def test_every_benchmark_script_compiles(script):
     """Scripts that only run on a GPU machine are not imported here otherwise: at least they must compile (a
