@@ -5,13 +5,16 @@ Three misuses of self-labelling solve without error and say nothing: probabiliti
 passed as ``epsilon`` (a temperature far above the scores' spread: the plan is near the one that ignores them), and
 a collapsed network (every sample scored alike: one label for all). Each is judged from what the input checks
 already read back, the smallest and largest score (:class:`ScoreSummary`); only where those make a misuse possible
-(every score in [0, 1], every row maximum alike) is one more pass made to decide it. So typical input costs no pass
-and no device synchronisation more.
+(every score in [0, 1], every row maximum alike; in features mode every feature norm alike) is one more pass made to
+decide it. So typical input costs no pass and no device synchronisation more. Each kind is shown once per calling
+line under Python's default filter (:func:`show_input_warning`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import reduce
@@ -42,7 +45,11 @@ ROW_SUM_RTOL = 1e-3  # rows within this (plus 4 units of rounding of the scores'
 class InputWarning(UserWarning):
     """Valid input whose answer is likely meaningless: probabilities passed as scores, an epsilon far above the
     scores' spread (SeLa's lambda for epsilon = 1 / lambda), or every sample scored alike (a collapsed network).
-    Silence it with ``warnings.filterwarnings("ignore", category=otlabel.InputWarning)``."""
+
+    Each kind is shown once per line of your code that calls otlabel (a training loop's every step: once), though
+    its message carries that call's numbers; ``warnings.simplefilter("always", otlabel.InputWarning)`` shows every
+    one, ``"once"`` each kind once per process, ``"error"`` raises every time. Silence it with
+    ``warnings.filterwarnings("ignore", category=otlabel.InputWarning)``."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,8 @@ class ScoreSummary:
     only a bound on ``|S|`` is known (features on the kernel: ``exact`` False). ``probabilities``: every score in
     [0, 1], every row summing to 1, and not all of them 0 or 1 (:func:`look_like_probabilities`). ``row``: (H, K), the
     one row every sample has, where they all have the same (None: they do not, or it was not decided), left where the
-    scores are; ``alike``: that row's smallest and largest value, on the host. ``n_samples``: the samples summed up."""
+    scores are; in features mode (1, D), the one features row (:func:`features_summary`); ``alike``: that row's
+    smallest and largest value, on the host (None for a features row). ``n_samples``: the samples summed up."""
 
     lowest: float
     highest: float
@@ -86,6 +94,50 @@ def bound_summary(bound: float, n_samples: int) -> ScoreSummary:
     """A summary from a bound on ``|S|`` alone (features judged by ``|z| |c| + |bias|``): their range is at most
     twice it."""
     return ScoreSummary(-bound, bound, n_samples, exact=False)
+
+
+def features_summary(features: torch.Tensor, bound: float, norms_alike: bool) -> ScoreSummary:
+    """:func:`bound_summary` of features (N, D), with their one row where every sample has the same features (a
+    collapsed encoder): decided (the rare path: a pass over the features and a read) only where the smallest and
+    largest feature norm the input checks read are one value."""
+    row = one_features_row(features) if norms_alike else None
+    return dataclasses.replace(bound_summary(bound, features.shape[0]), row=row)
+
+
+def one_features_row(features: torch.Tensor, rows_per_check: int = 1 << 16) -> torch.Tensor | None:
+    """(1, D), a copy: the row every sample of ``features`` (T, D) has, or None where they differ. Compared a block of
+    rows at a time (a memory-mapped file is read, not held); the first block that differs ends it. A block of one
+    sample is its row: no pass, no read (a stream's last chunk may be one row).
+
+    The features' rows, not the scores': products of identical rows, computed in blocks, can differ in their last bit
+    (CPU matmuls of a collapsed encoder's 300 x 16 features at 10 prototypes gave rows that differ 3 seeds in 4), so
+    identical scores are no test of a collapse in features mode."""
+    first = features[:1]
+    for lo in range(0, features.shape[0] if features.shape[0] > 1 else 0, rows_per_check):
+        if not bool((features[lo : lo + rows_per_check] == first).all()):
+            return None
+    return first.detach().clone()
+
+
+# Streamed features: a chunk's rows may all be one features row only where their score extremes (row minima, row
+# maxima) each lie within this of one value, relative to the largest |score|: what the products of equal rows, in
+# blocks, may differ by (a few units of rounding of a D-term dot product; fp32 and D = 4,096: ~2.4e-4 of |z| |c|).
+# Typical features' row maxima spread over tens of percent of them: their rows are not compared.
+FEATURES_ROWS_RTOL = 1e-3
+
+
+def features_chunk_summary(scores: torch.Tensor, extremes, dtype: torch.dtype, scale: float,
+                           chunk_features) -> ScoreSummary:  # fmt: skip
+    """:func:`checked_rows_summary` of a chunk of streamed features' scores (H, T, K), whose one row (where every sample
+    of the chunk has the same features) is the features row, read by ``chunk_features()`` (T, D) only where the
+    extremes allow it (:data:`FEATURES_ROWS_RTOL`). The rows are merged with other chunks' features rows."""
+    min_lo, min_hi, max_lo, max_hi = extremes
+    summary = block_summary(scores, min_lo, max_hi, False, dtype, scale=scale)
+    size = max(abs(min_lo), abs(max_hi))
+    near = max_hi - max_lo <= FEATURES_ROWS_RTOL * size and min_hi - min_lo <= FEATURES_ROWS_RTOL * size
+    if scores.shape[2] < 2 or not (near and math.isfinite(size)):
+        return summary
+    return dataclasses.replace(summary, row=one_features_row(chunk_features()))
 
 
 def in_unit_interval(lowest: float, highest: float) -> bool:
@@ -150,24 +202,71 @@ def dense_summary(scores: torch.Tensor, extremes, has_zero_weights: bool) -> Sco
 
 
 def warn_about_scores(summary: ScoreSummary | None, epsilon: float, n_clusters: int,
-                      cluster_weights: torch.Tensor | None = None, features: bool = False) -> None:  # fmt: skip
-    """The :class:`InputWarning` each misuse the summary shows gets, at the user's line. ``cluster_weights``: the
-    solve's, None for the default uniform ones (read only when every sample has the same scores); ``features``: the
-    scores are features @ prototypes.T (+ bias), and the messages say so."""
+                      cluster_weights: torch.Tensor | None = None, features: bool = False,
+                      quiet: bool = False) -> None:  # fmt: skip
+    """The :class:`InputWarning` each misuse the summary shows gets, at the user's line (:func:`show_input_warning`).
+    ``cluster_weights``: the solve's, None for the default uniform ones (read only when every sample has the same
+    scores); ``features``: the scores are features @ prototypes.T (+ bias), and the messages say so; ``quiet``: raised
+    under an "error" filter, never printed (a sharded solve's ranks but 0)."""
     if summary is None or n_clusters < 2:
         return  # one cluster: nothing to choose
-    level = user_stacklevel()
     if summary.probabilities:
-        warnings.warn(probabilities_message(summary, epsilon), InputWarning, stacklevel=level)
+        show_input_warning("probabilities", probabilities_message(summary, epsilon), quiet)
     if summary.row is not None and summary.n_samples >= 2:
         largest_weight = 1.0 / n_clusters if cluster_weights is None else float(cluster_weights.max())
         if (1.0 - largest_weight) * summary.n_samples >= 1.0:  # some sample's share belongs to another cluster
-            warnings.warn(collapse_message(summary, largest_weight), InputWarning, stacklevel=level)
+            show_input_warning("collapse", collapse_message(summary, largest_weight, features), quiet)
             return  # (an epsilon above their range is that collapse)
     spread = summary.highest - summary.lowest
     judged = summary.n_samples >= 2 and summary.n_samples * n_clusters >= RANGE_JUDGED_FROM
     if judged and spread < NEAR_UNIFORM_RANGE * epsilon:  # (a -inf mask: inf, never)
-        warnings.warn(epsilon_message(summary, epsilon, features), InputWarning, stacklevel=level)
+        show_input_warning("epsilon", epsilon_message(summary, epsilon, features), quiet)
+
+
+# The kinds of InputWarning shown so far, by where (see show_input_warning), and the warnings filters they were shown
+# under: a change of filters (catch_warnings, simplefilter) starts afresh, as Python's own registries do.
+_shown: set = set()
+_shown_under: tuple | None = None
+
+
+def filter_action(text: str, category: type, module: str, lineno: int) -> str:
+    """The action the warnings filters give a warning (the first filter matching its text, category, module and line,
+    else the default action), as ``warnings.warn`` finds it."""
+    for action, message, cat, mod, line in warnings.filters:
+        if ((message is None or message.match(text)) and issubclass(category, cat)
+                and (mod is None or mod.match(module)) and line in (0, lineno)):  # fmt: skip
+            return action
+    return warnings.defaultaction
+
+
+def show_input_warning(kind: str, text: str, quiet: bool = False) -> None:
+    """An :class:`InputWarning` of ``kind`` at the user's line, once per line and kind where the filters say "default".
+
+    Python's filters remember a warning by its text and line, and these texts carry each call's numbers (the range,
+    epsilon, the number of samples), so a training loop's every step was a new warning: SeLa's lambda as epsilon
+    printed its paragraph at every one of 100,000 steps. Here the kind stands for the text: under "default" each kind
+    is shown once per line of the user's code, under "module" once per file, under "once" once per process; "always"
+    shows every one, "error" raises every time, "ignore" shows none, as for any warning. ``quiet``: shown only to raise
+    (an "error" filter), for the sharded solve's ranks other than 0, which must raise with it but not print."""
+    global _shown_under
+    level = user_stacklevel()  # for a warn called here; the frame is sys._getframe(level - 1)
+    frame = sys._getframe(level - 1)
+    module = frame.f_globals.get("__name__")
+    module = module if isinstance(module, str) else "<string>"
+    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    action = filter_action(text, InputWarning, module, lineno)
+    if quiet and action != "error":
+        return
+    if action in ("default", "module", "once"):
+        under = (id(warnings.filters), tuple(warnings.filters), warnings.defaultaction)
+        if under != _shown_under:
+            _shown.clear()
+            _shown_under = under
+        key = {"default": (kind, filename, lineno), "module": (kind, filename), "once": (kind,)}[action]
+        if key in _shown:
+            return
+        _shown.add(key)
+    warnings.warn(text, InputWarning, stacklevel=level)
 
 
 SILENCE = "If that is what you mean, silence this: warnings.filterwarnings('ignore', category=otlabel.InputWarning)."
@@ -206,9 +305,12 @@ def epsilon_message(summary: ScoreSummary, epsilon: float, features: bool = Fals
     )
 
 
-def collapse_message(summary: ScoreSummary, largest_weight: float) -> str:
+def collapse_message(summary: ScoreSummary, largest_weight: float, features: bool = False) -> str:
+    same = "scores (every row identical)"
+    if features:
+        same = "features (every row of features identical), so the same scores"
     return (
-        f"all {summary.n_samples:,} samples have the same scores (every row identical): a collapsed network (a "
+        f"all {summary.n_samples:,} samples have the same {same}: a collapsed network (a "
         "constant output: dead features, a zero-initialised head). The balanced plan spreads them over the clusters "
         "by their weights (each sample's codes are the weights), but their labels, the argmax of one row, are all "
         f"one cluster, whose weight is at most {largest_weight:.3g}: no labelling can balance identical samples. Check "

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .advice import ScoreSummary, bound_summary, checked_rows_summary, warn_about_scores
+from .advice import ScoreSummary, checked_rows_summary, features_summary, warn_about_scores
 from .backends import check_backend_name, make_operator, resolve_backend
 from .backends.base import ScoreOperator
 from .entry import entry_point, user_stacklevel
@@ -467,8 +467,11 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
     table = metas[:, 1:]  # (W, META_SIZE): every rank's metadata, without the failure flags
     check_agreement(table, comm.named(range(comm.world)))
     n_total = int(table[:, META_SAMPLES].sum())
-    # the same on every rank, from the table every rank has: the warnings too (no collective of their own)
-    warn_about_scores(gathered_summary(table, n_total), epsilon, shard.k, shard.r, features=shard.mode == 1)
+    # the same verdict on every rank, from the table every rank has (no collective of their own); printed by rank 0
+    # alone (an 8-process job printed each warning 8 times), raised by every rank under an "error" filter (rank 0
+    # raising alone would leave the others waiting out their timeout in the next collective)
+    warn_about_scores(gathered_summary(table, n_total), epsilon, shard.k, shard.r, features=shard.mode == 1,
+                      quiet=comm.rank != 0)  # fmt: skip
     weight_sum = float(table[:, META_WEIGHT_SUM].sum())
     if c_local is None:
         c_local = torch.full((shard.n,), 1.0 / n_total, dtype=torch.float64, device=shard.device)
@@ -676,36 +679,36 @@ class FeatureShard:
         self.allow_tf32, self.source, self.memory_budget = allow_tf32, None, memory_budget
         self.summary = None  # of the scores' values (otlabel.advice): a bound on them, where epsilon is given
         if self.kernel:
-            self.z, self.c3, self.bias, self.r, self.batched, bound = kernel_inputs(
+            self.z, self.c3, self.bias, self.r, self.batched, bound, norms_alike = kernel_inputs(
                 z, prototypes, bias, cluster_weights, epsilon
             )
-            self.summary = bound_summary(bound, self.z.shape[0])
+            self.summary = features_summary(self.z, bound, norms_alike)
         else:
             device = z.device if z is not None and z.is_cuda else device  # host data: through this rank's device
             self.source = FeatureSource(features, prototypes, bias, device,
                                         memory_budget=chunk_bytes(memory_budget, device))  # fmt: skip
             warn_if_chunks_too_small(self.source, memory_budget, self.source.device)
             self.z = self.source.features  # (N, D) on the host (or the device), streamed
-            largest_z = check_finite_rows(self.z, "features")
+            smallest_z, largest_z = check_finite_rows(self.z, "features")
             self.batched = self.source.batched
             self.r = check_weights(cluster_weights, self.source.n_clusters, "cluster_weights", "number of clusters K",
                                    self.source.device)  # fmt: skip
             self.bias = None if self.source.bias is None else self.source.bias[:, 0]  # (H, K)
             check_bias(self.bias, self.r)
             if epsilon is not None:  # before any collective: the streamed pass would find it only after agreeing
-                self.check_range(largest_z, epsilon)
+                self.check_range(largest_z, epsilon, smallest_z == largest_z)
         self.h, self.k = self.c3.shape[:2] if self.kernel else (self.source.n_heads, self.source.n_clusters)
         self.fingerprint = inputs_fingerprint(prototypes, bias, self.h, self.k)
         self.n, self.device = self.z.shape[0], self.r.device
         self.dtype_code = DTYPE_CODES[self.z.dtype]
 
-    def check_range(self, largest_z: float, epsilon: float) -> None:
+    def check_range(self, largest_z: float, epsilon: float, norms_alike: bool) -> None:
         """``|S| / eps`` within what the compute precision resolves, by the bound ``|z| |c| + |bias|`` (kept as
-        this shard's :class:`~otlabel.advice.ScoreSummary`)."""
+        this shard's :class:`~otlabel.advice.ScoreSummary`, with the one features row where ``norms_alike``)."""
         bound = float(score_bound(largest_z, self.source.proto_t.transpose(1, 2), self.bias))  # proto_t: (H, D, K)
         if bound > max_score_span(self.source.dtype) * epsilon:
             raise bound_error(bound, epsilon, self.source.dtype)
-        self.summary = bound_summary(bound, self.z.shape[0])
+        self.summary = features_summary(self.z, bound, norms_alike)
 
     def operator(self, epsilon, sample_weights) -> ScoreOperator:
         if self.kernel:

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .advice import bound_summary, warn_about_scores
+from .advice import features_summary, one_features_row, warn_about_scores
 from .backends import _triton_usable, check_backend_name
 from .inputs import open_host_array  # what the streamed and reference paths take too, with their errors
 from .kernels.utils import KERNEL_DTYPES
@@ -169,6 +169,11 @@ def dense_scores(features, prototypes, bias, where: str = "", cluster_weights=No
     if bool(overflow.any()):
         row = int(torch.nonzero(overflow.reshape(-1, overflow.shape[-1]).any(dim=0))[0])
         raise bad_features_row_error(row, where, z, torch.float64, math.nan)
+    if one_features_row(z) is not None:  # (a pass over Z, 1 / K of the product's work; the first rows decide)
+        # A collapsed encoder: its scores' rows made the same bits, as they are in exact arithmetic, so that the
+        # reference's checks see identical rows (otlabel.advice); float64 matmuls of 777 identical 2,048-d rows at
+        # 129 prototypes gave rows differing in their last bit, and no warning.
+        scores = scores[..., :1, :].expand(scores.shape).contiguous()
     return scores
 
 
@@ -178,20 +183,25 @@ def not_finite_error(name: str) -> ValueError:
     return ValueError(f"{name} contain NaN or inf; they must be finite vectors.{fix}")
 
 
-def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torch.Tensor, epsilon=None) -> float:
+def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torch.Tensor,
+                   epsilon=None) -> tuple[float, bool]:  # fmt: skip
     """What the kernel cannot check as it goes: finite inputs, no weighted cluster closed by a -inf bias, and (given
     ``epsilon``) scores within the range the solver resolves — judged by the bound ``|S| <= max |z| max |c| +
-    max |bias|``, since the scores themselves are never formed. Returns that bound.
+    max |bias|``, since the scores themselves are never formed. Returns that bound, and whether the smallest feature
+    norm is the largest (every features row may then be the same: :func:`otlabel.advice.features_summary`).
 
     The verdicts come back to the host together (one device synchronisation); the bias's own messages are
     produced by :func:`check_bias` on failure only."""
     verdicts = [torch.isfinite(z).all(), torch.isfinite(c).all()]
-    bound = score_bound(torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64).amax(), c, bias)
+    smallest_z, largest_z = torch.aminmax(torch.linalg.vector_norm(z, dim=-1, dtype=torch.float64))  # (as amax)
+    bound = score_bound(largest_z, c, bias)
     verdicts.append(bound <= (math.inf if epsilon is None else MAX_SCORE_SPAN_FP32 * epsilon))  # fp32 kernels
     if bias is not None:
         verdicts += [~(torch.isnan(bias) | torch.isposinf(bias) | (torch.isneginf(bias) & (cluster_weights > 0))).any()]
-    # the bound itself in the same read (for otlabel.advice; NaN from NaN inputs, refused below)
-    features_ok, prototypes_ok, span_ok, *bias_ok, bound = torch.stack([*verdicts, bound]).tolist()
+    # the bound and the extreme norms in the same read (for otlabel.advice; NaN from NaN inputs, refused below)
+    features_ok, prototypes_ok, span_ok, *bias_ok, smallest, largest, bound = torch.stack(
+        [*verdicts, smallest_z, largest_z, bound]
+    ).tolist()
     if not features_ok:
         raise not_finite_error("features")
     if not prototypes_ok:
@@ -200,20 +210,21 @@ def check_features(z: torch.Tensor, c: torch.Tensor, bias, cluster_weights: torc
         check_bias(bias, cluster_weights)
     if not span_ok:
         raise bound_error(bound, epsilon, torch.float32)
-    return bound
+    return bound, smallest == largest
 
 
-def check_finite_rows(host: torch.Tensor, name: str, rows_per_check: int = 1 << 16) -> float:
+def check_finite_rows(host: torch.Tensor, name: str, rows_per_check: int = 1 << 16) -> tuple[float, float]:
     """Every entry finite, checked a block of rows at a time (a memmap is read once, never held whole); returns the
-    largest row norm (float64), read in the same pass."""
-    largest = 0.0
+    smallest and largest row norm (float64), read in the same pass."""
+    smallest, largest = math.inf, 0.0
     for lo in range(0, host.shape[0], rows_per_check):
         block = host[lo : lo + rows_per_check]
         if not bool(torch.isfinite(block).all()):
             row = lo + int(torch.nonzero(~torch.isfinite(block).reshape(block.shape[0], -1).all(dim=1))[0])
             raise ValueError(f"{name} contain NaN or inf (first in row {row}); they must be finite vectors.")
-        largest = max(largest, float(torch.linalg.vector_norm(block, dim=-1, dtype=torch.float64).amax()))
-    return largest
+        low, high = torch.stack(torch.aminmax(torch.linalg.vector_norm(block, dim=-1, dtype=torch.float64))).tolist()
+        smallest, largest = min(smallest, low), max(largest, high)
+    return smallest, largest
 
 
 def score_bound(largest_z, c: torch.Tensor, bias) -> torch.Tensor:
@@ -260,11 +271,12 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 
     epsilon = check_epsilon(epsilon)
     acceleration = check_solver_options(max_iter, tol, acceleration, over_relaxation, callback)
-    z, c3, bias_t, r, batched, bound = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
+    z, c3, bias_t, r, batched, bound, norms_alike = kernel_inputs(z, prototypes, bias, cluster_weights, epsilon)
     h, n = c3.shape[0], z.shape[0]
-    # by the bound (the scores are never formed); the weights are read for a collapse's message only
-    warn_about_scores(bound_summary(bound, n), epsilon, c3.shape[1], None if cluster_weights is None else r,
-                      features=True)  # fmt: skip
+    # by the bound (the scores are never formed) and, where the norms allow it, the features' rows; the weights are
+    # read for a collapse's message only
+    warn_about_scores(features_summary(z, bound, norms_alike), epsilon, c3.shape[1],
+                      None if cluster_weights is None else r, features=True)  # fmt: skip
     w = check_weights(sample_weights, n, "sample_weights", "number of samples N", z.device)
     operator = TritonFeaturesOperator(z, c3, bias_t, epsilon, w, allow_tf32=allow_tf32)
     b0 = check_init(init, h, r, operator.dtype, epsilon=epsilon)
@@ -276,7 +288,7 @@ def solve_with_kernel(z, prototypes, bias, epsilon, *, allow_tf32, cluster_weigh
 def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=None):
     """Checked inputs of the features kernel: the features (N, D) and prototypes (H, K, D) in one dtype on ``z``'s
     device, the bias (fp32 or None), the cluster weights (K,), whether the prototypes carried a head dimension, and
-    the bound on ``|S|`` the checks read (:func:`check_features`).
+    what the checks read (:func:`check_features`): the bound on ``|S|`` and whether every feature norm is one value.
 
     Features and prototypes of different dtypes are both cast to the wider one (float32 where that is float64, the
     kernels' arithmetic), as the torch path computes them: casting the prototypes down to the features' dtype
@@ -296,5 +308,5 @@ def kernel_inputs(z: torch.Tensor, prototypes, bias, cluster_weights, epsilon=No
     h, k = c3.shape[:2]
     if bias_t is not None:
         bias_t = bias_t.expand(h, k).contiguous()
-    bound = check_features(z, c3, bias_t, r, epsilon)
-    return z, c3, bias_t, r, batched, bound
+    bound, norms_alike = check_features(z, c3, bias_t, r, epsilon)
+    return z, c3, bias_t, r, batched, bound, norms_alike

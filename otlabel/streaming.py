@@ -30,7 +30,7 @@ from concurrent.futures import FIRST_EXCEPTION, wait
 import numpy as np
 import torch
 
-from .advice import checked_rows_summary, merge_all, warn_about_scores
+from .advice import checked_rows_summary, features_chunk_summary, merge_all, warn_about_scores
 from .backends.torch_backend import (
     NEG_INF,
     LogDomainOperator,
@@ -261,7 +261,11 @@ class StreamingOperator(LogDomainOperator):
                                 batched=self.source.batched, from_features=from_features,
                                 features=getattr(self.source, "features", None), epsilon=self.epsilon,
                                 given_rows=lambda rows=rows: self.source.chunk(rows), extremes=extremes)  # fmt: skip
-            summaries.append(checked_rows_summary(x, extremes, self.source.dtype, scale=self.epsilon))
+            if from_features:  # its one row, if any, is the features' (the products' may differ in the last bit)
+                summaries.append(features_chunk_summary(x, extremes, self.source.dtype, self.epsilon,
+                                                        lambda rows=rows: self.source.features[rows]))  # fmt: skip
+            else:
+                summaries.append(checked_rows_summary(x, extremes, self.source.dtype, scale=self.epsilon))
             if patterns is not None:
                 collect_masks(patterns, x, masked, self.sample_mass[rows])  # for Hall's condition, decided at the end
             col_max = torch.maximum(col_max, column_max(x))
