@@ -224,9 +224,11 @@ def warn_about_scores(summary: ScoreSummary | None, epsilon: float, n_clusters: 
 
 
 # The kinds of InputWarning shown so far, by where (see show_input_warning), and the warnings filters they were shown
-# under: a change of filters (catch_warnings, simplefilter) starts afresh, as Python's own registries do.
+# under: a change of filters (catch_warnings, simplefilter) starts afresh, as Python's own registries do. The filters
+# list itself is held, not its id(): a new catch_warnings' list may take a freed one's memory, and so its id (CPython's
+# list free list gave 4 successive blocks one id: told 1, 0, 0, 0 times).
 _shown: set = set()
-_shown_under: tuple | None = None
+_shown_under: tuple | None = None  # (the filters list, its entries, the default action)
 
 
 def filter_action(text: str, category: type, module: str, lineno: int) -> str:
@@ -258,8 +260,9 @@ def show_input_warning(kind: str, text: str, quiet: bool = False) -> None:
     if quiet and action != "error":
         return
     if action in ("default", "module", "once"):
-        under = (id(warnings.filters), tuple(warnings.filters), warnings.defaultaction)
-        if under != _shown_under:
+        filters = warnings.filters
+        under = (filters, tuple(filters), warnings.defaultaction)
+        if _shown_under is None or filters is not _shown_under[0] or under[1:] != _shown_under[1:]:
             _shown.clear()
             _shown_under = under
         key = {"default": (kind, filename, lineno), "module": (kind, filename), "once": (kind,)}[action]

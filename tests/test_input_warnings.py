@@ -314,6 +314,27 @@ def test_a_training_loop_is_told_once_per_line_and_kind():
             solve_here(s, 25.0)
 
 
+class OtherWarning(UserWarning):
+    """Any other warning, ignored: one issued makes the warnings machinery let go of the filters list it last used."""
+
+
+def test_each_new_catch_warnings_starts_afresh_on_any_list():
+    """Each catch_warnings block starts afresh, as Python's registries do (a test suite checking the warning in two
+    tests at one helper line sees it in both), though its filters list may take a freed one's memory: the filters
+    were told apart by id(), and CPython's list free list gives a new block the last one's list once the warnings
+    machinery lets go of it (at any other warning). 4 blocks told 1, 0, 0, 0 times; now each once."""
+    kept = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OtherWarning)
+        for seed in range(4):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default", InputWarning)
+                solve_here(logits(seed=seed), 25.0)
+                kept.append((caught, [[] for _ in range(100)]))  # the free list emptied: this block's list goes on it
+            warnings.warn("another", OtherWarning, stacklevel=1)
+    assert [len(said_in(caught)) for caught, _ in kept] == [1, 1, 1, 1]
+
+
 def test_a_script_prints_it_once_for_a_loop():
     """As a user's script runs it, with Python's own filters: 5 steps, 5 ranges, one paragraph on stderr."""
     import subprocess
