@@ -235,10 +235,18 @@ def filter_action(text: str, category: type, module: str, lineno: int) -> str:
     """The action the warnings filters give a warning (the first filter matching its text, category, module and line,
     else the default action), as ``warnings.warn`` finds it."""
     for action, message, cat, mod, line in warnings.filters:
-        if ((message is None or message.match(text)) and issubclass(category, cat)
-                and (mod is None or mod.match(module)) and line in (0, lineno)):  # fmt: skip
+        if (matches(message, text) and issubclass(category, cat) and matches(mod, module)
+                and line in (0, lineno)):  # fmt: skip
             return action
     return warnings.defaultaction
+
+
+def matches(pattern, value: str) -> bool:
+    """A filter's message or module ``pattern`` matches ``value`` as Python's warnings find it: None matches anything,
+    a plain string (CPython's own default filters hold "__main__") only itself, a compiled regex from the start."""
+    if pattern is None:
+        return True
+    return pattern == value if isinstance(pattern, str) else bool(pattern.match(value))
 
 
 def show_input_warning(kind: str, text: str, quiet: bool = False) -> None:

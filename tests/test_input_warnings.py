@@ -335,6 +335,19 @@ def test_each_new_catch_warnings_starts_afresh_on_any_list():
     assert [len(said_in(caught)) for caught, _ in kept] == [1, 1, 1, 1]
 
 
+def test_filters_of_plain_strings_match_as_pythons_do():
+    """A filter may hold its message or module as a plain string (CPython's own defaults do: ("default", None,
+    DeprecationWarning, "__main__", 0)), which Python matches by equality; read as a regex it raised AttributeError
+    ('str' object has no attribute 'match') from inside the solve."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        warnings.filters.insert(0, ("ignore", None, InputWarning, __name__, 0))  # this module's warnings: none
+        solve_here(logits(), 25.0)
+        warnings.filters[0] = ("ignore", None, InputWarning, __name__ + "x", 0)  # another module's: no match
+        solve_here(logits(), 25.0)
+    assert len(said_in(caught)) == 1
+
+
 def test_a_script_prints_it_once_for_a_loop():
     """As a user's script runs it, with Python's own filters: 5 steps, 5 ranges, one paragraph on stderr."""
     import subprocess
