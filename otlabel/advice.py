@@ -234,11 +234,24 @@ _shown_under: tuple | None = None  # (the filters list, its entries, the default
 def filter_action(text: str, category: type, module: str, lineno: int) -> str:
     """The action the warnings filters give a warning (the first filter matching its text, category, module and line,
     else the default action), as ``warnings.warn`` finds it."""
-    for action, message, cat, mod, line in warnings.filters:
+    for action, message, cat, mod, line in active_filters():
         if (matches(message, text) and issubclass(category, cat) and matches(mod, module)
                 and line in (0, lineno)):  # fmt: skip
             return action
     return warnings.defaultaction
+
+
+def active_filters() -> list:
+    """The warnings filters ``warnings.warn`` applies here. With context-aware warnings (Python 3.14's
+    ``sys.flags.context_aware_warnings``: the free-threaded build's default, ``-X context_aware_warnings``) a
+    catch_warnings block's filters are in a context variable, not ``warnings.filters`` (the process's): read there,
+    or a pytest.warns' "always" (or an "error") was taken for the process's "default", and the warning deduplicated."""
+    if getattr(sys.flags, "context_aware_warnings", False):
+        try:
+            return warnings._warnings_context.get()._filters  # (3.14's names; outside any block: LookupError)
+        except (AttributeError, LookupError):
+            pass
+    return warnings.filters
 
 
 def matches(pattern, value: str) -> bool:
@@ -268,7 +281,7 @@ def show_input_warning(kind: str, text: str, quiet: bool = False) -> None:
     if quiet and action != "error":
         return
     if action in ("default", "module", "once"):
-        filters = warnings.filters
+        filters = active_filters()
         under = (filters, tuple(filters), warnings.defaultaction)
         if _shown_under is None or filters is not _shown_under[0] or under[1:] != _shown_under[1:]:
             _shown.clear()
