@@ -231,27 +231,38 @@ _shown: set = set()
 _shown_under: tuple | None = None  # (the filters list, its entries, the default action)
 
 
-def filter_action(text: str, category: type, module: str, lineno: int) -> str:
+def filter_action(text: str, category: type, module: str, lineno: int) -> str | None:
     """The action the warnings filters give a warning (the first filter matching its text, category, module and line,
-    else the default action), as ``warnings.warn`` finds it."""
-    for action, message, cat, mod, line in active_filters():
+    else the default action), as ``warnings.warn`` finds it; None where the filters in force cannot be read."""
+    filters = active_filters()
+    if filters is None:
+        return None
+    for action, message, cat, mod, line in filters:
         if (matches(message, text) and issubclass(category, cat) and matches(mod, module)
                 and line in (0, lineno)):  # fmt: skip
             return action
     return warnings.defaultaction
 
 
-def active_filters() -> list:
+def active_filters() -> list | None:
     """The warnings filters ``warnings.warn`` applies here. With context-aware warnings (Python 3.14's
     ``sys.flags.context_aware_warnings``: the free-threaded build's default, ``-X context_aware_warnings``) a
     catch_warnings block's filters are in a context variable, not ``warnings.filters`` (the process's): read there,
-    or a pytest.warns' "always" (or an "error") was taken for the process's "default", and the warning deduplicated."""
-    if getattr(sys.flags, "context_aware_warnings", False):
-        try:
-            return warnings._warnings_context.get()._filters  # (3.14's names; outside any block: LookupError)
-        except (AttributeError, LookupError):
-            pass
-    return warnings.filters
+    or a pytest.warns' "always" (or an "error") was taken for the process's "default", and the warning deduplicated.
+    None where that context cannot be read (3.14's private names changed): the caller then leaves every decision to
+    ``warnings.warn`` rather than guess, since a wrong guess silences a warning the user asked to see or raise."""
+    if not getattr(sys.flags, "context_aware_warnings", False):
+        return warnings.filters
+    try:
+        context = warnings._warnings_context
+    except AttributeError:
+        return None
+    try:
+        return context.get()._filters
+    except LookupError:  # outside any catch_warnings block: the process's
+        return warnings.filters
+    except AttributeError:
+        return None
 
 
 def matches(pattern, value: str) -> bool:
@@ -278,6 +289,9 @@ def show_input_warning(kind: str, text: str, quiet: bool = False) -> None:
     module = module if isinstance(module, str) else "<string>"
     filename, lineno = frame.f_code.co_filename, frame.f_lineno
     action = filter_action(text, InputWarning, module, lineno)
+    if action is None:  # the filters in force are unknown: every call warns (a quiet rank too, so that "error" raises)
+        warnings.warn(text, InputWarning, stacklevel=level)
+        return
     if quiet and action != "error":
         return
     if action in ("default", "module", "once"):

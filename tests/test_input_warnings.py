@@ -375,6 +375,23 @@ def test_context_aware_filters_are_the_ones_read(monkeypatch):
     assert len(said_in(caught)) == 2
 
 
+def test_filters_that_cannot_be_read_leave_every_call_to_warnings(monkeypatch):
+    """Context-aware warnings whose private names this version does not know (a later Python): the filters in force
+    cannot be read, and guessing the process's could silence a warning a catch_warnings block asks to see or raise.
+    Every call is then left to ``warnings.warn``: under "default" two steps whose messages differ are two warnings
+    (deduplicated by kind, as the readable filters are, they were one)."""
+    import types
+
+    flags = {name: getattr(sys.flags, name) for name in dir(sys.flags) if not name.startswith(("_", "n_"))}
+    monkeypatch.setattr(sys, "flags", types.SimpleNamespace(**{**flags, "context_aware_warnings": True}))
+    monkeypatch.delattr(warnings, "_warnings_context", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default", InputWarning)
+        for seed in range(2):
+            solve_here(logits(seed=seed), 25.0)
+    assert len(said_in(caught)) == 2
+
+
 def test_a_script_prints_it_once_for_a_loop():
     """As a user's script runs it, with Python's own filters: 5 steps, 5 ranges, one paragraph on stderr."""
     import subprocess
