@@ -577,7 +577,10 @@ def sinkhorn_assign(
             a forbidden pair; a mask that leaves no balanced plan (some clusters too few samples: Hall's condition,
             :mod:`otlabel.feasibility`) is a ``ValueError`` before any iteration. Detached: the result carries no
             autograd graph (pseudo-labels are targets).
-        epsilon: temperature ``> 0`` in the units of the scores. Smaller is harder and slower to converge.
+        epsilon: temperature ``> 0`` in the units of the scores. The default, 0.05, is SwAV's for cosine
+            similarities; for SeLa's ``P ** lambda`` on logits give ``1 / lambda``. Smaller is harder and slower to
+            converge. ``|scores| / epsilon`` is limited to 3e3 (1e11 for float64 scores): beyond, a
+            :class:`~otlabel.ScoreSpanError` says what to do (subtracting each sample's maximum changes nothing).
         features, prototypes, bias: instead of ``scores``, features ``Z`` (N, D) and prototypes ``C`` (K, D) (or
             (H, K, D) for H heads), optionally a per-cluster ``bias`` (K,)/(H, K): the scores ``Z C^T + bias`` are
             computed tile by tile and never stored (see :mod:`otlabel.features`). ``Z`` may also be a NumPy array,
@@ -585,9 +588,11 @@ def sinkhorn_assign(
         cluster_weights: ``(K,)`` non-negative, summing to 1 (default uniform ``1/K``): each cluster's share.
             Zero is allowed (the cluster gets nothing).
         sample_weights: ``(N,)`` non-negative, summing to 1 (default uniform ``1/N``).
-        max_iter: most iterations (each is one pass over the scores).
-        tol: stop when the cluster-marginal L1 error is below this; ``None`` runs exactly ``max_iter``
-            iterations with no convergence check (SwAV's fixed 3: ``max_iter=3, tol=None``).
+        max_iter: most iterations (each is one pass over the scores); reaching it before ``tol`` is a
+            :class:`~otlabel.ConvergenceWarning` (``converged=False`` in the result), not an error.
+        tol: stop when the cluster-marginal L1 error (summed over the clusters, at most 2) is below this; ``None``
+            runs exactly ``max_iter`` iterations with no convergence check (SwAV's fixed 3: ``max_iter=3,
+            tol=None``). With float32 scores the error stops near 1e-7 to 1e-6: pass float64 for tighter ones.
         init: warm start — a previous ``SinkhornResult`` or its ``cluster_potentials``. A result solved at another
             ``epsilon`` is rescaled to this one (``b * eps_old / eps``, as between ``epsilon_scaling``'s stages);
             bare potentials are taken as potentials at this ``epsilon``.
@@ -614,7 +619,8 @@ def sinkhorn_assign(
             for the cold start), e.g. to drive a progress bar or log convergence. It reads the error back from
             the device every iteration, which a ``tol=None`` solve otherwise never does. It runs inside the solve:
             uncompiled, and with the CPU as torch's default device (see :mod:`otlabel.entry`).
-        warn: emit a :class:`ConvergenceWarning` when ``tol`` is not reached in ``max_iter`` iterations.
+        warn: emit a :class:`ConvergenceWarning` when ``tol`` is not reached in ``max_iter`` iterations. It does
+            not silence :class:`~otlabel.InputWarning` (below): filter that with :func:`warnings.filterwarnings`.
         cuda_graph: for small fixed-iteration solves on a GPU (a SwAV batch: ``max_iter=3, tol=None``), whose time
             goes to launching kernels: capture the solve in a CUDA graph on the first call of each shape and replay
             it after (see :mod:`otlabel.graphs`; same results, bitwise). CUDA scores, the triton backend,
@@ -625,6 +631,20 @@ def sinkhorn_assign(
         :class:`SinkhornResult` with ``labels``, ``codes`` (lazy), ``plan`` (lazy), ``objective`` (lazy),
         ``cluster_potentials``, ``n_iter``, ``converged``, ``marginal_error``, ``errors`` and ``epsilon``, on the
         input's device.
+
+    Raises:
+        TypeError: scores or weights of a kind that is not taken as is (integers, complex, a sparse or meta tensor,
+            a ``.npy`` path: :func:`~otlabel.sinkhorn_assign_stream` reads those); the message says how to convert.
+        ValueError: wrong shapes (weights sized for the other dimension: transposed scores?), NaN or +inf scores,
+            ``epsilon <= 0``, negative weights or weights that do not sum to 1 (within 1e-4, then rescaled), a
+            mask (``-inf``) that leaves no balanced plan (naming the samples or clusters), options that do not go
+            together. :class:`~otlabel.ScoreSpanError`, a ``ValueError``: ``|scores| / epsilon`` too large (above).
+
+    Warns:
+        ConvergenceWarning: ``tol`` not reached in ``max_iter`` iterations (unless ``warn=False``).
+        InputWarning: input that solves but likely means nothing: probabilities passed as scores (pass logits or
+            log-probabilities), an ``epsilon`` above the scores' whole range (SeLa's ``lambda`` given as
+            ``epsilon``?), every sample scored alike (a collapsed network). The message says what to do.
 
     Example:
         >>> import torch

@@ -163,3 +163,23 @@ def test_every_public_function_has_an_args_entry_per_parameter():
         parameters = set(inspect.signature(fn).parameters)
         assert parameters - args_entries(fn) == set(), fn.__name__
         assert args_entries(fn) - parameters == set(), fn.__name__
+
+
+def test_sinkhorn_assign_help_names_what_it_raises_and_warns():
+    """help(sinkhorn_assign) never named InputWarning or ScoreSpanError, which a new user meets first (SeLa's lambda
+    given as epsilon, probabilities as scores, a small epsilon on logits), nor said that warn=False leaves
+    InputWarning on, nor what the default epsilon is for: a user had to read the README or the source."""
+    import inspect
+
+    import otlabel
+
+    doc = inspect.getdoc(otlabel.sinkhorn_assign)
+    lines = doc.splitlines()
+    assert "Raises:" in lines and "Warns:" in lines
+    warns = " ".join(lines[lines.index("Warns:") :]).split("Example:")[0]
+    assert "ConvergenceWarning" in warns and "InputWarning" in warns
+    raises = " ".join(lines[lines.index("Raises:") : lines.index("Warns:")])
+    assert "TypeError" in raises and "ValueError" in raises and "ScoreSpanError" in raises
+    entry = " ".join(doc.split())
+    assert "The default, 0.05, is SwAV's for cosine similarities" in entry and "1 / lambda" in entry
+    assert "It does not silence :class:`~otlabel.InputWarning`" in entry
