@@ -56,8 +56,15 @@ def arithmetic_name(compute_dtype: torch.dtype) -> str:
 
 
 class ScoreSpanError(ValueError):
-    """Scores too large for their temperature (:func:`span_error`), with what the message was made from, so that the
-    command line can say the fixes in its own terms (files saved anew, ``--epsilon``)."""
+    """Scores too large for their temperature: ``|scores| / epsilon`` beyond 3e3 for float32, float16 or bfloat16
+    scores (1e11 for float64), where the arithmetic cannot resolve the balanced plan. A ``ValueError``.
+
+    What to do, as the message says: subtract each sample's maximum (``scores - scores.amax(-1, keepdim=True)``) or,
+    for a cluster far below the rest, each cluster's (``scores.amax(-2, keepdim=True)``) — such shifts change nothing
+    in the plan —, pass float64 scores, or a larger ``epsilon``. Features: L2-normalise them and the prototypes.
+
+    ``parts`` and ``closed`` keep what the message was made from (:func:`span_error`), so that the command line can
+    say the fixes in its own terms (files saved anew, ``--epsilon``)."""
 
     def __init__(self, message: str, *parts, closed: int | None = None):
         super().__init__(message)

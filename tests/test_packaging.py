@@ -183,3 +183,13 @@ def test_sinkhorn_assign_help_names_what_it_raises_and_warns():
     entry = " ".join(doc.split())
     assert "The default, 0.05, is SwAV's for cosine similarities" in entry and "1 / lambda" in entry
     assert "It does not silence :class:`~otlabel.InputWarning`" in entry
+
+
+def test_score_span_error_help_says_when_it_is_raised_and_what_to_do():
+    """help(otlabel.ScoreSpanError), a public name, spoke to the command line's code ('with what the message was
+    made from, so that the command line can say the fixes in its own terms'): not when it is raised nor the fix."""
+    import otlabel
+
+    doc = " ".join(otlabel.ScoreSpanError.__doc__.split())
+    assert "3e3" in doc and "1e11" in doc and "epsilon" in doc
+    assert "scores.amax(-1, keepdim=True)" in doc and "float64" in doc
