@@ -1118,6 +1118,11 @@ def checked_host_weights(weights, size: int, name: str, other: str, scores_shape
     sum_rtol = sum(weight_sum_tolerance(weights.dtype, size))
     if weights.shape != (size,):
         hint = transposed_hint(weights.shape[0], size, scores_shape, transpose_fix) if weights.ndim == 1 else ""
+        if hint:  # the other dimension's length: transposed scores, or the other marginal given here (priors as
+            # sample_weights): the message named only the first, and sent a user with right scores to transpose them
+            mine, theirs = ("sample", "cluster") if "sample" in name else ("cluster", "sample")
+            swapped, whose = name.replace(mine, theirs), f"{theirs}s'"
+            hint += f" Or, if these are the {whose} shares, pass them as {swapped}."
         if weights.ndim == 2 and weights.shape[1] == size:  # (H, K) or (H, N): weights per head
             hint = (" The heads of batched (H, N, K) scores share one weight vector; for weights per head, solve each "
                     "head on its own (scores[h]).")  # fmt: skip

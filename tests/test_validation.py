@@ -1363,3 +1363,19 @@ def test_a_non_finite_warm_start_is_told_what_is_true_and_how_to_keep_it():
     with pytest.raises(ValueError, match="^init holds NaN for cluster 1") as told:
         sinkhorn_assign(s, 0.1, init=torch.tensor([0.0, math.nan, 0.0, 0.0]))
     assert "-inf" not in str(told.value) and "weight 0" not in str(told.value), str(told.value)
+
+
+def test_weights_of_the_other_length_name_the_other_marginal_too():
+    """Cluster priors passed as sample_weights (or the reverse) on right (N, K) scores were told only 'are the scores
+    transposed? ... pass scores.swapaxes(-1, -2)', which would make the call wrong in another way. The message now
+    names the other marginal as well, in the API's and the command line's words."""
+    scores = torch.randn(200, 10)
+    with pytest.raises(ValueError, match=r"transposed\?.*Or, if these are the clusters' shares, pass them as "
+                       r"cluster_weights\."):  # fmt: skip
+        sinkhorn_assign(scores, 0.1, sample_weights=[0.1] * 10)
+    with pytest.raises(ValueError, match=r"Or, if these are the samples' shares, pass them as sample_weights\."):
+        sinkhorn_assign(scores, 0.1, cluster_weights=[1 / 200] * 200)
+    from otlabel.problem import checked_host_weights
+
+    with pytest.raises(ValueError, match=r"pass them as --cluster-weights\."):
+        checked_host_weights(np.full(10, 0.1), 200, "--sample-weights", "number of samples N", (200, 10), "fix")
