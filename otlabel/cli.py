@@ -694,7 +694,8 @@ def print_summary(args, what, device, result, counts, weights, n, t_solve, t_wri
     small, large = np.unravel_index(counts.argmin(), counts.shape), np.unravel_index(counts.argmax(), counts.shape)
     head = lambda idx: f"cluster {idx[1]}" + (f", head {idx[0]}" if counts.shape[0] > 1 else "")
     k = counts.shape[1]
-    target = "uniform target " + f"{n / k:,.1f}" if weights is None else "targets from --cluster-weights"
+    share = f"{n / k:,.1f}" if n >= k else f"{n / k:.2g}"  # N < K (a SwAV batch): 0.02, not "0.0"
+    target = f"uniform target {share}" if weights is None else "targets from --cluster-weights"
     if args.sample_weights is not None:  # shares of the sample mass: a cluster of heavy samples holds fewer of them
         shares = "uniform shares 1/K" if weights is None else "shares from --cluster-weights"
         target = f"{shares} of the --sample-weights mass"

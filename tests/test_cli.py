@@ -1396,3 +1396,11 @@ def test_records_advice_names_a_file_its_command_can_write_whatever_the_field_is
     assert advised and advised[1] == str(tmp_path / f"rec_{field[0]}_{field[-1]}.npy"), advised
     subprocess.run(advised[2], shell=True, check=True, cwd="/")
     np.testing.assert_array_equal(np.load(advised[1]), records[field])
+
+
+def test_summary_target_of_fewer_samples_than_clusters_is_not_zero(tmp_path, capsys):
+    """10 samples into 500 clusters (N < K, a SwAV batch) printed 'uniform target 0.0': the share, 0.02, rounded to
+    one decimal. It now keeps two significant digits below one sample a cluster."""
+    np.save(tmp_path / "s.npy", random_problem(10, 500, seed=0).numpy())
+    assert main(["assign", str(tmp_path / "s.npy"), "--out", str(tmp_path / "y.npy")]) == EXIT_OK
+    assert summary_line(capsys.readouterr().out, "  cluster sizes").endswith("; uniform target 0.02")
