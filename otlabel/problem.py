@@ -507,6 +507,7 @@ def check_float_dtype(x: torch.Tensor, name: str) -> None:
 def check_scores(scores, name: str = "scores") -> tuple[torch.Tensor, bool]:
     """Shape and dtype of the score matrix (called ``name`` in the messages: SeLa's are ``logits``); returns the
     (H, N, K) view and whether it was batched."""
+    original, listed = scores, isinstance(scores, (list, tuple))  # no .float() nor .astype(): np.asarray instead
     scores = as_tensor(scores, name)
     if scores.ndim not in (2, 3):  # before the dtype: converting 1-d integers (labels?) to floats leads nowhere
         integers = scores.ndim == 1 and not (scores.dtype.is_floating_point or scores.is_complex()
@@ -519,7 +520,11 @@ def check_scores(scores, name: str = "scores") -> tuple[torch.Tensor, bool]:
         )
     if scores.dtype not in FLOAT_DTYPES:
         fix = float_conversion(scores, name)
-        if not scores.is_complex():
+        if listed and not scores.is_complex() and all(isinstance(t, torch.Tensor) for t in original):  # per head
+            fix = f"Convert each head: [t.float() for t in {name}]."
+        elif listed and not scores.is_complex():
+            fix = f"Convert the list with np.asarray({name}, dtype=np.float32), or write its numbers as floats."
+        elif not scores.is_complex():
             fix = f"{fix[:-1]} (a NumPy array: {name}.astype(np.float32))."
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {scores.dtype}. {fix}"

@@ -1379,3 +1379,15 @@ def test_weights_of_the_other_length_name_the_other_marginal_too():
 
     with pytest.raises(ValueError, match=r"pass them as --cluster-weights\."):
         checked_host_weights(np.full(10, 0.1), 200, "--sample-weights", "number of samples N", (200, 10), "fix")
+
+
+def test_integer_scores_given_as_a_list_get_a_fix_a_list_has():
+    """A list of integers (or of integer tensors, one per head) was told 'Convert with scores.float() (a NumPy array:
+    scores.astype(np.float32))': a list has neither method."""
+    with pytest.raises(TypeError, match=r"got torch\.int64\. Convert the list with np\.asarray\(scores, "
+                       r"dtype=np\.float32\), or write its numbers as floats\.$"):  # fmt: skip
+        sinkhorn_assign([[1, 2], [3, 4]], 1.0)
+    with pytest.raises(TypeError, match=r"got torch\.int64\. Convert each head: \[t\.float\(\) for t in scores\]\.$"):
+        sinkhorn_assign([torch.ones(3, 2, dtype=torch.long)] * 2, 1.0)
+    with pytest.raises(TypeError, match=r"Convert with scores\.float\(\) \(a NumPy array"):  # tensors: as before
+        sinkhorn_assign(torch.ones(3, 2, dtype=torch.long), 1.0)
