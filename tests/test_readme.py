@@ -77,3 +77,13 @@ def test_streamed_labels_copy_is_described_with_its_exception():
     assert "labels written to a path come back as a copy in memory, unless" in text
     assert "more than an eighth of the available memory (then, like codes, as a view of their file)" in text
     assert "more than an eighth of the available memory" in " ".join(sinkhorn_assign_stream.__doc__.split())
+
+
+def test_the_exact_solvers_example_says_what_to_install():
+    """README block 4 calls exact_plan and exact_assign, which need POT and SciPy, which `pip install .` leaves out:
+    a user following the README met an ImportError first. The section and the install line name the extra."""
+    text = README.read_text()
+    section = text.split("### Checking against exact solvers and baselines")[1].split("```python")[0]
+    assert "pip install '.[exact]'" in section
+    install = " ".join(text.split("## Use")[0].split())
+    assert "`.[exact]` adds POT and SciPy" in install
