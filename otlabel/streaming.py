@@ -40,6 +40,7 @@ from .backends.torch_backend import (
     exp_,
     solve_threads,
     split_rows,
+    submit,
 )
 from .entry import entry_point, user_stacklevel
 from .feasibility import MaskPatterns, check_masks, collect_masks
@@ -207,7 +208,7 @@ class StreamingOperator(LogDomainOperator):
         with caller_on_one_thread(self.device):
             try:
                 for lo, hi in split_rows(self.n_samples, min(pool._max_workers, self.max_ranges)):
-                    futures[pool.submit(fn, lo, hi)] = hi
+                    futures[submit(pool, fn, lo, hi)] = hi
                 self._wait(futures)  # every range finishes inside the context, even when one fails
             except BaseException:
                 # Ctrl-C or SIGTERM in the main thread: the workers would otherwise read on to the end of the pass

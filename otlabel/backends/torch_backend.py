@@ -759,9 +759,27 @@ def in_callers_mode(fn):
     return run
 
 
+def submit(pool: ThreadPoolExecutor, fn, *args):
+    """``pool.submit(fn, *args)``, safe against an interrupt while it starts a worker thread.
+
+    ``submit`` starts the pool's threads on demand and waits in ``Thread.start`` for each to run: a Ctrl-C (or
+    SIGTERM raised as an exception) there left a started thread that the pool had not yet recorded, waiting forever
+    for work, and the interpreter, which joins such threads at exit, hung after printing the interrupt (``otlabel
+    assign`` interrupted ~1.4 s in, during its first pass). The pool is then shut down without waiting: the None it
+    queues reaches that thread too, and a later solve makes a new pool."""
+    global _POOL
+    try:
+        return pool.submit(fn, *args)
+    except BaseException:
+        if _POOL is pool:
+            _POOL = None
+        pool.shutdown(wait=False)  # work already queued still runs (before the None): its futures can be awaited
+        raise
+
+
 def map_pool_ranges(pool: ThreadPoolExecutor, fn, n: int) -> list:
     """``fn(lo, hi)`` over ``[0, n)`` in one contiguous range per worker of ``pool``; the results in range order."""
-    futures = [pool.submit(fn, lo, hi) for lo, hi in split_rows(n, pool._max_workers)]
+    futures = [submit(pool, fn, lo, hi) for lo, hi in split_rows(n, pool._max_workers)]
     return [f.result() for f in futures]
 
 
