@@ -1141,6 +1141,8 @@ def checked_host_weights(weights, size: int, name: str, other: str, scores_shape
         k = int(np.flatnonzero(host < 0)[0])
         raise ValueError(f"{name} must be non-negative, but entry {k} is {host[k]:.6g}.")
     total = float(host.sum())
+    if total == 0.0:  # (w / w.sum() would be NaN)
+        raise ValueError(f"{name} must sum to 1, but every one of them is 0: give some a positive share.")
     if abs(total - 1.0) > sum_rtol:
         raise ValueError(
             f"{name} must sum to 1, got a sum of {total:.6g}. Pass proportions, e.g. w / w.sum() for counts."

@@ -520,7 +520,9 @@ def check_solver_options(max_iter, tol, acceleration, over_relaxation, callback=
         raise TypeError(f"callback must be a function callback(iteration, error) (or None), got "
                         f"{type(callback).__name__}.")  # fmt: skip
     if not is_number(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {described(max_iter)}.")
+        held = isinstance(max_iter, (torch.Tensor, np.ndarray))  # (epsilon and tol take one; a count is a Python int)
+        fix = " Pass a Python int: int(max_iter)." if held else ""
+        raise ValueError(f"max_iter must be an integer >= 1, got {described(max_iter)}.{fix}")
     tol = check_tol(tol)
     if over_relaxation is not None and not (is_number(over_relaxation) and 1.0 <= over_relaxation < 2.0):
         raise ValueError(f"over_relaxation must be in [1, 2), got {described(over_relaxation)}; 1 is plain Sinkhorn.")

@@ -1391,3 +1391,25 @@ def test_integer_scores_given_as_a_list_get_a_fix_a_list_has():
         sinkhorn_assign([torch.ones(3, 2, dtype=torch.long)] * 2, 1.0)
     with pytest.raises(TypeError, match=r"Convert with scores\.float\(\) \(a NumPy array"):  # tensors: as before
         sinkhorn_assign(torch.ones(3, 2, dtype=torch.long), 1.0)
+
+
+def test_weights_that_are_all_zero_are_not_told_to_divide_by_their_sum():
+    """All-zero weights were told "Pass proportions, e.g. w / w.sum() for counts": 0 / 0, NaN weights. The message
+    now says what is wrong with them."""
+    scores = torch.randn(20, 4)
+    for weights in (torch.zeros(4), np.zeros(4), [0.0] * 4):
+        with pytest.raises(ValueError, match="every one of them is 0: give some a positive share") as caught:
+            sinkhorn_assign(scores, 0.1, cluster_weights=weights)
+        assert "w.sum()" not in str(caught.value)
+    with pytest.raises(ValueError, match="sample_weights must sum to 1, but every one of them is 0"):
+        sinkhorn_assign(scores, 0.1, sample_weights=torch.zeros(20))
+
+
+def test_max_iter_held_in_a_tensor_is_told_to_pass_an_int():
+    """epsilon and tol take one-element tensors (a schedule's values); an iteration count is a Python int, and the
+    refusal of ``max_iter=torch.tensor(10)`` now says how to give it."""
+    for held in (torch.tensor(10), np.array(10)):
+        with pytest.raises(ValueError, match=r"max_iter must be an integer >= 1, got .*Pass a Python int: int\(max"):
+            sinkhorn_assign(torch.randn(20, 4), 0.1, max_iter=held)
+    with pytest.raises(ValueError, match=r"got 0\.$"):  # a plain int below 1: no such advice
+        sinkhorn_assign(torch.randn(20, 4), 0.1, max_iter=0)
