@@ -845,6 +845,17 @@ def refuse_empty_shard(data, name: str, rank) -> None:
     )
 
 
+def own_weights_hint(shape: tuple, n: int) -> str:
+    """What to pass for sample weights of the wrong length (not the scores' other dimension): a rank that passed the
+    global (N,) weights was told only this rank's number of samples."""
+    longer = len(shape) == 1 and shape[0] > n
+    return (
+        (" Are these the weights of every rank's samples?" if longer else "")
+        + " Each rank passes the weights of its own samples: its slice of the global weights, e.g. "
+        "weights[start:stop] where this rank holds samples start to stop - 1 (the slices sum to 1 over all ranks)."
+    )
+
+
 def check_local_weights(weights, n: int, device, scores_shape=None,
                         transpose_fix=None) -> tuple[torch.Tensor, tuple[float, float]]:  # fmt: skip
     """This rank's slice of the global sample weights: (N_r,), finite, non-negative, as float64 — with this rank's
@@ -857,7 +868,7 @@ def check_local_weights(weights, n: int, device, scores_shape=None,
     if w.shape != (n,):
         hint = transposed_hint(w.shape[0], n, scores_shape, transpose_fix or TRANSPOSE_FIX) if w.ndim == 1 else ""
         raise ValueError(f"sample_weights must have shape ({n},), this rank's number of samples, got "
-                         f"{tuple(w.shape)}.{hint}")  # fmt: skip
+                         f"{tuple(w.shape)}.{hint or own_weights_hint(w.shape, n)}")  # fmt: skip
     dtype = w.dtype
     w = w.to(device=device, dtype=torch.float64)
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):

@@ -1208,5 +1208,22 @@ def test_sharded_takes_the_entry_points_words_for_paths_and_transposed_weights(t
         with pytest.raises(ValueError, match=rf"{length} is the scores' number of .* transposed\? .* pass np\.load"
                            r"\(path, mmap_mode=\"r\"\)\.swapaxes\(-1, -2\) instead of the path"):  # fmt: skip
             sinkhorn_assign_sharded(tmp_path / "t.npy", EPS, **kw)
-    with pytest.raises(ValueError, match=r"got \(3,\)\.$"):  # features: no hint
+    with pytest.raises(ValueError, match=r"got \(3,\)\. Each rank passes the weights of its own samples"):
+        # features: no transposed hint, only what to pass
         sinkhorn_assign_sharded(features=torch.randn(40, 3), prototypes=torch.randn(3, 3), sample_weights=np.ones(3))
+
+
+def test_a_rank_given_the_global_sample_weights_is_told_to_pass_its_slice():
+    """A rank of 250 samples passing the global (500,) weights was told only "must have shape (250,), this rank's
+    number of samples, got (500,)." Now also what to pass: its own slice, weights[start:stop]."""
+    from otlabel.distributed import check_local_weights
+
+    weights = torch.full((500,), 1 / 500)
+    with pytest.raises(ValueError) as raised:
+        check_local_weights(weights, 250, torch.device("cpu"), (250, 10))
+    said = str(raised.value)
+    assert said.startswith("sample_weights must have shape (250,), this rank's number of samples, got (500,).")
+    assert "Are these the weights of every rank's samples? Each rank passes the weights of its own samples: its " \
+        "slice of the global weights, e.g. weights[start:stop]" in said, said  # fmt: skip
+    w, _ = check_local_weights(weights[250:], 250, torch.device("cpu"), (250, 10))  # the slice it means
+    assert w.shape == (250,) and w.dtype == torch.float64
