@@ -1662,3 +1662,29 @@ def test_a_solve_after_an_interrupted_pool_start_runs_on_a_new_pool(monkeypatch)
         torch_backend.map_pool_ranges(pool, lambda lo, hi: hi - lo, 10)
     assert pool._shutdown and torch_backend._POOL is None
     assert torch_backend.map_pool_ranges(torch_backend.worker_pool(), lambda lo, hi: hi - lo, 10) == [5, 5]
+
+
+def test_a_pass_holding_the_pool_an_interrupt_shut_down_runs_on_a_new_one(monkeypatch):
+    """Solves on two threads share the pool. The interrupt above shut it down from the main thread while another
+    thread's pass had taken it and not yet submitted all its ranges: that pass raised "cannot schedule new futures
+    after shutdown" (a solve that had nothing to do with the interrupt failed). Its ranges now go to the new pool."""
+    import threading
+
+    from otlabel.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_POOL", None)
+    monkeypatch.setattr(torch_backend, "solve_threads", lambda: 2)
+    held = torch_backend.worker_pool()  # the other thread's pass has the pool in hand
+    original = threading.Thread.start
+
+    def interrupted_start(thread):
+        original(thread)
+        monkeypatch.setattr(threading.Thread, "start", original)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    with pytest.raises(KeyboardInterrupt):  # the main thread's solve, interrupted while the pool starts a thread
+        torch_backend.submit(held, lambda: None)
+    assert held._shutdown
+    assert torch_backend.map_pool_ranges(held, lambda lo, hi: hi - lo, 10) == [5, 5]
+    assert torch_backend._POOL is not held and not torch_backend._POOL._shutdown

@@ -27,6 +27,7 @@ import functools
 import math
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -710,6 +711,7 @@ if hasattr(os, "register_at_fork"):
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_PID: int | None = None  # the process that started the pool's threads
+_RETIRED: weakref.WeakSet = weakref.WeakSet()  # shared pools that an interrupt in submit shut down
 
 
 def solve_threads() -> int:
@@ -766,15 +768,23 @@ def submit(pool: ThreadPoolExecutor, fn, *args):
     SIGTERM raised as an exception) there left a started thread that the pool had not yet recorded, waiting forever
     for work, and the interpreter, which joins such threads at exit, hung after printing the interrupt (``otlabel
     assign`` interrupted ~1.4 s in, during its first pass). The pool is then shut down without waiting: the None it
-    queues reaches that thread too, and a later solve makes a new pool."""
+    queues reaches that thread too. The shared pool (:func:`worker_pool`) is also forgotten, so that a later solve
+    makes a new one, and a pass of another thread's solve that had already taken it submits the rest of its ranges
+    to the new one (they raised "cannot schedule new futures after shutdown"). Any other pool (``HostStream``'s)
+    is its owner's to replace."""
     global _POOL
     try:
         return pool.submit(fn, *args)
+    except RuntimeError:
+        if pool not in _RETIRED:
+            raise
     except BaseException:
         if _POOL is pool:
             _POOL = None
+            _RETIRED.add(pool)
         pool.shutdown(wait=False)  # work already queued still runs (before the None): its futures can be awaited
         raise
+    return submit(worker_pool(), fn, *args)  # the shared pool was shut down by an interrupt on another thread
 
 
 def map_pool_ranges(pool: ThreadPoolExecutor, fn, n: int) -> list:
