@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .backends.torch_backend import compute_dtype, in_callers_mode
+from .backends.torch_backend import compute_dtype, in_callers_mode, submit
 from .features import check_bias, check_feature_shapes, not_finite_error
 from .inputs import open_host_array
 from .problem import autocast_off, described
@@ -84,6 +84,11 @@ def rows_for_budget(memory_budget: int, row_entries: int, row_extra_bytes: int =
     return max(1, int(memory_budget) // (BYTES_PER_ENTRY * row_entries + row_extra_bytes))
 
 
+def h2d_worker() -> ThreadPoolExecutor:
+    """:class:`HostStream`'s thread for the staging copies (started by its first prefetch)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="otlabel-h2d")
+
+
 class HostStream:
     """Rows of a host array ``(H, N, F)`` handed to ``device`` in chunks of at most ``rows_per_chunk`` samples.
 
@@ -114,7 +119,7 @@ class HostStream:
             self.copy_stream = torch.cuda.Stream(device)
             self.copied: list = [None, None]  # per buffer: event, host-to-device copy finished
             self.released: list = [None, None]  # per buffer: event, the consumer's work on it was enqueued before
-            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otlabel-h2d")
+            self.worker = h2d_worker()
             self.pending = None  # (rows, slot, future) of the prefetched chunk
             self.current = None  # slot handed out last
             self.next_slot = 0
@@ -145,7 +150,14 @@ class HostStream:
     def _submit(self, rows: slice) -> None:
         slot = self.next_slot
         self.next_slot ^= 1
-        self.pending = (rows, slot, self.worker.submit(in_callers_mode(self._stage), rows, slot, self.released[slot]))
+        try:
+            future = submit(self.worker, in_callers_mode(self._stage), rows, slot, self.released[slot])
+        except BaseException:
+            # an interrupt while the worker's thread started: submit shut the worker down (its stray thread would
+            # have hung the interpreter's exit); a later pass gets a new one
+            self.worker = h2d_worker()
+            raise
+        self.pending = (rows, slot, future)
 
     def _drain(self) -> None:
         if self.pending is not None:

@@ -1688,3 +1688,50 @@ def test_a_pass_holding_the_pool_an_interrupt_shut_down_runs_on_a_new_one(monkey
     assert held._shutdown
     assert torch_backend.map_pool_ranges(held, lambda lo, hi: hi - lo, 10) == [5, 5]
     assert torch_backend._POOL is not held and not torch_backend._POOL._shutdown
+
+
+INTERRUPTED_H2D_START = """
+import sys, threading
+from concurrent.futures import ThreadPoolExecutor
+from otlabel.host_sources import HostStream
+original = threading.Thread.start
+def start(self):  # Ctrl-C arriving while the staging thread starts
+    original(self)
+    if self.name.startswith("otlabel-h2d"):
+        threading.Thread.start = original
+        raise KeyboardInterrupt
+threading.Thread.start = start
+# only what _submit uses: a staged HostStream needs CUDA (pinned buffers, a side stream)
+stream = HostStream.__new__(HostStream)
+stream.worker = old = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otlabel-h2d")
+stream.next_slot, stream.released, stream.pending = 0, [None, None], None
+stream._stage = lambda rows, slot, released: (rows, slot)
+try:
+    stream._submit(slice(0, 10))
+except KeyboardInterrupt:
+    if sys.argv[1] == "again":  # the stream can stage again, on a new worker
+        stream._submit(slice(10, 20))
+        assert stream.pending[2].result() == (slice(10, 20), 1), stream.pending
+        assert old._shutdown and stream.worker is not old
+    sys.exit(130)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("mode", ["exit", "again"])
+def test_an_interrupt_while_the_staging_thread_starts_lets_the_process_exit(tmp_path, mode):
+    """HostStream's otlabel-h2d worker (streamed scores or features copied to a GPU) had the race of the pool's
+    threads above: an interrupt while its thread started left that thread waiting for good, and the process hung at
+    exit. Its _submit goes through torch_backend.submit now, and the stream replaces the worker shut down there."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "interrupted_h2d.py"
+    script.write_text(INTERRUPTED_H2D_START)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    try:
+        done = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit after the interrupt (the staging thread left waiting)")
+    assert done.returncode == 130, done.stderr
