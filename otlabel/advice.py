@@ -5,8 +5,9 @@ Three misuses of self-labelling solve without error and say nothing: probabiliti
 passed as ``epsilon`` (a temperature far above the scores' spread: the plan is near the one that ignores them), and
 a collapsed network (every sample scored alike: one label for all). Each is judged from what the input checks
 already read back, the smallest and largest score (:class:`ScoreSummary`); only where those make a misuse possible
-(every score in [0, 1], every row maximum alike; in features mode every feature norm alike) is one more pass made to
-decide it. So typical input costs no pass and no device synchronisation more. Each kind is shown once per calling
+(every score in [0, 1] and the first row summing to 1, every row maximum alike; in features mode every feature norm
+alike) is one more pass made to decide it. So typical input costs no pass and no device synchronisation more (scores
+in [0, 1]: a read of the first row's sum). Each kind is shown once per calling
 line under Python's default filter (:func:`show_input_warning`).
 """
 
@@ -148,12 +149,25 @@ def in_unit_interval(lowest: float, highest: float) -> bool:
 def look_like_probabilities(scores: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> bool:
     """Whether every row of ``scores`` (H, T, K) times ``scale``, all in [0, 1], sums to 1 (within the rounding of
     probabilities held in ``dtype``) and some score lies strictly between 0 and 1: one-hot rows, preferences written
-    as 1 and 0, are scores as they stand. The rare path: a pass, and a device read."""
+    as 1 and 0, are scores as they stand. The rare path: a device read of each head's first row sum, which settles
+    most scores in [0, 1] that are not probabilities (cosines of non-negative features, sigmoids: their rows sum to
+    far more or less than 1) without a pass; only where those sum to 1, a pass and a read more
+    (:func:`every_row_sums_to_one`)."""
+    return bool(rows_sum_to_one(scores[:, :1], dtype, scale)) and every_row_sums_to_one(scores, dtype, scale)
+
+
+def rows_sum_to_one(scores: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """0-d bool, on the device: whether every row of ``scores`` (H, T, K) times ``scale`` sums to 1, within the
+    rounding of probabilities held in ``dtype``."""
     total = scores.sum(dim=-1, dtype=torch.float64 if scores.dtype == torch.float64 else torch.float32)
-    tol = ROW_SUM_RTOL + 4 * torch.finfo(dtype).eps
-    sums_to_one = ((total * scale - 1).abs() <= tol).all()
+    return ((total * scale - 1).abs() <= ROW_SUM_RTOL + 4 * torch.finfo(dtype).eps).all()
+
+
+def every_row_sums_to_one(scores: torch.Tensor, dtype: torch.dtype, scale: float) -> bool:
+    """:func:`look_like_probabilities` past its first rows: every row sums to 1 and some score lies strictly between 0
+    and 1 (a pass over ``scores``, and a read)."""
     between = ((scores > 0) & (scores * scale < 1)).any()
-    return bool(sums_to_one & between)
+    return bool(rows_sum_to_one(scores, dtype, scale) & between)
 
 
 def the_one_row(scores: torch.Tensor) -> torch.Tensor | None:

@@ -424,17 +424,40 @@ def host_reads(monkeypatch):
 
 
 def test_only_the_rare_path_reads_more(host_reads):
-    """A fixed-iteration solve reads back twice (test_host_syncs); scores in [0, 1] once more (their rows' sums), and
-    identical rows once more (their equality; with weights given, once more for the largest in the message)."""
+    """A fixed-iteration solve reads back twice (test_host_syncs); scores in [0, 1] once more (their first row's sum)
+    and, where that is 1, once more (every row's sums); identical rows once more (their equality; with weights
+    given, once more for the largest in the message)."""
     weights = torch.full((5,), 0.2, dtype=torch.float64)
-    cases = [(logits(), None, 0), (logits().softmax(-1), None, 1), (torch.full((40, 5), 2.0), None, 1),
-             (torch.full((40, 5), 2.0), weights, 2)]  # fmt: skip
+    cases = [(logits(), None, 0), (logits().softmax(-1), None, 2), (logits().sigmoid(), None, 1),
+             (torch.full((40, 5), 2.0), None, 1), (torch.full((40, 5), 2.0), weights, 2)]  # fmt: skip
     for s, r, extra in cases:
         host_reads.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InputWarning)
             sinkhorn_assign(s, 0.05, max_iter=3, tol=None, backend="reference", cluster_weights=r)
         assert sum(host_reads.values()) == 2 + extra, dict(host_reads)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_scores_in_the_unit_interval_that_are_not_probabilities_pay_no_pass(entry, monkeypatch):
+    """Cosines of non-negative (ReLU) features, sigmoids: every score in [0, 1], every call. Their first row's sum
+    (one per head, per streamed chunk) already says they are not probabilities; the pass over every row's sums was
+    made on each call before."""
+    from otlabel import advice
+
+    def refused(*args):
+        raise AssertionError("every row's sum was read for scores whose first row does not sum to 1")
+
+    monkeypatch.setattr(advice, "every_row_sums_to_one", refused)
+    relu = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)).relu()
+    relu = relu / relu.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    cosines = relu @ relu[:12].T  # (300, 12), in [0, 1]
+    assert cosines.min() >= 0 and cosines.max() <= 1 + 1e-6
+    for s in (cosines, logits().sigmoid()):
+        assert input_warnings(entry, s, 0.05, max_iter=30, warn=False) == []
+    monkeypatch.undo()  # probabilities are not missed: their first row sums to 1, and every row's sums are read
+    said = input_warnings(entry, logits().softmax(-1), 0.05, max_iter=30, warn=False)
+    assert len(said) == 1 and PROBABILITIES in said[0], said
 
 
 @pytest.mark.interpreter
