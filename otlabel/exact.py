@@ -114,16 +114,17 @@ def _prepare(scores, cluster_weights, sample_weights, solver: str, check_mask: b
     r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device, (n, k))
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device, (n, k))
     rounding = marginals_rounding(cluster_weights, sample_weights, k, n)
-    checked_r = r
+    checked_r, sized = r, None
     if not check_mask:  # the check below refuses a weighted cluster no sample may reach: such a one may stay empty
-        fixed, _, _ = cluster_slots(n, r.cpu().numpy(), rounding)
+        fixed, flexible, spare = cluster_slots(n, r.cpu().numpy(), rounding)
+        sized = sized_clusters(k, flexible, spare)
         may_stay_empty = torch.from_numpy(np.bincount(fixed, minlength=k) == 0).to(r.device)
         checked_r = torch.where(may_stay_empty & (s3[0] == -math.inf).all(dim=0), 0.0, r)
         if not bool((checked_r > 0).any()):  # every cluster with a share masked whole: no sample can go anywhere,
             checked_r = r  # which the check below says of the first sample (it needs some weighted cluster)
     check_score_values(s3, checked_r, batched=False, sample_weights=c if check_mask else None, mass_rounding=rounding)
     s = s3[0].double().cpu().numpy()
-    _refuse_unresolved(s, solver)
+    _refuse_unresolved(s, solver, sized)
     return s, c.cpu().numpy(), r.cpu().numpy(), rounding, checked_r
 
 
@@ -142,20 +143,45 @@ def _refuse_mask(s: np.ndarray, r: torch.Tensor, rounding: float) -> None:
     raise ValueError("the masked problem has no feasible plan: relax the mask or the cluster weights.")
 
 
+def _without_offsets(s: np.ndarray, sized: np.ndarray | None = None) -> np.ndarray:
+    """The scores less a constant per cluster, then per sample, where every finite score of that cluster (sample) lies
+    within a factor of 2 of the constant: ``1e15 + x`` for a cluster (a bias) with ``x`` near 1. Such a shift changes
+    no plan with fixed marginals (it adds the same to every plan's objective) and is exact in float64 (the difference
+    of two numbers within a factor of 2 of each other is), while the solvers resolve scores only relative to the
+    largest: a cluster's 1e15 left its differences of 0.1 to chance (exact_plan returned a wrong plan, no warning),
+    and a sample's had the other samples' scores refused as unresolved. The unit costs, the resolution check and the
+    certificate use these scores; the objective, the scores as given. ``sized``: the clusters whose number of samples
+    is fixed (:func:`sized_clusters`; default all, as in :func:`exact_plan`): only theirs may go, as a cluster that
+    may take a spare sample or not gains its constant with it."""
+    allowed = np.isfinite(s)
+    for axis in (0, 1):
+        low = np.where(allowed, s, np.inf).min(axis=axis, keepdims=True)
+        high = np.where(allowed, s, -np.inf).max(axis=axis, keepdims=True)
+        with np.errstate(over="ignore"):  # 2 * 1e308 is inf, and the comparison stays right
+            exact = ((low > 0) & (high <= 2 * low)) | ((high < 0) & (low >= 2 * high))
+        exact &= np.isfinite(high)  # a cluster every sample is forbidden: nothing to shift
+        if axis == 0 and sized is not None:
+            exact &= sized
+        s = np.where(exact & allowed, s - np.where(exact, high, 0.0), s)
+    return s
+
+
 # The finest difference between two scores the unit costs keep, relative to the largest score: below it the solvers
 # take them as equal (and the certificate cannot vouch for a plan, see GAP_RESOLUTION)
 SCORE_RESOLUTION = 1e-12
 NEAR_TIE = 1e-6  # scores that differ by less than this, relative to their own size, are ties whatever the solver
 
 
-def _refuse_unresolved(s: np.ndarray, solver: str) -> None:
+def _refuse_unresolved(s: np.ndarray, solver: str, sized: np.ndarray | None = None) -> None:
     """A ``ValueError`` where a sample's best scores differ by less than the solvers resolve: the unit costs are
     ``(max S - S) / span``, whose float64 rounding is relative to the largest score, so one score far above the rest
     (1e30 among scores of about 1) turns every other difference into a tie, and the assignment among them into an
     arbitrary one (a wrong one, with an optimality gap of 0: the certificate's rounding is relative to that score
     too). Scores that are near ties of their own (float32 values cast, within ``NEAR_TIE``) are not counted. Masks
     written as large negative numbers are not concerned: they leave the largest score as it was (the certificate
-    warns where they hide differences)."""
+    warns where they hide differences). Judged on the scores the solvers get (:func:`_without_offsets`); the message
+    quotes them as given."""
+    given, s = s, _without_offsets(s, sized)
     allowed = np.isfinite(s)
     top = float(np.where(allowed, s, -np.inf).max())
     row_max = np.where(allowed, s, -np.inf).max(axis=1, keepdims=True)  # (N, 1)
@@ -179,8 +205,9 @@ def _refuse_unresolved(s: np.ndarray, solver: str) -> None:
     )
     raise ValueError(
         f"{solver} cannot resolve these scores: its unit costs keep differences down to about {SCORE_RESOLUTION:g} "
-        f"of the largest score, {top:.3g} (sample {at[0]}, cluster {at[1]}), and sample {j}'s scores "
-        f"{s[j, best]:.6g} (cluster {best}) and {s[j, k]:.6g} (cluster {k}) differ by {below[j, k]:.3g}: it would "
+        f"of the largest score, {given[at]:.3g} (sample {at[0]}, cluster {at[1]}), and sample {j}'s scores "
+        f"{given[j, best]:.6g} (cluster {best}) and {given[j, k]:.6g} (cluster {k}) differ by {below[j, k]:.3g}: "
+        "it would "
         "take them as equal and return an arbitrary plan among them as optimal. If the large score is meant to force "
         f"its pair, write that as a mask: -inf for sample {at[0]}'s other clusters, an ordinary score for it. "
         "Otherwise subtract each sample's largest score first, scores - scores.max(axis=1, keepdims=True) "
@@ -191,11 +218,13 @@ def _refuse_unresolved(s: np.ndarray, solver: str) -> None:
 FORBIDDEN = 1e6  # the unit cost of a forbidden pair: more than any N x N assignment of unit costs can save
 
 
-def _unit_cost(s: np.ndarray) -> np.ndarray:
+def _unit_cost(s: np.ndarray, sized: np.ndarray | None = None) -> np.ndarray:
     """The cost ``-S`` rescaled to [0, 1] (the optimal plan does not change under a positive affine map of all
     scores), with forbidden pairs at 1e6, a cost no feasible optimum pays. Rescaling first keeps that penalty
     finite for scores of any size (1e300 scores made it inf, and the solvers returned an empty plan); dividing by the
-    largest |score| first keeps the spread finite too (1e308 - -1e308 is inf)."""
+    largest |score| first keeps the spread finite too (1e308 - -1e308 is inf). Per-cluster and per-sample offsets
+    go first (:func:`_without_offsets`, ``sized`` as there)."""
+    s = _without_offsets(s, sized)
     allowed = np.isfinite(s)
     top = np.abs(s[allowed]).max()
     s = s / top if top > 0 else s  # the finite scores in [-1, 1]
@@ -218,7 +247,7 @@ def _result(plan: np.ndarray, s: np.ndarray, solver: str, c: np.ndarray | None =
         if want is not None and not np.allclose(sums, want, rtol=1e-6, atol=1e-9):
             raise ValueError("the exact solver returned a plan that misses the marginals; see its warnings above.")
     objective = float((plan[allowed] * s[allowed]).sum())
-    gap, magnitude = _certificate(plan, s)
+    gap, magnitude = _certificate(plan, _without_offsets(s))  # the same gap: the plan's marginals are fixed
     _warn_if_inexact(gap, magnitude, s, solver)
     return ExactResult(plan=plan, labels=plan.argmax(axis=1), objective=objective, optimality_gap=gap)
 
@@ -418,6 +447,15 @@ def cluster_slots(
     return np.repeat(np.arange(len(floor)), floor), flexible, spare
 
 
+def sized_clusters(k: int, flexible: np.ndarray, spare: int) -> np.ndarray:
+    """(K,) bool: the clusters whose number of samples :func:`cluster_slots` fixes (all but the flexible ones, unless
+    every flexible slot or none is filled)."""
+    sized = np.ones(k, dtype=bool)
+    if 0 < spare < len(flexible):
+        sized[flexible] = False
+    return sized
+
+
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
@@ -463,7 +501,7 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
                           f"(N = {n:,}) twice in float64")  # fmt: skip
     slot_cluster = np.concatenate([fixed, flexible])
     cost = np.zeros((n_rows, n_slots))
-    cost[:n] = _unit_cost(s)[:, slot_cluster]
+    cost[:n] = _unit_cost(s, sized_clusters(k, flexible, spare))[:, slot_cluster]
     cost[n:, : len(fixed)] = FORBIDDEN  # a placeholder in a fixed slot would leave its cluster short
     rows, slots = linear_sum_assignment(cost)
     if cost[rows, slots].max() >= FORBIDDEN:  # no assignment: which clusters or samples the mask leaves short

@@ -1,6 +1,7 @@
 """Sinkhorn as eps -> 0 against the exact linear programs (POT network simplex, SciPy HiGHS and assignment)."""
 
 import functools
+import itertools
 import warnings
 
 import numpy as np
@@ -450,3 +451,33 @@ def test_near_ties_and_far_masks_are_not_refused_as_unresolved():
     filled[np.arange(6), (np.arange(6) + 1) % 6] = -1e30
     masked = np.where(filled == -1e30, -np.inf, filled)
     assert exact_assign(filled).labels.tolist() == exact_assign(masked).labels.tolist()
+
+
+def best_by_enumeration(s: np.ndarray) -> list[int]:
+    """The best balanced hard assignment of a tiny (N, K) problem (N a multiple of K), by trying every one."""
+    n, k = s.shape
+    slots = [j for j in range(k) for _ in range(n // k)]
+    return list(max(set(itertools.permutations(slots)), key=lambda p: sum(s[i, j] for i, j in enumerate(p))))
+
+
+@pytest.mark.parametrize("offset", ["cluster 0", "clusters 0 and 1", "sample 0"])
+@pytest.mark.parametrize("method", ["pot", "linprog", "assign"])
+def test_a_large_constant_per_cluster_or_sample_is_resolved(method, offset):
+    """A constant added to every score of a cluster (a bias) or of a sample changes no balanced plan, but the unit
+    costs resolve scores only relative to the largest: 1e15 on cluster 0 of 6 x 3 scores in [0, 1) gave exact_plan
+    [2 2 1 0 0 1] for the best [0 2 1 0 2 1], with no warning (its gap, 0.17, within the rounding of 1e15); 1e15 on
+    sample 0 had the others' scores refused as unresolved. Such offsets are taken off first (exactly: every score of
+    the cluster lies within a factor of 2 of it): the best assignment, a gap of float64 rounding, no warning."""
+    solve = exact_assign if method == "assign" else functools.partial(exact_plan, method=method)
+    s = np.random.default_rng(0).random((6, 3)).round(3)
+    best = best_by_enumeration(s)
+    shifted = s.copy()
+    if offset == "sample 0":
+        shifted[0] += 1e15
+    else:
+        shifted[:, : 1 if offset == "cluster 0" else 2] += 1e15
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = solve(shifted)
+    assert res.labels.tolist() == best and res.optimality_gap < 1e-12
+    assert res.objective == pytest.approx(shifted[np.arange(6), best].mean(), rel=1e-15)
