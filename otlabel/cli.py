@@ -13,6 +13,7 @@ half-written file that looks complete.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import re
@@ -181,6 +182,37 @@ def seed_int(text: str) -> int:
     return value
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: an argument it does not know is reported by it (its usage, 'did you mean' its closest
+    option), before the options it requires. argparse left unknown arguments to the top-level parser (its usage, no
+    suggestion), and checked required options first: 'assign S.npy --otu y.npy' said only that --out was required.
+    Options in ``requires`` are checked after the unknown ones, with argparse's words."""
+
+    requires: tuple = ()
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(self.unrecognized(extras))
+        missing = ["/".join(a.option_strings) for a in self._actions if a.dest in self.requires
+                   and getattr(namespace, a.dest, None) is None]  # fmt: skip
+        if missing:
+            self.error(f"the following arguments are required: {', '.join(missing)}")
+        return namespace, extras
+
+    def unrecognized(self, extras: list) -> str:
+        """The first unknown option, and the closest of this command's options; argparse's words for other extras."""
+        options = {s.lstrip(self.prefix_chars): s for a in self._actions for s in a.option_strings}  # otu: out
+        for arg in extras:
+            name = arg.split("=", 1)[0]
+            negative = self._negative_number_matcher.match(name)  # a value, as argparse reads it
+            if name[:1] in self.prefix_chars and name not in ("-", "--") and not negative:
+                close = difflib.get_close_matches(name.lstrip(self.prefix_chars), options, n=1)  # ratio >= 0.6
+                hint = f": did you mean {options[close[0]]}?" if close else f" (see '{self.prog} --help')"
+                return f"unrecognized argument {name}{hint}"
+        return f"unrecognized arguments: {' '.join(extras)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -192,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     parser.add_argument("--version", action="version", version=f"otlabel {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     sub.required = True
 
     p = sub.add_parser(
@@ -284,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads, at most one per CPU (default: torch's default, one per core)",
     )
     out = p.add_argument_group("output")
-    out.add_argument("--out", "-o", required=True, metavar="LABELS.npy", help="int64 labels, written atomically")
+    out.add_argument("--out", "-o", metavar="LABELS.npy", help="int64 labels, written atomically (required)")
+    p.requires = ("out",)  # checked after unknown arguments (CommandParser)
     out.add_argument(
         "--codes-out",
         metavar="CODES.npy",
@@ -348,6 +381,8 @@ def check_arguments(args) -> None:
     for flag, path, example in paths:
         if path == "":  # an unset shell variable: read as the current directory ("cannot write '': it is a directory")
             raise InputError(f"{flag} is an empty path (''): give a file name, e.g. {example}")
+    if args.out is None:  # CommandParser says so first; this where a Python's argparse bypasses its parse_known_args
+        raise InputError("--out LABELS.npy is required: the file to write the labels to")
     if args.scores is None and args.features is None:
         if args.prototypes is not None:
             raise InputError("--prototypes goes with --features F.npy, the (N, D) features to label")

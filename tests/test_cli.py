@@ -780,6 +780,29 @@ def test_memory_budget_overflow_is_a_usage_error(scores_file, tmp_path, capsys):
     assert exc.value.code == 2 and "not a size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["assign", "S.npy", "--epsilon", "0.1", "--otu", "y.npy"], "unrecognized argument --otu: did you mean --out?"),
+        (["assign", "S.npy", "--out", "y.npy", "--codes-otu=c.npy"], "argument --codes-otu: did you mean --codes-out?"),
+        (["assign", "S.npy", "--out", "y.npy", "--bogus"], "argument --bogus (see 'otlabel assign --help')"),
+        (["assign", "S.npy", "--out", "y.npy", "T.npy"], "unrecognized arguments: T.npy"),
+        (["demo", "--clusterz", "3"], "unrecognized argument --clusterz: did you mean --clusters?"),
+    ],
+)
+def test_a_mistyped_option_is_named_with_the_closest_one_under_the_commands_usage(argv, said, capsys):
+    """'assign S.npy --otu y.npy' said only 'the following arguments are required: --out/-o', and an unknown option
+    after a valid --out showed the top-level usage ('otlabel [-h] [--version] COMMAND ...'), no suggestion."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"otlabel {argv[0]}: error: " in err and said in err, err
+    assert err.startswith(f"usage: otlabel {argv[0]} "), err
+    with pytest.raises(SystemExit):  # still required, once nothing is unknown
+        main(["assign", "S.npy", "-q"])
+    assert "the following arguments are required: --out/-o" in capsys.readouterr().err
+
+
 def test_closed_stdout_after_writing_is_not_an_internal_error(scores_file, tmp_path):
     """`otlabel assign ... | head -0`: the summary met a closed pipe after the outputs were written: exit 1,
     'internal error: BrokenPipeError'."""
