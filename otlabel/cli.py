@@ -81,7 +81,9 @@ exit status:
   4    with --strict: the marginal error did not reach --tol within --max-iter iterations (the outputs are
        written all the same)
   129  hung up (SIGHUP);  130  interrupted (SIGINT);  143  terminated (SIGTERM). No output is left
-       behind, and never new codes beside old labels.
+       behind, and never new codes beside old labels. The command cleans up and exits with these statuses, not
+       killed by the signal; only a signal in its first moments (Python starting, otlabel loading) can kill it
+       instead, which a shell shows as the same status.
 
 examples:
   otlabel assign logits.npy --epsilon 0.05 --out labels.npy
@@ -857,12 +859,16 @@ def left_behind(args) -> str:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    caught = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    caught = [sig for sig in caught if signal.getsignal(sig) is not signal.SIG_IGN]  # nohup: stay ignored
-    previous = {sig: signal.signal(sig, _on_sigterm) for sig in caught}
+    # Everything from here on is inside the try: Ctrl-C while the arguments were parsed escaped as a traceback, and
+    # the interpreter then killed itself with SIGINT (Python's way for an uncaught KeyboardInterrupt: status -2 to
+    # subprocess, not the documented 130).
+    args, previous = None, {}
     try:
+        args = build_parser().parse_args(argv)
+        caught = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+        for sig in caught:
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup: stay ignored
+                previous[sig] = signal.signal(sig, _on_sigterm)
         return args.func(args)
     except InputError as err:
         print(f"otlabel: error: {err}", file=sys.stderr)

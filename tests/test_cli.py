@@ -26,7 +26,7 @@ import torch
 from helpers import assert_close, random_problem
 
 from otlabel import sinkhorn_assign
-from otlabel.cli import EXIT_INPUT, EXIT_NOT_CONVERGED, EXIT_OK, EXIT_OUTPUT, EXIT_SIGTERM, main
+from otlabel.cli import EXIT_INPUT, EXIT_NOT_CONVERGED, EXIT_OK, EXIT_OUTPUT, EXIT_SIGINT, EXIT_SIGTERM, main
 
 N, K = 300, 6
 
@@ -617,6 +617,24 @@ def test_interrupt_while_torch_loads_is_quiet(scores_file, tmp_path):
     assert returncode == 130, stderr
     assert "Traceback" not in stderr and "otlabel: interrupted; no output written" in stderr
     assert not out.exists()
+
+
+def test_an_interrupt_while_the_arguments_are_parsed_exits_130(tmp_path):
+    """Ctrl-C while the command line was parsed (after the imports __main__ guards, before main's try) escaped as a
+    KeyboardInterrupt traceback, and the interpreter then killed itself with SIGINT: status -2 to subprocess, where an
+    interrupt at any other point exits 130 with one line. The interrupt comes from --epsilon's type function, at a
+    fixed point of the parse."""
+    out = tmp_path / "y.npy"
+    code = (
+        "import sys, otlabel.cli as cli, otlabel.__main__ as entry\n"
+        "def interrupted(text):\n    raise KeyboardInterrupt\n"
+        "cli.positive_float = interrupted\n"
+        f"sys.exit(entry.main(['assign', 'S.npy', '--epsilon', '0.1', '--out', {str(out)!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=default_signals)  # fmt: skip
+    assert proc.returncode == EXIT_SIGINT, (proc.returncode, proc.stderr)
+    assert proc.stderr == "otlabel: interrupted; no output written\n" and not out.exists()
 
 
 def test_tiny_memory_budget_is_warned_about(scores_file, tmp_path, capsys):
