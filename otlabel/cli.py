@@ -207,7 +207,7 @@ class CommandParser(argparse.ArgumentParser):
         options = {s.lstrip(self.prefix_chars): s for a in self._actions for s in a.option_strings}  # otu: out
         for arg in extras:
             name = arg.split("=", 1)[0]
-            negative = self._negative_number_matcher.match(name)  # a value, as argparse reads it
+            negative = re.fullmatch(r"-\d+|-\d*\.\d+", name)  # a value, as argparse reads it (its own pattern)
             if name[:1] in self.prefix_chars and name not in ("-", "--") and not negative:
                 close = difflib.get_close_matches(name.lstrip(self.prefix_chars), options, n=1)  # ratio >= 0.6
                 hint = f": did you mean {options[close[0]]}?" if close else f" (see '{self.prog} --help')"
