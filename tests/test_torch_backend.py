@@ -1641,14 +1641,10 @@ def test_an_interrupt_while_a_worker_thread_starts_lets_the_process_exit(tmp_pat
     assert not (tmp_path / "s.npy.labels.npy").exists()
 
 
-def test_a_solve_after_an_interrupted_pool_start_runs_on_a_new_pool(monkeypatch):
-    """After the interrupt above, the pool is shut down and forgotten: the next solve makes a new one and converges."""
+def interrupt_the_next_thread_start(monkeypatch) -> None:
+    """A Ctrl-C arriving while a pool starts its next thread: that thread runs, then ``Thread.start`` raises."""
     import threading
 
-    from otlabel.backends import torch_backend
-
-    monkeypatch.setattr(torch_backend, "_POOL", None)
-    monkeypatch.setattr(torch_backend, "solve_threads", lambda: 2)
     original = threading.Thread.start
 
     def interrupted_start(thread):
@@ -1657,6 +1653,15 @@ def test_a_solve_after_an_interrupted_pool_start_runs_on_a_new_pool(monkeypatch)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+
+
+def test_a_solve_after_an_interrupted_pool_start_runs_on_a_new_pool(monkeypatch):
+    """After the interrupt above, the pool is shut down and forgotten: the next solve makes a new one and converges."""
+    from otlabel.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_POOL", None)
+    monkeypatch.setattr(torch_backend, "solve_threads", lambda: 2)
+    interrupt_the_next_thread_start(monkeypatch)
     pool = torch_backend.worker_pool()
     with pytest.raises(KeyboardInterrupt):
         torch_backend.map_pool_ranges(pool, lambda lo, hi: hi - lo, 10)
@@ -1668,21 +1673,12 @@ def test_a_pass_holding_the_pool_an_interrupt_shut_down_runs_on_a_new_one(monkey
     """Solves on two threads share the pool. The interrupt above shut it down from the main thread while another
     thread's pass had taken it and not yet submitted all its ranges: that pass raised "cannot schedule new futures
     after shutdown" (a solve that had nothing to do with the interrupt failed). Its ranges now go to the new pool."""
-    import threading
-
     from otlabel.backends import torch_backend
 
     monkeypatch.setattr(torch_backend, "_POOL", None)
     monkeypatch.setattr(torch_backend, "solve_threads", lambda: 2)
     held = torch_backend.worker_pool()  # the other thread's pass has the pool in hand
-    original = threading.Thread.start
-
-    def interrupted_start(thread):
-        original(thread)
-        monkeypatch.setattr(threading.Thread, "start", original)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    interrupt_the_next_thread_start(monkeypatch)
     with pytest.raises(KeyboardInterrupt):  # the main thread's solve, interrupted while the pool starts a thread
         torch_backend.submit(held, lambda: None)
     assert held._shutdown
