@@ -106,7 +106,8 @@ def _prepare(scores, cluster_weights, sample_weights, solver: str, check_mask: b
     :func:`_refuse_mask` when no assignment exists), as its rounded cluster sizes may fit where the weights' exact
     shares do not (and a cluster whose share rounds down to no sample may then be masked whole: its weight counts
     as 0 for the mask). Scores the solvers cannot resolve are refused (:func:`_refuse_unresolved`, ``solver`` names
-    the call)."""
+    the call). Returns ``(s, solved, c, r, rounding, checked_r)``: ``solved`` the scores the solvers and the
+    certificate get, their offsets taken off (:func:`_without_offsets`), ``s`` as given (for the objective)."""
     s3, batched = check_scores(scores)
     if batched:
         raise ValueError("the exact solvers take one (N, K) problem; loop over heads yourself.")
@@ -124,8 +125,9 @@ def _prepare(scores, cluster_weights, sample_weights, solver: str, check_mask: b
             checked_r = r  # which the check below says of the first sample (it needs some weighted cluster)
     check_score_values(s3, checked_r, batched=False, sample_weights=c if check_mask else None, mass_rounding=rounding)
     s = s3[0].double().cpu().numpy()
-    _refuse_unresolved(s, solver, sized)
-    return s, c.cpu().numpy(), r.cpu().numpy(), rounding, checked_r
+    solved = _without_offsets(s, sized)
+    _refuse_unresolved(s, solved, solver)
+    return s, solved, c.cpu().numpy(), r.cpu().numpy(), rounding, checked_r
 
 
 def _refuse_mask(s: np.ndarray, r: torch.Tensor, rounding: float) -> None:
@@ -150,9 +152,10 @@ def _without_offsets(s: np.ndarray, sized: np.ndarray | None = None) -> np.ndarr
     of two numbers within a factor of 2 of each other is), while the solvers resolve scores only relative to the
     largest: a cluster's 1e15 left its differences of 0.1 to chance (exact_plan returned a wrong plan, no warning),
     and a sample's had the other samples' scores refused as unresolved. The unit costs, the resolution check and the
-    certificate use these scores; the objective, the scores as given. ``sized``: the clusters whose number of samples
-    is fixed (:func:`sized_clusters`; default all, as in :func:`exact_plan`): only theirs may go, as a cluster that
-    may take a spare sample or not gains its constant with it."""
+    certificate use these scores (:func:`_prepare` takes them off once); the objective, the scores as given.
+    ``sized``: the clusters whose number of samples is fixed (:func:`sized_clusters`; default all, as in
+    :func:`exact_plan`): only theirs may go, as a cluster that may take a spare sample or not gains its constant with
+    it."""
     allowed = np.isfinite(s)
     for axis in (0, 1):
         low = np.where(allowed, s, np.inf).min(axis=axis, keepdims=True)
@@ -172,16 +175,15 @@ SCORE_RESOLUTION = 1e-12
 NEAR_TIE = 1e-6  # scores that differ by less than this, relative to their own size, are ties whatever the solver
 
 
-def _refuse_unresolved(s: np.ndarray, solver: str, sized: np.ndarray | None = None) -> None:
+def _refuse_unresolved(given: np.ndarray, s: np.ndarray, solver: str) -> None:
     """A ``ValueError`` where a sample's best scores differ by less than the solvers resolve: the unit costs are
     ``(max S - S) / span``, whose float64 rounding is relative to the largest score, so one score far above the rest
     (1e30 among scores of about 1) turns every other difference into a tie, and the assignment among them into an
     arbitrary one (a wrong one, with an optimality gap of 0: the certificate's rounding is relative to that score
     too). Scores that are near ties of their own (float32 values cast, within ``NEAR_TIE``) are not counted. Masks
     written as large negative numbers are not concerned: they leave the largest score as it was (the certificate
-    warns where they hide differences). Judged on the scores the solvers get (:func:`_without_offsets`); the message
-    quotes them as given."""
-    given, s = s, _without_offsets(s, sized)
+    warns where they hide differences). Judged on the scores the solvers get, ``s`` (:func:`_without_offsets`); the
+    message quotes them as ``given``."""
     allowed = np.isfinite(s)
     top = float(np.where(allowed, s, -np.inf).max())
     row_max = np.where(allowed, s, -np.inf).max(axis=1, keepdims=True)  # (N, 1)
@@ -218,13 +220,12 @@ def _refuse_unresolved(s: np.ndarray, solver: str, sized: np.ndarray | None = No
 FORBIDDEN = 1e6  # the unit cost of a forbidden pair: more than any N x N assignment of unit costs can save
 
 
-def _unit_cost(s: np.ndarray, sized: np.ndarray | None = None) -> np.ndarray:
+def _unit_cost(s: np.ndarray) -> np.ndarray:
     """The cost ``-S`` rescaled to [0, 1] (the optimal plan does not change under a positive affine map of all
     scores), with forbidden pairs at 1e6, a cost no feasible optimum pays. Rescaling first keeps that penalty
     finite for scores of any size (1e300 scores made it inf, and the solvers returned an empty plan); dividing by the
-    largest |score| first keeps the spread finite too (1e308 - -1e308 is inf). Per-cluster and per-sample offsets
-    go first (:func:`_without_offsets`, ``sized`` as there)."""
-    s = _without_offsets(s, sized)
+    largest |score| first keeps the spread finite too (1e308 - -1e308 is inf). ``s``: the scores without their
+    offsets (:func:`_prepare`)."""
     allowed = np.isfinite(s)
     top = np.abs(s[allowed]).max()
     s = s / top if top > 0 else s  # the finite scores in [-1, 1]
@@ -234,11 +235,13 @@ def _unit_cost(s: np.ndarray, sized: np.ndarray | None = None) -> np.ndarray:
     return np.where(allowed, unit, FORBIDDEN)
 
 
-def _result(plan: np.ndarray, s: np.ndarray, solver: str, c: np.ndarray | None = None, r: np.ndarray | None = None,
-            mass_rounding: float = 0.0) -> ExactResult:  # fmt: skip
+def _result(plan: np.ndarray, s: np.ndarray, solved: np.ndarray, solver: str, c: np.ndarray | None = None,
+            r: np.ndarray | None = None, mass_rounding: float = 0.0) -> ExactResult:  # fmt: skip
     """The plan, its labels, objective and certified optimality gap, checked: no mass on a forbidden pair beyond what
     rounding the weights may have made necessary (``mass_rounding``; that much is dropped), marginals met, and a
-    warning where the gap is wider than float64 arithmetic explains (``solver`` names the call in it)."""
+    warning where the gap is wider than float64 arithmetic explains (``solver`` names the call in it). The objective
+    is of the scores as given, ``s``; the certificate of the scores the solver got, ``solved`` (the same gap: a
+    constant per cluster or sample adds the same to every plan with these marginals)."""
     allowed = np.isfinite(s)
     if plan[~allowed].sum() > max(1e-12, mass_rounding):
         raise ValueError("the masked problem has no feasible plan: relax the mask or the cluster weights.")
@@ -247,7 +250,7 @@ def _result(plan: np.ndarray, s: np.ndarray, solver: str, c: np.ndarray | None =
         if want is not None and not np.allclose(sums, want, rtol=1e-6, atol=1e-9):
             raise ValueError("the exact solver returned a plan that misses the marginals; see its warnings above.")
     objective = float((plan[allowed] * s[allowed]).sum())
-    gap, magnitude = _certificate(plan, _without_offsets(s))  # the same gap: the plan's marginals are fixed
+    gap, magnitude = _certificate(plan, solved)
     _warn_if_inexact(gap, magnitude, s, solver)
     return ExactResult(plan=plan, labels=plan.argmax(axis=1), objective=objective, optimality_gap=gap)
 
@@ -387,15 +390,15 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
     """
     if not isinstance(method, str) or method not in ("pot", "linprog"):  # an array: "truth value ... is ambiguous"
         raise ValueError(f"method must be 'pot' or 'linprog', got {method!r}.")
-    s, c, r, rounding, _ = _prepare(scores, cluster_weights, sample_weights, f"exact_plan(method='{method}')")
+    s, solved, c, r, rounding, _ = _prepare(scores, cluster_weights, sample_weights, f"exact_plan(method='{method}')")
     allowed = np.isfinite(s)
     if method == "pot":
         ot = import_pot()
-        plan = ot.emd(c, r, np.ascontiguousarray(_unit_cost(s)), numItermax=10_000_000)
+        plan = ot.emd(c, r, np.ascontiguousarray(_unit_cost(solved)), numItermax=10_000_000)
     else:
-        plan = _linprog_plan(s, c, r, allowed)
+        plan = _linprog_plan(solved, c, r, allowed)
     plan = np.asarray(plan, dtype=np.float64)
-    return _like(_result(plan, s, f"exact_plan(method='{method}')", c, r, rounding), scores)
+    return _like(_result(plan, s, solved, f"exact_plan(method='{method}')", c, r, rounding), scores)
 
 
 def _linprog_plan(s, c, r, allowed) -> np.ndarray:
@@ -488,7 +491,7 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     Returns:
         An :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
-    s, _, r, rounding, checked_r = _prepare(scores, cluster_weights, None, "exact_assign", check_mask=False)
+    s, solved, _, r, rounding, checked_r = _prepare(scores, cluster_weights, None, "exact_assign", check_mask=False)
     linear_sum_assignment = import_scipy_optimize("exact_assign").linear_sum_assignment
 
     n, k = s.shape
@@ -501,7 +504,7 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
                           f"(N = {n:,}) twice in float64")  # fmt: skip
     slot_cluster = np.concatenate([fixed, flexible])
     cost = np.zeros((n_rows, n_slots))
-    cost[:n] = _unit_cost(s, sized_clusters(k, flexible, spare))[:, slot_cluster]
+    cost[:n] = _unit_cost(solved)[:, slot_cluster]
     cost[n:, : len(fixed)] = FORBIDDEN  # a placeholder in a fixed slot would leave its cluster short
     rows, slots = linear_sum_assignment(cost)
     if cost[rows, slots].max() >= FORBIDDEN:  # no assignment: which clusters or samples the mask leaves short
@@ -511,4 +514,5 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     labels[rows[real]] = slot_cluster[slots[real]]
     plan = np.zeros((n, k))
     plan[np.arange(n), labels] = 1.0 / n
-    return _like(_result(plan, s, "exact_assign"), scores)
+    # The certificate reads the plan's own marginals, so every cluster's constant may go, the flexible ones' too
+    return _like(_result(plan, s, _without_offsets(s), "exact_assign"), scores)
