@@ -11,8 +11,9 @@ Both take the same ``(N, K)`` scores as :func:`otlabel.sinkhorn_assign` (``-inf`
 a NumPy array or a list — so that, for a tensor ``s``, ``exact_assign(s).labels == sinkhorn_assign(s).labels``
 compares tensor with tensor (``sinkhorn_assign`` always returns tensors).
 The solvers themselves run on the CPU in float64, on unit costs whose rounding is relative to the largest score:
-scores whose best differences fall below 1e-12 of it are refused (:func:`_refuse_unresolved`), and a mask that leaves
-no plan is named as :func:`otlabel.sinkhorn_assign` names it.
+scores whose best differences fall below 1e-12 of it are refused (:func:`_refuse_unresolved`; only each sample's best
+are read, so a plan is optimal to about 1e-12 of the largest score), and a mask that leaves no plan is named as
+:func:`otlabel.sinkhorn_assign` names it.
 """
 
 from __future__ import annotations
