@@ -481,3 +481,31 @@ def test_a_large_constant_per_cluster_or_sample_is_resolved(method, offset):
         res = solve(shifted)
     assert res.labels.tolist() == best and res.optimality_gap < 1e-12
     assert res.objective == pytest.approx(shifted[np.arange(6), best].mean(), rel=1e-15)
+
+
+@pytest.mark.parametrize("weight", [5e-11, 1e-11, 1e-12])
+def test_linprog_refuses_weights_below_its_feasibility_tolerance(weight):
+    """HiGHS meets the marginals to 1e-10 (absolute) at the finest: a sample and a cluster of weight 1e-11 got a row
+    summing to -1e-11 (a negative entry) and a column of 0, 1e-12 likewise, and one of 5e-11 a column of 1e-10, with
+    no error or warning (the marginals were checked to 1e-9 absolute). Now a ValueError names the weight and POT."""
+    s = np.random.default_rng(0).standard_normal((5, 3))
+    r = np.array([weight, 0.5, 0.5 - weight])
+    c = np.array([weight, 0.25, 0.25, 0.25, 0.25 - weight])
+    with pytest.raises(ValueError, match=r"misses the marginals: (sample|cluster) 0's weight .*use method='pot'"):
+        exact_plan(s, r, c, method="linprog")
+
+
+@pytest.mark.parametrize("method", ["pot", "linprog"])
+def test_a_mask_short_by_the_weights_rounding_gets_its_plan(method):
+    """bfloat16 cluster weights [0.3, 0.7] are [0.30078125, 0.69921875]: the 3 of 10 samples allowed in cluster 0 fill
+    0.3 of it, short by 7.8e-4, which the mask check accepts as the weights' rounding (so do sinkhorn_assign and
+    exact_assign). The solvers put that mass on forbidden pairs, _result dropped it and then checked the marginals:
+    'the exact solver returned a plan that misses the marginals; see its warnings above', with no warning (POT, and
+    linprog since its forbidden pairs cost 1e6; before, linprog said 'The problem is infeasible')."""
+    s = np.random.default_rng(0).standard_normal((10, 2))
+    s[3:, 0] = -np.inf
+    res = exact_plan(s, torch.tensor([0.3, 0.7], dtype=torch.bfloat16), method=method)
+    assert (res.plan[3:, 0] == 0).all() and (res.plan >= 0).all()
+    np.testing.assert_allclose(res.plan.sum(axis=0), [0.3, 0.69921875], rtol=1e-12)
+    np.testing.assert_allclose(res.plan[:3].sum(axis=1), 0.1, rtol=1e-12)  # the samples with a choice
+    assert res.optimality_gap < 1e-15
