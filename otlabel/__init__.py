@@ -57,8 +57,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
 
 
 SUBMODULES = ("advice", "anderson", "backends", "baselines", "cached", "cli", "distributed", "entry", "exact",
-              "feasibility", "features", "graphs", "host_sources", "inputs", "kernels", "outputs", "problem", "result",
-              "sizes", "solver", "sources", "streaming")  # fmt: skip
+              "feasibility", "features", "graphs", "host_sources", "inputs", "interrupts", "kernels", "outputs",
+              "problem", "result", "sizes", "solver", "sources", "streaming")  # fmt: skip
 
 
 def __getattr__(name: str):

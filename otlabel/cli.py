@@ -25,6 +25,7 @@ import warnings
 
 import numpy as np
 
+from .interrupts import signals_held
 from .outputs import AtomicNpy, OutputError, commit_all, refuse_overwriting_inputs  # OutputError: exit status 3
 from .sizes import parse_size
 
@@ -82,8 +83,9 @@ exit status:
        written all the same)
   129  hung up (SIGHUP);  130  interrupted (SIGINT);  143  terminated (SIGTERM). No output is left
        behind, and never new codes beside old labels. The command cleans up and exits with these statuses, not
-       killed by the signal; only a signal in its first moments (Python starting, otlabel loading) can kill it
-       instead, which a shell shows as the same status.
+       killed by the signal; a signal while torch loads is answered once it has loaded (a second or two). Only
+       Ctrl-C in the first tens of milliseconds (Python starting), or SIGTERM and SIGHUP before the command has
+       read its arguments, can kill it instead, which a shell shows as the same status.
 
 examples:
   otlabel assign logits.npy --epsilon 0.05 --out labels.npy
@@ -521,11 +523,12 @@ def read_init(args, h: int, k: int, cluster_weights) -> np.ndarray | None:
 
 
 def cmd_assign(args) -> int:
-    import torch
+    with signals_held():
+        import torch
 
-    from .advice import InputWarning
-    from .problem import ScoreSpanError, span_error
-    from .streaming import SmallChunksWarning, sinkhorn_assign_stream
+        from .advice import InputWarning
+        from .problem import ScoreSpanError, span_error
+        from .streaming import SmallChunksWarning, sinkhorn_assign_stream
 
     check_arguments(args)
     if args.threads:
@@ -755,14 +758,15 @@ def print_summary(args, what, device, result, counts, weights, n, t_solve, t_wri
 
 
 def cmd_demo(args) -> int:
-    import torch
+    with signals_held():
+        import torch
 
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.metrics import normalized_mutual_info_score
-    except ImportError:
-        raise InputError("the demo needs scikit-learn: pip install 'otlabel[examples]'") from None
-    from .streaming import sinkhorn_assign_stream
+        try:
+            from sklearn.datasets import load_digits
+            from sklearn.metrics import normalized_mutual_info_score
+        except ImportError:
+            raise InputError("the demo needs scikit-learn: pip install 'otlabel[examples]'") from None
+        from .streaming import sinkhorn_assign_stream
 
     device = parse_device(args)  # before the work: a device torch cannot use is an input error in the flag's words
     t0 = time.perf_counter()
