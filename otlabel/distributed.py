@@ -72,6 +72,7 @@ from .result import SinkhornResult
 from .solver import (
     ADAPTIVE,
     ANDERSON,
+    AUTO,
     DEFAULT_MAX_ITER,
     DEFAULT_TOL,
     check_flags,
@@ -256,6 +257,14 @@ class ShardedOperator(ScoreOperator):
 
     def release(self) -> None:
         self.local.release()
+
+    def takes_plain_steps(self) -> bool:
+        """One process (no group, or a group of one): there is nothing to exchange, and the local operator's compiled
+        plain steps (a small problem on the CPU) are this solve's, as in ``sinkhorn_assign`` (the same steps)."""
+        return not self.comm.active and self.local.takes_plain_steps()
+
+    def plain_steps(self, b, log_r, r, n_steps, tol):
+        return self.local.plain_steps(b, log_r, r, n_steps, tol)
 
     def shared_callback(self, callback):
         """``callback`` as the loop calls it: an exception it raises here is held until the next exchange of
@@ -511,7 +520,11 @@ def solve_shards(comm, shard, failure, meta, c_local, epsilon, max_iter, tol, in
         rounding = float(table[:, META_CLUSTER_ROUNDING].max() + table[:, META_SAMPLE_ROUNDING].sum())
         check_sharded_masks(comm, shard.scores, c_local, r, shard.batched, shard.masked, rounding)
     sharded = ShardedOperator(operator, comm)
-    out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=sharded.shared_callback(callback))
+    # One process: whether a weight is 0, read once, lets a small CPU problem take its steps compiled as in
+    # sinkhorn_assign (ShardedOperator.takes_plain_steps)
+    zero_weights = None if comm.active else bool((r == 0).any())
+    out = run_sinkhorn(sharded, r, init, max_iter, tol, acceleration, callback=sharded.shared_callback(callback),
+                       has_zero_weights=zero_weights)  # fmt: skip
     sharded.finish()
     if warn:
         warn_if_not_converged("sinkhorn_assign_sharded", out, tol, epsilon, sharded.dtype)
@@ -876,7 +889,7 @@ def check_local_weights(weights, n: int, device, scores_shape=None,
     return w, weight_sum_tolerance(dtype, n)
 
 
-ACCELERATION_CODES = {ADAPTIVE: -1.0, ANDERSON: -2.0}  # a fixed omega travels as itself
+ACCELERATION_CODES = {ADAPTIVE: -1.0, ANDERSON: -2.0, AUTO: -3.0}  # a fixed omega travels as itself
 DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in DTYPE_CODES.items()}
 
 

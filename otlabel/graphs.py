@@ -112,7 +112,7 @@ class CapturedSolve:
 def check_capturable(problem: Problem, backend: str, tol, init, callback, epsilon_scaling, acceleration) -> None:
     """Refuse, naming the option, what a captured solve cannot do (it replays a fixed plan of launches)."""
     from .backends import resolve_backend
-    from .solver import ADAPTIVE, ANDERSON
+    from .solver import ADAPTIVE, ANDERSON, AUTO
 
     recorder_for(problem.scores.device)  # CUDA scores first: the clearest reason on a CPU
     dtype, resolved = problem.scores.dtype, resolve_backend(backend, problem)
@@ -121,7 +121,7 @@ def check_capturable(problem: Problem, backend: str, tol, init, callback, epsilo
         (init is not None, "starts cold: init= is not captured"),
         (callback is not None, "reads nothing back while it runs: callback= is not supported"),
         (epsilon_scaling is not None, "runs one epsilon: epsilon_scaling= is not supported"),
-        (acceleration in (ANDERSON, ADAPTIVE), "replays plain or fixed over-relaxed steps: Anderson mixing and "
+        (acceleration in (ANDERSON, AUTO, ADAPTIVE), "replays plain or fixed over-relaxed steps: Anderson mixing and "
                                                 "adaptive over-relaxation read the error each iteration"),
         (dtype == torch.float64, "runs the triton backend, which takes float32, float16 or bfloat16 scores (got "
                                  "float64: convert them, or drop cuda_graph)"),

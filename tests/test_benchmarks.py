@@ -352,6 +352,27 @@ def test_small_calls_side_by_side_fails_on_a_baseline_that_computes_otherwise(tm
     assert "differ from the baseline's: 20x5 tol 1e-4" in capsys.readouterr().err
 
 
+def test_small_calls_reports_changes_when_told_to_and_times_pot_beside(tmp_path, capsys):
+    """benchmarks/small_calls.py --expect-changes: a baseline whose outputs differ is reported (labels that differ, the
+    codes' largest difference), not a failure; --pot times POT's ot.sinkhorn to 1e-4 in the tol mode's rounds."""
+    import shutil
+
+    from benchmarks import small_calls
+
+    pytest.importorskip("ot")
+    other = tmp_path / "other"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "otlabel", other / "otlabel",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    solver = other / "otlabel" / "solver.py"
+    solver.write_text(solver.read_text().replace("DEFAULT_TOL = 1e-4", "DEFAULT_TOL = 1e-2"))
+    small_calls.main(["--sizes", "20x5", "--seconds", "0.01", "--baseline", str(other), "--expect-changes", "--pot"])
+    out = capsys.readouterr().out
+    assert "outputs that differ from the baseline's:\n20x5 tol 1e-4: " in out and "labels differ, codes up to" in out
+    assert "otlabel / POT: min, median |" in out and "| 20 x 5 | 3 it | 3 |" in out, out
+    tol_row = next(line for line in out.splitlines() if line.startswith("| 20 x 5 | tol 1e-4 |"))
+    assert tol_row.count("|") == 12 and " - |" not in tol_row, tol_row  # POT's time and ratio filled in
+
+
 def test_cpu_loops_side_by_side_fails_on_a_baseline_that_computes_otherwise(tmp_path, capsys):
     """benchmarks/cpu_loops.py with --baseline: the same module passes (every output bitwise equal, ratios printed
     last); a copy whose exponential floor differs (-80 instead of -87 nats) fails."""

@@ -205,14 +205,17 @@ def test_deterministic_run_to_run():
     assert torch.equal(a.codes, b.codes)
 
 
-def test_warm_start_cuts_iterations():
+@pytest.mark.parametrize("acceleration", ["anderson", "none"])
+def test_warm_start_cuts_iterations(acceleration):
+    """Measured: 81 vs 165 plain steps, 8 vs 20 mixed ones. (The default, "auto", takes up to 100 plain steps first
+    on a problem this small, where they are compiled: 81 vs 105, 100 of them plain.)"""
     s = random_problem(400, 10, seed=14)
-    cold = sinkhorn_assign(s, 0.05, tol=1e-5)
+    cold = sinkhorn_assign(s, 0.05, tol=1e-5, acceleration=acceleration)
     drifted = s + 0.01 * random_problem(400, 10, seed=15)
-    warm = sinkhorn_assign(drifted, 0.05, tol=1e-5, init=cold)
-    again_cold = sinkhorn_assign(drifted, 0.05, tol=1e-5)
+    warm = sinkhorn_assign(drifted, 0.05, tol=1e-5, init=cold, acceleration=acceleration)
+    again_cold = sinkhorn_assign(drifted, 0.05, tol=1e-5, acceleration=acceleration)
     assert warm.converged and again_cold.converged
-    assert warm.n_iter < 0.6 * again_cold.n_iter  # measured: 54 vs 105 (adaptive), 81 vs 164 (plain steps)
+    assert warm.n_iter < 0.6 * again_cold.n_iter
     assert torch.equal(warm.labels, again_cold.labels)
 
 
@@ -356,7 +359,8 @@ def test_a_cpu_result_does_not_hold_the_exp_kernel(entry):
     again = solve(init=res)  # a warm start from a released result
     assert torch.equal(again.labels, res.labels) or (again.labels != res.labels).float().mean() < 0.01
     fresh = sinkhorn_assign(s, 0.05, acceleration="none", tol=1e-6)
-    assert torch.allclose(res.codes, fresh.codes, atol=1e-3) and abs(res.objective - fresh.objective) < 1e-3
+    # a solve to 1e-4 against one to 1e-6: codes measured 2.4e-3 apart (plain steps; 9.9e-4 mixed), objective 9e-7
+    assert torch.allclose(res.codes, fresh.codes, atol=5e-3) and abs(res.objective - fresh.objective) < 1e-3
 
 
 def test_numpy_input_and_float64():
@@ -495,9 +499,11 @@ def test_adaptive_over_relaxation_never_loses_to_plain(eps):
 
 
 @pytest.mark.parametrize("eps", [0.5, 0.05, 0.01, 0.003])
-def test_default_anderson_beats_plain_and_reaches_its_solution(eps):
+def test_anderson_beats_plain_and_reaches_its_solution(eps):
+    """Anderson mixing from the first step (acceleration="anderson"; the default takes up to 100 plain steps first on a
+    problem this small, where they are compiled: see test_plain_steps.py)."""
     s = cosine_scores(2000, 40, seed=19)
-    mixed = sinkhorn_assign(s, eps, tol=1e-6, max_iter=20_000)
+    mixed = sinkhorn_assign(s, eps, tol=1e-6, max_iter=20_000, acceleration="anderson")
     plain = sinkhorn_assign(s, eps, tol=1e-6, max_iter=20_000, acceleration="none")
     assert mixed.converged and plain.converged
     assert mixed.n_iter <= plain.n_iter
@@ -804,6 +810,7 @@ def test_cached_kernel_steps_without_masks_are_bitwise_the_general_ones(monkeypa
     general steps, which every other case still takes (a cluster of weight 0, a drift, an unreachable cluster)."""
     scores, options = fast_step_problems()[name]
     options = {"epsilon": 0.05, **options}
+    monkeypatch.setattr(CachedKernelOperator, "takes_plain_steps", lambda self: False)  # the torch steps, step by step
     results = []
     for general in (False, True):
         if general:  # the steps as before: every cluster treated as possibly unreachable
@@ -1030,6 +1037,7 @@ def test_small_in_memory_passes_run_on_the_callers_thread(monkeypatch):
         return real(self, v, weights, lo, hi)
 
     monkeypatch.setattr(CachedKernelOperator, "_matvec_range", matvec_range)
+    monkeypatch.setattr(CachedKernelOperator, "takes_plain_steps", lambda self: False)  # passes by torch, not compiled
     scores = cosine_scores(64, 10, seed=5)
     saved = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -1308,7 +1308,7 @@ def test_one_dimensional_integers_are_told_they_look_like_labels():
 
 @pytest.mark.parametrize("kwargs", [
     dict(epsilon=0.003, epsilon_scaling=0.5),  # stages one after another: a saw-tooth, each stage falling
-    dict(epsilon=0.01),  # Anderson: 0.098 at the midpoint, then 0.068, 0.075, 0.14, 0.067
+    dict(epsilon=0.01, acceleration="anderson"),  # 0.098 at the midpoint, then 0.068, 0.075, 0.14, 0.067
 ])  # fmt: skip
 def test_the_mask_notes_judge_each_stage_and_the_best_errors(kwargs):
     """The notes on masks come where the error stopped falling. epsilon_scaling's errors were judged as one history,

@@ -61,6 +61,23 @@ class ScoreOperator(ABC):
     def transport_score(self, b: torch.Tensor) -> torch.Tensor:
         """``<P, S>`` per head (H,) float64 for the plan defined by ``b``: ``sum_jk c_j codes_jk S_jk``."""
 
+    def takes_plain_steps(self) -> bool:
+        """Whether :meth:`plain_steps` takes steps here (False: the default)."""
+        return False
+
+    def plain_steps(self, b: torch.Tensor | None, log_r: torch.Tensor, r: torch.Tensor, n_steps: int,
+                    tol: float | None) -> tuple[torch.Tensor, list[float], int]:  # fmt: skip
+        """Up to ``n_steps`` plain Sinkhorn steps from ``b`` (H, K) float64 (``None``: the cold start) in one call,
+        where the operator can take a small problem's whole loop at once (the CPU's compiled loops: see
+        :meth:`takes_plain_steps`; the loop calls this only where it does). Every cluster weight is positive (``log_r``,
+        ``r``: (K,) float64). Each step is the loop's own: ``b_new = log r - lse``, the error of ``b`` (see
+        :func:`otlabel.solver.marginal_error`; none on the cold start: inf), then ``b_new`` less its mean.
+
+        Returns ``(b, errors, status)``: the iterate reached, each step's worst error over the heads, and 0 when the
+        last error was below ``tol`` (``b`` is then that measured iterate), 1 when it stopped before a step it could
+        not take as :meth:`cluster_lse` would (the loop takes that one), 2 when it took all ``n_steps``."""
+        raise NotImplementedError
+
     def release(self) -> None:
         """Drop what only the iterations and the final labels needed. The result keeps its operator for ``codes``,
         ``plan`` and ``objective``; an operator that caches something of the scores' size frees it here."""

@@ -143,6 +143,69 @@ if numba is not None:
             _fused_head(kernel[h], v[h], weights[h % weights.shape[0]], divide, lo, hi, out[h])
 
 
+# Solves of at most this many scores (H * N * K) may run their plain steps in one compiled call (:func:`plain_steps`):
+# a torch step there costs ~60 us of per-operation overhead, the compiled one 1 us at 64 x 10 and 15 us at 131,072
+# scores. The same bound as the serial passes' (torch_backend.SERIAL_PASS_ELEMENTS): such passes run on the caller's
+# thread, so one call holds the whole loop.
+PLAIN_STEPS_MAX_ELEMENTS = 1 << 17
+
+if numba is not None:
+
+    @_jit
+    def _plain_steps(kernel, weights, b0, log_r, r, b, cold, cold_shift, threshold, tol, worst):  # pragma: no cover
+        """Plain Sinkhorn steps on the cached kernel, each as :class:`~otlabel.backends.torch_backend.
+        CachedKernelOperator` and :func:`otlabel.solver.iterate` take it in torch: ``v = exp(b - b0)``, the fused
+        pass (:func:`_fused_rows`, as the operator calls it: the same sums, bitwise), ``lse = log(col) - b0``,
+        ``b_new = log r - lse``, the error ``sum_k |exp(b + lse) - r_k|``, then ``b`` becomes ``b_new`` less its
+        mean. ``b`` (H, K) float64 is updated in place; ``worst[i]`` gets step ``i``'s largest error over the heads
+        (NaN if any is NaN). A cold start (``cold``: the (H, N) or (1, N) float32 weights ``exp(log c + m - top)``
+        of the rows, not empty) takes the first step from ``a = log c``: ``lse = log(col) + top - b0`` with
+        ``top = cold_shift[h]``, and no error (inf).
+
+        Stops at ``len(worst)`` steps, or when a step's error is below ``tol`` (``b`` is then that step's iterate,
+        whose error was measured: returns the steps taken with a status 0), or before a step it cannot take as the
+        operator would (status 1: ``b`` drifted more than ``threshold`` from ``b0`` (a new ``exp`` pass is due), a
+        column sum was not positive (an underflow: the exact pass is due) or a potential not finite; ``b`` is then
+        the last iterate, and the caller takes that step itself). Returns ``(steps, status)``, status 2: all taken."""
+        n_heads, n_clusters = b.shape
+        col = np.zeros((n_heads, n_clusters))
+        v = np.empty((n_heads, n_clusters), dtype=kernel.dtype)
+        b_new = np.empty_like(b)
+        for step in range(worst.shape[0]):
+            first = step == 0 and cold.shape[1] > 0
+            for h in range(n_heads):  # every head within reach of the kernel before any pass
+                for k in range(n_clusters):
+                    if not first and not abs(b[h, k] - b0[h, k]) <= threshold:
+                        return step, 1
+                    v[h, k] = np.exp(b[h, k] - b0[h, k])
+            col[:] = 0.0
+            _fused_rows(kernel, v, cold if first else weights, not first, 0, kernel.shape[1], col)
+            largest = -np.inf
+            for h in range(n_heads):
+                error = 0.0
+                for k in range(n_clusters):
+                    if not col[h, k] > 0:
+                        return step, 1
+                    lse = np.log(col[h, k]) + cold_shift[h] - b0[h, k] if first else np.log(col[h, k]) - b0[h, k]
+                    b_new[h, k] = log_r[k] - lse
+                    error += abs(np.exp(b[h, k] + lse) - r[k])
+                error = np.inf if first else error
+                largest = np.nan if error != error or largest != largest else max(largest, error)
+            worst[step] = largest
+            if largest < tol:
+                return step + 1, 0
+            for h in range(n_heads):
+                total = 0.0
+                for k in range(n_clusters):
+                    total += b_new[h, k]
+                if not abs(total) < np.inf:
+                    return step, 1
+                mean = total / n_clusters
+                for k in range(n_clusters):
+                    b[h, k] = b_new[h, k] - mean
+        return worst.shape[0], 2
+
+
 # exp(x) for float32 x <= 0 as 2^n * p(r), |r| <= ln(2)/2, with the classic degree-7 minimax polynomial of the
 # Cephes library's expf (relative error ~1e-7, the float32 rounding of x itself is larger). Written out so
 # the compiler vectorises it: Numba calls the scalar libm expf otherwise, five times slower than a read.
@@ -487,3 +550,21 @@ def _array(t: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(t, np.ndarray):
         return t
     return (t.detach() if t.requires_grad else t).numpy()
+
+
+def plain_steps(kernel: np.ndarray, weights: np.ndarray, b0: torch.Tensor, log_r: torch.Tensor, r: torch.Tensor,
+                b: torch.Tensor | None, cold: np.ndarray | None, cold_shift: torch.Tensor | None, threshold: float,
+                tol: float | None, n_steps: int) -> tuple[torch.Tensor, list[float], int]:  # fmt: skip
+    """Up to ``n_steps`` plain Sinkhorn steps in one compiled call (:func:`_plain_steps`): ``(b, worst, status)``, the
+    (H, K) float64 iterate reached, each step's worst error over the heads and the status (0: below ``tol``, 1:
+    stopped before a step the caller must take, 2: all taken). ``kernel`` (H, N, K) and ``weights`` ((1, N) or (H, N))
+    float32 NumPy arrays; ``b0`` (H, K), ``log_r`` and ``r`` (K,) float64 tensors; ``b`` (H, K) float64 (copied), or
+    ``None`` for the cold start, which takes the rows' weights ``cold`` ((1, N) or (H, N) float32 NumPy) and their
+    shift ``cold_shift`` (H,). Needs :func:`available`."""
+    b = torch.zeros(b0.shape, dtype=torch.float64) if b is None else b.clone()
+    cold = np.empty((1, 0), dtype=np.float32) if cold is None else cold
+    shift = np.zeros(b0.shape[0]) if cold_shift is None else cold_shift.double().numpy()
+    worst = np.empty(n_steps)
+    steps, status = _plain_steps(kernel, weights, b0.numpy(), log_r.numpy(), r.numpy(), b.numpy(), cold, shift,
+                                 float(threshold), -1.0 if tol is None else float(tol), worst)  # fmt: skip
+    return b, worst[:steps].tolist(), status

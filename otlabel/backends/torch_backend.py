@@ -400,6 +400,28 @@ class CachedKernelOperator(ScoreOperator):
             return self.exact.cluster_lse(b)  # float64 b: it takes them (see LogDomainOperator)
         return torch.where(self.reachable, col.log() - self.b0, NEG_INF)  # float64
 
+    def takes_plain_steps(self) -> bool:
+        """Where the compiled loops apply, every cluster is reachable and the scores are few enough
+        (``cpu_kernels.PLAIN_STEPS_MAX_ELEMENTS``) to be passed over on the caller's thread: a small problem's whole
+        loop then runs in one compiled call (:meth:`plain_steps`)."""
+        small = self.n_heads * self.n_samples * self.n_clusters <= cpu_kernels.PLAIN_STEPS_MAX_ELEMENTS
+        return small and not self.exact.parallel and self.all_reachable and self.exact.compiled_loops()
+
+    def plain_steps(self, b, log_r, r, n_steps, tol):
+        cold = shift = None
+        if b is None:  # the cold start's weights, as cluster_lse takes them
+            if self.kernel is None:
+                self._absorb(self.b0)
+            log_w = self.exact.log_c + self.row_shift  # (H, N)
+            top = log_w.amax(dim=1, keepdim=True)  # factored out so the weights stay <= 1
+            cold, shift = (log_w - top).exp().numpy(), top[:, 0]
+        elif self.kernel is None or not self.b0_finite:  # the general steps build (or rebuild) the kernel
+            return b, [], 1
+        if self._c_host is None:
+            self._c_host = self.c.numpy()[None]
+        return cpu_kernels.plain_steps(self._host_kernel(), self._c_host, self.b0, log_r, r, b, cold, shift,
+                                       self.absorb_threshold, tol, n_steps)  # fmt: skip
+
     def assign(self, b, want_codes):
         if want_codes or not self.exact.compiled_loops() or self.kernel is None:
             return self.exact.assign(b.to(self.dtype), want_codes)

@@ -1,0 +1,150 @@
+"""Small CPU problems take their plain steps in one compiled call (``CachedKernelOperator.plain_steps``), and the
+default acceleration's size rule: ``"auto"`` takes up to ``PLAIN_START`` of them before Anderson mixing starts there.
+
+A 64 x 10 solve to 1e-4 took 1.5 ms in 7 mixed steps of ~58 torch operations each (~180 us a step), against 0.37 ms
+for POT's ``ot.sinkhorn``; its 14 plain steps now take ~20 us in one call (benchmarks/RESULTS_CPU.md, 2026-11-25).
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import assert_close, cosine_scores
+
+from otlabel import sinkhorn_assign
+from otlabel.backends import cpu_kernels
+from otlabel.backends.torch_backend import CachedKernelOperator
+from otlabel.solver import PLAIN_START
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the compiled steps need Numba")
+
+
+def step_by_step(monkeypatch):
+    """The torch steps, one by one, as before the compiled ones."""
+    monkeypatch.setattr(CachedKernelOperator, "takes_plain_steps", lambda self: False)
+
+
+def counted_calls(monkeypatch, name: str) -> list:
+    """Record each call of ``CachedKernelOperator.<name>`` (still made)."""
+    calls, real = [], getattr(CachedKernelOperator, name)
+    monkeypatch.setattr(CachedKernelOperator, name, lambda self, *a: (calls.append(a), real(self, *a))[1])
+    return calls
+
+
+def plain_problems():
+    """name -> (scores, options): the cases the compiled steps tell apart."""
+    g = torch.Generator().manual_seed(11)
+    scores = cosine_scores(64, 10, seed=11)
+    warm = sinkhorn_assign(scores + 0.01 * torch.randn(64, 10, generator=g), 0.05, acceleration="none")
+    skewed = torch.rand(300, generator=g) + 0.1
+    return {
+        "64 x 10 to a tolerance": (scores, dict(acceleration="none")),
+        "SwAV batch, 3 iterations": (scores, dict(max_iter=3, tol=None)),
+        "warm start": (scores, dict(acceleration="none", init=warm)),
+        "heads": (torch.randn(3, 200, 8, generator=g), dict(acceleration="none", tol=1e-6)),
+        "sample weights": (torch.randn(300, 20, generator=g),
+                           dict(acceleration="none", sample_weights=skewed / skewed.sum())),
+        "not converged": (torch.randn(300, 20, generator=g),
+                          dict(epsilon=0.01, acceleration="none", max_iter=20, warn=False)),
+        # b moves more than the kernel's 30 nats: the compiled call stops, the loop rebuilds the kernel, calls again
+        "drift past the threshold": (3 * torch.randn(400, 30, generator=g),
+                                     dict(epsilon=0.01, acceleration="none", max_iter=300, warn=False)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", plain_problems())
+def test_compiled_plain_steps_are_the_torch_steps(monkeypatch, name):
+    """The same steps as the loop takes one by one in torch: the same count, errors and potentials to float64 rounding
+    (measured up to 7e-15 apart: the centring's sum in another order, the exp and log of another library; the pass's
+    column sums are bitwise the same), the same labels; the codes were bitwise equal in every case here."""
+    scores, options = plain_problems()[name]
+    options = {"epsilon": 0.05, **options}
+    steps = counted_calls(monkeypatch, "plain_steps")
+    compiled = sinkhorn_assign(scores, **options)
+    assert steps and isinstance(compiled._operator, CachedKernelOperator)
+    step_by_step(monkeypatch)
+    torch_steps = sinkhorn_assign(scores, **options)
+    assert (compiled.n_iter, compiled.converged) == (torch_steps.n_iter, torch_steps.converged), name
+    errors, reference = torch.tensor(compiled.errors), torch.tensor(torch_steps.errors)
+    assert torch.equal(errors.isinf(), reference.isinf())
+    finite = reference.isfinite()
+    assert_close(errors[finite], reference[finite], atol=1e-15, rtol=1e-9, what=f"{name}: errors")
+    assert_close(compiled.cluster_potentials, torch_steps.cluster_potentials, atol=1e-12, what=f"{name}: potentials")
+    assert torch.equal(compiled.labels, torch_steps.labels), name
+    assert_close(compiled.codes, torch_steps.codes, atol=1e-6, what=f"{name}: codes")
+
+
+def test_a_drift_rebuilds_the_kernel_and_resumes_the_compiled_steps(monkeypatch):
+    """The case above that stops the compiled call: it is resumed after the loop's own step rebuilt the kernel."""
+    scores, options = plain_problems()["drift past the threshold"]
+    steps, builds = counted_calls(monkeypatch, "plain_steps"), counted_calls(monkeypatch, "_absorb")
+    sinkhorn_assign(scores, **options)
+    assert len(builds) > 1 and len(steps) >= len(builds), (len(steps), len(builds))
+
+
+@pytest.mark.parametrize("size", [(64, 10), (256, 100)])
+def test_the_default_on_small_problems_meets_tol_and_agrees_with_the_reference(size):
+    """The measured error is the plan's own (column sums against the weights), at most tol, and the labels are those
+    of the float64 reference solved to 1e-9."""
+    scores = cosine_scores(*size, d=64, seed=2)
+    res = sinkhorn_assign(scores, 0.05)
+    reference = sinkhorn_assign(scores.double(), 0.05, backend="reference", tol=1e-9)
+    column_error = float((res.plan.double().sum(dim=0) - 1 / size[1]).abs().sum())
+    assert res.converged and res.marginal_error <= 1e-4 and column_error <= 1e-4, (res.marginal_error, column_error)
+    assert abs(column_error - res.marginal_error) < 1e-6
+    assert torch.equal(res.labels, reference.labels)
+
+
+def test_auto_takes_plain_steps_first_on_a_small_problem():
+    """The size rule: where they are compiled, "auto" takes plain steps (here all 14, where mixing took 7 steps of
+    ~180 us each), bitwise those of acceleration="none"."""
+    scores = cosine_scores(64, 10, d=64, seed=0)
+    auto, plain = sinkhorn_assign(scores, 0.05), sinkhorn_assign(scores, 0.05, acceleration="none")
+    mixed = sinkhorn_assign(scores, 0.05, acceleration="anderson")
+    assert auto.n_iter == plain.n_iter == 14 and mixed.n_iter < auto.n_iter, (auto.n_iter, mixed.n_iter)
+    assert torch.equal(auto.cluster_potentials, plain.cluster_potentials) and auto.errors == plain.errors
+
+
+def test_auto_mixes_from_the_start_where_its_plain_start_falls_short():
+    """At a small epsilon plain steps need many steps (145 here): after its first PLAIN_START, "auto" starts again with
+    mixing, which is then bitwise acceleration="anderson" (the plain steps counted before its own). Where the plain
+    steps rebuilt the kernel (b drifted 30 nats from it), the mixing runs on the new one, to rounding the same steps:
+    at eps 0.0005, 100 + 90 steps against 93."""
+    scores = cosine_scores(64, 10, d=64, seed=0)
+    auto = sinkhorn_assign(scores, 0.005)
+    plain = sinkhorn_assign(scores, 0.005, acceleration="none")
+    mixed = sinkhorn_assign(scores, 0.005, acceleration="anderson")
+    assert auto.converged and plain.n_iter > PLAIN_START and auto.n_iter == PLAIN_START + mixed.n_iter
+    assert auto.errors == plain.errors[:PLAIN_START] + mixed.errors
+    assert torch.equal(auto.cluster_potentials, mixed.cluster_potentials) and torch.equal(auto.labels, mixed.labels)
+    assert auto.marginal_error == mixed.marginal_error
+
+
+def test_a_callback_sees_the_same_steps_one_by_one():
+    """With a callback the plain start is the loop's own steps (each reported as it is taken), the same steps."""
+    scores = cosine_scores(64, 10, d=64, seed=0)
+    seen = []
+    watched = sinkhorn_assign(scores, 0.05, callback=lambda i, err: seen.append((i, err)))
+    alone = sinkhorn_assign(scores, 0.05)
+    assert [i for i, _ in seen] == list(range(1, alone.n_iter + 1)) and watched.n_iter == alone.n_iter
+    assert math.isinf(seen[0][1]) and all(
+        abs(a - b) <= 1e-6 * b for (_, a), b in zip(seen[1:], alone.errors[1:], strict=True)
+    )
+
+
+@pytest.mark.parametrize("where", ["above the size", "a cluster of weight 0", "without Numba"])
+def test_auto_mixes_from_the_start_elsewhere(monkeypatch, where):
+    """Larger problems (the bound lowered to one score short of 64 x 10), zero-weight clusters and no compiled loops:
+    "auto" is Anderson mixing from the first step, bitwise acceleration="anderson", as before the size rule."""
+    scores, options = cosine_scores(64, 10, d=64, seed=0), {}
+    if where == "above the size":
+        monkeypatch.setattr(cpu_kernels, "PLAIN_STEPS_MAX_ELEMENTS", 64 * 10 - 1)
+    elif where == "a cluster of weight 0":
+        options["cluster_weights"] = torch.tensor([0.0] + [1 / 9] * 9)
+    else:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    steps = counted_calls(monkeypatch, "plain_steps")
+    auto = sinkhorn_assign(scores, 0.05, **options)
+    mixed = sinkhorn_assign(scores, 0.05, acceleration="anderson", **options)
+    assert not steps and auto.n_iter == mixed.n_iter < 14, auto.n_iter
+    assert torch.equal(auto.cluster_potentials, mixed.cluster_potentials) and auto.errors == mixed.errors
