@@ -25,7 +25,7 @@ import warnings
 
 import numpy as np
 
-from .interrupts import signals_held
+from .interrupts import sets_handlers, signals_held
 from .outputs import AtomicNpy, OutputError, commit_all, refuse_overwriting_inputs  # OutputError: exit status 3
 from .sizes import parse_size
 
@@ -83,9 +83,10 @@ exit status:
        written all the same)
   129  hung up (SIGHUP);  130  interrupted (SIGINT);  143  terminated (SIGTERM). No output is left
        behind, and never new codes beside old labels. The command cleans up and exits with these statuses, not
-       killed by the signal; a signal while torch loads is answered once it has loaded (a second or two). Only
-       Ctrl-C in the first tens of milliseconds (Python starting), or SIGTERM and SIGHUP before the command has
-       read its arguments, can kill it instead, which a shell shows as the same status.
+       killed by the signal; a signal while torch loads is answered once it has loaded (a second or two), a
+       second one at once. Only Ctrl-C in the first tens of milliseconds (Python starting), SIGTERM and SIGHUP
+       before the command has read its arguments, or a second signal while torch loads, can kill it instead,
+       which a shell shows as the same status.
 
 examples:
   otlabel assign logits.npy --epsilon 0.05 --out labels.npy
@@ -870,7 +871,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         caught = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-        for sig in caught:
+        for sig in caught if sets_handlers() else ():  # off the main thread: Python's handlers cannot be set there
             if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup: stay ignored
                 previous[sig] = signal.signal(sig, _on_sigterm)
         return args.func(args)
