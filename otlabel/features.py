@@ -15,6 +15,7 @@ are under 1 GB. Routes, chosen like the dense backends:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -97,6 +98,13 @@ def uses_kernel(features, backend: str) -> bool:
     usable = z is not None and z.dtype in KERNEL_DTYPES and _triton_usable(z)
     if backend == "triton" and z is None:  # what no features path takes (a list) gets their TypeError
         open_host_array(features, "features")
+        # A host array or .npy path: the kernel takes torch tensors, whatever GPU, Triton or interpreter there is
+        raise RuntimeError(
+            "backend='triton' takes features as a torch tensor on the GPU, got "
+            f"{'a .npy path' if isinstance(features, (str, os.PathLike)) else 'a NumPy array'}: pass "
+            "torch.from_numpy(features).cuda() (np.load the path first), or leave backend='auto' (or 'torch'), which "
+            "computes host features chunk by chunk on the CPU."
+        )
     if backend == "triton" and z is not None and z.dtype not in KERNEL_DTYPES:
         # A dtype problem is a TypeError, as on the other paths, not a missing GPU or Triton.
         check_float_dtype(z, "features")

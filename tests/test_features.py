@@ -500,3 +500,17 @@ def test_a_minus_inf_bias_on_a_weighted_cluster_is_refused_as_such_on_every_feat
             sinkhorn_assign_sharded(**kw, backend="reference")
         else:
             sinkhorn_assign(**kw, backend=path)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "memmap", "path"])
+def test_host_features_for_the_triton_backend_are_told_to_pass_a_gpu_tensor(kind, tmp_path):
+    """backend='triton' with NumPy features (an array, a memmap or a .npy path) said 'needs fp32/fp16/bf16 CUDA tensors
+    and Triton (or TRITON_INTERPRET=1)', also where Triton and the interpreter were there and the features fp32: the
+    words did not name the cause, a host array where the kernel takes a torch tensor (dense NumPy scores with
+    backend='triton' are converted and solved under the interpreter)."""
+    z = normalised(6, 3, 0).numpy()
+    np.save(tmp_path / "z.npy", z)
+    given = {"numpy": z, "memmap": np.load(tmp_path / "z.npy", mmap_mode="r"), "path": str(tmp_path / "z.npy")}[kind]
+    wanted = r"a torch tensor on the GPU, got a (NumPy array|\.npy path): pass torch\.from_numpy\(features\)\.cuda\(\)"
+    with pytest.raises(RuntimeError, match=wanted):
+        sinkhorn_assign(features=given, prototypes=normalised(2, 3, 1), epsilon=0.5, backend="triton")
