@@ -264,6 +264,8 @@ class ShardedOperator(ScoreOperator):
         return not self.comm.active and self.local.takes_plain_steps()
 
     def plain_steps(self, b, log_r, r, n_steps, tol):
+        if self.callback_failure is not None:  # the loop's own step (cluster_lse) raises it, as it would have
+            return b, [], 1
         return self.local.plain_steps(b, log_r, r, n_steps, tol)
 
     def shared_callback(self, callback):

@@ -160,14 +160,13 @@ def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callba
     b = None if init is None else centred(init.to(torch.float64), clusters)
     # Where the operator takes plain steps in compiled calls (a small problem on the CPU), it takes all of them, or
     # auto's first PLAIN_START (or max_iter / 10): should those not reach tol, the solve starts again with mixing,
-    # from the same start, as acceleration="anderson" (its steps counted after them). They read their errors on the
-    # host, so the loop below reads them too. A callback sees each step as it is taken: then they are the loop's
-    # own, one by one.
+    # from the same start, as acceleration="anderson" (its steps counted after them; a cold start's first step, the
+    # same plain step in both, counted once). They read their errors on the host, so the loop below reads them too.
+    # A callback sees each step as it is taken: then they take one step a call (the same steps, bitwise).
     auto_start = min(PLAIN_START, max_iter // 10)  # a tenth of max_iter at most: the mixing keeps the rest
     plain = max_iter if not mixes and omega == 1.0 and not adaptive else auto_start if acceleration == AUTO else 0
-    small = plain and empty is None and operator.takes_plain_steps()
-    compiled = small and callback is None
-    plain_left = plain if small else 0
+    compiled = plain and empty is None and operator.takes_plain_steps()
+    plain_left = plain if compiled else 0
     start, mixed_from = b, None if mixes and plain_left else 0  # where the mixing starts again, and at which step
     mixer = None  # made when the mixing starts (after the compiled plain steps, if any)
     reads_error = tol is not None or callback is not None or mixes or compiled
@@ -183,14 +182,18 @@ def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callba
     checked = False  # b's finiteness is known: the compiled steps checked it
     while len(history) < max_iter:
         checked = False
-        if mixed_from is None and not plain_left:  # auto's plain start ended short of tol
+        if mixed_from is None and not plain_left:  # auto's plain start ended short of tol: mixing from the start
             b, mixed_from = start, len(history)
+            if b is None:  # the cold step, the plain start's first too: taken again as "anderson" takes it, not counted
+                b = next_iterate(operator, clusters, None, cluster_step(operator, clusters, None)[0], 1.0, mixed=False)
         if compiled and plain_left:  # as many plain steps as one call takes; a step it cannot take is the loop's own
-            b, errors, status = operator.plain_steps(b, clusters.log_r, clusters.r,
-                                                     min(plain_left, max_iter - len(history)), tol)  # fmt: skip
+            n_steps = 1 if callback is not None else min(plain_left, max_iter - len(history))  # a callback: each step
+            b, errors, status = operator.plain_steps(b, clusters.log_r, clusters.r, n_steps, tol)
             history += errors
             plain_left -= len(errors)
             checked = status != 1
+            if callback is not None and errors:
+                callback(len(history), errors[0])
             if status == 0:
                 converged = True
                 break
