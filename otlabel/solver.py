@@ -159,57 +159,79 @@ def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callba
     mixes = acceleration in (ANDERSON, AUTO)
     b = None if init is None else centred(init.to(torch.float64), clusters)
     # Where the operator takes plain steps in compiled calls (a small problem on the CPU), it takes all of them, or
-    # auto's first PLAIN_START (or max_iter / 10): should those not reach tol, the solve starts again with mixing,
-    # from the same start, as acceleration="anderson" (its steps counted after them; a cold start's first step, the
-    # same plain step in both, counted once). They read their errors on the host, so the loop below reads them too.
-    # A callback sees each step as it is taken: then they take one step a call (the same steps, bitwise).
-    auto_start = min(PLAIN_START, max_iter // 10)  # a tenth of max_iter at most: the mixing keeps the rest
-    plain = max_iter if not mixes and omega == 1.0 and not adaptive else auto_start if acceleration == AUTO else 0
-    compiled = plain and empty is None and operator.takes_plain_steps()
-    plain_left = plain if compiled else 0
-    start, mixed_from = b, None if mixes and plain_left else 0  # where the mixing starts again, and at which step
-    mixer = None  # made when the mixing starts (after the compiled plain steps, if any)
-    reads_error = tol is not None or callback is not None or mixes or compiled
-    if not reads_error:
+    # auto's first PLAIN_START (a tenth of max_iter at most: the mixing keeps the rest)
+    plain = max_iter if not mixes and omega == 1.0 and not adaptive else 0
+    if acceleration == AUTO:
+        plain = min(PLAIN_START, max_iter // 10)
+    if plain and clusters.empty is None and operator.takes_plain_steps():
+        start = b
+        out = compiled_plain_steps(operator, clusters, b, plain, tol, callback)
+        if out.converged or acceleration != AUTO:
+            return out
+        # auto's plain start ended short of tol: the solve starts again from the same start with mixing, as
+        # acceleration="anderson" (its steps counted after these; a cold start's first step, the same plain step in
+        # both, counted once), and is judged stalled or not on the mixing's own errors
+        b = start
+        if b is None:
+            b = next_iterate(operator, clusters, None, cluster_step(operator, clusters, None)[0], 1.0, mixed=False)
+        out = steps_reading_errors(operator, clusters, b, max_iter, tol, acceleration, callback, out.errors)
+        out.stalled = stalled(out.errors[plain:])
+        return out
+    if tol is None and callback is None and not mixes:
         b, errors = steps_without_reading(operator, clusters, b, max_iter, omega)
         measured = [err for err in errors if err is not None]  # all but a cold start's
         history = worst_per_iteration(read_back(measured, b, empty), b.shape[0])  # every iteration's worst error
         return LoopOutput(potentials=b, n_iter=max_iter, errors=[math.inf] * (max_iter - len(measured)) + history,
                           converged=False)  # fmt: skip
-    history: list[float] = []  # every iteration's worst error, read back as it ran (a tol, a callback or mixing)
+    return steps_reading_errors(operator, clusters, b, max_iter, tol, acceleration, callback, [])
+
+
+def compiled_plain_steps(operator, clusters: ClusterMarginal, b, n_plain: int, tol, callback) -> LoopOutput:
+    """Up to ``n_plain`` plain steps from ``b`` in the operator's compiled calls (:meth:`ScoreOperator.plain_steps`:
+    they read their errors on the host), stopping where one reaches ``tol``. A step a call cannot take (it stops
+    before it) is taken here as :func:`steps_reading_errors` takes it; with a ``callback``, one step a call, the
+    callback after each (the same steps, bitwise)."""
+    history: list[float] = []
+    checked = converged = False  # checked: b's finiteness is known (the compiled steps checked it)
+    while len(history) < n_plain and not converged:
+        n_steps = 1 if callback is not None else n_plain - len(history)
+        b, errors, status = operator.plain_steps(b, clusters.log_r, clusters.r, n_steps, tol)
+        history += errors
+        checked, converged = status != 1, status == 0
+        if callback is not None and errors:
+            callback(len(history), errors[0])
+        if status == 1:  # the loop's own step
+            b_new, err = cluster_step(operator, clusters, b)
+            values = read_back([] if err is None else [err], b_new, clusters.empty)
+            history.append(math.inf if err is None else worst_per_iteration(values, len(err))[0])
+            if callback is not None:
+                callback(len(history), history[-1])
+            converged = tol is not None and history[-1] < tol  # keep b: its error is the one just measured
+            if not converged:
+                b = next_iterate(operator, clusters, b, b_new, 1.0, mixed=False)
+    if not checked:
+        read_back([], b, clusters.empty)  # the returned b's check
+    return LoopOutput(potentials=b, n_iter=len(history), errors=history, converged=converged)
+
+
+def steps_reading_errors(operator, clusters: ClusterMarginal, b, max_iter, tol, acceleration, callback,
+                         history: list[float]) -> LoopOutput:  # fmt: skip
+    """Steps to ``max_iter`` (counting those ``history`` holds), each error read back as it runs (a ``tol``, a
+    ``callback`` or mixing reads it): plain, over-relaxed or Anderson-mixed."""
+    adaptive = acceleration == ADAPTIVE
+    omega = 1.0 if isinstance(acceleration, str) else acceleration
+    empty = clusters.empty
+    mixer = AndersonMixer(ANDERSON_MEMORY, clusters.r) if acceleration in (ANDERSON, AUTO) else None
     converged = False
     best_error, step_from_best = math.inf, None  # with mixing: the smallest error read, and F(b) of that b
-    checked = False  # b's finiteness is known: the compiled steps checked it
     while len(history) < max_iter:
-        checked = False
-        if mixed_from is None and not plain_left:  # auto's plain start ended short of tol: mixing from the start
-            b, mixed_from = start, len(history)
-            if b is None:  # the cold step, the plain start's first too: taken again as "anderson" takes it, not counted
-                b = next_iterate(operator, clusters, None, cluster_step(operator, clusters, None)[0], 1.0, mixed=False)
-        if compiled and plain_left:  # as many plain steps as one call takes; a step it cannot take is the loop's own
-            n_steps = 1 if callback is not None else min(plain_left, max_iter - len(history))  # a callback: each step
-            b, errors, status = operator.plain_steps(b, clusters.log_r, clusters.r, n_steps, tol)
-            history += errors
-            plain_left -= len(errors)
-            checked = status != 1
-            if callback is not None and errors:
-                callback(len(history), errors[0])
-            if status == 0:
-                converged = True
-                break
-            if status == 2:
-                continue
-        mixing = mixes and not plain_left
-        if mixing and mixer is None:
-            mixer = AndersonMixer(ANDERSON_MEMORY, clusters.r)
         b_new, err = cluster_step(operator, clusters, b)
         # the iteration's one sync (with the mixer's verdict on its last proposal, where it made one)
-        sound = mixer.last_step_sound() if mixing else None
+        sound = None if mixer is None else mixer.last_step_sound()
         values = read_back([x for x in (err, sound) if x is not None], b_new, empty)
         worst = math.inf if err is None else worst_per_iteration(values[: len(err)], len(err))[0]
         history.append(worst)
-        plain_left = max(plain_left - 1, 0)
-        if mixing:
+        if mixer is not None:
             mixer.review_last_step(sound is None or values[-1] != 0)
             if worst < best_error:
                 best_error, step_from_best = worst, b_new
@@ -223,21 +245,19 @@ def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callba
                 omega, adaptive = 1.0, False  # safeguard: over-relaxation is only locally convergent
             elif adaptive and len(history) == 1 + RATE_SAMPLES:
                 omega, adaptive = omega_for_rate(history[1:]), False
-        if mixing and b is not None:
+        if mixer is not None and b is not None:
             b_new = mixer.step(b, b_new, worst, empty)
-        b = next_iterate(operator, clusters, b, b_new, omega, mixed=b is not None and (mixing or omega != 1.0))
-    if not checked:
-        read_back([], b, empty)  # the returned b's check (the errors were read on the way)
+        b = next_iterate(
+            operator, clusters, b, b_new, omega, mixed=b is not None and (mixer is not None or omega != 1.0)
+        )
+    read_back([], b, empty)  # the returned b's check (the errors were read on the way)
     error = None  # the last of history
     if step_from_best is not None and not converged:
         # The last mixed step is never measured: in 7 of 450 unconverged solves (cosines, eps 0.002-0.05, 5-80
         # iterations) it had more error than the iterate before it, up to 2.0x (4x seen in a review). A result must
         # not be worse than the error it reports; the plain step from the best iterate read never was (<= 1.00x).
         b, error = next_iterate(operator, clusters, None, step_from_best, 1.0, mixed=True), best_error
-    # judged on the mixing's own errors where it started again (the plain start's fall otherwise)
-    judged = stalled(history[mixed_from:]) if mixed_from else None
-    return LoopOutput(potentials=b, n_iter=len(history), errors=history, converged=converged, error=error,
-                      stalled=judged)  # fmt: skip
+    return LoopOutput(potentials=b, n_iter=len(history), errors=history, converged=converged, error=error)
 
 
 def steps_without_reading(operator: ScoreOperator, clusters: ClusterMarginal, b, max_iter: int, omega: float):
