@@ -637,6 +637,15 @@ def test_an_interrupt_while_the_arguments_are_parsed_exits_130(tmp_path):
     assert proc.stderr == "otlabel: interrupted; no output written\n" and not out.exists()
 
 
+def run_as_module(tmp_path, name: str, source: str, out) -> subprocess.CompletedProcess:
+    """``source`` written to ``tmp_path/name.py`` and run as ``python -m name out``, otlabel importable, with the
+    default signal dispositions (as a shell gives them)."""
+    (tmp_path / f"{name}.py").write_text(source)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])]))
+    return subprocess.run([sys.executable, "-m", name, str(out)], capture_output=True, text=True, timeout=120,
+                          env=env, preexec_fn=default_signals)  # fmt: skip
+
+
 INTERRUPTED_IN_GENERATED_CODE = """
 import sys
 import otlabel.cli as cli
@@ -654,11 +663,8 @@ def test_an_interrupt_inside_code_run_from_source_text_exits_130(tmp_path):
     ``exec``/``eval`` of its generated source (torch makes hundreds as it loads), CPython marks such an interrupt
     unhandled even once handled, and ``-m`` kills itself with SIGINT at exit on that mark. Here the interrupt comes
     out of an ``exec`` every time, under ``-m``, after the imports (so not held by signals_held)."""
-    (tmp_path / "interrupted_exec.py").write_text(INTERRUPTED_IN_GENERATED_CODE)
     out = tmp_path / "y.npy"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])]))
-    proc = subprocess.run([sys.executable, "-m", "interrupted_exec", str(out)], capture_output=True, text=True,
-                          timeout=120, env=env, preexec_fn=default_signals)  # fmt: skip
+    proc = run_as_module(tmp_path, "interrupted_exec", INTERRUPTED_IN_GENERATED_CODE, out)
     assert proc.returncode == EXIT_SIGINT, (proc.returncode, proc.stderr)
     assert proc.stderr == "otlabel: interrupted; no output written\n" and not out.exists()
 
@@ -683,11 +689,8 @@ def test_an_interrupt_while_torch_loads_is_answered_once_it_has_loaded(tmp_path)
     start-up calls (_autograd_init, _c10d_init: "what(): KeyboardInterrupt", std::terminate, killed by SIGABRT), or
     in generated code (the test above): 2, 3 and 49 of 530 tries given one SIGINT 0.2-2 s in.
     Signals are held while the command's modules load and answered after: 130, with torch and numba loaded whole."""
-    (tmp_path / "interrupted_import.py").write_text(SIGINT_WHILE_TORCH_LOADS)
     out = tmp_path / "y.npy"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])]))
-    proc = subprocess.run([sys.executable, "-m", "interrupted_import", str(out)], capture_output=True, text=True,
-                          timeout=120, env=env, preexec_fn=default_signals)  # fmt: skip
+    proc = run_as_module(tmp_path, "interrupted_import", SIGINT_WHILE_TORCH_LOADS, out)
     assert proc.returncode == EXIT_SIGINT, (proc.returncode, proc.stderr)
     assert proc.stderr == "otlabel: interrupted; no output written\n" and not out.exists()
     assert proc.stdout == "['numba', 'otlabel.streaming', 'torch.nn']\n", "the interrupt went off inside an import"
