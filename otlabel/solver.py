@@ -163,7 +163,7 @@ def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callba
     plain = max_iter if not mixes and omega == 1.0 and not adaptive else 0
     if acceleration == AUTO:
         plain = min(PLAIN_START, max_iter // 10)
-    if plain and clusters.empty is None and operator.takes_plain_steps():
+    if plain and empty is None and operator.takes_plain_steps():
         start = b
         out = compiled_plain_steps(operator, clusters, b, plain, tol, callback)
         if out.converged or acceleration != AUTO:
@@ -190,27 +190,20 @@ def compiled_plain_steps(operator, clusters: ClusterMarginal, b, n_plain: int, t
     """Up to ``n_plain`` plain steps from ``b`` in the operator's compiled calls (:meth:`ScoreOperator.plain_steps`:
     they read their errors on the host), stopping where one reaches ``tol``. A step a call cannot take (it stops
     before it) is taken here as :func:`steps_reading_errors` takes it; with a ``callback``, one step a call, the
-    callback after each (the same steps, bitwise)."""
+    callback after each (the same steps, bitwise). The returned ``b`` is checked finite (by the compiled steps, or by
+    that loop)."""
     history: list[float] = []
-    checked = converged = False  # checked: b's finiteness is known (the compiled steps checked it)
+    converged = False
     while len(history) < n_plain and not converged:
         n_steps = 1 if callback is not None else n_plain - len(history)
         b, errors, status = operator.plain_steps(b, clusters.log_r, clusters.r, n_steps, tol)
         history += errors
-        checked, converged = status != 1, status == 0
+        converged = status == 0
         if callback is not None and errors:
             callback(len(history), errors[0])
-        if status == 1:  # the loop's own step
-            b_new, err = cluster_step(operator, clusters, b)
-            values = read_back([] if err is None else [err], b_new, clusters.empty)
-            history.append(math.inf if err is None else worst_per_iteration(values, len(err))[0])
-            if callback is not None:
-                callback(len(history), history[-1])
-            converged = tol is not None and history[-1] < tol  # keep b: its error is the one just measured
-            if not converged:
-                b = next_iterate(operator, clusters, b, b_new, 1.0, mixed=False)
-    if not checked:
-        read_back([], b, clusters.empty)  # the returned b's check
+        if status == 1:  # the loop's own plain step (omega 1.0)
+            out = steps_reading_errors(operator, clusters, b, len(history) + 1, tol, 1.0, callback, history)
+            b, converged = out.potentials, out.converged
     return LoopOutput(potentials=b, n_iter=len(history), errors=history, converged=converged)
 
 
