@@ -294,6 +294,23 @@ def test_optimal_plans_are_certified_to_rounding_without_warning():
             assert 0 <= res.optimality_gap <= 1e-15 * np.abs(s[np.isfinite(s)]).max(), trial
 
 
+def test_a_pair_holding_a_tiny_clusters_whole_mass_carries_it():
+    """Cluster 2 weighs 1e-11, all of it on sample 1 (a row of 1/2): the certificate judged which pairs carry mass
+    against the row alone (1e-9 of it), took that pair for round-off, and left the duals unfitted to it: the optimal
+    plan got a gap of 1.2e-11 and POT's a ConvergenceWarning (in 400 random problems, half with weights of 1e-13 to
+    1e-8, 4 POT plans had gaps of 5e-14 to 6e-12, one warned). The pair is judged against its column's mass too."""
+    from otlabel.exact import optimality_gap
+
+    s = np.array([[-1.0, -1.6, -2.9], [-0.4, 1.2, 0.0]])
+    r = np.array([0.5, 0.5 - 1e-11, 1e-11])
+    plan = np.array([[0.5, 0.0, 0.0], [0.0, 0.5 - 1e-11, 1e-11]])  # the only plan with these marginals
+    assert optimality_gap(plan, s) < 1e-15
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = exact_plan(s, r)
+    assert res.plan[1, 2] == 1e-11 and res.optimality_gap < 1e-15
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("shape", [(40, 6), (6, 40)])  # Bellman-Ford over the K x K cluster graph, and over rows
 def test_optimality_gap_bounds_the_shortfall_of_any_plan(seed, shape):
