@@ -29,6 +29,7 @@ import torch
 
 from .backends.torch_backend import available_memory_bytes
 from .entry import entry_point, user_stacklevel
+from .feasibility import shortfall_tolerance
 from .problem import check_score_values, check_scores, check_weights, marginals_rounding
 from .result import ConvergenceWarning
 
@@ -239,14 +240,23 @@ def _unit_cost(s: np.ndarray) -> np.ndarray:
 def _result(plan: np.ndarray, s: np.ndarray, solved: np.ndarray, solver: str, c: np.ndarray | None = None,
             r: np.ndarray | None = None, mass_rounding: float = 0.0) -> ExactResult:  # fmt: skip
     """The plan, its labels, objective and certified optimality gap, checked: no mass on a forbidden pair beyond what
-    rounding the weights may have made necessary (``mass_rounding``; that much is dropped, and the plan misses the
-    marginals by it), marginals met (:func:`_refuse_missed_marginals`), and a warning where the gap is wider than
-    float64 arithmetic explains (``solver`` names the call in it). The objective is of the scores as given, ``s``; the
-    certificate of the scores the solver got, ``solved`` (the same gap: a constant per cluster or sample adds the same
-    to every plan with these marginals)."""
+    the mask check lets through (:func:`~otlabel.feasibility.shortfall_tolerance`: 1e-9 of the mass, or what rounding
+    the weights may have moved, ``mass_rounding``; that much is dropped, and the plan misses the marginals by it; the
+    check's int32 flow may let a little more through, which is named here), marginals met
+    (:func:`_refuse_missed_marginals`), and a warning where the gap is wider than float64 arithmetic explains
+    (``solver`` names the call in it). The objective is of the scores as given, ``s``; the certificate of the scores
+    the solver got, ``solved`` (the same gap: a constant per cluster or sample adds the same to every plan with these
+    marginals)."""
     allowed = np.isfinite(s)
-    if plan[~allowed].sum() > max(1e-12, mass_rounding):
-        raise ValueError("the masked problem has no feasible plan: relax the mask or the cluster weights.")
+    forbidden, tolerance = np.where(allowed, 0.0, plan), shortfall_tolerance(mass_rounding)  # the mask check's rule
+    if forbidden.sum() > tolerance:  # a mask the check could not resolve (or skipped: too many distinct rows)
+        stuck = np.flatnonzero(forbidden.sum(axis=1) > 0).tolist()
+        samples = ", ".join(map(str, stuck[:8])) + (f", ... ({len(stuck)} samples)" if len(stuck) > 8 else "")
+        raise ValueError(
+            f"the masked problem has no feasible plan: {solver} had to put {forbidden.sum():.3g} of the mass on "
+            f"forbidden (-inf) pairs (of samples [{samples}]), more than the {tolerance:.3g} allowed for rounding. "
+            "Relax the mask or the cluster weights."
+        )
     # The marginals are the solver's before the forbidden pairs' mass goes: bfloat16 weights [0.3, 0.7] are short by
     # 7.8e-4 of a mask's capacity (accepted as their rounding), which is 2.6e-3 of cluster 0's weight
     _refuse_missed_marginals(plan, c, r, solver)

@@ -52,9 +52,18 @@ import numpy as np
 
 MAX_PATTERN_EDGES = 20_000_000  # distinct patterns x K beyond which the patterns are dropped and the check skipped
 FLOW_SCALE = 2**30  # masses are scaled to integers by this: every capacity, and the flow, stays below 2**31
-MASS_TOLERANCE = 1e-9  # a shortfall of the flow up to this share of the mass is not reported
+MASS_TOLERANCE = 1e-9  # a shortfall of the flow up to this share of the mass is not reported (see shortfall_tolerance)
 MAX_NAMED = 8  # clusters named in a message before "..."
 BLOCK_ELEMENTS = 2**20  # the (group, cluster) entries handled at once by the weighted sums: bounds their memory
+
+
+def shortfall_tolerance(mass_rounding: float = 0.0) -> float:
+    """The share of the mass by which a mask may leave the weights unmet and still count as feasible: what rounding
+    the weights to their dtype may have moved (``mass_rounding``, :func:`otlabel.problem.weight_rounding`), or
+    :data:`MASS_TOLERANCE`, whichever is larger. The one rule for :func:`check_feasible` and for the exact solvers,
+    which drop that much mass from forbidden pairs (:func:`otlabel.exact._result`): they refused a plan short by 1e-11
+    (the generic 'no feasible plan', after the solve) that this check had let through."""
+    return max(MASS_TOLERANCE, mass_rounding)
 
 
 class MaskPatterns:
@@ -447,7 +456,7 @@ def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores
     ``head``, for batched (H, N, K) problems checked one head at a time, is named in it too. The sample and cluster
     masses are each taken relative to their own total. ``mass_rounding``: the share of the mass that rounding the
     weights to the dtype they were given in may account for (:func:`otlabel.problem.weight_rounding`); a shortfall
-    up to it (or :data:`MASS_TOLERANCE`, whichever is larger) is not reported.
+    up to it (or :data:`MASS_TOLERANCE`, whichever is larger: :func:`shortfall_tolerance`) is not reported.
     """
     if patterns.too_large:
         return
@@ -468,7 +477,7 @@ def check_feasible(patterns: MaskPatterns, r: np.ndarray, *, what: str = "scores
     edges = np.ones((len(rows), len(positive) + 1), dtype=bool)  # the last column: the merged clusters
     for block in _row_blocks(edges.shape):  # without a whole copy of the allowed pairs on the way
         np.logical_and(allowed[rows[block]][:, hot_cols], positive, out=edges[block, :-1])
-    tolerance = max(MASS_TOLERANCE, mass_rounding)
+    tolerance = shortfall_tolerance(mass_rounding)
     reached = _reached_clusters(edges, c[hot_rows], np.append(r[hot_cols], r[~hot_cols].sum()), tolerance)
     if reached is not None:
         clusters = ~hot_cols  # the merged clusters are reached along with any group

@@ -528,6 +528,40 @@ def test_a_mask_short_by_the_weights_rounding_gets_its_plan(method):
     assert res.optimality_gap < 1e-15
 
 
+@pytest.mark.parametrize("method", ["pot", "linprog"])
+@pytest.mark.parametrize("short", [1e-11, 5e-10])
+def test_a_mask_short_by_less_than_the_mask_checks_tolerance_gets_its_plan(method, short):
+    """Sample 0 (0.25 of the mass) may only go to cluster 0, of weight 0.25 - short. The mask check lets a shortfall
+    up to 1e-9 of the mass through (as sinkhorn_assign does), but the solvers' plans were refused past 1e-12 of it
+    on forbidden pairs, with another message, after the solve: 'the masked problem has no feasible plan' at 1e-11 and
+    5e-10 (linprog at 5e-10; HiGHS's tolerance took 1e-11). One rule now (feasibility.shortfall_tolerance): the plan,
+    its forbidden mass dropped; a shortfall past it is named by the check before the solve."""
+    from otlabel.feasibility import MASS_TOLERANCE
+
+    s = np.random.default_rng(0).standard_normal((4, 2))
+    s[0, 1] = -np.inf
+    r = np.array([0.25 - short, 0.75 + short])
+    sinkhorn_assign(s, epsilon=0.1, cluster_weights=r)  # accepted there
+    res = exact_plan(s, r, method=method)
+    assert res.plan[0, 1] == 0 and (res.plan >= 0).all()
+    np.testing.assert_allclose(res.plan.sum(axis=0), r, rtol=0, atol=short * (1 + 1e-6))
+    np.testing.assert_allclose(res.plan.sum(axis=1), 0.25, rtol=0, atol=short * (1 + 1e-6))
+    r = np.array([0.25 - 3 * MASS_TOLERANCE, 0.75 + 3 * MASS_TOLERANCE])  # past it: the check's named error
+    with pytest.raises(ValueError, match=r"infeasible mask: clusters \[1\] need 0.750000003 of the mass"):
+        exact_plan(s, r, method=method)
+
+
+def test_a_shortfall_the_mask_check_cannot_resolve_is_named_after_the_solve():
+    """The check's int32 flow counts mass in units of 2**-30 (9.3e-10), rounded for feasibility, so a shortfall a
+    little past 1e-9 may pass it (1.5e-9 here; 2e-9 is caught). The solver's plan then carries it on forbidden pairs:
+    the error said only 'no feasible plan'; it says how much, of which samples, against what tolerance."""
+    s = np.random.default_rng(0).standard_normal((4, 2))
+    s[0, 1] = -np.inf
+    with pytest.raises(ValueError, match=r"put 1.5e-09 of the mass on forbidden .* samples \[0\]\), more than the "
+                       r"1e-09 allowed"):  # fmt: skip
+        exact_plan(s, [0.25 - 1.5e-9, 0.75 + 1.5e-9])
+
+
 def test_linprog_plans_have_no_negative_entries():
     """HiGHS without presolve leaves round-off below 0 in the plan: -1.2e-14 in these 2,268 x 2 scores, which
     exact_plan(method='linprog') returned as such (the docs promise P >= 0)."""
