@@ -562,6 +562,36 @@ def test_a_shortfall_the_mask_check_cannot_resolve_is_named_after_the_solve():
         exact_plan(s, [0.25 - 1.5e-9, 0.75 + 1.5e-9])
 
 
+@pytest.mark.parametrize("warns", [True, False])
+def test_a_plan_missing_the_marginals_quotes_the_solvers_warnings(monkeypatch, warns):
+    """A POT plan that misses the marginals was refused with 'See the solver's warnings above.', whether POT had
+    warned or not (and by default Python shows a warning once per place: a second such solve showed none). POT is
+    stood in for here by one that halves sample 0's mass, warning as POT does at its iteration limit or not at all:
+    the message quotes the warning, or says there was none; the warning is still issued."""
+    from otlabel import exact
+
+    ot = exact.import_pot()
+
+    def emd(a, b, cost, **kwargs):
+        if warns:
+            warnings.warn(
+                "numItermax reached before optimality. Try to increase numItermax.", UserWarning, stacklevel=2
+            )
+        plan = ot.emd(a, b, cost, **kwargs)
+        plan[0] /= 2
+        return plan
+
+    monkeypatch.setattr(exact, "import_pot", lambda: type("FakePOT", (), {"emd": staticmethod(emd)}))
+    s = np.random.default_rng(0).standard_normal((6, 3))
+    said = "The solver warned: UserWarning: numItermax reached" if warns else "The solver gave no warning"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=rf"misses the marginals: sample 0's weight 0.167 got 0.0833. {said}"):
+            exact_plan(s)
+    assert [str(w.message) for w in caught] == (["numItermax reached before optimality. Try to increase numItermax."]
+                                                if warns else [])  # fmt: skip
+
+
 def test_linprog_plans_have_no_negative_entries():
     """HiGHS without presolve leaves round-off below 0 in the plan: -1.2e-14 in these 2,268 x 2 scores, which
     exact_plan(method='linprog') returned as such (the docs promise P >= 0)."""
