@@ -108,8 +108,9 @@ def _prepare(scores, cluster_weights, sample_weights, solver: str, check_mask: b
     :func:`_refuse_mask` when no assignment exists), as its rounded cluster sizes may fit where the weights' exact
     shares do not (and a cluster whose share rounds down to no sample may then be masked whole: its weight counts
     as 0 for the mask). Scores the solvers cannot resolve are refused (:func:`_refuse_unresolved`, ``solver`` names
-    the call). Returns ``(s, solved, c, r, rounding, checked_r)``: ``solved`` the scores the solvers and the
-    certificate get, their offsets taken off (:func:`_without_offsets`), ``s`` as given (for the objective)."""
+    the call). Returns ``(s, solved, c, r, rounding, checked_r, slots)``: ``solved`` the scores the solvers and the
+    certificate get, their offsets taken off (:func:`_without_offsets`), ``s`` as given (for the objective);
+    ``slots`` :func:`cluster_slots` for :func:`exact_assign` (``None`` with ``check_mask``)."""
     s3, batched = check_scores(scores)
     if batched:
         raise ValueError("the exact solvers take one (N, K) problem; loop over heads yourself.")
@@ -117,9 +118,9 @@ def _prepare(scores, cluster_weights, sample_weights, solver: str, check_mask: b
     r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device, (n, k))
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device, (n, k))
     rounding = marginals_rounding(cluster_weights, sample_weights, k, n)
-    checked_r, sized = r, None
+    checked_r, sized, slots = r, None, None
     if not check_mask:  # the check below refuses a weighted cluster no sample may reach: such a one may stay empty
-        fixed, flexible, spare = cluster_slots(n, r.cpu().numpy(), rounding)
+        slots = fixed, flexible, spare = cluster_slots(n, r.cpu().numpy(), rounding)
         sized = sized_clusters(k, flexible, spare)
         may_stay_empty = torch.from_numpy(np.bincount(fixed, minlength=k) == 0).to(r.device)
         checked_r = torch.where(may_stay_empty & (s3[0] == -math.inf).all(dim=0), 0.0, r)
@@ -129,7 +130,7 @@ def _prepare(scores, cluster_weights, sample_weights, solver: str, check_mask: b
     s = s3[0].double().cpu().numpy()
     solved = _without_offsets(s, sized)
     _refuse_unresolved(s, solved, solver)
-    return s, solved, c.cpu().numpy(), r.cpu().numpy(), rounding, checked_r
+    return s, solved, c.cpu().numpy(), r.cpu().numpy(), rounding, checked_r, slots
 
 
 def _refuse_mask(s: np.ndarray, r: torch.Tensor, rounding: float) -> None:
@@ -469,7 +470,7 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
     """
     if not isinstance(method, str) or method not in ("pot", "linprog"):  # an array: "truth value ... is ambiguous"
         raise ValueError(f"method must be 'pot' or 'linprog', got {method!r}.")
-    s, solved, c, r, rounding, _ = _prepare(scores, cluster_weights, sample_weights, f"exact_plan(method='{method}')")
+    s, solved, c, r, rounding, *_ = _prepare(scores, cluster_weights, sample_weights, f"exact_plan(method='{method}')")
     if method == "pot":
         ot = import_pot()
         cost = np.ascontiguousarray(_unit_cost(solved))
@@ -575,11 +576,12 @@ def exact_assign(scores, cluster_weights=None) -> ExactResult:
     Returns:
         An :class:`ExactResult` (tensors for tensor scores, NumPy arrays otherwise).
     """
-    s, solved, _, r, rounding, checked_r = _prepare(scores, cluster_weights, None, "exact_assign", check_mask=False)
+    s, solved, _, _, rounding, checked_r, slots = _prepare(scores, cluster_weights, None, "exact_assign",
+                                                           check_mask=False)  # fmt: skip
     linear_sum_assignment = import_scipy_optimize("exact_assign").linear_sum_assignment
 
     n, k = s.shape
-    fixed, flexible, spare = cluster_slots(n, r, rounding)
+    fixed, flexible, spare = slots
     # Samples and placeholders by fixed and flexible slots; with no fixed slot (N < K, say) no placeholder is needed:
     # N samples to distinct flexible slots (N x K, not K x K for 10 samples and 100,000 clusters)
     n_rows = n + (len(flexible) - spare if len(fixed) else 0)
