@@ -115,6 +115,13 @@ def _prepare(scores, cluster_weights, sample_weights, solver: str, check_mask: b
     if batched:
         raise ValueError("the exact solvers take one (N, K) problem; loop over heads yourself.")
     _, n, k = s3.shape
+    # Before the first float64 copy: 2,000 x 2,000 scores took 470 MiB (exact_assign too, whose slot matrix is 61 MiB)
+    pair_bytes = PAIR_BYTES[solver]
+    advice = ASSIGN_ADVICE if solver == "exact_assign" else PLAN_ADVICE
+    if "linprog" in solver:
+        advice += " method='pot' takes about 1/7 of linprog's memory."
+    what = f"{solver} needs about {pair_bytes} bytes per (sample, cluster) pair of the {n:,} x {k:,} scores"
+    refuse_unless_it_fits(pair_bytes * n * k, what, advice)
     r = check_weights(cluster_weights, k, "cluster_weights", "number of clusters K", s3.device, (n, k))
     c = check_weights(sample_weights, n, "sample_weights", "number of samples N", s3.device, (n, k))
     rounding = marginals_rounding(cluster_weights, sample_weights, k, n)
@@ -548,14 +555,23 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
-def refuse_unless_it_fits(needed: int, what: str) -> None:
-    """A MemoryError from NumPy names an array shape, not the cause: say which input is too large, and what to do.
-    Checked against the memory available (page cache counted), so that it refuses only what cannot fit."""
+ASSIGN_ADVICE = ("The exact assignment is for checking small problems (N in the thousands; its time grows as N^3): "
+                 "use exact_plan (N x K) or sinkhorn_assign with a small epsilon for large N.")  # fmt: skip
+PLAN_ADVICE = ("The exact solvers are for checking small problems: sinkhorn_assign with a small epsilon approaches the "
+               "same plan, in memory of the order of the scores'.")  # fmt: skip
+# The peak memory of a solve per (sample, cluster) pair of the scores, measured on float32 scores of 2,000 x 2,000 to
+# 16,000 x 250: the checks, the unit costs and the certificate take up to ~120 bytes (every solver: POT's network
+# simplex stays within it, as does exact_assign's N x K part); SciPy's HiGHS 825-840 (linprog's matrices and copies)
+PAIR_BYTES = {"exact_plan(method='pot')": 128, "exact_plan(method='linprog')": 864, "exact_assign": 128}
+
+
+def refuse_unless_it_fits(needed: int, what: str, advice: str = ASSIGN_ADVICE) -> None:
+    """A MemoryError from NumPy names an array shape, not the cause (and the kernel may end the process first): say
+    which input is too large, and what to do. Checked against the memory available (page cache counted), so that it
+    refuses only what cannot fit."""
     free = available_memory_bytes()
     if free is not None and needed > free:
-        raise ValueError(f"{what}: {_size(needed)}, more than the {_size(free)} available. The exact "
-                         "assignment is for checking small problems (N in the thousands; its time grows as N^3): "
-                         "use exact_plan (N x K) or sinkhorn_assign with a small epsilon for large N.")  # fmt: skip
+        raise ValueError(f"{what}: {_size(needed)}, more than the {_size(free)} available. {advice}")
 
 
 @entry_point

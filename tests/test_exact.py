@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import re
 import warnings
 
 import numpy as np
@@ -161,6 +162,27 @@ def test_exact_assign_too_large_for_memory_says_so(monkeypatch):
         exact.exact_assign(scores)
     monkeypatch.setattr(exact, "available_memory_bytes", lambda: None)  # a system that does not say: solved
     assert np.bincount(exact.exact_assign(scores).labels, minlength=4).tolist() == [100] * 4
+
+
+@pytest.mark.parametrize("solve", ["pot", "linprog", "exact_assign"])
+def test_exact_solvers_too_large_for_memory_say_so_before_copying_the_scores(monkeypatch, solve):
+    """exact_plan had no memory check, and exact_assign's counted only its slot matrix (16 bytes per N x N entry):
+    the checks, unit costs and certificate take ~120 bytes per (sample, cluster) pair (470 MiB at 2,000 x 2,000,
+    where the slot matrix is 61 MiB), HiGHS ~840. They died in NumPy's MemoryError naming an array shape, or were
+    ended by the kernel. Now refused first: 300 x 300 scores need 11 MiB (74 MiB for linprog), not the 4 MiB here."""
+    from otlabel import exact
+
+    scores = np.random.default_rng(0).standard_normal((300, 300))
+    monkeypatch.setattr(exact, "available_memory_bytes", lambda: 4 * 2**20)
+    solver = "exact_assign" if solve == "exact_assign" else f"exact_plan(method='{solve}')"
+    needed = {"pot": "11.0 MiB", "linprog": "74.2 MiB", "exact_assign": "11.0 MiB"}[solve]
+    match = (rf"{re.escape(solver)} needs about \d+ bytes per \(sample, cluster\) pair of the 300 x 300 scores: "
+             rf"{needed}, more than the 4.0 MiB available")  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        exact.exact_assign(scores) if solve == "exact_assign" else exact.exact_plan(scores, method=solve)
+    monkeypatch.setattr(exact, "available_memory_bytes", lambda: 16 * 2**20)
+    if solve != "linprog":  # fits
+        exact.exact_assign(scores) if solve == "exact_assign" else exact.exact_plan(scores, method=solve)
 
 
 def best_assignment_by_enumeration(s: np.ndarray, r: np.ndarray) -> float:
