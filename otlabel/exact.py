@@ -247,7 +247,7 @@ def _unit_cost(s: np.ndarray) -> np.ndarray:
 
 def _result(plan: np.ndarray, s: np.ndarray, solved: np.ndarray, solver: str, c: np.ndarray | None = None,
             r: np.ndarray | None = None, mass_rounding: float = 0.0,
-            solver_warnings: tuple = ()) -> ExactResult:  # fmt: skip
+            pot_warning: str | None = None) -> ExactResult:  # fmt: skip
     """The plan, its labels, objective and certified optimality gap, checked: no mass on a forbidden pair beyond what
     the mask check lets through (:func:`~otlabel.feasibility.shortfall_tolerance`: 1e-9 of the mass, or what rounding
     the weights may have moved, ``mass_rounding``; that much is dropped, and the plan misses the marginals by it; the
@@ -255,8 +255,8 @@ def _result(plan: np.ndarray, s: np.ndarray, solved: np.ndarray, solver: str, c:
     (:func:`_refuse_missed_marginals`), and a warning where the gap is wider than float64 arithmetic explains
     (``solver`` names the call in it). The objective is of the scores as given, ``s``; the certificate of the scores
     the solver got, ``solved`` (the same gap: a constant per cluster or sample adds the same to every plan with these
-    marginals). ``solver_warnings``: what the solver warned while solving (:func:`_solve_recording_warnings`), quoted
-    if the plan is refused."""
+    marginals). ``pot_warning``: for POT, what its log said of the solve (None: optimal), quoted if the plan is
+    refused."""
     allowed = np.isfinite(s)
     forbidden, tolerance = np.where(allowed, 0.0, plan), shortfall_tolerance(mass_rounding)  # the mask check's rule
     if forbidden.sum() > tolerance:  # a mask the check could not resolve (or skipped: too many distinct rows)
@@ -269,7 +269,7 @@ def _result(plan: np.ndarray, s: np.ndarray, solved: np.ndarray, solver: str, c:
         )
     # The marginals are the solver's before the forbidden pairs' mass goes: bfloat16 weights [0.3, 0.7] are short by
     # 7.8e-4 of a mask's capacity (accepted as their rounding), which is 2.6e-3 of cluster 0's weight
-    _refuse_missed_marginals(plan, c, r, solver, solver_warnings)
+    _refuse_missed_marginals(plan, c, r, solver, pot_warning)
     plan = np.where(allowed, np.maximum(plan, 0.0), 0.0)  # HiGHS's round-off below 0: -1.2e-14 at 2,268 x 2
     objective = float((plan[allowed] * s[allowed]).sum())
     gap, magnitude = _certificate(plan, solved)
@@ -284,15 +284,15 @@ NEGATIVE_ROUNDOFF = 1e-10
 
 
 def _refuse_missed_marginals(plan: np.ndarray, c: np.ndarray | None, r: np.ndarray | None, solver: str,
-                             solver_warnings: tuple = ()) -> None:  # fmt: skip
+                             pot_warning: str | None = None) -> None:  # fmt: skip
     """A ``ValueError`` naming the first weight the plan misses (by more than ``MARGINAL_RTOL`` of it plus
     ``MARGINAL_ATOL``) or its most negative entry (below ``-NEGATIVE_ROUNDOFF``). HiGHS meets the marginals only to its
     feasibility tolerance, absolute, 1e-10 at the finest: a weight of 1e-11 got a row summing to -1e-11 and a column
     of 0, and in 10 of 12 random problems of 250-760 x 7-39 with Dirichlet(0.3) weights some weight (8e-11 to 2e-13)
-    got none of its mass, or twice it; the former check (1e-9 absolute) let all of them pass. The message quotes
-    ``solver_warnings``, the warnings the solver gave during this solve: it said "see the solver's warnings above"
-    whether or not there were any (and Python shows a warning once per place by default: a second failing solve
-    showed none)."""
+    got none of its mass, or twice it; the former check (1e-9 absolute) let all of them pass. For POT the message
+    quotes what POT's log said of this solve (``pot_warning``, the text of the warning it issues, or None: optimal):
+    it said "see the solver's warnings above" whether or not there were any (and Python shows a warning once per
+    place by default: a second failing solve showed none)."""
     for name, sums, want in (("sample", plan.sum(axis=1), c), ("cluster", plan.sum(axis=0), r)):
         if want is None:
             continue
@@ -309,27 +309,11 @@ def _refuse_missed_marginals(plan: np.ndarray, c: np.ndarray | None, r: np.ndarr
     if solver == "exact_plan(method='linprog')":
         hint = (" SciPy's HiGHS meets the weights only to about 1e-10 (its feasibility tolerance, absolute): use "
                 "method='pot' (POT's network simplex), or set weights below about 1e-10 to 0.")  # fmt: skip
+    elif pot_warning:
+        hint = f" POT warned: {pot_warning.rstrip('.')}. Or try method='linprog' (SciPy's HiGHS)."
     else:
-        hint = " Try method='linprog' (SciPy's HiGHS)."
-    said = "; ".join(f"{w.category.__name__}: {w.message}" for w in solver_warnings)
-    warned = f" The solver warned: {said}." if said else " The solver gave no warning."
-    raise ValueError(f"{solver} returned a plan that misses the marginals: {what}.{warned}{hint}")
-
-
-def _solve_recording_warnings(solve) -> tuple[np.ndarray, tuple]:
-    """``solve()``, and the warnings it gave (``warnings.WarningMessage``), for :func:`_result` to quote should it
-    refuse the plan (:func:`_reissue` issues them again, through the caller's filters)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        plan = solve()
-    return plan, tuple(caught)
-
-
-def _reissue(solver_warnings: tuple) -> None:
-    """The solver's warnings recorded by :func:`_solve_recording_warnings`, issued from where they were first, each
-    time (not once per place: the message of a refused plan quotes them every time too)."""
-    for w in solver_warnings:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        hint = " POT reported the solve optimal (no warning). Try method='linprog' (SciPy's HiGHS)."
+    raise ValueError(f"{solver} returned a plan that misses the marginals: {what}.{hint}")
 
 
 # A gap this small relative to the largest score the plan uses is float64 rounding, not a solver's tolerance
@@ -478,15 +462,19 @@ def exact_plan(scores, cluster_weights=None, sample_weights=None, method: str = 
     if not isinstance(method, str) or method not in ("pot", "linprog"):  # an array: "truth value ... is ambiguous"
         raise ValueError(f"method must be 'pot' or 'linprog', got {method!r}.")
     s, solved, c, r, rounding, *_ = _prepare(scores, cluster_weights, sample_weights, f"exact_plan(method='{method}')")
+    pot_warning = None
     if method == "pot":
         ot = import_pot()
         cost = np.ascontiguousarray(_unit_cost(solved))
-        plan, solver_warnings = _solve_recording_warnings(lambda: ot.emd(c, r, cost, numItermax=10_000_000))
+        # POT's log holds the text of the warning it issues (numItermax reached...): quoted should the plan be refused.
+        # Its warnings go through the caller's filters untouched: recording them swapped the process's warnings state
+        # for the whole solve (not thread-safe), and their re-issue lost the module that filters match
+        plan, log = ot.emd(c, r, cost, numItermax=10_000_000, log=True)
+        pot_warning = log.get("warning")
     else:
-        plan, solver_warnings = _solve_recording_warnings(lambda: _linprog_plan(solved, c, r))
-    _reissue(solver_warnings)
+        plan = _linprog_plan(solved, c, r)
     plan = np.asarray(plan, dtype=np.float64)
-    return _like(_result(plan, s, solved, f"exact_plan(method='{method}')", c, r, rounding, solver_warnings), scores)
+    return _like(_result(plan, s, solved, f"exact_plan(method='{method}')", c, r, rounding, pot_warning), scores)
 
 
 def _linprog_plan(s, c, r) -> np.ndarray:
