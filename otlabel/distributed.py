@@ -263,10 +263,10 @@ class ShardedOperator(ScoreOperator):
         plain steps (a small problem on the CPU) are this solve's, as in ``sinkhorn_assign`` (the same steps)."""
         return not self.comm.active and self.local.takes_plain_steps()
 
-    def plain_steps(self, b, log_r, r, n_steps, tol):
+    def plain_steps(self, b, log_r, r, n_steps, tol, history=(), budget=0):
         if self.callback_failure is not None:  # the loop's own step (cluster_lse) raises it, as it would have
             return b, [], 1
-        return self.local.plain_steps(b, log_r, r, n_steps, tol)
+        return self.local.plain_steps(b, log_r, r, n_steps, tol, history, budget)
 
     def shared_callback(self, callback):
         """``callback`` as the loop calls it: an exception it raises here is held until the next exchange of

@@ -46,19 +46,26 @@ DEFAULT_MAX_ITER = 1000
 DEFAULT_TOL = 1e-4
 ADAPTIVE = "adaptive"  # over_relaxation from the contraction rate of the first plain steps
 ANDERSON = "anderson"  # Anderson mixing of the last few iterates
-# acceleration="auto" with a tol: Anderson mixing, or first up to PLAIN_START plain steps where the operator takes
-# them in compiled calls (small problems on the CPU, see ScoreOperator.takes_plain_steps)
+# acceleration="auto" with a tol: Anderson mixing, or first up to PLAIN_START plain steps (while tol stays in reach)
+# where the operator takes them in compiled calls (small problems on the CPU, see ScoreOperator.takes_plain_steps)
 AUTO = "auto"
 ACCELERATIONS = ("auto", "anderson", "over-relaxation", "none")
 RATE_SAMPLES = 3  # plain steps whose errors estimate the rate (after the cold start, which has no error)
 MAX_ADAPTIVE_OMEGA = 1.9
-# The plain steps acceleration="auto" takes first where they are compiled. There a step costs 1-15 us (64 x 10 to
-# 131,072 scores), a mixed one ~180 us more of torch operations: plain steps solve most small problems sooner (64 x 10
-# to 1e-4 at eps 0.05: 14 plain steps against 7 mixed ones). Those they do not solve in this many (small epsilon:
-# hundreds or thousands of plain steps) start again with mixing, at a cost of at most this many compiled steps (0.1 ms
-# at 64 x 10, ~1.6 ms at 131,072 scores). Mixing on from where the plain steps had got instead took fewer steps on
-# most such problems, but 523 after the 100 where it took 340 from the start (2,000 x 50, eps 0.002, to 1e-6).
+# The plain steps acceleration="auto" takes first where they are compiled (at most a tenth of max_iter). There a step
+# costs 1-15 us (64 x 10 to 131,072 scores), a mixed one ~180 us more of torch operations: plain steps solve most small
+# problems sooner (64 x 10 to 1e-4 at eps 0.05: 14 plain steps against 7 mixed ones). The mixing takes plain steps
+# itself until it has two errors (MIXING_STARTS_PLAIN): those are always taken. Beyond them the plain steps go on
+# while their rate of fall keeps tol within this budget (cpu_kernels.OUTLOOK); those that fall short (small epsilon:
+# hundreds or thousands of plain steps) start again from the same start with mixing, as "anderson" (the steps they
+# share counted once), at a cost of the plain steps beyond the shared ones (0.1 ms at 64 x 10 for 100, ~1.6 ms at
+# 131,072 scores). Mixing on from where the plain steps had got instead took fewer steps on most such problems, but
+# 523 after the 100 where it took 340 from the start (2,000 x 50, eps 0.002, to 1e-6), and at max_iter 20-100 it left
+# 149 of 7,560 solves unconverged that "anderson" converged (the restart: 145; the restart with the budget judged: 0).
 PLAIN_START = 100
+# Anderson mixing needs two residuals before it mixes: its first passes, until it has measured two errors (3 from a
+# cold start, whose first step measures nothing; 2 from a warm one), are a plain start's, the same errors and steps.
+MIXING_STARTS_PLAIN = {True: 3, False: 2}  # keyed by whether the start is cold
 FLOAT32_FLOOR = 1e-5  # a tol below this may not be reached in float32 arithmetic (README, Stopping)
 
 
@@ -159,24 +166,17 @@ def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callba
     mixes = acceleration in (ANDERSON, AUTO)
     b = None if init is None else centred(init.to(torch.float64), clusters)
     # Where the operator takes plain steps in compiled calls (a small problem on the CPU), it takes all of them, or
-    # auto's first PLAIN_START (a tenth of max_iter at most: the mixing keeps the rest)
+    # auto's plain start: the mixing's own first plain steps, and more while they keep tol within a tenth of max_iter
+    # (PLAIN_START at most)
     plain = max_iter if not mixes and omega == 1.0 and not adaptive else 0
+    shared = min(MIXING_STARTS_PLAIN[b is None], max_iter)
     if acceleration == AUTO:
-        plain = min(PLAIN_START, max_iter // 10)
+        plain = max(min(PLAIN_START, max_iter // 10), shared)
     if plain and empty is None and operator.takes_plain_steps():
-        start = b
-        out = compiled_plain_steps(operator, clusters, b, plain, tol, callback)
+        out = compiled_plain_steps(operator, clusters, b, plain, tol, callback, judged=acceleration == AUTO)
         if out.converged or acceleration != AUTO:
             return out
-        # auto's plain start ended short of tol: the solve starts again from the same start with mixing, as
-        # acceleration="anderson" (its steps counted after these; a cold start's first step, the same plain step in
-        # both, counted once), and is judged stalled or not on the mixing's own errors
-        b = start
-        if b is None:
-            b = next_iterate(operator, clusters, None, cluster_step(operator, clusters, None)[0], 1.0, mixed=False)
-        out = steps_reading_errors(operator, clusters, b, max_iter, tol, acceleration, callback, out.errors)
-        out.stalled = stalled(out.errors[plain:])
-        return out
+        return mixed_after_plain_start(operator, clusters, b, out, shared, max_iter, tol, callback)
     if tol is None and callback is None and not mixes:
         b, errors = steps_without_reading(operator, clusters, b, max_iter, omega)
         measured = [err for err in errors if err is not None]  # all but a cold start's
@@ -186,25 +186,49 @@ def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callba
     return steps_reading_errors(operator, clusters, b, max_iter, tol, acceleration, callback, [])
 
 
-def compiled_plain_steps(operator, clusters: ClusterMarginal, b, n_plain: int, tol, callback) -> LoopOutput:
+def compiled_plain_steps(operator, clusters: ClusterMarginal, b, n_plain: int, tol, callback,
+                         judged: bool = False) -> LoopOutput:  # fmt: skip
     """Up to ``n_plain`` plain steps from ``b`` in the operator's compiled calls (:meth:`ScoreOperator.plain_steps`:
-    they read their errors on the host), stopping where one reaches ``tol``. A step a call cannot take (it stops
-    before it) is taken here as :func:`steps_reading_errors` takes it; with a ``callback``, one step a call, the
-    callback after each (the same steps, bitwise). The returned ``b`` is checked finite (by the compiled steps, or by
-    that loop)."""
+    they read their errors on the host), stopping where one reaches ``tol``, or (``judged``) where their rate of fall
+    puts ``tol`` beyond ``n_plain`` steps. A step a call cannot take (it stops before it) is taken here as
+    :func:`steps_reading_errors` takes it; with a ``callback``, one step a call, the callback after each (the same
+    steps, bitwise: the judgement reads the errors before the call). The returned ``b`` is checked finite (by the
+    compiled steps, or by that loop)."""
     history: list[float] = []
-    converged = False
-    while len(history) < n_plain and not converged:
+    converged = out_of_reach = False
+    budget = n_plain if judged else 0
+    while len(history) < n_plain and not converged and not out_of_reach:
         n_steps = 1 if callback is not None else n_plain - len(history)
-        b, errors, status = operator.plain_steps(b, clusters.log_r, clusters.r, n_steps, tol)
+        judge_with = history if judged else []  # (the judgement reads them; a call without it, none)
+        b, errors, status = operator.plain_steps(b, clusters.log_r, clusters.r, n_steps, tol, judge_with, budget)
         history += errors
-        converged = status == 0
+        converged, out_of_reach = status == 0, status == 3
         if callback is not None and errors:
             callback(len(history), errors[0])
         if status == 1:  # the loop's own plain step (omega 1.0)
             out = steps_reading_errors(operator, clusters, b, len(history) + 1, tol, 1.0, callback, history)
             b, converged = out.potentials, out.converged
     return LoopOutput(potentials=b, n_iter=len(history), errors=history, converged=converged)
+
+
+def mixed_after_plain_start(operator, clusters: ClusterMarginal, start, plain: LoopOutput, shared: int, max_iter: int,
+                            tol, callback) -> LoopOutput:  # fmt: skip
+    """acceleration="auto" after a plain start (``plain``, from ``start``) that ended short of ``tol``: the solve
+    again from ``start`` with mixing, as acceleration="anderson", whose first ``shared`` steps are the plain start's
+    first (:data:`MIXING_STARTS_PLAIN`): counted once, and not shown to the ``callback`` again. Where the plain start
+    took no more than those, this is "anderson", bitwise. The errors are the plain start's, then the mixing's after
+    the shared steps; the solve is judged stalled or not on the mixing's own errors."""
+    shared = min(shared, plain.n_iter)
+    extra = plain.n_iter - shared  # plain steps the mixing does not take
+    seen = None if callback is None else (lambda i, err: None if i <= shared else callback(i + extra, err))
+    out = steps_reading_errors(operator, clusters, start, max_iter - extra, tol, AUTO, seen, [])
+    out.stalled = stalled(out.errors)
+    if not extra:
+        return out
+    # (a mixing that converged within the shared steps, where the plain start's same errors did not: a tie with tol
+    # rounded apart, keeps the plain start's errors and count)
+    errors = plain.errors + out.errors[shared:]
+    return dataclasses.replace(out, n_iter=len(errors), errors=errors)
 
 
 def steps_reading_errors(operator, clusters: ClusterMarginal, b, max_iter, tol, acceleration, callback,
@@ -539,9 +563,9 @@ def resolve_acceleration(acceleration, over_relaxation, tol) -> float | str:
     ``AUTO``.
 
     ``acceleration="auto"`` (the default) is ``AUTO`` when solving to a tolerance: Anderson mixing, or where the
-    operator takes plain steps in compiled calls (small problems on the CPU) first up to ``PLAIN_START`` of them; plain
-    steps (the classic iterates, SwAV's) with ``tol=None``, where no error is read inside the loop. An explicit
-    ``over_relaxation`` is a fixed ``omega``.
+    operator takes plain steps in compiled calls (small problems on the CPU) first up to ``PLAIN_START`` of them (while
+    their rate of fall keeps ``tol`` in reach); plain steps (the classic iterates, SwAV's) with ``tol=None``, where no
+    error is read inside the loop. An explicit ``over_relaxation`` is a fixed ``omega``.
     """
     if not isinstance(acceleration, str) or acceleration not in ACCELERATIONS:  # an array: NumPy's "ambiguous"
         raise ValueError(f"acceleration must be one of {', '.join(map(repr, ACCELERATIONS))}; got {acceleration!r}.")
@@ -665,9 +689,10 @@ def sinkhorn_assign(
             a problem of at most 131,072 scores (H x N x K, every cluster weight positive) takes its plain steps
             in one compiled call, ~1-15 us a step where a mixed one costs ~180 us of torch operations, so ``"auto"``
             takes up to 100 plain steps there first (at most ``max_iter // 10``; 64 x 10 to 1e-4 at eps 0.05: 14
-            plain steps in 0.27 ms instead of 7 mixed ones in 1.5 ms); should they not reach ``tol``, it starts
-            again with the mixing, as ``"anderson"`` (their count included in ``n_iter``, and in ``max_iter``).
-            Larger problems mix from the start, as before.
+            plain steps in 0.27 ms instead of 7 mixed ones in 1.5 ms), beyond the mixing's own first plain steps
+            only while their rate of fall keeps ``tol`` within that budget; should they not reach ``tol``, it starts
+            again with the mixing, as ``"anderson"`` (their count included in ``n_iter``, and in ``max_iter``; the
+            steps both take counted once). Larger problems mix from the start, as before.
             ``"anderson"``: Anderson mixing of
             the last 6 iterates (5 differences), safeguarded (restarted with a plain step whenever the error rises
             1.5x above its best) — fewer iterations than plain Sinkhorn, most at small ``epsilon``: to 1e-3 at

@@ -66,16 +66,22 @@ class ScoreOperator(ABC):
         return False
 
     def plain_steps(self, b: torch.Tensor | None, log_r: torch.Tensor, r: torch.Tensor, n_steps: int,
-                    tol: float | None) -> tuple[torch.Tensor, list[float], int]:  # fmt: skip
+                    tol: float | None, history: list[float] = (),
+                    budget: int = 0) -> tuple[torch.Tensor, list[float], int]:  # fmt: skip
         """Up to ``n_steps`` plain Sinkhorn steps from ``b`` (H, K) float64 (``None``: the cold start) in one call,
         where the operator can take a small problem's whole loop at once (the CPU's compiled loops: see
         :meth:`takes_plain_steps`; the loop calls this only where it does). Every cluster weight is positive (``log_r``,
         ``r``: (K,) float64). Each step is the loop's own: ``b_new = log r - lse``, the error of ``b`` (see
         :func:`otlabel.solver.marginal_error`; none on the cold start: inf), then ``b_new`` less its mean.
 
+        ``budget`` > 0 (with a ``tol``): the plain steps the solve may take in all, ``history`` the errors of those it
+        took before this call; the call then stops once the rate of fall says ``tol`` is out of reach within them
+        (``otlabel.backends.cpu_kernels.OUTLOOK``).
+
         Returns ``(b, errors, status)``: the iterate reached, each step's worst error over the heads, and 0 when the
         last error was below ``tol`` (``b`` is then that measured iterate), 1 when it stopped before a step it could
-        not take as :meth:`cluster_lse` would (the loop takes that one), 2 when it took all ``n_steps``."""
+        not take as :meth:`cluster_lse` would (the loop takes that one), 2 when it took all ``n_steps``, 3 when it
+        stopped with ``tol`` out of reach within ``budget``."""
         raise NotImplementedError
 
     def release(self) -> None:

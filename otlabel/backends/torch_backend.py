@@ -407,7 +407,7 @@ class CachedKernelOperator(ScoreOperator):
         small = self.n_heads * self.n_samples * self.n_clusters <= cpu_kernels.PLAIN_STEPS_MAX_ELEMENTS
         return small and not self.exact.parallel and self.all_reachable and self.exact.compiled_loops()
 
-    def plain_steps(self, b, log_r, r, n_steps, tol):
+    def plain_steps(self, b, log_r, r, n_steps, tol, history=(), budget=0):
         cold = shift = None
         if b is None:  # the cold start's weights, as cluster_lse takes them
             if self.kernel is None:
@@ -420,7 +420,7 @@ class CachedKernelOperator(ScoreOperator):
         if self._c_host is None:
             self._c_host = self.c.numpy()[None]
         return cpu_kernels.plain_steps(self._host_kernel(), self._c_host, self.b0, log_r, r, b, cold, shift,
-                                       self.absorb_threshold, tol, n_steps)  # fmt: skip
+                                       self.absorb_threshold, tol, n_steps, history, budget)  # fmt: skip
 
     def assign(self, b, want_codes):
         if want_codes or not self.exact.compiled_loops() or self.kernel is None:
