@@ -1327,6 +1327,26 @@ def test_the_mask_notes_judge_each_stage_and_the_best_errors(kwargs):
         sinkhorn_assign(closed, max_iter=10, tol=1e-4, **{**kwargs, "epsilon": 0.05})
 
 
+@pytest.mark.parametrize("acceleration, max_iter", [("none", 10), ("none", 20), ("over-relaxation", 20)])
+def test_the_mask_notes_are_not_given_for_a_slow_but_steady_fall(acceleration, max_iter):
+    """Plain steps at a small epsilon: the error falls steadily but slowly (0.544, 0.428 at the midpoint, 0.283 after
+    20 plain steps, faster in the second half), and "not halved over the second half" called it stopped: the notes on
+    masks came with 97 of 282 such warnings on random and cosine scores. A stall is now a fall that levels off (under
+    1.1x over the second half, and under 1.01x or half the first half's pace): a mask with no balanced plan still gets
+    the notes on plain steps."""
+    s = random_problem(256, 10, seed=4)
+    with pytest.warns(ConvergenceWarning) as caught:
+        res = sinkhorn_assign(s, 0.02, max_iter=max_iter, tol=1e-6, acceleration=acceleration)
+    text = str(caught[0].message)
+    assert f"after {max_iter} iterations" in text and "mask" not in text, text
+    measured = res.errors[1:]  # (the cold step has none)
+    assert all(later < earlier for earlier, later in zip(measured, measured[1:], strict=False))  # falling each step
+    closed = random_problem(60, 6, seed=5)
+    closed[5:, :2] = -1e9  # no balanced plan without those pairs (above)
+    with pytest.warns(ConvergenceWarning, match="masks written as a large finite value"):
+        sinkhorn_assign(closed, 0.05, max_iter=50, acceleration=acceleration)
+
+
 def test_a_huge_score_is_named_by_the_span_error_not_a_cluster_below_it():
     """One score of 3e38 (cluster 0) put every other cluster far below the rest, and the span error named cluster 1
     by its own best score: "scores / epsilon reach 21.6 (cluster 1, head 0: its best score 2.16 ...): beyond 3e+03",
