@@ -216,15 +216,14 @@ def mixed_after_plain_start(operator, clusters: ClusterMarginal, start, plain: L
     """acceleration="auto" after a plain start (``plain``, from ``start``) that ended short of ``tol``: the solve
     again from ``start`` with mixing, as acceleration="anderson", whose first ``shared`` steps are the plain start's
     first (:data:`MIXING_STARTS_PLAIN`): counted once, and not shown to the ``callback`` again. Where the plain start
-    took no more than those, this is "anderson", bitwise. The errors are the plain start's, then the mixing's after
-    the shared steps; the solve is judged stalled or not on the mixing's own errors."""
+    took no more than those, the potentials are "anderson"'s, bitwise. The errors are the plain start's (those the
+    ``callback`` saw; the shared ones equal the mixing's to rounding: the compiled sums run in another order), then
+    the mixing's after the shared steps; the solve is judged stalled or not on the mixing's own errors."""
     shared = min(shared, plain.n_iter)
     extra = plain.n_iter - shared  # plain steps the mixing does not take
     seen = None if callback is None else (lambda i, err: None if i <= shared else callback(i + extra, err))
     out = steps_reading_errors(operator, clusters, start, max_iter - extra, tol, AUTO, seen, [])
     out.stalled = stalled(out.errors)
-    if not extra:
-        return out
     # (a mixing that converged within the shared steps, where the plain start's same errors did not: a tie with tol
     # rounded apart, keeps the plain start's errors and count)
     errors = plain.errors + out.errors[shared:]
