@@ -410,6 +410,8 @@ def run_with_epsilon_scaling(problem, backend, init, max_iter, tol, acceleration
             b = None if b is None else b * (eps / stages[i + 1])
             continue
         operator = make_operator(dataclasses.replace(problem, epsilon=eps), backend)
+        if b is not None and i:  # carried from the stage before, rescaled: as wide as an init may be (pulled_in)
+            b = pulled_in(b, problem.cluster_weights == 0, compute_dtype_of(problem.scores))
         stage_tol = tol if last or tol is None else max(tol, 1e-2)
         counted = None if callback is None else (lambda it, err, done=used: callback(done + it, err))
         out = run_sinkhorn(operator, problem.cluster_weights, b, budget, stage_tol, acceleration, callback=counted,
@@ -547,14 +549,30 @@ def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithme
                         f"got {type(init).__name__}.")  # fmt: skip
     empty = cluster_weights == 0
     init = check_potentials(init, n_heads, empty, **INIT_WORDS)  # (H, K) float64
-    # Only differences between potentials matter (the sample step absorbs a constant). A start spread wider than
-    # 1 / (the arithmetic's machine epsilon) is pulled in to that below its largest potential: there one ulp is a
-    # nat, so no solution's potentials can be resolved that far apart, and a wider start made the first pass overflow
-    # (one cluster 1e20 above the rest: NaN in float32). Spreads of converged solves stay far inside it (2.2e4 at
-    # eps 1e-5 on unit-range float32 scores, against 8.4e6).
-    floor = -1.0 / torch.finfo(arithmetic or dtype).eps
+    # Only differences between potentials matter (the sample step absorbs a constant): the start is taken less its
+    # largest potential, and pulled in to the widest spread the passes can take (see widest_spread)
+    floor = -widest_spread(arithmetic or dtype)
     init = (init - masked(init, empty, -math.inf).amax(dim=1, keepdim=True)).clamp(min=floor)
     return torch.where(empty, -math.inf, init).to(dtype)
+
+
+def widest_spread(arithmetic: torch.dtype) -> float:
+    """How far below the largest potential a start may hold one (a warm start's, or one carried between
+    epsilon_scaling's stages): 1 / (the machine epsilon of the passes' ``arithmetic``), 8.4e6 for float32.
+
+    Beyond it one ulp is a nat, so no solution's potentials can be resolved that far apart, and a wider start made the
+    first pass overflow: one cluster 1e20 above the rest gave NaN in float32, and so did the potentials carried between
+    stages of a problem whose mass must cross -1e9 fills (rescaled by up to 2^30 where iterations ran out, they reached
+    +-5e9: a pass rounds ``b`` to float32, and ``exp(b - round(b))`` overflows once that rounding passes 88 nats, above
+    2^31). Spreads of converged solves stay far inside it (2.2e4 at eps 1e-5 on unit-range float32 scores)."""
+    return 1.0 / torch.finfo(arithmetic).eps
+
+
+def pulled_in(b: torch.Tensor, empty: torch.Tensor, arithmetic: torch.dtype) -> torch.Tensor:
+    """Potentials ``b`` (H, K) float64 carried to the next stage, none more than :func:`widest_spread` below the
+    largest of its head; -inf where ``empty`` (zero-weight clusters). Those within it are returned bitwise."""
+    top = masked(b, empty, -math.inf).amax(dim=1, keepdim=True)  # (H, 1)
+    return torch.where(empty, -math.inf, b.clamp(min=top - widest_spread(arithmetic)))
 
 
 def resolve_acceleration(acceleration, over_relaxation, tol) -> float | str:

@@ -485,6 +485,24 @@ def test_epsilon_scaling_keeps_its_stages_when_each_sample_maximum_is_subtracted
     assert torch.equal(runs[1].labels, runs[0].labels)
 
 
+@pytest.mark.parametrize(("fill", "eps", "factor"), [(-1e9, 0.1, 0.5), (-1e12, 1.0, 0.25)])
+def test_epsilon_scaling_carries_no_potentials_wider_than_float32_takes(fill, eps, factor):
+    """Three of four samples may reach cluster 1 only through a -1e9 fill, yet it needs half the mass: the balanced
+    plan moves a quarter through the fill, and its potentials lie 1e9 / eps apart. The stages start near that spread
+    and hand their potentials on rescaled; where max_iter ran out before the last, the skipped stages' ratios (2^30
+    here) carried them to +-5e9, whose float32 rounding (up to 256 nats) overflowed exp(b - round(b)): "Sinkhorn
+    potentials became non-finite ... a bug in otlabel" at 41 of max_iter 1-60 (6, 9, 10, 12, ...; 20 and 50 rounded
+    luckily) and, with -1e12, at 59. A carried start is now pulled in as an init is (8.4e6 nats at most below the
+    largest): every max_iter gives finite potentials, the labels the plan gives, and the usual ConvergenceWarning."""
+    s = torch.zeros(4, 2)
+    s[:3, 1] = fill
+    for max_iter in range(1, 61):
+        with pytest.warns(ConvergenceWarning):
+            res = sinkhorn_assign(s, eps, max_iter=max_iter, epsilon_scaling=factor)
+        assert torch.isfinite(res.cluster_potentials).all(), max_iter
+        assert res.labels.tolist() == [0, 0, 0, 1], max_iter
+
+
 @pytest.mark.parametrize("eps", [0.5, 0.05, 0.01])
 def test_adaptive_over_relaxation_never_loses_to_plain(eps):
     s = cosine_scores(400, 12, seed=18)
