@@ -758,7 +758,7 @@ def _infeasible_error(reached: np.ndarray, allowed: np.ndarray, c: np.ndarray, c
     able = max(float(c.sum()) + patterns.unmasked_weight / patterns.total_weight - mass, 0.0)
     able_count = int(counts[~confined].sum()) + patterns.unmasked_count
     need_text, able_text = _apart(float(r[starved].sum()), able)
-    may = "no sample may go to them"
+    may = "no sample of positive weight may go to them"  # (one of weight 0 may, but fills nothing)
     if able_count:
         may = f"only {_samples(able_count, able, able_text)} may go to any of them"
     return ValueError(

@@ -853,9 +853,15 @@ def masked_sample_error(j: int, h: int, where: str = "") -> ValueError:
 
 
 def stranded_sample_error(j: int, h: int, where: str = "") -> ValueError:
+    """A sample whose scores are -inf for every cluster of positive weight. Refused whatever its own weight: of weight
+    0 it carries no mass, but its label and codes are read over the clusters of positive weight alone (``S / eps +
+    b`` with ``b = -inf`` at weight 0), so there it would get codes of NaN (0 / 0) and a forbidden label (as the
+    reference backend gave it; the torch backend's potentials turned NaN); the exact solvers refuse it alike."""
     return ValueError(
-        f"infeasible mask: sample {j} (head {h}){where} is allowed only in clusters of weight 0. "
-        "Allow it in a cluster with positive weight, or drop the sample."
+        f"infeasible mask: sample {j} (head {h}){where} is allowed only in clusters of weight 0, which take no mass. "
+        "With a positive sample weight it has no plan; with sample weight 0 it has no label or codes either, as "
+        "those are read over the clusters of positive weight (the argmax and softmax of S / eps + b, b = -inf where "
+        "the weight is 0). Allow it in a cluster with positive weight, or drop the sample."
     )
 
 

@@ -798,6 +798,50 @@ def test_every_entry_point_judges_the_zero_weight_clusters_scores_too(entry):
         solve(masked(rows=6, cols=slice(0, 3)), cluster_weights=w)
 
 
+ZERO_WEIGHT_ROUTES = {  # every way in, sample weights given
+    "torch": lambda s, **kw: sinkhorn_assign(s, 0.05, backend="torch", **kw),
+    "reference": lambda s, **kw: sinkhorn_assign(s, 0.05, backend="reference", **kw),
+    "triton": lambda s, **kw: sinkhorn_assign(s, 0.05, backend="triton", **kw),
+    "streamed": lambda s, **kw: sinkhorn_assign_stream(s.numpy(), 0.05, **kw),
+    "sharded": lambda s, **kw: sinkhorn_assign_sharded(s, 0.05, **kw),
+    "exact pot": lambda s, **kw: exact_plan(s, **kw),
+    "exact linprog": lambda s, **kw: exact_plan(s, **kw, method="linprog"),
+}
+
+
+@pytest.mark.parametrize("route", [pytest.param(r, marks=pytest.mark.interpreter) if r == "triton" else r
+                                   for r in ZERO_WEIGHT_ROUTES])  # fmt: skip
+def test_a_zero_weight_sample_allowed_only_in_zero_weight_clusters_is_refused_saying_why(route):
+    """Sample 6 weighs 0 and may only go to cluster 3, of weight 0. It carries no mass, so a plan exists, but its
+    label and codes are read over the clusters of positive weight (S / eps + b, b = -inf at weight 0): let through,
+    its codes were NaN and its label cluster 0, forbidden to it (reference backend; the torch backend's potentials
+    turned NaN). Refused on every route, as before, but no longer with only the words for a sample of positive weight
+    ('allowed only in clusters of weight 0. Allow it ...'), which did not say why a sample of no mass is refused. A
+    sample of weight 0 that may go to a cluster of weight is labelled there, on every route alike."""
+    solve = ZERO_WEIGHT_ROUTES[route]
+    r = torch.tensor([0.4, 0.3, 0.3, 0.0], dtype=torch.float64)
+    c = torch.full((10,), 1 / 9, dtype=torch.float64)
+    c[6] = 0.0
+    with pytest.raises(ValueError, match=r"sample 6 \(head 0\).* is allowed only in clusters of weight 0, which take "
+                       r"no mass\. With a positive sample weight it has no plan; with sample weight 0 it has no label "
+                       r"or codes either"):  # fmt: skip
+        solve(masked(rows=6, cols=slice(0, 3)), cluster_weights=r, sample_weights=c)
+    s = masked(rows=6, cols=slice(0, 2))  # cluster 2 is its only one of positive weight
+    assert int(solve(s, cluster_weights=r, sample_weights=c).labels[6]) == 2
+
+
+def test_a_cluster_only_zero_weight_samples_may_reach_is_said_to_lack_samples_of_weight():
+    """Cluster 3 (weight 0.25) is open to sample 6 alone, of weight 0: no mass can fill it. The message said that "no
+    sample may go to" it, which sample 6 may; it now says no sample of positive weight may."""
+    s = masked(cols=3)
+    s[6, 3] = 0.5
+    c = torch.full((10,), 1 / 9, dtype=torch.float64)
+    c[6] = 0.0
+    with pytest.raises(ValueError, match=r"clusters \[3\] need 0.25 of the mass .* but no sample of positive weight "
+                                         r"may go to them"):  # fmt: skip
+        sinkhorn_assign(s, 0.05, sample_weights=c)
+
+
 def test_a_partly_masked_sample_beside_a_zero_weight_cluster_is_accepted():
     """With a cluster of weight 0 the row maxima over the weighted clusters decide which samples are stranded: a
     sample closed to one weighted cluster and open to the others is not."""
