@@ -297,7 +297,8 @@ def _labels(plan: np.ndarray, s: np.ndarray, pi: np.ndarray, c: np.ndarray | Non
 
     A row without mass, or of sample weight 0 in ``c`` (whatever round-off a solver left in it), is labelled as
     :func:`otlabel.sinkhorn_assign` labels it, ``argmax_k S_jk / eps + b_k`` over its allowed clusters of positive
-    weight (in ``r`` and in the plan; ``b = -inf`` at weight 0), with the exact problem's cluster duals in place of
+    weight (in ``r`` and in the plan, which leaves a weight of 1e-20 out: a sample with no other gets its best score
+    among those; ``b = -inf`` at weight 0), with the exact problem's cluster duals in place of
     ``eps * b``: the certificate's ``pi`` (:func:`_certificate`, on the scores ``s`` divided by their largest
     ``|S|``) moved into the relative interior of the optimal duals (:func:`_interior_duals`), the first cluster among
     values equal to a few units of rounding. Its plan row of zeros gave it label 0, a forbidden pair or a cluster of
@@ -313,6 +314,9 @@ def _labels(plan: np.ndarray, s: np.ndarray, pi: np.ndarray, c: np.ndarray | Non
     pi = _interior_duals(plan, s, top, pi, weighted, rounding)
     values = _prices(s[empty], top, pi, weighted)  # (E, K)
     labels[empty] = np.argmax(values >= values.max(axis=1, keepdims=True) - rounding, axis=1)
+    if r is not None:  # a weight the solvers leave out of the plan (1e-20), and so out of the duals, may be a sample's
+        lost = np.flatnonzero(empty)[np.isneginf(values).all(axis=1)]  # only one: its best score there (not label 0)
+        labels[lost] = np.argmax(np.where(np.isfinite(s[lost]) & (r > 0), s[lost], -np.inf), axis=1)
     return labels
 
 

@@ -677,6 +677,35 @@ def test_a_zero_weight_sample_gets_a_label_it_may_have(method):
     assert sinkhorn_assign(s, 0.01, cluster_weights=r, sample_weights=c).labels.tolist() == [0, 1, 1]
 
 
+@pytest.mark.parametrize("method", ["pot", "linprog"])
+def test_a_zero_weight_sample_whose_only_cluster_the_plan_leaves_empty_gets_that_cluster(method):
+    """Cluster 1 weighs 1e-20, which both solvers leave out (its plan column is zeros), and sample 2, of weight 0,
+    may go only there among the clusters of positive weight. Its clusters were judged by the plan's columns: none
+    was left, and it got label 0, forbidden to it. It gets cluster 1 now, as sinkhorn_assign labels it. (Judged by
+    the weights alone, a sample with another cluster would be priced at cluster 1 by duals no solve fitted to it:
+    see the next test.)"""
+    inf = float("inf")
+    s = np.array([[1.0, 0.5, 0.0], [0.2, 1.0, 0.0], [-inf, 0.3, -inf]])
+    r, c = np.array([0.5, 1e-20, 0.5]), np.array([0.5, 0.5, 0.0])
+    res = exact_plan(s, r, c, method=method)
+    assert res.plan[:, 1].sum() == 0
+    assert res.labels.tolist() == [0, 2, 1]
+    weights = dict(cluster_weights=torch.from_numpy(r), sample_weights=torch.from_numpy(c))
+    assert sinkhorn_assign(s, 1e-3, **weights, backend="reference").labels.tolist() == [0, 2, 1]
+
+
+@pytest.mark.parametrize("method", ["pot", "linprog"])
+def test_a_cluster_the_plan_leaves_empty_does_not_draw_a_zero_weight_sample_with_another(method):
+    """Cluster 2 weighs 1e-20 (HiGHS leaves its column at zeros, so the duals are not fitted to it: pi = 0 there,
+    where an optimal price is -1 at most) and sample 2, of weight 0, may go anywhere: it gets cluster 0 (S + pi:
+    0.3, 0.2 and 0.4 - 1 at most), as sinkhorn_assign labels it, not cluster 2 (0.4 + 0)."""
+    s = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 0.999], [0.3, 0.2, 0.4]])
+    r, c = np.array([0.5, 0.5, 1e-20]), np.array([0.5, 0.5, 0.0])
+    assert exact_plan(s, r, c, method=method).labels.tolist() == [0, 1, 0]
+    weights = dict(cluster_weights=torch.from_numpy(r), sample_weights=torch.from_numpy(c))
+    assert sinkhorn_assign(s, 1e-3, **weights, backend="reference").labels.tolist() == [0, 1, 0]
+
+
 def zero_weight_problem(seed: int, uniform: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """16 x 5 scores with a quarter of the pairs -inf (every sample keeps one cluster) and about a third of the
     samples of weight 0; the other weights uniform, or Dirichlet (no two subsets of the weights sum alike: the exact
