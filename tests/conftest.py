@@ -29,6 +29,25 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = triton_installed()  # an optional extra (Triton >= 3.0, as otlabel checks it): its tests skip without
 
 
+@pytest.fixture(autouse=True)
+def torch_settings_restored():
+    """Each test leaves torch's thread count and deterministic-algorithms mode as it found them. Code that scripts run
+    sets them for their process, and tests call it in this one: the example trainers' main() (``--threads``,
+    deterministic algorithms), benchmarks/cpu_loops.py's (one thread). Left at one thread, every later solve split
+    its rows otherwise, and a streamed solve's measured error, noise at the float32 floor, dipped below a tol of 1e-9
+    that test_validation expects it to miss."""
+
+    def deterministic():
+        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+    threads, mode = torch.get_num_threads(), deterministic()
+    yield
+    if torch.get_num_threads() != threads:  # only where changed: setting it turns MKL's dynamic threads off
+        torch.set_num_threads(threads)
+    if deterministic() != mode:
+        torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_interpreter = pytest.mark.skip(reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (no GPU)")
