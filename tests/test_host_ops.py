@@ -128,6 +128,11 @@ def cpu_call_ops(max_iter: int, heads: int = 1) -> list[str]:
     return counter.ops
 
 
+@pytest.mark.skipif(
+    not cpu_kernels.available(),
+    reason="counts the compiled passes (Numba); the PyTorch fallback's take their products per head and tile (135 "
+    "operations here, 184 with 3 heads)",
+)
 @pytest.mark.parametrize("heads", [1, 3])
 def test_a_small_cpu_call_issues_at_most_105_operations(heads):
     """A SwAV batch on the CPU (3 iterations, labels and codes) is bound by its torch operations, ~3 us each: 64 x 10
@@ -149,6 +154,10 @@ def test_a_small_cpu_call_takes_its_steps_without_a_torch_operation(heads):
     assert len(cpu_call_ops(3, heads)) <= 59, collections.Counter(cpu_call_ops(3, heads))
 
 
+@pytest.mark.skipif(
+    not cpu_kernels.available(),
+    reason="counts the compiled pass (Numba); the PyTorch fallback's takes its products per tile (31 an iteration)",
+)
 def test_a_cached_kernel_iteration_issues_at_most_21_operations(monkeypatch):
     """Per iteration after the cold start, on the CPU's cached kernel (the loop's 7 included): 36 before (the masking
     of unreachable clusters and of non-finite potentials, and two NumPy conversions), now 21. (The torch steps: with

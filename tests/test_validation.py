@@ -20,6 +20,7 @@ from otlabel import (
     sinkhorn_assign_stream,
     swav_sinkhorn,
 )
+from otlabel.backends import cpu_kernels
 from otlabel.problem import MAX_SCORE_SPAN_FP32, _autocast_takes_a_device_type
 
 S = random_problem(10, 4, seed=40)
@@ -414,11 +415,17 @@ TOO_TIGHT = dict(epsilon=0.5, max_iter=300, tol=1e-9)
     ],
 )
 def test_a_tol_below_the_float32_floor_is_told_to_pass_float64(solve):
-    """float32 arithmetic leaves the measured error a floor (README: about 1e-7 on the CPU; 2.6e-8 here after 300
+    """float32 arithmetic leaves the measured error a floor (README: about 1e-7 on the CPU; 2.6-3.8e-8 here after 300
     iterations, the same after 3,000), and the warning's only advice was to raise max_iter, raise epsilon or
     warm-start, none of which gets below it. It says so and names the fix; float64 input, which reaches the tol, is
-    not told."""
-    s, z, c = random_problem(60, 4, seed=47), random_problem(60, 3, seed=48), random_problem(4, 3, seed=49)
+    not told.
+
+    The measured error is noise at the floor and now and then dips below the tol, to 0 even (the float32 column sums
+    land on r exactly), and the solve stops there, converged. These scores keep it >= 2.6e-8 for 3,000 iterations
+    through each of the three doors below that take them, with Numba or without (OTLABEL_NUMBA=0), on 1, 2 or 4
+    threads. Of seeds 41-60, 6 dip below 1e-9 in one of those 18 solves: 47, used before, to 5.0e-10 at
+    iteration 12 without Numba, 41 to 0 at iteration 14 when streamed on one thread."""
+    s, z, c = random_problem(60, 4, seed=43), random_problem(60, 3, seed=48), random_problem(4, 3, seed=49)
     with pytest.warns(ConvergenceWarning, match="floor .* float32 arithmetic .* pass float64") as caught:
         res = solve(s, z, c)
     assert not res.converged and res.marginal_error < 1e-6
@@ -1175,6 +1182,7 @@ def _fused_cases():
 FUSED_CASES = _fused_cases()
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the one-read validation is a compiled loop: needs Numba")
 @pytest.mark.parametrize("zero_weight", [False, True], ids=["weights", "a zero weight"])
 @pytest.mark.parametrize("case", list(FUSED_CASES))
 def test_one_read_validation_judges_as_torchs_reductions(case, zero_weight, monkeypatch):
