@@ -38,7 +38,7 @@ try:  # an optional speed-up, never a reason to fail
     if os.environ.get("OTLABEL_NUMBA", "1") == "0":
         raise ImportError("disabled by OTLABEL_NUMBA=0")
     import numba
-except ImportError:  # pragma: no cover - exercised by the OTLABEL_NUMBA=0 test run
+except ImportError:  # pragma: no cover - run in a subprocess by tests/test_numba_fallback.py (OTLABEL_NUMBA=0)
     numba = None
 
 # Reassociation lets the compiler vectorise the dot product and the accumulation; the other fast-math
