@@ -55,7 +55,7 @@ MAX_ADAPTIVE_OMEGA = 1.9
 # The plain steps acceleration="auto" takes first where they are compiled (at most a tenth of max_iter). There a step
 # costs 1-15 us (64 x 10 to 131,072 scores), a mixed one ~180 us more of torch operations: plain steps solve most small
 # problems sooner (64 x 10 to 1e-4 at eps 0.05: 14 plain steps against 7 mixed ones). The mixing takes plain steps
-# itself until it has two errors (MIXING_STARTS_PLAIN): those are always taken. Beyond them the plain steps go on
+# itself until it has two errors (mixing_plain_steps): those are always taken. Beyond them the plain steps go on
 # while their rate of fall keeps tol within this budget (cpu_kernels.OUTLOOK); those that fall short (small epsilon:
 # hundreds or thousands of plain steps) start again from the same start with mixing, as "anderson" (the steps they
 # share counted once), at a cost of the plain steps beyond the shared ones (0.1 ms at 64 x 10 for 100, ~1.6 ms at
@@ -63,9 +63,6 @@ MAX_ADAPTIVE_OMEGA = 1.9
 # 523 after the 100 where it took 340 from the start (2,000 x 50, eps 0.002, to 1e-6), and at max_iter 20-100 it left
 # 149 of 7,560 solves unconverged that "anderson" converged (the restart: 145; the restart with the budget judged: 0).
 PLAIN_START = 100
-# Anderson mixing needs two residuals before it mixes: its first passes, until it has measured two errors (3 from a
-# cold start, whose first step measures nothing; 2 from a warm one), are a plain start's, the same errors and steps.
-MIXING_STARTS_PLAIN = {True: 3, False: 2}  # keyed by whether the start is cold
 FLOAT32_FLOOR = 1e-5  # a tol below this may not be reached in float32 arithmetic (README, Stopping)
 
 
@@ -169,7 +166,7 @@ def iterate(operator, cluster_weights, init, max_iter, tol, acceleration, callba
     # auto's plain start: the mixing's own first plain steps, and more while they keep tol within a tenth of max_iter
     # (PLAIN_START at most)
     plain = max_iter if not mixes and omega == 1.0 and not adaptive else 0
-    shared = min(MIXING_STARTS_PLAIN[b is None], max_iter)
+    shared = min(mixing_plain_steps(cold=b is None), max_iter)
     if acceleration == AUTO:
         plain = max(min(PLAIN_START, max_iter // 10), shared)
     if plain and empty is None and operator.takes_plain_steps():
@@ -211,11 +208,17 @@ def compiled_plain_steps(operator, clusters: ClusterMarginal, b, n_plain: int, t
     return LoopOutput(potentials=b, n_iter=len(history), errors=history, converged=converged)
 
 
+def mixing_plain_steps(cold: bool) -> int:
+    """The plain steps Anderson mixing takes before it mixes: it needs two measured errors, so 3 from a ``cold`` start
+    (whose first step measures nothing), 2 from a warm one. They are a plain start's too, the same errors and steps."""
+    return 3 if cold else 2
+
+
 def mixed_after_plain_start(operator, clusters: ClusterMarginal, start, plain: LoopOutput, shared: int, max_iter: int,
                             tol, callback) -> LoopOutput:  # fmt: skip
     """acceleration="auto" after a plain start (``plain``, from ``start``) that ended short of ``tol``: the solve
     again from ``start`` with mixing, as acceleration="anderson", whose first ``shared`` steps are the plain start's
-    first (:data:`MIXING_STARTS_PLAIN`): counted once, and not shown to the ``callback`` again. Where the plain start
+    first (:func:`mixing_plain_steps`): counted once, and not shown to the ``callback`` again. Where the plain start
     took no more than those, the potentials are "anderson"'s, bitwise. The errors are the plain start's (those the
     ``callback`` saw; the shared ones equal the mixing's to rounding: the compiled sums run in another order), then
     the mixing's after the shared steps; the solve is judged stalled or not on the mixing's own errors."""

@@ -15,7 +15,7 @@ from otlabel import sinkhorn_assign
 from otlabel.backends import cpu_kernels, make_operator
 from otlabel.backends.torch_backend import CachedKernelOperator
 from otlabel.problem import validate
-from otlabel.solver import MIXING_STARTS_PLAIN, PLAIN_START, ClusterMarginal
+from otlabel.solver import PLAIN_START, ClusterMarginal, mixing_plain_steps
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the compiled steps need Numba")
 
@@ -115,7 +115,7 @@ def test_auto_gives_up_a_plain_start_that_falls_short_and_mixes_from_the_start()
     auto = sinkhorn_assign(scores, 0.005)
     plain = sinkhorn_assign(scores, 0.005, acceleration="none")
     mixed = sinkhorn_assign(scores, 0.005, acceleration="anderson")
-    shared = MIXING_STARTS_PLAIN[True]
+    shared = mixing_plain_steps(cold=True)
     taken = auto.n_iter - mixed.n_iter + shared  # the plain start's steps
     assert auto.converged and plain.n_iter > PLAIN_START and shared < taken < PLAIN_START, taken
     assert auto.errors == plain.errors[:taken] + mixed.errors[shared:]
@@ -146,7 +146,7 @@ def test_auto_converges_where_anderson_does_within_a_small_max_iter(seed, epsilo
     mixed = sinkhorn_assign(scores, epsilon, tol=tol, max_iter=max_iter, acceleration="anderson", init=init)
     auto = sinkhorn_assign(scores, epsilon, tol=tol, max_iter=max_iter, init=init, warn=False)
     assert mixed.converged and mixed.n_iter >= max_iter - 7, mixed.n_iter
-    shared = MIXING_STARTS_PLAIN[not warm]
+    shared = mixing_plain_steps(cold=not warm)
     assert auto.converged and auto.n_iter == mixed.n_iter and auto.errors[shared:] == mixed.errors[shared:]
     assert_close(torch.tensor(auto.errors[1:shared]), torch.tensor(mixed.errors[1:shared]), rtol=1e-12, atol=0)
     assert torch.equal(auto.cluster_potentials, mixed.cluster_potentials)
@@ -168,7 +168,7 @@ def test_the_plain_start_takes_at_most_a_tenth_of_max_iter(monkeypatch):
     auto = sinkhorn_assign(scores, 0.05, max_iter=100)
     mixed = sinkhorn_assign(scores, 0.05, max_iter=100, acceleration="anderson")
     assert auto.converged and 0 < sum(taken) <= 10, taken
-    assert auto.n_iter == sum(taken) + mixed.n_iter - MIXING_STARTS_PLAIN[True], auto.n_iter
+    assert auto.n_iter == sum(taken) + mixed.n_iter - mixing_plain_steps(cold=True), auto.n_iter
 
 
 @pytest.mark.parametrize("epsilon", [0.05, 0.005])  # plain steps need 14 and 145
@@ -190,7 +190,7 @@ def test_a_judged_plain_start_stops_only_where_tol_is_out_of_reach(epsilon):
     if needed <= PLAIN_START:
         assert status == 0 and len(errors) == needed and errors == free, (status, len(errors))
     else:
-        assert status == 3 and MIXING_STARTS_PLAIN[True] <= len(errors) < PLAIN_START, (status, len(errors))
+        assert status == 3 and mixing_plain_steps(cold=True) <= len(errors) < PLAIN_START, (status, len(errors))
         assert errors == free[: len(errors)] and free_status == 2
 
 
@@ -232,7 +232,7 @@ def test_a_callback_sees_the_errors_returned_where_the_plain_start_stops_at_the_
     watched = sinkhorn_assign(scores, epsilon, callback=lambda i, err: seen.append((i, err)), **options)
     alone = sinkhorn_assign(scores, epsilon, **options)
     mixed = sinkhorn_assign(scores, epsilon, acceleration="anderson", **options)
-    shared = MIXING_STARTS_PLAIN[not warm]
+    shared = mixing_plain_steps(cold=not warm)
     assert alone.n_iter == mixed.n_iter == 4 and not alone.converged
     assert seen == list(enumerate(watched.errors, start=1)) and watched.errors == alone.errors
     assert alone.errors[shared:] == mixed.errors[shared:]
@@ -268,7 +268,7 @@ def test_a_plain_start_from_cold_is_not_taken_twice():
     scores = cosine_scores(64, 10, seed=1)
     mixed = sinkhorn_assign(scores, 0.1, max_iter=10, tol=1e-6, acceleration="anderson")
     auto = sinkhorn_assign(scores, 0.1, max_iter=10, tol=1e-6)
-    shared = MIXING_STARTS_PLAIN[True]
+    shared = mixing_plain_steps(cold=True)
     assert mixed.converged and mixed.n_iter == 10
     assert auto.converged and auto.n_iter == mixed.n_iter and auto.errors[shared:] == mixed.errors[shared:]
     assert_close(torch.tensor(auto.errors[1:shared]), torch.tensor(mixed.errors[1:shared]), rtol=1e-12, atol=0)
