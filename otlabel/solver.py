@@ -553,10 +553,9 @@ def check_init(init, n_heads: int, cluster_weights: torch.Tensor, dtype, arithme
     empty = cluster_weights == 0
     init = check_potentials(init, n_heads, empty, **INIT_WORDS)  # (H, K) float64
     # Only differences between potentials matter (the sample step absorbs a constant): the start is taken less its
-    # largest potential, and pulled in to the widest spread the passes can take (see widest_spread)
-    floor = -widest_spread(arithmetic or dtype)
-    init = (init - masked(init, empty, -math.inf).amax(dim=1, keepdim=True)).clamp(min=floor)
-    return torch.where(empty, -math.inf, init).to(dtype)
+    # largest potential (which becomes exactly 0), and pulled in to the widest spread the passes can take
+    top = masked(init, empty, -math.inf).amax(dim=1, keepdim=True)  # (H, 1)
+    return pulled_in(init - top, empty, arithmetic or dtype).to(dtype)
 
 
 def widest_spread(arithmetic: torch.dtype) -> float:
@@ -572,8 +571,9 @@ def widest_spread(arithmetic: torch.dtype) -> float:
 
 
 def pulled_in(b: torch.Tensor, empty: torch.Tensor, arithmetic: torch.dtype) -> torch.Tensor:
-    """Potentials ``b`` (H, K) float64 carried to the next stage, none more than :func:`widest_spread` below the
-    largest of its head; -inf where ``empty`` (zero-weight clusters). Those within it are returned bitwise."""
+    """A start ``b`` (H, K) float64 (a warm start, or potentials carried to epsilon_scaling's next stage), none more
+    than :func:`widest_spread` below the largest of its head; -inf where ``empty`` (zero-weight clusters). Those within
+    it are returned bitwise."""
     top = masked(b, empty, -math.inf).amax(dim=1, keepdim=True)  # (H, 1)
     return torch.where(empty, -math.inf, b.clamp(min=top - widest_spread(arithmetic)))
 
